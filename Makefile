@@ -1,0 +1,46 @@
+# The whole set-up on a fresh machine: `make repro` (the pipeline on the embedded data), `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch by default; for CUDA: make repro TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.lock)
+TRIALS ?= 7
+
+.PHONY: install repro test lint sweep bench mlflow-ui params clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, alone, so only it looks at the PyTorch index
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+repro: install
+	$(BIN)/vaerepro fetch
+	# the materialised data hash to exactly what data.dvc records; this puts them in the local DVC cache
+	$(BIN)/dvc commit --force --quiet data.dvc
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+params: install
+	$(BIN)/vaerepro params
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf prepared models metrics plots artifacts reports runs outputs multirun

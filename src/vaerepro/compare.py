@@ -1,0 +1,121 @@
+"""Which results may share a scale, and ranking within one.
+
+A log-likelihood is only a number in some unit of some measure. A Bernoulli pmf on binarised pixels
+(`binary` space) and a density on pixels in [0,1] (`continuous` space) are different units: the first is a
+probability (<= 1, log <= 0), the second a density (can exceed 1). A Bernoulli "likelihood" on grey-level
+pixels is not normalised at all (`improper`, Loaiza-Ganem & Cunningham 2019). So results are grouped by
+(data space, improper) and nothing here ranks, or lets anyone plot, numbers from two groups together.
+
+Rows are plain mappings, one per run (as the caller reads them from MLflow or result files), with at least
+`run_id`, `run_name`, `data_space`, `improper` and metrics such as `log_px` (nats per example).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+Key = tuple[str, bool]
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no", ""}
+_SPACE_NAMES = {"binary": "binary pixels", "continuous": "continuous pixels in [0,1]"}
+
+
+class IncomparableError(ValueError):
+    """Results from different data spaces, or improper with proper ones, were asked to share a scale."""
+
+
+def _run(row: Mapping) -> str:
+    """A human name for a row, for error messages."""
+    name, run_id = row.get("run_name"), row.get("run_id")
+    if name and run_id:
+        return f"{name} ({run_id})"
+    return str(name or run_id or "<unnamed run>")
+
+
+def _as_bool(value, row: Mapping) -> bool:
+    # MLflow params come back as strings, and bool("False") is True: parse them, refuse what is unclear.
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise IncomparableError(f"run {_run(row)}: cannot read improper={value!r} as true/false")
+    return bool(value)
+
+
+def comparability_key(row: Mapping) -> Key:
+    """(data space, improper) of a row; two rows may share a scale only if their keys are equal."""
+    missing = [k for k in ("data_space", "improper") if row.get(k) is None]
+    if missing:
+        raise IncomparableError(
+            f"run {_run(row)} has no {' or '.join(missing)}: without it its numbers cannot be placed "
+            "on any scale (binary pmf, continuous density or improper)"
+        )
+    return str(row["data_space"]), _as_bool(row["improper"], row)
+
+
+def group_comparable(rows: Iterable[Mapping]) -> dict[Key, list[Mapping]]:
+    """Rows grouped by comparability key; groups and rows keep the order in which they first appear."""
+    groups: dict[Key, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault(comparability_key(row), []).append(row)
+    return groups
+
+
+def space_label(data_space: str, improper: bool) -> str:
+    """What a number of this group measures, in words, with its unit."""
+    if improper:
+        return (
+            f"{_SPACE_NAMES.get(data_space, f'{data_space} data')} — IMPROPER "
+            "(unnormalised Bernoulli on grey levels; not comparable)"
+        )
+    if data_space == "binary":
+        return "binary pixels — Bernoulli pmf (nats/example)"
+    if data_space == "continuous":
+        return "continuous pixels in [0,1] — density (nats/example)"
+    return f"{data_space} data (nats/example)"
+
+
+def check_comparable(rows: Iterable[Mapping], what: str = "these runs") -> Key:
+    """The single comparability key of `rows`; IncomparableError if they span more than one."""
+    groups = group_comparable(rows)
+    if not groups:
+        raise ValueError(f"{what}: no runs to compare")
+    if len(groups) == 1:
+        return next(iter(groups))
+    lines = [
+        f"{what} cannot share one scale: they span {len(groups)} data space / improper groups.",
+        "A Bernoulli pmf on binary pixels, a density on pixels in [0,1] and an unnormalised (improper)",
+        "Bernoulli on grey levels measure different things in different units; compare within a group only.",
+    ]
+    for (space, improper), members in groups.items():
+        names = ", ".join(_run(r) for r in members)
+        lines.append(f"  - data_space={space}, improper={improper} [{space_label(space, improper)}]: {names}")
+    raise IncomparableError("\n".join(lines))
+
+
+def metric_value(row: Mapping, metric: str) -> float | None:
+    """The row's metric as a finite float, or None (missing, null, NaN, inf, unreadable)."""
+    try:
+        value = float(row.get(metric))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def rank(rows: Iterable[Mapping], metric: str, higher_is_better: bool = True) -> list[Mapping]:
+    """Rows with a finite `metric`, best first. Refuses (IncomparableError) rows from several groups.
+
+    Rows without a finite value are dropped, not ranked last: a missing number is not a bad number.
+    Ties keep input order.
+    """
+    rows = list(rows)
+    if not rows:
+        return []
+    check_comparable(rows, what=f"ranking by {metric}")
+    scored = [(v, r) for r in rows if (v := metric_value(r, metric)) is not None]
+    scored.sort(key=lambda pair: pair[0], reverse=higher_is_better)
+    return [r for _, r in scored]

@@ -1,0 +1,218 @@
+"""The typed schema of the resolved configuration, and where it comes from.
+
+Every stage reads one resolved config: `params.yaml` (written by `dvc exp run`, or `vaerepro params`) under
+DVC, or the Hydra-composed config under `vaerepro run`. Both pass through `validate`, so a mistake fails at
+once with the key, what was given and what is allowed, before any data is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vaerepro.likelihoods import get_likelihood
+
+PROJECT_MARKERS = ("dvc.yaml", "conf/config.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Literal["mnist5k", "mnist", "fashion_mnist", "frey_faces", "npz"] = "mnist5k"
+    path: str | None = None
+    url: str | None = None
+    raw_dir: str = "data"
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    max_examples: int | None = Field(None, ge=3)
+    space: Literal["auto", "binary", "continuous"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            total = self.val_fraction + self.test_fraction
+            raise ValueError(f"val_fraction + test_fraction = {total:g} leaves no training data")
+        if self.source == "npz" and not self.path:
+            raise ValueError("source=npz needs data.path=/path/to/file.npz")
+        return self
+
+
+class ModelConfig(_Section):
+    latent_dim: int = Field(20, ge=1)
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500], min_length=1)
+    activation: Literal["tanh", "relu", "softplus", "elu"] = "tanh"
+
+
+class BernoulliConfig(_Section):
+    name: Literal["bernoulli"]
+    allow_improper: bool = False
+
+
+class GaussianConfig(_Section):
+    name: Literal["gaussian"]
+    sigma: float | None = Field(None, gt=0)
+    min_sigma: float = Field(1e-3, gt=0)
+
+
+class ContinuousBernoulliConfig(_Section):
+    name: Literal["continuous_bernoulli"]
+
+
+LikelihoodConfig = Annotated[
+    BernoulliConfig | GaussianConfig | ContinuousBernoulliConfig, Field(discriminator="name")
+]
+
+
+class TrainConfig(_Section):
+    objective: Literal["elbo", "iwae"] = "elbo"
+    estimator: Literal["A", "B"] = "B"
+    num_samples: int = Field(1, ge=1)
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(100, ge=1)
+    max_epochs: int = Field(30, ge=1)
+    early_stopping: bool = False
+    patience: int = Field(10, ge=1)
+
+
+class TrainerConfig(_Section):
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
+    devices: int | Literal["auto"] = Field(1)
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
+    deterministic: bool = True
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high" enables TF32 on GPUs
+
+
+class EvalConfig(_Section):
+    num_samples: int = Field(1000, ge=1)
+    batch_size: int = Field(100, ge=1)
+    chunk_size: int = Field(250, ge=1)
+    seed: int = 1234
+    num_images: int = Field(16, ge=1)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = Field("vaerepro", min_length=1)
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    likelihood: LikelihoodConfig = Field(default_factory=lambda: BernoulliConfig(name="bernoulli"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_space(self) -> Config:
+        # The likelihood declares which data spaces it is a normalised distribution on; a mismatch is a
+        # configuration error, not something to discover from odd numbers after training.
+        try:
+            self.likelihood_object().check_space(self.data_space)
+        except ValueError as err:
+            raise ValueError(f"data.space / likelihood: {err}") from None
+        return self
+
+    def likelihood_object(self):
+        return get_likelihood(**self.likelihood.model_dump())
+
+    @property
+    def data_space(self) -> str:
+        if self.data.space != "auto":
+            return self.data.space
+        return get_likelihood(**self.likelihood.model_dump()).natural_space
+
+    @property
+    def improper(self) -> bool:
+        return self.likelihood_object().is_improper(self.data_space)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.likelihood.name}-z{self.model.latent_dim}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        # Discriminated unions put the tag in the location; keep the path a user would type.
+        for tag in ("bernoulli", "gaussian", "continuous_bernoulli"):
+            key = key.replace(f"likelihood.{tag}", "likelihood")
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) else f" (given: {given!r})"
+        lines.append(f"  {key or '<root>'}: {e['msg']}{shown}")
+    return "Invalid configuration:\n" + "\n".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a resolved config dict; raise ConfigError naming every bad key and what is allowed."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a configuration must be a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Load and validate a resolved config file (params.yaml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no resolved config here. Write it with `vaerepro params` (or `dvc exp run`), "
+            "or pass --params FILE."
+        )
+    with path.open() as fh:
+        raw = yaml.safe_load(fh)
+    try:
+        return validate(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def find_project_root(start: str | os.PathLike | None = None) -> Path:
+    """The nearest directory at or above `start` holding the project's conf/ (or dvc.yaml)."""
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        if any((d / m).exists() for m in PROJECT_MARKERS):
+            return d
+    raise ConfigError(f"no vaerepro project (conf/config.yaml or dvc.yaml) at or above {here}")
+
+
+def compose(
+    overrides: list[str] | None = None, config_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Compose conf/ with Hydra overrides into a plain, resolved dict (what `dvc exp run` writes)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    config_dir = Path(config_dir) if config_dir else find_project_root() / "conf"
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def dump(raw: dict[str, Any]) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)

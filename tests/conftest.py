@@ -1,0 +1,84 @@
+"""Shared fixtures: the project root, a tiny composed config, and a prepared tiny data set."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaerepro import config as config_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A configuration small enough for CI: 600 real digits, a 64-unit MLP, 3 epochs, K=50.
+TINY = [
+    "data.max_examples=600",
+    "model.hidden_dims=[64]",
+    "model.latent_dim=4",
+    "train.max_epochs=3",
+    "train.batch_size=50",
+    "eval.num_samples=50",
+    "eval.chunk_size=20",
+    "eval.batch_size=50",
+    "eval.num_images=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_user_tracking_uri(monkeypatch):
+    # A user's MLFLOW_TRACKING_URI must never receive test runs.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def compose(*overrides: str) -> dict:
+    return config_mod.compose(list(overrides), config_dir=ROOT / "conf")
+
+
+def tiny_config(*overrides: str, tracking: bool = False, raw_dir: Path | None = None) -> config_mod.Config:
+    extra = [f"tracking.enabled={str(tracking).lower()}"]
+    if raw_dir is not None:
+        extra.append(f"data.raw_dir={raw_dir}")
+    return config_mod.validate(compose(*TINY, *extra, *overrides))
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    """The embedded MNIST digits materialised once for the session."""
+    from vaerepro import data
+
+    d = tmp_path_factory.mktemp("raw")
+    data.fetch("mnist5k", d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory, raw_dir) -> Path:
+    """An out_dir whose prepared/ holds the tiny split (600 digits)."""
+    from vaerepro import data
+
+    out = tmp_path_factory.mktemp("tiny")
+    data.prepare("mnist5k", raw_dir, out / "prepared", max_examples=600, seed=0)
+    return out
+
+
+def copy_prepared(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "prepared", dst / "prepared")
+    return dst
+
+
+def run(
+    cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run a command with the venv's executables first on PATH; fail with its output on error."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc

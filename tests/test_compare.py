@@ -1,0 +1,123 @@
+"""compare: grouping by (data space, improper) and refusing to rank across groups."""
+
+import math
+
+import pytest
+
+from vaerepro.compare import (
+    IncomparableError,
+    check_comparable,
+    comparability_key,
+    group_comparable,
+    rank,
+    space_label,
+)
+
+
+def row(name, space="binary", improper=False, log_px=-90.0, **kw):
+    return {
+        "run_id": f"id-{name}",
+        "run_name": name,
+        "likelihood": kw.pop("likelihood", "bernoulli"),
+        "data_space": space,
+        "improper": improper,
+        "latent_dim": kw.pop("latent_dim", 2),
+        "log_px": log_px,
+        **kw,
+    }
+
+
+def test_group_comparable_mixed_rows_keeps_order():
+    rows = [
+        row("b1"),
+        row("c1", "continuous", likelihood="gaussian"),
+        row("b2"),
+        row("i1", "continuous", improper=True),
+        row("c2", "continuous", likelihood="continuous_bernoulli"),
+    ]
+    groups = group_comparable(rows)
+    assert list(groups) == [("binary", False), ("continuous", False), ("continuous", True)]
+    assert [r["run_name"] for r in groups[("binary", False)]] == ["b1", "b2"]
+    assert [r["run_name"] for r in groups[("continuous", False)]] == ["c1", "c2"]
+    assert [r["run_name"] for r in groups[("continuous", True)]] == ["i1"]
+
+
+def test_improper_strings_from_mlflow_params_are_parsed():
+    # MLflow params are strings: bool("False") would be True.
+    assert comparability_key(row("a", improper="False")) == ("binary", False)
+    assert comparability_key(row("a", improper="true")) == ("binary", True)
+    with pytest.raises(IncomparableError, match="maybe"):
+        comparability_key(row("a", improper="maybe"))
+
+
+def test_rank_sorts_within_one_group():
+    rows = [row("a", log_px=-95.0), row("b", log_px=-88.5), row("c", log_px=-91.0)]
+    assert [r["run_name"] for r in rank(rows, "log_px")] == ["b", "c", "a"]
+    assert [r["run_name"] for r in rank(rows, "log_px", higher_is_better=False)] == ["a", "c", "b"]
+    assert check_comparable(rows) == ("binary", False)
+
+
+def test_rank_ties_keep_input_order():
+    rows = [row("a", log_px=-90.0), row("b", log_px=-90.0), row("c", log_px=-80.0)]
+    assert [r["run_name"] for r in rank(rows, "log_px")] == ["c", "a", "b"]
+
+
+def test_mixed_spaces_refused_naming_both():
+    rows = [row("bin-run"), row("cont-run", "continuous", likelihood="gaussian", log_px=700.0)]
+    for call in (lambda: rank(rows, "log_px"), lambda: check_comparable(rows, "the sweep")):
+        with pytest.raises(IncomparableError) as e:
+            call()
+        msg = str(e.value)
+        assert "binary" in msg and "continuous" in msg
+        assert "bin-run" in msg and "cont-run" in msg
+        assert "different units" in msg
+    with pytest.raises(IncomparableError, match=r"^the sweep cannot share one scale"):
+        check_comparable(rows, "the sweep")
+
+
+def test_improper_and_proper_in_one_space_refused():
+    rows = [
+        row("cb", "continuous", likelihood="continuous_bernoulli", log_px=900.0),
+        row("bern-grey", "continuous", improper=True, log_px=-60.0),
+    ]
+    with pytest.raises(IncomparableError) as e:
+        rank(rows, "log_px")
+    assert "improper=True" in str(e.value) and "improper=False" in str(e.value)
+    assert "bern-grey" in str(e.value)
+    # improper runs alone are one group, and can be ordered among themselves
+    assert check_comparable(rows[1:]) == ("continuous", True)
+
+
+def test_rows_without_finite_metric_not_ranked():
+    rows = [
+        row("ok", log_px=-90.0),
+        row("nan", log_px=math.nan),
+        row("none", log_px=None),
+        row("inf", log_px=math.inf),
+        {k: v for k, v in row("missing").items() if k != "log_px"},
+        row("best", log_px=-85.0),
+    ]
+    assert [r["run_name"] for r in rank(rows, "log_px")] == ["best", "ok"]
+    assert rank([], "log_px") == []
+
+
+def test_missing_data_space_names_the_run():
+    bad = row("lost-run")
+    del bad["data_space"]
+    with pytest.raises(IncomparableError, match="lost-run.*data_space"):
+        comparability_key(bad)
+    with pytest.raises(IncomparableError, match="lost-run"):
+        rank([row("fine"), bad], "log_px")
+    no_flag = row("flagless")
+    del no_flag["improper"]
+    with pytest.raises(IncomparableError, match="flagless.*improper"):
+        group_comparable([no_flag])
+
+
+def test_space_labels():
+    assert space_label("binary", False) == "binary pixels — Bernoulli pmf (nats/example)"
+    assert space_label("continuous", False) == "continuous pixels in [0,1] — density (nats/example)"
+    improper = space_label("continuous", True)
+    assert improper.startswith("continuous pixels in [0,1] — IMPROPER")
+    assert "not comparable" in improper
+    assert len({space_label("binary", False), space_label("continuous", False), improper}) == 3

@@ -1,0 +1,86 @@
+"""The composed config, params.yaml, and the schema's errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import ROOT, compose
+from vaerepro import config as config_mod
+from vaerepro.config import ConfigError
+
+
+def test_params_yaml_equals_composed_conf():
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == compose(), (
+        "params.yaml is stale: run `vaerepro params` (or `make params`) and commit it"
+    )
+
+
+def test_dvc_hydra_composition_writes_the_same_params(tmp_path):
+    # What `dvc exp run` does before running the pipeline (DVC's own code, not ours).
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), [])
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+    compose_and_dump(
+        out,
+        str(ROOT / "conf"),
+        None,
+        "config",
+        str(tmp_path),
+        ["likelihood=continuous_bernoulli", "model.latent_dim=5"],
+    )
+    cfg = config_mod.validate(yaml.safe_load(out.read_text()))
+    assert (cfg.likelihood.name, cfg.model.latent_dim, cfg.data_space) == (
+        "continuous_bernoulli",
+        5,
+        "continuous",
+    )
+
+
+def test_defaults_are_the_papers():
+    cfg = config_mod.validate(compose())
+    assert cfg.model.hidden_dims == [500] and cfg.model.activation == "tanh"  # AEVB's MNIST MLP
+    assert cfg.train.batch_size == 100 and cfg.train.estimator == "B"
+    assert (cfg.likelihood.name, cfg.data_space, cfg.improper) == ("bernoulli", "binary", False)
+    assert cfg.run_name == "bernoulli-z20-s0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["likelihood.name=poisson"], "likelihood", "bernoulli"),
+        (["model.latent_dim=0"], "model.latent_dim", "greater than or equal to 1"),
+        (["eval.num_samples=0"], "eval.num_samples", "greater than or equal to 1"),
+        (["train.optimizer=sgd"], "train.optimizer", "adagrad"),
+        (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data", "no training data"),
+        (["data=npz"], "data", "data.path"),
+        (["likelihood=gaussian", "data.space=binary"], "data.space", "binary"),
+        (["data.space=continuous"], "data.space", "allow_improper"),
+        (["model.hidden_dims=[]"], "model.hidden_dims", "at least 1"),
+        (["+model.layers=3"], "model.layers", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key, hint):
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(compose(*overrides))
+    msg = str(err.value)
+    assert key in msg and hint in msg, msg
+
+
+def test_improper_bernoulli_needs_opt_in_and_is_marked():
+    cfg = config_mod.validate(compose("data.space=continuous", "likelihood.allow_improper=true"))
+    assert cfg.data_space == "continuous" and cfg.improper
+
+
+@pytest.mark.parametrize("name", ["gaussian", "continuous_bernoulli"])
+def test_density_likelihoods_live_on_continuous_data(name):
+    cfg = config_mod.validate(compose(f"likelihood={name}"))
+    assert cfg.data_space == "continuous" and not cfg.improper
+
+
+def test_load_missing_params_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(ConfigError, match="vaerepro params"):
+        config_mod.load(tmp_path / "params.yaml")

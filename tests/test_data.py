@@ -1,0 +1,506 @@
+"""Tests of vaerepro.data: known answers, no network (downloads are served from 127.0.0.1 by http.server)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import io
+import logging
+import math
+import os
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from vaerepro import data
+from vaerepro.data import DataError
+
+# Known answers for the embedded digits as fetch() writes them; data.dvc commits the directory hash.
+MNIST5K_MD5 = {
+    "images.npy": "179e44b3e52961266f3dfc67b6a6ec64",
+    "labels.npy": "74b1d3b5ef4c4c243bb63ebf028eefbe",
+}
+MNIST5K_DIR_MD5 = "aa5bb5f99cc9aecc458d5a1c3d59c90a.dir"  # `dvc add raw/mnist5k` gives this value
+RAW_DIR_MD5 = "f40ad384861156816402f4233eba7380.dir"  # data.dvc: the raw dir holding only mnist5k/
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def md5(blob: bytes) -> str:
+    return hashlib.md5(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- mnist5k
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    data.fetch("mnist5k", raw)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def mnist5k(raw_dir) -> data.RawData:
+    return data.load_raw("mnist5k", raw_dir)
+
+
+def test_mnist5k_is_the_5000_embedded_digits(raw_dir, mnist5k):
+    assert mnist5k.x.shape == (5000, 28, 28) and mnist5k.x.dtype == np.uint8
+    assert mnist5k.y.shape == (5000,) and mnist5k.y.dtype == np.int64
+    np.testing.assert_array_equal(np.bincount(mnist5k.y), [500] * 10)  # labels 0..9, 500 each
+    assert mnist5k.x.max() == 255 and mnist5k.x.min() == 0
+    assert mnist5k.image_shape == (28, 28) and mnist5k.quantized and mnist5k.source == "mnist5k"
+    assert mnist5k.files == MNIST5K_MD5
+    assert sorted(p.name for p in (raw_dir / "mnist5k").iterdir()) == ["images.npy", "labels.npy"]
+    assert data.dir_md5(raw_dir / "mnist5k") == MNIST5K_DIR_MD5
+    assert data.dir_md5(raw_dir) == RAW_DIR_MD5
+
+
+def test_mnist5k_fetch_is_byte_identical_and_idempotent(raw_dir, tmp_path):
+    other = data.fetch("mnist5k", tmp_path / "raw")
+    assert other == tmp_path / "raw" / "mnist5k"
+    for name in MNIST5K_MD5:
+        assert sha256(other / name) == sha256(raw_dir / "mnist5k" / name)
+    stamp = (other / "images.npy").stat().st_mtime_ns
+    data.fetch("mnist5k", tmp_path / "raw")  # valid files are kept as they are
+    assert (other / "images.npy").stat().st_mtime_ns == stamp
+    # a damaged file is refused by load_raw, and rewritten by fetch
+    (other / "labels.npy").write_bytes(b"damaged")
+    with pytest.raises(DataError, match="labels.npy: md5 mismatch"):
+        data.load_raw("mnist5k", tmp_path / "raw")
+    data.fetch("mnist5k", tmp_path / "raw")
+    assert data.dir_md5(other) == MNIST5K_DIR_MD5
+    assert not list(other.glob("*.part"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (other / "images.npy").stat().st_mode & 0o777 == 0o666 & ~umask  # not a temp file's 0o600
+
+
+def test_unknown_source_and_misplaced_arguments(tmp_path):
+    with pytest.raises(DataError, match="unknown data source 'cifar'; allowed: mnist5k, mnist"):
+        data.fetch("cifar", tmp_path)
+    with pytest.raises(DataError, match="needs path"):
+        data.load_raw("npz", tmp_path)
+    with pytest.raises(DataError, match="only for source 'npz'"):
+        data.load_raw("mnist5k", tmp_path, path=tmp_path / "a.npz")
+    with pytest.raises(DataError, match="url= is only for"):
+        data.fetch("mnist5k", tmp_path, url="http://127.0.0.1:1/")
+    with pytest.raises(DataError, match="file not found"):
+        data.load_raw("mnist", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def test_split_sizes_known_answers():
+    assert data.split_sizes(5000, 0.1, 0.2) == {"train": 3500, "val": 500, "test": 1000}
+    assert data.split_sizes(7, 0.1, 0.2) == {"train": 5, "val": 1, "test": 1}  # 0.7 -> 1, 1.4 -> 1
+    assert data.split_sizes(25, 0.1, 0.1) == {"train": 19, "val": 3, "test": 3}  # 2.5 rounds half up
+    with pytest.raises(DataError, match="val would be empty"):
+        data.split_sizes(4, 0.1, 0.3)
+    with pytest.raises(DataError, match="train would be empty"):
+        data.split_sizes(10, 0.5, 0.5)
+    with pytest.raises(DataError, match=r"test_fraction must lie in \[0, 1\)"):
+        data.split_sizes(10, 0.1, 1.5)
+
+
+def test_prepare_writes_disjoint_covering_splits(raw_dir, mnist5k, tmp_path):
+    meta = data.prepare("mnist5k", raw_dir, tmp_path / "prep", seed=3)
+    assert meta["sizes"] == {"train": 3500, "val": 500, "test": 1000}
+    assert meta["image_shape"] == [28, 28] and meta["data_dim"] == 784 and meta["quantized"] is True
+    assert meta["raw_files"] == MNIST5K_MD5 and meta["seed"] == 3
+    idx = data.split_indices(5000, val_fraction=0.1, test_fraction=0.2, seed=3)
+    everything = np.concatenate([idx["train"], idx["val"], idx["test"]])
+    np.testing.assert_array_equal(np.sort(everything), np.arange(5000))  # disjoint and covering
+    assert meta["split_indices_sha256"] == hashlib.sha256(everything.astype("<i8").tobytes()).hexdigest()
+
+    splits = data.load_prepared(tmp_path / "prep")
+    assert splits.meta == meta
+    assert splits.image_shape == (28, 28) and splits.data_dim == 784 and splits.quantized
+    flat = mnist5k.x.reshape(5000, 784)
+    for name, x, y in (
+        ("train", splits.train, splits.y_train),
+        ("val", splits.val, splits.y_val),
+        ("test", splits.test, splits.y_test),
+    ):
+        assert x.dtype == np.uint8 and x.shape == (meta["sizes"][name], 784)
+        np.testing.assert_array_equal(x, flat[idx[name]])
+        np.testing.assert_array_equal(y, mnist5k.y[idx[name]])
+    for name, digest in meta["files"].items():
+        assert sha256(tmp_path / "prep" / name) == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]  # no temporary directory left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "prep").stat().st_mode & 0o777 == 0o777 & ~umask  # not a temp dir's 0o700
+
+
+def test_prepare_is_deterministic_in_the_seed(raw_dir, tmp_path):
+    kwargs = dict(max_examples=1000, val_fraction=0.15, test_fraction=0.15)
+    a = data.prepare("mnist5k", raw_dir, tmp_path / "a", seed=1, **kwargs)
+    data.prepare("mnist5k", raw_dir, tmp_path / "b", seed=1, **kwargs)
+    c = data.prepare("mnist5k", raw_dir, tmp_path / "c", seed=2, **kwargs)
+    assert a["sizes"] == {"train": 700, "val": 150, "test": 150} and a["max_examples"] == 1000
+    for name in [*a["files"], "meta.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert a["split_indices_sha256"] != c["split_indices_sha256"]
+    assert a["files"]["x_train.npy"] != c["files"]["x_train.npy"]
+    idx = data.split_indices(5000, seed=1, **kwargs)
+    assert len(np.unique(np.concatenate(list(idx.values())))) == 1000  # a subsample, then disjoint splits
+
+
+def test_load_prepared_detects_tampering(raw_dir, tmp_path):
+    out = tmp_path / "prep"
+    data.prepare("mnist5k", raw_dir, out, max_examples=100)
+    x_val = out / "x_val.npy"
+    blob = bytearray(x_val.read_bytes())
+    blob[-1] ^= 1
+    x_val.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"x_val\.npy: sha256 mismatch, expected [0-9a-f]{64}, got"):
+        data.load_prepared(out)
+    data.prepare("mnist5k", raw_dir, out, max_examples=100)  # prepare replaces the directory
+    (out / "y_test.npy").unlink()
+    with pytest.raises(DataError, match=r"y_test\.npy: file not found"):
+        data.load_prepared(out)
+    (out / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"meta\.json: file not found"):
+        data.load_prepared(out)
+
+
+def test_failed_prepare_leaves_existing_output_untouched(raw_dir, tmp_path):
+    out = tmp_path / "prep"
+    data.prepare("mnist5k", raw_dir, out, max_examples=50)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match="val would be empty"):
+        data.prepare("mnist5k", raw_dir, out, max_examples=3)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.full((10, 4), 2.0))
+    with pytest.raises(DataError, match="bad.npz"):
+        data.prepare("npz", raw_dir, out, path=bad)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz", "prep"]
+
+
+# --------------------------------------------------------------------------------------------- downloads
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves the test's files; under /short/ it promises more bytes than it sends (a dropped connection)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        if self.path.startswith("/short/"):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\x00" * 10)
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """(served dir, base URL, list of requested paths) of an http.server on 127.0.0.1, in a thread."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # never send local requests through a proxy
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    root = tmp_path / "www"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Handler, directory=str(root))
+    )
+    httpd.requests = []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{httpd.server_address[1]}/", httpd.requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def idx_gz(array: np.ndarray) -> bytes:
+    """An IDX file (uint8 data) as LeCun's page specifies it, gzip-compressed."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0)
+
+
+def write_fake_idx(root: Path, monkeypatch, source: str, n_train=20, n_test=10, seed=0):
+    """Fake IDX files in ``root``, their md5s put in the checksum table; returns the pooled (x, y)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n_train + n_test, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, size=n_train + n_test).astype(np.int64)
+    parts = {"train": slice(0, n_train), "test": slice(n_train, None)}
+    for split, (images_name, labels_name) in data.IDX_FILES.items():
+        for name, array in ((images_name, x[parts[split]]), (labels_name, y[parts[split]])):
+            blob = idx_gz(array)
+            (root / name).write_bytes(blob)
+            monkeypatch.setitem(data.MD5[source], name, md5(blob))
+    return x, y
+
+
+@pytest.mark.parametrize("source", ["mnist", "fashion_mnist"])
+def test_idx_download_round_trip(source, server, monkeypatch, tmp_path):
+    root, url, requests = server
+    x, y = write_fake_idx(root, monkeypatch, source)
+    target = data.fetch(source, tmp_path / "raw", url=url)
+    assert target == tmp_path / "raw" / source
+    assert sorted(requests) == sorted("/" + n for n in data.MD5[source])
+    raw = data.load_raw(source, tmp_path / "raw")
+    np.testing.assert_array_equal(raw.x, x)  # train then test, pooled
+    np.testing.assert_array_equal(raw.y, y)
+    assert raw.y.dtype == np.int64 and raw.image_shape == (28, 28) and raw.quantized
+    assert raw.files == data.MD5[source]
+    requests.clear()
+    data.fetch(source, tmp_path / "raw", url=url)  # idempotent: valid files are not downloaded again
+    assert requests == []
+    assert not list(target.glob("*.part"))
+
+
+def test_idx_sources_default_to_known_checksums():
+    assert data.MD5["mnist"]["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert data.MD5["fashion_mnist"]["t10k-labels-idx1-ubyte.gz"] == "bb300cfdad3c16e7a12e480ee83cd310"
+    assert data.DEFAULT_URLS["mnist"] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+def test_md5_mismatch_raises_and_leaves_nothing(server, monkeypatch, tmp_path):
+    root, url, _ = server
+    write_fake_idx(root, monkeypatch, "mnist")
+    name = "train-labels-idx1-ubyte.gz"
+    actual = md5((root / name).read_bytes())
+    monkeypatch.setitem(data.MD5["mnist"], name, "0" * 32)
+    with pytest.raises(DataError) as info:
+        data.fetch("mnist", tmp_path / "raw", url=url)
+    assert name in str(info.value) and "0" * 32 in str(info.value) and actual in str(info.value)
+    assert not (tmp_path / "raw" / "mnist" / name).exists()
+    assert not list((tmp_path / "raw" / "mnist").glob("*.part"))
+
+
+def test_corrupt_download_never_replaces_a_file(server, monkeypatch, tmp_path):
+    root, url, _ = server
+    write_fake_idx(root, monkeypatch, "mnist")
+    name = "t10k-images-idx3-ubyte.gz"
+    bad = gzip.compress(b"\x08\x03\x00\x00" + bytes(100), mtime=0)  # wrong magic number
+    (root / name).write_bytes(bad)
+    monkeypatch.setitem(data.MD5["mnist"], name, md5(bad))
+    target = tmp_path / "raw" / "mnist"
+    target.mkdir(parents=True)
+    (target / name).write_bytes(b"an older, damaged copy")
+    with pytest.raises(DataError, match=rf"mnist/{name}: not an IDX file \(bad magic number 08030000\)"):
+        data.fetch("mnist", tmp_path / "raw", url=url)
+    assert (target / name).read_bytes() == b"an older, damaged copy"
+    assert not list(target.glob("*.part"))
+
+
+def test_truncated_and_failed_downloads(server, monkeypatch, tmp_path):
+    _, url, _ = server
+    monkeypatch.setitem(data.MD5, "frey_faces", {"frey_rawface.mat": None})
+    with pytest.raises(DataError, match=r"frey_rawface\.mat: truncated download .* \(10 of 100000 bytes\)"):
+        data.fetch("frey_faces", tmp_path / "raw", url=url + "short/")
+    with pytest.raises(DataError, match=r"frey_rawface\.mat: download from .* failed \(HTTP Error 404"):
+        data.fetch("frey_faces", tmp_path / "raw", url=url + "missing/")
+    assert list((tmp_path / "raw" / "frey_faces").iterdir()) == []
+
+
+def test_read_idx_rejects_corrupt_files(tmp_path):
+    good = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "a-idx3-ubyte.gz"
+    path.write_bytes(idx_gz(good))
+    np.testing.assert_array_equal(data.read_idx(path), good)
+    header = bytes([0, 0, 0x0C, 1]) + (3).to_bytes(4, "big")  # int32 big-endian, uncompressed
+    (tmp_path / "b").write_bytes(header + np.array([1, -2, 70000], dtype=">i4").tobytes())
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "b"), [1, -2, 70000])
+    cases = {
+        "truncated": (
+            gzip.compress(gzip.decompress(idx_gz(good))[:-1]),
+            "IDX data has 23 bytes, expected 24",
+        ),
+        "padded": (gzip.compress(gzip.decompress(idx_gz(good)) + b"\0"), "(truncated or corrupt)"),
+        "magic": (gzip.compress(b"\x00\x00\x07\x03" + bytes(30)), "bad magic number 00000703"),
+        "gzip": (idx_gz(good)[:-8], "corrupt gzip file"),
+        "empty": (b"", "bad magic number empty"),
+        "header": (gzip.compress(b"\x00\x00\x08\x03\x00\x00"), "corrupt IDX header"),
+    }
+    for name, (blob, message) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))}: .*{re.escape(message)}"):
+            data.read_idx(tmp_path / name)
+
+
+def test_frey_faces_download(server, tmp_path, caplog):
+    root, url, _ = server
+    faces = np.random.default_rng(1).integers(0, 256, size=(7, 28, 20), dtype=np.uint8)
+    scipy.io.savemat(root / "frey_rawface.mat", {"ff": faces.reshape(7, 560).T})  # one face per column
+    with caplog.at_level(logging.WARNING, logger="vaerepro.data"):
+        data.fetch("frey_faces", tmp_path / "raw", url=url + "frey_rawface.mat")  # a file URL works too
+    assert "frey_rawface.mat: no known md5, checksum not checked" in caplog.text
+    raw = data.load_raw("frey_faces", tmp_path / "raw")
+    np.testing.assert_array_equal(raw.x, faces)
+    assert raw.y is None and raw.image_shape == (28, 20) and raw.quantized
+    meta = data.prepare("frey_faces", tmp_path / "raw", tmp_path / "prep")
+    assert meta["sizes"] == {"train": 5, "val": 1, "test": 1} and meta["data_dim"] == 560
+    splits = data.load_prepared(tmp_path / "prep")
+    assert splits.y_train is None and splits.image_shape == (28, 20)
+    assert sorted(meta["files"]) == ["x_test.npy", "x_train.npy", "x_val.npy"]
+
+
+# --------------------------------------------------------------------------------------------- npz
+
+
+def test_npz_uint8_images_with_labels(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, size=(12, 5, 7), dtype=np.uint8)
+    y = np.arange(12) % 3
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    assert data.fetch("npz", tmp_path / "raw", path=tmp_path / "mine.npz") == tmp_path / "mine.npz"
+    raw = data.load_raw("npz", tmp_path / "raw", path=tmp_path / "mine.npz")
+    np.testing.assert_array_equal(raw.x, x)
+    np.testing.assert_array_equal(raw.y, y)
+    assert raw.y.dtype == np.int64 and raw.image_shape == (5, 7) and raw.quantized
+    assert raw.files == {"mine.npz": md5((tmp_path / "mine.npz").read_bytes())}
+
+
+@pytest.mark.parametrize(("d", "image_shape"), [(16, (4, 4)), (10, (1, 10))])
+def test_npz_float_vectors_without_labels(tmp_path, d, image_shape):
+    x = np.random.default_rng(0).random((20, d))  # float64 in [0, 1)
+    x[0, 0], x[1, 1] = 0.0, 1.0
+    np.savez(tmp_path / "f.npz", x=x)
+    raw = data.load_raw("npz", tmp_path, path=tmp_path / "f.npz")
+    assert raw.x.dtype == np.float32 and raw.x.shape == (20, *image_shape) and not raw.quantized
+    np.testing.assert_array_equal(raw.x.reshape(20, d), x.astype(np.float32))
+    assert raw.y is None and raw.image_shape == image_shape
+    meta = data.prepare("npz", tmp_path, tmp_path / "prep", path=tmp_path / "f.npz")
+    splits = data.load_prepared(tmp_path / "prep")
+    assert meta["quantized"] is False and splits.train.dtype == np.float32 and splits.y_val is None
+
+
+def test_npz_integer_levels_become_uint8(tmp_path):
+    np.savez(tmp_path / "i.npz", x=np.array([[0, 255, 17, 3]], dtype=np.int16), y=np.array([2.0]))
+    raw = data.load_raw("npz", tmp_path, path=tmp_path / "i.npz")
+    assert raw.x.dtype == np.uint8 and raw.quantized and raw.image_shape == (2, 2)
+    np.testing.assert_array_equal(raw.x.ravel(), [0, 255, 17, 3])
+    assert raw.y.tolist() == [2] and raw.y.dtype == np.int64
+
+
+def _save(**arrays):
+    return lambda path: np.savez(path, **arrays)
+
+
+BAD_NPZ = {
+    "missing": (None, "file not found"),
+    "garbage": (lambda p: p.write_bytes(b"not a zip archive"), "not a readable .npz file"),
+    "truncated_zip": (
+        lambda p: p.write_bytes(_npz_bytes(x=np.zeros((3, 4)))[:-30]),
+        "not a readable .npz file",
+    ),
+    "single_npy": (lambda p: p.write_bytes(_npy_bytes(np.zeros((3, 4), np.uint8))), "not an .npz archive"),
+    "no_x": (_save(images=np.zeros((3, 4), np.uint8)), "no array 'x' in the archive (found ['images'])"),
+    "ndim4": (_save(x=np.zeros((2, 3, 4, 5), np.uint8)), "got ndim 4"),
+    "ndim1": (_save(x=np.zeros(5, np.uint8)), "got ndim 1"),
+    "empty": (_save(x=np.zeros((0, 28, 28), np.uint8)), "x is empty"),
+    "above_one": (_save(x=np.full((3, 4), 2.0)), "float x must lie in [0, 1], found range [2, 2]"),
+    "negative": (_save(x=np.full((3, 4), -0.5)), "float x must lie in [0, 1]"),
+    "nan": (_save(x=np.array([[0.5, np.nan]])), "x contains NaN or inf"),
+    "inf": (_save(x=np.array([[0.5, np.inf]])), "x contains NaN or inf"),
+    "int_range": (
+        _save(x=np.array([[0, 300]], np.int16)),
+        "must hold grey levels 0..255, found range 0..300",
+    ),
+    "int_negative": (_save(x=np.array([[-1, 3]], np.int64)), "found range -1..3"),
+    "complex": (_save(x=np.zeros((2, 4), np.complex64)), "unsupported x dtype complex64"),
+    "object": (_save(x=np.array([[1, "a"]], dtype=object)), "not a readable .npz file"),
+    "y_length": (_save(x=np.zeros((3, 4), np.uint8), y=np.arange(4)), "y has shape (4,), expected (3,)"),
+    "y_ndim": (_save(x=np.zeros((3, 4), np.uint8), y=np.zeros((3, 1), int)), "y has shape (3, 1)"),
+    "y_float": (_save(x=np.zeros((2, 4), np.uint8), y=np.array([0.5, 1.0])), "y must hold integer labels"),
+}
+
+
+def _npz_bytes(**arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", BAD_NPZ)
+def test_npz_bad_inputs_raise_naming_file_and_problem(case, tmp_path):
+    write, problem = BAD_NPZ[case]
+    path = tmp_path / f"{case}.npz"
+    if write is not None:
+        write(path)
+    with pytest.raises(DataError) as info:
+        data.load_raw("npz", tmp_path, path=path)
+    assert str(path) in str(info.value) and problem in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+# --------------------------------------------------------------------------------------------- data spaces
+
+
+def test_binary_space_is_a_bernoulli_draw_of_the_grey_levels():
+    levels = torch.tensor([0, 1, 51, 128, 204, 254, 255], dtype=torch.uint8)
+    x = levels.repeat(20000, 1)  # (B, D)
+    g = torch.Generator().manual_seed(0)
+    b = data.to_space(x, "binary", quantized=True, generator=g)
+    assert b.dtype == torch.float32 and b.shape == x.shape
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    p = levels.double() / 255
+    se = torch.sqrt(p * (1 - p) / len(x)).clamp_min(1e-12)
+    assert ((b.double().mean(0) - p).abs() <= 5 * se).all()  # 0 -> all zeros, 255 -> all ones exactly
+    # float data in [0, 1] is its own probability
+    f = data.to_space(torch.full((20000, 1), 0.3), "binary", quantized=False, generator=g)
+    assert abs(f.mean().item() - 0.3) < 5 * math.sqrt(0.21 / 20000)
+
+
+def test_continuous_space_dequantises_into_each_levels_cell():
+    v = torch.arange(256, dtype=torch.uint8).repeat(200, 1)  # (200, 256)
+    y = data.to_space(v, "continuous", quantized=True, generator=torch.Generator().manual_seed(0))
+    assert y.dtype == torch.float32
+    lo, hi = v.float() / 256, (v.float() + 1) / 256
+    assert ((y >= lo) & (y < hi)).all()
+    assert abs((y - lo).mean().item() * 256 - 0.5) < 0.01  # u ~ U[0, 1): mean 1/2
+    f = torch.rand(4, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(data.to_space(f, "continuous", quantized=False), f)  # float data unchanged
+
+
+def test_continuous_space_stays_below_the_upper_edge(monkeypatch):
+    # u = 1 - 2**-24 is a legal U[0, 1) draw, but 255 + u rounds to 256 in float32: the clamp keeps y < 1
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.full(shape, 1 - 2**-24))
+    y = data.to_space(torch.tensor([[0, 255]], dtype=torch.uint8), "continuous", quantized=True)
+    assert (y < torch.tensor([[1 / 256, 1.0]])).all()
+    assert y[0, 1].item() == np.nextafter(np.float32(1.0), np.float32(0.0))
+
+
+def test_fixed_space_is_reproducible(mnist5k):
+    x = mnist5k.x[:64].reshape(64, -1)  # numpy (B, D) uint8
+    for space in data.SPACES:
+        a = data.fixed_space(x, space, quantized=True, seed=7)
+        b = data.fixed_space(torch.from_numpy(x.copy()), space, quantized=True, seed=7)
+        c = data.fixed_space(x, space, quantized=True, seed=8)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_unknown_space_and_jacobian():
+    with pytest.raises(ValueError, match="unknown data space 'gaussian'; allowed: binary, continuous"):
+        data.to_space(torch.zeros(1, 2), "gaussian", quantized=False)
+    assert data.dim_log_jacobian("continuous", True) == pytest.approx(5.545177444479562)  # 8 bits in nats
+    assert data.dim_log_jacobian("continuous", False) == 0.0
+    assert data.dim_log_jacobian("binary", True) == 0.0
+    with pytest.raises(ValueError, match="allowed: binary, continuous"):
+        data.dim_log_jacobian("discrete", True)

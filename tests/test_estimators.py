@@ -1,0 +1,299 @@
+"""Estimators against known answers: a linear-Gaussian VAE (probabilistic PCA) has an exact log p(x),
+an exact posterior and a closed-form ELBO.
+
+Model: z ~ N(0, I_Z), x | z ~ N(W z + b, sigma^2 I_D), so
+    p(x)       = N(x; b, W W^T + sigma^2 I)
+    p(z | x)   = N(M^-1 W^T (x - b), sigma^2 M^-1),   M = W^T W + sigma^2 I.
+Everything is float64; D = 5, Z = 2, a few hundred examples, so each test takes well under a second or two.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from vaerepro.estimators import (
+    StreamingLogMeanExp,
+    elbo,
+    elbo_terms,
+    estimate_log_px,
+    iwae_bound,
+    ladder_points,
+    log_weights,
+    summarize,
+)
+
+D, Z, N = 5, 2, 200
+F64 = torch.float64
+
+
+class LinearGaussian:
+    """PPCA with a chosen proposal q(z|x): the exact posterior, or a shifted/scaled version of it.
+
+    ``diagonal=True`` keeps only the posterior variances (an Independent Normal, like a VAE encoder, so the
+    analytic KL of estimator B applies); otherwise q is a full-covariance MultivariateNormal.
+    """
+
+    def __init__(self, W, b, sigma, shift=0.0, scale=1.0, diagonal=False):
+        self.W, self.b, self.sigma = W, b, sigma  # (D, Z), (D,), float
+        self.shift, self.scale, self.diagonal = shift, scale, diagonal
+        M = W.T @ W + sigma**2 * torch.eye(Z, dtype=F64)  # (Z, Z)
+        self.M_inv = torch.linalg.inv(M)
+        self.post_cov = sigma**2 * self.M_inv  # (Z, Z)
+
+    def exact_posterior_mean(self, x):
+        return (x - self.b) @ self.W @ self.M_inv.T  # (B, Z)
+
+    def posterior(self, x):
+        mean = self.exact_posterior_mean(x) + self.shift
+        if self.diagonal:
+            std = self.post_cov.diagonal().sqrt() * self.scale  # (Z,)
+            return Independent(Normal(mean, std.expand_as(mean)), 1)
+        return MultivariateNormal(mean, covariance_matrix=self.post_cov * self.scale**2)
+
+    def prior(self):
+        return Independent(Normal(torch.zeros(Z, dtype=F64), torch.ones(Z, dtype=F64)), 1)
+
+    def decode(self, z):
+        return Independent(Normal(z @ self.W.T + self.b, self.sigma), 1)  # batch z.shape[:-1], event (D,)
+
+
+@pytest.fixture(scope="module")
+def ppca():
+    g = torch.Generator().manual_seed(1234)
+    W = torch.randn(D, Z, generator=g, dtype=F64)
+    b = 0.5 * torch.randn(D, generator=g, dtype=F64)
+    sigma = 0.5
+    z = torch.randn(N, Z, generator=g, dtype=F64)
+    x = z @ W.T + b + sigma * torch.randn(N, D, generator=g, dtype=F64)  # (N, D) drawn from the model
+    cov = (W @ W.T + sigma**2 * torch.eye(D, dtype=F64)).numpy()
+    exact = torch.from_numpy(scipy.stats.multivariate_normal(b.numpy(), cov).logpdf(x.numpy()))  # (N,)
+    return {"W": W, "b": b, "sigma": sigma, "x": x, "log_px": exact}
+
+
+def model(ppca, **kwargs):
+    return LinearGaussian(ppca["W"], ppca["b"], ppca["sigma"], **kwargs)
+
+
+def closed_form_elbo(m: LinearGaussian, x):
+    """E_q[log p(x|z)] - KL(q || p) for a diagonal Gaussian q, in closed form (B,)."""
+    q = m.posterior(x).base_dist
+    mu, var = q.loc, q.scale**2  # (B, Z)
+    resid = x - mu @ m.W.T - m.b  # (B, D)
+    trace = (var * (m.W**2).sum(0)).sum(-1)  # tr(W diag(var) W^T), (B,)
+    recon = -0.5 * D * math.log(2 * math.pi * m.sigma**2) - ((resid**2).sum(-1) + trace) / (2 * m.sigma**2)
+    kl = 0.5 * (mu**2 + var - 1 - var.log()).sum(-1)
+    return recon, kl
+
+
+# --- the estimate of log p(x) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 10, 1000])
+def test_exact_posterior_gives_exact_log_px_for_every_k(ppca, k):
+    """With q = p(z|x) every weight equals p(x): the estimate is exact for any K, ESS = K."""
+    est = estimate_log_px(model(ppca), ppca["x"], k, chunk_size=64, generator_seed=0)
+    torch.testing.assert_close(est.log_px, ppca["log_px"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(est.ess, torch.full((N,), float(k), dtype=F64), rtol=1e-9, atol=0)
+    for v in est.ladder.values():
+        torch.testing.assert_close(v, ppca["log_px"], rtol=0, atol=1e-10)
+
+
+def test_perturbed_posterior_converges_to_exact_log_px(ppca):
+    m = model(ppca, shift=0.4, scale=1.3)  # a full-covariance q that is off in mean and width
+    est = estimate_log_px(m, ppca["x"], 1000, chunk_size=128, generator_seed=0)
+    err = {k: v - ppca["log_px"] for k, v in est.ladder.items()}  # (N,) each
+    mean_abs = [err[k].abs().mean().item() for k in (1, 10, 100, 1000)]
+    # each decade of samples shrinks the error substantially (bias ~ 1/K, spread ~ 1/sqrt(K))
+    for coarse, fine in zip(mean_abs[:-1], mean_abs[1:], strict=True):
+        assert fine < coarse / 2, mean_abs
+    # at K = 1000 the remaining (downward) bias is well inside the Monte Carlo error across examples
+    mean, se = summarize(err[1000])
+    assert abs(mean) < 3 * se, (mean, se)
+    assert ((est.ess > 1) & (est.ess < 1000)).all()
+
+
+def test_bounds_are_ordered_in_expectation(ppca):
+    """E[ELBO] = E[L_1] <= E[L_10] <= E[L_100] <= log p(x) (Burda et al. 2016, Theorem 1)."""
+    m = model(ppca, shift=0.5, scale=0.7, diagonal=True)
+    x, seeds = ppca["x"], range(20)
+    runs = {"elbo": [], 1: [], 10: [], 100: []}
+    for s in seeds:
+        torch.manual_seed(s)
+        runs["elbo"].append(elbo(m, x, 1, "B"))
+        for k in (1, 10, 100):
+            runs[k].append(iwae_bound(m, x, k))
+    v = {key: torch.stack(r).reshape(-1) for key, r in runs.items()}  # (seeds * N,)
+    exact = ppca["log_px"].repeat(len(seeds))
+
+    def gap(hi, lo):  # mean and SE of a paired difference
+        return summarize(hi - lo)
+
+    mean, se = gap(v[1], v["elbo"])
+    assert abs(mean) < 4 * se  # L_1 is the ELBO (estimator A with one sample)
+    for lo, hi in [(v["elbo"], v[10]), (v[1], v[10]), (v[10], v[100]), (v[100], exact)]:
+        mean, se = gap(hi, lo)
+        assert mean > 4 * se, (mean, se)  # strictly ordered, well beyond Monte Carlo error
+
+
+def test_iwae_bound_is_above_the_sample_mean_of_the_same_weights(ppca):
+    """Jensen, sample by sample: log mean_K w >= mean_K log w for the same K weights."""
+    m = model(ppca, shift=0.5, scale=0.7)
+    torch.manual_seed(0)
+    lw = log_weights(m, ppca["x"], 50).log_w  # (K, N)
+    assert lw.shape == (50, N)
+    assert (torch.logsumexp(lw, 0) - math.log(50) >= lw.mean(0)).all()
+
+
+# --- ELBO estimators A and B ------------------------------------------------------------------------------
+
+
+def test_elbo_estimators_a_and_b_agree_in_mean_and_b_has_less_variance(ppca):
+    """Both are unbiased for the closed-form ELBO; B replaces log p(z) - log q(z) by -KL in closed form.
+
+    B has the smaller variance when q is not close to the exact posterior (with the exact posterior A has
+    zero variance); a narrow, shifted q, the usual regime of a trained VAE, is used here.
+    """
+    m = model(ppca, shift=0.3, scale=0.5, diagonal=True)
+    x = ppca["x"]
+    a, b = [], []
+    for s in range(100):
+        torch.manual_seed(s)
+        a.append(elbo(m, x, 1, "A"))
+        torch.manual_seed(s)  # same z for both: a paired comparison
+        b.append(elbo(m, x, 1, "B"))
+    a, b = torch.stack(a), torch.stack(b)  # (seeds, N)
+    recon, kl = closed_form_elbo(m, x)
+    exact_elbo = recon - kl  # (N,)
+    for est in (a, b):
+        mean, se = summarize(est - exact_elbo)
+        assert abs(mean) < 4 * se, (mean, se)
+    mean, se = summarize(a - b)
+    assert abs(mean) < 4 * se
+    var_a, var_b = a.var(0), b.var(0)  # per example, over seeds
+    assert var_b.mean() < 0.7 * var_a.mean(), (var_b.mean(), var_a.mean())
+    assert (var_b < var_a).double().mean() > 0.9
+
+
+def test_elbo_terms_kl_is_analytic_and_matches_monte_carlo(ppca):
+    m = model(ppca, shift=0.3, scale=0.5, diagonal=True)
+    x = ppca["x"]
+    recon_ref, kl_ref = closed_form_elbo(m, x)
+    torch.manual_seed(0)
+    terms = elbo_terms(m, x, num_samples=2000)
+    torch.testing.assert_close(terms["kl"], kl_ref, rtol=1e-12, atol=1e-12)  # closed form, no noise
+    torch.testing.assert_close(terms["elbo"], terms["recon"] - terms["kl"])
+    # recon is a 2000-sample mean: within Monte Carlo error of its closed form
+    mean, se = summarize(terms["recon"] - recon_ref)
+    assert abs(mean) < 4 * se
+    # Monte Carlo KL: mean of log q(z) - log p(z) over samples
+    torch.manual_seed(1)
+    lw = log_weights(m, x, 2000)
+    kl_mc = lw.log_qz - lw.log_pz  # (K, N)
+    z_score = (kl_mc.mean(0) - kl_ref) / (kl_mc.std(0) / math.sqrt(2000))  # (N,)
+    assert (z_score.abs() < 4.5).all()
+    assert abs(z_score.mean().item()) < 4 / math.sqrt(N)
+
+
+def test_elbo_rejects_unknown_estimator_and_bad_counts(ppca):
+    m = model(ppca, diagonal=True)
+    with pytest.raises(ValueError, match="A, B"):
+        elbo(m, ppca["x"], 1, "C")
+    with pytest.raises(ValueError, match="num_samples"):
+        iwae_bound(m, ppca["x"], 0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        estimate_log_px(m, ppca["x"], 10, chunk_size=0)
+
+
+# --- streaming log-mean-exp, chunking, ESS, ladder ---------------------------------------------------
+
+
+def test_streaming_log_mean_exp_equals_logsumexp_for_any_chunking():
+    g = torch.Generator().manual_seed(0)
+    k, b = 300, 4
+    # far from 0 and widely spread: a naive exp() would underflow to 0
+    log_w = -1000 + 30 * torch.randn(k, b, generator=g, dtype=F64)  # (K, B)
+    ref = torch.logsumexp(log_w, 0) - math.log(k)
+    w = np.exp(log_w.numpy() - log_w.numpy().max(0))
+    ess_ref = w.sum(0) ** 2 / (w**2).sum(0)
+    for sizes in ([1] * k, [7] * 42 + [6], [64] * 4 + [44], [k], [5, 100, 1, 194]):
+        acc = StreamingLogMeanExp()
+        start = 0
+        for n in sizes:
+            acc.update(log_w[start : start + n])
+            start += n
+        assert acc.count == k
+        torch.testing.assert_close(acc.value(), ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(acc.ess().numpy(), ess_ref, rtol=1e-10)
+
+
+def test_ess_is_k_for_equal_weights_and_one_for_a_dominant_weight():
+    acc = StreamingLogMeanExp()
+    acc.update(torch.full((50, 3), -7.0, dtype=F64))
+    torch.testing.assert_close(acc.ess(), torch.full((3,), 50.0, dtype=F64))
+    acc = StreamingLogMeanExp()
+    log_w = torch.full((50, 3), -1000.0, dtype=F64)
+    log_w[17] = 0.0
+    acc.update(log_w[:20])
+    acc.update(log_w[20:])
+    torch.testing.assert_close(acc.ess(), torch.ones(3, dtype=F64))
+    torch.testing.assert_close(acc.value(), torch.full((3,), -math.log(50), dtype=F64))
+    with pytest.raises(RuntimeError):
+        StreamingLogMeanExp().value()
+
+
+def test_estimate_log_px_equals_unchunked_logsumexp_of_the_same_samples(ppca):
+    """Documented sampling contract: one q(z|x) draw per importance sample, from the (seeded) RNG."""
+    m, x, k = model(ppca, shift=0.4, scale=1.3), ppca["x"], 200
+    torch.manual_seed(3)
+    q = m.posterior(x)
+    z = torch.stack([q.sample() for _ in range(k)])  # (K, N, Z)
+    log_w = m.decode(z).log_prob(x) + m.prior().log_prob(z) - q.log_prob(z)  # (K, N), written out
+    ref = torch.logsumexp(log_w, 0) - math.log(k)
+    for chunk in (1, 7, 64, k):
+        est = estimate_log_px(m, x, k, chunk_size=chunk, generator_seed=3)
+        torch.testing.assert_close(est.log_px, ref, rtol=0, atol=1e-12)
+    # the first k samples of a K-sample run are those of a k-sample run with the same seed
+    torch.testing.assert_close(est.ladder[10], estimate_log_px(m, x, 10, 4, generator_seed=3).log_px)
+    torch.testing.assert_close(est.ladder[1], log_w[0])
+
+
+def test_seeding_forks_the_global_rng(ppca):
+    m, x = model(ppca, shift=0.4, scale=1.3), ppca["x"]
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    a = estimate_log_px(m, x, 20, 8, generator_seed=5)
+    assert torch.equal(torch.get_rng_state(), state)  # global stream untouched
+    torch.manual_seed(5)
+    b = estimate_log_px(m, x, 20, 8)  # no seed: draws from the global RNG
+    assert torch.equal(a.log_px, b.log_px)
+    c = estimate_log_px(m, x, 20, 8, generator_seed=6)
+    assert not torch.equal(a.log_px, c.log_px)
+
+
+def test_ladder_points_and_ladder_values(ppca):
+    assert ladder_points(1) == [1]
+    assert ladder_points(10) == [1, 10]
+    assert ladder_points(250) == [1, 10, 100, 250]
+    assert ladder_points(5000) == [1, 10, 100, 1000, 5000]
+    m, x = model(ppca, shift=0.4, scale=1.3), ppca["x"]
+    est = estimate_log_px(m, x, 250, chunk_size=64, generator_seed=0)
+    assert list(est.ladder) == [1, 10, 100, 250]
+    assert torch.equal(est.ladder[250], est.log_px)
+    assert est.log_px.shape == est.ess.shape == (N,)
+    plain = estimate_log_px(m, x, 250, chunk_size=64, ladder=False, generator_seed=0)
+    assert list(plain.ladder) == [250]
+    torch.testing.assert_close(plain.log_px, est.log_px, rtol=0, atol=1e-12)
+
+
+def test_summarize_mean_and_standard_error():
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0, -3.5])
+    mean, se = summarize(values)
+    assert mean == pytest.approx(np.mean(values.numpy()), rel=1e-12)
+    assert se == pytest.approx(scipy.stats.sem(values.numpy().astype(np.float64), ddof=1), rel=1e-12)
+    assert math.isnan(summarize(torch.tensor([3.0]))[1])
+    with pytest.raises(ValueError):
+        summarize(torch.tensor([]))

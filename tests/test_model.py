@@ -1,0 +1,93 @@
+"""VAE network: shapes, distributions it returns, rebuild from its config, argument checks."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vaerepro.model import VAE
+
+D, Z, B = 12, 3, 5
+
+
+def make(**kwargs):
+    torch.manual_seed(0)
+    return VAE(data_dim=D, latent_dim=Z, **kwargs).double()
+
+
+@pytest.mark.parametrize(
+    "likelihood, params_per_pixel",
+    [(None, 1), ({"name": "gaussian"}, 2), ({"name": "gaussian", "sigma": 0.1}, 1),
+     ({"name": "continuous_bernoulli"}, 1)],
+)
+def test_shapes_and_distributions(likelihood, params_per_pixel):
+    vae = make(hidden_dims=(7, 4), likelihood=likelihood)
+    x = torch.rand(B, D, dtype=torch.float64).round()
+    mu, logvar = vae.posterior_params(x)
+    assert mu.shape == (B, Z) and logvar.shape == (B, Z)
+
+    q = vae.posterior(x)
+    assert q.batch_shape == (B,) and q.event_shape == (Z,)
+    # q is N(mu, exp(logvar)) with diagonal covariance: check its density at a point by hand
+    z = torch.randn(B, Z, dtype=torch.float64)
+    ref = (-0.5 * ((z - mu) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi))).sum(-1)
+    torch.testing.assert_close(q.log_prob(z), ref)
+
+    p = vae.prior()
+    assert p.batch_shape == () and p.event_shape == (Z,)
+    assert p.mean.dtype == torch.float64
+    torch.testing.assert_close(p.log_prob(torch.zeros(Z, dtype=torch.float64)),
+                               torch.tensor(-0.5 * Z * math.log(2 * math.pi), dtype=torch.float64))
+
+    zs = torch.randn(4, B, Z, dtype=torch.float64)  # (K, B, Z)
+    assert vae.decoder_params(zs).shape == (4, B, params_per_pixel * D)
+    px = vae.decode(zs)
+    assert px.batch_shape == (4, B) and px.event_shape == (D,)
+    assert px.log_prob(x).shape == (4, B)  # x (B, D) broadcasts over the K samples
+
+
+def test_architecture_follows_hidden_dims_and_activation():
+    vae = make(hidden_dims=(9, 6), activation="relu", likelihood={"name": "gaussian"})
+    enc = [(m.in_features, m.out_features) for m in vae.encoder if isinstance(m, nn.Linear)]
+    dec = [(m.in_features, m.out_features) for m in vae.decoder if isinstance(m, nn.Linear)]
+    assert enc == [(D, 9), (9, 6), (6, 2 * Z)]
+    assert dec == [(Z, 6), (6, 9), (9, 2 * D)]  # decoder hidden sizes reversed; 2 outputs per pixel
+    assert sum(isinstance(m, nn.ReLU) for m in vae.encoder) == 2  # between layers, not after the last
+    # AEVB default: one hidden layer of 500 tanh units, Bernoulli decoder
+    default = VAE(data_dim=D, latent_dim=Z)
+    assert [m.out_features for m in default.encoder if isinstance(m, nn.Linear)] == [500, 2 * Z]
+    assert sum(isinstance(m, nn.Tanh) for m in default.decoder) == 1
+    assert default.likelihood.name == "bernoulli"
+
+
+@pytest.mark.parametrize(
+    "likelihood", [None, {"name": "gaussian", "sigma": 0.3}, {"name": "continuous_bernoulli"}]
+)
+def test_rebuild_from_config(likelihood):
+    vae = make(hidden_dims=(8,), activation="elu", likelihood=likelihood)
+    cfg = json.loads(json.dumps(vae.config))  # what a checkpoint stores
+    assert cfg == vae.config and isinstance(cfg["hidden_dims"], list)
+    rebuilt = VAE(**cfg).double()
+    rebuilt.load_state_dict(vae.state_dict())
+    x = torch.rand(B, D, dtype=torch.float64).round()
+    z = torch.randn(B, Z, dtype=torch.float64)
+    torch.testing.assert_close(rebuilt.posterior_params(x), vae.posterior_params(x), rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt.decode(z).log_prob(x), vae.decode(z).log_prob(x), rtol=0, atol=0)
+    assert rebuilt.config == vae.config
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="data_dim"):
+        VAE(data_dim=0, latent_dim=2)
+    with pytest.raises(ValueError, match="latent_dim"):
+        VAE(data_dim=4, latent_dim=-1)
+    with pytest.raises(ValueError, match="latent_dim"):
+        VAE(data_dim=4, latent_dim=2.5)
+    with pytest.raises(ValueError, match="hidden_dims"):
+        VAE(data_dim=4, latent_dim=2, hidden_dims=(3, 0))
+    with pytest.raises(ValueError, match="tanh, relu, softplus, elu"):
+        VAE(data_dim=4, latent_dim=2, activation="sigmoid")
+    with pytest.raises(ValueError, match="allowed: bernoulli, continuous_bernoulli, gaussian"):
+        VAE(data_dim=4, latent_dim=2, likelihood={"name": "poisson"})
