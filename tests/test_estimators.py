@@ -33,8 +33,12 @@ F64 = torch.float64
 class LinearGaussian:
     """PPCA with a chosen proposal q(z|x): the exact posterior, or a shifted/scaled version of it.
 
-    ``diagonal=True`` keeps only the posterior variances (an Independent Normal, like a VAE encoder, so the
-    analytic KL of estimator B applies); otherwise q is a full-covariance MultivariateNormal.
+    ``diagonal=False``: q = N(posterior mean + shift * s, scale^2 * posterior covariance), a full-covariance
+    MultivariateNormal (scale = 1, shift = 0 is the exact posterior).
+    ``diagonal=True``: q = N(posterior mean + shift * s, diag(scale * s)^2), an Independent Normal like a VAE
+    encoder (so estimator B's analytic KL applies), with s = 1 / sqrt(diag(posterior precision)), the
+    mean-field scale that minimises KL(q || posterior) and that a trained encoder approaches.
+    Shift and scale are in posterior units, so the tests do not depend on the scale of W.
     """
 
     def __init__(self, W, b, sigma, shift=0.0, scale=1.0, diagonal=False):
@@ -43,15 +47,15 @@ class LinearGaussian:
         M = W.T @ W + sigma**2 * torch.eye(Z, dtype=F64)  # (Z, Z)
         self.M_inv = torch.linalg.inv(M)
         self.post_cov = sigma**2 * self.M_inv  # (Z, Z)
+        self.mf_std = (M / sigma**2).diagonal().rsqrt()  # (Z,) mean-field scale
 
     def exact_posterior_mean(self, x):
         return (x - self.b) @ self.W @ self.M_inv.T  # (B, Z)
 
     def posterior(self, x):
-        mean = self.exact_posterior_mean(x) + self.shift
+        mean = self.exact_posterior_mean(x) + self.shift * self.mf_std  # (B, Z)
         if self.diagonal:
-            std = self.post_cov.diagonal().sqrt() * self.scale  # (Z,)
-            return Independent(Normal(mean, std.expand_as(mean)), 1)
+            return Independent(Normal(mean, (self.scale * self.mf_std).expand_as(mean)), 1)
         return MultivariateNormal(mean, covariance_matrix=self.post_cov * self.scale**2)
 
     def prior(self):
@@ -59,6 +63,16 @@ class LinearGaussian:
 
     def decode(self, z):
         return Independent(Normal(z @ self.W.T + self.b, self.sigma), 1)  # batch z.shape[:-1], event (D,)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny; on a shared 2-core machine torch's intra-op thread pool makes the many small
+    ops here ~10x slower (threads wait on each other), so run this module single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +117,7 @@ def test_exact_posterior_gives_exact_log_px_for_every_k(ppca, k):
 
 
 def test_perturbed_posterior_converges_to_exact_log_px(ppca):
-    m = model(ppca, shift=0.4, scale=1.3)  # a full-covariance q that is off in mean and width
+    m = model(ppca, shift=0.5, scale=1.3)  # a full-covariance q that is off in mean and width
     est = estimate_log_px(m, ppca["x"], 1000, chunk_size=128, generator_seed=0)
     err = {k: v - ppca["log_px"] for k, v in est.ladder.items()}  # (N,) each
     mean_abs = [err[k].abs().mean().item() for k in (1, 10, 100, 1000)]
@@ -118,7 +132,7 @@ def test_perturbed_posterior_converges_to_exact_log_px(ppca):
 
 def test_bounds_are_ordered_in_expectation(ppca):
     """E[ELBO] = E[L_1] <= E[L_10] <= E[L_100] <= log p(x) (Burda et al. 2016, Theorem 1)."""
-    m = model(ppca, shift=0.5, scale=0.7, diagonal=True)
+    m = model(ppca, shift=1.5, scale=0.7, diagonal=True)
     x, seeds = ppca["x"], range(20)
     runs = {"elbo": [], 1: [], 10: [], 100: []}
     for s in seeds:
@@ -141,7 +155,7 @@ def test_bounds_are_ordered_in_expectation(ppca):
 
 def test_iwae_bound_is_above_the_sample_mean_of_the_same_weights(ppca):
     """Jensen, sample by sample: log mean_K w >= mean_K log w for the same K weights."""
-    m = model(ppca, shift=0.5, scale=0.7)
+    m = model(ppca, shift=1.5, scale=0.7)
     torch.manual_seed(0)
     lw = log_weights(m, ppca["x"], 50).log_w  # (K, N)
     assert lw.shape == (50, N)
@@ -174,7 +188,7 @@ def test_elbo_estimators_a_and_b_agree_in_mean_and_b_has_less_variance(ppca):
     mean, se = summarize(a - b)
     assert abs(mean) < 4 * se
     var_a, var_b = a.var(0), b.var(0)  # per example, over seeds
-    assert var_b.mean() < 0.7 * var_a.mean(), (var_b.mean(), var_a.mean())
+    assert var_b.mean() < 0.5 * var_a.mean(), (var_b.mean(), var_a.mean())
     assert (var_b < var_a).double().mean() > 0.9
 
 
@@ -247,7 +261,7 @@ def test_ess_is_k_for_equal_weights_and_one_for_a_dominant_weight():
 
 def test_estimate_log_px_equals_unchunked_logsumexp_of_the_same_samples(ppca):
     """Documented sampling contract: one q(z|x) draw per importance sample, from the (seeded) RNG."""
-    m, x, k = model(ppca, shift=0.4, scale=1.3), ppca["x"], 200
+    m, x, k = model(ppca, shift=0.5, scale=1.3), ppca["x"], 200
     torch.manual_seed(3)
     q = m.posterior(x)
     z = torch.stack([q.sample() for _ in range(k)])  # (K, N, Z)
@@ -262,7 +276,7 @@ def test_estimate_log_px_equals_unchunked_logsumexp_of_the_same_samples(ppca):
 
 
 def test_seeding_forks_the_global_rng(ppca):
-    m, x = model(ppca, shift=0.4, scale=1.3), ppca["x"]
+    m, x = model(ppca, shift=0.5, scale=1.3), ppca["x"]
     torch.manual_seed(99)
     state = torch.get_rng_state()
     a = estimate_log_px(m, x, 20, 8, generator_seed=5)
@@ -279,7 +293,7 @@ def test_ladder_points_and_ladder_values(ppca):
     assert ladder_points(10) == [1, 10]
     assert ladder_points(250) == [1, 10, 100, 250]
     assert ladder_points(5000) == [1, 10, 100, 1000, 5000]
-    m, x = model(ppca, shift=0.4, scale=1.3), ppca["x"]
+    m, x = model(ppca, shift=0.5, scale=1.3), ppca["x"]
     est = estimate_log_px(m, x, 250, chunk_size=64, generator_seed=0)
     assert list(est.ladder) == [1, 10, 100, 250]
     assert torch.equal(est.ladder[250], est.log_px)

@@ -12,6 +12,8 @@ import scipy.stats
 import torch
 
 from vaerepro.likelihoods import (
+    _CB_LOG_NORM_COEFS,
+    _CB_MEAN_COEFS,
     DATA_SPACES,
     REGISTRY,
     Bernoulli,
@@ -103,6 +105,16 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 # --- continuous Bernoulli normaliser --------------------------------------------------------------
+
+
+def test_cb_series_coefficients_match_mpmath_taylor_expansions():
+    """log(x coth x) = sum c_n x^(2n) and (coth x - 1/x) / 2 = sum m_n x^(2n-1), from mpmath.taylor."""
+    c = mp.taylor(lambda x: mp.log(x * mp.coth(x)) if x else mp.mpf(0), 0, 2 * len(_CB_LOG_NORM_COEFS))
+    m = mp.taylor(lambda x: (mp.coth(x) - 1 / x) / 2 if x else mp.mpf(0), 0, 2 * len(_CB_MEAN_COEFS))
+    for n, coef in enumerate(_CB_LOG_NORM_COEFS, start=1):
+        assert coef == pytest.approx(float(c[2 * n]), rel=1e-15)
+    for n, coef in enumerate(_CB_MEAN_COEFS, start=1):
+        assert coef == pytest.approx(float(m[2 * n - 1]), rel=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -295,8 +295,8 @@ class CBDistribution(_TorchContinuousBernoulli):
     """torch's ContinuousBernoulli with the normaliser (and mean) computed in logit space.
 
     torch computes log C from ``probs`` with a 2-term Taylor window (0.499, 0.501); in float32 that loses
-    ~1e-5 relative just outside the window and, from logits, first squashes them through a clamped sigmoid.
-    Sampling (icdf) is inherited unchanged.
+    ~1e-5 relative just outside the window, and from logits it first squashes them through a clamped
+    sigmoid (float32, |logit| = 30: 19% relative error in log C). Sampling (icdf) is inherited unchanged.
     """
 
     def _cont_bern_log_norm(self) -> Tensor:

@@ -1,0 +1,149 @@
+"""Benchmark: training throughput of the harness against a minimal PyTorch loop, and evaluation throughput.
+
+    python benchmarks/bench.py [--epochs 6] [--num-samples 1000]
+
+Both trainings use the AEVB model (784-500-Z-500-784, tanh), the embedded MNIST train split (3,500
+digits), batch 100, Adam, one validation pass per epoch; the harness runs with its normal logging on
+(MLflow to a temporary sqlite store, Lightning's progress bar). Figures are per-epoch times after a warm-up
+epoch. Evaluation: importance-sampled log p(x) on the 1,000 test digits, throughput in (example, sample)
+pairs per second, and the peak resident memory it added, for two K at the same chunk size (memory must not
+grow with K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from vaerepro import config as config_mod
+from vaerepro import data
+from vaerepro.baseline import train_minimal
+from vaerepro.evaluate import TEST_SEED_OFFSET, load_vae, per_example
+from vaerepro.train import VAL_SEED_OFFSET, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EpochTimer(pl.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self._t = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, module):
+        # validation runs inside the training epoch; count it, as the minimal loop does
+        if not trainer.sanity_checking:
+            self.times.append(time.perf_counter() - self._t)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_during(fn):
+    """Run fn() while sampling resident memory every 5 ms; return (result, seconds, peak extra bytes)."""
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    done.set()
+    t.join()
+    return result, elapsed, max(0, peak[0] - base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--latent-dim", type=int, default=20)
+    ap.add_argument("--num-samples", type=int, default=1000)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+
+    work = Path(tempfile.mkdtemp(prefix="vaerepro-bench-"))
+    data.fetch("mnist5k", work / "raw")
+    data.prepare("mnist5k", work / "raw", work / "run" / "prepared", seed=0)
+    splits = data.load_prepared(work / "run" / "prepared")
+    n_train = len(splits.train)
+
+    # --- training: harness (logging on) vs minimal loop ------------------------------------------------
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    raw = config_mod.compose(
+        [
+            f"train.max_epochs={args.epochs}",
+            f"model.latent_dim={args.latent_dim}",
+            f"data.raw_dir={work / 'raw'}",
+        ],
+        config_dir=ROOT / "conf",
+    )
+    cfg = config_mod.validate(raw)
+    timer = EpochTimer()
+    train(cfg, work / "run", root=work, callbacks=[timer], enable_progress_bar=True)
+    x_val = data.fixed_space(splits.val, "binary", quantized=True, seed=cfg.seed + VAL_SEED_OFFSET)
+    x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + TEST_SEED_OFFSET)
+    base = train_minimal(
+        torch.from_numpy(splits.train),
+        x_val,
+        x_test,
+        latent_dim=args.latent_dim,
+        hidden=500,
+        epochs=args.epochs,
+        seed=cfg.seed,
+    )
+    h_epoch = statistics.median(timer.times[1:])
+    b_epoch = statistics.median(base.epoch_times[1:])
+    print("\n== training (per epoch, median after warm-up; train + validation pass) ==")
+    print(
+        f"harness  : {h_epoch * 1000:8.1f} ms/epoch  {n_train / h_epoch:9.0f} images/s"
+        "  (MLflow + progress bar on)"
+    )
+    print(f"minimal  : {b_epoch * 1000:8.1f} ms/epoch  {n_train / b_epoch:9.0f} images/s")
+    print(f"ratio harness/minimal time: {h_epoch / b_epoch:.3f}  (target <= 1.10)")
+
+    # --- evaluation: throughput and memory for two K at one chunk size -----------------------------------
+    vae = load_vae(work / "run" / "models" / "best.ckpt")
+    print("\n== evaluation: importance-sampled log p(x), 1,000 test digits ==")
+    for k in (args.num_samples, 5 * args.num_samples):
+        x = x_test if k == args.num_samples else x_test[:200]
+
+        def run(x=x, k=k):
+            return per_example(
+                vae,
+                x,
+                num_samples=k,
+                batch_size=cfg.eval.batch_size,
+                chunk_size=cfg.eval.chunk_size,
+                seed=cfg.eval.seed,
+            )
+
+        res, secs, extra = peak_rss_during(run)
+        pairs = len(x) * k
+        print(
+            f"K={k:5d} on {len(x):4d} digits: {secs:7.2f} s  {pairs / secs:11.0f} samples/s  "
+            f"peak +{extra / 2**20:6.1f} MiB  log p(x) = {float(res['log_px'].mean()):.2f} nats "
+            f"(chunk {cfg.eval.chunk_size} x batch {cfg.eval.batch_size})"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

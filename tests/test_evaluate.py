@@ -1,0 +1,106 @@
+"""Evaluation-stage pieces with known answers, and the CLI's early, named errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import compose
+from vaerepro import cli
+from vaerepro.evaluate import active_units, knn_accuracy, per_example, summarize
+from vaerepro.model import VAE
+
+
+def test_active_units_counts_dimensions_with_posterior_variance():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.zeros(5000, 4)
+    mu[:, 0] = torch.randn(5000, generator=g)  # variance 1: active
+    mu[:, 1] = 0.2 * torch.randn(5000, generator=g)  # variance 0.04: active
+    mu[:, 2] = 0.05 * torch.randn(5000, generator=g)  # variance 0.0025: inactive
+    assert active_units(mu) == 2
+
+
+def test_knn_accuracy_known_answers():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0]])
+    y = torch.arange(3).repeat_interleave(200)
+    z = centers[y] + torch.randn(600, 2, generator=g)
+    assert knn_accuracy(z[::2], y[::2], z[1::2], y[1::2]) == 1.0  # separated clusters
+    shuffled = y[torch.randperm(600, generator=g)]
+    acc = knn_accuracy(z[::2], shuffled[::2], z[1::2], shuffled[1::2])
+    assert abs(acc - 1 / 3) < 0.1  # labels unrelated to z: chance
+
+
+def test_sharded_evaluation_equals_the_whole():
+    torch.manual_seed(0)
+    vae = VAE(data_dim=12, latent_dim=2, hidden_dims=[8]).eval()
+    x = torch.bernoulli(torch.full((23, 12), 0.3))
+    kw = dict(num_samples=30, batch_size=5, chunk_size=7, seed=11)
+    whole = per_example(vae, x, **kw)
+    shards = [per_example(vae, x, batches=range(r, 5, 2), **kw) for r in range(2)]  # 2 "ranks"
+    merged = torch.where(torch.isnan(shards[0]["log_px"]), shards[1]["log_px"], shards[0]["log_px"])
+    assert torch.equal(merged, whole["log_px"])
+    assert not torch.isnan(whole["log_px"]).any()
+    assert (whole["log_px"] >= whole["elbo"] - 5).all()
+
+
+def test_summary_units():
+    n = 4
+    per_ex = {
+        "log_px": torch.tensor([-100.0, -102.0, -98.0, -100.0], dtype=torch.float64),
+        "elbo": torch.full((n,), -105.0, dtype=torch.float64),
+        "recon": torch.full((n,), -90.0, dtype=torch.float64),
+        "kl": torch.full((n,), 15.0, dtype=torch.float64),
+        "ess": torch.full((n,), 10.0, dtype=torch.float64),
+        "ladder": {
+            1: torch.full((n,), -105.0, dtype=torch.float64),
+            10: torch.tensor([-100.0, -102.0, -98.0, -100.0], dtype=torch.float64),
+        },
+    }
+    s = summarize(per_ex, data_dim=784, jacobian=math.log(256))
+    assert s["log_px"] == pytest.approx(-100.0)
+    assert s["log_px_se"] == pytest.approx(np.std([-100, -102, -98, -100], ddof=1) / 2)
+    assert s["bits_per_dim"] == pytest.approx((100 / 784 + math.log(256)) / math.log(2))  # 8.18 bits
+    assert s["ess_fraction"] == pytest.approx(1.0)
+    assert [r["k"] for r in s["log_px_ladder"]] == [1, 10]
+
+
+def _params(tmp_path, *overrides):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(compose(*overrides)))
+    return p
+
+
+def test_cli_bad_data_file_fails_before_training_and_keeps_old_results(tmp_path, capsys):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    old = tmp_path / "prepared"
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    bad = tmp_path / "mine.npz"
+    np.savez(bad, x=np.full((10, 4, 4), 1.5, dtype=np.float32))  # float pixels outside [0, 1]
+    params = _params(tmp_path, "data=npz", f"data.path={bad}", "likelihood=gaussian")
+    rc = cli.main(["prepare", "--params", str(params), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mine.npz" in err and "[0, 1]" in err, err
+    assert (old / "meta.json").read_text() == "{}"  # nothing already saved is lost
+
+
+def test_cli_bad_config_names_the_key(tmp_path, capsys):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    raw = compose()
+    raw["model"]["latent_dim"] = 0
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    assert cli.main(["train", "--params", str(p), "--out", str(tmp_path)]) == 2
+    assert "model.latent_dim" in capsys.readouterr().err
+
+
+def test_cli_evaluate_without_checkpoint_says_what_is_missing(tmp_path, prepared_tiny, capsys):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    params = _params(tmp_path, "tracking.enabled=false")
+    assert cli.main(["evaluate", "--params", str(params), "--out", str(prepared_tiny)]) == 2
+    assert "best.ckpt" in capsys.readouterr().err
