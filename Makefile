@@ -15,8 +15,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, alone, so only it looks at the PyTorch index
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
+	# torch first, alone and without its dependencies, so only torch itself is looked up on the PyTorch
+	# index (its dependencies are pinned in the lock and come from PyPI)
+	$(BIN)/python -m pip install -q --no-deps torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@

@@ -388,5 +388,5 @@ def test_registry_rejects_unknown_names_and_options():
     assert get_likelihood("gaussian", sigma=0.3).config() == {
         "name": "gaussian",
         "sigma": 0.3,
-        "min_sigma": 1e-3,
+        "min_sigma": 1e-2,
     }

@@ -62,7 +62,7 @@ class BernoulliConfig(_Section):
 class GaussianConfig(_Section):
     name: Literal["gaussian"]
     sigma: float | None = Field(None, gt=0)
-    min_sigma: float = Field(1e-3, gt=0)
+    min_sigma: float = Field(0.01, gt=0)
 
 
 class ContinuousBernoulliConfig(_Section):

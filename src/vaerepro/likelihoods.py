@@ -160,7 +160,7 @@ class Gaussian(Likelihood):
     name = "gaussian"
     natural_space = "continuous"
 
-    def __init__(self, sigma: float | None = None, min_sigma: float = 1e-3):
+    def __init__(self, sigma: float | None = None, min_sigma: float = 1e-2):
         if sigma is not None:
             sigma = float(sigma)
             if not (math.isfinite(sigma) and sigma > 0):
