@@ -121,3 +121,13 @@ def test_space_labels():
     assert improper.startswith("continuous pixels in [0,1] — IMPROPER")
     assert "not comparable" in improper
     assert len({space_label("binary", False), space_label("continuous", False), improper}) == 3
+
+
+def test_rank_refuses_runs_on_different_data_sets():
+    rows = [
+        {"run_name": "a", "data_space": "continuous", "improper": False, "source": "mnist", "log_px": 1.0},
+        {"run_name": "b", "data_space": "continuous", "improper": False, "source": "frey", "log_px": 2.0},
+    ]
+    with pytest.raises(IncomparableError, match="different data sets"):
+        rank(rows, "log_px")
+    assert [r["run_name"] for r in rank(rows[:1], "log_px")] == ["a"]

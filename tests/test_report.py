@@ -279,3 +279,18 @@ def test_missing_result_file_names_it_and_its_stage(tmp_path, name, stage):
     (out / "metrics" / name).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(name) + ".*" + re.escape(stage)):
         write_report(out, CONFIG)
+
+
+def test_different_data_sets_in_one_space_get_separate_figures_and_rankings(tmp_path):
+    out = make_out_dir(tmp_path / "run")
+    runs = [
+        run("mnist-cb", "continuous", 1100.0, likelihood="continuous_bernoulli"),
+        run("frey-g", "continuous", 900.0, likelihood="gaussian", source="frey_faces"),
+    ]
+    page = write_report(out, CONFIG, runs=runs)["html"].read_text(encoding="utf-8")
+    parsed = Collector()
+    parsed.feed(page)
+    figs = sorted(f for f in parsed.figures if f.startswith("fig-compare-"))
+    assert figs == ["fig-compare-continuous-proper-frey-faces", "fig-compare-continuous-proper-mnist5k"]
+    ranking = [t for t in parsed.tables if t is not None]
+    assert sorted(len(t["rows"]) for t in ranking) == [1, 1]  # never ranked against each other

@@ -81,10 +81,17 @@ def space_label(data_space: str, improper: bool) -> str:
 
 def check_comparable(rows: Iterable[Mapping], what: str = "these runs") -> Key:
     """The single comparability key of `rows`; IncomparableError if they span more than one."""
+    rows = list(rows)
     groups = group_comparable(rows)
     if not groups:
         raise ValueError(f"{what}: no runs to compare")
     if len(groups) == 1:
+        sources = sorted({str(r["source"]) for r in rows if r.get("source")})
+        if len(sources) > 1:
+            raise IncomparableError(
+                f"{what} cannot share one scale: they are log-likelihoods of different data sets "
+                f"({', '.join(sources)}); compare runs on one data source only."
+            )
         return next(iter(groups))
     lines = [
         f"{what} cannot share one scale: they span {len(groups)} data space / improper groups.",

@@ -481,19 +481,19 @@ def _comparison_section(runs: Iterable[Mapping] | None) -> list:
     )
     for (space, improper), rows in group_comparable(usable).items():
         label = space_label(space, improper)
-        blocks.append(_Heading(label, level=3))
-        if improper:
-            blocks.append(_Warning(_IMPROPER_GROUP_TEXT))
-        sources = sorted({str(r["source"]) for r in rows if r.get("source")})
-        if len(sources) > 1:
-            blocks.append(
-                _Warning(
-                    f"this group holds runs on different data ({', '.join(sources)}): same unit, but "
-                    "log-likelihoods of different data sets; compare within one source."
-                )
-            )
-        blocks.append(_group_figure(space, improper, rows))
-        blocks.append(_ranking_table(space, improper, rows))
+        # Same unit is not enough: log-likelihoods of different data sets are not comparable either, so
+        # each data source gets its own figure and ranking inside its data-space group.
+        by_source: dict[str, list[Mapping]] = {}
+        for r in rows:
+            by_source.setdefault(str(r.get("source") or "unknown"), []).append(r)
+        for source, members in by_source.items():
+            heading = label if len(by_source) == 1 else f"{label} — data: {source}"
+            blocks.append(_Heading(heading, level=3))
+            if improper:
+                blocks.append(_Warning(_IMPROPER_GROUP_TEXT))
+            suffix = "" if len(by_source) == 1 else f"-{_slug(source)}"
+            blocks.append(_group_figure(space, improper, members, suffix))
+            blocks.append(_ranking_table(space, improper, members))
 
     if excluded:
         blocks.append(_Heading("Not plotted, not ranked", level=3))
@@ -522,7 +522,7 @@ def _latent(row: Mapping) -> int | None:
     return int(v) if v is not None and v > 0 else None
 
 
-def _group_figure(space: str, improper: bool, rows: list[Mapping]) -> _Fig:
+def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: str = "") -> _Fig:
     label = space_label(space, improper)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
@@ -561,7 +561,7 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping]) -> _Fig:
     if unplotted:
         caption += f" {unplotted} run(s) without a latent size are ranked but not plotted."
     return _Fig(
-        f"compare-{_slug(space)}-{'improper' if improper else 'proper'}",
+        f"compare-{_slug(space)}-{'improper' if improper else 'proper'}{id_suffix}",
         f"Comparison across runs: {label}",
         _png(fig),
         caption,
