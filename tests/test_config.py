@@ -84,3 +84,8 @@ def test_density_likelihoods_live_on_continuous_data(name):
 def test_load_missing_params_file_says_how_to_make_it(tmp_path):
     with pytest.raises(ConfigError, match="vaerepro params"):
         config_mod.load(tmp_path / "params.yaml")
+
+
+def test_improper_runs_say_so_in_their_name():
+    cfg = config_mod.validate(compose("data.space=continuous", "likelihood.allow_improper=true", "seed=2"))
+    assert cfg.run_name == "bernoulli-improper-z20-s2"

@@ -104,3 +104,21 @@ def test_cli_evaluate_without_checkpoint_says_what_is_missing(tmp_path, prepared
     params = _params(tmp_path, "tracking.enabled=false")
     assert cli.main(["evaluate", "--params", str(params), "--out", str(prepared_tiny)]) == 2
     assert "best.ckpt" in capsys.readouterr().err
+
+
+def test_images_for_the_report_and_the_2d_manifold():
+    from vaerepro.evaluate import sample_images
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 12)
+    for z, keys in ((2, {"manifold", "manifold_grid"}), (3, set())):
+        vae = VAE(data_dim=12, latent_dim=z, hidden_dims=[8], likelihood={"name": "continuous_bernoulli"})
+        out = sample_images(vae, x, (3, 4), n=4, seed=0)
+        assert set(out) == {"inputs", "reconstructions", "prior_samples"} | keys
+        assert out["inputs"].shape == out["reconstructions"].shape == out["prior_samples"].shape == (4, 3, 4)
+        assert ((out["reconstructions"] >= 0) & (out["reconstructions"] <= 1)).all()
+        if z == 2:
+            assert out["manifold"].shape == (15, 15, 3, 4)
+            grid = out["manifold_grid"]  # Gaussian quantiles of 5 % ... 95 %: symmetric, +-1.645 at the ends
+            np.testing.assert_allclose(grid, -grid[::-1], atol=1e-6)
+            assert grid[-1] == pytest.approx(1.6449, abs=1e-3)

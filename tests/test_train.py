@@ -80,3 +80,22 @@ def test_different_seed_gives_a_different_run(prepared_tiny, tmp_path):
         enable_progress_bar=False,
     )
     assert a["val_elbo"] != b["val_elbo"]
+
+
+def test_optimizers_are_the_configured_ones():
+    from vaerepro.train import VAEModule
+
+    for name, cls in (("adam", torch.optim.Adam), ("adagrad", torch.optim.Adagrad)):
+        cfg = tiny_config(f"train.optimizer={name}", "train.lr=0.02")
+        vae_config = {"data_dim": 16, "latent_dim": 2, "hidden_dims": [8]}
+        opt = VAEModule(vae_config, cfg.train.model_dump(), "binary", True).configure_optimizers()
+        assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.02
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_a_run_that_stopped_improving(prepared_tiny, tmp_path):
+    # lr 1e-9: the weights barely move, so the validation ELBO stops improving at once
+    cfg = tiny_config("train.max_epochs=30", "train.lr=1e-9", "train.early_stopping=true", "train.patience=2")
+    m = train(cfg, copy_prepared(prepared_tiny, tmp_path), enable_progress_bar=False)
+    assert m["epochs"] < 30
+    assert len((tmp_path / "plots" / "elbo.csv").read_text().splitlines()) == 1 + m["epochs"]

@@ -146,7 +146,8 @@ class Config(_Section):
 
     @property
     def run_name(self) -> str:
-        return f"{self.likelihood.name}-z{self.model.latent_dim}-s{self.seed}"
+        improper = "-improper" if self.improper else ""
+        return f"{self.likelihood.name}{improper}-z{self.model.latent_dim}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
