@@ -40,6 +40,10 @@ params: install
 bench: install
 	$(BIN)/python benchmarks/bench.py
 
+# An Optuna study through the vaerepro_optuna Hydra sweeper (conf/sweep/aevb.yaml); again = resume.
+sweep: install
+	$(BIN)/vaerepro run --multirun +sweep=aevb hydra.sweeper.n_trials=$(TRIALS)
+
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 

@@ -42,11 +42,7 @@ def md5(blob: bytes) -> str:
 # --------------------------------------------------------------------------------------------- mnist5k
 
 
-@pytest.fixture(scope="module")
-def raw_dir(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
-    data.fetch("mnist5k", raw)
-    return raw
+# raw_dir: the session fixture in conftest.py (the embedded digits fetched once)
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,10 @@ def test_default_store_is_sqlite_at_the_project_root(tmp_path, monkeypatch):
     assert tracking.artifact_location(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking.tracking_uri(cfg, tmp_path) == "http://127.0.0.1:1"
+
+
+def test_queued_dvc_experiments_log_to_the_repository_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config(tracking=True)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"  # where `dvc exp run --queue` runs a stage
+    assert tracking.tracking_uri(cfg, copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -9,32 +9,65 @@ import torch
 
 from conftest import copy_prepared, tiny_config
 from vaerepro.evaluate import load_vae
-from vaerepro.train import EpochBatches, TensorBatches, train
+from vaerepro.train import EpochBatches, TensorBatches, batch_seed, shard, train
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_epoch_batches_shard_one_permutation(world):
     n, bs = 103, 10
-    shards = [EpochBatches(n, bs, shuffle=True, seed=7, rank=r, world=world) for r in range(world)]
-    for s in shards:
-        s.set_epoch(4)
+    batches = EpochBatches(n, bs * world, shuffle=True, seed=7)  # global batches
+    batches.set_epoch(4)
+    shards = [[shard(b, r, world) for b in batches] for r in range(world)]
     seen = torch.cat([b for s in shards for b in s])
     assert sorted(seen.tolist()) == list(range(n))  # disjoint and complete
-    assert all(len(list(s)) == len(s) for s in shards)
-    first = [next(iter(s)) for s in shards]
-    assert all(len(b) == bs for b in first)  # per-device batch size
+    assert all(len(s) == len(batches) for s in shards)  # every rank takes the same number of steps
+    assert all(len(s[0]) == bs for s in shards)  # per-device batch size
     # a new epoch is a new order; the same epoch is the same order
-    again = EpochBatches(n, bs, shuffle=True, seed=7, rank=0, world=world)
+    again = EpochBatches(n, bs * world, shuffle=True, seed=7)
     again.set_epoch(4)
-    assert torch.equal(next(iter(again)), first[0])
+    assert torch.equal(shard(next(iter(again)), 0, world), shards[0][0])
     again.set_epoch(5)
-    assert not torch.equal(next(iter(again)), first[0])
+    assert not torch.equal(shard(next(iter(again)), 0, world), shards[0][0])
 
 
-def test_epoch_batches_drop_last_keeps_ranks_in_step():
-    shards = [EpochBatches(25, 4, shuffle=False, seed=0, rank=r, world=2, drop_last=True) for r in range(2)]
-    lens = [[len(b) for b in s] for s in shards]
-    assert lens[0] == lens[1] == [4, 4, 4]
+def test_shards_of_a_global_batch_differ_in_size_by_at_most_one():
+    last = torch.arange(5)  # a short last global batch on 2 or 3 ranks
+    assert [len(shard(last, r, 2)) for r in range(2)] == [3, 2]
+    assert [shard(last, r, 3).tolist() for r in range(3)] == [[0, 3], [1, 4], [2]]
+    noise = torch.arange(2 * 5 * 3).reshape(2, 5, 3)  # (K, N, Z): rows along dim 1
+    assert torch.equal(shard(noise, 1, 2, dim=1), noise[:, 1::2])
+
+
+def test_batch_seed_depends_on_seed_stream_epoch_and_index_only():
+    seeds = {batch_seed(s, st, e, i) for s in (0, 1) for st in (0, 1) for e in (0, 1) for i in (0, 1)}
+    assert len(seeds) == 16
+    assert batch_seed(3, 0, 2, 5) == batch_seed(3, 0, 2, 5)
+    assert 0 <= batch_seed(-1, 0, 0, 0) < 2**64  # a negative run seed is fine too
+
+
+def test_shard_gradients_average_to_the_global_batch_gradient():
+    """One global batch on 1 rank, or on 2 and 3 ranks averaged as DDP does: the same gradient."""
+    from vaerepro.train import VAEModule
+
+    cfg = tiny_config()
+    vae_config = {"data_dim": 12, "latent_dim": 2, "hidden_dims": [8], "likelihood": {"name": "bernoulli"}}
+    torch.manual_seed(0)
+    module = VAEModule(vae_config, cfg.train.model_dump(), "binary", True, seed=3)
+    batch = torch.randint(0, 256, (7, 12), dtype=torch.uint8)  # 7 examples: uneven shards on 2 and 3 ranks
+
+    def grad(rank, world):
+        module.zero_grad()
+        loss, bound = module.shard_loss(batch, epoch=1, batch_idx=4, rank=rank, world=world)
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in module.parameters()]), bound.detach()
+
+    whole, bound = grad(0, 1)
+    for world in (2, 3):
+        parts = [grad(r, world) for r in range(world)]
+        # every example got the same draws on its rank as on one device
+        expected = torch.cat([shard(bound, r, world) for r in range(world)])
+        torch.testing.assert_close(torch.cat([b for _, b in parts]), expected)
+        torch.testing.assert_close(sum(g for g, _ in parts) / world, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_tensor_batches_gathers_a_whole_batch():

@@ -11,7 +11,9 @@ vaerepro run [OVERRIDES]        one configuration through every stage, outside D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,19 +82,80 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     return paths
 
 
-def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict:
-    """prepare → train → evaluate → report for one configuration in out_dir; returns eval metrics."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "params.yaml").write_text(config_mod.dump(cfg.to_dict()))
-    stage_fetch(cfg, root)
-    stage_prepare(cfg, out_dir, root)
-    stage_train(cfg, out_dir, root, progress)
-    metrics = stage_evaluate(cfg, out_dir, root, progress)
-    stage_report(cfg, out_dir, root)
-    return metrics
+LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _ddp_child() -> bool:
+    """Whether Lightning's DDP launcher started this process as another rank of a command (LOCAL_RANK >= 1,
+    or a node other than the first), rather than the user starting it."""
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
+
+
+def _external_launcher() -> str | None:
+    """'torchrun' or 'srun' when this process is one of several that a cluster launcher started."""
+    env = os.environ
+    if "RANK" in env and int(env.get("WORLD_SIZE", 1)) > 1:
+        return "torchrun"
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return "srun"
+    return None
+
+
+def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict | None:
+    """prepare → train → evaluate → report for one configuration in out_dir; returns eval metrics.
+
+    Under DDP (trainer=ddp), Lightning re-runs this command for ranks 1..N-1 once training starts; those
+    join training and the sharded evaluation only, write nothing, and return None.
+    """
+    import torch.distributed as dist
+
+    if _ddp_child():
+        try:
+            stage_train(cfg, out_dir, root, progress=False)
+            if dist.is_available() and dist.is_initialized():  # the DDP process group: share out evaluation
+                stage_evaluate(cfg, out_dir, root, progress=False)
+        finally:
+            _leave_process_group()
+        return None
+    # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
+    # job of a --multirun in this process would take them for an external launch and start no processes.
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "params.yaml").write_text(config_mod.dump(cfg.to_dict()))
+        stage_fetch(cfg, root)
+        stage_prepare(cfg, out_dir, root)
+        stage_train(cfg, out_dir, root, progress)
+        metrics = stage_evaluate(cfg, out_dir, root, progress)
+        stage_report(cfg, out_dir, root)
+        return metrics
+    finally:
+        _leave_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 STAGES = {"prepare": stage_prepare, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
+
+
+def _ddp_relaunch_argv(command: list[str], out_dir: Path) -> None:
+    """Point Lightning's DDP re-launch at this job.
+
+    Lightning starts ranks 1..N-1 by running sys.argv again (after `python`, or `python -m` the __main__
+    module) plus hydra.run.dir=<HydraConfig run.dir>. Make that `command` (the program and what came before
+    the Hydra arguments, e.g. `vaerepro run`) with this job's own overrides (a sweep's choice included, no
+    --multirun), and the directory this job's, which in a sweep is not run.dir. Children log to stdout only.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    hc = HydraConfig.get()
+    sys.argv = [*command, *hc.overrides.task, "hydra/job_logging=stdout"]
+    with read_write(hc.run):
+        hc.run.dir = str(out_dir)
 
 
 def _hydra_run(argv: list[str]) -> None:
@@ -101,12 +164,26 @@ def _hydra_run(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     root = config_mod.find_project_root()
+    launcher = _external_launcher()
+    if launcher is not None:
+        raise ConfigError(
+            f"`vaerepro run` starts its own DDP processes (trainer=ddp trainer.devices=N); under {launcher}, "
+            "run the stages instead: vaerepro params ...; vaerepro prepare; "
+            f"{launcher} ... vaerepro train; {launcher} ... vaerepro evaluate; vaerepro report "
+            "(docs/scaling.md)"
+        )
+    # the command line before the Hydra arguments: `vaerepro run` (or `python -m vaerepro.cli run`, ...)
+    given = sys.argv
+    command = given[: len(given) - len(argv)] if argv and given[-len(argv) :] == argv else [given[0], "run"]
 
     @hydra.main(config_path=str(root / "conf"), config_name="config", version_base="1.3")
-    def app(dcfg) -> float:
+    def app(dcfg) -> float | None:
         cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
         out_dir = Path(HydraConfig.get().runtime.output_dir)
+        _ddp_relaunch_argv(command, out_dir)
         metrics = run_pipeline(cfg, out_dir, root)
+        if metrics is None:  # another DDP rank: rank 0 reports
+            return None
         log.info(
             "log p(x) = %.3f ± %.3f nats (%s, %s space); results in %s",
             metrics["log_px"],
@@ -118,7 +195,10 @@ def _hydra_run(argv: list[str]) -> None:
         return metrics["log_px"]
 
     sys.argv = ["vaerepro run", *argv]
-    app()
+    try:
+        app()
+    finally:
+        sys.argv = given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,14 +240,43 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out).resolve()
         if args.command == "fetch":
             print(stage_fetch(cfg, root))
-        elif args.command in ("train", "evaluate"):
-            STAGES[args.command](cfg, out_dir, root, not args.no_progress)
+        elif args.command == "evaluate":
+            with _torchrun_process_group():
+                stage_evaluate(cfg, out_dir, root, not args.no_progress)
+        elif args.command == "train":
+            stage_train(cfg, out_dir, root, not args.no_progress)
         else:
             STAGES[args.command](cfg, out_dir, root)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"vaerepro {args.command}: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+@contextlib.contextmanager
+def _torchrun_process_group():
+    """Under `torchrun --nproc_per_node N`, join its processes in a gloo process group for the stage, so
+    evaluation is shared out (evaluate.py); otherwise nothing."""
+    import torch.distributed as dist
+
+    if _external_launcher() != "torchrun" or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo")  # env://: torchrun sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _leave_process_group() -> None:
+    """A process that trained under DDP still holds Lightning's process group: leave it before exiting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class TrainConfig(_Section):
     max_epochs: int = Field(30, ge=1)
     early_stopping: bool = False
     patience: int = Field(10, ge=1)
+    resume: bool = False  # continue from models/last.ckpt (and its MLflow run) when it exists
 
 
 class TrainerConfig(_Section):

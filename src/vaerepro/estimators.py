@@ -8,7 +8,8 @@ are all means or log-mean-exps over it.
 (Z,)) and ``decode(z)`` (p(x|z), batch z.shape[:-1], event (D,)); see ``model.VAE``.
 
 Randomness: every function draws from torch's global RNG (callers seed it), except ``estimate_log_px``
-with ``generator_seed``, which seeds a forked RNG and leaves the global state untouched.
+with ``generator_seed``, which seeds a forked RNG and leaves the global state untouched, and the bounds given
+their standard-normal noise ``eps`` (K, B, Z) (the training step draws it for a whole multi-device batch).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 ELBO_ESTIMATORS = ("A", "B")
 
@@ -49,15 +50,29 @@ def _log_weights_at(model, x: Tensor, posterior: Distribution, z: Tensor) -> Log
     )
 
 
-def log_weights(model, x: Tensor, num_samples: int) -> LogWeights:
-    """K = num_samples reparameterised samples z ~ q(z|x), z (K, B, Z), and their log weights (K, B)."""
+def log_weights(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -> LogWeights:
+    """K = num_samples reparameterised samples z ~ q(z|x), z (K, B, Z), and their log weights (K, B).
+
+    ``eps`` (K, B, Z): the standard-normal noise to use, z = mean + stddev * eps (exactly what ``rsample``
+    computes for a diagonal Gaussian q, the VAE's encoder); drawn from torch's global RNG when None.
+    """
     _check_count(num_samples, "num_samples")
     q = model.posterior(x)
-    z = q.rsample((num_samples,))  # (K, B, Z), differentiable w.r.t. the encoder
+    if eps is None:
+        z = q.rsample((num_samples,))  # (K, B, Z), differentiable w.r.t. the encoder
+    else:
+        if not (isinstance(q, Independent) and isinstance(q.base_dist, Normal)):
+            raise ValueError(f"given noise eps needs a diagonal Gaussian q(z|x), got {type(q).__name__}")
+        expected = (num_samples, *q.batch_shape, *q.event_shape)
+        if tuple(eps.shape) != expected:
+            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected (K, B, Z) = {expected}")
+        z = q.mean + eps * q.stddev  # (K, B, Z)
     return _log_weights_at(model, x, q, z)
 
 
-def elbo(model, x: Tensor, num_samples: int = 1, estimator: str = "B") -> Tensor:
+def elbo(
+    model, x: Tensor, num_samples: int = 1, estimator: str = "B", eps: Tensor | None = None
+) -> Tensor:
     """ELBO per example (B,), nats, from K samples.
 
     "A": mean_K log w (Kingma & Welling's generic estimator).
@@ -65,23 +80,23 @@ def elbo(model, x: Tensor, num_samples: int = 1, estimator: str = "B") -> Tensor
     variance whenever q is not close to the exact posterior (the KL removes the noise of log q - log p).
     """
     if estimator == "A":
-        return log_weights(model, x, num_samples).log_w.mean(0)
+        return log_weights(model, x, num_samples, eps).log_w.mean(0)
     if estimator == "B":
-        return elbo_terms(model, x, num_samples)["elbo"]
+        return elbo_terms(model, x, num_samples, eps)["elbo"]
     raise ValueError(f"unknown ELBO estimator {estimator!r}; allowed: {', '.join(ELBO_ESTIMATORS)}")
 
 
-def elbo_terms(model, x: Tensor, num_samples: int = 1) -> dict[str, Tensor]:
+def elbo_terms(model, x: Tensor, num_samples: int = 1, eps: Tensor | None = None) -> dict[str, Tensor]:
     """Estimator B split into its terms, each (B,), nats: recon = mean_K log p(x|z), kl, elbo = recon - kl."""
-    lw = log_weights(model, x, num_samples)
+    lw = log_weights(model, x, num_samples, eps)
     recon = lw.log_px_z.mean(0)  # (B,)
     kl = kl_divergence(lw.posterior, model.prior())  # (B,), analytic
     return {"recon": recon, "kl": kl, "elbo": recon - kl}
 
 
-def iwae_bound(model, x: Tensor, num_samples: int) -> Tensor:
+def iwae_bound(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -> Tensor:
     """IWAE bound L_K = log mean_K w per example (B,), nats (Burda et al. 2016); L_1 is the ELBO."""
-    log_w = log_weights(model, x, num_samples).log_w  # (K, B)
+    log_w = log_weights(model, x, num_samples, eps).log_w  # (K, B)
     return torch.logsumexp(log_w, dim=0) - math.log(num_samples)
 
 

@@ -1,13 +1,15 @@
 """The `evaluate` stage: test-set log p(x) by importance sampling (q as proposal), bounds, and diagnostics.
 
-Writes metrics/eval.json (nats per example unless the key says otherwise) and artifacts/samples.npz (the
-images the report shows). Every example batch draws its samples from its own seed (eval.seed + batch
-index), so a sharded evaluation reproduces the single-process numbers exactly.
+Writes metrics/eval.json (nats per example unless the key says otherwise), artifacts/samples.npz (the
+images the report shows) and artifacts/per_example.npz (each test example's estimates). Every example batch
+draws its samples from its own seed (eval.seed + batch index), so a sharded evaluation (several processes,
+see `evaluate`) reproduces the single-process numbers exactly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from vaerepro import estimators
 from vaerepro.config import Config
 from vaerepro.data import dim_log_jacobian, fixed_space, load_prepared
 from vaerepro.model import VAE
+
+log = logging.getLogger(__name__)
 
 TEST_SEED_OFFSET = 2  # the fixed test-set draw (binarisation / dequantisation) uses seed + 2
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
@@ -148,8 +152,52 @@ def summarize(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict
     }
 
 
-def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval.json, artifacts/samples.npz."""
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) when there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_shards(per_ex: dict[str, Any], batches: range, batch_size: int) -> dict[str, Any] | None:
+    """Rank 0 gets every rank's example batches copied into one set of per-example tensors; others None.
+
+    Each rank sends the batches it computed, and rank 0 copies exactly those slices: no arithmetic, so the
+    result equals a single-process run's bit for bit. Goes through gloo (CPU tensors, pickled objects), on
+    a gloo group of its own when the default group is another backend (NCCL after GPU training).
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object((list(batches), per_ex), parts, dst=0, group=group)
+    if rank != 0:
+        return None
+    out = {k: v.clone() for k, v in per_ex.items() if k != "ladder"}
+    out["ladder"] = {k: v.clone() for k, v in per_ex["ladder"].items()}
+    for their_batches, theirs in parts:
+        for b in their_batches:
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            for k in out:
+                if k == "ladder":
+                    for j in out["ladder"]:
+                        out["ladder"][j][sl] = theirs["ladder"][j][sl]
+                else:
+                    out[k][sl] = theirs[k][sl]
+    return out
+
+
+def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any] | None:
+    """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval.json, artifacts/samples.npz.
+
+    In an initialised process group (`torchrun ... vaerepro evaluate`, or after DDP training in `vaerepro
+    run`) the example batches are shared out, rank r taking batches r, r + world, ...; rank 0 gathers the
+    per-example estimates, computes the rest, writes the files and returns the metrics; the other ranks
+    return None. Batch b's samples come from seed eval.seed + b, so the numbers equal a single process's.
+    """
     from vaerepro import tracking
 
     out_dir = Path(out_dir)
@@ -158,6 +206,10 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     space, quantized = cfg.data_space, bool(splits.quantized)
     x_test = fixed_space(splits.test, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
     e = cfg.eval
+    rank, world = _process_group()
+    mine = range(rank, math.ceil(len(x_test) / e.batch_size), world)
+    if world > 1:
+        log.info("evaluation shared out: rank %d of %d takes %d example batches", rank, world, len(mine))
     per_ex = per_example(
         vae,
         x_test,
@@ -165,8 +217,13 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
         batch_size=e.batch_size,
         chunk_size=e.chunk_size,
         seed=e.seed,
-        progress=progress,
+        batches=mine,
+        progress=progress and rank == 0,
     )
+    if world > 1:
+        per_ex = gather_shards(per_ex, mine, e.batch_size)
+        if per_ex is None:
+            return None
     metrics = summarize(per_ex, data_dim=splits.data_dim, jacobian=dim_log_jacobian(space, quantized))
     mu_test = posterior_means(vae, x_test)
     knn = None
@@ -196,6 +253,9 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    # per-example estimates (N,), nats: for paired comparisons of models on the same test examples
+    per_ex_arrays = {k: per_ex[k].numpy() for k in ("log_px", "elbo", "recon", "kl", "ess")}
+    np.savez(out_dir / "artifacts" / "per_example.npz", **per_ex_arrays)
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
     np.savez(out_dir / "artifacts" / "samples.npz", **images)
 

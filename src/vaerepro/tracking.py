@@ -36,8 +36,21 @@ def tracking_uri(cfg: Config, root: Path | None = None) -> str:
         return env
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    root = (root or find_project_root()).resolve()
+    root = store_root((root or find_project_root()).resolve())
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def store_root(root: Path) -> Path:
+    """The repository that owns the MLflow store.
+
+    `dvc exp run --queue` / `--temp` run each experiment in a temporary copy under
+    <repo>/.dvc/tmp/exps/; their runs belong in <repo>/mlflow.db, not in the copy that DVC deletes.
+    """
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
 
 
 def artifact_location(uri: str, root: Path | None = None) -> str | None:
@@ -112,6 +125,14 @@ def run_tags(cfg: Config, root: Path) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
     if (version := data_version(root)) is not None:
         tags["data_version"] = version
+    # A sweep trial (vaerepro.sweep sets these): a child of the study's run, named by study and trial number.
+    for env, tag in (
+        ("VAEREPRO_PARENT_RUN_ID", "mlflow.parentRunId"),
+        ("VAEREPRO_STUDY", "vaerepro.study"),
+        ("VAEREPRO_TRIAL", "vaerepro.trial"),
+    ):
+        if value := os.environ.get(env):
+            tags[tag] = value
     return tags
 
 
@@ -191,7 +212,10 @@ def experiment_runs(cfg: Config, root: Path | None = None) -> list[dict[str, Any
                 "improper": tags.get("improper") == "true",
                 "latent_dim": int(tags.get("latent_dim", params.get("model.latent_dim", 0))),
                 "source": tags.get("source"),
-                **{k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")},
             }
+        )
+        # the evaluation metrics, without letting e.g. test/latent_dim overwrite the run's own descriptors
+        rows[-1].update(
+            {k[5:]: v for k, v in metrics.items() if k.startswith("test/") and k[5:] not in rows[-1]}
         )
     return rows

@@ -7,10 +7,12 @@ what a batch is and what the objective is.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vaerepro import config as config_mod
 from vaerepro import estimators
 from vaerepro.config import Config
 from vaerepro.data import Splits, fixed_space, load_prepared, to_space
 from vaerepro.model import VAE
+from vaerepro.sweep import trial_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -50,58 +54,53 @@ class TensorBatches(Dataset):
 
 
 class EpochBatches(Sampler):
-    """Yields index tensors, one per batch: a seeded shuffle per epoch, this rank's shard of it.
+    """Yields index tensors, one per global batch: a seeded shuffle per epoch (in order when not shuffling).
 
-    Our own because the batches are index tensors (see TensorBatches) and Lightning's automatic
-    DistributedSampler replacement works on per-item samplers; sharding here keeps every rank on a disjoint
-    slice of the same permutation, equal in size on every rank (the last incomplete global batch is dropped
-    when training, as DistributedSampler(drop_last=True) would).
+    Every rank gets the same global batches and keeps its own rows of each (`shard`), after drawing the
+    batch's randomness for all of them (see `VAEModule.shard_loss`). Our own sampler because the batches
+    are index tensors (see TensorBatches), and Lightning's DistributedSampler would give each rank its own
+    examples without telling it the global batch they belong to.
     """
 
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        drop_last: bool = False,
-    ):
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world, self.drop_last = rank, world, drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
-    def _global_batches(self) -> list[torch.Tensor]:
+    def __iter__(self):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        step = self.batch_size * self.world
-        stop = (self.n // step) * step if self.drop_last else self.n
-        return [order[i : i + step] for i in range(0, stop, step)]
-
-    def __iter__(self):
-        for chunk in self._global_batches():
-            # rank r takes every world-th element: shards of one global batch differ in size by at most one
-            part = chunk[self.rank :: self.world]
-            if len(part):
-                yield part
+        yield from order.split(self.batch_size)
 
     def __len__(self) -> int:
-        return len(self._global_batches())
+        return math.ceil(self.n / self.batch_size)
+
+
+def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
+    """Rank r's rows of a global batch along `dim`: r, r + world, r + 2 world, ... (sizes differ by <= 1)."""
+    return t[(slice(None),) * dim + (slice(rank, None, world),)]
+
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+def batch_seed(seed: int, stream: int, epoch: int, index: int) -> int:
+    """The seed of one global batch's randomness: a function of (run seed, stream, epoch, batch index) only,
+    so it is the same on every rank, for any number of ranks, and after resuming from a checkpoint."""
+    state = np.random.SeedSequence([seed % 2**64, stream, epoch, index]).generate_state(1, dtype=np.uint64)
+    return int(state[0])
 
 
 class VAEData(pl.LightningDataModule):
     def __init__(self, prepared_dir: Path, data_space: str, batch_size: int, seed: int):
         super().__init__()
         self.prepared_dir, self.data_space = Path(prepared_dir), data_space
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed = batch_size, seed  # batch_size: per device
         self.splits: Splits | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -116,28 +115,16 @@ class VAEData(pl.LightningDataModule):
             self.splits.val, self.data_space, quantized=self.quantized, seed=self.seed + VAL_SEED_OFFSET
         )
 
-    def _rank_world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+    def _global_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self.batch_size * world
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        sampler = EpochBatches(
-            len(self.x_train),
-            self.batch_size,
-            shuffle=True,
-            seed=self.seed,
-            rank=rank,
-            world=world,
-            drop_last=world > 1,
-        )
+        sampler = EpochBatches(len(self.x_train), self._global_batch_size(), shuffle=True, seed=self.seed)
         return DataLoader(TensorBatches(self.x_train), sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        sampler = EpochBatches(
-            len(self.x_val), self.batch_size, shuffle=False, seed=0, rank=rank, world=world
-        )
+        sampler = EpochBatches(len(self.x_val), self._global_batch_size(), shuffle=False, seed=0)
         return DataLoader(TensorBatches(self.x_val), sampler=sampler, batch_size=None)
 
 
@@ -145,46 +132,107 @@ class VAEData(pl.LightningDataModule):
 
 
 class VAEModule(pl.LightningModule):
-    """Objective and optimiser around a core `VAE`; the checkpoint carries `VAE`'s constructor args."""
+    """Objective and optimiser around a core `VAE`; the checkpoint carries `VAE`'s constructor args.
 
-    def __init__(self, vae_config: dict[str, Any], train: dict[str, Any], data_space: str, quantized: bool):
+    Multi-device training gives the same result as one device with the same global batch, up to float
+    rounding: every rank sees the whole global batch, draws its randomness (binarisation / dequantisation,
+    and q's noise) for all of it from one generator seeded by (seed, epoch, batch index), and keeps its own
+    rows; DDP's gradient average then equals the gradient of the global batch's mean.
+    """
+
+    def __init__(
+        self,
+        vae_config: dict[str, Any],
+        train: dict[str, Any],
+        data_space: str,
+        quantized: bool,
+        seed: int = 0,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: the resolved config reaches MLflow once, through tracking.log_config, which also
+        # copes with a resumed run whose config changed (MLflow params cannot change value)
+        self.save_hyperparameters(logger=False)
         self.vae = VAE(**vae_config)
         self.train_cfg = train
-        self.data_space, self.quantized = data_space, quantized
+        self.data_space, self.quantized, self.seed = data_space, quantized, seed
 
-    def bound(self, x: torch.Tensor) -> torch.Tensor:
+    def bound(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """The training objective per example (B,), in nats: an ELBO (estimator A or B) or an IWAE bound."""
         t = self.train_cfg
         if t["objective"] == "iwae":
-            return estimators.iwae_bound(self.vae, x, t["num_samples"])
-        return estimators.elbo(self.vae, x, t["num_samples"], t["estimator"])
+            return estimators.iwae_bound(self.vae, x, t["num_samples"], eps)
+        return estimators.elbo(self.vae, x, t["num_samples"], t["estimator"], eps)
+
+    def _generator(self, stream: int, epoch: int, index: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(batch_seed(self.seed, stream, epoch, index))
+
+    def _noise(self, g: torch.Generator, num_samples: int, n: int) -> torch.Tensor:
+        """q's standard-normal noise for a whole global batch of n: (K, n, Z)."""
+        return torch.randn((num_samples, n, self.vae.latent_dim), generator=g, device=self.device)
+
+    def _rank_world(self) -> tuple[int, int]:
+        return self.global_rank, self.trainer.world_size
+
+    def _global_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
+        """Sum over ranks of per-rank sums / sum of counts: the exact mean over every example of the epoch."""
+        both = self.trainer.strategy.reduce(torch.stack([total, count]), reduce_op="sum")
+        return float(both[0] / both[1])
 
     def on_train_epoch_start(self) -> None:
         self._bound_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._bound_count = 0
+        self._bound_count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def shard_loss(
+        self, batch: torch.Tensor, epoch: int, batch_idx: int, rank: int, world: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank `rank`'s loss and per-example bound (B,) for a whole global batch of stored pixels (N, D).
+
+        The batch's randomness is drawn for all N rows from one generator seeded by (seed, epoch, batch
+        index); this rank keeps its rows of it (`shard`). The loss is this rank's share of the global mean:
+        DDP averages gradients over ranks, and (1/world) sum_r [-sum(bound_r) world / N] = -mean over all N,
+        whatever the shards' sizes.
+        """
+        n = len(batch)
+        g = self._generator(TRAIN_STREAM, epoch, batch_idx)
+        x = to_space(batch, self.data_space, quantized=self.quantized, generator=g)  # (N, D)
+        eps = self._noise(g, self.train_cfg["num_samples"], n)  # (K, N, Z)
+        bound = self.bound(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
+        return -bound.sum() * (world / n), bound
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        x = to_space(batch, self.data_space, quantized=self.quantized)  # (B, D) fresh draw every batch
-        bound = self.bound(x)  # (B,)
+        # batch: the whole global batch (N, D), the same on every rank
+        loss, bound = self.shard_loss(batch, self.current_epoch, batch_idx, *self._rank_world())
         # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging costs
         # ~1 ms a batch, a third of an MNIST MLP step on a CPU (benchmarks/bench.py).
         self._bound_sum += bound.detach().sum()
-        self._bound_count += len(x)
-        return -bound.mean()
+        self._bound_count += len(bound)
+        return loss
 
-    def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
-        elbo = estimators.elbo(self.vae, x, 1, "B")
-        self.log("val/elbo", elbo.mean(), on_epoch=True, batch_size=len(x), sync_dist=True, prog_bar=True)
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        rank, world = self._rank_world()
+        # the same noise every epoch (seeded by the batch index alone): epochs differ only by their weights
+        g = self._generator(VAL_STREAM, 0, batch_idx)
+        eps = shard(self._noise(g, 1, len(batch)), rank, world, dim=1)  # (1, B, Z)
+        elbo = estimators.elbo(self.vae, shard(batch, rank, world), 1, "B", eps)  # (B,)
+        self._val_sum += elbo.sum()
+        self._val_count += len(elbo)
 
     def on_validation_epoch_end(self) -> None:
         # Validation runs every epoch after the last training batch, so the epoch's training mean is complete
         # here, and callbacks (EpochHistory, checkpointing) see both numbers at the end of the epoch.
-        if self.trainer.sanity_checking or not self._bound_count:
+        # Each value is already the mean over all ranks' examples, the same on every rank: sync_dist with
+        # max returns it unchanged (a mean of identical values could round) and spares Lightning's warning
+        # about unsynchronised epoch-level metrics.
+        log = dict(on_epoch=True, sync_dist=True, reduce_fx="max")
+        self.log("val/elbo", self._global_mean(self._val_sum, self._val_count), prog_bar=True, **log)
+        if self.trainer.sanity_checking:
             return
         name = "train/elbo" if self.train_cfg["objective"] == "elbo" else "train/iwae"
-        self.log(name, (self._bound_sum / self._bound_count).float(), sync_dist=True)
+        self.log(name, self._global_mean(self._bound_sum, self._bound_count), **log)
 
     def configure_optimizers(self):
         t = self.train_cfg
@@ -203,6 +251,13 @@ class EpochHistory(pl.Callback):
         self.path, self.train_key = Path(path), train_key
         self.rows: list[dict[str, float]] = []
 
+    # kept in the checkpoint, so a resumed run writes the whole curve, not only its own epochs
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
         if trainer.sanity_checking or "val/elbo" not in m:
@@ -220,6 +275,26 @@ class EpochHistory(pl.Callback):
                 w = csv.DictWriter(fh, fieldnames=["epoch", "train_elbo", "val_elbo"])
                 w.writeheader()
                 w.writerows(self.rows)
+
+
+class SameConfigOnEveryRank(pl.Callback):
+    """Under DDP, stop a rank whose resolved config differs from rank 0's (a re-launch that lost an override
+    would otherwise train something else, or fail later with a less clear message)."""
+
+    def __init__(self, digest: str):
+        self.digest = digest
+
+    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        theirs = trainer.strategy.broadcast(self.digest, src=0)
+        if theirs != self.digest:
+            raise RuntimeError(
+                f"rank {trainer.global_rank} resolved configuration {self.digest}, rank 0 {theirs}: "
+                "every DDP process must be started with the same configuration"
+            )
+        if trainer.is_global_zero:
+            log.info("all %d ranks train configuration %s", trainer.world_size, self.digest)
 
 
 class NonFiniteGuard(pl.Callback):
@@ -253,6 +328,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         EpochHistory(out_dir / "plots" / "elbo.csv", train_key),
         NonFiniteGuard(),
         *extra_callbacks,
+        *trial_callbacks(),  # Optuna pruning, when this process is a sweep trial (vaerepro.sweep)
     ]
     if cfg.train.early_stopping:
         callbacks.append(EarlyStopping(monitor="val/elbo", mode="max", patience=cfg.train.patience))
@@ -267,7 +343,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         max_epochs=cfg.train.max_epochs,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        use_distributed_sampler=False,  # EpochBatches shards by rank itself
+        use_distributed_sampler=False,  # every rank gets the global batches and takes its rows itself
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -276,14 +352,58 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
     )
 
 
+def config_digest(cfg: Config) -> str:
+    """The first 12 hex digits of the sha256 of the resolved config as params.yaml holds it."""
+    return hashlib.sha256(config_mod.dump(cfg.to_dict()).encode()).hexdigest()[:12]
+
+
+def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
+    """Lightning's MLflow logger for this training, on global rank 0 only (the caller's duty); resuming, it
+    continues the run recorded in model_dir when that run is in the same store. Returns (logger, uri)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from vaerepro import tracking
+
+    uri, _ = tracking.ensure_experiment(cfg, root)
+    run_id = None
+    if resume:
+        previous, previous_uri = tracking.read_run_id(model_dir)
+        if previous and previous_uri == uri:
+            try:
+                MlflowClient(uri).get_run(previous)
+                run_id = previous
+            except MlflowException:
+                log.warning("MLflow run %s is not in %s: resuming into a new run", previous, uri)
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        run_name=cfg.run_name,
+        tracking_uri=uri,
+        tags=None if run_id else tracking.run_tags(cfg, root),
+        log_model=False,
+        run_id=run_id,
+        synchronous=False,  # metrics reach the store from a background thread, off the training loop
+    )
+    if run_id:
+        logger.experiment.update_run(run_id, status="RUNNING")
+    return logger, uri
+
+
 def train(
     cfg: Config, out_dir: Path, *, root: Path | None = None, enable_progress_bar: bool = True, callbacks=()
 ) -> dict:
     """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json and
-    plots/elbo.csv; log the run to MLflow when tracking is enabled. Returns the train metrics."""
+    plots/elbo.csv; log the run to MLflow when tracking is enabled. Returns the train metrics.
+
+    Under DDP every process runs this; only global rank 0 writes files and talks to MLflow (one run per
+    training). With train.resume and an existing models/last.ckpt, training continues from it (its epoch,
+    optimiser state, best score and curve) and in the MLflow run recorded in models/mlflow_run.json.
+    """
     from vaerepro import tracking
 
     out_dir = Path(out_dir)
+    model_dir = out_dir / "models"
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     data = VAEData(out_dir / "prepared", cfg.data_space, cfg.train.batch_size, cfg.seed)
@@ -295,33 +415,36 @@ def train(
         "activation": cfg.model.activation,
         "likelihood": cfg.likelihood.model_dump(),
     }
-    module = VAEModule(vae_config, cfg.train.model_dump(), cfg.data_space, data.quantized)
+    objective = cfg.train.model_dump(exclude={"resume"})  # how to train, not whether this is a resumption
+    module = VAEModule(vae_config, objective, cfg.data_space, data.quantized, seed=cfg.seed)
+    # The trainer first, without a logger: it knows this process's global rank (from the launcher's
+    # environment) before any process group exists, and only rank 0 may create the MLflow run.
+    same = SameConfigOnEveryRank(config_digest(cfg))
+    trainer = build_trainer(cfg, out_dir, None, [*callbacks, same], enable_progress_bar=enable_progress_bar)
+    last = model_dir / "last.ckpt"
+    ckpt_path = last if cfg.train.resume and last.is_file() else None
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+    elif cfg.train.resume:
+        log.info("train.resume: no %s yet, training from the start", last)
 
-    logger, uri = None, None
-    if cfg.tracking.enabled:
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        root = root or out_dir
-        uri, _ = tracking.ensure_experiment(cfg, root)
-        logger = MLFlowLogger(
-            experiment_name=cfg.tracking.experiment,
-            run_name=cfg.run_name,
-            tracking_uri=uri,
-            tags=tracking.run_tags(cfg, root),
-            log_model=False,
-            synchronous=False,  # metrics reach the store from a background thread, off the training loop
-        )
-    trainer = build_trainer(cfg, out_dir, logger, callbacks, enable_progress_bar=enable_progress_bar)
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
-
-    run_id = logger.run_id if logger is not None else None
-    if logger is not None and trainer.is_global_zero:
-        tracking.log_config(logger.experiment, run_id, cfg)
+    logger, uri, run_id = None, None, None
+    if trainer.is_global_zero:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.tracking.enabled:
+            logger, uri = _mlflow_logger(cfg, root or out_dir, model_dir, resume=ckpt_path is not None)
+            trainer.loggers = [logger]
+            run_id = logger.run_id
+            tracking.write_run_id(model_dir, run_id, uri)  # now, so that a crashed run can be resumed into
+            tracking.log_config(logger.experiment, run_id, cfg)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data)
+        with warnings.catch_warnings():
+            # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except BaseException:
-        if logger is not None and trainer.is_global_zero:
+        if logger is not None:
             logger.experiment.set_terminated(run_id, "FAILED")
         raise
     elapsed = time.perf_counter() - start
@@ -335,13 +458,13 @@ def train(
         "best_val_elbo": float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan,
         "epochs": trainer.current_epoch,
         "best_epoch": best["epoch"] if best else -1,
-        "train_time_s": elapsed,
+        "train_time_s": elapsed,  # this invocation's: a resumed run counts only its own epochs
     }
     if trainer.is_global_zero:
-        tracking.write_run_id(out_dir / "models", run_id, uri)
+        tracking.write_run_id(model_dir, run_id, uri)
         (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if logger is not None:
             tracking.log_metrics(logger.experiment, run_id, metrics, prefix="final/")
-            logger.experiment.log_artifact(run_id, str(out_dir / "models" / "best.ckpt"), "checkpoints")
+            logger.experiment.log_artifact(run_id, str(model_dir / "best.ckpt"), "checkpoints")
     return metrics

@@ -1,0 +1,136 @@
+"""The `vaerepro_optuna` Hydra sweeper: Hydra's side of a sweep (config, composition).
+
+The rest is vaerepro.sweep.
+
+`vaerepro run --multirun +sweep=aevb hydra.sweeper.n_trials=7` composes the config, then calls `sweep` with
+the command line's task overrides. Light at import time: Hydra imports this module in every `vaerepro run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import CompactHydraException
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from .config import VaereproOptunaSweeperConf  # noqa: F401  (registers the configs in the ConfigStore)
+
+log = logging.getLogger(__name__)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class SweepError(CompactHydraException):
+    """A sweep that cannot start, or stopped on failures; Hydra prints the message alone (no traceback)."""
+
+
+class VaereproOptunaSweeper(Sweeper):
+    def __init__(
+        self,
+        sampler: Any,
+        pruner: Any,
+        objective: str,
+        direction: str | None,
+        storage: str | None,
+        study_name: str,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        multivariate: bool,
+        constant_liar: bool,
+        params: Any,
+        report: bool,
+    ) -> None:
+        self.options = {
+            "sampler": _plain(sampler) or {"name": "tpe"},
+            "pruner": _plain(pruner) or {"name": "none"},
+            "objective": objective,
+            "direction": direction,
+            "storage": storage,
+            "study_name": study_name,
+            "n_trials": int(n_trials),
+            "n_jobs": int(n_jobs),
+            "max_failure_rate": float(max_failure_rate),
+            "multivariate": bool(multivariate),
+            "constant_liar": bool(constant_liar),
+            "report": bool(report),
+        }
+        self.params = _plain(params) or {}
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        # No launcher: each trial is its own process (see vaerepro.sweep), not a task_function call.
+        self.hydra_context, self.config = hydra_context, config
+
+    def _compose(self, overrides: list[str]) -> dict:
+        """The job config a trial with these overrides would run (the task part, resolved)."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(
+            master_config=self.config, sweep_overrides=list(overrides)
+        )
+        return {
+            k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+            for k, v in cfg.items()
+            if k != "hydra"
+        }
+
+    def _tracking(self, root: Path):
+        from vaerepro import sweep, tracking
+        from vaerepro.config import Config, TrackingConfig
+
+        section = OmegaConf.to_container(self.config.get("tracking") or {}, resolve=True)
+        tcfg = TrackingConfig(**section)
+        if not tcfg.enabled:
+            return sweep.Tracking(None)
+        return sweep.Tracking(tracking.tracking_uri(Config(tracking=tcfg), root), tcfg.experiment)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from vaerepro import sweep
+        from vaerepro.config import ConfigError
+
+        try:
+            return self._sweep(arguments)
+        except (ConfigError, sweep.SweepError) as err:
+            raise SweepError(f"vaerepro_optuna: {err}") from None
+
+    def _sweep(self, arguments: list[str]) -> Any:
+        from vaerepro import config as config_mod
+        from vaerepro import sweep
+
+        o = self.options
+        if o["n_trials"] < 1 or o["n_jobs"] < 1:
+            raise config_mod.ConfigError("hydra.sweeper.n_trials and n_jobs must be at least 1")
+        root = config_mod.find_project_root()
+        space = sweep.parse_search_space(self.params, arguments)
+        if not space.distributions:
+            raise config_mod.ConfigError(
+                "nothing to sweep: give hydra.sweeper.params (e.g. +sweep=aevb) or key=choice(...) overrides"
+            )
+        direction = sweep.resolve_direction(o["objective"], o["direction"])
+        spaces = sweep.data_spaces(space, self._compose)
+        sweep.check_comparable(o["objective"], o["pruner"].get("name", "none"), spaces)
+        settings = sweep.SweepSettings(
+            study_name=o["study_name"],
+            storage=sweep.resolve_storage(o["storage"], o["study_name"], root),
+            objective=o["objective"],
+            direction=direction,
+            n_trials=o["n_trials"],
+            n_jobs=o["n_jobs"],
+            max_failure_rate=o["max_failure_rate"],
+            sampler=o["sampler"],
+            pruner=o["pruner"],
+            multivariate=o["multivariate"],
+            constant_liar=o["constant_liar"],
+            report=o["report"],
+        )
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        runner = sweep.Sweep(settings, space, sweep_dir=sweep_dir, root=root, tracking=self._tracking(root))
+        return runner.run()

@@ -1,0 +1,513 @@
+"""Optuna sweeps through the `vaerepro_optuna` Hydra sweeper: search space, comparability, persistence and
+resume, failures, pruning, MLflow parent/child runs, and two sweep processes on one study.
+
+The slow tests run the real command (`vaerepro run --multirun ...`) in a temporary project (a copy of conf/)
+on the tiny config; each trial is a real `vaerepro run` process (~10 s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, TINY, compose
+from vaerepro import sweep, tracking
+from vaerepro.config import ConfigError
+
+TRIAL = [*TINY, "trainer.deterministic=true"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> Path:
+    # one store for the module (studies have distinct names): its tables are created once
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+@pytest.fixture
+def project(tmp_path, raw_dir, mlflow_db):
+    """A project root (conf/ only) with a temporary MLflow store; trials read the session's raw data."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}",
+    }
+    env.pop("HYDRA_FULL_ERROR", None)
+    return {"root": tmp_path, "env": env, "raw": raw_dir}
+
+
+def _sweep_cmd(p, study: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vaerepro.cli",
+        "run",
+        "--multirun",
+        *TRIAL,
+        f"data.raw_dir={p['raw']}",
+        "hydra/sweeper=vaerepro_optuna",
+        f"hydra.sweeper.study_name={study}",
+        f"hydra.sweep.dir={p['root'] / 'runs' / study}",
+        *overrides,
+    ]
+
+
+def _sweep(p, study: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _sweep_cmd(p, study, *overrides),
+        cwd=p["root"],
+        env=p["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def _study(p, study: str):
+    import optuna
+
+    return optuna.load_study(
+        study_name=study, storage=sweep.open_storage(str(p["root"] / "optuna" / f"{study}.log"))
+    )
+
+
+def _client(p):
+    from mlflow import MlflowClient
+
+    return MlflowClient(p["env"]["MLFLOW_TRACKING_URI"])
+
+
+def _runs(p, study: str):
+    """(parent run, {trial number: child run}) of a study, from MLflow."""
+    client = _client(p)
+    exp = client.get_experiment_by_name("vaerepro")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`vaerepro.study` = '{study}'")
+    parents = [r for r in runs if r.data.tags.get("vaerepro.role") == "study"]
+    assert len(parents) == 1, [r.data.tags for r in parents]
+    children = {}
+    for r in runs:
+        if "vaerepro.trial" in r.data.tags:
+            n = int(r.data.tags["vaerepro.trial"])
+            assert n not in children, f"two MLflow runs for trial {n}"
+            children[n] = r
+    return parents[0], children
+
+
+def _states(study) -> list[str]:
+    return [t.state.name for t in study.get_trials()]
+
+
+# ------------------------------------------------------------------------------------ fast: the parts
+
+
+def test_plugin_is_discovered_and_its_configs_registered():
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    names = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)]
+    assert "hydra_plugins.vaerepro_optuna_sweeper.optuna_sweeper.VaereproOptunaSweeper" in names
+    cs = ConfigStore.instance()
+    assert "vaerepro_optuna.yaml" in cs.list("hydra/sweeper")
+    assert {"tpe.yaml", "random.yaml", "grid.yaml", "cmaes.yaml"} <= set(cs.list("hydra/sweeper/sampler"))
+    assert {"none.yaml", "median.yaml", "hyperband.yaml"} <= set(cs.list("hydra/sweeper/pruner"))
+
+
+def test_shipped_aevb_sweep_config():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    # an opt-in group (+sweep=aevb): the default job config (params.yaml) is what it was
+    assert "sweep" not in compose() and compose("+sweep=aevb") == compose()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["+sweep=aevb"], return_hydra_config=True)
+    s = cfg.hydra.sweeper
+    assert s._target_.endswith("VaereproOptunaSweeper")
+    assert (s.objective, s.direction, s.study_name, s.sampler.name, s.pruner.name) == (
+        "knn_accuracy",
+        "maximize",
+        "aevb",
+        "grid",
+        "none",
+    )
+    assert dict(s.params) == {
+        "model.latent_dim": "choice(2, 3, 5, 10, 20, 50, 200)",
+        "likelihood": "choice(bernoulli, gaussian, continuous_bernoulli)",
+    }
+
+
+def test_search_space_from_hydra_sweep_syntax():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space = sweep.parse_search_space(
+        {
+            "model.latent_dim": "choice(2, 3, 5)",
+            "train.lr": "tag(log, interval(1e-4, 1e-2))",
+            "train.weight_decay": "tag(log, interval(1e-6, 1e-3))",
+            "train.batch_size": "range(50, 201, 50)",
+            "model.hidden_dims": "choice([64], [128,128])",
+            "seed": "choice(0, 1)",
+        },
+        [
+            "seed=7",
+            "likelihood=gaussian,continuous_bernoulli",
+            "+sweep=aevb",
+            "eval.seed=tag(int, interval(0, 9))",
+            "train.lr=interval(0, 1)",
+        ],
+    )
+    d = space.distributions
+    assert d["model.latent_dim"] == CategoricalDistribution([2, 3, 5])
+    assert d["train.weight_decay"] == FloatDistribution(1e-6, 1e-3, log=True)
+    assert d["train.batch_size"] == IntDistribution(50, 200, step=50)  # Hydra's range: stop excluded
+    assert d["model.hidden_dims"] == CategoricalDistribution(["[64]", "[128,128]"])
+    assert d["likelihood"] == CategoricalDistribution(["gaussian", "continuous_bernoulli"])
+    assert d["eval.seed"] == IntDistribution(0, 9)
+    assert d["train.lr"] == FloatDistribution(0.0, 1.0)  # the command line wins over params
+    assert "seed" not in d and space.fixed == ["seed=7", "+sweep=aevb"]  # the command line wins
+    params = {"model.hidden_dims": "[128,128]", "train.lr": 0.001, "likelihood": "gaussian", "x": True}
+    assert sweep.trial_overrides(space, params) == [
+        "seed=7",
+        "+sweep=aevb",
+        "model.hidden_dims=[128,128]",
+        "train.lr=0.001",
+        "likelihood=gaussian",
+        "x=true",
+    ]
+    assert sweep.override_value("a b") == "'a b'"
+    with pytest.raises(ConfigError, match="grid sampler"):
+        sweep.grid_values(space)
+
+
+def test_samplers_pruners_and_storage(tmp_path):
+    import optuna
+
+    space = sweep.parse_search_space(
+        {"model.latent_dim": "choice(2, 3)", "train.batch_size": "range(50, 101, 50)"}, []
+    )
+    assert sweep.grid_values(space) == {"model.latent_dim": [2, 3], "train.batch_size": [50, 100]}
+    kinds = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "grid": optuna.samplers.GridSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+    }
+    for name, cls in kinds.items():
+        assert isinstance(sweep.make_sampler({"name": name, "seed": 1}, space, constant_liar=True), cls)
+    with pytest.raises(ConfigError, match="tpe, random, grid or cmaes"):
+        sweep.make_sampler({"name": "nope"}, space)
+    assert isinstance(
+        sweep.make_pruner({"name": "median", "n_startup_trials": 1}), optuna.pruners.MedianPruner
+    )
+    assert isinstance(sweep.make_pruner({"name": "hyperband"}), optuna.pruners.HyperbandPruner)
+    assert isinstance(sweep.make_pruner(None), optuna.pruners.NopPruner)
+
+    root = tmp_path
+    assert sweep.resolve_storage(None, "aevb", root) == str(root / "optuna" / "aevb.log")
+    assert sweep.resolve_storage("studies/x.log", "aevb", root) == str(root / "studies" / "x.log")
+    assert sweep.resolve_storage("sqlite:///o.db", "aevb", root) == f"sqlite:///{root / 'o.db'}"
+    assert sweep.resolve_storage("sqlite:////abs/o.db", "a", root) == "sqlite:////abs/o.db"
+    assert sweep.resolve_storage("postgresql://u@h/db", "a", root) == "postgresql://u@h/db"
+    assert sweep.resolve_direction("bits_per_dim", None) == "minimize"
+    assert sweep.resolve_direction("knn_accuracy", None) == "maximize"
+    with pytest.raises(ConfigError, match="not a number in metrics/eval.json"):
+        sweep.resolve_direction("loss", None)
+
+
+def test_density_objective_refused_across_data_spaces():
+    space = sweep.parse_search_space(
+        {
+            "model.latent_dim": "choice(2, 5)",
+            "likelihood": "choice(bernoulli, gaussian, continuous_bernoulli)",
+        },
+        [],
+    )
+    spaces = sweep.data_spaces(space, lambda overrides: compose(*overrides))
+    assert spaces == {
+        ("binary", False): ["likelihood=bernoulli"],
+        ("continuous", False): ["likelihood=gaussian", "likelihood=continuous_bernoulli"],
+    }
+    for objective in ("log_px", "elbo", "bits_per_dim"):
+        with pytest.raises(ConfigError, match=r"(?s)binary pixels.*bernoulli.*continuous pixels.*gaussian"):
+            sweep.check_comparable(objective, "none", spaces)
+    sweep.check_comparable("knn_accuracy", "none", spaces)  # comparable across spaces
+    with pytest.raises(ConfigError, match="pruner=median compares trials' validation ELBOs"):
+        sweep.check_comparable("knn_accuracy", "median", spaces)
+    one = sweep.data_spaces(
+        sweep.parse_search_space({"likelihood": "choice(gaussian, continuous_bernoulli)"}, []),
+        lambda overrides: compose(*overrides),
+    )
+    sweep.check_comparable("log_px", "median", one)  # one data space: fine
+
+
+def test_run_tags_name_the_study_and_trial(monkeypatch, tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    assert (
+        not {"mlflow.parentRunId", "vaerepro.study", "vaerepro.trial"}
+        & tracking.run_tags(cfg, tmp_path).keys()
+    )
+    monkeypatch.setenv(sweep.ENV_PARENT_RUN_ID, "abc123")
+    monkeypatch.setenv(sweep.ENV_STUDY, "aevb")
+    monkeypatch.setenv(sweep.ENV_TRIAL, "4")
+    tags = tracking.run_tags(cfg, tmp_path)
+    assert (tags["mlflow.parentRunId"], tags["vaerepro.study"], tags["vaerepro.trial"]) == (
+        "abc123",
+        "aevb",
+        "4",
+    )
+    assert len(sweep.trial_callbacks()) == 0  # no storage named: nothing to report to
+    monkeypatch.setenv(sweep.ENV_STORAGE, str(tmp_path / "s.log"))
+    assert isinstance(sweep.trial_callbacks()[0], sweep.pruning_callback_type())
+
+
+def test_trial_outcomes(tmp_path):
+    """Exit codes and eval.json values -> Optuna states: pruned, failed, NaN objective, complete."""
+    s = sweep.Sweep(
+        sweep.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), objective="knn_accuracy"),
+        sweep.SearchSpace({}),
+        sweep_dir=tmp_path,
+        root=tmp_path,
+        tracking=sweep.Tracking(None),
+    )
+    r = sweep._Running(trial=None, proc=None, trial_dir=tmp_path, overrides=[], log_file=None)
+    (tmp_path / "trial.log").write_text("Traceback ...\nValueError: boom\n")
+    assert s._outcome(r, sweep.PRUNED_EXIT_CODE)[0] == "PRUNED"
+    state, _, reason, _ = s._outcome(r, 1)
+    assert state == "FAIL" and "exit code 1" in reason and "boom" in reason
+    assert s._outcome(r, 0)[0] == "FAIL"  # no eval.json
+    (tmp_path / "metrics").mkdir()
+    for bad in (math.nan, None):
+        (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"knn_accuracy": bad}))
+        state, value, reason, _ = s._outcome(r, 0)
+        assert (state, value) == ("FAIL", None) and "knn_accuracy" in reason
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"knn_accuracy": 0.75}))
+    assert s._outcome(r, 0)[:2] == ("COMPLETE", 0.75)
+
+
+@pytest.mark.slow
+def test_mixed_data_space_sweep_refused_before_any_trial(project):
+    proc = _sweep(project, "mixed", "+sweep=aevb", "hydra.sweeper.objective=log_px", check=False)
+    assert proc.returncode != 0
+    assert "objective 'log_px' cannot rank this search space" in proc.stderr
+    assert "binary pixels" in proc.stderr and "continuous pixels" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (project["root"] / "optuna").exists()  # no study, no trial
+
+
+# --------------------------------------------------------------------------------- slow: real sweeps
+
+
+@pytest.mark.slow
+def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
+    study_name = "density"
+    args = (
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        "model.latent_dim=choice(2,3,4,5,6)",
+    )
+    _sweep(project, study_name, *args, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")  # at once
+    assert _states(_study(project, study_name)) == ["COMPLETE", "COMPLETE"]
+
+    # the same command with n_trials=3: the study's total, so one more trial
+    out = _sweep(project, study_name, *args, "hydra.sweeper.n_trials=3")
+    study = _study(project, study_name)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2] and _states(study) == ["COMPLETE"] * 3
+    dirs = {t.user_attrs["trial_dir"] for t in trials}
+    assert len(dirs) == 3
+    for t in trials:
+        ev = json.loads((Path(t.user_attrs["trial_dir"]) / "metrics" / "eval.json").read_text())
+        assert t.value == ev["log_px"] and ev["latent_dim"] == t.params["model.latent_dim"]
+    assert study.user_attrs["sweep_processes"] == 2
+
+    parent, children = _runs(project, study_name)
+    assert sorted(children) == [0, 1, 2]
+    assert parent.data.tags["vaerepro.study"] == study_name and parent.data.params["objective"] == "log_px"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 3
+    for t in trials:
+        run = children[t.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["vaerepro.study"] == study_name
+        assert run.data.params["model.latent_dim"] == str(t.params["model.latent_dim"])
+        assert run.data.params["sweep.model.latent_dim"] == str(t.params["model.latent_dim"])
+        assert run.data.metrics["sweep/objective"] == pytest.approx(t.value)
+        assert run.data.metrics["test/log_px"] == pytest.approx(t.value)
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+
+    report = project["root"] / "runs" / study_name / "report"
+    md = (report / "report.md").read_text()
+    best = max(trials, key=lambda t: t.value)
+    assert (
+        "vaerepro run data.max_examples=600" in md
+        and f"model.latent_dim={best.params['model.latent_dim']}" in md
+    )
+    for fig in ("history", "importances", "objective-binary-proper", "compare-binary-proper"):
+        assert (report / "figures" / f"{fig}.png").is_file(), fig
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    results = json.loads((project["root"] / "runs" / study_name / "optimization_results.json").read_text())
+    assert results["best_value"] == best.value
+    assert "best trial" in out.stderr + out.stdout
+
+    # the report again, from the study and MLflow alone
+    monkeypatch.chdir(project["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project["env"]["MLFLOW_TRACKING_URI"])
+    assert sweep.main(["report", study_name, "--out", str(project["root"] / "again")]) == 0
+    again = (project["root"] / "again" / "report.md").read_text()
+    assert again.count("| COMPLETE |") == 3 and "binary pixels" in again
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_duplicates(project):
+    import optuna
+
+    study_name = "killed"
+    args = ("hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "model.latent_dim=choice(2,3)")
+    proc = subprocess.Popen(
+        _sweep_cmd(project, study_name, *args, "hydra.sweeper.n_trials=1"),
+        cwd=project["root"],
+        env=project["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the sweep and its trial process
+    )
+    log_path = project["root"] / "optuna" / f"{study_name}.log"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log_path.exists() and any(
+                t.state.name == "RUNNING" for t in _study(project, study_name).trials
+            ):
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.3)
+        time.sleep(4)  # the trial process is training now
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _states(_study(project, study_name)) == ["RUNNING"]
+
+    _sweep(project, study_name, *args, "hydra.sweeper.n_trials=1")
+    trials = _study(project, study_name).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[0].system_attrs["vaerepro:interrupted"] is True  # failed at resume, not counted
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
+    _, children = _runs(project, study_name)
+    assert children[0].info.status == "FAILED" and children[1].info.status == "FINISHED"
+    assert children[0].data.tags["vaerepro.trial_state"] == "FAIL"
+    assert not [t for t in _study(project, study_name).trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_failed_trial_is_marked_and_the_sweep_goes_on(project):
+    # a grid: one trial fails its config validation (max_examples must be >= 3), the other trains
+    study_name = "failing"
+    _sweep(
+        project,
+        study_name,
+        "hydra/sweeper/sampler=grid",
+        "data.max_examples=choice(2,600)",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.max_failure_rate=0.5",
+    )
+    trials = {t.params["data.max_examples"]: t for t in _study(project, study_name).get_trials()}
+    assert (trials[2].state.name, trials[600].state.name) == ("FAIL", "COMPLETE")
+    assert trials[2].user_attrs["returncode"] == 2
+    _, children = _runs(project, study_name)
+    failed = children[trials[2].number]
+    assert failed.info.status == "FAILED" and failed.data.tags["vaerepro.trial_state"] == "FAIL"
+    assert "max_examples" in failed.data.tags["vaerepro.failure"]
+    assert failed.data.params["sweep.data.max_examples"] == "2"
+    assert children[trials[600].number].info.status == "FINISHED"
+
+    # with max_failure_rate=0 the first failure stops the sweep, with a message and a non-zero exit
+    proc = _sweep(
+        project,
+        "stops",
+        "hydra/sweeper/sampler=grid",
+        "data.max_examples=choice(1,2)",
+        "hydra.sweeper.n_trials=2",
+        check=False,
+    )
+    assert proc.returncode != 0 and "sweep stopped: 1 of n_trials=2 trials failed" in proc.stderr
+    assert _states(_study(project, "stops")) == ["FAIL"]
+
+
+@pytest.mark.slow
+def test_pruned_trial(project):
+    import optuna
+
+    # a finished trial with a validation ELBO of 0 nats at every epoch: the median pruner stops any real
+    # trial (about -200 nats) at its first epoch
+    study_name = "pruned"
+    storage = sweep.open_storage(str(project["root"] / "optuna" / f"{study_name}.log"))
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=0.0, intermediate_values={0: 0.0, 1: 0.0, 2: 0.0}
+        )
+    )
+    _sweep(
+        project,
+        study_name,
+        "model.latent_dim=choice(4)",
+        "hydra.sweeper.n_trials=2",
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=1",
+        "hydra.sweeper.pruner.n_warmup_steps=0",
+    )
+    t = _study(project, study_name).get_trials()[1]
+    assert t.state.name == "PRUNED" and t.user_attrs["returncode"] == sweep.PRUNED_EXIT_CODE
+    assert list(t.intermediate_values) == [0] and t.intermediate_values[0] < -50  # val/elbo, nats
+    _, children = _runs(project, study_name)
+    assert children[1].info.status == "KILLED" and children[1].data.tags["vaerepro.trial_state"] == "PRUNED"
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_share_one_study(project):
+    study_name = "shared"
+    args = ("hydra/sweeper/sampler=grid", "model.latent_dim=choice(2,3,4)", "hydra.sweeper.n_trials=3")
+    procs = [
+        subprocess.Popen(
+            _sweep_cmd(project, study_name, *args),
+            cwd=project["root"],
+            env=project["env"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+        assert "database is locked" not in out + err
+    trials = _study(project, study_name).get_trials()
+    assert [t.number for t in trials] == [0, 1, 2] and _states(_study(project, study_name)) == [
+        "COMPLETE"
+    ] * 3
+    assert sorted(t.params["model.latent_dim"] for t in trials) == [2, 3, 4]  # no point twice
+    assert len({t.system_attrs["vaerepro:pid"] for t in trials}) == 2  # both processes ran trials
+    parent, children = _runs(project, study_name)
+    assert sorted(children) == [0, 1, 2]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parent.info.run_id}
