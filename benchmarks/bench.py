@@ -34,11 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class EpochTimer(pl.Callback):
+    """Epoch times (training + validation) and step times (batch start to batch end, Lightning's own
+    per-step work between the hooks included)."""
+
     def __init__(self):
         self.times: list[float] = []
+        self.steps: list[float] = []
 
     def on_train_epoch_start(self, trainer, module):
         self._t = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._s = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.steps.append(time.perf_counter() - self._s)
 
     def on_validation_epoch_end(self, trainer, module):
         # validation runs inside the training epoch; count it, as the minimal loop does
@@ -118,6 +128,15 @@ def main() -> None:
     )
     print(f"minimal  : {b_epoch * 1000:8.1f} ms/epoch  {n_train / b_epoch:9.0f} images/s")
     print(f"ratio harness/minimal time: {h_epoch / b_epoch:.3f}  (target <= 1.10)")
+    h_step = statistics.median(timer.steps[len(timer.steps) // args.epochs :])
+    b_step = statistics.median(base.step_times[len(base.step_times) // args.epochs :])
+    steps = len(timer.steps) // args.epochs
+    print(
+        f"per step : harness {h_step * 1000:.2f} ms, minimal {b_step * 1000:.2f} ms "
+        f"(ratio {h_step / b_step:.3f}); "
+        f"per epoch outside the {steps} steps: harness {(h_epoch - steps * h_step) * 1000:.1f} ms, "
+        f"minimal {(b_epoch - steps * b_step) * 1000:.1f} ms (validation, checkpoints, logging)"
+    )
 
     # --- evaluation: throughput and memory for two K at one chunk size -----------------------------------
     vae = load_vae(work / "run" / "models" / "best.ckpt")

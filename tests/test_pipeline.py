@@ -157,3 +157,26 @@ def test_dvc_exp_run_composes_overrides(repo):
     assert all(r.info.status == "FINISHED" and "test/log_px" in r.data.metrics for r in runs)
     md = (repo / "reports/report.md").read_text()
     assert "binary pixels" in md and "continuous pixels" in md
+
+
+def test_queued_dvc_experiments_log_to_the_repository_store(repo):
+    # queued experiments run in temporary copies under .dvc/tmp/exps/; their runs belong in the repo's store
+    import time
+
+    from mlflow import MlflowClient
+
+    run(["vaerepro", "fetch"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", "model.latent_dim=2,3"], repo)
+    run(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vaerepro").experiment_id])
+    names = [r.info.run_name for r in runs]
+    assert {"bernoulli-z2-s0", "bernoulli-z3-s0"} <= set(names), names
+    assert not list((repo / ".dvc").rglob("mlflow.db"))  # no store left behind in a temporary copy

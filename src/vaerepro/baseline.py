@@ -36,6 +36,7 @@ class BaselineResult:
     test_elbo: float
     test_elbo_se: float
     epoch_times: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # each optimiser step, data draw included
 
 
 def train_minimal(
@@ -58,20 +59,22 @@ def train_minimal(
     model = MinimalVAE(x_train.shape[1], latent_dim, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    times = []
+    times, steps = [], []
     for _ in range(epochs):
         start = time.perf_counter()
         model.train()
         for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
+            t0 = time.perf_counter()
             x = torch.bernoulli(x_train[idx].float() / 255)
             loss = -model.elbo(x).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            steps.append(time.perf_counter() - t0)
         model.eval()
         with torch.no_grad():
             sum(model.elbo(v).sum() for v in x_val.split(batch_size))
         times.append(time.perf_counter() - start)
     with torch.no_grad():
         e = torch.cat([model.elbo(v) for v in x_test.split(batch_size)])
-    return BaselineResult(float(e.mean()), float(e.std() / len(e) ** 0.5), times)
+    return BaselineResult(float(e.mean()), float(e.std() / len(e) ** 0.5), times, steps)
