@@ -180,3 +180,22 @@ def test_queued_dvc_experiments_log_to_the_repository_store(repo):
     names = [r.info.run_name for r in runs]
     assert {"bernoulli-z2-s0", "bernoulli-z3-s0"} <= set(names), names
     assert not list((repo / ".dvc").rglob("mlflow.db"))  # no store left behind in a temporary copy
+
+
+def test_dvc_remote_push_and_pull_restore_the_outputs(repo, tmp_path):
+    # a local directory stands in for S3/GCS/SSH: `dvc remote add -d` is the only difference
+    import hashlib
+
+    def digest(p):
+        return hashlib.md5((repo / p).read_bytes()).hexdigest()
+
+    run(["vaerepro", "fetch"], repo)
+    run(["dvc", "repro"], repo)
+    before = {p: digest(p) for p in ("models/best.ckpt", "data/mnist5k/images.npy", "prepared/x_test.npy")}
+    run(["dvc", "remote", "add", "-f", "-d", "store", str(tmp_path / "remote")], repo)
+    run(["dvc", "push"], repo)
+    for p in ("models", "prepared", ".dvc/cache"):
+        shutil.rmtree(repo / p)
+    run(["dvc", "pull"], repo)
+    assert {p: digest(p) for p in before} == before
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout
