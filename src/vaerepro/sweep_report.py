@@ -1,0 +1,243 @@
+"""The sweep report: the AEVB Figure 2 view per data space, Optuna's history and importances, the best trial.
+
+Written by the sweeper at the end of a sweep (and by `python -m vaerepro.sweep report STUDY`) from the
+study and its MLflow child runs; the figures and layout come from `vaerepro.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from vaerepro.sweep import _INTERRUPTED, SPACE_FREE_OBJECTIVES, _best_trial, best_command, override_value
+
+log = logging.getLogger(__name__)
+
+
+def _objective_rows(study) -> list[dict[str, Any]]:
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = t.user_attrs
+        if "data_space" not in a:
+            continue
+        rows.append(
+            {
+                "run_name": f"trial {t.number}",
+                "run_id": str(t.number),
+                "value": t.value,
+                "likelihood": a.get("likelihood"),
+                "latent_dim": a.get("latent_dim"),
+                "data_space": a["data_space"],
+                "improper": a.get("improper", False),
+            }
+        )
+    return rows
+
+
+def _objective_figures(study, objective: str) -> list:
+    """The objective against the latent size, one line per likelihood: one figure, or one per data space."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from vaerepro.compare import group_comparable, space_label
+    from vaerepro.report import _Fig, _png
+
+    rows = _objective_rows(study)
+    if not rows:
+        return []
+    if objective in SPACE_FREE_OBJECTIVES:
+        groups = {("all", False): rows}
+    else:
+        groups = group_comparable(rows)
+    figs = []
+    for (space, improper), members in groups.items():
+        fig = Figure(figsize=(6.4, 4.0))
+        ax = fig.add_subplot()
+        by_lik: dict[str, list] = {}
+        for r in members:
+            by_lik.setdefault(str(r["likelihood"]), []).append(r)
+        for lik, rs in sorted(by_lik.items()):
+            d = np.array([float(r["latent_dim"]) for r in rs])
+            v = np.array([float(r["value"]) for r in rs])
+            (line,) = ax.plot(d, v, "o", label=lik)
+            ud = np.unique(d)
+            ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=line.get_color())
+        ax.set_xscale("log")
+        ticks = sorted({int(r["latent_dim"]) for r in members})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("latent size (log scale)")
+        ax.set_ylabel(objective)
+        title = "all data spaces" if space == "all" else space_label(space, improper)
+        ax.set_title(title, fontsize=9)
+        ax.legend(title="likelihood", fontsize=8)
+        fig.tight_layout()
+        figs.append(
+            _Fig(
+                f"objective-{space}-{'improper' if improper else 'proper'}",
+                f"{objective} against latent size ({title})",
+                _png(fig),
+                "Completed trials; lines join the mean at each latent size.",
+            )
+        )
+    return figs
+
+
+def _history_figure(study, objective: str):
+    from matplotlib.figure import Figure
+    from optuna.trial import TrialState
+
+    from vaerepro.report import _Fig, _png
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return None
+    maximize = study.direction.name == "MAXIMIZE"
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    xs = [t.number for t in done]
+    ys = [t.value for t in done]
+    best, running = [], None
+    for y in ys:
+        running = y if running is None else (max if maximize else min)(running, y)
+        best.append(running)
+    ax.plot(xs, ys, "o", label=f"{objective} of a trial")
+    ax.step(xs, best, where="post", color="C1", label="best so far")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(objective)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _Fig(
+        "history",
+        "optimisation history",
+        _png(fig),
+        "Optuna optimisation history: completed trials (pruned and failed ones have no value).",
+    )
+
+
+def _importance_blocks(study) -> list:
+    from matplotlib.figure import Figure
+
+    from vaerepro.report import _Fig, _Heading, _Para, _png
+
+    blocks: list = [_Heading("Parameter importances")]
+    try:
+        import optuna
+
+        imp = optuna.importance.get_param_importances(study)
+    except Exception as err:  # too few trials, nothing varies, ...: the report goes on without
+        log.debug("no parameter importances", exc_info=True)
+        return blocks + [_Para(f"Not available: {err}")]
+    if not imp:
+        return blocks + [_Para("Not available: no parameter varies across the completed trials.")]
+    names = list(imp)[::-1]
+    fig = Figure(figsize=(6.4, 0.6 + 0.45 * len(names)))
+    ax = fig.add_subplot()
+    ax.barh(names, [imp[n] for n in names])
+    ax.set_xlabel("importance (normalised to sum to 1)")
+    fig.tight_layout()
+    return blocks + [
+        _Fig(
+            "importances",
+            "parameter importances",
+            _png(fig),
+            "optuna.importance.get_param_importances over the completed trials (Optuna's default evaluator; "
+            "PED-ANOVA in Optuna 5). Few trials make it rough.",
+        )
+    ]
+
+
+def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, storage: str = "") -> dict:
+    """report.html (self-contained) and report.md (+ figures/) for a study and its trials' MLflow runs.
+
+    The blocks and renderers are report.py's; the comparison across runs is report.py's AEVB Figure-2 view
+    (log p(x) against latent size, one line per likelihood, one figure per data space).
+    """
+    from optuna.trial import TrialState
+
+    from vaerepro.report import (
+        _comparison_section,
+        _Fig,
+        _Heading,
+        _Para,
+        _render_html,
+        _render_md,
+        _Table,
+        _Warning,
+    )
+
+    out_dir = Path(out_dir)
+    objective = study.user_attrs.get("objective", "value")
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    best = _best_trial(study)
+    title = f"Sweep report: study {study.study_name}"
+    blocks: list = [
+        _Para(
+            f"Objective: {objective} ({study.direction.name.lower()}), from each trial's metrics/eval.json. "
+            f"Trials: {len(trials)} — " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + ". "
+            f"Storage: {storage or 'n/a'}."
+        ),
+        _Heading("Best trial"),
+    ]
+    if best is None:
+        blocks.append(_Warning("no trial has completed yet"))
+    else:
+        rows = [["trial", str(best.number)], [objective, f"{best.value:.4f}"]]
+        rows += [[k, override_value(v)] for k, v in best.params.items()]
+        rows.append(["command", best_command(best)])
+        blocks.append(_Table(["", "value"], rows, kind="best"))
+
+    blocks.append(_Heading("Trials"))
+    table = []
+    for t in trials:
+        a = t.user_attrs
+        table.append(
+            [
+                str(t.number),
+                t.state.name + (" (interrupted)" if t.system_attrs.get(_INTERRUPTED) else ""),
+                "n/a" if t.value is None else f"{t.value:.4f}",
+                " ".join(f"{k}={override_value(v)}" for k, v in t.params.items()),
+                str(a.get("data_space", "n/a")),
+                "n/a" if a.get("wall_s") is None else f"{a['wall_s']:.1f}",
+                str(a.get("mlflow_run_id", "n/a")),
+            ]
+        )
+    blocks.append(
+        _Table(["trial", "state", objective, "params", "data space", "wall s", "MLflow run"], table)
+    )
+
+    blocks.append(_Heading(f"{objective} against latent size"))
+    if objective not in SPACE_FREE_OBJECTIVES:
+        blocks.append(_Para(f"{objective} is in the units of its data space: one figure per space."))
+    blocks += _objective_figures(study, objective) or [_Para("No completed trial with a latent size yet.")]
+    blocks.append(_Heading("Optimisation history"))
+    hist = _history_figure(study, objective)
+    blocks.append(hist if hist is not None else _Para("No completed trial yet."))
+    blocks += _importance_blocks(study)
+    blocks += _comparison_section(runs) if runs is not None else [_Para("MLflow tracking was off.")]
+
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rel, figures = {}, []
+    for b in blocks:
+        if isinstance(b, _Fig):
+            path = fig_dir / f"{b.name}.png"
+            _write_atomic(path, b.png)
+            figures.append(path)
+            rel[b.name] = f"figures/{path.name}"
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    _write_atomic(html_path, _render_html(title, blocks).encode())
+    _write_atomic(md_path, _render_md(title, blocks, rel).encode())
+    return {"html": html_path, "md": md_path, "figures": figures}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # several sweep processes of one study may write the report at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
