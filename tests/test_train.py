@@ -93,9 +93,15 @@ def test_training_is_deterministic_and_checkpoint_rebuilds(prepared_tiny, tmp_pa
     assert rows[0] == "epoch,train_elbo,val_elbo" and len(rows) == 1 + 3
     val = [float(r.split(",")[2]) for r in rows[1:]]
     assert val[0] < val[1] < val[2]  # every epoch improved the validation bound
-    for name in ("best.ckpt", "last.ckpt"):
-        ckpt = torch.load(out / "models" / name, map_location="cpu", weights_only=True)
+    ckpts = {
+        name: torch.load(out / "models" / f"{name}.ckpt", map_location="cpu", weights_only=True)
+        for name in ("best", "last")
+    }
+    for ckpt in ckpts.values():
         assert ckpt["hyper_parameters"]["vae_config"]["latent_dim"] == 4
+    # every epoch improved, so best is the last epoch's weights; best carries no training state, last does
+    assert all(torch.equal(v, ckpts["last"]["state_dict"][k]) for k, v in ckpts["best"]["state_dict"].items())
+    assert "optimizer_states" not in ckpts["best"] and len(ckpts["last"]["optimizer_states"]) == 1
     vae = load_vae(out / "models" / "best.ckpt")
     assert vae.config["hidden_dims"] == [64] and vae.likelihood.name == "bernoulli"
 

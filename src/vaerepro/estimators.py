@@ -14,6 +14,7 @@ their standard-normal noise ``eps`` (K, B, Z) (the training step draws it for a 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -25,29 +26,30 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 ELBO_ESTIMATORS = ("A", "B")
 
 
-@dataclass
 class LogWeights:
-    """Per-sample terms of the importance weights; all (K, B), nats."""
+    """Per-sample terms of the importance weights; all (K, B), nats.
 
-    log_w: Tensor  # (K, B) log p(x|z) + log p(z) - log q(z|x)
-    log_px_z: Tensor  # (K, B)
-    log_pz: Tensor  # (K, B)
-    log_qz: Tensor  # (K, B)
-    posterior: Distribution  # q(z|x), batch (B,)
+    The one formula, computed for given samples z (K, B, Z) from ``posterior`` = q(z|x): log p(x|z) at
+    once (every objective needs it), log q(z|x), log p(z) and log w = log p(x|z) + log p(z) - log q(z|x)
+    on first use, so estimator B (which needs only log p(x|z) and the analytic KL) does not pay for two
+    log-densities and their backward pass on every training step.
+    """
 
+    def __init__(self, model, x: Tensor, posterior: Distribution, z: Tensor):
+        self.model, self.posterior, self.z = model, posterior, z  # posterior: q(z|x), batch (B,)
+        self.log_px_z: Tensor = model.decode(z).log_prob(x)  # x (B, D) broadcasts against (K, B) -> (K, B)
 
-def _log_weights_at(model, x: Tensor, posterior: Distribution, z: Tensor) -> LogWeights:
-    """The one formula: log weights of given samples z (K, B, Z) from ``posterior`` = q(z|x)."""
-    log_qz = posterior.log_prob(z)  # (K, B)
-    log_pz = model.prior().log_prob(z)  # (K, B)
-    log_px_z = model.decode(z).log_prob(x)  # x (B, D) broadcasts against batch (K, B) -> (K, B)
-    return LogWeights(
-        log_w=log_px_z + log_pz - log_qz,
-        log_px_z=log_px_z,
-        log_pz=log_pz,
-        log_qz=log_qz,
-        posterior=posterior,
-    )
+    @functools.cached_property
+    def log_qz(self) -> Tensor:
+        return self.posterior.log_prob(self.z)  # (K, B)
+
+    @functools.cached_property
+    def log_pz(self) -> Tensor:
+        return self.model.prior().log_prob(self.z)  # (K, B)
+
+    @functools.cached_property
+    def log_w(self) -> Tensor:
+        return self.log_px_z + self.log_pz - self.log_qz  # (K, B)
 
 
 def log_weights(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -> LogWeights:
@@ -67,7 +69,7 @@ def log_weights(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -
         if tuple(eps.shape) != expected:
             raise ValueError(f"eps has shape {tuple(eps.shape)}, expected (K, B, Z) = {expected}")
         z = q.mean + eps * q.stddev  # (K, B, Z)
-    return _log_weights_at(model, x, q, z)
+    return LogWeights(model, x, q, z)
 
 
 def elbo(
@@ -203,7 +205,7 @@ def _estimate_log_px(model, x: Tensor, num_samples: int, chunk_size: int, ladder
         while acc.count < target:
             n = min(chunk_size, target - acc.count)
             z = torch.stack([q.sample() for _ in range(n)])  # (n, B, Z); one draw per sample, see docstring
-            acc.update(_log_weights_at(model, x, q, z).log_w)  # (n, B)
+            acc.update(LogWeights(model, x, q, z).log_w)  # (n, B)
         estimates[target] = acc.value()
     return MarginalEstimate(log_px=estimates[num_samples], ess=acc.ess(), ladder=estimates)
 
