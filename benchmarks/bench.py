@@ -109,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--latent-dim", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="alternating harness/minimal runs")
     args = ap.parse_args()
@@ -127,6 +128,7 @@ def main() -> None:
         [
             f"train.max_epochs={args.epochs}",
             f"model.latent_dim={args.latent_dim}",
+            f"train.batch_size={args.batch_size}",
             f"data.raw_dir={work / 'raw'}",
         ],
         config_dir=ROOT / "conf",
@@ -150,6 +152,7 @@ def main() -> None:
             latent_dim=args.latent_dim,
             hidden=500,
             epochs=args.epochs,
+            batch_size=args.batch_size,
             seed=cfg.seed,
         )
         per_epoch = len(timer.steps) // args.epochs
