@@ -80,27 +80,33 @@ def peak_rss_during(fn):
     return result, elapsed, max(0, peak[0] - base)
 
 
-def train_objective_by_hand(cfg, prepared: Path, x_val: torch.Tensor) -> list[float]:
+def train_objective_by_hand(cfg, prepared: Path, x_val: torch.Tensor, device: str) -> list[float]:
     """Epoch times of the harness's own training step (`VAEModule.shard_loss`: the seeded per-batch data
     draw and noise, the torch.distributions objective) in a plain loop with the same optimiser and a
     validation pass: separates what the objective costs from what Lightning and tracking cost."""
     torch.manual_seed(cfg.seed)
     data = VAEData(prepared, cfg.data_space, cfg.train.batch_size, cfg.seed)
     data.setup()
-    module = build_module(cfg, data)
+    module = build_module(cfg, data).to(device)
     opt = module.configure_optimizers()
+    x_train, x_val = data.x_train.to(device), x_val.to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     with _no_distribution_validation():
         for epoch in range(cfg.train.max_epochs):
             start = time.perf_counter()
-            order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(epoch))
+            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(epoch))
             for i, idx in enumerate(order.split(cfg.train.batch_size)):
-                loss, _ = module.shard_loss(data.x_train[idx], epoch, i, 0, 1)
+                loss, _ = module.shard_loss(x_train[idx.to(device)], epoch, i, 0, 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sync()
             with torch.no_grad():
-                sum(estimators.elbo(module.vae, v, 1, "B").sum() for v in x_val.split(cfg.train.batch_size))
+                val = sum(
+                    estimators.elbo(module.vae, v, 1, "B").sum() for v in x_val.split(cfg.train.batch_size)
+                )
+                float(val)
             times.append(time.perf_counter() - start)
     return times
 
@@ -110,6 +116,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--latent-dim", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--no-tracking", action="store_true", help="the harness without MLflow")
+    ap.add_argument(
+        "--trainer", default="cpu", help="conf/trainer preset: cpu or gpu (then all three loops use CUDA)"
+    )
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="alternating harness/minimal runs")
     args = ap.parse_args()
@@ -129,11 +139,14 @@ def main() -> None:
             f"train.max_epochs={args.epochs}",
             f"model.latent_dim={args.latent_dim}",
             f"train.batch_size={args.batch_size}",
+            f"trainer={args.trainer}",
+            f"tracking.enabled={str(not args.no_tracking).lower()}",
             f"data.raw_dir={work / 'raw'}",
         ],
         config_dir=ROOT / "conf",
     )
     cfg = config_mod.validate(raw)
+    device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     x_val = data.fixed_space(splits.val, "binary", quantized=True, seed=cfg.seed + VAL_SEED_OFFSET)
     x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + TEST_SEED_OFFSET)
     # Alternate the loops, `repeats` times each: on a shared 2-core machine the speed of one loop drifts by
@@ -144,7 +157,7 @@ def main() -> None:
         run.mkdir()
         (run / "prepared").symlink_to(work / "prepared")
         train(cfg, run, root=work, callbacks=[timer], enable_progress_bar=True)
-        core = train_objective_by_hand(cfg, work / "prepared", x_val)
+        core = train_objective_by_hand(cfg, work / "prepared", x_val, device)
         base = train_minimal(
             torch.from_numpy(splits.train),
             x_val,
@@ -154,6 +167,7 @@ def main() -> None:
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=cfg.seed,
+            device=device,
         )
         per_epoch = len(timer.steps) // args.epochs
         h_epochs += timer.times[1:]  # after the warm-up epoch
@@ -172,7 +186,7 @@ def main() -> None:
     print(f"\n== training (per epoch, median over {args.repeats} alternating runs after warm-up) ==")
     print(
         f"harness  : {h_epoch * 1000:8.1f} ms/epoch  {n_train / h_epoch:9.0f} images/s"
-        "  (Lightning; MLflow, progress bar, checkpoints on)"
+        f"  (Lightning; {'' if args.no_tracking else 'MLflow, '}progress bar, checkpoints on)"
     )
     print(
         f"by hand  : {c_epoch * 1000:8.1f} ms/epoch  {n_train / c_epoch:9.0f} images/s"
@@ -206,13 +220,20 @@ def main() -> None:
                 batch_size=cfg.eval.batch_size,
                 chunk_size=cfg.eval.chunk_size,
                 seed=cfg.eval.seed,
+                device=device,
             )
 
-        res, secs, extra = peak_rss_during(run)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        res, secs, extra = peak_rss_during(run)  # host memory
+        gpu = ""
+        if device == "cuda":
+            gpu = f", GPU peak +{(torch.cuda.max_memory_allocated() - before) / 2**20:.1f} MiB"
         pairs = len(x) * k
         print(
             f"K={k:5d} on {len(x):4d} digits: {secs:7.2f} s  {pairs / secs:11.0f} samples/s  "
-            f"peak +{extra / 2**20:6.1f} MiB  log p(x) = {float(res['log_px'].mean()):.2f} nats "
+            f"peak +{extra / 2**20:6.1f} MiB{gpu}  log p(x) = {float(res['log_px'].mean()):.2f} nats "
             f"(chunk {cfg.eval.chunk_size} x batch {cfg.eval.batch_size})"
         )
     sys.stdout.flush()

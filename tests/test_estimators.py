@@ -28,6 +28,8 @@ from vaerepro.estimators import (
 
 D, Z, N = 5, 2, 200
 F64 = torch.float64
+# Every device this machine has: the GPU cases run where CUDA exists (e.g. a GPU workstation), not in CPU CI.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 class LinearGaussian:
@@ -44,7 +46,7 @@ class LinearGaussian:
     def __init__(self, W, b, sigma, shift=0.0, scale=1.0, diagonal=False):
         self.W, self.b, self.sigma = W, b, sigma  # (D, Z), (D,), float
         self.shift, self.scale, self.diagonal = shift, scale, diagonal
-        M = W.T @ W + sigma**2 * torch.eye(Z, dtype=F64)  # (Z, Z)
+        M = W.T @ W + sigma**2 * torch.eye(Z, dtype=F64, device=W.device)  # (Z, Z)
         self.M_inv = torch.linalg.inv(M)
         self.post_cov = sigma**2 * self.M_inv  # (Z, Z)
         self.mf_std = (M / sigma**2).diagonal().rsqrt()  # (Z,) mean-field scale
@@ -59,7 +61,8 @@ class LinearGaussian:
         return MultivariateNormal(mean, covariance_matrix=self.post_cov * self.scale**2)
 
     def prior(self):
-        return Independent(Normal(torch.zeros(Z, dtype=F64), torch.ones(Z, dtype=F64)), 1)
+        zeros = torch.zeros(Z, dtype=F64, device=self.W.device)
+        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
 
     def decode(self, z):
         return Independent(Normal(z @ self.W.T + self.b, self.sigma), 1)  # batch z.shape[:-1], event (D,)
@@ -107,19 +110,26 @@ def closed_form_elbo(m: LinearGaussian, x):
 
 
 @pytest.mark.parametrize("k", [1, 10, 1000])
-def test_exact_posterior_gives_exact_log_px_for_every_k(ppca, k):
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_posterior_gives_exact_log_px_for_every_k(ppca, k, device):
     """With q = p(z|x) every weight equals p(x): the estimate is exact for any K, ESS = K."""
-    est = estimate_log_px(model(ppca), ppca["x"], k, chunk_size=64, generator_seed=0)
-    torch.testing.assert_close(est.log_px, ppca["log_px"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(est.ess, torch.full((N,), float(k), dtype=F64), rtol=1e-9, atol=0)
+    m = LinearGaussian(ppca["W"].to(device), ppca["b"].to(device), ppca["sigma"])
+    est = estimate_log_px(m, ppca["x"].to(device), k, chunk_size=64, generator_seed=0)
+    exact = ppca["log_px"].to(device)
+    torch.testing.assert_close(est.log_px, exact, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        est.ess, torch.full((N,), float(k), dtype=F64, device=device), rtol=1e-9, atol=0
+    )
     for v in est.ladder.values():
-        torch.testing.assert_close(v, ppca["log_px"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(v, exact, rtol=0, atol=1e-10)
 
 
-def test_perturbed_posterior_converges_to_exact_log_px(ppca):
-    m = model(ppca, shift=0.5, scale=1.3)  # a full-covariance q that is off in mean and width
-    est = estimate_log_px(m, ppca["x"], 1000, chunk_size=128, generator_seed=0)
-    err = {k: v - ppca["log_px"] for k, v in est.ladder.items()}  # (N,) each
+@pytest.mark.parametrize("device", DEVICES)
+def test_perturbed_posterior_converges_to_exact_log_px(ppca, device):
+    # a full-covariance q that is off in mean and width
+    m = LinearGaussian(ppca["W"].to(device), ppca["b"].to(device), ppca["sigma"], shift=0.5, scale=1.3)
+    est = estimate_log_px(m, ppca["x"].to(device), 1000, chunk_size=128, generator_seed=0)
+    err = {k: (v - ppca["log_px"].to(device)).cpu() for k, v in est.ladder.items()}  # (N,) each
     mean_abs = [err[k].abs().mean().item() for k in (1, 10, 100, 1000)]
     # each decade of samples shrinks the error substantially (bias ~ 1/K, spread ~ 1/sqrt(K))
     for coarse, fine in zip(mean_abs[:-1], mean_abs[1:], strict=True):
@@ -128,6 +138,7 @@ def test_perturbed_posterior_converges_to_exact_log_px(ppca):
     mean, se = summarize(err[1000])
     assert abs(mean) < 3 * se, (mean, se)
     assert ((est.ess > 1) & (est.ess < 1000)).all()
+    assert est.log_px.device.type == torch.device(device).type
 
 
 def test_bounds_are_ordered_in_expectation(ppca):

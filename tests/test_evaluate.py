@@ -11,7 +11,9 @@ import yaml
 
 from conftest import compose
 from vaerepro import cli
-from vaerepro.evaluate import active_units, knn_accuracy, per_example, summarize
+from vaerepro import config as config_mod
+from vaerepro.config import ConfigError
+from vaerepro.evaluate import active_units, eval_device, knn_accuracy, per_example, summarize
 from vaerepro.model import VAE
 
 
@@ -35,17 +37,51 @@ def test_knn_accuracy_known_answers():
     assert abs(acc - 1 / 3) < 0.1  # labels unrelated to z: chance
 
 
-def test_sharded_evaluation_equals_the_whole():
+# Every device this machine has: the GPU cases run where CUDA exists, not in CPU CI.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sharded_evaluation_equals_the_whole(device):
     torch.manual_seed(0)
     vae = VAE(data_dim=12, latent_dim=2, hidden_dims=[8]).eval()
     x = torch.bernoulli(torch.full((23, 12), 0.3))
-    kw = dict(num_samples=30, batch_size=5, chunk_size=7, seed=11)
+    kw = dict(num_samples=30, batch_size=5, chunk_size=7, seed=11, device=device)
     whole = per_example(vae, x, **kw)
     shards = [per_example(vae, x, batches=range(r, 5, 2), **kw) for r in range(2)]  # 2 "ranks"
     merged = torch.where(torch.isnan(shards[0]["log_px"]), shards[1]["log_px"], shards[0]["log_px"])
     assert torch.equal(merged, whole["log_px"])
     assert not torch.isnan(whole["log_px"]).any()
     assert (whole["log_px"] >= whole["elbo"] - 5).all()
+    assert whole["log_px"].device.type == "cpu" and next(vae.parameters()).device.type == "cpu"
+
+
+def test_eval_device_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device("cpu") == eval_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="eval.device=cuda.*no CUDA device"):
+        eval_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # rank 1 of a torchrun on this node evaluates on its own GPU
+    assert eval_device("auto") == eval_device("cuda") == torch.device("cuda", 1)
+    assert eval_device("cpu") == torch.device("cpu")
+
+
+def test_eval_device_cuda_without_a_gpu_fails_before_any_work(tmp_path, prepared_tiny, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    params = _params(tmp_path, "tracking.enabled=false", "eval.device=cuda")
+    assert cli.main(["evaluate", "--params", str(params), "--out", str(prepared_tiny)]) == 2
+    assert "eval.device=cuda" in capsys.readouterr().err
+    # `vaerepro run` checks before it prepares or trains anything
+    cfg = config_mod.load(params)
+    with pytest.raises(ConfigError, match="eval.device"):
+        cli.run_pipeline(cfg, tmp_path / "run", tmp_path)
+    assert not (tmp_path / "run").exists()
+    assert config_mod.validate(compose("eval.device=cpu")).eval.device == "cpu"
+    with pytest.raises(ConfigError, match="eval.device"):
+        config_mod.validate(compose("eval.device=tpu"))
 
 
 def test_summary_units():

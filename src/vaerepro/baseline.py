@@ -50,33 +50,38 @@ def train_minimal(
     batch_size: int = 100,
     lr: float = 1e-3,
     seed: int = 0,
+    device: str = "cpu",
 ) -> BaselineResult:
     """Train on uint8 x_train (N, D) with dynamic binarisation; x_val/x_test are fixed binary draws (M, D).
 
     Every epoch also computes the validation ELBO, as the harness does, so epoch times are comparable.
     """
     torch.manual_seed(seed)
-    model = MinimalVAE(x_train.shape[1], latent_dim, hidden)
+    model = MinimalVAE(x_train.shape[1], latent_dim, hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    gd = torch.Generator(device=device).manual_seed(seed)
+    x_train, x_val, x_test = (t.to(device) for t in (x_train, x_val, x_test))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times, steps = [], []
     for _ in range(epochs):
         start = time.perf_counter()
         model.train()
         for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
             t0 = time.perf_counter()
-            p = x_train[idx].float() / 255
+            p = x_train[idx.to(device)].float() / 255
             # the harness's draw (u < p is a Bernoulli(p) draw; torch.bernoulli is ~3x slower on a CPU), so
             # that the benchmark compares the loops' overheads, not two ways of binarising
-            x = (torch.rand(p.shape, generator=g) < p).float()
+            x = (torch.rand(p.shape, generator=gd, device=device) < p).float()
             loss = -model.elbo(x).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sync()  # a GPU runs asynchronously: time the work, not its queueing
             steps.append(time.perf_counter() - t0)
         model.eval()
         with torch.no_grad():
-            sum(model.elbo(v).sum() for v in x_val.split(batch_size))
+            float(sum(model.elbo(v).sum() for v in x_val.split(batch_size)))
         times.append(time.perf_counter() - start)
     with torch.no_grad():
         e = torch.cat([model.elbo(v) for v in x_test.split(batch_size)])

@@ -120,6 +120,9 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
     saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    from vaerepro.evaluate import eval_device
+
+    eval_device(cfg.eval.device)  # eval.device=cuda without a GPU fails now, not after training
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "params.yaml").write_text(config_mod.dump(cfg.to_dict()))

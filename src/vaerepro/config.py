@@ -104,6 +104,8 @@ class EvalConfig(_Section):
     chunk_size: int = Field(250, ge=1)
     seed: int = 1234
     num_images: int = Field(16, ge=1)
+    # where importance sampling runs: auto = this process's CUDA device when there is one, else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class TrackingConfig(_Section):

@@ -8,9 +8,11 @@ see `evaluate`) reproduces the single-process numbers exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vaerepro import estimators
-from vaerepro.config import Config
+from vaerepro.config import Config, ConfigError
 from vaerepro.data import dim_log_jacobian, fixed_space, load_prepared
 from vaerepro.model import VAE
 
@@ -50,11 +52,23 @@ def per_example(
     seed: int,
     batches: range | None = None,
     progress: bool = False,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Per-example estimates over x (N, D): log_px (N,), elbo/recon/kl (N,), ess (N,), ladder {k: (N,)}.
 
     `batches` selects which example batches to compute (a rank's shard); the others are left NaN.
+    `device`: where the sampling runs (a copy of vae goes there); the results come back to the CPU. Batch b
+    draws from seed + b on that device's generator, so a device gives the same numbers whatever the
+    sharding, and CPU and CUDA give different (equally valid) draws.
     """
+    device = torch.device(device)
+    if device.type != "cpu":
+        vae = copy.deepcopy(vae).to(device)
+    rng_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     n = len(x)
     n_batches = math.ceil(n / batch_size)
     batches = batches if batches is not None else range(n_batches)
@@ -65,16 +79,16 @@ def per_example(
     }
     for b in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, unit="batch"):
         sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
-        xb = x[sl]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + b)
+        xb = x[sl].to(device)
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed + b)  # seeds the CPU and every CUDA device's generator
             est = estimators.estimate_log_px(vae, xb, num_samples, chunk_size)
             terms = estimators.elbo_terms(vae, xb, 1)
-        out["log_px"][sl], out["ess"][sl] = est.log_px.double(), est.ess.double()
+        out["log_px"][sl], out["ess"][sl] = est.log_px.double().cpu(), est.ess.double().cpu()
         for k in ("elbo", "recon", "kl"):
-            out[k][sl] = terms[k].double()
+            out[k][sl] = terms[k].double().cpu()
         for k, v in est.ladder.items():
-            ladder[k][sl] = v.double()
+            ladder[k][sl] = v.double().cpu()
     out["ladder"] = ladder
     return out
 
@@ -152,6 +166,19 @@ def summarize(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict
     }
 
 
+def eval_device(name: str) -> torch.device:
+    """The device for `eval.device`: under torchrun / srun, this process's GPU (LOCAL_RANK)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "eval.device=cuda, but this process sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use eval.device=cpu or auto"
+        )
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
 def _process_group() -> tuple[int, int]:
     """(rank, world size) of the initialised default process group; (0, 1) when there is none."""
     import torch.distributed as dist
@@ -200,6 +227,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     """
     from vaerepro import tracking
 
+    device = eval_device(cfg.eval.device)  # before any work: a missing GPU is a configuration error
     out_dir = Path(out_dir)
     splits = load_prepared(out_dir / "prepared")
     vae = load_vae(out_dir / "models" / "best.ckpt")
@@ -219,6 +247,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
         seed=e.seed,
         batches=mine,
         progress=progress and rank == 0,
+        device=device,
     )
     if world > 1:
         per_ex = gather_shards(per_ex, mine, e.batch_size)
