@@ -303,6 +303,38 @@ def test_trial_outcomes(tmp_path):
     assert s._outcome(r, 0)[:2] == ("COMPLETE", 0.75)
 
 
+def test_trial_timeout_must_be_positive(tmp_path):
+    for bad in (0, -5.0):
+        with pytest.raises(ConfigError, match="trial_timeout"):
+            sweep.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), trial_timeout=bad)
+
+
+@pytest.mark.slow
+def test_a_trial_past_its_timeout_is_stopped_and_failed_and_the_sweep_goes_on(project):
+    # two trials of ~10 s each with a 3 s limit: both stopped, both FAIL with the reason in Optuna and MLflow
+    study_name = "timeout"
+    start = time.perf_counter()
+    proc = _sweep(
+        project,
+        study_name,
+        "model.latent_dim=choice(2,3)",
+        "hydra/sweeper/sampler=grid",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.trial_timeout=3",
+        "hydra.sweeper.max_failure_rate=1.0",
+    )
+    assert time.perf_counter() - start < 60, proc.stderr[-2000:]
+    trials = _study(project, study_name).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["returncode"] != 0 for t in trials)
+    assert all(t.user_attrs["wall_s"] < 35 for t in trials)
+    _, children = _runs(project, study_name)
+    for run in children.values():
+        assert run.info.status == "FAILED"
+        assert "trial_timeout=3 s" in run.data.tags["vaerepro.failure"]
+    assert "still running after trial_timeout=3 s, stopping it" in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_mixed_data_space_sweep_refused_before_any_trial(project):
     proc = _sweep(project, "mixed", "+sweep=aevb", "hydra.sweeper.objective=log_px", check=False)

@@ -413,6 +413,14 @@ class SweepSettings:
     multivariate: bool = False
     constant_liar: bool = False
     report: bool = True
+    trial_timeout: float | None = None  # seconds; a trial running longer is stopped and marked FAIL
+
+    def __post_init__(self) -> None:
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise ConfigError(
+                "hydra.sweeper.trial_timeout must be a number of seconds > 0, or null; "
+                f"got {self.trial_timeout}"
+            )
 
 
 class SweepError(RuntimeError):
@@ -427,6 +435,8 @@ class _Running:
     overrides: list[str]
     log_file: Any
     start: float = field(default_factory=time.perf_counter)
+    timed_out: bool = False
+    stopped_at: float = 0.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -702,6 +712,14 @@ class Sweep:
                 "improper": cfg.improper,
                 "latent_dim": cfg.model.latent_dim,
             }
+        if r.timed_out:
+            return (
+                "FAIL",
+                None,
+                f"still running after trial_timeout={self.s.trial_timeout:g} s, stopped; "
+                f"{r.trial_dir / 'trial.log'}:\n{_log_tail(r.trial_dir / 'trial.log')}",
+                facts,
+            )
         if rc == PRUNED_EXIT_CODE:
             return "PRUNED", None, "", facts
         if rc != 0:
@@ -755,6 +773,26 @@ class Sweep:
         else:
             shown = "" if value is None else f" {self.s.objective} = {value:.4f};"
             log.info("trial %d %s:%s %.1f s", r.trial.number, state, shown, wall)
+
+    def _overdue(self, r: _Running) -> bool:
+        return self.s.trial_timeout is not None and time.perf_counter() - r.start > self.s.trial_timeout
+
+    def _stop(self, r: _Running) -> None:
+        """Stop an overdue trial: SIGTERM (its DDP ranks die with it, see _die_with_parent), SIGKILL if it is
+        still there 30 s later. The loop then finds it finished and records it as FAIL (`_outcome`)."""
+        if not r.timed_out:
+            log.error(
+                "trial %d: still running after trial_timeout=%g s, stopping it",
+                r.trial.number,
+                self.s.trial_timeout,
+            )
+            r.timed_out = True
+            r.stopped_at = time.perf_counter()
+            with contextlib.suppress(OSError):
+                r.proc.terminate()
+        elif time.perf_counter() - r.stopped_at > 30:
+            with contextlib.suppress(OSError):
+                r.proc.kill()
 
     def _heartbeat(self, storage) -> None:
         now = time.time()
@@ -828,6 +866,8 @@ class Sweep:
                     if (rc := r.proc.poll()) is not None:
                         self.running.remove(r)
                         self._finish(study, r, rc)
+                    elif self._overdue(r):
+                        self._stop(r)
                 if time.monotonic() - last_beat > HEARTBEAT_S:
                     self._heartbeat(storage)
                     last_beat = time.monotonic()

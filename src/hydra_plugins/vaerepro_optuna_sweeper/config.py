@@ -92,6 +92,9 @@ class VaereproOptunaSweeperConf:
     n_jobs: int = 1  # trial processes at once (per sweep process; start more sweeps for more machines)
     # stop when more than this fraction of n_trials has failed (0: the first failure stops the sweep)
     max_failure_rate: float = 0.0
+    # seconds a trial process may run (training + evaluation); a trial still running then is stopped
+    # (SIGTERM, SIGKILL after 30 s) and marked FAIL, and the sweep goes on. null: no limit
+    trial_timeout: float | None = None
     multivariate: bool = False  # TPE only
     constant_liar: bool = False  # TPE only: parallel workers avoid proposing the same point
     # key: choice(a, b, ...) | range(start, stop[, step]) (stop excluded, as in Hydra's basic sweeper) |

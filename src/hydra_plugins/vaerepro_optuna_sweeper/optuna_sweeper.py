@@ -46,6 +46,7 @@ class VaereproOptunaSweeper(Sweeper):
         constant_liar: bool,
         params: Any,
         report: bool,
+        trial_timeout: float | None = None,
     ) -> None:
         self.options = {
             "sampler": _plain(sampler) or {"name": "tpe"},
@@ -60,6 +61,7 @@ class VaereproOptunaSweeper(Sweeper):
             "multivariate": bool(multivariate),
             "constant_liar": bool(constant_liar),
             "report": bool(report),
+            "trial_timeout": None if trial_timeout is None else float(trial_timeout),
         }
         self.params = _plain(params) or {}
         self.config: DictConfig | None = None
@@ -128,6 +130,7 @@ class VaereproOptunaSweeper(Sweeper):
             multivariate=o["multivariate"],
             constant_liar=o["constant_liar"],
             report=o["report"],
+            trial_timeout=o["trial_timeout"],
         )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
