@@ -303,6 +303,58 @@ def test_trial_outcomes(tmp_path):
     assert s._outcome(r, 0)[:2] == ("COMPLETE", 0.75)
 
 
+def test_cmaes_sampler_and_hyperband_pruner_work_on_known_problems():
+    """The non-default sampler and pruner, built from their configs, on problems with known answers (fast:
+    no training). CMA-ES needs the `cmaes` package and two numeric parameters, ints and log-floats."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = sweep.parse_search_space(
+        {"model.latent_dim": "range(2, 51)", "train.lr": "tag(log, interval(1e-5, 1e-1))"}, []
+    )
+    study = optuna.create_study(
+        sampler=sweep.make_sampler({"name": "cmaes", "seed": 0}, space), direction="minimize"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to independent sampling would warn
+        for _ in range(60):
+            t = study.ask(space.distributions)
+            z, lr = t.params["model.latent_dim"], t.params["train.lr"]
+            study.tell(t, (z - 20) ** 2 / 100 + (math.log10(lr) + 3) ** 2)  # minimum at z = 20, lr = 1e-3
+    assert "cma:generation" in study.trials[-1].system_attrs  # sampled by CMA-ES itself
+    assert study.best_value < 0.05
+    assert abs(study.best_params["model.latent_dim"] - 20) <= 2
+    assert abs(math.log10(study.best_params["train.lr"]) + 3) < 0.2
+
+    # Hyperband with the shipped defaults but max_resource = 9 epochs: curves of bad trials are cut early
+    pruner = sweep.make_pruner(
+        {"name": "hyperband", "min_resource": 1, "max_resource": 9, "reduction_factor": 3}
+    )
+    study = optuna.create_study(
+        sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner, direction="maximize"
+    )
+
+    def objective(trial):
+        quality = trial.suggest_float("quality", 0.0, 1.0)
+        for epoch in range(9):
+            value = quality * (epoch + 1)  # a better trial is better at every epoch
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return value
+
+    study.optimize(objective, n_trials=40)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) >= 10 and done
+    # what was pruned was worse than what completed, on average
+    assert sum(t.params["quality"] for t in pruned) / len(pruned) < sum(
+        t.params["quality"] for t in done
+    ) / len(done)
+
+
 def test_trial_timeout_must_be_positive(tmp_path):
     for bad in (0, -5.0):
         with pytest.raises(ConfigError, match="trial_timeout"):
