@@ -9,10 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vaerepro import config as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every device this machine has, for tests parametrized by device: the CUDA cases run where a GPU exists,
+# not in CPU CI (GPU kernels for log1p, expm1, tanh, sampling are not the CPU's: claims are checked on each)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 BIN = Path(sys.executable).parent
 
 # A configuration small enough for CI: 600 real digits, a 64-unit MLP, 3 epochs, K=50.

@@ -15,6 +15,7 @@ import scipy.stats
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
+from conftest import DEVICES
 from vaerepro.estimators import (
     StreamingLogMeanExp,
     elbo,
@@ -28,8 +29,6 @@ from vaerepro.estimators import (
 
 D, Z, N = 5, 2, 200
 F64 = torch.float64
-# Every device this machine has: the GPU cases run where CUDA exists (e.g. a GPU workstation), not in CPU CI.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 class LinearGaussian:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import compose
+from conftest import DEVICES, compose
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
@@ -35,10 +35,6 @@ def test_knn_accuracy_known_answers():
     shuffled = y[torch.randperm(600, generator=g)]
     acc = knn_accuracy(z[::2], shuffled[::2], z[1::2], shuffled[1::2])
     assert abs(acc - 1 / 3) < 0.1  # labels unrelated to z: chance
-
-
-# Every device this machine has: the GPU cases run where CUDA exists, not in CPU CI.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)

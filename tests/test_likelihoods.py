@@ -11,6 +11,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
+from conftest import DEVICES
 from vaerepro.likelihoods import (
     _CB_LOG_NORM_COEFS,
     _CB_MEAN_COEFS,
@@ -115,11 +116,6 @@ def test_cb_series_coefficients_match_mpmath_taylor_expansions():
         assert coef == pytest.approx(float(c[2 * n]), rel=1e-15)
     for n, coef in enumerate(_CB_MEAN_COEFS, start=1):
         assert coef == pytest.approx(float(m[2 * n - 1]), rel=1e-15)
-
-
-# Every device this machine has: the GPU cases run where CUDA exists, not in CPU CI. GPU kernels for log1p,
-# expm1, tanh etc. are not the CPU's, so the accuracy claims are checked on each.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)

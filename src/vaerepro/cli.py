@@ -109,6 +109,8 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     """
     import torch.distributed as dist
 
+    from vaerepro.evaluate import eval_device
+
     if _ddp_child():
         try:
             stage_train(cfg, out_dir, root, progress=False)
@@ -117,12 +119,10 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         finally:
             _leave_process_group()
         return None
+    eval_device(cfg.eval.device)  # eval.device=cuda without a GPU fails now, not after training
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
     saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
-    from vaerepro.evaluate import eval_device
-
-    eval_device(cfg.eval.device)  # eval.device=cuda without a GPU fails now, not after training
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "params.yaml").write_text(config_mod.dump(cfg.to_dict()))
