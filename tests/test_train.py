@@ -129,6 +129,41 @@ def test_optimizers_are_the_configured_ones():
         vae_config = {"data_dim": 16, "latent_dim": 2, "hidden_dims": [8]}
         opt = VAEModule(vae_config, cfg.train.model_dump(), "binary", True).configure_optimizers()
         assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.02
+        assert opt.param_groups[0]["fused"] is True  # the default: torch's fused kernel
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_fused_optimiser_makes_the_same_updates(name):
+    """train.fused changes how the update is computed, not what it is: 20 steps of the fused and the
+    default implementation end within float32 rounding of each other."""
+    from vaerepro.train import VAEModule
+
+    vae_config = {"data_dim": 16, "latent_dim": 2, "hidden_dims": [8]}
+    x = (torch.rand(50, 16, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    params = {}
+    for fused in (True, False):
+        cfg = tiny_config(f"train.optimizer={name}", "train.lr=0.01", f"train.fused={str(fused).lower()}")
+        torch.manual_seed(0)
+        module = VAEModule(vae_config, cfg.train.model_dump(), "binary", True)
+        opt = module.configure_optimizers()
+        assert bool(opt.param_groups[0]["fused"]) is fused
+        for i in range(20):
+            eps = torch.randn(1, 50, 2, generator=torch.Generator().manual_seed(i))
+            loss = -module.bound(x, eps).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        params[fused] = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    assert not torch.equal(
+        params[True],
+        torch.cat(
+            [
+                p.reshape(-1)
+                for p in VAEModule(vae_config, cfg.train.model_dump(), "binary", True).parameters()
+            ]
+        ),
+    )  # training moved the weights
+    torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -138,3 +173,22 @@ def test_early_stopping_ends_a_run_that_stopped_improving(prepared_tiny, tmp_pat
     m = train(cfg, copy_prepared(prepared_tiny, tmp_path), enable_progress_bar=False)
     assert m["epochs"] < 30
     assert len((tmp_path / "plots" / "elbo.csv").read_text().splitlines()) == 1 + m["epochs"]
+
+
+def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prepared_tiny, tmp_path):
+    import lightning.pytorch as pl
+
+    class Poison(pl.Callback):  # the weights become NaN at the start of epoch 1
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    module.vae.decoder[0].weight.fill_(float("nan"))
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite training objective .* in epoch 1; lower train.lr"
+    ):
+        train(tiny_config(), out, enable_progress_bar=False, callbacks=[Poison()])
+    best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in best["state_dict"].values())

@@ -79,6 +79,7 @@ class TrainConfig(_Section):
     estimator: Literal["A", "B"] = "B"
     num_samples: int = Field(1, ge=1)
     optimizer: Literal["adam", "adagrad"] = "adam"
+    fused: bool = True  # torch's fused optimiser kernel (same update, one kernel per parameter tensor)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(100, ge=1)
