@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.distributions import Independent, Normal, kl_divergence
 
-from vaerepro.model import VAE
+from vaerepro.model import VAE, DiagonalGaussian, StandardNormal
 
 D, Z, B = 12, 3, 5
 
@@ -19,8 +20,12 @@ def make(**kwargs):
 
 @pytest.mark.parametrize(
     "likelihood, params_per_pixel",
-    [(None, 1), ({"name": "gaussian"}, 2), ({"name": "gaussian", "sigma": 0.1}, 1),
-     ({"name": "continuous_bernoulli"}, 1)],
+    [
+        (None, 1),
+        ({"name": "gaussian"}, 2),
+        ({"name": "gaussian", "sigma": 0.1}, 1),
+        ({"name": "continuous_bernoulli"}, 1),
+    ],
 )
 def test_shapes_and_distributions(likelihood, params_per_pixel):
     vae = make(hidden_dims=(7, 4), likelihood=likelihood)
@@ -38,8 +43,10 @@ def test_shapes_and_distributions(likelihood, params_per_pixel):
     p = vae.prior()
     assert p.batch_shape == () and p.event_shape == (Z,)
     assert p.mean.dtype == torch.float64
-    torch.testing.assert_close(p.log_prob(torch.zeros(Z, dtype=torch.float64)),
-                               torch.tensor(-0.5 * Z * math.log(2 * math.pi), dtype=torch.float64))
+    torch.testing.assert_close(
+        p.log_prob(torch.zeros(Z, dtype=torch.float64)),
+        torch.tensor(-0.5 * Z * math.log(2 * math.pi), dtype=torch.float64),
+    )
 
     zs = torch.randn(4, B, Z, dtype=torch.float64)  # (K, B, Z)
     assert vae.decoder_params(zs).shape == (4, B, params_per_pixel * D)
@@ -91,3 +98,33 @@ def test_bad_arguments_are_rejected():
         VAE(data_dim=4, latent_dim=2, activation="sigmoid")
     with pytest.raises(ValueError, match="allowed: bernoulli, continuous_bernoulli, gaussian"):
         VAE(data_dim=4, latent_dim=2, likelihood={"name": "poisson"})
+
+
+def test_posterior_prior_kl_is_the_closed_form_and_matches_torchs_generic_kl():
+    """KL(q(z|x) || p(z)) uses the closed form on logvar (registered for DiagonalGaussian, StandardNormal):
+    value and gradients equal torch's generic Normal-Normal KL on the same distributions, including for
+    posteriors far from the prior."""
+    vae = make()
+    x = torch.rand(B, D, dtype=torch.float64).round()
+    mu, logvar = vae.posterior_params(x)
+    mu = (mu * 30).detach().requires_grad_()  # far from the prior too: |mu| up to tens,
+    logvar = (logvar * 20).detach().requires_grad_()  # sigma^2 from ~e-20 to ~e+20
+    q, p = DiagonalGaussian(mu, logvar), vae.prior()
+    assert isinstance(p, StandardNormal)
+    ours = kl_divergence(q, p)
+    generic = kl_divergence(
+        Independent(Normal(mu, torch.exp(0.5 * logvar)), 1),
+        Independent(Normal(torch.zeros(Z, dtype=torch.float64), torch.ones(Z, dtype=torch.float64)), 1),
+    )
+    assert ours.shape == (B,)
+    torch.testing.assert_close(ours, generic, rtol=1e-12, atol=1e-9)
+    g_ours = torch.autograd.grad(ours.sum(), (mu, logvar))
+    g_generic = torch.autograd.grad(generic.sum(), (mu, logvar))
+    for a, b in zip(g_ours, g_generic, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the same distribution as torch's: density, samples' shape, expand
+    z = torch.randn(B, Z, dtype=torch.float64)
+    torch.testing.assert_close(q.log_prob(z), Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1))
+    wide = q.expand((4, B))
+    assert wide.batch_shape == (4, B) and torch.equal(wide.logvar[2], logvar)
+    assert p.expand((3,)).batch_shape == (3,)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, Normal, register_kl
 
 from vaerepro.likelihoods import Likelihood, get_likelihood
 
@@ -39,6 +39,43 @@ def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
+
+
+class DiagonalGaussian(Independent):
+    """N(mu, diag(exp(logvar))) over the last dimension: ``Independent(Normal(mu, exp(logvar / 2)), 1)``
+    that also keeps ``logvar`` (B, Z), the encoder's output, so that its KL to ``StandardNormal`` is the
+    closed form of AEVB's Appendix B on it (see ``_kl_diagonal_standard``)."""
+
+    def __init__(self, mu: Tensor, logvar: Tensor, validate_args: bool | None = None):
+        base = Normal(mu, torch.exp(0.5 * logvar), validate_args=validate_args)
+        super().__init__(base, 1, validate_args=validate_args)
+        self.logvar = logvar
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        return DiagonalGaussian(self.mean.expand(shape), self.logvar.expand(shape))
+
+
+class StandardNormal(Independent):
+    """N(0, I) in ``zeros.shape[-1]`` dimensions, on the device and dtype of ``zeros``."""
+
+    def __init__(self, zeros: Tensor, validate_args: bool | None = None):
+        base = Normal(zeros, torch.ones_like(zeros), validate_args=validate_args)
+        super().__init__(base, 1, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return StandardNormal(self.mean.expand(torch.Size(batch_shape) + self.event_shape))
+
+
+@register_kl(DiagonalGaussian, StandardNormal)
+def _kl_diagonal_standard(q: DiagonalGaussian, p: StandardNormal) -> Tensor:
+    """KL(N(mu, diag(sigma^2)) || N(0, I)) = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2), (B,), nats.
+
+    torch's generic Normal-Normal KL gives the same value, but through ten element-wise ops (and their
+    backward) that divide by the prior's unit scale and take log sigma^2 back from sigma; on the encoder's
+    log sigma^2 it is four. On 2 CPU cores that was 0.3 ms of a 5 ms AEVB training step.
+    """
+    return 0.5 * (q.mean.pow(2) + q.logvar.exp() - 1 - q.logvar).sum(-1)
 
 
 class VAE(nn.Module):
@@ -94,18 +131,18 @@ class VAE(nn.Module):
 
     def posterior(self, x: Tensor) -> Distribution:
         """q(z|x) = N(mu, diag(exp(logvar))): batch_shape (B,), event_shape (Z,)."""
-        mu, logvar = self.posterior_params(x)
-        return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+        return DiagonalGaussian(*self.posterior_params(x))
 
     def prior(self) -> Distribution:
         """p(z) = N(0, I): batch_shape (), event_shape (Z,), on the model's device and dtype."""
         ref = next(self.parameters())
-        zeros = torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        return StandardNormal(torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype))
 
     def decoder_params(self, z: Tensor) -> Tensor:
         """z (..., Z) -> raw decoder outputs (..., P*D)."""
-        return self.decoder(z)
+        # the MLP on a 2-D (K*B, Z) batch: nn.Linear on 3-D input takes a slower path (matmul, then a
+        # separate bias add, forward and backward), ~0.25 ms of a 5 ms AEVB training step on 2 CPU cores
+        return self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
 
     def decode(self, z: Tensor) -> Distribution:
         """z (..., Z) -> p(x|z): batch_shape z.shape[:-1], event_shape (D,)."""
