@@ -1,11 +1,21 @@
 """Benchmark: training throughput of the harness against a minimal PyTorch loop, and evaluation throughput.
 
-    python benchmarks/bench.py [--epochs 6] [--repeats 3] [--num-samples 1000]
+    python benchmarks/bench.py [--epochs 11] [--repeats 2] [--num-samples 1000]
 
-Both trainings use the AEVB model (784-500-Z-500-784, tanh), the embedded MNIST train split (3,500
-digits), batch 100, Adam, one validation pass per epoch; the harness runs with its normal logging on
-(MLflow to a temporary sqlite store, Lightning's progress bar). Figures are per-epoch times after a warm-up
-epoch. Evaluation: importance-sampled log p(x) on the 1,000 test digits, throughput in (example, sample)
+All trainings use the AEVB model (784-500-Z-500-784, tanh), the embedded MNIST train split (3,500
+digits), batch 100, Adam, one validation pass per epoch. The harness runs with its normal logging on (MLflow
+to a temporary sqlite store, Lightning's progress bar, best and last checkpoints) and its default fused
+Adam. It is compared with a minimal hand-written loop twice: with torch.optim.Adam as a user writes it (the
+target's reference) and with the fused Adam kernel (like for like), and with the harness's own objective
+in a plain loop ("by hand", which splits the overhead into objective and Lightning + tracking).
+
+The loops are interleaved epoch by epoch: after each harness epoch, one epoch of each other loop runs (from
+a callback, outside the harness's timing). On a shared 2-core machine one loop's speed drifts by 10-20 %
+within a minute; paired epochs see the same drift, so the ratio is taken per epoch pair, then the median.
+A harness epoch is timed from one epoch start to the next: steps, validation, checkpoints, logging and
+Lightning's epoch bookkeeping all count. The first epoch of every loop is a warm-up and not counted.
+
+Evaluation: importance-sampled log p(x) on the 1,000 test digits, throughput in (example, sample)
 pairs per second, and the peak resident memory it added, for two K at the same chunk size (memory must not
 grow with K).
 """
@@ -26,23 +36,37 @@ import torch
 
 from vaerepro import config as config_mod
 from vaerepro import data, estimators
-from vaerepro.baseline import train_minimal
+from vaerepro.baseline import MinimalLoop
 from vaerepro.evaluate import TEST_SEED_OFFSET, load_vae, per_example
 from vaerepro.train import VAL_SEED_OFFSET, VAEData, _no_distribution_validation, build_module, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class EpochTimer(pl.Callback):
-    """Epoch times (training + validation) and step times (batch start to batch end, Lightning's own
-    per-step work between the hooks included)."""
+class Interleave(pl.Callback):
+    """Times the harness's epochs from one epoch start to the next (everything Lightning does in between
+    counts) and runs one epoch of every other loop between them, outside that timing. Also keeps the
+    harness's step times (batch start to batch end: the step and Lightning's per-step work around it)."""
 
-    def __init__(self):
+    def __init__(self, others: dict):
+        self.others = others  # name -> object with .epoch() -> seconds
         self.times: list[float] = []
         self.steps: list[float] = []
+        self._start: float | None = None
+
+    def _close_epoch(self) -> None:
+        if self._start is not None:
+            self.times.append(time.perf_counter() - self._start)
 
     def on_train_epoch_start(self, trainer, module):
-        self._t = time.perf_counter()
+        self._close_epoch()
+        for loop in self.others.values():
+            loop.epoch()
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, module):
+        self._close_epoch()  # the last epoch; its final checkpoint and logging count, like every other's
+        self._start = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self._s = time.perf_counter()
@@ -50,10 +74,39 @@ class EpochTimer(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.steps.append(time.perf_counter() - self._s)
 
-    def on_validation_epoch_end(self, trainer, module):
-        # validation runs inside the training epoch; count it, as the minimal loop does
-        if not trainer.sanity_checking:
-            self.times.append(time.perf_counter() - self._t)
+
+class ObjectiveByHand:
+    """The harness's own training step (`VAEModule.shard_loss`: the seeded per-batch data draw and noise, the
+    torch.distributions objective) and optimiser in a plain loop with a validation pass: separates what the
+    objective costs from what Lightning and tracking cost. One epoch per ``epoch()`` call."""
+
+    def __init__(self, cfg, prepared: Path, x_val: torch.Tensor, device: str):
+        torch.manual_seed(cfg.seed)
+        data = VAEData(prepared, cfg.data_space, cfg.train.batch_size, cfg.seed)
+        data.setup()
+        self.module = build_module(cfg, data).to(device)
+        self.opt = self.module.configure_optimizers()
+        self.x_train, self.x_val = data.x_train.to(device), x_val.to(device)
+        self.batch_size, self.device, self.n = cfg.train.batch_size, device, 0
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.epoch_times: list[float] = []
+
+    def epoch(self) -> float:
+        start = time.perf_counter()
+        with _no_distribution_validation():
+            order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(self.n))
+            for i, idx in enumerate(order.split(self.batch_size)):
+                loss, _ = self.module.shard_loss(self.x_train[idx.to(self.device)], self.n, i, 0, 1)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.sync()
+            with torch.no_grad():
+                vae = self.module.vae
+                float(sum(estimators.elbo(vae, v, 1, "B").sum() for v in self.x_val.split(self.batch_size)))
+        self.n += 1
+        self.epoch_times.append(time.perf_counter() - start)
+        return self.epoch_times[-1]
 
 
 def rss_bytes() -> int:
@@ -80,48 +133,17 @@ def peak_rss_during(fn):
     return result, elapsed, max(0, peak[0] - base)
 
 
-def train_objective_by_hand(cfg, prepared: Path, x_val: torch.Tensor, device: str) -> list[float]:
-    """Epoch times of the harness's own training step (`VAEModule.shard_loss`: the seeded per-batch data
-    draw and noise, the torch.distributions objective) in a plain loop with the same optimiser and a
-    validation pass: separates what the objective costs from what Lightning and tracking cost."""
-    torch.manual_seed(cfg.seed)
-    data = VAEData(prepared, cfg.data_space, cfg.train.batch_size, cfg.seed)
-    data.setup()
-    module = build_module(cfg, data).to(device)
-    opt = module.configure_optimizers()
-    x_train, x_val = data.x_train.to(device), x_val.to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    with _no_distribution_validation():
-        for epoch in range(cfg.train.max_epochs):
-            start = time.perf_counter()
-            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(epoch))
-            for i, idx in enumerate(order.split(cfg.train.batch_size)):
-                loss, _ = module.shard_loss(x_train[idx.to(device)], epoch, i, 0, 1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sync()
-            with torch.no_grad():
-                val = sum(
-                    estimators.elbo(module.vae, v, 1, "B").sum() for v in x_val.split(cfg.train.batch_size)
-                )
-                float(val)
-            times.append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=11)
     ap.add_argument("--latent-dim", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--no-tracking", action="store_true", help="the harness without MLflow")
     ap.add_argument(
-        "--trainer", default="cpu", help="conf/trainer preset: cpu or gpu (then all three loops use CUDA)"
+        "--trainer", default="cpu", help="conf/trainer preset: cpu or gpu (then every loop uses CUDA)"
     )
     ap.add_argument("--num-samples", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating harness/minimal runs")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of all the loops")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
@@ -149,61 +171,75 @@ def main() -> None:
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     x_val = data.fixed_space(splits.val, "binary", quantized=True, seed=cfg.seed + VAL_SEED_OFFSET)
     x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + TEST_SEED_OFFSET)
-    # Alternate the loops, `repeats` times each: on a shared 2-core machine the speed of one loop drifts by
-    # 10-20 % over a minute, which one harness run followed by one minimal run would read as overhead.
-    h_epochs, c_epochs, b_epochs, h_steps, b_steps, ratios = [], [], [], [], [], []
+    names = ("minimal", "minimal fused", "by hand")
+    epochs: dict[str, list[float]] = {k: [] for k in ("harness", *names)}
+    steps: dict[str, list[float]] = {k: [] for k in ("harness", "minimal", "minimal fused")}
     for r in range(args.repeats):
-        timer, run = EpochTimer(), work / f"run{r}"
+        others = {
+            name: MinimalLoop(
+                torch.from_numpy(splits.train),
+                x_val,
+                latent_dim=args.latent_dim,
+                hidden=500,
+                batch_size=args.batch_size,
+                seed=cfg.seed,
+                device=device,
+                fused=name == "minimal fused",
+            )
+            for name in names[:2]
+        }
+        others["by hand"] = ObjectiveByHand(cfg, work / "prepared", x_val, device)
+        timer, run = Interleave(others), work / f"run{r}"
         run.mkdir()
         (run / "prepared").symlink_to(work / "prepared")
         train(cfg, run, root=work, callbacks=[timer], enable_progress_bar=True)
-        core = train_objective_by_hand(cfg, work / "prepared", x_val, device)
-        base = train_minimal(
-            torch.from_numpy(splits.train),
-            x_val,
-            x_test,
-            latent_dim=args.latent_dim,
-            hidden=500,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=cfg.seed,
-            device=device,
-        )
         per_epoch = len(timer.steps) // args.epochs
-        h_epochs += timer.times[1:]  # after the warm-up epoch
-        c_epochs += core[1:]
-        b_epochs += base.epoch_times[1:]
-        h_steps += timer.steps[per_epoch:]
-        b_steps += base.step_times[per_epoch:]
-        h, c, b = (statistics.median(t[1:]) for t in (timer.times, core, base.epoch_times))
-        ratios.append(h / b)
+        # the harness's epoch e is paired with the other loops' epoch e + 1 (they run before it starts);
+        # warm-ups dropped: the harness's epoch 0 and the others' epochs 0 and 1
+        epochs["harness"] += timer.times[1:-1]
+        steps["harness"] += timer.steps[per_epoch:]
+        for name, loop in others.items():
+            epochs[name] += loop.epoch_times[2:]
+            if name in steps:
+                steps[name] += loop.step_times[2 * per_epoch :]
         print(
-            f"repeat {r + 1}: harness {h * 1000:.1f}, harness objective by hand {c * 1000:.1f}, "
-            f"minimal {b * 1000:.1f} ms/epoch (ratio {h / b:.3f})",
+            f"run {r + 1}: "
+            + ", ".join(f"{k} {statistics.median(v) * 1000:.1f}" for k, v in epochs.items())
+            + " ms/epoch (median so far)",
             flush=True,
         )
-    h_epoch, c_epoch, b_epoch = (statistics.median(t) for t in (h_epochs, c_epochs, b_epochs))
-    print(f"\n== training (per epoch, median over {args.repeats} alternating runs after warm-up) ==")
-    print(
-        f"harness  : {h_epoch * 1000:8.1f} ms/epoch  {n_train / h_epoch:9.0f} images/s"
-        f"  (Lightning; {'' if args.no_tracking else 'MLflow, '}progress bar, checkpoints on)"
+
+    def paired(name: str) -> list[float]:
+        return [h / o for h, o in zip(epochs["harness"], epochs[name], strict=True)]
+
+    med = {k: statistics.median(v) for k, v in epochs.items()}
+    n_pairs = len(epochs["harness"])
+    print(f"\n== training: {n_pairs} interleaved epochs of each loop after warm-up ({args.repeats} runs) ==")
+    what = {
+        "harness": f"Lightning; {'' if args.no_tracking else 'MLflow, '}bar, checkpoints; fused Adam",
+        "minimal": "hand-written loop, torch.optim.Adam as a user writes it",
+        "minimal fused": "the same loop with fused Adam, as the harness",
+        "by hand": "the harness's objective, data draw and fused Adam in a plain loop",
+    }
+    for k, v in med.items():
+        print(f"{k:14s}: {v * 1000:8.1f} ms/epoch  {n_train / v:9.0f} images/s  ({what[k]})")
+    for name, target in (("minimal", "target <= 1.10"), ("minimal fused", "like for like")):
+        r = sorted(paired(name))
+        print(
+            f"ratio harness/{name} time: {statistics.median(r):.3f}  ({target}; median of the {n_pairs} "
+            f"epoch pairs, quartiles {r[len(r) // 4]:.3f}-{r[(3 * len(r)) // 4]:.3f})"
+        )
+    objective = statistics.median(
+        o / m for o, m in zip(epochs["by hand"], epochs["minimal fused"], strict=True)
     )
+    lightning = statistics.median(paired("by hand"))
+    print(f"  like for like = objective {objective:.3f} x Lightning + tracking {lightning:.3f}")
+    h_step, b_step = statistics.median(steps["harness"]), statistics.median(steps["minimal fused"])
     print(
-        f"by hand  : {c_epoch * 1000:8.1f} ms/epoch  {n_train / c_epoch:9.0f} images/s"
-        "  (the harness's objective and data draw in a plain loop: no Lightning, no logging)"
-    )
-    print(f"minimal  : {b_epoch * 1000:8.1f} ms/epoch  {n_train / b_epoch:9.0f} images/s")
-    print(
-        f"ratio harness/minimal time: {h_epoch / b_epoch:.3f}  (target <= 1.10; per repeat "
-        f"{min(ratios):.3f}-{max(ratios):.3f}); of which objective {c_epoch / b_epoch:.3f}, "
-        f"Lightning + tracking {h_epoch / c_epoch:.3f}"
-    )
-    h_step, b_step = statistics.median(h_steps), statistics.median(b_steps)
-    print(
-        f"per step : harness {h_step * 1000:.2f} ms, minimal {b_step * 1000:.2f} ms "
-        f"(ratio {h_step / b_step:.3f}); "
-        f"per epoch outside the {per_epoch} steps: harness {(h_epoch - per_epoch * h_step) * 1000:.1f} ms, "
-        f"minimal {(b_epoch - per_epoch * b_step) * 1000:.1f} ms (validation, checkpoints, logging)"
+        f"per step : harness {h_step * 1000:.2f} ms, minimal fused {b_step * 1000:.2f} ms, minimal "
+        f"{statistics.median(steps['minimal']) * 1000:.2f} ms; per epoch outside the {per_epoch} steps: "
+        f"harness {(med['harness'] - per_epoch * h_step) * 1000:.1f} ms, minimal fused "
+        f"{(med['minimal fused'] - per_epoch * b_step) * 1000:.1f} ms (validation, checkpoints, logging)"
     )
 
     # --- evaluation: throughput and memory for two K at one chunk size -----------------------------------
