@@ -128,3 +128,20 @@ def test_posterior_prior_kl_is_the_closed_form_and_matches_torchs_generic_kl():
     wide = q.expand((4, B))
     assert wide.batch_shape == (4, B) and torch.equal(wide.logvar[2], logvar)
     assert p.expand((3,)).batch_shape == (3,)
+
+
+def test_prior_follows_the_model_dtype_and_survives_inference_mode():
+    """The prior is built once per device and dtype; one first built under torch.inference_mode (as in
+    Lightning's validation) can still be used in a training step's backward (estimator A uses log p(z))."""
+    from vaerepro import estimators
+
+    torch.manual_seed(0)
+    vae = VAE(data_dim=D, latent_dim=Z, hidden_dims=(8,))
+    x = torch.rand(B, D).round()
+    with torch.inference_mode():
+        assert vae.prior().mean.dtype == torch.float32
+        estimators.elbo(vae, x, 2, "A")
+    loss = -estimators.elbo(vae, x, 2, "A").mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    assert vae.double().prior().mean.dtype == torch.float64

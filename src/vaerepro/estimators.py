@@ -68,7 +68,8 @@ def log_weights(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -
         expected = (num_samples, *q.batch_shape, *q.event_shape)
         if tuple(eps.shape) != expected:
             raise ValueError(f"eps has shape {tuple(eps.shape)}, expected (K, B, Z) = {expected}")
-        z = q.mean + eps * q.stddev  # (K, B, Z)
+        # (K, B, Z); the base Normal's scale, not Independent's stddev, which re-derives it as sqrt(variance)
+        z = q.base_dist.loc + eps * q.base_dist.scale
     return LogWeights(model, x, q, z)
 
 

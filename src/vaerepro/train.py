@@ -184,14 +184,15 @@ class VAEModule(pl.LightningModule):
     def _rank_world(self) -> tuple[int, int]:
         return self.global_rank, self.trainer.world_size
 
-    def _global_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
+    def _global_mean(self, total: torch.Tensor, count: int) -> float:
         """Sum over ranks of per-rank sums / sum of counts: the exact mean over every example of the epoch."""
-        both = self.trainer.strategy.reduce(torch.stack([total, count]), reduce_op="sum")
+        both = torch.stack([total, torch.tensor(float(count), dtype=total.dtype, device=total.device)])
+        both = self.trainer.strategy.reduce(both, reduce_op="sum")
         return float(both[0] / both[1])
 
     def on_train_epoch_start(self) -> None:
         self._bound_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._bound_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._bound_count = 0  # examples this rank saw (a host int: no tensor op a step)
 
     def shard_loss(
         self, batch: torch.Tensor, epoch: int, batch_idx: int, rank: int, world: int
@@ -208,20 +209,20 @@ class VAEModule(pl.LightningModule):
         x = to_space(batch, self.data_space, quantized=self.quantized, generator=g)  # (N, D)
         eps = self._noise(g, self.train_cfg["num_samples"], n)  # (K, N, Z)
         bound = self.bound(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
-        return -bound.sum() * (world / n), bound
+        return bound.sum() * (-world / n), bound
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # batch: the whole global batch (N, D), the same on every rank
         loss, bound = self.shard_loss(batch, self.current_epoch, batch_idx, *self._rank_world())
         # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging costs
         # ~1 ms a batch, about 15 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py).
-        self._bound_sum += bound.detach().sum()
+        self._bound_sum += bound.detach().sum(dtype=torch.float64)
         self._bound_count += len(bound)
         return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         rank, world = self._rank_world()
@@ -229,7 +230,7 @@ class VAEModule(pl.LightningModule):
         g = self._generator(VAL_STREAM, 0, batch_idx)
         eps = shard(self._noise(g, 1, len(batch)), rank, world, dim=1)  # (1, B, Z)
         elbo = estimators.elbo(self.vae, shard(batch, rank, world), 1, "B", eps)  # (B,)
-        self._val_sum += elbo.sum()
+        self._val_sum += elbo.sum(dtype=torch.float64)
         self._val_count += len(elbo)
 
     def on_validation_epoch_end(self) -> None:
