@@ -192,3 +192,59 @@ def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prep
     best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values())
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupted_one_does(
+    prepared_tiny, tmp_path
+):
+    """With last.ckpt written at every epoch end (last_checkpoint_every_s=0), a training that dies in its
+    third epoch resumes from the end of the second and ends bit for bit where an uninterrupted run does."""
+    import lightning.pytorch as pl
+
+    class CrashInEpoch2(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 2 and batch_idx == 3:
+                raise _Crash
+
+    cfg = tiny_config("train.max_epochs=4", "train.last_checkpoint_every_s=0")
+    whole = train(cfg, copy_prepared(prepared_tiny, tmp_path / "whole"), enable_progress_bar=False)
+    out = copy_prepared(prepared_tiny, tmp_path / "crashed")
+    with pytest.raises(_Crash):
+        train(cfg, out, enable_progress_bar=False, callbacks=[CrashInEpoch2()])
+    saved = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1  # the end of the second epoch, the last one that finished
+    resumed = train(
+        tiny_config("train.max_epochs=4", "train.last_checkpoint_every_s=0", "train.resume=true"),
+        out,
+        enable_progress_bar=False,
+    )
+    for k in ("train_elbo", "val_elbo", "best_val_elbo"):
+        assert resumed[k] == whole[k], k
+    curve = (out / "plots" / "elbo.csv").read_text()
+    assert curve == (tmp_path / "whole" / "plots" / "elbo.csv").read_text() and len(curve.splitlines()) == 5
+
+
+def test_last_ckpt_is_saved_at_most_every_interval_and_always_at_the_end(prepared_tiny, tmp_path):
+    import lightning.pytorch as pl
+
+    seen = []
+
+    class Look(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            seen.append((tmp_path / "models" / "last.ckpt").exists())
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    train(
+        tiny_config("train.last_checkpoint_every_s=3600"), out, enable_progress_bar=False, callbacks=[Look()]
+    )
+    assert seen == [False, False, False]  # an hour has not passed: no save at the epoch ends
+    last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    # saved at the end of training, after Lightning counted the third epoch
+    from vaerepro.data import load_prepared
+
+    steps_per_epoch = -(-len(load_prepared(out / "prepared").train) // 50)
+    assert last["epoch"] == 3 and last["global_step"] == 3 * steps_per_epoch

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vaerepro import config as config_mod
@@ -322,6 +323,40 @@ class SameConfigOnEveryRank(pl.Callback):
             log.info("all %d ranks train configuration %s", trainer.world_size, self.digest)
 
 
+class LastCheckpoint(Checkpoint):
+    """models/last.ckpt, the whole training state for `train.resume`: written at the end of the first epoch
+    that ends `every_s` seconds or more after the previous save (every epoch for 0), and at the end of
+    training, so a stopped or crashed training loses at most `every_s` seconds of work.
+
+    Our own because Lightning's ModelCheckpoint offers epoch counts or a time interval checked after every
+    batch: a mid-epoch checkpoint cannot resume this harness's per-epoch seeded batches exactly, and saving
+    the 10 MB state every epoch took 15 ms, 7 % of an epoch of the default 3,500-digit run on 2 CPU cores.
+    A `Checkpoint` subclass, so Lightning runs it after the best-checkpoint callback and the saved state
+    includes that epoch's best score.
+    """
+
+    def __init__(self, path: Path, every_s: float):
+        self.path, self.every_s = Path(path), float(every_s)
+        self._last_save = time.monotonic()
+        self._saved_step = -1
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on global rank 0
+        self._last_save, self._saved_step = time.monotonic(), trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._last_save = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        due = time.monotonic() - self._last_save >= self.every_s
+        if trainer.strategy.broadcast(due, src=0):  # rank 0's clock decides: every rank must save, or none
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+
 # --- the stage ------------------------------------------------------------------------------------------
 
 
@@ -344,7 +379,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
             save_weights_only=True,
             enable_version_counter=False,
         ),
-        ModelCheckpoint(dirpath=out_dir / "models", save_top_k=0, save_last=True),
+        LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.last_checkpoint_every_s),
         EpochHistory(out_dir / "plots" / "elbo.csv", train_key),
         *extra_callbacks,
         *trial_callbacks(),  # Optuna pruning, when this process is a sweep trial (vaerepro.sweep)
