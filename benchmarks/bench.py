@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument(
         "--trainer", default="cpu", help="conf/trainer preset: cpu or gpu (then every loop uses CUDA)"
     )
+    ap.add_argument(
+        "--override", action="append", default=[], help="extra Hydra override for the harness (repeatable)"
+    )
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of all the loops")
     args = ap.parse_args()
@@ -164,6 +167,7 @@ def main() -> None:
             f"trainer={args.trainer}",
             f"tracking.enabled={str(not args.no_tracking).lower()}",
             f"data.raw_dir={work / 'raw'}",
+            *args.override,
         ],
         config_dir=ROOT / "conf",
     )
