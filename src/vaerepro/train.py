@@ -330,7 +330,8 @@ class LastCheckpoint(Checkpoint):
 
     Our own because Lightning's ModelCheckpoint offers epoch counts or a time interval checked after every
     batch: a mid-epoch checkpoint cannot resume this harness's per-epoch seeded batches exactly, and saving
-    the 10 MB state every epoch took 15 ms, 7 % of an epoch of the default 3,500-digit run on 2 CPU cores.
+    the 10 MB state every epoch added ~8 ms, 3 % of an epoch of the default 3,500-digit run on 2 CPU cores
+    (benchmarks/bench.py --override train.last_checkpoint_every_s=0).
     A `Checkpoint` subclass, so Lightning runs it after the best-checkpoint callback and the saved state
     includes that epoch's best score.
     """
