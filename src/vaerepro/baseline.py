@@ -101,31 +101,11 @@ class MinimalLoop:
 
 
 def train_minimal(
-    x_train: torch.Tensor,
-    x_val: torch.Tensor,
-    x_test: torch.Tensor,
-    *,
-    latent_dim: int,
-    hidden: int,
-    epochs: int,
-    batch_size: int = 100,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "cpu",
-    fused: bool = False,
+    x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, *, epochs: int, **loop_options
 ) -> BaselineResult:
-    """Train for ``epochs`` (see MinimalLoop) and return the test ELBO with the epoch and step times."""
-    loop = MinimalLoop(
-        x_train,
-        x_val,
-        latent_dim=latent_dim,
-        hidden=hidden,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        fused=fused,
-    )
+    """Train ``MinimalLoop(x_train, x_val, **loop_options)`` for ``epochs`` and return the test ELBO with the
+    epoch and step times."""
+    loop = MinimalLoop(x_train, x_val, **loop_options)
     for _ in range(epochs):
         loop.epoch()
     return BaselineResult(*loop.test_elbo(x_test), loop.epoch_times, loop.step_times)
