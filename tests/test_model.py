@@ -131,8 +131,9 @@ def test_posterior_prior_kl_is_the_closed_form_and_matches_torchs_generic_kl():
 
 
 def test_prior_follows_the_model_dtype_and_survives_inference_mode():
-    """The prior is built once per device and dtype; one first built under torch.inference_mode (as in
-    Lightning's validation) can still be used in a training step's backward (estimator A uses log p(z))."""
+    """The prior is on the model's dtype, and using the model under torch.inference_mode (as Lightning's
+    validation does) leaves nothing behind that a later training step's backward cannot use (estimator A
+    uses log p(z))."""
     from vaerepro import estimators
 
     torch.manual_seed(0)

@@ -108,7 +108,6 @@ class VAE(nn.Module):
             raise ValueError(f"likelihood must be a dict with a 'name' key, got {likelihood!r}")
 
         self.likelihood: Likelihood = get_likelihood(**dict(likelihood))
-        self._priors: dict[tuple[torch.device, torch.dtype], Distribution] = {}
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         # Normalised constructor kwargs (lists, full likelihood config) so VAE(**config) rebuilds this model.
@@ -137,14 +136,7 @@ class VAE(nn.Module):
     def prior(self) -> Distribution:
         """p(z) = N(0, I): batch_shape (), event_shape (Z,), on the model's device and dtype."""
         ref = next(self.parameters())
-        key = (ref.device, ref.dtype)
-        if key not in self._priors:
-            # built once per device and dtype, not on every training step; outside inference mode (Lightning
-            # validates in it), so that training may later save these tensors for backward
-            with torch.inference_mode(False):
-                zeros = torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype)
-                self._priors[key] = StandardNormal(zeros)
-        return self._priors[key]
+        return StandardNormal(torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype))
 
     def decoder_params(self, z: Tensor) -> Tensor:
         """z (..., Z) -> raw decoder outputs (..., P*D)."""
