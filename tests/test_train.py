@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -201,7 +202,7 @@ class _Crash(Exception):
 def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupted_one_does(
     prepared_tiny, tmp_path
 ):
-    """With last.ckpt written at every epoch end (last_checkpoint_every_s=0), a training that dies in its
+    """With last.ckpt written at every epoch end (checkpoint_every_s=0), a training that dies in its
     third epoch resumes from the end of the second and ends bit for bit where an uninterrupted run does."""
     import lightning.pytorch as pl
 
@@ -210,7 +211,7 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
             if trainer.current_epoch == 2 and batch_idx == 3:
                 raise _Crash
 
-    cfg = tiny_config("train.max_epochs=4", "train.last_checkpoint_every_s=0")
+    cfg = tiny_config("train.max_epochs=4", "train.checkpoint_every_s=0")
     whole = train(cfg, copy_prepared(prepared_tiny, tmp_path / "whole"), enable_progress_bar=False)
     out = copy_prepared(prepared_tiny, tmp_path / "crashed")
     with pytest.raises(_Crash):
@@ -218,7 +219,7 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
     saved = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1  # the end of the second epoch, the last one that finished
     resumed = train(
-        tiny_config("train.max_epochs=4", "train.last_checkpoint_every_s=0", "train.resume=true"),
+        tiny_config("train.max_epochs=4", "train.checkpoint_every_s=0", "train.resume=true"),
         out,
         enable_progress_bar=False,
     )
@@ -228,23 +229,82 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
     assert curve == (tmp_path / "whole" / "plots" / "elbo.csv").read_text() and len(curve.splitlines()) == 5
 
 
-def test_last_ckpt_is_saved_at_most_every_interval_and_always_at_the_end(prepared_tiny, tmp_path):
-    import lightning.pytorch as pl
+class _Record(pl.Callback):
+    """Keeps a copy of the weights at every epoch end, and whether the checkpoint files existed at every
+    epoch start."""
 
-    seen = []
+    def __init__(self, models):
+        self.models, self.weights, self.existed = models, [], []
 
-    class Look(pl.Callback):
-        def on_train_epoch_start(self, trainer, module):
-            seen.append((tmp_path / "models" / "last.ckpt").exists())
+    def on_train_epoch_start(self, trainer, module):
+        self.existed.append({f: (self.models / f).exists() for f in ("best.ckpt", "last.ckpt")})
 
+    def on_train_epoch_end(self, trainer, module):
+        self.weights.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+
+def _same_weights(saved: dict, expected: dict) -> bool:
+    return saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(prepared_tiny, tmp_path):
+    """With an hour's interval neither file is written at an epoch end; at the end best.ckpt holds the best
+    validation epoch's weights (held in memory until then) and last.ckpt the final state."""
     out = copy_prepared(prepared_tiny, tmp_path)
-    train(
-        tiny_config("train.last_checkpoint_every_s=3600"), out, enable_progress_bar=False, callbacks=[Look()]
+    record = _Record(out / "models")
+    metrics = train(
+        tiny_config("train.checkpoint_every_s=3600"), out, enable_progress_bar=False, callbacks=[record]
     )
-    assert seen == [False, False, False]  # an hour has not passed: no save at the epoch ends
+    assert record.existed == [{"best.ckpt": False, "last.ckpt": False}] * 3  # an hour has not passed
     last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
     # saved at the end of training, after Lightning counted the third epoch
     from vaerepro.data import load_prepared
 
     steps_per_epoch = -(-len(load_prepared(out / "prepared").train) // 50)
     assert last["epoch"] == 3 and last["global_step"] == 3 * steps_per_epoch
+    assert _same_weights(last["state_dict"], record.weights[-1])
+    best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best  # weights only
+    assert _same_weights(best["state_dict"], record.weights[metrics["best_epoch"]])
+
+
+def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny, tmp_path):
+    """best.ckpt, held in memory between writes, reaches the disk when training stops on an error."""
+
+    class CrashInEpoch2(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 2 and batch_idx == 1:
+                self.best_score = float(trainer.checkpoint_callback.best_model_score)
+                raise _Crash
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    record, crash = _Record(out / "models"), CrashInEpoch2()
+    with pytest.raises(_Crash):
+        train(
+            tiny_config("train.checkpoint_every_s=3600"),
+            out,
+            enable_progress_bar=False,
+            callbacks=[record, crash],
+        )
+    assert not (out / "models" / "last.ckpt").exists()  # never due, and training did not end
+    curve = [float(line.split(",")[2]) for line in (out / "plots" / "elbo.csv").read_text().splitlines()[1:]]
+    best_epoch = max(range(len(curve)), key=curve.__getitem__)
+    assert len(curve) == 2 and curve[best_epoch] == pytest.approx(crash.best_score)
+    best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert _same_weights(best["state_dict"], record.weights[best_epoch])
+
+
+def test_the_progress_bar_shows_each_epoch_with_its_validation_elbo(prepared_tiny, tmp_path, capsys):
+    """Lightning's tqdm bar, one line per epoch ending with that epoch's validation ELBO, and no separate
+    validation bar."""
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    train(tiny_config(), out, enable_progress_bar=True)
+    shown = capsys.readouterr().out
+    rows = (out / "plots" / "elbo.csv").read_text().splitlines()[1:]
+    for row in rows:
+        epoch, _, val = row.split(",")
+        assert f"Epoch {epoch}: 100%" in shown
+        assert f"val/elbo={Tqdm.format_num(float(val))}" in shown
+    assert "Validation" not in shown

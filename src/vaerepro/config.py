@@ -86,8 +86,9 @@ class TrainConfig(_Section):
     max_epochs: int = Field(30, ge=1)
     early_stopping: bool = False
     patience: int = Field(10, ge=1)
-    # seconds between saves of models/last.ckpt (the resumable state) at epoch ends; 0 = every epoch
-    last_checkpoint_every_s: float = Field(60.0, ge=0)
+    # seconds between writes of models/last.ckpt (the resumable state) and models/best.ckpt at epoch ends;
+    # 0 = every epoch; both are also written at the end of training
+    checkpoint_every_s: float = Field(60.0, ge=0)
     resume: bool = False  # continue from models/last.ckpt (and its MLflow run) when it exists
 
 

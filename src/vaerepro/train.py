@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vaerepro import config as config_mod
@@ -185,11 +189,13 @@ class VAEModule(pl.LightningModule):
     def _rank_world(self) -> tuple[int, int]:
         return self.global_rank, self.trainer.world_size
 
-    def _global_mean(self, total: torch.Tensor, count: int) -> float:
-        """Sum over ranks of per-rank sums / sum of counts: the exact mean over every example of the epoch."""
-        both = torch.stack([total, torch.tensor(float(count), dtype=total.dtype, device=total.device)])
-        both = self.trainer.strategy.reduce(both, reduce_op="sum")
-        return float(both[0] / both[1])
+    def _global_means(self, *sums_counts: tuple[torch.Tensor, int]) -> list[float]:
+        """For each (per-rank sum, per-rank count): the sum over ranks of the sums / the sum of the counts,
+        the exact mean over every example of the epoch; one all-reduce for all of them."""
+        sums = torch.stack([total for total, _ in sums_counts])
+        counts = torch.tensor([float(n) for _, n in sums_counts], dtype=sums.dtype, device=sums.device)
+        both = self.trainer.strategy.reduce(torch.cat([sums, counts]), reduce_op="sum")
+        return (both[: len(sums)] / both[len(sums) :]).tolist()
 
     def on_train_epoch_start(self) -> None:
         self._bound_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -241,11 +247,15 @@ class VAEModule(pl.LightningModule):
         # max returns it unchanged (a mean of identical values could round) and spares Lightning's warning
         # about unsynchronised epoch-level metrics.
         log = dict(on_epoch=True, sync_dist=True, reduce_fx="max")
-        self.log("val/elbo", self._global_mean(self._val_sum, self._val_count), prog_bar=True, **log)
         if self.trainer.sanity_checking:
+            (val_mean,) = self._global_means((self._val_sum, self._val_count))
+            self.log("val/elbo", val_mean, prog_bar=True, **log)
             return
+        val_mean, train_mean = self._global_means(
+            (self._val_sum, self._val_count), (self._bound_sum, self._bound_count)
+        )
+        self.log("val/elbo", val_mean, prog_bar=True, **log)
         name = "train/elbo" if self.train_cfg["objective"] == "elbo" else "train/iwae"
-        train_mean = self._global_mean(self._bound_sum, self._bound_count)
         if not math.isfinite(train_mean):
             # Checked once an epoch, on the sum the epoch keeps anyway: a check per step would make every
             # step wait for its loss (~0.1 ms, 2 % of an AEVB step on 2 CPU cores). Raised before the
@@ -270,7 +280,10 @@ class EpochHistory(pl.Callback):
     """One CSV row per epoch (epoch, train_elbo, val_elbo) for `dvc plots`.
 
     Lightning's CSVLogger writes train and validation metrics on separate rows keyed by step; DVC plots
-    want one row per epoch with both series.
+    want one row per epoch with both series. The file is written with last.ckpt (so the curve on disk is
+    the one that checkpoint resumes), at the end of training and when training stops on an error: opening
+    and rewriting it every epoch cost ~2 ms, 1 % of an epoch of the default run on 2 CPU cores
+    (benchmarks/bench.py). Every epoch's numbers also reach MLflow as the epoch ends.
     """
 
     def __init__(self, path: Path, train_key: str):
@@ -295,12 +308,24 @@ class EpochHistory(pl.Callback):
                 "val_elbo": float(m["val/elbo"]),
             }
         )
-        if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["epoch", "train_elbo", "val_elbo"])
-                w.writeheader()
-                w.writerows(self.rows)
+
+    def write(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["epoch", "train_elbo", "val_elbo"])
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
+        self.write(trainer)  # Lightning calls this for whole-state checkpoints (last.ckpt), not weights-only
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        self.write(trainer)
 
 
 class SameConfigOnEveryRank(pl.Callback):
@@ -323,15 +348,26 @@ class SameConfigOnEveryRank(pl.Callback):
             log.info("all %d ranks train configuration %s", trainer.world_size, self.digest)
 
 
+class EpochBar(TQDMProgressBar):
+    """Lightning's tqdm bar, one line per epoch with its validation ELBO, without the separate bar that
+    Lightning opens and closes for every validation pass: a validation of these models takes milliseconds
+    to a second, and drawing and clearing that bar took ~2.5 ms an epoch, 1 % of an epoch of the default
+    run on 2 CPU cores (benchmarks/bench.py)."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+
 class LastCheckpoint(Checkpoint):
     """models/last.ckpt, the whole training state for `train.resume`: written at the end of the first epoch
     that ends `every_s` seconds or more after the previous save (every epoch for 0), and at the end of
-    training, so a stopped or crashed training loses at most `every_s` seconds of work.
+    training, so a stopped or crashed training loses at most `every_s` seconds of work. best.ckpt is written
+    with it (`HeldCheckpointIO`), so the two files on disk always belong to the same moment of training.
 
     Our own because Lightning's ModelCheckpoint offers epoch counts or a time interval checked after every
     batch: a mid-epoch checkpoint cannot resume this harness's per-epoch seeded batches exactly, and saving
     the 10 MB state every epoch added ~8 ms, 3 % of an epoch of the default 3,500-digit run on 2 CPU cores
-    (benchmarks/bench.py --override train.last_checkpoint_every_s=0).
+    (benchmarks/bench.py --override train.checkpoint_every_s=0).
     A `Checkpoint` subclass, so Lightning runs it after the best-checkpoint callback and the saved state
     includes that epoch's best score.
     """
@@ -358,17 +394,67 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class HeldCheckpointIO(CheckpointIO):
+    """Lightning's `TorchCheckpointIO`, except that a save to one of the `held` paths (best.ckpt) is kept in
+    host memory, and written just before the next save to any other path (last.ckpt, by `LastCheckpoint`)
+    and when Lightning tears training down (at its end, and after an exception).
+
+    Why: ModelCheckpoint writes best.ckpt whenever the validation ELBO improves, nearly every epoch of a
+    VAE's training, and a write cost ~9 ms on 2 CPU cores here, 4 % of an epoch of the default 3,500-digit
+    run (benchmarks/bench.py); holding it costs a copy of the weights (~0.5 ms). Writing best with last
+    also keeps the pair on disk consistent for `train.resume`: the best score stored in last.ckpt is the
+    score of the best.ckpt beside it. Lightning's AsyncCheckpointIO was measured too: it moves the write to
+    a thread that then competes with training for the same two cores.
+    """
+
+    def __init__(self, held: list[Path]):
+        super().__init__()
+        self.base = TorchCheckpointIO()
+        self.held = {os.path.abspath(p) for p in held}
+        self.pending: dict[str, tuple[dict[str, Any], Any]] = {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        key = os.path.abspath(path)
+        if key in self.held:
+            # a snapshot on the host: the optimiser changes the weights in place from the next step on
+            snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
+            self.pending[key] = (snapshot, storage_options)
+            return
+        self.flush()
+        self.base.save_checkpoint(checkpoint, path, storage_options)
+
+    def flush(self) -> None:
+        """Write the held checkpoints."""
+        while self.pending:
+            path, (checkpoint, storage_options) = self.pending.popitem()
+            self.base.save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.base.load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path) -> None:
+        self.pending.pop(os.path.abspath(path), None)
+        self.base.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.flush()
+
+
 # --- the stage ------------------------------------------------------------------------------------------
 
 
 def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable_progress_bar: bool = True):
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     train_key = "train/elbo" if cfg.train.objective == "elbo" else "train/iwae"
     callbacks = [
         # Lightning's tqdm bar, redrawn every 10 batches: the default (rich, every batch) cost ~8 % of an
         # epoch of the AEVB MLP on 2 CPU cores (benchmarks/bench.py)
-        *([TQDMProgressBar(refresh_rate=10)] if enable_progress_bar else []),
+        *([EpochBar(refresh_rate=10)] if enable_progress_bar else []),
         # best.ckpt: the weights evaluation uses (and the model's constructor args), without the optimiser
         # state, a third of the bytes to write, store in DVC and upload to MLflow; first in the list, so it is
         # trainer.checkpoint_callback. last.ckpt: the whole training state, for resuming.
@@ -380,7 +466,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
             save_weights_only=True,
             enable_version_counter=False,
         ),
-        LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.last_checkpoint_every_s),
+        LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.checkpoint_every_s),
         EpochHistory(out_dir / "plots" / "elbo.csv", train_key),
         *extra_callbacks,
         *trial_callbacks(),  # Optuna pruning, when this process is a sweep trial (vaerepro.sweep)
@@ -404,6 +490,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         default_root_dir=out_dir,
+        plugins=[HeldCheckpointIO([out_dir / "models" / "best.ckpt"])],
     )
 
 
