@@ -7,6 +7,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from conftest import copy_prepared, tiny_config
 from vaerepro.evaluate import load_vae
@@ -177,8 +178,6 @@ def test_early_stopping_ends_a_run_that_stopped_improving(prepared_tiny, tmp_pat
 
 
 def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prepared_tiny, tmp_path):
-    import lightning.pytorch as pl
-
     class Poison(pl.Callback):  # the weights become NaN at the start of epoch 1
         def on_train_epoch_start(self, trainer, module):
             if trainer.current_epoch == 1:
@@ -204,7 +203,6 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
 ):
     """With last.ckpt written at every epoch end (checkpoint_every_s=0), a training that dies in its
     third epoch resumes from the end of the second and ends bit for bit where an uninterrupted run does."""
-    import lightning.pytorch as pl
 
     class CrashInEpoch2(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -297,8 +295,6 @@ def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny,
 def test_the_progress_bar_shows_each_epoch_with_its_validation_elbo(prepared_tiny, tmp_path, capsys):
     """Lightning's tqdm bar, one line per epoch ending with that epoch's validation ELBO, and no separate
     validation bar."""
-    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
     out = copy_prepared(prepared_tiny, tmp_path)
     train(tiny_config(), out, enable_progress_bar=True)
     shown = capsys.readouterr().out

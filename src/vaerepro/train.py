@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -448,8 +448,6 @@ class HeldCheckpointIO(CheckpointIO):
 
 
 def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable_progress_bar: bool = True):
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
     train_key = "train/elbo" if cfg.train.objective == "elbo" else "train/iwae"
     callbacks = [
         # Lightning's tqdm bar, redrawn every 10 batches: the default (rich, every batch) cost ~8 % of an
