@@ -9,12 +9,15 @@ import sys
 import time
 import urllib.request
 
+import lightning.pytorch as pl
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, copy_prepared, tiny_config
 from vaerepro import tracking
 from vaerepro.cli import run_pipeline
+from vaerepro.data import load_prepared
+from vaerepro.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +125,77 @@ def test_queued_dvc_experiments_log_to_the_repository_store(tmp_path, monkeypatc
     cfg = tiny_config(tracking=True)
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"  # where `dvc exp run --queue` runs a stage
     assert tracking.tracking_uri(cfg, copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+class _StoredEpochs(pl.Callback):
+    """At every epoch start: how many val/elbo values this training's MLflow run holds in the store, after
+    waiting for MLflow's asynchronous writes; optionally fails in epoch `crash_in`."""
+
+    def __init__(self, uri: str, crash_in: int | None = None):
+        self.uri, self.crash_in, self.stored = uri, crash_in, []
+
+    def on_train_epoch_start(self, trainer, module):
+        import mlflow
+        from mlflow import MlflowClient
+
+        mlflow.flush_async_logging()
+        run_id = trainer.loggers[0].run_id
+        self.stored.append(len(MlflowClient(self.uri).get_metric_history(run_id, "val/elbo")))
+        if trainer.current_epoch == self.crash_in:
+            raise _Crash
+
+
+class _Crash(Exception):
+    pass
+
+
+def _val_curve(out) -> list[float]:
+    return [float(row.split(",")[2]) for row in (out / "plots" / "elbo.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize(("flush_every_s", "stored"), [(0, [0, 1, 2]), (3600, [0, 0, 0])])
+def test_epoch_metrics_reach_the_store_at_most_every_interval_and_all_by_the_end(
+    prepared_tiny, tmp_path, monkeypatch, flush_every_s, stored
+):
+    """tracking.flush_every_s=0 sends every epoch's metrics as they are logged; with an hour's interval none
+    are sent during training, and at its end every epoch's value is in the run with its own step."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    record = _StoredEpochs(uri)
+    cfg = tiny_config(f"tracking.flush_every_s={flush_every_s}", tracking=True)
+    train(cfg, out, root=tmp_path, enable_progress_bar=False, callbacks=[record])
+    assert record.stored == stored
+    run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    hist = sorted(MlflowClient(uri).get_metric_history(run_id, "val/elbo"), key=lambda m: m.step)
+    steps_per_epoch = -(-len(load_prepared(out / "prepared").train) // cfg.train.batch_size)
+    assert [m.step for m in hist] == [steps_per_epoch * (e + 1) - 1 for e in range(3)]
+    assert [m.value for m in hist] == pytest.approx(_val_curve(out))
+    times = [m.timestamp for m in hist]
+    assert times == sorted(set(times))  # each stamped when it was logged, not when it was sent
+    assert len(MlflowClient(uri).get_metric_history(run_id, "train/elbo")) == 3
+
+
+def test_a_failed_training_still_sends_the_metrics_it_buffered(prepared_tiny, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    record = _StoredEpochs(uri, crash_in=2)
+    with pytest.raises(_Crash):
+        train(
+            tiny_config("tracking.flush_every_s=3600", tracking=True),
+            out,
+            root=tmp_path,
+            enable_progress_bar=False,
+            callbacks=[record],
+        )
+    assert record.stored == [0, 0, 0]
+    run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [m.value for m in client.get_metric_history(run_id, "val/elbo")] == pytest.approx(_val_curve(out))
+    assert len(_val_curve(out)) == 2

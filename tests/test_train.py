@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -10,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from conftest import copy_prepared, tiny_config
+from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
-from vaerepro.train import EpochBatches, TensorBatches, batch_seed, shard, train
+from vaerepro.train import EpochBar, EpochBatches, TensorBatches, batch_seed, shard, train
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -256,8 +258,6 @@ def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(pr
     assert record.existed == [{"best.ckpt": False, "last.ckpt": False}] * 3  # an hour has not passed
     last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
     # saved at the end of training, after Lightning counted the third epoch
-    from vaerepro.data import load_prepared
-
     steps_per_epoch = -(-len(load_prepared(out / "prepared").train) // 50)
     assert last["epoch"] == 3 and last["global_step"] == 3 * steps_per_epoch
     assert _same_weights(last["state_dict"], record.weights[-1])
@@ -304,3 +304,20 @@ def test_the_progress_bar_shows_each_epoch_with_its_validation_elbo(prepared_tin
         assert f"Epoch {epoch}: 100%" in shown
         assert f"val/elbo={Tqdm.format_num(float(val))}" in shown
     assert "Validation" not in shown
+
+
+@pytest.mark.parametrize("min_interval_s", [0, 3600])
+def test_the_progress_bar_is_drawn_at_most_every_interval_and_at_each_epoch_end(
+    prepared_tiny, tmp_path, capsys, monkeypatch, min_interval_s
+):
+    """Every batch's count with a zero interval; with an hour's, only 0 % and 100 % of each epoch."""
+    monkeypatch.setattr(EpochBar, "min_interval_s", min_interval_s)
+    out = copy_prepared(prepared_tiny, tmp_path)
+    train(tiny_config("train.max_epochs=2"), out, enable_progress_bar=True)
+    total = -(-len(load_prepared(out / "prepared").train) // 50)
+    counts = {
+        (int(e), int(n))
+        for e, n in re.findall(rf"Epoch (\d+):[^|]*\|[^|]*\| (\d+)/{total} ", capsys.readouterr().out)
+    }
+    expected = range(total + 1) if min_interval_s == 0 else (0, total)
+    assert counts == {(e, n) for e in (0, 1) for n in expected}

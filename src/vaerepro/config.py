@@ -116,6 +116,7 @@ class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = None
     experiment: str = Field("vaerepro", min_length=1)
+    flush_every_s: float = Field(10.0, ge=0)  # send per-epoch metrics to the store this often (0: at once)
 
 
 class Config(_Section):

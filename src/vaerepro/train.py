@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -349,13 +354,32 @@ class SameConfigOnEveryRank(pl.Callback):
 
 
 class EpochBar(TQDMProgressBar):
-    """Lightning's tqdm bar, one line per epoch with its validation ELBO, without the separate bar that
-    Lightning opens and closes for every validation pass: a validation of these models takes milliseconds
-    to a second, and drawing and clearing that bar took ~2.5 ms an epoch, 1 % of an epoch of the default
-    run on 2 CPU cores (benchmarks/bench.py)."""
+    """Lightning's tqdm bar, one line per epoch with its validation ELBO, drawn at most every
+    `min_interval_s` during an epoch (tqdm's own default, 0.1 s) and at its last batch, and without the
+    separate bar that Lightning opens and closes for every validation pass.
+
+    Why: Lightning redraws the bar twice every `refresh_rate` batches (the count, then the postfix), and
+    the postfix changes only when an epoch's metrics are logged; the draws averaged 60 us a batch, ~1 % of
+    an epoch of the default run on 2 CPU cores, and drawing and clearing the validation bar ~2.5 ms an
+    epoch, another 1 % (benchmarks/bench.py). A validation of these models takes milliseconds to a second.
+    """
+
+    min_interval_s: float = 0.1
 
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)  # draws the bar at 0 %
+        self._drawn = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, n, now = self.train_progress_bar, batch_idx + 1, time.monotonic()
+        due = n == bar.total or now - self._drawn >= self.min_interval_s
+        if due and self.is_enabled and not bar.disable:
+            bar.n = n
+            bar.refresh()
+            self._drawn = now
 
 
 class LastCheckpoint(Checkpoint):
@@ -394,10 +418,6 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
-
-
 class HeldCheckpointIO(CheckpointIO):
     """Lightning's `TorchCheckpointIO`, except that a save to one of the `held` paths (best.ckpt) is kept in
     host memory, and written just before the next save to any other path (last.ckpt, by `LastCheckpoint`)
@@ -405,7 +425,8 @@ class HeldCheckpointIO(CheckpointIO):
 
     Why: ModelCheckpoint writes best.ckpt whenever the validation ELBO improves, nearly every epoch of a
     VAE's training, and a write cost ~9 ms on 2 CPU cores here, 4 % of an epoch of the default 3,500-digit
-    run (benchmarks/bench.py); holding it costs a copy of the weights (~0.5 ms). Writing best with last
+    run (benchmarks/bench.py); holding it costs a copy of the weights into the host buffers of the previous
+    snapshot (0.06 ms for the AEVB MLP; into newly allocated tensors it took 1.3 ms). Writing best with last
     also keeps the pair on disk consistent for `train.resume`: the best score stored in last.ckpt is the
     score of the best.ckpt beside it. Lightning's AsyncCheckpointIO was measured too: it moves the write to
     a thread that then competes with training for the same two cores.
@@ -416,13 +437,29 @@ class HeldCheckpointIO(CheckpointIO):
         self.base = TorchCheckpointIO()
         self.held = {os.path.abspath(p) for p in held}
         self.pending: dict[str, tuple[dict[str, Any], Any]] = {}
+        self.buffers: dict[str, list[torch.Tensor]] = {}  # path -> host tensors of its last snapshot
+
+    def _snapshot(self, checkpoint: dict[str, Any], key: str) -> dict[str, Any]:
+        """The checkpoint with every tensor copied to the host, into the previous snapshot's tensors where
+        shapes and dtypes match (that snapshot was written or replaced, so its buffers are free)."""
+        spare, used = iter(self.buffers.get(key, ())), []
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            buf = next(spare, None)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty_like(t, device="cpu")
+            used.append(buf.copy_(t.detach()))
+            return buf
+
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
+        self.buffers[key] = used
+        return snapshot
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         key = os.path.abspath(path)
         if key in self.held:
             # a snapshot on the host: the optimiser changes the weights in place from the next step on
-            snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
-            self.pending[key] = (snapshot, storage_options)
+            self.pending[key] = (self._snapshot(checkpoint, key), storage_options)
             return
         self.flush()
         self.base.save_checkpoint(checkpoint, path, storage_options)
@@ -444,15 +481,27 @@ class HeldCheckpointIO(CheckpointIO):
         self.flush()
 
 
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default profiler, which measures nothing, without the context manager it builds to do so:
+    Lightning enters `profile()` around every hook it calls, ~60 times a training step, and its
+    generator-based context manager costs ~1 us each where one shared no-op context costs 0.16 us (~50 us a
+    step, ~1 % of an AEVB MLP step on 2 CPU cores)."""
+
+    _NOTHING = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
+        return self._NOTHING
+
+
 # --- the stage ------------------------------------------------------------------------------------------
 
 
 def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable_progress_bar: bool = True):
     train_key = "train/elbo" if cfg.train.objective == "elbo" else "train/iwae"
     callbacks = [
-        # Lightning's tqdm bar, redrawn every 10 batches: the default (rich, every batch) cost ~8 % of an
+        # Lightning's tqdm bar, redrawn at most every 0.1 s: the default (rich, every batch) cost ~8 % of an
         # epoch of the AEVB MLP on 2 CPU cores (benchmarks/bench.py)
-        *([EpochBar(refresh_rate=10)] if enable_progress_bar else []),
+        *([EpochBar()] if enable_progress_bar else []),
         # best.ckpt: the weights evaluation uses (and the model's constructor args), without the optimiser
         # state, a third of the bytes to write, store in DVC and upload to MLflow; first in the list, so it is
         # trainer.checkpoint_callback. last.ckpt: the whole training state, for resuming.
@@ -489,6 +538,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         num_sanity_val_steps=0,
         default_root_dir=out_dir,
         plugins=[HeldCheckpointIO([out_dir / "models" / "best.ckpt"])],
+        profiler=NoProfiler(),
     )
 
 
@@ -523,10 +573,55 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(config_mod.dump(cfg.to_dict()).encode()).hexdigest()[:12]
 
 
+class BufferedMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger, except that metrics reach the store in one batch every `flush_every_s`
+    seconds (0: at every call), when training ends and when it fails, each with the time and step at which it
+    was logged.
+
+    Why: every batch MLflow writes is one SQL transaction, ~9 ms of Python (SQLAlchemy) on 2 CPU cores, and
+    Lightning logs twice an epoch (validation end, training epoch end). `synchronous=False` moves that work
+    to MLflow's writer thread, which then competes with training for the GIL and the two cores: logging on
+    alternate pairs of epochs, the epochs with logging took ~17 ms (~5 %) longer than those without
+    (benchmarks/bench.py, 35-step epochs). Buffered, a training's curve shows in the MLflow UI at most
+    `flush_every_s` late, which is how TensorBoard's writer (flush_secs) and Lightning's CSVLogger
+    (flush_logs_every_n_steps) treat their files too.
+    """
+
+    def __init__(self, *args: Any, flush_every_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.flush_every_s = float(flush_every_s)
+        self._pending: list = []  # mlflow.entities.Metric, in the order they were logged
+        self._last_flush = time.monotonic()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp_ms = int(time.time() * 1000)
+        for key, value in metrics.items():
+            # the names MLflow accepts, as MLFlowLogger.log_metrics cleans them (no prefix is set here)
+            key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)
+            self._pending.append(Metric(key=key, value=float(value), timestamp=timestamp_ms, step=step or 0))
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Send the buffered metrics to the store (one batch; MLflow splits it at its per-batch limit)."""
+        self._last_flush = time.monotonic()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.experiment.log_batch(run_id=self.run_id, metrics=pending, **self._log_batch_kwargs)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:  # Lightning calls it at the end and on an error
+        self.flush()
+        super().finalize(status)
+
+
 def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
     """Lightning's MLflow logger for this training, on global rank 0 only (the caller's duty); resuming, it
     continues the run recorded in model_dir when that run is in the same store. Returns (logger, uri)."""
-    from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -542,7 +637,8 @@ def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
                 run_id = previous
             except MlflowException:
                 log.warning("MLflow run %s is not in %s: resuming into a new run", previous, uri)
-    logger = MLFlowLogger(
+    logger = BufferedMLFlowLogger(
+        flush_every_s=cfg.tracking.flush_every_s,
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.run_name,
         tracking_uri=uri,
