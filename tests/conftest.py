@@ -88,3 +88,13 @@ def run(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+class Crash(Exception):
+    """Raised by tests' callbacks to stop a training part-way."""
+
+
+def val_curve(out_dir: Path) -> list[float]:
+    """The validation ELBO of every epoch, from out_dir/plots/elbo.csv (epoch,train_elbo,val_elbo)."""
+    rows = (out_dir / "plots" / "elbo.csv").read_text().splitlines()[1:]
+    return [float(row.split(",")[2]) for row in rows]

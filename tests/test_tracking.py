@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import yaml
 
-from conftest import ROOT, copy_prepared, tiny_config
+from conftest import ROOT, Crash, copy_prepared, tiny_config, val_curve
 from vaerepro import tracking
 from vaerepro.cli import run_pipeline
 from vaerepro.data import load_prepared
@@ -142,15 +142,7 @@ class _StoredEpochs(pl.Callback):
         run_id = trainer.loggers[0].run_id
         self.stored.append(len(MlflowClient(self.uri).get_metric_history(run_id, "val/elbo")))
         if trainer.current_epoch == self.crash_in:
-            raise _Crash
-
-
-class _Crash(Exception):
-    pass
-
-
-def _val_curve(out) -> list[float]:
-    return [float(row.split(",")[2]) for row in (out / "plots" / "elbo.csv").read_text().splitlines()[1:]]
+            raise Crash
 
 
 @pytest.mark.parametrize(("flush_every_s", "stored"), [(0, [0, 1, 2]), (3600, [0, 0, 0])])
@@ -172,7 +164,7 @@ def test_epoch_metrics_reach_the_store_at_most_every_interval_and_all_by_the_end
     hist = sorted(MlflowClient(uri).get_metric_history(run_id, "val/elbo"), key=lambda m: m.step)
     steps_per_epoch = -(-len(load_prepared(out / "prepared").train) // cfg.train.batch_size)
     assert [m.step for m in hist] == [steps_per_epoch * (e + 1) - 1 for e in range(3)]
-    assert [m.value for m in hist] == pytest.approx(_val_curve(out))
+    assert [m.value for m in hist] == pytest.approx(val_curve(out))
     times = [m.timestamp for m in hist]
     assert times == sorted(set(times))  # each stamped when it was logged, not when it was sent
     assert len(MlflowClient(uri).get_metric_history(run_id, "train/elbo")) == 3
@@ -185,7 +177,7 @@ def test_a_failed_training_still_sends_the_metrics_it_buffered(prepared_tiny, tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = copy_prepared(prepared_tiny, tmp_path / "run")
     record = _StoredEpochs(uri, crash_in=2)
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         train(
             tiny_config("tracking.flush_every_s=3600", tracking=True),
             out,
@@ -197,5 +189,5 @@ def test_a_failed_training_still_sends_the_metrics_it_buffered(prepared_tiny, tm
     run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FAILED"
-    assert [m.value for m in client.get_metric_history(run_id, "val/elbo")] == pytest.approx(_val_curve(out))
-    assert len(_val_curve(out)) == 2
+    assert [m.value for m in client.get_metric_history(run_id, "val/elbo")] == pytest.approx(val_curve(out))
+    assert len(val_curve(out)) == 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from conftest import copy_prepared, tiny_config
+from conftest import Crash, copy_prepared, tiny_config, val_curve
 from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
 from vaerepro.train import EpochBar, EpochBatches, TensorBatches, batch_seed, shard, train
@@ -196,10 +196,6 @@ def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prep
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values())
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupted_one_does(
     prepared_tiny, tmp_path
 ):
@@ -209,12 +205,12 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
     class CrashInEpoch2(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.current_epoch == 2 and batch_idx == 3:
-                raise _Crash
+                raise Crash
 
     cfg = tiny_config("train.max_epochs=4", "train.checkpoint_every_s=0")
     whole = train(cfg, copy_prepared(prepared_tiny, tmp_path / "whole"), enable_progress_bar=False)
     out = copy_prepared(prepared_tiny, tmp_path / "crashed")
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         train(cfg, out, enable_progress_bar=False, callbacks=[CrashInEpoch2()])
     saved = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1  # the end of the second epoch, the last one that finished
@@ -273,11 +269,11 @@ def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny,
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.current_epoch == 2 and batch_idx == 1:
                 self.best_score = float(trainer.checkpoint_callback.best_model_score)
-                raise _Crash
+                raise Crash
 
     out = copy_prepared(prepared_tiny, tmp_path)
     record, crash = _Record(out / "models"), CrashInEpoch2()
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         train(
             tiny_config("train.checkpoint_every_s=3600"),
             out,
@@ -285,7 +281,7 @@ def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny,
             callbacks=[record, crash],
         )
     assert not (out / "models" / "last.ckpt").exists()  # never due, and training did not end
-    curve = [float(line.split(",")[2]) for line in (out / "plots" / "elbo.csv").read_text().splitlines()[1:]]
+    curve = val_curve(out)
     best_epoch = max(range(len(curve)), key=curve.__getitem__)
     assert len(curve) == 2 and curve[best_epoch] == pytest.approx(crash.best_score)
     best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
