@@ -238,6 +238,21 @@ def test_bernoulli_log_prob_matches_scipy():
     np.testing.assert_allclose(lp.numpy(), ref, rtol=1e-12)
 
 
+def test_bernoulli_log_prob_and_gradient_are_torchs_to_the_bit():
+    """Ours negates per-example sums, torch's Independent(Bernoulli) each pixel: the same bits."""
+    g = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(2, 3, 7, generator=g)).requires_grad_()  # (K, B, D)
+    x = torch.bernoulli(torch.full((3, 7), 0.3), generator=g)  # (B, D), broadcast over K
+    ours = Bernoulli().distribution(logits).log_prob(x)
+    ref = torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits), 1).log_prob(x)
+    assert ours.shape == (2, 3) and torch.equal(ours, ref)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), logits)
+    assert torch.equal(grad_ours, grad_ref)
+    with pytest.raises(ValueError, match="support"):  # grey levels are outside a proper Bernoulli's support
+        Bernoulli().distribution(logits).log_prob(torch.full((3, 7), 0.5))
+
+
 def test_bernoulli_pmf_sums_to_one_over_all_binary_images():
     d = 5
     logits = torch.tensor([-2.0, -0.3, 0.0, 1.1, 4.0], dtype=torch.float64)  # (D,)

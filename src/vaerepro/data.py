@@ -677,7 +677,8 @@ def to_space(
       float data is returned unchanged (as float32).
     """
     _check_space(space)
-    x = torch.as_tensor(x)
+    if not isinstance(x, torch.Tensor):  # as_tensor on a tensor is one more (no-op) op a training step
+        x = torch.as_tensor(x)
     if space == "binary":
         p = x.float() / 255.0 if quantized else x.float()
         # u < p is a Bernoulli(p) draw; written out because torch.bernoulli takes ~1 ms for a 100 x 784
