@@ -85,7 +85,9 @@ class ObjectiveByHand:
 
     def __init__(self, cfg, prepared: Path, x_val: torch.Tensor, device: str):
         torch.manual_seed(cfg.seed)
-        data = VAEData(prepared, cfg.data_space, cfg.train.batch_size, cfg.seed)
+        data = VAEData(
+            prepared, cfg.data_space, cfg.train.batch_size, cfg.seed, latent_dim=cfg.model.latent_dim
+        )
         data.setup()
         self.module = build_module(cfg, data).to(device)
         self.opt = self.module.configure_optimizers()

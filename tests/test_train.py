@@ -74,10 +74,34 @@ def test_shard_gradients_average_to_the_global_batch_gradient():
         torch.testing.assert_close(sum(g for g, _ in parts) / world, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_tensor_batches_gathers_a_whole_batch():
+def test_tensor_batches_gathers_whole_batches_in_the_samplers_order():
     x = torch.arange(20).reshape(10, 2)
-    idx = torch.tensor([3, 1, 4])
-    assert torch.equal(TensorBatches(x)[idx], x[idx])
+    sampler = EpochBatches(10, 4, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    batches = list(TensorBatches(sampler, x))
+    assert len(TensorBatches(sampler, x)) == 3 and [len(b) for b in batches] == [4, 4, 2]
+    for idx, b in zip(order, batches, strict=True):
+        assert torch.equal(b, x[idx])
+    # with more tensors: tuples of the same examples, each along its own example dimension
+    eps = torch.arange(30).reshape(1, 10, 3)  # (K, N, Z)
+    for idx, (bx, be) in zip(order, TensorBatches(sampler, x, eps, dims=(0, 1)), strict=True):
+        assert torch.equal(bx, x[idx]) and torch.equal(be, eps[:, idx])
+
+
+@pytest.mark.slow
+def test_validation_elbo_does_not_depend_on_the_validation_batch_size(prepared_tiny, tmp_path):
+    """Each validation image has its own fixed noise draw: batching it differently changes nothing but
+    float rounding, and training not at all."""
+    curves = {}
+    for size in (7, 1000):  # 7: many uneven batches; 1000: the whole validation split in one
+        out = copy_prepared(prepared_tiny, tmp_path / str(size))
+        metrics = train(tiny_config(f"train.val_batch_size={size}"), out, enable_progress_bar=False)
+        curves[size] = (val_curve(out), metrics["train_elbo"])
+    (val_small, train_small), (val_whole, train_whole) = curves[7], curves[1000]
+    assert len(val_small) == 3
+    torch.testing.assert_close(torch.tensor(val_small), torch.tensor(val_whole), rtol=1e-6, atol=0)
+    assert train_small == train_whole
 
 
 @pytest.mark.slow

@@ -83,6 +83,9 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(100, ge=1)
+    # validation needs no gradients: larger batches than training's cost less per image (fewer steps of
+    # Lightning's loop); the validation ELBO does not depend on it (see train.VAEData)
+    val_batch_size: int = Field(1000, ge=1)
     max_epochs: int = Field(30, ge=1)
     early_stopping: bool = False
     patience: int = Field(10, ge=1)

@@ -16,7 +16,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vaerepro import config as config_mod
 from vaerepro import estimators
@@ -47,24 +46,7 @@ VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses 
 # --- data -----------------------------------------------------------------------------------------------
 
 
-class TensorBatches(Dataset):
-    """An in-memory tensor indexed by a whole batch of indices at once.
-
-    A DataLoader over a TensorDataset collates B single items per batch (B Python calls); indexing with
-    the batch's index tensor is one vectorised gather.
-    """
-
-    def __init__(self, x: torch.Tensor):
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.x[idx]
-
-
-class EpochBatches(Sampler):
+class EpochBatches:
     """Yields index tensors, one per global batch: a seeded shuffle per epoch (in order when not shuffling).
 
     Every rank gets the same global batches and keeps its own rows of each (`shard`), after drawing the
@@ -92,8 +74,44 @@ class EpochBatches(Sampler):
         return math.ceil(self.n / self.batch_size)
 
 
+class TensorBatches:
+    """The batches of an in-memory tensor in the order of `sampler` (index tensors, one per batch), each
+    taken with one vectorised gather; Lightning iterates over it as over a DataLoader.
+
+    Not a DataLoader over a TensorDataset: that collates B single items per batch (B Python calls). Nor a
+    DataLoader over this gather: its own per-batch bookkeeping (fetcher, collate, a profiler range) took
+    ~80 us a batch, 1.5 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py), for nothing these data
+    need: they are tensors in memory already, with no workers to feed and nothing to pin. Lightning takes
+    any iterable with a length; it finds ``sampler`` and ``batch_sampler`` under a DataLoader's names, and
+    calls ``sampler.set_epoch`` at every epoch start.
+    """
+
+    batch_sampler = None  # as a DataLoader with batch_size=None: the sampler yields whole batches
+
+    def __init__(
+        self, sampler: EpochBatches, x: torch.Tensor, *more: torch.Tensor, dims: tuple[int, ...] = ()
+    ):
+        """Batches of ``x`` (rows along dim 0) or, with ``more`` tensors, tuples of the same rows of each;
+        ``dims`` gives each tensor's example dimension (default 0)."""
+        self.sampler, self.tensors = sampler, (x, *more)
+        self.dims = dims or (0,) * len(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
+        tensors, dims = self.tensors, self.dims
+        for idx in self.sampler:
+            # index_select, not x[idx]: advanced indexing takes the general gather path, 27 us for a
+            # 100 x 784 uint8 batch on a CPU against 4 us
+            batch = tuple(t.index_select(d, idx) for t, d in zip(tensors, dims, strict=True))
+            yield batch if len(batch) > 1 else batch[0]
+
+
 def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
     """Rank r's rows of a global batch along `dim`: r, r + world, r + 2 world, ... (sizes differ by <= 1)."""
+    if world == 1:
+        return t  # all of them (slicing would add an op to every training step)
     return t[(slice(None),) * dim + (slice(rank, None, world),)]
 
 
@@ -108,10 +126,26 @@ def batch_seed(seed: int, stream: int, epoch: int, index: int) -> int:
 
 
 class VAEData(pl.LightningDataModule):
-    def __init__(self, prepared_dir: Path, data_space: str, batch_size: int, seed: int):
+    """The prepared splits in memory: training batches of raw pixels (the data space is drawn per batch by
+    `VAEModule.shard_loss`), and the fixed validation sample: one draw of the data space for each
+    validation image and one draw of q's noise for it (`latent_dim`), the same every epoch, so that
+    validation ELBOs differ between epochs only by the weights, and not with the validation batch size or
+    the number of devices. Batch sizes are per device."""
+
+    def __init__(
+        self,
+        prepared_dir: Path,
+        data_space: str,
+        batch_size: int,
+        seed: int,
+        *,
+        latent_dim: int,
+        val_batch_size: int | None = None,
+    ):
         super().__init__()
         self.prepared_dir, self.data_space = Path(prepared_dir), data_space
-        self.batch_size, self.seed = batch_size, seed  # batch_size: per device
+        self.batch_size, self.seed = batch_size, seed
+        self.latent_dim, self.val_batch_size = latent_dim, val_batch_size or batch_size
         self.splits: Splits | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -125,18 +159,21 @@ class VAEData(pl.LightningDataModule):
         self.x_val = fixed_space(
             self.splits.val, self.data_space, quantized=self.quantized, seed=self.seed + VAL_SEED_OFFSET
         )
+        g = torch.Generator().manual_seed(batch_seed(self.seed, VAL_STREAM, 0, 0))
+        self.eps_val = torch.randn((1, len(self.x_val), self.latent_dim), generator=g)  # (1, M, Z)
 
-    def _global_batch_size(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return self.batch_size * world
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochBatches(len(self.x_train), self._global_batch_size(), shuffle=True, seed=self.seed)
-        return DataLoader(TensorBatches(self.x_train), sampler=sampler, batch_size=None)
+    def train_dataloader(self) -> TensorBatches:
+        n, size = len(self.x_train), self.batch_size * self._world()  # global batches
+        return TensorBatches(EpochBatches(n, size, shuffle=True, seed=self.seed), self.x_train)
 
-    def val_dataloader(self) -> DataLoader:
-        sampler = EpochBatches(len(self.x_val), self._global_batch_size(), shuffle=False, seed=0)
-        return DataLoader(TensorBatches(self.x_val), sampler=sampler, batch_size=None)
+    def val_dataloader(self) -> TensorBatches:
+        # global batches of (x (N, D), eps (1, N, Z))
+        n, size = len(self.x_val), self.val_batch_size * self._world()
+        sampler = EpochBatches(n, size, shuffle=False, seed=0)
+        return TensorBatches(sampler, self.x_val, self.eps_val, dims=(0, 1))
 
 
 # --- model ----------------------------------------------------------------------------------------------
@@ -163,6 +200,11 @@ class VAEModule(pl.LightningModule):
         # logger=False: the resolved config reaches MLflow once, through tracking.log_config, which also
         # copes with a resumed run whose config changed (MLflow params cannot change value)
         self.save_hyperparameters(logger=False)
+        # One optimiser step per batch, written out in training_step (Lightning's manual optimisation).
+        # Lightning's automatic optimisation does the same through a closure and eight more hooks around it;
+        # ~0.3 ms a step, 4-5 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py), for features this
+        # objective does not use (gradient accumulation and clipping, closures for LBFGS).
+        self.automatic_optimization = False
         self.vae = VAE(**vae_config)
         self.train_cfg = train
         self.data_space, self.quantized, self.seed = data_space, quantized, seed
@@ -226,6 +268,10 @@ class VAEModule(pl.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # batch: the whole global batch (N, D), the same on every rank
         loss, bound = self.shard_loss(batch, self.current_epoch, batch_idx, *self._rank_world())
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)  # under DDP, also the gradients' all-reduce
+        opt.step()
         # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging costs
         # ~1 ms a batch, about 15 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py).
         self._bound_sum += bound.detach().sum(dtype=torch.float64)
@@ -236,12 +282,12 @@ class VAEModule(pl.LightningModule):
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_count = 0
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        # a global batch of the fixed validation sample (see VAEData): x (N, D) and q's noise eps (1, N, Z)
+        x, eps = batch
         rank, world = self._rank_world()
-        # the same noise every epoch (seeded by the batch index alone): epochs differ only by their weights
-        g = self._generator(VAL_STREAM, 0, batch_idx)
-        eps = shard(self._noise(g, 1, len(batch)), rank, world, dim=1)  # (1, B, Z)
-        elbo = estimators.elbo(self.vae, shard(batch, rank, world), 1, "B", eps)  # (B,)
+        x, eps = shard(x, rank, world), shard(eps, rank, world, dim=1)  # this rank's rows
+        elbo = estimators.elbo(self.vae, x, 1, "B", eps)  # (B,)
         self._val_sum += elbo.sum(dtype=torch.float64)
         self._val_count += len(elbo)
 
@@ -354,14 +400,16 @@ class SameConfigOnEveryRank(pl.Callback):
 
 
 class EpochBar(TQDMProgressBar):
-    """Lightning's tqdm bar, one line per epoch with its validation ELBO, drawn at most every
-    `min_interval_s` during an epoch (tqdm's own default, 0.1 s) and at its last batch, and without the
-    separate bar that Lightning opens and closes for every validation pass.
+    """Lightning's tqdm bar, one line per epoch with its validation ELBO, drawn once when an epoch starts, at
+    most every `min_interval_s` during it (tqdm's own default, 0.1 s), and once when its validation ends
+    (the full count and the new ELBO); without the separate bar that Lightning opens and closes for every
+    validation pass.
 
-    Why: Lightning redraws the bar twice every `refresh_rate` batches (the count, then the postfix), and
-    the postfix changes only when an epoch's metrics are logged; the draws averaged 60 us a batch, ~1 % of
-    an epoch of the default run on 2 CPU cores, and drawing and clearing the validation bar ~2.5 ms an
-    epoch, another 1 % (benchmarks/bench.py). A validation of these models takes milliseconds to a second.
+    Why: Lightning redraws the bar twice every `refresh_rate` batches (the count, then the postfix), twice
+    when an epoch starts and once more after validation for an unchanged postfix; the draws averaged 60 us a
+    batch, ~1 % of an epoch of the default run on 2 CPU cores, and drawing and clearing the validation bar
+    ~2.5 ms an epoch, another 1 % (benchmarks/bench.py). A validation of these models takes milliseconds to
+    a second.
     """
 
     min_interval_s: float = 0.1
@@ -369,17 +417,41 @@ class EpochBar(TQDMProgressBar):
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)  # draws the bar at 0 %
-        self._drawn = time.monotonic()
+    def _draw(self) -> None:
+        bar = self.train_progress_bar
+        if self.is_enabled and not bar.disable:
+            bar.refresh()
+            self._drawn, self._drawn_n = time.monotonic(), bar.n
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
+        bar.initial = 0
+        bar.reset(total=convert_inf(self.total_train_batches))  # draws the bar at 0 %
+        self._drawn, self._drawn_n = time.monotonic(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        bar, n, now = self.train_progress_bar, batch_idx + 1, time.monotonic()
-        due = n == bar.total or now - self._drawn >= self.min_interval_s
-        if due and self.is_enabled and not bar.disable:
-            bar.n = n
-            bar.refresh()
-            self._drawn = now
+        bar = self.train_progress_bar
+        bar.n = batch_idx + 1
+        if time.monotonic() - self._drawn >= self.min_interval_s:
+            self._draw()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.val_progress_bar.close()
+        self.reset_dataloader_idx_tracker()
+        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            self._draw()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bar = self.train_progress_bar
+        if bar.n != self._drawn_n:  # no validation drew this epoch's last count (e.g. it was skipped)
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            self._draw()
+        if self._leave:
+            bar.close()
 
 
 class LastCheckpoint(Checkpoint):
@@ -668,7 +740,14 @@ def train(
     model_dir = out_dir / "models"
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
-    data = VAEData(out_dir / "prepared", cfg.data_space, cfg.train.batch_size, cfg.seed)
+    data = VAEData(
+        out_dir / "prepared",
+        cfg.data_space,
+        cfg.train.batch_size,
+        cfg.seed,
+        latent_dim=cfg.model.latent_dim,
+        val_batch_size=cfg.train.val_batch_size,
+    )
     data.setup()
     module = build_module(cfg, data)
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
