@@ -83,10 +83,10 @@ def test_tensor_batches_gathers_whole_batches_in_the_samplers_order():
     assert len(TensorBatches(sampler, x)) == 3 and [len(b) for b in batches] == [4, 4, 2]
     for idx, b in zip(order, batches, strict=True):
         assert torch.equal(b, x[idx])
-    # with more tensors: tuples of the same examples, each along its own example dimension
-    eps = torch.arange(30).reshape(1, 10, 3)  # (K, N, Z)
-    for idx, (bx, be) in zip(order, TensorBatches(sampler, x, eps, dims=(0, 1)), strict=True):
-        assert torch.equal(bx, x[idx]) and torch.equal(be, eps[:, idx])
+    # with more tensors: tuples of the same examples of each
+    eps = torch.arange(30).reshape(10, 1, 3)  # (N, K, Z)
+    for idx, (bx, be) in zip(order, TensorBatches(sampler, x, eps), strict=True):
+        assert torch.equal(bx, x[idx]) and torch.equal(be, eps[idx])
 
 
 @pytest.mark.slow
