@@ -130,10 +130,10 @@ def test_posterior_prior_kl_is_the_closed_form_and_matches_torchs_generic_kl():
     assert p.expand((3,)).batch_shape == (3,)
 
 
-def test_prior_follows_the_model_dtype_and_survives_inference_mode():
-    """The prior is on the model's dtype, and using the model under torch.inference_mode (as Lightning's
-    validation does) leaves nothing behind that a later training step's backward cannot use (estimator A
-    uses log p(z))."""
+def test_prior_is_built_once_follows_the_model_dtype_and_survives_inference_mode():
+    """The prior is built once, on the model's dtype, again after a move; first built under
+    torch.inference_mode (as Lightning's validation does), it holds no inference tensors, and a later
+    training step's backward can use it (estimator A uses log p(z))."""
     from vaerepro import estimators
 
     torch.manual_seed(0)
@@ -142,7 +142,11 @@ def test_prior_follows_the_model_dtype_and_survives_inference_mode():
     with torch.inference_mode():
         assert vae.prior().mean.dtype == torch.float32
         estimators.elbo(vae, x, 2, "A")
+    prior = vae.prior()
+    assert prior is vae.prior()
+    assert not prior.mean.is_inference() and not prior.stddev.is_inference()
     loss = -estimators.elbo(vae, x, 2, "A").mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
     assert vae.double().prior().mean.dtype == torch.float64
+    assert vae.prior() is not prior
