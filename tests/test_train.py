@@ -13,7 +13,16 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from conftest import Crash, copy_prepared, tiny_config, val_curve
 from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
-from vaerepro.train import EpochBar, EpochBatches, TensorBatches, batch_seed, shard, train
+from vaerepro.train import (
+    BestCheckpoint,
+    EpochBar,
+    EpochBatches,
+    TensorBatches,
+    VAEData,
+    batch_seed,
+    shard,
+    train,
+)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -47,6 +56,21 @@ def test_batch_seed_depends_on_seed_stream_epoch_and_index_only():
     assert len(seeds) == 16
     assert batch_seed(3, 0, 2, 5) == batch_seed(3, 0, 2, 5)
     assert 0 <= batch_seed(-1, 0, 0, 0) < 2**64  # a negative run seed is fine too
+
+
+def test_batch_seed_is_numpys_seed_sequence_of_seed_stream_epoch_and_index():
+    """Computed in blocks (SEED_BLOCK at a time), each seed is still SeedSequence([seed, stream, epoch,
+    index]) (a run's numbers do not depend on the block size), in any order of asking, across block edges."""
+    import numpy as np
+
+    from vaerepro.train import SEED_BLOCK
+
+    def reference(s, st, e, i):
+        return int(np.random.SeedSequence([s % 2**64, st, e, i]).generate_state(1, dtype=np.uint64)[0])
+
+    indices = [3 * SEED_BLOCK + 1, 0, SEED_BLOCK - 1, SEED_BLOCK, 2 * SEED_BLOCK + 5, 1]
+    for s, st, e in ((0, 0, 0), (-1, 1, 7), (2**70, 0, 3)):
+        assert [batch_seed(s, st, e, i) for i in indices] == [reference(s, st, e, i) for i in indices]
 
 
 def test_shard_gradients_average_to_the_global_batch_gradient():
@@ -87,6 +111,31 @@ def test_tensor_batches_gathers_whole_batches_in_the_samplers_order():
     eps = torch.arange(30).reshape(10, 1, 3)  # (N, K, Z)
     for idx, (bx, be) in zip(order, TensorBatches(sampler, x, eps), strict=True):
         assert torch.equal(bx, x[idx]) and torch.equal(be, eps[idx])
+
+
+def test_batches_on_the_device_already_are_not_moved_others_are(tmp_path):
+    data = VAEData(tmp_path, "binary", 4, 0, latent_dim=2)
+    x, eps = torch.zeros(4, 3), torch.zeros(4, 1, 2)
+    cpu = torch.device("cpu")
+    assert data.transfer_batch_to_device(x, cpu, 0) is x
+    pair = (x, eps)
+    assert data.transfer_batch_to_device(pair, cpu, 0) is pair
+    # another device: Lightning's own transfer ("meta" stands in for a GPU here)
+    moved = data.transfer_batch_to_device(pair, torch.device("meta"), 0)
+    assert [t.device.type for t in moved] == ["meta", "meta"]
+    assert [t.shape for t in moved] == [x.shape, eps.shape]
+
+
+def test_best_checkpoint_keeps_model_checkpoints_state_key():
+    """The key of its state in a checkpoint is ModelCheckpoint's, so checkpoints written before it resume."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kwargs = dict(dirpath="m", filename="best", monitor="val/elbo", mode="max", save_weights_only=True)
+    best = BestCheckpoint(**kwargs)
+    key = ModelCheckpoint(**kwargs).state_key
+    assert best.state_key == key and key.startswith("ModelCheckpoint{")
+    other = BestCheckpoint(**{**kwargs, "monitor": "train/elbo"})
+    assert other.state_key == ModelCheckpoint(**{**kwargs, "monitor": "train/elbo"}).state_key != key
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -117,8 +118,26 @@ TRAIN_STREAM, VAL_STREAM = 0, 1
 def batch_seed(seed: int, stream: int, epoch: int, index: int) -> int:
     """The seed of one global batch's randomness: a function of (run seed, stream, epoch, batch index) only,
     so it is the same on every rank, for any number of ranks, and after resuming from a checkpoint."""
-    state = np.random.SeedSequence([seed % 2**64, stream, epoch, index]).generate_state(1, dtype=np.uint64)
-    return int(state[0])
+    block, i = divmod(index, SEED_BLOCK)
+    return _seed_block(seed, stream, epoch, block)[i]
+
+
+SEED_BLOCK = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _seed_block(seed: int, stream: int, epoch: int, block: int) -> tuple[int, ...]:
+    """`batch_seed` of batches block * SEED_BLOCK ... (block + 1) * SEED_BLOCK - 1, computed together.
+
+    Why in blocks: numpy's SeedSequence takes ~9 us in a loop of its own, but ~100 us when called between a
+    training step's large tensor ops, which have evicted it from the CPU's caches: 1.5 % of an AEVB MLP step
+    on 2 CPU cores (benchmarks/bench.py). The same numbers, one cold start per 32 batches.
+    """
+    start = block * SEED_BLOCK
+    return tuple(
+        int(np.random.SeedSequence([seed % 2**64, stream, epoch, i]).generate_state(1, dtype=np.uint64)[0])
+        for i in range(start, start + SEED_BLOCK)
+    )
 
 
 class VAEData(pl.LightningDataModule):
@@ -160,6 +179,14 @@ class VAEData(pl.LightningDataModule):
 
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A batch (a tensor, or a tuple of tensors) on the device already, as on a CPU, is returned as it is,
+        # without Lightning's generic walk of the batch: ~30 us a step in a training, 0.5 % of an AEVB MLP
+        # step on 2 CPU cores (benchmarks/bench.py).
+        if all(t.device == device for t in (batch if isinstance(batch, tuple) else (batch,))):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> TensorBatches:
         n, size = len(self.x_train), self.batch_size * self._world()  # global batches
@@ -449,6 +476,19 @@ class EpochBar(TQDMProgressBar):
             bar.close()
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with its `state_key` computed once. Lightning formats every callback's
+    `state_key` each time it calls one of its hooks, ~6 times a training step, and ModelCheckpoint's builds
+    the repr of a dict of its settings each time: ~30 us a step in a training, 0.5 % of an AEVB MLP step on
+    2 CPU cores (benchmarks/bench.py). The key depends only on constructor arguments: the same string."""
+
+    @functools.cached_property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key (its class name, then its settings), so that checkpoints written with
+        # either class resume with the other, best score included
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+
 class LastCheckpoint(Checkpoint):
     """models/last.ckpt, the whole training state for `train.resume`: written at the end of the first epoch
     that ends `every_s` seconds or more after the previous save (every epoch for 0), and at the end of
@@ -572,7 +612,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         # best.ckpt: the weights evaluation uses (and the model's constructor args), without the optimiser
         # state, a third of the bytes to write, store in DVC and upload to MLflow; first in the list, so it is
         # trainer.checkpoint_callback. last.ckpt: the whole training state, for resuming.
-        ModelCheckpoint(
+        BestCheckpoint(
             dirpath=out_dir / "models",
             filename="best",
             monitor="val/elbo",
