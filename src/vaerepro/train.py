@@ -479,8 +479,9 @@ class EpochBar(TQDMProgressBar):
 class BestCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint with its `state_key` computed once. Lightning formats every callback's
     `state_key` each time it calls one of its hooks, ~6 times a training step, and ModelCheckpoint's builds
-    the repr of a dict of its settings each time: ~30 us a step in a training, 0.5 % of an AEVB MLP step on
-    2 CPU cores (benchmarks/bench.py). The key depends only on constructor arguments: the same string."""
+    the repr of a dict of its settings each time: ~30-60 us a step in a training, 0.5-1 % of an AEVB MLP
+    step on 2 CPU cores (benchmarks/bench.py). The key depends only on constructor arguments: the same
+    string."""
 
     @functools.cached_property
     def state_key(self) -> str:
