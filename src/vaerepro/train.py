@@ -113,6 +113,7 @@ def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
 
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
+SEED_BLOCK = 32  # batch seeds computed together, see _seed_block
 
 
 def batch_seed(seed: int, stream: int, epoch: int, index: int) -> int:
@@ -120,9 +121,6 @@ def batch_seed(seed: int, stream: int, epoch: int, index: int) -> int:
     so it is the same on every rank, for any number of ranks, and after resuming from a checkpoint."""
     block, i = divmod(index, SEED_BLOCK)
     return _seed_block(seed, stream, epoch, block)[i]
-
-
-SEED_BLOCK = 32
 
 
 @functools.lru_cache(maxsize=8)
