@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vaerepro import config as config_mod
 
@@ -33,6 +34,22 @@ TINY = [
     "eval.batch_size=50",
     "eval.num_images=4",
 ]
+
+
+def shrink_conf(conf_dir: Path) -> None:
+    """Bake the TINY overrides into the copied conf/ so `dvc exp run -S` composes the tiny config too."""
+    for override in TINY:
+        key, value = override.split("=", 1)
+        group, leaf = key.split(".", 1)
+        path = (
+            conf_dir
+            / group
+            / {"data": "mnist5k", "model": "mlp", "train": "default", "eval": "default"}[group]
+        )
+        path = path.with_suffix(".yaml")
+        d = yaml.safe_load(path.read_text())
+        d[leaf] = yaml.safe_load(value)
+        path.write_text(yaml.safe_dump(d, sort_keys=False))
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -389,18 +390,92 @@ def test_npz_integer_levels_become_uint8(tmp_path):
     assert raw.y.tolist() == [2] and raw.y.dtype == np.int64
 
 
+def _npz_bytes(**arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _npy_overstated() -> bytes:
+    """A valid .npy header claiming shape (10**12,) uint8 (1 TB) over 12 bytes of data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": (10**12,)})
+    return buffer.getvalue() + bytes(12)
+
+
 def _save(**arrays):
     return lambda path: np.savez(path, **arrays)
 
 
+def _write(blob: bytes):
+    return lambda path: path.write_bytes(blob)
+
+
+def _zip(**members: bytes):
+    """A zip archive holding ``members`` (name -> bytes), as a writer for BAD_NPZ."""
+
+    def write(path):
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, blob in members.items():
+                zf.writestr(name, blob)
+
+    return write
+
+
+NOT_AN_NPZ = "not an .npz archive"
+SAVEZ_HINT = "an .npz is a zip of .npy arrays, written by numpy.savez"
+
 BAD_NPZ = {
     "missing": (None, "file not found"),
-    "garbage": (lambda p: p.write_bytes(b"not a zip archive"), "not a readable .npz file"),
+    # Files that are not zips at all: say what they start with, never numpy's "pickled data" message.
+    "garbage": (
+        _write(b"not a zip archive"),
+        f"{NOT_AN_NPZ} (it starts with b'not a zip archiv'; {SAVEZ_HINT})",
+    ),
+    "text": (
+        _write(b"hello, this is not an array\n"),
+        f"{NOT_AN_NPZ} (it starts with b'hello, this is n'; {SAVEZ_HINT})",
+    ),
+    "csv": (_write(b"x0,x1,x2\n0.1,0.2,0.3\n"), f"{NOT_AN_NPZ} (it starts with b'x0,x1,x2\\n0.1,0.2';"),
+    "binary": (_write(b"\x80\x04\x95\x00\x00"), f"{NOT_AN_NPZ} (it starts with b'\\x80\\x04\\x95"),
+    "empty_file": (_write(b""), f"empty file (0 bytes), {NOT_AN_NPZ} ({SAVEZ_HINT})"),
+    "single_npy": (
+        lambda p: p.write_bytes(_npy_bytes(np.zeros((3, 4), np.uint8))),
+        f"{NOT_AN_NPZ} but a single .npy array (numpy.save)",
+    ),
+    "single_npy_object": (
+        lambda p: p.write_bytes(_npy_bytes(np.array([1, "a"], dtype=object))),
+        f"{NOT_AN_NPZ} but a single .npy array (numpy.save)",
+    ),
+    # Zips that are cut short or are not .npz archives.
     "truncated_zip": (
         lambda p: p.write_bytes(_npz_bytes(x=np.zeros((3, 4)))[:-30]),
-        "not a readable .npz file",
+        "truncated or corrupt .npz archive",
     ),
-    "single_npy": (lambda p: p.write_bytes(_npy_bytes(np.zeros((3, 4), np.uint8))), "not an .npz archive"),
+    "truncated_half": (
+        lambda p: p.write_bytes((b := _npz_bytes(x=np.zeros((30, 4))))[: len(b) // 2]),
+        "truncated or corrupt .npz archive",
+    ),
+    "zip_of_csv": (_zip(**{"data.csv": b"1,2\n3,4\n"}), "no array 'x' in the archive (found ['data.csv'])"),
+    "x_not_npy": (
+        _zip(**{"x.npy": b"hello, this is not an array\n"}),
+        "x in the archive is not an .npy array",
+    ),
+    "x_header_overstates": (
+        _zip(**{"x.npy": _npy_overstated()}),  # refused before numpy allocates 1 TB
+        "x is corrupt: its .npy header says shape (1000000000000,) uint8 (1000000000000 bytes) "
+        "but it holds 12 bytes",
+    ),
+    "bad_crc": (
+        lambda p: p.write_bytes(_npz_bytes(x=np.zeros((3, 4), np.uint8)).replace(bytes(12), b"\x01" * 12, 1)),
+        "x in the archive is corrupt or unreadable (Bad CRC-32",
+    ),
     "no_x": (_save(images=np.zeros((3, 4), np.uint8)), "no array 'x' in the archive (found ['images'])"),
     "ndim4": (_save(x=np.zeros((2, 3, 4, 5), np.uint8)), "got ndim 4"),
     "ndim1": (_save(x=np.zeros(5, np.uint8)), "got ndim 1"),
@@ -415,23 +490,19 @@ BAD_NPZ = {
     ),
     "int_negative": (_save(x=np.array([[-1, 3]], np.int64)), "found range -1..3"),
     "complex": (_save(x=np.zeros((2, 4), np.complex64)), "unsupported x dtype complex64"),
-    "object": (_save(x=np.array([[1, "a"]], dtype=object)), "not a readable .npz file"),
+    # Arrays of Python objects: the only case where pickling is the real story.
+    "object": (
+        _save(x=np.array([[1, "a"]], dtype=object)),
+        "x holds Python objects (dtype object); object arrays are not supported",
+    ),
+    "y_object": (
+        _save(x=np.zeros((2, 4), np.uint8), y=np.array([1, "a"], dtype=object)),
+        "y holds Python objects (dtype object); object arrays are not supported",
+    ),
     "y_length": (_save(x=np.zeros((3, 4), np.uint8), y=np.arange(4)), "y has shape (4,), expected (3,)"),
     "y_ndim": (_save(x=np.zeros((3, 4), np.uint8), y=np.zeros((3, 1), int)), "y has shape (3, 1)"),
     "y_float": (_save(x=np.zeros((2, 4), np.uint8), y=np.array([0.5, 1.0])), "y must hold integer labels"),
 }
-
-
-def _npz_bytes(**arrays):
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _npy_bytes(array):
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("case", BAD_NPZ)
@@ -442,8 +513,73 @@ def test_npz_bad_inputs_raise_naming_file_and_problem(case, tmp_path):
         write(path)
     with pytest.raises(DataError) as info:
         data.load_raw("npz", tmp_path, path=path)
-    assert str(path) in str(info.value) and problem in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and problem in message
+    assert "\n" not in message  # one line: the CLI prints it as is
+    # numpy's "contains pickled (object) data" for non-.npy bytes would send the user the wrong way
+    assert "pickle" not in message.removeprefix(str(path)).lower()
     assert isinstance(info.value, ValueError)
+
+
+# A small file that expands a lot: 1,000,000 zero bytes compress to about 1 KB.
+BIG_X = np.zeros((1000, 1000), np.uint8)
+
+
+def _npy_size(array):
+    return len(_npy_bytes(array))  # what the zip member holds once decompressed: .npy header + data
+
+
+def test_npz_over_max_npz_bytes_is_refused_from_the_zip_headers(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=BIG_X)
+    assert path.stat().st_size < 10_000
+    size = _npy_size(BIG_X)
+
+    def no_decompression(*args, **kwargs):
+        raise AssertionError("a member was opened: the size check must come from the zip headers alone")
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "open", no_decompression)
+        with pytest.raises(DataError) as info:
+            data.load_raw("npz", tmp_path, path=path, max_npz_bytes=1000)
+    assert str(info.value) == (
+        f"{path}: x decompresses to {size} bytes (976.7 KiB), over data.max_npz_bytes=1000; "
+        "raise data.max_npz_bytes or shrink the file"
+    )
+    # through prepare as well: refused before anything is written
+    with pytest.raises(DataError, match=r"x decompresses to \d+ bytes .*over data\.max_npz_bytes=1000;"):
+        data.prepare("npz", tmp_path, tmp_path / "prep", path=path, max_npz_bytes=1000)
+    assert not (tmp_path / "prep").exists()
+    # the limit is inclusive: exactly the decompressed size loads, one byte less does not
+    raw = data.load_raw("npz", tmp_path, path=path, max_npz_bytes=size)
+    assert raw.x.shape == (1000, 1, 1000) and raw.quantized  # (N, D), D not a square: (N, 1, D)
+    with pytest.raises(DataError, match=f"x decompresses to {size} bytes"):
+        data.load_raw("npz", tmp_path, path=path, max_npz_bytes=size - 1)
+
+
+def test_npz_max_npz_bytes_counts_x_and_y(tmp_path):
+    x, y = np.zeros((10, 4), np.uint8), np.arange(10)
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    total = _npy_size(x) + _npy_size(y)
+    raw = data.load_raw("npz", tmp_path, path=tmp_path / "xy.npz", max_npz_bytes=total)
+    assert raw.y.tolist() == list(range(10))
+    with pytest.raises(DataError, match=f"x and y decompress to {total} bytes"):
+        data.load_raw("npz", tmp_path, path=tmp_path / "xy.npz", max_npz_bytes=total - 1)
+
+
+def test_npz_under_the_default_limit_loads_and_the_config_default_matches():
+    from pydantic import ValidationError
+
+    from conftest import compose
+    from vaerepro import config as config_mod
+
+    assert data.DEFAULT_MAX_NPZ_BYTES == 8 * 2**30  # 8 GiB
+    assert config_mod.DataConfig().max_npz_bytes == data.DEFAULT_MAX_NPZ_BYTES
+    cfg = config_mod.validate(compose("data=npz", "data.path=/tmp/mine.npz", "data.max_npz_bytes=1000"))
+    assert cfg.data.max_npz_bytes == 1000
+    assert config_mod.validate(compose("data=npz", "data.path=/tmp/mine.npz")).data.max_npz_bytes == 8 * 2**30
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        config_mod.DataConfig(max_npz_bytes=0)
 
 
 # --------------------------------------------------------------------------------------------- data spaces

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, run
+from conftest import ROOT, run, shrink_conf
 
 pytestmark = pytest.mark.slow
 
@@ -31,22 +31,6 @@ EVAL_KEYS = {
 }
 
 
-def _shrink_conf(conf_dir):
-    """Bake the TINY overrides into the copied conf/ so `dvc exp run -S` composes the tiny config too."""
-    for override in TINY:
-        key, value = override.split("=", 1)
-        group, leaf = key.split(".", 1)
-        path = (
-            conf_dir
-            / group
-            / {"data": "mnist5k", "model": "mlp", "train": "default", "eval": "default"}[group]
-        )
-        path = path.with_suffix(".yaml")
-        d = yaml.safe_load(path.read_text())
-        d[leaf] = yaml.safe_load(value)
-        path.write_text(yaml.safe_dump(d, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("repo")
@@ -55,7 +39,7 @@ def repo(tmp_path_factory):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, d / name)
     (d / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", d / ".dvc" / "config")
-    _shrink_conf(d / "conf")
+    shrink_conf(d / "conf")
     run(["git", "init", "-q"], d)
     run(["git", "config", "user.email", "ci@example.invalid"], d)
     run(["git", "config", "user.name", "ci"], d)

@@ -6,6 +6,11 @@ vaerepro prepare|train|evaluate|report [--params params.yaml] [--out .]
                                 the DVC stages; each reads the resolved config
 vaerepro run [OVERRIDES]        one configuration through every stage, outside DVC (a Hydra app:
                                 --multirun, --cfg job, hydra.run.dir=... all work)
+
+A mistake in the input (a config key, a file, a checkpoint, the tracking store) is one line on stderr naming
+the key or file and the problem, exit status 2; --debug (or VAEREPRO_DEBUG=1) shows the traceback instead.
+SIGTERM stops a command with exit status 143 (training at the end of its epoch, with models/last.ckpt
+written) and says how to resume.
 """
 
 from __future__ import annotations
@@ -14,13 +19,25 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from vaerepro import config as config_mod
+from vaerepro import signals
 from vaerepro.config import Config, ConfigError
+from vaerepro.errors import Stopped, UserError
 
 log = logging.getLogger("vaerepro")
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message for a mistake in the user's input, or None for a fault of the program."""
+    if isinstance(err, UserError):
+        return " ".join(str(err).split())
+    if isinstance(err, OSError) and err.filename is not None:  # unwritable models/, a missing file, ...
+        return f"{err.filename}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def _raw_dir(cfg: Config, root: Path) -> Path:
@@ -51,13 +68,16 @@ def stage_prepare(cfg: Config, out_dir: Path, root: Path) -> dict:
         test_fraction=d.test_fraction,
         seed=d.split_seed,
         max_examples=d.max_examples,
+        max_npz_bytes=d.max_npz_bytes,
     )
 
 
-def stage_train(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict:
+def stage_train(
+    cfg: Config, out_dir: Path, root: Path, progress: bool = True, *, finish_run: bool = True
+) -> dict:
     from vaerepro.train import train
 
-    return train(cfg, out_dir, root=root, enable_progress_bar=progress)
+    return train(cfg, out_dir, root=root, enable_progress_bar=progress, finish_run=finish_run)
 
 
 def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict:
@@ -113,7 +133,7 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
 
     if _ddp_child():
         try:
-            stage_train(cfg, out_dir, root, progress=False)
+            stage_train(cfg, out_dir, root, progress=False, finish_run=False)
             if dist.is_available() and dist.is_initialized():  # the DDP process group: share out evaluation
                 stage_evaluate(cfg, out_dir, root, progress=False)
         finally:
@@ -128,9 +148,16 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         (out_dir / "params.yaml").write_text(config_mod.dump(cfg.to_dict()))
         stage_fetch(cfg, root)
         stage_prepare(cfg, out_dir, root)
-        stage_train(cfg, out_dir, root, progress)
-        metrics = stage_evaluate(cfg, out_dir, root, progress)
-        stage_report(cfg, out_dir, root)
+        # The MLflow run stays RUNNING after training (train ends it FAILED or KILLED itself): it is
+        # FINISHED when the report, the last stage, is written, and FAILED or KILLED if a stage after
+        # training does not finish.
+        stage_train(cfg, out_dir, root, progress, finish_run=False)
+        try:
+            metrics = stage_evaluate(cfg, out_dir, root, progress)
+            stage_report(cfg, out_dir, root)
+        except BaseException as exc:
+            _end_run_after(cfg, out_dir, exc)
+            raise
         return metrics
     finally:
         _leave_process_group()
@@ -139,6 +166,15 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _end_run_after(cfg: Config, out_dir: Path, exc: BaseException) -> None:
+    """Mark the run in out_dir/models/mlflow_run.json FAILED or KILLED (the reason as a tag) after a stage
+    that follows training did not finish."""
+    if cfg.tracking.enabled:
+        from vaerepro import tracking
+
+        tracking.end_recorded_run(out_dir / "models", tracking.status_of(exc), exc)
 
 
 STAGES = {"prepare": stage_prepare, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
@@ -179,12 +215,33 @@ def _hydra_run(argv: list[str]) -> None:
     given = sys.argv
     command = given[: len(given) - len(argv)] if argv and given[-len(argv) :] == argv else [given[0], "run"]
 
+    _check_overrides(argv, root)
+    # Hydra reports an exception from the task with a traceback and exit status 1: the task keeps the
+    # first mistake or stop it meets, and it is raised again once Hydra has returned.
+    caught: list[BaseException] = []
+
     @hydra.main(config_path=str(root / "conf"), config_name="config", version_base="1.3")
     def app(dcfg) -> float | None:
-        cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        _ddp_relaunch_argv(command, out_dir)
-        metrics = run_pipeline(cfg, out_dir, root)
+        # what Hydra itself put there (.hydra/, the job's log): a directory this job created
+        fresh = all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir())
+        try:
+            cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
+            _ddp_relaunch_argv(command, out_dir)
+            metrics = run_pipeline(cfg, out_dir, root)
+        except Stopped as stop:
+            stop.hint = "resume with: vaerepro run " + " ".join(
+                [*HydraConfig.get().overrides.task, "train.resume=true", f"hydra.run.dir={out_dir}"]
+            )
+            caught.append(stop)
+            return None
+        except Exception as err:
+            if _user_error(err) is None:
+                raise
+            if fresh and not (out_dir / "models").exists():
+                shutil.rmtree(out_dir, ignore_errors=True)  # nothing of this job's is worth keeping
+            caught.append(err)
+            return None
         if metrics is None:  # another DDP rank: rank 0 reports
             return None
         log.info(
@@ -202,17 +259,64 @@ def _hydra_run(argv: list[str]) -> None:
         app()
     finally:
         sys.argv = given
+    if caught:
+        raise caught[0]
+
+
+def _check_overrides(argv: list[str], root: Path) -> None:
+    """Compose and validate a single run's configuration before Hydra creates its run directory, so that a
+    mistake leaves no empty directory behind and is one line (Hydra's own errors are several, and a
+    traceback). Multirun sweeps and Hydra's flags (--cfg, --multirun, ...) are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    config_mod.validate(_compose(overrides, root))
+
+
+def _compose(overrides: list[str], root: Path) -> dict:
+    """conf/ composed with Hydra overrides; a ConfigError (one line) for an override Hydra refuses."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return config_mod.compose(overrides, config_dir=root / "conf")
+    except (HydraException, OmegaConfBaseException) as err:
+        text = " ".join(str(err).split(" Config search path:")[0].split())  # the search path: noise here
+        raise ConfigError(f"overrides {' '.join(overrides)}: {text}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VAEREPRO_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signals.install()
+    command = argv[0] if argv else ""
+    try:
+        return _main(argv)
+    except Stopped as stop:
+        hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
+        print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return stop.exit_status
+    except Exception as err:
+        message = _user_error(err)
+        if message is None or debug:
+            raise
+        print(f"vaerepro {command}: {message}", file=sys.stderr)
+        return 2
+
+
+_RESUME_HINT = {
+    "train": "resume with train.resume=true (vaerepro params ... train.resume=true, or "
+    "dvc exp run -S train.resume=true), then vaerepro train",
+    "evaluate": "run vaerepro evaluate again",
+    "report": "run vaerepro report again",
+}
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "run":
-        try:
-            _hydra_run(argv[1:])
-        except ConfigError as err:
-            print(f"vaerepro: {err}", file=sys.stderr)
-            return 2
+        _hydra_run(argv[1:])
         return 0
 
     parser = argparse.ArgumentParser(
@@ -229,30 +333,30 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from vaerepro.data import DataError
-
+    if args.command == "params":
+        raw = _compose(args.overrides, config_mod.find_project_root())
+        config_mod.validate(raw)
+        Path(args.output).write_text(config_mod.dump(raw))
+        print(f"wrote {args.output}")
+        return 0
+    cfg = config_mod.load(args.params)
+    root = config_mod.find_project_root(Path(args.params).resolve().parent)
+    out_dir = Path(args.out).resolve()
     try:
-        if args.command == "params":
-            raw = config_mod.compose(args.overrides)
-            config_mod.validate(raw)
-            Path(args.output).write_text(config_mod.dump(raw))
-            print(f"wrote {args.output}")
-            return 0
-        cfg = config_mod.load(args.params)
-        root = config_mod.find_project_root(Path(args.params).resolve().parent)
-        out_dir = Path(args.out).resolve()
         if args.command == "fetch":
             print(stage_fetch(cfg, root))
         elif args.command == "evaluate":
             with _torchrun_process_group():
                 stage_evaluate(cfg, out_dir, root, not args.no_progress)
         elif args.command == "train":
-            stage_train(cfg, out_dir, root, not args.no_progress)
+            stage_train(cfg, out_dir, root, not args.no_progress)  # ends its MLflow run itself
         else:
             STAGES[args.command](cfg, out_dir, root)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"vaerepro {args.command}: {err}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        # A stage after training that did not finish marks the run; a refused input leaves it as it was.
+        if args.command in ("evaluate", "report") and _user_error(exc) is None:
+            _end_run_after(cfg, out_dir, exc)
+        raise
     finally:
         _leave_process_group()
     return 0

@@ -14,12 +14,21 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vaerepro.errors import UserError
 from vaerepro.likelihoods import get_likelihood
 
 PROJECT_MARKERS = ("dvc.yaml", "conf/config.yaml")
 
+# A seed: what every generator it reaches accepts. Lightning's seed_everything replaces a seed outside
+# numpy's legacy range [0, 2**32 - 1] with 0 (a warning, and another run under the same label).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# Upper bounds that name the key instead of failing later with an allocation error: far above any
+# published VAE (AEVB: latent sizes 3..200, 500 hidden units).
+MAX_LATENT_DIM = 10_000
+MAX_HIDDEN = 100_000
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names each bad key."""
 
 
@@ -34,9 +43,12 @@ class DataConfig(_Section):
     raw_dir: str = "data"
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     max_examples: int | None = Field(None, ge=3)
     space: Literal["auto", "binary", "continuous"] = "auto"
+    # Most bytes a user's .npz (source npz) may decompress to, x and y together; default 8 GiB. Checked from
+    # the zip's headers before anything is decompressed: a small compressed file can expand to fill memory.
+    max_npz_bytes: int = Field(8 * 2**30, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -49,8 +61,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    latent_dim: int = Field(20, ge=1)
-    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500], min_length=1)
+    latent_dim: int = Field(20, ge=1, le=MAX_LATENT_DIM)
+    hidden_dims: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN)]] = Field(
+        default_factory=lambda: [500], min_length=1
+    )
     activation: Literal["tanh", "relu", "softplus", "elu"] = "tanh"
 
 
@@ -97,7 +111,7 @@ class TrainConfig(_Section):
 
 class TrainerConfig(_Section):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
-    devices: int | Literal["auto"] = Field(1)
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
@@ -109,7 +123,7 @@ class EvalConfig(_Section):
     num_samples: int = Field(1000, ge=1)
     batch_size: int = Field(100, ge=1)
     chunk_size: int = Field(250, ge=1)
-    seed: int = 1234
+    seed: Seed = 1234
     num_images: int = Field(16, ge=1)
     # where importance sampling runs: auto = this process's CUDA device when there is one, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -123,7 +137,7 @@ class TrackingConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     likelihood: LikelihoodConfig = Field(default_factory=lambda: BernoulliConfig(name="bernoulli"))
@@ -173,8 +187,8 @@ def _format(err: ValidationError) -> str:
             key = key.replace(f"likelihood.{tag}", "likelihood")
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"
-        lines.append(f"  {key or '<root>'}: {e['msg']}{shown}")
-    return "Invalid configuration:\n" + "\n".join(lines)
+        lines.append(f"{key or '<root>'}: {e['msg']}{shown}")
+    return "; ".join(lines)  # one line: each bad key, what was given and what is allowed
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -195,8 +209,22 @@ def load(path: str | os.PathLike) -> Config:
             f"{path}: no resolved config here. Write it with `vaerepro params` (or `dvc exp run`), "
             "or pass --params FILE."
         )
-    with path.open() as fh:
-        raw = yaml.safe_load(fh)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
+    if isinstance(raw, dict):
+        # A stage runs what the file says: a section it lacks is an incomplete file, not a request for
+        # the defaults (which may not be what conf/ composes).
+        missing = [k for k in Config.model_fields if k not in raw]
+        if missing:
+            raise ConfigError(
+                f"{path}: no {', '.join(missing)} section{'s' if len(missing) > 1 else ''}; "
+                "write the whole resolved config with `vaerepro params` (or `dvc exp run`)"
+            )
     try:
         return validate(raw)
     except ConfigError as err:

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaerepro.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("mnist5k", "mnist", "fashion_mnist", "frey_faces", "npz")
@@ -81,9 +83,12 @@ SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
+# Default cap on what a user's .npz may decompress to, in bytes (8 GiB): a few-KB compressed file can expand
+# to fill memory (a zip bomb, or just an unintended huge array), so the zip headers are checked first.
+DEFAULT_MAX_NPZ_BYTES = 8 * 2**30
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad input (missing, unreadable, corrupt, invalid); the message names the file and the problem."""
 
 
@@ -238,11 +243,16 @@ def _download(url: str, dest: Path, md5: str | None, validate) -> None:
         raise
 
 
-def load_raw(source: str, raw_dir: Path, *, path: Path | None = None) -> RawData:
-    """Read and validate the raw files ``fetch`` put in place (for ``npz``: the user's file at ``path``)."""
+def load_raw(
+    source: str, raw_dir: Path, *, path: Path | None = None, max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES
+) -> RawData:
+    """Read and validate the raw files ``fetch`` put in place (for ``npz``: the user's file at ``path``).
+
+    ``max_npz_bytes``: refuse an ``npz`` whose ``x`` and ``y`` decompress to more bytes than this.
+    """
     _check_source(source, path=path)
     if source == "npz":
-        return _load_npz(Path(path))
+        return _load_npz(Path(path), max_npz_bytes=max_npz_bytes)
     directory = Path(raw_dir) / source
     files = {}
     for name, md5 in MD5[source].items():
@@ -349,25 +359,126 @@ def _read_frey(path: Path, *, name: str | None = None) -> np.ndarray:
     return np.ascontiguousarray(ff.T.reshape(-1, 28, 20))  # (N, 28, 20)
 
 
-def _load_npz(path: Path) -> RawData:
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first local header, or the end record of an empty zip
+_PREVIEW_BYTES = 16  # how much of a file that is not an .npz its message quotes
+_SAVEZ_HINT = "an .npz is a zip of .npy arrays, written by numpy.savez"
+_NPY_HEADER_READERS = {  # .npy format version -> header reader (3.0 only holds structured dtypes: refused)
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+# What reading a corrupt zip member can raise: zlib/CRC errors, short reads, an unsupported compression
+# method (NotImplementedError) or an encrypted member (RuntimeError), numpy's header ValueErrors.
+_MEMBER_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _human_bytes(n: int) -> str:
+    """``n`` bytes in binary units with one decimal, e.g. ``954.8 KiB`` or ``8.0 GiB``."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _load_npz(path: Path, *, max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES) -> RawData:
+    """Read ``x`` (and ``y`` if present) from the user's .npz at ``path``.
+
+    Reads the zip directly rather than through ``np.load``: every failure gets a message saying what the
+    file is (numpy calls any non-zip, non-.npy bytes "pickled data"), and the members' decompressed sizes
+    (``ZipInfo.file_size``, bytes) are checked against ``max_npz_bytes`` before anything is decompressed.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
-    with archive:
-        if "x" not in archive.files:
-            raise DataError(f"{path}: no array 'x' in the archive (found {archive.files})")
-        try:
-            x = archive["x"]
-            y = archive["y"] if "y" in archive.files else None
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+        with open(path, "rb") as f:
+            head = f.read(_PREVIEW_BYTES)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+    if not head:
+        raise DataError(f"{path}: empty file (0 bytes), not an .npz archive ({_SAVEZ_HINT})")
+    if head.startswith(np.lib.format.MAGIC_PREFIX):
+        raise DataError(
+            f"{path}: not an .npz archive but a single .npy array (numpy.save); "
+            "write x (and y) with numpy.savez(path, x=x, y=y)"
+        )
+    if not head.startswith(_ZIP_MAGICS):
+        raise DataError(f"{path}: not an .npz archive (it starts with {head!r}; {_SAVEZ_HINT})")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        # e.g. a file cut short loses the zip's central directory, stored at its end
+        raise DataError(
+            f"{path}: truncated or corrupt .npz archive: it starts like a zip, but zipfile cannot read it "
+            f"({_one_line(exc)})"
+        ) from exc
+    with zf:
+        # numpy.savez names the members "<key>.npy"; like np.load, accept "<key>" too
+        members = {}
+        for info in zf.infolist():
+            members.setdefault(info.filename.removesuffix(".npy"), info)
+        if "x" not in members:
+            raise DataError(f"{path}: no array 'x' in the archive (found {sorted(members)})")
+        keys = ["x", "y"] if "y" in members else ["x"]
+        total = sum(members[k].file_size for k in keys)  # decompressed bytes, from the zip's headers
+        if total > max_npz_bytes:
+            names, verb = " and ".join(keys), "decompress" if len(keys) > 1 else "decompresses"
+            raise DataError(
+                f"{path}: {names} {verb} to {total} bytes ({_human_bytes(total)}), "
+                f"over data.max_npz_bytes={max_npz_bytes}; raise data.max_npz_bytes or shrink the file"
+            )
+        x, y = (_read_npz_member(path, zf, members[k], k) if k in members else None for k in ("x", "y"))
     x, y, image_shape, quantized = validate_arrays(x, y, path)
     return RawData(x, y, image_shape, quantized, "npz", {path.name: file_md5(path)})
+
+
+def _read_npz_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """The .npy array in member ``info`` (named ``key`` in messages) of the open archive ``zf``.
+
+    The header is checked before numpy reads the data: no object arrays (they would need pickle), and the
+    shape it claims must fit in the member's decompressed size, so a corrupt header cannot make numpy
+    allocate more than the size cap already allowed.
+    """
+    try:
+        with zf.open(info) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+            except ValueError as exc:
+                raise DataError(
+                    f"{path}: {key} in the archive is not an .npy array ({_one_line(exc)})"
+                ) from exc
+            if version not in _NPY_HEADER_READERS:
+                raise DataError(f"{path}: {key} uses .npy format version {version}, unsupported")
+            shape, _fortran, dtype = _NPY_HEADER_READERS[version](f)
+            if dtype.hasobject:
+                raise DataError(
+                    f"{path}: {key} holds Python objects (dtype {dtype}); object arrays are not supported "
+                    "(store numbers: uint8 0..255 or float in [0, 1], integer labels)"
+                )
+            claimed, held = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()  # bytes
+            if claimed > held:
+                raise DataError(
+                    f"{path}: {key} is corrupt: its .npy header says shape {shape} {dtype} ({claimed} bytes) "
+                    f"but it holds {held} bytes"
+                )
+            f.seek(0)  # read_array parses the header again; seeking back re-reads only these few bytes
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except DataError:
+        raise
+    except _MEMBER_ERRORS as exc:
+        raise DataError(f"{path}: {key} in the archive is corrupt or unreadable ({_one_line(exc)})") from exc
 
 
 def validate_arrays(
@@ -523,14 +634,17 @@ def prepare(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_examples: int | None = None,
+    max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES,
 ) -> dict:
     """Validate the raw data and write deterministic splits to ``out_dir``; return the meta dict.
+
+    ``max_npz_bytes``: for source ``npz``, the most bytes ``x`` and ``y`` may decompress to (see load_raw).
 
     Writes ``x_{train,val,test}.npy`` as (N, D) uint8 (8-bit data) or float32, ``y_*.npy`` (int64) when the
     source has labels, and ``meta.json``. Everything is written to a temporary directory next to ``out_dir``
     which then replaces it, so a failure (validation included) leaves an existing ``out_dir`` untouched.
     """
-    raw = load_raw(source, raw_dir, path=path)
+    raw = load_raw(source, raw_dir, path=path, max_npz_bytes=max_npz_bytes)
     index = split_indices(
         len(raw.x),
         val_fraction=val_fraction,

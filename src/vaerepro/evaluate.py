@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vaerepro import estimators
+from vaerepro import checkpoints, estimators
 from vaerepro.config import Config, ConfigError
 from vaerepro.data import dim_log_jacobian, fixed_space, load_prepared
 from vaerepro.model import VAE
@@ -32,9 +32,10 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q
 KNN_K = 15  # Loaiza-Ganem & Cunningham 2019 classify latent means with 15 nearest neighbours
 
 
-def load_vae(path: Path) -> VAE:
-    """Rebuild the VAE from a checkpoint without Lightning: constructor args + weights, weights_only."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_vae(path: Path, ckpt: dict[str, Any] | None = None) -> VAE:
+    """Rebuild the VAE from a checkpoint without Lightning: constructor args + weights, weights_only.
+    `ckpt`: the checkpoint already read from `path`."""
+    ckpt = ckpt if ckpt is not None else checkpoints.read(path)
     vae = VAE(**ckpt["hyper_parameters"]["vae_config"])
     state = {k.removeprefix("vae."): v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
     vae.load_state_dict(state)
@@ -230,8 +231,22 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     device = eval_device(cfg.eval.device)  # before any work: a missing GPU is a configuration error
     out_dir = Path(out_dir)
     splits = load_prepared(out_dir / "prepared")
-    vae = load_vae(out_dir / "models" / "best.ckpt")
     space, quantized = cfg.data_space, bool(splits.quantized)
+    best = out_dir / "models" / "best.ckpt"
+    ckpt = checkpoints.read(best)
+    # The checkpoint is the truth for the model: evaluating it under another likelihood, latent size, data
+    # space or data would report its numbers under the config's labels.
+    expected = checkpoints.expected_hparams(
+        cfg, splits.data_dim, quantized, checkpoints.data_digest(splits.meta)
+    )
+    differ = checkpoints.mismatches(ckpt["hyper_parameters"], expected, only=checkpoints.MODEL_KEYS)
+    if differ:
+        raise checkpoints.CheckpointError(
+            f"{best}: the config does not describe the model this checkpoint holds: "
+            + "; ".join(differ)
+            + ". Evaluate it with the config it was trained with, or train again; nothing was changed"
+        )
+    vae = load_vae(best, ckpt)
     x_test = fixed_space(splits.test, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
     e = cfg.eval
     rank, world = _process_group()

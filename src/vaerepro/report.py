@@ -42,6 +42,7 @@ from vaerepro.compare import (  # noqa: E402
     rank,
     space_label,
 )
+from vaerepro.errors import UserError  # noqa: E402
 
 NATS = "nats/example"
 LADDER_SIGMAS = 3.0  # a ladder drop beyond this many combined standard errors is flagged
@@ -115,10 +116,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
 
 
+class ResultFileError(UserError, FileNotFoundError):
+    """A result file the report needs is missing or unreadable (a FileNotFoundError for callers that
+    catch that)."""
+
+
 def _load_json(path: Path, stage: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by `{stage}`; run that stage first")
-    return json.loads(path.read_text())
+        raise ResultFileError(f"{path}: file not found; it is written by `{stage}`: run that stage first")
+    try:
+        d = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ResultFileError(f"{path}: not valid JSON ({exc}); run `{stage}` again to rewrite it") from None
+    if not isinstance(d, dict):
+        raise ResultFileError(
+            f"{path}: expected a JSON object, found {type(d).__name__}; run `{stage}` again"
+        )
+    return d
 
 
 def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from vaerepro.config import Config, find_project_root
+from vaerepro.config import Config, ConfigError, find_project_root
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,15 @@ def tracking_uri(cfg: Config, root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def tracking_uri_source(cfg: Config) -> str | None:
+    """Which setting `tracking_uri` took its value from, for messages; None for the default store."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    if cfg.tracking.uri:
+        return "tracking.uri"
+    return None
+
+
 def store_root(root: Path) -> Path:
     """The repository that owns the MLflow store.
 
@@ -53,29 +63,208 @@ def store_root(root: Path) -> Path:
     return root
 
 
+def sqlite_store_path(uri: str) -> Path | None:
+    """The database file of a sqlite tracking uri (absolute); None for other stores and in-memory sqlite."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).resolve()
+
+
 def artifact_location(uri: str, root: Path | None = None) -> str | None:
     """Artifacts beside a local sqlite store; a tracking server chooses its own."""
-    if uri.startswith("sqlite:"):
-        root = Path(uri.removeprefix("sqlite:///")).parent
-        return (root / "mlartifacts").resolve().as_uri()
+    db = sqlite_store_path(uri)
+    if db is None:
+        return None
+    return (db.parent / "mlartifacts").as_uri()
+
+
+# How long a probe of a tracking server may take to connect, and then to answer.
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(uri: str, key: str | None) -> None:
+    """Fail at once, naming the setting, when no MLflow server answers at an http(s) tracking uri.
+
+    MLflow's own client retries a refused connection for minutes before it says anything, and its message
+    does not say which setting holds the address. MLflow servers answer GET <uri>/health without
+    authentication. A 4xx answer is left to MLflow (a proxy or authentication in the way is its message to
+    give); a 5xx is what MLflow's client would also retry for minutes.
+    """
+    import requests
+
+    label = f"{key or 'tracking uri'}={uri}"
+    verify: bool | str = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+        verify = False
+    elif cert := os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = cert
+    try:
+        resp = requests.get(
+            f"{uri.rstrip('/')}/health",
+            timeout=(SERVER_PROBE_TIMEOUT_S, SERVER_PROBE_TIMEOUT_S),
+            verify=verify,
+            allow_redirects=True,
+        )
+    except requests.exceptions.SSLError as err:
+        raise ConfigError(
+            f"{label}: TLS handshake with the tracking server failed ({_root_cause(err)})"
+        ) from None
+    except requests.exceptions.Timeout:
+        raise ConfigError(
+            f"{label}: no MLflow tracking server answers (no answer within {SERVER_PROBE_TIMEOUT_S:g} s)"
+        ) from None
+    except requests.exceptions.RequestException as err:
+        raise ConfigError(f"{label}: no MLflow tracking server answers ({_root_cause(err)})") from None
+    if resp.status_code >= 500:
+        raise ConfigError(f"{label}: the tracking server answers HTTP {resp.status_code} at /health")
+
+
+def _root_cause(err: BaseException) -> str:
+    """A short reason for a failed connection: 'connection refused', 'host name not found', or the innermost
+    error's text."""
+    import socket
+
+    seen: set[int] = set()
+    stack: list[BaseException] = [err]
+    innermost = err
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        innermost = e
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "host name not found"
+        # requests and urllib3 keep the cause in args[0] / .reason as well as in the exception chain
+        linked = (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+        stack += [x for x in linked if isinstance(x, BaseException)]
+    text = str(innermost)
+    if "Connection refused" in text:
+        return "connection refused"
+    return " ".join(text.split())[:200]
+
+
+def _not_a_store(db: Path, problem: str) -> ConfigError:
+    return ConfigError(
+        f"{db}: not a readable MLflow sqlite store ({problem}); move it aside or set tracking.uri"
+    )
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Refuse a file MLflow cannot use as its store, without writing to it.
+
+    An absent or empty file is a new store (MLflow creates the tables). Anything else must be a readable
+    sqlite database that is empty or has MLflow's tables: MLflow would otherwise add its tables to another
+    program's database, or fail with a traceback that does not name the file. Opened read-only, so a
+    corrupt file is left exactly as it was.
+    """
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):
+        return
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise ConfigError(f"{db}: the MLflow store stayed locked by another process ({err})") from None
+        raise _not_a_store(db, str(err)) from None
+    except sqlite3.Error as err:
+        raise _not_a_store(db, str(err)) from None
+    if tables and not tables & {"experiments", "alembic_version"}:
+        raise _not_a_store(db, f"a sqlite database with no MLflow tables: {', '.join(sorted(tables)[:5])}")
+
+
+def _sqlite_corruption(err: BaseException) -> sqlite3.DatabaseError | None:
+    """The sqlite error saying the file is damaged ('malformed', 'not a database') behind an MLflow or
+    SQLAlchemy error, if that is what it is (a locked database or a constraint is not damage)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        orig = getattr(e, "orig", None)
+        for x in (e, orig):
+            if isinstance(x, sqlite3.DatabaseError) and not isinstance(
+                x, (sqlite3.OperationalError, sqlite3.IntegrityError)
+            ):
+                return x
+        e = e.__cause__ or e.__context__
     return None
 
 
+# How long a process waits for another to create or migrate the store before it gives up.
+STORE_LOCK_TIMEOUT_S = 600.0
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if missing. Two processes may both find it missing and both create it:
+    the loser's create fails with RESOURCE_ALREADY_EXISTS, and it reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
-    """Create the project's experiment if needed; return (tracking uri, experiment id)."""
+    """Create the project's experiment if needed; return (tracking uri, experiment id).
+
+    A sqlite store is created, migrated and given the experiment by one process at a time, under a lock
+    file beside the database (<db>.lock): MLflow's own creation of a new sqlite store is not safe when
+    several runs start together, and a store left half-migrated fails every later run. Once this has run
+    in a process, MLflow keeps the opened store, so the run's later MLflow calls do not migrate again.
+    """
     import mlflow
+    from filelock import FileLock, Timeout
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg, root)
+    name = cfg.tracking.experiment
+    if uri.startswith(("http://", "https://")):
+        check_tracking_server(uri, tracking_uri_source(cfg))
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        exp_id = client.create_experiment(
-            cfg.tracking.experiment, artifact_location=artifact_location(uri, root)
-        )
-    else:
-        exp_id = exp.experiment_id
+    db = sqlite_store_path(uri)
+    if db is None:
+        return uri, _get_or_create_experiment(MlflowClient(uri), name, artifact_location(uri, root))
+
+    lock_file = Path(f"{db}.lock")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=STORE_LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(
+            f"{lock_file}: another process held the MLflow store's lock for {STORE_LOCK_TIMEOUT_S:g} s"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{lock_file}: cannot lock the MLflow store ({err.strerror or err})") from None
+    try:
+        check_sqlite_store(db)
+        try:
+            exp_id = _get_or_create_experiment(MlflowClient(uri), name, artifact_location(uri, root))
+        except Exception as err:
+            if (damage := _sqlite_corruption(err)) is not None:
+                raise _not_a_store(db, str(damage)) from None
+            raise
+    finally:
+        lock.release()
     return uri, exp_id
 
 
@@ -144,8 +333,13 @@ def read_run_id(model_dir: Path) -> tuple[str | None, str | None]:
     f = model_dir / RUN_FILE
     if not f.is_file():
         return None, None
-    d = json.loads(f.read_text())
-    return d.get("run_id"), d.get("tracking_uri")
+    try:
+        d = json.loads(f.read_text())
+        return d.get("run_id"), d.get("tracking_uri")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        from vaerepro.errors import UserError
+
+        raise UserError(f"{f}: not the JSON object `vaerepro train` writes ({exc})") from None
 
 
 def log_config(client, run_id: str, cfg: Config, keys: tuple[str, ...] | None = None) -> None:
@@ -219,3 +413,73 @@ def experiment_runs(cfg: Config, root: Path | None = None) -> list[dict[str, Any
             {k[5:]: v for k, v in metrics.items() if k.startswith("test/") and k[5:] not in rows[-1]}
         )
     return rows
+
+
+# --- how a run ends -------------------------------------------------------------------------------------
+
+FAILURE_TAG = "vaerepro.failure"  # why a run ended FAILED or KILLED: one line
+
+
+def status_of(exc: BaseException, *, interrupted: bool = False) -> str:
+    """The MLflow status of a run that `exc` ended: KILLED for a signal or Ctrl-C (Lightning turns Ctrl-C into
+    SystemExit after marking the trainer interrupted), FAILED for anything else."""
+    from vaerepro.errors import Stopped
+
+    if isinstance(exc, (Stopped, KeyboardInterrupt)) or (isinstance(exc, SystemExit) and interrupted):
+        return "KILLED"
+    return "FAILED"
+
+
+def end_run(client, run_id: str, status: str, reason: BaseException | str | None = None) -> None:
+    """End a run as FINISHED, FAILED or KILLED, the reason (one line) as the `vaerepro.failure` tag.
+
+    Called on the way out of an error: a store that fails now is logged, not raised over the error that
+    is already on its way up."""
+    try:
+        if reason is not None:
+            client.set_tag(run_id, FAILURE_TAG, one_line(reason)[:5000])
+        elif status == "FINISHED" and FAILURE_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, FAILURE_TAG)  # a stage that failed before has now finished
+        client.set_terminated(run_id, status)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        if status == "FINISHED":
+            raise
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+
+def one_line(reason: BaseException | str) -> str:
+    """'Type: first line of the message' for an exception; the text itself for a string."""
+    if not isinstance(reason, BaseException):
+        return str(reason)
+    text = str(reason).strip().splitlines()
+    return f"{type(reason).__name__}: {text[0] if text else ''}"
+
+
+def end_recorded_run(model_dir: Path, status: str, reason: BaseException | str | None = None) -> None:
+    """End the run that models/mlflow_run.json names (the pipeline's stages after `train` share it)."""
+    run_id, uri = read_run_id(model_dir)
+    if run_id:
+        from mlflow import MlflowClient
+
+        end_run(MlflowClient(uri), run_id, status, reason)
+
+
+def complete_curve(client, run_id: str, rows: list[Mapping[str, Any]], keys: tuple[str, str]) -> int:
+    """Send the per-epoch points of `rows` (a resumed checkpoint's curve: epoch, train_elbo, val_elbo) that
+    the run lacks, e.g. because the process was killed before its metric buffer was sent; per-epoch metrics
+    have step = epoch. keys: the (training, validation) metric names. Returns how many points were sent."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = []
+    for key, column in (*zip(keys, ("train_elbo", "val_elbo"), strict=True), ("epoch", "epoch")):
+        have = {m.step for m in client.get_metric_history(run_id, key)}
+        batch += [
+            Metric(key, float(r[column]), now, int(r["epoch"])) for r in rows if int(r["epoch"]) not in have
+        ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+        log.info("sent %d per-epoch values the MLflow run lacked, from the resumed checkpoint", len(batch))
+    return len(batch)

@@ -32,10 +32,11 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from vaerepro import checkpoints, estimators, signals
 from vaerepro import config as config_mod
-from vaerepro import estimators
 from vaerepro.config import Config
 from vaerepro.data import Splits, fixed_space, load_prepared, to_space
+from vaerepro.errors import Stopped
 from vaerepro.model import VAE
 from vaerepro.sweep import trial_callbacks
 
@@ -215,6 +216,7 @@ class VAEModule(pl.LightningModule):
         data_space: str,
         quantized: bool,
         seed: int = 0,
+        data_digest: str | None = None,
     ):
         super().__init__()
         # logger=False: the resolved config reaches MLflow once, through tracking.log_config, which also
@@ -228,6 +230,7 @@ class VAEModule(pl.LightningModule):
         self.vae = VAE(**vae_config)
         self.train_cfg = train
         self.data_space, self.quantized, self.seed = data_space, quantized, seed
+        self.data_digest = data_digest  # sha256 of the training array (checkpoints.DATA_DIGEST_LABEL)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` (a str or None) before and after every hook it calls, ~40 times a
@@ -396,7 +399,25 @@ class EpochHistory(pl.Callback):
         self.write(trainer)
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
-        self.write(trainer)
+        # a training that failed before its first epoch ended has no curve: keep the file that is there
+        if self.rows or not self.path.exists():
+            self.write(trainer)
+
+
+class StopOnSignal(pl.Callback):
+    """The first SIGTERM during training stops it at the end of the current epoch (`vaerepro.signals`), so
+    that last.ckpt, written when training ends, resumes exactly; rank 0's signal decides for every rank.
+
+    Lightning's own SIGTERM handler stops after the current batch and its loops then exit with status 0,
+    which a scheduler reads as success; the handler is replaced once Lightning has installed it (fit start)
+    and Lightning puts the previous one back when fit ends."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        signals.take_over()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.strategy.broadcast(signals.requested() is not None, src=0):
+            trainer.should_stop = True
 
 
 class SameConfigOnEveryRank(pl.Callback):
@@ -621,6 +642,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         ),
         LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.checkpoint_every_s),
         EpochHistory(out_dir / "plots" / "elbo.csv", train_key),
+        StopOnSignal(),
         *extra_callbacks,
         *trial_callbacks(),  # Optuna pruning, when this process is a sweep trial (vaerepro.sweep)
     ]
@@ -662,16 +684,34 @@ def _no_distribution_validation():
 
 
 def build_module(cfg: Config, data: VAEData) -> VAEModule:
-    """The LightningModule for cfg on set-up data (its pixel count and whether it is 8-bit)."""
-    vae_config = {
-        "data_dim": int(data.splits.data_dim),
-        "latent_dim": cfg.model.latent_dim,
-        "hidden_dims": list(cfg.model.hidden_dims),
-        "activation": cfg.model.activation,
-        "likelihood": cfg.likelihood.model_dump(),
-    }
-    objective = cfg.train.model_dump(exclude={"resume"})  # how to train, not whether this is a resumption
-    return VAEModule(vae_config, objective, cfg.data_space, data.quantized, seed=cfg.seed)
+    """The LightningModule for cfg on set-up data (its pixel count, whether it is 8-bit, its digest)."""
+    hp = checkpoints.expected_hparams(
+        cfg, data.splits.data_dim, data.quantized, checkpoints.data_digest(data.splits.meta)
+    )
+    return VAEModule(**hp)
+
+
+def check_resumable(path: Path, module: VAEModule, max_epochs: int) -> dict[str, Any]:
+    """The checkpoint to resume from, read and compared with the module the config builds; a
+    CheckpointError (nothing touched yet) when it is unreadable or trained something else."""
+    ckpt = checkpoints.read(path)
+    if "loops" not in ckpt or "optimizer_states" not in ckpt:
+        raise checkpoints.CheckpointError(f"{path}: holds weights only, not a training state to resume")
+    differ = checkpoints.mismatches(ckpt["hyper_parameters"], dict(module.hparams))
+    if differ:
+        raise checkpoints.CheckpointError(
+            f"{path}: train.resume=true, but the config differs from the training it would continue: "
+            + "; ".join(differ)
+            + ". Nothing was changed; restore those keys, or train from the start (train.resume=false, "
+            "after moving models/ aside)"
+        )
+    done = len(_saved_curve(ckpt))
+    if done > max_epochs:
+        raise checkpoints.CheckpointError(
+            f"{path}: holds {done} trained epochs, more than train.max_epochs={max_epochs}; nothing was "
+            f"changed; set train.max_epochs={done} or more to continue it"
+        )
+    return ckpt
 
 
 def config_digest(cfg: Config) -> str:
@@ -704,6 +744,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
         from mlflow.entities import Metric
 
         timestamp_ms = int(time.time() * 1000)
+        # Per-epoch curves against the epoch, not the optimiser step Lightning passes: Lightning adds the
+        # epoch to every metrics dict it logs, and epochs are how a VAE's curves are read and compared
+        # (the step depends on the batch size and the number of devices).
+        if "epoch" in metrics:
+            step = int(metrics["epoch"])
         for key, value in metrics.items():
             # the names MLflow accepts, as MLFlowLogger.log_metrics cleans them (no prefix is set here)
             key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)
@@ -721,8 +766,9 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:  # Lightning calls it at the end and on an error
+        # Only the metrics: whether the run ended, and how, is `train`'s and the pipeline's to say (a run is
+        # FINISHED when every stage has finished, KILLED when a signal stopped it, FAILED otherwise).
         self.flush()
-        super().finalize(status)
 
 
 def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
@@ -759,14 +805,26 @@ def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
 
 
 def train(
-    cfg: Config, out_dir: Path, *, root: Path | None = None, enable_progress_bar: bool = True, callbacks=()
+    cfg: Config,
+    out_dir: Path,
+    *,
+    root: Path | None = None,
+    enable_progress_bar: bool = True,
+    callbacks=(),
+    finish_run: bool = True,
 ) -> dict:
     """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json and
     plots/elbo.csv; log the run to MLflow when tracking is enabled. Returns the train metrics.
 
     Under DDP every process runs this; only global rank 0 writes files and talks to MLflow (one run per
     training). With train.resume and an existing models/last.ckpt, training continues from it (its epoch,
-    optimiser state, best score and curve) and in the MLflow run recorded in models/mlflow_run.json.
+    optimiser state, best score and curve) and in the MLflow run recorded in models/mlflow_run.json; a
+    checkpoint that cannot be resumed (unreadable, or trained with another config) is refused before any
+    file or run is touched.
+
+    The MLflow run ends FINISHED when training finished and `finish_run` (the pipeline passes False and ends
+    it after its last stage), KILLED when a signal stopped it (`Stopped` is raised after the epoch that was
+    running, with last.ckpt written), FAILED with the reason as a tag on any other error.
     """
     from vaerepro import tracking
 
@@ -784,54 +842,78 @@ def train(
     )
     data.setup()
     module = build_module(cfg, data)
+    last = model_dir / "last.ckpt"
+    ckpt_path = last if cfg.train.resume and last.is_file() else None
+    resumed = check_resumable(last, module, cfg.train.max_epochs) if ckpt_path is not None else None
+    if ckpt_path is not None:
+        log.info("resuming from %s (epoch %d)", ckpt_path, resumed["epoch"])
+    elif cfg.train.resume:
+        log.info("train.resume: no %s yet, training from the start", last)
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
     # environment) before any process group exists, and only rank 0 may create the MLflow run.
     same = SameConfigOnEveryRank(config_digest(cfg))
     trainer = build_trainer(cfg, out_dir, None, [*callbacks, same], enable_progress_bar=enable_progress_bar)
-    last = model_dir / "last.ckpt"
-    ckpt_path = last if cfg.train.resume and last.is_file() else None
-    if ckpt_path is not None:
-        log.info("resuming from %s", ckpt_path)
-    elif cfg.train.resume:
-        log.info("train.resume: no %s yet, training from the start", last)
 
+    run = None  # (client, run_id) of this training's MLflow run, on global rank 0
     logger, uri, run_id = None, None, None
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)
         if cfg.tracking.enabled:
             logger, uri = _mlflow_logger(cfg, root or out_dir, model_dir, resume=ckpt_path is not None)
-            trainer.loggers = [logger]
             run_id = logger.run_id
+            run = (logger.experiment, run_id)
+    try:
+        if logger is not None:
+            trainer.loggers = [logger]
             tracking.write_run_id(model_dir, run_id, uri)  # now, so that a crashed run can be resumed into
             tracking.log_config(logger.experiment, run_id, cfg)
-    start = time.perf_counter()
-    try:
-        with warnings.catch_warnings(), _no_distribution_validation():
+            if resumed is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
+                tracking.complete_curve(logger.experiment, run_id, _saved_curve(resumed), _curve_keys(cfg))
+        start = time.perf_counter()
+        with warnings.catch_warnings(), _no_distribution_validation(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    except BaseException:
-        if logger is not None:
-            logger.experiment.set_terminated(run_id, "FAILED")
-        raise
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if (signum := signals.requested()) is not None:
+            done = f"{trainer.current_epoch} of {cfg.train.max_epochs} epochs"
+            raise Stopped(signum, f"training stopped after {done}, which {last} holds")
 
-    history = next(c for c in trainer.callbacks if isinstance(c, EpochHistory)).rows
-    ckpt = trainer.checkpoint_callback
-    best = max(history, key=lambda r: r["val_elbo"]) if history else None
-    metrics = {
-        "train_elbo": history[-1]["train_elbo"] if history else math.nan,
-        "val_elbo": history[-1]["val_elbo"] if history else math.nan,
-        "best_val_elbo": float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan,
-        "epochs": trainer.current_epoch,
-        "best_epoch": best["epoch"] if best else -1,
-        "train_time_s": elapsed,  # this invocation's: a resumed run counts only its own epochs
-    }
-    if trainer.is_global_zero:
-        tracking.write_run_id(model_dir, run_id, uri)
-        (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if logger is not None:
-            tracking.log_metrics(logger.experiment, run_id, metrics, prefix="final/")
-            logger.experiment.log_artifact(run_id, str(model_dir / "best.ckpt"), "checkpoints")
+        history = next(c for c in trainer.callbacks if isinstance(c, EpochHistory)).rows
+        ckpt = trainer.checkpoint_callback
+        best = max(history, key=lambda r: r["val_elbo"]) if history else None
+        metrics = {
+            "train_elbo": history[-1]["train_elbo"] if history else math.nan,
+            "val_elbo": history[-1]["val_elbo"] if history else math.nan,
+            "best_val_elbo": float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan,
+            "epochs": trainer.current_epoch,
+            "best_epoch": best["epoch"] if best else -1,
+            "train_time_s": elapsed,  # this invocation's: a resumed run counts only its own epochs
+        }
+        if trainer.is_global_zero:
+            # also without tracking: later stages must not add to a run an earlier training left here
+            tracking.write_run_id(model_dir, run_id, uri)
+            (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
+            (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            if run is not None:
+                tracking.log_metrics(*run, metrics, prefix="final/")
+                logger.experiment.log_artifact(run_id, str(model_dir / "best.ckpt"), "checkpoints")
+                if finish_run:
+                    tracking.end_run(*run, "FINISHED")
+    except BaseException as exc:
+        if run is not None:
+            tracking.end_run(*run, tracking.status_of(exc, interrupted=trainer.interrupted), reason=exc)
+        raise
     return metrics
+
+
+def _curve_keys(cfg: Config) -> tuple[str, str]:
+    return ("train/elbo" if cfg.train.objective == "elbo" else "train/iwae", "val/elbo")
+
+
+def _saved_curve(checkpoint: dict[str, Any]) -> list[dict[str, float]]:
+    """EpochHistory's rows in a whole-state checkpoint (epoch, train_elbo, val_elbo)."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.split("{")[0] == EpochHistory.__qualname__:
+            return list(state.get("rows", []))
+    return []

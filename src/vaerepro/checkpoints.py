@@ -1,0 +1,142 @@
+"""Checkpoint files as evaluation and resumption read them.
+
+A checkpoint is the truth for everything it fixes: the architecture, the likelihood, the data space, the
+training data (by digest) and, for resuming, how it was trained. `read` loads one safely (weights only) or
+says in one line why it cannot; `mismatches` lists, by config key, where a configuration contradicts it, so
+that a stage refuses instead of relabelling a model with the config's names.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaerepro.errors import UserError
+
+# What `vaerepro train` records about the data beside the model: the sha256 of prepared/x_train.npy.
+DATA_DIGEST_LABEL = "training data (sha256 of prepared/x_train.npy)"
+
+# Keys a resumed training may change: how long and how often, not what is trained or how.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.max_epochs",
+        "train.early_stopping",
+        "train.patience",
+        "train.checkpoint_every_s",
+        "train.val_batch_size",
+    }
+)
+
+# The keys that say which model a checkpoint holds (evaluation's check); training keys are not among them.
+MODEL_KEYS = (
+    "data: pixels per image",
+    "model.",
+    "likelihood.",
+    "data.space",
+    "data: 8-bit",
+    DATA_DIGEST_LABEL,
+)
+
+
+def expected_hparams(cfg, data_dim: int, quantized: bool, data_digest: str | None) -> dict[str, Any]:
+    """The hyper-parameters a training module built from `cfg` (a config.Config) records in its checkpoints:
+    the VAE's constructor arguments, the objective (the train section without `resume`), the data space,
+    whether the data are 8-bit, the seed and the training data's digest."""
+    return {
+        "vae_config": {
+            "data_dim": int(data_dim),
+            "latent_dim": cfg.model.latent_dim,
+            "hidden_dims": list(cfg.model.hidden_dims),
+            "activation": cfg.model.activation,
+            "likelihood": cfg.likelihood.model_dump(),
+        },
+        # how to train, not whether this is a resumption
+        "train": cfg.train.model_dump(exclude={"resume"}),
+        "data_space": cfg.data_space,
+        "quantized": bool(quantized),
+        "seed": cfg.seed,
+        "data_digest": data_digest,
+    }
+
+
+def data_digest(meta: dict[str, Any]) -> str | None:
+    """The training data's digest from prepared/meta.json: the sha256 of x_train.npy."""
+    return (meta.get("files") or {}).get("x_train.npy")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, or not the model the configuration describes."""
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The checkpoint at `path` (weights only, on the CPU); CheckpointError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (it is written by `vaerepro train`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint, {_why_unreadable(path, exc)}") from None
+    if not isinstance(ckpt, dict) or "vae_config" not in (ckpt.get("hyper_parameters") or {}):
+        raise CheckpointError(f"{path}: not a vaerepro checkpoint (no hyper_parameters.vae_config)")
+    return ckpt
+
+
+def _why_unreadable(path: Path, exc: BaseException) -> str:
+    """Why torch could not load `path`, in the file's terms. torch's own message for a foreign or damaged
+    file advises weights_only=False, i.e. running whatever code the file holds: never the fix here."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head.startswith(b"PK"):  # torch.save writes a zip archive
+        return f"not written by torch.save (it starts with {head!r})"
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "weights_only" in reason or "pickle" in reason.lower():
+        reason = "its contents are not plain tensors and containers"
+    return f"truncated or damaged ({reason[:160]})"
+
+
+def flatten_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A training module's hyper-parameters (`train.VAEModule`) by the config key each comes from."""
+    vae = hparams["vae_config"]
+    out: dict[str, Any] = {
+        "data: pixels per image": vae["data_dim"],
+        "model.latent_dim": vae["latent_dim"],
+        "model.hidden_dims": list(vae["hidden_dims"]),
+        "model.activation": vae["activation"],
+        "likelihood.name": vae["likelihood"]["name"],
+    }
+    out.update({f"likelihood.{k}": v for k, v in vae["likelihood"].items() if k != "name"})
+    out["data.space"] = hparams.get("data_space")
+    out["data: 8-bit"] = hparams.get("quantized")
+    out.update({f"train.{k}": v for k, v in (hparams.get("train") or {}).items()})
+    out["seed"] = hparams.get("seed")
+    if hparams.get("data_digest") is not None:
+        out[DATA_DIGEST_LABEL] = hparams["data_digest"]
+    return out
+
+
+def mismatches(
+    saved: dict[str, Any], expected: dict[str, Any], *, only: tuple[str, ...] | None = None
+) -> list[str]:
+    """'key: checkpoint A, config B' for every key where `expected` (from the config) differs from `saved`
+    (a checkpoint's hyper-parameters); both as `flatten_hparams` gives them. `only`: keys starting with one
+    of these. A key the checkpoint does not record (an older checkpoint) is not compared; with different
+    likelihoods, only the likelihood's name is reported, not its other keys."""
+    a, b = flatten_hparams(saved), flatten_hparams(expected)
+    out = []
+    for key in b:
+        if key not in a or (only is not None and not key.startswith(only)) or key in RESUMABLE_CHANGES:
+            continue
+        if (
+            key.startswith("likelihood.")
+            and key != "likelihood.name"
+            and a["likelihood.name"] != b["likelihood.name"]
+        ):
+            continue
+        if a[key] != b[key]:
+            out.append(f"{key}: checkpoint {a[key]!r}, config {b[key]!r}")
+    return out

@@ -1,0 +1,267 @@
+"""The MLflow store: safe first use by concurrent runs, a corrupt sqlite file, an unreachable server."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vaerepro import tracking
+from vaerepro.config import Config, ConfigError, TrackingConfig
+
+
+def _cfg(uri: str | None = None, experiment: str = "vaerepro") -> Config:
+    return Config(tracking=TrackingConfig(uri=uri, experiment=experiment))
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def template_store(tmp_path_factory) -> Path:
+    """One migrated MLflow sqlite store, created once and copied by the tests that need a real one."""
+    root = tmp_path_factory.mktemp("template")
+    # mlflow.set_tracking_uri (called by ensure_experiment) exports MLFLOW_TRACKING_URI to this process:
+    # an earlier test's store would win over root's here, where conftest's per-test clean-up is not yet on
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking.ensure_experiment(_cfg(), root)
+    return root / "mlflow.db"
+
+
+# -- concurrent first use of a new store ------------------------------------------------------------------
+
+# Each worker imports everything first (so that imports do not stagger them), says it is ready, waits for
+# the common start signal, then does what a `vaerepro run` does to the store: ensure the experiment, create
+# a run, log a metric, finish the run.
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+
+    import alembic.command  # noqa: F401  (imported now: the race starts at the signal, not after imports)
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow import MlflowClient
+
+    from vaerepro import tracking
+    from vaerepro.config import Config
+
+    root, i = Path(sys.argv[1]), sys.argv[2]
+    (root / f"ready{i}").touch()
+    while not (root / "go").exists():
+        time.sleep(0.005)
+    uri, exp_id = tracking.ensure_experiment(Config(), root)
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id, run_name=f"worker{i}")
+    client.log_metric(run.info.run_id, "worker", float(i))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    print(run.info.run_id)
+    """
+)
+
+
+@pytest.mark.slow
+def test_concurrent_first_use_of_a_new_store(tmp_path):
+    from mlflow import MlflowClient
+
+    n = 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(tmp_path), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
+            assert all(p.poll() is None for p in procs), "a worker died before the start signal"
+            assert time.monotonic() < deadline, "workers did not get ready"
+            time.sleep(0.05)
+        assert not (tmp_path / "mlflow.db").exists()
+        (tmp_path / "go").touch()
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [err[-2000:] for p, (_, err) in zip(procs, results, strict=True) if p.returncode != 0]
+    assert not failed, "\n\n".join(failed)
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    client = MlflowClient(f"sqlite:///{db}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "vaerepro"]
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"worker{i}" for i in range(n)]
+    assert {r.info.run_id for r in runs} == {out.strip() for out, _ in results}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.metrics["worker"] == float(r.info.run_name.removeprefix("worker"))
+
+
+def test_experiment_created_by_another_process_meanwhile_is_reread(template_store, tmp_path, monkeypatch):
+    """The loser of a create-experiment race (it looked, found none, another process created it) re-reads."""
+    from mlflow import MlflowClient
+
+    shutil.copy(template_store, tmp_path / "mlflow.db")
+    uri = tracking.tracking_uri(_cfg(), tmp_path)
+    existing = MlflowClient(uri).create_experiment("raced")
+    real_get = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def stale_get(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else real_get(self, name)  # the first look predates the other's create
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_get)
+    assert tracking.ensure_experiment(_cfg(experiment="raced"), tmp_path) == (uri, existing)
+    assert len(calls) == 2
+
+
+# -- a corrupt store --------------------------------------------------------------------------------------
+
+
+def _text_file(db: Path, template: Path) -> None:
+    db.write_text("this is not a database\n")
+
+
+def _truncated(db: Path, template: Path) -> None:
+    db.write_bytes(template.read_bytes()[:50_000])
+
+
+def _header_only(db: Path, template: Path) -> None:
+    db.write_bytes(template.read_bytes()[:50])
+
+
+def _damaged_table(db: Path, template: Path) -> None:
+    """Intact header and schema, garbage in the experiments table's page: only a query finds it."""
+    shutil.copy(template, db)
+    with sqlite3.connect(db) as con:
+        (page,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'experiments'").fetchone()
+        (size,) = con.execute("PRAGMA page_size").fetchone()
+    con.close()
+    data = bytearray(db.read_bytes())
+    data[(page - 1) * size : page * size] = b"\xde\xad" * (size // 2)
+    db.write_bytes(bytes(data))
+
+
+def _foreign_sqlite(db: Path, template: Path) -> None:
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE notes (body TEXT)")
+    con.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_text_file, "file is not a database"),
+        (_truncated, "database disk image is malformed"),
+        (_header_only, "database disk image is malformed"),
+        (_damaged_table, "database disk image is malformed"),
+        (_foreign_sqlite, "no MLflow tables"),
+    ],
+)
+def test_corrupt_store_is_a_config_error_naming_the_file(make, problem, template_store, tmp_path):
+    db = tmp_path / "mlflow.db"
+    make(db, template_store)
+    before = _md5(db)
+    with pytest.raises(ConfigError) as err:
+        tracking.ensure_experiment(_cfg(), tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{db.resolve()}: ")
+    assert problem in msg and "tracking.uri" in msg
+    assert _md5(db) == before  # the corrupt file is left exactly as it was
+    assert {p.name for p in tmp_path.iterdir()} <= {"mlflow.db", "mlflow.db.lock"}  # no journal, no tables
+
+
+def test_empty_file_is_a_new_store(tmp_path):
+    (tmp_path / "mlflow.db").touch()  # sqlite reads an empty file as an empty database
+    uri, exp_id = tracking.ensure_experiment(_cfg(), tmp_path)
+    assert uri == tracking.tracking_uri(_cfg(), tmp_path) and exp_id
+
+
+# -- an unreachable tracking server -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def refused_url():
+    """A port bound but not listening: connecting to it is refused for as long as the test holds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_tracking_uri_fails_fast_naming_the_key(refused_url, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        tracking.ensure_experiment(_cfg(uri=refused_url), tmp_path)
+    assert time.monotonic() - t0 < 15
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"tracking.uri={refused_url}: no MLflow tracking server answers")
+    assert "connection refused" in msg
+
+
+def test_unreachable_env_tracking_uri_names_the_variable(refused_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", refused_url)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"^MLFLOW_TRACKING_URI={refused_url}: no MLflow tracking server"):
+        tracking.ensure_experiment(_cfg(uri="http://127.0.0.1:1"), tmp_path)
+    assert time.monotonic() - t0 < 15
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802  (the name http.server calls)
+        self.send_response(self.status if self.path.endswith("/health") else 404)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    servers = []
+
+    def start(status: int) -> str:
+        handler = type("H", (_Health,), {"status": status})
+        srv = http.server.HTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_probe_accepts_a_server_that_answers_health(health_server):
+    tracking.check_tracking_server(health_server(200), "tracking.uri")
+    tracking.check_tracking_server(health_server(200) + "/", "tracking.uri")
+    tracking.check_tracking_server(health_server(401), "tracking.uri")  # authentication is MLflow's business
+
+
+def test_probe_rejects_a_server_that_answers_with_an_error(health_server):
+    url = health_server(503)
+    with pytest.raises(ConfigError, match=rf"^tracking.uri={url}: .*HTTP 503"):
+        tracking.check_tracking_server(url, "tracking.uri")
