@@ -319,6 +319,8 @@ CASES = [
     ("run_bad_value", ["run", "model.latent_dim=0"], None, None, "model.latent_dim"),
     ("run_unknown_key", ["run", "foo=1"], None, None, "foo"),
     ("run_unknown_option", ["run", "likelihood=poisson"], None, None, "likelihood/poisson"),
+    # a mistake found once Hydra has made the job's directory: the directory goes again
+    ("run_data_missing", ["run", "data=npz", "data.path=/nonexistent/digits.npz"], None, None, "digits.npz"),
     (
         "params_bad_value",
         ["params", "--output", "p2.yaml", "model.latent_dim=-3"],
@@ -356,7 +358,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert lines[0].startswith(f"vaerepro {command[0]}: ") and expected in lines[0], lines[0]
     assert "pickle" not in lines[0] and "weights_only" not in lines[0]
     assert snapshot(d) == before
-    assert not (d / "runs").exists() and not (d / "p2.yaml").exists()  # no empty run directory or file
+    # no run directory (at most Hydra's empty runs/ parent) and no file
+    assert not (d / "runs").exists() or not any((d / "runs").iterdir())
+    assert not (d / "p2.yaml").exists()
 
 
 def test_debug_shows_the_traceback(project, tmp_path):

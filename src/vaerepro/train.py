@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses seed + 1
 
 
+def train_key(objective: str) -> str:
+    """The name of the training objective's per-epoch metric (nats per example)."""
+    return "train/elbo" if objective == "elbo" else "train/iwae"
+
+
 # --- data -----------------------------------------------------------------------------------------------
 
 
@@ -329,7 +334,7 @@ class VAEModule(pl.LightningModule):
             (self._val_sum, self._val_count), (self._bound_sum, self._bound_count)
         )
         self.log("val/elbo", val_mean, prog_bar=True, **log)
-        name = "train/elbo" if self.train_cfg["objective"] == "elbo" else "train/iwae"
+        name = train_key(self.train_cfg["objective"])
         if not math.isfinite(train_mean):
             # Checked once an epoch, on the sum the epoch keeps anyway: a check per step would make every
             # step wait for its loss (~0.1 ms, 2 % of an AEVB step on 2 CPU cores). Raised before the
@@ -624,7 +629,6 @@ class NoProfiler(PassThroughProfiler):
 
 
 def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable_progress_bar: bool = True):
-    train_key = "train/elbo" if cfg.train.objective == "elbo" else "train/iwae"
     callbacks = [
         # Lightning's tqdm bar, redrawn at most every 0.1 s: the default (rich, every batch) cost ~8 % of an
         # epoch of the AEVB MLP on 2 CPU cores (benchmarks/bench.py)
@@ -641,7 +645,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
             enable_version_counter=False,
         ),
         LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.checkpoint_every_s),
-        EpochHistory(out_dir / "plots" / "elbo.csv", train_key),
+        EpochHistory(out_dir / "plots" / "elbo.csv", train_key(cfg.train.objective)),
         StopOnSignal(),
         *extra_callbacks,
         *trial_callbacks(),  # Optuna pruning, when this process is a sweep trial (vaerepro.sweep)
@@ -846,7 +850,7 @@ def train(
     ckpt_path = last if cfg.train.resume and last.is_file() else None
     resumed = check_resumable(last, module, cfg.train.max_epochs) if ckpt_path is not None else None
     if ckpt_path is not None:
-        log.info("resuming from %s (epoch %d)", ckpt_path, resumed["epoch"])
+        log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
     elif cfg.train.resume:
         log.info("train.resume: no %s yet, training from the start", last)
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
@@ -868,7 +872,8 @@ def train(
             tracking.write_run_id(model_dir, run_id, uri)  # now, so that a crashed run can be resumed into
             tracking.log_config(logger.experiment, run_id, cfg)
             if resumed is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
-                tracking.complete_curve(logger.experiment, run_id, _saved_curve(resumed), _curve_keys(cfg))
+                keys = (train_key(cfg.train.objective), "val/elbo")
+                tracking.complete_curve(*run, _saved_curve(resumed), keys)
         start = time.perf_counter()
         with warnings.catch_warnings(), _no_distribution_validation(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
@@ -907,13 +912,7 @@ def train(
     return metrics
 
 
-def _curve_keys(cfg: Config) -> tuple[str, str]:
-    return ("train/elbo" if cfg.train.objective == "elbo" else "train/iwae", "val/elbo")
-
-
 def _saved_curve(checkpoint: dict[str, Any]) -> list[dict[str, float]]:
-    """EpochHistory's rows in a whole-state checkpoint (epoch, train_elbo, val_elbo)."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if key.split("{")[0] == EpochHistory.__qualname__:
-            return list(state.get("rows", []))
-    return []
+    """EpochHistory's rows in a whole-state checkpoint (epoch, train_elbo, val_elbo), under its state key
+    (Lightning's default: the class name)."""
+    return list(((checkpoint.get("callbacks") or {}).get(EpochHistory.__qualname__) or {}).get("rows", []))
