@@ -567,14 +567,13 @@ def test_npz_max_npz_bytes_counts_x_and_y(tmp_path):
         data.load_raw("npz", tmp_path, path=tmp_path / "xy.npz", max_npz_bytes=total - 1)
 
 
-def test_npz_under_the_default_limit_loads_and_the_config_default_matches():
+def test_max_npz_bytes_defaults_to_8_gib_and_is_set_through_the_config():
     from pydantic import ValidationError
 
     from conftest import compose
     from vaerepro import config as config_mod
 
     assert data.DEFAULT_MAX_NPZ_BYTES == 8 * 2**30  # 8 GiB
-    assert config_mod.DataConfig().max_npz_bytes == data.DEFAULT_MAX_NPZ_BYTES
     cfg = config_mod.validate(compose("data=npz", "data.path=/tmp/mine.npz", "data.max_npz_bytes=1000"))
     assert cfg.data.max_npz_bytes == 1000
     assert config_mod.validate(compose("data=npz", "data.path=/tmp/mine.npz")).data.max_npz_bytes == 8 * 2**30

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vaerepro.data import DEFAULT_MAX_NPZ_BYTES
 from vaerepro.errors import UserError
 from vaerepro.likelihoods import get_likelihood
 
@@ -48,7 +49,7 @@ class DataConfig(_Section):
     space: Literal["auto", "binary", "continuous"] = "auto"
     # Most bytes a user's .npz (source npz) may decompress to, x and y together; default 8 GiB. Checked from
     # the zip's headers before anything is decompressed: a small compressed file can expand to fill memory.
-    max_npz_bytes: int = Field(8 * 2**30, ge=1)
+    max_npz_bytes: int = Field(DEFAULT_MAX_NPZ_BYTES, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
