@@ -314,6 +314,8 @@ CASES = [
         "mlflow_run.json",
     ),
     ("train_corrupt_store", ["train"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),
+    ("report_corrupt_store", ["report"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),
+    ("report_text_store", ["report"], None, _corrupt("mlflow.db", b"not a database\n"), "mlflow.db"),
     ("unreachable_server", ["train"], _set("tracking.uri", "http://127.0.0.1:9"), None, "tracking.uri"),
     # overrides on the command line
     ("run_bad_value", ["run", "model.latent_dim=0"], None, None, "model.latent_dim"),
@@ -400,7 +402,7 @@ def _long_training(d: Path, *extra: str) -> str:
 
 def test_sigterm_stops_training_at_an_epoch_end_exit_143_killed_and_resumable(project, tmp_path):
     d = copy_project(project, tmp_path / "p")
-    (d / "metrics" / "train.json").unlink()
+    assert (d / "metrics" / "train.json").is_file()  # the earlier training's: not true of the stopped one
     bad = _long_training(d, "train.checkpoint_every_s=3600")
     proc = _start(["train", "--no-progress", "--params", bad], d)
     run_id = _wait_for_new_run(d, 1, proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import re
 import shutil
 import socket
 import sqlite3
@@ -188,6 +189,31 @@ def test_corrupt_store_is_a_config_error_naming_the_file(make, problem, template
     assert problem in msg and "tracking.uri" in msg
     assert _md5(db) == before  # the corrupt file is left exactly as it was
     assert {p.name for p in tmp_path.iterdir()} <= {"mlflow.db", "mlflow.db.lock"}  # no journal, no tables
+
+
+@pytest.mark.parametrize(("make", "problem"), [(_truncated, "malformed"), (_damaged_table, "malformed")])
+def test_reading_a_corrupt_store_names_the_file_and_leaves_it(make, problem, template_store, tmp_path):
+    db = tmp_path / "mlflow.db"
+    make(db, template_store)
+    before = _md5(db)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(db.resolve()))}: .*{problem}"):
+        tracking.experiment_runs(_cfg(), tmp_path)
+    assert _md5(db) == before
+
+
+def test_reading_never_creates_a_store(tmp_path):
+    assert tracking.experiment_runs(_cfg(), tmp_path) == []
+    (tmp_path / "mlflow.db").touch()
+    assert tracking.experiment_runs(_cfg(), tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]
+    assert (tmp_path / "mlflow.db").stat().st_size == 0
+
+
+def test_reading_an_unreachable_server_fails_fast_naming_the_key(refused_url, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"^tracking.uri={refused_url}: no MLflow tracking server"):
+        tracking.experiment_runs(_cfg(uri=refused_url), tmp_path)
+    assert time.monotonic() - t0 < 15
 
 
 def test_empty_file_is_a_new_store(tmp_path):

@@ -378,7 +378,8 @@ def test_a_trial_past_its_timeout_is_stopped_and_failed_and_the_sweep_goes_on(pr
     assert time.perf_counter() - start < 60, proc.stderr[-2000:]
     trials = _study(project, study_name).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert all(t.user_attrs["returncode"] != 0 for t in trials)
+    # stopped by the SIGTERM (at an epoch end: 143; or before training began), never the SIGKILL after it
+    assert all(t.user_attrs["returncode"] in (143, -signal.SIGTERM) for t in trials)
     assert all(t.user_attrs["wall_s"] < 35 for t in trials)
     _, children = _runs(project, study_name)
     for run in children.values():

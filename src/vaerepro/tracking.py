@@ -268,6 +268,24 @@ def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
     return uri, exp_id
 
 
+def reading_client(uri: str, key: str | None = None):
+    """An MlflowClient for reading the store at `uri`, or None when a sqlite store does not exist yet.
+
+    Reading never creates or migrates a store (MLflow's client would, on a missing or empty sqlite file,
+    without the lock `ensure_experiment` takes), and a damaged file or an absent server is one clear error.
+    """
+    from mlflow import MlflowClient
+
+    db = sqlite_store_path(uri)
+    if db is not None:
+        if not db.is_file() or db.stat().st_size == 0:
+            return None
+        check_sqlite_store(db)
+    elif uri.startswith(("http://", "https://")):
+        check_tracking_server(uri, key)
+    return MlflowClient(uri)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -384,15 +402,20 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str = "
 
 def experiment_runs(cfg: Config, root: Path | None = None) -> list[dict[str, Any]]:
     """Every run of the project's experiment as a plain row for the report's comparison."""
-    from mlflow import MlflowClient
-
     uri = tracking_uri(cfg, root)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return []
+    db = sqlite_store_path(uri)
+    try:
+        client = reading_client(uri, tracking_uri_source(cfg))
+        if client is None:
+            return []
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        found = [] if exp is None else client.search_runs([exp.experiment_id], max_results=5000)
+    except Exception as err:
+        if db is not None and (damage := _sqlite_corruption(err)) is not None:
+            raise _not_a_store(db, str(damage)) from None
+        raise
     rows = []
-    for r in client.search_runs([exp.experiment_id], max_results=5000):
+    for r in found:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         if "data_space" not in tags:  # a parent (sweep) run or a foreign run: no numbers of its own
             continue

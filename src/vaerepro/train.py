@@ -874,6 +874,10 @@ def train(
             if resumed is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
                 keys = (train_key(cfg.train.objective), "val/elbo")
                 tracking.complete_curve(*run, _saved_curve(resumed), keys)
+        if trainer.is_global_zero:
+            # The last training's numbers describe checkpoints this training replaces or extends: a training
+            # that stops or fails from here on leaves no train.json rather than one that is no longer true.
+            (out_dir / "metrics" / "train.json").unlink(missing_ok=True)
         start = time.perf_counter()
         with warnings.catch_warnings(), _no_distribution_validation(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
