@@ -8,6 +8,7 @@ from vaerepro.compare import (
     IncomparableError,
     check_comparable,
     comparability_key,
+    converged,
     group_comparable,
     rank,
     space_label,
@@ -131,3 +132,32 @@ def test_rank_refuses_runs_on_different_data_sets():
     with pytest.raises(IncomparableError, match="different data sets"):
         rank(rows, "log_px")
     assert [r["run_name"] for r in rank(rows[:1], "log_px")] == ["a"]
+
+
+def test_converged_reads_every_form_of_the_verdict():
+    # eval.json bools, MLflow metrics (1.0 / 0.0), MLflow tags ("true" / "false"); None when absent or unclear
+    forms = [(True, True), (False, False), (1.0, True), (0.0, False), ("true", True), ("False", False)]
+    forms += [(None, None), (math.nan, None), ("maybe", None)]
+    for value, verdict in forms:
+        assert converged(row("a", converged=value)) is verdict, value
+    assert converged(row("a")) is None
+
+
+def test_an_unconverged_estimate_never_ranks_above_the_others():
+    rows = [
+        row("wild", log_px=1778.47, converged=0.0),  # the best number, not converged
+        row("ok", log_px=-95.0, converged=1.0),
+        row("also-wild", log_px=-80.0, converged=False),
+        row("unchecked", log_px=-90.0),
+        row("best", log_px=-88.0, converged=True),
+    ]
+    assert [r["run_name"] for r in rank(rows, "log_px")] == ["best", "unchecked", "ok", "wild", "also-wild"]
+    # bits/dim comes from the same estimate: lower is better, unconverged still last
+    for r, bpd in zip(rows, [0.05, 0.30, 0.10, 0.20, 0.25], strict=True):
+        r["bits_per_dim"] = bpd
+    ranked = rank(rows, "bits_per_dim", higher_is_better=False)
+    assert [r["run_name"] for r in ranked] == ["unchecked", "best", "ok", "wild", "also-wild"]
+    # the ELBO does not come from the importance-sampled estimate: ranked by value alone
+    for r in rows:
+        r["elbo"] = r["log_px"] - 5
+    assert [r["run_name"] for r in rank(rows, "elbo")][0] == "wild"

@@ -17,12 +17,16 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from conftest import DEVICES
 from vaerepro.estimators import (
+    ESS_FLOOR,
+    LADDER_GAIN_TOL_NATS,
     StreamingLogMeanExp,
+    convergence,
     elbo,
     elbo_terms,
     estimate_log_px,
     iwae_bound,
     ladder_points,
+    ladder_steps,
     log_weights,
     summarize,
 )
@@ -321,3 +325,95 @@ def test_summarize_mean_and_standard_error():
     assert math.isnan(summarize(torch.tensor([3.0]))[1])
     with pytest.raises(ValueError):
         summarize(torch.tensor([]))
+
+
+# --- the convergence verdict -----------------------------------------------------------------------------
+
+
+def _ladder_and_ess(log_w: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """The ladder {k: (B,)} and ESS (B,) that estimate_log_px computes from these log weights (K, B)."""
+    ladder = {k: torch.logsumexp(log_w[:k], 0) - math.log(k) for k in ladder_points(log_w.shape[0])}
+    acc = StreamingLogMeanExp()
+    acc.update(log_w)
+    return ladder, acc.ess()
+
+
+def test_ladder_steps_are_paired_differences():
+    g = torch.Generator().manual_seed(0)
+    offset = 10.0 * torch.randn(100, generator=g, dtype=F64)  # examples differ by ~10 nats
+    gain = 0.5 + 0.1 * torch.randn(100, generator=g, dtype=F64)
+    steps = ladder_steps({10: offset, 1: offset - 1.0, 100: offset + gain})  # any key order
+    assert [(s["k_from"], s["k"]) for s in steps] == [(1, 10), (10, 100)]
+    assert steps[0]["gain"] == pytest.approx(1.0) and steps[0]["gain_se"] == pytest.approx(0.0, abs=1e-12)
+    assert steps[1]["gain"] == pytest.approx(gain.mean().item())
+    assert steps[1]["gain_se"] == pytest.approx(gain.std().item() / 10)  # ~0.01, not the ~1.4 of unpaired SEs
+    assert ladder_steps({7: offset}) == []
+
+
+def test_equal_weights_converge():
+    # every weight of an example equal: the ladder is flat and ESS = K
+    log_w = torch.linspace(-120.0, -80.0, 50, dtype=F64).expand(1000, 50)  # (K, B)
+    v = convergence(*_ladder_and_ess(log_w))
+    assert v.converged and v.reasons == []
+    assert v.ladder_gain == pytest.approx(0.0, abs=1e-9) and v.ladder_from_k == 100
+    assert v.ess_hmean == pytest.approx(1000.0)
+
+
+def test_a_ladder_still_rising_beyond_its_paired_error_is_not_converged():
+    # the first 100 of 1000 log weights lie 0.3 + s below the other 900: log p_1000 - log p_100 is
+    # log(0.1 exp(-0.3 - s) + 0.9) + 0.3 + s, about 0.27 nats for every example. The examples' own levels
+    # spread over ~10 nats, so the unpaired SEs of the two points (~1 nat) would hide that rise; the paired
+    # SE does not.
+    g = torch.Generator().manual_seed(1)
+    B = 100
+    level = 10.0 * torch.randn(B, generator=g, dtype=F64)  # (B,)
+    s = 0.05 * torch.rand(B, generator=g, dtype=F64)
+    log_w = level.expand(1000, B).clone()  # (K, B)
+    log_w[:100] -= 0.3 + s
+    ladder, ess = _ladder_and_ess(log_w)
+    expected = (torch.log(0.1 * torch.exp(-0.3 - s) + 0.9) + 0.3 + s).mean().item()
+    v = convergence(ladder, ess)
+    assert v.ladder_gain == pytest.approx(expected) and 0.26 < expected < 0.30
+    assert v.ladder_gain_se < 0.01 and summarize(ladder[1000])[1] > 0.5
+    assert not v.converged and len(v.reasons) == 1 and v.reasons[0].startswith("ladder still rising")
+    assert "K=100 to K=1000" in v.reasons[0]
+    assert v.ess_hmean > 900  # the weights are nearly equal: ESS is not the reason
+
+    # the same rise, below the tolerance of 0.1 nats/example: converged
+    log_w[:100] = level - 0.1
+    assert convergence(*_ladder_and_ess(log_w)).converged
+
+
+def test_a_rise_within_its_paired_error_is_not_a_rise():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(20, generator=g, dtype=F64)
+    noise = torch.randn(20, generator=g, dtype=F64)
+    d = 0.5 + 5.0 * (noise - noise.mean()) / noise.std()  # mean 0.5 > tolerance, paired SE 5/sqrt(20) = 1.1
+    ladder = {100: base, 1000: base + d}
+    v = convergence(ladder, torch.full((20,), 100.0, dtype=F64))
+    assert v.ladder_gain == pytest.approx(0.5) and v.ladder_gain_se == pytest.approx(5 / math.sqrt(20))
+    assert v.converged
+    # the same mean gain with a small paired SE is a rise
+    assert not convergence({100: base, 1000: base + 0.5}, torch.full((20,), 100.0, dtype=F64)).converged
+
+
+def test_ess_below_the_floor_is_not_converged_by_its_harmonic_mean():
+    assert ESS_FLOOR == pytest.approx(1 / (2 * LADDER_GAIN_TOL_NATS)) == pytest.approx(5.0)
+    # half the examples: all 1000 weights equal (ESS 1000); the other half: two equal weights dominate
+    # (ESS 2), both among the first 10 samples, so the ladder falls and cannot be the reason
+    log_w = torch.zeros(1000, 10, dtype=F64)
+    log_w[2:, 5:] = -200.0
+    ladder, ess = _ladder_and_ess(log_w)
+    torch.testing.assert_close(ess[5:], torch.full((5,), 2.0, dtype=F64))
+    assert ess.mean() > 500  # the arithmetic mean would pass any floor
+    v = convergence(ladder, ess)
+    assert v.ess_hmean == pytest.approx(2 / (1 / 1000 + 1 / 2))  # 3.99
+    assert v.ladder_gain < 0
+    assert not v.converged and v.reasons == ["ESS too low: harmonic mean 4.0 < 5 samples per example"]
+
+
+def test_one_sample_is_never_converged():
+    # K = 1: no ladder step, and one weight is an ESS of 1
+    v = convergence({1: torch.zeros(3, dtype=F64)}, torch.ones(3, dtype=F64))
+    assert not v.converged and v.ladder_gain is None and v.ladder_from_k is None
+    assert [r.split(":")[0] for r in v.reasons] == ["ESS too low"]

@@ -39,7 +39,32 @@ DECREASING = [
 ]
 
 
-def make_out_dir(root: Path, ladder=INCREASING, latent_dim=2, space="binary", improper=False) -> Path:
+CONVERGED = {
+    "converged": True,
+    "convergence": {
+        "reasons": [],
+        "ladder_gain": 0.0457,
+        "ladder_gain_se": 0.0123,
+        "ladder_from_k": 100,
+        "ladder_to_k": 1000,
+        "ladder_gain_sigmas": 2.0,
+        "ladder_gain_tol": 0.1,
+        "ess_hmean": 9.87,
+        "ess_floor": 5.0,
+    },
+}
+
+
+def make_out_dir(
+    root: Path,
+    ladder=INCREASING,
+    latent_dim=2,
+    space="binary",
+    improper=False,
+    quantized=False,
+    verdict=CONVERGED,
+    prior_samples=None,
+) -> Path:
     rng = np.random.default_rng(0)
     (root / "metrics").mkdir(parents=True)
     (root / "plots").mkdir()
@@ -63,9 +88,10 @@ def make_out_dir(root: Path, ladder=INCREASING, latent_dim=2, space="binary", im
         "improper": improper,
         "num_examples": 1000,
         "data_dim": 784,
-        "quantized": False,
+        "quantized": quantized,
         "source": "mnist5k",
         "knn_accuracy": None,
+        **verdict,
     }
     (root / "metrics" / "eval.json").write_text(json.dumps(ev))
     tr = {"train_elbo": -97.0, "val_elbo": -98.0, "best_val_elbo": -97.5, "epochs": 5, "best_epoch": 4}
@@ -75,7 +101,7 @@ def make_out_dir(root: Path, ladder=INCREASING, latent_dim=2, space="binary", im
     arrays = {
         "inputs": rng.random((8, 6, 6)),
         "reconstructions": rng.random((8, 6, 6)),
-        "prior_samples": rng.random((8, 6, 6)),
+        "prior_samples": rng.random((8, 6, 6)) if prior_samples is None else prior_samples,
     }
     if latent_dim == 2:
         arrays["manifold"] = rng.random((5, 5, 6, 6))
@@ -189,7 +215,7 @@ def test_numbers_carry_units_spaces_and_kinds(report):
     paths, page, parsed = report
     md = paths["md"].read_text(encoding="utf-8")
     for text in (page, md):
-        assert "-87.65 ± 0.12 nats/example" in text
+        assert "-87.65 ± 0.12 nats/example (converged)" in text
         assert "estimate of log p(x), K=1000" in text
         assert "lower bound (ELBO)" in text
         assert "0.1613 bits/dim" in text
@@ -207,14 +233,12 @@ def test_numbers_carry_units_spaces_and_kinds(report):
 def test_comparison_one_figure_and_one_ranking_per_group(report):
     paths, page, parsed = report
     compare_figs = [f for f in parsed.figures if f.startswith("fig-compare-")]
-    assert sorted(compare_figs) == [
-        "fig-compare-binary-proper",
-        "fig-compare-continuous-improper",
-        "fig-compare-continuous-proper",
-    ]
+    assert sorted(compare_figs) == ["fig-compare-binary-proper", "fig-compare-continuous-proper"]
     alts = {img["alt"] for img in parsed.imgs}
-    for space, improper in [("binary", False), ("continuous", False), ("continuous", True)]:
+    for space, improper in [("binary", False), ("continuous", False)]:
         assert f"Comparison across runs: {space_label(space, improper)}" in alts
+    # the improper group holds one run: a sentence says so instead of a one-point axis
+    assert "Only one run in this group (grey-bern): nothing to compare it with, so no figure" in page
 
     ranking = [t for t in parsed.tables if t is not None]
     assert {t["key"] for t in ranking} == GROUPS and len(ranking) == 3
@@ -290,7 +314,140 @@ def test_different_data_sets_in_one_space_get_separate_figures_and_rankings(tmp_
     page = write_report(out, CONFIG, runs=runs)["html"].read_text(encoding="utf-8")
     parsed = Collector()
     parsed.feed(page)
-    figs = sorted(f for f in parsed.figures if f.startswith("fig-compare-"))
-    assert figs == ["fig-compare-continuous-proper-frey-faces", "fig-compare-continuous-proper-mnist5k"]
+    assert not [f for f in parsed.figures if f.startswith("fig-compare-")]  # one run each: no axis
+    for name in ("mnist-cb", "frey-g"):
+        assert f"Only one run in this group ({name})" in page
     ranking = [t for t in parsed.tables if t is not None]
     assert sorted(len(t["rows"]) for t in ranking) == [1, 1]  # never ranked against each other
+
+    # two runs of one data set, but only one with a latent size: still one point, no figure
+    runs = [run("z2", "binary", -95.0), run("nolatent", "binary", -96.0, latent_dim=None)]
+    page = write_report(out, CONFIG, runs=runs, report_dir=tmp_path / "rep2")["html"].read_text()
+    assert "fig-compare-" not in page and "2 runs, 1 of them with a latent size" in page
+
+
+def _md_table_after(md: str, heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after `heading`."""
+    lines = md.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_headline_first_and_configuration_last(report):
+    paths, _, _ = report
+    md = paths["md"].read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", md, flags=re.MULTILINE)
+    assert headings[0] == "Metrics (test set)" and headings[-1] == "Configuration"
+    rows = _md_table_after(md, "## Metrics (test set)")
+    assert [r[0] for r in rows[:5]] == ["log p(x)", "ELBO", "KL(q(z\\|x) ‖ p(z))", "bits/dim", "convergence"]
+    assert rows[0][1] == "-87.65 ± 0.12 nats/example (converged)"
+    assert rows[4][1] == (
+        "converged: last ladder step +0.05 ± 0.01 nats/example (K=100 → K=1000); "
+        "ESS harmonic mean 9.9 samples"
+    )
+    assert "more than 2 paired SE and 0.10 nats/example, or the ESS harmonic mean is below 5" in rows[4][2]
+
+
+@pytest.mark.parametrize(
+    ("space", "quantized", "wording"),
+    [
+        ("binary", False, "a pmf on binary pixels, nothing added"),
+        ("binary", True, "a pmf on binary pixels, nothing added"),  # an eval.json from before the fix
+        ("continuous", True, "+ 8 bits for the dequantized 8-bit data (log 256 per dimension)"),
+        ("continuous", False, "a density on float pixels in [0,1], nothing added (can be negative)"),
+    ],
+)
+def test_bits_per_dim_wording_per_data_space(tmp_path, space, quantized, wording):
+    out = make_out_dir(tmp_path / "run", space=space, quantized=quantized)
+    md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
+    (row,) = [r for r in _md_table_after(md, "## Metrics (test set)") if r[0] == "bits/dim"]
+    assert row[1] == "0.1613 bits/dim"
+    assert row[2].startswith("−log p(x) / (D ln 2), from the log p(x) estimate") and row[2].endswith(wording)
+    assert ("+ 8 bits" in md) is (space == "continuous" and quantized)
+
+
+NOT_CONVERGED = {
+    "converged": False,
+    "convergence": {
+        **CONVERGED["convergence"],
+        "reasons": [
+            "ladder still rising: +26.70 ± 2.10 nats/example from K=100 to K=1000 (paired SE)",
+            "ESS too low: harmonic mean 1.4 < 5 samples per example",
+        ],
+        "ladder_gain": 26.7,
+        "ladder_gain_se": 2.1,
+        "ess_hmean": 1.4,
+    },
+}
+
+
+def test_an_unconverged_estimate_is_marked_and_never_wins_a_ranking(tmp_path):
+    out = make_out_dir(tmp_path / "run", verdict=NOT_CONVERGED)
+    runs = [
+        run("conv-a", "binary", -95.0, converged=1.0),  # as MLflow gives it back: test/converged
+        run("wild", "binary", 1778.47, converged=0.0),  # the best number, from an unconverged estimate
+        run("conv-b", "binary", -100.0, converged=True, latent_dim=5),
+        run("unchecked", "binary", -97.0, latent_dim=10),  # evaluated before the verdict existed
+    ]
+    paths = write_report(out, CONFIG, runs=runs)
+    page, md = paths["html"].read_text(encoding="utf-8"), paths["md"].read_text(encoding="utf-8")
+    # this run: the verdict beside its log p(x), and a warning with the reasons
+    rows = _md_table_after(md, "## Metrics (test set)")
+    assert rows[0][1] == "-87.65 ± 0.12 nats/example (NOT CONVERGED)"
+    for text in (page, md):
+        assert "the log p(x) estimate has not converged in K=1000: ladder still rising: +26.70" in text
+    assert "; ESS too low: harmonic mean 1.4 < 5 samples per example. It is a lower bound" in md
+    assert rows[4][1].startswith("NOT CONVERGED: last ladder step +26.70 ± 2.10 nats/example")
+    # the comparison: the unconverged run comes last, unranked, marked, with a note
+    parsed = Collector()
+    parsed.feed(page)
+    (table,) = [t for t in parsed.tables if t is not None]
+    cells = [r["cells"] for r in table["rows"]]
+    assert [c[:2] for c in cells] == [["1", "conv-a"], ["2", "unchecked"], ["3", "conv-b"], ["—", "wild"]]
+    assert cells[3][5] == "1778.47 ± 0.20 nats/example (NOT CONVERGED)"
+    assert cells[0][5].endswith("(converged)") and cells[1][5].endswith("(convergence not checked)")
+    assert "Rank —: the log p(x) estimate has NOT CONVERGED" in page
+
+
+PAIRED = [
+    {"k": 1, "log_px": -95.0, "se": 0.3, "gain": None, "gain_se": None},
+    {"k": 10, "log_px": -90.1, "se": 0.2, "gain": 4.9, "gain_se": 0.1},
+    {"k": 100, "log_px": -90.4, "se": 0.2, "gain": -0.3, "gain_se": 0.05},
+]
+
+
+def test_ladder_uses_paired_errors(tmp_path):
+    # a drop of 0.3 nats: within the unpaired error bars (3 x 0.28), six paired SEs
+    assert ladder_is_decreasing(PAIRED) == [(10, 100)]
+    unpaired = [{k: v for k, v in p.items() if k != "gain_se"} for p in PAIRED]
+    assert ladder_is_decreasing(unpaired) == []
+    out = make_out_dir(tmp_path / "run", ladder=PAIRED)
+    md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
+    rows = _md_table_after(md, "## log p(x) against the number of importance samples")
+    assert rows == [
+        ["1", "-95.00 ± 0.30 nats/example", "n/a"],
+        ["10", "-90.10 ± 0.20 nats/example", "+4.90 ± 0.10 nats/example"],
+        ["100", "-90.40 ± 0.20 nats/example", "-0.30 ± 0.05 nats/example"],
+    ]
+    assert "k=10 → k=100" in md and "the standard error of the change" in md
+    assert "the change from the previous k, the mean of the per-example differences" in md
+
+
+def test_prior_samples_use_the_inputs_grey_scale(tmp_path):
+    """0 is drawn black and 1 white, as the inputs: a white background is the model's, not the plot's."""
+    from matplotlib.image import imread
+
+    dark = {}
+    for value in (0.0, 1.0):
+        out = make_out_dir(tmp_path / f"v{value}", prior_samples=np.full((8, 6, 6), value))
+        paths = write_report(out, CONFIG, runs=None)
+        png = imread(paths["md"].parent / "figures" / "prior_samples.png")[..., :3]  # (H, W, 3) in [0, 1]
+        dark[value] = float((png.mean(-1) < 0.1).mean())  # fraction of black pixels
+    assert dark[0.0] > 0.3 and dark[1.0] < 0.05
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "(0 black, 1 white; not inverted)" in md and "aggregate posterior" in md

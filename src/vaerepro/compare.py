@@ -113,11 +113,29 @@ def metric_value(row: Mapping, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# Metrics that come from the importance-sampled log p(x), and so carry its convergence verdict.
+ESTIMATE_METRICS = frozenset({"log_px", "bits_per_dim"})
+
+
+def converged(row: Mapping) -> bool | None:
+    """The row's convergence verdict (eval.json `converged`, see estimators.convergence): True, False, or
+    None when it has none (a run evaluated before the verdict existed)."""
+    value = row.get("converged")
+    if isinstance(value, str):  # as an MLflow tag
+        return {"true": True, "false": False}.get(value.strip().lower())
+    if value is None or isinstance(value, bool):
+        return value
+    number = metric_value(row, "converged")  # the MLflow metric test/converged: 1.0 or 0.0
+    return None if number is None else number != 0
+
+
 def rank(rows: Iterable[Mapping], metric: str, higher_is_better: bool = True) -> list[Mapping]:
     """Rows with a finite `metric`, best first. Refuses (IncomparableError) rows from several groups.
 
     Rows without a finite value are dropped, not ranked last: a missing number is not a bad number.
-    Ties keep input order.
+    For a metric of the log p(x) estimate (ESTIMATE_METRICS), rows whose estimate has not converged
+    (`converged` false) come after all the others, best first among themselves: an estimate that may still
+    be far from log p(x) never ranks above one that has converged (or was not checked). Ties keep input order.
     """
     rows = list(rows)
     if not rows:
@@ -125,4 +143,6 @@ def rank(rows: Iterable[Mapping], metric: str, higher_is_better: bool = True) ->
     check_comparable(rows, what=f"ranking by {metric}")
     scored = [(v, r) for r in rows if (v := metric_value(r, metric)) is not None]
     scored.sort(key=lambda pair: pair[0], reverse=higher_is_better)
+    if metric in ESTIMATE_METRICS:
+        scored.sort(key=lambda pair: converged(pair[1]) is False)  # stable: keeps the order within each part
     return [r for _, r in scored]

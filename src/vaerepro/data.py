@@ -817,11 +817,17 @@ def fixed_space(x: np.ndarray | torch.Tensor, space: str, *, quantized: bool, se
     return to_space(x, space, quantized=quantized, generator=generator)
 
 
+def is_dequantized(space: str, quantized: bool) -> bool:
+    """Whether the model sees uniformly dequantized 8-bit data: 8-bit levels (``quantized``) in the
+    ``continuous`` space. Binarised 8-bit data is not: its Bernoulli draws are exact points of {0,1}^D."""
+    _check_space(space)
+    return space == "continuous" and quantized
+
+
 def dim_log_jacobian(space: str, quantized: bool) -> float:
     """Nats per dimension to add to -log p(x) / D so that it measures the 8-bit data.
 
     Uniform dequantisation spreads each level over a cell of width 1/256, so a density on [0, 1]^D gives
-    -log P(v) = -log p(x) + D log 256: ``log(256)`` for continuous quantized data, else 0.
+    -log P(v) = -log p(x) + D log 256: ``log(256)`` for dequantized data (``is_dequantized``), else 0.
     """
-    _check_space(space)
-    return math.log(256.0) if space == "continuous" and quantized else 0.0
+    return math.log(256.0) if is_dequantized(space, quantized) else 0.0

@@ -2,7 +2,7 @@
 
 One formula, reused: ``log_weights`` computes log w = log p(x|z) + log p(z) - log q(z|x) for K samples
 z ~ q(z|x); the ELBO (estimator A), the IWAE bound and the importance-sampled log p(x) used for evaluation
-are all means or log-mean-exps over it.
+are all means or log-mean-exps over it. ``convergence`` judges whether such a log p(x) has converged in K.
 
 ``model`` is anything with ``posterior(x)`` (q(z|x), batch (B,), event (Z,)), ``prior()`` (p(z), event
 (Z,)) and ``decode(z)`` (p(x|z), batch z.shape[:-1], event (D,)); see ``model.VAE``.
@@ -15,6 +15,7 @@ their standard-normal noise ``eps`` (K, B, Z) (the training step draws it for a 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -209,6 +210,77 @@ def _estimate_log_px(model, x: Tensor, num_samples: int, chunk_size: int, ladder
             acc.update(LogWeights(model, x, q, z).log_w)  # (n, B)
         estimates[target] = acc.value()
     return MarginalEstimate(log_px=estimates[num_samples], ess=acc.ess(), ladder=estimates)
+
+
+# The convergence verdict of an importance-sampled log p(x) (``convergence``).
+LADDER_GAIN_SIGMAS = 2.0  # the last ladder step counts as a rise only beyond this many paired SEs
+# ... and beyond this many nats/example: smaller than the differences between models that IWAE-style tables
+# compare (tenths of a nat and up), so a rise below it does not change a comparison
+LADDER_GAIN_TOL_NATS = 0.1
+# Delta method: the log of a mean of K weights is biased low by about Var(w) / (2 K E[w]^2) ~= 1 / (2 ESS)
+# nats (ESS = (sum w)^2 / sum w^2 ~= K E[w]^2 / E[w^2]); averaged over examples that is 1 / (2 harmonic-mean
+# ESS). The floor keeps this bias within the ladder's tolerance: 1 / (2 * 0.1) = 5 samples. The sample ESS
+# overstates the effective count when the weights are heavy-tailed; the ladder test covers that case.
+ESS_FLOOR = 1.0 / (2.0 * LADDER_GAIN_TOL_NATS)  # samples; floor on the harmonic mean over examples of ESS
+
+
+def ladder_steps(ladder: dict[int, Tensor]) -> list[dict]:
+    """The paired gain between consecutive ladder points, one dict per step (k_from, k): nats/example.
+
+    ``ladder``: k -> (B,) estimates from the first k samples of the same run (``MarginalEstimate.ladder``), so
+    d = log p_k(x) - log p_k_from(x) is a paired per-example difference; ``gain`` is its mean and ``gain_se``
+    its standard error across examples, which excludes the example-to-example spread of log p(x) that the
+    SE of each point carries.
+    """
+    ks = sorted(ladder)
+    steps = []
+    for k0, k1 in itertools.pairwise(ks):
+        gain, gain_se = summarize(ladder[k1] - ladder[k0])  # (B,) -> mean, SE
+        steps.append({"k_from": k0, "k": k1, "gain": gain, "gain_se": gain_se})
+    return steps
+
+
+@dataclass
+class Convergence:
+    """The verdict of ``convergence`` and the numbers behind it."""
+
+    converged: bool
+    reasons: list[str]  # why not converged, one short phrase each; empty when converged
+    ladder_gain: float | None  # mean log p_K(x) - log p_k(x) over the last ladder step; nats/example
+    ladder_gain_se: float | None  # its paired SE across examples; nats/example
+    ladder_from_k: int | None  # k, the ladder point before K
+    ess_hmean: float  # harmonic mean over examples of the per-example ESS; samples
+
+
+def convergence(ladder: dict[int, Tensor], ess: Tensor) -> Convergence:
+    """The verdict on an importance-sampled log p(x) from its ladder {k: (B,)} and per-example ESS (B,).
+
+    Not converged when (a) the last ladder step (previous point k to K) still rises: its mean paired gain
+    exceeds LADDER_GAIN_SIGMAS paired SEs and LADDER_GAIN_TOL_NATS (with one example, no SE: the tolerance
+    alone); or (b) the harmonic mean of the ESS is below ESS_FLOOR.
+    """
+    reasons = []
+    steps = ladder_steps(ladder)
+    last = steps[-1] if steps else None
+    if last is not None:
+        gain, se = last["gain"], last["gain_se"]
+        beyond_noise = math.isnan(se) or gain > LADDER_GAIN_SIGMAS * se
+        if beyond_noise and gain > LADDER_GAIN_TOL_NATS:
+            reasons.append(
+                f"ladder still rising: {gain:+.2f} ± {se:.2f} nats/example from K={last['k_from']} "
+                f"to K={last['k']} (paired SE)"
+            )
+    ess_hmean = 1.0 / torch.as_tensor(ess, dtype=torch.float64).reciprocal().mean().item()
+    if ess_hmean < ESS_FLOOR:
+        reasons.append(f"ESS too low: harmonic mean {ess_hmean:.1f} < {ESS_FLOOR:g} samples per example")
+    return Convergence(
+        converged=not reasons,
+        reasons=reasons,
+        ladder_gain=None if last is None else last["gain"],
+        ladder_gain_se=None if last is None else last["gain_se"],
+        ladder_from_k=None if last is None else last["k_from"],
+        ess_hmean=ess_hmean,
+    )
 
 
 def summarize(values: Tensor) -> tuple[float, float]:

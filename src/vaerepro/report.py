@@ -8,8 +8,10 @@ Every number is printed with its unit (nats per example, bits/dim) and what it i
 estimate of log p(x)); results from different data spaces, or improper ones, never share a figure or a
 table (see `compare`).
 
-The report is built once as a list of blocks (heading, paragraph, warning, table, figure) and rendered
-twice: HTML with every image inline as a base64 PNG, Markdown with images under `figures/`.
+The report opens with the headline (log p(x) ± SE with its convergence verdict, ELBO, KL, bits/dim) and
+ends with the configuration. It is built once as a list of blocks (heading, paragraph, warning, table,
+figure) and rendered twice: HTML with every image inline as a base64 PNG, Markdown with images under
+`figures/`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import base64
 import csv
 import html
 import io
+import itertools
 import json
 import math
 import re
@@ -37,6 +40,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from vaerepro.compare import (  # noqa: E402
     IncomparableError,
     comparability_key,
+    converged,
     group_comparable,
     metric_value,
     rank,
@@ -89,27 +93,53 @@ class _Fig:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _fmt(value, digits: int = 2) -> str:
-    """A number with fixed decimals, or 'n/a' for missing / non-finite values."""
+def _fmt(value, digits: int = 2, sign: bool = False) -> str:
+    """A number with fixed decimals (and a + for positive ones if `sign`), or 'n/a' for missing / non-finite
+    values."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         return "n/a"
-    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
+    return f"{v:{'+' if sign else ''}.{digits}f}" if math.isfinite(v) else "n/a"
 
 
 def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _pm(value, se, unit: str, digits: int = 2) -> str:
+def _pm(value, se, unit: str, digits: int = 2, sign: bool = False) -> str:
     """'value ± se unit', or 'value unit' without a finite se."""
-    text = _fmt(value, digits)
+    text = _fmt(value, digits, sign)
     if text == "n/a":
         return text
     if _fmt(se, digits) != "n/a":
         text += f" ± {_fmt(se, digits)}"
     return f"{text} {unit}"
+
+
+def _verdict(row: Mapping) -> str:
+    """The convergence verdict of a row's log p(x) estimate, in words (see estimators.convergence)."""
+    c = converged(row)
+    return "converged" if c else "NOT CONVERGED" if c is False else "convergence not checked"
+
+
+def _log_px_text(row: Mapping) -> str:
+    """'log p(x) ± SE nats/example (verdict)': every log p(x) the report shows carries its verdict."""
+    text = _pm(row.get("log_px"), row.get("log_px_se"), NATS)
+    return text if text == "n/a" else f"{text} ({_verdict(row)})"
+
+
+def _bits_per_dim_kind(ev: Mapping) -> str:
+    """What the bits/dim of this run measure, by data space (evaluate adds 8 bits only when dequantized)."""
+    kind = "−log p(x) / (D ln 2), from the log p(x) estimate"
+    space = ev.get("data_space")
+    if space == "binary":
+        return kind + "; a pmf on binary pixels, nothing added"
+    if space == "continuous" and ev.get("quantized"):
+        return kind + ", + 8 bits for the dequantized 8-bit data (log 256 per dimension)"
+    if space == "continuous":
+        return kind + "; a density on float pixels in [0,1], nothing added (can be negative)"
+    return kind
 
 
 def _slug(text: str) -> str:
@@ -204,24 +234,25 @@ def _image_figure(mosaic: np.ndarray, width_in: float = 8.0) -> tuple[Figure, ob
 
 
 def ladder_is_decreasing(ladder: list[dict]) -> list[tuple[int, int]]:
-    """Pairs (k_small, k_large) where the estimate at k_large is below the one at k_small by more than
-    LADDER_SIGMAS x sqrt(se_small^2 + se_large^2).
+    """Consecutive ladder points (k_small, k_large) where the estimate falls by more than LADDER_SIGMAS
+    standard errors of the change.
 
-    The IWAE_k bound is non-decreasing in k in expectation (Burda et al. 2016), so such a drop means a bad
-    proposal (heavy-tailed weights, too few samples) or a bug. Points without a finite log_px are skipped;
-    a missing se counts as 0.
+    The SE of the change is the paired one (`gain_se`, the SE of the per-example differences, written by
+    `evaluate`); for a ladder without it (an older eval.json), the unpaired sqrt(se_small^2 + se_large^2),
+    which is far wider. The IWAE_k bound is non-decreasing in k in expectation (Burda et al. 2016), so such a
+    drop means a bad proposal (heavy-tailed weights, too few samples) or a bug. Points without a finite
+    log_px are skipped; a missing se counts as 0.
     """
-    pts = []
-    for p in ladder:
-        v = metric_value(p, "log_px")
-        if v is not None:
-            pts.append((int(p["k"]), v, metric_value(p, "se") or 0.0))
-    pts.sort(key=lambda t: t[0])
+    pts = sorted(
+        (p for p in ladder if metric_value(p, "log_px") is not None), key=lambda p: int(p["k"])
+    )
     bad = []
-    for i, (k1, v1, s1) in enumerate(pts):
-        for k2, v2, s2 in pts[i + 1 :]:
-            if k2 > k1 and v1 - v2 > LADDER_SIGMAS * math.hypot(s1, s2):
-                bad.append((k1, k2))
+    for a, b in itertools.pairwise(pts):
+        se = metric_value(b, "gain_se")
+        if se is None:
+            se = math.hypot(metric_value(a, "se") or 0.0, metric_value(b, "se") or 0.0)
+        if metric_value(a, "log_px") - metric_value(b, "log_px") > LADDER_SIGMAS * se:
+            bad.append((int(a["k"]), int(b["k"])))
     return bad
 
 
@@ -245,19 +276,22 @@ def _ladder_section(ev: dict, label: str) -> list:
         blocks.append(
             _Warning(
                 "the log p(x) ladder goes down as k grows, beyond its error bars "
-                f"(more than {LADDER_SIGMAS:g}× the combined standard error): {pairs}. "
+                f"(more than {LADDER_SIGMAS:g}× the standard error of the change): {pairs}. "
                 "The IWAE_k bound cannot decrease with k in expectation: this is a sign of a bad proposal "
                 "or a bug."
             )
         )
+    # the change from the previous k: mean of the per-example differences ± its paired SE
+    gains = [(k, metric_value(p, "gain"), metric_value(p, "gain_se")) for k, p in zip(ks, pts, strict=True)]
+    gains = [(k, g, s or 0.0) for k, g, s in gains if g is not None]
 
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(6.4, 6.0 if gains else 4.0))
+    ax = fig.add_subplot(2, 1, 1) if gains else fig.add_subplot()
     ax.errorbar(ks, vs, yerr=ses, fmt="o-", capsize=3, label="IWAE_k estimate of log p(x) (± SE)")
     if bad:
         flagged = sorted({b for _, b in bad})
         idx = [int(np.flatnonzero(ks == k)[0]) for k in flagged]
-        ax.plot(ks[idx], vs[idx], "rx", ms=10, mew=2, label=f"below an earlier k by > {LADDER_SIGMAS:g} SE")
+        ax.plot(ks[idx], vs[idx], "rx", ms=10, mew=2, label=f"below the previous k by > {LADDER_SIGMAS:g} SE")
     elbo = metric_value(ev, "elbo")
     if elbo is not None:
         ax.axhline(elbo, color="gray", ls="--", label="ELBO (lower bound)")
@@ -265,20 +299,41 @@ def _ladder_section(ev: dict, label: str) -> list:
         if elbo_se:
             ax.axhspan(elbo - elbo_se, elbo + elbo_se, color="gray", alpha=0.15)
     ax.set_xscale("log")
-    ax.set_xlabel("k, importance samples per example (log scale)")
+    if not gains:  # else the panel below carries the k axis
+        ax.set_xlabel("k, importance samples per example (log scale)")
     ax.set_ylabel(f"log p(x) ({NATS})")
     ax.set_title(textwrap.fill(label, 70), fontsize=9)
     ax.legend(fontsize=8)
+    if gains:
+        gx = fig.add_subplot(2, 1, 2, sharex=ax)
+        gk, gv, gs = (np.array(c, dtype=float) for c in zip(*gains, strict=True))
+        gx.errorbar(gk, gv, yerr=gs, fmt="o", capsize=3, label="change from the previous k (± paired SE)")
+        gx.axhline(0.0, color="gray", lw=0.8)
+        gx.set_xlabel("k, importance samples per example (log scale)")
+        gx.set_ylabel(f"change ({NATS})")
+        gx.legend(fontsize=8)
     fig.tight_layout()
-    blocks.append(
-        _Fig(
-            "ladder",
-            "log p(x) ladder: IWAE_k estimate against k",
-            _png(fig),
-            "Each point is the IWAE_k bound, a lower bound on log p(x) in expectation that rises towards it "
-            f"as k grows; the last (k={int(ks[-1])}) is the reported estimate. Error bars: ± one standard "
-            "error across test examples. Dashed: the ELBO.",
+    caption = (
+        "Each point is the IWAE_k bound, a lower bound on log p(x) in expectation that rises towards it "
+        f"as k grows; the last (k={int(ks[-1])}) is the reported estimate. Error bars: ± one standard "
+        "error across test examples, mostly the spread of log p(x) between examples. Dashed: the ELBO."
+    )
+    if gains:
+        caption += (
+            " Below: the change from the previous k, the mean of the per-example differences (the same "
+            "samples, so paired), ± its paired standard error: the error bar of the k-to-k change."
         )
+    blocks.append(_Fig("ladder", "log p(x) ladder: IWAE_k estimate against k", _png(fig), caption))
+    rows = [
+        [
+            str(int(p["k"])),
+            _pm(p.get("log_px"), p.get("se"), NATS),
+            _pm(p.get("gain"), p.get("gain_se"), NATS, sign=True),
+        ]
+        for p in pts
+    ]
+    blocks.append(
+        _Table(["k", "log p(x) ± SE across examples", "change from the previous k ± paired SE"], rows)
     )
     return blocks
 
@@ -286,16 +341,39 @@ def _ladder_section(ev: dict, label: str) -> list:
 # -------------------------------------------------------------------------------------------- sections
 
 
+def _convergence_row(ev: Mapping) -> list[str]:
+    """The metrics-table row of the convergence verdict: its numbers and its definition (eval.json)."""
+    conv = ev.get("convergence")
+    if not isinstance(conv, Mapping):
+        return ["convergence", "not checked", "eval.json has no convergence verdict (written before it)", ""]
+    numbers = []
+    if metric_value(conv, "ladder_gain") is not None:
+        gain = _pm(conv["ladder_gain"], conv.get("ladder_gain_se"), NATS, sign=True)
+        step = f"K={conv.get('ladder_from_k')} → K={conv.get('ladder_to_k')}"
+        numbers.append(f"last ladder step {gain} ({step})")
+    numbers.append(f"ESS harmonic mean {_fmt(conv.get('ess_hmean'), 1)} samples")
+    definition = (
+        "not converged when the last ladder step rises by more than "
+        f"{_fmt(conv.get('ladder_gain_sigmas'), 0)} paired SE and {_fmt(conv.get('ladder_gain_tol'), 2)} "
+        f"{NATS}, or the ESS harmonic mean is below {_fmt(conv.get('ess_floor'), 0)}"
+    )
+    return ["convergence", f"{_verdict(ev)}: " + "; ".join(numbers), definition, ""]
+
+
 def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: bool) -> list:
+    """The headline first: log p(x) ± SE with its verdict, ELBO, KL, bits/dim; then the rest."""
     k = ev.get("num_samples")
     rows = [
         [
             "log p(x)",
-            _pm(ev.get("log_px"), ev.get("log_px_se"), NATS),
+            _log_px_text(ev),
             f"estimate of log p(x), K={k} (importance sampling: the IWAE_K bound)",
             label,
         ],
         ["ELBO", _pm(ev.get("elbo"), ev.get("elbo_se"), NATS), "lower bound (ELBO) on log p(x)", label],
+        ["KL(q(z|x) ‖ p(z))", _pm(ev.get("kl"), None, NATS), "KL term of the ELBO", label],
+        ["bits/dim", _pm(ev.get("bits_per_dim"), None, "bits/dim", 4), _bits_per_dim_kind(ev), label],
+        _convergence_row(ev),
     ]
     lp, el = metric_value(ev, "log_px"), metric_value(ev, "elbo")
     if lp is not None and el is not None:
@@ -307,14 +385,8 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
                 label,
             ]
         )
-    rows += [
-        ["KL(q(z|x) ‖ p(z))", _pm(ev.get("kl"), None, NATS), "KL term of the ELBO", label],
-        ["E_q[log p(x|z)]", _pm(ev.get("recon"), None, NATS), "reconstruction term of the ELBO", label],
-    ]
-    bpd_kind = "−log p(x) / (D ln 2), from the log p(x) estimate"
-    if ev.get("quantized"):
-        bpd_kind += ", + 8 bits for the dequantized 8-bit data"
-    rows.append(["bits/dim", _pm(ev.get("bits_per_dim"), None, "bits/dim", 4), bpd_kind, label])
+    recon = _pm(ev.get("recon"), None, NATS)
+    rows.append(["E_q[log p(x|z)]", recon, "reconstruction term of the ELBO", label])
     latent = ev.get("latent_dim")
     rows.append(
         ["active units", f"{ev.get('active_units', 'n/a')} of {latent}", "latent dimensions in use", ""]
@@ -327,7 +399,7 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
             [
                 "ESS",
                 f"{_fmt(ess, 1)} of K={k} samples{frac_text}",
-                "effective sample size of the importance weights",
+                "effective sample size of the importance weights, mean over examples",
                 "",
             ]
         )
@@ -354,6 +426,15 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
         ["training time", _pm(tr.get("train_time_s"), None, "s", 1), "wall clock"],
     ]
     blocks: list = [_Heading("Metrics (test set)")]
+    if converged(ev) is False:
+        reasons = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
+        blocks.append(
+            _Warning(
+                f"the log p(x) estimate has not converged in K={k}: {reasons}. It is a lower bound in "
+                "expectation that may still be far below log p(x): do not rank it against converged "
+                "estimates; raise eval.num_samples."
+            )
+        )
     blocks += [
         _Para(
             f"Means over {ev.get('num_examples', 'n/a')} test examples; ± is one standard error across them."
@@ -409,6 +490,14 @@ def _curves_section(out_dir: Path, tr: dict, config: Mapping, label: str) -> lis
     return blocks + [_Fig("training_curves", "training and validation ELBO against epoch", _png(fig))]
 
 
+_PRIOR_SAMPLES_CAPTION = (
+    "Decoder means of p(x|z), z ~ N(0, I), on the grey scale of the inputs above (0 black, 1 white; not "
+    "inverted). A sample with a grey or white background comes from a z where the aggregate posterior "
+    "q(z) = mean_x q(z|x) has little mass (a 'hole' in the prior that the decoder was hardly trained on), "
+    "where the decoder's pixel means sit far from 0: a property of the model, not of the plot."
+)
+
+
 def _images_section(out_dir: Path, latent_dim) -> list:
     path = out_dir / "artifacts" / "samples.npz"
     blocks: list = [_Heading("Reconstructions and samples")]
@@ -435,11 +524,7 @@ def _images_section(out_dir: Path, latent_dim) -> list:
         s = _as_images(arrays["prior_samples"])[: 4 * MAX_IMAGES]
         fig, _ = _image_figure(_tile(s, ncols=min(len(s), 8)), width_in=5.0)
         fig.tight_layout()
-        blocks.append(
-            _Fig(
-                "prior_samples", "samples from the prior", _png(fig), "Decoder means of p(x|z), z ~ N(0, I)."
-            )
-        )
+        blocks.append(_Fig("prior_samples", "samples from the prior", _png(fig), _PRIOR_SAMPLES_CAPTION))
     if str(latent_dim) == "2" and "manifold" in arrays:
         m = np.asarray(arrays["manifold"], dtype=float)  # (g, g, H, W)
         g = m.shape[0]
@@ -506,8 +591,14 @@ def _comparison_section(runs: Iterable[Mapping] | None) -> list:
             if improper:
                 blocks.append(_Warning(_IMPROPER_GROUP_TEXT))
             suffix = "" if len(by_source) == 1 else f"-{_slug(source)}"
-            blocks.append(_group_figure(space, improper, members, suffix))
-            blocks.append(_ranking_table(space, improper, members))
+            plotted = [r for r in members if _latent(r) is not None]
+            if len(plotted) >= 2:
+                blocks.append(_group_figure(space, improper, members, suffix))
+            elif len(members) == 1:
+                blocks.append(_Para(_ONE_RUN_TEXT.format(run=_run_name(members[0]))))
+            else:
+                blocks.append(_Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
+            blocks += _ranking_blocks(space, improper, members)
 
     if excluded:
         blocks.append(_Heading("Not plotted, not ranked", level=3))
@@ -529,6 +620,24 @@ def _comparison_section(runs: Iterable[Mapping] | None) -> list:
             )
         )
     return blocks
+
+
+_ONE_RUN_TEXT = (
+    "Only one run in this group ({run}): nothing to compare it with, so no figure; its numbers are in the "
+    "table below."
+)
+_ONE_POINT_TEXT = (
+    "{n} runs, {plotted} of them with a latent size to plot against: one point is no comparison, so no "
+    "figure; the numbers are in the table below."
+)
+_UNCONVERGED_NOTE = (
+    "Rank —: the log p(x) estimate has NOT CONVERGED (its ladder still rises with K, or too few effective "
+    "samples); it may still be far from log p(x), so it is listed after the ranked runs and not ranked."
+)
+
+
+def _run_name(row: Mapping) -> str:
+    return str(row.get("run_name") or row.get("run_id") or "?")
 
 
 def _latent(row: Mapping) -> int | None:
@@ -582,19 +691,21 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
     )
 
 
-def _ranking_table(space: str, improper: bool, rows: list[Mapping]) -> _Table:
+def _ranking_blocks(space: str, improper: bool, rows: list[Mapping]) -> list:
+    """The ranking by log p(x) (compare.rank: unconverged estimates after the rest, here unranked) and,
+    when there are unconverged ones, the note saying why."""
     ranked = rank(rows, "log_px", higher_is_better=True)
     body, attrs = [], []
     for i, r in enumerate(ranked, start=1):
         s, imp = comparability_key(r)
         body.append(
             [
-                str(i),
-                str(r.get("run_name") or r.get("run_id") or "?"),
+                "—" if converged(r) is False else str(i),
+                _run_name(r),
                 str(r.get("likelihood") or "n/a"),
                 str(r.get("latent_dim", "n/a")),
                 str(r.get("source") or "n/a"),
-                _pm(r.get("log_px"), r.get("log_px_se"), NATS),
+                _log_px_text(r),
                 _pm(r.get("elbo"), None, NATS),
                 _pm(r.get("bits_per_dim"), None, "bits/dim", 4),
                 s + (" (IMPROPER)" if imp else ""),
@@ -612,13 +723,14 @@ def _ranking_table(space: str, improper: bool, rows: list[Mapping]) -> _Table:
         "bits/dim",
         "data space",
     ]
-    return _Table(
+    table = _Table(
         header,
         body,
         kind="ranking",
         attrs={"data-space": space, "data-improper": str(improper).lower()},
         row_attrs=attrs,
     )
+    return [table] + ([_Para(_UNCONVERGED_NOTE)] if any(converged(r) is False for r in ranked) else [])
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -730,15 +842,15 @@ def write_report(
     blocks: list = [_Para(f"Data space: {label}. Log-likelihoods and bounds are in nats per example.")]
     if improper:
         blocks.append(_Warning(_IMPROPER_TEXT))
-    blocks += [
-        _Heading("Configuration"),
-        _Table(["key", "value"], [[k, v] for k, v in _flatten(config)], kind="config"),
-    ]
     blocks += _metrics_section(ev, tr, config, label, improper)
     blocks += _curves_section(out_dir, tr, config, label)
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
     blocks += _comparison_section(runs)
+    blocks += [
+        _Heading("Configuration"),
+        _Table(["key", "value"], [[k, v] for k, v in _flatten(config)], kind="config"),
+    ]
 
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)

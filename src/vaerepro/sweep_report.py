@@ -6,11 +6,13 @@ study and its MLflow child runs; the figures and layout come from `vaerepro.repo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from vaerepro.compare import ESTIMATE_METRICS, converged
 from vaerepro.sweep import _INTERRUPTED, SPACE_FREE_OBJECTIVES, _best_trial, best_command, override_value
 
 log = logging.getLogger(__name__)
@@ -38,13 +40,35 @@ def _objective_rows(study) -> list[dict[str, Any]]:
     return rows
 
 
+def _trial_converged(trial) -> bool | None:
+    """The convergence verdict of a trial's log p(x) (its metrics/eval.json), or None when unknown."""
+    try:
+        ev = json.loads((Path(trial.user_attrs["trial_dir"]) / "metrics" / "eval.json").read_text())
+    except (KeyError, OSError, ValueError):
+        return None
+    return converged(ev) if isinstance(ev, dict) else None
+
+
+def _unconverged(trial, objective: str) -> bool:
+    """Whether the trial's objective comes from a log p(x) estimate that has not converged."""
+    return objective in ESTIMATE_METRICS and _trial_converged(trial) is False
+
+
+def _objective_text(trial, objective: str) -> str:
+    """The trial's objective value, marked when its log p(x) estimate has not converged."""
+    if trial.value is None:
+        return "n/a"
+    return f"{trial.value:.4f}" + (" (NOT CONVERGED)" if _unconverged(trial, objective) else "")
+
+
 def _objective_figures(study, objective: str) -> list:
-    """The objective against the latent size, one line per likelihood: one figure, or one per data space."""
+    """The objective against the latent size, one line per likelihood: one figure, or one per data space;
+    a group with one trial gets a sentence instead of a one-point axis."""
     import numpy as np
     from matplotlib.figure import Figure
 
     from vaerepro.compare import group_comparable, space_label
-    from vaerepro.report import _Fig, _png
+    from vaerepro.report import _Fig, _Para, _png
 
     rows = _objective_rows(study)
     if not rows:
@@ -55,6 +79,10 @@ def _objective_figures(study, objective: str) -> list:
         groups = group_comparable(rows)
     figs = []
     for (space, improper), members in groups.items():
+        title = "all data spaces" if space == "all" else space_label(space, improper)
+        if len(members) == 1:
+            figs.append(_Para(f"{title}: only one completed trial ({members[0]['run_name']}), so no figure."))
+            continue
         fig = Figure(figsize=(6.4, 4.0))
         ax = fig.add_subplot()
         by_lik: dict[str, list] = {}
@@ -72,7 +100,6 @@ def _objective_figures(study, objective: str) -> list:
         ax.minorticks_off()
         ax.set_xlabel("latent size (log scale)")
         ax.set_ylabel(objective)
-        title = "all data spaces" if space == "all" else space_label(space, improper)
         ax.set_title(title, fontsize=9)
         ax.legend(title="likelihood", fontsize=8)
         fig.tight_layout()
@@ -151,6 +178,28 @@ def _importance_blocks(study) -> list:
     ]
 
 
+def _space_of(trial) -> tuple:
+    return trial.user_attrs.get("data_space"), trial.user_attrs.get("improper")
+
+
+def _unconverged_best(study, best, objective: str) -> str:
+    """The warning for a best trial whose log p(x) estimate has not converged, naming the best trial of its
+    data space whose estimate has converged (or was not checked)."""
+    from optuna.trial import TrialState
+
+    text = (
+        f"the best trial by {objective}, trial {best.number}, rests on a log p(x) estimate that has NOT "
+        "CONVERGED (its metrics/eval.json says why): it may be far from log p(x) and does not win this sweep."
+    )
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    others = [t for t in done if _space_of(t) == _space_of(best) and not _unconverged(t, objective)]
+    if not others:
+        return text + " No completed trial has a converged estimate."
+    pick = max if study.direction.name == "MAXIMIZE" else min
+    alt = pick(others, key=lambda t: t.value)
+    return text + f" The best trial whose estimate has converged: trial {alt.number} ({alt.value:.4f})."
+
+
 def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, storage: str = "") -> dict:
     """report.html (self-contained) and report.md (+ figures/) for a study and its trials' MLflow runs.
 
@@ -187,7 +236,9 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     if best is None:
         blocks.append(_Warning("no trial has completed yet"))
     else:
-        rows = [["trial", str(best.number)], [objective, f"{best.value:.4f}"]]
+        if _unconverged(best, objective):
+            blocks.append(_Warning(_unconverged_best(study, best, objective)))
+        rows = [["trial", str(best.number)], [objective, _objective_text(best, objective)]]
         rows += [[k, override_value(v)] for k, v in best.params.items()]
         rows.append(["command", best_command(best)])
         blocks.append(_Table(["", "value"], rows, kind="best"))
@@ -200,7 +251,7 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
             [
                 str(t.number),
                 t.state.name + (" (interrupted)" if t.system_attrs.get(_INTERRUPTED) else ""),
-                "n/a" if t.value is None else f"{t.value:.4f}",
+                _objective_text(t, objective),
                 " ".join(f"{k}={override_value(v)}" for k, v in t.params.items()),
                 str(a.get("data_space", "n/a")),
                 "n/a" if a.get("wall_s") is None else f"{a['wall_s']:.1f}",
