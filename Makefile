@@ -44,8 +44,9 @@ bench: install
 sweep: install
 	$(BIN)/vaerepro run --multirun +sweep=aevb hydra.sweeper.n_trials=$(TRIALS)
 
+# The MLflow UI on 127.0.0.1:5000; prints the link that opens the runs table set up for comparing runs.
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/vaerepro ui --port 5000
 
 clean:
 	rm -rf prepared models metrics plots artifacts reports runs outputs multirun

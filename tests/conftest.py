@@ -115,3 +115,18 @@ def val_curve(out_dir: Path) -> list[float]:
     """The validation ELBO of every epoch, from out_dir/plots/elbo.csv (epoch,train_elbo,val_elbo)."""
     rows = (out_dir / "plots" / "elbo.csv").read_text().splitlines()[1:]
     return [float(row.split(",")[2]) for row in rows]
+
+
+def wait_for_health(url: str, what: str, timeout_s: float = 60.0) -> None:
+    """Wait until the MLflow server at `url` answers /health (its first start migrates the store)."""
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{what} did not come up on 127.0.0.1")

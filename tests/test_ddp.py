@@ -131,7 +131,7 @@ def test_ddp_training_is_one_mlflow_run_and_resumes_into_it(ddp_trained, raw_dir
     client = MlflowClient(uri)
     (first,) = _runs(uri)  # exactly one run for two training processes
     run_id = first.info.run_id
-    for key in ("val/elbo", "train/elbo"):
+    for key in ("binary/val/elbo", "binary/train/elbo"):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert len(steps) == 2 and len(set(steps)) == 2, (key, steps)  # once per epoch, not once per rank
     assert json.loads((d / "models" / "mlflow_run.json").read_text())["run_id"] == run_id
@@ -142,7 +142,7 @@ def test_ddp_training_is_one_mlflow_run_and_resumes_into_it(ddp_trained, raw_dir
     assert "resuming from" in out.stderr + out.stdout
     (again,) = _runs(uri)
     assert again.info.run_id == run_id
-    for key in ("val/elbo", "train/elbo"):
+    for key in ("binary/val/elbo", "binary/train/elbo"):
         hist = client.get_metric_history(run_id, key)
         assert len(hist) == 3, key
         assert sorted(m.step for m in hist) == [0, 1, 2]  # step = epoch, continued across the resume
@@ -205,7 +205,7 @@ def test_vaerepro_run_with_ddp(raw_dir, tmp_path):
         files
     )
     (only,) = _runs(uri)
-    assert only.info.status == "FINISHED" and "test/log_px" in only.data.metrics
+    assert only.info.status == "FINISHED" and "binary/test/log_px" in only.data.metrics
 
     # the evaluation shared out over the 2 training processes equals a single process's
     ev = json.loads((out_dir / "metrics" / "eval.json").read_text())

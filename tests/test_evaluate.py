@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -99,6 +100,66 @@ def test_summary_units():
     assert s["bits_per_dim"] == pytest.approx((100 / 784 + math.log(256)) / math.log(2))  # 8.18 bits
     assert s["ess_fraction"] == pytest.approx(1.0)
     assert [r["k"] for r in s["log_px_ladder"]] == [1, 10]
+    # the ladder's change is paired: +5, +3, +7, +5 nats per example
+    assert (s["log_px_ladder"][0]["gain"], s["log_px_ladder"][0]["gain_se"]) == (None, None)
+    assert s["log_px_ladder"][1]["gain"] == pytest.approx(5.0)
+    assert s["log_px_ladder"][1]["gain_se"] == pytest.approx(np.std([5, 3, 7, 5], ddof=1) / 2)
+    # a rise of 5 ± 0.8 nats from K=1 to K=10 is not converged; the ESS (10 of 10) is not the reason
+    assert s["converged"] is False
+    conv = s["convergence"]
+    assert conv["reasons"] == ["ladder still rising: +5.00 ± 0.82 nats/example from K=1 to K=10 (paired SE)"]
+    assert (conv["ladder_from_k"], conv["ladder_to_k"], conv["ess_hmean"]) == (1, 10, pytest.approx(10.0))
+    assert (conv["ladder_gain_sigmas"], conv["ladder_gain_tol"], conv["ess_floor"]) == (2.0, 0.1, 5.0)
+    per_ex["ladder"][1] = per_ex["ladder"][10] - 0.05  # a last step below the tolerance
+    assert summarize(per_ex, data_dim=784, jacobian=0.0)["converged"] is True
+
+
+@pytest.mark.parametrize(
+    ("space", "quantized", "dequantized", "bits_added"),
+    [
+        ("binary", True, False, 0.0),
+        ("binary", False, False, 0.0),
+        ("continuous", True, True, 8.0),
+        ("continuous", False, False, 0.0),
+    ],
+)
+def test_quantized_means_dequantized_8_bit_data(space, quantized, dequantized, bits_added):
+    """eval.json's `quantized` and the bits/dim offset: only 8-bit data dequantized into [0,1] gets 8 bits;
+    binarised 8-bit data is a pmf on {0,1}^D."""
+    from vaerepro.data import dim_log_jacobian, is_dequantized
+
+    assert is_dequantized(space, quantized) is dequantized
+    assert dim_log_jacobian(space, quantized) / math.log(2) == pytest.approx(bits_added)
+
+
+@pytest.mark.slow
+def test_eval_json_per_example_ladder_and_mlflow_carry_the_verdict(raw_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from conftest import ROOT, tiny_config
+    from vaerepro import estimators, tracking
+
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    cfg = tiny_config("train.max_epochs=1", tracking=True, raw_dir=raw_dir)
+    metrics = cli.run_pipeline(cfg, tmp_path / "out", tmp_path, progress=False)
+    ev = json.loads((tmp_path / "out" / "metrics" / "eval.json").read_text())
+    assert ev == json.loads(json.dumps(metrics))
+    assert (ev["data_space"], ev["quantized"]) == ("binary", False)  # 8-bit digits, binarised
+    assert ev["bits_per_dim"] == pytest.approx(-ev["log_px"] / (784 * math.log(2)))
+    # the verdict recomputed from the per-example ladder saved beside it
+    per_ex = np.load(tmp_path / "out" / "artifacts" / "per_example.npz")
+    ladder = {k: torch.as_tensor(per_ex[f"log_px_k{k}"]) for k in (1, 10, 50)}
+    v = estimators.convergence(ladder, torch.as_tensor(per_ex["ess"]))
+    assert ev["converged"] is v.converged and ev["convergence"]["reasons"] == v.reasons
+    assert ev["convergence"]["ladder_gain"] == pytest.approx(ev["log_px"] - ev["log_px_ladder"][1]["log_px"])
+    assert ev["log_px_ladder"][2]["gain"] == pytest.approx(ev["convergence"]["ladder_gain"])
+    # in MLflow: a tag and a number (1 or 0) that the report's rows carry
+    client = MlflowClient(tracking.tracking_uri(cfg, tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("vaerepro").experiment_id])
+    assert run.data.tags["vaerepro.converged"] == str(v.converged).lower()
+    (row,) = tracking.experiment_runs(cfg, tmp_path)
+    assert row["converged"] == float(v.converged)
+    assert row["ladder_gain"] == pytest.approx(ev["convergence"]["ladder_gain"])
 
 
 def _params(tmp_path, *overrides):

@@ -419,13 +419,13 @@ def test_sigterm_stops_training_at_an_epoch_end_exit_143_killed_and_resumable(pr
     done = len(curve)
     assert done >= 1 and last["callbacks"]["EpochHistory"]["rows"][-1]["epoch"] == done - 1
     # the whole curve of the stopped training reached the store, step = epoch
-    assert metric_steps(d, run_id, "val/elbo") == list(range(done))
+    assert metric_steps(d, run_id, "binary/val/elbo") == list(range(done))
 
     resume = write_params(d, _both(_set("train.resume", True), _set("train.max_epochs", done + 2)))
     proc = vaerepro(["train", "--no-progress", "--params", resume], d)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert dict(runs(d))[run_id] == "FINISHED" and tag(d, run_id, "vaerepro.failure") is None
-    assert metric_steps(d, run_id, "val/elbo") == list(range(done + 2))
+    assert metric_steps(d, run_id, "binary/val/elbo") == list(range(done + 2))
     assert json.loads((d / "metrics" / "train.json").read_text())["epochs"] == done + 2
 
 
@@ -438,13 +438,13 @@ def test_after_kill_9_a_resumed_run_sends_the_epochs_the_store_never_got(project
     time.sleep(3)
     proc.kill()
     proc.communicate(timeout=60)
-    assert dict(runs(d))[run_id] == "RUNNING" and metric_steps(d, run_id, "val/elbo") == []
+    assert dict(runs(d))[run_id] == "RUNNING" and metric_steps(d, run_id, "binary/val/elbo") == []
     done = len((d / "plots" / "elbo.csv").read_text().splitlines()) - 1
     assert done >= 1
     resume = write_params(d, _both(_set("train.resume", True), _set("train.max_epochs", done + 1)))
     proc = vaerepro(["train", "--no-progress", "--params", resume], d)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for key in ("val/elbo", "train/elbo", "epoch"):
+    for key in ("binary/val/elbo", "binary/train/elbo"):
         assert metric_steps(d, run_id, key) == list(range(done + 1)), key
     assert dict(runs(d))[run_id] == "FINISHED"
 

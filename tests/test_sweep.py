@@ -303,6 +303,73 @@ def test_trial_outcomes(tmp_path):
     assert s._outcome(r, 0)[:2] == ("COMPLETE", 0.75)
 
 
+def test_the_study_names_its_objective(tmp_path):
+    """Optuna's dashboard and trials_dataframe show the objective's name, not "Objective 0"."""
+    import optuna
+
+    settings = sweep.SweepSettings(study_name="named", storage=str(tmp_path / "n.log"), objective="elbo")
+    s = sweep.Sweep(
+        settings, sweep.SearchSpace({}), sweep_dir=tmp_path, root=tmp_path, tracking=sweep.Tracking(None)
+    )
+    study, _ = s._open_study()
+    assert study.metric_names == ["elbo"]
+    again = optuna.load_study(study_name="named", storage=sweep.open_storage(str(tmp_path / "n.log")))
+    assert again.metric_names == ["elbo"]  # stored with the study, for the dashboard
+
+
+def _finished_trial(value, latent_dim, trial_dir, space="binary"):
+    import optuna
+
+    return optuna.trial.create_trial(
+        value=value,
+        params={"model.latent_dim": latent_dim},
+        distributions={"model.latent_dim": optuna.distributions.IntDistribution(2, 50)},
+        user_attrs={
+            "likelihood": "bernoulli",
+            "latent_dim": latent_dim,
+            "data_space": space,
+            "improper": False,
+            "trial_dir": str(trial_dir),
+        },
+    )
+
+
+def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axis(tmp_path):
+    import optuna
+
+    from vaerepro.sweep_report import write_sweep_report
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objective", "log_px")
+    # (log_px, latent size, verdict)
+    trials = [(-95.0, 2, True), (1778.47, 5, False), (-90.0, 10, True), (-99.0, 3, None)]
+    for n, (value, z, verdict) in enumerate(trials):
+        d = tmp_path / f"trial-{n}"
+        (d / "metrics").mkdir(parents=True)
+        if verdict is not None:  # trial 3 has no eval.json left: verdict unknown
+            (d / "metrics" / "eval.json").write_text(json.dumps({"log_px": value, "converged": verdict}))
+        study.add_trial(_finished_trial(value, z, d))
+    # another data space (never in one density study; here to show it is never the alternative offered)
+    study.add_trial(_finished_trial(-50.0, 2, tmp_path / "none", space="continuous"))
+    md = write_sweep_report(study, tmp_path / "report", runs=None)["md"].read_text()
+    best = md.split("## Best trial", 1)[1].split("## Trials", 1)[0]
+    assert "trial 1, rests on a log p(x) estimate that has NOT CONVERGED" in best
+    assert "The best trial whose estimate has converged: trial 2 (-90.0000)." in best
+    assert "| log_px | 1778.4700 (NOT CONVERGED) |" in best
+    rows = [line for line in md.split("## Trials", 1)[1].splitlines() if line.startswith("| ")][1:6]
+    assert [r.split(" | ")[2] for r in rows] == [
+        "-95.0000",
+        "1778.4700 (NOT CONVERGED)",
+        "-90.0000",
+        "-99.0000",
+        "-50.0000",
+    ]
+    # the continuous group has one trial: a sentence, not a one-point figure
+    figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
+    assert "objective-binary-proper.png" in figures and "objective-continuous-proper.png" not in figures
+    assert "only one completed trial (trial 4), so no figure" in md
+
+
 def test_cmaes_sampler_and_hyperband_pruner_work_on_known_problems():
     """The non-default sampler and pruner, built from their configs, on problems with known answers (fast:
     no training). CMA-ES needs the `cmaes` package and two numeric parameters, ints and log-floats."""
@@ -428,6 +495,7 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
     assert sorted(children) == [0, 1, 2]
     assert parent.data.tags["vaerepro.study"] == study_name and parent.data.params["objective"] == "log_px"
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 3
+    assert parent.data.metrics["binary/best/log_px"] == pytest.approx(study.best_value)
     for t in trials:
         run = children[t.number]
         assert run.info.status == "FINISHED"
@@ -435,8 +503,7 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
         assert run.data.tags["vaerepro.study"] == study_name
         assert run.data.params["model.latent_dim"] == str(t.params["model.latent_dim"])
         assert run.data.params["sweep.model.latent_dim"] == str(t.params["model.latent_dim"])
-        assert run.data.metrics["sweep/objective"] == pytest.approx(t.value)
-        assert run.data.metrics["test/log_px"] == pytest.approx(t.value)
+        assert run.data.metrics["binary/test/log_px"] == pytest.approx(t.value)
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
 
     report = project["root"] / "runs" / study_name / "report"

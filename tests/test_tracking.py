@@ -6,14 +6,13 @@ import json
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import yaml
 
-from conftest import ROOT, Crash, copy_prepared, tiny_config, val_curve
+from conftest import ROOT, Crash, copy_prepared, tiny_config, val_curve, wait_for_health
 from vaerepro import tracking
 from vaerepro.cli import run_pipeline
 from vaerepro.train import train
@@ -53,14 +52,7 @@ def mlflow_server(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):  # the first start migrates the database: allow up to a minute
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not come up on 127.0.0.1")
+        wait_for_health(url, "mlflow server")
         yield url, d
     finally:
         proc.terminate()
@@ -89,14 +81,33 @@ def test_pipeline_run_round_trips_through_a_tracking_server(mlflow_server, raw_d
     assert tags["data_space"] == "continuous" and tags["improper"] == "false"
     assert tags["git_commit"].split("-")[0] == tracking.git_commit(ROOT).split("-")[0]
     assert tags["data_version"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
-    # per-epoch training curves and the evaluation numbers
-    hist = client.get_metric_history(run.info.run_id, "val/elbo")
-    assert len(hist) == 3
-    assert len(client.get_metric_history(run.info.run_id, "train/elbo")) == 3
-    assert m["test/log_px"] == pytest.approx(metrics["log_px"])
-    assert m["test/bits_per_dim"] == pytest.approx(metrics["bits_per_dim"])
-    ladder = client.get_metric_history(run.info.run_id, "test/log_px_ladder")
+    # per-epoch training curves (step = epoch) and the evaluation numbers: those in the data space's units
+    # under its name, the space-free ones under test/, bookkeeping not as metrics
+    hist = client.get_metric_history(run.info.run_id, "continuous/val/elbo")
+    assert sorted(h.step for h in hist) == [0, 1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "continuous/train/elbo")) == 3
+    assert m["continuous/test/log_px"] == pytest.approx(metrics["log_px"])
+    assert m["continuous/test/log_px_se"] == pytest.approx(metrics["log_px_se"])
+    assert m["continuous/test/bits_per_dim"] == pytest.approx(metrics["bits_per_dim"])
+    assert m["test/kl"] == pytest.approx(metrics["kl"]) and m["test/active_units"] == metrics["active_units"]
+    assert m["continuous/final/best_val_elbo"] == pytest.approx(
+        json.loads((tmp_path / "run" / "metrics" / "train.json").read_text())["best_val_elbo"]
+    )
+    ladder = client.get_metric_history(run.info.run_id, "continuous/test/log_px_ladder")
     assert sorted(h.step for h in ladder) == [1, 10, 50]
+    assert not [k for k in m if k.split("/")[0] not in ("continuous", "test", "final")], sorted(m)
+    assert not [k for k in m if k.rsplit("/", 1)[-1] in tracking.BOOKKEEPING], sorted(m)
+    # the description: what was trained and its headline result, with units
+    note = tags["mlflow.note.content"]
+    assert "continuous_bernoulli, latent size 4" in note and "continuous pixels" in note
+    assert f"log p(x) = {metrics['log_px']:.2f} ± {metrics['log_px_se']:.2f} nats/example (K = 50" in note
+    # the data as an MLflow dataset input: name, digest of the training split, split sizes
+    (ds,) = run.inputs.dataset_inputs
+    meta = json.loads((tmp_path / "run" / "prepared" / "meta.json").read_text())
+    assert ds.dataset.name == "mnist5k" and ds.dataset.digest == meta["files"]["x_train.npy"][:32]
+    profile = json.loads(ds.dataset.profile)
+    assert {k: profile[f"num_{k}"] for k in ("train", "val", "test")} == meta["sizes"]
+    assert profile["data_space"] == "continuous" and profile["data_dim"] == 784
     # artifacts went through the server
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints", "report", "metrics"} <= names
@@ -139,7 +150,7 @@ class _StoredEpochs(pl.Callback):
 
         mlflow.flush_async_logging()
         run_id = trainer.loggers[0].run_id
-        self.stored.append(len(MlflowClient(self.uri).get_metric_history(run_id, "val/elbo")))
+        self.stored.append(len(MlflowClient(self.uri).get_metric_history(run_id, "binary/val/elbo")))
         if trainer.current_epoch == self.crash_in:
             raise Crash
 
@@ -160,12 +171,12 @@ def test_epoch_metrics_reach_the_store_at_most_every_interval_and_all_by_the_end
     train(cfg, out, root=tmp_path, enable_progress_bar=False, callbacks=[record])
     assert record.stored == stored
     run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
-    hist = sorted(MlflowClient(uri).get_metric_history(run_id, "val/elbo"), key=lambda m: m.step)
+    hist = sorted(MlflowClient(uri).get_metric_history(run_id, "binary/val/elbo"), key=lambda m: m.step)
     assert [m.step for m in hist] == [0, 1, 2]  # step = epoch
     assert [m.value for m in hist] == pytest.approx(val_curve(out))
     times = [m.timestamp for m in hist]
     assert times == sorted(set(times))  # each stamped when it was logged, not when it was sent
-    assert len(MlflowClient(uri).get_metric_history(run_id, "train/elbo")) == 3
+    assert len(MlflowClient(uri).get_metric_history(run_id, "binary/train/elbo")) == 3
 
 
 def test_a_failed_training_still_sends_the_metrics_it_buffered(prepared_tiny, tmp_path, monkeypatch):
@@ -187,5 +198,96 @@ def test_a_failed_training_still_sends_the_metrics_it_buffered(prepared_tiny, tm
     run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FAILED"
-    assert [m.value for m in client.get_metric_history(run_id, "val/elbo")] == pytest.approx(val_curve(out))
+    assert [m.value for m in client.get_metric_history(run_id, "binary/val/elbo")] == pytest.approx(
+        val_curve(out)
+    )
     assert len(val_curve(out)) == 2
+
+
+def test_numbers_in_a_data_space_units_are_named_under_that_space():
+    assert tracking.metric_name("test/log_px", "binary") == "binary/test/log_px"
+    assert tracking.metric_name("val/elbo", "continuous") == "continuous/val/elbo"
+    assert tracking.metric_name("final/best_val_elbo", "improper") == "improper/final/best_val_elbo"
+    # a number not known to be space-free is qualified: never on a shared axis by mistake
+    assert tracking.metric_name("test/a_new_number", "binary") == "binary/test/a_new_number"
+    assert tracking.metric_name("test/knn_accuracy", "binary") == "test/knn_accuracy"
+    assert tracking.metric_name("test/kl", "continuous") == "test/kl"
+    assert tracking.metric_name("epoch", "binary") is None
+    assert tracking.metric_name("test/data_dim", "binary") is None
+    assert [
+        tracking.space_name(s, imp)
+        for s, imp in [("binary", False), ("continuous", False), ("continuous", True)]
+    ] == [
+        "binary",
+        "continuous",
+        "improper",
+    ]
+
+
+def _git(d: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=d, check=True, capture_output=True)
+
+
+def test_the_commit_is_dirty_for_code_changes_not_for_what_the_pipeline_writes(tmp_path):
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@example.com")
+    _git(tmp_path, "config", "user.name", "t")
+    for f in ("src/m.py", "dvc.lock", "params.yaml", "metrics/eval.json", "plots/elbo.csv"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("a\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "x")
+    head = tracking.git_commit(tmp_path)
+    assert len(head) == 40
+    for f in ("dvc.lock", "params.yaml", "metrics/eval.json", "plots/elbo.csv"):
+        (tmp_path / f).write_text("b\n")
+    assert tracking.git_commit(tmp_path) == head
+    (tmp_path / "src/m.py").write_text("b\n")
+    assert tracking.git_commit(tmp_path) == f"{head}-dirty"
+
+
+def test_a_dvc_experiment_run_is_tagged_with_its_name_and_baseline(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "sappy-kite")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    tags = tracking.run_tags(tiny_config(), tmp_path)
+    assert tags["dvc.exp_name"] == "sappy-kite" and tags["dvc.baseline_rev"] == "a" * 40
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert "dvc.exp_name" not in tracking.run_tags(tiny_config(), tmp_path)
+
+
+def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkeypatch):
+    """`vaerepro ui --print-url` prints links whose saved view is an experiment tag the store holds (the
+    browser test, tests/test_mlflow_ui.py, shows what the UI makes of them)."""
+    from urllib.parse import parse_qs, urlparse
+
+    from mlflow import MlflowClient
+
+    from vaerepro import mlflow_ui
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    cfg = tiny_config(tracking=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaerepro.cli", "ui", "--print-url", "--port", "5123"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table, chart = (line.split(": ", 1)[1].strip() for line in proc.stdout.splitlines())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vaerepro")
+    for url, mode in ((table, "TABLE"), (chart, "CHART")):
+        assert url.startswith(f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?")
+        query = parse_qs(urlparse(url).fragment.split("?", 1)[1])
+        assert query["compareRunsMode"] == [mode] and query["workflowType"] == ["machine_learning"]
+        (key,) = query[mlflow_ui.SHARE_KEY_PARAM]
+        view = json.loads(json.loads(exp.tags[mlflow_ui.SHARED_VIEW_TAG_PREFIX + key])["state"])
+        assert view["selectedColumns"] == mlflow_ui.DEFAULT_COLUMNS
+    # a second call finds the view in place and changes nothing
+    before = client.get_experiment(exp.experiment_id).tags
+    tracking.ensure_experiment(cfg, tmp_path)
+    assert client.get_experiment(exp.experiment_id).tags == before

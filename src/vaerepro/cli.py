@@ -6,6 +6,7 @@ vaerepro prepare|train|evaluate|report [--params params.yaml] [--out .]
                                 the DVC stages; each reads the resolved config
 vaerepro run [OVERRIDES]        one configuration through every stage, outside DVC (a Hydra app:
                                 --multirun, --cfg job, hydra.run.dir=... all work)
+vaerepro ui [--port N]          serve the MLflow store and print the link to the runs, set up for comparing
 
 A mistake in the input (a config key, a file, a checkpoint, the tracking store) is one line on stderr naming
 the key or file and the problem, exit status 2; --debug (or VAEREPRO_DEBUG=1) shows the traceback instead.
@@ -38,6 +39,12 @@ def _user_error(err: BaseException) -> str | None:
     if isinstance(err, OSError) and err.filename is not None:  # unwritable models/, a missing file, ...
         return f"{err.filename}: {err.strerror or type(err).__name__}"
     return None
+
+
+def _on_terminal() -> bool:
+    """Progress bars only for a person watching: in a log file (a sweep trial, dvc queue, SLURM) they are
+    thousands of carriage-return lines."""
+    return sys.stderr.isatty()
 
 
 def _raw_dir(cfg: Config, root: Path) -> Path:
@@ -92,14 +99,23 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
 
     runs = tracking.experiment_runs(cfg, root) if cfg.tracking.enabled else []
     paths = write_report(out_dir, cfg.to_dict(), runs)
-    run_id, uri = tracking.read_run_id(out_dir / "models")
-    if cfg.tracking.enabled and run_id:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        client.log_artifacts(run_id, str(Path(paths["html"]).parent), "report")
-        client.set_terminated(run_id, "FINISHED")
+    if cfg.tracking.enabled:
+        tracking.log_report(out_dir / "models", Path(paths["html"]).parent)
+        _print_ui_link(cfg, root)
     return paths
+
+
+def _print_ui_link(cfg: Config, root: Path) -> None:
+    """Where to compare this run with the others in the MLflow UI."""
+    from vaerepro import tracking
+
+    try:
+        uri, exp_id = tracking.ensure_experiment(cfg, root)
+    except Exception as err:  # noqa: BLE001 - the stage's work is done and recorded; only the link is lost
+        log.warning("no link to the MLflow UI: %s", err)
+        return
+    serve = "" if uri.startswith(("http://", "https://")) else " (serve the store first: vaerepro ui)"
+    log.info("compare runs in MLflow: %s%s", tracking.ui_url(uri, exp_id), serve)
 
 
 LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -228,7 +244,7 @@ def _hydra_run(argv: list[str]) -> None:
         try:
             cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
             _ddp_relaunch_argv(command, out_dir)
-            metrics = run_pipeline(cfg, out_dir, root)
+            metrics = run_pipeline(cfg, out_dir, root, progress=_on_terminal())
         except Stopped as stop:
             stop.hint = "resume with: vaerepro run " + " ".join(
                 [*HydraConfig.get().overrides.task, "train.resume=true", f"hydra.run.dir={out_dir}"]
@@ -306,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+STAGE_HELP = {
+    "fetch": "put the configured data source's raw files under data/",
+    "prepare": "split and check the data: prepared/",
+    "train": "train the VAE: models/{best,last}.ckpt, metrics/train.json, plots/elbo.csv",
+    "evaluate": "importance-sampled log p(x) and the other test numbers: metrics/eval.json, artifacts/",
+    "report": "the report (reports/report.{md,html}) and its comparison with the other runs",
+}
+
 _RESUME_HINT = {
     "train": "resume with train.resume=true (vaerepro params ... train.resume=true, or "
     "dvc exp run -S train.resume=true), then vaerepro train",
@@ -322,15 +346,27 @@ def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vaerepro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `run` is Hydra's command line (handled above); listed here so that --help names every command
+    sub.add_parser(
+        "run", help="one configuration through every stage, outside DVC (Hydra: vaerepro run --help)"
+    )
     p = sub.add_parser("params", help="compose conf/ with Hydra overrides into params.yaml")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--output", default="params.yaml")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. likelihood=gaussian model.latent_dim=5"
+    )
+    p.add_argument("--output", default="params.yaml", help="file to write (default: params.yaml)")
+    p = sub.add_parser("ui", help="serve the MLflow store (127.0.0.1) and print the link to compare runs")
+    p.add_argument("--params", default="params.yaml", help="resolved config (default: params.yaml)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--print-url", action="store_true", help="print the link only; serve nothing")
     for name in ("fetch", *STAGES):
-        p = sub.add_parser(name, help=f"the {name} stage" if name in STAGES else "put raw data in place")
+        p = sub.add_parser(name, help=STAGE_HELP[name])
         p.add_argument("--params", default="params.yaml", help="resolved config (default: params.yaml)")
         p.add_argument("--out", default=".", help="directory the stage reads and writes (default: .)")
-        p.add_argument("--no-progress", action="store_true")
+        p.add_argument(
+            "--no-progress", action="store_true", help="no progress bars (the default off a terminal)"
+        )
     args = parser.parse_args(argv)
 
     if args.command == "params":
@@ -341,15 +377,19 @@ def _main(argv: list[str]) -> int:
         return 0
     cfg = config_mod.load(args.params)
     root = config_mod.find_project_root(Path(args.params).resolve().parent)
+    if args.command == "ui":
+        return _ui(cfg, root, args.port, serve=not args.print_url)
     out_dir = Path(args.out).resolve()
     try:
         if args.command == "fetch":
             print(stage_fetch(cfg, root))
         elif args.command == "evaluate":
             with _torchrun_process_group():
-                stage_evaluate(cfg, out_dir, root, not args.no_progress)
+                stage_evaluate(cfg, out_dir, root, not args.no_progress and _on_terminal())
         elif args.command == "train":
-            stage_train(cfg, out_dir, root, not args.no_progress)  # ends its MLflow run itself
+            stage_train(
+                cfg, out_dir, root, not args.no_progress and _on_terminal()
+            )  # ends its MLflow run itself
         else:
             STAGES[args.command](cfg, out_dir, root)
     except BaseException as exc:
@@ -360,6 +400,38 @@ def _main(argv: list[str]) -> int:
     finally:
         _leave_process_group()
     return 0
+
+
+def _ui(cfg: Config, root: Path, port: int, *, serve: bool) -> int:
+    """Print the link to the experiment's runs table (and its chart view); serve a local store with
+    `mlflow ui` on 127.0.0.1 (it has no authentication: never on 0.0.0.0, see docs/scaling.md)."""
+    from vaerepro import tracking
+
+    uri, exp_id = tracking.ensure_experiment(cfg, root)
+    remote = uri.startswith(("http://", "https://"))
+    base = f"http://127.0.0.1:{port}"
+
+    def link(mode: str) -> str:
+        url = tracking.ui_url(uri, exp_id, mode)
+        return url if remote else url.replace(tracking.LOCAL_UI, base, 1)
+
+    print(f"runs table:  {link('TABLE')}\nELBO curves: {link('CHART')}", flush=True)
+    if remote or not serve:
+        return 0
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if (location := tracking.artifact_location(uri, root)) is not None:
+        cmd += ["--default-artifact-root", location]
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 @contextlib.contextmanager

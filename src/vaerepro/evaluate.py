@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from vaerepro import checkpoints, estimators
 from vaerepro.config import Config, ConfigError
-from vaerepro.data import dim_log_jacobian, fixed_space, load_prepared
+from vaerepro.data import dim_log_jacobian, fixed_space, is_dequantized, load_prepared
 from vaerepro.model import VAE
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,21 @@ def sample_images(
 
 
 def summarize(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict[str, Any]:
+    """The eval.json numbers from per-example estimates: means ± SE across examples (nats/example), bits/dim,
+    ESS, the ladder and the convergence verdict (estimators.convergence)."""
     mean_se = estimators.summarize
     log_px, log_px_se = mean_se(per_ex["log_px"])
     elbo, elbo_se = mean_se(per_ex["elbo"])
     k_max = max(per_ex["ladder"])
+    verdict = estimators.convergence(per_ex["ladder"], per_ex["ess"])
+    # each ladder point: its mean and SE across examples; from the second on, also the paired gain over the
+    # previous point and its paired SE (estimators.ladder_steps), the error bar of the K-to-K change
+    gains = {st["k"]: st for st in estimators.ladder_steps(per_ex["ladder"])}
+    ladder = []
+    for k, values in per_ex["ladder"].items():
+        m, se = mean_se(values)
+        step = gains.get(k, {})
+        ladder.append({"k": k, "log_px": m, "se": se, **{g: step.get(g) for g in ("gain", "gain_se")}})
     return {
         "log_px": log_px,
         "log_px_se": log_px_se,
@@ -160,10 +171,19 @@ def summarize(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict
         "bits_per_dim": (-log_px / data_dim + jacobian) / math.log(2),
         "ess": float(per_ex["ess"].mean()),
         "ess_fraction": float(per_ex["ess"].mean()) / k_max,
-        "log_px_ladder": [
-            {"k": k, "log_px": m, "se": s}
-            for k, (m, s) in ((k, mean_se(v)) for k, v in per_ex["ladder"].items())
-        ],
+        "log_px_ladder": ladder,
+        "converged": verdict.converged,
+        "convergence": {
+            "reasons": verdict.reasons,
+            "ladder_gain": verdict.ladder_gain,
+            "ladder_gain_se": verdict.ladder_gain_se,
+            "ladder_from_k": verdict.ladder_from_k,
+            "ladder_to_k": k_max,
+            "ladder_gain_sigmas": estimators.LADDER_GAIN_SIGMAS,
+            "ladder_gain_tol": estimators.LADDER_GAIN_TOL_NATS,
+            "ess_hmean": verdict.ess_hmean,
+            "ess_floor": estimators.ESS_FLOOR,
+        },
     }
 
 
@@ -290,28 +310,21 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             "data_space": space,
             "improper": cfg.improper,
             "latent_dim": cfg.model.latent_dim,
-            "quantized": quantized,
+            # true only for uniformly dequantized 8-bit data (bits/dim include its 8 bits), not binarised
+            "quantized": is_dequantized(space, quantized),
             "source": cfg.data.source,
         }
     )
     (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-    # per-example estimates (N,), nats: for paired comparisons of models on the same test examples
+    # per-example estimates (N,), nats: for paired comparisons of models on the same test examples; the
+    # ladder as log_px_k<k> (the estimate from the first k samples), for paired k-to-k differences
     per_ex_arrays = {k: per_ex[k].numpy() for k in ("log_px", "elbo", "recon", "kl", "ess")}
+    per_ex_arrays.update({f"log_px_k{k}": v.numpy() for k, v in per_ex["ladder"].items()})
     np.savez(out_dir / "artifacts" / "per_example.npz", **per_ex_arrays)
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
     np.savez(out_dir / "artifacts" / "samples.npz", **images)
 
-    run_id, uri = tracking.read_run_id(out_dir / "models")
-    if cfg.tracking.enabled and run_id:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        client = MlflowClient(uri)
-        tracking.log_config(client, run_id, cfg, keys=("eval",))
-        tracking.log_metrics(client, run_id, metrics, prefix="test/")
-        ladder = [Metric("test/log_px_ladder", r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]]
-        client.log_batch(run_id, metrics=ladder)
-        client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
+    tracking.log_evaluation(cfg, out_dir, metrics)  # the numbers, the verdict (a tag too), eval.json
     return metrics

@@ -490,6 +490,8 @@ class Sweep:
     # -- study bookkeeping (always under the lock) -----------------------------------------------
 
     def _open_study(self):
+        import warnings
+
         import optuna
 
         storage = open_storage(self.s.storage)
@@ -509,6 +511,11 @@ class Sweep:
             )
         if "objective" not in attrs:
             study.set_user_attr("objective", self.s.objective)
+        # the objective's name where Optuna shows values (dashboard, trials_dataframe), not "Objective 0";
+        # set_metric_names is still marked experimental in Optuna 4 and 5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([self.s.objective])
         space = {k: str(d) for k, d in self.space.distributions.items()}
         if attrs.get("search_space", space) != space:
             log.warning("study %s: the search space changed since its last sweep", self.s.study_name)
@@ -753,13 +760,11 @@ class Sweep:
         for k, v in {**facts, "wall_s": round(wall, 2), "returncode": rc}.items():
             with contextlib.suppress(UpdateFinishedTrialError):
                 r.trial.set_user_attr(k, v)
+        # the objective's value is in the trial's run already, as its test/ metric (tracking.metric_name)
         run_id = self._mlflow_trial_done(r.trial.number, state, reason, r.trial.params)
         if run_id:
             with contextlib.suppress(UpdateFinishedTrialError):
                 r.trial.set_user_attr("mlflow_run_id", run_id)
-            if value is not None:
-                with contextlib.suppress(Exception):
-                    _client(self.tracking).log_metric(run_id, "sweep/objective", value)
         try:
             if state == "COMPLETE":
                 study.tell(r.trial, value)
@@ -900,6 +905,8 @@ class Sweep:
     def _summarise_parent(self, study, status: str) -> None:
         from optuna.trial import TrialState
 
+        from vaerepro import tracking
+
         client = _client(self.tracking)
         trials = study.get_trials(deepcopy=False)
         n = {
@@ -913,7 +920,12 @@ class Sweep:
         }
         best = _best_trial(study)
         if best is not None:
-            metrics[f"best_{self.s.objective}"] = best.value
+            # named like every metric (tracking.metric_name): best/knn_accuracy, or binary/best/log_px for an
+            # objective in the units of the study's one data space
+            space = tracking.space_name(
+                best.user_attrs.get("data_space"), bool(best.user_attrs.get("improper"))
+            )
+            metrics[tracking.metric_name(f"best/{self.s.objective}", space)] = best.value
             client.set_tag(self.parent_run_id, "best_trial", str(best.number))
             client.set_tag(self.parent_run_id, "best_command", best_command(best))
         for k, v in metrics.items():

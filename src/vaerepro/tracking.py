@@ -223,8 +223,32 @@ def _get_or_create_experiment(client, name: str, artifact_location: str | None) 
         return exp.experiment_id
 
 
+def _ensure_view(client, exp_id: str) -> None:
+    """Give the experiment the saved view that `ui_url` opens (mlflow_ui.experiment_tags), once."""
+    from vaerepro import mlflow_ui
+
+    have = client.get_experiment(exp_id).tags
+    for key, value in mlflow_ui.experiment_tags().items():
+        if have.get(key) != value:
+            client.set_experiment_tag(exp_id, key, value)
+
+
+# Where `mlflow ui` (make mlflow-ui, vaerepro ui) serves a local store.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_url(uri: str, exp_id: str, mode: str = "TABLE") -> str:
+    """The link to the experiment's runs, set up for comparing them (mlflow_ui.runs_url): on the tracking
+    server for an http(s) store, else where `vaerepro ui` serves the local store."""
+    from vaerepro import mlflow_ui
+
+    base = uri if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return mlflow_ui.runs_url(base, exp_id, mode=mode)
+
+
 def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
-    """Create the project's experiment if needed; return (tracking uri, experiment id).
+    """Create the project's experiment if needed, with the saved view of its runs that `ui_url` opens;
+    return (tracking uri, experiment id).
 
     A sqlite store is created, migrated and given the experiment by one process at a time, under a lock
     file beside the database (<db>.lock): MLflow's own creation of a new sqlite store is not safe when
@@ -242,7 +266,10 @@ def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
     mlflow.set_tracking_uri(uri)
     db = sqlite_store_path(uri)
     if db is None:
-        return uri, _get_or_create_experiment(MlflowClient(uri), name, artifact_location(uri, root))
+        client = MlflowClient(uri)
+        exp_id = _get_or_create_experiment(client, name, artifact_location(uri, root))
+        _ensure_view(client, exp_id)
+        return uri, exp_id
 
     lock_file = Path(f"{db}.lock")
     try:
@@ -258,7 +285,9 @@ def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
     try:
         check_sqlite_store(db)
         try:
-            exp_id = _get_or_create_experiment(MlflowClient(uri), name, artifact_location(uri, root))
+            client = MlflowClient(uri)
+            exp_id = _get_or_create_experiment(client, name, artifact_location(uri, root))
+            _ensure_view(client, exp_id)
         except Exception as err:
             if (damage := _sqlite_corruption(err)) is not None:
                 raise _not_a_store(db, str(damage)) from None
@@ -266,6 +295,47 @@ def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
     finally:
         lock.release()
     return uri, exp_id
+
+
+# --- the names of numbers in MLflow ---------------------------------------------------------------------
+
+# A number whose unit is its data space's (nats of a pmf on {0,1}^D, or of a density on [0,1]^D) is named in
+# MLflow under that space: `binary/test/log_px`, `continuous/val/elbo`, `improper/test/log_px` (a Bernoulli
+# on grey levels, not a normalised density). So no MLflow chart, table column or parallel-coordinates axis
+# ever holds numbers of two spaces, while runs of every space (a sweep over likelihoods) share one
+# experiment. The numbers below have no such unit and keep one name for every run; any other number is
+# space-qualified, so a new one is never put on a shared axis by mistake.
+SPACE_FREE = frozenset(
+    {
+        "kl",
+        "ess",
+        "ess_fraction",
+        "ess_hmean",
+        "active_units",
+        "knn_accuracy",
+        "converged",
+        "train_time_s",
+        "epochs",
+        "best_epoch",
+    }
+)
+# Facts about a run, not results: MLflow params, tags or the logged dataset hold them, not metric charts.
+BOOKKEEPING = frozenset({"epoch", "num_samples", "num_examples", "data_dim", "latent_dim"})
+SPACES = ("binary", "continuous", "improper")
+
+
+def space_name(data_space: str, improper: bool) -> str:
+    """The prefix of a run's space-dependent metric names: 'binary', 'continuous', or 'improper'."""
+    return "improper" if improper else data_space
+
+
+def metric_name(key: str, space: str) -> str | None:
+    """The MLflow name of one of vaerepro's numbers (`test/log_px`, `val/elbo`, `final/epochs`, ...) in a run
+    of `space` (see space_name); None for bookkeeping that is not logged as a metric."""
+    leaf = key.rsplit("/", 1)[-1]
+    if leaf in BOOKKEEPING:
+        return None
+    return key if leaf in SPACE_FREE else f"{space}/{key}"
 
 
 def reading_client(uri: str, key: str | None = None):
@@ -297,13 +367,31 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Files the pipeline itself writes or rewrites (dvc repro, dvc exp run -S): a change in them does not make the
+# code a run used differ from its commit (the config is logged as params, the data by its digest).
+PIPELINE_FILES = ("dvc.lock", "params.yaml", "data.dvc", "metrics", "plots", "reports")
+
+
 def git_commit(root: Path) -> str | None:
+    """HEAD's commit, with '-dirty' when tracked files other than the pipeline's own differ from it."""
     try:
         res = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                *(f":(exclude){f}" for f in PIPELINE_FILES),
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return res.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -333,14 +421,114 @@ def run_tags(cfg: Config, root: Path) -> dict[str, str]:
     if (version := data_version(root)) is not None:
         tags["data_version"] = version
     # A sweep trial (vaerepro.sweep sets these): a child of the study's run, named by study and trial number.
+    # A DVC experiment (`dvc exp run` sets these): its name and the commit it is based on.
     for env, tag in (
         ("VAEREPRO_PARENT_RUN_ID", "mlflow.parentRunId"),
         ("VAEREPRO_STUDY", "vaerepro.study"),
         ("VAEREPRO_TRIAL", "vaerepro.trial"),
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
     ):
         if value := os.environ.get(env):
             tags[tag] = value
     return tags
+
+
+def log_dataset(client, run_id: str, meta: Mapping[str, Any], cfg: Config) -> None:
+    """The run's data as an MLflow dataset input (the UI's Dataset column): name, digest, source, and the
+    split sizes and data space as its profile. meta: prepared/meta.json."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = (meta.get("files") or {}).get("x_train.npy") or meta.get("split_indices_sha256") or ""
+    source = meta.get("path") or meta.get("source")
+    profile = {
+        **{f"num_{split}": n for split, n in (meta.get("sizes") or {}).items()},
+        "data_dim": meta.get("data_dim"),
+        "image_shape": meta.get("image_shape"),
+        "data_space": cfg.data_space,
+        "quantized": bool(meta.get("quantized")),
+    }
+    dataset = Dataset(
+        name=str(meta.get("source") or cfg.data.source),
+        digest=digest[:32],  # MLflow keeps at most 36 characters; the sha256 of x_train.npy, shortened
+        source_type="local" if meta.get("path") else "code",
+        source=json.dumps({"source": str(source), "x_train_sha256": digest}),
+        profile=json.dumps(profile),
+    )
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
+    )
+
+
+def headline(
+    cfg: Config, train: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None
+) -> str:
+    """The run's description (Markdown): what was trained and its headline numbers, each with its unit."""
+    from vaerepro.compare import space_label
+
+    space = space_label(cfg.data_space, cfg.improper)
+    lines = [f"**{cfg.likelihood.name}, latent size {cfg.model.latent_dim}, {space}**"]
+    if evaluation is not None:
+        e = evaluation
+        verdict = (
+            "" if e.get("converged") is None else (", converged" if e["converged"] else ", NOT converged")
+        )
+        lines.append(
+            f"log p(x) = {e['log_px']:.2f} ± {e['log_px_se']:.2f} nats/example "
+            f"(K = {e.get('num_samples')}{verdict}); ELBO {e['elbo']:.2f}; KL {e['kl']:.2f}; "
+            f"{e['bits_per_dim']:.4f} bits/dim"
+            + (f"; kNN accuracy {e['knn_accuracy']:.3f}" if e.get("knn_accuracy") is not None else "")
+        )
+    if train is not None:
+        lines.append(
+            f"trained {train['epochs']} epochs; best validation ELBO {train['best_val_elbo']:.2f} "
+            f"nats/example at epoch {train['best_epoch']}"
+        )
+    return "  \n".join(lines)
+
+
+def describe(client, run_id: str, cfg: Config, **numbers: Mapping[str, Any] | None) -> None:
+    """Set the run's description (the `mlflow.note.content` tag the UI shows as the run's description)."""
+    client.set_tag(run_id, "mlflow.note.content", headline(cfg, **numbers))
+
+
+def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> None:
+    """Add the evaluate stage's results to the run that out_dir/models/mlflow_run.json names: the eval
+    config, the numbers (named for the run's data space, metric_name), the ladder as test/log_px_ladder
+    with step = K, the convergence verdict (a tag, and a 1/0 metric for tables and filters), the run's
+    description, and metrics/eval.json."""
+    run_id, uri = read_run_id(out_dir / "models")
+    if not (cfg.tracking.enabled and run_id):
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    space = space_name(cfg.data_space, cfg.improper)
+    log_config(client, run_id, cfg, keys=("eval",))
+    conv = metrics.get("convergence") or {}
+    numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
+    if metrics.get("converged") is not None:
+        numbers["converged"] = float(metrics["converged"])
+        client.set_tag(run_id, "vaerepro.converged", str(bool(metrics["converged"])).lower())
+    log_metrics(client, run_id, numbers, prefix="test/", space=space)
+    name = metric_name("test/log_px_ladder", space)
+    client.log_batch(run_id, metrics=[Metric(name, r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]])
+    train_json = out_dir / "metrics" / "train.json"
+    trained = json.loads(train_json.read_text()) if train_json.is_file() else None
+    describe(client, run_id, cfg, train=trained, evaluation=metrics)
+    client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
+
+
+def log_report(model_dir: Path, report_dir: Path) -> None:
+    """The report's files as the run's `report/` artifacts; the run is then FINISHED (its last stage)."""
+    run_id, uri = read_run_id(model_dir)
+    if run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        client.log_artifacts(run_id, str(report_dir), "report")
+        client.set_terminated(run_id, "FINISHED")
 
 
 def write_run_id(model_dir: Path, run_id: str | None, uri: str | None) -> None:
@@ -385,16 +573,18 @@ def log_config(client, run_id: str, cfg: Config, keys: tuple[str, ...] | None = 
         client.log_text(run_id, yaml.safe_dump(raw, sort_keys=False), "config.yaml")
 
 
-def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str = "") -> None:
+def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str, space: str) -> None:
+    """Log the finite numbers of `metrics` as `prefix + key`, named for the run's space (metric_name)."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [
-        Metric(f"{prefix}{k}", float(v), now, 0)
+        Metric(name, float(v), now, 0)
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        if (name := metric_name(f"{prefix}{k}", space)) is not None
     ]
     if batch:
         client.log_batch(run_id, metrics=batch)
@@ -431,10 +621,13 @@ def experiment_runs(cfg: Config, root: Path | None = None) -> list[dict[str, Any
                 "source": tags.get("source"),
             }
         )
-        # the evaluation metrics, without letting e.g. test/latent_dim overwrite the run's own descriptors
-        rows[-1].update(
-            {k[5:]: v for k, v in metrics.items() if k.startswith("test/") and k[5:] not in rows[-1]}
-        )
+        # the evaluation metrics by their plain names (test/kl, binary/test/log_px -> kl, log_px), without
+        # letting a metric overwrite the run's own descriptors
+        own = f"{space_name(rows[-1]['data_space'], rows[-1]['improper'])}/test/"
+        for k, v in metrics.items():
+            name = k.removeprefix(own) if k.startswith(own) else k.removeprefix("test/")
+            if name != k and "/" not in name and name not in rows[-1]:
+                rows[-1][name] = v
     return rows
 
 
@@ -487,17 +680,21 @@ def end_recorded_run(model_dir: Path, status: str, reason: BaseException | str |
         end_run(MlflowClient(uri), run_id, status, reason)
 
 
-def complete_curve(client, run_id: str, rows: list[Mapping[str, Any]], keys: tuple[str, str]) -> int:
+def complete_curve(
+    client, run_id: str, rows: list[Mapping[str, Any]], keys: tuple[str, str], space: str
+) -> int:
     """Send the per-epoch points of `rows` (a resumed checkpoint's curve: epoch, train_elbo, val_elbo) that
     the run lacks, e.g. because the process was killed before its metric buffer was sent; per-epoch metrics
-    have step = epoch. keys: the (training, validation) metric names. Returns how many points were sent."""
+    have step = epoch. keys: the (training, validation) keys as training logs them (named for `space` here).
+    Returns how many points were sent."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = []
-    for key, column in (*zip(keys, ("train_elbo", "val_elbo"), strict=True), ("epoch", "epoch")):
+    for key, column in zip(keys, ("train_elbo", "val_elbo"), strict=True):
+        key = metric_name(key, space)
         have = {m.step for m in client.get_metric_history(run_id, key)}
         batch += [
             Metric(key, float(r[column]), now, int(r["epoch"])) for r in rows if int(r["epoch"]) not in have

@@ -32,7 +32,7 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from vaerepro import checkpoints, estimators, signals
+from vaerepro import checkpoints, estimators, signals, tracking
 from vaerepro import config as config_mod
 from vaerepro.config import Config
 from vaerepro.data import Splits, fixed_space, load_prepared, to_space
@@ -41,6 +41,27 @@ from vaerepro.model import VAE
 from vaerepro.sweep import trial_callbacks
 
 log = logging.getLogger(__name__)
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+def _one_log_stream() -> None:
+    """Print each of Lightning's log lines once, through the root logger's handlers (Hydra's or the
+    command's): importing `lightning` gives its logger a console handler of its own while its records also
+    reach the root logger, so every line came out twice. Its advertisement (the litlogger tip, logged at
+    every Trainer start) is dropped."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+
+
+_one_log_stream()  # now: the handlers were added when lightning was imported, above
 
 VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses seed + 1
 
@@ -534,7 +555,8 @@ class LastCheckpoint(Checkpoint):
         self._saved_step = -1
 
     def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on global rank 0
+        # the whole training state, to resume from; every rank calls it, the strategy writes on global rank 0
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._last_save, self._saved_step = time.monotonic(), trainer.global_step
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -737,9 +759,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
     (flush_logs_every_n_steps) treat their files too.
     """
 
-    def __init__(self, *args: Any, flush_every_s: float, **kwargs: Any):
+    def __init__(self, *args: Any, flush_every_s: float, space: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.flush_every_s = float(flush_every_s)
+        self.space = space  # metric names carry the run's data space (tracking.metric_name)
         self._pending: list = []  # mlflow.entities.Metric, in the order they were logged
         self._last_flush = time.monotonic()
 
@@ -755,8 +778,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
             step = int(metrics["epoch"])
         for key, value in metrics.items():
             # the names MLflow accepts, as MLFlowLogger.log_metrics cleans them (no prefix is set here)
-            key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)
-            self._pending.append(Metric(key=key, value=float(value), timestamp=timestamp_ms, step=step or 0))
+            name = tracking.metric_name(re.sub(r"[^a-zA-Z0-9_/. -]+", "", key), self.space)
+            if name is not None:
+                self._pending.append(
+                    Metric(key=name, value=float(value), timestamp=timestamp_ms, step=step or 0)
+                )
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
@@ -781,8 +807,6 @@ def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from vaerepro import tracking
-
     uri, _ = tracking.ensure_experiment(cfg, root)
     run_id = None
     if resume:
@@ -795,6 +819,7 @@ def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
                 log.warning("MLflow run %s is not in %s: resuming into a new run", previous, uri)
     logger = BufferedMLFlowLogger(
         flush_every_s=cfg.tracking.flush_every_s,
+        space=tracking.space_name(cfg.data_space, cfg.improper),
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.run_name,
         tracking_uri=uri,
@@ -830,8 +855,6 @@ def train(
     it after its last stage), KILLED when a signal stopped it (`Stopped` is raised after the epoch that was
     running, with last.ckpt written), FAILED with the reason as a tag on any other error.
     """
-    from vaerepro import tracking
-
     out_dir = Path(out_dir)
     model_dir = out_dir / "models"
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -873,7 +896,9 @@ def train(
             tracking.log_config(logger.experiment, run_id, cfg)
             if resumed is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
                 keys = (train_key(cfg.train.objective), "val/elbo")
-                tracking.complete_curve(*run, _saved_curve(resumed), keys)
+                tracking.complete_curve(*run, _saved_curve(resumed), keys, logger.space)
+            else:
+                tracking.log_dataset(*run, data.splits.meta, cfg)
         if trainer.is_global_zero:
             # The last training's numbers describe checkpoints this training replaces or extends: a training
             # that stops or fails from here on leaves no train.json rather than one that is no longer true.
@@ -882,6 +907,8 @@ def train(
         with warnings.catch_warnings(), _no_distribution_validation(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            # torch's deprecation of an API that Lightning 2.6 calls: not the user's to act on
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         elapsed = time.perf_counter() - start
         if (signum := signals.requested()) is not None:
@@ -905,7 +932,8 @@ def train(
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
             if run is not None:
-                tracking.log_metrics(*run, metrics, prefix="final/")
+                tracking.log_metrics(*run, metrics, prefix="final/", space=logger.space)
+                tracking.describe(*run, cfg, train=metrics)
                 logger.experiment.log_artifact(run_id, str(model_dir / "best.ckpt"), "checkpoints")
                 if finish_run:
                     tracking.end_run(*run, "FINISHED")

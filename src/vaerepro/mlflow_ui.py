@@ -1,0 +1,268 @@
+"""Links into the MLflow UI that open the project's runs table, already set up for comparing runs.
+
+MLflow 3's UI opens an experiment on its GenAI pages (Overview / Traces) unless the link says otherwise, and
+it shows only `Run Name`, `Created`, `Dataset`, `Duration` (plus `Source`/`Models`) until a user picks
+columns by hand. Everything here uses behaviour the UI itself reads from a link or from the experiment
+(URL query parameters and experiment tags); nothing is patched. Checked against the UI bundle shipped in the
+mlflow 3.17.2 wheel (`mlflow/server/js/build/static/js/*.js`) and in a real browser by
+`tests/test_mlflow_ui.py`; after an MLflow upgrade, re-run that test and re-check the strings cited below:
+
+    cd .venv/lib/python3.*/site-packages/mlflow/server/js/build/static/js
+    grep -o '.\\{200\\}viewStateShareKey.\\{200\\}' *.js      # and the other quoted strings
+
+How a link becomes a configured runs table
+------------------------------------------
+* Route. The UI uses a hash router; the runs tab of experiment `<id>` is `#/experiments/<id>/runs`
+  (main.*.js: `experimentPageTabbed` = "/experiments/:experimentId/:tabName", tab enum `e.Runs="runs"`).
+  The bare experiment route `#/experiments/<id>` is redirected by the page (5439.*.chunk.js, the hook that
+  calls `getExperimentPageTabRoute(t,l)` with `l=Runs` unless the kind is `GENAI_DEVELOPMENT`, then
+  Traces/Overview), so a link to the bare route lands on GenAI's Overview in a fresh browser.
+* `workflowType=machine_learning`. In 3.17.2 the experiment's kind (GenAI vs. machine learning) comes from
+  the *workflow type*, not from the experiment: main.*.js reads `e.get("workflowType")` (values "genai" /
+  "machine_learning"), else the browser's localStorage key "mlflow.workflowType", else "genai"; the hook
+  that would read the `mlflow.experimentKind` experiment tag is bypassed because its feature flag (`Z0`)
+  is compiled to `()=>!0`. So the experiment tag `mlflow.experimentKind` changes nothing in 3.17.2
+  (verified in a browser), and the link must carry `workflowType=machine_learning` to get the
+  "Model training" navigation (Runs / Models / Traces) instead of the GenAI one.
+* `compareRunsMode=TABLE|CHART`. The runs tab's view (2809.*.chunk.js: `const o="compareRunsMode"`,
+  `e.get(o)||"TABLE"`): the table, or the chart view.
+* `viewStateShareKey=<key>` + experiment tag `mlflow.sharedViewState.<key>`. This is the UI's own
+  "Views" / "Save view" / shared-link feature (main.*.js: `U="viewStateShareKey"`,
+  `$="mlflow.sharedViewState."`; 3878.*.chunk.js: the hook that finds the tag `${o6}${key}` among the
+  experiment's tags). The tag's value is the saved-view envelope
+  `{"name", "createdAt", "updatedAt", "state"}` with `state` a JSON string (3448.*.chunk.js: "Invalid
+  saved-view envelope: expected an object with a string `name`, number `createdAt`, and string `state`";
+  a bare JSON state is accepted too). From `state` the UI takes
+    - the search facets `searchFilter, orderByKey, orderByAsc, startTime, lifecycleFilter,
+      modelVersionFilter, datasetsFilter` (3793.*.chunk.js: `const a=["searchFilter","orderByKey",...]`),
+    - the table/chart state `selectedColumns, columnOrder, columnWidths, ..., compareRunCharts,
+      compareRunSections, ..., isAccordionReordered, ..., hideEmptyCharts, ...` (main.*.js:
+      `const a=["selectedColumns","columnOrder","columnWidths",...]`).
+  The table, its sort and the charts can therefore be preset only through this tag; there is no URL
+  parameter for columns. The UI writes such tags itself when a user clicks "Save view"; the link it then
+  offers is exactly `#/experiments/<id>/runs?viewStateShareKey=<key>` (5439.*.chunk.js, `ue=(e,t,n)=>`).
+* Caveat: the shared view is ignored when the link also carries any of the search-facet parameters
+  (3878.*.chunk.js: `if($e.sO.some(e=>a.has(e)))return`), so the sort goes into the tag, never into the
+  link (`orderByKey=`/`orderByAsc=` in the link would drop the columns). If the tag is missing, the UI
+  shows "share key ... does not exist" and falls back to the bare experiment route (GenAI Overview in a
+  fresh browser): set `experiment_tags()` on the experiment before printing `runs_url()`.
+* Column keys are the UI's canonical keys, `<type>.` + backquoted name (main.*.js:
+  `I=(e,t)=>e+".`"+t+"`"`, types "attributes" / "params" / "metrics" / "tags"), e.g.
+  "metrics.`binary/test/log_px`", "tags.`likelihood`"; `orderByKey` uses the same spelling (it is also the
+  search API's order_by). `Run Name` and `Created` are always shown (pinned); the run's status is the icon
+  in the `Created` cell (there is no separate status column in 3.17.2).
+* Charts: a `LINE` chart in `compareRunCharts` takes several metrics in `selectedMetricKeys` (main.*.js:
+  class with `this.type=c.LINE,...,this.selectedMetricKeys=void 0`), so train and validation ELBO can share
+  one chart; the UI still adds its own one-metric charts for metrics no chart names in `metricKey`
+  (`updateChartAndSectionConfigs`). Open it with `runs_url(..., mode="CHART")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from urllib.parse import urlencode
+
+# Prefix of the experiment tag that holds a saved/shared view (main.*.js: `$="mlflow.sharedViewState."`).
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+# URL parameter naming that tag's suffix (main.*.js: `U="viewStateShareKey"`).
+SHARE_KEY_PARAM = "viewStateShareKey"
+# Name shown on the runs tab's "Views" button and in its menu of saved views.
+VIEW_NAME = "vaerepro: compare runs"
+# MLflow's limit on an experiment tag's value (mlflow/utils/validation.py MAX_EXPERIMENT_TAG_VAL_LENGTH),
+# and the UI's on a saved view's envelope (5439.*.chunk.js: `if(o.length>2e4)` "This view is too large").
+MAX_TAG_VALUE = 20000
+
+# The data spaces whose per-epoch ELBO curves get a train-vs-validation chart (same as tracking.SPACES).
+ELBO_SPACES = ("binary", "continuous", "improper")
+
+_COLUMN_TYPES = ("attributes", "params", "metrics", "tags")
+_CANONICAL = re.compile(r"^(attributes|params|metrics|tags)\.`([^`]+)`$")
+
+
+def column(kind: str, name: str) -> str:
+    """The UI's canonical key of a column: kind.`name` (main.*.js `I=(e,t)=>e+".`"+t+"`"`)."""
+    if kind not in _COLUMN_TYPES:
+        raise ValueError(f"column kind must be one of {_COLUMN_TYPES}, not {kind!r}")
+    if not name or "`" in name:
+        raise ValueError(f"a column name must be non-empty and free of backquotes: {name!r}")
+    return f"{kind}.`{name}`"
+
+
+def metric_column(name: str) -> str:
+    """'binary/test/log_px' -> 'metrics.`binary/test/log_px`'."""
+    return column("metrics", name)
+
+
+def tag_column(name: str) -> str:
+    """'likelihood' -> 'tags.`likelihood`'."""
+    return column("tags", name)
+
+
+def param_column(name: str) -> str:
+    """'train.lr' -> 'params.`train.lr`'."""
+    return column("params", name)
+
+
+# The columns a user comparing VAEs wants without picking any: how each run was set up, then its results.
+DEFAULT_COLUMNS: list[str] = [
+    tag_column("likelihood"),
+    tag_column("latent_dim"),
+    tag_column("data_space"),
+    *(
+        metric_column(f"{space}/test/{m}")
+        for space in ("binary", "continuous")
+        for m in ("log_px", "log_px_se", "elbo")
+    ),
+    metric_column("test/knn_accuracy"),
+]
+DEFAULT_ORDER_BY: str = metric_column("test/knn_accuracy")
+
+
+def _check_columns(columns: list[str], order_by: str | None) -> None:
+    for key in [*columns, *([order_by] if order_by is not None else [])]:
+        if not _CANONICAL.match(key):
+            raise ValueError(
+                f"{key!r} is not a UI column key; write e.g. metric_column('binary/test/log_px') "
+                '-> "metrics.`binary/test/log_px`"'
+            )
+
+
+def _width(key: str) -> int:
+    """A column width (px) that shows the whole header, e.g. 'continuous/test/log_px_se'."""
+    name = _CANONICAL.match(key).group(2)
+    return max(90, round(6.5 * len(name)) + 36)
+
+
+def elbo_charts(spaces: tuple[str, ...] = ELBO_SPACES) -> tuple[list[dict], list[dict]]:
+    """`compareRunCharts` and `compareRunSections` with one line chart per space: `{space}/train/elbo` and
+    `{space}/val/elbo` against step (= epoch), titled by the UI "binary/train/elbo vs binary/val/elbo"
+    (9867.*.chunk.js: a multi-metric chart's title is `selectedMetricKeys.join(" vs ")`, `displayName` is
+    not shown). The fields are those of the UI's LINE card config (main.*.js, the class setting
+    `this.type=c.LINE`). Charts of spaces no run has are hidden (`hideEmptyCharts`).
+
+    The UI adds a one-metric chart for every metric that no chart names in `metricKey`
+    (main.*.js `updateChartAndSectionConfigs`), deleted ones included; a deleted placeholder per
+    `{space}/val/elbo` keeps it from drawing the validation curve a second time on its own."""
+    section = "vaerepro-elbo"
+
+    def line(uuid: str, metric_key: str, keys: list[str], deleted: bool) -> dict:
+        return {
+            "uuid": uuid,
+            "type": "LINE",
+            "metricSectionId": section,
+            "metricKey": metric_key,
+            "selectedMetricKeys": keys,
+            "xAxisKey": "step",
+            "selectedXAxisMetricKey": "",
+            "xAxisScaleType": "linear",
+            "scaleType": "linear",
+            "yAxisKey": "metric",
+            "yAxisExpressions": [],
+            "range": {},
+            "lineSmoothness": 0,
+            "ignoreOutliers": False,
+            "useGlobalXaxisKey": True,
+            "useGlobalLineSmoothing": True,
+            "runsCountToCompare": 10,
+            "deleted": deleted,
+            "isGenerated": False,
+        }
+
+    charts = []
+    for space in spaces:
+        train, val = f"{space}/train/elbo", f"{space}/val/elbo"
+        charts.append(line(f"vaerepro-elbo-{space}", train, [train, val], deleted=False))
+        charts.append(line(f"vaerepro-elbo-{space}-val", val, [val], deleted=True))
+    sections = [
+        {
+            "uuid": section,
+            "name": "ELBO per epoch (train vs val)",
+            "display": True,
+            "isReordered": False,
+            "deleted": False,
+            "isGenerated": False,
+        }
+    ]
+    return charts, sections
+
+
+def view_state(columns: list[str], order_by: str | None, ascending: bool) -> dict:
+    """The saved view: sort (search facets) and table/chart state, as the UI's saved views hold them."""
+    _check_columns(columns, order_by)
+    charts, sections = elbo_charts()
+    state: dict = {
+        # search facets (3793.*.chunk.js `["searchFilter","orderByKey","orderByAsc",...]`)
+        **({"orderByKey": order_by, "orderByAsc": bool(ascending)} if order_by is not None else {}),
+        # UI state (main.*.js `["selectedColumns","columnOrder","columnWidths",...]`)
+        "selectedColumns": list(columns),
+        # the order given, tags before metrics (the grid's default puts the Metrics group first)
+        "columnOrder": list(columns),
+        "columnWidths": {key: _width(key) for key in columns},
+        "compareRunCharts": charts,
+        "compareRunSections": sections,
+        "isAccordionReordered": True,  # keep the ELBO section first instead of sorting sections by name
+        "hideEmptyCharts": True,
+    }
+    return state
+
+
+def view_key(columns: list[str], order_by: str | None, ascending: bool) -> str:
+    """The share key: a digest of the view, so the same arguments give the same tag and link, and a changed
+    view gets a new tag while links printed earlier keep opening the view they were printed with."""
+    blob = json.dumps(view_state(columns, order_by, ascending), sort_keys=True, separators=(",", ":"))
+    return "vaerepro-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def experiment_tags(
+    columns: list[str] | None = None,
+    order_by: str | None = DEFAULT_ORDER_BY,
+    ascending: bool = False,
+) -> dict[str, str]:
+    """The experiment tags `runs_url` needs: `{"mlflow.sharedViewState.<key>": <saved-view envelope>}`.
+
+    Set them on the experiment (e.g. `MlflowClient.set_experiment_tag`, idempotent: same arguments, same
+    tag) before printing the link. The envelope is what the UI's "Save view" writes (3448.*.chunk.js:
+    `JSON.stringify({name:e,createdAt:i,updatedAt:a,state:t})`); createdAt is fixed at 0 so that re-setting
+    the tag never changes it. No other experiment tag is needed: `mlflow.experimentKind` is not read by the
+    3.17.2 UI (see the module docstring)."""
+    columns = DEFAULT_COLUMNS if columns is None else columns
+    state = json.dumps(view_state(columns, order_by, ascending), sort_keys=True, separators=(",", ":"))
+    envelope = json.dumps({"name": VIEW_NAME, "createdAt": 0, "updatedAt": 0, "state": state})
+    if len(envelope) > MAX_TAG_VALUE:
+        raise ValueError(f"the saved view is {len(envelope)} characters; MLflow allows {MAX_TAG_VALUE}")
+    return {SHARED_VIEW_TAG_PREFIX + view_key(columns, order_by, ascending): envelope}
+
+
+def runs_url(
+    base_url: str,
+    experiment_id: str,
+    columns: list[str] | None = None,
+    order_by: str | None = DEFAULT_ORDER_BY,
+    ascending: bool = False,
+    *,
+    mode: str = "TABLE",
+) -> str:
+    """The link that opens experiment `experiment_id`'s runs table (mode="TABLE") or chart view ("CHART")
+    with `columns` shown and sorted by `order_by`, e.g.
+
+        http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&compareRunsMode=TABLE
+            &viewStateShareKey=vaerepro-0123456789abcdef
+
+    `columns`/`order_by` are UI column keys (`metric_column(...)`, `tag_column(...)`); the same arguments must
+    have been given to `experiment_tags()` and its tags set on the experiment. `base_url` is the server's
+    address as the browser reaches it (with any path prefix, without `#`)."""
+    columns = DEFAULT_COLUMNS if columns is None else columns
+    if mode not in ("TABLE", "CHART"):
+        raise ValueError(f"mode must be 'TABLE' or 'CHART', not {mode!r}")
+    if not str(experiment_id).isdigit():
+        raise ValueError(f"an MLflow experiment id is a number, not {experiment_id!r}")
+    query = urlencode(
+        {
+            "workflowType": "machine_learning",  # main.*.js `e.get("workflowType")`: the ML navigation
+            "compareRunsMode": mode,  # `e.get("compareRunsMode")||"TABLE"`
+            SHARE_KEY_PARAM: view_key(columns, order_by, ascending),  # columns, sort, charts: from the tag
+        }
+    )
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
