@@ -85,7 +85,7 @@ def _free_port() -> int:
 
 def _make_store(tmp: Path) -> tuple[str, str]:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     uri = f"sqlite:///{(tmp / 'mlflow.db').resolve()}"
     client = MlflowClient(uri)
@@ -104,8 +104,11 @@ def _make_store(tmp: Path) -> tuple[str, str]:
             for epoch in range(4)
             for split in ("train", "val")
         ]
+        params = [Param("model.latent_dim", tags["latent_dim"]), Param("likelihood.name", tags["likelihood"])]
         client.log_batch(
-            run.info.run_id, metrics=[*(Metric(k, v, now, 0) for k, v in metrics.items()), *curves]
+            run.info.run_id,
+            metrics=[*(Metric(k, v, now, 0) for k, v in metrics.items()), *curves],
+            params=params,
         )
         client.set_terminated(run.info.run_id, status=status)
     return uri, exp_id
@@ -225,12 +228,12 @@ class _Chromium:
     """Headless Chromium driven over the DevTools protocol on --remote-debugging-pipe (fds 3 and 4, JSON
     messages ended by NUL), so the stdlib suffices: no websocket client, no Playwright."""
 
-    def __init__(self, url: str, profile: Path):
+    def __init__(self, url: str, profile: Path, window: str = WINDOW):
         cmd_r, self._cmd_w = os.pipe()
         self._res_r, res_w = os.pipe()
         args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
         args += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-        args += ["--remote-debugging-pipe", f"--user-data-dir={profile}", f"--window-size={WINDOW}", url]
+        args += ["--remote-debugging-pipe", f"--user-data-dir={profile}", f"--window-size={window}", url]
         null = os.open(os.devnull, os.O_WRONLY)
         try:
             self.pid = os.posix_spawn(
@@ -308,11 +311,13 @@ class _Chromium:
         os.close(self._res_r)
 
 
-def _render(url: str, tmp: Path, name: str, ready, timeout: float = 45) -> tuple[_Grid, Path]:
+def _render(
+    url: str, tmp: Path, name: str, ready, timeout: float = 45, window: str = WINDOW
+) -> tuple[_Grid, Path]:
     """Open `url` in a fresh headless Chromium profile and read its DOM until `ready(grid)` (or `timeout`
     seconds); the parsed DOM, saved as <name>.html, and a screenshot of the page, <name>.png."""
     shot = tmp / f"{name}.png"
-    browser = _Chromium(url, tmp / f"profile-{name}")
+    browser = _Chromium(url, tmp / f"profile-{name}", window)
     try:
         browser.attach()
         deadline = time.monotonic() + timeout
@@ -417,6 +422,29 @@ def test_chart_view_draws_train_and_val_elbo_in_one_chart(ui_server, tmp_path):
     continuous_chart = page[page.index(titles[1]) : page.index("binary/test (3)")]
     for entry in legend_continuous:
         assert entry in continuous_chart, continuous_chart
+
+
+def test_chart_view_compares_latent_size_and_likelihood_in_parallel_coordinates_per_space(
+    ui_server, tmp_path
+):
+    base, exp_id = ui_server
+    url = mlflow_ui.runs_url(base, exp_id, mode="CHART")
+    section = "Latent size × likelihood (parallel coordinates, one data space each)"
+
+    def ready(g: _Grid) -> bool:
+        text = " ".join(g.text)
+        return section in text and text.count("model.latent_dim") >= 2
+
+    # tall enough that the second section is in view: the UI draws only the charts on screen
+    grid, shot = _render(url, tmp_path, "parallel", ready, window="2800,2600")
+    print(f"\n{url}\nscreenshot: {shot}")
+    page = " ".join(" ".join(grid.text).split())
+    assert section in page, page
+    after = page[page.index(section) :]
+    # the axes: what the sweep varies, then log p(x) of the chart's own space and kNN accuracy
+    for axis in ("model.latent_dim", "likelihood.name", "binary/test/log_px", "continuous/test/log_px"):
+        assert axis in after, (axis, after[:3000])
+    assert "test/knn_accuracy" in after
 
 
 def test_links_and_tags_agree():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -526,6 +527,21 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
     assert sweep.main(["report", study_name, "--out", str(project["root"] / "again")]) == 0
     again = (project["root"] / "again" / "report.md").read_text()
     assert again.count("| COMPLETE |") == 3 and "binary pixels" in again
+
+    # the best trial's command runs as printed (the parent run's tag) and gives the best trial's number
+    command = shlex.split(parent.data.tags["best_command"])
+    assert command[:2] == ["vaerepro", "run"]
+    rerun = subprocess.run(
+        [*command, "hydra.run.dir=runs/best"],
+        cwd=project["root"],
+        env={**project["env"], "OMP_NUM_THREADS": "1"},  # as the trials ran (n_jobs=2)
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ev = json.loads((project["root"] / "runs" / "best" / "metrics" / "eval.json").read_text())
+    assert ev["log_px"] == pytest.approx(best.value, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -188,10 +188,51 @@ def elbo_charts(spaces: tuple[str, ...] = ELBO_SPACES) -> tuple[list[dict], list
     return charts, sections
 
 
+# The axes of the parallel-coordinates charts: what a sweep varies (params), then what it is judged by.
+PARALLEL_PARAMS = ["model.latent_dim", "likelihood.name"]
+
+
+def parallel_charts(spaces: tuple[str, ...] = ELBO_SPACES) -> tuple[list[dict], list[dict]]:
+    """Parallel coordinates of latent size × likelihood against log p(x) and kNN accuracy, one chart per data
+    space: log p(x) is `{space}/test/log_px`, so a chart only draws the runs of its own space (runs without
+    one of a chart's metrics are left out by the UI) and never puts a pmf and a density on one axis. The
+    fields are those of the UI's PARALLEL card config (main.*.js, the class setting `this.type=c.PARALLEL,
+    this.selectedParams=[],this.selectedMetrics=[],this.showAllRuns=!1`); string params such as the
+    likelihood's name are drawn as categorical axes."""
+    section = "vaerepro-parallel"
+    charts = [
+        {
+            "uuid": f"vaerepro-parallel-{space}",
+            "type": "PARALLEL",
+            "metricSectionId": section,
+            "selectedParams": list(PARALLEL_PARAMS),
+            "selectedMetrics": [f"{space}/test/log_px", "test/knn_accuracy"],
+            "showAllRuns": False,
+            "runsCountToCompare": 100,
+            "deleted": False,
+            "isGenerated": False,
+        }
+        for space in spaces
+    ]
+    sections = [
+        {
+            "uuid": section,
+            "name": "Latent size × likelihood (parallel coordinates, one data space each)",
+            "display": True,
+            "isReordered": False,
+            "deleted": False,
+            "isGenerated": False,
+        }
+    ]
+    return charts, sections
+
+
 def view_state(columns: list[str], order_by: str | None, ascending: bool) -> dict:
     """The saved view: sort (search facets) and table/chart state, as the UI's saved views hold them."""
     _check_columns(columns, order_by)
     charts, sections = elbo_charts()
+    more_charts, more_sections = parallel_charts()
+    charts, sections = charts + more_charts, sections + more_sections
     state: dict = {
         # search facets (3793.*.chunk.js `["searchFilter","orderByKey","orderByAsc",...]`)
         **({"orderByKey": order_by, "orderByAsc": bool(ascending)} if order_by is not None else {}),
