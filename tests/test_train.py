@@ -54,7 +54,6 @@ def test_shards_of_a_global_batch_differ_in_size_by_at_most_one():
 def test_batch_seed_depends_on_seed_stream_epoch_and_index_only():
     seeds = {batch_seed(s, st, e, i) for s in (0, 1) for st in (0, 1) for e in (0, 1) for i in (0, 1)}
     assert len(seeds) == 16
-    assert batch_seed(3, 0, 2, 5) == batch_seed(3, 0, 2, 5)
     assert 0 <= batch_seed(-1, 0, 0, 0) < 2**64  # a negative run seed is fine too
 
 
@@ -222,6 +221,7 @@ def test_fused_optimiser_makes_the_same_updates(name):
         cfg = tiny_config(f"train.optimizer={name}", "train.lr=0.01", f"train.fused={str(fused).lower()}")
         torch.manual_seed(0)
         module = VAEModule(vae_config, cfg.train.model_dump(), "binary", True)
+        start = torch.cat([p.detach().clone().reshape(-1) for p in module.parameters()])
         opt = module.configure_optimizers()
         assert bool(opt.param_groups[0]["fused"]) is fused
         for i in range(20):
@@ -231,15 +231,7 @@ def test_fused_optimiser_makes_the_same_updates(name):
             loss.backward()
             opt.step()
         params[fused] = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-    assert not torch.equal(
-        params[True],
-        torch.cat(
-            [
-                p.reshape(-1)
-                for p in VAEModule(vae_config, cfg.train.model_dump(), "binary", True).parameters()
-            ]
-        ),
-    )  # training moved the weights
+        assert (params[fused] - start).abs().max() > 1e-3  # 20 steps at lr 0.01 moved the weights
     torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Bernoulli as _TorchBernoulli
 from torch.distributions import ContinuousBernoulli as _TorchContinuousBernoulli
-from torch.distributions import Distribution, Independent
+from torch.distributions import Distribution, Independent, constraints
 from torch.distributions import Normal as _TorchNormal
 
 DATA_SPACES = ("binary", "continuous")
@@ -98,24 +98,6 @@ class Likelihood(abc.ABC):
         return f"{type(self).__name__}({kwargs})"
 
 
-class _PixelBernoulli(Independent):
-    """``Independent(Bernoulli(logits), 1)`` whose ``log_prob`` negates each example's sum of binary
-    cross-entropies instead of each pixel's: the same numbers (negation is exact) with one element-wise op
-    over (..., D) fewer, forward and backward (~1 % of an AEVB MLP training step on 2 CPU cores,
-    benchmarks/bench.py)."""
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        base = self.base_dist
-        if base._validate_args:
-            base._validate_sample(value)
-        logits = base.logits
-        if value.dtype != logits.dtype:
-            value = value.to(logits.dtype)
-        if value.shape != logits.shape:  # e.g. x (B, D) against K samples' logits (K, B, D)
-            logits, value = torch.broadcast_tensors(logits, value)
-        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
-
-
 class Bernoulli(Likelihood):
     """Pixel-wise Bernoulli with logits = decoder outputs (AEVB/IWAE on binarised data).
 
@@ -138,10 +120,6 @@ class Bernoulli(Likelihood):
         # log_prob evaluates x*logit - softplus(logit) for any x in [0, 1].
         validate = False if self.allow_improper else None
         return _TorchBernoulli(logits=params, validate_args=validate)
-
-    def distribution(self, params: Tensor) -> Distribution:
-        self._split_dim(params)
-        return _PixelBernoulli(self._base(params), 1)
 
     def mean(self, params: Tensor) -> Tensor:
         self._split_dim(params)
@@ -313,15 +291,46 @@ def cb_mean(logits: Tensor) -> Tensor:
     return torch.where(small, series, closed)
 
 
-class CBDistribution(_TorchContinuousBernoulli):
-    """torch's ContinuousBernoulli with the normaliser (and mean) computed in logit space.
+class CBDistribution(Distribution):
+    """The continuous Bernoulli on [0, 1] with its log-normaliser and mean computed in logit space.
 
-    torch computes log C from ``probs`` with a 2-term Taylor window (0.499, 0.501); in float32 that loses
-    ~1e-5 relative just outside the window, and from logits it first squashes them through a clamped
-    sigmoid (float32, |logit| = 30: 19% relative error in log C). Sampling (icdf) is inherited unchanged.
+    log p(x | eta) = x eta - softplus(eta) + log C(eta) (the negative binary cross-entropy plus
+    ``cb_log_norm``). torch's ContinuousBernoulli computes log C from ``probs`` with a 2-term Taylor window
+    (0.499, 0.501), which in float32 loses ~1e-5 relative just outside the window, and from logits it first
+    squashes them through a clamped sigmoid (float32, |logit| = 30: 19 % relative error in log C). Its
+    public sampling (inverse CDF) is used as it is: this class holds one for ``sample``/``rsample``.
     """
 
-    def _cont_bern_log_norm(self) -> Tensor:
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(
+        self, probs: Tensor | None = None, logits: Tensor | None = None, validate_args: bool | None = None
+    ):
+        if (probs is None) == (logits is None):
+            raise ValueError("CBDistribution: give exactly one of probs or logits")
+        if logits is None:
+            probs = torch.as_tensor(probs)
+            logits = torch.log(probs) - torch.log1p(-probs)  # exact float lambda -> eta
+        self.logits = torch.as_tensor(logits)
+        self._sampler = _TorchContinuousBernoulli(logits=self.logits, validate_args=False)
+        super().__init__(batch_shape=self.logits.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> CBDistribution:
+        return CBDistribution(logits=self.logits.expand(batch_shape), validate_args=self._validate_args)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)  # Distribution's own check, for its subclasses
+        logits, value = torch.broadcast_tensors(self.logits, value.to(self.logits.dtype))
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none") + cb_log_norm(logits)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008 - torch's signature
+        return self._sampler.rsample(sample_shape)
+
+    def log_norm(self) -> Tensor:
+        """log C(eta), elementwise (``cb_log_norm``)."""
         return cb_log_norm(self.logits)
 
     @property
@@ -353,9 +362,7 @@ class ContinuousBernoulli(Likelihood):
         return {"name": self.name}
 
 
-REGISTRY: dict[str, type[Likelihood]] = {
-    cls.name: cls for cls in (Bernoulli, Gaussian, ContinuousBernoulli)
-}
+REGISTRY: dict[str, type[Likelihood]] = {cls.name: cls for cls in (Bernoulli, Gaussian, ContinuousBernoulli)}
 
 
 def get_likelihood(name: str, **options) -> Likelihood:
