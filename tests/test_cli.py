@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, TINY
+from vaerepro import cli
 
 COMMANDS = ("run", "params", "ui", "fetch", "prepare", "train", "evaluate", "report")
 
@@ -20,12 +21,19 @@ def _vaerepro(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["vaerepro", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_help_lists_every_command_with_a_line_and_every_option_with_help(tmp_path):
-    out = _vaerepro(["--help"], tmp_path).stdout
+def _help(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        cli._main([*args, "--help"])  # the parser alone: no signal handlers or logging set up here
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_command_with_a_line_and_every_option_with_help(capsys):
+    out = _help([], capsys)
     listed = re.findall(r"^    (\w+)\s+\S", out, flags=re.MULTILINE)
     assert listed == list(COMMANDS), out
     for command in COMMANDS[1:]:  # `run` is Hydra's command line: vaerepro run --help is Hydra's help
-        text = _vaerepro([command, "--help"], tmp_path).stdout
+        text = _help([command], capsys)
         options = re.findall(r"^  (--[\w-]+)(.*)$", text, flags=re.MULTILINE)
         assert options, text
         for name, rest in options:

@@ -261,6 +261,7 @@ def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prep
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupted_one_does(
     prepared_tiny, tmp_path
 ):
@@ -308,6 +309,7 @@ def _same_weights(saved: dict, expected: dict) -> bool:
     return saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(prepared_tiny, tmp_path):
     """With an hour's interval neither file is written at an epoch end; at the end best.ckpt holds the best
     validation epoch's weights (held in memory until then) and last.ckpt the final state."""
@@ -327,6 +329,7 @@ def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(pr
     assert _same_weights(best["state_dict"], record.weights[metrics["best_epoch"]])
 
 
+@pytest.mark.slow
 def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny, tmp_path):
     """best.ckpt, held in memory between writes, reaches the disk when training stops on an error."""
 
@@ -353,6 +356,7 @@ def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny,
     assert _same_weights(best["state_dict"], record.weights[best_epoch])
 
 
+@pytest.mark.slow
 def test_the_progress_bar_shows_each_epoch_with_its_validation_elbo(prepared_tiny, tmp_path, capsys):
     """Lightning's tqdm bar, one line per epoch ending with that epoch's validation ELBO, and no separate
     validation bar."""
@@ -367,6 +371,7 @@ def test_the_progress_bar_shows_each_epoch_with_its_validation_elbo(prepared_tin
     assert "Validation" not in shown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_interval_s", [0, 3600])
 def test_the_progress_bar_is_drawn_at_most_every_interval_and_at_each_epoch_end(
     prepared_tiny, tmp_path, capsys, monkeypatch, min_interval_s
