@@ -52,10 +52,17 @@ def shrink_conf(conf_dir: Path) -> None:
         path.write_text(yaml.safe_dump(d, sort_keys=False))
 
 
+# A user's MLFLOW_TRACKING_URI must never receive test runs, and one test's must not reach the next:
+# mlflow.set_tracking_uri (tracking.ensure_experiment calls it) exports the variable to the process, where
+# module-scoped fixtures that start processes would pass it on.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(autouse=True)
-def _no_user_tracking_uri(monkeypatch):
-    # A user's MLFLOW_TRACKING_URI must never receive test runs.
+def _no_tracking_uri_across_tests(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def compose(*overrides: str) -> dict:
