@@ -8,7 +8,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.lock)
 TRIALS ?= 7
 
-.PHONY: install repro test lint sweep bench mlflow-ui params clean
+.PHONY: install repro test lint sweep bench mlflow-ui params clean exps plots-template
 
 install: $(VENV)/.installed
 
@@ -22,13 +22,47 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-repro: install
+repro: install plots-template
 	$(BIN)/vaerepro fetch
 	# the materialised data hash to exactly what data.dvc records; this puts them in the local DVC cache
 	$(BIN)/dvc commit --force --quiet data.dvc
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@if git status --porcelain -- dvc.lock metrics plots 2>/dev/null | grep -q .; then \
+	    echo "Commit the results, the baseline that dvc metrics diff, dvc params diff and dvc exp show compare with:"; \
+	    echo "    git add dvc.lock metrics plots && git commit -m 'Results of the pipeline'"; fi
 
-test: install
+# `dvc exp show` narrowed to what compares runs: what was evaluated and the headline numbers always, other
+# params and metrics where they differ between the rows, no hashes of stage outputs. Plain `dvc exp show`
+# has a column for every key of params.yaml (48) and every dependency (14), ~1,000 characters; DVC has no
+# setting to narrow it. Dropped params: those the metrics' labels repeat, and allow_improper, which differs
+# whenever the likelihood does (only bernoulli has the key; an improper run shows as data.space=continuous).
+EXPS_KEEP := ^(likelihood|latent_dim|log_px|log_px_se|elbo|knn_accuracy)$$
+EXPS_DROP := ^(likelihood\.(name|allow_improper)|model\.latent_dim|prepared|models|artifacts|metrics/.+|plots/.+)$$
+exps: install
+	$(BIN)/dvc exp show --only-changed --keep '$(EXPS_KEEP)' --drop '$(EXPS_DROP)'
+
+# `dvc plots show` offline: DVC's page loads vega, vega-lite and vega-embed from a CDN (blank without a
+# network); this template has them inlined (~0.8 MB), and .dvc/config.local points DVC at it. Without npm or
+# a network it says so, and `dvc plots show` keeps DVC's page.
+VEGA := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+PLOTS_TEMPLATE := vendor/dvc-plots.html
+# the minified build of package $(1) (name@version) from the tarball `npm pack` wrote into $$tmp
+vega_js = tar -xzOf "$$tmp/$(subst @,-,$(1)).tgz" package/build/$(firstword $(subst @, ,$(1))).min.js
+
+plots-template: $(PLOTS_TEMPLATE) | $(VENV)/.installed
+	@if test -f $(PLOTS_TEMPLATE); then $(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); fi
+
+$(PLOTS_TEMPLATE): Makefile
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT; \
+	if ! (cd "$$tmp" && npm pack --silent --fetch-retries=0 --fetch-timeout=30000 $(VEGA) > /dev/null); then \
+	    echo "plots-template: npm could not fetch $(VEGA); dvc plots show loads them from a CDN"; exit 0; fi; \
+	mkdir -p $(@D) && { \
+	    printf '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n{refresh_tag}\n<title>DVC Plot</title>\n'; \
+	    $(foreach s,$(VEGA),printf '<script>\n'; $(call vega_js,$(s)); printf '\n</script>\n';) \
+	    printf '<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n'; \
+	} > $@.tmp && mv $@.tmp $@ && echo "plots-template: $@ has $(VEGA) inlined"
+
+test: install plots-template
 	$(BIN)/python -m pytest
 
 lint: install
@@ -49,4 +83,4 @@ mlflow-ui: install
 	$(BIN)/vaerepro ui --port 5000
 
 clean:
-	rm -rf prepared models metrics plots artifacts reports runs outputs multirun
+	rm -rf prepared models metrics plots artifacts reports runs outputs multirun dvc_plots

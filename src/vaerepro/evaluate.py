@@ -1,9 +1,10 @@
 """The `evaluate` stage: test-set log p(x) by importance sampling (q as proposal), bounds, and diagnostics.
 
-Writes metrics/eval.json (nats per example unless the key says otherwise), artifacts/samples.npz (the
-images the report shows) and artifacts/per_example.npz (each test example's estimates). Every example batch
-draws its samples from its own seed (eval.seed + batch index), so a sharded evaluation (several processes,
-see `evaluate`) reproduces the single-process numbers exactly.
+Writes metrics/eval.json (nats per example unless the key says otherwise), its headline numbers
+metrics/eval_summary.json (DVC's metrics), artifacts/samples.npz (the images the report shows) and
+artifacts/per_example.npz (each test example's estimates). Every example batch draws its samples from its own
+seed (eval.seed + batch index), so a sharded evaluation (several processes, see `evaluate`) reproduces the
+single-process numbers exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 TEST_SEED_OFFSET = 2  # the fixed test-set draw (binarisation / dequantisation) uses seed + 2
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
 KNN_K = 15  # Loaiza-Ganem & Cunningham 2019 classify latent means with 15 nearest neighbours
+# metrics/eval_summary.json, the DVC metrics that `dvc metrics` and `dvc exp show` compare: what was evaluated
+# and the headline numbers (nats per example; accuracy in [0, 1]), in the order of the table's columns.
+# eval.json keeps the whole record (ladder, convergence, bookkeeping), which DVC treats as a plain output.
+SUMMARY_KEYS = ("likelihood", "latent_dim", "log_px", "log_px_se", "elbo", "knn_accuracy", "converged")
 
 
 def load_vae(path: Path, ckpt: dict[str, Any] | None = None) -> VAE:
@@ -239,7 +244,7 @@ def gather_shards(per_ex: dict[str, Any], batches: range, batch_size: int) -> di
 
 
 def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any] | None:
-    """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval.json, artifacts/samples.npz.
+    """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval{,_summary}.json, artifacts/.
 
     In an initialised process group (`torchrun ... vaerepro evaluate`, or after DDP training in `vaerepro
     run`) the example batches are shared out, rank r taking batches r, r + world, ...; rank 0 gathers the
@@ -317,6 +322,8 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     )
     (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary = {k: metrics[k] for k in SUMMARY_KEYS}
+    (out_dir / "metrics" / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     # per-example estimates (N,), nats: for paired comparisons of models on the same test examples; the
     # ladder as log_px_k<k> (the estimate from the first k samples), for paired k-to-k differences

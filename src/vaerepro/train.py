@@ -64,6 +64,9 @@ def _one_log_stream() -> None:
 _one_log_stream()  # now: the handlers were added when lightning was imported, above
 
 VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses seed + 1
+# metrics/train_summary.json, the DVC metrics of training: the best validation ELBO (nats per example), how
+# many epochs ran and the best one's index (from 0, as in plots/elbo.csv); train.json keeps the whole record.
+SUMMARY_KEYS = ("best_val_elbo", "epochs", "best_epoch")
 
 
 def train_key(objective: str) -> str:
@@ -842,8 +845,9 @@ def train(
     callbacks=(),
     finish_run: bool = True,
 ) -> dict:
-    """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json and
-    plots/elbo.csv; log the run to MLflow when tracking is enabled. Returns the train metrics.
+    """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json (and its
+    headline numbers, train_summary.json) and plots/elbo.csv; log the run to MLflow when tracking is enabled.
+    Returns the train metrics.
 
     Under DDP every process runs this; only global rank 0 writes files and talks to MLflow (one run per
     training). With train.resume and an existing models/last.ckpt, training continues from it (its epoch,
@@ -902,7 +906,8 @@ def train(
         if trainer.is_global_zero:
             # The last training's numbers describe checkpoints this training replaces or extends: a training
             # that stops or fails from here on leaves no train.json rather than one that is no longer true.
-            (out_dir / "metrics" / "train.json").unlink(missing_ok=True)
+            for name in ("train.json", "train_summary.json"):
+                (out_dir / "metrics" / name).unlink(missing_ok=True)
         start = time.perf_counter()
         with warnings.catch_warnings(), _no_distribution_validation(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
@@ -931,6 +936,8 @@ def train(
             tracking.write_run_id(model_dir, run_id, uri)
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            summary = {k: metrics[k] for k in SUMMARY_KEYS}
+            (out_dir / "metrics" / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if run is not None:
                 tracking.log_metrics(*run, metrics, prefix="final/", space=logger.space)
                 tracking.describe(*run, cfg, train=metrics)
