@@ -14,7 +14,6 @@ from conftest import Crash, copy_prepared, tiny_config, val_curve
 from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
 from vaerepro.train import (
-    BestCheckpoint,
     EpochBar,
     EpochBatches,
     TensorBatches,
@@ -123,18 +122,6 @@ def test_batches_on_the_device_already_are_not_moved_others_are(tmp_path):
     moved = data.transfer_batch_to_device(pair, torch.device("meta"), 0)
     assert [t.device.type for t in moved] == ["meta", "meta"]
     assert [t.shape for t in moved] == [x.shape, eps.shape]
-
-
-def test_best_checkpoint_keeps_model_checkpoints_state_key():
-    """The key of its state in a checkpoint is ModelCheckpoint's, so checkpoints written before it resume."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    kwargs = dict(dirpath="m", filename="best", monitor="val/elbo", mode="max", save_weights_only=True)
-    best = BestCheckpoint(**kwargs)
-    key = ModelCheckpoint(**kwargs).state_key
-    assert best.state_key == key and key.startswith("ModelCheckpoint{")
-    other = BestCheckpoint(**{**kwargs, "monitor": "train/elbo"})
-    assert other.state_key == ModelCheckpoint(**{**kwargs, "monitor": "train/elbo"}).state_key != key
 
 
 @pytest.mark.slow
@@ -311,14 +298,16 @@ def _same_weights(saved: dict, expected: dict) -> bool:
 
 @pytest.mark.slow
 def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(prepared_tiny, tmp_path):
-    """With an hour's interval neither file is written at an epoch end; at the end best.ckpt holds the best
-    validation epoch's weights (held in memory until then) and last.ckpt the final state."""
+    """With an hour's interval last.ckpt is not written at an epoch end, only at the end of training, while
+    best.ckpt is on disk from the first validation on; at the end best.ckpt holds the best validation
+    epoch's weights and last.ckpt the final state."""
     out = copy_prepared(prepared_tiny, tmp_path)
     record = _Record(out / "models")
     metrics = train(
         tiny_config("train.checkpoint_every_s=3600"), out, enable_progress_bar=False, callbacks=[record]
     )
-    assert record.existed == [{"best.ckpt": False, "last.ckpt": False}] * 3  # an hour has not passed
+    assert [e["last.ckpt"] for e in record.existed] == [False] * 3  # an hour has not passed
+    assert [e["best.ckpt"] for e in record.existed] == [False, True, True]
     last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
     # saved at the end of training, after Lightning counted the third epoch
     steps_per_epoch = -(-len(load_prepared(out / "prepared").train) // 50)
@@ -330,8 +319,8 @@ def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(pr
 
 
 @pytest.mark.slow
-def test_a_crashed_training_still_writes_the_best_weights_it_held(prepared_tiny, tmp_path):
-    """best.ckpt, held in memory between writes, reaches the disk when training stops on an error."""
+def test_a_crashed_training_leaves_the_best_weights_on_disk(prepared_tiny, tmp_path):
+    """best.ckpt on disk holds the best epoch's weights when training stops on an error mid-epoch."""
 
     class CrashInEpoch2(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -372,18 +361,17 @@ def test_the_progress_bar_shows_each_epoch_with_its_validation_elbo(prepared_tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("min_interval_s", [0, 3600])
-def test_the_progress_bar_is_drawn_at_most_every_interval_and_at_each_epoch_end(
-    prepared_tiny, tmp_path, capsys, monkeypatch, min_interval_s
+def test_the_progress_bar_is_drawn_every_refresh_rate_batches_and_at_each_epoch_end(
+    prepared_tiny, tmp_path, capsys
 ):
-    """Every batch's count with a zero interval; with an hour's, only 0 % and 100 % of each epoch."""
-    monkeypatch.setattr(EpochBar, "min_interval_s", min_interval_s)
+    """The counts drawn are the multiples of the refresh rate and the epoch's last batch, each epoch."""
     out = copy_prepared(prepared_tiny, tmp_path)
-    train(tiny_config("train.max_epochs=2"), out, enable_progress_bar=True)
-    total = -(-len(load_prepared(out / "prepared").train) // 50)
+    train(tiny_config("train.max_epochs=2", "train.batch_size=10"), out, enable_progress_bar=True)
+    total = -(-len(load_prepared(out / "prepared").train) // 10)  # 42 batches an epoch
+    rate = EpochBar().refresh_rate
     counts = {
         (int(e), int(n))
         for e, n in re.findall(rf"Epoch (\d+):[^|]*\|[^|]*\| (\d+)/{total} ", capsys.readouterr().out)
     }
-    expected = range(total + 1) if min_interval_s == 0 else (0, total)
-    assert counts == {(e, n) for e in (0, 1) for n in expected}
+    expected = {0, *range(rate, total, rate), total}
+    assert total > 2 * rate and counts == {(e, n) for e in (0, 1) for n in expected}

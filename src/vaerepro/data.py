@@ -795,8 +795,8 @@ def to_space(
         x = torch.as_tensor(x)
     if space == "binary":
         p = x.float() / 255.0 if quantized else x.float()
-        # u < p is a Bernoulli(p) draw; written out because torch.bernoulli takes ~1 ms for a 100 x 784
-        # batch on a CPU, a sixth of an AEVB training step, and torch.rand < p a third of that
+        # u < p is a Bernoulli(p) draw; written out because torch.bernoulli is several times slower than
+        # torch.rand < p on a CPU
         u = torch.rand(p.shape, generator=generator, device=p.device)
         return (u < p).to(torch.float32)
     if not quantized:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 import warnings
@@ -24,13 +23,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.apply_func import apply_to_collection
 
 from vaerepro import checkpoints, estimators, signals, tracking
 from vaerepro import config as config_mod
@@ -110,11 +106,10 @@ class TensorBatches:
     taken with one vectorised gather; Lightning iterates over it as over a DataLoader.
 
     Not a DataLoader over a TensorDataset: that collates B single items per batch (B Python calls). Nor a
-    DataLoader over this gather: its own per-batch bookkeeping (fetcher, collate, a profiler range) took
-    ~80 us a batch, 1.5 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py), for nothing these data
-    need: they are tensors in memory already, with no workers to feed and nothing to pin. Lightning takes
-    any iterable with a length; it finds ``sampler`` and ``batch_sampler`` under a DataLoader's names, and
-    calls ``sampler.set_epoch`` at every epoch start.
+    DataLoader over this gather: its own per-batch bookkeeping (fetcher, collate, a profiler range) does
+    nothing these data need: they are tensors in memory already, with no workers to feed and nothing to
+    pin. Lightning takes any iterable with a length; it finds ``sampler`` and ``batch_sampler`` under a
+    DataLoader's names, and calls ``sampler.set_epoch`` at every epoch start.
     """
 
     batch_sampler = None  # as a DataLoader with batch_size=None: the sampler yields whole batches
@@ -157,9 +152,9 @@ def batch_seed(seed: int, stream: int, epoch: int, index: int) -> int:
 def _seed_block(seed: int, stream: int, epoch: int, block: int) -> tuple[int, ...]:
     """`batch_seed` of batches block * SEED_BLOCK ... (block + 1) * SEED_BLOCK - 1, computed together.
 
-    Why in blocks: numpy's SeedSequence takes ~9 us in a loop of its own, but ~100 us when called between a
-    training step's large tensor ops, which have evicted it from the CPU's caches: 1.5 % of an AEVB MLP step
-    on 2 CPU cores (benchmarks/bench.py). The same numbers, one cold start per 32 batches.
+    Why in blocks: numpy's SeedSequence is an order of magnitude slower when called between a training
+    step's large tensor ops, which have evicted it from the CPU's caches, than in a loop of its own. The
+    same numbers, one cold start per SEED_BLOCK batches.
     """
     start = block * SEED_BLOCK
     return tuple(
@@ -210,8 +205,7 @@ class VAEData(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # A batch (a tensor, or a tuple of tensors) on the device already, as on a CPU, is returned as it is,
-        # without Lightning's generic walk of the batch: ~30 us a step in a training, 0.5 % of an AEVB MLP
-        # step on 2 CPU cores (benchmarks/bench.py).
+        # without Lightning's generic walk of the batch.
         if all(t.device == device for t in (batch if isinstance(batch, tuple) else (batch,))):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
@@ -251,25 +245,14 @@ class VAEModule(pl.LightningModule):
         # logger=False: the resolved config reaches MLflow once, through tracking.log_config, which also
         # copes with a resumed run whose config changed (MLflow params cannot change value)
         self.save_hyperparameters(logger=False)
-        # One optimiser step per batch, written out in training_step (Lightning's manual optimisation).
-        # Lightning's automatic optimisation does the same through a closure and eight more hooks around it;
-        # ~0.3 ms a step, 4-5 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py), for features this
-        # objective does not use (gradient accumulation and clipping, closures for LBFGS).
+        # One optimiser step per batch, written out in training_step (Lightning's manual optimisation):
+        # automatic optimisation does the same through a closure and eight more hooks around it, for features
+        # this objective does not use (gradient accumulation and clipping, closures for LBFGS).
         self.automatic_optimization = False
         self.vae = VAE(**vae_config)
         self.train_cfg = train
         self.data_space, self.quantized, self.seed = data_space, quantized, seed
         self.data_digest = data_digest  # sha256 of the training array (checkpoints.DATA_DIGEST_LABEL)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets `_current_fx_name` (a str or None) before and after every hook it calls, ~40 times a
-        # training step; nn.Module.__setattr__ looks each one up among parameters, buffers and submodules,
-        # which it never is. Plain assignment is the same and saves ~70 us a step (1.5 % of an AEVB step on
-        # 2 CPU cores, benchmarks/bench.py).
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def bound(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """The training objective per example (B,), in nats: an ELBO (estimator A or B) or an IWAE bound."""
@@ -324,8 +307,8 @@ class VAEModule(pl.LightningModule):
         opt.zero_grad()
         self.manual_backward(loss)  # under DDP, also the gradients' all-reduce
         opt.step()
-        # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging costs
-        # ~1 ms a batch, about 15 % of an AEVB MLP step on 2 CPU cores (benchmarks/bench.py).
+        # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging keeps a
+        # result collection per call, a large share of a small model's step.
         self._bound_sum += bound.detach().sum(dtype=torch.float64)
         self._bound_count += len(bound)
         return loss
@@ -361,7 +344,7 @@ class VAEModule(pl.LightningModule):
         name = train_key(self.train_cfg["objective"])
         if not math.isfinite(train_mean):
             # Checked once an epoch, on the sum the epoch keeps anyway: a check per step would make every
-            # step wait for its loss (~0.1 ms, 2 % of an AEVB step on 2 CPU cores). Raised before the
+            # step wait for its loss (a device synchronisation on a GPU). Raised before the
             # checkpoint callbacks run, so best.ckpt keeps the last finite weights.
             raise FloatingPointError(
                 f"non-finite training objective ({name} = {train_mean}) in epoch {self.current_epoch}; "
@@ -372,9 +355,9 @@ class VAEModule(pl.LightningModule):
     def configure_optimizers(self):
         t = self.train_cfg
         opt = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[t["optimizer"]]
-        # fused: the whole update of a parameter tensor in one kernel instead of ~10 element-wise ops. For the
-        # AEVB MLP on 2 CPU cores, Adam's step takes 0.3 ms instead of 2.0 ms, a quarter of a training step
-        # (benchmarks/bench.py); the update is the same up to float rounding. Lightning builds the optimiser
+        # fused: the whole update of a parameter tensor in one kernel instead of ~10 element-wise ops (the
+        # bench's "minimal fused" loop shows the gain); the update is the same up to float rounding. Lightning
+        # builds the optimiser
         # after moving the module to its device, where torch checks that the kernel exists.
         return opt(self.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=t.get("fused", True))
 
@@ -384,9 +367,8 @@ class EpochHistory(pl.Callback):
 
     Lightning's CSVLogger writes train and validation metrics on separate rows keyed by step; DVC plots
     want one row per epoch with both series. The file is written with last.ckpt (so the curve on disk is
-    the one that checkpoint resumes), at the end of training and when training stops on an error: opening
-    and rewriting it every epoch cost ~2 ms, 1 % of an epoch of the default run on 2 CPU cores
-    (benchmarks/bench.py). Every epoch's numbers also reach MLflow as the epoch ends.
+    the one that checkpoint resumes), at the end of training and when training stops on an error. Every
+    epoch's numbers also reach MLflow as the epoch ends.
     """
 
     def __init__(self, path: Path, train_key: str):
@@ -470,84 +452,25 @@ class SameConfigOnEveryRank(pl.Callback):
 
 
 class EpochBar(TQDMProgressBar):
-    """Lightning's tqdm bar, one line per epoch with its validation ELBO, drawn once when an epoch starts, at
-    most every `min_interval_s` during it (tqdm's own default, 0.1 s), and once when its validation ends
-    (the full count and the new ELBO); without the separate bar that Lightning opens and closes for every
-    validation pass.
+    """Lightning's tqdm bar, one line kept per epoch (its validation ELBO in the postfix), redrawn every
+    `refresh_rate` batches, and no separate bar for the validation pass, which for these models takes
+    milliseconds to a second."""
 
-    Why: Lightning redraws the bar twice every `refresh_rate` batches (the count, then the postfix), twice
-    when an epoch starts and once more after validation for an unchanged postfix; the draws averaged 60 us a
-    batch, ~1 % of an epoch of the default run on 2 CPU cores, and drawing and clearing the validation bar
-    ~2.5 ms an epoch, another 1 % (benchmarks/bench.py). A validation of these models takes milliseconds to
-    a second.
-    """
-
-    min_interval_s: float = 0.1
+    def __init__(self, refresh_rate: int = 20):
+        super().__init__(refresh_rate=refresh_rate, leave=True)
 
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
-
-    def _draw(self) -> None:
-        bar = self.train_progress_bar
-        if self.is_enabled and not bar.disable:
-            bar.refresh()
-            self._drawn, self._drawn_n = time.monotonic(), bar.n
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        if self._leave:
-            self.train_progress_bar = self.init_train_tqdm()
-        bar = self.train_progress_bar
-        bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
-        bar.initial = 0
-        bar.reset(total=convert_inf(self.total_train_batches))  # draws the bar at 0 %
-        self._drawn, self._drawn_n = time.monotonic(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        bar = self.train_progress_bar
-        bar.n = batch_idx + 1
-        if time.monotonic() - self._drawn >= self.min_interval_s:
-            self._draw()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.val_progress_bar.close()
-        self.reset_dataloader_idx_tracker()
-        if self._train_progress_bar is not None and trainer.state.fn == "fit":
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            self._draw()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        bar = self.train_progress_bar
-        if bar.n != self._drawn_n:  # no validation drew this epoch's last count (e.g. it was skipped)
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            self._draw()
-        if self._leave:
-            bar.close()
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint with its `state_key` computed once. Lightning formats every callback's
-    `state_key` each time it calls one of its hooks, ~6 times a training step, and ModelCheckpoint's builds
-    the repr of a dict of its settings each time: ~30-60 us a step in a training, 0.5-1 % of an AEVB MLP
-    step on 2 CPU cores (benchmarks/bench.py). The key depends only on constructor arguments: the same
-    string."""
-
-    @functools.cached_property
-    def state_key(self) -> str:
-        # ModelCheckpoint's own key (its class name, then its settings), so that checkpoints written with
-        # either class resume with the other, best score included
-        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
 
 
 class LastCheckpoint(Checkpoint):
     """models/last.ckpt, the whole training state for `train.resume`: written at the end of the first epoch
     that ends `every_s` seconds or more after the previous save (every epoch for 0), and at the end of
-    training, so a stopped or crashed training loses at most `every_s` seconds of work. best.ckpt is written
-    with it (`HeldCheckpointIO`), so the two files on disk always belong to the same moment of training.
+    training, so a stopped or crashed training loses at most `every_s` seconds of work. (best.ckpt, the
+    weights alone, is written by Lightning's ModelCheckpoint whenever the validation ELBO improves.)
 
     Our own because Lightning's ModelCheckpoint offers epoch counts or a time interval checked after every
-    batch: a mid-epoch checkpoint cannot resume this harness's per-epoch seeded batches exactly, and saving
-    the 10 MB state every epoch added ~8 ms, 3 % of an epoch of the default 3,500-digit run on 2 CPU cores
-    (benchmarks/bench.py --override train.checkpoint_every_s=0).
+    batch: a mid-epoch checkpoint cannot resume this harness's per-epoch seeded batches exactly.
     A `Checkpoint` subclass, so Lightning runs it after the best-checkpoint callback and the saved state
     includes that epoch's best score.
     """
@@ -575,93 +498,17 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
 
-class HeldCheckpointIO(CheckpointIO):
-    """Lightning's `TorchCheckpointIO`, except that a save to one of the `held` paths (best.ckpt) is kept in
-    host memory, and written just before the next save to any other path (last.ckpt, by `LastCheckpoint`)
-    and when Lightning tears training down (at its end, and after an exception).
-
-    Why: ModelCheckpoint writes best.ckpt whenever the validation ELBO improves, nearly every epoch of a
-    VAE's training, and a write cost ~9 ms on 2 CPU cores here, 4 % of an epoch of the default 3,500-digit
-    run (benchmarks/bench.py); holding it costs a copy of the weights into the host buffers of the previous
-    snapshot (0.06 ms for the AEVB MLP; into newly allocated tensors it took 1.3 ms). Writing best with last
-    also keeps the pair on disk consistent for `train.resume`: the best score stored in last.ckpt is the
-    score of the best.ckpt beside it. Lightning's AsyncCheckpointIO was measured too: it moves the write to
-    a thread that then competes with training for the same two cores.
-    """
-
-    def __init__(self, held: list[Path]):
-        super().__init__()
-        self.base = TorchCheckpointIO()
-        self.held = {os.path.abspath(p) for p in held}
-        self.pending: dict[str, tuple[dict[str, Any], Any]] = {}
-        self.buffers: dict[str, list[torch.Tensor]] = {}  # path -> host tensors of its last snapshot
-
-    def _snapshot(self, checkpoint: dict[str, Any], key: str) -> dict[str, Any]:
-        """The checkpoint with every tensor copied to the host, into the previous snapshot's tensors where
-        shapes and dtypes match (that snapshot was written or replaced, so its buffers are free)."""
-        spare, used = iter(self.buffers.get(key, ())), []
-
-        def copy(t: torch.Tensor) -> torch.Tensor:
-            buf = next(spare, None)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty_like(t, device="cpu")
-            used.append(buf.copy_(t.detach()))
-            return buf
-
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
-        self.buffers[key] = used
-        return snapshot
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        key = os.path.abspath(path)
-        if key in self.held:
-            # a snapshot on the host: the optimiser changes the weights in place from the next step on
-            self.pending[key] = (self._snapshot(checkpoint, key), storage_options)
-            return
-        self.flush()
-        self.base.save_checkpoint(checkpoint, path, storage_options)
-
-    def flush(self) -> None:
-        """Write the held checkpoints."""
-        while self.pending:
-            path, (checkpoint, storage_options) = self.pending.popitem()
-            self.base.save_checkpoint(checkpoint, path, storage_options)
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.base.load_checkpoint(*args, **kwargs)
-
-    def remove_checkpoint(self, path) -> None:
-        self.pending.pop(os.path.abspath(path), None)
-        self.base.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.flush()
-
-
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default profiler, which measures nothing, without the context manager it builds to do so:
-    Lightning enters `profile()` around every hook it calls, ~60 times a training step, and its
-    generator-based context manager costs ~1 us each where one shared no-op context costs 0.16 us (~50 us a
-    step, ~1 % of an AEVB MLP step on 2 CPU cores)."""
-
-    _NOTHING = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
-        return self._NOTHING
-
-
 # --- the stage ------------------------------------------------------------------------------------------
 
 
 def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable_progress_bar: bool = True):
     callbacks = [
-        # Lightning's tqdm bar, redrawn at most every 0.1 s: the default (rich, every batch) cost ~8 % of an
-        # epoch of the AEVB MLP on 2 CPU cores (benchmarks/bench.py)
+        # Lightning's tqdm bar, one line an epoch (the default redraws every batch)
         *([EpochBar()] if enable_progress_bar else []),
         # best.ckpt: the weights evaluation uses (and the model's constructor args), without the optimiser
         # state, a third of the bytes to write, store in DVC and upload to MLflow; first in the list, so it is
         # trainer.checkpoint_callback. last.ckpt: the whole training state, for resuming.
-        BestCheckpoint(
+        ModelCheckpoint(
             dirpath=out_dir / "models",
             filename="best",
             monitor="val/elbo",
@@ -694,8 +541,6 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         default_root_dir=out_dir,
-        plugins=[HeldCheckpointIO([out_dir / "models" / "best.ckpt"])],
-        profiler=NoProfiler(),
     )
 
 
@@ -703,7 +548,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
 def _no_distribution_validation():
     """torch.distributions re-checks every batch's arguments and support (x in {0,1}, scale > 0); the
     config's data-space check and `prepare`'s validation already guarantee both, and the re-checks cost
-    ~5 % of a training step of the AEVB MLP on a CPU. Restored afterwards."""
+    a noticeable share of a small model's training step. Restored afterwards."""
     previous = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
@@ -753,17 +598,18 @@ class BufferedMLFlowLogger(MLFlowLogger):
     seconds (0: at every call), when training ends and when it fails, each with the time and step at which it
     was logged.
 
-    Why: every batch MLflow writes is one SQL transaction, ~9 ms of Python (SQLAlchemy) on 2 CPU cores, and
-    Lightning logs twice an epoch (validation end, training epoch end). `synchronous=False` moves that work
-    to MLflow's writer thread, which then competes with training for the GIL and the two cores: logging on
-    alternate pairs of epochs, the epochs with logging took ~17 ms (~5 %) longer than those without
-    (benchmarks/bench.py, 35-step epochs). Buffered, a training's curve shows in the MLflow UI at most
-    `flush_every_s` late, which is how TensorBoard's writer (flush_secs) and Lightning's CSVLogger
-    (flush_logs_every_n_steps) treat their files too.
+    Why: every batch MLflow writes is one SQL transaction of a few milliseconds of Python (SQLAlchemy), and
+    Lightning logs twice an epoch (validation end, training epoch end); `synchronous=False` moves that work
+    to MLflow's writer thread, which then competes with training for the GIL. Buffered, a training's curve
+    shows in the MLflow UI at most `flush_every_s` late, which is how TensorBoard's writer (flush_secs) and
+    Lightning's CSVLogger (flush_logs_every_n_steps) treat their files too.
     """
 
-    def __init__(self, *args: Any, flush_every_s: float, space: str, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *args: Any, flush_every_s: float, space: str, synchronous: bool = False, **kwargs: Any
+    ):
+        super().__init__(*args, synchronous=synchronous, **kwargs)
+        self.synchronous = synchronous  # MlflowClient.log_batch's: False sends from MLflow's writer thread
         self.flush_every_s = float(flush_every_s)
         self.space = space  # metric names carry the run's data space (tracking.metric_name)
         self._pending: list = []  # mlflow.entities.Metric, in the order they were logged
@@ -795,7 +641,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._last_flush = time.monotonic()
         if self._pending:
             pending, self._pending = self._pending, []
-            self.experiment.log_batch(run_id=self.run_id, metrics=pending, **self._log_batch_kwargs)
+            self.experiment.log_batch(run_id=self.run_id, metrics=pending, synchronous=self.synchronous)
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:  # Lightning calls it at the end and on an error
@@ -829,7 +675,6 @@ def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
         tags=None if run_id else tracking.run_tags(cfg, root),
         log_model=False,
         run_id=run_id,
-        synchronous=False,  # metrics reach the store from a background thread, off the training loop
     )
     if run_id:
         logger.experiment.update_run(run_id, status="RUNNING")
