@@ -58,23 +58,23 @@ EXCLUDED_STATUSES = {"FAILED", "KILLED"}
 
 
 @dataclass
-class _Heading:
+class Heading:
     text: str
     level: int = 2
 
 
 @dataclass
-class _Para:
+class Para:
     text: str
 
 
 @dataclass
-class _Warning:
+class Caution:
     text: str
 
 
 @dataclass
-class _Table:
+class Table:
     header: list[str]
     rows: list[list[str]]
     kind: str = "table"  # css class; "ranking" tables carry their group in attrs
@@ -83,7 +83,7 @@ class _Table:
 
 
 @dataclass
-class _Fig:
+class Fig:
     name: str  # file stem under figures/ and html id "fig-<name>"
     alt: str
     png: bytes
@@ -191,7 +191,7 @@ def _read_curves(path: Path) -> dict[str, np.ndarray]:
     return {c: np.array([num(r.get(c)) for r in rows], dtype=float) for c in cols}
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -243,9 +243,7 @@ def ladder_is_decreasing(ladder: list[dict]) -> list[tuple[int, int]]:
     drop means a bad proposal (heavy-tailed weights, too few samples) or a bug. Points without a finite
     log_px are skipped; a missing se counts as 0.
     """
-    pts = sorted(
-        (p for p in ladder if metric_value(p, "log_px") is not None), key=lambda p: int(p["k"])
-    )
+    pts = sorted((p for p in ladder if metric_value(p, "log_px") is not None), key=lambda p: int(p["k"]))
     bad = []
     for a, b in itertools.pairwise(pts):
         se = metric_value(b, "gain_se")
@@ -258,9 +256,9 @@ def ladder_is_decreasing(ladder: list[dict]) -> list[tuple[int, int]]:
 
 def _ladder_section(ev: dict, label: str) -> list:
     ladder = ev.get("log_px_ladder") or []
-    blocks: list = [_Heading("log p(x) against the number of importance samples")]
+    blocks: list = [Heading("log p(x) against the number of importance samples")]
     if not ladder:
-        return blocks + [_Para("No ladder in eval.json (log_px_ladder is empty).")]
+        return blocks + [Para("No ladder in eval.json (log_px_ladder is empty).")]
     pts = sorted(ladder, key=lambda p: int(p["k"]))
     ks = np.array([int(p["k"]) for p in pts], dtype=float)
     vs = np.array([_nan_if_none(metric_value(p, "log_px")) for p in pts])
@@ -274,7 +272,7 @@ def _ladder_section(ev: dict, label: str) -> list:
             for a, b in bad
         )
         blocks.append(
-            _Warning(
+            Caution(
                 "the log p(x) ladder goes down as k grows, beyond its error bars "
                 f"(more than {LADDER_SIGMAS:g}× the standard error of the change): {pairs}. "
                 "The IWAE_k bound cannot decrease with k in expectation: this is a sign of a bad proposal "
@@ -323,7 +321,7 @@ def _ladder_section(ev: dict, label: str) -> list:
             " Below: the change from the previous k, the mean of the per-example differences (the same "
             "samples, so paired), ± its paired standard error: the error bar of the k-to-k change."
         )
-    blocks.append(_Fig("ladder", "log p(x) ladder: IWAE_k estimate against k", _png(fig), caption))
+    blocks.append(Fig("ladder", "log p(x) ladder: IWAE_k estimate against k", png(fig), caption))
     rows = [
         [
             str(int(p["k"])),
@@ -333,7 +331,7 @@ def _ladder_section(ev: dict, label: str) -> list:
         for p in pts
     ]
     blocks.append(
-        _Table(["k", "log p(x) ± SE across examples", "change from the previous k ± paired SE"], rows)
+        Table(["k", "log p(x) ± SE across examples", "change from the previous k ± paired SE"], rows)
     )
     return blocks
 
@@ -425,23 +423,23 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
         ["epochs", str(tr.get("epochs", "n/a")), "count"],
         ["training time", _pm(tr.get("train_time_s"), None, "s", 1), "wall clock"],
     ]
-    blocks: list = [_Heading("Metrics (test set)")]
+    blocks: list = [Heading("Metrics (test set)")]
     if converged(ev) is False:
         reasons = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
         blocks.append(
-            _Warning(
+            Caution(
                 f"the log p(x) estimate has not converged in K={k}: {reasons}. It is a lower bound in "
                 "expectation that may still be far below log p(x): do not rank it against converged "
                 "estimates; raise eval.num_samples."
             )
         )
     blocks += [
-        _Para(
+        Para(
             f"Means over {ev.get('num_examples', 'n/a')} test examples; ± is one standard error across them."
         ),
-        _Table(["quantity", "value", "kind", "data space"], rows, kind="metrics"),
-        _Heading("Training", level=3),
-        _Table(["quantity", "value", "kind"], train_rows, kind="metrics"),
+        Table(["quantity", "value", "kind", "data space"], rows, kind="metrics"),
+        Heading("Training", level=3),
+        Table(["quantity", "value", "kind"], train_rows, kind="metrics"),
     ]
     return blocks
 
@@ -468,9 +466,9 @@ def _objective_name(config: Mapping) -> str:
 
 def _curves_section(out_dir: Path, tr: dict, config: Mapping, label: str) -> list:
     path = out_dir / "plots" / "elbo.csv"
-    blocks: list = [_Heading("Training curves")]
+    blocks: list = [Heading("Training curves")]
     if not path.is_file():
-        return blocks + [_Para(f"{path} not found (written by `vaerepro train`).")]
+        return blocks + [Para(f"{path} not found (written by `vaerepro train`).")]
     cur = _read_curves(path)
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
@@ -487,7 +485,7 @@ def _curves_section(out_dir: Path, tr: dict, config: Mapping, label: str) -> lis
     ax.set_title(textwrap.fill(label, 70), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return blocks + [_Fig("training_curves", "training and validation ELBO against epoch", _png(fig))]
+    return blocks + [Fig("training_curves", "training and validation ELBO against epoch", png(fig))]
 
 
 _PRIOR_SAMPLES_CAPTION = (
@@ -500,9 +498,9 @@ _PRIOR_SAMPLES_CAPTION = (
 
 def _images_section(out_dir: Path, latent_dim) -> list:
     path = out_dir / "artifacts" / "samples.npz"
-    blocks: list = [_Heading("Reconstructions and samples")]
+    blocks: list = [Heading("Reconstructions and samples")]
     if not path.is_file():
-        return blocks + [_Para(f"{path} not found (written by `vaerepro evaluate`).")]
+        return blocks + [Para(f"{path} not found (written by `vaerepro evaluate`).")]
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
 
@@ -513,10 +511,10 @@ def _images_section(out_dir: Path, latent_dim) -> list:
         ax.set_yticks([x.shape[1] / 2, x.shape[1] * 1.5 + 1], ["input", "reconstruction"])
         fig.tight_layout()
         blocks.append(
-            _Fig(
+            Fig(
                 "reconstructions",
                 "test inputs (top row) and their reconstructions (bottom row)",
-                _png(fig),
+                png(fig),
                 f"Top: {n} test inputs. Bottom: decoder means of p(x|z) for z ~ q(z|x).",
             )
         )
@@ -524,7 +522,7 @@ def _images_section(out_dir: Path, latent_dim) -> list:
         s = _as_images(arrays["prior_samples"])[: 4 * MAX_IMAGES]
         fig, _ = _image_figure(_tile(s, ncols=min(len(s), 8)), width_in=5.0)
         fig.tight_layout()
-        blocks.append(_Fig("prior_samples", "samples from the prior", _png(fig), _PRIOR_SAMPLES_CAPTION))
+        blocks.append(Fig("prior_samples", "samples from the prior", png(fig), _PRIOR_SAMPLES_CAPTION))
     if str(latent_dim) == "2" and "manifold" in arrays:
         m = np.asarray(arrays["manifold"], dtype=float)  # (g, g, H, W)
         g = m.shape[0]
@@ -540,21 +538,21 @@ def _images_section(out_dir: Path, latent_dim) -> list:
         ax.set_ylabel("z (first grid axis)")
         fig.tight_layout()
         blocks.append(
-            _Fig(
+            Fig(
                 "manifold",
                 "learned 2-D latent manifold",
-                _png(fig),
+                png(fig),
                 "Decoder means over a grid of z at Gaussian quantiles (cell [i, j]: z = (grid[i], grid[j])).",
             )
         )
     return blocks
 
 
-def _comparison_section(runs: Iterable[Mapping] | None) -> list:
-    blocks: list = [_Heading("Comparison across runs")]
+def comparison_section(runs: Iterable[Mapping] | None) -> list:
+    blocks: list = [Heading("Comparison across runs")]
     runs = list(runs or [])
     if not runs:
-        return blocks + [_Para("No other runs were passed to the report.")]
+        return blocks + [Para("No other runs were passed to the report.")]
     usable, excluded = [], []
     for r in runs:
         status = str(r.get("status") or "").upper()
@@ -571,7 +569,7 @@ def _comparison_section(runs: Iterable[Mapping] | None) -> list:
             usable.append(r)
 
     blocks.append(
-        _Para(
+        Para(
             "As in AEVB's Figure 2: the log p(x) estimate against the size of the latent space, one line "
             "per likelihood. One figure and one ranking per data space: a pmf on binary pixels, a density "
             "on pixels in [0,1] and an improper Bernoulli on grey levels are different units, never put "
@@ -587,23 +585,23 @@ def _comparison_section(runs: Iterable[Mapping] | None) -> list:
             by_source.setdefault(str(r.get("source") or "unknown"), []).append(r)
         for source, members in by_source.items():
             heading = label if len(by_source) == 1 else f"{label} — data: {source}"
-            blocks.append(_Heading(heading, level=3))
+            blocks.append(Heading(heading, level=3))
             if improper:
-                blocks.append(_Warning(_IMPROPER_GROUP_TEXT))
+                blocks.append(Caution(_IMPROPER_GROUP_TEXT))
             suffix = "" if len(by_source) == 1 else f"-{_slug(source)}"
             plotted = [r for r in members if _latent(r) is not None]
             if len(plotted) >= 2:
                 blocks.append(_group_figure(space, improper, members, suffix))
             elif len(members) == 1:
-                blocks.append(_Para(_ONE_RUN_TEXT.format(run=_run_name(members[0]))))
+                blocks.append(Para(_ONE_RUN_TEXT.format(run=_run_name(members[0]))))
             else:
-                blocks.append(_Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
+                blocks.append(Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
             blocks += _ranking_blocks(space, improper, members)
 
     if excluded:
-        blocks.append(_Heading("Not plotted, not ranked", level=3))
+        blocks.append(Heading("Not plotted, not ranked", level=3))
         blocks.append(
-            _Table(
+            Table(
                 ["run", "status", "likelihood", "data space", "improper", "reason"],
                 [
                     [
@@ -645,7 +643,7 @@ def _latent(row: Mapping) -> int | None:
     return int(v) if v is not None and v > 0 else None
 
 
-def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: str = "") -> _Fig:
+def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: str = "") -> Fig:
     label = space_label(space, improper)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
@@ -683,10 +681,10 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
     )
     if unplotted:
         caption += f" {unplotted} run(s) without a latent size are ranked but not plotted."
-    return _Fig(
+    return Fig(
         f"compare-{_slug(space)}-{'improper' if improper else 'proper'}{id_suffix}",
         f"Comparison across runs: {label}",
-        _png(fig),
+        png(fig),
         caption,
     )
 
@@ -723,14 +721,14 @@ def _ranking_blocks(space: str, improper: bool, rows: list[Mapping]) -> list:
         "bits/dim",
         "data space",
     ]
-    table = _Table(
+    table = Table(
         header,
         body,
         kind="ranking",
         attrs={"data-space": space, "data-improper": str(improper).lower()},
         row_attrs=attrs,
     )
-    return [table] + ([_Para(_UNCONVERGED_NOTE)] if any(converged(r) is False for r in ranked) else [])
+    return [table] + ([Para(_UNCONVERGED_NOTE)] if any(converged(r) is False for r in ranked) else [])
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -750,7 +748,7 @@ def _attrs(d: Mapping[str, str]) -> str:
     return "".join(f' {k}="{html.escape(v)}"' for k, v in d.items())
 
 
-def _render_html(title: str, blocks: list) -> str:
+def render_html(title: str, blocks: list) -> str:
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -759,20 +757,20 @@ def _render_html(title: str, blocks: list) -> str:
         f"<h1>{e(title)}</h1>",
     ]
     for b in blocks:
-        if isinstance(b, _Heading):
+        if isinstance(b, Heading):
             out.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
-        elif isinstance(b, _Para):
+        elif isinstance(b, Para):
             out.append(f"<p>{e(b.text)}</p>")
-        elif isinstance(b, _Warning):
+        elif isinstance(b, Caution):
             out.append(f'<div class="warning"><strong>WARNING:</strong> {e(b.text)}</div>')
-        elif isinstance(b, _Table):
+        elif isinstance(b, Table):
             out.append(f'<table class="{e(b.kind)}"{_attrs(b.attrs)}>')
             out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>")
             for i, row in enumerate(b.rows):
                 ra = _attrs(b.row_attrs[i]) if b.row_attrs else ""
                 out.append(f"<tr{ra}>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
             out.append("</table>")
-        elif isinstance(b, _Fig):
+        elif isinstance(b, Fig):
             data = base64.b64encode(b.png).decode("ascii")
             out.append(f'<figure id="fig-{e(b.name)}">')
             out.append(f'<img src="data:image/png;base64,{data}" alt="{e(b.alt)}">')
@@ -787,23 +785,23 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _render_md(title: str, blocks: list, fig_paths: dict[str, str]) -> str:
+def render_md(title: str, blocks: list, fig_paths: dict[str, str]) -> str:
     out = [f"# {title}", ""]
     for b in blocks:
-        if isinstance(b, _Heading):
+        if isinstance(b, Heading):
             out += ["#" * b.level + " " + b.text, ""]
-        elif isinstance(b, _Para):
+        elif isinstance(b, Para):
             out += [b.text, ""]
-        elif isinstance(b, _Warning):
+        elif isinstance(b, Caution):
             out += [f"> **WARNING:** {b.text}", ""]
-        elif isinstance(b, _Table):
+        elif isinstance(b, Table):
             if b.kind == "ranking":
                 out.append(f"<!-- ranking-table{_attrs(b.attrs)} -->")
             out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
             out.append("|" + "---|" * len(b.header))
             out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
             out.append("")
-        elif isinstance(b, _Fig):
+        elif isinstance(b, Fig):
             alt = b.alt.replace("[", "\\[").replace("]", "\\]")
             out += [f"![{alt}]({fig_paths[b.name]})", ""]
             if b.caption:
@@ -839,30 +837,30 @@ def write_report(
     label = space_label(space, improper)
     title = f"VAE report: {likelihood} likelihood, {space} data, latent size {latent_dim}, source {source}"
 
-    blocks: list = [_Para(f"Data space: {label}. Log-likelihoods and bounds are in nats per example.")]
+    blocks: list = [Para(f"Data space: {label}. Log-likelihoods and bounds are in nats per example.")]
     if improper:
-        blocks.append(_Warning(_IMPROPER_TEXT))
+        blocks.append(Caution(_IMPROPER_TEXT))
     blocks += _metrics_section(ev, tr, config, label, improper)
     blocks += _curves_section(out_dir, tr, config, label)
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
-    blocks += _comparison_section(runs)
+    blocks += comparison_section(runs)
     blocks += [
-        _Heading("Configuration"),
-        _Table(["key", "value"], [[k, v] for k, v in _flatten(config)], kind="config"),
+        Heading("Configuration"),
+        Table(["key", "value"], [[k, v] for k, v in _flatten(config)], kind="config"),
     ]
 
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures, rel = [], {}
     for b in blocks:
-        if isinstance(b, _Fig):
+        if isinstance(b, Fig):
             path = fig_dir / f"{b.name}.png"
             path.write_bytes(b.png)
             figures.append(path)
             rel[b.name] = f"figures/{path.name}"
 
     html_path, md_path = report_dir / "report.html", report_dir / "report.md"
-    html_path.write_text(_render_html(title, blocks), encoding="utf-8")
-    md_path.write_text(_render_md(title, blocks, rel), encoding="utf-8")
+    html_path.write_text(render_html(title, blocks), encoding="utf-8")
+    md_path.write_text(render_md(title, blocks, rel), encoding="utf-8")
     return {"html": html_path, "md": md_path, "figures": figures}

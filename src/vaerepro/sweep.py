@@ -54,7 +54,7 @@ STALE_AFTER_S = 180.0  # ... and a running trial unstamped for this long belongs
 POLL_S = 0.2
 
 # trial system attributes (bookkeeping, not shown as user attributes)
-_HOST, _PID, _BEAT, _INTERRUPTED = (
+_HOST, _PID, _BEAT, INTERRUPTED = (
     "vaerepro:host",
     "vaerepro:pid",
     "vaerepro:heartbeat",
@@ -544,7 +544,7 @@ class Sweep:
             if not _is_stale(t, now):
                 continue
             try:
-                storage.set_trial_system_attr(t._trial_id, _INTERRUPTED, True)
+                storage.set_trial_system_attr(t._trial_id, INTERRUPTED, True)
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue
@@ -566,7 +566,7 @@ class Sweep:
                 grid_ids.add(t.system_attrs["grid_id"])
             if t.state == TrialState.WAITING:
                 c["waiting"] += 1
-            elif not t.system_attrs.get(_INTERRUPTED):
+            elif not t.system_attrs.get(INTERRUPTED):
                 c["used"] += 1
                 c["failed"] += t.state == TrialState.FAIL
         c["grid_started"] = len(grid_ids)
@@ -817,7 +817,7 @@ class Sweep:
                 r.proc.wait(timeout=30)
             r.log_file.close()
             with contextlib.suppress(Exception):
-                storage.set_trial_system_attr(r.trial._trial_id, _INTERRUPTED, True)
+                storage.set_trial_system_attr(r.trial._trial_id, INTERRUPTED, True)
                 study.tell(r.trial, state=TrialState.FAIL)
                 study.enqueue_trial(r.trial.params, user_attrs={"retry_of": r.trial.number})
                 self._mlflow_trial_done(r.trial.number, "FAIL", "interrupted", r.trial.params)
@@ -918,7 +918,7 @@ class Sweep:
             "trials_pruned": n[TrialState.PRUNED],
             "trials_failed": n[TrialState.FAIL],
         }
-        best = _best_trial(study)
+        best = best_trial(study)
         if best is not None:
             # named like every metric (tracking.metric_name): best/knn_accuracy, or binary/best/log_px for an
             # objective in the units of the study's one data space
@@ -934,7 +934,7 @@ class Sweep:
             client.set_terminated(self.parent_run_id, status)  # other sweep processes still running: leave it
 
     def _results(self, study) -> dict[str, Any]:
-        best = _best_trial(study)
+        best = best_trial(study)
         results = {
             "name": "vaerepro_optuna",
             "study_name": self.s.study_name,
@@ -974,7 +974,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _best_trial(study):
+def best_trial(study):
     from optuna.trial import TrialState
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vaerepro.compare import ESTIMATE_METRICS, converged
-from vaerepro.sweep import _INTERRUPTED, SPACE_FREE_OBJECTIVES, _best_trial, best_command, override_value
+from vaerepro.sweep import INTERRUPTED, SPACE_FREE_OBJECTIVES, best_command, best_trial, override_value
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _objective_figures(study, objective: str) -> list:
     from matplotlib.figure import Figure
 
     from vaerepro.compare import group_comparable, space_label
-    from vaerepro.report import _Fig, _Para, _png
+    from vaerepro.report import Fig, Para, png
 
     rows = _objective_rows(study)
     if not rows:
@@ -81,7 +81,7 @@ def _objective_figures(study, objective: str) -> list:
     for (space, improper), members in groups.items():
         title = "all data spaces" if space == "all" else space_label(space, improper)
         if len(members) == 1:
-            figs.append(_Para(f"{title}: only one completed trial ({members[0]['run_name']}), so no figure."))
+            figs.append(Para(f"{title}: only one completed trial ({members[0]['run_name']}), so no figure."))
             continue
         fig = Figure(figsize=(6.4, 4.0))
         ax = fig.add_subplot()
@@ -104,10 +104,10 @@ def _objective_figures(study, objective: str) -> list:
         ax.legend(title="likelihood", fontsize=8)
         fig.tight_layout()
         figs.append(
-            _Fig(
+            Fig(
                 f"objective-{space}-{'improper' if improper else 'proper'}",
                 f"{objective} against latent size ({title})",
-                _png(fig),
+                png(fig),
                 "Completed trials; lines join the mean at each latent size.",
             )
         )
@@ -118,7 +118,7 @@ def _history_figure(study, objective: str):
     from matplotlib.figure import Figure
     from optuna.trial import TrialState
 
-    from vaerepro.report import _Fig, _png
+    from vaerepro.report import Fig, png
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
@@ -138,10 +138,10 @@ def _history_figure(study, objective: str):
     ax.set_ylabel(objective)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _Fig(
+    return Fig(
         "history",
         "optimisation history",
-        _png(fig),
+        png(fig),
         "Optuna optimisation history: completed trials (pruned and failed ones have no value).",
     )
 
@@ -149,18 +149,18 @@ def _history_figure(study, objective: str):
 def _importance_blocks(study) -> list:
     from matplotlib.figure import Figure
 
-    from vaerepro.report import _Fig, _Heading, _Para, _png
+    from vaerepro.report import Fig, Heading, Para, png
 
-    blocks: list = [_Heading("Parameter importances")]
+    blocks: list = [Heading("Parameter importances")]
     try:
         import optuna
 
         imp = optuna.importance.get_param_importances(study)
     except Exception as err:  # too few trials, nothing varies, ...: the report goes on without
         log.debug("no parameter importances", exc_info=True)
-        return blocks + [_Para(f"Not available: {err}")]
+        return blocks + [Para(f"Not available: {err}")]
     if not imp:
-        return blocks + [_Para("Not available: no parameter varies across the completed trials.")]
+        return blocks + [Para("Not available: no parameter varies across the completed trials.")]
     names = list(imp)[::-1]
     fig = Figure(figsize=(6.4, 0.6 + 0.45 * len(names)))
     ax = fig.add_subplot()
@@ -168,10 +168,10 @@ def _importance_blocks(study) -> list:
     ax.set_xlabel("importance (normalised to sum to 1)")
     fig.tight_layout()
     return blocks + [
-        _Fig(
+        Fig(
             "importances",
             "parameter importances",
-            _png(fig),
+            png(fig),
             "optuna.importance.get_param_importances over the completed trials (Optuna's default evaluator; "
             "PED-ANOVA in Optuna 5). Few trials make it rough.",
         )
@@ -209,48 +209,48 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     from optuna.trial import TrialState
 
     from vaerepro.report import (
-        _comparison_section,
-        _Fig,
-        _Heading,
-        _Para,
-        _render_html,
-        _render_md,
-        _Table,
-        _Warning,
+        Caution,
+        Fig,
+        Heading,
+        Para,
+        Table,
+        comparison_section,
+        render_html,
+        render_md,
     )
 
     out_dir = Path(out_dir)
     objective = study.user_attrs.get("objective", "value")
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    best = _best_trial(study)
+    best = best_trial(study)
     title = f"Sweep report: study {study.study_name}"
     blocks: list = [
-        _Para(
+        Para(
             f"Objective: {objective} ({study.direction.name.lower()}), from each trial's metrics/eval.json. "
             f"Trials: {len(trials)} — " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + ". "
             f"Storage: {storage or 'n/a'}."
         ),
-        _Heading("Best trial"),
+        Heading("Best trial"),
     ]
     if best is None:
-        blocks.append(_Warning("no trial has completed yet"))
+        blocks.append(Caution("no trial has completed yet"))
     else:
         if _unconverged(best, objective):
-            blocks.append(_Warning(_unconverged_best(study, best, objective)))
+            blocks.append(Caution(_unconverged_best(study, best, objective)))
         rows = [["trial", str(best.number)], [objective, _objective_text(best, objective)]]
         rows += [[k, override_value(v)] for k, v in best.params.items()]
         rows.append(["command", best_command(best)])
-        blocks.append(_Table(["", "value"], rows, kind="best"))
+        blocks.append(Table(["", "value"], rows, kind="best"))
 
-    blocks.append(_Heading("Trials"))
+    blocks.append(Heading("Trials"))
     table = []
     for t in trials:
         a = t.user_attrs
         table.append(
             [
                 str(t.number),
-                t.state.name + (" (interrupted)" if t.system_attrs.get(_INTERRUPTED) else ""),
+                t.state.name + (" (interrupted)" if t.system_attrs.get(INTERRUPTED) else ""),
                 _objective_text(t, objective),
                 " ".join(f"{k}={override_value(v)}" for k, v in t.params.items()),
                 str(a.get("data_space", "n/a")),
@@ -258,32 +258,30 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
                 str(a.get("mlflow_run_id", "n/a")),
             ]
         )
-    blocks.append(
-        _Table(["trial", "state", objective, "params", "data space", "wall s", "MLflow run"], table)
-    )
+    blocks.append(Table(["trial", "state", objective, "params", "data space", "wall s", "MLflow run"], table))
 
-    blocks.append(_Heading(f"{objective} against latent size"))
+    blocks.append(Heading(f"{objective} against latent size"))
     if objective not in SPACE_FREE_OBJECTIVES:
-        blocks.append(_Para(f"{objective} is in the units of its data space: one figure per space."))
-    blocks += _objective_figures(study, objective) or [_Para("No completed trial with a latent size yet.")]
-    blocks.append(_Heading("Optimisation history"))
+        blocks.append(Para(f"{objective} is in the units of its data space: one figure per space."))
+    blocks += _objective_figures(study, objective) or [Para("No completed trial with a latent size yet.")]
+    blocks.append(Heading("Optimisation history"))
     hist = _history_figure(study, objective)
-    blocks.append(hist if hist is not None else _Para("No completed trial yet."))
+    blocks.append(hist if hist is not None else Para("No completed trial yet."))
     blocks += _importance_blocks(study)
-    blocks += _comparison_section(runs) if runs is not None else [_Para("MLflow tracking was off.")]
+    blocks += comparison_section(runs) if runs is not None else [Para("MLflow tracking was off.")]
 
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     rel, figures = {}, []
     for b in blocks:
-        if isinstance(b, _Fig):
+        if isinstance(b, Fig):
             path = fig_dir / f"{b.name}.png"
             _write_atomic(path, b.png)
             figures.append(path)
             rel[b.name] = f"figures/{path.name}"
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    _write_atomic(html_path, _render_html(title, blocks).encode())
-    _write_atomic(md_path, _render_md(title, blocks, rel).encode())
+    _write_atomic(html_path, render_html(title, blocks).encode())
+    _write_atomic(md_path, render_md(title, blocks, rel).encode())
     return {"html": html_path, "md": md_path, "figures": figures}
 
 
