@@ -114,7 +114,7 @@ def _print_ui_link(cfg: Config, root: Path) -> None:
     except Exception as err:  # noqa: BLE001 - the stage's work is done and recorded; only the link is lost
         log.warning("no link to the MLflow UI: %s", err)
         return
-    serve = "" if uri.startswith(("http://", "https://")) else " (serve the store first: vaerepro ui)"
+    serve = "" if tracking.is_server(uri) else " (serve the store first: vaerepro ui)"
     log.info("compare runs in MLflow: %s%s", tracking.ui_url(uri, exp_id), serve)
 
 
@@ -408,15 +408,10 @@ def _ui(cfg: Config, root: Path, port: int, *, serve: bool) -> int:
     from vaerepro import tracking
 
     uri, exp_id = tracking.ensure_experiment(cfg, root)
-    remote = uri.startswith(("http://", "https://"))
-    base = f"http://127.0.0.1:{port}"
-
-    def link(mode: str) -> str:
-        url = tracking.ui_url(uri, exp_id, mode)
-        return url if remote else url.replace(tracking.LOCAL_UI, base, 1)
-
-    print(f"runs table:  {link('TABLE')}\nELBO curves: {link('CHART')}", flush=True)
-    if remote or not serve:
+    local = f"http://127.0.0.1:{port}"
+    table, charts = (tracking.ui_url(uri, exp_id, mode, local) for mode in ("TABLE", "CHART"))
+    print(f"runs table:  {table}\nELBO curves: {charts}", flush=True)
+    if tracking.is_server(uri) or not serve:
         return 0
     cmd = [
         str(Path(sys.executable).with_name("mlflow")),

@@ -237,13 +237,17 @@ def _ensure_view(client, exp_id: str) -> None:
 LOCAL_UI = "http://127.0.0.1:5000"
 
 
-def ui_url(uri: str, exp_id: str, mode: str = "TABLE") -> str:
+def is_server(uri: str) -> bool:
+    """Whether the tracking uri is an MLflow tracking server (http or https) rather than a database."""
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_url(uri: str, exp_id: str, mode: str = "TABLE", local: str = LOCAL_UI) -> str:
     """The link to the experiment's runs, set up for comparing them (mlflow_ui.runs_url): on the tracking
-    server for an http(s) store, else where `vaerepro ui` serves the local store."""
+    server for an http(s) store, else at `local`, where `vaerepro ui` serves the local store."""
     from vaerepro import mlflow_ui
 
-    base = uri if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return mlflow_ui.runs_url(base, exp_id, mode=mode)
+    return mlflow_ui.runs_url(uri if is_server(uri) else local, exp_id, mode=mode)
 
 
 def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
@@ -261,7 +265,7 @@ def ensure_experiment(cfg: Config, root: Path | None = None) -> tuple[str, str]:
 
     uri = tracking_uri(cfg, root)
     name = cfg.tracking.experiment
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         check_tracking_server(uri, tracking_uri_source(cfg))
     mlflow.set_tracking_uri(uri)
     db = sqlite_store_path(uri)
@@ -351,7 +355,7 @@ def reading_client(uri: str, key: str | None = None):
         if not db.is_file() or db.stat().st_size == 0:
             return None
         check_sqlite_store(db)
-    elif uri.startswith(("http://", "https://")):
+    elif is_server(uri):
         check_tracking_server(uri, key)
     return MlflowClient(uri)
 
