@@ -1,15 +1,19 @@
-"""report: a self-contained report from fake result files with known numbers."""
+"""report: a self-contained report from fake result files with known numbers; document: its blocks."""
 
 import base64
 import json
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 from vaerepro.compare import space_label
+from vaerepro.document import Caution, Fig, Heading, Table, flatten, png, render_md, write_figures
 from vaerepro.report import ladder_is_decreasing, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -451,3 +455,38 @@ def test_prior_samples_use_the_inputs_grey_scale(tmp_path):
     assert dark[0.0] > 0.3 and dark[1.0] < 0.05
     md = paths["md"].read_text(encoding="utf-8")
     assert "(0 black, 1 white; not inverted)" in md and "aggregate posterior" in md
+
+
+# ------------------------------------------------------------------------------------ the document model
+
+
+def test_flatten_gives_dotted_keys_in_order_and_the_config_table_prints_them(report):
+    nested = {"seed": 0, "model": {"dims": [500], "enc": {"act": "tanh"}}, "tag": None}
+    flat = [("seed", 0), ("model.dims", [500]), ("model.enc.act", "tanh"), ("tag", None)]
+    assert list(flatten(nested).items()) == flat
+    assert flatten({"a": {"b": 1}}, prefix="cfg.") == {"cfg.a.b": 1} and flatten({}) == {}
+    rows = dict(_md_table_after(report[0]["md"].read_text(encoding="utf-8"), "## Configuration"))
+    assert rows["model.hidden_dims"] == "[500]" and rows["model.activation"] == "tanh"  # lists as JSON
+    assert rows["likelihood.allow_improper"] == "false"
+
+
+def test_document_imports_neither_the_report_nor_matplotlib():
+    """document is the core both reports build on: no import cycle, and a light import."""
+    code = "import sys, vaerepro.document; print(*sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy = [m for m in out.split() if m.startswith(("vaerepro.", "matplotlib", "numpy"))]
+    assert heavy == ["vaerepro.document"]
+
+
+def test_blocks_render_to_markdown_linking_the_figures_written(tmp_path):
+    blocks = [
+        Heading("Part"),
+        Caution("careful"),
+        Table(["k", "v"], [["x|y", "1"]]),
+        Fig("one", "a [1]", png(Figure()), "c"),
+    ]
+    paths, rel = write_figures(blocks, tmp_path / "figures")
+    assert paths == [tmp_path / "figures" / "one.png"] and paths[0].read_bytes().startswith(PNG_SIGNATURE)
+    md = render_md("T", blocks, rel)
+    assert md.splitlines()[:4] == ["# T", "", "## Part", ""] and "> **WARNING:** careful" in md
+    assert "| x\\|y | 1 |" in md and "![a \\[1\\]](figures/one.png)" in md and "*c*" in md

@@ -1,4 +1,4 @@
-"""The report stage: figures and a self-contained HTML / Markdown report from result files.
+"""The report stage: figures and a self-contained HTML / Markdown report of one run from its result files.
 
 Reads what `vaerepro train` and `vaerepro evaluate` wrote into `out_dir` (metrics/*.json, plots/elbo.csv,
 artifacts/samples.npz) plus plain row dicts of other runs (the caller queries MLflow). Imports no torch,
@@ -8,125 +8,49 @@ Every number is printed with its unit (nats per example, bits/dim) and what it i
 estimate of log p(x)); results from different data spaces, or improper ones, never share a figure or a
 table (see `compare`).
 
-The report opens with the headline (log p(x) ± SE with its convergence verdict, ELBO, KL, bits/dim) and
-ends with the configuration. It is built once as a list of blocks (heading, paragraph, warning, table,
-figure) and rendered twice: HTML with every image inline as a base64 PNG, Markdown with images under
-`figures/`.
+The report opens with the headline (log p(x) ± SE with its convergence verdict, ELBO, KL, bits/dim), then
+the training curves, the log p(x) ladder, reconstructions and samples, the comparison across runs
+(`report_comparison`), and ends with the configuration. It is built once as a list of blocks and rendered
+twice (`document`): HTML with every image inline as a base64 PNG, Markdown with images under `figures/`.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import itertools
 import json
 import math
-import re
 import textwrap
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display; figures are rendered to PNG bytes only
-
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from vaerepro.compare import (  # noqa: E402
-    IncomparableError,
-    comparability_key,
-    converged,
-    group_comparable,
-    metric_value,
-    rank,
-    space_label,
+from vaerepro.compare import converged, metric_value, space_label
+from vaerepro.document import (
+    Block,
+    Caution,
+    Fig,
+    Heading,
+    Para,
+    Table,
+    flatten,
+    fmt,
+    pm,
+    png,
+    render_html,
+    render_md,
+    write_figures,
 )
-from vaerepro.errors import UserError  # noqa: E402
+from vaerepro.errors import UserError
+from vaerepro.report_comparison import NATS, comparison_section, log_px_text, verdict
 
-NATS = "nats/example"
-LADDER_SIGMAS = 3.0  # a ladder drop beyond this many combined standard errors is flagged
+LADDER_SIGMAS = 3.0  # a ladder drop beyond this many standard errors of the change is flagged
 MAX_IMAGES = 16  # columns of the reconstruction / sample grids
-EXCLUDED_STATUSES = {"FAILED", "KILLED"}
-
-
-# --------------------------------------------------------------------------------------------- blocks
-
-
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class Para:
-    text: str
-
-
-@dataclass
-class Caution:
-    text: str
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    kind: str = "table"  # css class; "ranking" tables carry their group in attrs
-    attrs: dict[str, str] = field(default_factory=dict)
-    row_attrs: list[dict[str, str]] | None = None
-
-
-@dataclass
-class Fig:
-    name: str  # file stem under figures/ and html id "fig-<name>"
-    alt: str
-    png: bytes
-    caption: str = ""
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _fmt(value, digits: int = 2, sign: bool = False) -> str:
-    """A number with fixed decimals (and a + for positive ones if `sign`), or 'n/a' for missing / non-finite
-    values."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:{'+' if sign else ''}.{digits}f}" if math.isfinite(v) else "n/a"
-
-
-def _nan_if_none(value: float | None) -> float:
-    return math.nan if value is None else value
-
-
-def _pm(value, se, unit: str, digits: int = 2, sign: bool = False) -> str:
-    """'value ± se unit', or 'value unit' without a finite se."""
-    text = _fmt(value, digits, sign)
-    if text == "n/a":
-        return text
-    if _fmt(se, digits) != "n/a":
-        text += f" ± {_fmt(se, digits)}"
-    return f"{text} {unit}"
-
-
-def _verdict(row: Mapping) -> str:
-    """The convergence verdict of a row's log p(x) estimate, in words (see estimators.convergence)."""
-    c = converged(row)
-    return "converged" if c else "NOT CONVERGED" if c is False else "convergence not checked"
-
-
-def _log_px_text(row: Mapping) -> str:
-    """'log p(x) ± SE nats/example (verdict)': every log p(x) the report shows carries its verdict."""
-    text = _pm(row.get("log_px"), row.get("log_px_se"), NATS)
-    return text if text == "n/a" else f"{text} ({_verdict(row)})"
 
 
 def _bits_per_dim_kind(ev: Mapping) -> str:
@@ -140,10 +64,6 @@ def _bits_per_dim_kind(ev: Mapping) -> str:
     if space == "continuous":
         return kind + "; a density on float pixels in [0,1], nothing added (can be negative)"
     return kind
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
 
 
 class ResultFileError(UserError, FileNotFoundError):
@@ -165,17 +85,6 @@ def _load_json(path: Path, stage: str) -> dict:
     return d
 
 
-def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, str]]:
-    items: list[tuple[str, str]] = []
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            items.extend(_flatten(value, name + "."))
-        else:
-            items.append((name, json.dumps(value) if not isinstance(value, str) else value))
-    return items
-
-
 def _read_curves(path: Path) -> dict[str, np.ndarray]:
     """elbo.csv -> {column: float array}; empty cells become NaN."""
     with path.open(newline="") as f:
@@ -189,13 +98,6 @@ def _read_curves(path: Path) -> dict[str, np.ndarray]:
             return math.nan
 
     return {c: np.array([num(r.get(c)) for r in rows], dtype=float) for c in cols}
-
-
-def png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
 
 
 def _as_images(a: np.ndarray) -> np.ndarray:
@@ -221,6 +123,7 @@ def _tile(images: np.ndarray, ncols: int, pad: int = 1) -> np.ndarray:
 
 
 def _image_figure(mosaic: np.ndarray, width_in: float = 8.0) -> tuple[Figure, object]:
+    """A width_in-inch figure of one mosaic in grey (0 black, 1 white), without ticks: (figure, axes)."""
     h, w = mosaic.shape[:2]
     fig = Figure(figsize=(width_in, max(1.2, width_in * h / w + 0.4)))
     ax = fig.add_subplot()
@@ -254,21 +157,21 @@ def ladder_is_decreasing(ladder: list[dict]) -> list[tuple[int, int]]:
     return bad
 
 
-def _ladder_section(ev: dict, label: str) -> list:
+def _ladder_section(ev: dict, label: str) -> list[Block]:
     ladder = ev.get("log_px_ladder") or []
-    blocks: list = [Heading("log p(x) against the number of importance samples")]
+    blocks: list[Block] = [Heading("log p(x) against the number of importance samples")]
     if not ladder:
         return blocks + [Para("No ladder in eval.json (log_px_ladder is empty).")]
     pts = sorted(ladder, key=lambda p: int(p["k"]))
     ks = np.array([int(p["k"]) for p in pts], dtype=float)
-    vs = np.array([_nan_if_none(metric_value(p, "log_px")) for p in pts])
+    vs = np.array([metric_value(p, "log_px") for p in pts], dtype=float)  # None -> NaN
     ses = np.array([metric_value(p, "se") or 0.0 for p in pts])
     bad = ladder_is_decreasing(pts)
     if bad:
         by_k = {int(p["k"]): p for p in pts}
         pairs = "; ".join(
-            f"k={a} → k={b}: {_pm(by_k[a]['log_px'], by_k[a].get('se'), NATS)}"
-            f" → {_pm(by_k[b]['log_px'], by_k[b].get('se'), NATS)}"
+            f"k={a} → k={b}: {pm(by_k[a]['log_px'], by_k[a].get('se'), NATS)}"
+            f" → {pm(by_k[b]['log_px'], by_k[b].get('se'), NATS)}"
             for a, b in bad
         )
         blocks.append(
@@ -325,8 +228,8 @@ def _ladder_section(ev: dict, label: str) -> list:
     rows = [
         [
             str(int(p["k"])),
-            _pm(p.get("log_px"), p.get("se"), NATS),
-            _pm(p.get("gain"), p.get("gain_se"), NATS, sign=True),
+            pm(p.get("log_px"), p.get("se"), NATS),
+            pm(p.get("gain"), p.get("gain_se"), NATS, sign=True),
         ]
         for p in pts
     ]
@@ -346,31 +249,31 @@ def _convergence_row(ev: Mapping) -> list[str]:
         return ["convergence", "not checked", "eval.json has no convergence verdict (written before it)", ""]
     numbers = []
     if metric_value(conv, "ladder_gain") is not None:
-        gain = _pm(conv["ladder_gain"], conv.get("ladder_gain_se"), NATS, sign=True)
+        gain = pm(conv["ladder_gain"], conv.get("ladder_gain_se"), NATS, sign=True)
         step = f"K={conv.get('ladder_from_k')} → K={conv.get('ladder_to_k')}"
         numbers.append(f"last ladder step {gain} ({step})")
-    numbers.append(f"ESS harmonic mean {_fmt(conv.get('ess_hmean'), 1)} samples")
+    numbers.append(f"ESS harmonic mean {fmt(conv.get('ess_hmean'), 1)} samples")
     definition = (
         "not converged when the last ladder step rises by more than "
-        f"{_fmt(conv.get('ladder_gain_sigmas'), 0)} paired SE and {_fmt(conv.get('ladder_gain_tol'), 2)} "
-        f"{NATS}, or the ESS harmonic mean is below {_fmt(conv.get('ess_floor'), 0)}"
+        f"{fmt(conv.get('ladder_gain_sigmas'), 0)} paired SE and {fmt(conv.get('ladder_gain_tol'), 2)} "
+        f"{NATS}, or the ESS harmonic mean is below {fmt(conv.get('ess_floor'), 0)}"
     )
-    return ["convergence", f"{_verdict(ev)}: " + "; ".join(numbers), definition, ""]
+    return ["convergence", f"{verdict(ev)}: " + "; ".join(numbers), definition, ""]
 
 
-def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: bool) -> list:
+def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: bool) -> list[Block]:
     """The headline first: log p(x) ± SE with its verdict, ELBO, KL, bits/dim; then the rest."""
     k = ev.get("num_samples")
     rows = [
         [
             "log p(x)",
-            _log_px_text(ev),
+            log_px_text(ev),
             f"estimate of log p(x), K={k} (importance sampling: the IWAE_K bound)",
             label,
         ],
-        ["ELBO", _pm(ev.get("elbo"), ev.get("elbo_se"), NATS), "lower bound (ELBO) on log p(x)", label],
-        ["KL(q(z|x) ‖ p(z))", _pm(ev.get("kl"), None, NATS), "KL term of the ELBO", label],
-        ["bits/dim", _pm(ev.get("bits_per_dim"), None, "bits/dim", 4), _bits_per_dim_kind(ev), label],
+        ["ELBO", pm(ev.get("elbo"), ev.get("elbo_se"), NATS), "lower bound (ELBO) on log p(x)", label],
+        ["KL(q(z|x) ‖ p(z))", pm(ev.get("kl"), None, NATS), "KL term of the ELBO", label],
+        ["bits/dim", pm(ev.get("bits_per_dim"), None, "bits/dim", 4), _bits_per_dim_kind(ev), label],
         _convergence_row(ev),
     ]
     lp, el = metric_value(ev, "log_px"), metric_value(ev, "elbo")
@@ -378,12 +281,12 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
         rows.append(
             [
                 "log p(x) − ELBO",
-                _pm(lp - el, None, NATS),
+                pm(lp - el, None, NATS),
                 "estimate of KL(q(z|x) ‖ p(z|x)), the gap of the ELBO",
                 label,
             ]
         )
-    recon = _pm(ev.get("recon"), None, NATS)
+    recon = pm(ev.get("recon"), None, NATS)
     rows.append(["E_q[log p(x|z)]", recon, "reconstruction term of the ELBO", label])
     latent = ev.get("latent_dim")
     rows.append(
@@ -396,14 +299,14 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
         rows.append(
             [
                 "ESS",
-                f"{_fmt(ess, 1)} of K={k} samples{frac_text}",
+                f"{fmt(ess, 1)} of K={k} samples{frac_text}",
                 "effective sample size of the importance weights, mean over examples",
                 "",
             ]
         )
     if metric_value(ev, "knn_accuracy") is not None:
         rows.append(
-            ["k-NN accuracy", _fmt(ev["knn_accuracy"], 3), "classification accuracy on latent means", ""]
+            ["k-NN accuracy", fmt(ev["knn_accuracy"], 3), "classification accuracy on latent means", ""]
         )
     rows.append(
         ["test examples / D", f"{ev.get('num_examples', 'n/a')} / {ev.get('data_dim', 'n/a')}", "counts", ""]
@@ -413,17 +316,17 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
 
     objective = _objective_name(config)
     train_rows = [
-        ["train", _pm(tr.get("train_elbo"), None, NATS), f"{objective}, last epoch, training data"],
-        ["validation", _pm(tr.get("val_elbo"), None, NATS), "lower bound (ELBO), last epoch"],
+        ["train", pm(tr.get("train_elbo"), None, NATS), f"{objective}, last epoch, training data"],
+        ["validation", pm(tr.get("val_elbo"), None, NATS), "lower bound (ELBO), last epoch"],
         [
             "best validation",
-            _pm(tr.get("best_val_elbo"), None, NATS),
+            pm(tr.get("best_val_elbo"), None, NATS),
             f"lower bound (ELBO), epoch {tr.get('best_epoch', 'n/a')}",
         ],
         ["epochs", str(tr.get("epochs", "n/a")), "count"],
-        ["training time", _pm(tr.get("train_time_s"), None, "s", 1), "wall clock"],
+        ["training time", pm(tr.get("train_time_s"), None, "s", 1), "wall clock"],
     ]
-    blocks: list = [Heading("Metrics (test set)")]
+    blocks: list[Block] = [Heading("Metrics (test set)")]
     if converged(ev) is False:
         reasons = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
         blocks.append(
@@ -451,12 +354,6 @@ _IMPROPER_TEXT = (
 )
 
 
-_IMPROPER_GROUP_TEXT = (
-    "IMPROPER runs: Bernoulli likelihoods on grey-level pixels, not normalised densities. Ordered here "
-    "among themselves only; not comparable with any proper run."
-)
-
-
 def _objective_name(config: Mapping) -> str:
     train = config.get("train") or {}
     if str(train.get("objective", "elbo")).lower() == "iwae":
@@ -464,9 +361,9 @@ def _objective_name(config: Mapping) -> str:
     return "lower bound (ELBO)"
 
 
-def _curves_section(out_dir: Path, tr: dict, config: Mapping, label: str) -> list:
+def _curves_section(out_dir: Path, tr: dict, config: Mapping, label: str) -> list[Block]:
     path = out_dir / "plots" / "elbo.csv"
-    blocks: list = [Heading("Training curves")]
+    blocks: list[Block] = [Heading("Training curves")]
     if not path.is_file():
         return blocks + [Para(f"{path} not found (written by `vaerepro train`).")]
     cur = _read_curves(path)
@@ -496,9 +393,9 @@ _PRIOR_SAMPLES_CAPTION = (
 )
 
 
-def _images_section(out_dir: Path, latent_dim) -> list:
+def _images_section(out_dir: Path, latent_dim) -> list[Block]:
     path = out_dir / "artifacts" / "samples.npz"
-    blocks: list = [Heading("Reconstructions and samples")]
+    blocks: list[Block] = [Heading("Reconstructions and samples")]
     if not path.is_file():
         return blocks + [Para(f"{path} not found (written by `vaerepro evaluate`).")]
     with np.load(path) as z:
@@ -548,268 +445,12 @@ def _images_section(out_dir: Path, latent_dim) -> list:
     return blocks
 
 
-def comparison_section(runs: Iterable[Mapping] | None) -> list:
-    blocks: list = [Heading("Comparison across runs")]
-    runs = list(runs or [])
-    if not runs:
-        return blocks + [Para("No other runs were passed to the report.")]
-    usable, excluded = [], []
-    for r in runs:
-        status = str(r.get("status") or "").upper()
-        try:
-            comparability_key(r)
-        except IncomparableError as e:
-            excluded.append((r, str(e)))
-            continue
-        if status in EXCLUDED_STATUSES:
-            excluded.append((r, f"status {status}"))
-        elif metric_value(r, "log_px") is None:
-            excluded.append((r, "no log p(x)"))
-        else:
-            usable.append(r)
-
-    blocks.append(
-        Para(
-            "As in AEVB's Figure 2: the log p(x) estimate against the size of the latent space, one line "
-            "per likelihood. One figure and one ranking per data space: a pmf on binary pixels, a density "
-            "on pixels in [0,1] and an improper Bernoulli on grey levels are different units, never put "
-            "on one scale."
-        )
-    )
-    for (space, improper), rows in group_comparable(usable).items():
-        label = space_label(space, improper)
-        # Same unit is not enough: log-likelihoods of different data sets are not comparable either, so
-        # each data source gets its own figure and ranking inside its data-space group.
-        by_source: dict[str, list[Mapping]] = {}
-        for r in rows:
-            by_source.setdefault(str(r.get("source") or "unknown"), []).append(r)
-        for source, members in by_source.items():
-            heading = label if len(by_source) == 1 else f"{label} — data: {source}"
-            blocks.append(Heading(heading, level=3))
-            if improper:
-                blocks.append(Caution(_IMPROPER_GROUP_TEXT))
-            suffix = "" if len(by_source) == 1 else f"-{_slug(source)}"
-            plotted = [r for r in members if _latent(r) is not None]
-            if len(plotted) >= 2:
-                blocks.append(_group_figure(space, improper, members, suffix))
-            elif len(members) == 1:
-                blocks.append(Para(_ONE_RUN_TEXT.format(run=_run_name(members[0]))))
-            else:
-                blocks.append(Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
-            blocks += _ranking_blocks(space, improper, members)
-
-    if excluded:
-        blocks.append(Heading("Not plotted, not ranked", level=3))
-        blocks.append(
-            Table(
-                ["run", "status", "likelihood", "data space", "improper", "reason"],
-                [
-                    [
-                        str(r.get("run_name") or r.get("run_id") or "?"),
-                        str(r.get("status") or "n/a"),
-                        str(r.get("likelihood") or "n/a"),
-                        str(r.get("data_space") or "n/a"),
-                        str(r.get("improper", "n/a")),
-                        why,
-                    ]
-                    for r, why in excluded
-                ],
-                kind="excluded",
-            )
-        )
-    return blocks
-
-
-_ONE_RUN_TEXT = (
-    "Only one run in this group ({run}): nothing to compare it with, so no figure; its numbers are in the "
-    "table below."
-)
-_ONE_POINT_TEXT = (
-    "{n} runs, {plotted} of them with a latent size to plot against: one point is no comparison, so no "
-    "figure; the numbers are in the table below."
-)
-_UNCONVERGED_NOTE = (
-    "Rank —: the log p(x) estimate has NOT CONVERGED (its ladder still rises with K, or too few effective "
-    "samples); it may still be far from log p(x), so it is listed after the ranked runs and not ranked."
-)
-
-
-def _run_name(row: Mapping) -> str:
-    return str(row.get("run_name") or row.get("run_id") or "?")
-
-
-def _latent(row: Mapping) -> int | None:
-    v = metric_value(row, "latent_dim")
-    return int(v) if v is not None and v > 0 else None
-
-
-def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: str = "") -> Fig:
-    label = space_label(space, improper)
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    by_lik: dict[str, list[Mapping]] = {}
-    for r in rows:
-        by_lik.setdefault(str(r.get("likelihood") or "?"), []).append(r)
-    dims: set[int] = set()
-    unplotted = 0
-    for lik, members in by_lik.items():
-        pts = [(_latent(r), metric_value(r, "log_px"), metric_value(r, "log_px_se") or 0.0) for r in members]
-        unplotted += sum(d is None for d, _, _ in pts)
-        pts = sorted((d, v, s) for d, v, s in pts if d is not None)
-        if not pts:
-            continue
-        d, v, s = (np.array(c, dtype=float) for c in zip(*pts, strict=True))
-        dims.update(int(x) for x in d)
-        line = ax.errorbar(d, v, yerr=s, fmt="o", capsize=3, label=lik)
-        # the line joins the mean over runs (seeds) at each latent size
-        ud = np.unique(d)
-        ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=line[0].get_color())
-    ax.set_xscale("log")
-    if dims:
-        ticks = sorted(dims)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-    ax.set_xlabel("latent size (log scale)")
-    what = "improper Bernoulli score" if improper else "log p(x) estimate"
-    ax.set_ylabel(f"{what} ({NATS})")
-    ax.set_title(textwrap.fill(label, 70), fontsize=9)
-    if dims:
-        ax.legend(title="likelihood", fontsize=8)
-    fig.tight_layout()
-    caption = (
-        f"{len(rows)} run(s). Error bars: ± one standard error; lines join the mean at each latent size."
-    )
-    if unplotted:
-        caption += f" {unplotted} run(s) without a latent size are ranked but not plotted."
-    return Fig(
-        f"compare-{_slug(space)}-{'improper' if improper else 'proper'}{id_suffix}",
-        f"Comparison across runs: {label}",
-        png(fig),
-        caption,
-    )
-
-
-def _ranking_blocks(space: str, improper: bool, rows: list[Mapping]) -> list:
-    """The ranking by log p(x) (compare.rank: unconverged estimates after the rest, here unranked) and,
-    when there are unconverged ones, the note saying why."""
-    ranked = rank(rows, "log_px", higher_is_better=True)
-    body, attrs = [], []
-    for i, r in enumerate(ranked, start=1):
-        s, imp = comparability_key(r)
-        body.append(
-            [
-                "—" if converged(r) is False else str(i),
-                _run_name(r),
-                str(r.get("likelihood") or "n/a"),
-                str(r.get("latent_dim", "n/a")),
-                str(r.get("source") or "n/a"),
-                _log_px_text(r),
-                _pm(r.get("elbo"), None, NATS),
-                _pm(r.get("bits_per_dim"), None, "bits/dim", 4),
-                s + (" (IMPROPER)" if imp else ""),
-            ]
-        )
-        attrs.append({"data-space": s, "data-improper": str(imp).lower()})
-    header = [
-        "rank",
-        "run",
-        "likelihood",
-        "latent size",
-        "source",
-        "log p(x) estimate",
-        "ELBO (lower bound)",
-        "bits/dim",
-        "data space",
-    ]
-    table = Table(
-        header,
-        body,
-        kind="ranking",
-        attrs={"data-space": space, "data-improper": str(improper).lower()},
-        row_attrs=attrs,
-    )
-    return [table] + ([Para(_UNCONVERGED_NOTE)] if any(converged(r) is False for r in ranked) else [])
-
-
-# ------------------------------------------------------------------------------------------ rendering
-
-_CSS = """
-body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
-th { background: #f2f2f2; }
-.warning { border: 2px solid #c00; background: #fee; padding: 0.6em 1em; margin: 0.8em 0; }
-figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
-img { max-width: 100%; }
-"""
-
-
-def _attrs(d: Mapping[str, str]) -> str:
-    return "".join(f' {k}="{html.escape(v)}"' for k, v in d.items())
-
-
-def render_html(title: str, blocks: list) -> str:
-    e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-    ]
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
-        elif isinstance(b, Para):
-            out.append(f"<p>{e(b.text)}</p>")
-        elif isinstance(b, Caution):
-            out.append(f'<div class="warning"><strong>WARNING:</strong> {e(b.text)}</div>')
-        elif isinstance(b, Table):
-            out.append(f'<table class="{e(b.kind)}"{_attrs(b.attrs)}>')
-            out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>")
-            for i, row in enumerate(b.rows):
-                ra = _attrs(b.row_attrs[i]) if b.row_attrs else ""
-                out.append(f"<tr{ra}>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
-            out.append("</table>")
-        elif isinstance(b, Fig):
-            data = base64.b64encode(b.png).decode("ascii")
-            out.append(f'<figure id="fig-{e(b.name)}">')
-            out.append(f'<img src="data:image/png;base64,{data}" alt="{e(b.alt)}">')
-            if b.caption:
-                out.append(f"<figcaption>{e(b.caption)}</figcaption>")
-            out.append("</figure>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_md(title: str, blocks: list, fig_paths: dict[str, str]) -> str:
-    out = [f"# {title}", ""]
-    for b in blocks:
-        if isinstance(b, Heading):
-            out += ["#" * b.level + " " + b.text, ""]
-        elif isinstance(b, Para):
-            out += [b.text, ""]
-        elif isinstance(b, Caution):
-            out += [f"> **WARNING:** {b.text}", ""]
-        elif isinstance(b, Table):
-            if b.kind == "ranking":
-                out.append(f"<!-- ranking-table{_attrs(b.attrs)} -->")
-            out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
-            out.append("|" + "---|" * len(b.header))
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("")
-        elif isinstance(b, Fig):
-            alt = b.alt.replace("[", "\\[").replace("]", "\\]")
-            out += [f"![{alt}]({fig_paths[b.name]})", ""]
-            if b.caption:
-                out += [f"*{b.caption}*", ""]
-    return "\n".join(out)
-
-
 # --------------------------------------------------------------------------------------------- entry
+
+
+def _cell(value) -> str:
+    """A config value as a table cell: strings as they are, anything else as JSON (lists, numbers, null)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def write_report(
@@ -837,7 +478,7 @@ def write_report(
     label = space_label(space, improper)
     title = f"VAE report: {likelihood} likelihood, {space} data, latent size {latent_dim}, source {source}"
 
-    blocks: list = [Para(f"Data space: {label}. Log-likelihoods and bounds are in nats per example.")]
+    blocks: list[Block] = [Para(f"Data space: {label}. Log-likelihoods and bounds are in nats per example.")]
     if improper:
         blocks.append(Caution(_IMPROPER_TEXT))
     blocks += _metrics_section(ev, tr, config, label, improper)
@@ -847,19 +488,10 @@ def write_report(
     blocks += comparison_section(runs)
     blocks += [
         Heading("Configuration"),
-        Table(["key", "value"], [[k, v] for k, v in _flatten(config)], kind="config"),
+        Table(["key", "value"], [[k, _cell(v)] for k, v in flatten(config).items()], kind="config"),
     ]
 
-    fig_dir = report_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    figures, rel = [], {}
-    for b in blocks:
-        if isinstance(b, Fig):
-            path = fig_dir / f"{b.name}.png"
-            path.write_bytes(b.png)
-            figures.append(path)
-            rel[b.name] = f"figures/{path.name}"
-
+    figures, rel = write_figures(blocks, report_dir / "figures")
     html_path, md_path = report_dir / "report.html", report_dir / "report.md"
     html_path.write_text(render_html(title, blocks), encoding="utf-8")
     md_path.write_text(render_md(title, blocks, rel), encoding="utf-8")

@@ -1,7 +1,8 @@
 """The sweep report: the AEVB Figure 2 view per data space, Optuna's history and importances, the best trial.
 
 Written by the sweeper at the end of a sweep (and by `python -m vaerepro.sweep report STUDY`) from the
-study and its MLflow child runs; the figures and layout come from `vaerepro.report`.
+study and its MLflow child runs. The blocks and renderers are `vaerepro.document`'s; the comparison across
+runs is the run report's (`vaerepro.report_comparison`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from vaerepro.compare import ESTIMATE_METRICS, converged
+from vaerepro.document import (
+    Block,
+    Caution,
+    Fig,
+    Heading,
+    Para,
+    Table,
+    png,
+    render_html,
+    render_md,
+    write_figures,
+)
 from vaerepro.sweep import INTERRUPTED, SPACE_FREE_OBJECTIVES, best_command, best_trial, override_value
 
 log = logging.getLogger(__name__)
@@ -68,7 +81,6 @@ def _objective_figures(study, objective: str) -> list:
     from matplotlib.figure import Figure
 
     from vaerepro.compare import group_comparable, space_label
-    from vaerepro.report import Fig, Para, png
 
     rows = _objective_rows(study)
     if not rows:
@@ -118,8 +130,6 @@ def _history_figure(study, objective: str):
     from matplotlib.figure import Figure
     from optuna.trial import TrialState
 
-    from vaerepro.report import Fig, png
-
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return None
@@ -149,9 +159,7 @@ def _history_figure(study, objective: str):
 def _importance_blocks(study) -> list:
     from matplotlib.figure import Figure
 
-    from vaerepro.report import Fig, Heading, Para, png
-
-    blocks: list = [Heading("Parameter importances")]
+    blocks: list[Block] = [Heading("Parameter importances")]
     try:
         import optuna
 
@@ -203,21 +211,12 @@ def _unconverged_best(study, best, objective: str) -> str:
 def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, storage: str = "") -> dict:
     """report.html (self-contained) and report.md (+ figures/) for a study and its trials' MLflow runs.
 
-    The blocks and renderers are report.py's; the comparison across runs is report.py's AEVB Figure-2 view
-    (log p(x) against latent size, one line per likelihood, one figure per data space).
+    The comparison across runs is the run report's AEVB Figure-2 view (log p(x) against latent size, one
+    line per likelihood, one figure per data space and data source).
     """
     from optuna.trial import TrialState
 
-    from vaerepro.report import (
-        Caution,
-        Fig,
-        Heading,
-        Para,
-        Table,
-        comparison_section,
-        render_html,
-        render_md,
-    )
+    from vaerepro.report_comparison import comparison_section
 
     out_dir = Path(out_dir)
     objective = study.user_attrs.get("objective", "value")
@@ -225,7 +224,7 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     best = best_trial(study)
     title = f"Sweep report: study {study.study_name}"
-    blocks: list = [
+    blocks: list[Block] = [
         Para(
             f"Objective: {objective} ({study.direction.name.lower()}), from each trial's metrics/eval.json. "
             f"Trials: {len(trials)} — " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + ". "
@@ -270,15 +269,7 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     blocks += _importance_blocks(study)
     blocks += comparison_section(runs) if runs is not None else [Para("MLflow tracking was off.")]
 
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    rel, figures = {}, []
-    for b in blocks:
-        if isinstance(b, Fig):
-            path = fig_dir / f"{b.name}.png"
-            _write_atomic(path, b.png)
-            figures.append(path)
-            rel[b.name] = f"figures/{path.name}"
+    figures, rel = write_figures(blocks, out_dir / "figures", write=_write_atomic)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     _write_atomic(html_path, render_html(title, blocks).encode())
     _write_atomic(md_path, render_md(title, blocks, rel).encode())

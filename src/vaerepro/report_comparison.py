@@ -1,0 +1,240 @@
+"""The report section "Comparison across runs": the AEVB Figure 2 view, one figure and one ranking per group.
+
+Runs are plain row dicts (see `compare`), one per run, as the caller reads them from MLflow. A group is one
+data space (proper or improper) and one data source: log-likelihoods in different units, or of different
+data sets, never share a figure or a ranking. Runs that cannot be placed in a group (no data space, failed,
+no log p(x)) are listed with the reason. Used by the run report (`vaerepro.report`) and the sweep report
+(`vaerepro.sweep_report`).
+
+Also here, how every report prints a log p(x) estimate: with its standard error, unit and convergence
+verdict (`log_px_text`).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from vaerepro.compare import (
+    IncomparableError,
+    comparability_key,
+    converged,
+    group_comparable,
+    metric_value,
+    rank,
+    space_label,
+)
+from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, pm, png, slug
+
+NATS = "nats/example"  # the unit of every log-likelihood and bound in the reports
+EXCLUDED_STATUSES = {"FAILED", "KILLED"}  # MLflow run statuses never plotted or ranked
+
+
+def verdict(row: Mapping) -> str:
+    """The convergence verdict of a row's log p(x) estimate, in words (see estimators.convergence)."""
+    c = converged(row)
+    return "converged" if c else "NOT CONVERGED" if c is False else "convergence not checked"
+
+
+def log_px_text(row: Mapping) -> str:
+    """'log p(x) ± SE nats/example (verdict)': every log p(x) the report shows carries its verdict."""
+    text = pm(row.get("log_px"), row.get("log_px_se"), NATS)
+    return text if text == "n/a" else f"{text} ({verdict(row)})"
+
+
+_IMPROPER_GROUP_TEXT = (
+    "IMPROPER runs: Bernoulli likelihoods on grey-level pixels, not normalised densities. Ordered here "
+    "among themselves only; not comparable with any proper run."
+)
+
+
+def comparison_section(runs: Iterable[Mapping] | None) -> list[Block]:
+    """The section's blocks for these runs (row dicts, see `compare`): per group a heading, the figure of
+    log p(x) against latent size (when at least two runs have one) and the ranking; then the runs left out
+    and why. None or no runs: a sentence saying so."""
+    blocks: list[Block] = [Heading("Comparison across runs")]
+    runs = list(runs or [])
+    if not runs:
+        return blocks + [Para("No other runs were passed to the report.")]
+    usable, excluded = [], []
+    for r in runs:
+        status = str(r.get("status") or "").upper()
+        try:
+            comparability_key(r)
+        except IncomparableError as e:
+            excluded.append((r, str(e)))
+            continue
+        if status in EXCLUDED_STATUSES:
+            excluded.append((r, f"status {status}"))
+        elif metric_value(r, "log_px") is None:
+            excluded.append((r, "no log p(x)"))
+        else:
+            usable.append(r)
+
+    blocks.append(
+        Para(
+            "As in AEVB's Figure 2: the log p(x) estimate against the size of the latent space, one line "
+            "per likelihood. One figure and one ranking per data space: a pmf on binary pixels, a density "
+            "on pixels in [0,1] and an improper Bernoulli on grey levels are different units, never put "
+            "on one scale."
+        )
+    )
+    for (space, improper), rows in group_comparable(usable).items():
+        label = space_label(space, improper)
+        # Same unit is not enough: log-likelihoods of different data sets are not comparable either, so
+        # each data source gets its own figure and ranking inside its data-space group.
+        by_source: dict[str, list[Mapping]] = {}
+        for r in rows:
+            by_source.setdefault(str(r.get("source") or "unknown"), []).append(r)
+        for source, members in by_source.items():
+            heading = label if len(by_source) == 1 else f"{label} — data: {source}"
+            blocks.append(Heading(heading, level=3))
+            if improper:
+                blocks.append(Caution(_IMPROPER_GROUP_TEXT))
+            suffix = "" if len(by_source) == 1 else f"-{slug(source)}"
+            plotted = [r for r in members if _latent(r) is not None]
+            if len(plotted) >= 2:
+                blocks.append(_group_figure(space, improper, members, suffix))
+            elif len(members) == 1:
+                blocks.append(Para(_ONE_RUN_TEXT.format(run=_run_name(members[0]))))
+            else:
+                blocks.append(Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
+            blocks += _ranking_blocks(space, improper, members)
+
+    if excluded:
+        blocks.append(Heading("Not plotted, not ranked", level=3))
+        blocks.append(
+            Table(
+                ["run", "status", "likelihood", "data space", "improper", "reason"],
+                [
+                    [
+                        _run_name(r),
+                        str(r.get("status") or "n/a"),
+                        str(r.get("likelihood") or "n/a"),
+                        str(r.get("data_space") or "n/a"),
+                        str(r.get("improper", "n/a")),
+                        why,
+                    ]
+                    for r, why in excluded
+                ],
+                kind="excluded",
+            )
+        )
+    return blocks
+
+
+_ONE_RUN_TEXT = (
+    "Only one run in this group ({run}): nothing to compare it with, so no figure; its numbers are in the "
+    "table below."
+)
+_ONE_POINT_TEXT = (
+    "{n} runs, {plotted} of them with a latent size to plot against: one point is no comparison, so no "
+    "figure; the numbers are in the table below."
+)
+_UNCONVERGED_NOTE = (
+    "Rank —: the log p(x) estimate has NOT CONVERGED (its ladder still rises with K, or too few effective "
+    "samples); it may still be far from log p(x), so it is listed after the ranked runs and not ranked."
+)
+
+
+def _run_name(row: Mapping) -> str:
+    return str(row.get("run_name") or row.get("run_id") or "?")
+
+
+def _latent(row: Mapping) -> int | None:
+    """The run's latent size, or None without a positive one (such a run is ranked, not plotted)."""
+    v = metric_value(row, "latent_dim")
+    return int(v) if v is not None and v > 0 else None
+
+
+def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: str = "") -> Fig:
+    """log p(x) ± SE against latent size, one line per likelihood, for the runs of one group; `id_suffix`
+    tells apart the figures of different data sources in one data space."""
+    label = space_label(space, improper)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    by_lik: dict[str, list[Mapping]] = {}
+    for r in rows:
+        by_lik.setdefault(str(r.get("likelihood") or "?"), []).append(r)
+    dims: set[int] = set()
+    unplotted = 0
+    for lik, members in by_lik.items():
+        pts = [(_latent(r), metric_value(r, "log_px"), metric_value(r, "log_px_se") or 0.0) for r in members]
+        unplotted += sum(d is None for d, _, _ in pts)
+        pts = sorted((d, v, s) for d, v, s in pts if d is not None)
+        if not pts:
+            continue
+        d, v, s = (np.array(c, dtype=float) for c in zip(*pts, strict=True))
+        dims.update(int(x) for x in d)
+        line = ax.errorbar(d, v, yerr=s, fmt="o", capsize=3, label=lik)
+        # the line joins the mean over runs (seeds) at each latent size
+        ud = np.unique(d)
+        ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=line[0].get_color())
+    ax.set_xscale("log")
+    if dims:
+        ticks = sorted(dims)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("latent size (log scale)")
+    what = "improper Bernoulli score" if improper else "log p(x) estimate"
+    ax.set_ylabel(f"{what} ({NATS})")
+    ax.set_title(textwrap.fill(label, 70), fontsize=9)
+    if dims:
+        ax.legend(title="likelihood", fontsize=8)
+    fig.tight_layout()
+    caption = (
+        f"{len(rows)} run(s). Error bars: ± one standard error; lines join the mean at each latent size."
+    )
+    if unplotted:
+        caption += f" {unplotted} run(s) without a latent size are ranked but not plotted."
+    return Fig(
+        f"compare-{slug(space)}-{'improper' if improper else 'proper'}{id_suffix}",
+        f"Comparison across runs: {label}",
+        png(fig),
+        caption,
+    )
+
+
+def _ranking_blocks(space: str, improper: bool, rows: list[Mapping]) -> list[Block]:
+    """The ranking by log p(x) (compare.rank: unconverged estimates after the rest, here unranked) and,
+    when there are unconverged ones, the note saying why."""
+    ranked = rank(rows, "log_px", higher_is_better=True)
+    body, attrs = [], []
+    for i, r in enumerate(ranked, start=1):
+        s, imp = comparability_key(r)
+        body.append(
+            [
+                "—" if converged(r) is False else str(i),
+                _run_name(r),
+                str(r.get("likelihood") or "n/a"),
+                str(r.get("latent_dim", "n/a")),
+                str(r.get("source") or "n/a"),
+                log_px_text(r),
+                pm(r.get("elbo"), None, NATS),
+                pm(r.get("bits_per_dim"), None, "bits/dim", 4),
+                s + (" (IMPROPER)" if imp else ""),
+            ]
+        )
+        attrs.append({"data-space": s, "data-improper": str(imp).lower()})
+    header = [
+        "rank",
+        "run",
+        "likelihood",
+        "latent size",
+        "source",
+        "log p(x) estimate",
+        "ELBO (lower bound)",
+        "bits/dim",
+        "data space",
+    ]
+    table = Table(
+        header,
+        body,
+        kind="ranking",
+        attrs={"data-space": space, "data-improper": str(improper).lower()},
+        row_attrs=attrs,
+    )
+    return [table] + ([Para(_UNCONVERGED_NOTE)] if any(converged(r) is False for r in ranked) else [])
