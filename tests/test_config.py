@@ -57,6 +57,8 @@ def test_defaults_are_the_papers():
         (["train.optimizer=sgd"], "train.optimizer", "adagrad"),
         (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data", "no training data"),
         (["data=npz"], "data", "data.path"),
+        (["data.source=cifar"], "data.source", "'fashion_mnist', 'frey_faces' or 'npz'"),
+        (["data.space=grey"], "data.space", "'auto', 'binary' or 'continuous'"),
         (["likelihood=gaussian", "data.space=binary"], "data.space", "binary"),
         (["data.space=continuous"], "data.space", "allow_improper"),
         (["model.hidden_dims=[]"], "model.hidden_dims", "at least 1"),

@@ -1,4 +1,4 @@
-"""Tests of vaerepro.data: known answers, no network (downloads are served from 127.0.0.1 by http.server)."""
+"""Tests of vaerepro.data and .sources: known answers, no network (http.server on 127.0.0.1 serves files)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import pytest
 import scipy.io
 import torch
 
-from vaerepro import data
+from vaerepro import data, sources
 from vaerepro.data import DataError
+from vaerepro.likelihoods import DATA_SPACES
 
 # Known answers for the embedded digits as fetch() writes them; data.dvc commits the directory hash.
 MNIST5K_MD5 = {
@@ -244,7 +245,7 @@ def write_fake_idx(root: Path, monkeypatch, source: str, n_train=20, n_test=10, 
         for name, array in ((images_name, x[parts[split]]), (labels_name, y[parts[split]])):
             blob = idx_gz(array)
             (root / name).write_bytes(blob)
-            monkeypatch.setitem(data.MD5[source], name, md5(blob))
+            monkeypatch.setitem(sources.MD5[source], name, md5(blob))
     return x, y
 
 
@@ -277,7 +278,7 @@ def test_md5_mismatch_raises_and_leaves_nothing(server, monkeypatch, tmp_path):
     write_fake_idx(root, monkeypatch, "mnist")
     name = "train-labels-idx1-ubyte.gz"
     actual = md5((root / name).read_bytes())
-    monkeypatch.setitem(data.MD5["mnist"], name, "0" * 32)
+    monkeypatch.setitem(sources.MD5["mnist"], name, "0" * 32)
     with pytest.raises(DataError) as info:
         data.fetch("mnist", tmp_path / "raw", url=url)
     assert name in str(info.value) and "0" * 32 in str(info.value) and actual in str(info.value)
@@ -291,7 +292,7 @@ def test_corrupt_download_never_replaces_a_file(server, monkeypatch, tmp_path):
     name = "t10k-images-idx3-ubyte.gz"
     bad = gzip.compress(b"\x08\x03\x00\x00" + bytes(100), mtime=0)  # wrong magic number
     (root / name).write_bytes(bad)
-    monkeypatch.setitem(data.MD5["mnist"], name, md5(bad))
+    monkeypatch.setitem(sources.MD5["mnist"], name, md5(bad))
     target = tmp_path / "raw" / "mnist"
     target.mkdir(parents=True)
     (target / name).write_bytes(b"an older, damaged copy")
@@ -303,7 +304,7 @@ def test_corrupt_download_never_replaces_a_file(server, monkeypatch, tmp_path):
 
 def test_truncated_and_failed_downloads(server, monkeypatch, tmp_path):
     _, url, _ = server
-    monkeypatch.setitem(data.MD5, "frey_faces", {"frey_rawface.mat": None})
+    monkeypatch.setitem(sources.MD5, "frey_faces", {"frey_rawface.mat": None})
     with pytest.raises(DataError, match=r"frey_rawface\.mat: truncated download .* \(10 of 100000 bytes\)"):
         data.fetch("frey_faces", tmp_path / "raw", url=url + "short/")
     with pytest.raises(DataError, match=r"frey_rawface\.mat: download from .* failed \(HTTP Error 404"):
@@ -340,7 +341,7 @@ def test_frey_faces_download(server, tmp_path, caplog):
     root, url, _ = server
     faces = np.random.default_rng(1).integers(0, 256, size=(7, 28, 20), dtype=np.uint8)
     scipy.io.savemat(root / "frey_rawface.mat", {"ff": faces.reshape(7, 560).T})  # one face per column
-    with caplog.at_level(logging.WARNING, logger="vaerepro.data"):
+    with caplog.at_level(logging.WARNING, logger="vaerepro.sources"):
         data.fetch("frey_faces", tmp_path / "raw", url=url + "frey_rawface.mat")  # a file URL works too
     assert "frey_rawface.mat: no known md5, checksum not checked" in caplog.text
     raw = data.load_raw("frey_faces", tmp_path / "raw")
@@ -620,7 +621,7 @@ def test_continuous_space_stays_below_the_upper_edge(monkeypatch):
 
 def test_fixed_space_is_reproducible(mnist5k):
     x = mnist5k.x[:64].reshape(64, -1)  # numpy (B, D) uint8
-    for space in data.SPACES:
+    for space in DATA_SPACES:
         a = data.fixed_space(x, space, quantized=True, seed=7)
         b = data.fixed_space(torch.from_numpy(x.copy()), space, quantized=True, seed=7)
         c = data.fixed_space(x, space, quantized=True, seed=8)

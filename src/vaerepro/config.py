@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vaerepro.data import DEFAULT_MAX_NPZ_BYTES
 from vaerepro.errors import UserError
-from vaerepro.likelihoods import get_likelihood
+from vaerepro.likelihoods import DATA_SPACES, REGISTRY, get_likelihood
+from vaerepro.sources import DEFAULT_MAX_NPZ_BYTES, SOURCES
 
 PROJECT_MARKERS = ("dvc.yaml", "conf/config.yaml")
 
@@ -27,6 +27,10 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 # published VAE (AEVB: latent sizes 3..200, 500 hidden units).
 MAX_LATENT_DIM = 10_000
 MAX_HIDDEN = 100_000
+# The allowed values of data.source and data.space, derived from their one definition (sources.SOURCES,
+# likelihoods.DATA_SPACES): a bad value's error lists them, e.g. "Input should be 'auto', 'binary' or ...".
+DataSource = Literal[SOURCES]
+DataSpace = Literal[("auto", *DATA_SPACES)]  # auto: the likelihood's natural space
 
 
 class ConfigError(UserError, ValueError):
@@ -38,7 +42,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["mnist5k", "mnist", "fashion_mnist", "frey_faces", "npz"] = "mnist5k"
+    source: DataSource = "mnist5k"
     path: str | None = None
     url: str | None = None
     raw_dir: str = "data"
@@ -46,7 +50,7 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: Seed = 0
     max_examples: int | None = Field(None, ge=3)
-    space: Literal["auto", "binary", "continuous"] = "auto"
+    space: DataSpace = "auto"
     # Most bytes a user's .npz (source npz) may decompress to, x and y together; default 8 GiB. Checked from
     # the zip's headers before anything is decompressed: a small compressed file can expand to fill memory.
     max_npz_bytes: int = Field(DEFAULT_MAX_NPZ_BYTES, ge=1)
@@ -184,7 +188,7 @@ def _format(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
         # Discriminated unions put the tag in the location; keep the path a user would type.
-        for tag in ("bernoulli", "gaussian", "continuous_bernoulli"):
+        for tag in REGISTRY:
             key = key.replace(f"likelihood.{tag}", "likelihood")
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"

