@@ -148,3 +148,18 @@ def test_prior_follows_the_model_device_and_dtype_and_a_step_after_inference_mod
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
     assert vae.double().prior().mean.dtype == torch.float64
+
+
+def test_validate_args_reaches_the_posterior_and_the_decoder():
+    """torch's checks run by default (grey levels are outside a Bernoulli's support; a NaN mean is not a
+    real number) and none run with validate_args=False, as in training."""
+    vae = VAE(4, 2)
+    grey, z = torch.full((3, 4), 0.5), torch.zeros(3, 2)
+    nan = torch.full((3, 4), float("nan"))
+    with pytest.raises(ValueError, match="support"):
+        vae.decode(z).log_prob(grey)
+    with pytest.raises(ValueError, match="loc"):
+        vae.posterior(nan)
+    vae.validate_args = False
+    assert torch.isfinite(vae.decode(z).log_prob(grey)).all()
+    assert torch.isnan(vae.posterior(nan).mean).all()

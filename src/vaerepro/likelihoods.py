@@ -27,6 +27,8 @@ from torch.distributions import ContinuousBernoulli as _TorchContinuousBernoulli
 from torch.distributions import Distribution, Independent, constraints
 from torch.distributions import Normal as _TorchNormal
 
+# The data spaces a model can see (data.to_space makes them): the one list of their names, which data and
+# config import. binary: points of {0,1}^D; continuous: points of [0, 1]^D.
 DATA_SPACES = ("binary", "continuous")
 
 
@@ -46,8 +48,8 @@ class Likelihood(abc.ABC):
         """Decoder outputs per pixel (1 or 2)."""
 
     @abc.abstractmethod
-    def _base(self, params: Tensor) -> Distribution:
-        """Per-pixel distribution from params (..., P*D): batch_shape (..., D)."""
+    def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
+        """Per-pixel distribution from params (..., P*D): batch_shape (..., D); validate_args as torch's."""
 
     @abc.abstractmethod
     def mean(self, params: Tensor) -> Tensor:
@@ -57,13 +59,14 @@ class Likelihood(abc.ABC):
     def config(self) -> dict:
         """JSON-able constructor kwargs incl. ``"name"``; ``get_likelihood(**lik.config())`` rebuilds it."""
 
-    def distribution(self, params: Tensor) -> Distribution:
+    def distribution(self, params: Tensor, validate_args: bool | None = None) -> Distribution:
         """(..., P*D) raw decoder outputs -> p(x|z): batch_shape (...), event_shape (D,).
 
         ``log_prob(x)`` of the result sums over the D pixels: one number per example, in nats.
+        validate_args: torch's (None: its process-wide default; False skips the argument and support checks).
         """
         self._split_dim(params)  # shape check with a clear message
-        return Independent(self._base(params), 1)
+        return Independent(self._base(params, validate_args), 1, validate_args=validate_args)
 
     def allowed_spaces(self) -> tuple[str, ...]:
         return (self.natural_space,)
@@ -115,10 +118,10 @@ class Bernoulli(Likelihood):
     def num_params(self) -> int:
         return 1
 
-    def _base(self, params: Tensor) -> Distribution:
+    def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
         # torch's support check would reject grey levels; when the improper use is allowed, switch it off so
         # log_prob evaluates x*logit - softplus(logit) for any x in [0, 1].
-        validate = False if self.allow_improper else None
+        validate = False if self.allow_improper else validate_args
         return _TorchBernoulli(logits=params, validate_args=validate)
 
     def mean(self, params: Tensor) -> Tensor:
@@ -126,7 +129,7 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(params)
 
     def allowed_spaces(self) -> tuple[str, ...]:
-        return ("binary", "continuous") if self.allow_improper else ("binary",)
+        return DATA_SPACES if self.allow_improper else (self.natural_space,)
 
     def is_improper(self, space: str) -> bool:
         _check_known_space(space)
@@ -184,9 +187,9 @@ class Gaussian(Likelihood):
             scale = self.min_sigma + F.softplus(params[..., d:])  # (..., D), >= min_sigma everywhere
         return loc, scale
 
-    def _base(self, params: Tensor) -> Distribution:
+    def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
         loc, scale = self._loc_scale(params)
-        return _TorchNormal(loc, scale)
+        return _TorchNormal(loc, scale, validate_args=validate_args)
 
     def mean(self, params: Tensor) -> Tensor:
         return self._loc_scale(params)[0]
@@ -351,8 +354,8 @@ class ContinuousBernoulli(Likelihood):
     def num_params(self) -> int:
         return 1
 
-    def _base(self, params: Tensor) -> Distribution:
-        return CBDistribution(logits=params)
+    def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
+        return CBDistribution(logits=params, validate_args=validate_args)
 
     def mean(self, params: Tensor) -> Tensor:
         self._split_dim(params)

@@ -53,7 +53,7 @@ class DiagonalGaussian(Independent):
 
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape) + self.event_shape
-        return DiagonalGaussian(self.mean.expand(shape), self.logvar.expand(shape))
+        return DiagonalGaussian(self.mean.expand(shape), self.logvar.expand(shape), self._validate_args)
 
 
 class StandardNormal(Independent):
@@ -64,7 +64,9 @@ class StandardNormal(Independent):
         super().__init__(base, 1, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return StandardNormal(self.mean.expand(torch.Size(batch_shape) + self.event_shape))
+        return StandardNormal(
+            self.mean.expand(torch.Size(batch_shape) + self.event_shape), self._validate_args
+        )
 
 
 @register_kl(DiagonalGaussian, StandardNormal)
@@ -108,6 +110,10 @@ class VAE(nn.Module):
             raise ValueError(f"likelihood must be a dict with a 'name' key, got {likelihood!r}")
 
         self.likelihood: Likelihood = get_likelihood(**dict(likelihood))
+        # torch.distributions' argument and support checks on q(z|x), p(z) and p(x|z) (None: torch's
+        # process-wide default). Training sets False: the config's data-space check and `prepare`'s
+        # validation already guarantee them, and re-checking every batch costs a small model's step time.
+        self.validate_args: bool | None = None
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         # Normalised constructor kwargs (lists, full likelihood config) so VAE(**config) rebuilds this model.
@@ -131,12 +137,13 @@ class VAE(nn.Module):
 
     def posterior(self, x: Tensor) -> Distribution:
         """q(z|x) = N(mu, diag(exp(logvar))): batch_shape (B,), event_shape (Z,)."""
-        return DiagonalGaussian(*self.posterior_params(x))
+        return DiagonalGaussian(*self.posterior_params(x), validate_args=self.validate_args)
 
     def prior(self) -> Distribution:
         """p(z) = N(0, I): batch_shape (), event_shape (Z,), on the model's device and dtype."""
         ref = next(self.parameters())
-        return StandardNormal(torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype))
+        zeros = torch.zeros(self.latent_dim, device=ref.device, dtype=ref.dtype)
+        return StandardNormal(zeros, validate_args=self.validate_args)
 
     def decoder_params(self, z: Tensor) -> Tensor:
         """z (..., Z) -> raw decoder outputs (..., P*D)."""
@@ -146,4 +153,4 @@ class VAE(nn.Module):
 
     def decode(self, z: Tensor) -> Distribution:
         """z (..., Z) -> p(x|z): batch_shape z.shape[:-1], event_shape (D,)."""
-        return self.likelihood.distribution(self.decoder_params(z))
+        return self.likelihood.distribution(self.decoder_params(z), self.validate_args)
