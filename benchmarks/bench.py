@@ -41,7 +41,7 @@ from vaerepro import config as config_mod
 from vaerepro import data, estimators
 from vaerepro.baseline import MinimalLoop
 from vaerepro.evaluate import TEST_SEED_OFFSET, load_vae, per_example
-from vaerepro.train import VAL_SEED_OFFSET, VAEData, _no_distribution_validation, build_module, train
+from vaerepro.train import VAL_SEED_OFFSET, VAEData, build_module, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,19 +99,18 @@ class ObjectiveByHand:
 
     def epoch(self) -> float:
         start = time.perf_counter()
-        with _no_distribution_validation():
-            order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(self.n))
-            for i, idx in enumerate(order.split(self.batch_size)):
-                t0 = time.perf_counter()
-                loss, _ = self.module.shard_loss(self.x_train[idx.to(self.device)], self.n, i, 0, 1)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
-                self.sync()
-                self.step_times.append(time.perf_counter() - t0)
-            with torch.no_grad():
-                vae = self.module.vae
-                float(sum(estimators.elbo(vae, v, 1, "B").sum() for v in self.x_val.split(self.batch_size)))
+        order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(self.n))
+        for i, idx in enumerate(order.split(self.batch_size)):
+            t0 = time.perf_counter()
+            loss, _ = self.module.shard_loss(self.x_train[idx.to(self.device)], self.n, i, 0, 1)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sync()
+            self.step_times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            vae = self.module.vae
+            float(sum(estimators.elbo(vae, v, 1, "B").sum() for v in self.x_val.split(self.batch_size)))
         self.n += 1
         self.epoch_times.append(time.perf_counter() - start)
         return self.epoch_times[-1]

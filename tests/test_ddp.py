@@ -232,8 +232,9 @@ def test_vaerepro_run_refuses_an_external_launcher(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_sweep_of_ddp_trials(raw_dir, tmp_path):
-    """2 Optuna trials, each DDP on 2 CPU processes: Lightning re-launches `python -m vaerepro.sweep ...`
-    for rank 1 of each trial with that trial's overrides (SameConfigOnEveryRank checks it)."""
+    """2 Optuna trials, each DDP on 2 CPU processes: Lightning re-launches
+    `python -m vaerepro.sweep.__main__ ...` for rank 1 of each trial with that trial's overrides
+    (SameConfigOnEveryRank checks it)."""
     import hashlib
 
     import optuna

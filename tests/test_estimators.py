@@ -28,7 +28,7 @@ from vaerepro.estimators import (
     ladder_points,
     ladder_steps,
     log_weights,
-    summarize,
+    mean_se,
 )
 
 D, Z, N = 5, 2, 200
@@ -138,7 +138,7 @@ def test_perturbed_posterior_converges_to_exact_log_px(ppca, device):
     for coarse, fine in zip(mean_abs[:-1], mean_abs[1:], strict=True):
         assert fine < coarse / 2, mean_abs
     # at K = 1000 the remaining (downward) bias is well inside the Monte Carlo error across examples
-    mean, se = summarize(err[1000])
+    mean, se = mean_se(err[1000])
     assert abs(mean) < 3 * se, (mean, se)
     assert ((est.ess > 1) & (est.ess < 1000)).all()
     assert est.log_px.device.type == torch.device(device).type
@@ -158,7 +158,7 @@ def test_bounds_are_ordered_in_expectation(ppca):
     exact = ppca["log_px"].repeat(len(seeds))
 
     def gap(hi, lo):  # mean and SE of a paired difference
-        return summarize(hi - lo)
+        return mean_se(hi - lo)
 
     mean, se = gap(v[1], v["elbo"])
     assert abs(mean) < 4 * se  # L_1 is the ELBO (estimator A with one sample)
@@ -197,9 +197,9 @@ def test_elbo_estimators_a_and_b_agree_in_mean_and_b_has_less_variance(ppca):
     recon, kl = closed_form_elbo(m, x)
     exact_elbo = recon - kl  # (N,)
     for est in (a, b):
-        mean, se = summarize(est - exact_elbo)
+        mean, se = mean_se(est - exact_elbo)
         assert abs(mean) < 4 * se, (mean, se)
-    mean, se = summarize(a - b)
+    mean, se = mean_se(a - b)
     assert abs(mean) < 4 * se
     var_a, var_b = a.var(0), b.var(0)  # per example, over seeds
     assert var_b.mean() < 0.5 * var_a.mean(), (var_b.mean(), var_a.mean())
@@ -215,7 +215,7 @@ def test_elbo_terms_kl_is_analytic_and_matches_monte_carlo(ppca):
     torch.testing.assert_close(terms["kl"], kl_ref, rtol=1e-12, atol=1e-12)  # closed form, no noise
     torch.testing.assert_close(terms["elbo"], terms["recon"] - terms["kl"])
     # recon is a 2000-sample mean: within Monte Carlo error of its closed form
-    mean, se = summarize(terms["recon"] - recon_ref)
+    mean, se = mean_se(terms["recon"] - recon_ref)
     assert abs(mean) < 4 * se
     # Monte Carlo KL: mean of log q(z) - log p(z) over samples
     torch.manual_seed(1)
@@ -319,12 +319,12 @@ def test_ladder_points_and_ladder_values(ppca):
 
 def test_summarize_mean_and_standard_error():
     values = torch.tensor([1.0, 2.0, 4.0, 7.0, -3.5])
-    mean, se = summarize(values)
+    mean, se = mean_se(values)
     assert mean == pytest.approx(np.mean(values.numpy()), rel=1e-12)
     assert se == pytest.approx(scipy.stats.sem(values.numpy().astype(np.float64), ddof=1), rel=1e-12)
-    assert math.isnan(summarize(torch.tensor([3.0]))[1])
+    assert math.isnan(mean_se(torch.tensor([3.0]))[1])
     with pytest.raises(ValueError):
-        summarize(torch.tensor([]))
+        mean_se(torch.tensor([]))
 
 
 # --- the convergence verdict -----------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def test_a_ladder_still_rising_beyond_its_paired_error_is_not_converged():
     expected = (torch.log(0.1 * torch.exp(-0.3 - s) + 0.9) + 0.3 + s).mean().item()
     v = convergence(ladder, ess)
     assert v.ladder_gain == pytest.approx(expected) and 0.26 < expected < 0.30
-    assert v.ladder_gain_se < 0.01 and summarize(ladder[1000])[1] > 0.5
+    assert v.ladder_gain_se < 0.01 and mean_se(ladder[1000])[1] > 0.5
     assert not v.converged and len(v.reasons) == 1 and v.reasons[0].startswith("ladder still rising")
     assert "K=100 to K=1000" in v.reasons[0]
     assert v.ess_hmean > 900  # the weights are nearly equal: ESS is not the reason

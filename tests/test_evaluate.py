@@ -14,7 +14,7 @@ from conftest import DEVICES, compose
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
-from vaerepro.evaluate import active_units, eval_device, knn_accuracy, per_example, summarize
+from vaerepro.evaluate import active_units, eval_device, eval_metrics, knn_accuracy, per_example
 from vaerepro.model import VAE
 
 
@@ -94,7 +94,7 @@ def test_summary_units():
             10: torch.tensor([-100.0, -102.0, -98.0, -100.0], dtype=torch.float64),
         },
     }
-    s = summarize(per_ex, data_dim=784, jacobian=math.log(256))
+    s = eval_metrics(per_ex, data_dim=784, jacobian=math.log(256))
     assert s["log_px"] == pytest.approx(-100.0)
     assert s["log_px_se"] == pytest.approx(np.std([-100, -102, -98, -100], ddof=1) / 2)
     assert s["bits_per_dim"] == pytest.approx((100 / 784 + math.log(256)) / math.log(2))  # 8.18 bits
@@ -111,7 +111,7 @@ def test_summary_units():
     assert (conv["ladder_from_k"], conv["ladder_to_k"], conv["ess_hmean"]) == (1, 10, pytest.approx(10.0))
     assert (conv["ladder_gain_sigmas"], conv["ladder_gain_tol"], conv["ess_floor"]) == (2.0, 0.1, 5.0)
     per_ex["ladder"][1] = per_ex["ladder"][10] - 0.05  # a last step below the tolerance
-    assert summarize(per_ex, data_dim=784, jacobian=0.0)["converged"] is True
+    assert eval_metrics(per_ex, data_dim=784, jacobian=0.0)["converged"] is True
 
 
 @pytest.mark.parametrize(
@@ -154,10 +154,10 @@ def test_eval_json_per_example_ladder_and_mlflow_carry_the_verdict(raw_dir, tmp_
     assert ev["convergence"]["ladder_gain"] == pytest.approx(ev["log_px"] - ev["log_px_ladder"][1]["log_px"])
     assert ev["log_px_ladder"][2]["gain"] == pytest.approx(ev["convergence"]["ladder_gain"])
     # in MLflow: a tag and a number (1 or 0) that the report's rows carry
-    client = MlflowClient(tracking.tracking_uri(cfg, tmp_path))
+    client = MlflowClient(tracking.tracking_uri(cfg.tracking, tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name("vaerepro").experiment_id])
     assert run.data.tags["vaerepro.converged"] == str(v.converged).lower()
-    (row,) = tracking.experiment_runs(cfg, tmp_path)
+    (row,) = tracking.experiment_runs(cfg.tracking, tmp_path)
     assert row["converged"] == float(v.converged)
     assert row["ladder_gain"] == pytest.approx(ev["convergence"]["ladder_gain"])
 

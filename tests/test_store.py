@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from vaerepro import tracking
-from vaerepro.config import Config, ConfigError, TrackingConfig
+from vaerepro.config import ConfigError, TrackingConfig
 
 
-def _cfg(uri: str | None = None, experiment: str = "vaerepro") -> Config:
-    return Config(tracking=TrackingConfig(uri=uri, experiment=experiment))
+def _cfg(uri: str | None = None, experiment: str = "vaerepro") -> TrackingConfig:
+    return TrackingConfig(uri=uri, experiment=experiment)
 
 
 def _md5(path: Path) -> str:
@@ -62,7 +62,7 @@ _WORKER = textwrap.dedent(
     (root / f"ready{i}").touch()
     while not (root / "go").exists():
         time.sleep(0.005)
-    uri, exp_id = tracking.ensure_experiment(Config(), root)
+    uri, exp_id = tracking.ensure_experiment(TrackingConfig(), root)
     client = MlflowClient(uri)
     run = client.create_run(exp_id, run_name=f"worker{i}")
     client.log_metric(run.info.run_id, "worker", float(i))

@@ -23,6 +23,8 @@ import pytest
 from conftest import BIN, ROOT, TINY, compose
 from vaerepro import sweep, tracking
 from vaerepro.config import ConfigError
+from vaerepro.sweep import runner
+from vaerepro.tracking.sweep import Tracking
 
 TRIAL = [*TINY, "trainer.deterministic=true"]
 
@@ -129,6 +131,20 @@ def test_plugin_is_discovered_and_its_configs_registered():
     assert "vaerepro_optuna.yaml" in cs.list("hydra/sweeper")
     assert {"tpe.yaml", "random.yaml", "grid.yaml", "cmaes.yaml"} <= set(cs.list("hydra/sweeper/sampler"))
     assert {"none.yaml", "median.yaml", "hyperband.yaml"} <= set(cs.list("hydra/sweeper/pruner"))
+
+
+def test_the_sweep_process_imports_neither_lightning_nor_mlflow():
+    """The sweeper and its scheduler stay light (Lightning is seconds of start-up, in trial processes only);
+    MLflow is imported by vaerepro.tracking.sweep when a sweep first writes to it."""
+    code = (
+        "import sys, hydra_plugins.vaerepro_optuna_sweeper.optuna_sweeper, vaerepro.sweep.runner; "
+        "print(*sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(out.split())
+    assert {"vaerepro.sweep.runner", "vaerepro.tracking.sweep"} <= loaded
+    assert not {m for m in loaded if m.split(".")[0] in ("lightning", "mlflow")}
+    assert not {"vaerepro.sweep.pruning", "vaerepro.sweep.trial", "vaerepro.cli"} & loaded
 
 
 def test_shipped_aevb_sweep_config():
@@ -247,15 +263,15 @@ def test_density_objective_refused_across_data_spaces():
     }
     for objective in ("log_px", "elbo", "bits_per_dim"):
         with pytest.raises(ConfigError, match=r"(?s)binary pixels.*bernoulli.*continuous pixels.*gaussian"):
-            sweep.check_comparable(objective, "none", spaces)
-    sweep.check_comparable("knn_accuracy", "none", spaces)  # comparable across spaces
+            sweep.refuse_mixed_spaces(objective, "none", spaces)
+    sweep.refuse_mixed_spaces("knn_accuracy", "none", spaces)  # comparable across spaces
     with pytest.raises(ConfigError, match="pruner=median compares trials' validation ELBOs"):
-        sweep.check_comparable("knn_accuracy", "median", spaces)
+        sweep.refuse_mixed_spaces("knn_accuracy", "median", spaces)
     one = sweep.data_spaces(
         sweep.parse_search_space({"likelihood": "choice(gaussian, continuous_bernoulli)"}, []),
         lambda overrides: compose(*overrides),
     )
-    sweep.check_comparable("log_px", "median", one)  # one data space: fine
+    sweep.refuse_mixed_spaces("log_px", "median", one)  # one data space: fine
 
 
 def test_run_tags_name_the_study_and_trial(monkeypatch, tmp_path):
@@ -275,42 +291,44 @@ def test_run_tags_name_the_study_and_trial(monkeypatch, tmp_path):
         "aevb",
         "4",
     )
-    assert len(sweep.trial_callbacks()) == 0  # no storage named: nothing to report to
+    from vaerepro.sweep import pruning
+
+    assert len(pruning.trial_callbacks()) == 0  # no storage named: nothing to report to
     monkeypatch.setenv(sweep.ENV_STORAGE, str(tmp_path / "s.log"))
-    assert isinstance(sweep.trial_callbacks()[0], sweep.pruning_callback_type())
+    assert isinstance(pruning.trial_callbacks()[0], pruning.OptunaPruning)
 
 
 def test_trial_outcomes(tmp_path):
     """Exit codes and eval.json values -> Optuna states: pruned, failed, NaN objective, complete."""
-    s = sweep.Sweep(
-        sweep.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), objective="knn_accuracy"),
-        sweep.SearchSpace({}),
-        sweep_dir=tmp_path,
-        root=tmp_path,
-        tracking=sweep.Tracking(None),
-    )
-    r = sweep._Running(trial=None, proc=None, trial_dir=tmp_path, overrides=[], log_file=None)
+    from vaerepro.sweep.outcome import trial_outcome
+
+    def outcome(rc, **kw):
+        return trial_outcome(tmp_path, rc, "knn_accuracy", **kw)
+
     (tmp_path / "trial.log").write_text("Traceback ...\nValueError: boom\n")
-    assert s._outcome(r, sweep.PRUNED_EXIT_CODE)[0] == "PRUNED"
-    state, _, reason, _ = s._outcome(r, 1)
+    assert outcome(sweep.PRUNED_EXIT_CODE)[0] == "PRUNED"
+    state, _, reason, facts = outcome(1)
     assert state == "FAIL" and "exit code 1" in reason and "boom" in reason
-    assert s._outcome(r, 0)[0] == "FAIL"  # no eval.json
+    assert facts == {}  # no params.yaml
+    assert outcome(0)[0] == "FAIL"  # no eval.json
+    state, _, reason, _ = outcome(-15, timeout=3.0)  # stopped by the sweep past trial_timeout
+    assert state == "FAIL" and "still running after trial_timeout=3 s, stopped" in reason and "boom" in reason
     (tmp_path / "metrics").mkdir()
     for bad in (math.nan, None):
         (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"knn_accuracy": bad}))
-        state, value, reason, _ = s._outcome(r, 0)
+        state, value, reason, _ = outcome(0)
         assert (state, value) == ("FAIL", None) and "knn_accuracy" in reason
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"knn_accuracy": 0.75}))
-    assert s._outcome(r, 0)[:2] == ("COMPLETE", 0.75)
+    assert outcome(0)[:2] == ("COMPLETE", 0.75)
 
 
 def test_the_study_names_its_objective(tmp_path):
     """Optuna's dashboard and trials_dataframe show the objective's name, not "Objective 0"."""
     import optuna
 
-    settings = sweep.SweepSettings(study_name="named", storage=str(tmp_path / "n.log"), objective="elbo")
-    s = sweep.Sweep(
-        settings, sweep.SearchSpace({}), sweep_dir=tmp_path, root=tmp_path, tracking=sweep.Tracking(None)
+    settings = runner.SweepSettings(study_name="named", storage=str(tmp_path / "n.log"), objective="elbo")
+    s = runner.Sweep(
+        settings, sweep.SearchSpace({}), sweep_dir=tmp_path, root=tmp_path, tracking=Tracking(None)
     )
     study, _ = s._open_study()
     assert study.metric_names == ["elbo"]
@@ -338,7 +356,7 @@ def _finished_trial(value, latent_dim, trial_dir, space="binary"):
 def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axis(tmp_path):
     import optuna
 
-    from vaerepro.sweep_report import write_sweep_report
+    from vaerepro.sweep.report import write_sweep_report
 
     study = optuna.create_study(direction="maximize")
     study.set_user_attr("objective", "log_px")
@@ -426,7 +444,7 @@ def test_cmaes_sampler_and_hyperband_pruner_work_on_known_problems():
 def test_trial_timeout_must_be_positive(tmp_path):
     for bad in (0, -5.0):
         with pytest.raises(ConfigError, match="trial_timeout"):
-            sweep.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), trial_timeout=bad)
+            runner.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), trial_timeout=bad)
 
 
 @pytest.mark.slow
@@ -524,7 +542,9 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
     # the report again, from the study and MLflow alone
     monkeypatch.chdir(project["root"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project["env"]["MLFLOW_TRACKING_URI"])
-    assert sweep.main(["report", study_name, "--out", str(project["root"] / "again")]) == 0
+    from vaerepro.sweep.__main__ import main
+
+    assert main(["report", study_name, "--out", str(project["root"] / "again")]) == 0
     again = (project["root"] / "again" / "report.md").read_text()
     assert again.count("| COMPLETE |") == 3 and "binary pixels" in again
 

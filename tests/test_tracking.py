@@ -15,6 +15,7 @@ import yaml
 from conftest import ROOT, Crash, copy_prepared, tiny_config, val_curve, wait_for_health
 from vaerepro import tracking
 from vaerepro.cli import run_pipeline
+from vaerepro.tracking.training import TrainingRun
 from vaerepro.train import train
 
 pytestmark = pytest.mark.slow
@@ -123,18 +124,18 @@ def test_pipeline_run_round_trips_through_a_tracking_server(mlflow_server, raw_d
 def test_default_store_is_sqlite_at_the_project_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_config(tracking=True)
-    uri = tracking.tracking_uri(cfg, tmp_path)
+    uri = tracking.tracking_uri(cfg.tracking, tmp_path)
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert tracking.artifact_location(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert tracking.tracking_uri(cfg, tmp_path) == "http://127.0.0.1:1"
+    assert tracking.tracking_uri(cfg.tracking, tmp_path) == "http://127.0.0.1:1"
 
 
 def test_queued_dvc_experiments_log_to_the_repository_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_config(tracking=True)
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"  # where `dvc exp run --queue` runs a stage
-    assert tracking.tracking_uri(cfg, copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.tracking_uri(cfg.tracking, copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
 
 class _StoredEpochs(pl.Callback):
@@ -168,7 +169,13 @@ def test_epoch_metrics_reach_the_store_at_most_every_interval_and_all_by_the_end
     out = copy_prepared(prepared_tiny, tmp_path / "run")
     record = _StoredEpochs(uri)
     cfg = tiny_config(f"tracking.flush_every_s={flush_every_s}", tracking=True)
-    train(cfg, out, root=tmp_path, enable_progress_bar=False, callbacks=[record])
+    train(
+        cfg,
+        out,
+        enable_progress_bar=False,
+        callbacks=[record],
+        tracker=TrainingRun(cfg, tmp_path, out / "models"),
+    )
     assert record.stored == stored
     run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
     hist = sorted(MlflowClient(uri).get_metric_history(run_id, "binary/val/elbo"), key=lambda m: m.step)
@@ -187,13 +194,9 @@ def test_a_failed_training_still_sends_the_metrics_it_buffered(prepared_tiny, tm
     out = copy_prepared(prepared_tiny, tmp_path / "run")
     record = _StoredEpochs(uri, crash_in=2)
     with pytest.raises(Crash):
-        train(
-            tiny_config("tracking.flush_every_s=3600", tracking=True),
-            out,
-            root=tmp_path,
-            enable_progress_bar=False,
-            callbacks=[record],
-        )
+        cfg = tiny_config("tracking.flush_every_s=3600", tracking=True)
+        run = TrainingRun(cfg, tmp_path, out / "models")
+        train(cfg, out, enable_progress_bar=False, callbacks=[record], tracker=run)
     assert record.stored == [0, 0, 0]
     run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(uri)
@@ -263,7 +266,7 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
 
     from mlflow import MlflowClient
 
-    from vaerepro import mlflow_ui
+    from vaerepro.tracking import ui as mlflow_ui
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "conf").symlink_to(ROOT / "conf")
@@ -289,5 +292,5 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
         assert view["selectedColumns"] == mlflow_ui.DEFAULT_COLUMNS
     # a second call finds the view in place and changes nothing
     before = client.get_experiment(exp.experiment_id).tags
-    tracking.ensure_experiment(cfg, tmp_path)
+    tracking.ensure_experiment(cfg.tracking, tmp_path)
     assert client.get_experiment(exp.experiment_id).tags == before

@@ -14,7 +14,6 @@ from conftest import Crash, copy_prepared, tiny_config, val_curve
 from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
 from vaerepro.train import (
-    EpochBar,
     EpochBatches,
     TensorBatches,
     VAEData,
@@ -22,6 +21,7 @@ from vaerepro.train import (
     shard,
     train,
 )
+from vaerepro.trainer import EpochBar
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

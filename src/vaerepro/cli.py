@@ -7,6 +7,7 @@ vaerepro prepare|train|evaluate|report [--params params.yaml] [--out .]
 vaerepro run [OVERRIDES]        one configuration through every stage, outside DVC (a Hydra app:
                                 --multirun, --cfg job, hydra.run.dir=... all work)
 vaerepro ui [--port N]          serve the MLflow store and print the link to the runs, set up for comparing
+vaerepro reproduce --list       the papers' presets: source, published value, estimated time
 
 A mistake in the input (a config key, a file, a checkpoint, the tracking store) is one line on stderr naming
 the key or file and the problem, exit status 2; --debug (or VAEREPRO_DEBUG=1) shows the traceback instead.
@@ -82,22 +83,32 @@ def stage_prepare(cfg: Config, out_dir: Path, root: Path) -> dict:
 def stage_train(
     cfg: Config, out_dir: Path, root: Path, progress: bool = True, *, finish_run: bool = True
 ) -> dict:
+    """Training, recorded in its MLflow run (ended FINISHED when `finish_run`: the pipeline passes False and
+    ends it after its last stage), with Optuna's pruning when this process is a sweep trial."""
+    from vaerepro.sweep.pruning import trial_callbacks
+    from vaerepro.tracking.training import TrainingRun
     from vaerepro.train import train
 
-    return train(cfg, out_dir, root=root, enable_progress_bar=progress, finish_run=finish_run)
+    run = TrainingRun(cfg, root, out_dir / "models", finish=finish_run)
+    return train(cfg, out_dir, enable_progress_bar=progress, callbacks=trial_callbacks(), tracker=run)
 
 
-def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict:
+def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict | None:
+    """Evaluation, then its numbers, verdict and eval.json added to the training's MLflow run (rank 0)."""
+    from vaerepro import tracking
     from vaerepro.evaluate import evaluate
 
-    return evaluate(cfg, out_dir, progress=progress)
+    metrics = evaluate(cfg, out_dir, progress=progress)
+    if metrics is not None and cfg.tracking.enabled:
+        tracking.log_evaluation(cfg, out_dir, metrics)
+    return metrics
 
 
 def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
     from vaerepro.report import write_report
 
-    runs = tracking.experiment_runs(cfg, root) if cfg.tracking.enabled else []
+    runs = tracking.experiment_runs(cfg.tracking, root) if cfg.tracking.enabled else []
     paths = write_report(out_dir, cfg.to_dict(), runs)
     if cfg.tracking.enabled:
         tracking.log_report(out_dir / "models", Path(paths["html"]).parent)
@@ -110,7 +121,7 @@ def _print_ui_link(cfg: Config, root: Path) -> None:
     from vaerepro import tracking
 
     try:
-        uri, exp_id = tracking.ensure_experiment(cfg, root)
+        uri, exp_id = tracking.ensure_experiment(cfg.tracking, root)
     except Exception as err:  # noqa: BLE001 - the stage's work is done and recorded; only the link is lost
         log.warning("no link to the MLflow UI: %s", err)
         return
@@ -342,6 +353,10 @@ def _main(argv: list[str]) -> int:
     if argv and argv[0] == "run":
         _hydra_run(argv[1:])
         return 0
+    if argv and argv[0] == "reproduce":
+        from vaerepro import presets
+
+        return presets.main(argv[1:])
 
     parser = argparse.ArgumentParser(
         prog="vaerepro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -351,6 +366,8 @@ def _main(argv: list[str]) -> int:
     sub.add_parser(
         "run", help="one configuration through every stage, outside DVC (Hydra: vaerepro run --help)"
     )
+    # `reproduce` has its own command line (presets.main); listed here so that --help names it
+    sub.add_parser("reproduce", help="the papers' presets: vaerepro reproduce --list")
     p = sub.add_parser("params", help="compose conf/ with Hydra overrides into params.yaml")
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. likelihood=gaussian model.latent_dim=5"
@@ -407,7 +424,7 @@ def _ui(cfg: Config, root: Path, port: int, *, serve: bool) -> int:
     `mlflow ui` on 127.0.0.1 (it has no authentication: never on 0.0.0.0, see docs/scaling.md)."""
     from vaerepro import tracking
 
-    uri, exp_id = tracking.ensure_experiment(cfg, root)
+    uri, exp_id = tracking.ensure_experiment(cfg.tracking, root)
     local = f"http://127.0.0.1:{port}"
     table, charts = (tracking.ui_url(uri, exp_id, mode, local) for mode in ("TABLE", "CHART"))
     print(f"runs table:  {table}\nELBO curves: {charts}", flush=True)

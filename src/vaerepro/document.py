@@ -3,7 +3,7 @@
 A document is a title and a list of blocks (`Heading`, `Para`, `Caution`, `Table`, `Fig`), built once and
 rendered twice: `render_html` puts every figure inline as a base64 PNG, `render_md` links each figure to a
 file that `write_figures` wrote. The run report (`vaerepro.report`) and the sweep report
-(`vaerepro.sweep_report`) are both built from these blocks.
+(`vaerepro.sweep.report`) are both built from these blocks.
 
 Also here, the text helpers the reports share: numbers with their standard error and unit (`fmt`, `pm`),
 ids (`slug`) and nested mappings as dotted keys (`flatten`).

@@ -74,9 +74,7 @@ def log_weights(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -
     return LogWeights(model, x, q, z)
 
 
-def elbo(
-    model, x: Tensor, num_samples: int = 1, estimator: str = "B", eps: Tensor | None = None
-) -> Tensor:
+def elbo(model, x: Tensor, num_samples: int = 1, estimator: str = "B", eps: Tensor | None = None) -> Tensor:
     """ELBO per example (B,), nats, from K samples.
 
     "A": mean_K log w (Kingma & Welling's generic estimator).
@@ -235,7 +233,7 @@ def ladder_steps(ladder: dict[int, Tensor]) -> list[dict]:
     ks = sorted(ladder)
     steps = []
     for k0, k1 in itertools.pairwise(ks):
-        gain, gain_se = summarize(ladder[k1] - ladder[k0])  # (B,) -> mean, SE
+        gain, gain_se = mean_se(ladder[k1] - ladder[k0])  # (B,) -> mean, SE
         steps.append({"k_from": k0, "k": k1, "gain": gain, "gain_se": gain_se})
     return steps
 
@@ -283,11 +281,11 @@ def convergence(ladder: dict[int, Tensor], ess: Tensor) -> Convergence:
     )
 
 
-def summarize(values: Tensor) -> tuple[float, float]:
+def mean_se(values: Tensor) -> tuple[float, float]:
     """Mean and standard error (std with ddof=1 / sqrt(n)) across examples; SE is NaN for n = 1."""
     v = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)
     if v.numel() == 0:
-        raise ValueError("summarize: no values")
+        raise ValueError("mean_se: no values")
     mean = v.mean().item()
     se = (v.std(unbiased=True) / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
     return mean, se

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from vaerepro import checkpoints, estimators
 from vaerepro.config import Config, ConfigError
 from vaerepro.data import dim_log_jacobian, fixed_space, is_dequantized, load_prepared
+from vaerepro.estimators import mean_se
 from vaerepro.model import VAE
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,9 @@ def sample_images(
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def summarize(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict[str, Any]:
+def eval_metrics(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> dict[str, Any]:
     """The eval.json numbers from per-example estimates: means ± SE across examples (nats/example), bits/dim,
     ESS, the ladder and the convergence verdict (estimators.convergence)."""
-    mean_se = estimators.summarize
     log_px, log_px_se = mean_se(per_ex["log_px"])
     elbo, elbo_se = mean_se(per_ex["elbo"])
     k_max = max(per_ex["ladder"])
@@ -251,8 +251,6 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     per-example estimates, computes the rest, writes the files and returns the metrics; the other ranks
     return None. Batch b's samples come from seed eval.seed + b, so the numbers equal a single process's.
     """
-    from vaerepro import tracking
-
     device = eval_device(cfg.eval.device)  # before any work: a missing GPU is a configuration error
     out_dir = Path(out_dir)
     splits = load_prepared(out_dir / "prepared")
@@ -293,7 +291,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
         per_ex = gather_shards(per_ex, mine, e.batch_size)
         if per_ex is None:
             return None
-    metrics = summarize(per_ex, data_dim=splits.data_dim, jacobian=dim_log_jacobian(space, quantized))
+    metrics = eval_metrics(per_ex, data_dim=splits.data_dim, jacobian=dim_log_jacobian(space, quantized))
     mu_test = posterior_means(vae, x_test)
     knn = None
     if splits.y_train is not None and splits.y_test is not None:
@@ -333,5 +331,4 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
     np.savez(out_dir / "artifacts" / "samples.npz", **images)
 
-    tracking.log_evaluation(cfg, out_dir, metrics)  # the numbers, the verdict (a tag too), eval.json
     return metrics

@@ -4,7 +4,7 @@ Runs are plain row dicts (see `compare`), one per run, as the caller reads them 
 data space (proper or improper) and one data source: log-likelihoods in different units, or of different
 data sets, never share a figure or a ranking. Runs that cannot be placed in a group (no data space, failed,
 no log p(x)) are listed with the reason. Used by the run report (`vaerepro.report`) and the sweep report
-(`vaerepro.sweep_report`).
+(`vaerepro.sweep.report`).
 
 Also here, how every report prints a log p(x) estimate: with its standard error, unit and convergence
 verdict (`log_px_text`).

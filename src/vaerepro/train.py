@@ -1,73 +1,48 @@
 """Training: a thin LightningModule and DataModule over the core, and the `train` stage.
 
-Lightning is the trainer (loops, devices/DDP, checkpointing, logging, progress bar); this file only says
-what a batch is and what the objective is.
+Lightning is the trainer (loops, devices/DDP, checkpointing, logging, progress bar; set up in trainer.py);
+this file says what a batch is, what the objective is, and what the stage writes. Experiment tracking and
+sweep pruning come from whoever starts a training (`tracker`, `callbacks`): this file imports neither.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
 import hashlib
 import json
 import logging
 import math
-import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from vaerepro import checkpoints, estimators, signals, tracking
+from vaerepro import checkpoints, estimators, signals
 from vaerepro import config as config_mod
 from vaerepro.config import Config
 from vaerepro.data import Splits, fixed_space, load_prepared, to_space
 from vaerepro.errors import Stopped
 from vaerepro.model import VAE
-from vaerepro.sweep import trial_callbacks
+from vaerepro.trainer import (
+    VAL_KEY,
+    EpochHistory,
+    SameConfigOnEveryRank,
+    build_trainer,
+    train_key,
+)
 
 log = logging.getLogger(__name__)
 
-
-class _NoAdverts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
-
-
-def _one_log_stream() -> None:
-    """Print each of Lightning's log lines once, through the root logger's handlers (Hydra's or the
-    command's): importing `lightning` gives its logger a console handler of its own while its records also
-    reach the root logger, so every line came out twice. Its advertisement (the litlogger tip, logged at
-    every Trainer start) is dropped."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
-
-
-_one_log_stream()  # now: the handlers were added when lightning was imported, above
 
 VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses seed + 1
 # metrics/train_summary.json, the DVC metrics of training: the best validation ELBO (nats per example), how
 # many epochs ran and the best one's index (from 0, as in plots/elbo.csv); train.json keeps the whole record.
 SUMMARY_KEYS = ("best_val_elbo", "epochs", "best_epoch")
-
-
-def train_key(objective: str) -> str:
-    """The name of the training objective's per-epoch metric (nats per example)."""
-    return "train/elbo" if objective == "elbo" else "train/iwae"
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -250,6 +225,7 @@ class VAEModule(pl.LightningModule):
         # this objective does not use (gradient accumulation and clipping, closures for LBFGS).
         self.automatic_optimization = False
         self.vae = VAE(**vae_config)
+        self.vae.validate_args = False  # see VAE.validate_args: the data were checked before training
         self.train_cfg = train
         self.data_space, self.quantized, self.seed = data_space, quantized, seed
         self.data_digest = data_digest  # sha256 of the training array (checkpoints.DATA_DIGEST_LABEL)
@@ -335,12 +311,12 @@ class VAEModule(pl.LightningModule):
         log = dict(on_epoch=True, sync_dist=True, reduce_fx="max")
         if self.trainer.sanity_checking:
             (val_mean,) = self._global_means((self._val_sum, self._val_count))
-            self.log("val/elbo", val_mean, prog_bar=True, **log)
+            self.log(VAL_KEY, val_mean, prog_bar=True, **log)
             return
         val_mean, train_mean = self._global_means(
             (self._val_sum, self._val_count), (self._bound_sum, self._bound_count)
         )
-        self.log("val/elbo", val_mean, prog_bar=True, **log)
+        self.log(VAL_KEY, val_mean, prog_bar=True, **log)
         name = train_key(self.train_cfg["objective"])
         if not math.isfinite(train_mean):
             # Checked once an epoch, on the sum the epoch keeps anyway: a check per step would make every
@@ -362,199 +338,7 @@ class VAEModule(pl.LightningModule):
         return opt(self.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=t.get("fused", True))
 
 
-class EpochHistory(pl.Callback):
-    """One CSV row per epoch (epoch, train_elbo, val_elbo) for `dvc plots`.
-
-    Lightning's CSVLogger writes train and validation metrics on separate rows keyed by step; DVC plots
-    want one row per epoch with both series. The file is written with last.ckpt (so the curve on disk is
-    the one that checkpoint resumes), at the end of training and when training stops on an error. Every
-    epoch's numbers also reach MLflow as the epoch ends.
-    """
-
-    def __init__(self, path: Path, train_key: str):
-        self.path, self.train_key = Path(path), train_key
-        self.rows: list[dict[str, float]] = []
-
-    # kept in the checkpoint, so a resumed run writes the whole curve, not only its own epochs
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows = list(state["rows"])
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        m = trainer.callback_metrics
-        if trainer.sanity_checking or "val/elbo" not in m:
-            return
-        self.rows.append(
-            {
-                "epoch": trainer.current_epoch,
-                "train_elbo": float(m[self.train_key]),
-                "val_elbo": float(m["val/elbo"]),
-            }
-        )
-
-    def write(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["epoch", "train_elbo", "val_elbo"])
-            w.writeheader()
-            w.writerows(self.rows)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
-        self.write(trainer)  # Lightning calls this for whole-state checkpoints (last.ckpt), not weights-only
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.write(trainer)
-
-    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
-        # a training that failed before its first epoch ended has no curve: keep the file that is there
-        if self.rows or not self.path.exists():
-            self.write(trainer)
-
-
-class StopOnSignal(pl.Callback):
-    """The first SIGTERM during training stops it at the end of the current epoch (`vaerepro.signals`), so
-    that last.ckpt, written when training ends, resumes exactly; rank 0's signal decides for every rank.
-
-    Lightning's own SIGTERM handler stops after the current batch and its loops then exit with status 0,
-    which a scheduler reads as success; the handler is replaced once Lightning has installed it (fit start)
-    and Lightning puts the previous one back when fit ends."""
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        signals.take_over()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.strategy.broadcast(signals.requested() is not None, src=0):
-            trainer.should_stop = True
-
-
-class SameConfigOnEveryRank(pl.Callback):
-    """Under DDP, stop a rank whose resolved config differs from rank 0's (a re-launch that lost an override
-    would otherwise train something else, or fail later with a less clear message)."""
-
-    def __init__(self, digest: str):
-        self.digest = digest
-
-    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
-        if trainer.world_size == 1:
-            return
-        theirs = trainer.strategy.broadcast(self.digest, src=0)
-        if theirs != self.digest:
-            raise RuntimeError(
-                f"rank {trainer.global_rank} resolved configuration {self.digest}, rank 0 {theirs}: "
-                "every DDP process must be started with the same configuration"
-            )
-        if trainer.is_global_zero:
-            log.info("all %d ranks train configuration %s", trainer.world_size, self.digest)
-
-
-class EpochBar(TQDMProgressBar):
-    """Lightning's tqdm bar, one line kept per epoch (its validation ELBO in the postfix), redrawn every
-    `refresh_rate` batches, and no separate bar for the validation pass, which for these models takes
-    milliseconds to a second."""
-
-    def __init__(self, refresh_rate: int = 20):
-        super().__init__(refresh_rate=refresh_rate, leave=True)
-
-    def init_validation_tqdm(self) -> Tqdm:
-        return Tqdm(disable=True)
-
-
-class LastCheckpoint(Checkpoint):
-    """models/last.ckpt, the whole training state for `train.resume`: written at the end of the first epoch
-    that ends `every_s` seconds or more after the previous save (every epoch for 0), and at the end of
-    training, so a stopped or crashed training loses at most `every_s` seconds of work. (best.ckpt, the
-    weights alone, is written by Lightning's ModelCheckpoint whenever the validation ELBO improves.)
-
-    Our own because Lightning's ModelCheckpoint offers epoch counts or a time interval checked after every
-    batch: a mid-epoch checkpoint cannot resume this harness's per-epoch seeded batches exactly.
-    A `Checkpoint` subclass, so Lightning runs it after the best-checkpoint callback and the saved state
-    includes that epoch's best score.
-    """
-
-    def __init__(self, path: Path, every_s: float):
-        self.path, self.every_s = Path(path), float(every_s)
-        self._last_save = time.monotonic()
-        self._saved_step = -1
-
-    def _save(self, trainer: pl.Trainer) -> None:
-        # the whole training state, to resume from; every rank calls it, the strategy writes on global rank 0
-        trainer.save_checkpoint(self.path, weights_only=False)
-        self._last_save, self._saved_step = time.monotonic(), trainer.global_step
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._last_save = time.monotonic()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        due = time.monotonic() - self._last_save >= self.every_s
-        if trainer.strategy.broadcast(due, src=0):  # rank 0's clock decides: every rank must save, or none
-            self._save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self._saved_step != trainer.global_step:
-            self._save(trainer)
-
-
 # --- the stage ------------------------------------------------------------------------------------------
-
-
-def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable_progress_bar: bool = True):
-    callbacks = [
-        # Lightning's tqdm bar, one line an epoch (the default redraws every batch)
-        *([EpochBar()] if enable_progress_bar else []),
-        # best.ckpt: the weights evaluation uses (and the model's constructor args), without the optimiser
-        # state, a third of the bytes to write, store in DVC and upload to MLflow; first in the list, so it is
-        # trainer.checkpoint_callback. last.ckpt: the whole training state, for resuming.
-        ModelCheckpoint(
-            dirpath=out_dir / "models",
-            filename="best",
-            monitor="val/elbo",
-            mode="max",
-            save_weights_only=True,
-            enable_version_counter=False,
-        ),
-        LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.checkpoint_every_s),
-        EpochHistory(out_dir / "plots" / "elbo.csv", train_key(cfg.train.objective)),
-        StopOnSignal(),
-        *extra_callbacks,
-        *trial_callbacks(),  # Optuna pruning, when this process is a sweep trial (vaerepro.sweep)
-    ]
-    if cfg.train.early_stopping:
-        callbacks.append(EarlyStopping(monitor="val/elbo", mode="max", patience=cfg.train.patience))
-    t = cfg.trainer
-    return pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        deterministic=t.deterministic,
-        max_epochs=cfg.train.max_epochs,
-        logger=logger if logger is not None else False,
-        callbacks=callbacks,
-        use_distributed_sampler=False,  # every rank gets the global batches and takes its rows itself
-        enable_progress_bar=enable_progress_bar,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-        default_root_dir=out_dir,
-    )
-
-
-@contextlib.contextmanager
-def _no_distribution_validation():
-    """torch.distributions re-checks every batch's arguments and support (x in {0,1}, scale > 0); the
-    config's data-space check and `prepare`'s validation already guarantee both, and the re-checks cost
-    a noticeable share of a small model's training step. Restored afterwards."""
-    previous = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(previous)
 
 
 def build_module(cfg: Config, data: VAEData) -> VAEModule:
@@ -593,116 +377,39 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(config_mod.dump(cfg.to_dict()).encode()).hexdigest()[:12]
 
 
-class BufferedMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger, except that metrics reach the store in one batch every `flush_every_s`
-    seconds (0: at every call), when training ends and when it fails, each with the time and step at which it
-    was logged.
+class RunTracker(Protocol):
+    """What `train` asks of experiment tracking, on global rank 0 only (tracking.training.TrainingRun is
+    vaerepro's, for MLflow): `open` before fitting, with the resumed checkpoint's curve (None when training
+    from the start), prepared/meta.json and the (training, validation) metric keys, returns the Lightning
+    logger to attach or None; `finish` with the stage's metrics once its files are written; `fail` on any
+    error (interrupted: Lightning's flag for a Ctrl-C)."""
 
-    Why: every batch MLflow writes is one SQL transaction of a few milliseconds of Python (SQLAlchemy), and
-    Lightning logs twice an epoch (validation end, training epoch end); `synchronous=False` moves that work
-    to MLflow's writer thread, which then competes with training for the GIL. Buffered, a training's curve
-    shows in the MLflow UI at most `flush_every_s` late, which is how TensorBoard's writer (flush_secs) and
-    Lightning's CSVLogger (flush_logs_every_n_steps) treat their files too.
-    """
+    def open(
+        self, *, resumed_curve: Sequence[Mapping[str, Any]] | None, data_meta: Mapping[str, Any], keys
+    ) -> Any: ...
 
-    def __init__(
-        self, *args: Any, flush_every_s: float, space: str, synchronous: bool = False, **kwargs: Any
-    ):
-        super().__init__(*args, synchronous=synchronous, **kwargs)
-        self.synchronous = synchronous  # MlflowClient.log_batch's: False sends from MLflow's writer thread
-        self.flush_every_s = float(flush_every_s)
-        self.space = space  # metric names carry the run's data space (tracking.metric_name)
-        self._pending: list = []  # mlflow.entities.Metric, in the order they were logged
-        self._last_flush = time.monotonic()
+    def finish(self, metrics: Mapping[str, Any]) -> None: ...
 
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        timestamp_ms = int(time.time() * 1000)
-        # Per-epoch curves against the epoch, not the optimiser step Lightning passes: Lightning adds the
-        # epoch to every metrics dict it logs, and epochs are how a VAE's curves are read and compared
-        # (the step depends on the batch size and the number of devices).
-        if "epoch" in metrics:
-            step = int(metrics["epoch"])
-        for key, value in metrics.items():
-            # the names MLflow accepts, as MLFlowLogger.log_metrics cleans them (no prefix is set here)
-            name = tracking.metric_name(re.sub(r"[^a-zA-Z0-9_/. -]+", "", key), self.space)
-            if name is not None:
-                self._pending.append(
-                    Metric(key=name, value=float(value), timestamp=timestamp_ms, step=step or 0)
-                )
-        if time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
-
-    @rank_zero_only
-    def flush(self) -> None:
-        """Send the buffered metrics to the store (one batch; MLflow splits it at its per-batch limit)."""
-        self._last_flush = time.monotonic()
-        if self._pending:
-            pending, self._pending = self._pending, []
-            self.experiment.log_batch(run_id=self.run_id, metrics=pending, synchronous=self.synchronous)
-
-    @rank_zero_only
-    def finalize(self, status: str = "success") -> None:  # Lightning calls it at the end and on an error
-        # Only the metrics: whether the run ended, and how, is `train`'s and the pipeline's to say (a run is
-        # FINISHED when every stage has finished, KILLED when a signal stopped it, FAILED otherwise).
-        self.flush()
-
-
-def _mlflow_logger(cfg: Config, root: Path, model_dir: Path, resume: bool):
-    """Lightning's MLflow logger for this training, on global rank 0 only (the caller's duty); resuming, it
-    continues the run recorded in model_dir when that run is in the same store. Returns (logger, uri)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    uri, _ = tracking.ensure_experiment(cfg, root)
-    run_id = None
-    if resume:
-        previous, previous_uri = tracking.read_run_id(model_dir)
-        if previous and previous_uri == uri:
-            try:
-                MlflowClient(uri).get_run(previous)
-                run_id = previous
-            except MlflowException:
-                log.warning("MLflow run %s is not in %s: resuming into a new run", previous, uri)
-    logger = BufferedMLFlowLogger(
-        flush_every_s=cfg.tracking.flush_every_s,
-        space=tracking.space_name(cfg.data_space, cfg.improper),
-        experiment_name=cfg.tracking.experiment,
-        run_name=cfg.run_name,
-        tracking_uri=uri,
-        tags=None if run_id else tracking.run_tags(cfg, root),
-        log_model=False,
-        run_id=run_id,
-    )
-    if run_id:
-        logger.experiment.update_run(run_id, status="RUNNING")
-    return logger, uri
+    def fail(self, exc: BaseException, *, interrupted: bool) -> None: ...
 
 
 def train(
     cfg: Config,
     out_dir: Path,
     *,
-    root: Path | None = None,
     enable_progress_bar: bool = True,
-    callbacks=(),
-    finish_run: bool = True,
+    callbacks: Sequence[pl.Callback] = (),
+    tracker: RunTracker | None = None,
 ) -> dict:
     """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json (and its
-    headline numbers, train_summary.json) and plots/elbo.csv; log the run to MLflow when tracking is enabled.
-    Returns the train metrics.
+    headline numbers, train_summary.json) and plots/elbo.csv. Returns the train metrics.
 
-    Under DDP every process runs this; only global rank 0 writes files and talks to MLflow (one run per
-    training). With train.resume and an existing models/last.ckpt, training continues from it (its epoch,
-    optimiser state, best score and curve) and in the MLflow run recorded in models/mlflow_run.json; a
-    checkpoint that cannot be resumed (unreadable, or trained with another config) is refused before any
-    file or run is touched.
-
-    The MLflow run ends FINISHED when training finished and `finish_run` (the pipeline passes False and ends
-    it after its last stage), KILLED when a signal stopped it (`Stopped` is raised after the epoch that was
-    running, with last.ckpt written), FAILED with the reason as a tag on any other error.
+    Under DDP every process runs this; only global rank 0 writes files and uses `tracker` (one run per
+    training). `callbacks` join the trainer's own (a sweep trial's pruning). With train.resume and an
+    existing models/last.ckpt, training continues from it (its epoch, optimiser state, best score and curve);
+    a checkpoint that cannot be resumed (unreadable, or trained with another config) is refused before any
+    file or run is touched. A signal stops training after the epoch that was running, with last.ckpt
+    written, and raises `Stopped`.
     """
     out_dir = Path(out_dir)
     model_dir = out_dir / "models"
@@ -726,35 +433,25 @@ def train(
     elif cfg.train.resume:
         log.info("train.resume: no %s yet, training from the start", last)
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
-    # environment) before any process group exists, and only rank 0 may create the MLflow run.
+    # environment) before any process group exists, and only rank 0 may create the tracking run.
     same = SameConfigOnEveryRank(config_digest(cfg))
     trainer = build_trainer(cfg, out_dir, None, [*callbacks, same], enable_progress_bar=enable_progress_bar)
-
-    run = None  # (client, run_id) of this training's MLflow run, on global rank 0
-    logger, uri, run_id = None, None, None
-    if trainer.is_global_zero:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.tracking.enabled:
-            logger, uri = _mlflow_logger(cfg, root or out_dir, model_dir, resume=ckpt_path is not None)
-            run_id = logger.run_id
-            run = (logger.experiment, run_id)
+    tracker = tracker if trainer.is_global_zero else None
     try:
-        if logger is not None:
-            trainer.loggers = [logger]
-            tracking.write_run_id(model_dir, run_id, uri)  # now, so that a crashed run can be resumed into
-            tracking.log_config(logger.experiment, run_id, cfg)
-            if resumed is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
-                keys = (train_key(cfg.train.objective), "val/elbo")
-                tracking.complete_curve(*run, _saved_curve(resumed), keys, logger.space)
-            else:
-                tracking.log_dataset(*run, data.splits.meta, cfg)
         if trainer.is_global_zero:
+            model_dir.mkdir(parents=True, exist_ok=True)
             # The last training's numbers describe checkpoints this training replaces or extends: a training
             # that stops or fails from here on leaves no train.json rather than one that is no longer true.
             for name in ("train.json", "train_summary.json"):
                 (out_dir / "metrics" / name).unlink(missing_ok=True)
+        if tracker is not None:
+            curve = _saved_curve(resumed) if resumed is not None else None
+            keys = (train_key(cfg.train.objective), VAL_KEY)
+            logger = tracker.open(resumed_curve=curve, data_meta=data.splits.meta, keys=keys)
+            if logger is not None:
+                trainer.loggers = [logger]
         start = time.perf_counter()
-        with warnings.catch_warnings(), _no_distribution_validation(), signals.deferred():
+        with warnings.catch_warnings(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             # torch's deprecation of an API that Lightning 2.6 calls: not the user's to act on
@@ -777,21 +474,15 @@ def train(
             "train_time_s": elapsed,  # this invocation's: a resumed run counts only its own epochs
         }
         if trainer.is_global_zero:
-            # also without tracking: later stages must not add to a run an earlier training left here
-            tracking.write_run_id(model_dir, run_id, uri)
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
             summary = {k: metrics[k] for k in SUMMARY_KEYS}
             (out_dir / "metrics" / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            if run is not None:
-                tracking.log_metrics(*run, metrics, prefix="final/", space=logger.space)
-                tracking.describe(*run, cfg, train=metrics)
-                logger.experiment.log_artifact(run_id, str(model_dir / "best.ckpt"), "checkpoints")
-                if finish_run:
-                    tracking.end_run(*run, "FINISHED")
+        if tracker is not None:
+            tracker.finish(metrics)
     except BaseException as exc:
-        if run is not None:
-            tracking.end_run(*run, tracking.status_of(exc, interrupted=trainer.interrupted), reason=exc)
+        if tracker is not None:
+            tracker.fail(exc, interrupted=trainer.interrupted)
         raise
     return metrics
 

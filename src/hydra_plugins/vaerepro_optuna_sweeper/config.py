@@ -6,7 +6,7 @@ tpe|random|grid|cmaes with `hydra.sweeper.sampler.seed`, `direction`, `storage`,
 tag(log, interval)). Added: `objective` (a key of metrics/eval.json), `hydra/sweeper/pruner=`
 none|median|hyperband, `multivariate` and `constant_liar` (TPE).
 
-Samplers and pruners are named, not `_target_` paths: `vaerepro.sweep.make_sampler` / `make_pruner`
+Samplers and pruners are named, not `_target_` paths: `vaerepro.sweep.study.make_sampler` / `make_pruner`
 build them, and the pruner's settings travel to each trial process as JSON.
 """
 

@@ -1,6 +1,6 @@
 """The `vaerepro_optuna` Hydra sweeper: Hydra's side of a sweep (config, composition).
 
-The rest is vaerepro.sweep.
+The rest is the package vaerepro.sweep (its runner.py runs the study), imported when a sweep starts.
 
 `vaerepro run --multirun +sweep=aevb hydra.sweeper.n_trials=7` composes the config, then calls `sweep` with
 the command line's task overrides. Light at import time: Hydra imports this module in every `vaerepro run`.
@@ -68,7 +68,7 @@ class VaereproOptunaSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        # No launcher: each trial is its own process (see vaerepro.sweep), not a task_function call.
+        # No launcher: each trial is its own process (see vaerepro.sweep.trial), not a task_function call.
         self.hydra_context, self.config = hydra_context, config
 
     def _compose(self, overrides: list[str]) -> dict:
@@ -83,27 +83,25 @@ class VaereproOptunaSweeper(Sweeper):
         }
 
     def _tracking(self, root: Path):
-        from vaerepro import sweep, tracking
-        from vaerepro.config import Config, TrackingConfig
+        from vaerepro.config import TrackingConfig
+        from vaerepro.tracking.sweep import Tracking
 
         section = OmegaConf.to_container(self.config.get("tracking") or {}, resolve=True)
-        tcfg = TrackingConfig(**section)
-        if not tcfg.enabled:
-            return sweep.Tracking(None)
-        return sweep.Tracking(tracking.tracking_uri(Config(tracking=tcfg), root), tcfg.experiment)
+        return Tracking.from_config(TrackingConfig(**section), root)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from vaerepro import sweep
         from vaerepro.config import ConfigError
+        from vaerepro.sweep.runner import TooManyFailures
 
         try:
             return self._sweep(arguments)
-        except (ConfigError, sweep.SweepError) as err:
+        except (ConfigError, TooManyFailures) as err:
             raise SweepError(f"vaerepro_optuna: {err}") from None
 
     def _sweep(self, arguments: list[str]) -> Any:
         from vaerepro import config as config_mod
         from vaerepro import sweep
+        from vaerepro.sweep.runner import Sweep, SweepSettings
 
         o = self.options
         if o["n_trials"] < 1 or o["n_jobs"] < 1:
@@ -116,8 +114,8 @@ class VaereproOptunaSweeper(Sweeper):
             )
         direction = sweep.resolve_direction(o["objective"], o["direction"])
         spaces = sweep.data_spaces(space, self._compose)
-        sweep.check_comparable(o["objective"], o["pruner"].get("name", "none"), spaces)
-        settings = sweep.SweepSettings(
+        sweep.refuse_mixed_spaces(o["objective"], o["pruner"].get("name", "none"), spaces)
+        settings = SweepSettings(
             study_name=o["study_name"],
             storage=sweep.resolve_storage(o["storage"], o["study_name"], root),
             objective=o["objective"],
@@ -135,5 +133,5 @@ class VaereproOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        runner = sweep.Sweep(settings, space, sweep_dir=sweep_dir, root=root, tracking=self._tracking(root))
+        runner = Sweep(settings, space, sweep_dir=sweep_dir, root=root, tracking=self._tracking(root))
         return runner.run()

@@ -64,6 +64,9 @@ import json
 import re
 from urllib.parse import urlencode
 
+from vaerepro.likelihoods import DATA_SPACES
+from vaerepro.tracking.names import SPACES
+
 # Prefix of the experiment tag that holds a saved/shared view (main.*.js: `$="mlflow.sharedViewState."`).
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 # URL parameter naming that tag's suffix (main.*.js: `U="viewStateShareKey"`).
@@ -74,8 +77,6 @@ VIEW_NAME = "vaerepro: compare runs"
 # and the UI's on a saved view's envelope (5439.*.chunk.js: `if(o.length>2e4)` "This view is too large").
 MAX_TAG_VALUE = 20000
 
-# The data spaces whose per-epoch ELBO curves get a train-vs-validation chart (same as tracking.SPACES).
-ELBO_SPACES = ("binary", "continuous", "improper")
 
 _COLUMN_TYPES = ("attributes", "params", "metrics", "tags")
 _CANONICAL = re.compile(r"^(attributes|params|metrics|tags)\.`([^`]+)`$")
@@ -110,11 +111,7 @@ DEFAULT_COLUMNS: list[str] = [
     tag_column("likelihood"),
     tag_column("latent_dim"),
     tag_column("data_space"),
-    *(
-        metric_column(f"{space}/test/{m}")
-        for space in ("binary", "continuous")
-        for m in ("log_px", "log_px_se", "elbo")
-    ),
+    *(metric_column(f"{space}/test/{m}") for space in DATA_SPACES for m in ("log_px", "log_px_se", "elbo")),
     metric_column("test/knn_accuracy"),
 ]
 DEFAULT_ORDER_BY: str = metric_column("test/knn_accuracy")
@@ -135,7 +132,7 @@ def _width(key: str) -> int:
     return max(90, round(6.5 * len(name)) + 36)
 
 
-def elbo_charts(spaces: tuple[str, ...] = ELBO_SPACES) -> tuple[list[dict], list[dict]]:
+def elbo_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[dict]]:
     """`compareRunCharts` and `compareRunSections` with one line chart per space: `{space}/train/elbo` and
     `{space}/val/elbo` against step (= epoch), titled by the UI "binary/train/elbo vs binary/val/elbo"
     (9867.*.chunk.js: a multi-metric chart's title is `selectedMetricKeys.join(" vs ")`, `displayName` is
@@ -192,7 +189,7 @@ def elbo_charts(spaces: tuple[str, ...] = ELBO_SPACES) -> tuple[list[dict], list
 PARALLEL_PARAMS = ["model.latent_dim", "likelihood.name"]
 
 
-def parallel_charts(spaces: tuple[str, ...] = ELBO_SPACES) -> tuple[list[dict], list[dict]]:
+def parallel_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[dict]]:
     """Parallel coordinates of latent size × likelihood against log p(x) and kNN accuracy, one chart per data
     space: log p(x) is `{space}/test/log_px`, so a chart only draws the runs of its own space (runs without
     one of a chart's metrics are left out by the UI) and never puts a pmf and a density on one axis. The

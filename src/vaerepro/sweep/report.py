@@ -26,7 +26,8 @@ from vaerepro.document import (
     render_md,
     write_figures,
 )
-from vaerepro.sweep import INTERRUPTED, SPACE_FREE_OBJECTIVES, best_command, best_trial, override_value
+from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, override_value
+from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial
 
 log = logging.getLogger(__name__)
 

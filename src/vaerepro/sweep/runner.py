@@ -1,0 +1,500 @@
+"""The sweep process: class Sweep asks the study for trials, runs each as a process (n_jobs at once), and
+tells the study how it ended.
+
+- One trial = one process: `python -m vaerepro.sweep <overrides> hydra.run.dir=<trial dir>` (trial.py),
+  which is `vaerepro run` plus one thing: a pruned trial exits with PRUNED_EXIT_CODE. The objective is read
+  back from <trial dir>/metrics/eval.json.
+- Resumable: n_trials is the study's total. Every sweep process stamps its running trials (host, pid,
+  heartbeat); a RUNNING trial whose sweep process is gone is failed at the next start and its configuration
+  queued again. Several sweep processes may share one study, taking turns under `study.file_lock`.
+- MLflow (tracking/sweep.py): the study's run, and a mark on each trial's run; MLflow trouble is logged,
+  never allowed to stop the study's bookkeeping.
+
+This module never imports Lightning (about 3 s of every sweep's start-up); trial processes do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaerepro.config import ConfigError
+from vaerepro.sweep.outcome import trial_outcome
+from vaerepro.sweep.space import SearchSpace, grid_values, override_value, trial_overrides
+from vaerepro.sweep.study import (
+    ENV_PARENT_RUN_ID,
+    ENV_PRUNER,
+    ENV_STORAGE,
+    ENV_STUDY,
+    ENV_TRIAL,
+    INTERRUPTED,
+    best_command,
+    best_trial,
+    count_trials,
+    file_lock,
+    open_study,
+    trial_run_ids,
+)
+from vaerepro.tracking import sweep as tracking_sweep
+from vaerepro.tracking.sweep import Tracking
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 30.0  # a sweep process stamps its running trials this often ...
+STALE_AFTER_S = 180.0  # ... and a running trial unstamped for this long belongs to a dead sweep
+POLL_S = 0.2  # how often the sweep process looks at its trial processes
+STOP_GRACE_S = 30.0  # after SIGTERM, how long a stopped trial process has before SIGKILL
+
+# trial system attributes (bookkeeping, not shown as user attributes): which sweep process runs the trial,
+# and when it last said so (time.time(), seconds)
+_HOST, _PID, _BEAT = "vaerepro:host", "vaerepro:pid", "vaerepro:heartbeat"
+
+
+@dataclass
+class SweepSettings:
+    study_name: str
+    storage: str  # resolved: see study.resolve_storage
+    objective: str = "log_px"
+    direction: str = "maximize"
+    n_trials: int = 20
+    n_jobs: int = 1
+    max_failure_rate: float = 0.0
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    multivariate: bool = False
+    constant_liar: bool = False
+    report: bool = True
+    trial_timeout: float | None = None  # seconds; a trial running longer is stopped and marked FAIL
+
+    def __post_init__(self) -> None:
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise ConfigError(
+                "hydra.sweeper.trial_timeout must be a number of seconds > 0, or null; "
+                f"got {self.trial_timeout}"
+            )
+
+
+class TooManyFailures(RuntimeError):
+    """The sweep stopped: more trials failed than max_failure_rate allows."""
+
+
+@dataclass
+class _Running:
+    """A trial process of this sweep process, while it runs."""
+
+    trial: Any  # optuna.trial.Trial
+    proc: subprocess.Popen
+    trial_dir: Path
+    overrides: list[str]
+    log_file: Any
+    start: float = field(default_factory=time.perf_counter)
+    timed_out: bool = False
+    stopped_at: float = 0.0  # time.perf_counter() of the SIGTERM
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(trial, now: float) -> bool:
+    """A RUNNING trial whose sweep process is gone: dead on this host, or silent for STALE_AFTER_S."""
+    a = trial.system_attrs
+    if a.get(_HOST) == socket.gethostname() and a.get(_PID) is not None and not _pid_alive(int(a[_PID])):
+        return True
+    beat = a.get(_BEAT) or (trial.datetime_start.timestamp() if trial.datetime_start else None)
+    return beat is None or now - float(beat) > STALE_AFTER_S
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class Sweep:
+    """One sweep process of a study: asks, runs trial processes (n_jobs at once), tells; resumable."""
+
+    def __init__(
+        self,
+        settings: SweepSettings,
+        space: SearchSpace,
+        *,
+        sweep_dir: Path,
+        root: Path,
+        tracking: Tracking,
+        cwd: Path | None = None,
+    ):
+        self.s, self.space = settings, space
+        self.sweep_dir, self.root = Path(sweep_dir).resolve(), Path(root).resolve()
+        self.tracking, self.cwd = tracking, Path(cwd or os.getcwd())
+        self.lock_path = self.root / "optuna" / f".{settings.study_name}.lock"
+        self.parent_run_id: str | None = None  # the study's MLflow run
+        self.exp_id: str | None = None
+        self.running: list[_Running] = []
+        self.last_failure = ""
+
+    # -- study bookkeeping (always under the lock) -----------------------------------------------
+
+    def _open_study(self):
+        """The study and its storage, checked against these settings, with this process's sampler."""
+        return open_study(
+            self.s.study_name,
+            self.s.storage,
+            direction=self.s.direction,
+            objective=self.s.objective,
+            space=self.space,
+            sampler=self.s.sampler,
+            pruner=self.s.pruner,
+            multivariate=self.s.multivariate,
+            constant_liar=self.s.constant_liar,
+        )
+
+    def _fail_stale(self, study, storage) -> None:
+        """Fail the RUNNING trials of dead sweep processes, and queue their configurations again."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        now = time.time()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not _is_stale(t, now):
+                continue
+            try:
+                storage.set_trial_system_attr(t._trial_id, INTERRUPTED, True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue
+            log.warning(
+                "trial %d was left RUNNING by a sweep process that is gone: marked FAIL, queued again",
+                t.number,
+            )
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            self._mlflow_trial_done(t.number, "FAIL", "interrupted: its sweep process died", t.params)
+
+    def _grid_size(self) -> int | None:
+        if self.s.sampler.get("name") != "grid":
+            return None
+        return math.prod(len(v) for v in grid_values(self.space).values())
+
+    def _too_many_failures(self, counts: dict[str, int]) -> bool:
+        return counts["failed"] > self.s.max_failure_rate * self.s.n_trials
+
+    # -- MLflow (tracking/sweep.py) ---------------------------------------------------------------
+
+    def _mlflow_parent(self, study) -> None:
+        """The study's MLflow run: created once (its id kept in the study), reused by every sweep process."""
+        if not self.tracking.enabled:
+            return
+        self.exp_id = tracking_sweep.experiment_id(self.tracking, self.root)
+        known = study.user_attrs.get("mlflow_parent") or {}
+        run_id = known.get("run_id") if known.get("tracking_uri") == self.tracking.uri else None
+        params = {
+            "objective": self.s.objective,
+            "direction": self.s.direction,
+            "sampler": json.dumps(self.s.sampler),
+            "pruner": json.dumps(self.s.pruner),
+            **{f"space.{k}": str(d) for k, d in self.space.distributions.items()},
+        }
+        self.parent_run_id = tracking_sweep.open_study_run(
+            self.tracking,
+            self.exp_id,
+            run_id,
+            study_name=self.s.study_name,
+            objective=self.s.objective,
+            storage=self.s.storage,
+            params=params,
+        )
+        if self.parent_run_id != run_id:  # a new run
+            study.set_user_attr(
+                "mlflow_parent", {"tracking_uri": self.tracking.uri, "run_id": self.parent_run_id}
+            )
+
+    def _mlflow_trial_done(
+        self, number: int, state: str, reason: str, params: Mapping[str, Any]
+    ) -> str | None:
+        """Mark the trial's child run (PRUNED -> KILLED, FAIL -> FAILED); make one if the trial made none.
+
+        MLflow trouble is logged, not raised: the study's bookkeeping must go on."""
+        if not self.tracking.enabled or self.parent_run_id is None:
+            return None
+        try:
+            return tracking_sweep.mark_trial_run(
+                self.tracking,
+                self.exp_id,
+                self.parent_run_id,
+                study_name=self.s.study_name,
+                objective=self.s.objective,
+                number=number,
+                state=state,
+                reason=reason,
+                params={k: override_value(v) for k, v in params.items()},
+            )
+        except Exception as err:
+            log.warning("trial %d: could not update its MLflow run (%s)", number, err)
+            return None
+
+    def _close_parent(self, study, status: str) -> None:
+        """Summary metrics and status of the study's MLflow run (MLflow trouble is logged, not raised)."""
+        if not self.parent_run_id:
+            return
+        try:
+            self._summarise_parent(study, status)
+        except Exception as err:
+            log.warning("could not update the study's MLflow run %s (%s)", self.parent_run_id, err)
+
+    def _summarise_parent(self, study, status: str) -> None:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        n = {
+            s: sum(t.state == s for t in trials)
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        }
+        best = best_trial(study)
+        still_running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        tracking_sweep.summarise_study_run(
+            self.tracking,
+            self.parent_run_id,
+            objective=self.s.objective,
+            counts={
+                "trials_complete": n[TrialState.COMPLETE],
+                "trials_pruned": n[TrialState.PRUNED],
+                "trials_failed": n[TrialState.FAIL],
+            },
+            step=len(trials),
+            best=best,
+            best_command="" if best is None else best_command(best),
+            # other sweep processes still running the study: leave its run open
+            status=status if status != "FINISHED" or not still_running else None,
+        )
+
+    # -- trials ----------------------------------------------------------------------------------
+
+    def _launch(self, trial) -> _Running:
+        overrides = trial_overrides(self.space, trial.params)
+        trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr("trial_dir", str(trial_dir))
+        trial.set_user_attr("overrides", overrides)
+        env = {
+            **os.environ,
+            ENV_STUDY: self.s.study_name,
+            ENV_TRIAL: str(trial.number),
+            ENV_STORAGE: self.s.storage,
+            ENV_PRUNER: json.dumps(self.s.pruner),
+            "HYDRA_FULL_ERROR": "1",  # let the trial's exception reach vaerepro.sweep.trial (exit codes)
+        }
+        if self.parent_run_id:
+            env[ENV_PARENT_RUN_ID] = self.parent_run_id
+        if self.tracking.enabled:
+            env["MLFLOW_TRACKING_URI"] = self.tracking.uri
+        if self.s.n_jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.s.n_jobs))
+        cmd = [
+            sys.executable,
+            "-m",
+            "vaerepro.sweep",
+            *overrides,
+            f"hydra.run.dir={override_value(str(trial_dir))}",
+        ]
+        log_file = (trial_dir / "trial.log").open("w")
+        log.info("trial %d: %s", trial.number, " ".join(overrides) or "(defaults)")
+        proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return _Running(trial, proc, trial_dir, overrides, log_file)
+
+    def _finish(self, study, r: _Running, rc: int) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        r.log_file.close()
+        wall = time.perf_counter() - r.start
+        timeout = self.s.trial_timeout if r.timed_out else None
+        state, value, reason, facts = trial_outcome(r.trial_dir, rc, self.s.objective, timeout=timeout)
+        for k, v in {**facts, "wall_s": round(wall, 2), "returncode": rc}.items():
+            with contextlib.suppress(UpdateFinishedTrialError):
+                r.trial.set_user_attr(k, v)
+        # the objective's value is in the trial's run already, as its test/ metric (tracking.metric_name)
+        run_id = self._mlflow_trial_done(r.trial.number, state, reason, r.trial.params)
+        if run_id:
+            with contextlib.suppress(UpdateFinishedTrialError):
+                r.trial.set_user_attr("mlflow_run_id", run_id)
+        try:
+            if state == "COMPLETE":
+                study.tell(r.trial, value)
+            else:
+                study.tell(r.trial, state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL)
+        except (UpdateFinishedTrialError, ValueError, RuntimeError) as err:
+            log.warning("trial %d: could not record its result (%s)", r.trial.number, err)
+        if state == "FAIL":
+            self.last_failure = f"trial {r.trial.number} failed: {reason}"
+            log.error(self.last_failure)
+        else:
+            shown = "" if value is None else f" {self.s.objective} = {value:.4f};"
+            log.info("trial %d %s:%s %.1f s", r.trial.number, state, shown, wall)
+
+    def _overdue(self, r: _Running) -> bool:
+        return self.s.trial_timeout is not None and time.perf_counter() - r.start > self.s.trial_timeout
+
+    def _stop(self, r: _Running) -> None:
+        """Stop an overdue trial: SIGTERM (its DDP ranks die with it, see trial._die_with_parent), SIGKILL if
+        it is still there STOP_GRACE_S later. The loop then finds it finished and records it as FAIL."""
+        if not r.timed_out:
+            log.error(
+                "trial %d: still running after trial_timeout=%g s, stopping it",
+                r.trial.number,
+                self.s.trial_timeout,
+            )
+            r.timed_out = True
+            r.stopped_at = time.perf_counter()
+            with contextlib.suppress(OSError):
+                r.proc.terminate()
+        elif time.perf_counter() - r.stopped_at > STOP_GRACE_S:
+            with contextlib.suppress(OSError):
+                r.proc.kill()
+
+    def _heartbeat(self, storage) -> None:
+        now = time.time()
+        for r in self.running:
+            with contextlib.suppress(Exception):
+                storage.set_trial_system_attr(r.trial._trial_id, _BEAT, now)
+
+    def _interrupt(self, study, storage) -> None:
+        """Stop the running trials (Ctrl-C, SIGTERM): failed and queued again, as a resume would."""
+        from optuna.trial import TrialState
+
+        for r in self.running:
+            with contextlib.suppress(OSError):
+                r.proc.terminate()
+        for r in self.running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.proc.wait(timeout=STOP_GRACE_S)
+            r.log_file.close()
+            with contextlib.suppress(Exception):
+                storage.set_trial_system_attr(r.trial._trial_id, INTERRUPTED, True)
+                study.tell(r.trial, state=TrialState.FAIL)
+                study.enqueue_trial(r.trial.params, user_attrs={"retry_of": r.trial.number})
+                self._mlflow_trial_done(r.trial.number, "FAIL", "interrupted", r.trial.params)
+        self.running = []
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self):
+        """Run trials until the study holds n_trials (or the grid is done, or too many failed)."""
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.lock_path):
+            study, storage = self._open_study()
+            self._mlflow_parent(study)
+            self._fail_stale(study, storage)
+        log.info(
+            "study %s (%s, %s %s) in %s; MLflow run %s",
+            self.s.study_name,
+            self.s.sampler.get("name"),
+            self.s.direction,
+            self.s.objective,
+            self.s.storage,
+            self.parent_run_id,
+        )
+        grid_size = self._grid_size()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        stopped = ""
+        last_beat = time.monotonic()
+        try:
+            while True:
+                while not stopped and len(self.running) < self.s.n_jobs:
+                    with file_lock(self.lock_path):
+                        c = count_trials(study)
+                        if self._too_many_failures(c):
+                            stopped = (
+                                f"{c['failed']} of n_trials={self.s.n_trials} trials failed, more than "
+                                f"max_failure_rate={self.s.max_failure_rate:g}"
+                            )
+                            break
+                        grid_done = grid_size is not None and c["grid_started"] >= grid_size
+                        if c["used"] >= self.s.n_trials or (grid_done and not c["waiting"]):
+                            break
+                        trial = study.ask(self.space.distributions)
+                        storage.set_trial_system_attr(trial._trial_id, _HOST, socket.gethostname())
+                        storage.set_trial_system_attr(trial._trial_id, _PID, os.getpid())
+                        storage.set_trial_system_attr(trial._trial_id, _BEAT, time.time())
+                    self.running.append(self._launch(trial))
+                if not self.running:
+                    break
+                time.sleep(POLL_S)
+                for r in list(self.running):
+                    if (rc := r.proc.poll()) is not None:
+                        self.running.remove(r)
+                        self._finish(study, r, rc)
+                    elif self._overdue(r):
+                        self._stop(r)
+                if time.monotonic() - last_beat > HEARTBEAT_S:
+                    self._heartbeat(storage)
+                    last_beat = time.monotonic()
+        except KeyboardInterrupt:
+            self._interrupt(study, storage)
+            self._close_parent(study, "KILLED")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self._close_parent(study, "FAILED" if stopped else "FINISHED")
+        results = self._results(study)
+        if self.s.report:
+            try:
+                self.write_report(study)
+            except Exception:  # the trials are recorded; `python -m vaerepro.sweep report` can retry
+                log.exception("the sweep report could not be written")
+        if stopped:
+            raise TooManyFailures(f"sweep stopped: {stopped}. Last failure: {self.last_failure}")
+        return results
+
+    def _results(self, study) -> dict[str, Any]:
+        """optimization_results.json in the sweep directory (as Hydra's Optuna sweeper writes it)."""
+        best = best_trial(study)
+        results = {
+            "name": "vaerepro_optuna",
+            "study_name": self.s.study_name,
+            "storage": self.s.storage,
+            "objective": self.s.objective,
+            "direction": self.s.direction,
+            "best_value": None if best is None else best.value,
+            "best_params": None if best is None else dict(best.params),
+            "best_command": None if best is None else best_command(best),
+            "mlflow_parent_run_id": self.parent_run_id,
+        }
+        (self.sweep_dir / "optimization_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if best is not None:
+            log.info(
+                "best trial %d: %s = %.4f\n  %s",
+                best.number,
+                self.s.objective,
+                best.value,
+                best_command(best),
+            )
+        return results
+
+    def write_report(self, study) -> dict[str, Path]:
+        """The sweep report (HTML + Markdown) under <sweep dir>/report, and in the study's MLflow run."""
+        runs = None
+        if self.tracking.enabled:
+            runs = tracking_sweep.study_runs(self.tracking, trial_run_ids(study))
+        from vaerepro.sweep.report import write_sweep_report
+
+        paths = write_sweep_report(study, self.sweep_dir / "report", runs=runs, storage=self.s.storage)
+        if self.parent_run_id:
+            tracking_sweep.log_report(self.tracking, self.parent_run_id, self.sweep_dir / "report")
+        log.info("sweep report: %s", paths["html"])
+        return paths

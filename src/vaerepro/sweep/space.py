@@ -1,0 +1,229 @@
+"""What a sweep searches and what it ranks by: the search space, the objective, and which data spaces mix.
+
+- The search space comes from `hydra.sweeper.params` and the command line, in Hydra's sweep syntax (choice,
+  range, interval, tag(log|int, interval)), as Optuna distributions; a trial's sampled values go back to
+  Hydra override text (`override_value`, `trial_overrides`).
+- The objective is a key of metrics/eval.json; `resolve_direction` gives the sense in which it improves.
+- A density objective (log_px, elbo, bits_per_dim, ...) is refused over a search space spanning data spaces
+  (`refuse_mixed_spaces`): a pmf on binary pixels and a density on [0,1] pixels are different units (see
+  compare.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any
+
+from vaerepro.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# eval.json keys that can be an objective, with the sense in which they improve
+NATURAL_DIRECTION = {
+    "log_px": "maximize",
+    "elbo": "maximize",
+    "recon": "maximize",
+    "kl": "minimize",
+    "bits_per_dim": "minimize",
+    "knn_accuracy": "maximize",
+    "active_units": "maximize",
+    "ess": "maximize",
+    "ess_fraction": "maximize",
+}
+# Objectives that mean the same thing whatever the data space: a classification accuracy on latent means
+# (Loaiza-Ganem & Cunningham's comparison across likelihoods), counts and fractions. Every other objective
+# is a log-likelihood, a bound or a part of one: in the units of its data space.
+SPACE_FREE_OBJECTIVES = {"knn_accuracy", "active_units", "ess_fraction"}
+
+
+# --------------------------------------------------------------------------------------- search space
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Optuna distributions by override key, and the overrides every trial gets unchanged."""
+
+    distributions: dict[str, Any]  # key -> optuna BaseDistribution
+    fixed: list[str] = field(default_factory=list)  # override strings, as typed (e.g. "+sweep=aevb")
+
+
+def _distribution(override) -> Any:
+    """An Optuna distribution for a Hydra sweep override: choice / range / interval / tag(log, interval)."""
+    from hydra.core.override_parser.types import Transformer
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    key, value = override.get_key_element(), override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        # Transformer.encode writes list choices as Hydra text ("[64,64]"); scalars stay themselves
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():
+        # Hydra's meaning: range(start, stop, step) stops before `stop`, as in the basic sweeper
+        values = list(override.sweep_iterator())
+        if not values:
+            raise ConfigError(f"{override.input_line}: the range is empty")
+        if all(isinstance(v, int) for v in values):
+            return IntDistribution(values[0], values[-1], step=int(value.step))
+        return FloatDistribution(float(values[0]), float(values[-1]), step=float(value.step))
+    if override.is_interval_sweep():
+        # Hydra reads interval bounds as floats; tag(int, interval(a, b)) asks for integers
+        log_scale = "log" in value.tags
+        if "int" in value.tags:
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ConfigError(
+        f"{key}: the sweeper takes choice(...), range(...), interval(...) or tag(log|int, interval(...)), "
+        f"not {override.input_line!r}"
+    )
+
+
+def parse_search_space(params: Mapping[str, str] | None, arguments: Sequence[str]) -> SearchSpace:
+    """The search space from `hydra.sweeper.params` and the command line (which wins for a shared key).
+
+    Parsed with Hydra's override parser, as Hydra's Optuna sweeper does; a command-line `key=a,b` is a choice.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    lines = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
+    distributions: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for override in parser.parse_overrides(lines):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            distributions[key] = _distribution(override)
+            fixed.pop(key, None)
+        else:
+            fixed[key] = override.input_line
+            distributions.pop(key, None)
+    return SearchSpace(distributions, list(fixed.values()))
+
+
+_PLAIN = re.compile(r"[\w./:+\-@%~]+")
+
+
+def override_value(value: Any) -> str:
+    """A sampled value as Hydra override text."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(value)
+    text = str(value)
+    if _PLAIN.fullmatch(text) or text[:1] in "[{":  # plain words, numbers, paths; encoded lists / dicts
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def trial_overrides(space: SearchSpace, params: Mapping[str, Any]) -> list[str]:
+    """A trial's command-line overrides: the fixed ones, then its sampled values."""
+    return [*space.fixed, *(f"{k}={override_value(v)}" for k, v in params.items())]
+
+
+def grid_values(space: SearchSpace) -> dict[str, list[Any]]:
+    """Every distribution as a list of values, for the grid sampler (choices and stepped ranges only)."""
+    from optuna.distributions import CategoricalDistribution
+
+    grid = {}
+    for key, d in space.distributions.items():
+        if isinstance(d, CategoricalDistribution):
+            grid[key] = list(d.choices)
+        elif getattr(d, "step", None) is not None and not getattr(d, "log", False):
+            n = int(round((d.high - d.low) / d.step))
+            grid[key] = [d.low + i * d.step for i in range(n + 1)]
+        else:
+            raise ConfigError(f"{key}: the grid sampler needs choice(...) or range(...), not {d}")
+    return grid
+
+
+# ------------------------------------------------------------------------------- objective and spaces
+
+
+def resolve_direction(objective: str, direction: str | None) -> str:
+    """maximize or minimize: the one asked for, or the objective's own sense (NATURAL_DIRECTION)."""
+    if objective not in NATURAL_DIRECTION:
+        raise ConfigError(
+            f"hydra.sweeper.objective={objective!r} is not a number in metrics/eval.json; "
+            f"choose one of {', '.join(sorted(NATURAL_DIRECTION))}"
+        )
+    if direction is None:
+        return NATURAL_DIRECTION[objective]
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"hydra.sweeper.direction={direction!r}: maximize, minimize or null")
+    if direction != NATURAL_DIRECTION[objective]:
+        log.warning(
+            "direction=%s for %s, which improves when it %ss",
+            direction,
+            objective,
+            NATURAL_DIRECTION[objective].removesuffix("e"),
+        )
+    return direction
+
+
+def _space_key(key: str) -> bool:
+    key = key.lstrip("+~")
+    return key in ("likelihood", "data", "data.space") or key.startswith("likelihood.")
+
+
+def space_combinations(space: SearchSpace) -> list[list[str]]:
+    """Override lists, one per combination of the choices deciding the data space (likelihood, data.space)."""
+    from optuna.distributions import CategoricalDistribution
+
+    keys = [
+        k for k, d in space.distributions.items() if _space_key(k) and isinstance(d, CategoricalDistribution)
+    ]
+    choices = [space.distributions[k].choices for k in keys]
+    return [
+        [f"{k}={override_value(v)}" for k, v in zip(keys, combo, strict=True)] for combo in product(*choices)
+    ]
+
+
+def data_spaces(
+    space: SearchSpace, compose: Callable[[list[str]], Mapping[str, Any]]
+) -> dict[tuple[str, bool], list[str]]:
+    """(data space, improper) -> the choices that lead there; each combination composed and validated.
+
+    A combination that does not validate (say Bernoulli on continuous data without allow_improper) is
+    skipped with a warning: its trials will fail with the validation message.
+    """
+    from vaerepro import config as config_mod
+
+    spaces: dict[tuple[str, bool], list[str]] = {}
+    for combo in space_combinations(space):
+        try:
+            cfg = config_mod.validate(dict(compose([*space.fixed, *combo])))
+        except ConfigError as err:
+            log.warning("%s: its trials will fail: %s", " ".join(combo) or "the fixed config", err)
+            continue
+        spaces.setdefault((cfg.data_space, cfg.improper), []).append(" ".join(combo) or "(fixed)")
+    return spaces
+
+
+def refuse_mixed_spaces(objective: str, pruner: str, spaces: Mapping[tuple[str, bool], list[str]]) -> None:
+    """Refuse a density objective, or validation-ELBO pruning, over several data spaces (or improper runs).
+
+    `spaces` is `data_spaces`'s answer; one data space passes whatever the objective and pruner.
+    """
+    if len(spaces) <= 1:
+        return
+    from vaerepro.compare import space_label
+
+    listing = "\n".join(
+        f"  - {space_label(s, imp)}: {', '.join(combos)}" for (s, imp), combos in spaces.items()
+    )
+    if objective not in SPACE_FREE_OBJECTIVES:
+        raise ConfigError(
+            f"objective {objective!r} cannot rank this search space: its likelihoods live in "
+            f"{len(spaces)} data spaces, where {objective} has different units:\n{listing}\n"
+            "Sweep one data space at a time, or use hydra.sweeper.objective=knn_accuracy "
+            f"(comparable across spaces); allowed across spaces: {', '.join(sorted(SPACE_FREE_OBJECTIVES))}."
+        )
+    if pruner != "none":
+        raise ConfigError(
+            f"hydra/sweeper/pruner={pruner} compares trials' validation ELBOs, which are in different units "
+            f"across this search space's data spaces:\n{listing}\nUse hydra/sweeper/pruner=none here."
+        )

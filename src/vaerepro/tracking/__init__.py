@@ -1,0 +1,84 @@
+"""MLflow, in one place: every MLflow call vaerepro makes is in this package.
+
+    store.py     where the store is (tracking uri), creating it and the experiment safely, reading it
+    names.py     the names of numbers in MLflow (space-qualified where the unit depends on the data space)
+    runs.py      one run across the pipeline's stages: tags, dataset, config, results, description, its end
+    training.py  the train stage's run and Lightning's MLflow logger (imports Lightning: not re-exported)
+    sweep.py     a sweep's parent run and its trials' child runs
+    ui.py        links into the MLflow UI and its saved view (no MLflow calls)
+
+The stages (prepare, train, evaluate, report) do not import it: the command line hands training a
+`training.TrainingRun`, and logs evaluation and the report after those stages have written their files.
+"""
+
+from vaerepro.tracking.names import BOOKKEEPING, SPACE_FREE, SPACES, metric_name, space_name
+from vaerepro.tracking.runs import (
+    FAILURE_TAG,
+    RUN_FILE,
+    complete_curve,
+    describe,
+    end_recorded_run,
+    end_run,
+    experiment_runs,
+    git_commit,
+    headline,
+    log_config,
+    log_dataset,
+    log_evaluation,
+    log_metrics,
+    log_report,
+    read_run_id,
+    run_tags,
+    status_of,
+    write_run_id,
+)
+from vaerepro.tracking.store import (
+    LOCAL_UI,
+    artifact_location,
+    check_sqlite_store,
+    check_tracking_server,
+    ensure_experiment,
+    is_server,
+    reading_client,
+    sqlite_store_path,
+    tracking_uri,
+    tracking_uri_source,
+    ui_url,
+)
+
+__all__ = [
+    "BOOKKEEPING",
+    "FAILURE_TAG",
+    "LOCAL_UI",
+    "RUN_FILE",
+    "SPACES",
+    "SPACE_FREE",
+    "artifact_location",
+    "check_sqlite_store",
+    "check_tracking_server",
+    "complete_curve",
+    "describe",
+    "end_recorded_run",
+    "end_run",
+    "ensure_experiment",
+    "experiment_runs",
+    "git_commit",
+    "headline",
+    "is_server",
+    "log_config",
+    "log_dataset",
+    "log_evaluation",
+    "log_metrics",
+    "log_report",
+    "metric_name",
+    "read_run_id",
+    "reading_client",
+    "run_tags",
+    "space_name",
+    "sqlite_store_path",
+    "status_of",
+    "tracking_uri",
+    "tracking_uri_source",
+    "ui_url",
+    "write_run_id",
+]

@@ -1,0 +1,47 @@
+"""The names of vaerepro's numbers in MLflow: a number whose unit depends on the data space carries the space.
+
+A number whose unit is its data space's (nats of a pmf on {0,1}^D, or of a density on [0,1]^D) is named in
+MLflow under that space: `binary/test/log_px`, `continuous/val/elbo`, `improper/test/log_px` (a Bernoulli
+on grey levels, not a normalised density). So no MLflow chart, table column or parallel-coordinates axis
+ever holds numbers of two spaces, while runs of every space (a sweep over likelihoods) share one
+experiment. The numbers in SPACE_FREE have no such unit and keep one name for every run; any other number is
+space-qualified, so a new one is never put on a shared axis by mistake.
+"""
+
+from __future__ import annotations
+
+from vaerepro.likelihoods import DATA_SPACES
+
+# Numbers without a data-space unit: one name in every run.
+SPACE_FREE = frozenset(
+    {
+        "kl",
+        "ess",
+        "ess_fraction",
+        "ess_hmean",
+        "active_units",
+        "knn_accuracy",
+        "converged",
+        "train_time_s",
+        "epochs",
+        "best_epoch",
+    }
+)
+# Facts about a run, not results: MLflow params, tags or the logged dataset hold them, not metric charts.
+BOOKKEEPING = frozenset({"epoch", "num_samples", "num_examples", "data_dim", "latent_dim"})
+# The prefixes of space-dependent names: the data spaces, and a Bernoulli on grey levels (not a density).
+SPACES = (*DATA_SPACES, "improper")
+
+
+def space_name(data_space: str, improper: bool) -> str:
+    """The prefix of a run's space-dependent metric names: 'binary', 'continuous', or 'improper'."""
+    return "improper" if improper else data_space
+
+
+def metric_name(key: str, space: str) -> str | None:
+    """The MLflow name of one of vaerepro's numbers (`test/log_px`, `val/elbo`, `final/epochs`, ...) in a run
+    of `space` (see space_name); None for bookkeeping that is not logged as a metric."""
+    leaf = key.rsplit("/", 1)[-1]
+    if leaf in BOOKKEEPING:
+        return None
+    return key if leaf in SPACE_FREE else f"{space}/{key}"

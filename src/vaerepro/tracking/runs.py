@@ -1,0 +1,368 @@
+"""One run's bookkeeping in MLflow across the pipeline's stages: the names of its numbers (space-qualified),
+its tags, dataset, description and config, its results, and how it ends.
+
+The train stage creates the run (through Lightning's MLflow logger, tracking.training) and writes its id to
+`models/mlflow_run.json`; evaluate and report add to the same run, so one configuration is one run whether it
+went through `dvc repro` (a process per stage) or `vaerepro run` (one process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaerepro.config import Config, TrackingConfig
+from vaerepro.document import flatten
+from vaerepro.errors import Stopped, UserError
+from vaerepro.tracking.names import metric_name, space_name
+from vaerepro.tracking.store import (
+    not_a_store,
+    reading_client,
+    sqlite_corruption,
+    sqlite_store_path,
+    tracking_uri,
+    tracking_uri_source,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow_run.json"
+
+
+# Files the pipeline itself writes or rewrites (dvc repro, dvc exp run -S): a change in them does not make the
+# code a run used differ from its commit (the config is logged as params, the data by its digest).
+PIPELINE_FILES = ("dvc.lock", "params.yaml", "data.dvc", "metrics", "plots", "reports")
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD's commit, with '-dirty' when tracked files other than the pipeline's own differ from it."""
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                *(f":(exclude){f}" for f in PIPELINE_FILES),
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return res.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def data_version(root: Path) -> str | None:
+    """The md5 of the raw data directory recorded in data.dvc (the data's version)."""
+    f = root / "data.dvc"
+    if not f.is_file():
+        return None
+    outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def run_tags(cfg: Config, root: Path) -> dict[str, str]:
+    tags = {
+        "likelihood": cfg.likelihood.name,
+        "data_space": cfg.data_space,
+        "improper": str(cfg.improper).lower(),
+        "latent_dim": str(cfg.model.latent_dim),
+        "source": cfg.data.source,
+    }
+    if (commit := git_commit(root)) is not None:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    if (version := data_version(root)) is not None:
+        tags["data_version"] = version
+    # A sweep trial (vaerepro.sweep sets these): a child of the study's run, named by study and trial number.
+    # A DVC experiment (`dvc exp run` sets these): its name and the commit it is based on.
+    for env, tag in (
+        ("VAEREPRO_PARENT_RUN_ID", "mlflow.parentRunId"),
+        ("VAEREPRO_STUDY", "vaerepro.study"),
+        ("VAEREPRO_TRIAL", "vaerepro.trial"),
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
+    ):
+        if value := os.environ.get(env):
+            tags[tag] = value
+    return tags
+
+
+def log_dataset(client, run_id: str, meta: Mapping[str, Any], data_space: str, source: str) -> None:
+    """The run's data as an MLflow dataset input (the UI's Dataset column): name, digest, source, and the
+    split sizes and data space as its profile. meta: prepared/meta.json; source: the config's data.source."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = (meta.get("files") or {}).get("x_train.npy") or meta.get("split_indices_sha256") or ""
+    origin = meta.get("path") or meta.get("source")
+    profile = {
+        **{f"num_{split}": n for split, n in (meta.get("sizes") or {}).items()},
+        "data_dim": meta.get("data_dim"),
+        "image_shape": meta.get("image_shape"),
+        "data_space": data_space,
+        "quantized": bool(meta.get("quantized")),
+    }
+    dataset = Dataset(
+        name=str(meta.get("source") or source),
+        digest=digest[:32],  # MLflow keeps at most 36 characters; the sha256 of x_train.npy, shortened
+        source_type="local" if meta.get("path") else "code",
+        source=json.dumps({"source": str(origin), "x_train_sha256": digest}),
+        profile=json.dumps(profile),
+    )
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
+    )
+
+
+def headline(
+    cfg: Config, train: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None
+) -> str:
+    """The run's description (Markdown): what was trained and its headline numbers, each with its unit."""
+    from vaerepro.compare import space_label
+
+    space = space_label(cfg.data_space, cfg.improper)
+    lines = [f"**{cfg.likelihood.name}, latent size {cfg.model.latent_dim}, {space}**"]
+    if evaluation is not None:
+        e = evaluation
+        verdict = (
+            "" if e.get("converged") is None else (", converged" if e["converged"] else ", NOT converged")
+        )
+        lines.append(
+            f"log p(x) = {e['log_px']:.2f} ± {e['log_px_se']:.2f} nats/example "
+            f"(K = {e.get('num_samples')}{verdict}); ELBO {e['elbo']:.2f}; KL {e['kl']:.2f}; "
+            f"{e['bits_per_dim']:.4f} bits/dim"
+            + (f"; kNN accuracy {e['knn_accuracy']:.3f}" if e.get("knn_accuracy") is not None else "")
+        )
+    if train is not None:
+        lines.append(
+            f"trained {train['epochs']} epochs; best validation ELBO {train['best_val_elbo']:.2f} "
+            f"nats/example at epoch {train['best_epoch']}"
+        )
+    return "  \n".join(lines)
+
+
+def describe(client, run_id: str, cfg: Config, **numbers: Mapping[str, Any] | None) -> None:
+    """Set the run's description (the `mlflow.note.content` tag the UI shows as the run's description)."""
+    client.set_tag(run_id, "mlflow.note.content", headline(cfg, **numbers))
+
+
+def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> None:
+    """Add the evaluate stage's results to the run that out_dir/models/mlflow_run.json names: the eval
+    config, the numbers (named for the run's data space, metric_name), the ladder as test/log_px_ladder
+    with step = K, the convergence verdict (a tag, and a 1/0 metric for tables and filters), the run's
+    description, and metrics/eval.json."""
+    run_id, uri = read_run_id(out_dir / "models")
+    if not (cfg.tracking.enabled and run_id):
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    space = space_name(cfg.data_space, cfg.improper)
+    log_config(client, run_id, cfg.to_dict(), keys=("eval",))
+    conv = metrics.get("convergence") or {}
+    numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
+    if metrics.get("converged") is not None:
+        numbers["converged"] = float(metrics["converged"])
+        client.set_tag(run_id, "vaerepro.converged", str(bool(metrics["converged"])).lower())
+    log_metrics(client, run_id, numbers, prefix="test/", space=space)
+    name = metric_name("test/log_px_ladder", space)
+    client.log_batch(run_id, metrics=[Metric(name, r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]])
+    train_json = out_dir / "metrics" / "train.json"
+    trained = json.loads(train_json.read_text()) if train_json.is_file() else None
+    describe(client, run_id, cfg, train=trained, evaluation=metrics)
+    client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
+
+
+def log_report(model_dir: Path, report_dir: Path) -> None:
+    """The report's files as the run's `report/` artifacts; the run is then FINISHED (its last stage)."""
+    run_id, uri = read_run_id(model_dir)
+    if run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        client.log_artifacts(run_id, str(report_dir), "report")
+        client.set_terminated(run_id, "FINISHED")
+
+
+def write_run_id(model_dir: Path, run_id: str | None, uri: str | None) -> None:
+    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
+
+
+def read_run_id(model_dir: Path) -> tuple[str | None, str | None]:
+    f = model_dir / RUN_FILE
+    if not f.is_file():
+        return None, None
+    try:
+        d = json.loads(f.read_text())
+        return d.get("run_id"), d.get("tracking_uri")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise UserError(f"{f}: not the JSON object `vaerepro train` writes ({exc})") from None
+
+
+def log_config(client, run_id: str, raw: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> None:
+    """Log the resolved config (raw: Config.to_dict()) as params (flattened) and, whole, as a YAML artifact;
+    keys: only these top-level sections.
+
+    MLflow params are immutable; a stage re-run with a changed value (say eval.num_samples) records the new
+    value as a tag instead of failing the run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    flat = flatten({k: raw[k] for k in (keys or raw)})
+    existing = client.get_run(run_id).data.params
+    for k, v in flat.items():
+        value = str(v)[:6000]
+        if k in existing and existing[k] != value:
+            client.set_tag(run_id, f"changed.{k}", value)
+            continue
+        if k not in existing:
+            try:
+                client.log_param(run_id, k, value)
+            except MlflowException:
+                client.set_tag(run_id, f"changed.{k}", value)
+    if keys is None:
+        client.log_text(run_id, yaml.safe_dump(raw, sort_keys=False), "config.yaml")
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str, space: str) -> None:
+    """Log the finite numbers of `metrics` as `prefix + key`, named for the run's space (metric_name)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(name, float(v), now, 0)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        if (name := metric_name(f"{prefix}{k}", space)) is not None
+    ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict[str, Any]]:
+    """Every run of the project's experiment as a plain row for the report's comparison."""
+    uri = tracking_uri(tcfg, root)
+    db = sqlite_store_path(uri)
+    try:
+        client = reading_client(uri, tracking_uri_source(tcfg))
+        if client is None:
+            return []
+        exp = client.get_experiment_by_name(tcfg.experiment)
+        found = [] if exp is None else client.search_runs([exp.experiment_id], max_results=5000)
+    except Exception as err:
+        if db is not None and (damage := sqlite_corruption(err)) is not None:
+            raise not_a_store(db, str(damage)) from None
+        raise
+    rows = []
+    for r in found:
+        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        if "data_space" not in tags:  # a parent (sweep) run or a foreign run: no numbers of its own
+            continue
+        rows.append(
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "status": r.info.status,
+                "likelihood": tags.get("likelihood", params.get("likelihood.name")),
+                "data_space": tags["data_space"],
+                "improper": tags.get("improper") == "true",
+                "latent_dim": int(tags.get("latent_dim", params.get("model.latent_dim", 0))),
+                "source": tags.get("source"),
+            }
+        )
+        # the evaluation metrics by their plain names (test/kl, binary/test/log_px -> kl, log_px), without
+        # letting a metric overwrite the run's own descriptors
+        own = f"{space_name(rows[-1]['data_space'], rows[-1]['improper'])}/test/"
+        for k, v in metrics.items():
+            name = k.removeprefix(own) if k.startswith(own) else k.removeprefix("test/")
+            if name != k and "/" not in name and name not in rows[-1]:
+                rows[-1][name] = v
+    return rows
+
+
+# --- how a run ends -------------------------------------------------------------------------------------
+
+FAILURE_TAG = "vaerepro.failure"  # why a run ended FAILED or KILLED: one line
+
+
+def status_of(exc: BaseException, *, interrupted: bool = False) -> str:
+    """The MLflow status of a run that `exc` ended: KILLED for a signal or Ctrl-C (Lightning turns Ctrl-C into
+    SystemExit after marking the trainer interrupted), FAILED for anything else."""
+    if isinstance(exc, (Stopped, KeyboardInterrupt)) or (isinstance(exc, SystemExit) and interrupted):
+        return "KILLED"
+    return "FAILED"
+
+
+def end_run(client, run_id: str, status: str, reason: BaseException | str | None = None) -> None:
+    """End a run as FINISHED, FAILED or KILLED, the reason (one line) as the `vaerepro.failure` tag.
+
+    Called on the way out of an error: a store that fails now is logged, not raised over the error that
+    is already on its way up."""
+    try:
+        if reason is not None:
+            client.set_tag(run_id, FAILURE_TAG, one_line(reason)[:5000])
+        elif status == "FINISHED" and FAILURE_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, FAILURE_TAG)  # a stage that failed before has now finished
+        client.set_terminated(run_id, status)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        if status == "FINISHED":
+            raise
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+
+def one_line(reason: BaseException | str) -> str:
+    """'Type: first line of the message' for an exception; the text itself for a string."""
+    if not isinstance(reason, BaseException):
+        return str(reason)
+    text = str(reason).strip().splitlines()
+    return f"{type(reason).__name__}: {text[0] if text else ''}"
+
+
+def end_recorded_run(model_dir: Path, status: str, reason: BaseException | str | None = None) -> None:
+    """End the run that models/mlflow_run.json names (the pipeline's stages after `train` share it)."""
+    run_id, uri = read_run_id(model_dir)
+    if run_id:
+        from mlflow import MlflowClient
+
+        end_run(MlflowClient(uri), run_id, status, reason)
+
+
+def complete_curve(
+    client, run_id: str, rows: list[Mapping[str, Any]], keys: tuple[str, str], space: str
+) -> int:
+    """Send the per-epoch points of `rows` (a resumed checkpoint's curve: epoch, train_elbo, val_elbo) that
+    the run lacks, e.g. because the process was killed before its metric buffer was sent; per-epoch metrics
+    have step = epoch. keys: the (training, validation) keys as training logs them (named for `space` here).
+    Returns how many points were sent."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = []
+    for key, column in zip(keys, ("train_elbo", "val_elbo"), strict=True):
+        key = metric_name(key, space)
+        have = {m.step for m in client.get_metric_history(run_id, key)}
+        batch += [
+            Metric(key, float(r[column]), now, int(r["epoch"])) for r in rows if int(r["epoch"]) not in have
+        ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+        log.info("sent %d per-epoch values the MLflow run lacked, from the resumed checkpoint", len(batch))
+    return len(batch)

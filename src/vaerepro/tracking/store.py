@@ -1,0 +1,303 @@
+"""The MLflow store: where it is (tracking uri), creating it and its experiment safely, reading it without
+creating it, and the link to its runs in the MLflow UI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+from vaerepro.config import ConfigError, TrackingConfig, find_project_root
+from vaerepro.tracking import ui
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(tcfg: TrackingConfig, root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins; then tracking.uri; then sqlite at the project root (absolute path).
+
+    MLflow 3 refuses a plain ./mlruns file store, and a relative sqlite path would change meaning with the
+    working directory (DVC's queued experiments run in temporary copies), hence the absolute path.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if tcfg.uri:
+        return tcfg.uri
+    root = store_root((root or find_project_root()).resolve())
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def tracking_uri_source(tcfg: TrackingConfig) -> str | None:
+    """Which setting `tracking_uri` took its value from, for messages; None for the default store."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    if tcfg.uri:
+        return "tracking.uri"
+    return None
+
+
+def store_root(root: Path) -> Path:
+    """The repository that owns the MLflow store.
+
+    `dvc exp run --queue` / `--temp` run each experiment in a temporary copy under
+    <repo>/.dvc/tmp/exps/; their runs belong in <repo>/mlflow.db, not in the copy that DVC deletes.
+    """
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def sqlite_store_path(uri: str) -> Path | None:
+    """The database file of a sqlite tracking uri (absolute); None for other stores and in-memory sqlite."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).resolve()
+
+
+def artifact_location(uri: str, root: Path | None = None) -> str | None:
+    """Artifacts beside a local sqlite store; a tracking server chooses its own."""
+    db = sqlite_store_path(uri)
+    if db is None:
+        return None
+    return (db.parent / "mlartifacts").as_uri()
+
+
+# How long a probe of a tracking server may take to connect, and then to answer.
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(uri: str, key: str | None) -> None:
+    """Fail at once, naming the setting, when no MLflow server answers at an http(s) tracking uri.
+
+    MLflow's own client retries a refused connection for minutes before it says anything, and its message
+    does not say which setting holds the address. MLflow servers answer GET <uri>/health without
+    authentication. A 4xx answer is left to MLflow (a proxy or authentication in the way is its message to
+    give); a 5xx is what MLflow's client would also retry for minutes.
+    """
+    import requests
+
+    label = f"{key or 'tracking uri'}={uri}"
+    verify: bool | str = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+        verify = False
+    elif cert := os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = cert
+    try:
+        resp = requests.get(
+            f"{uri.rstrip('/')}/health",
+            timeout=(SERVER_PROBE_TIMEOUT_S, SERVER_PROBE_TIMEOUT_S),
+            verify=verify,
+            allow_redirects=True,
+        )
+    except requests.exceptions.SSLError as err:
+        raise ConfigError(
+            f"{label}: TLS handshake with the tracking server failed ({_root_cause(err)})"
+        ) from None
+    except requests.exceptions.Timeout:
+        raise ConfigError(
+            f"{label}: no MLflow tracking server answers (no answer within {SERVER_PROBE_TIMEOUT_S:g} s)"
+        ) from None
+    except requests.exceptions.RequestException as err:
+        raise ConfigError(f"{label}: no MLflow tracking server answers ({_root_cause(err)})") from None
+    if resp.status_code >= 500:
+        raise ConfigError(f"{label}: the tracking server answers HTTP {resp.status_code} at /health")
+
+
+def _root_cause(err: BaseException) -> str:
+    """A short reason for a failed connection: 'connection refused', 'host name not found', or the innermost
+    error's text."""
+    import socket
+
+    seen: set[int] = set()
+    stack: list[BaseException] = [err]
+    innermost = err
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        innermost = e
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "host name not found"
+        # requests and urllib3 keep the cause in args[0] / .reason as well as in the exception chain
+        linked = (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+        stack += [x for x in linked if isinstance(x, BaseException)]
+    text = str(innermost)
+    if "Connection refused" in text:
+        return "connection refused"
+    return " ".join(text.split())[:200]
+
+
+def not_a_store(db: Path, problem: str) -> ConfigError:
+    return ConfigError(
+        f"{db}: not a readable MLflow sqlite store ({problem}); move it aside or set tracking.uri"
+    )
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Refuse a file MLflow cannot use as its store, without writing to it.
+
+    An absent or empty file is a new store (MLflow creates the tables). Anything else must be a readable
+    sqlite database that is empty or has MLflow's tables: MLflow would otherwise add its tables to another
+    program's database, or fail with a traceback that does not name the file. Opened read-only, so a
+    corrupt file is left exactly as it was.
+    """
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):
+        return
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise ConfigError(f"{db}: the MLflow store stayed locked by another process ({err})") from None
+        raise not_a_store(db, str(err)) from None
+    except sqlite3.Error as err:
+        raise not_a_store(db, str(err)) from None
+    if tables and not tables & {"experiments", "alembic_version"}:
+        raise not_a_store(db, f"a sqlite database with no MLflow tables: {', '.join(sorted(tables)[:5])}")
+
+
+def sqlite_corruption(err: BaseException) -> sqlite3.DatabaseError | None:
+    """The sqlite error saying the file is damaged ('malformed', 'not a database') behind an MLflow or
+    SQLAlchemy error, if that is what it is (a locked database or a constraint is not damage)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        orig = getattr(e, "orig", None)
+        for x in (e, orig):
+            if isinstance(x, sqlite3.DatabaseError) and not isinstance(
+                x, (sqlite3.OperationalError, sqlite3.IntegrityError)
+            ):
+                return x
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# How long a process waits for another to create or migrate the store before it gives up.
+STORE_LOCK_TIMEOUT_S = 600.0
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if missing. Two processes may both find it missing and both create it:
+    the loser's create fails with RESOURCE_ALREADY_EXISTS, and it reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _ensure_view(client, exp_id: str) -> None:
+    """Give the experiment the saved view that `ui_url` opens (ui.experiment_tags), once."""
+    have = client.get_experiment(exp_id).tags
+    for key, value in ui.experiment_tags().items():
+        if have.get(key) != value:
+            client.set_experiment_tag(exp_id, key, value)
+
+
+# Where `mlflow ui` (make mlflow-ui, vaerepro ui) serves a local store.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def is_server(uri: str) -> bool:
+    """Whether the tracking uri is an MLflow tracking server (http or https) rather than a database."""
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_url(uri: str, exp_id: str, mode: str = "TABLE", local: str = LOCAL_UI) -> str:
+    """The link to the experiment's runs, set up for comparing them (ui.runs_url): on the tracking
+    server for an http(s) store, else at `local`, where `vaerepro ui` serves the local store."""
+    return ui.runs_url(uri if is_server(uri) else local, exp_id, mode=mode)
+
+
+def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[str, str]:
+    """Create the project's experiment if needed, with the saved view of its runs that `ui_url` opens;
+    return (tracking uri, experiment id).
+
+    A sqlite store is created, migrated and given the experiment by one process at a time, under a lock
+    file beside the database (<db>.lock): MLflow's own creation of a new sqlite store is not safe when
+    several runs start together, and a store left half-migrated fails every later run. Once this has run
+    in a process, MLflow keeps the opened store, so the run's later MLflow calls do not migrate again.
+    """
+    import mlflow
+    from filelock import FileLock, Timeout
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(tcfg, root)
+    name = tcfg.experiment
+    if is_server(uri):
+        check_tracking_server(uri, tracking_uri_source(tcfg))
+    mlflow.set_tracking_uri(uri)
+    db = sqlite_store_path(uri)
+    if db is None:
+        client = MlflowClient(uri)
+        exp_id = _get_or_create_experiment(client, name, artifact_location(uri, root))
+        _ensure_view(client, exp_id)
+        return uri, exp_id
+
+    lock_file = Path(f"{db}.lock")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=STORE_LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(
+            f"{lock_file}: another process held the MLflow store's lock for {STORE_LOCK_TIMEOUT_S:g} s"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{lock_file}: cannot lock the MLflow store ({err.strerror or err})") from None
+    try:
+        check_sqlite_store(db)
+        try:
+            client = MlflowClient(uri)
+            exp_id = _get_or_create_experiment(client, name, artifact_location(uri, root))
+            _ensure_view(client, exp_id)
+        except Exception as err:
+            if (damage := sqlite_corruption(err)) is not None:
+                raise not_a_store(db, str(damage)) from None
+            raise
+    finally:
+        lock.release()
+    return uri, exp_id
+
+
+def reading_client(uri: str, key: str | None = None):
+    """An MlflowClient for reading the store at `uri`, or None when a sqlite store does not exist yet.
+
+    Reading never creates or migrates a store (MLflow's client would, on a missing or empty sqlite file,
+    without the lock `ensure_experiment` takes), and a damaged file or an absent server is one clear error.
+    """
+    from mlflow import MlflowClient
+
+    db = sqlite_store_path(uri)
+    if db is not None:
+        if not db.is_file() or db.stat().st_size == 0:
+            return None
+        check_sqlite_store(db)
+    elif is_server(uri):
+        check_tracking_server(uri, key)
+    return MlflowClient(uri)

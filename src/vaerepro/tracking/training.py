@@ -1,0 +1,165 @@
+"""MLflow for the train stage: Lightning's MLflow logger with buffered metrics, and `TrainingRun`, the run a
+training records itself in (created, or continued when resuming; described, and ended).
+
+`train.train` knows nothing of MLflow: whoever starts a training (the command line) hands it a `TrainingRun`,
+which it opens on global rank 0 once the trainer knows its rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from vaerepro.config import Config
+from vaerepro.tracking import runs
+from vaerepro.tracking.names import metric_name, space_name
+from vaerepro.tracking.store import ensure_experiment
+
+log = logging.getLogger(__name__)
+
+
+class BufferedMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger, except that metrics reach the store in one batch every `flush_every_s`
+    seconds (0: at every call), when training ends and when it fails, each with the time and step at which it
+    was logged.
+
+    Why: every batch MLflow writes is one SQL transaction of a few milliseconds of Python (SQLAlchemy), and
+    Lightning logs twice an epoch (validation end, training epoch end); `synchronous=False` moves that work
+    to MLflow's writer thread, which then competes with training for the GIL. Buffered, a training's curve
+    shows in the MLflow UI at most `flush_every_s` late, which is how TensorBoard's writer (flush_secs) and
+    Lightning's CSVLogger (flush_logs_every_n_steps) treat their files too.
+    """
+
+    def __init__(
+        self, *args: Any, flush_every_s: float, space: str, synchronous: bool = False, **kwargs: Any
+    ):
+        super().__init__(*args, synchronous=synchronous, **kwargs)
+        self.synchronous = synchronous  # MlflowClient.log_batch's: False sends from MLflow's writer thread
+        self.flush_every_s = float(flush_every_s)
+        self.space = space  # metric names carry the run's data space (names.metric_name)
+        self._pending: list = []  # mlflow.entities.Metric, in the order they were logged
+        self._last_flush = time.monotonic()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp_ms = int(time.time() * 1000)
+        # Per-epoch curves against the epoch, not the optimiser step Lightning passes: Lightning adds the
+        # epoch to every metrics dict it logs, and epochs are how a VAE's curves are read and compared
+        # (the step depends on the batch size and the number of devices).
+        if "epoch" in metrics:
+            step = int(metrics["epoch"])
+        for key, value in metrics.items():
+            # the names MLflow accepts, as MLFlowLogger.log_metrics cleans them (no prefix is set here)
+            name = metric_name(re.sub(r"[^a-zA-Z0-9_/. -]+", "", key), self.space)
+            if name is not None:
+                self._pending.append(
+                    Metric(key=name, value=float(value), timestamp=timestamp_ms, step=step or 0)
+                )
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Send the buffered metrics to the store (one batch; MLflow splits it at its per-batch limit)."""
+        self._last_flush = time.monotonic()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.experiment.log_batch(run_id=self.run_id, metrics=pending, synchronous=self.synchronous)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:  # Lightning calls it at the end and on an error
+        # Only the metrics: whether the run ended, and how, is TrainingRun's and the pipeline's to say (a run
+        # is FINISHED when every stage has finished, KILLED when a signal stopped it, FAILED otherwise).
+        self.flush()
+
+
+class TrainingRun:
+    """The MLflow run of one training in out_dir/models, for `train.train(..., tracker=...)`.
+
+    open: creates the run (or, resuming, continues the one models/mlflow_run.json names when it is in the
+    same store), records its id there at once (a crashed training is resumed into it), logs the config and
+    the dataset (or, resuming, the checkpoint's epochs the run lacks); returns the Lightning logger.
+    finish: the final numbers, the description and best.ckpt; the run ends FINISHED when `finish` is true
+    (the pipeline passes False and ends it after its last stage). fail: FAILED with the reason as a tag, or
+    KILLED when a signal stopped training. With tracking disabled, `finish` still records "no run" in
+    models/mlflow_run.json, so later stages never add to a run an earlier training left there.
+    """
+
+    def __init__(self, cfg: Config, root: Path, model_dir: Path, *, finish: bool = True):
+        self.cfg, self.root, self.model_dir, self.finish_run = cfg, Path(root), Path(model_dir), finish
+        self.logger: BufferedMLFlowLogger | None = None
+        self.uri: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.logger.run_id if self.logger is not None else None
+
+    def open(self, *, resumed_curve: Sequence[Mapping[str, Any]] | None, data_meta: Mapping[str, Any], keys):
+        """Start recording; keys: the (training, validation) per-epoch metric keys as training logs them.
+        Returns the Lightning logger to attach, or None when tracking is disabled."""
+        if not self.cfg.tracking.enabled:
+            return None
+        self.logger = self._logger(resume=resumed_curve is not None)
+        run = (self.logger.experiment, self.logger.run_id)
+        runs.write_run_id(self.model_dir, self.run_id, self.uri)
+        runs.log_config(*run, self.cfg.to_dict())
+        if resumed_curve is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
+            runs.complete_curve(*run, list(resumed_curve), keys, self.logger.space)
+        else:
+            runs.log_dataset(*run, data_meta, self.cfg.data_space, self.cfg.data.source)
+        return self.logger
+
+    def finish(self, metrics: Mapping[str, Any]) -> None:
+        runs.write_run_id(self.model_dir, self.run_id, self.uri)
+        if self.logger is None:
+            return
+        run = (self.logger.experiment, self.logger.run_id)
+        runs.log_metrics(*run, metrics, prefix="final/", space=self.logger.space)
+        runs.describe(*run, self.cfg, train=metrics)
+        self.logger.experiment.log_artifact(self.run_id, str(self.model_dir / "best.ckpt"), "checkpoints")
+        if self.finish_run:
+            runs.end_run(*run, "FINISHED")
+
+    def fail(self, exc: BaseException, *, interrupted: bool) -> None:
+        if self.logger is not None:
+            runs.end_run(
+                self.logger.experiment, self.run_id, runs.status_of(exc, interrupted=interrupted), exc
+            )
+
+    def _logger(self, resume: bool) -> BufferedMLFlowLogger:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        cfg = self.cfg
+        self.uri, _ = ensure_experiment(cfg.tracking, self.root)
+        run_id = None
+        if resume:
+            previous, previous_uri = runs.read_run_id(self.model_dir)
+            if previous and previous_uri == self.uri:
+                try:
+                    MlflowClient(self.uri).get_run(previous)
+                    run_id = previous
+                except MlflowException:
+                    log.warning("MLflow run %s is not in %s: resuming into a new run", previous, self.uri)
+        logger = BufferedMLFlowLogger(
+            flush_every_s=cfg.tracking.flush_every_s,
+            space=space_name(cfg.data_space, cfg.improper),
+            experiment_name=cfg.tracking.experiment,
+            run_name=cfg.run_name,
+            tracking_uri=self.uri,
+            tags=None if run_id else runs.run_tags(cfg, self.root),
+            log_model=False,
+            run_id=run_id,
+        )
+        if run_id:
+            logger.experiment.update_run(run_id, status="RUNNING")
+        return logger

@@ -1,0 +1,226 @@
+"""The shape of src/: imports go one way, core <- stages <- edges, with no cycle and no private names.
+
+The graph is read from the source (ast), imports inside functions included: a function-level import is
+still a dependency, only a later one. docs/design.md draws the same graph.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Each module of the package in its layer. A module may import its own layer and the layers before it.
+LAYERS: dict[str, tuple[str, ...]] = {
+    # the science and the data: no Lightning, MLflow, Optuna or Hydra
+    "core": (
+        "vaerepro",
+        "vaerepro.errors",
+        "vaerepro.signals",
+        "vaerepro.likelihoods",
+        "vaerepro.model",
+        "vaerepro.estimators",
+        "vaerepro.compare",
+        "vaerepro.checkpoints",
+        "vaerepro.sources",
+        "vaerepro.data",
+        "vaerepro.config",
+        "vaerepro.baseline",
+        "vaerepro.document",
+    ),
+    # the pipeline's stages: each reads files and writes files
+    "stages": (
+        "vaerepro.trainer",
+        "vaerepro.train",
+        "vaerepro.evaluate",
+        "vaerepro.report_comparison",
+        "vaerepro.report",
+    ),
+    # what starts stages and records them: MLflow, Optuna, the command lines, Hydra's plugin
+    "edges": (
+        "vaerepro.tracking",
+        "vaerepro.sweep",
+        "vaerepro.presets",
+        "vaerepro.reproduction",
+        "vaerepro.cli",
+    ),
+}
+ORDER = list(LAYERS)
+# Third-party frameworks and the only places that may import them.
+FRAMEWORKS = {
+    "mlflow": ("vaerepro.tracking",),  # MLflow in one place
+    "optuna": ("vaerepro.sweep", "hydra_plugins"),
+    "hydra": ("vaerepro.cli", "vaerepro.config", "vaerepro.sweep", "hydra_plugins"),
+    "lightning": (
+        "vaerepro.trainer",
+        "vaerepro.train",
+        "vaerepro.tracking.training",
+        "vaerepro.sweep.pruning",
+    ),
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts and parts[0] in ("vaerepro", "hydra_plugins"):
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or '', line) for every import in the file, at any depth."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "", node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = node.module or ""
+            if node.level:  # relative: from .x import y
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}".rstrip(".")
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                # `from pkg import submodule` depends on the submodule; `from mod import name` on mod
+                found.append((sub if sub in MODULES else base, a.name, node.lineno))
+    return found
+
+
+def _edges() -> dict[str, set[str]]:
+    return {
+        name: {m for m, _, _ in _imports(name, path) if m in MODULES and m != name}
+        for name, path in MODULES.items()
+    }
+
+
+def _layer(module: str) -> str | None:
+    best = None
+    for layer, members in LAYERS.items():
+        for m in members:
+            if (module == m or module.startswith(m + ".")) and (best is None or len(m) > len(best[1])):
+                best = (layer, m)
+    if module.startswith("hydra_plugins"):
+        return "edges"
+    return best[0] if best else None
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in MODULES if _layer(m) is None] == []
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (a path ending where it began), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return path[path.index(n) :] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(_edges())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_imports_go_from_edges_to_stages_to_core():
+    wrong = [
+        f"{m} ({_layer(m)}) imports {n} ({_layer(n)})"
+        for m, targets in _edges().items()
+        for n in targets
+        if ORDER.index(_layer(n)) > ORDER.index(_layer(m))
+    ]
+    assert wrong == []
+
+
+def test_frameworks_only_where_they_belong():
+    wrong = []
+    for name, path in MODULES.items():
+        for module, _, line in _imports(name, path):
+            top = module.split(".")[0]
+            allowed = FRAMEWORKS.get(top)
+            if allowed and not any(name == a or name.startswith(a + ".") for a in allowed):
+                wrong.append(f"{path.relative_to(SRC)}:{line} imports {module}")
+    assert wrong == []
+
+
+def test_no_private_names_of_other_modules():
+    wrong = [
+        f"{path.relative_to(SRC)}:{line} imports {imported} from {module}"
+        for name, path in MODULES.items()
+        for module, imported, line in _imports(name, path)
+        if imported.startswith("_") and module != name
+    ]
+    assert wrong == []
+
+
+def test_the_checks_see_a_cycle_and_a_function_level_import(tmp_path):
+    """The checks on made-up input: a three-module cycle is found; an import inside a function counts, with
+    the private name it takes."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
+    f = tmp_path / "a.py"
+    f.write_text("def f():\n    from vaerepro import cli\n    from vaerepro.train import _x\n")
+    found = _imports("vaerepro.thing", f)
+    assert ("vaerepro.cli", "cli", 2) in found and ("vaerepro.train", "_x", 3) in found
+    assert _layer("vaerepro.tracking.store") == "edges" and _layer("vaerepro.model") == "core"
+
+
+DESIGN = SRC.parent / "docs" / "design.md"
+GRAPH_START, GRAPH_END = "<!-- module graph: start -->", "<!-- module graph: end -->"
+
+
+def render_graph() -> str:
+    """The module graph as docs/design.md shows it: by layer, each module and what it imports of the
+    package (`vaerepro.` left off; the Hydra plugin's files as one node, hydra_plugins)."""
+
+    def short(m: str) -> str:
+        return "hydra_plugins" if m.startswith("hydra_plugins") else m.removeprefix("vaerepro.")
+
+    layer_of: dict[str, str] = {}
+    deps: dict[str, set[str]] = {}
+    for m, targets in _edges().items():
+        if m == "vaerepro":  # the package's __init__: a version string
+            continue
+        layer_of[short(m)] = _layer(m)
+        deps.setdefault(short(m), set()).update(short(n) for n in targets)
+    lines = []
+    for layer in ORDER:
+        lines.append(f"{layer}:")
+        for m in sorted(k for k, v in layer_of.items() if v == layer):
+            imported = sorted(deps[m] - {m, "vaerepro"})
+            lines.append(f"  {m:<22} <- {', '.join(imported) if imported else '(nothing of vaerepro)'}")
+    return "\n".join(lines)
+
+
+def test_design_doc_shows_the_real_module_graph():
+    text = DESIGN.read_text()
+    assert GRAPH_START in text and GRAPH_END in text, f"{DESIGN}: no module graph block"
+    shown = (
+        text.split(GRAPH_START, 1)[1].split(GRAPH_END, 1)[0].strip().removeprefix("```").removesuffix("```")
+    )
+    assert shown.strip() == render_graph(), (
+        "docs/design.md's module graph differs from the source; paste this between the markers:\n"
+        + render_graph()
+    )
