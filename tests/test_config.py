@@ -48,6 +48,33 @@ def test_defaults_are_the_papers():
     assert cfg.run_name == "bernoulli-z20-s0"
 
 
+def test_new_keys_default_to_what_every_run_had_before_them():
+    """A constant rate, torch's Adam (its own defaults, passed explicitly now) and torch's init: the default
+    pipeline's numbers do not move."""
+    import torch
+
+    cfg = config_mod.validate(compose())
+    assert cfg.train.lr_schedule == "constant" and cfg.model.init == "default"
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]).defaults
+    assert tuple(cfg.train.adam_betas) == adam["betas"] == (0.9, 0.999)
+    assert cfg.train.adam_eps == adam["eps"] == 1e-8
+    assert cfg.model.init_std == 0.01  # AEVB's "N(0, 0.01)", read as a standard deviation
+
+
+def test_iwae_settings_validate():
+    cfg = config_mod.validate(
+        compose(
+            "train.lr_schedule=iwae",
+            "train.adam_eps=1e-4",
+            "model.init=glorot",
+            "train.adam_betas=[0.9,0.99]",
+        )
+    )
+    assert (cfg.train.lr_schedule, cfg.train.adam_eps, cfg.model.init) == ("iwae", 1e-4, "glorot")
+    assert cfg.train.adam_betas == [0.9, 0.99]
+    assert config_mod.validate(compose("model.init=normal", "model.init_std=0.1")).model.init_std == 0.1
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "hint"),
     [
@@ -63,6 +90,15 @@ def test_defaults_are_the_papers():
         (["data.space=continuous"], "data.space", "allow_improper"),
         (["model.hidden_dims=[]"], "model.hidden_dims", "at least 1"),
         (["+model.layers=3"], "model.layers", "Extra inputs are not permitted"),
+        (["train.lr_schedule=cosine"], "train.lr_schedule", "'constant' or 'iwae'"),
+        (["train.adam_betas=[0.9]"], "train.adam_betas", "at least 2 items"),
+        (["train.adam_betas=[0.9,0.99,0.999]"], "train.adam_betas", "at most 2 items"),
+        (["train.adam_betas=[0.9,1.0]"], "train.adam_betas.1", "less than 1"),
+        (["train.adam_eps=0"], "train.adam_eps", "greater than 0"),
+        (["train.optimizer=adagrad", "train.adam_eps=1e-4"], "train.adam_eps=0.0001", "optimizer=adam only"),
+        (["model.init=xavier"], "model.init", "'default', 'glorot' or 'normal'"),
+        (["model.init_std=0"], "model.init_std", "greater than 0"),
+        (["model.init_std=inf"], "model.init_std", "finite number"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, hint):

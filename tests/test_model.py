@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
-from vaerepro.model import VAE, DiagonalGaussian, StandardNormal
+from vaerepro.model import VAE, DiagonalGaussian, StandardNormal, mlp
 
 D, Z, B = 12, 3, 5
 
@@ -70,10 +70,17 @@ def test_architecture_follows_hidden_dims_and_activation():
 
 
 @pytest.mark.parametrize(
-    "likelihood", [None, {"name": "gaussian", "sigma": 0.3}, {"name": "continuous_bernoulli"}]
+    "likelihood, init",
+    [
+        (None, {}),
+        ({"name": "gaussian", "sigma": 0.3}, {"init": "glorot"}),
+        ({"name": "continuous_bernoulli"}, {"init": "normal", "init_std": 0.05}),
+    ],
 )
-def test_rebuild_from_config(likelihood):
-    vae = make(hidden_dims=(8,), activation="elu", likelihood=likelihood)
+def test_rebuild_from_config(likelihood, init):
+    vae = make(hidden_dims=(8,), activation="elu", likelihood=likelihood, **init)
+    assert vae.config["init"] == init.get("init", "default")
+    assert vae.config["init_std"] == init.get("init_std", 0.01)
     cfg = json.loads(json.dumps(vae.config))  # what a checkpoint stores
     assert cfg == vae.config and isinstance(cfg["hidden_dims"], list)
     rebuilt = VAE(**cfg).double()
@@ -98,6 +105,64 @@ def test_bad_arguments_are_rejected():
         VAE(data_dim=4, latent_dim=2, activation="sigmoid")
     with pytest.raises(ValueError, match="allowed: bernoulli, continuous_bernoulli, gaussian"):
         VAE(data_dim=4, latent_dim=2, likelihood={"name": "poisson"})
+    with pytest.raises(ValueError, match="unknown init 'xavier'; allowed: default, glorot, normal"):
+        VAE(data_dim=4, latent_dim=2, init="xavier")
+    for bad in (0, -0.1, float("inf"), float("nan"), True, "0.01"):
+        with pytest.raises(ValueError, match="init_std must be a finite number > 0"):
+            VAE(data_dim=4, latent_dim=2, init="normal", init_std=bad)
+
+
+def _linears(vae: VAE) -> list[nn.Linear]:
+    return [m for m in vae.modules() if isinstance(m, nn.Linear)]
+
+
+def test_default_init_is_torchs_and_draws_what_it_drew_before():
+    """model.init=default: for a fixed seed, the same weights as the encoder and decoder MLPs built as
+    before the key existed (torch's nn.Linear init, encoder first), and the global generator left where
+    they leave it, so the default pipeline's numbers do not move."""
+    torch.manual_seed(0)
+    vae = VAE(data_dim=D, latent_dim=Z, hidden_dims=(7, 4), likelihood={"name": "gaussian"})
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    encoder, decoder = mlp([D, 7, 4, 2 * Z], "tanh"), mlp([Z, 4, 7, 2 * D], "tanh")
+    assert torch.equal(torch.rand(3), after)
+    expected = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    expected |= {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    got = vae.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert all(m.bias.abs().min() > 0 for m in _linears(vae))  # torch's biases are drawn, not zero
+
+
+def test_glorot_init_has_glorots_bound_and_zero_biases():
+    """U(-a, a), a = sqrt(6 / (n_in + n_out)) for every weight matrix (Glorot & Bengio 2010, IWAE 5.1):
+    within the bound, reaching near it, with the uniform's variance a^2 / 3; every bias 0."""
+    torch.manual_seed(0)
+    vae = VAE(data_dim=300, latent_dim=10, hidden_dims=(200,), init="glorot")
+    for layer in _linears(vae):
+        w = layer.weight.detach().double()
+        bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound, layer
+        # the variance of n = w.numel() draws of U(-a, a): a^2 / 3, relative SE sqrt(0.8 / n) (<= 0.8 %)
+        assert w.var().item() == pytest.approx(bound**2 / 3, rel=5 * math.sqrt(0.8 / w.numel()))
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_normal_init_draws_weights_and_biases_with_the_given_std():
+    """N(0, init_std^2) for every parameter (AEVB: "all parameters"): sample std within 5 standard errors
+    (sqrt(1 / 2n) relative), mean within 5 standard errors of 0, for the weights and for the biases. Another
+    std scales the same draws."""
+    stds = {}
+    for std in (0.01, 0.1):
+        torch.manual_seed(0)
+        vae = VAE(data_dim=300, latent_dim=10, hidden_dims=(200,), init="normal", init_std=std)
+        for kind in ("weight", "bias"):
+            values = torch.cat([getattr(m, kind).detach().double().reshape(-1) for m in _linears(vae)])
+            n = values.numel()
+            assert values.std().item() == pytest.approx(std, rel=5 / math.sqrt(2 * n)), kind
+            assert abs(values.mean().item()) < 5 * std / math.sqrt(n), kind
+            stds[std, kind] = values
+    for kind in ("weight", "bias"):  # the same draws, scaled: only std differs
+        torch.testing.assert_close(stds[0.1, kind], 10 * stds[0.01, kind])
 
 
 def test_posterior_prior_kl_is_the_closed_form_and_matches_torchs_generic_kl():

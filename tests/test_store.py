@@ -56,7 +56,7 @@ _WORKER = textwrap.dedent(
     from mlflow import MlflowClient
 
     from vaerepro import tracking
-    from vaerepro.config import Config
+    from vaerepro.config import TrackingConfig
 
     root, i = Path(sys.argv[1]), sys.argv[2]
     (root / f"ready{i}").touch()

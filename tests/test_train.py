@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from conftest import Crash, copy_prepared, tiny_config, val_curve
+from vaerepro import checkpoints
 from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
+from vaerepro.schedules import iwae_lr
 from vaerepro.train import (
     EpochBatches,
     TensorBatches,
@@ -195,6 +197,85 @@ def test_optimizers_are_the_configured_ones():
         assert opt.param_groups[0]["fused"] is True  # the default: torch's fused kernel
 
 
+def test_adam_betas_and_eps_reach_the_optimiser_and_default_to_torchs():
+    from vaerepro.train import VAEModule
+
+    vae_config = {"data_dim": 16, "latent_dim": 2, "hidden_dims": [8]}
+    torchs = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]).defaults
+    cases = [
+        ((), torchs["betas"], torchs["eps"]),  # the defaults: torch's own, so no run's numbers move
+        (("train.adam_betas=[0.5,0.99]", "train.adam_eps=1e-4"), (0.5, 0.99), 1e-4),  # IWAE's epsilon
+    ]
+    for overrides, betas, eps in cases:
+        train_cfg = tiny_config(*overrides).train.model_dump()
+        opt = VAEModule(vae_config, train_cfg, "binary", True).configure_optimizers()
+        assert type(opt) is torch.optim.Adam  # a constant rate: no scheduler
+        assert opt.param_groups[0]["betas"] == betas and opt.param_groups[0]["eps"] == eps
+    # an older module's train dict, without the keys: torch's defaults too
+    older = {k: v for k, v in train_cfg.items() if k not in ("adam_betas", "adam_eps", "lr_schedule")}
+    group = VAEModule(vae_config, older, "binary", True).configure_optimizers().param_groups[0]
+    assert (group["betas"], group["eps"]) == (torchs["betas"], torchs["eps"])
+
+
+class _LearningRates(pl.Callback):
+    """The optimiser's learning rate at every training batch, as a set per epoch."""
+
+    def __init__(self):
+        self.by_epoch: dict[int, set[float]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.by_epoch.setdefault(trainer.current_epoch, set()).add(lr)
+
+
+def test_the_iwae_schedule_sets_every_epochs_rate_in_training(prepared_tiny, tmp_path):
+    """lr_schedule=iwae: epoch 0 (stage 0, one epoch) at train.lr, epoch 1 (stage 1's first) at
+    train.lr x 10^(-1/7), every batch; last.ckpt holds the schedule at the next epoch's position."""
+    out, rates = copy_prepared(prepared_tiny, tmp_path), _LearningRates()
+    cfg = tiny_config("train.max_epochs=2", "train.lr_schedule=iwae", "train.checkpoint_every_s=0")
+    train(cfg, out, enable_progress_bar=False, callbacks=[rates])
+    assert rates.by_epoch == {0: {1e-3}, 1: {1e-3 * 10 ** (-1 / 7)}}
+    last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["lr_schedulers"][0]["last_epoch"] == 2
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == iwae_lr(2) == 1e-3 * 10 ** (-1 / 7)
+
+
+def test_resume_and_evaluation_refuse_a_checkpoint_trained_otherwise():
+    """The new keys are compared like the others; a checkpoint from before them counts as trained with
+    their old behaviour (torch's init, a constant rate, torch's Adam); init_std matters under init=normal."""
+
+    def hparams(*overrides):
+        return checkpoints.expected_hparams(tiny_config(*overrides), 784, True, "digest")
+
+    now = hparams()
+    old = {
+        **now,
+        "vae_config": {k: v for k, v in now["vae_config"].items() if k not in ("init", "init_std")},
+        "train": {
+            k: v for k, v in now["train"].items() if k not in ("lr_schedule", "adam_betas", "adam_eps")
+        },
+    }
+    assert checkpoints.mismatches(old, now) == [] and checkpoints.mismatches(now, now) == []
+    iwae = hparams("train.lr_schedule=iwae", "train.adam_eps=1e-4", "model.init=glorot")
+    assert set(checkpoints.mismatches(old, iwae)) == {
+        "model.init: checkpoint 'default', config 'glorot'",
+        "train.lr_schedule: checkpoint 'constant', config 'iwae'",
+        "train.adam_eps: checkpoint 1e-08, config 0.0001",
+    }
+    assert checkpoints.mismatches(now, iwae, only=checkpoints.MODEL_KEYS) == [
+        "model.init: checkpoint 'default', config 'glorot'"
+    ]
+    betas = hparams("train.adam_betas=[0.5,0.999]")
+    assert checkpoints.mismatches(old, betas) == [
+        "train.adam_betas: checkpoint [0.9, 0.999], config [0.5, 0.999]"
+    ]
+    normal = hparams("model.init=normal")
+    assert checkpoints.mismatches(normal, hparams("model.init=normal", "model.init_std=0.1")) == [
+        "model.init_std: checkpoint 0.01, config 0.1"
+    ]
+    assert checkpoints.mismatches(now, hparams("model.init_std=0.1")) == []  # unused under init=default
+
+
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
 def test_fused_optimiser_makes_the_same_updates(name):
     """train.fused changes how the update is computed, not what it is: 20 steps of the fused and the
@@ -252,30 +333,54 @@ def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prep
 def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupted_one_does(
     prepared_tiny, tmp_path
 ):
-    """With last.ckpt written at every epoch end (checkpoint_every_s=0), a training that dies in its
-    third epoch resumes from the end of the second and ends bit for bit where an uninterrupted run does."""
+    """With last.ckpt written at every epoch end (checkpoint_every_s=0), a training under IWAE's schedule
+    that dies in its fifth epoch (epoch 4, the first of stage 2) resumes from the end of the fourth, at the
+    rate an uninterrupted run has there, and ends bit for bit where that run does: weights, optimiser and
+    scheduler state, curve."""
 
-    class CrashInEpoch2(pl.Callback):
+    class CrashInEpoch4(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.current_epoch == 2 and batch_idx == 3:
+            if trainer.current_epoch == 4 and batch_idx == 3:
                 raise Crash
 
-    cfg = tiny_config("train.max_epochs=4", "train.checkpoint_every_s=0")
-    whole = train(cfg, copy_prepared(prepared_tiny, tmp_path / "whole"), enable_progress_bar=False)
+    settings = ("train.max_epochs=5", "train.checkpoint_every_s=0", "train.lr_schedule=iwae")
+    whole_rates, resumed_rates = _LearningRates(), _LearningRates()
+    whole = train(
+        tiny_config(*settings),
+        copy_prepared(prepared_tiny, tmp_path / "whole"),
+        enable_progress_bar=False,
+        callbacks=[whole_rates],
+    )
+    assert whole_rates.by_epoch == {e: {iwae_lr(e)} for e in range(5)}  # stages 0, 1, 1, 1, 2
     out = copy_prepared(prepared_tiny, tmp_path / "crashed")
     with pytest.raises(Crash):
-        train(cfg, out, enable_progress_bar=False, callbacks=[CrashInEpoch2()])
+        train(tiny_config(*settings), out, enable_progress_bar=False, callbacks=[CrashInEpoch4()])
     saved = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["epoch"] == 1  # the end of the second epoch, the last one that finished
+    assert saved["epoch"] == 3  # the end of the fourth epoch, the last one that finished
     resumed = train(
-        tiny_config("train.max_epochs=4", "train.checkpoint_every_s=0", "train.resume=true"),
+        tiny_config(*settings, "train.resume=true"),
         out,
         enable_progress_bar=False,
+        callbacks=[resumed_rates],
     )
+    assert resumed_rates.by_epoch == {4: {1e-3 * 10 ** (-2 / 7)}} == {4: whole_rates.by_epoch[4]}
     for k in ("train_elbo", "val_elbo", "best_val_elbo"):
         assert resumed[k] == whole[k], k
     curve = (out / "plots" / "elbo.csv").read_text()
-    assert curve == (tmp_path / "whole" / "plots" / "elbo.csv").read_text() and len(curve.splitlines()) == 5
+    assert curve == (tmp_path / "whole" / "plots" / "elbo.csv").read_text() and len(curve.splitlines()) == 6
+    ends = [
+        torch.load(d / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+        for d in (tmp_path / "whole", out)
+    ]
+    assert _same_weights(ends[0]["state_dict"], ends[1]["state_dict"])
+    assert (
+        ends[0]["lr_schedulers"] == ends[1]["lr_schedulers"]
+        and ends[1]["lr_schedulers"][0]["last_epoch"] == 5
+    )
+    states = [e["optimizer_states"][0] for e in ends]
+    assert states[0]["param_groups"] == states[1]["param_groups"]
+    for a, b in zip(states[0]["state"].values(), states[1]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # Adam's moments and step counts
 
 
 class _Record(pl.Callback):

@@ -31,6 +31,17 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
+# What a key a checkpoint does not record meant: the keys added after checkpoints were first written, with
+# the value every training had before (torch's init, a constant rate, torch's Adam). An older checkpoint is
+# compared as if it recorded these, so that it is not resumed under another schedule or optimiser, nor
+# labelled with another init.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "model.init": "default",
+    "train.lr_schedule": "constant",
+    "train.adam_betas": [0.9, 0.999],
+    "train.adam_eps": 1e-8,
+}
+
 # The keys that say which model a checkpoint holds (evaluation's check); training keys are not among them.
 MODEL_KEYS = (
     "data: pixels per image",
@@ -53,6 +64,8 @@ def expected_hparams(cfg, data_dim: int, quantized: bool, data_digest: str | Non
             "hidden_dims": list(cfg.model.hidden_dims),
             "activation": cfg.model.activation,
             "likelihood": cfg.likelihood.model_dump(),
+            "init": cfg.model.init,
+            "init_std": cfg.model.init_std,
         },
         # how to train, not whether this is a resumption
         "train": cfg.train.model_dump(exclude={"resume"}),
@@ -107,6 +120,9 @@ def flatten_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         "model.latent_dim": vae["latent_dim"],
         "model.hidden_dims": list(vae["hidden_dims"]),
         "model.activation": vae["activation"],
+        **({"model.init": vae["init"]} if "init" in vae else {}),
+        # init_std matters to init=normal only; under another init its value is not compared
+        **({"model.init_std": vae["init_std"]} if vae.get("init") == "normal" else {}),
         "likelihood.name": vae["likelihood"]["name"],
     }
     out.update({f"likelihood.{k}": v for k, v in vae["likelihood"].items() if k != "name"})
@@ -124,9 +140,10 @@ def mismatches(
 ) -> list[str]:
     """'key: checkpoint A, config B' for every key where `expected` (from the config) differs from `saved`
     (a checkpoint's hyper-parameters); both as `flatten_hparams` gives them. `only`: keys starting with one
-    of these. A key the checkpoint does not record (an older checkpoint) is not compared; with different
-    likelihoods, only the likelihood's name is reported, not its other keys."""
-    a, b = flatten_hparams(saved), flatten_hparams(expected)
+    of these. A key the checkpoint does not record (an older checkpoint) is compared as its LEGACY_DEFAULTS
+    value, or not at all; with different likelihoods, only the likelihood's name is reported, not its other
+    keys."""
+    a, b = {**LEGACY_DEFAULTS, **flatten_hparams(saved)}, flatten_hparams(expected)
     out = []
     for key in b:
         if key not in a or (only is not None and not key.startswith(only)) or key in RESUMABLE_CHANGES:

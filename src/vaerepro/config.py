@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vaerepro.errors import UserError
 from vaerepro.likelihoods import DATA_SPACES, REGISTRY, get_likelihood
+from vaerepro.model import INITS
+from vaerepro.schedules import LR_SCHEDULES
 from vaerepro.sources import DEFAULT_MAX_NPZ_BYTES, SOURCES
 
 PROJECT_MARKERS = ("dvc.yaml", "conf/config.yaml")
@@ -31,6 +33,9 @@ MAX_HIDDEN = 100_000
 # likelihoods.DATA_SPACES): a bad value's error lists them, e.g. "Input should be 'auto', 'binary' or ...".
 DataSource = Literal[SOURCES]
 DataSpace = Literal[("auto", *DATA_SPACES)]  # auto: the likelihood's natural space
+# torch.optim.Adam's defaults: the optimiser every run used before train.adam_betas / adam_eps existed
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class ConfigError(UserError, ValueError):
@@ -71,6 +76,12 @@ class ModelConfig(_Section):
         default_factory=lambda: [500], min_length=1
     )
     activation: Literal["tanh", "relu", "softplus", "elu"] = "tanh"
+    # every linear layer's parameters: torch's own (default), Glorot & Bengio 2010's uniform weights and
+    # zero biases (glorot, IWAE 5.1), or weights and biases from N(0, init_std^2) (normal, AEVB 5)
+    init: Literal[INITS] = "default"
+    # standard deviation of init=normal's draw. AEVB writes "N(0, 0.01)" without saying whether 0.01 is the
+    # standard deviation or the variance (its N(z; mu, sigma^2 I) suggests the variance, i.e. std 0.1)
+    init_std: float = Field(0.01, gt=0, allow_inf_nan=False)
 
 
 class BernoulliConfig(_Section):
@@ -100,6 +111,14 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "adagrad"] = "adam"
     fused: bool = True  # torch's fused optimiser kernel (same update, one kernel per parameter tensor)
     lr: float = Field(1e-3, gt=0)
+    # the rate of epoch e is lr x schedules.lr_factor(lr_schedule)(e): constant, or IWAE's 10^(-i/7) for
+    # 3^i epochs, i = 0..7 (Burda et al. 2016, 5.1; 3,280 epochs, then the last rate)
+    lr_schedule: Literal[LR_SCHEDULES] = "constant"
+    # Adam's (beta1, beta2) and epsilon; torch's defaults; IWAE uses epsilon 1e-4. optimizer=adam only
+    adam_betas: Annotated[list[AdamBeta], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: list(ADAM_BETAS)
+    )
+    adam_eps: float = Field(ADAM_EPS, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(100, ge=1)
     # validation needs no gradients: larger batches than training's cost less per image (fewer steps of
@@ -112,6 +131,15 @@ class TrainConfig(_Section):
     # 0 = every epoch; both are also written at the end of training
     checkpoint_every_s: float = Field(60.0, ge=0)
     resume: bool = False  # continue from models/last.ckpt (and its MLflow run) when it exists
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        # Adam's settings under another optimiser would be ignored: refused instead, naming the keys
+        given = {"adam_betas": (self.adam_betas, list(ADAM_BETAS)), "adam_eps": (self.adam_eps, ADAM_EPS)}
+        changed = [f"train.{k}={v!r}" for k, (v, default) in given.items() if v != default]
+        if self.optimizer != "adam" and changed:
+            raise ValueError(f"{', '.join(changed)}: for optimizer=adam only, not {self.optimizer}")
+        return self
 
 
 class TrainerConfig(_Section):

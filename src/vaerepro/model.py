@@ -6,6 +6,7 @@ the JSON-able constructor arguments, so a checkpoint rebuilds the model with ``V
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +22,32 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
     "elu": nn.ELU,
 }
+
+
+# How the linear layers start (config model.init), n_in x n_out each: torch's nn.Linear init (default:
+# weights and biases U(-1/sqrt(n_in), 1/sqrt(n_in))), Glorot & Bengio 2010's uniform (glorot: weights
+# U(-a, a), a = sqrt(6 / (n_in + n_out)), as IWAE 5.1) or N(0, std^2) (normal: AEVB 5's "N(0, 0.01)");
+# glorot and normal zero the biases.
+INITS = ("default", "glorot", "normal")
+
+
+def initialise(module: nn.Module, init: str, std: float = 0.01) -> None:
+    """Re-draw the parameters of every nn.Linear in `module` by `init` (one of INITS), in place, from torch's
+    global generator: "glorot", Glorot & Bengio's uniform weights and zero biases (IWAE 5.1); "normal",
+    weights and biases from N(0, std^2) (AEVB 5: "all parameters ... initialized by random sampling from
+    N(0, 0.01)"). "default" leaves the module as constructed (torch's init, no draws)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    if init == "default":
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            if init == "glorot":  # gain 1: Glorot & Bengio's bound, whatever the activation
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            else:
+                nn.init.normal_(layer.weight, mean=0.0, std=std)
+                nn.init.normal_(layer.bias, mean=0.0, std=std)
 
 
 def _positive_int(value, what: str) -> int:
@@ -95,6 +122,8 @@ class VAE(nn.Module):
         hidden_dims: Sequence[int] = (500,),
         activation: str = "tanh",
         likelihood: Mapping | None = None,
+        init: str = "default",
+        init_std: float = 0.01,
     ):
         super().__init__()
         data_dim = _positive_int(data_dim, "data_dim")
@@ -104,6 +133,11 @@ class VAE(nn.Module):
         hidden = [_positive_int(h, "each of hidden_dims") for h in hidden_dims]
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+        real = isinstance(init_std, numbers.Real) and not isinstance(init_std, bool)
+        if not (real and 0 < init_std < math.inf):
+            raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
         if likelihood is None:
             likelihood = {"name": "bernoulli"}
         if not isinstance(likelihood, Mapping) or "name" not in likelihood:
@@ -123,11 +157,15 @@ class VAE(nn.Module):
             "hidden_dims": list(hidden),
             "activation": activation,
             "likelihood": self.likelihood.config(),
+            "init": init,
+            "init_std": float(init_std),
         }
         self.encoder = mlp([data_dim, *hidden, 2 * latent_dim], activation)
         self.decoder = mlp(
             [latent_dim, *reversed(hidden), self.likelihood.num_params() * data_dim], activation
         )
+        # after torch's init of both (its draws come first whatever `init` is): encoder, then decoder
+        initialise(self, init, init_std)
 
     def posterior_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, D) -> mu (B, Z), logvar (B, Z) of q(z|x)."""

@@ -32,6 +32,7 @@ from vaerepro.trainer import (
     VAL_KEY,
     EpochHistory,
     SameConfigOnEveryRank,
+    build_optimizer,
     build_trainer,
     train_key,
 )
@@ -328,14 +329,16 @@ class VAEModule(pl.LightningModule):
             )
         self.log(name, train_mean, **log)
 
+    def on_train_epoch_end(self) -> None:
+        # the learning-rate schedule's step, here because manual optimisation steps no scheduler: after this
+        # epoch's validation and before last.ckpt is written (Lightning runs checkpoint callbacks after this
+        # hook), so epoch e trains at the schedule's rate for e, resumed or not
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
     def configure_optimizers(self):
-        t = self.train_cfg
-        opt = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[t["optimizer"]]
-        # fused: the whole update of a parameter tensor in one kernel instead of ~10 element-wise ops (the
-        # bench's "minimal fused" loop shows the gain); the update is the same up to float rounding. Lightning
-        # builds the optimiser
-        # after moving the module to its device, where torch checks that the kernel exists.
-        return opt(self.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=t.get("fused", True))
+        return build_optimizer(self.parameters(), self.train_cfg)
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -437,19 +440,20 @@ def train(
     same = SameConfigOnEveryRank(config_digest(cfg))
     trainer = build_trainer(cfg, out_dir, None, [*callbacks, same], enable_progress_bar=enable_progress_bar)
     tracker = tracker if trainer.is_global_zero else None
+    if trainer.is_global_zero:
+        model_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if trainer.is_global_zero:
-            model_dir.mkdir(parents=True, exist_ok=True)
-            # The last training's numbers describe checkpoints this training replaces or extends: a training
-            # that stops or fails from here on leaves no train.json rather than one that is no longer true.
-            for name in ("train.json", "train_summary.json"):
-                (out_dir / "metrics" / name).unlink(missing_ok=True)
-        if tracker is not None:
+        if tracker is not None:  # first: a tracking store that is refused leaves every file as it was
             curve = _saved_curve(resumed) if resumed is not None else None
             keys = (train_key(cfg.train.objective), VAL_KEY)
             logger = tracker.open(resumed_curve=curve, data_meta=data.splits.meta, keys=keys)
             if logger is not None:
                 trainer.loggers = [logger]
+        if trainer.is_global_zero:
+            # The last training's numbers describe checkpoints this training replaces or extends: a training
+            # that stops or fails from here on leaves no train.json rather than one that is no longer true.
+            for name in ("train.json", "train_summary.json"):
+                (out_dir / "metrics" / name).unlink(missing_ok=True)
         start = time.perf_counter()
         with warnings.catch_warnings(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
