@@ -7,6 +7,7 @@ Model: z ~ N(0, I_Z), x | z ~ N(W z + b, sigma^2 I_D), so
 Everything is float64; D = 5, Z = 2, a few hundred examples, so each test takes well under a second or two.
 """
 
+import hashlib
 import math
 
 import numpy as np
@@ -17,8 +18,13 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from conftest import DEVICES
 from vaerepro.estimators import (
+    ELBO_STREAM,
     ESS_FLOOR,
+    EXAMPLE_BLOCK,
+    IS_STREAM,
     LADDER_GAIN_TOL_NATS,
+    SAMPLE_BLOCK,
+    BlockNoise,
     StreamingLogMeanExp,
     convergence,
     elbo,
@@ -29,6 +35,7 @@ from vaerepro.estimators import (
     ladder_steps,
     log_weights,
     mean_se,
+    noise_seed,
 )
 
 D, Z, N = 5, 2, 200
@@ -273,48 +280,139 @@ def test_ess_is_k_for_equal_weights_and_one_for_a_dominant_weight():
         StreamingLogMeanExp().value()
 
 
-def test_estimate_log_px_equals_unchunked_logsumexp_of_the_same_samples(ppca):
-    """Documented sampling contract: one q(z|x) draw per importance sample, from the (seeded) RNG."""
-    m, x, k = model(ppca, shift=0.5, scale=1.3), ppca["x"], 200
-    torch.manual_seed(3)
-    q = m.posterior(x)
-    z = torch.stack([q.sample() for _ in range(k)])  # (K, N, Z)
-    log_w = m.decode(z).log_prob(x) + m.prior().log_prob(z) - q.log_prob(z)  # (K, N), written out
-    ref = torch.logsumexp(log_w, 0) - math.log(k)
-    for chunk in (1, 7, 64, k):
-        est = estimate_log_px(m, x, k, chunk_size=chunk, generator_seed=3)
-        torch.testing.assert_close(est.log_px, ref, rtol=0, atol=1e-12)
-    # the first k samples of a K-sample run are those of a k-sample run with the same seed
-    torch.testing.assert_close(est.ladder[10], estimate_log_px(m, x, 10, 4, generator_seed=3).log_px)
-    torch.testing.assert_close(est.ladder[1], log_w[0])
+# --- the sampling scheme: keyed block noise ----------------------------------------------------------------
+
+SB, EB = SAMPLE_BLOCK, EXAMPLE_BLOCK
+K_CHUNKS = 500  # samples: four sample blocks, the last one partly used
+CHUNKS = (1, 7, SB, 3 * SB + 5, K_CHUNKS)
 
 
-def test_seeding_forks_the_global_rng(ppca):
+def reference_noise(seed, start, stop, k, dtype=F64):
+    """The documented scheme written out: sample j of example i is entry (j % SB, i % EB) of the
+    (j // SB)-th (SB, EB, Z) draw of the generator seeded with noise_seed(seed, IS_STREAM, i // EB)."""
+    out = torch.empty(k, stop - start, Z, dtype=dtype)  # (K, B, Z)
+    for e in range(start // EB, (stop - 1) // EB + 1):
+        g = torch.Generator().manual_seed(noise_seed(seed, IS_STREAM, e))
+        draws = torch.cat([torch.randn((SB, EB, Z), generator=g, dtype=dtype) for _ in range(-(-k // SB))])
+        lo, hi = max(start, e * EB), min(stop, (e + 1) * EB)
+        out[:, lo - start : hi - start] = draws[:k, lo - e * EB : hi - e * EB]
+    return out
+
+
+def test_block_noise_is_standard_normal_keyed_as_documented_and_the_same_for_any_take_pattern():
+    key = b"vaerepro.BlockNoise:1234:0:5"
+    assert noise_seed(1234, 0, 5) == int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    seeds = {noise_seed(s, st, e) for s in (0, 1) for st in (IS_STREAM, ELBO_STREAM) for e in range(100)}
+    assert len({v % 2**32 for v in seeds}) == 400  # distinct, also in the 32 bits the CPU generator uses
+    ref = BlockNoise(7, IS_STREAM, 50, 100, 3).take(1000)  # (K, B, Z), examples 50..149: 3 example blocks
+    assert ref.shape == (1000, 100, 3) and ref.dtype == torch.float32
+    assert abs(ref.mean().item()) < 0.01 and abs(ref.std().item() - 1) < 0.01  # 300,000 N(0, 1) draws
+    # no two examples or samples share noise: correlations between columns and rows are at noise level
+    flat = ref.permute(1, 0, 2).reshape(100, -1)  # (B, K * Z)
+    corr = torch.corrcoef(flat) - torch.eye(100)
+    assert corr.abs().max() < 0.15  # 3,000 numbers per example: |r| ~ N(0, 0.018)
+    for sizes in ([1] * 300 + [700], [7] * 142 + [6], [SB + 1, 3 * SB - 1, 1000 - 4 * SB]):
+        noise = BlockNoise(7, IS_STREAM, 50, 100, 3)
+        assert torch.equal(torch.cat([noise.take(n) for n in sizes]), ref)
+    assert torch.equal(BlockNoise(7, IS_STREAM, 63, 2, 3).take(1000), ref[:, 13:15])  # across a block edge
+    assert not torch.equal(BlockNoise(7, ELBO_STREAM, 50, 100, 3).take(1000), ref)
+
+
+def test_estimate_log_px_is_the_logsumexp_of_the_documented_samples_for_every_chunk_size(ppca):
+    """Known answer: log w written out on the documented noise; log p(x), ESS and ladder for every chunk size
+    (1, 7, one sample block, 3 blocks + 5, all K), and for examples 30..229 of a larger data set."""
+    m, x = model(ppca, shift=0.5, scale=1.3, diagonal=True), ppca["x"]
+    eps = reference_noise(3, 30, 30 + N, K_CHUNKS)  # (K, N, Z)
+    q = m.posterior(x).base_dist
+    z = q.loc + q.scale * eps  # (K, N, Z)
+    log_w = m.decode(z).log_prob(x) + m.prior().log_prob(z) - m.posterior(x).log_prob(z)  # (K, N)
+    ladder, ess = _ladder_and_ess(log_w)
+    for chunk in CHUNKS:
+        est = estimate_log_px(m, x, K_CHUNKS, chunk, generator_seed=3, example_offset=30)
+        assert list(est.ladder) == list(ladder) == [1, 10, 100, K_CHUNKS]
+        for k, v in ladder.items():
+            torch.testing.assert_close(est.ladder[k], v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(est.log_px, ladder[K_CHUNKS], rtol=1e-12, atol=0)
+        torch.testing.assert_close(est.ess, ess, rtol=1e-10, atol=0)
+
+
+def test_full_covariance_q_is_sampled_through_its_cholesky_factor(ppca):
+    m, x = model(ppca, shift=0.5, scale=1.3), ppca["x"][:3]
+    q = m.posterior(x)  # MultivariateNormal, batch (3,), event (Z,)
+    eps = torch.randn(4, 3, Z, dtype=F64)
+    L = torch.linalg.cholesky(m.post_cov * 1.3**2)
+    torch.testing.assert_close(log_weights(m, x, 4, eps).z, q.mean + eps @ L.T, rtol=1e-12, atol=1e-12)
+    laplace = Independent(torch.distributions.Laplace(q.mean, torch.ones_like(q.mean)), 1)
+    with pytest.raises(ValueError, match="Gaussian q"):
+        log_weights(m, x, 4, eps, posterior=laplace)
+
+
+def test_an_example_gets_the_same_draws_whatever_its_batch(ppca):
+    """Example offset + i's estimate depends on (seed, its index, K) only: any slice of the examples, also
+    across example-block edges and a single example, reproduces the whole run's numbers."""
+    m, x = model(ppca, shift=0.5, scale=1.3), ppca["x"]
+    whole = estimate_log_px(m, x, 300, 64, generator_seed=9)
+    for a, b in ((0, 10), (50, 140), (64, 65), (63, 200)):
+        part = estimate_log_px(m, x[a:b], 300, 37, generator_seed=9, example_offset=a)
+        for k in whole.ladder:
+            torch.testing.assert_close(part.ladder[k], whole.ladder[k][a:b], rtol=1e-12, atol=0)
+        torch.testing.assert_close(part.ess, whole.ess[a:b], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_is_bounded_by_the_chunk_not_by_k(ppca, device, monkeypatch):
+    """K=5000 in chunks of 50: every decoder call sees at most 50 samples and every noise draw is one fixed
+    (SB, EB, Z) block (batched: one per example block and SB samples), so the largest tensors alive are
+    < 1/20 of K=5000 at once. CPU memory is not measurable reliably here (a shared machine, torch's own
+    allocator); on CUDA the allocator's peak is checked too."""
+    m = LinearGaussian(ppca["W"].to(device), ppca["b"].to(device), ppca["sigma"], shift=0.5, scale=1.3)
+    decoded, drawn, decode, randn = [], [], m.decode, torch.randn
+    m.decode = lambda z: (decoded.append(z.shape[0]), decode(z))[1]
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: (drawn.append(tuple(a[0])), randn(*a, **kw))[1])
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    assert estimate_log_px(m, ppca["x"].to(device), 5000, 50, generator_seed=0).log_px.isfinite().all()
+    blocks = -(-N // EB)  # example blocks of the N examples
+    assert max(decoded) == 50 and sum(decoded) == 5000
+    assert set(drawn) == {(SB, EB, Z)} and len(drawn) == -(-5000 // SB) * blocks
+    all_at_once = 5000 * N * D * 8  # bytes of the decoder's means (K, N, D) alone, float64
+    assert 8 * (50 * N * D + SB * blocks * EB * Z) < all_at_once / 20  # one chunk's means + one draw
+    assert not cuda or torch.cuda.max_memory_allocated() - before < all_at_once / 5
+
+
+def test_seeding_never_touches_the_global_rng_and_no_seed_draws_one_from_it(ppca):
     m, x = model(ppca, shift=0.5, scale=1.3), ppca["x"]
     torch.manual_seed(99)
     state = torch.get_rng_state()
     a = estimate_log_px(m, x, 20, 8, generator_seed=5)
     assert torch.equal(torch.get_rng_state(), state)  # global stream untouched
     torch.manual_seed(5)
-    b = estimate_log_px(m, x, 20, 8)  # no seed: draws from the global RNG
-    assert torch.equal(a.log_px, b.log_px)
-    c = estimate_log_px(m, x, 20, 8, generator_seed=6)
-    assert not torch.equal(a.log_px, c.log_px)
+    b = estimate_log_px(m, x, 20, 8)  # no seed: one draw from the global RNG picks it
+    assert not torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(5)
+    torch.testing.assert_close(estimate_log_px(m, x, 20, 3).log_px, b.log_px, rtol=1e-12, atol=0)
+    assert not torch.equal(a.log_px, b.log_px)
+    assert not torch.equal(a.log_px, estimate_log_px(m, x, 20, 8, generator_seed=6).log_px)
 
 
-def test_ladder_points_and_ladder_values(ppca):
+def test_ladder_points_and_the_ladder_is_a_prefix_of_the_same_draws(ppca):
+    """A K-sample run's ladder point k equals a k-sample run's estimate (same seed, any chunk sizes)."""
     assert ladder_points(1) == [1]
     assert ladder_points(10) == [1, 10]
     assert ladder_points(250) == [1, 10, 100, 250]
     assert ladder_points(5000) == [1, 10, 100, 1000, 5000]
     m, x = model(ppca, shift=0.5, scale=1.3), ppca["x"]
-    est = estimate_log_px(m, x, 250, chunk_size=64, generator_seed=0)
-    assert list(est.ladder) == [1, 10, 100, 250]
-    assert torch.equal(est.ladder[250], est.log_px)
+    est = estimate_log_px(m, x, 1000, 7, generator_seed=4)
+    assert list(est.ladder) == [1, 10, 100, 1000] and torch.equal(est.ladder[1000], est.log_px)
     assert est.log_px.shape == est.ess.shape == (N,)
-    plain = estimate_log_px(m, x, 250, chunk_size=64, ladder=False, generator_seed=0)
-    assert list(plain.ladder) == [250]
-    torch.testing.assert_close(plain.log_px, est.log_px, rtol=0, atol=1e-12)
+    for k, chunk in ((1, 1), (10, 3), (100, SB), (1000, 1000)):
+        alone = estimate_log_px(m, x, k, chunk, generator_seed=4).log_px
+        torch.testing.assert_close(est.ladder[k], alone, rtol=1e-12, atol=0)
+    plain = estimate_log_px(m, x, 1000, chunk_size=64, ladder=False, generator_seed=4)
+    assert list(plain.ladder) == [1000]
+    torch.testing.assert_close(plain.log_px, est.log_px, rtol=1e-12, atol=0)
 
 
 def test_summarize_mean_and_standard_error():

@@ -14,7 +14,15 @@ from conftest import DEVICES, compose
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
-from vaerepro.evaluate import active_units, eval_device, eval_metrics, knn_accuracy, per_example
+from vaerepro.estimators import ELBO_STREAM, BlockNoise, elbo_terms
+from vaerepro.evaluate import (
+    active_units,
+    auto_chunk_size,
+    eval_device,
+    eval_metrics,
+    knn_accuracy,
+    per_example,
+)
 from vaerepro.model import VAE
 
 
@@ -38,19 +46,69 @@ def test_knn_accuracy_known_answers():
     assert abs(acc - 1 / 3) < 0.1  # labels unrelated to z: chance
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_sharded_evaluation_equals_the_whole(device):
+PER_EXAMPLE_KEYS = ("log_px", "elbo", "recon", "kl", "ess")
+
+
+def _tiny_vae_and_data(n: int):
     torch.manual_seed(0)
     vae = VAE(data_dim=12, latent_dim=2, hidden_dims=[8]).eval()
-    x = torch.bernoulli(torch.full((23, 12), 0.3))
+    return vae, torch.bernoulli(torch.full((n, 12), 0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sharded_evaluation_equals_the_whole(device):
+    vae, x = _tiny_vae_and_data(23)
     kw = dict(num_samples=30, batch_size=5, chunk_size=7, seed=11, device=device)
     whole = per_example(vae, x, **kw)
     shards = [per_example(vae, x, batches=range(r, 5, 2), **kw) for r in range(2)]  # 2 "ranks"
-    merged = torch.where(torch.isnan(shards[0]["log_px"]), shards[1]["log_px"], shards[0]["log_px"])
-    assert torch.equal(merged, whole["log_px"])
-    assert not torch.isnan(whole["log_px"]).any()
+    mine = torch.arange(23) // 5 % 2 == 0  # rank 0's examples: batches 0, 2, 4
+    for key in PER_EXAMPLE_KEYS:
+        merged = torch.where(mine, shards[0][key], shards[1][key])
+        assert torch.equal(merged, whole[key]), key
+        assert torch.isnan(shards[0][key][~mine]).all() and not torch.isnan(whole[key]).any()
+    for k, v in whole["ladder"].items():
+        assert torch.equal(torch.where(mine, shards[0]["ladder"][k], shards[1]["ladder"][k]), v)
     assert (whole["log_px"] >= whole["elbo"] - 5).all()
     assert whole["log_px"].device.type == "cpu" and next(vae.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_examples_numbers_do_not_depend_on_batch_or_chunk_size(device):
+    """Example i's noise is keyed by (seed, i): batches of 10, 25 or all 150 examples (cut across the
+    64-example noise blocks differently) and chunks of 1, 7, 128 + 5 samples or auto give the same
+    per-example numbers (the log weights are summed in float64: rtol 1e-6 holds with a wide margin)."""
+    vae, x = _tiny_vae_and_data(150)
+    ref = per_example(vae, x, num_samples=200, batch_size=10, chunk_size=7, seed=3, device=device)
+    for batch_size, chunk_size in ((25, 1), (150, 133), (25, "auto")):
+        other = per_example(
+            vae, x, num_samples=200, batch_size=batch_size, chunk_size=chunk_size, seed=3, device=device
+        )
+        for key in PER_EXAMPLE_KEYS:
+            torch.testing.assert_close(other[key], ref[key], rtol=1e-6, atol=0, msg=key)
+        for k, v in ref["ladder"].items():
+            torch.testing.assert_close(other["ladder"][k], v, rtol=1e-6, atol=0)
+    other = per_example(vae, x, num_samples=200, batch_size=10, chunk_size=7, seed=4, device=device)
+    assert (other["log_px"] != ref["log_px"]).all() and (other["elbo"] != ref["elbo"]).all()
+    # the one-sample ELBO's noise: examples 40..59's draws of their own stream, ELBO_STREAM
+    eps = BlockNoise(3, ELBO_STREAM, 40, 20, 2, device).take(1)  # (1, 20, Z)
+    elbo = elbo_terms(vae.to(device), x[40:60].to(device), 1, eps)["elbo"].double().cpu()
+    torch.testing.assert_close(elbo, ref["elbo"][40:60], rtol=1e-6, atol=0)
+
+
+def test_auto_chunk_size_fits_the_memory_budget(monkeypatch):
+    # AEVB's MNIST model: per (sample, example) 2*20 + 2*500 + 3*784 = 3,392 floats = 13,568 bytes
+    vae = VAE(data_dim=784, latent_dim=20, hidden_dims=[500])
+    # 256 MiB / (100 examples * 13,568 bytes) = 197 samples, cut to whole 128-sample noise draws
+    assert auto_chunk_size(vae, 100, 1000, "cpu") == 128
+    assert auto_chunk_size(vae, 100, 50, "cpu") == 50  # never more than K
+    assert auto_chunk_size(vae, 1, 100_000, "cpu") == 19_712  # 19,784 cut to 154 draws
+    assert auto_chunk_size(vae, 10**6, 1000, "cpu") == 1  # at least one sample
+    # CUDA: half the free memory, 1 GiB free -> 512 MiB -> 395 samples -> 384
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**34))
+    assert auto_chunk_size(vae, 100, 1000, "cuda") == 384
+    assert config_mod.validate(compose("eval.chunk_size=auto")).eval.chunk_size == "auto"
+    with pytest.raises(ConfigError, match="eval.chunk_size"):
+        config_mod.validate(compose("eval.chunk_size=0"))
 
 
 def test_eval_device_choice(monkeypatch):

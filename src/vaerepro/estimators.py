@@ -7,14 +7,17 @@ are all means or log-mean-exps over it. ``convergence`` judges whether such a lo
 ``model`` is anything with ``posterior(x)`` (q(z|x), batch (B,), event (Z,)), ``prior()`` (p(z), event
 (Z,)) and ``decode(z)`` (p(x|z), batch z.shape[:-1], event (D,)); see ``model.VAE``.
 
-Randomness: every function draws from torch's global RNG (callers seed it), except ``estimate_log_px``
-with ``generator_seed``, which seeds a forked RNG and leaves the global state untouched, and the bounds given
-their standard-normal noise ``eps`` (K, B, Z) (the training step draws it for a whole multi-device batch).
+Randomness: the bounds draw from torch's global RNG (callers seed it) unless given their standard-normal
+noise ``eps`` (K, B, Z) (the training step draws it for a whole multi-device batch). ``estimate_log_px``
+takes its noise from ``BlockNoise``: generators of its own, keyed by (seed, example block), never the global
+RNG, so that each example's estimate depends only on the seed, the example's index in the data set and the
+model, not on how samples are chunked or examples batched or shared out between processes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import numbers
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence
 
 ELBO_ESTIMATORS = ("A", "B")
 
@@ -53,25 +56,40 @@ class LogWeights:
         return self.log_px_z + self.log_pz - self.log_qz  # (K, B)
 
 
-def log_weights(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -> LogWeights:
+def log_weights(
+    model, x: Tensor, num_samples: int, eps: Tensor | None = None, posterior: Distribution | None = None
+) -> LogWeights:
     """K = num_samples reparameterised samples z ~ q(z|x), z (K, B, Z), and their log weights (K, B).
 
-    ``eps`` (K, B, Z): the standard-normal noise to use, z = mean + stddev * eps (exactly what ``rsample``
-    computes for a diagonal Gaussian q, the VAE's encoder); drawn from torch's global RNG when None.
+    ``eps`` (K, B, Z): the standard-normal noise to use, z = mean + L eps with L the scale (diagonal) or
+    Cholesky factor (full covariance) of a Gaussian q, exactly what ``rsample`` computes; drawn from torch's
+    global RNG when None. ``posterior``: q(z|x) already computed for this x (a chunked caller runs the
+    encoder once, not once per chunk); computed here when None.
     """
     _check_count(num_samples, "num_samples")
-    q = model.posterior(x)
+    q = posterior if posterior is not None else model.posterior(x)
     if eps is None:
         z = q.rsample((num_samples,))  # (K, B, Z), differentiable w.r.t. the encoder
     else:
-        if not (isinstance(q, Independent) and isinstance(q.base_dist, Normal)):
-            raise ValueError(f"given noise eps needs a diagonal Gaussian q(z|x), got {type(q).__name__}")
         expected = (num_samples, *q.batch_shape, *q.event_shape)
         if tuple(eps.shape) != expected:
             raise ValueError(f"eps has shape {tuple(eps.shape)}, expected (K, B, Z) = {expected}")
-        # (K, B, Z); the base Normal's scale, not Independent's stddev, which re-derives it as sqrt(variance)
-        z = q.base_dist.loc + eps * q.base_dist.scale
+        z = reparameterize(q, eps)
     return LogWeights(model, x, q, z)
+
+
+def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
+    """z (K, B, Z) = mean + L eps for a Gaussian q(z|x) (batch (B,), event (Z,)) and noise eps (K, B, Z).
+
+    A diagonal Gaussian (``Independent(Normal)``, the VAE's encoder): the base Normal's scale, not
+    Independent's stddev, which re-derives it as sqrt(variance). A full-covariance ``MultivariateNormal``:
+    its Cholesky factor, as its ``rsample`` does.
+    """
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        return q.base_dist.loc + eps * q.base_dist.scale
+    if isinstance(q, MultivariateNormal):
+        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)  # (B, Z, Z) @ (K, B, Z, 1)
+    raise ValueError(f"given noise eps needs a Gaussian q(z|x), got {type(q).__name__}")
 
 
 def elbo(model, x: Tensor, num_samples: int = 1, estimator: str = "B", eps: Tensor | None = None) -> Tensor:
@@ -106,7 +124,9 @@ class StreamingLogMeanExp:
     """log mean exp over samples (dim 0) fed in chunks, without keeping them; also the ESS.
 
     Keeps logsumexp(log w) and logsumexp(2 log w) per example, merged chunk by chunk with logaddexp, so
-    the result equals ``logsumexp(all, 0) - log K`` up to rounding whatever the chunking.
+    the result equals ``logsumexp(all, 0) - log K`` up to rounding whatever the chunking. The sums run in
+    float64 (results are float64): in float32 the merge order's rounding (~1e-7 of |log w|) would make the
+    estimate, and more so the ESS (exp(2 lse - lse2): ~1e-5 relative), depend on the chunk size.
     """
 
     def __init__(self) -> None:
@@ -120,6 +140,7 @@ class StreamingLogMeanExp:
             raise ValueError(
                 f"expected a non-empty chunk of log weights (k_c, B), got shape {tuple(log_w_chunk.shape)}"
             )
+        log_w_chunk = log_w_chunk.double()  # (k_c, B), small beside the decoder's (k_c, B, D)
         lse = torch.logsumexp(log_w_chunk, dim=0)  # (B,)
         lse2 = torch.logsumexp(2 * log_w_chunk, dim=0)  # (B,)
         if self._lse is None:
@@ -146,6 +167,7 @@ class StreamingLogMeanExp:
 
 @dataclass
 class MarginalEstimate:
+    # all float64 (StreamingLogMeanExp sums in float64)
     log_px: Tensor  # (B,) importance-sampled log p(x), K samples, q(z|x) as proposal; nats
     ess: Tensor  # (B,) effective sample size of the K importance weights
     ladder: dict[int, Tensor]  # k -> (B,) estimate from the first k samples (ladder_points(K)); [K] == log_px
@@ -162,6 +184,85 @@ def ladder_points(num_samples: int) -> list[int]:
     return [*points, num_samples]
 
 
+# Importance-sampling noise (``BlockNoise``): standard normals drawn as whole blocks of SAMPLE_BLOCK samples
+# x EXAMPLE_BLOCK examples, one torch.randn call each, from one generator per block of examples. Both sizes
+# are fixed constants: changing either changes every estimate's draws.
+SAMPLE_BLOCK = 128  # importance samples per draw; a chunk of any size is cut from these blocks
+EXAMPLE_BLOCK = 64  # examples per generator: a test batch draws for the example blocks it overlaps
+IS_STREAM, ELBO_STREAM = 0, 1  # noise streams: importance samples; the one-sample ELBO of the evaluation
+
+
+def noise_seed(seed: int, stream: int, example_block: int) -> int:
+    """The seed (64 bits) of one example block's generator: blake2b of (seed, stream, example block).
+
+    A fixed mixing function of the key alone, so the same on every process, device and run. The CPU
+    generator (mt19937) uses the low 32 bits only; with one key per example block and stream (314 for
+    10,000 test examples' two streams) two blocks share their noise with probability ~1e-5.
+    """
+    key = f"vaerepro.BlockNoise:{int(seed)}:{int(stream)}:{int(example_block)}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+class BlockNoise:
+    """Standard-normal noise eps for examples [start, start + B) of a data set, handed out sample by sample.
+
+    Example block e (examples e * EXAMPLE_BLOCK ...) has a generator seeded with ``noise_seed(seed, stream,
+    e)`` on ``device``; its j-th draw, torch.randn((SAMPLE_BLOCK, EXAMPLE_BLOCK, Z)), holds samples
+    j * SAMPLE_BLOCK ... of each of its examples. So sample k of example i is entry (k mod SAMPLE_BLOCK,
+    i mod EXAMPLE_BLOCK) of draw k // SAMPLE_BLOCK of block i // EXAMPLE_BLOCK: a function of (seed, stream,
+    i, k), the device type and the dtype only, whatever the chunks, the batch (which examples sit beside i)
+    or the process. A K-sample run's first k samples are a k-sample run's.
+
+    ``take(n)`` returns the next n samples (n, B, Z). Memory: the current draw, SAMPLE_BLOCK x (B + up to
+    2 EXAMPLE_BLOCK) x Z numbers, whatever the number of samples taken.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        stream: int,
+        start: int,
+        batch: int,
+        latent_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+            raise ValueError(f"example offset must be an integer >= 0, got {start!r}")
+        _check_count(batch, "batch")
+        first, last = start // EXAMPLE_BLOCK, (start + batch - 1) // EXAMPLE_BLOCK  # example blocks
+        self._generators = [
+            torch.Generator(device=device).manual_seed(noise_seed(seed, stream, e))
+            for e in range(first, last + 1)
+        ]
+        offset = start - first * EXAMPLE_BLOCK  # of example `start` in the draw's example columns
+        self._cols = slice(offset, offset + batch)
+        self._shape = (SAMPLE_BLOCK, EXAMPLE_BLOCK, latent_dim)
+        self._device, self._dtype = device, dtype
+        self._block: Tensor | None = None  # (SAMPLE_BLOCK, B, Z), the current draw's columns of this batch
+        self._used = SAMPLE_BLOCK  # samples of the current draw already handed out
+
+    def _draw(self) -> None:
+        draws = [  # each (SAMPLE_BLOCK, EXAMPLE_BLOCK, Z)
+            torch.randn(self._shape, generator=g, device=self._device, dtype=self._dtype)
+            for g in self._generators
+        ]
+        block = draws[0] if len(draws) == 1 else torch.cat(draws, dim=1)  # (SAMPLE_BLOCK, blocks * EB, Z)
+        self._block, self._used = block[:, self._cols], 0
+
+    def take(self, n: int) -> Tensor:
+        """The next n samples' noise (n, B, Z)."""
+        _check_count(n, "n")
+        parts = []
+        while n > 0:
+            if self._used == SAMPLE_BLOCK:
+                self._draw()
+            m = min(n, SAMPLE_BLOCK - self._used)
+            parts.append(self._block[self._used : self._used + m])  # (m, B, Z)
+            self._used, n = self._used + m, n - m
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def estimate_log_px(
     model,
     x: Tensor,
@@ -169,43 +270,44 @@ def estimate_log_px(
     chunk_size: int,
     ladder: bool = True,
     generator_seed: int | None = None,
+    example_offset: int = 0,
 ) -> MarginalEstimate:
     """Importance-sampled log p(x) = log mean_K w (B,), nats, with q(z|x) as proposal (the IWAE bound L_K).
 
     Samples are decoded in chunks of at most ``chunk_size``, so memory is O(chunk_size * B * D) for any K;
     chunks are cut so that each ladder point k is reached exactly. Runs under ``torch.no_grad()``; the
-    encoder runs once.
+    encoder runs once. q(z|x) must be Gaussian (diagonal, as the VAE's, or full covariance).
 
-    Samples are drawn one importance sample at a time (a (B, Z) draw each), so the random stream and
-    hence the estimate do not depend on ``chunk_size``, and the first k samples of a K-sample run are
-    those of a k-sample run with the same seed (so ``ladder[k]`` equals that run's ``log_px``).
+    The noise comes from ``BlockNoise(generator_seed, IS_STREAM, example_offset, ...)``: example i of x
+    (``example_offset + i`` in the data set) gets the same K draws whatever ``chunk_size`` and whichever
+    other examples x holds, and the first k samples of a K-sample run are those of a k-sample run with the
+    same seed (so ``ladder[k]`` equals that run's ``log_px``). Draws differ between CPU and CUDA and between
+    float32 and float64 (other generators), each equally valid.
 
-    ``generator_seed``: if given, sampling runs inside ``torch.random.fork_rng`` seeded with it (CPU and
-    x's CUDA device), so the global RNG state is unchanged afterwards; if None, draws from the global RNG.
+    ``generator_seed``: the noise's seed; if None, one draw from torch's global CPU RNG picks it (so
+    ``torch.manual_seed`` makes it reproducible). The global RNG is otherwise untouched.
+    ``example_offset``: the index of x[0] in the data set (a test batch's first example).
     """
     _check_count(num_samples, "num_samples")
     _check_count(chunk_size, "chunk_size")
     if generator_seed is None:
-        return _estimate_log_px(model, x, num_samples, chunk_size, ladder)
-    # fork (save and restore) the CPU RNG and, for CUDA inputs, the RNG of x's device
-    devices = []
-    if x.is_cuda:
-        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(generator_seed)
-        return _estimate_log_px(model, x, num_samples, chunk_size, ladder)
+        generator_seed = int(torch.randint(0, 2**62, ()).item())
+    return _estimate_log_px(model, x, num_samples, chunk_size, ladder, generator_seed, example_offset)
 
 
 @torch.no_grad()
-def _estimate_log_px(model, x: Tensor, num_samples: int, chunk_size: int, ladder: bool) -> MarginalEstimate:
-    q = model.posterior(x)  # batch (B,)
+def _estimate_log_px(
+    model, x: Tensor, num_samples: int, chunk_size: int, ladder: bool, seed: int, example_offset: int
+) -> MarginalEstimate:
+    q = model.posterior(x)  # batch (B,), event (Z,)
+    (batch,), (latent,) = q.batch_shape, q.event_shape
+    noise = BlockNoise(seed, IS_STREAM, example_offset, batch, latent, x.device, q.mean.dtype)
     acc = StreamingLogMeanExp()
     estimates: dict[int, Tensor] = {}
     for target in ladder_points(num_samples) if ladder else [num_samples]:
         while acc.count < target:
             n = min(chunk_size, target - acc.count)
-            z = torch.stack([q.sample() for _ in range(n)])  # (n, B, Z); one draw per sample, see docstring
-            acc.update(LogWeights(model, x, q, z).log_w)  # (n, B)
+            acc.update(log_weights(model, x, n, eps=noise.take(n), posterior=q).log_w)  # (n, B)
         estimates[target] = acc.value()
     return MarginalEstimate(log_px=estimates[num_samples], ess=acc.ess(), ladder=estimates)
 

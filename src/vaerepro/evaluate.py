@@ -2,9 +2,9 @@
 
 Writes metrics/eval.json (nats per example unless the key says otherwise), its headline numbers
 metrics/eval_summary.json (DVC's metrics), artifacts/samples.npz (the images the report shows) and
-artifacts/per_example.npz (each test example's estimates). Every example batch draws its samples from its own
-seed (eval.seed + batch index), so a sharded evaluation (several processes, see `evaluate`) reproduces the
-single-process numbers exactly.
+artifacts/per_example.npz (each test example's estimates). Each test example's noise is keyed by (eval.seed,
+its index in the test set) (estimators.BlockNoise), so its numbers do not depend on eval.batch_size,
+eval.chunk_size or how the batches are shared out between processes (see `evaluate`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 TEST_SEED_OFFSET = 2  # the fixed test-set draw (binarisation / dequantisation) uses seed + 2
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
 KNN_K = 15  # Loaiza-Ganem & Cunningham 2019 classify latent means with 15 nearest neighbours
+# eval.chunk_size=auto: importance samples per chunk so that one chunk's decoder activations fit this budget
+AUTO_CHUNK_CPU_BYTES = 256 * 2**20  # on the CPU: a fixed 256 MiB
+AUTO_CHUNK_CUDA_FRACTION = 0.5  # on CUDA: this fraction of the device's free memory (torch.cuda.mem_get_info)
 # metrics/eval_summary.json, the DVC metrics that `dvc metrics` and `dvc exp show` compare: what was evaluated
 # and the headline numbers (nats per example; accuracy in [0, 1]), in the order of the table's columns.
 # eval.json keeps the whole record (ladder, convergence, bookkeeping), which DVC treats as a plain output.
@@ -48,6 +51,29 @@ def load_vae(path: Path, ckpt: dict[str, Any] | None = None) -> VAE:
     return vae.eval()
 
 
+def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.device | str) -> int:
+    """Importance samples per chunk (1 ... num_samples) for eval.chunk_size=auto: as many as fit a memory
+    budget (AUTO_CHUNK_CPU_BYTES on the CPU; AUTO_CHUNK_CUDA_FRACTION of the free memory on CUDA) with
+    batch_size examples, a multiple of estimators.SAMPLE_BLOCK when above it (whole noise draws).
+
+    Per (sample, example): z and its noise (2 Z), each hidden layer's output before and after the activation
+    (2 h), the decoder's output (P D) and the likelihood's elementwise terms (~2 P D); float32 or the
+    model's dtype. The results do not depend on the chunk size, only the speed and memory do.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        budget = AUTO_CHUNK_CUDA_FRACTION * torch.cuda.mem_get_info(device)[0]  # bytes
+    else:
+        budget = AUTO_CHUNK_CPU_BYTES
+    cfg = vae.config
+    outputs = vae.likelihood.num_params() * cfg["data_dim"]  # P D
+    floats = 2 * cfg["latent_dim"] + 2 * sum(cfg["hidden_dims"]) + 3 * outputs  # per (sample, example)
+    per_sample = floats * next(vae.parameters()).element_size() * batch_size  # bytes per sample of a chunk
+    chunk = max(1, min(num_samples, int(budget // per_sample)))
+    block = estimators.SAMPLE_BLOCK
+    return chunk if chunk <= block or chunk == num_samples else chunk - chunk % block
+
+
 @torch.no_grad()
 def per_example(
     vae: VAE,
@@ -55,7 +81,7 @@ def per_example(
     *,
     num_samples: int,
     batch_size: int,
-    chunk_size: int,
+    chunk_size: int | str,
     seed: int,
     batches: range | None = None,
     progress: bool = False,
@@ -64,21 +90,23 @@ def per_example(
     """Per-example estimates over x (N, D): log_px (N,), elbo/recon/kl (N,), ess (N,), ladder {k: (N,)}.
 
     `batches` selects which example batches to compute (a rank's shard); the others are left NaN.
-    `device`: where the sampling runs (a copy of vae goes there); the results come back to the CPU. Batch b
-    draws from seed + b on that device's generator, so a device gives the same numbers whatever the
-    sharding, and CPU and CUDA give different (equally valid) draws.
+    `chunk_size`: importance samples per decoder call, or "auto" (`auto_chunk_size`).
+    `device`: where the sampling runs (a copy of vae goes there); the results come back to the CPU.
+    Example i's noise is keyed by (seed, i) (estimators.BlockNoise: the importance samples from stream
+    IS_STREAM, the one-sample ELBO's from ELBO_STREAM), so on one device its numbers are the same whatever
+    batch_size, chunk_size and sharding, up to float rounding (the decoder's matrix products may round
+    differently for other batch shapes); CPU and CUDA give different (equally valid) draws.
     """
     device = torch.device(device)
     if device.type != "cpu":
         vae = copy.deepcopy(vae).to(device)
-    rng_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
-    )
     n = len(x)
     n_batches = math.ceil(n / batch_size)
     batches = batches if batches is not None else range(n_batches)
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(vae, batch_size, num_samples, device)
+        log.info("eval.chunk_size=auto: %d importance samples per chunk", chunk_size)
+    dtype = next(vae.parameters()).dtype
     keys = ("log_px", "elbo", "recon", "kl", "ess")
     out = {k: torch.full((n,), math.nan, dtype=torch.float64) for k in keys}
     ladder = {
@@ -87,10 +115,13 @@ def per_example(
     for b in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, unit="batch"):
         sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
         xb = x[sl].to(device)
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(seed + b)  # seeds the CPU and every CUDA device's generator
-            est = estimators.estimate_log_px(vae, xb, num_samples, chunk_size)
-            terms = estimators.elbo_terms(vae, xb, 1)
+        est = estimators.estimate_log_px(
+            vae, xb, num_samples, chunk_size, generator_seed=seed, example_offset=sl.start
+        )
+        eps = estimators.BlockNoise(
+            seed, estimators.ELBO_STREAM, sl.start, len(xb), vae.latent_dim, device, dtype
+        ).take(1)  # (1, B, Z), the ELBO's noise
+        terms = estimators.elbo_terms(vae, xb, 1, eps)
         out["log_px"][sl], out["ess"][sl] = est.log_px.double().cpu(), est.ess.double().cpu()
         for k in ("elbo", "recon", "kl"):
             out[k][sl] = terms[k].double().cpu()
@@ -249,7 +280,8 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     In an initialised process group (`torchrun ... vaerepro evaluate`, or after DDP training in `vaerepro
     run`) the example batches are shared out, rank r taking batches r, r + world, ...; rank 0 gathers the
     per-example estimates, computes the rest, writes the files and returns the metrics; the other ranks
-    return None. Batch b's samples come from seed eval.seed + b, so the numbers equal a single process's.
+    return None. Each example's noise is keyed by (eval.seed, its index), so the numbers equal a single
+    process's.
     """
     device = eval_device(cfg.eval.device)  # before any work: a missing GPU is a configuration error
     out_dir = Path(out_dir)
