@@ -43,6 +43,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.sweep",
         "vaerepro.presets",
         "vaerepro.reproduction",
+        "vaerepro.reproduce",
         "vaerepro.cli",
     ),
 }

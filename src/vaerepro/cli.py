@@ -8,6 +8,8 @@ vaerepro run [OVERRIDES]        one configuration through every stage, outside D
                                 --multirun, --cfg job, hydra.run.dir=... all work)
 vaerepro ui [--port N]          serve the MLflow store and print the link to the runs, set up for comparing
 vaerepro reproduce --list       the papers' presets: source, published value, estimated time
+vaerepro reproduce NAME [--smoke] [--seeds N] [OVERRIDES]
+                                run a preset: a run per seed, a reproduction card and a verdict
 
 A mistake in the input (a config key, a file, a checkpoint, the tracking store) is one line on stderr naming
 the key or file and the problem, exit status 2; --debug (or VAEREPRO_DEBUG=1) shows the traceback instead.
@@ -367,7 +369,7 @@ def _main(argv: list[str]) -> int:
         "run", help="one configuration through every stage, outside DVC (Hydra: vaerepro run --help)"
     )
     # `reproduce` has its own command line (presets.main); listed here so that --help names it
-    sub.add_parser("reproduce", help="the papers' presets: vaerepro reproduce --list")
+    sub.add_parser("reproduce", help="the papers' presets: vaerepro reproduce --list | NAME [--smoke]")
     p = sub.add_parser("params", help="compose conf/ with Hydra overrides into params.yaml")
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. likelihood=gaussian model.latent_dim=5"

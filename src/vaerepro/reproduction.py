@@ -1,14 +1,15 @@
 """What a reproduction is and how it is judged, independent of any paper: a published number, a setting
 the schema lacks, a preset, the verdict on a measured value, how a run departs from a preset's protocol,
-IWAE's learning-rate schedule and the estimated time of one run. The papers' presets are in
-`vaerepro.presets`, which imports this module (never the other way round).
+the aggregate of a measurement across seeds (mean and Student-t interval), IWAE's learning-rate schedule
+and the estimated time of one run. The papers' presets are in `vaerepro.presets`, which imports this
+module (never the other way round).
 
 A preset is a row or curve of a paper: its settings as Hydra overrides of `conf/` (only keys the schema
 has), the settings the schema lacks (`missing`, so that nothing is silently dropped), the published
-value(s) as printed, with unit, data space and a tolerance that says where it comes from, and the estimated
-time of one run. A number that could not be found is None with the reason, and gets no verdict. Values
-are stored in the project's convention: a log-likelihood or bound in nats per example (IWAE's printed NLL
-84.78 is log p(x) = -84.78).
+value(s) as printed, with unit, data space, a tolerance that says where it comes from and the key of the
+run's results it is compared with, and the estimated time of one run. A number that could not be found is
+None with the reason, and gets no verdict. Values are stored in the project's convention: a log-likelihood
+or bound in nats per example (IWAE's printed NLL 84.78 is log p(x) = -84.78).
 
 Imports: the standard library only (no torch, Hydra, Lightning or MLflow).
 """
@@ -31,6 +32,7 @@ OTHER_DATA = "other data"
 DIFFERENT_K = "different K"
 FEWER_SEEDS = "fewer seeds"
 OTHER_SETTING = "other setting"
+NOT_CONVERGED = "not converged"  # an importance-sampled log p(x) whose estimate had not settled (eval.json)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class Published:
     improper: bool = False  # a Bernoulli pmf evaluated on grey levels: not a normalised density
     unit: str = UNIT
     why_none: str = ""
+    # What a run measures for it: "<file>:<key>" of the run's metrics/ (eval.json, train.json), and the key
+    # of that number's across-example standard error ("" when the file records none).
+    measured: str = ""
+    measured_se: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,41 +102,28 @@ def _parse(text: str) -> Any:
         return text
 
 
-# --- the IWAE learning-rate schedule ------------------------------------------------------------------
-IWAE_STAGES = 8  # i = 0 .. 7
-IWAE_TOTAL_EPOCHS = sum(3**i for i in range(IWAE_STAGES))  # 3,280 passes over the data
-
-
-def lr_schedule(epoch: int) -> float:
-    """IWAE's learning rate at (0-based) `epoch`: 0.001 * 10^(-i/7) for 3^i passes, i = 0..7, 3,280 in all
-    (arXiv:1509.00519v4 Section 5.1). Stage i covers epochs [(3^i - 1)/2, (3^(i+1) - 1)/2).
-    The authors' code rounds the factor to one decimal (1e-4 * round(10^(1 - i/7), 1)); this follows the
-    paper."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < IWAE_TOTAL_EPOCHS:
-        raise ValueError(f"epoch must be an integer in [0, {IWAE_TOTAL_EPOCHS}), got {epoch!r}")
-    stage = 0
-    while epoch >= (3 ** (stage + 1) - 1) // 2:
-        stage += 1
-    return 1e-3 * 10 ** (-stage / 7)
-
-
 # --- verdicts -----------------------------------------------------------------------------------------
 def verdict(
     preset_value: Published,
     measured: float | None,
     measured_se: float | None = None,
     protocol_deviations: Sequence[str] = (),
+    *,
+    interval: float | None = None,
 ) -> Verdict:
     """Compare a measured value with a published one.
 
     Not comparable whenever a protocol deviation is given (`deviations` lists them for a run), the paper
     gives no number or no tolerance exists, or nothing finite was measured: never "reproduced" when the
-    protocol was not followed. Otherwise reproduced when |measured - published| <= tolerance + 2 SE (the
-    tolerance covers the published number's own uncertainty; 2 SE covers the measurement's, about 95 %).
+    protocol was not followed. Otherwise reproduced when |measured - published| <= tolerance + the
+    measurement's 95 % half-width: `interval` when given (`Aggregate.interval`, across seeds and test
+    examples), else 2 SE (about 95 %). The tolerance covers the published number's own uncertainty.
     """
     se = 0.0 if measured_se is None else float(measured_se)
     if not (math.isfinite(se) and se >= 0):
         raise ValueError(f"measured_se must be finite and >= 0, got {measured_se!r}")
+    if interval is not None and not (math.isfinite(interval) and interval >= 0):
+        raise ValueError(f"interval must be finite and >= 0, got {interval!r}")
     reasons = [str(d) for d in protocol_deviations]
     pub, tol = preset_value.value, preset_value.tolerance
     if pub is None:
@@ -140,16 +133,28 @@ def verdict(
     if measured is None or not math.isfinite(measured):
         reasons.append(f"no finite measurement (got {measured!r})")
     diff = measured - pub if pub is not None and measured is not None and math.isfinite(measured) else None
-    unc = tol + 2 * se if tol is not None else None
+    width = 2 * se if interval is None else float(interval)
+    unc = tol + width if tol is not None else None
     if reasons:
         return Verdict("not comparable", tuple(reasons), diff, unc)
     assert diff is not None and unc is not None
-    se_note = "" if measured_se is not None else " (no SE given: 0 assumed)"
+    if interval is None:
+        se_note = "" if measured_se is not None else " (no SE given: 0 assumed)"
+        band = f"tolerance {tol:g} + 2 SE {width:.3g}{se_note}"
+    else:
+        band = f"tolerance {tol:g} + 95 % half-width {width:.3g}"
     if abs(diff) <= unc:
-        why = f"|difference| {abs(diff):.3g} <= tolerance {tol:g} + 2 SE {2 * se:.3g}{se_note}"
-        return Verdict("reproduced", (why,), diff, unc)
-    why = f"|difference| {abs(diff):.3g} > tolerance {tol:g} + 2 SE {2 * se:.3g}{se_note}"
-    return Verdict("not reproduced", (why,), diff, unc)
+        return Verdict("reproduced", (f"|difference| {abs(diff):.3g} <= {band}",), diff, unc)
+    return Verdict("not reproduced", (f"|difference| {abs(diff):.3g} > {band}",), diff, unc)
+
+
+def overall(verdicts: Sequence[Verdict]) -> Kind:
+    """One word for a preset's published values together: not comparable if any is (or there are none),
+    else not reproduced if any is, else reproduced."""
+    kinds = {v.kind for v in verdicts}
+    if not kinds or "not comparable" in kinds:
+        return "not comparable"
+    return "not reproduced" if "not reproduced" in kinds else "reproduced"
 
 
 def _lookup(config: Mapping[str, Any], key: str) -> Any:
@@ -162,30 +167,236 @@ def _lookup(config: Mapping[str, Any], key: str) -> Any:
     return node
 
 
+def _value(config: Mapping[str, Any], key: str) -> Any:
+    """A setting as it acts on training: train.batch_size as the global batch, batch_size x devices x
+    nodes (a run on N devices with the same global batch is the same computation: README, 'Scaling out')."""
+    got = _lookup(config, key)
+    if key != "train.batch_size" or not isinstance(got, int):
+        return got
+    devices, nodes = (_lookup(config, f"trainer.{k}") for k in ("devices", "num_nodes"))
+    devices, nodes = (1 if v == "(absent)" else v for v in (devices, nodes))
+    if not (isinstance(devices, int) and isinstance(nodes, int)):
+        return f"{got} a device on trainer.devices={devices!r}"  # the global batch is not known here
+    return got * devices * nodes
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)):
         return a == b
     return isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
 
 
-def deviations(preset: Preset, config: Mapping[str, Any], seeds: int | None = None) -> list[str]:
-    """How a run of `config` (a resolved config dict) departs from the preset's protocol: its blocking
-    missing features, every override the run does not have, and fewer seeds than the paper's."""
-    out = [f"{NOT_IMPLEMENTED}: {m.feature} (paper: {m.paper})" for m in preset.missing if m.blocking]
-    for key, want in preset.settings.items():
-        got = _lookup(config, key)
-        if _same(got, want):
-            continue
-        if key == "train.max_epochs" and isinstance(got, int) and got < want:
-            why = SHORTENED
-        elif key == "eval.num_samples":
-            why = DIFFERENT_K
+# Settings that do not change what is trained or measured, only where, how fast, or which of the equally
+# valid random draws: a run may differ from the protocol in these and still follow it. eval.num_samples is
+# here because a preset whose published number depends on K sets it (IWAE, CB), and then it is compared.
+NEUTRAL_KEYS = frozenset(
+    {
+        "seed",  # one run per seed: the seeds are the replicates
+        "data.raw_dir",
+        "data.url",
+        "data.max_npz_bytes",
+        "train.fused",
+        "train.val_batch_size",
+        "train.checkpoint_every_s",
+        "train.resume",
+        "trainer.accelerator",
+        "trainer.devices",  # these two are compared through the global batch (_value)
+        "trainer.num_nodes",
+        "trainer.strategy",
+        "trainer.deterministic",
+        "eval.num_samples",
+        "eval.batch_size",
+        "eval.chunk_size",
+        "eval.seed",
+        "eval.num_images",
+        "eval.device",
+    }
+)
+NEUTRAL_SECTIONS = ("tracking.",)
+# At least this many seeds (runs) for a verdict other than "not comparable": an interval across seeds needs
+# 2, and with 2 its Student-t factor is 12.7 (95 %), with 3 it is 4.3. More when the paper averaged more.
+MIN_SEEDS = 3
+
+
+def seeds_needed(preset: Preset) -> int:
+    """The runs a reproduction of the preset needs: the paper's, and at least MIN_SEEDS."""
+    return max(preset.seeds or 1, MIN_SEEDS)
+
+
+def _reason(key: str, got: Any, want: Any) -> str:
+    if key == "train.max_epochs" and isinstance(got, int) and isinstance(want, int) and got < want:
+        return SHORTENED
+    if key == "eval.num_samples":
+        return DIFFERENT_K
+    return OTHER_DATA if key.split(".")[0] == "data" else OTHER_SETTING
+
+
+def _leaves(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out |= _leaves(v, f"{prefix}{k}.")
         else:
-            why = OTHER_DATA if key.split(".")[0] == "data" else OTHER_SETTING
-        out.append(f"{why}: {key}={got!r}, the paper's {want!r}")
-    if preset.seeds is not None and seeds is not None and seeds < preset.seeds:
-        out.append(f"{FEWER_SEEDS}: {seeds} run(s), the paper's {preset.seeds}")
+            out[f"{prefix}{k}"] = v
     return out
+
+
+def deviations(
+    preset: Preset,
+    config: Mapping[str, Any],
+    seeds: int | None = None,
+    protocol: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """How a run of `config` (a resolved config dict) departs from the preset's protocol: its blocking
+    missing features, every override the run does not have, fewer seeds than `seeds_needed` (when `seeds`
+    is given), and, when `protocol` (the preset's overrides alone, resolved) is given, every other setting
+    in which the run differs from it (NEUTRAL_KEYS aside): a changed default is a changed protocol too."""
+    out = [f"{NOT_IMPLEMENTED}: {m.feature} (paper: {m.paper})" for m in preset.missing if m.blocking]
+    settings = preset.settings
+    for key, want in settings.items():
+        got = _value(config, key)
+        if not _same(got, want):
+            batch = key == "train.batch_size" and got != _lookup(config, key)
+            label = "the global batch (train.batch_size x devices x nodes)" if batch else key
+            out.append(f"{_reason(key, got, want)}: {label}={got!r}, the paper's {want!r}")
+    if protocol is not None:
+        ran = _leaves(config)
+        for key in _leaves(protocol):
+            if key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS) or key in settings:
+                continue
+            if key in ("data.source", "likelihood.name") and key.split(".")[0] in settings:
+                continue  # the group's option, compared above as `data` or `likelihood`
+            got, want = _value(config, key), _value(protocol, key)
+            if not _same(got, want):
+                out.append(f"{_reason(key, got, want)}: {key}={got!r}, the protocol's {want!r}")
+        for key in sorted(set(ran) - set(_leaves(protocol))):
+            if key not in NEUTRAL_KEYS and not key.startswith(NEUTRAL_SECTIONS):
+                out.append(f"{_reason(key, ran[key], None)}: {key}={ran[key]!r}, not in the protocol")
+    needed = seeds_needed(preset)
+    if seeds is not None and seeds < needed:
+        paper = f"the paper's {preset.seeds}" if preset.seeds else "the paper does not say how many"
+        out.append(f"{FEWER_SEEDS}: {seeds} run(s), a verdict needs {needed} ({paper})")
+    return out
+
+
+# --- across seeds -------------------------------------------------------------------------------------
+def _t_two_sided(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4: a finite series)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term = math.cos(theta) ** 2, 1.0
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 c2 + 2*4/(3*5) c2^2 + ... up to c2^((df-3)/2)))
+        total = 1.0 if df > 1 else 0.0
+        for j in range(1, (df - 1) // 2):
+            term *= c2 * (2 * j) / (2 * j + 1)
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    total = 1.0  # even: sin (1 + 1/2 c2 + 1*3/(2*4) c2^2 + ... up to c2^((df-2)/2))
+    for j in range(1, df // 2):
+        term *= c2 * (2 * j - 1) / (2 * j)
+        total += term
+    return math.sin(theta) * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p quantile (p in (0.5, 1)) of Student's t with integer df >= 1, by bisection to 1e-12."""
+    if not 0.5 < p < 1 or isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"need 0.5 < p < 1 and an integer df >= 1, got p={p!r}, df={df!r}")
+    lo, hi = 0.0, 1.0
+    while _t_two_sided(hi, df) < 2 * p - 1:
+        hi *= 2
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_two_sided(mid, df) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One measured number across seeds, in the published value's unit."""
+
+    n: int  # seeds with a finite value
+    mean: float | None
+    sd: float | None  # sample standard deviation across seeds (n - 1); None below 2 seeds
+    half_width: float | None  # 95 % Student-t interval of the mean across seeds: t(0.975, n-1) sd / sqrt(n)
+    se_examples: float | None  # the seeds' across-example SEs, averaged (all seeds share one test set)
+
+    @property
+    def interval(self) -> float | None:
+        """The measurement's 95 % half-width for a verdict: the seeds' interval and 2 across-example SE in
+        quadrature (training randomness and the test set's sampling are independent); None for one seed."""
+        if self.half_width is None:
+            return None
+        return math.hypot(self.half_width, 2 * (self.se_examples or 0.0))
+
+
+def aggregate(values: Sequence[float | None], ses: Sequence[float | None] = ()) -> Aggregate:
+    """Mean +- 95 % t-interval across seeds of the finite `values`; `ses`: each seed's across-example SE."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    es = [float(s) for s in ses if s is not None and math.isfinite(s)]
+    se = sum(es) / len(es) if es else None
+    n = len(xs)
+    if n == 0:
+        return Aggregate(0, None, None, None, se)
+    mean = sum(xs) / n
+    if n == 1:
+        return Aggregate(1, mean, None, None, se)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return Aggregate(n, mean, sd, t_quantile(0.975, n - 1) * sd / math.sqrt(n), se)
+
+
+def measured_value(
+    published: Published, records: Mapping[str, Mapping[str, Any]]
+) -> tuple[float | None, float | None]:
+    """(value, across-example SE) of `published.measured` in one run's records ({"eval.json": {...},
+    "train.json": {...}}); None where the run has no finite number."""
+
+    def get(ref: str) -> float | None:
+        if not ref:
+            return None
+        file, _, key = ref.partition(":")
+        v = (records.get(file) or {}).get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else None
+
+    return get(published.measured), get(published.measured_se)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One published value as each seed's run measured it, aggregated across seeds and judged."""
+
+    published: Published
+    values: tuple[tuple[int, float | None, float | None], ...]  # (seed, value, its across-example SE)
+    aggregate: Aggregate
+    verdict: Verdict
+
+
+def judge(
+    preset: Preset,
+    config: Mapping[str, Any],
+    runs: Sequence[tuple[int, Mapping[str, Mapping[str, Any]]]],
+    protocol: Mapping[str, Any] | None = None,
+) -> tuple[list[str], list[Measurement]]:
+    """A reproduction of `preset` run with `config` once per seed (`runs`: (seed, its records as
+    `measured_value` reads them)): its departures from the protocol (`deviations`) and each published value
+    measured, aggregated and judged. An unconverged log p(x) estimate (eval.json's `converged`, biased low)
+    and a seed without a finite number are reasons too."""
+    devs = deviations(preset, config, seeds=len(runs), protocol=protocol)
+    out = []
+    for pub in preset.published:
+        values = tuple((seed, *measured_value(pub, records)) for seed, records in runs)
+        agg = aggregate([v for _, v, _ in values], [se for _, _, se in values])
+        extra = [f"no finite {pub.measured} in seed {seed}" for seed, v, _ in values if v is None and agg.n]
+        if pub.measured == "eval.json:log_px":
+            for seed, records in runs:
+                ev = records.get("eval.json") or {}
+                if ev.get("converged") is False:
+                    why = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
+                    k = ev.get("num_samples")
+                    extra.append(f"{NOT_CONVERGED}: seed {seed}'s log p(x) with K = {k} ({why})")
+        v = verdict(pub, agg.mean, agg.se_examples, [*devs, *extra], interval=agg.interval)
+        out.append(Measurement(pub, values, agg, v))
+    return devs, out
 
 
 # --- time estimates -----------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""A reproduction's MLflow runs: the reproduction's run (the parent) and its seeds' runs (its children).
+
+`vaerepro reproduce NAME` makes the parent here, before the first seed, tagged with the preset; each seed is a
+`vaerepro run` process whose training makes its own run, tagged as the parent's child by runs.run_tags from
+the environment this module gives it (VAEREPRO_PARENT_RUN_ID, MLFLOW_TRACKING_URI). After a seed, its run
+is tagged with the preset and the seed; at the end the parent gets the verdict (tags), the numbers across
+seeds (metrics), the reproduction card (artifacts under card/) and its status.
+
+MLflow is imported inside the functions, as in the rest of this package.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaerepro.config import TrackingConfig
+from vaerepro.reproduction import UNIT, Measurement, Preset, Published
+from vaerepro.tracking.names import space_name
+from vaerepro.tracking.runs import end_run, git_commit, read_run_id
+from vaerepro.tracking.store import ensure_experiment
+
+ENV_PARENT_RUN_ID = "VAEREPRO_PARENT_RUN_ID"  # read by runs.run_tags: the run it makes is a child
+MAX_PARAM_CHARS = 6000  # MLflow refuses a longer param value
+MAX_TAG_CHARS = 5000  # the most of a long text (the reasons) kept in a tag
+
+
+@dataclass(frozen=True)
+class ReproductionRun:
+    """The parent run of one reproduction, in the store at `uri`."""
+
+    uri: str
+    run_id: str
+
+    def child_env(self) -> dict[str, str]:
+        """What a seed's process needs in its environment: its run is then this run's child, in this store."""
+        return {"MLFLOW_TRACKING_URI": self.uri, ENV_PARENT_RUN_ID: self.run_id}
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def open_parent(
+    tcfg: TrackingConfig, root: Path, preset: Preset, *, smoke: bool, params: Mapping[str, str]
+) -> ReproductionRun:
+    """Create the reproduction's run (RUNNING) in the project's experiment, the store created if need be;
+    `params`: the seeds, the overrides and the like, as text."""
+    uri, exp_id = ensure_experiment(tcfg, root)
+    client = _client(uri)
+    tags = {
+        "vaerepro.role": "reproduction",
+        "vaerepro.preset": preset.name,
+        "vaerepro.paper": preset.paper,
+        "vaerepro.smoke": str(smoke).lower(),
+        "mlflow.note.content": f"Reproduction of {preset.title} ({preset.paper})"
+        f"{' (smoke run)' if smoke else ''}: "
+        "one child run per seed; the verdict is set when the last seed has finished.",
+    }
+    if (commit := git_commit(root)) is not None:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(exp_id, run_name=f"reproduce-{preset.name}{'-smoke' if smoke else ''}", tags=tags)
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, str(v)[:MAX_PARAM_CHARS])
+    return ReproductionRun(uri, run.info.run_id)
+
+
+def tag_seed_run(rep: ReproductionRun, model_dir: Path, *, preset: str, seed: int) -> str | None:
+    """Tag the run a seed's training made (models/mlflow_run.json names it) with the preset and the seed;
+    its id, or None when the seed made no run."""
+    run_id, _ = read_run_id(model_dir)
+    if not run_id:
+        return None
+    client = _client(rep.uri)
+    for k, v in {"vaerepro.role": "seed", "vaerepro.preset": preset, "vaerepro.seed": str(seed)}.items():
+        client.set_tag(run_id, k, v)
+    return run_id
+
+
+def _metric_name(pub: Published) -> str:
+    """The parent run's name for a published value's numbers: test_log_px, test_elbo, train_elbo,
+    test_knn_accuracy, under its data space when its unit is one (names.py: a nats number is never put on
+    the same axis as another space's)."""
+    file, _, key = pub.measured.partition(":")
+    name = key if file == "train.json" else f"test_{key}"
+    space = f"{space_name(pub.data_space, pub.improper)}/" if pub.unit == UNIT else ""
+    return f"{space}reproduction/{name}"
+
+
+def finish_parent(
+    rep: ReproductionRun,
+    verdict: str,
+    measurements: Sequence[Measurement],
+    title: str,
+    *card: Path,
+    figures: Sequence[Path] = (),
+) -> None:
+    """The verdict as tags (`vaerepro.verdict`, and `vaerepro.verdict.<value>` for each published value),
+    the reasons as a tag (one per line) and in the description, each value's numbers across seeds as
+    metrics (<name>_mean, _half_width, _sd, _se_examples, _difference, _published), the `card` files under
+    card/ (its figures under card/<their folder>/), then the run FINISHED."""
+    from mlflow.entities import Metric
+
+    client = _client(rep.uri)
+    now = int(time.time() * 1000)  # ms
+    batch, reasons = [], {}
+    client.set_tag(rep.run_id, "vaerepro.verdict", verdict)
+    for m in measurements:
+        name, a, v = _metric_name(m.published), m.aggregate, m.verdict
+        client.set_tag(rep.run_id, f"vaerepro.verdict.{name.replace('/', '.')}", v.kind)
+        reasons |= dict.fromkeys(v.reasons)
+        numbers = {"mean": a.mean, "half_width": a.half_width, "sd": a.sd, "se_examples": a.se_examples}
+        numbers |= {"difference": v.difference, "published": m.published.value}
+        batch += [Metric(f"{name}_{k}", float(x), now, 0) for k, x in numbers.items() if x is not None]
+    client.set_tag(rep.run_id, "vaerepro.reasons", "\n".join(reasons)[:MAX_TAG_CHARS])
+    note = f"**{title}**: {verdict}  \n" + "  \n".join(list(reasons)[:20])
+    client.set_tag(rep.run_id, "mlflow.note.content", note)
+    if batch:
+        client.log_batch(rep.run_id, metrics=batch)
+    for f in card:
+        client.log_artifact(rep.run_id, str(f), "card")
+    for f in figures:
+        client.log_artifact(rep.run_id, str(f), f"card/{f.parent.name}")
+    client.set_terminated(rep.run_id, "FINISHED")
+
+
+def end_parent(rep: ReproductionRun, status: str, reason: BaseException | str | None = None) -> None:
+    """End the reproduction's run FAILED or KILLED (a seed failed or was stopped), the reason as a tag."""
+    end_run(_client(rep.uri), rep.run_id, status, reason)

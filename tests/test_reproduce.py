@@ -1,0 +1,273 @@
+"""`vaerepro reproduce NAME`: the aggregate across seeds (mean and 95 % Student-t interval), the judgement
+of constructed results, the reproduction card's content, bad input (exit 2, one line), and --smoke end to
+end (slow) for one preset of each paper family: the files, the verdict "not comparable" with its reasons,
+and the MLflow parent run with one child run per seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from conftest import BIN, ROOT, compose, run
+from vaerepro import presets as P
+from vaerepro import reproduce
+from vaerepro import reproduction as R
+
+IWAE = P.PRESETS["iwae-mnist-iwae-k50-l1"]  # published -84.78 nats (Table 1), tolerance 1 nat
+
+
+# --- the aggregate across seeds ----------------------------------------------------------------------
+def test_t_quantiles_are_the_tables():
+    # Student's t, 0.975 quantile (two-sided 95 %), from any printed table
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045}
+    for df, t in table.items():
+        assert R.t_quantile(0.975, df) == pytest.approx(t, abs=5e-4), df
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 40):
+        assert R.t_quantile(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+    for bad in ((0.975, 0), (0.975, 1.5), (0.4, 3), (1.0, 3)):
+        with pytest.raises(ValueError):
+            R.t_quantile(*bad)
+
+
+def test_aggregate_is_mean_and_t_interval_by_hand():
+    # three seeds -85, -84, -86: mean -85, sd 1 (n - 1), half-width t(0.975, 2) * 1 / sqrt 3 = 2.4842
+    a = R.aggregate([-85.0, -84.0, -86.0], [0.2, 0.3, 0.4])
+    assert (a.n, a.mean, a.sd) == (3, -85.0, pytest.approx(1.0))
+    assert a.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert a.half_width == pytest.approx(2.48414, abs=1e-5)
+    assert a.se_examples == pytest.approx(0.3)  # one test set: the seeds' SEs averaged
+    assert a.interval == pytest.approx(math.hypot(2.48414, 0.6), abs=1e-5)  # and 2 SE in quadrature
+    # five seeds 1..5: mean 3, sd sqrt(2.5), half-width 2.776445 * 1.581139 / sqrt 5 = 1.96324
+    b = R.aggregate([1, 2, 3, 4, 5])
+    assert (b.mean, b.sd) == (3.0, pytest.approx(math.sqrt(2.5)))
+    assert b.half_width == pytest.approx(1.96324, abs=1e-5) and b.se_examples is None
+    assert b.interval == pytest.approx(b.half_width)
+    one = R.aggregate([-85.5], [0.25])  # one seed: no interval
+    assert (one.n, one.mean, one.sd, one.half_width, one.interval) == (1, -85.5, None, None, None)
+    none = R.aggregate([None, math.nan])  # nothing finite
+    assert (none.n, none.mean) == (0, None)
+    assert R.aggregate([1.0, None, 3.0]).n == 2
+
+
+def test_verdict_with_the_interval_across_seeds():
+    pub = IWAE.published[0]
+    v = R.verdict(pub, -85.0, 0.3, interval=2.5556)
+    assert v.kind == "reproduced" and v.uncertainty == pytest.approx(3.5556)
+    assert v.reasons == ("|difference| 0.22 <= tolerance 1 + 95 % half-width 2.56",)
+    assert R.verdict(pub, -88.4, 0.3, interval=2.5556).kind == "not reproduced"
+    assert R.verdict(pub, -85.0, 0.3).uncertainty == pytest.approx(1.6)  # no interval: 2 SE
+    with pytest.raises(ValueError, match="interval"):
+        R.verdict(pub, -85.0, interval=-1.0)
+    kinds = [R.Verdict(k, (), None, None) for k in ("reproduced", "not reproduced", "not comparable")]
+    assert R.overall(kinds[:1]) == "reproduced" and R.overall(kinds[:2]) == "not reproduced"
+    assert R.overall(kinds) == "not comparable" and R.overall([]) == "not comparable"
+
+
+# --- judging constructed results ---------------------------------------------------------------------
+def _records(log_px: float, se: float, converged: bool = True) -> dict:
+    ev = {"log_px": log_px, "log_px_se": se, "elbo": log_px - 5, "elbo_se": se, "num_samples": 5000}
+    ev |= {"converged": converged, "convergence": {"reasons": [] if converged else ["ESS too low"]}}
+    return {"eval.json": ev, "train.json": {"train_elbo": log_px - 4, "epochs": 3280}}
+
+
+def test_judge_follows_the_protocol_or_says_why_not():
+    followed = dataclasses.replace(IWAE, missing=())  # as if the schema had every setting
+    protocol = compose(*IWAE.overrides)
+    runs = [(s, _records(v, se)) for s, v, se in ((0, -85.0, 0.2), (1, -84.0, 0.3), (2, -86.0, 0.4))]
+    devs, (m,) = R.judge(followed, protocol, runs, protocol=protocol)
+    assert devs == [] and m.verdict.kind == "reproduced" and m.values[1] == (1, -84.0, 0.3)
+    assert m.aggregate.interval == pytest.approx(math.hypot(2.48414, 0.6), abs=1e-5)
+    # one seed; an unconverged estimate; a setting changed from the protocol's default
+    run = compose(*IWAE.overrides, "train.early_stopping=true")
+    devs, (m,) = R.judge(followed, run, [(0, _records(-85.0, 0.2, converged=False))], protocol=protocol)
+    assert devs == [
+        "other setting: train.early_stopping=True, the protocol's False",
+        "fewer seeds: 1 run(s), a verdict needs 3 (the paper does not say how many)",
+    ]
+    assert m.verdict.kind == "not comparable" and m.aggregate.half_width is None
+    assert any(r.startswith(f"{R.NOT_CONVERGED}: seed 0's log p(x) with K = 5000") for r in m.verdict.reasons)
+    # where each number comes from: the presets name a key of eval.json or train.json
+    aevb = {p.metric: (p.measured, p.measured_se) for p in P.PRESETS["aevb-frey-z2"].published}
+    assert aevb == {
+        "test ELBO": ("eval.json:elbo", "eval.json:elbo_se"),
+        "train ELBO": ("train.json:train_elbo", ""),
+    }
+    assert R.measured_value(P.PRESETS["aevb-frey-z2"].published[1], runs[0][1]) == (-89.0, None)
+
+
+# --- the card ----------------------------------------------------------------------------------------
+ENV = {"git commit": "0123abc", "data digest": "sha256 of prepared/x_train.npy: feedbeef", "python": "3.11.7"}
+ENV |= {"torch": "2.13.0", "lightning": "2.6.6", "training device": "CPU (x86_64, 2 cores) x 1 device(s)"}
+
+
+def _result(tmp_path, preset, values, **plan_kw):
+    p = reproduce.plan(preset, root=ROOT, out=tmp_path, **plan_kw)
+    seeds = [
+        reproduce.SeedResult(
+            s,
+            tmp_path / f"seed_{s}",
+            _records(v, 0.3)["eval.json"],
+            {"train_elbo": v - 4, "epochs": 3280, "train_time_s": 12.5},
+            curve=[{"epoch": e, "train_elbo": v - 9 + e, "val_elbo": v - 8 + e} for e in range(3)],
+            wall_s=20.0,
+        )  # fmt: skip
+        for s, v in enumerate(values)
+    ]
+    devs, ms = R.judge(preset, p.config, [(s.seed, s.records) for s in seeds], protocol=p.protocol)
+    return reproduce.Result(p, seeds, devs, ms, ENV, 61.0, ("sqlite:///x.db", "parent123"))
+
+
+def test_card_shows_published_measured_difference_verdict_and_environment(tmp_path):
+    result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
+    assert result.verdict == "reproduced"
+    paths = reproduce.write_card(result)
+    assert paths["md"] == tmp_path / "reports" / "reproductions" / "iwae-mnist-iwae-k50-l1.md"
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| test log p(x) | -84.78"))
+    # published (as printed), measured mean ± 95 % t across 3 seeds, difference ± half-width, the band
+    assert "-84.78 (printed: 84.78)" in row and "-85.00 ± 2.48 (95 % t, 3 seeds)" in row
+    assert "-0.22 ± 2.56" in row and "| 3.56 |" in row and "eval.json:log_px" in row
+    why = "\\|difference\\| 0.22 <= tolerance 1 + 95 % half-width 2.56"  # | escaped in a Markdown table
+    assert f"| test log p(x) | reproduced | {why} |" in md
+    assert "Departures from the protocol" not in md
+    for key, value in ENV.items():
+        assert f"| {key} | {value} |" in md
+    assert "| MLflow | run parent123 in sqlite:///x.db" in md
+    assert "Table 1, MNIST, IWAE, 1 stochastic layer, k = 50, NLL" in md and P.IWAE in md
+    assert "| train.lr | 0.001 | 0.001 |" in md  # the protocol's settings beside the run's
+    assert "| 1 | -84.00 ± 0.30 | 5000 | 3280 | true | 20.0 | 12.5 |" in md  # each seed
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in md and "vaerepro fetch" in md
+    assert "61.0 s in all" in md and "h a seed on 2 CPU cores" in md
+    assert "![training and validation bound" in md and paths["figures"][0].is_file()
+    assert "data:image/png;base64," in html and "-85.00 ± 2.48 (95 % t, 3 seeds)" in html
+
+
+def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
+    preset = P.PRESETS["aevb-frey-z2"]
+    result = _result(tmp_path, preset, [900.0], smoke=True)
+    assert result.verdict == "not comparable" and len(result.plan.seeds) == 1
+    md = reproduce.write_card(result)["md"].read_text()
+    assert result.plan.card_dir == tmp_path / "reports" / "reproductions" / "smoke"  # never a real card
+    assert "WARNING:** a smoke run" in md and "--seeds 1 --smoke" in md
+    assert "| test ELBO | 872.40 (none: a figure, read off" in md
+    assert "| 896.00 (1 seed: no interval) | -38.60 | 3.00 (no SE recorded) |" in md  # train.json: 934.60
+    assert (
+        "| 895.00 (1 seed: no interval; SE across examples 0.30) | +22.60 ± 0.60 | 3.60 |" in md
+    )  # ELBO 900 - 5
+    epochs = preset.settings["train.max_epochs"]
+    for reason in (
+        "| not implemented | step-size selection",
+        "| other data | data='mnist5k', the paper's 'frey_faces' |",
+        f"| shortened schedule | train.max_epochs=2, the paper's {epochs} |",
+        "| other data | data.max_examples=500, the protocol's None |",
+        "| fewer seeds | 1 run(s), a verdict needs 3",
+    ):
+        assert reason in md, reason
+    assert "This run's data: mnist5k" in md and "https://cs.nyu.edu/~roweis/data/" in md
+
+
+# --- bad input: exit 2, one line naming it -----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["no-such-preset"], "no-such-preset"),
+        (["aevb-mnist-z20", "train.nope=1"], "train.nope"),
+        (["aevb-mnist-z20", "model.latent_dim=0"], "model.latent_dim"),
+        (["aevb-mnist-z20", "hydra.run.dir=/tmp/x"], "hydra.run.dir"),
+        (["aevb-mnist-z20", "seed=3"], "--seeds"),
+        (["aevb-mnist-z20", "--seeds", "0"], "--seeds"),
+        (["aevb-mnist-z20", "--bogus"], "--bogus"),
+        ([], "--list"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, named):
+    assert P.main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaerepro reproduce: ") and err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+# --- --smoke end to end ------------------------------------------------------------------------------
+# One preset of each paper family (all 24 would take ~8 min on 2 cores; each seed is a `vaerepro run`
+# process of ~20 s). aevb-frey-z2 runs 2 seeds: the interval across seeds, two child runs.
+SMOKE = {"aevb-mnist-z3": 1, "aevb-frey-z2": 2, "iwae-mnist-vae-k5-l1": 1, "iwae-mnist-iwae-k50-l2": 1}
+SMOKE |= {"cb-mnist-cb": 1}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One sqlite MLflow store for the module's runs (created once: its migration takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_smoke_runs_every_step_and_is_not_comparable(name, store, raw_dir, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    seeds, out = SMOKE[name], tmp_path / "out"
+    argv = [name, "--smoke", "--seeds", str(seeds), "--out", str(out), f"data.raw_dir={raw_dir}"]
+    if name.startswith("cb-"):  # through the real command line, as a user types it
+        proc = run([str(BIN / "vaerepro"), "reproduce", *argv], cwd=ROOT, env={"MLFLOW_TRACKING_URI": store})
+        stdout = proc.stdout
+    else:
+        assert P.main(argv) == 0
+        stdout = capsys.readouterr().out
+    assert stdout.startswith(f"{name}: not comparable\n")
+
+    card = out / "reports" / "reproductions" / "smoke"
+    md, html = (card / f"{name}.{ext}" for ext in ("md", "html"))
+    assert md.is_file() and html.is_file() and (card / f"{name}_figures" / "training_curves.png").is_file()
+    for s in range(seeds):
+        ev = json.loads((out / "runs/reproductions/smoke" / name / f"seed_{s}/metrics/eval.json").read_text())
+        assert ev["num_samples"] == 10 and ev["source"] == "mnist5k" and math.isfinite(ev["elbo"])
+    text = md.read_text()
+    assert "not comparable: the run departs from the paper's protocol" in text
+    reasons = [R.NOT_IMPLEMENTED, R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
+    reasons += [R.DIFFERENT_K] if not name.startswith("aevb-") else []  # AEVB compares bounds: K is moot
+    for reason in reasons:
+        assert f"| {reason} | " in text and f"    - {reason}: " in stdout, reason
+    if name.startswith("cb-"):
+        assert "no published number" in text
+    if seeds > 1:
+        assert f"(95 % t, {seeds} seeds)" in text
+
+    client = MlflowClient(store)
+    assert client.get_experiment_by_name("vaerepro") is None  # smoke runs never join the compared runs
+    exp = client.get_experiment_by_name("vaerepro-smoke")
+    (parent,) = client.search_runs(
+        [exp.experiment_id], f"tags.`vaerepro.preset` = '{name}' and tags.`vaerepro.role` = 'reproduction'"
+    )
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED" and tags["vaerepro.verdict"] == "not comparable"
+    assert tags["vaerepro.smoke"] == "true" and R.SHORTENED in tags["vaerepro.reasons"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "card")} >= {
+        f"card/{name}.md", f"card/{name}.html", f"card/{name}_figures",
+    }  # fmt: skip
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["vaerepro.seed"] for c in children) == [str(s) for s in range(seeds)]
+    assert all(c.info.status == "FINISHED" and c.data.tags["vaerepro.preset"] == name for c in children)
+    if any(p.value is not None for p in P.PRESETS[name].published):
+        assert any(k.endswith("_difference") for k in parent.data.metrics)
+
+
+@pytest.mark.slow
+def test_a_failed_seed_fails_the_reproduction_with_its_status(store, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    # a raw-data directory that cannot be made: the seed's `vaerepro run` refuses it (exit 2)
+    argv = ["aevb-mnist-z5", "--smoke", "--out", str(tmp_path), "data.raw_dir=/proc/no-such-dir"]
+    assert P.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "vaerepro reproduce: seed 0: `vaerepro run` ended with status 2; its message is above"
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("vaerepro-smoke")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`vaerepro.preset` = 'aevb-mnist-z5'")
+    assert parent.info.status == "FAILED" and "seed 0" in parent.data.tags["vaerepro.failure"]
+    assert not (tmp_path / "reports").exists()  # no card for a reproduction that did not run
