@@ -75,6 +75,23 @@ def test_iwae_settings_validate():
     assert config_mod.validate(compose("model.init=normal", "model.init_std=0.1")).model.init_std == 0.1
 
 
+# IWAE's two stochastic layers (5.1): x -> 200-200 -> z1 (100) -> 100-100 -> z2 (50)
+TWO = ["model.stochastic_layers=2", "model.latent_dim_2=50", "model.hidden_dims_2=[100,100]"]
+
+
+def test_two_stochastic_layers_validate():
+    """The one-layer default is unchanged (no _2 keys); IWAE's two-layer model validates with estimator A,
+    and with the IWAE objective, whose estimator key is not used."""
+    one = config_mod.validate(compose()).model
+    assert (one.stochastic_layers, one.latent_dim_2, one.hidden_dims_2) == (1, None, None)
+    iwae = ["model.hidden_dims=[200,200]", "model.latent_dim=100", *TWO]
+    cfg = config_mod.validate(compose(*iwae, "train.estimator=A"))
+    assert (cfg.model.stochastic_layers, cfg.model.latent_dim, cfg.model.hidden_dims) == (2, 100, [200, 200])
+    assert (cfg.model.latent_dim_2, cfg.model.hidden_dims_2) == (50, [100, 100])
+    cfg = config_mod.validate(compose(*iwae, "train.objective=iwae", "train.num_samples=5"))
+    assert cfg.train.estimator == "B" and cfg.model.stochastic_layers == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "hint"),
     [
@@ -99,6 +116,14 @@ def test_iwae_settings_validate():
         (["model.init=xavier"], "model.init", "'default', 'glorot' or 'normal'"),
         (["model.init_std=0"], "model.init_std", "greater than 0"),
         (["model.init_std=inf"], "model.init_std", "finite number"),
+        (["model.stochastic_layers=3"], "model.stochastic_layers", "1 or 2"),
+        (["model.stochastic_layers=2", "train.estimator=A"], "model.latent_dim_2", "needs"),
+        ([*TWO[:2], "train.estimator=A"], "model.hidden_dims_2", "needs"),
+        (["model.latent_dim_2=50"], "model.latent_dim_2", "stochastic_layers=2 only"),
+        (["model.hidden_dims_2=[100]"], "model.hidden_dims_2", "stochastic_layers=2 only"),
+        ([*TWO[:2], "model.hidden_dims_2=[]", "train.estimator=A"], "model.hidden_dims_2", "at least 1"),
+        ([*TWO, "model.latent_dim_2=0", "train.estimator=A"], "model.latent_dim_2", "greater than or equal"),
+        (TWO, "train.estimator=B", "use train.estimator=A"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, hint):
@@ -127,3 +152,23 @@ def test_load_missing_params_file_says_how_to_make_it(tmp_path):
 def test_improper_runs_say_so_in_their_name():
     cfg = config_mod.validate(compose("data.space=continuous", "likelihood.allow_improper=true", "seed=2"))
     assert cfg.run_name == "bernoulli-improper-z20-s2"
+
+
+def test_gaussian_scale_defaults_to_softplus_and_round_trips():
+    """likelihood.scale: softplus (the default, today's floored sigma) or log_variance (AEVB's Frey Face
+    decoder); the validated section rebuilds the same likelihood, as a checkpoint's vae_config does."""
+    assert config_mod.validate(compose("likelihood=gaussian")).likelihood.scale == "softplus"
+    cfg = config_mod.validate(
+        compose("data=frey_faces", "likelihood=gaussian", "likelihood.scale=log_variance")
+    )
+    lik = cfg.likelihood_object()
+    assert lik.config() == cfg.likelihood.model_dump() and lik.scale == "log_variance"
+    assert cfg.data_space == "continuous" and not cfg.improper
+    for bad, hint in (
+        ("likelihood.scale=exp", "'softplus' or 'log_variance'"),
+        ("likelihood.min_sigma=0.001", "has no floor"),
+        ("likelihood.sigma=0.1", "is for a learned sigma"),
+    ):
+        with pytest.raises(ConfigError, match="likelihood") as err:
+            config_mod.validate(compose("likelihood=gaussian", "likelihood.scale=log_variance", bad))
+        assert hint in str(err.value)

@@ -5,6 +5,10 @@ Model: z ~ N(0, I_Z), x | z ~ N(W z + b, sigma^2 I_D), so
     p(x)       = N(x; b, W W^T + sigma^2 I)
     p(z | x)   = N(M^-1 W^T (x - b), sigma^2 M^-1),   M = W^T W + sigma^2 I.
 Everything is float64; D = 5, Z = 2, a few hundred examples, so each test takes well under a second or two.
+
+The same checks for two stochastic layers (``TwoLayerLinearGaussian``, below): z2 ~ N(0, I), z1 | z2 ~
+N(A z2 + a, S1), x | z1 ~ N(Bm z1 + b, sigma^2 I), with q(z|x) = q(z1|x) q(z2|z1) the model's
+``HierarchicalPosterior`` and p(z) its ``HierarchicalPrior``, through the same estimators.
 """
 
 import hashlib
@@ -287,13 +291,13 @@ K_CHUNKS = 500  # samples: four sample blocks, the last one partly used
 CHUNKS = (1, 7, SB, 3 * SB + 5, K_CHUNKS)
 
 
-def reference_noise(seed, start, stop, k, dtype=F64):
+def reference_noise(seed, start, stop, k, dtype=F64, z=Z):
     """The documented scheme written out: sample j of example i is entry (j % SB, i % EB) of the
     (j // SB)-th (SB, EB, Z) draw of the generator seeded with noise_seed(seed, IS_STREAM, i // EB)."""
-    out = torch.empty(k, stop - start, Z, dtype=dtype)  # (K, B, Z)
+    out = torch.empty(k, stop - start, z, dtype=dtype)  # (K, B, Z)
     for e in range(start // EB, (stop - 1) // EB + 1):
         g = torch.Generator().manual_seed(noise_seed(seed, IS_STREAM, e))
-        draws = torch.cat([torch.randn((SB, EB, Z), generator=g, dtype=dtype) for _ in range(-(-k // SB))])
+        draws = torch.cat([torch.randn((SB, EB, z), generator=g, dtype=dtype) for _ in range(-(-k // SB))])
         lo, hi = max(start, e * EB), min(stop, (e + 1) * EB)
         out[:, lo - start : hi - start] = draws[:k, lo - e * EB : hi - e * EB]
     return out
@@ -415,7 +419,7 @@ def test_ladder_points_and_the_ladder_is_a_prefix_of_the_same_draws(ppca):
     torch.testing.assert_close(plain.log_px, est.log_px, rtol=1e-12, atol=0)
 
 
-def test_summarize_mean_and_standard_error():
+def test_mean_se_is_the_mean_and_standard_error():
     values = torch.tensor([1.0, 2.0, 4.0, 7.0, -3.5])
     mean, se = mean_se(values)
     assert mean == pytest.approx(np.mean(values.numpy()), rel=1e-12)

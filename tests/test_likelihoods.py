@@ -313,7 +313,11 @@ def test_gaussian_fixed_sigma_matches_scipy():
     np.testing.assert_allclose(lik.distribution(params).log_prob(x).numpy(), ref, rtol=1e-12)
 
 
-@pytest.mark.parametrize("lik", [Gaussian(), Gaussian(sigma=0.2)], ids=["learned", "fixed"])
+@pytest.mark.parametrize(
+    "lik",
+    [Gaussian(), Gaussian(sigma=0.2), Gaussian(scale="log_variance")],
+    ids=["learned", "fixed", "logvar"],
+)
 def test_gaussian_density_integrates_to_one(lik):
     params = torch.tensor([0.4, -1.7][: lik.num_params()], dtype=torch.float64)  # one pixel
     dist = lik.distribution(params)
@@ -343,11 +347,47 @@ def test_gaussian_scale_floor_holds_for_adversarial_outputs(dtype):
     assert torch.isfinite(dist.log_prob(x)).all()
 
 
+def test_gaussian_log_variance_scale_is_aevbs():
+    """scale=log_variance: sigma = exp(h_s / 2), no floor (AEVB Appendix C.2), against torch's Normal."""
+    g = torch.Generator().manual_seed(3)
+    b, d = 4, 5
+    params = 3 * torch.randn(b, 2 * d, generator=g, dtype=torch.float64)  # (B, 2D) = [h_mu | h_s]
+    params[0, d:] = torch.tensor([-30.0, -10.0, 0.0, 10.0, 30.0], dtype=torch.float64)  # far from any floor
+    x = torch.rand(b, d, generator=g, dtype=torch.float64)
+    lik = Gaussian(scale="log_variance")
+    assert lik.num_params() == 2
+    ref = torch.distributions.Normal(torch.sigmoid(params[:, :d]), torch.exp(0.5 * params[:, d:]))
+    torch.testing.assert_close(
+        lik.distribution(params).log_prob(x), ref.log_prob(x).sum(-1), rtol=1e-14, atol=0
+    )
+    torch.testing.assert_close(lik.mean(params), torch.sigmoid(params[:, :d]), rtol=0, atol=0)
+    assert lik.distribution(params).base_dist.scale[0, 0].item() == pytest.approx(math.exp(-15.0), rel=1e-14)
+    # a known answer: h_mu = 0, h_s = log 0.04 (mu 0.5, sigma 0.2), x = 0.7: -1/2 - log 0.2 - log(2 pi) / 2
+    one = torch.tensor([0.0, math.log(0.04)], dtype=torch.float64)
+    value = lik.distribution(one).log_prob(torch.tensor([0.7], dtype=torch.float64)).item()
+    assert value == pytest.approx(-0.5 - math.log(0.2) - 0.5 * math.log(2 * math.pi), rel=1e-12)
+    assert value == pytest.approx(0.19049937922943, rel=1e-12)
+
+
+def test_gaussian_scale_default_is_softplus():
+    """Without scale (a checkpoint written before it existed): the softplus scale, min_sigma + softplus(h)."""
+    old = get_likelihood(name="gaussian", sigma=None, min_sigma=0.01)
+    assert old.scale == Gaussian().scale == "softplus" and old.config()["scale"] == "softplus"
+    h = torch.tensor([0.3, -2.0], dtype=torch.float64)
+    assert old.distribution(h).base_dist.scale.item() == pytest.approx(0.01 + math.log1p(math.exp(-2.0)))
+
+
 def test_gaussian_rejects_bad_arguments():
     with pytest.raises(ValueError, match="sigma"):
         Gaussian(sigma=0.0)
     with pytest.raises(ValueError, match="min_sigma"):
         Gaussian(min_sigma=-1.0)
+    with pytest.raises(ValueError, match="unknown scale 'exp'; allowed: softplus, log_variance"):
+        Gaussian(scale="exp")
+    with pytest.raises(ValueError, match="scale=log_variance is for a learned sigma"):
+        Gaussian(sigma=0.1, scale="log_variance")
+    with pytest.raises(ValueError, match="min_sigma=0.001 is the floor of scale=softplus"):
+        Gaussian(min_sigma=1e-3, scale="log_variance")
     with pytest.raises(ValueError, match="2 \\* D"):
         Gaussian().distribution(torch.zeros(2, 5))
 
@@ -355,7 +395,14 @@ def test_gaussian_rejects_bad_arguments():
 # --- every likelihood -----------------------------------------------------------------------------
 
 
-ALL = [Bernoulli(), Bernoulli(allow_improper=True), Gaussian(), Gaussian(sigma=0.5), ContinuousBernoulli()]
+ALL = [
+    Bernoulli(),
+    Bernoulli(allow_improper=True),
+    Gaussian(),
+    Gaussian(sigma=0.5),
+    Gaussian(scale="log_variance"),
+    ContinuousBernoulli(),
+]
 
 
 @pytest.mark.parametrize("lik", ALL, ids=repr)
@@ -403,6 +450,7 @@ def test_registry_rejects_unknown_names_and_options():
         "name": "gaussian",
         "sigma": 0.3,
         "min_sigma": 1e-2,
+        "scale": "softplus",
     }
 
 

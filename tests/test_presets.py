@@ -15,7 +15,7 @@ from conftest import compose
 from vaerepro import config as config_mod
 from vaerepro import presets as P
 from vaerepro import reproduction as R
-from vaerepro.data import split_sizes
+from vaerepro.data import split_indices, split_sizes
 
 NAMES = sorted(P.PRESETS)
 AEVB_NAMES = [n for n in NAMES if n.startswith("aevb-")]
@@ -92,7 +92,10 @@ def test_aevb_settings_are_the_papers(raw, name):
     for p in values.values():
         assert p.unit == "nats per example" and p.tolerance and "figure" in p.tolerance_reason
         assert p.improper == cfg.improper and p.data_space == "continuous"
-    # Section 5: "All parameters ... initialized by random sampling from N(0, 0.01)"
+    # Section 5: "All parameters ... initialized by random sampling from N(0, 0.01)"; Appendix C.2: the Frey
+    # Face decoder outputs log sigma^2 directly
+    if cfg.likelihood.name == "gaussian":
+        assert cfg.likelihood.scale == "log_variance"
     assert (cfg.model.init, cfg.model.init_std) == ("normal", 0.01)
     missing = {m.feature for m in P.PRESETS[name].missing if m.blocking}
     assert "step-size selection" in missing and "initialisation scale" not in missing
@@ -118,7 +121,7 @@ def test_iwae_settings_and_numbers_are_table_1s(raw, model, k, layers):
     name = f"iwae-mnist-{model}-k{k}-l{layers}"
     cfg = config_mod.validate(raw[name])
     assert cfg.model.hidden_dims == [200, 200] and cfg.model.activation == "tanh"
-    assert cfg.model.latent_dim == (50 if layers == 1 else 100)
+    assert cfg.model.latent_dim == (50 if layers == 1 else 100)  # h1
     assert (cfg.likelihood.name, cfg.data_space, cfg.data.source) == ("bernoulli", "binary", "mnist")
     t = cfg.train
     assert (t.optimizer, t.lr, t.batch_size, t.max_epochs) == ("adam", 1e-3, 20, 3280)
@@ -127,16 +130,20 @@ def test_iwae_settings_and_numbers_are_table_1s(raw, model, k, layers):
     assert (t.objective, t.num_samples) == ("elbo" if model == "vae" else "iwae", k)
     assert t.objective == "iwae" or t.estimator == "A"  # Eqn. 7: Monte Carlo gradient of log w
     assert cfg.eval.num_samples == 5000
-    assert split_sizes(70_000, cfg.data.val_fraction, cfg.data.test_fraction) == {
-        "train": 59_600, "val": 400, "test": 10_000,
-    }  # fmt: skip
+    # the official 10,000 test images; 400 of the 60,000 training images for validation (the code)
+    assert (cfg.data.split, cfg.data.val_size) == ("official", 400)
+    ix = split_indices(70_000, split="official", val_size=400, n_official_test=10_000)
+    assert {k: len(v) for k, v in ix.items()} == {"train": 59_600, "val": 400, "test": 10_000}
     (published,) = P.PRESETS[name].published
     nll = IWAE_TABLE1[(model, k, layers)]
     assert published.value == -nll and published.printed == f"{nll:.2f}"
     assert (published.metric, published.data_space, published.unit) == ("test log p(x)", "binary", R.UNIT)
     assert not published.improper and published.tolerance == 1.0
     missing = {m.feature for m in P.PRESETS[name].missing if m.blocking}
-    assert missing == {"the standard MNIST test set"} | ({"two stochastic layers"} if layers == 2 else set())
+    assert missing == set()
+    if layers == 2:  # x -> 200-200 -> h1 (100) -> 100-100 -> h2 (50)
+        m = cfg.model
+        assert (m.stochastic_layers, m.latent_dim_2, m.hidden_dims_2) == (2, 50, [100, 100])
 
 
 # --- Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) ---------------------------------------------
@@ -153,6 +160,9 @@ def test_cb_presets_follow_the_code_and_publish_nothing(raw, name):
     got = {"hidden": m.hidden_dims, "activation": m.activation, "latent": m.latent_dim, "lr": t.lr,
            "batch": t.batch_size, "k": cfg.eval.num_samples}  # fmt: skip
     assert got == CB_CODE and cfg.train.optimizer == "adam" and cfg.data_space == "continuous"
+    assert cfg.data.split == "official"  # the code's N = 60,000 training and N_test = 10,000 test images
+    if cfg.likelihood.name == "gaussian":  # utils.py decoder_mnist_norm: sigma = 1e-6 + softplus(h)
+        assert (cfg.likelihood.scale, cfg.likelihood.min_sigma) == ("softplus", 1e-6)
     for published in P.PRESETS[name].published:
         assert published.value is None and published.why_none
         v = R.verdict(published, measured=1000.0, measured_se=1.0)

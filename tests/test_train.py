@@ -480,3 +480,28 @@ def test_the_progress_bar_is_drawn_every_refresh_rate_batches_and_at_each_epoch_
     }
     expected = {0, *range(rate, total, rate), total}
     assert total > 2 * rate and counts == {(e, n) for e in (0, 1) for n in expected}
+
+
+OBJECTIVES = [["train.estimator=A"], ["train.objective=iwae", "train.num_samples=5"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_two_stochastic_layers_train_and_evaluate(prepared_tiny, tmp_path, objective):
+    """A two-layer model (IWAE's two-layer rows) trains with estimator A or the IWAE bound, its checkpoint
+    rebuilds a TwoLayerVAE with z = [z1 | z2], and evaluation gives a finite log p(x) no worse than its ELBO
+    (a K-sample importance estimate against the 1-sample bound, on average over the test examples)."""
+    from vaerepro.evaluate import evaluate
+    from vaerepro.model import TwoLayerVAE
+
+    layers = ["model.stochastic_layers=2", "model.latent_dim_2=3", "model.hidden_dims_2=[32]"]
+    cfg = tiny_config(*layers, *objective, "train.max_epochs=1", "eval.num_samples=20")
+    out = copy_prepared(prepared_tiny, tmp_path)
+    metrics = train(cfg, out, enable_progress_bar=False)
+    assert metrics["epochs"] == 1 and torch.isfinite(torch.tensor(metrics["val_elbo"]))
+    vae = load_vae(out / "models" / "best.ckpt")
+    assert isinstance(vae, TwoLayerVAE) and vae.z_dim == cfg.model.latent_dim + 3
+    ev = evaluate(cfg, out, progress=False)
+    assert ev["log_px"] >= ev["elbo"] and torch.isfinite(torch.tensor(ev["log_px"]))
+    with pytest.raises(checkpoints.CheckpointError, match="stochastic_layers"):
+        evaluate(tiny_config(*objective, "train.max_epochs=1"), out, progress=False)  # a one-layer config

@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = frozenset(
 # labelled with another init.
 LEGACY_DEFAULTS: dict[str, Any] = {
     "model.init": "default",
+    "likelihood.scale": "softplus",
     "train.lr_schedule": "constant",
     "train.adam_betas": [0.9, 0.999],
     "train.adam_eps": 1e-8,
@@ -66,6 +67,16 @@ def expected_hparams(cfg, data_dim: int, quantized: bool, data_digest: str | Non
             "likelihood": cfg.likelihood.model_dump(),
             "init": cfg.model.init,
             "init_std": cfg.model.init_std,
+            # a second stochastic layer only: one-layer hparams stay as they were (older checkpoints match)
+            **(
+                {
+                    "stochastic_layers": 2,
+                    "latent_dim_2": cfg.model.latent_dim_2,
+                    "hidden_dims_2": list(cfg.model.hidden_dims_2),
+                }
+                if cfg.model.stochastic_layers == 2
+                else {}
+            ),
         },
         # how to train, not whether this is a resumption
         "train": cfg.train.model_dump(exclude={"resume"}),
@@ -123,6 +134,12 @@ def flatten_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         **({"model.init": vae["init"]} if "init" in vae else {}),
         # init_std matters to init=normal only; under another init its value is not compared
         **({"model.init_std": vae["init_std"]} if vae.get("init") == "normal" else {}),
+        "model.stochastic_layers": vae.get("stochastic_layers", 1),
+        **(
+            {"model.latent_dim_2": vae["latent_dim_2"], "model.hidden_dims_2": list(vae["hidden_dims_2"])}
+            if vae.get("stochastic_layers", 1) == 2
+            else {}
+        ),
         "likelihood.name": vae["likelihood"]["name"],
     }
     out.update({f"likelihood.{k}": v for k, v in vae["likelihood"].items() if k != "name"})

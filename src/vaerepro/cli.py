@@ -79,6 +79,8 @@ def stage_prepare(cfg: Config, out_dir: Path, root: Path) -> dict:
         seed=d.split_seed,
         max_examples=d.max_examples,
         max_npz_bytes=d.max_npz_bytes,
+        split=d.split,
+        val_size=d.val_size,
     )
 
 

@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vaerepro.errors import UserError
-from vaerepro.likelihoods import DATA_SPACES, REGISTRY, get_likelihood
+from vaerepro.likelihoods import DATA_SPACES, GAUSSIAN_SCALES, REGISTRY, get_likelihood
 from vaerepro.model import INITS
 from vaerepro.schedules import LR_SCHEDULES
-from vaerepro.sources import DEFAULT_MAX_NPZ_BYTES, SOURCES
+from vaerepro.sources import DEFAULT_MAX_NPZ_BYTES, SOURCES, SPLIT_KINDS, split_kind_error
 
 PROJECT_MARKERS = ("dvc.yaml", "conf/config.yaml")
 
@@ -55,6 +55,12 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: Seed = 0
     max_examples: int | None = Field(None, ge=3)
+    # the test split: pooled (every example of the source pooled, then cut by val/test_fraction) or official
+    # (the source's own test set whole, in file order, e.g. MNIST's 10,000 t10k images; validation drawn
+    # from its training files; test_fraction unused). official: sources.OFFICIAL_TEST_SOURCES only
+    split: Literal[SPLIT_KINDS] = "pooled"
+    # the validation split's size in examples, instead of val_fraction (IWAE: 400 of MNIST's 60,000)
+    val_size: int | None = Field(None, ge=1)
     space: DataSpace = "auto"
     # Most bytes a user's .npz (source npz) may decompress to, x and y together; default 8 GiB. Checked from
     # the zip's headers before anything is decompressed: a small compressed file can expand to fill memory.
@@ -62,7 +68,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.val_fraction + self.test_fraction >= 1:
+        problem = split_kind_error(self.source, self.split)
+        if problem:
+            raise ValueError(problem)
+        if self.split == "pooled" and self.val_size is None and self.val_fraction + self.test_fraction >= 1:
             total = self.val_fraction + self.test_fraction
             raise ValueError(f"val_fraction + test_fraction = {total:g} leaves no training data")
         if self.source == "npz" and not self.path:
@@ -82,6 +91,26 @@ class ModelConfig(_Section):
     # standard deviation of init=normal's draw. AEVB writes "N(0, 0.01)" without saying whether 0.01 is the
     # standard deviation or the variance (its N(z; mu, sigma^2 I) suggests the variance, i.e. std 0.1)
     init_std: float = Field(0.01, gt=0, allow_inf_nan=False)
+    # 2: IWAE's second stochastic layer (model.TwoLayerVAE) on top of the first: x -> hidden_dims -> z1
+    # (latent_dim units) -> hidden_dims_2 -> z2 (latent_dim_2 units, the N(0, I) prior); IWAE's MNIST model:
+    # hidden_dims [200, 200], latent_dim 100, hidden_dims_2 [100, 100], latent_dim_2 50. Both _2 keys are
+    # needed with 2 layers and refused with 1
+    stochastic_layers: Literal[1, 2] = 1
+    latent_dim_2: int | None = Field(None, ge=1, le=MAX_LATENT_DIM)
+    hidden_dims_2: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        given = [k for k in ("latent_dim_2", "hidden_dims_2") if getattr(self, k) is not None]
+        if self.stochastic_layers == 1 and given:
+            keys = ", ".join(f"model.{k}" for k in given)
+            raise ValueError(f"{keys}: for model.stochastic_layers=2 only (a second stochastic layer)")
+        missing = [f"model.{k}" for k in ("latent_dim_2", "hidden_dims_2") if k not in given]
+        if self.stochastic_layers == 2 and missing:
+            raise ValueError(
+                f"model.stochastic_layers=2 needs {' and '.join(missing)} (IWAE: 50, [100, 100])"
+            )
+        return self
 
 
 class BernoulliConfig(_Section):
@@ -93,6 +122,14 @@ class GaussianConfig(_Section):
     name: Literal["gaussian"]
     sigma: float | None = Field(None, gt=0)
     min_sigma: float = Field(0.01, gt=0)
+    # a learned sigma from the decoder's h: min_sigma + softplus(h), or exp(h / 2) (log_variance: AEVB's
+    # Frey Face decoder, no floor); see likelihoods.GAUSSIAN_SCALES
+    scale: Literal[GAUSSIAN_SCALES] = "softplus"
+
+    @model_validator(mode="after")
+    def _check(self) -> GaussianConfig:
+        get_likelihood(**self.model_dump())  # the likelihood's own checks (ValueError), under this key
+        return self
 
 
 class ContinuousBernoulliConfig(_Section):
@@ -188,6 +225,20 @@ class Config(_Section):
             self.likelihood_object().check_space(self.data_space)
         except ValueError as err:
             raise ValueError(f"data.space / likelihood: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_estimator(self) -> Config:
+        # estimator B's analytic KL(q(z|x) || p(z)) exists for one stochastic layer only
+        if (
+            self.model.stochastic_layers == 2
+            and self.train.objective == "elbo"
+            and self.train.estimator == "B"
+        ):
+            raise ValueError(
+                "train.estimator=B (the analytic KL) is for one stochastic layer; with "
+                "model.stochastic_layers=2 use train.estimator=A"
+            )
         return self
 
     def likelihood_object(self):

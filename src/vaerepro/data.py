@@ -6,7 +6,9 @@ The steps, each a plain function:
    ``load_raw(source, raw_dir)`` reads them back and ``validate_arrays`` checks and normalises the images
    ((N, H, W) uint8 grey levels, or float32 in [0, 1]) and labels.
 2. ``prepare(source, raw_dir, out_dir)`` shuffles the raw data with a seeded numpy Generator and writes
-   disjoint train/val/test arrays of shape (N, D) plus ``meta.json`` (sizes, checksums, provenance).
+   disjoint train/val/test arrays of shape (N, D) plus ``meta.json`` (split kind, sizes, checksums,
+   provenance). ``split="pooled"`` cuts all of a source's examples by fractions; ``split="official"`` keeps
+   the source's own test set (MNIST's t10k files) and draws validation from its training files only.
    ``load_prepared(out_dir)`` reads them back after verifying every checksum.
 3. ``to_space`` / ``fixed_space`` turn a batch of stored pixels into the model's data space
    (``likelihoods.DATA_SPACES``): ``binary`` (Bernoulli draw of the grey levels) or ``continuous``
@@ -38,6 +40,7 @@ from vaerepro.sources import (
     IDX_FILES,
     MD5,
     SOURCES,
+    SPLIT_KINDS,
     DataError,
     dir_md5,
     fetch,
@@ -45,6 +48,7 @@ from vaerepro.sources import (
     fresh_sibling,
     read_arrays,
     read_idx,
+    split_kind_error,
 )
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "IDX_FILES",
     "MD5",
     "SOURCES",
+    "SPLIT_KINDS",
     "DataError",
     "dir_md5",
     "fetch",
@@ -95,6 +100,7 @@ class RawData:
     quantized: bool  # True for 8-bit data (uint8), False for float data
     source: str
     files: dict[str, str]  # raw file name -> md5 (provenance)
+    n_official_test: int | None = None  # the last n examples are the source's own test set; None: none
 
 
 def load_raw(
@@ -106,7 +112,7 @@ def load_raw(
     """
     raw = read_arrays(source, raw_dir, path=path, max_npz_bytes=max_npz_bytes)
     x, y, image_shape, quantized = validate_arrays(raw.x, raw.y, raw.origin)
-    return RawData(x, y, image_shape, quantized, source, raw.files)
+    return RawData(x, y, image_shape, quantized, source, raw.files, raw.n_official_test)
 
 
 def validate_arrays(
@@ -167,19 +173,25 @@ def validate_arrays(
 # --------------------------------------------------------------------------------------------- splits
 
 
-def split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
-    """Split sizes for ``n`` examples: val and test are ``fraction * n`` rounded half up, train the rest."""
+def split_sizes(
+    n: int, val_fraction: float, test_fraction: float, *, val_size: int | None = None
+) -> dict[str, int]:
+    """Split sizes for ``n`` examples: val and test are ``fraction * n`` rounded half up, train the rest.
+
+    ``val_size``: the validation split's size as a count instead (``val_fraction`` is then unused).
+    """
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
             raise DataError(f"{name} must lie in [0, 1), got {f}")
-    n_val = math.floor(val_fraction * n + 0.5)
+    n_val = math.floor(val_fraction * n + 0.5) if val_size is None else int(val_size)
     n_test = math.floor(test_fraction * n + 0.5)
     sizes = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
     empty = [k for k, v in sizes.items() if v <= 0]
     if empty:
+        given = f"val_fraction={val_fraction}" if val_size is None else f"val_size={val_size}"
         raise DataError(
             f"split {'/'.join(empty)} would be empty: {n} examples with "
-            f"val_fraction={val_fraction}, test_fraction={test_fraction} give sizes {sizes}"
+            f"{given}, test_fraction={test_fraction} give sizes {sizes}"
         )
     return sizes
 
@@ -191,22 +203,49 @@ def split_indices(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_examples: int | None = None,
+    split: str = "pooled",
+    val_size: int | None = None,
+    n_official_test: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Disjoint train/val/test indices into ``n`` raw examples, as ``prepare`` uses them.
+    """Disjoint train/val/test indices (int64) into ``n`` raw examples, as ``prepare`` uses them.
 
-    One permutation from ``np.random.default_rng(seed)``; its first ``max_examples`` entries (all if None)
-    are the subsample, cut in order into train, val and test (sizes from ``split_sizes``).
+    ``split="pooled"``: one permutation of all ``n`` from ``np.random.default_rng(seed)``; its first
+    ``max_examples`` entries (all if None) are the subsample, cut in order into train, val and test (sizes
+    from ``split_sizes``; ``val_size`` instead of ``val_fraction`` when given).
+
+    ``split="official"``: the last ``n_official_test`` raw examples are the source's own test set and are
+    the test split, whole and in file order (``test_fraction`` and ``max_examples`` do not touch it). The
+    other ``n - n_official_test`` (the training files) are permuted as above, the first ``max_examples``
+    kept, and cut in order into train and val; val has ``val_size`` examples, or ``val_fraction`` of them.
     """
-    if max_examples is not None:
-        if max_examples < 1:
-            raise DataError(f"max_examples must be a positive integer, got {max_examples}")
-        m = min(n, max_examples)
-    else:
-        m = n
-    sizes = split_sizes(m, val_fraction, test_fraction)
-    order = np.random.default_rng(seed).permutation(n)[:m].astype(np.int64)
-    bounds = np.cumsum([sizes[s] for s in SPLITS])[:-1]
-    return dict(zip(SPLITS, np.split(order, bounds), strict=True))
+    if max_examples is not None and max_examples < 1:
+        raise DataError(f"max_examples must be a positive integer, got {max_examples}")
+    if split == "pooled":
+        m = n if max_examples is None else min(n, max_examples)
+        sizes = split_sizes(m, val_fraction, test_fraction, val_size=val_size)
+        order = np.random.default_rng(seed).permutation(n)[:m].astype(np.int64)
+        bounds = np.cumsum([sizes[s] for s in SPLITS])[:-1]
+        return dict(zip(SPLITS, np.split(order, bounds), strict=True))
+    if split != "official":
+        raise DataError(f"unknown data.split {split!r}; allowed: {', '.join(SPLIT_KINDS)}")
+    if n_official_test is None or not 0 < n_official_test < n:
+        raise DataError(
+            f"data.split=official needs the source's own test set: {n_official_test} of {n} examples given"
+        )
+    n_files = n - n_official_test  # the training files' examples: raw indices 0 .. n_files - 1
+    m = n_files if max_examples is None else min(n_files, max_examples)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    n_val = math.floor(val_fraction * m + 0.5) if val_size is None else int(val_size)
+    if not 0 < n_val < m:
+        given = f"val_fraction={val_fraction}" if val_size is None else f"val_size={val_size}"
+        raise DataError(
+            f"split {'val' if n_val <= 0 else 'train'} would be empty: {m} examples of the training files "
+            f"with {given} give sizes {{'train': {m - n_val}, 'val': {n_val}}}"
+        )
+    order = np.random.default_rng(seed).permutation(n_files)[:m].astype(np.int64)
+    test = np.arange(n_files, n, dtype=np.int64)
+    return {"train": order[: m - n_val], "val": order[m - n_val :], "test": test}
 
 
 def prepare(
@@ -220,15 +259,22 @@ def prepare(
     seed: int = 0,
     max_examples: int | None = None,
     max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES,
+    split: str = "pooled",
+    val_size: int | None = None,
 ) -> dict:
     """Validate the raw data and write deterministic splits to ``out_dir``; return the meta dict.
 
+    ``split``, ``val_size``: see ``split_indices``; ``split="official"`` is refused (DataError naming
+    data.split and the source) for a source without its own test set, before any file is read.
     ``max_npz_bytes``: for source ``npz``, the most bytes ``x`` and ``y`` may decompress to (see load_raw).
 
     Writes ``x_{train,val,test}.npy`` as (N, D) uint8 (8-bit data) or float32, ``y_*.npy`` (int64) when the
     source has labels, and ``meta.json``. Everything is written to a temporary directory next to ``out_dir``
     which then replaces it, so a failure (validation included) leaves an existing ``out_dir`` untouched.
     """
+    problem = split_kind_error(source, split)
+    if problem:
+        raise DataError(problem)
     raw = load_raw(source, raw_dir, path=path, max_npz_bytes=max_npz_bytes)
     index = split_indices(
         len(raw.x),
@@ -236,6 +282,9 @@ def prepare(
         test_fraction=test_fraction,
         seed=seed,
         max_examples=max_examples,
+        split=split,
+        val_size=val_size,
+        n_official_test=raw.n_official_test,
     )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -244,10 +293,10 @@ def prepare(
     try:
         files = {}
         flat = raw.x.reshape(len(raw.x), -1)  # (N, D)
-        for split in SPLITS:
-            arrays = {f"x_{split}.npy": flat[index[split]]}
+        for part in SPLITS:  # not `split`: that is the split kind
+            arrays = {f"x_{part}.npy": flat[index[part]]}
             if raw.y is not None:
-                arrays[f"y_{split}.npy"] = raw.y[index[split]]
+                arrays[f"y_{part}.npy"] = raw.y[index[part]]
             for name, array in arrays.items():
                 np.save(tmp / name, np.ascontiguousarray(array), allow_pickle=False)
                 files[name] = file_sha256(tmp / name)
@@ -262,8 +311,11 @@ def prepare(
             "dtype": str(flat.dtype),
             "has_labels": raw.y is not None,
             "seed": int(seed),
-            "val_fraction": float(val_fraction),
-            "test_fraction": float(test_fraction),
+            # how the splits were made (split_indices); null for a setting the split kind did not use
+            "split": split,
+            "val_size": None if val_size is None else int(val_size),
+            "val_fraction": float(val_fraction) if val_size is None else None,
+            "test_fraction": float(test_fraction) if split == "pooled" else None,
             "max_examples": None if max_examples is None else int(max_examples),
             "n_raw": int(len(raw.x)),
             "sizes": {s: int(len(index[s])) for s in SPLITS},
@@ -317,6 +369,11 @@ class Splits:
     @property
     def quantized(self) -> bool:
         return bool(self.meta["quantized"])
+
+    @property
+    def split(self) -> str:
+        """The split kind (``SPLIT_KINDS``); a meta.json written before data.split existed is pooled."""
+        return str(self.meta.get("split", "pooled"))
 
 
 def load_prepared(out_dir: Path) -> Splits:

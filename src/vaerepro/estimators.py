@@ -5,7 +5,11 @@ z ~ q(z|x); the ELBO (estimator A), the IWAE bound and the importance-sampled lo
 are all means or log-mean-exps over it. ``convergence`` judges whether such a log p(x) has converged in K.
 
 ``model`` is anything with ``posterior(x)`` (q(z|x), batch (B,), event (Z,)), ``prior()`` (p(z), event
-(Z,)) and ``decode(z)`` (p(x|z), batch z.shape[:-1], event (D,)); see ``model.VAE``.
+(Z,)) and ``decode(z)`` (p(x|z), batch z.shape[:-1], event (D,)); see ``model.VAE``. z may stand for several
+stochastic layers at once: ``model.TwoLayerVAE``'s z = [z1 | z2], its q(z|x) = q(z1|x) q(z2|z1) and p(z) =
+p(z1|z2) p(z2), so log w above is log p(x|z1) + log p(z1|z2) + log p(z2) - log q(z1|x) - log q(z2|z1) with
+no second formula. Such a q samples z from noise through its own ``reparameterize(eps)`` (see
+``reparameterize``); it has no closed-form KL to p(z), so estimator B refuses it.
 
 Randomness: the bounds draw from torch's global RNG (callers seed it) unless given their standard-normal
 noise ``eps`` (K, B, Z) (the training step draws it for a whole multi-device batch). ``estimate_log_px``
@@ -83,8 +87,12 @@ def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
 
     A diagonal Gaussian (``Independent(Normal)``, the VAE's encoder): the base Normal's scale, not
     Independent's stddev, which re-derives it as sqrt(variance). A full-covariance ``MultivariateNormal``:
-    its Cholesky factor, as its ``rsample`` does.
+    its Cholesky factor, as its ``rsample`` does. A q that defines ``reparameterize(eps)`` (the hook; e.g.
+    ``model.HierarchicalPosterior``, sampled layer by layer): that method's z.
     """
+    hook = getattr(q, "reparameterize", None)
+    if hook is not None:
+        return hook(eps)
     if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
         return q.base_dist.loc + eps * q.base_dist.scale
     if isinstance(q, MultivariateNormal):
@@ -106,12 +114,34 @@ def elbo(model, x: Tensor, num_samples: int = 1, estimator: str = "B", eps: Tens
     raise ValueError(f"unknown ELBO estimator {estimator!r}; allowed: {', '.join(ELBO_ESTIMATORS)}")
 
 
-def elbo_terms(model, x: Tensor, num_samples: int = 1, eps: Tensor | None = None) -> dict[str, Tensor]:
-    """Estimator B split into its terms, each (B,), nats: recon = mean_K log p(x|z), kl, elbo = recon - kl."""
+def elbo_terms(
+    model, x: Tensor, num_samples: int = 1, eps: Tensor | None = None, estimator: str = "B"
+) -> dict[str, Tensor]:
+    """An ELBO split into its terms, each (B,), nats: recon = mean_K log p(x|z), kl, elbo = recon - kl.
+
+    "B": the KL in closed form (a ValueError naming estimator B where there is none, as for two stochastic
+    layers). "A": the KL by Monte Carlo on the same samples, mean_K (log q(z|x) - log p(z)), so that elbo is
+    estimator A's mean_K log w (up to rounding).
+    """
+    if estimator not in ELBO_ESTIMATORS:
+        raise ValueError(f"unknown ELBO estimator {estimator!r}; allowed: {', '.join(ELBO_ESTIMATORS)}")
     lw = log_weights(model, x, num_samples, eps)
     recon = lw.log_px_z.mean(0)  # (B,)
-    kl = kl_divergence(lw.posterior, model.prior())  # (B,), analytic
+    if estimator == "B":
+        kl = _analytic_kl(lw.posterior, model.prior())  # (B,)
+    else:
+        kl = (lw.log_qz - lw.log_pz).mean(0)  # (B,)
     return {"recon": recon, "kl": kl, "elbo": recon - kl}
+
+
+def _analytic_kl(q: Distribution, p: Distribution) -> Tensor:
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        raise ValueError(
+            f"ELBO estimator B needs KL(q(z|x) || p(z)) in closed form, and there is none for "
+            f"q = {type(q).__name__}, p = {type(p).__name__} (e.g. two stochastic layers); use estimator A"
+        ) from None
 
 
 def iwae_bound(model, x: Tensor, num_samples: int, eps: Tensor | None = None) -> Tensor:
@@ -276,7 +306,8 @@ def estimate_log_px(
 
     Samples are decoded in chunks of at most ``chunk_size``, so memory is O(chunk_size * B * D) for any K;
     chunks are cut so that each ladder point k is reached exactly. Runs under ``torch.no_grad()``; the
-    encoder runs once. q(z|x) must be Gaussian (diagonal, as the VAE's, or full covariance).
+    encoder runs once. q(z|x) must be Gaussian (diagonal, as the VAE's, or full covariance) or define
+    ``reparameterize(eps)`` (see ``reparameterize``).
 
     The noise comes from ``BlockNoise(generator_seed, IS_STREAM, example_offset, ...)``: example i of x
     (``example_offset + i`` in the data set) gets the same K draws whatever ``chunk_size`` and whichever
@@ -301,7 +332,8 @@ def _estimate_log_px(
 ) -> MarginalEstimate:
     q = model.posterior(x)  # batch (B,), event (Z,)
     (batch,), (latent,) = q.batch_shape, q.event_shape
-    noise = BlockNoise(seed, IS_STREAM, example_offset, batch, latent, x.device, q.mean.dtype)
+    dtype = getattr(q, "dtype", None) or q.mean.dtype  # a layered q has no closed-form mean: its own dtype
+    noise = BlockNoise(seed, IS_STREAM, example_offset, batch, latent, x.device, dtype)
     acc = StreamingLogMeanExp()
     estimates: dict[int, Tensor] = {}
     for target in ladder_points(num_samples) if ladder else [num_samples]:

@@ -25,7 +25,7 @@ from vaerepro import checkpoints, estimators
 from vaerepro.config import Config, ConfigError
 from vaerepro.data import dim_log_jacobian, fixed_space, is_dequantized, load_prepared
 from vaerepro.estimators import mean_se
-from vaerepro.model import VAE
+from vaerepro.model import VAE, build_vae
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def load_vae(path: Path, ckpt: dict[str, Any] | None = None) -> VAE:
     """Rebuild the VAE from a checkpoint without Lightning: constructor args + weights, weights_only.
     `ckpt`: the checkpoint already read from `path`."""
     ckpt = ckpt if ckpt is not None else checkpoints.read(path)
-    vae = VAE(**ckpt["hyper_parameters"]["vae_config"])
+    vae = build_vae(ckpt["hyper_parameters"]["vae_config"])
     state = {k.removeprefix("vae."): v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
     vae.load_state_dict(state)
     return vae.eval()
@@ -119,9 +119,9 @@ def per_example(
             vae, xb, num_samples, chunk_size, generator_seed=seed, example_offset=sl.start
         )
         eps = estimators.BlockNoise(
-            seed, estimators.ELBO_STREAM, sl.start, len(xb), vae.latent_dim, device, dtype
+            seed, estimators.ELBO_STREAM, sl.start, len(xb), vae.z_dim, device, dtype
         ).take(1)  # (1, B, Z), the ELBO's noise
-        terms = estimators.elbo_terms(vae, xb, 1, eps)
+        terms = estimators.elbo_terms(vae, xb, 1, eps, estimator="B" if vae.stochastic_layers == 1 else "A")
         out["log_px"][sl], out["ess"][sl] = est.log_px.double().cpu(), est.ess.double().cpu()
         for k in ("elbo", "recon", "kl"):
             out[k][sl] = terms[k].double().cpu()
@@ -168,11 +168,9 @@ def sample_images(
     out = {
         "inputs": xs.reshape(shape).numpy(),
         "reconstructions": lik.mean(vae.decoder_params(mu)).reshape(shape).numpy(),
-        "prior_samples": lik.mean(vae.decoder_params(torch.randn(n, mu.shape[1], generator=g)))
-        .reshape(shape)
-        .numpy(),
+        "prior_samples": lik.mean(vae.decoder_params(vae.sample_prior(n, g))).reshape(shape).numpy(),
     }
-    if mu.shape[1] == 2:
+    if vae.stochastic_layers == 1 and mu.shape[1] == 2:
         # AEVB Fig. 4: a grid through the inverse Gaussian CDF, so it covers the prior's mass evenly.
         grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 15))
         zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), dim=-1)  # (15, 15, 2)

@@ -148,22 +148,39 @@ class Bernoulli(Likelihood):
         return {"name": self.name, "allow_improper": self.allow_improper}
 
 
+# How a learned Gaussian scale comes from the decoder's raw output h_s (per pixel; sigma in units of x):
+# softplus: sigma = min_sigma + softplus(h_s), floored at min_sigma (this project's default);
+# log_variance: h_s = log sigma^2, sigma = exp(h_s / 2), no floor (AEVB, Kingma & Welling 2014: Appendix
+# C.2's Gaussian MLP, log sigma^2 = W h + b; its Frey Face decoder). Without a floor the density of a
+# pixel at exactly 0 (or 1) is unbounded: mu -> 0 and sigma -> 0 send log p to +inf. This project never
+# feeds it exact levels: 8-bit data in the continuous space are uniformly dequantised, (v + u) / 256
+# (data.to_space), and the expected log-density of such data is bounded.
+GAUSSIAN_SCALES = ("softplus", "log_variance")
+DEFAULT_MIN_SIGMA = 1e-2  # the softplus floor's default (conf/likelihood/gaussian.yaml says why)
+
+
 class Gaussian(Likelihood):
     """Pixel-wise Gaussian with mean ``sigmoid(h_mu)`` (pixels live in [0, 1]).
 
     ``sigma=None``: learned per-pixel scale, 2 decoder outputs per pixel laid out as ``[h_mu | h_s]``
-    (each (..., D)); ``scale = min_sigma + softplus(h_s)``. The floor ``scale >= min_sigma`` holds for any
-    decoder output (softplus >= 0, no NaN for +-1e30 or -inf): without it the density on [0, 1] data is
-    unbounded and the likelihood can diverge.
+    (each (..., D)); ``scale`` says how h_s becomes sigma (``GAUSSIAN_SCALES``):
+
+    - ``softplus`` (default): ``sigma = min_sigma + softplus(h_s)``. The floor ``sigma >= min_sigma`` holds
+      for any decoder output (softplus >= 0, no NaN for +-1e30 or -inf): without it the density on [0, 1]
+      data is unbounded and the likelihood can diverge.
+    - ``log_variance``: ``sigma = exp(h_s / 2)``, AEVB's Frey Face decoder; no floor, so ``min_sigma`` is
+      unused and must keep its default (a changed value is refused rather than silently ignored).
 
     ``sigma=float``: fixed scale for every pixel (Doersch's tutorial: sigma acts as the weight of the
-    reconstruction term), 1 decoder output per pixel.
+    reconstruction term), 1 decoder output per pixel; ``scale`` must then be ``softplus`` (unused).
     """
 
     name = "gaussian"
     natural_space = "continuous"
 
-    def __init__(self, sigma: float | None = None, min_sigma: float = 1e-2):
+    def __init__(
+        self, sigma: float | None = None, min_sigma: float = DEFAULT_MIN_SIGMA, scale: str = "softplus"
+    ):
         if sigma is not None:
             sigma = float(sigma)
             if not (math.isfinite(sigma) and sigma > 0):
@@ -171,8 +188,22 @@ class Gaussian(Likelihood):
         min_sigma = float(min_sigma)
         if not (math.isfinite(min_sigma) and min_sigma > 0):
             raise ValueError(f"gaussian likelihood: min_sigma must be positive and finite, got {min_sigma}")
+        if scale not in GAUSSIAN_SCALES:
+            raise ValueError(
+                f"gaussian likelihood: unknown scale {scale!r}; allowed: {', '.join(GAUSSIAN_SCALES)}"
+            )
+        if scale == "log_variance" and sigma is not None:
+            raise ValueError(
+                f"gaussian likelihood: scale=log_variance is for a learned sigma, not a fixed sigma={sigma}"
+            )
+        if scale == "log_variance" and min_sigma != DEFAULT_MIN_SIGMA:
+            raise ValueError(
+                f"gaussian likelihood: min_sigma={min_sigma} is the floor of scale=softplus; "
+                "scale=log_variance has no floor (AEVB Appendix C.2), leave min_sigma at its default"
+            )
         self.sigma = sigma
         self.min_sigma = min_sigma
+        self.scale = scale
 
     def num_params(self) -> int:
         return 1 if self.sigma is not None else 2
@@ -184,7 +215,11 @@ class Gaussian(Likelihood):
             scale = torch.full_like(loc, self.sigma)
         else:
             loc = torch.sigmoid(params[..., :d])  # (..., D)
-            scale = self.min_sigma + F.softplus(params[..., d:])  # (..., D), >= min_sigma everywhere
+            h_s = params[..., d:]  # (..., D)
+            if self.scale == "log_variance":
+                scale = torch.exp(0.5 * h_s)  # h_s = log sigma^2; > 0 unless h_s < ~-200 (float32 underflow)
+            else:
+                scale = self.min_sigma + F.softplus(h_s)  # >= min_sigma everywhere
         return loc, scale
 
     def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
@@ -195,7 +230,7 @@ class Gaussian(Likelihood):
         return self._loc_scale(params)[0]
 
     def config(self) -> dict:
-        return {"name": self.name, "sigma": self.sigma, "min_sigma": self.min_sigma}
+        return {"name": self.name, "sigma": self.sigma, "min_sigma": self.min_sigma, "scale": self.scale}
 
 
 # --- continuous Bernoulli ----------------------------------------------------------------------------------

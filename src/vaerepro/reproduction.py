@@ -407,6 +407,7 @@ def judge(
 # multiply-adds (forward + backward = 3 x forward), and every epoch costs 50 ms of bookkeeping plus a
 # one-sample validation pass. Estimates are for one run of the preset, within about a factor of 2.
 DATA_SIZES = {"mnist": 70_000, "frey_faces": 1_965}  # MNIST 60,000 + 10,000; frey_rawface.mat 560 x 1,965
+OFFICIAL_TEST_SIZES = {"mnist": 10_000}  # data.split=official: the t10k file
 DATA_DIMS = {"mnist": 784, "frey_faces": 560}
 DEFAULT_FRACTIONS = (0.1, 0.2)  # conf/data/*.yaml val_fraction, test_fraction
 CPU_STEP_OVERHEAD_S, CPU_STEP_S_AEVB, GPU_STEP_S = 1e-3, 7e-3, 4.0e-4
@@ -439,7 +440,13 @@ def estimate_seconds(preset: Preset) -> tuple[float, float]:
     s |= {"model.hidden_dims": [500], "model.latent_dim": 20, "train.num_samples": 1}
     s |= {"train.batch_size": 100, "train.max_epochs": 30, "eval.num_samples": 1000} | preset.settings
     source = s["data"]
-    n_train, n_val, n_test = split_counts(DATA_SIZES[source], s["data.val_fraction"], s["data.test_fraction"])
+    n = DATA_SIZES[source]
+    if s.get("data.split") == "official":  # the source's own test set (MNIST: 10,000 of its 70,000)
+        n_test = OFFICIAL_TEST_SIZES[source]
+        n_val = s.get("data.val_size") or math.floor(s["data.val_fraction"] * (n - n_test) + 0.5)
+        n_train = n - n_test - n_val
+    else:
+        n_train, n_val, n_test = split_counts(n, s["data.val_fraction"], s["data.test_fraction"])
     outputs = 2 if s.get("likelihood") == "gaussian" else 1
     enc, dec = _macs(DATA_DIMS[source], s["model.hidden_dims"], s["model.latent_dim"], outputs)
     epochs, batch, k = s["train.max_epochs"], s["train.batch_size"], s["train.num_samples"]

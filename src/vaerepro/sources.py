@@ -78,6 +78,10 @@ IDX_FILES = {  # split -> (images file, labels file); train comes first when poo
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+# data.split, how prepare makes the test split: pooled (all of a source's examples pooled, then cut by
+# fractions) or official (the source's own test set, in file order). Only the IDX sources ship a test set.
+SPLIT_KINDS = ("pooled", "official")
+OFFICIAL_TEST_SOURCES = tuple(s for s in SOURCES if IDX_FILES["test"][0] in MD5.get(s, {}))
 _CHUNK = 1 << 20  # bytes read at a time when hashing or downloading a file (1 MiB)
 # Default cap on what a user's .npz may decompress to, in bytes (8 GiB): a few-KB compressed file can expand
 # to fill memory (a zip bomb, or just an unintended huge array), so the zip headers are checked first.
@@ -123,6 +127,18 @@ def dir_md5(directory: Path) -> str:
         key=lambda e: e["relpath"],
     )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def split_kind_error(source: str, split: str) -> str | None:
+    """Why ``data.split=split`` cannot be used with ``source`` (one line), or None when it can."""
+    if split not in SPLIT_KINDS:
+        return f"unknown data.split {split!r}; allowed: {', '.join(SPLIT_KINDS)}"
+    if split == "official" and source not in OFFICIAL_TEST_SOURCES:
+        return (
+            f"data.split=official: source {source!r} has no official test set "
+            f"(only {', '.join(OFFICIAL_TEST_SOURCES)} ship one); use data.split=pooled"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------- fetch
@@ -240,6 +256,9 @@ class RawArrays:
     y: np.ndarray | None  # (N,) labels as stored, or None without labels
     files: dict[str, str]  # raw file name -> md5 (provenance)
     origin: Path  # the file that validation messages name
+    # the last n_official_test examples of x are the source's own test set (IDX t10k files, in file order);
+    # None: the source has none
+    n_official_test: int | None = None
 
 
 def read_arrays(
@@ -266,13 +285,14 @@ def read_arrays(
         y = np.load(directory / "labels.npy", allow_pickle=False)
     elif source == "frey_faces":
         x, y = _parse_raw_file(source, directory / "frey_rawface.mat"), None
-    else:  # IDX: the official train and test files are pooled (train first), then split like any source
+    else:  # IDX: train then test file; data.split=official keeps the test file's part as the test split
         parts = {
             split: _idx_pair(directory / images, directory / labels)
             for split, (images, labels) in IDX_FILES.items()
         }
         x = np.concatenate([parts["train"][0], parts["test"][0]])
         y = np.concatenate([parts["train"][1], parts["test"][1]])
+        return RawArrays(x, y, files, directory / next(iter(files)), len(parts["test"][0]))
     return RawArrays(x, y, files, directory / next(iter(files)))
 
 

@@ -27,7 +27,7 @@ from vaerepro import config as config_mod
 from vaerepro.config import Config
 from vaerepro.data import Splits, fixed_space, load_prepared, to_space
 from vaerepro.errors import Stopped
-from vaerepro.model import VAE
+from vaerepro.model import build_vae
 from vaerepro.trainer import (
     VAL_KEY,
     EpochHistory,
@@ -225,7 +225,7 @@ class VAEModule(pl.LightningModule):
         # automatic optimisation does the same through a closure and eight more hooks around it, for features
         # this objective does not use (gradient accumulation and clipping, closures for LBFGS).
         self.automatic_optimization = False
-        self.vae = VAE(**vae_config)
+        self.vae = build_vae(vae_config)
         self.vae.validate_args = False  # see VAE.validate_args: the data were checked before training
         self.train_cfg = train
         self.data_space, self.quantized, self.seed = data_space, quantized, seed
@@ -243,7 +243,7 @@ class VAEModule(pl.LightningModule):
 
     def _noise(self, g: torch.Generator, num_samples: int, n: int) -> torch.Tensor:
         """q's standard-normal noise for a whole global batch of n: (K, n, Z)."""
-        return torch.randn((num_samples, n, self.vae.latent_dim), generator=g, device=self.device)
+        return torch.randn((num_samples, n, self.vae.z_dim), generator=g, device=self.device)
 
     def _rank_world(self) -> tuple[int, int]:
         return self.global_rank, self.trainer.world_size
@@ -299,7 +299,9 @@ class VAEModule(pl.LightningModule):
         x, eps = batch
         rank, world = self._rank_world()
         x, eps = shard(x, rank, world), shard(eps, rank, world).transpose(0, 1)  # (B, D), (1, B, Z)
-        elbo = estimators.elbo(self.vae, x, 1, "B", eps)  # (B,)
+        # estimator B (analytic KL) for one stochastic layer; two layers have no closed-form KL: A
+        estimator = "B" if self.vae.stochastic_layers == 1 else "A"
+        elbo = estimators.elbo(self.vae, x, 1, estimator, eps)  # (B,)
         self._val_sum += elbo.sum(dtype=torch.float64)
         self._val_count += len(elbo)
 
@@ -325,7 +327,8 @@ class VAEModule(pl.LightningModule):
             # checkpoint callbacks run, so best.ckpt keeps the last finite weights.
             raise FloatingPointError(
                 f"non-finite training objective ({name} = {train_mean}) in epoch {self.current_epoch}; "
-                "lower train.lr, or for a learned-variance Gaussian raise likelihood.min_sigma"
+                "lower train.lr, or for a learned-variance Gaussian raise likelihood.min_sigma "
+                "(likelihood.scale=softplus)"
             )
         self.log(name, train_mean, **log)
 
@@ -423,7 +426,7 @@ def train(
         cfg.data_space,
         cfg.train.batch_size,
         cfg.seed,
-        latent_dim=cfg.model.latent_dim,
+        latent_dim=cfg.model.latent_dim + (cfg.model.latent_dim_2 or 0),  # z = [z1 | z2]: q's noise
         val_batch_size=cfg.train.val_batch_size,
     )
     data.setup()
