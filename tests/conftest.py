@@ -96,6 +96,28 @@ def prepared_tiny(tmp_path_factory, raw_dir) -> Path:
     return out
 
 
+# The sweep tests' project (test_sweep.py, test_sweep_tracking.py); test_faults.py has a `project` of its own.
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> Path:
+    # one store for the module (studies have distinct names): its tables are created once
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+@pytest.fixture
+def project(tmp_path, raw_dir, mlflow_db):
+    """A project root (conf/ only) with a temporary MLflow store; trials read the session's raw data."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}",
+    }
+    env.pop("HYDRA_FULL_ERROR", None)
+    return {"root": tmp_path, "env": env, "raw": raw_dir}
+
+
 def copy_prepared(src: Path, dst: Path) -> Path:
     shutil.copytree(src / "prepared", dst / "prepared")
     return dst

@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.estimators",
         "vaerepro.compare",
         "vaerepro.checkpoints",
+        "vaerepro.formats",
         "vaerepro.sources",
         "vaerepro.data",
         "vaerepro.config",

@@ -1,6 +1,7 @@
 """data.split: pooled (today's splits, unchanged to the bit) and official (the source's own test set).
 
-The IDX sources are faked with small files the tests write themselves (test_data.write_fake_idx): no network.
+The IDX sources are faked with small files the tests write themselves (test_sources.write_fake_idx):
+no network.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import compose
-from test_data import write_fake_idx
+from test_sources import write_fake_idx
 from vaerepro import config as config_mod
 from vaerepro import data, sources
 from vaerepro.config import ConfigError

@@ -14,9 +14,9 @@ The steps, each a plain function:
    (``likelihoods.DATA_SPACES``): ``binary`` (Bernoulli draw of the grey levels) or ``continuous``
    (uniform dequantisation of 8-bit levels).
 
-Where raw files come from (downloads, checksums, file formats) lives in ``sources``; the names other modules
-import from here are re-exported below. Every bad input raises ``DataError`` (a ``ValueError``) whose message
-names the file and the problem.
+Where raw files come from (downloads, checksums) lives in ``sources``, how they are read in ``formats``;
+the names other modules import from here are re-exported below. Every bad input raises ``DataError`` (a
+``ValueError``) whose message names the file and the problem.
 """
 
 from __future__ import annotations

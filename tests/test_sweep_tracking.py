@@ -1,0 +1,178 @@
+"""What an Optuna sweep records: the MLflow parent run of a study and a child run per trial (tags, params,
+metrics), and the sweep report, written during the sweep or again from the study and MLflow alone.
+
+The slow test runs the real command (`vaerepro run --multirun ...`) in a temporary project (a copy of conf/)
+on the tiny config, as test_sweep.py's slow tests do: with its helpers, and the `project` fixture of
+conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_sweep import _runs, _states, _study, _sweep
+from vaerepro import sweep, tracking
+
+# ------------------------------------------------------------------------------------ fast: the parts
+
+
+def test_run_tags_name_the_study_and_trial(monkeypatch, tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    assert (
+        not {"mlflow.parentRunId", "vaerepro.study", "vaerepro.trial"}
+        & tracking.run_tags(cfg, tmp_path).keys()
+    )
+    monkeypatch.setenv(sweep.ENV_PARENT_RUN_ID, "abc123")
+    monkeypatch.setenv(sweep.ENV_STUDY, "aevb")
+    monkeypatch.setenv(sweep.ENV_TRIAL, "4")
+    tags = tracking.run_tags(cfg, tmp_path)
+    assert (tags["mlflow.parentRunId"], tags["vaerepro.study"], tags["vaerepro.trial"]) == (
+        "abc123",
+        "aevb",
+        "4",
+    )
+    from vaerepro.sweep import pruning
+
+    assert len(pruning.trial_callbacks()) == 0  # no storage named: nothing to report to
+    monkeypatch.setenv(sweep.ENV_STORAGE, str(tmp_path / "s.log"))
+    assert isinstance(pruning.trial_callbacks()[0], pruning.OptunaPruning)
+
+
+def _finished_trial(value, latent_dim, trial_dir, space="binary"):
+    import optuna
+
+    return optuna.trial.create_trial(
+        value=value,
+        params={"model.latent_dim": latent_dim},
+        distributions={"model.latent_dim": optuna.distributions.IntDistribution(2, 50)},
+        user_attrs={
+            "likelihood": "bernoulli",
+            "latent_dim": latent_dim,
+            "data_space": space,
+            "improper": False,
+            "trial_dir": str(trial_dir),
+        },
+    )
+
+
+def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axis(tmp_path):
+    import optuna
+
+    from vaerepro.sweep.report import write_sweep_report
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objective", "log_px")
+    # (log_px, latent size, verdict)
+    trials = [(-95.0, 2, True), (1778.47, 5, False), (-90.0, 10, True), (-99.0, 3, None)]
+    for n, (value, z, verdict) in enumerate(trials):
+        d = tmp_path / f"trial-{n}"
+        (d / "metrics").mkdir(parents=True)
+        if verdict is not None:  # trial 3 has no eval.json left: verdict unknown
+            (d / "metrics" / "eval.json").write_text(json.dumps({"log_px": value, "converged": verdict}))
+        study.add_trial(_finished_trial(value, z, d))
+    # another data space (never in one density study; here to show it is never the alternative offered)
+    study.add_trial(_finished_trial(-50.0, 2, tmp_path / "none", space="continuous"))
+    md = write_sweep_report(study, tmp_path / "report", runs=None)["md"].read_text()
+    best = md.split("## Best trial", 1)[1].split("## Trials", 1)[0]
+    assert "trial 1, rests on a log p(x) estimate that has NOT CONVERGED" in best
+    assert "The best trial whose estimate has converged: trial 2 (-90.0000)." in best
+    assert "| log_px | 1778.4700 (NOT CONVERGED) |" in best
+    rows = [line for line in md.split("## Trials", 1)[1].splitlines() if line.startswith("| ")][1:6]
+    assert [r.split(" | ")[2] for r in rows] == [
+        "-95.0000",
+        "1778.4700 (NOT CONVERGED)",
+        "-90.0000",
+        "-99.0000",
+        "-50.0000",
+    ]
+    # the continuous group has one trial: a sentence, not a one-point figure
+    figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
+    assert "objective-binary-proper.png" in figures and "objective-continuous-proper.png" not in figures
+    assert "only one completed trial (trial 4), so no figure" in md
+
+
+# --------------------------------------------------------------------------------- slow: a real sweep
+
+
+@pytest.mark.slow
+def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
+    study_name = "density"
+    args = (
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        "model.latent_dim=choice(2,3,4,5,6)",
+    )
+    _sweep(project, study_name, *args, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")  # at once
+    assert _states(_study(project, study_name)) == ["COMPLETE", "COMPLETE"]
+
+    # the same command with n_trials=3: the study's total, so one more trial
+    out = _sweep(project, study_name, *args, "hydra.sweeper.n_trials=3")
+    study = _study(project, study_name)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2] and _states(study) == ["COMPLETE"] * 3
+    dirs = {t.user_attrs["trial_dir"] for t in trials}
+    assert len(dirs) == 3
+    for t in trials:
+        ev = json.loads((Path(t.user_attrs["trial_dir"]) / "metrics" / "eval.json").read_text())
+        assert t.value == ev["log_px"] and ev["latent_dim"] == t.params["model.latent_dim"]
+    assert study.user_attrs["sweep_processes"] == 2
+
+    parent, children = _runs(project, study_name)
+    assert sorted(children) == [0, 1, 2]
+    assert parent.data.tags["vaerepro.study"] == study_name and parent.data.params["objective"] == "log_px"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 3
+    assert parent.data.metrics["binary/best/log_px"] == pytest.approx(study.best_value)
+    for t in trials:
+        run = children[t.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["vaerepro.study"] == study_name
+        assert run.data.params["model.latent_dim"] == str(t.params["model.latent_dim"])
+        assert run.data.params["sweep.model.latent_dim"] == str(t.params["model.latent_dim"])
+        assert run.data.metrics["binary/test/log_px"] == pytest.approx(t.value)
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+
+    report = project["root"] / "runs" / study_name / "report"
+    md = (report / "report.md").read_text()
+    best = max(trials, key=lambda t: t.value)
+    assert (
+        "vaerepro run data.max_examples=600" in md
+        and f"model.latent_dim={best.params['model.latent_dim']}" in md
+    )
+    for fig in ("history", "importances", "objective-binary-proper", "compare-binary-proper"):
+        assert (report / "figures" / f"{fig}.png").is_file(), fig
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    results = json.loads((project["root"] / "runs" / study_name / "optimization_results.json").read_text())
+    assert results["best_value"] == best.value
+    assert "best trial" in out.stderr + out.stdout
+
+    # the report again, from the study and MLflow alone
+    monkeypatch.chdir(project["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project["env"]["MLFLOW_TRACKING_URI"])
+    from vaerepro.sweep.__main__ import main
+
+    assert main(["report", study_name, "--out", str(project["root"] / "again")]) == 0
+    again = (project["root"] / "again" / "report.md").read_text()
+    assert again.count("| COMPLETE |") == 3 and "binary pixels" in again
+
+    # the best trial's command runs as printed (the parent run's tag) and gives the best trial's number
+    command = shlex.split(parent.data.tags["best_command"])
+    assert command[:2] == ["vaerepro", "run"]
+    rerun = subprocess.run(
+        [*command, "hydra.run.dir=runs/best"],
+        cwd=project["root"],
+        env={**project["env"], "OMP_NUM_THREADS": "1"},  # as the trials ran (n_jobs=2)
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ev = json.loads((project["root"] / "runs" / "best" / "metrics" / "eval.json").read_text())
+    assert ev["log_px"] == pytest.approx(best.value, abs=1e-3)
