@@ -193,7 +193,7 @@ class EvalConfig(_Section):
     num_samples: int = Field(1000, ge=1)
     batch_size: int = Field(100, ge=1)
     # importance samples per decoder call, or auto (evaluate.auto_chunk_size: from the free memory)
-    chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 250
+    chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: Seed = 1234
     num_images: int = Field(16, ge=1)
     # where importance sampling runs: auto = this process's CUDA device when there is one, else the CPU
