@@ -170,6 +170,24 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     assert "This run's data: mnist5k" in md and "https://cs.nyu.edu/~roweis/data/" in md
 
 
+@pytest.mark.parametrize("name", sorted(P.PRESETS))
+def test_every_presets_smoke_plan_validates_and_is_not_comparable(name, tmp_path):
+    """Every preset (not only the one per family that runs end to end below): its --smoke configuration
+    composes and validates, and departs from the protocol by other data and a shortened schedule, with one
+    seed, while the protocol it is judged against keeps the preset's own data."""
+    preset = P.PRESETS[name]
+    plan = reproduce.plan(preset, smoke=True, root=ROOT, out=tmp_path)
+    assert (
+        plan.seeds == (0,)
+        and plan.config["data"]["source"] == "mnist5k"
+        and plan.config["train"]["max_epochs"] == 2
+    )
+    found = R.deviations(preset, plan.config, seeds=1, protocol=plan.protocol)
+    for reason in (R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS):
+        assert any(d.startswith(f"{reason}: ") for d in found), (reason, found)
+    assert plan.protocol["data"]["source"] == preset.settings["data"]
+
+
 # --- bad input: exit 2, one line naming it -----------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "named"),
