@@ -1,11 +1,12 @@
 """MLflow, in one place: every MLflow call vaerepro makes is in this package.
 
-    store.py     where the store is (tracking uri), creating it and the experiment safely, reading it
-    names.py     the names of numbers in MLflow (space-qualified where the unit depends on the data space)
-    runs.py      one run across the pipeline's stages: tags, dataset, config, results, description, its end
-    training.py  the train stage's run and Lightning's MLflow logger (imports Lightning: not re-exported)
-    sweep.py     a sweep's parent run and its trials' child runs
-    ui.py        links into the MLflow UI and its saved view (no MLflow calls)
+    store.py         where the store is (tracking uri), creating it and the experiment safely, reading it
+    names.py         the names of numbers in MLflow (space-qualified where the unit depends on the data space)
+    runs.py          one run across the pipeline's stages: tags, dataset, config, results, description, end
+    training.py      the train stage's run and Lightning's MLflow logger (imports Lightning: not re-exported)
+    sweep.py         a sweep's parent run and its trials' child runs
+    reproduction.py  a reproduction's parent run and its seeds' child runs
+    ui.py            links into the MLflow UI and its saved view (no MLflow calls)
 
 The stages (prepare, train, evaluate, report) do not import it: the command line hands training a
 `training.TrainingRun`, and logs evaluation and the report after those stages have written their files.
