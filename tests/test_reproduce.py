@@ -246,7 +246,10 @@ def test_smoke_runs_every_step_and_is_not_comparable(name, store, raw_dir, tmp_p
         assert ev["num_samples"] == 10 and ev["source"] == "mnist5k" and math.isfinite(ev["elbo"])
     text = md.read_text()
     assert "not comparable: the run departs from the paper's protocol" in text
-    reasons = [R.NOT_IMPLEMENTED, R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
+    reasons = [R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
+    # a setting the config cannot express: AEVB's step-size selection, the CB code's dropout, ...; the IWAE
+    # rows have none left
+    reasons += [R.NOT_IMPLEMENTED] if any(m.blocking for m in P.PRESETS[name].missing) else []
     reasons += [R.DIFFERENT_K] if not name.startswith("aevb-") else []  # AEVB compares bounds: K is moot
     for reason in reasons:
         assert f"| {reason} | " in text and f"    - {reason}: " in stdout, reason
