@@ -165,19 +165,19 @@ def test_queued_dvc_experiments_log_to_the_repository_store(repo):
     from mlflow import MlflowClient
 
     run(["vaerepro", "fetch"], repo)
-    run(["dvc", "exp", "run", "--queue", "-S", "model.latent_dim=2,3"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", "model.latent_dim=3"], repo)
     run(["dvc", "queue", "start", "--jobs", "1"], repo)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         status = run(["dvc", "queue", "status"], repo).stdout
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(3)
-    assert status.count("Success") == 2, status
+        time.sleep(1)
+    assert status.count("Success") == 1, status
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vaerepro").experiment_id])
     names = [r.info.run_name for r in runs]
-    assert {"bernoulli-z2-s0", "bernoulli-z3-s0"} <= set(names), names
+    assert "bernoulli-z3-s0" in names, names
     assert not list((repo / ".dvc").rglob("mlflow.db"))  # no store left behind in a temporary copy
 
 
