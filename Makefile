@@ -62,8 +62,10 @@ $(PLOTS_TEMPLATE): Makefile
 	    printf '<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n'; \
 	} > $@.tmp && mv $@.tmp $@ && echo "plots-template: $@ has $(VEGA) inlined"
 
+# Two pytest workers, each test file on one of them (its module fixtures built once): most slow tests wait
+# on subprocesses (trainings, DVC, MLflow, sweeps), so two files at once use both cores.
 test: install plots-template
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -294,3 +294,55 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
     before = client.get_experiment(exp.experiment_id).tags
     tracking.ensure_experiment(cfg.tracking, tmp_path)
     assert client.get_experiment(exp.experiment_id).tags == before
+
+
+def test_a_dataset_logged_by_two_runs_at_once_links_both(tmp_path):
+    """Two runs logging the same dataset at once (a sweep's parallel trials): MLflow's database store can
+    find it missing in both, and the second insert fails on its unique key. log_dataset logs again, which
+    links the run to the dataset the first one inserted; other errors, or the same one three times, raise."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import IntegrityError
+
+    from vaerepro.config import TrackingConfig
+
+    uri, exp_id = tracking.ensure_experiment(
+        TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path
+    )
+    client = MlflowClient(uri)
+    meta = {"source": "mnist5k", "files": {"x_train.npy": "ab" * 32}, "sizes": {"train": 3}, "data_dim": 4}
+    first, second = (client.create_run(exp_id).info.run_id for _ in range(2))
+    tracking.log_dataset(client, first, meta, "binary", "mnist5k")
+
+    def raced(n_failures: int, error: Exception):
+        calls = []
+
+        class Client:
+            def log_inputs(self, run_id, datasets):
+                calls.append(run_id)
+                if len(calls) <= n_failures:
+                    raise error
+                client.log_inputs(run_id, datasets=datasets)
+
+        return Client(), calls
+
+    try:  # the error MLflow raises: the database's IntegrityError as its cause
+        raise MlflowException("UNIQUE constraint failed") from IntegrityError(
+            "INSERT", {}, Exception("unique")
+        )
+    except MlflowException as err:
+        unique = err
+    fake, calls = raced(1, unique)
+    tracking.log_dataset(fake, second, meta, "binary", "mnist5k")
+    assert calls == [second, second]
+    for run_id in (first, second):
+        (used,) = client.get_run(run_id).inputs.dataset_inputs
+        assert (used.dataset.name, used.dataset.digest) == ("mnist5k", "ab" * 16)
+    fake, calls = raced(3, unique)
+    with pytest.raises(MlflowException):
+        tracking.log_dataset(fake, second, meta, "binary", "mnist5k")
+    assert len(calls) == 3
+    fake, calls = raced(1, MlflowException("RESOURCE_DOES_NOT_EXIST"))
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        tracking.log_dataset(fake, second, meta, "binary", "mnist5k")
+    assert len(calls) == 1

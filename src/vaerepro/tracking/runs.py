@@ -126,9 +126,35 @@ def log_dataset(client, run_id: str, meta: Mapping[str, Any], data_space: str, s
         source=json.dumps({"source": str(origin), "x_train_sha256": digest}),
         profile=json.dumps(profile),
     )
-    client.log_inputs(
-        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
-    )
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as err:
+            # MLflow's database store looks the dataset up, then inserts it: two runs of one experiment that
+            # log the same data at once (a sweep's parallel trials) can both find it missing, and the second
+            # insert fails on the (experiment, name, digest) key. The dataset exists then; logging it again
+            # links this run to it. Any other error, or the same one every time, is raised.
+            if not _integrity_error(err) or attempt == DATASET_ATTEMPTS - 1:
+                raise
+
+
+DATASET_ATTEMPTS = 3
+
+
+def _integrity_error(err: BaseException) -> bool:
+    """Whether a database's unique-key violation (SQLAlchemy's IntegrityError) is behind `err`."""
+    from sqlalchemy.exc import IntegrityError
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        if isinstance(e, IntegrityError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def headline(
