@@ -25,6 +25,7 @@ from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
 from vaerepro.tracking.names import metric_name, space_name
 from vaerepro.tracking.store import (
+    causes,
     not_a_store,
     reading_client,
     sqlite_corruption,
@@ -136,25 +137,14 @@ def log_dataset(client, run_id: str, meta: Mapping[str, Any], data_space: str, s
             # log the same data at once (a sweep's parallel trials) can both find it missing, and the second
             # insert fails on the (experiment, name, digest) key. The dataset exists then; logging it again
             # links this run to it. Any other error, or the same one every time, is raised.
-            if not _integrity_error(err) or attempt == DATASET_ATTEMPTS - 1:
+            from sqlalchemy.exc import IntegrityError
+
+            unique_key = any(isinstance(e, IntegrityError) for e in causes(err))
+            if not unique_key or attempt == DATASET_ATTEMPTS - 1:
                 raise
 
 
 DATASET_ATTEMPTS = 3
-
-
-def _integrity_error(err: BaseException) -> bool:
-    """Whether a database's unique-key violation (SQLAlchemy's IntegrityError) is behind `err`."""
-    from sqlalchemy.exc import IntegrityError
-
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        if isinstance(e, IntegrityError):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def headline(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from vaerepro.config import ConfigError, TrackingConfig, find_project_root
@@ -171,20 +172,27 @@ def check_sqlite_store(db: Path) -> None:
         raise not_a_store(db, f"a sqlite database with no MLflow tables: {', '.join(sorted(tables)[:5])}")
 
 
-def sqlite_corruption(err: BaseException) -> sqlite3.DatabaseError | None:
-    """The sqlite error saying the file is damaged ('malformed', 'not a database') behind an MLflow or
-    SQLAlchemy error, if that is what it is (a locked database or a constraint is not damage)."""
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """`err` and what lies behind it: each exception of its __cause__ / __context__ chain, and the database
+    driver's error that SQLAlchemy keeps in `.orig`; each once."""
     seen: set[int] = set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        orig = getattr(e, "orig", None)
-        for x in (e, orig):
-            if isinstance(x, sqlite3.DatabaseError) and not isinstance(
-                x, (sqlite3.OperationalError, sqlite3.IntegrityError)
-            ):
-                return x
+        yield e
+        if isinstance(orig := getattr(e, "orig", None), BaseException):
+            yield orig
         e = e.__cause__ or e.__context__
+
+
+def sqlite_corruption(err: BaseException) -> sqlite3.DatabaseError | None:
+    """The sqlite error saying the file is damaged ('malformed', 'not a database') behind an MLflow or
+    SQLAlchemy error, if that is what it is (a locked database or a constraint is not damage)."""
+    for x in causes(err):
+        if isinstance(x, sqlite3.DatabaseError) and not isinstance(
+            x, (sqlite3.OperationalError, sqlite3.IntegrityError)
+        ):
+            return x
     return None
 
 
