@@ -301,19 +301,7 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     if any(a.startswith("-") for a in argv):
         return
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    config_mod.validate(_compose(overrides, root))
-
-
-def _compose(overrides: list[str], root: Path) -> dict:
-    """conf/ composed with Hydra overrides; a ConfigError (one line) for an override Hydra refuses."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        return config_mod.compose(overrides, config_dir=root / "conf")
-    except (HydraException, OmegaConfBaseException) as err:
-        text = " ".join(str(err).split(" Config search path:")[0].split())  # the search path: noise here
-        raise ConfigError(f"overrides {' '.join(overrides)}: {text}") from None
+    config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +379,7 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "params":
-        raw = _compose(args.overrides, config_mod.find_project_root())
+        raw = config_mod.compose(args.overrides, config_dir=config_mod.find_project_root() / "conf")
         config_mod.validate(raw)
         Path(args.output).write_text(config_mod.dump(raw))
         print(f"wrote {args.output}")

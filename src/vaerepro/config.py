@@ -326,17 +326,30 @@ def find_project_root(start: str | os.PathLike | None = None) -> Path:
 
 
 def compose(
-    overrides: list[str] | None = None, config_dir: str | os.PathLike | None = None
+    overrides: list[str] | None = None,
+    config_dir: str | os.PathLike | None = None,
+    *,
+    named: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Compose conf/ with Hydra overrides into a plain, resolved dict (what `dvc exp run` writes)."""
+    """Compose conf/ with Hydra overrides into a plain, resolved dict (what `dvc exp run` writes).
+
+    An override Hydra or OmegaConf refuses is a ConfigError of one line naming `named` (default: the
+    overrides) and Hydra's reason, without its config search path."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     config_dir = Path(config_dir) if config_dir else find_project_root() / "conf"
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = " ".join(str(err).split(" Config search path:")[0].split())
+        shown = " ".join(overrides or []) if named is None else " ".join(named)
+        raise ConfigError(f"overrides {shown}: {text}") from None
 
 
 def dump(raw: dict[str, Any]) -> str:

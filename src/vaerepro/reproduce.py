@@ -38,7 +38,7 @@ from typing import Any
 from vaerepro import config as config_mod
 from vaerepro import document
 from vaerepro import reproduction as R
-from vaerepro.config import Config, ConfigError
+from vaerepro.config import Config
 from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, fmt, png
 from vaerepro.errors import UserError
 from vaerepro.sources import DEFAULT_URLS, MD5
@@ -93,14 +93,8 @@ class Plan:
 
 
 def _compose(overrides: Sequence[str], conf_dir: Path, user: Sequence[str]) -> dict[str, Any]:
-    try:
-        return config_mod.compose(list(overrides), config_dir=conf_dir)
-    except Exception as err:
-        # Hydra's and OmegaConf's refusals, told by their module: only cli and config may import Hydra
-        if type(err).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-            raise
-        text = " ".join(str(err).split(" Config search path:")[0].split())
-        raise ConfigError(f"overrides {' '.join(user) or '(the preset only)'}: {text}") from None
+    """conf/ with the overrides; an override Hydra refuses is one line naming the user's overrides."""
+    return config_mod.compose(list(overrides), config_dir=conf_dir, named=list(user) or ["(the preset only)"])
 
 
 def plan(
