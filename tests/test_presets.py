@@ -297,6 +297,20 @@ def test_time_estimates_use_the_projects_split_and_are_positive():
     assert 3600 < R.estimate_seconds(P.PRESETS["aevb-mnist-z20"])[0] < 5 * 3600
 
 
+def test_time_estimates_count_the_second_stochastic_layer():
+    """q(z2|z1) (100-100-100-2x50) and p(z1|z2) (50-100-100-2x100) add 30,000 + 35,000 multiply-adds per
+    importance sample to IWAE's two-layer model: k = 50 of them per example in every training step (x 3,
+    forward and backward), one per validation image each epoch."""
+    two = P.PRESETS["iwae-mnist-iwae-k50-l2"]
+    layer_2 = ("model.stochastic_layers", "model.latent_dim_2", "model.hidden_dims_2")
+    one = dataclasses.replace(two, overrides=tuple(o for o in two.overrides if not o.startswith(layer_2)))
+    epochs, steps = 3280, 3280 * math.ceil(59_600 / 20)  # 59,600 training images, batch 20
+    extra_macs = 65_000 * (steps * 20 * 50 * 3 + epochs * 400)
+    (cpu_2, gpu_2), (cpu_1, gpu_1) = R.estimate_seconds(two), R.estimate_seconds(one)
+    assert cpu_2 - cpu_1 == pytest.approx(extra_macs / R.CPU_MACS_S, rel=1e-9)
+    assert gpu_2 == gpu_1  # a GPU step of these sizes is bounded by its overhead, not its multiply-adds
+
+
 @pytest.mark.parametrize("module", ["vaerepro.reproduction", "vaerepro.presets"])
 def test_the_modules_import_no_framework(module):
     code = (

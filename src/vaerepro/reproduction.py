@@ -449,6 +449,10 @@ def estimate_seconds(preset: Preset) -> tuple[float, float]:
         n_train, n_val, n_test = split_counts(n, s["data.val_fraction"], s["data.test_fraction"])
     outputs = 2 if s.get("likelihood") == "gaussian" else 1
     enc, dec = _macs(DATA_DIMS[source], s["model.hidden_dims"], s["model.latent_dim"], outputs)
+    if s.get("model.stochastic_layers", 1) == 2:
+        # q(z2|z1) and p(z1|z2) (model.TwoLayerVAE) run once per sample, as the decoder p(x|z1) does
+        enc_2, dec_2 = _macs(s["model.latent_dim"], s["model.hidden_dims_2"], s["model.latent_dim_2"], 2)
+        dec += enc_2 + dec_2
     epochs, batch, k = s["train.max_epochs"], s["train.batch_size"], s["train.num_samples"]
     steps = epochs * math.ceil(n_train / batch)
     step_macs = batch * (enc + k * dec) * 3
