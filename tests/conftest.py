@@ -76,6 +76,12 @@ def tiny_config(*overrides: str, tracking: bool = False, raw_dir: Path | None = 
     return config_mod.validate(compose(*TINY, *extra, *overrides))
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One sqlite MLflow store for a test module's runs (created once: its migration takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
     """The embedded MNIST digits materialised once for the session."""

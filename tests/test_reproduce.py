@@ -1,17 +1,15 @@
 """`vaerepro reproduce NAME`: the aggregate across seeds (mean and 95 % Student-t interval), the judgement
-of constructed results, the reproduction card's content, bad input (exit 2, one line), and --smoke end to
-end (slow) for one preset of each paper family: the files, the verdict "not comparable" with its reasons,
-and the MLflow parent run with one child run per seed."""
+of constructed results, the reproduction card's content, and bad input (exit 2, one line). Every preset's
+--smoke end to end: tests/test_reproduce_smoke_*.py (through tests/smoke_reproduction.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import pytest
 
-from conftest import BIN, ROOT, compose, run
+from conftest import ROOT, compose
 from vaerepro import presets as P
 from vaerepro import reproduce
 from vaerepro import reproduction as R
@@ -207,88 +205,3 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, named):
     err = capsys.readouterr().err
     assert err.startswith("vaerepro reproduce: ") and err.count("\n") == 1 and named in err, err
     assert not (tmp_path / "runs").exists()  # refused before anything ran
-
-
-# --- --smoke end to end ------------------------------------------------------------------------------
-# One preset of each paper family (all 24 would take ~8 min on 2 cores; each seed is a `vaerepro run`
-# process of ~20 s). aevb-frey-z2 runs 2 seeds: the interval across seeds, two child runs.
-SMOKE = {"aevb-mnist-z3": 1, "aevb-frey-z2": 2, "iwae-mnist-vae-k5-l1": 1, "iwae-mnist-iwae-k50-l2": 1}
-SMOKE |= {"cb-mnist-cb": 1}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One sqlite MLflow store for the module's runs (created once: its migration takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(SMOKE))
-def test_smoke_runs_every_step_and_is_not_comparable(name, store, raw_dir, tmp_path, monkeypatch, capsys):
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    seeds, out = SMOKE[name], tmp_path / "out"
-    argv = [name, "--smoke", "--seeds", str(seeds), "--out", str(out), f"data.raw_dir={raw_dir}"]
-    if name.startswith("cb-"):  # through the real command line, as a user types it
-        proc = run([str(BIN / "vaerepro"), "reproduce", *argv], cwd=ROOT, env={"MLFLOW_TRACKING_URI": store})
-        stdout = proc.stdout
-    else:
-        assert P.main(argv) == 0
-        stdout = capsys.readouterr().out
-    assert stdout.startswith(f"{name}: not comparable\n")
-
-    card = out / "reports" / "reproductions" / "smoke"
-    md, html = (card / f"{name}.{ext}" for ext in ("md", "html"))
-    assert md.is_file() and html.is_file() and (card / f"{name}_figures" / "training_curves.png").is_file()
-    for s in range(seeds):
-        ev = json.loads((out / "runs/reproductions/smoke" / name / f"seed_{s}/metrics/eval.json").read_text())
-        assert ev["num_samples"] == 10 and ev["source"] == "mnist5k" and math.isfinite(ev["elbo"])
-    text = md.read_text()
-    assert "not comparable: the run departs from the paper's protocol" in text
-    reasons = [R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
-    # a setting the config cannot express: AEVB's step-size selection, the CB code's dropout, ...; the IWAE
-    # rows have none left
-    reasons += [R.NOT_IMPLEMENTED] if any(m.blocking for m in P.PRESETS[name].missing) else []
-    reasons += [R.DIFFERENT_K] if not name.startswith("aevb-") else []  # AEVB compares bounds: K is moot
-    for reason in reasons:
-        assert f"| {reason} | " in text and f"    - {reason}: " in stdout, reason
-    if name.startswith("cb-"):
-        assert "no published number" in text
-    if seeds > 1:
-        assert f"(95 % t, {seeds} seeds)" in text
-
-    client = MlflowClient(store)
-    assert client.get_experiment_by_name("vaerepro") is None  # smoke runs never join the compared runs
-    exp = client.get_experiment_by_name("vaerepro-smoke")
-    (parent,) = client.search_runs(
-        [exp.experiment_id], f"tags.`vaerepro.preset` = '{name}' and tags.`vaerepro.role` = 'reproduction'"
-    )
-    tags = parent.data.tags
-    assert parent.info.status == "FINISHED" and tags["vaerepro.verdict"] == "not comparable"
-    assert tags["vaerepro.smoke"] == "true" and R.SHORTENED in tags["vaerepro.reasons"]
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "card")} >= {
-        f"card/{name}.md", f"card/{name}.html", f"card/{name}_figures",
-    }  # fmt: skip
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.data.tags["vaerepro.seed"] for c in children) == [str(s) for s in range(seeds)]
-    assert all(c.info.status == "FINISHED" and c.data.tags["vaerepro.preset"] == name for c in children)
-    if any(p.value is not None for p in P.PRESETS[name].published):
-        assert any(k.endswith("_difference") for k in parent.data.metrics)
-
-
-@pytest.mark.slow
-def test_a_failed_seed_fails_the_reproduction_with_its_status(store, tmp_path, monkeypatch, capsys):
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    # a raw-data directory that cannot be made: the seed's `vaerepro run` refuses it (exit 2)
-    argv = ["aevb-mnist-z5", "--smoke", "--out", str(tmp_path), "data.raw_dir=/proc/no-such-dir"]
-    assert P.main(argv) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1] == "vaerepro reproduce: seed 0: `vaerepro run` ended with status 2; its message is above"
-    client = MlflowClient(store)
-    exp = client.get_experiment_by_name("vaerepro-smoke")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`vaerepro.preset` = 'aevb-mnist-z5'")
-    assert parent.info.status == "FAILED" and "seed 0" in parent.data.tags["vaerepro.failure"]
-    assert not (tmp_path / "reports").exists()  # no card for a reproduction that did not run
