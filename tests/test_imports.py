@@ -226,3 +226,38 @@ def test_design_doc_shows_the_real_module_graph():
         "docs/design.md's module graph differs from the source; paste this between the markers:\n"
         + render_graph()
     )
+
+
+# --- dvc.yaml: each stage depends on the code it runs --------------------------------------------------
+# The stages in pipeline order, and the module each runs (`vaerepro <stage>` calls it). Modules that cannot
+# change a stage's outputs are not required: errors (messages) and signals (when a stop is honoured).
+STAGE_MODULES = {"prepare": "data", "train": "train", "evaluate": "evaluate", "report": "report"}
+NO_OUTPUTS = {"vaerepro.errors", "vaerepro.signals"}
+
+
+def _closure(module: str, graph: dict[str, set[str]]) -> set[str]:
+    seen, todo = {module}, [module]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_each_dvc_stage_depends_on_the_code_it_runs():
+    """A stage whose code changed must run again (`dvc repro`), or its outputs describe other code: every
+    module a stage imports, however indirectly, is a dependency of that stage or of one before it (whose
+    changed outputs make this one run again)."""
+    import yaml
+
+    stages = yaml.safe_load((SRC.parent / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGE_MODULES)
+    graph, upstream, missing = _edges(), set(), {}
+    for stage, module in STAGE_MODULES.items():
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in stages[stage]["deps"]}
+        upstream |= {f"vaerepro.{Path(d).stem}" for d in deps if d.startswith("src/vaerepro/")}
+        lacking = _closure(f"vaerepro.{module}", graph) - upstream - NO_OUTPUTS
+        if lacking:
+            missing[stage] = sorted(lacking)
+    assert not missing, f"dvc.yaml deps lack the code these stages run: {missing}"
