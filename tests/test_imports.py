@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the pipeline's stages: each reads files and writes files
     "stages": (
         "vaerepro.trainer",
+        "vaerepro.stepsize",
         "vaerepro.train",
         "vaerepro.evaluate",
         "vaerepro.report_comparison",
@@ -56,6 +57,7 @@ FRAMEWORKS = {
     "hydra": ("vaerepro.cli", "vaerepro.config", "vaerepro.sweep", "hydra_plugins"),
     "lightning": (
         "vaerepro.trainer",
+        "vaerepro.stepsize",
         "vaerepro.train",
         "vaerepro.tracking.training",
         "vaerepro.sweep.pruning",

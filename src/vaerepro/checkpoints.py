@@ -41,6 +41,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "train.lr_schedule": "constant",
     "train.adam_betas": [0.9, 0.999],
     "train.adam_eps": 1e-8,
+    "train.lr_candidates": None,  # no step-size selection: train.lr was the rate
 }
 
 # The keys that say which model a checkpoint holds (evaluation's check); training keys are not among them.
@@ -146,6 +147,10 @@ def flatten_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     out["data.space"] = hparams.get("data_space")
     out["data: 8-bit"] = hparams.get("quantized")
     out.update({f"train.{k}": v for k, v in (hparams.get("train") or {}).items()})
+    if out.get("train.lr_candidates") is None:
+        # the pilot's length matters to a step-size selection only; without one its value is not compared.
+        # With one, train.lr is the rate the selection chose (stepsize.at_rate), compared as such.
+        out.pop("train.lr_pilot_steps", None)
     out["seed"] = hparams.get("seed")
     if hparams.get("data_digest") is not None:
         out[DATA_DIGEST_LABEL] = hparams["data_digest"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vaerepro.errors import UserError
 from vaerepro.likelihoods import DATA_SPACES, GAUSSIAN_SCALES, REGISTRY, get_likelihood
@@ -36,6 +36,8 @@ DataSpace = Literal[("auto", *DATA_SPACES)]  # auto: the likelihood's natural sp
 # torch.optim.Adam's defaults: the optimiser every run used before train.adam_betas / adam_eps existed
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
+# one candidate of train.lr_candidates: a learning rate, > 0 and finite
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class ConfigError(UserError, ValueError):
@@ -148,6 +150,15 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "adagrad"] = "adam"
     fused: bool = True  # torch's fused optimiser kernel (same update, one kernel per parameter tensor)
     lr: float = Field(1e-3, gt=0)
+    # AEVB's step-size selection (Kingma & Welling 2014, 5: Adagrad's global step size "chosen from {0.01,
+    # 0.02, 0.1} based on performance on the training set in the first few iterations"): null (no selection,
+    # train.lr is the rate), or >= 2 distinct rates; each trains lr_pilot_steps optimiser steps from the run's
+    # initial weights on the run's first batches, and the one with the highest mean training bound (nats per
+    # example over the pilot's steps; the first on a tie) replaces train.lr (stepsize.py). One device only
+    lr_candidates: Annotated[list[LearningRate], Field(min_length=2)] | None = None
+    # the pilot's optimiser steps per candidate: the paper says "the first few iterations" without a number;
+    # 100 is our reading of it (AEVB's MNIST epoch is 500 steps of 100 examples)
+    lr_pilot_steps: int = Field(100, ge=1)
     # the rate of epoch e is lr x schedules.lr_factor(lr_schedule)(e): constant, or IWAE's 10^(-i/7) for
     # 3^i epochs, i = 0..7 (Burda et al. 2016, 5.1; 3,280 epochs, then the last rate)
     lr_schedule: Literal[LR_SCHEDULES] = "constant"
@@ -168,6 +179,15 @@ class TrainConfig(_Section):
     # 0 = every epoch; both are also written at the end of training
     checkpoint_every_s: float = Field(60.0, ge=0)
     resume: bool = False  # continue from models/last.ckpt (and its MLflow run) when it exists
+
+    @field_validator("lr_candidates")
+    @classmethod
+    def _distinct_candidates(cls, rates: list[float] | None) -> list[float] | None:
+        # a repeated rate would run the same pilot twice and could only tie with itself
+        if rates is not None and len(set(rates)) != len(rates):
+            repeated = sorted({r for r in rates if rates.count(r) > 1})
+            raise ValueError(f"repeated rate(s) {', '.join(f'{r:g}' for r in repeated)}; give each once")
+        return rates
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -240,6 +260,25 @@ class Config(_Section):
                 "model.stochastic_layers=2 use train.estimator=A"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_lr_selection(self) -> Config:
+        # Under DDP every rank re-runs the script: each would run the pilots, and their choices could differ.
+        # devices=auto may mean every GPU; on the CPU accelerator it is one device.
+        t = self.trainer
+        if self.train.lr_candidates is None:
+            return self
+        if t.devices == "auto" and t.accelerator != "cpu":
+            world = f"trainer.devices=auto on accelerator {t.accelerator}"
+        elif t.devices != "auto" and t.devices * t.num_nodes > 1:
+            world = f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}"
+        else:
+            return self
+        raise ValueError(
+            f"train.lr_candidates: step-size selection runs on one device; {world} here. Set "
+            "trainer.devices=1 trainer.num_nodes=1, or select on one device and train with "
+            "train.lr=<its choice> train.lr_candidates=null"
+        )
 
     def likelihood_object(self):
         return get_likelihood(**self.likelihood.model_dump())

@@ -436,7 +436,22 @@ def _measured_blocks(result: Result) -> list[Block]:
             fmt(s.train.get("train_time_s"), 1),
         ]
         rows.append([*cells, str(s.out_dir), s.run_id or "none"])
-    return [*blocks, Heading("Each seed", 3), Table(header, rows)]
+    blocks += [Heading("Each seed", 3), Table(header, rows)]
+    chosen = [(s.seed, sel) for s in result.seeds if (sel := s.train.get("lr_selection"))]
+    if chosen:  # train.lr_candidates: the rate each seed trained at is its pilots' choice, not train.lr
+        steps = chosen[0][1]["pilot_steps"]
+        text = "; ".join(
+            f"seed {seed}: {sel['chosen']:g} ("
+            + ", ".join(
+                f"{lr:g}: {b:.4g}" for lr, b in zip(sel["candidates"], sel["pilot_bounds"], strict=True)
+            )
+            + ")"
+            for seed, sel in chosen
+        )
+        how = f"{steps} steps at each rate from the seed's initial weights"
+        what = "in brackets each rate's mean training bound, nats per example"
+        blocks.append(Para(f"Step size chosen by the pilots (train.lr_candidates: {how}; {what}): {text}."))
+    return blocks
 
 
 def _protocol_blocks(p: Plan) -> list[Block]:
@@ -446,7 +461,9 @@ def _protocol_blocks(p: Plan) -> list[Block]:
     blocks.append(Table(["setting", "the paper's", "this run's"], rows))
     if preset.missing:
         rows = [[m.feature, m.paper, "yes" if m.blocking else "no"] for m in preset.missing]
-        blocks += [Heading("Settings the configuration cannot express", 3)]
+        blocks += [
+            Heading("Settings the configuration cannot express, and readings where the paper is silent", 3)
+        ]
         blocks += [Table(["setting", "the paper", "blocks a verdict"], rows)]
     blocks += [Heading("Where each setting was read", 3), *(Para(s) for s in preset.sources)]
     return blocks + ([Heading("Notes", 3), *(Para(n) for n in preset.notes)] if preset.notes else [])

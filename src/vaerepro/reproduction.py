@@ -57,8 +57,9 @@ class Published:
 
 @dataclass(frozen=True)
 class Missing:
-    """A setting of the paper the config schema cannot express. Blocking ones change what is trained or
-    measured: while one is missing, a run of the preset is not the paper's protocol."""
+    """A setting of the paper the config schema cannot express, or one the paper leaves open and the preset
+    reads one way (said in `paper`). Blocking ones change what is trained or measured: while one is
+    missing, a run of the preset is not the paper's protocol; a non-blocking one is a stated reading."""
 
     feature: str
     paper: str  # what the paper (or its code) does, and where that is written

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from vaerepro import checkpoints, estimators, signals
+from vaerepro import checkpoints, estimators, signals, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import Config
 from vaerepro.data import Splits, fixed_space, load_prepared, to_space
@@ -355,10 +355,10 @@ def build_module(cfg: Config, data: VAEData) -> VAEModule:
     return VAEModule(**hp)
 
 
-def check_resumable(path: Path, module: VAEModule, max_epochs: int) -> dict[str, Any]:
-    """The checkpoint to resume from, read and compared with the module the config builds; a
-    CheckpointError (nothing touched yet) when it is unreadable or trained something else."""
-    ckpt = checkpoints.read(path)
+def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epochs: int) -> dict[str, Any]:
+    """The checkpoint to resume from (`ckpt`, read from `path` by checkpoints.read, which refuses an
+    unreadable one), compared with the module the config builds; a CheckpointError (nothing touched yet)
+    when it trained something else."""
     if "loops" not in ckpt or "optimizer_states" not in ckpt:
         raise checkpoints.CheckpointError(f"{path}: holds weights only, not a training state to resume")
     differ = checkpoints.mismatches(ckpt["hyper_parameters"], dict(module.hparams))
@@ -415,7 +415,8 @@ def train(
     existing models/last.ckpt, training continues from it (its epoch, optimiser state, best score and curve);
     a checkpoint that cannot be resumed (unreadable, or trained with another config) is refused before any
     file or run is touched. A signal stops training after the epoch that was running, with last.ckpt
-    written, and raises `Stopped`.
+    written, and raises `Stopped`. With train.lr_candidates, the rate is first chosen by AEVB's pilots
+    (stepsize.choose; resuming, the checkpoint's choice) and recorded in train.json as `lr_selection`.
     """
     out_dir = Path(out_dir)
     model_dir = out_dir / "models"
@@ -430,10 +431,15 @@ def train(
         val_batch_size=cfg.train.val_batch_size,
     )
     data.setup()
-    module = build_module(cfg, data)
     last = model_dir / "last.ckpt"
     ckpt_path = last if cfg.train.resume and last.is_file() else None
-    resumed = check_resumable(last, module, cfg.train.max_epochs) if ckpt_path is not None else None
+    saved = checkpoints.read(last) if ckpt_path is not None else None
+    # train.lr_candidates: the rate a pilot per candidate chooses, or the one a resumed checkpoint recorded
+    # (stepsize.py); the module then trains at it as if train.lr were set to it. The pilots leave the global
+    # random state as they found it, so the module's initial weights are the seed's.
+    selection = stepsize.choose(cfg, data, functools.partial(build_module, data=data), saved=saved)
+    module = build_module(cfg if selection is None else stepsize.at_rate(cfg, selection["chosen"]), data)
+    resumed = check_resumable(last, saved, module, cfg.train.max_epochs) if saved is not None else None
     if ckpt_path is not None:
         log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
     elif cfg.train.resume:
@@ -441,7 +447,10 @@ def train(
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
     # environment) before any process group exists, and only rank 0 may create the tracking run.
     same = SameConfigOnEveryRank(config_digest(cfg))
-    trainer = build_trainer(cfg, out_dir, None, [*callbacks, same], enable_progress_bar=enable_progress_bar)
+    record = [stepsize.SelectionRecord(selection)] if selection is not None else []  # kept in last.ckpt
+    trainer = build_trainer(
+        cfg, out_dir, None, [*callbacks, same, *record], enable_progress_bar=enable_progress_bar
+    )
     tracker = tracker if trainer.is_global_zero else None
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -480,6 +489,8 @@ def train(
             "best_epoch": best["epoch"] if best else -1,
             "train_time_s": elapsed,  # this invocation's: a resumed run counts only its own epochs
         }
+        if selection is not None:
+            metrics["lr_selection"] = selection  # stepsize.choose: candidates, pilot bounds, the chosen rate
         if trainer.is_global_zero:
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
