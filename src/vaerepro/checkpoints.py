@@ -32,19 +32,23 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 # What a key a checkpoint does not record meant: the keys added after checkpoints were first written, with
-# the value every training had before (torch's init, a constant rate, torch's Adam). An older checkpoint is
-# compared as if it recorded these, so that it is not resumed under another schedule or optimiser, nor
-# labelled with another init.
+# the value every training had before (torch's init, no dropout, a constant rate, torch's Adam, no
+# clipping). An older checkpoint is compared as if it recorded these, so that it is not resumed under
+# another schedule, optimiser or clipping, nor labelled with another init or dropout.
 LEGACY_DEFAULTS: dict[str, Any] = {
     "model.init": "default",
+    "model.dropout": 0.0,
     "likelihood.scale": "softplus",
     "train.lr_schedule": "constant",
     "train.adam_betas": [0.9, 0.999],
     "train.adam_eps": 1e-8,
     "train.lr_candidates": None,  # no step-size selection: train.lr was the rate
+    "train.grad_clip_value": None,
 }
 
 # The keys that say which model a checkpoint holds (evaluation's check); training keys are not among them.
+# "model." covers model.dropout: a network trained with dropout is another model, though evaluation (in
+# eval mode) computes the same function of its weights with or without the Dropout modules.
 MODEL_KEYS = (
     "data: pixels per image",
     "model.",
@@ -68,6 +72,7 @@ def expected_hparams(cfg, data_dim: int, quantized: bool, data_digest: str | Non
             "likelihood": cfg.likelihood.model_dump(),
             "init": cfg.model.init,
             "init_std": cfg.model.init_std,
+            "dropout": cfg.model.dropout,
             # a second stochastic layer only: one-layer hparams stay as they were (older checkpoints match)
             **(
                 {
@@ -135,6 +140,7 @@ def flatten_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         **({"model.init": vae["init"]} if "init" in vae else {}),
         # init_std matters to init=normal only; under another init its value is not compared
         **({"model.init_std": vae["init_std"]} if vae.get("init") == "normal" else {}),
+        **({"model.dropout": vae["dropout"]} if "dropout" in vae else {}),
         "model.stochastic_layers": vae.get("stochastic_layers", 1),
         **(
             {"model.latent_dim_2": vae["latent_dim_2"], "model.hidden_dims_2": list(vae["hidden_dims_2"])}

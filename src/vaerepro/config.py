@@ -100,6 +100,10 @@ class ModelConfig(_Section):
     stochastic_layers: Literal[1, 2] = 1
     latent_dim_2: int | None = Field(None, ge=1, le=MAX_LATENT_DIM)
     hidden_dims_2: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN)]] | None = Field(None, min_length=1)
+    # the probability of zeroing each hidden unit after its activation, in training only (model.mlp): the
+    # continuous-Bernoulli code's keep_prob 0.9 is 0.1 (cunningham-lab/cb_and_cc utils.py encoder_mnist,
+    # decoder_mnist_*). 0: no dropout layers at all
+    dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -168,6 +172,11 @@ class TrainConfig(_Section):
     )
     adam_eps: float = Field(ADAM_EPS, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0)
+    # every element of the gradient clipped to [-v, v] before the optimiser's step (the gradient of the
+    # objective, before Adagrad's or Adam's weight decay term is added to it): the continuous-Bernoulli code
+    # clips each gradient to [-1, 1] (cunningham-lab/cb_and_cc cb_vae_mnist.ipynb: tf.clip_by_value(grad,
+    # -1.0, 1.0) on every encoder and decoder gradient). null: no clipping
+    grad_clip_value: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(100, ge=1)
     # validation needs no gradients: larger batches than training's cost less per image (fewer steps of
     # Lightning's loop); the validation ELBO does not depend on it (see train.VAEData)
@@ -279,6 +288,28 @@ class Config(_Section):
             "trainer.devices=1 trainer.num_nodes=1, or select on one device and train with "
             "train.lr=<its choice> train.lr_candidates=null"
         )
+
+    @model_validator(mode="after")
+    def _check_clipping(self) -> Config:
+        # The module clips between its manual backward and the optimiser's step (train.VAEModule). Under
+        # 16-mixed the gradients there are still multiplied by the loss scale (Lightning unscales them in the
+        # step), so the bound would act on scaled values; and Lightning refuses to clip for an optimiser that
+        # unscales in its own step (torch's fused kernels) under either mixed precision.
+        precision, fused = self.trainer.precision, self.train.fused
+        if self.train.grad_clip_value is None or precision not in ("16-mixed", "bf16-mixed"):
+            return self
+        if precision == "16-mixed":
+            raise ValueError(
+                "train.grad_clip_value: under trainer.precision=16-mixed the gradients are still "
+                "loss-scaled when the module clips them; use trainer.precision=32-true, or bf16-mixed with "
+                "train.fused=false"
+            )
+        if fused:
+            raise ValueError(
+                "train.grad_clip_value with trainer.precision=bf16-mixed needs train.fused=false (Lightning "
+                "cannot clip the gradients of a fused optimiser under mixed precision)"
+            )
+        return self
 
     def likelihood_object(self):
         return get_likelihood(**self.likelihood.model_dump())

@@ -75,14 +75,34 @@ def _sizes(value, what: str) -> list[int]:
     return [_positive_int(h, f"each of {what}") for h in value]
 
 
-def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
-    """Linear layers sizes[0] -> sizes[1] -> ... with the activation between them (not after the last)."""
+def _dropout(value) -> float:
+    """A dropout probability: a real number in [0, 1) (1 would drop every unit)."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and 0 <= value < 1):
+        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def mlp(sizes: Sequence[int], activation: str, dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers sizes[0] -> sizes[1] -> ... with the activation between them (not after the last).
+
+    `dropout` > 0: ``nn.Dropout(dropout)`` after every hidden layer's activation, none on the input or the
+    output layer, as the continuous-Bernoulli code has it (cunningham-lab/cb_and_cc utils.py
+    ``encoder_mnist`` and ``decoder_mnist_*``: ``tf.nn.dropout(hid, keep_prob)`` after each ReLU dense layer,
+    keep_prob 0.9 in training and 1.0 in evaluation; here torch's train/eval mode). Both scale the kept units
+    by 1 / (1 - dropout) in training, so that eval mode needs no rescaling. The activation and its
+    dropout share the activation's slot, ``nn.Sequential(activation, Dropout)``, so that the Linear layers
+    keep their indices 0, 2, 4, ... and a state_dict has the same keys with dropout as without (Dropout
+    holds no parameters). 0: no Dropout module at all, the network as it was before the option existed.
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    dropout = _dropout(dropout)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         if i > 0:
-            layers.append(ACTIVATIONS[activation]())
+            act = ACTIVATIONS[activation]()
+            layers.append(nn.Sequential(act, nn.Dropout(dropout)) if dropout > 0 else act)
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
 
@@ -134,6 +154,8 @@ class VAE(nn.Module):
     Encoder: x (B, D) -> [mu | logvar] (B, 2Z), logvar = log sigma^2 of the diagonal posterior.
     Decoder: z (..., Z) -> raw outputs (..., P*D) handed to the likelihood (P outputs per pixel); its hidden
     sizes are ``hidden_dims`` reversed.
+    ``dropout``: the probability of zeroing each hidden unit after its activation, in training mode only
+    (``mlp``); evaluation runs the model in eval mode, where dropout is the identity.
     """
 
     stochastic_layers = 1
@@ -147,6 +169,7 @@ class VAE(nn.Module):
         likelihood: Mapping | None = None,
         init: str = "default",
         init_std: float = 0.01,
+        dropout: float = 0.0,
     ):
         super().__init__()
         data_dim = _positive_int(data_dim, "data_dim")
@@ -159,6 +182,7 @@ class VAE(nn.Module):
         real = isinstance(init_std, numbers.Real) and not isinstance(init_std, bool)
         if not (real and 0 < init_std < math.inf):
             raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
+        dropout = _dropout(dropout)
         if likelihood is None:
             likelihood = {"name": "bernoulli"}
         if not isinstance(likelihood, Mapping) or "name" not in likelihood:
@@ -171,6 +195,7 @@ class VAE(nn.Module):
         self.validate_args: bool | None = None
         self.data_dim = data_dim
         self.latent_dim = latent_dim
+        self.dropout = dropout
         # Normalised constructor kwargs (lists, full likelihood config) so VAE(**config) rebuilds this model.
         self.config: dict = {
             "data_dim": data_dim,
@@ -180,10 +205,11 @@ class VAE(nn.Module):
             "likelihood": self.likelihood.config(),
             "init": init,
             "init_std": float(init_std),
+            "dropout": dropout,
         }
-        self.encoder = mlp([data_dim, *hidden, 2 * latent_dim], activation)
+        self.encoder = mlp([data_dim, *hidden, 2 * latent_dim], activation, dropout)
         self.decoder = mlp(
-            [latent_dim, *reversed(hidden), self.likelihood.num_params() * data_dim], activation
+            [latent_dim, *reversed(hidden), self.likelihood.num_params() * data_dim], activation, dropout
         )
         # after torch's init of both (its draws come first whatever `init` is): encoder, then decoder
         initialise(self, init, init_std)
@@ -328,7 +354,8 @@ class TwoLayerVAE(VAE):
     IWAE's MNIST model: hidden_dims [200, 200], latent_dim 100, hidden_dims_2 [100, 100], latent_dim_2 50
     (yburda/iwae experiments.py: latent_units [100, 50]). Its Gaussian layers compute sigma = exp(linear);
     here a linear layer computes log sigma^2, the same family. ``posterior_params(x)`` is q(z1|x)'s.
-    Modules and init draws: encoder, decoder (as ``VAE``), then encoder_2, decoder_2.
+    Modules and init draws: encoder, decoder (as ``VAE``), then encoder_2, decoder_2. ``dropout`` acts in
+    all four MLPs alike (IWAE uses none).
     """
 
     stochastic_layers = 2
@@ -344,17 +371,19 @@ class TwoLayerVAE(VAE):
         likelihood: Mapping | None = None,
         init: str = "default",
         init_std: float = 0.01,
+        dropout: float = 0.0,
         stochastic_layers: int = 2,
     ):
         if stochastic_layers != 2:
             raise ValueError(f"TwoLayerVAE has stochastic_layers=2, got {stochastic_layers!r}")
         latent_dim_2 = _positive_int(latent_dim_2, "latent_dim_2")
         hidden_2 = _sizes(hidden_dims_2, "hidden_dims_2")
-        super().__init__(data_dim, latent_dim, hidden_dims, activation, likelihood, init, init_std)
+        super().__init__(data_dim, latent_dim, hidden_dims, activation, likelihood, init, init_std, dropout)
         self.latent_dim_2 = latent_dim_2
         self.config.update(stochastic_layers=2, latent_dim_2=latent_dim_2, hidden_dims_2=list(hidden_2))
-        self.encoder_2 = mlp([self.latent_dim, *hidden_2, 2 * latent_dim_2], activation)  # q(z2|z1)
-        self.decoder_2 = mlp([latent_dim_2, *reversed(hidden_2), 2 * self.latent_dim], activation)  # p(z1|z2)
+        z1, d = self.latent_dim, self.dropout
+        self.encoder_2 = mlp([z1, *hidden_2, 2 * latent_dim_2], activation, d)  # q(z2|z1)
+        self.decoder_2 = mlp([latent_dim_2, *reversed(hidden_2), 2 * z1], activation, d)  # p(z1|z2)
         initialise(self.encoder_2, init, init_std)
         initialise(self.decoder_2, init, init_std)
 

@@ -323,11 +323,6 @@ def _cb(key: str) -> Preset:
             "the preset keeps the project's 30",
         ),
         Missing(
-            "dropout",
-            f"keep_prob 0.9 after each hidden layer ({CB_CODE} utils.py encoder_mnist, decoder_mnist_*)",
-        ),
-        Missing("gradient clipping", f"each gradient clipped to [-1, 1] ({CB_CODE} cb_vae_mnist.ipynb)"),
-        Missing(
             "training on all 60,000 images",
             f"the code trains on all of them ({CB_CODE} cb_vae_mnist.ipynb N); the project holds out "
             "data.val_fraction of them for its validation ELBO",
@@ -352,6 +347,13 @@ def _cb(key: str) -> Preset:
             "train.optimizer=adam",
             "train.lr=0.001",
             "train.batch_size=50",
+            # dropout after both hidden ReLU layers of encoder and decoder, keep_prob 0.9 in training and
+            # 1.0 in every evaluation (utils.py encoder_mnist, decoder_mnist_cb/_norm; cb_vae_mnist.ipynb);
+            # model.mlp puts nn.Dropout(0.1) there, active in training mode only
+            "model.dropout=0.1",
+            # each element of every encoder and decoder gradient clipped to [-1, 1] before Adam's step
+            # (cb_vae_mnist.ipynb and norm_vae_mnist.ipynb: tf.clip_by_value(grad, -1.0, 1.0))
+            "train.grad_clip_value=1.0",
             "eval.num_samples=100",
         ),
         sources=(
@@ -359,6 +361,16 @@ def _cb(key: str) -> Preset:
             "the KL in closed form (estimator B); pixels (v + u)/256; IW log-likelihood with k = 100; "
             "15-nearest-neighbour accuracy of the latent means",
             f"{CB_CODE} utils.py: two ReLU layers of n_hidden units in encoder and decoder",
+            f"{CB_CODE} utils.py (cb/utils.py since the repository's 2020 move, same lines) encoder_mnist "
+            "(lines 86-95), decoder_mnist_cb and decoder_mnist_norm (113-120, 123-132): "
+            "tf.nn.dropout(hid, keep_prob) after each of the two hidden ReLU dense layers, none on the input "
+            "or the output layer; cb_vae_mnist.ipynb feeds keep_prob: 0.9 to the training steps (file line "
+            "356; 441 for the Bernoulli VAE) and keep_prob: 1.0 to every evaluation (ELBO, IW estimate, kNN, "
+            "samples)",
+            f"{CB_CODE} cb_vae_mnist.ipynb, the graph cell (file lines 124-127): grads_and_vars = "
+            "optim.compute_gradients(cost, tf.trainable_variables(scope='ELBO')), then "
+            "tf.clip_by_value(grad, -1.0, 1.0) on each before optim.apply_gradients (Adam): every element "
+            "of every encoder and decoder gradient clipped to [-1, 1]; the same in norm_vae_mnist.ipynb",
             "these are the authors' code, not the paper's text (not reachable here)",
         ),
         published=published,

@@ -7,6 +7,7 @@ sweep pruning come from whoever starts a training (`tracker`, `callbacks`): this
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -113,7 +114,10 @@ def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
     return t[(slice(None),) * dim + (slice(rank, None, world),)]
 
 
-TRAIN_STREAM, VAL_STREAM = 0, 1
+TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
+# SplitMix64's increment (2^64 / the golden ratio): added rank times to a batch's dropout seed, so that every
+# rank draws the masks of its own rows from a seed of its own
+_RANK_STRIDE = 0x9E3779B97F4A7C15
 SEED_BLOCK = 32  # batch seeds computed together, see _seed_block
 
 
@@ -205,7 +209,9 @@ class VAEModule(pl.LightningModule):
     Multi-device training gives the same result as one device with the same global batch, up to float
     rounding: every rank sees the whole global batch, draws its randomness (binarisation / dequantisation,
     and q's noise) for all of it from one generator seeded by (seed, epoch, batch index), and keeps its own
-    rows; DDP's gradient average then equals the gradient of the global batch's mean.
+    rows; DDP's gradient average then equals the gradient of the global batch's mean. Dropout (model.dropout
+    > 0) is the exception: each rank draws the masks of its own rows only (`_dropout_rng`), so a multi-device
+    training with dropout is as valid as, but not the same draw as, a one-device one.
     """
 
     def __init__(
@@ -223,7 +229,8 @@ class VAEModule(pl.LightningModule):
         self.save_hyperparameters(logger=False)
         # One optimiser step per batch, written out in training_step (Lightning's manual optimisation):
         # automatic optimisation does the same through a closure and eight more hooks around it, for features
-        # this objective does not use (gradient accumulation and clipping, closures for LBFGS).
+        # this objective does not use (gradient accumulation, closures for LBFGS); clipping
+        # (train.grad_clip_value) is Lightning's clip_gradients call in training_step.
         self.automatic_optimization = False
         self.vae = build_vae(vae_config)
         self.vae.validate_args = False  # see VAE.validate_args: the data were checked before training
@@ -266,7 +273,9 @@ class VAEModule(pl.LightningModule):
         """Rank `rank`'s loss and per-example bound (B,) for a whole global batch of stored pixels (N, D).
 
         The batch's randomness is drawn for all N rows from one generator seeded by (seed, epoch, batch
-        index); this rank keeps its rows of it (`shard`). The loss is this rank's share of the global mean:
+        index); this rank keeps its rows of it (`shard`). Dropout's masks, drawn by the network for this
+        rank's rows, come from a generator seeded by (seed, epoch, batch index, rank) (`_dropout_rng`). The
+        loss is this rank's share of the global mean:
         DDP averages gradients over ranks, and (1/world) sum_r [-sum(bound_r) world / N] = -mean over all N,
         whatever the shards' sizes.
         """
@@ -274,8 +283,30 @@ class VAEModule(pl.LightningModule):
         g = self._generator(TRAIN_STREAM, epoch, batch_idx)
         x = to_space(batch, self.data_space, quantized=self.quantized, generator=g)  # (N, D)
         eps = self._noise(g, self.train_cfg["num_samples"], n)  # (K, N, Z)
-        bound = self.bound(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
+        with self._dropout_rng(epoch, batch_idx, rank):
+            bound = self.bound(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
         return bound.sum() * (-world / n), bound
+
+    @contextlib.contextmanager
+    def _dropout_rng(self, epoch: int, batch_idx: int, rank: int) -> Iterator[None]:
+        """Run the block on torch's global generators (the CPU's and this module's device's) seeded by (seed,
+        epoch, batch index, rank), and put them back afterwards; a model without dropout runs it as it is.
+
+        Why: nn.Dropout draws its masks from the global generator, which Lightning's checkpoints do not
+        hold. Seeded per batch, the masks are a function of the batch like its other randomness (data space,
+        q's noise), so a resumed training ends where an uninterrupted one does, and nothing else that draws
+        from the global generator moves them. The masks' backward pass reuses them and draws nothing.
+        """
+        if self.vae.dropout == 0:
+            yield
+            return
+        seed = (batch_seed(self.seed, DROPOUT_STREAM, epoch, batch_idx) + rank * _RANK_STRIDE) % 2**64
+        device = [] if self.device.type == "cpu" else [self.device]
+        with torch.random.fork_rng(devices=device, device_type=self.device.type if device else "cuda"):
+            torch.random.default_generator.manual_seed(seed)
+            if device:
+                torch.get_device_module(self.device).manual_seed(seed)  # the rank's device, the current one
+            yield
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # batch: the whole global batch (N, D), the same on every rank
@@ -283,6 +314,12 @@ class VAEModule(pl.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)  # under DDP, also the gradients' all-reduce
+        clip = self.train_cfg.get("grad_clip_value")  # absent from an older module's train dict: none
+        if clip is not None:
+            # each element of the (all-reduced) gradient into [-clip, clip], as the continuous-Bernoulli
+            # code's tf.clip_by_value(grad, -1.0, 1.0) before Adam's apply_gradients; Lightning's public
+            # clipping for manual optimisation (Trainer(gradient_clip_val=...) is automatic optimisation's)
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="value")
         opt.step()
         # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging keeps a
         # result collection per call, a large share of a small model's step.
