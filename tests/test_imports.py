@@ -46,6 +46,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.presets",
         "vaerepro.reproduction",
         "vaerepro.reproduce",
+        "vaerepro.resumption",
         "vaerepro.cli",
     ),
 }

@@ -3,6 +3,8 @@ presets: test_reproduce_smoke_iwae.py), and a failed seed failing the reproducti
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from smoke_reproduction import check_smoke
@@ -27,7 +29,10 @@ def test_a_failed_seed_fails_the_reproduction_with_its_status(store, tmp_path, m
     argv = ["aevb-mnist-z5", "--smoke", "--out", str(tmp_path), bad]
     assert P.main(argv) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-1] == "vaerepro reproduce: seed 0: `vaerepro run` ended with status 2; its message is above"
+    out = shlex.quote(str(tmp_path))
+    resume = f"vaerepro reproduce aevb-mnist-z5 {bad} --seeds 1 --smoke --out {out} --resume"
+    failed = "vaerepro reproduce: seed 0: `vaerepro run` ended with status 2; its message is above"
+    assert err[-1] == f"{failed}; resume with: {resume}"
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("vaerepro-smoke")
     # this one among the module's reproductions of aevb-mnist-z5: the one with the bad override

@@ -437,8 +437,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`vaerepro reproduce --list [NAME ...]`: the presets, their sources, published values and times.
-    `vaerepro reproduce NAME [OVERRIDES] [--seeds N] [--smoke]`: run one (vaerepro.reproduce); exit 0 when
-    it ran, whatever the verdict; 2 for bad input (an unknown preset, a bad override: one line naming it)."""
+    `vaerepro reproduce NAME [OVERRIDES] [--seeds N] [--smoke] [--resume]`: run one (vaerepro.reproduce);
+    exit 0 when it ran, whatever the verdict; 2 for bad input (an unknown preset, a bad override, nothing
+    to resume: one line naming it). A stopped or failed reproduction ends with the command that resumes it;
+    its exit status is the failed seed's, 130 for Ctrl-C, 128 + n for signal n."""
     parser = _Parser(prog="vaerepro reproduce", description=main.__doc__)
     parser.add_argument("--list", action="store_true", help="list the presets (all, or those named)")
     parser.add_argument(
@@ -448,6 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--smoke", action="store_true", help="a shortened run on the embedded digits: checks every step"
     )
     parser.add_argument("--out", type=Path, help="where runs/ and reports/ go (default: the project root)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the stopped reproduction of the same overrides: finished seeds are read from disk, "
+        "stopped ones continue from models/last.ckpt, under the same MLflow run",
+    )
     parser.add_argument("args", nargs="*", metavar="NAME [OVERRIDES]", help="a preset and Hydra overrides")
     try:
         args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
@@ -458,14 +466,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("name a preset: vaerepro reproduce NAME [OVERRIDES]; --list shows them")
         preset = get(args.args[0])
         from vaerepro import reproduce
+        from vaerepro.errors import Stopped
 
         try:
             result, paths = reproduce.run(
-                preset, args.args[1:], seeds=args.seeds, smoke=args.smoke, out=args.out
+                preset, args.args[1:], seeds=args.seeds, smoke=args.smoke, out=args.out, resume=args.resume
             )
         except reproduce.SeedFailed as failed:
             print(f"vaerepro reproduce: {failed}", file=sys.stderr)
             return failed.returncode
+        except (Stopped, KeyboardInterrupt) as stop:
+            # reproduce.run names the command that resumes as the stop's hint (none before it had begun)
+            what, status = (
+                (str(stop), stop.exit_status) if isinstance(stop, Stopped) else ("stopped (Ctrl-C)", 130)
+            )
+            hint = getattr(stop, "hint", None)
+            print(f"vaerepro reproduce: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return status
     except UserError as err:
         print(f"vaerepro reproduce: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

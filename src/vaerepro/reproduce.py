@@ -12,6 +12,9 @@ recorded in MLflow and written up as a reproduction card.
   off-protocol.
 - Card: reports/reproductions/NAME.md and .html (figures in NAME_figures/), built from document.py blocks.
 - MLflow: one parent run per reproduction (tracking.reproduction), the seeds' runs its children.
+- Resuming (--resume): reproduction.json and each finished seed's marker (resumption.py) say what was
+  asked and what is done; a finished seed is read from disk, a stopped one continues from its
+  models/last.ckpt (train.resume=true), the others run from the start, all under the same parent run.
 
 A smoke run (--smoke) writes under runs/reproductions/smoke/ and reports/reproductions/smoke/, so it never
 replaces a real reproduction's results.
@@ -38,9 +41,10 @@ from typing import Any
 from vaerepro import config as config_mod
 from vaerepro import document
 from vaerepro import reproduction as R
+from vaerepro import resumption as resume_mod
 from vaerepro.config import Config
 from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, fmt, png
-from vaerepro.errors import UserError
+from vaerepro.errors import Stopped, UserError
 from vaerepro.sources import DEFAULT_URLS, MD5
 from vaerepro.tracking import reproduction as track
 
@@ -64,13 +68,14 @@ STOP_GRACE_S = 60.0  # how long a stopped seed's process gets to write models/la
 class SeedFailed(Exception):
     """A seed's `vaerepro run` process ended with a non-zero status."""
 
-    def __init__(self, seed: int, returncode: int, seed_dir: Path):
+    def __init__(self, seed: int, returncode: int, seed_dir: Path, resume: str | None = None):
         self.seed, self.seed_dir = seed, seed_dir
         # a process killed by signal n reads as 128 + n, as a shell shows it
         self.returncode = returncode if returncode > 0 else 128 - returncode
         log_file = seed_dir / "cli.log"  # Hydra's log of the run; gone when the run refused its input
         where = f"log: {log_file}" if log_file.is_file() else "its message is above"
-        super().__init__(f"seed {seed}: `vaerepro run` ended with status {self.returncode}; {where}")
+        then = f"; resume with: {resume}" if resume else ""  # the command, last: it can be copied whole
+        super().__init__(f"seed {seed}: `vaerepro run` ended with status {self.returncode}; {where}{then}")
 
     @property
     def stopped(self) -> bool:
@@ -90,6 +95,15 @@ class Plan:
     protocol: dict[str, Any]  # the preset's overrides alone, resolved
     run_dir: Path  # runs/reproductions[/smoke]/NAME
     card_dir: Path  # reports/reproductions[/smoke]
+    out: Path | None = None  # --out, when given
+
+    @property
+    def asked(self) -> resume_mod.Asked:
+        return resume_mod.Asked(self.preset.name, self.overrides, self.user, len(self.seeds), self.smoke)
+
+    @property
+    def resume_command(self) -> str:
+        return resume_mod.resume_command(self.preset.name, self.user, len(self.seeds), self.smoke, self.out)
 
 
 def _compose(overrides: Sequence[str], conf_dir: Path, user: Sequence[str]) -> dict[str, Any]:
@@ -126,7 +140,7 @@ def plan(
     protocol = _compose(preset.overrides, conf_dir, ())
     base, sub = out if out is not None else root, ("reproductions", "smoke") if smoke else ("reproductions",)
     run_dir, card_dir = base.joinpath("runs", *sub, preset.name), base.joinpath("reports", *sub)
-    return Plan(preset, tuple(user), overrides, tuple(range(n)), smoke, raw, protocol, run_dir, card_dir)
+    return Plan(preset, tuple(user), overrides, tuple(range(n)), smoke, raw, protocol, run_dir, card_dir, out)
 
 
 @dataclass
@@ -140,15 +154,23 @@ class SeedResult:
     train: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)
-    wall_s: float | None = None  # the seed's process, start to end
+    wall_s: float | None = None  # the seed's process, start to end (each invocation's, when resumed)
     run_id: str | None = None  # its MLflow run
+    wall_note: str = ""  # what wall_s covers, when more or less than one process
 
     @property
     def records(self) -> dict[str, Mapping[str, Any]]:
         return {"eval.json": self.eval, "train.json": self.train}
 
     @classmethod
-    def read(cls, seed: int, out_dir: Path, wall_s: float | None = None, run_id: str | None = None):
+    def read(
+        cls,
+        seed: int,
+        out_dir: Path,
+        wall_s: float | None = None,
+        run_id: str | None = None,
+        wall_note: str = "",
+    ):
         def load(path: Path) -> dict[str, Any]:
             return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -156,7 +178,8 @@ class SeedResult:
         rows = list(csv.DictReader(curve_file.open())) if curve_file.is_file() else []
         curve = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in rows]
         ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))
-        return cls(seed, out_dir, ev, tr, load(out_dir / "prepared" / "meta.json"), curve, wall_s, run_id)
+        meta = load(out_dir / "prepared" / "meta.json")
+        return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note)
 
 
 @dataclass
@@ -168,6 +191,7 @@ class Result:
     environment: dict[str, str]
     wall_s: float
     mlflow: tuple[str, str] | None = None  # (tracking uri, the reproduction's run id)
+    resumption: resume_mod.Resumption | None = None  # when this invocation resumed a stopped one
 
     @property
     def verdict(self) -> R.Kind:
@@ -214,31 +238,62 @@ def _path_override(path: Path) -> str:
     return text if re.fullmatch(r"[\w/.:+-]+", text) else "'" + text.replace("'", "\\'") + "'"
 
 
-def _run_seed(p: Plan, seed: int, root: Path, rep: track.ReproductionRun | None) -> SeedResult:
+def _run_seed(
+    p: Plan,
+    seed: int,
+    root: Path,
+    rep: track.ReproductionRun | None,
+    ledger: resume_mod.Ledger,
+    how: resume_mod.How,
+) -> SeedResult:
+    """One seed: read from disk (`how` "reuse"), or its `vaerepro run` process, from the start or continuing
+    models/last.ckpt ("continue"); a finished one gets its marker."""
     seed_dir = p.run_dir / f"seed_{seed}"
-    for stale in ("metrics", "plots"):  # an earlier reproduction's results are never read as this one's
+    if how == "reuse":
+        marker = resume_mod.read_marker(seed_dir, seed) or {}
+        ledger.seed_started(seed, "reuse")  # no process: its time is the marker's
+        log.info("%s: seed %d finished before; its results are read from %s", p.preset.name, seed, seed_dir)
+        wall, note, run_id = (marker.get(k) for k in ("wall_s", "wall_note", "mlflow_run_id"))
+        if rep is not None and run_id:
+            track.adopt_seed_run(rep, run_id, preset=p.preset.name, seed=seed)  # a new parent's child too
+        return SeedResult.read(seed, seed_dir, wall, run_id, note or "")
+    resume_mod.remove_marker(seed_dir)
+    # an earlier reproduction's results are never read as this one's, nor its checkpoint continued
+    for stale in ("metrics", "plots"):
         shutil.rmtree(seed_dir / stale, ignore_errors=True)
+    if how == "start":
+        (seed_dir / "models" / "last.ckpt").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "vaerepro.cli", "run", *p.overrides, f"seed={seed}"]
+    cmd += ["train.resume=true"] if how == "continue" else []
     cmd.append(f"hydra.run.dir={_path_override(seed_dir)}")
-    log.info("%s: seed %d (%d of %d) in %s", p.preset.name, seed, seed + 1, len(p.seeds), seed_dir)
-    start = time.perf_counter()
+    what = "continued from models/last.ckpt" if how == "continue" else "from the start"
+    log.info("%s: seed %d (%d of %d), %s, in %s", p.preset.name, seed, seed + 1, len(p.seeds), what, seed_dir)
     env = {**os.environ, **(rep.child_env() if rep else {})}
-    # the seed's log to stderr (and its cli.log): stdout carries the reproduction's summary only
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=2)
+    ledger.seed_started(seed, how)
+    start, rc = time.perf_counter(), None
     try:
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()  # stopped (SIGTERM, Ctrl-C): the seed stops at its epoch end, as `vaerepro run` does
+        # the seed's log to stderr (and its cli.log): stdout carries the reproduction's summary only
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=2)
         try:
-            proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    wall = time.perf_counter() - start
+            rc = proc.wait()
+        except BaseException:
+            # stopped (SIGTERM, Ctrl-C): the seed stops at its epoch end, as `vaerepro run` does
+            proc.terminate()
+            try:
+                rc = proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    finally:
+        this = time.perf_counter() - start
+        ledger.seed_ended(seed, this, rc)  # the time is the seed's, however it ended
     if rc != 0:
-        raise SeedFailed(seed, rc, seed_dir)
+        raise SeedFailed(seed, rc, seed_dir, p.resume_command)
     run_id = track.tag_seed_run(rep, seed_dir / "models", preset=p.preset.name, seed=seed) if rep else None
-    return SeedResult.read(seed, seed_dir, wall, run_id)
+    wall = ledger.seed_wall(seed, this, how)
+    if (seed_dir / "metrics" / "eval.json").is_file():  # last: a seed with its marker is never run again
+        resume_mod.write_marker(seed_dir, seed, wall, run_id)
+    return SeedResult.read(seed, seed_dir, wall.seconds, run_id, wall.note)
 
 
 def run(
@@ -249,34 +304,55 @@ def run(
     smoke: bool = False,
     root: Path | None = None,
     out: Path | None = None,
+    resume: bool = False,
 ) -> tuple[Result, dict[str, Any]]:
     """Run the preset (see the module's docstring); returns the result and the card's paths (md, html,
-    figures). Raises ConfigError / UserError for bad input before anything runs, SeedFailed when a seed's
-    process fails (the reproduction's MLflow run then ends FAILED, or KILLED when it was stopped)."""
+    figures). Raises ConfigError / UserError for bad input before anything runs or is written (with
+    `resume`: no record to resume, or one of other overrides or seeds), SeedFailed when a seed's process
+    fails (the reproduction's MLflow run then ends FAILED, or KILLED when it was stopped). Every way out
+    that leaves the reproduction unfinished names the command that resumes it: in SeedFailed's message, and
+    as the `hint` of a stop (Stopped, KeyboardInterrupt)."""
     root = (root or config_mod.find_project_root()).resolve()
     out = out.resolve() if out is not None else None  # the seeds' processes run in `root`
     p = plan(preset, user, seeds=seeds, smoke=smoke, root=root, out=out)
     cfg = config_mod.validate(p.config)
+    if resume:
+        ledger = resume_mod.Ledger.stopped(p.run_dir, p.asked)
+        hows = {s: ledger.how(s) for s in p.seeds}
+    else:
+        ledger, hows = resume_mod.Ledger.fresh(p.run_dir, p.asked), dict.fromkeys(p.seeds, "start")
     rep = None
     if cfg.tracking.enabled:
         params = {"preset": preset.name, "seeds": str(len(p.seeds)), "smoke": str(smoke).lower()}
         params |= {"overrides": " ".join(p.overrides), "user_overrides": " ".join(p.user)}
-        rep = track.open_parent(cfg.tracking, root, preset, smoke=smoke, params=params)
+        # resuming: the recorded parent run again (a new one, said in the log, when the store lacks it)
+        recorded, resumed = (ledger.mlflow, ledger.resumed + 1) if resume else (None, 0)
+        rep = track.parent_run(
+            cfg.tracking, root, preset, recorded, smoke=smoke, params=params, resumed=resumed
+        )
+    ledger.begin((rep.uri, rep.run_id) if rep else None, fresh=not resume)
     start = time.perf_counter()
     try:
-        done = [_run_seed(p, s, root, rep) for s in p.seeds]
+        done = [_run_seed(p, s, root, rep, ledger, hows[s]) for s in p.seeds]
         runs = [(r.seed, r.records) for r in done]
         devs, measurements = R.judge(preset, p.config, runs, protocol=p.protocol)
         mlflow = (rep.uri, rep.run_id) if rep else None
         env = environment(root, cfg, done)
-        result = Result(p, done, devs, measurements, env, time.perf_counter() - start, mlflow)
+        this = time.perf_counter() - start
+        resumption = ledger.resumption(this) if resume else None
+        wall = ledger.total_wall(this)[0]  # every invocation's, when each was recorded
+        result = Result(p, done, devs, measurements, env, wall, mlflow, resumption)
         paths = write_card(result)
     except BaseException as exc:
-        if rep is not None:
-            from vaerepro.tracking.runs import status_of
+        from vaerepro.tracking.runs import status_of
 
-            stopped = isinstance(exc, SeedFailed) and exc.stopped
-            track.end_parent(rep, "KILLED" if stopped else status_of(exc), exc)
+        stopped = isinstance(exc, SeedFailed) and exc.stopped
+        status = "KILLED" if stopped else status_of(exc)
+        if rep is not None:
+            track.end_parent(rep, status, exc)
+        ledger.end(status, time.perf_counter() - start)
+        if isinstance(exc, (Stopped, KeyboardInterrupt)):
+            exc.hint = f"resume with: {p.resume_command}"  # presets.main prints it
         raise
     if rep is not None:
         track.finish_parent(
@@ -288,6 +364,7 @@ def run(
             paths["html"],
             figures=paths["figures"],
         )
+    ledger.end("FINISHED", time.perf_counter() - start)
     return result, paths
 
 
@@ -432,7 +509,7 @@ def _measured_blocks(result: Result) -> list[Block]:
         cells += [str(s.eval.get(k, "?")) for k in ("num_samples",)] + [str(s.train.get("epochs", "?"))]
         cells += [
             str(s.eval.get("converged", "?")).lower(),
-            fmt(s.wall_s, 1),
+            fmt(s.wall_s, 1) + (f" ({s.wall_note})" if s.wall_note else ""),
             fmt(s.train.get("train_time_s"), 1),
         ]
         rows.append([*cells, str(s.out_dir), s.run_id or "none"])
@@ -478,6 +555,14 @@ def card(result: Result) -> tuple[str, list[Block]]:
         Para(f"Preset {preset.name}: {preset.title}. Source: {preset.paper}; {preset.where}."),
         Para(f"Run as: {command}{' --smoke' if p.smoke else ''}"),
     ]
+    if (r := result.resumption) is not None:
+        record = p.run_dir / resume_mod.RECORD
+        train_s = (
+            " A continued seed's training (s) counts its last invocation's epochs only."
+            if r.continued
+            else ""
+        )
+        blocks.append(Para(f"This reproduction was {r.text}.{train_s} Each invocation is in {record}."))
     if p.smoke:
         blocks.append(
             Caution(
@@ -495,11 +580,13 @@ def card(result: Result) -> tuple[str, list[Block]]:
     if run_source != paper_source:
         blocks.append(Para(f"This run's data: {_data_text(str(run_source))}"))
     cpu, gpu = R.estimate_seconds(preset)
+    covers = result.resumption.wall_note if result.resumption else ""  # resumed: which invocations
+    covers = f", {covers}" if covers else ""
     blocks += [
         Heading("Time"),
         Para(
-            f"{fmt(result.wall_s, 1)} s in all (each seed's in the table above). The full protocol: about "
-            f"{cpu / 3600:.1f} h a seed on 2 CPU cores, {gpu / 3600:.2f} h on one GPU (estimated), and "
+            f"{fmt(result.wall_s, 1)} s in all{covers} (each seed's in the table above). The full protocol: "
+            f"about {cpu / 3600:.1f} h a seed on 2 CPU cores, {gpu / 3600:.2f} h on one GPU (estimated), and "
             f"{R.seeds_needed(preset)} seeds for a verdict."
         ),
     ]
@@ -529,5 +616,7 @@ def summary(result: Result, paths: Mapping[str, Any]) -> str:
         lines.append(f"  {m.published.metric}: measured {_measured_text(m)}, {pub}: {m.verdict.kind}")
     reasons = list(dict.fromkeys(r for m in result.measurements for r in m.verdict.reasons))
     lines += ["  because:", *(f"    - {r}" for r in reasons)] if reasons else []
+    if (r := result.resumption) is not None:
+        lines.append(f"  {r.text}")
     lines.append(f"  card: {paths['md']} (and .html)")
     return "\n".join(lines) + "\n"

@@ -1,16 +1,18 @@
 """A reproduction's MLflow runs: the reproduction's run (the parent) and its seeds' runs (its children).
 
-`vaerepro reproduce NAME` makes the parent here, before the first seed, tagged with the preset; each seed is a
-`vaerepro run` process whose training makes its own run, tagged as the parent's child by runs.run_tags from
-the environment this module gives it (VAEREPRO_PARENT_RUN_ID, MLFLOW_TRACKING_URI). After a seed, its run
-is tagged with the preset and the seed; at the end the parent gets the verdict (tags), the numbers across
-seeds (metrics), the reproduction card (artifacts under card/) and its status.
+`vaerepro reproduce NAME` makes the parent here, before the first seed, tagged with the preset (`--resume`
+puts the recorded one back to RUNNING: a reproduction has one parent however often it was resumed); each
+seed is a `vaerepro run` process whose training makes its own run, tagged as the parent's child by
+runs.run_tags from the environment this module gives it (VAEREPRO_PARENT_RUN_ID, MLFLOW_TRACKING_URI).
+After a seed, its run is tagged with the preset and the seed; at the end the parent gets the verdict
+(tags), the numbers across seeds (metrics), the reproduction card (artifacts under card/) and its status.
 
 MLflow is imported inside the functions, as in the rest of this package.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +21,10 @@ from pathlib import Path
 from vaerepro.config import TrackingConfig
 from vaerepro.reproduction import UNIT, Measurement, Preset, Published
 from vaerepro.tracking.names import space_name
-from vaerepro.tracking.runs import end_run, git_commit, read_run_id
+from vaerepro.tracking.runs import FAILURE_TAG, end_run, git_commit, read_run_id
 from vaerepro.tracking.store import ensure_experiment
+
+log = logging.getLogger("vaerepro")
 
 ENV_PARENT_RUN_ID = "VAEREPRO_PARENT_RUN_ID"  # read by runs.run_tags: the run it makes is a child
 MAX_PARAM_CHARS = 6000  # MLflow refuses a longer param value
@@ -70,15 +74,71 @@ def open_parent(
     return ReproductionRun(uri, run.info.run_id)
 
 
+def parent_run(
+    tcfg: TrackingConfig,
+    root: Path,
+    preset: Preset,
+    recorded: tuple[str, str] | None,
+    *,
+    smoke: bool,
+    params: Mapping[str, str],
+    resumed: int = 0,
+) -> ReproductionRun:
+    """The reproduction's run: a new one (`open_parent`), or, resuming (`recorded`: the tracking uri and run
+    id the reproduction recorded; `resumed`: how many times it has been resumed, this one included), the
+    recorded run back to RUNNING, its failure tag from the stop removed and the count as the
+    `vaerepro.resumed` tag. When the store no longer has the recorded run (deleted, or another store now),
+    a new one, said in the log."""
+    from mlflow.exceptions import MlflowException
+
+    if recorded is None:
+        return open_parent(tcfg, root, preset, smoke=smoke, params=params)
+    uri, _ = ensure_experiment(tcfg, root)
+    client = _client(uri)
+    try:
+        run = client.get_run(recorded[1])
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        rep = open_parent(tcfg, root, preset, smoke=smoke, params=params)
+        log.warning(
+            "the reproduction's MLflow run %s (recorded in %s) is not in %s: it goes on in a new run, %s",
+            recorded[1], recorded[0], uri, rep.run_id,
+        )  # fmt: skip
+        return rep
+    client.update_run(run.info.run_id, status="RUNNING")
+    if FAILURE_TAG in run.data.tags:
+        client.delete_tag(run.info.run_id, FAILURE_TAG)
+    client.set_tag(run.info.run_id, "vaerepro.resumed", str(resumed))
+    return ReproductionRun(uri, run.info.run_id)
+
+
+def adopt_seed_run(rep: ReproductionRun, run_id: str, *, preset: str, seed: int) -> bool:
+    """Tag a seed's run as the parent's child, with the preset and the seed (a seed resumed into a new
+    parent keeps the run it was made with); False, and a warning, when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(rep.uri)
+    tags = {"mlflow.parentRunId": rep.run_id, "vaerepro.role": "seed", "vaerepro.preset": preset}
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        log.warning(
+            "seed %d's MLflow run %s is not in %s: the reproduction's run lacks it", seed, run_id, rep.uri
+        )
+        return False
+    for k, v in (tags | {"vaerepro.seed": str(seed)}).items():
+        client.set_tag(run_id, k, v)
+    return True
+
+
 def tag_seed_run(rep: ReproductionRun, model_dir: Path, *, preset: str, seed: int) -> str | None:
-    """Tag the run a seed's training made (models/mlflow_run.json names it) with the preset and the seed;
-    its id, or None when the seed made no run."""
+    """Tag the run a seed's training made (models/mlflow_run.json names it) as `adopt_seed_run` does; its
+    id, or None when the seed made no run."""
     run_id, _ = read_run_id(model_dir)
     if not run_id:
         return None
-    client = _client(rep.uri)
-    for k, v in {"vaerepro.role": "seed", "vaerepro.preset": preset, "vaerepro.seed": str(seed)}.items():
-        client.set_tag(run_id, k, v)
+    adopt_seed_run(rep, run_id, preset=preset, seed=seed)
     return run_id
 
 

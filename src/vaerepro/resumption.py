@@ -1,0 +1,258 @@
+"""What a reproduction leaves on disk so that a stopped one can go on (`vaerepro reproduce NAME --resume`).
+
+- runs/reproductions[/smoke]/NAME/reproduction.json (`Ledger`): what was asked (preset, overrides, seeds,
+  smoke), the MLflow parent run, and each invocation: when it started and how it ended, and for each seed
+  how it took it (from the start, continued from models/last.ckpt, or reused) and the seconds its process
+  ran. A
+  fresh reproduction writes it anew; each invocation adds to it as it goes, every write whole (a temporary
+  file renamed over it), so a stop at any point leaves a readable record.
+- seed_<s>/reproduced.json (the marker): the seed's process ended 0 and its metrics/eval.json exists; its
+  total wall time and its MLflow run. --resume never runs a seed with one again.
+
+A seed's models/last.ckpt is continued only when this reproduction ran the seed before: a checkpoint that
+an earlier reproduction left in the directory is never mixed into this one. The wall times add up the
+invocations whose work a result continues; when one of them ended unseen (the process was killed -9), only
+this invocation's time is given, and labelled so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from vaerepro.errors import UserError
+
+RECORD = "reproduction.json"
+MARKER = "reproduced.json"
+How = Literal["start", "continue", "reuse"]  # what an invocation does with a seed
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """The whole file or the old one: written beside it, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def resume_command(name: str, user: Sequence[str], seeds: int, smoke: bool, out: Path | None) -> str:
+    """The command line that resumes this reproduction, quoted for a POSIX shell."""
+    words = ["vaerepro", "reproduce", name, *user, "--seeds", str(seeds)]
+    words += ["--smoke"] if smoke else []
+    words += ["--out", str(out)] if out is not None else []
+    return " ".join(shlex.quote(w) for w in [*words, "--resume"])
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a reproduction was asked to do: what --resume must be given again."""
+
+    preset: str
+    overrides: tuple[str, ...]  # the preset's, the smoke run's, the user's
+    user: tuple[str, ...]
+    seeds: int
+    smoke: bool
+
+    def differences(self, record: Mapping[str, Any]) -> list[str]:
+        """What this request changes from the recorded one, each as a phrase naming it."""
+        found = []
+
+        def words(v: Sequence[str]) -> str:
+            return f"`{' '.join(v)}`" if v else "none"
+
+        if record.get("preset") != self.preset:
+            found.append(f"preset {self.preset} (recorded: {record.get('preset')})")
+        if list(record.get("user_overrides", ())) != list(self.user):
+            found.append(
+                f"overrides {words(self.user)} (recorded: {words(record.get('user_overrides', ()))})"
+            )
+        elif list(record.get("overrides", ())) != list(self.overrides):
+            found.append("the preset's own overrides (changed in the code since it ran)")
+        if record.get("seeds") != self.seeds:
+            found.append(f"--seeds {self.seeds} (recorded: --seeds {record.get('seeds')})")
+        if record.get("smoke") != self.smoke:
+            found.append(f"--smoke {'given' if self.smoke else 'not given'} (recorded: the opposite)")
+        return found
+
+
+@dataclass(frozen=True)
+class SeedWall:
+    """A seed's wall time as the card shows it."""
+
+    seconds: float | None
+    invocations: int  # how many invocations `seconds` adds up
+    note: str = ""  # what the card says beside it ("" for one invocation's)
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How this invocation resumed its reproduction, for the card and the summary."""
+
+    resumed: int  # times the reproduction was resumed, this one included
+    reused: tuple[int, ...]  # seeds finished before: read from disk, not run
+    continued: tuple[int, ...]  # seeds continued from models/last.ckpt
+    wall_note: str  # what the total wall time covers, or "" (one invocation's)
+
+    @property
+    def text(self) -> str:
+        """'resumed (--resume) N times; seed 0 finished earlier: ...; seed 1 continued ...'"""
+
+        def seeds(s: Sequence[int]) -> str:
+            return ("seed " if len(s) == 1 else "seeds ") + ", ".join(map(str, s))
+
+        parts = [f"resumed (--resume) {self.resumed} time{'s' if self.resumed != 1 else ''}"]
+        if self.reused:
+            parts.append(f"{seeds(self.reused)} finished earlier: read from disk, not run again")
+        if self.continued:
+            parts.append(f"{seeds(self.continued)} continued from models/last.ckpt")
+        return "; ".join(parts)
+
+
+class Ledger:
+    """reproduction.json of one reproduction; the current invocation is the last of data["invocations"]."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]):
+        self.run_dir, self.data = run_dir, data
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / RECORD
+
+    @classmethod
+    def fresh(cls, run_dir: Path, asked: Asked) -> Ledger:
+        """A new reproduction's record (written by `begin`)."""
+        data = {
+            "preset": asked.preset,
+            "overrides": list(asked.overrides),
+            "user_overrides": list(asked.user),
+        }
+        data |= {"seeds": asked.seeds, "smoke": asked.smoke, "started": now(), "mlflow": None}
+        return cls(run_dir, data | {"invocations": []})
+
+    @classmethod
+    def stopped(cls, run_dir: Path, asked: Asked) -> Ledger:
+        """The recorded reproduction that `asked` resumes; a UserError naming what is missing or differs.
+        Reads only."""
+        path = run_dir / RECORD
+        if not path.is_file():
+            raise UserError(
+                f"no stopped reproduction of {asked.preset} in {run_dir} to resume; run it without --resume"
+            )
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("invocations"), list):
+                raise ValueError("not the object `vaerepro reproduce` writes")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: not a reproduction record ({err}); run it without --resume") from None
+        if diffs := asked.differences(data):
+            raise UserError(
+                f"--resume: {'; '.join(diffs)}: not the reproduction recorded in {path}; give the same "
+                "overrides and --seeds to resume it, or run it without --resume to start again"
+            )
+        return cls(run_dir, data)
+
+    @property
+    def resumed(self) -> int:
+        """How many invocations resumed the reproduction."""
+        return sum(1 for inv in self.data["invocations"] if inv["resumed"])
+
+    @property
+    def mlflow(self) -> tuple[str, str] | None:
+        """(tracking uri, the parent run's id) as recorded."""
+        m = self.data.get("mlflow")
+        return (m["tracking_uri"], m["parent_run_id"]) if m else None
+
+    def begin(self, mlflow: tuple[str, str] | None, *, fresh: bool) -> None:
+        """Start this invocation's entry and write the record. A fresh reproduction first removes every
+        earlier seed's marker, so that no later --resume reads another reproduction's seeds as its own."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for marker in self.run_dir.glob(f"seed_*/{MARKER}"):
+                marker.unlink()
+        if mlflow is not None:
+            self.data["mlflow"] = {"tracking_uri": mlflow[0], "parent_run_id": mlflow[1]}
+        entry = {"started": now(), "resumed": not fresh, "ended": None, "wall_s": None, "status": "RUNNING"}
+        self.data["invocations"].append(entry | {"seeds": {}})
+        write_json(self.path, self.data)
+
+    def end(self, status: str, wall_s: float) -> None:
+        self.data["invocations"][-1] |= {"ended": now(), "wall_s": wall_s, "status": status}
+        write_json(self.path, self.data)
+
+    def seed_started(self, seed: int, how: How) -> None:
+        self.data["invocations"][-1]["seeds"][str(seed)] = {"how": how, "wall_s": None, "returncode": None}
+        write_json(self.path, self.data)
+
+    def seed_ended(self, seed: int, wall_s: float, returncode: int | None) -> None:
+        self.data["invocations"][-1]["seeds"][str(seed)] |= {"wall_s": wall_s, "returncode": returncode}
+        write_json(self.path, self.data)
+
+    def how(self, seed: int) -> How:
+        """What --resume does with a seed: reuse it (its marker and metrics/eval.json are there), continue it
+        (models/last.ckpt, from this reproduction's own run of it), or run it from the start."""
+        seed_dir = self.run_dir / f"seed_{seed}"
+        if read_marker(seed_dir, seed) is not None and (seed_dir / "metrics" / "eval.json").is_file():
+            return "reuse"
+        ran = any(str(seed) in inv["seeds"] for inv in self.data["invocations"])
+        return "continue" if ran and (seed_dir / "models" / "last.ckpt").is_file() else "start"
+
+    def seed_wall(self, seed: int, this_s: float, how: How) -> SeedWall:
+        """A seed's wall time: a continued one's, this invocation's and the earlier ones' back to the one that
+        started it, when each was recorded, else this invocation's alone, labelled so."""
+        total, n = this_s, 1
+        if how != "continue":
+            return SeedWall(this_s, 1)
+        for inv in reversed(self.data["invocations"][:-1]):
+            entry = inv["seeds"].get(str(seed))
+            if entry is None or entry["how"] == "reuse":
+                continue
+            if entry["wall_s"] is None:
+                break
+            total, n = total + entry["wall_s"], n + 1
+            if entry["how"] == "start":
+                return SeedWall(total, n, f"{n} invocations" if n > 1 else "")
+        return SeedWall(this_s, 1, "this invocation only: an earlier one's time was not recorded")
+
+    def total_wall(self, this_s: float) -> tuple[float, str]:
+        """Every invocation's wall time and what it covers; this one's alone when an earlier one's end was
+        not seen."""
+        earlier = [inv["wall_s"] for inv in self.data["invocations"][:-1]]
+        if not earlier:
+            return this_s, ""
+        if any(w is None for w in earlier):
+            return this_s, "this invocation only: an earlier one's time was not recorded"
+        return this_s + sum(earlier), f"over {len(earlier) + 1} invocations"
+
+    def resumption(self, this_s: float) -> Resumption:
+        seeds = self.data["invocations"][-1]["seeds"]
+        reused = tuple(sorted(int(s) for s, e in seeds.items() if e["how"] == "reuse"))
+        continued = tuple(sorted(int(s) for s, e in seeds.items() if e["how"] == "continue"))
+        return Resumption(self.resumed, reused, continued, self.total_wall(this_s)[1])
+
+
+def write_marker(seed_dir: Path, seed: int, wall: SeedWall, run_id: str | None) -> None:
+    data = {"seed": seed, "wall_s": wall.seconds, "invocations": wall.invocations, "wall_note": wall.note}
+    write_json(seed_dir / MARKER, data | {"mlflow_run_id": run_id, "finished": now()})
+
+
+def read_marker(seed_dir: Path, seed: int) -> dict[str, Any] | None:
+    """The seed's marker, or None when there is none (or it is not this seed's, or unreadable: the seed is
+    then run again, which loses nothing)."""
+    try:
+        data = json.loads((seed_dir / MARKER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("seed") == seed else None
+
+
+def remove_marker(seed_dir: Path) -> None:
+    (seed_dir / MARKER).unlink(missing_ok=True)
