@@ -150,6 +150,7 @@ def test_card_shows_published_measured_difference_verdict_and_environment(tmp_pa
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in md and "vaerepro fetch" in md
     assert "61.0 s in all" in md and "h a seed on 2 CPU cores" in md
     assert "![training and validation bound" in md and paths["figures"][0].is_file()
+    assert "bound against training samples" not in md  # Table 1 is no curve: no such figure
     assert "data:image/png;base64," in html and "-85.00 ± 2.48 (95 % t, 3 seeds)" in html
 
 
@@ -174,11 +175,18 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     ):
         assert reason in md, reason
     assert "This run's data: mnist5k" in md and "https://cs.nyu.edu/~roweis/data/" in md
+    # AEVB's step-size selection is run, its reading of "the first few iterations" stated: no departure
+    assert f"| {R.NOT_IMPLEMENTED} |" not in md and "| step-size selection | " in md
+    assert "seed 0: 0.02 (0.01: -250.5, 0.02: -241.3, 0.1: -1e+15)." in md  # the pilots' choice
+    # Figure 2's axis: training samples seen at each epoch's end, (epoch + 1) x 1,375 training images
+    assert reproduce.samples_seen(result.seeds[0]) == [1375, 2750, 4125]
+    assert "![bound against training samples seen" in md and "As Figure 2:" in md
+    assert (result.plan.card_dir / "aevb-frey-z2_figures" / "bound_against_samples.png").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(P.PRESETS))
 def test_every_presets_smoke_plan_validates_and_is_not_comparable(name, tmp_path):
-    """Every preset (not only the one per family that runs end to end below): its --smoke configuration
+    """Every preset (each also runs end to end: test_reproduce_smoke_*.py): its --smoke configuration
     composes and validates, and departs from the protocol by other data and a shortened schedule, with one
     seed, while the protocol it is judged against keeps the preset's own data."""
     preset = P.PRESETS[name]

@@ -452,6 +452,55 @@ def _curves(seeds: Sequence[SeedResult]) -> Fig | None:
     return Fig("training_curves", "training and validation bound against epoch, each seed", png(fig), caption)
 
 
+def samples_seen(seed: SeedResult) -> list[int] | None:
+    """Training samples seen at the end of each epoch of the seed's curve (plots/elbo.csv's epoch e counts
+    from 0): (e + 1) x its training images (prepared/meta.json); None when the sizes are not recorded."""
+    n = (seed.meta.get("sizes") or {}).get("train")
+    return [int((r["epoch"] + 1) * n) for r in seed.curve] if n else None
+
+
+def _curves_against_samples(result: Result) -> Fig | None:
+    """For values read off a curve against training samples (AEVB's Figure 2): each seed's curves on that
+    axis, its final test ELBO, and the published values where they were read."""
+    from matplotlib.figure import Figure
+
+    read = [
+        m.published
+        for m in result.measurements
+        if m.published.at_samples is not None and m.published.value is not None
+    ]
+    curves = [(s, x) for s in result.seeds if s.curve and (x := samples_seen(s))]
+    if not read or not curves:
+        return None
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    for i, (s, x) in enumerate(curves):
+        color = f"C{i % 10}"
+        for col, style, what in (("train_elbo", "--", "training"), ("val_elbo", "-", "validation")):
+            ax.plot(x, [r.get(col) for r in s.curve], style, color=color, label=f"seed {s.seed} {what}")
+        if (elbo := s.eval.get("elbo")) is not None:
+            ax.plot(x[-1], elbo, "o", mfc="none", color=color, label=f"seed {s.seed} test (final)")
+    for pub, marker in zip(read, "*Dsv^", strict=False):
+        label = f"published {pub.metric} (±{pub.tolerance:g})" if pub.tolerance else f"published {pub.metric}"
+        ax.errorbar(
+            pub.at_samples, pub.value, yerr=pub.tolerance or 0, fmt=marker, ms=8, color="k", label=label
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training samples seen (log scale)")
+    ax.set_ylabel("bound (nats per example)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    caption = (
+        f"As {read[0].where.split(',')[0]}: each seed's training objective (dashed) and validation ELBO "
+        "(solid) at the end of each epoch, against training samples seen (epochs x training images); "
+        "circles, each seed's test ELBO after training; black, the published values (± tolerance) at the "
+        "number of samples where they were read. The paper's curves are of the test set during training; "
+        "the project scores the test set once, after training."
+    )
+    return Fig("bound_against_samples", "bound against training samples seen, with the published values",
+               png(fig), caption)  # fmt: skip
+
+
 _BAND_TEXT = (
     "± after the difference: the measurement's 95 % half-width: with several seeds, the Student-t interval "
     "of the mean across seeds and 2 across-example SE in quadrature; with one seed, 2 SE across examples. "
@@ -592,6 +641,8 @@ def card(result: Result) -> tuple[str, list[Block]]:
     ]
     fig = _curves(result.seeds)
     blocks += [Heading("Training curves"), fig or Para("No training curve was found (plots/elbo.csv).")]
+    if (against := _curves_against_samples(result)) is not None:
+        blocks.append(against)
     return f"Reproduction card: {preset.title}", blocks
 
 

@@ -53,6 +53,9 @@ class Published:
     # of that number's across-example standard error ("" when the file records none).
     measured: str = ""
     measured_se: str = ""
+    # a value read off a curve against training samples seen (AEVB's Figure 2: 10^8): the x it was read
+    # at; the card then draws each seed's curves on that axis, with the value there
+    at_samples: int | None = None
 
 
 @dataclass(frozen=True)
