@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import compose
+from conftest import ROOT, compose
 from vaerepro import config as config_mod
 from vaerepro import presets as P
 from vaerepro import reproduction as R
@@ -343,3 +343,12 @@ def test_the_command_line_lists_the_presets(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in NAMES)
     assert cli.main(["reproduce", "--list", "no-such-preset"]) == 2
+
+
+def test_the_readme_lists_every_preset_as_the_code_has_it():
+    """README's table of presets is presets.format_table()'s, between its markers (regenerate with
+    `python -c "from vaerepro import presets; print(presets.format_table(), end='')"`)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- presets: start -->\n", 1)[1].split("<!-- presets: end -->", 1)[0]
+    assert block == P.format_table()
+    assert all(f"| `{name}` |" in block for name in P.PRESETS)

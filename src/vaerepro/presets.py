@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -420,16 +421,49 @@ def format_list(presets: Sequence[Preset] | None = None) -> str:
     for p in PRESETS.values() if presets is None else presets:
         cpu, gpu = estimate_seconds(p)
         blocking = [m.feature for m in p.missing if m.blocking]
+        readings = [m.feature for m in p.missing if not m.blocking]
         lines = [
             f"{p.name}  {p.title}",
             f"  source:    {p.paper}; {p.where}",
             *(f"  published: {_published_line(v)}" for v in p.published),
             f"  missing:   {', '.join(blocking) if blocking else 'nothing'}",
+            *(
+                [f"  readings:  {', '.join(readings)} (where the paper is silent; see the card)"]
+                if readings
+                else []
+            ),
             f"  time:      ~{_duration(cpu)} on 2 CPU cores, ~{_duration(gpu)} on one GPU "
             "(estimated from `make bench` throughput)",
         ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def _value_text(v: Published) -> str:
+    """A published value with its tolerance, to the digits it was printed with (a figure's: as read)."""
+    try:
+        decimals = len(v.printed.split(".")[1]) if v.printed and "." in v.printed else 0
+        float(v.printed or "")
+    except ValueError:
+        text = f"{v.value:g}"
+    else:
+        text = f"{v.value:.{decimals}f}"
+    unit = "" if v.unit == UNIT else f" {v.unit}"
+    return f"{v.metric} {text} ± {v.tolerance:g}{unit}"
+
+
+def format_table() -> str:
+    """The presets as one Markdown table: the README's list (tests/test_presets.py keeps it equal)."""
+    header = ["preset", "source", "published, nats per example (± tolerance)", "blocks a verdict"]
+    rows = ["| " + " | ".join([*header, "time: 2 CPU cores / one GPU"]) + " |", "|---|---|---|---|---|"]
+    for p in PRESETS.values():
+        cpu, gpu = estimate_seconds(p)
+        published = "; ".join(_value_text(v) for v in p.published if v.value is not None)
+        blocking = ", ".join(m.feature for m in p.missing if m.blocking) or "nothing"
+        authors = re.match(r".*?\d{4}", p.paper)  # "Burda, Grosse & Salakhutdinov 2016"
+        row = [f"`{p.name}`", f"{authors[0] if authors else p.paper}, {p.where}", published or "none found"]
+        rows.append("| " + " | ".join([*row, blocking, f"{_duration(cpu)} / {_duration(gpu)}"]) + " |")
+    return "\n".join(rows) + "\n"
 
 
 class _Parser(argparse.ArgumentParser):
