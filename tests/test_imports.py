@@ -45,6 +45,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.sweep",
         "vaerepro.presets",
         "vaerepro.reproduction",
+        "vaerepro.reproduction_results",
+        "vaerepro.reproduction_card",
         "vaerepro.reproduce",
         "vaerepro.resumption",
         "vaerepro.cli",

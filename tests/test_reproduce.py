@@ -11,8 +11,9 @@ import pytest
 
 from conftest import ROOT, compose
 from vaerepro import presets as P
-from vaerepro import reproduce
+from vaerepro import reproduce, reproduction_card
 from vaerepro import reproduction as R
+from vaerepro.reproduction_results import Result, SeedResult
 
 IWAE = P.PRESETS["iwae-mnist-iwae-k50-l1"]  # published -84.78 nats (Table 1), tolerance 1 nat
 
@@ -113,7 +114,7 @@ def _result(tmp_path, preset, values, **plan_kw):
         }
         train["lr_selection"] = pilots | {"chosen": 0.02}
     seeds = [
-        reproduce.SeedResult(
+        SeedResult(
             s,
             tmp_path / f"seed_{s}",
             _records(v, 0.3)["eval.json"],
@@ -125,13 +126,13 @@ def _result(tmp_path, preset, values, **plan_kw):
         for s, v in enumerate(values)
     ]
     devs, ms = R.judge(preset, p.config, [(s.seed, s.records) for s in seeds], protocol=p.protocol)
-    return reproduce.Result(p, seeds, devs, ms, ENV, 61.0, ("sqlite:///x.db", "parent123"))
+    return Result(p, seeds, devs, ms, ENV, 61.0, ("sqlite:///x.db", "parent123"))
 
 
 def test_card_shows_published_measured_difference_verdict_and_environment(tmp_path):
     result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
     assert result.verdict == "reproduced"
-    paths = reproduce.write_card(result)
+    paths = reproduction_card.write_card(result)
     assert paths["md"] == tmp_path / "reports" / "reproductions" / "iwae-mnist-iwae-k50-l1.md"
     md, html = paths["md"].read_text(), paths["html"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| test log p(x) | -84.78"))
@@ -158,7 +159,7 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     preset = P.PRESETS["aevb-frey-z2"]
     result = _result(tmp_path, preset, [900.0], smoke=True)
     assert result.verdict == "not comparable" and len(result.plan.seeds) == 1
-    md = reproduce.write_card(result)["md"].read_text()
+    md = reproduction_card.write_card(result)["md"].read_text()
     assert result.plan.card_dir == tmp_path / "reports" / "reproductions" / "smoke"  # never a real card
     assert "WARNING:** a smoke run" in md and "--seeds 1 --smoke" in md
     assert "| test ELBO | 872.40 (none: a figure, read off" in md
@@ -179,7 +180,7 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     assert f"| {R.NOT_IMPLEMENTED} |" not in md and "| step-size selection | " in md
     assert "seed 0: 0.02 (0.01: -250.5, 0.02: -241.3, 0.1: -1e+15)." in md  # the pilots' choice
     # Figure 2's axis: training samples seen at each epoch's end, (epoch + 1) x 1,375 training images
-    assert reproduce.samples_seen(result.seeds[0]) == [1375, 2750, 4125]
+    assert reproduction_card.samples_seen(result.seeds[0]) == [1375, 2750, 4125]
     assert "![bound against training samples seen" in md and "As Figure 2:" in md
     assert (result.plan.card_dir / "aevb-frey-z2_figures" / "bound_against_samples.png").is_file()
 

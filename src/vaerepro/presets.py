@@ -18,7 +18,7 @@ Sources read (arXiv versions as named; the PDFs' own text, not summaries):
   github.com/cunningham-lab/cb_and_cc (cb_vae_mnist.ipynb, utils.py, cb/cb_neurips_poster.pdf).
 
 Imports: the standard library, vaerepro.errors and vaerepro.reproduction only (no torch, Hydra, Lightning
-or MLflow); `main` imports vaerepro.reproduce when it runs a preset.
+or MLflow); `main` imports vaerepro.reproduce and vaerepro.reproduction_card when it runs a preset.
 """
 
 from __future__ import annotations
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.args:
             raise UserError("name a preset: vaerepro reproduce NAME [OVERRIDES]; --list shows them")
         preset = get(args.args[0])
-        from vaerepro import reproduce
+        from vaerepro import reproduce, reproduction_card
         from vaerepro.errors import Stopped
 
         try:
@@ -522,5 +522,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"vaerepro reproduce: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    sys.stdout.write(reproduce.summary(result, paths))
+    sys.stdout.write(reproduction_card.summary(result, paths))
     return 0

