@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 from vaerepro import data
 from vaerepro.baseline import train_minimal
-from vaerepro.evaluate import TEST_SEED_OFFSET, load_vae, per_example
+from vaerepro.evaluate import load_vae, per_example
 from vaerepro.train import VAL_SEED_OFFSET, train
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_harness_matches_minimal_loop(raw_dir, tmp_path):
     splits = data.load_prepared(tmp_path / "prepared")
     train(cfg, tmp_path, enable_progress_bar=False)
 
-    x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + TEST_SEED_OFFSET)
+    x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + data.TEST_SEED_OFFSET)
     x_val = data.fixed_space(splits.val, "binary", quantized=True, seed=cfg.seed + VAL_SEED_OFFSET)
     vae = load_vae(tmp_path / "models" / "last.ckpt")
     harness = per_example(vae, x_test, num_samples=1, batch_size=100, chunk_size=1, seed=5)["elbo"]

@@ -83,6 +83,8 @@ def test_aevb_settings_are_the_papers(raw, name):
     # Section 5: "the Adagrad global stepsize parameters were chosen from {0.01, 0.02, 0.1} based on
     # performance on the training set in the first few iterations"
     assert (t.lr_candidates, t.lr_pilot_steps) == ([0.01, 0.02, 0.1], 100)
+    # Figure 2 plots the bound on the test set during training: the preset records it (train.test_curve)
+    assert t.test_curve
     n_train = split_sizes(paper["n"], cfg.data.val_fraction, cfg.data.test_fraction)["train"]
     assert t.weight_decay == pytest.approx(1 / n_train)  # the N(0, I) prior over a per-example mean
     assert (t.max_epochs - 1) * n_train < P.AEVB_SAMPLES <= t.max_epochs * n_train  # 10^8 samples seen
@@ -105,6 +107,8 @@ def test_aevb_settings_are_the_papers(raw, name):
     assert not any(m.blocking for m in missing.values())
     assert "100 steps" in missing["step-size selection"].paper
     assert "standard deviation" in missing["initialisation scale"].paper
+    during = missing["bound curves during training"].paper  # the grid and the training bound: our readings
+    assert "test-set ELBO" in during and "our grid" in during and "train.test_curve" in during
 
 
 # --- IWAE (Burda, Grosse & Salakhutdinov 2016, arXiv:1509.00519v4) -------------------------------------
@@ -267,6 +271,9 @@ def test_deviations_of_a_run_name_their_reason():
     found = R.deviations(aevb, run)
     assert f"{R.OTHER_SETTING}: likelihood='gaussian', the paper's 'bernoulli'" in found
     assert f"{R.OTHER_SETTING}: likelihood.allow_improper='(absent)', the paper's True" in found
+    # drawing the test-set curve (or not), the devices, the tracking: no departure from the protocol
+    neutral = compose(*aevb.overrides, "train.test_curve=false", "train.val_batch_size=50", "seed=4")
+    assert R.deviations(aevb, neutral) == []
     longer = compose(*preset.overrides, "train.max_epochs=4000")  # more epochs: another setting, not shorter
     assert [d for d in R.deviations(dataclasses.replace(preset, missing=()), longer)] == [
         f"{R.OTHER_SETTING}: train.max_epochs=4000, the paper's 3280"

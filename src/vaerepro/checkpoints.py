@@ -20,7 +20,8 @@ from vaerepro.errors import UserError
 # What `vaerepro train` records about the data beside the model: the sha256 of prepared/x_train.npy.
 DATA_DIGEST_LABEL = "training data (sha256 of prepared/x_train.npy)"
 
-# Keys a resumed training may change: how long and how often, not what is trained or how.
+# Keys a resumed training may change: how long and how often, and what is observed (train.test_curve, a
+# test-set curve for plotting), not what is trained or how.
 RESUMABLE_CHANGES = frozenset(
     {
         "train.max_epochs",
@@ -28,6 +29,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.patience",
         "train.checkpoint_every_s",
         "train.val_batch_size",
+        "train.test_curve",
     }
 )
 

@@ -187,6 +187,11 @@ class TrainConfig(_Section):
     # seconds between writes of models/last.ckpt (the resumable state) and models/best.ckpt at epoch ends;
     # 0 = every epoch; both are also written at the end of training
     checkpoint_every_s: float = Field(60.0, ge=0)
+    # for plotting only (AEVB Figure 2's test curve): the test-set ELBO (nats per example) at the end of each
+    # epoch whose training samples seen reach a new point of 10^(k/10), and at the last epoch, in
+    # plots/test_curve.csv (trainer.TestCurve). Never used for checkpoints, early stopping or anything else;
+    # training is bit for bit the same with it on or off
+    test_curve: bool = False
     resume: bool = False  # continue from models/last.ckpt (and its MLflow run) when it exists
 
     @field_validator("lr_candidates")

@@ -23,13 +23,12 @@ from tqdm.auto import tqdm
 
 from vaerepro import checkpoints, estimators
 from vaerepro.config import Config, ConfigError
-from vaerepro.data import dim_log_jacobian, fixed_space, is_dequantized, load_prepared
+from vaerepro.data import TEST_SEED_OFFSET, dim_log_jacobian, fixed_space, is_dequantized, load_prepared
 from vaerepro.estimators import mean_se
 from vaerepro.model import VAE, build_vae
 
 log = logging.getLogger(__name__)
 
-TEST_SEED_OFFSET = 2  # the fixed test-set draw (binarisation / dequantisation) uses seed + 2
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
 KNN_K = 15  # Loaiza-Ganem & Cunningham 2019 classify latent means with 15 nearest neighbours
 # eval.chunk_size=auto: importance samples per chunk so that one chunk's decoder activations fit this budget

@@ -123,6 +123,9 @@ def _aevb(source: str, nz: int, train_v: float, test_v: float) -> Preset:
         "train.batch_size=100",
         f"train.weight_decay={1 / n_train!r}",
         f"train.max_epochs={math.ceil(AEVB_SAMPLES / n_train)}",
+        # Figure 2's test curve: the test-set ELBO during training, at log-spaced numbers of samples (for the
+        # card's figure only: the published values are compared with the bounds after training)
+        "train.test_curve=true",
     )
     missing = [
         Missing(
@@ -141,9 +144,11 @@ def _aevb(source: str, nz: int, train_v: float, test_v: float) -> Preset:
         ),
         Missing(
             "bound curves during training",
-            "train and test bound against training samples evaluated (Figure 2); the project scores the "
-            "test set once, after training: the card draws the training and validation bounds against "
-            "training samples, with Figure 2's values at 10^8 and the final test bound",
+            "the bound on the training and the test set against training samples evaluated (Figure 2), "
+            "without saying at which numbers of samples it was evaluated nor how the training-set bound was "
+            "computed; the preset records the test-set ELBO at the epochs where the samples seen reach a "
+            "new 10^(k/10), 10 points a decade (our grid), and at the last epoch (train.test_curve), and "
+            "draws as the training curve the training objective averaged over each epoch's batches",
             blocking=False,
         ),
     ]

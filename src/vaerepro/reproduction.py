@@ -190,6 +190,9 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
 
 
+# Settings that only record more while training (the test-set bound, drawn on the card), never change what is
+# trained or measured: never a departure, even where a preset sets them.
+RECORD_ONLY_KEYS = frozenset({"train.test_curve"})
 # Settings that do not change what is trained or measured, only where, how fast, or which of the equally
 # valid random draws: a run may differ from the protocol in these and still follow it. eval.num_samples is
 # here because a preset whose published number depends on K sets it (IWAE, CB), and then it is compared.
@@ -215,6 +218,7 @@ NEUTRAL_KEYS = frozenset(
         "eval.num_images",
         "eval.device",
     }
+    | RECORD_ONLY_KEYS
 )
 NEUTRAL_SECTIONS = ("tracking.",)
 # At least this many seeds (runs) for a verdict other than "not comparable": an interval across seeds needs
@@ -258,6 +262,8 @@ def deviations(
     out = [f"{NOT_IMPLEMENTED}: {m.feature} (paper: {m.paper})" for m in preset.missing if m.blocking]
     settings = preset.settings
     for key, want in settings.items():
+        if key in RECORD_ONLY_KEYS:
+            continue
         got = _value(config, key)
         if not _same(got, want):
             batch = key == "train.batch_size" and got != _lookup(config, key)

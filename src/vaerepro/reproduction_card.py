@@ -111,7 +111,8 @@ def samples_seen(seed: SeedResult) -> list[int] | None:
 
 def _curves_against_samples(result: Result) -> Fig | None:
     """For values read off a curve against training samples (AEVB's Figure 2): each seed's curves on that
-    axis, its final test ELBO, and the published values where they were read."""
+    axis (with train.test_curve, its test-set ELBO during training too), its final test ELBO, and the
+    published values where they were read."""
     from matplotlib.figure import Figure
 
     read = [
@@ -128,6 +129,11 @@ def _curves_against_samples(result: Result) -> Fig | None:
         color = f"C{i % 10}"
         for col, style, what in (("train_elbo", "--", "training"), ("val_elbo", "-", "validation")):
             ax.plot(x, [r.get(col) for r in s.curve], style, color=color, label=f"seed {s.seed} {what}")
+        if s.test_curve:  # plots/test_curve.csv: the test-set ELBO at log-spaced numbers of samples
+            at = [r.get("samples_seen") for r in s.test_curve]
+            ax.plot(
+                at, [r.get("test_elbo") for r in s.test_curve], ":", color=color, label=f"seed {s.seed} test"
+            )
         if (elbo := s.eval.get("elbo")) is not None:
             ax.plot(x[-1], elbo, "o", mfc="none", color=color, label=f"seed {s.seed} test (final)")
     # the values read at one x (AEVB's test and train bound, ~2 nats apart): filled then hollow markers,
@@ -150,12 +156,24 @@ def _curves_against_samples(result: Result) -> Fig | None:
     ax.set_ylabel("bound (nats per example)")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    if any(s.test_curve for s, _ in curves):  # train.test_curve: the figure's own curve, the test set's
+        test = (
+            "dotted, the test-set ELBO during training, as the paper's figure has it (plots/test_curve.csv: "
+            "at the epochs where the samples seen reach a new 10^(k/10), a grid of ours, and at the last "
+            "epoch); "
+        )
+        after = ""
+    else:
+        test = ""
+        after = (
+            " The paper's curves are of the test set during training; the project scores the test set once, "
+            "after training."
+        )
     caption = (
         f"As {read[0].where.split(',')[0]}: each seed's training objective (dashed) and validation ELBO "
         "(solid) at the end of each epoch, against training samples seen (epochs x training images); "
-        "circles, each seed's test ELBO after training; black, the published values (± tolerance) at the "
-        "number of samples where they were read. The paper's curves are of the test set during training; "
-        "the project scores the test set once, after training."
+        f"{test}circles, each seed's test ELBO after training; black, the published values (± tolerance) at "
+        f"the number of samples where they were read.{after}"
     )
     return Fig("bound_against_samples", "bound against training samples seen, with the published values",
                png(fig), caption)  # fmt: skip

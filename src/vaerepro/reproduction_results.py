@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,9 @@ class Plan:
 
 @dataclass
 class SeedResult:
-    """What one seed's pipeline run wrote: metrics/eval.json, metrics/train.json, prepared/meta.json and
-    plots/elbo.csv (rows of epoch, train_elbo, val_elbo)."""
+    """What one seed's pipeline run wrote: metrics/eval.json, metrics/train.json, prepared/meta.json,
+    plots/elbo.csv (rows of epoch, train_elbo, val_elbo) and, where train.test_curve was on,
+    plots/test_curve.csv (rows of epoch, samples_seen, test_elbo: the test-set ELBO during training)."""
 
     seed: int
     out_dir: Path
@@ -61,6 +63,7 @@ class SeedResult:
     wall_s: float | None = None  # the seed's process, start to end (each invocation's, when resumed)
     run_id: str | None = None  # its MLflow run
     wall_note: str = ""  # what wall_s covers, when more or less than one process
+    test_curve: list[dict[str, float]] = field(default_factory=list)  # empty without plots/test_curve.csv
 
     @property
     def records(self) -> dict[str, Mapping[str, Any]]:
@@ -78,12 +81,16 @@ class SeedResult:
         def load(path: Path) -> dict[str, Any]:
             return json.loads(path.read_text()) if path.is_file() else {}
 
-        curve_file = out_dir / "plots" / "elbo.csv"
-        rows = list(csv.DictReader(curve_file.open())) if curve_file.is_file() else []
-        curve = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in rows]
+        def rows(path: Path) -> list[dict[str, float]]:  # a CSV file's rows as numbers (empty: NaN)
+            if not path.is_file():
+                return []
+            with path.open(newline="") as fh:
+                return [{k: float(v) if v else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
+
+        curve, test_curve = (rows(out_dir / "plots" / f) for f in ("elbo.csv", "test_curve.csv"))
         ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))
         meta = load(out_dir / "prepared" / "meta.json")
-        return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note)
+        return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note, test_curve)
 
 
 @dataclass

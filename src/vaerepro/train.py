@@ -26,13 +26,14 @@ import torch
 from vaerepro import checkpoints, estimators, signals, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import Config
-from vaerepro.data import Splits, fixed_space, load_prepared, to_space
+from vaerepro.data import TEST_SEED_OFFSET, Splits, fixed_space, load_prepared, to_space
 from vaerepro.errors import Stopped
 from vaerepro.model import build_vae
 from vaerepro.trainer import (
     VAL_KEY,
     EpochHistory,
     SameConfigOnEveryRank,
+    TestCurve,
     build_optimizer,
     build_trainer,
     train_key,
@@ -114,7 +115,8 @@ def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
     return t[(slice(None),) * dim + (slice(rank, None, world),)]
 
 
-TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
+# TEST_STREAM: q's noise for the test curve's fixed sample (train.test_curve)
+TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM, TEST_STREAM = 0, 1, 2, 3
 # SplitMix64's increment (2^64 / the golden ratio): added rank times to a batch's dropout seed, so that every
 # rank draws the masks of its own rows from a seed of its own
 _RANK_STRIDE = 0x9E3779B97F4A7C15
@@ -148,7 +150,11 @@ class VAEData(pl.LightningDataModule):
     `VAEModule.shard_loss`), and the fixed validation sample: one draw of the data space for each
     validation image and one draw of q's noise for it (`latent_dim`), the same every epoch, so that
     validation ELBOs differ between epochs only by the weights, and not with the validation batch size or
-    the number of devices. Batch sizes are per device."""
+    the number of devices. Batch sizes are per device.
+
+    With `test_curve`, also a fixed sample of the test split drawn the same way (x_test, eps_test), for
+    trainer.TestCurve: the evaluate stage's draw of the data space (seed + TEST_SEED_OFFSET) and q's noise
+    from a stream of its own. load_prepared reads every split anyway; the test split is drawn only then."""
 
     def __init__(
         self,
@@ -159,11 +165,13 @@ class VAEData(pl.LightningDataModule):
         *,
         latent_dim: int,
         val_batch_size: int | None = None,
+        test_curve: bool = False,
     ):
         super().__init__()
         self.prepared_dir, self.data_space = Path(prepared_dir), data_space
         self.batch_size, self.seed = batch_size, seed
         self.latent_dim, self.val_batch_size = latent_dim, val_batch_size or batch_size
+        self.test_curve = test_curve
         self.splits: Splits | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -174,11 +182,18 @@ class VAEData(pl.LightningDataModule):
         # Raw values stay raw in memory (uint8 for 8-bit data): the data space is applied per batch, so
         # every epoch sees a fresh binarisation / dequantisation.
         self.x_train = torch.from_numpy(np.ascontiguousarray(self.splits.train))
-        self.x_val = fixed_space(
-            self.splits.val, self.data_space, quantized=self.quantized, seed=self.seed + VAL_SEED_OFFSET
-        )
-        g = torch.Generator().manual_seed(batch_seed(self.seed, VAL_STREAM, 0, 0))
-        self.eps_val = torch.randn((len(self.x_val), 1, self.latent_dim), generator=g)  # (M, K=1, Z)
+        self.x_val, self.eps_val = self._fixed_sample(self.splits.val, VAL_SEED_OFFSET, VAL_STREAM)
+        if self.test_curve:
+            self.x_test, self.eps_test = self._fixed_sample(self.splits.test, TEST_SEED_OFFSET, TEST_STREAM)
+
+    def _fixed_sample(
+        self, raw: np.ndarray, seed_offset: int, stream: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw of the data space for each image of a split, x (M, D), and one of q's noise for each,
+        eps (M, K=1, Z), from generators of their own (the global ones are not touched)."""
+        x = fixed_space(raw, self.data_space, quantized=self.quantized, seed=self.seed + seed_offset)
+        g = torch.Generator().manual_seed(batch_seed(self.seed, stream, 0, 0))
+        return x, torch.randn((len(x), 1, self.latent_dim), generator=g)
 
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -336,11 +351,16 @@ class VAEModule(pl.LightningModule):
         x, eps = batch
         rank, world = self._rank_world()
         x, eps = shard(x, rank, world), shard(eps, rank, world).transpose(0, 1)  # (B, D), (1, B, Z)
-        # estimator B (analytic KL) for one stochastic layer; two layers have no closed-form KL: A
-        estimator = "B" if self.vae.stochastic_layers == 1 else "A"
-        elbo = estimators.elbo(self.vae, x, 1, estimator, eps)  # (B,)
+        elbo = self.fixed_elbo(x, eps)  # (B,)
         self._val_sum += elbo.sum(dtype=torch.float64)
         self._val_count += len(elbo)
+
+    def fixed_elbo(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The ELBO per example (B,), nats, of points x (B, D) under q's noise eps (1, B, Z) drawn in
+        advance: the validation's, and the test curve's (trainer.TestCurve). Estimator B (analytic KL) for
+        one stochastic layer; two layers have no closed-form KL: A."""
+        estimator = "B" if self.vae.stochastic_layers == 1 else "A"
+        return estimators.elbo(self.vae, x, 1, estimator, eps)
 
     def on_validation_epoch_end(self) -> None:
         # Validation runs every epoch after the last training batch, so the epoch's training mean is complete
@@ -445,7 +465,8 @@ def train(
     tracker: RunTracker | None = None,
 ) -> dict:
     """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json (and its
-    headline numbers, train_summary.json) and plots/elbo.csv. Returns the train metrics.
+    headline numbers, train_summary.json) and plots/elbo.csv; with train.test_curve, plots/test_curve.csv
+    too. Returns the train metrics.
 
     Under DDP every process runs this; only global rank 0 writes files and uses `tracker` (one run per
     training). `callbacks` join the trainer's own (a sweep trial's pruning). With train.resume and an
@@ -466,6 +487,7 @@ def train(
         cfg.seed,
         latent_dim=cfg.model.latent_dim + (cfg.model.latent_dim_2 or 0),  # z = [z1 | z2]: q's noise
         val_batch_size=cfg.train.val_batch_size,
+        test_curve=cfg.train.test_curve,
     )
     data.setup()
     last = model_dir / "last.ckpt"
@@ -485,9 +507,12 @@ def train(
     # environment) before any process group exists, and only rank 0 may create the tracking run.
     same = SameConfigOnEveryRank(config_digest(cfg))
     record = [stepsize.SelectionRecord(selection)] if selection is not None else []  # kept in last.ckpt
-    trainer = build_trainer(
-        cfg, out_dir, None, [*callbacks, same, *record], enable_progress_bar=enable_progress_bar
-    )
+    extra = [*callbacks, same, *record]
+    test_curve_csv = out_dir / "plots" / "test_curve.csv"
+    if cfg.train.test_curve:  # the test-set ELBO at log-spaced epochs, for plotting only: nothing reads it
+        n, size = len(data.x_train), cfg.train.val_batch_size
+        extra.append(TestCurve(test_curve_csv, data.x_test, data.eps_test, n_train=n, batch_size=size))
+    trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)
     tracker = tracker if trainer.is_global_zero else None
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -503,12 +528,18 @@ def train(
             # that stops or fails from here on leaves no train.json rather than one that is no longer true.
             for name in ("train.json", "train_summary.json"):
                 (out_dir / "metrics" / name).unlink(missing_ok=True)
+            if not cfg.train.test_curve:  # the file exists only while the curve is on (an older training's)
+                test_curve_csv.unlink(missing_ok=True)
         start = time.perf_counter()
         with warnings.catch_warnings(), signals.deferred():
             # models/ already holds this run's own mlflow_run.json (and last.ckpt when resuming)
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             # torch's deprecation of an API that Lightning 2.6 calls: not the user's to act on
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            # resumed with train.test_curve turned off: the checkpoint's test-curve rows are meant to be left
+            warnings.filterwarnings(
+                "ignore", message=r"Be aware that when using `ckpt_path`.*\['TestCurve'\]\.$"
+            )
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         elapsed = time.perf_counter() - start
         if (signum := signals.requested()) is not None:

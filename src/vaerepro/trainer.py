@@ -1,6 +1,6 @@
 """The Lightning Trainer the train stage runs, and its callbacks: best and last checkpoints, the per-epoch
-curve for DVC, the progress bar, SIGTERM, the same config on every DDP rank; and the optimiser with its
-learning-rate schedule.
+curve for DVC, the test-set curve for plotting, the progress bar, SIGTERM, the same config on every DDP
+rank; and the optimiser with its learning-rate schedule.
 
 Lightning is the trainer (loops, devices/DDP, checkpointing, logging, progress bar); these callbacks add
 what a reproduction needs on top of it and nothing else.
@@ -55,7 +55,33 @@ def train_key(objective: str) -> str:
     return "train/elbo" if objective == "elbo" else "train/iwae"
 
 
-class EpochHistory(pl.Callback):
+class _CsvRows(pl.Callback):
+    """Rows of numbers kept in whole-state checkpoints (so that a resumed training writes the whole file,
+    not only its own rows) and written to a CSV file by global rank 0."""
+
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
+    def write(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(self.fields))
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+class EpochHistory(_CsvRows):
     """One CSV row per epoch (epoch, train_elbo, val_elbo) for `dvc plots`.
 
     Lightning's CSVLogger writes train and validation metrics on separate rows keyed by step; DVC plots
@@ -64,16 +90,11 @@ class EpochHistory(pl.Callback):
     epoch's numbers also reach MLflow as the epoch ends.
     """
 
+    fields = ("epoch", "train_elbo", "val_elbo")
+
     def __init__(self, path: Path, train_key: str):
-        self.path, self.train_key = Path(path), train_key
-        self.rows: list[dict[str, float]] = []
-
-    # kept in the checkpoint, so a resumed run writes the whole curve, not only its own epochs
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows = list(state["rows"])
+        super().__init__(path)
+        self.train_key = train_key
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
@@ -87,15 +108,6 @@ class EpochHistory(pl.Callback):
             }
         )
 
-    def write(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["epoch", "train_elbo", "val_elbo"])
-            w.writeheader()
-            w.writerows(self.rows)
-
     def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
         self.write(trainer)  # Lightning calls this for whole-state checkpoints (last.ckpt), not weights-only
 
@@ -106,6 +118,91 @@ class EpochHistory(pl.Callback):
         # a training that failed before its first epoch ended has no curve: keep the file that is there
         if self.rows or not self.path.exists():
             self.write(trainer)
+
+
+def grid_index(samples: int) -> int:
+    """The largest integer k with 10^(k/10) <= samples (an int >= 1): the test curve's grid, 10 points a
+    decade. In integers, with no float rounding to reason about at s = 10^3 and the like: 10^(k/10) <= s is
+    10^k <= s^10, so k is the number of decimal digits of s^10 less one."""
+    return len(str(samples**10)) - 1
+
+
+def on_test_grid(epoch: int, n_train: int) -> bool:
+    """Whether epoch `epoch` (from 0) ends at a new point of the grid: whether the training samples seen by
+    its end, (epoch + 1) x n_train, reach a 10^(k/10) that those seen by the previous epoch's end did not
+    (the first epoch always does)."""
+    return epoch == 0 or grid_index((epoch + 1) * n_train) > grid_index(epoch * n_train)
+
+
+class TestCurve(_CsvRows):
+    """The test-set ELBO during training, for plotting only (AEVB's Figure 2 plots the bound on the test set
+    against training samples evaluated): rows (epoch, samples_seen, test_elbo) at the end of each epoch on
+    the grid (`on_test_grid`: 10 points a decade of samples seen, a few dozen over a long training) and, at
+    the end of training, of the last epoch. Nothing reads the value but the reproduction card: no
+    checkpoint choice, stopping rule or logged metric uses it, so the test set stays out of every decision
+    about the model.
+
+    The ELBO, nats per example averaged over the test split, is the validation's (`fixed_elbo` of the
+    module, train.VAEModule) on a fixed sample of the test split: x (M, D), one draw of the data space, and
+    eps (M, 1, Z), one draw of q's noise for each image, so that a value depends on the weights only, not
+    on `batch_size`. It runs in eval mode (no dropout) under inference mode, draws from no global
+    generator and puts every submodule's train/eval mode back: a training with the curve ends bit for bit
+    where one without it does. Under DDP each rank computes the whole test split (redundant, but no
+    collective to keep in step); global rank 0 writes the file.
+
+    The file is written at every new row, so a stopped training keeps its rows, and at the start of
+    training, so a resumed one starts from its checkpoint's rows; a row off the grid (a last epoch, kept in
+    last.ckpt when that is written at the end of training) that a resumed training continues past is
+    dropped, as an uninterrupted training has none there.
+    """
+
+    fields = ("epoch", "samples_seen", "test_elbo")
+
+    def __init__(self, path: Path, x: torch.Tensor, eps: torch.Tensor, *, n_train: int, batch_size: int):
+        """x (M, D) and eps (M, 1, Z): the fixed test sample; n_train: training images (samples an epoch)."""
+        super().__init__(path)
+        self.x, self.eps, self.n_train, self.batch_size = x, eps, n_train, batch_size
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.write(trainer)  # the resumed checkpoint's rows, or only the header
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if on_test_grid(trainer.current_epoch, self.n_train):
+            self._record(trainer, module, trainer.current_epoch)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # the last epoch, off the grid: here, with its weights, whatever ended training (max_epochs, a signal,
+        # early stopping, which decides after every other callback's epoch end)
+        last = trainer.current_epoch - 1  # current_epoch counts the epochs done here
+        if last >= 0 and (not self.rows or self.rows[-1]["epoch"] != last):
+            self._record(trainer, module, last)
+
+    def _record(self, trainer: pl.Trainer, module: pl.LightningModule, epoch: int) -> None:
+        # a row off the grid is an earlier invocation's last epoch, which this training continues past
+        self.rows = [r for r in self.rows if on_test_grid(int(r["epoch"]), self.n_train)]
+        row = {
+            "epoch": epoch,
+            "samples_seen": (epoch + 1) * self.n_train,
+            "test_elbo": self.elbo(trainer, module),
+        }
+        self.rows.append(row)
+        self.write(trainer)
+
+    def elbo(self, trainer: pl.Trainer, module: pl.LightningModule) -> float:
+        """The mean ELBO over the fixed test sample, nats per example, for the module's current weights."""
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()  # as Lightning runs validation: dropout off
+        precision = trainer.precision_plugin  # validation's autocast and input dtype, e.g. under 16-mixed
+        try:
+            with torch.inference_mode(), precision.val_step_context():
+                total = torch.zeros((), dtype=torch.float64, device=module.device)
+                for x, eps in zip(*(t.split(self.batch_size) for t in (self.x, self.eps)), strict=True):
+                    x, eps = precision.convert_input((x.to(module.device), eps.to(module.device)))
+                    total += module.fixed_elbo(x, eps.transpose(0, 1)).sum(dtype=torch.float64)  # (B,)
+        finally:
+            for m, training in modes:
+                m.train(training)
+        return float(total) / len(self.x)
 
 
 class StopOnSignal(pl.Callback):
