@@ -76,12 +76,6 @@ def snapshot(d: Path) -> dict[str, int]:
     return {str(f.relative_to(d)): f.stat().st_mtime_ns for f in sorted(d.rglob("*")) if f.is_file()}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One sqlite MLflow store for the module's runs (created once: its migration takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
 # --- bad input: one line, exit 2, nothing touched ----------------------------------------------------
 def test_resume_refuses_what_it_cannot_resume(tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -122,12 +116,60 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, monkeypatch):
     assert status == 2 and "overrides none (recorded: `tracking.enabled=false`)" in err, err
     assert snapshot(out) == before and len(calls) == 1  # no file touched, no process started
 
+    # the same command without --resume: refused, naming how to go on or start again; nothing touched
+    status, _, err = invoke(argv)
+    assert status == 2 and err == (
+        f"vaerepro reproduce: {run_dir} holds a stopped reproduction (0 of 2 seeds finished): go on with "
+        f"`{resume}`, or start again with --fresh (the stopped one is then kept beside the new one)\n"
+    )
+    status, _, err = invoke([*argv, "--fresh", "--resume"])
+    assert status == 2 and "--fresh and --resume: give one" in err
+    assert snapshot(out) == before and len(calls) == 1
+
     (run_dir / resumption.RECORD).write_text("{not json")
     before = snapshot(out)
     status, _, err = invoke([*argv, "--resume"])
     assert status == 2 and err.count("\n") == 1, err
     assert f"{run_dir / resumption.RECORD}: not a reproduction record" in err
     assert snapshot(out) == before and len(calls) == 1
+
+    # --fresh: the stopped reproduction (here with an unreadable record) moves whole beside the new one,
+    # with its card, named by when it started; nothing of it is deleted
+    card = out / "reports" / "reproductions" / "smoke"
+    card.mkdir(parents=True)
+    (card / f"{PRESET}.md").write_text("the earlier card")
+    kept = snapshot(run_dir)
+    status, _, _ = invoke([*argv, "--fresh"])
+    assert status == 130 and [_option(c, "seed") for c in calls] == ["0", "0"]
+    (aside,) = [d for d in run_dir.parent.iterdir() if d.name.startswith(f"{PRESET}.")]
+    assert {k: v for k, v in snapshot(aside).items() if not k.startswith("card/")} == kept
+    assert (aside / "card" / f"{PRESET}.md").read_text() == "the earlier card"
+    assert json.loads((run_dir / resumption.RECORD).read_text())["invocations"][0]["resumed"] is False
+
+
+def test_set_aside_keeps_a_finished_reproduction_and_refuses_a_stopped_one(tmp_path):
+    run_dir = tmp_path / "runs" / PRESET
+    asked = resumption.Asked(PRESET, ("a=1",), ("a=1",), 2, False)
+    assert resumption.set_aside(run_dir, [], fresh=False, out=None) is None  # nothing there
+    ledger = resumption.Ledger.fresh(run_dir, asked)
+    ledger.begin(None, fresh=True)
+    (run_dir / "seed_0").mkdir()
+    resumption.write_marker(run_dir / "seed_0", 0, resumption.SeedWall(12.0, 1), None)
+    ledger.end("FAILED", 15.0)
+    before = snapshot(run_dir)
+    with pytest.raises(
+        resumption.UserError, match=r"\(1 of 2 seeds finished\): go on with `vaerepro reproduce"
+    ):
+        resumption.set_aside(run_dir, [], fresh=False, out=None)
+    assert snapshot(run_dir) == before
+    ledger.data["invocations"][-1]["status"] = "FINISHED"  # a finished one is moved without --fresh
+    resumption.write_json(ledger.path, ledger.data)
+    before = snapshot(run_dir)
+    stamp = ledger.data["started"].replace(":", "").replace("+0000", "Z")
+    assert resumption.set_aside(run_dir, [tmp_path / "absent.md"], fresh=False, out=None) == (
+        tmp_path / "runs" / f"{PRESET}.{stamp}"
+    )
+    assert not run_dir.exists() and snapshot(tmp_path / "runs" / f"{PRESET}.{stamp}") == before
 
 
 # --- stopped after seed 0 of 2, then resumed (slow) --------------------------------------------------
@@ -246,8 +288,8 @@ def test_a_fresh_run_leaves_nothing_of_the_earlier_one_to_resume(
     resumed, store, tmp_path, monkeypatch, caplog
 ):
     """Over a copy of the finished reproduction (both seeds with markers and checkpoints): a fresh run,
-    stopped as its first seed starts, removes every marker and records a new reproduction; --resume then
-    runs seed 0 from the start and would not continue seed 1's checkpoint (another reproduction's)."""
+    stopped as its first seed starts, moves the finished one beside it and records a new reproduction;
+    --resume then runs seed 0 from the start and finds no seed of the earlier reproduction."""
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -261,7 +303,11 @@ def test_a_fresh_run_leaves_nothing_of_the_earlier_one_to_resume(
     assert status == 130 and list(run_dir.glob(f"seed_*/{resumption.MARKER}")) == []
     record = json.loads((run_dir / resumption.RECORD).read_text())
     assert len(record["invocations"]) == 1 and record["mlflow"]["parent_run_id"] != resumed.parent
-    assert (run_dir / "seed_1" / "models" / "last.ckpt").is_file()  # the earlier reproduction's
+    # the finished reproduction is kept whole beside the new one: its markers, its checkpoints
+    (aside,) = [d for d in run_dir.parent.iterdir() if d.name.startswith(f"{PRESET}.")]
+    assert len(list(aside.glob(f"seed_*/{resumption.MARKER}"))) == 2
+    assert (aside / "seed_1" / "models" / "last.ckpt").is_file()
+    assert not (run_dir / "seed_1").exists()
     asked = resumption.Asked(PRESET, tuple(record["overrides"]), tuple(record["user_overrides"]), 2, True)
     ledger = resumption.Ledger.stopped(run_dir, asked)
     assert [ledger.how(s) for s in (0, 1)] == ["start", "start"]

@@ -497,6 +497,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="go on with the stopped reproduction of the same overrides: finished seeds are read from disk, "
         "stopped ones continue from models/last.ckpt, under the same MLflow run",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start again where a stopped reproduction is (it is kept beside the new one, not deleted)",
+    )
     parser.add_argument("args", nargs="*", metavar="NAME [OVERRIDES]", help="a preset and Hydra overrides")
     try:
         args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
@@ -505,13 +510,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.args:
             raise UserError("name a preset: vaerepro reproduce NAME [OVERRIDES]; --list shows them")
+        if args.fresh and args.resume:
+            raise UserError("--fresh and --resume: give one (start again, or go on with the stopped one)")
         preset = get(args.args[0])
         from vaerepro import reproduce, reproduction_card
         from vaerepro.errors import Stopped
 
         try:
             result, paths = reproduce.run(
-                preset, args.args[1:], seeds=args.seeds, smoke=args.smoke, out=args.out, resume=args.resume
+                preset,
+                args.args[1:],
+                seeds=args.seeds,
+                smoke=args.smoke,
+                out=args.out,
+                resume=args.resume,
+                fresh=args.fresh,
             )
         except reproduce.SeedFailed as failed:
             print(f"vaerepro reproduce: {failed}", file=sys.stderr)

@@ -227,13 +227,16 @@ def run(
     root: Path | None = None,
     out: Path | None = None,
     resume: bool = False,
+    fresh: bool = False,
 ) -> tuple[Result, dict[str, Any]]:
     """Run the preset (see the module's docstring); returns the result and the card's paths (md, html,
     figures). Raises ConfigError / UserError for bad input before anything runs or is written (with
     `resume`: no record to resume, or one of other overrides or seeds), SeedFailed when a seed's process
     fails (the reproduction's MLflow run then ends FAILED, or KILLED when it was stopped). Every way out
     that leaves the reproduction unfinished names the command that resumes it: in SeedFailed's message, and
-    as the `hint` of a stop (Stopped, KeyboardInterrupt)."""
+    as the `hint` of a stop (Stopped, KeyboardInterrupt). Without `resume`, an earlier reproduction in the
+    same directory is kept (resumption.set_aside): moved beside it, or, when it was stopped and `fresh` is
+    not given, the run is refused with the command that resumes it."""
     root = (root or config_mod.find_project_root()).resolve()
     out = out.resolve() if out is not None else None  # the seeds' processes run in `root`
     p = plan(preset, user, seeds=seeds, smoke=smoke, root=root, out=out)
@@ -242,6 +245,10 @@ def run(
         ledger = resume_mod.Ledger.stopped(p.run_dir, p.asked)
         hows = {s: ledger.how(s) for s in p.seeds}
     else:
+        name = preset.name
+        card = [p.card_dir / f"{name}.md", p.card_dir / f"{name}.html", p.card_dir / f"{name}_figures"]
+        if (kept := resume_mod.set_aside(p.run_dir, card, fresh=fresh, out=p.out)) is not None:
+            log.info("%s: the earlier reproduction in %s is kept in %s", name, p.run_dir, kept)
         ledger, hows = resume_mod.Ledger.fresh(p.run_dir, p.asked), dict.fromkeys(p.seeds, "start")
     rep = None
     if cfg.tracking.enabled:

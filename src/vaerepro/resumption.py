@@ -3,11 +3,13 @@
 - runs/reproductions[/smoke]/NAME/reproduction.json (`Ledger`): what was asked (preset, overrides, seeds,
   smoke), the MLflow parent run, and each invocation: when it started and how it ended, and for each seed
   how it took it (from the start, continued from models/last.ckpt, or reused) and the seconds its process
-  ran. A
-  fresh reproduction writes it anew; each invocation adds to it as it goes, every write whole (a temporary
-  file renamed over it), so a stop at any point leaves a readable record.
+  ran. A fresh reproduction writes it anew; each invocation adds to it as it goes, every write whole (a
+  temporary file renamed over it), so a stop at any point leaves a readable record.
 - seed_<s>/reproduced.json (the marker): the seed's process ended 0 and its metrics/eval.json exists; its
   total wall time and its MLflow run. --resume never runs a seed with one again.
+
+Running a reproduction again without --resume deletes nothing (`set_aside`): a stopped one is refused unless
+--fresh, and any earlier one is moved whole, with a copy of its card, to NAME.<when it started> beside it.
 
 A seed's models/last.ckpt is continued only when this reproduction ran the seed before: a checkpoint that
 an earlier reproduction left in the directory is never mixed into this one. The wall times add up the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -237,6 +240,52 @@ class Ledger:
         reused = tuple(sorted(int(s) for s, e in seeds.items() if e["how"] == "reuse"))
         continued = tuple(sorted(int(s) for s, e in seeds.items() if e["how"] == "continue"))
         return Resumption(self.resumed, reused, continued, self.total_wall(this_s)[1])
+
+
+def set_aside(run_dir: Path, card: Sequence[Path], *, fresh: bool, out: Path | None) -> Path | None:
+    """Before a new reproduction in `run_dir`, keep the earlier one there: a stopped one (its last invocation
+    did not finish) is refused unless `fresh`, with a UserError naming the command that resumes it; any
+    earlier one is then moved whole to run_dir's sibling NAME.<when it started>, with a copy of its card
+    (`card`: the card's files and figure folder, under card/ there), since the new reproduction writes its
+    own card in their place. Returns where it went, or None when there was nothing to keep. Nothing is
+    deleted: hours of seeds are not lost to a command run again by mistake."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    try:
+        record = json.loads((run_dir / RECORD).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        record = None  # a directory without a readable record (an older version's): kept all the same
+    record = record if isinstance(record, dict) else None
+    invocations = (record or {}).get("invocations") or [{}]
+    if record is not None and invocations[-1].get("status") != "FINISHED" and not fresh:
+        done = len(list(run_dir.glob(f"seed_*/{MARKER}")))
+        seeds = record.get("seeds")
+        again = resume_command(
+            str(record.get("preset")),
+            record.get("user_overrides") or (),
+            seeds,
+            bool(record.get("smoke")),
+            out,
+        )
+        raise UserError(
+            f"{run_dir} holds a stopped reproduction ({done} of {seeds} seeds finished): go on with "
+            f"`{again}`, or start again with --fresh (the stopped one is then kept beside the new one)"
+        )
+    started = (record or {}).get("started") or datetime.fromtimestamp(
+        run_dir.stat().st_mtime, timezone.utc
+    ).isoformat(timespec="seconds")
+    stamp = started.replace(":", "").replace("+0000", "Z")  # 2026-11-30T091502Z: a file name everywhere
+    dest, n = run_dir.with_name(f"{run_dir.name}.{stamp}"), 1
+    while dest.exists():
+        dest, n = run_dir.with_name(f"{run_dir.name}.{stamp}.{n}"), n + 1
+    os.replace(run_dir, dest)
+    for path in card:
+        if path.is_dir():
+            shutil.copytree(path, dest / "card" / path.name)
+        elif path.is_file():
+            (dest / "card").mkdir(exist_ok=True)
+            shutil.copy2(path, dest / "card" / path.name)
+    return dest
 
 
 def write_marker(seed_dir: Path, seed: int, wall: SeedWall, run_id: str | None) -> None:
