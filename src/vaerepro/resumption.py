@@ -175,12 +175,9 @@ class Ledger:
         return (m["tracking_uri"], m["parent_run_id"]) if m else None
 
     def begin(self, mlflow: tuple[str, str] | None, *, fresh: bool) -> None:
-        """Start this invocation's entry and write the record. A fresh reproduction first removes every
-        earlier seed's marker, so that no later --resume reads another reproduction's seeds as its own."""
+        """Start this invocation's entry and write the record. A fresh reproduction starts in an empty
+        directory (`set_aside` moved any earlier one): no later --resume reads another's seeds as its own."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if fresh:
-            for marker in self.run_dir.glob(f"seed_*/{MARKER}"):
-                marker.unlink()
         if mlflow is not None:
             self.data["mlflow"] = {"tracking_uri": mlflow[0], "parent_run_id": mlflow[1]}
         entry = {"started": now(), "resumed": not fresh, "ended": None, "wall_s": None, "status": "RUNNING"}
