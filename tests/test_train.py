@@ -16,10 +16,12 @@ from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
 from vaerepro.schedules import iwae_lr
 from vaerepro.train import (
+    RESIDENT_FRACTION,
     EpochBatches,
     TensorBatches,
     VAEData,
     batch_seed,
+    resident,
     shard,
     train,
 )
@@ -505,3 +507,13 @@ def test_two_stochastic_layers_train_and_evaluate(prepared_tiny, tmp_path, objec
     assert ev["log_px"] >= ev["elbo"] and torch.isfinite(torch.tensor(ev["log_px"]))
     with pytest.raises(checkpoints.CheckpointError, match="stochastic_layers"):
         evaluate(tiny_config(*objective, "train.max_epochs=1"), out, progress=False)  # a one-layer config
+
+
+def test_training_data_move_to_a_cuda_device_only_when_they_fit(monkeypatch):
+    x, eps = torch.zeros(10, 4, dtype=torch.uint8), torch.zeros(10, 1, 2)  # 40 + 80 bytes
+    assert all(a is b for a, b in zip(resident(torch.device("cpu"), x, eps), (x, eps), strict=True))
+    # a CUDA device whose free memory they would take more than RESIDENT_FRACTION of: left where they are
+    # (with room, they move: tests/test_gpu.py)
+    free = int(120 / RESIDENT_FRACTION) - 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10 * free))
+    assert all(a is b for a, b in zip(resident(torch.device("cuda"), x, eps), (x, eps), strict=True))
