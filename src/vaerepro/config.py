@@ -221,6 +221,11 @@ class TrainerConfig(_Section):
     precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
     deterministic: bool = True
     matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high" enables TF32 on GPUs
+    # torch.compile of the training objective, forward and backward (train.VAEModule): null runs it eagerly;
+    # otherwise a torch.compile mode, "reduce-overhead" capturing it as CUDA graphs on a GPU. The same
+    # training up to float rounding (dropout's masks are another draw of the same seeds); compiling takes
+    # tens of seconds at the start of each training
+    compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
 
 class EvalConfig(_Section):

@@ -20,7 +20,6 @@ model, not on how samples are chunked or examples batched or shared out between 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import math
@@ -41,21 +40,30 @@ class LogWeights:
     once (every objective needs it), log q(z|x), log p(z) and log w = log p(x|z) + log p(z) - log q(z|x)
     on first use, so estimator B (which needs only log p(x|z) and the analytic KL) does not pay for two
     log-densities and their backward pass on every training step.
+
+    Computed on first use by plain properties, not functools.cached_property: before Python 3.12 that takes
+    a lock, which torch.compile cannot trace, and the objective would fall out of its graph (trainer.compile).
     """
 
     def __init__(self, model, x: Tensor, posterior: Distribution, z: Tensor):
         self.model, self.posterior, self.z = model, posterior, z  # posterior: q(z|x), batch (B,)
         self.log_px_z: Tensor = model.decode(z).log_prob(x)  # x (B, D) broadcasts against (K, B) -> (K, B)
+        self._log_qz: Tensor | None = None
+        self._log_pz: Tensor | None = None
 
-    @functools.cached_property
+    @property
     def log_qz(self) -> Tensor:
-        return self.posterior.log_prob(self.z)  # (K, B)
+        if self._log_qz is None:
+            self._log_qz = self.posterior.log_prob(self.z)  # (K, B)
+        return self._log_qz
 
-    @functools.cached_property
+    @property
     def log_pz(self) -> Tensor:
-        return self.model.prior().log_prob(self.z)  # (K, B)
+        if self._log_pz is None:
+            self._log_pz = self.model.prior().log_prob(self.z)  # (K, B)
+        return self._log_pz
 
-    @functools.cached_property
+    @property
     def log_w(self) -> Tensor:
         return self.log_px_z + self.log_pz - self.log_qz  # (K, B)
 

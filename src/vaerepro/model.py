@@ -23,6 +23,7 @@ from torch.distributions import (
     MultivariateNormal,
     Normal,
     constraints,
+    kl_divergence,
     register_kl,
 )
 
@@ -144,6 +145,13 @@ def _kl_diagonal_standard(q: DiagonalGaussian, p: StandardNormal) -> Tensor:
     back from sigma.
     """
     return 0.5 * (q.mean.pow(2) + q.logvar.exp() - 1 - q.logvar).sum(-1)
+
+
+# kl_divergence memoises its dispatch per (type(p), type(q)). Resolved once here, the pair is in the memo when
+# torch.compile traces an objective (trainer.compile): the dispatch's search of the registry cannot be traced
+# and would split the objective's graph in two. (A register_kl elsewhere empties the memo: the objective still
+# runs, in two graphs.)
+kl_divergence(DiagonalGaussian(torch.zeros(1), torch.zeros(1)), StandardNormal(torch.zeros(1)))
 
 
 class VAE(nn.Module):

@@ -211,6 +211,7 @@ NEUTRAL_KEYS = frozenset(
         "trainer.num_nodes",
         "trainer.strategy",
         "trainer.deterministic",
+        "trainer.compile",  # the same numbers up to float rounding (tests/test_compile.py)
         "eval.num_samples",
         "eval.batch_size",
         "eval.chunk_size",

@@ -289,6 +289,31 @@ class VAEModule(pl.LightningModule):
         self.train_cfg = train
         self.data_space, self.quantized, self.seed = data_space, quantized, seed
         self.data_digest = data_digest  # sha256 of the training array (checkpoints.DATA_DIGEST_LABEL)
+        # trainer.compile: a torch.compile mode for the objective, or None (eager). Not a hyperparameter: it
+        # changes how the same numbers are computed, so a checkpoint resumes under either
+        self.compile_mode: str | None = None
+        self._compiled = None  # torch.compile(self.bound), made in on_fit_start
+
+    def on_fit_start(self) -> None:
+        # Compiled here, in the process that trains (every DDP rank, after a spawn), not when the module is
+        # built: a compiled function does not pickle. dynamic=False: one graph per batch shape (the full
+        # batch, and a smaller last one), each specialised, which CUDA graphs need anyway.
+        # The compiled code is keyed by this module's identity: every training in the process (seeds of a
+        # reproduction, tests) would add its graphs to the same code object's cache until torch's recompile
+        # limit (8) silently sends it back to eager. torch.compiler.reset() drops earlier trainings' graphs.
+        if self.compile_mode is not None:
+            torch.compiler.reset()
+            self._compiled = torch.compile(self.bound, mode=self.compile_mode, dynamic=False)
+
+    def objective(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """`bound` (B,), nats, compiled when trainer.compile is set. The randomness (x's data space, eps) is
+        drawn outside, eagerly, from the batch's seeded generator, so compiled and eager training see the
+        same draws. Under "reduce-overhead" each call is a new step of the CUDA graphs: the bound it returns
+        is valid until the next call (the caller sums it within the step)."""
+        if self._compiled is None:
+            return self.bound(x, eps)
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step (a no-op without CUDA graphs)
+        return self._compiled(x, eps)
 
     def bound(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """The training objective per example (B,), in nats: an ELBO (estimator A or B) or an IWAE bound."""
@@ -336,7 +361,7 @@ class VAEModule(pl.LightningModule):
         x = to_space(batch, self.data_space, quantized=self.quantized, generator=g)  # (N, D)
         eps = self._noise(g, self.train_cfg["num_samples"], n)  # (K, N, Z)
         with self._dropout_rng(epoch, batch_idx, rank):
-            bound = self.bound(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
+            bound = self.objective(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
         return bound.sum() * (-world / n), bound
 
     @contextlib.contextmanager
@@ -535,6 +560,7 @@ def train(
     # random state as they found it, so the module's initial weights are the seed's.
     selection = stepsize.choose(cfg, data, functools.partial(build_module, data=data), saved=saved)
     module = build_module(cfg if selection is None else stepsize.at_rate(cfg, selection["chosen"]), data)
+    module.compile_mode = cfg.trainer.compile  # the pilots above run eagerly: each is 100 steps
     resumed = check_resumable(last, saved, module, cfg.train.max_epochs) if saved is not None else None
     if ckpt_path is not None:
         log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
