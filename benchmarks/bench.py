@@ -9,7 +9,9 @@ runs with its normal logging on (MLflow to a temporary sqlite store, Lightning's
 last checkpoints) and its default fused Adam. It is compared with a minimal hand-written loop twice: with
 torch.optim.Adam as a user writes it (the target's reference) and with the fused Adam kernel (like for
 like), and with the harness's own objective in a plain loop ("by hand", which splits the overhead into
-objective and Lightning + tracking).
+objective and Lightning + tracking). On a GPU (--trainer gpu) also with the hand-written limit, the whole
+step as one captured CUDA graph (`baseline.MinimalLoop(cuda_graph=True)`): `train ratio harness/cuda-graph`;
+`--override trainer.compile=reduce-overhead` runs the harness with its objective in CUDA graphs.
 
 The loops are interleaved epoch by epoch: after each harness epoch, one epoch of each other loop runs (from
 a callback, outside the harness's timing). On a shared 2-core machine one loop's speed drifts by 10-20 %
@@ -243,7 +245,8 @@ def main() -> None:
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     x_val = data.fixed_space(splits.val, "binary", quantized=True, seed=cfg.seed + VAL_SEED_OFFSET)
     x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + TEST_SEED_OFFSET)
-    names = ("minimal", "minimal fused", "by hand")
+    # on CUDA also the hand-written limit: the whole step as one captured CUDA graph (baseline.MinimalLoop)
+    names = ("minimal", "minimal fused", "by hand", *(("cuda graph",) if device == "cuda" else ()))
     epochs: dict[str, list[float]] = {k: [] for k in ("harness", *names)}
     steps: dict[str, list[float]] = {k: [] for k in ("harness", *names)}
     for r in range(args.repeats):
@@ -257,8 +260,10 @@ def main() -> None:
                 seed=cfg.seed,
                 device=device,
                 fused=name == "minimal fused",
+                cuda_graph=name == "cuda graph",
             )
-            for name in names[:2]
+            for name in names
+            if name != "by hand"
         }
         others["by hand"] = ObjectiveByHand(cfg, work / "prepared", x_val, device)
         timer, run = Interleave(others), work / f"run{r}"
@@ -293,6 +298,7 @@ def main() -> None:
         "minimal": "hand-written loop, torch.optim.Adam as a user writes it",
         "minimal fused": "the same loop with fused Adam, as the harness",
         "by hand": "the harness's objective, data draw and fused Adam in a plain loop",
+        "cuda graph": "hand-written, the whole step one captured CUDA graph, capturable Adam",
     }
     for k, v in med.items():
         print(f"{k:14s}: {v * 1000:8.1f} ms/epoch  {n_train / v:9.0f} images/s  ({what[k]})")
@@ -307,6 +313,13 @@ def main() -> None:
     )
     lightning = statistics.median(paired("by hand"))
     print(f"  like for like = objective {objective:.3f} x Lightning + tracking {lightning:.3f}")
+    if "cuda graph" in epochs:
+        r = sorted(paired("cuda graph"))
+        print(
+            f"train ratio harness/cuda-graph: {statistics.median(r):.3f}  (target <= 2; per epoch harness "
+            f"{med['harness'] * 1000:.1f} ms, cuda graph {med['cuda graph'] * 1000:.1f} ms; quartiles "
+            f"{r[len(r) // 4]:.3f}-{r[(3 * len(r)) // 4]:.3f}; trainer.compile={cfg.trainer.compile})"
+        )
     h_step, b_step = statistics.median(steps["harness"]), statistics.median(steps["minimal fused"])
     print(
         f"per step : harness {h_step * 1000:.2f} ms, minimal fused {b_step * 1000:.2f} ms, minimal "

@@ -56,3 +56,64 @@ def test_gpu_pipeline_end_to_end(tmp_path):
     assert torch.load(tmp_path / "run" / "models" / "last.ckpt", map_location="cpu", weights_only=True)[
         "optimizer_states"
     ]
+
+
+def _trained(prepared_tiny, out, *overrides) -> tuple[dict, list[dict]]:
+    import csv
+
+    train(
+        tiny_config("trainer=gpu", *overrides), copy_prepared(prepared_tiny, out), enable_progress_bar=False
+    )
+    ckpt = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    with (out / "plots" / "elbo.csv").open() as fh:
+        return ckpt, [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def test_cuda_graph_training_ends_where_eager_training_does(prepared_tiny, tmp_path):
+    """trainer.compile=reduce-overhead (the objective's forward and backward as CUDA graphs) against eager,
+    float32 matmuls in both; the tolerances of tests/test_compile.py."""
+    fp32 = "trainer.matmul_precision=highest"
+    eager, curve_eager = _trained(prepared_tiny, tmp_path / "eager", fp32)
+    graphs, curve_graphs = _trained(
+        prepared_tiny, tmp_path / "graphs", fp32, "trainer.compile=reduce-overhead"
+    )
+    assert eager["global_step"] == graphs["global_step"] > 0
+    assert eager["state_dict"].keys() == graphs["state_dict"].keys()
+    diff = max(
+        (eager["state_dict"][k] - graphs["state_dict"][k]).abs().max().item() for k in eager["state_dict"]
+    )
+    assert diff < 1e-2, diff
+    for a, b in zip(curve_eager, curve_graphs, strict=True):
+        for key in ("train_elbo", "val_elbo"):
+            assert abs(a[key] - b[key]) < 1e-2, (key, a, b)
+
+
+def test_cuda_graph_training_with_dropout_resumes_where_it_stopped(prepared_tiny, tmp_path):
+    """Dropout's masks inside the graphs are drawn from the per-batch seeds train.VAEModule sets: a training
+    stopped after 2 epochs and resumed for a third ends where 3 uninterrupted epochs do."""
+    mode = ("trainer.compile=reduce-overhead", "model.dropout=0.1", "trainer.matmul_precision=highest")
+    whole, _ = _trained(prepared_tiny, tmp_path / "whole", *mode)
+    out = tmp_path / "resumed"
+    _trained(prepared_tiny, out, *mode, "train.max_epochs=2")
+    train(tiny_config("trainer=gpu", *mode, "train.resume=true"), out, enable_progress_bar=False)
+    resumed = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert whole["global_step"] == resumed["global_step"]
+    diff = max(
+        (whole["state_dict"][k] - resumed["state_dict"][k]).abs().max().item() for k in whole["state_dict"]
+    )
+    assert diff < 1e-5, diff
+
+
+def test_training_batches_are_gathered_on_the_device(prepared_tiny):
+    """The training split sits on the GPU (train.resident) and each batch is gathered there, the same rows
+    as the host path's."""
+    from vaerepro.train import EpochBatches, TensorBatches, VAEData, resident
+
+    data = VAEData(prepared_tiny / "prepared", "binary", 50, 0, latent_dim=4)
+    data.setup()
+    (x,) = resident(torch.device("cuda"), data.x_train)
+    assert x.device.type == "cuda"
+    on_gpu = list(TensorBatches(EpochBatches(len(x), 50, shuffle=True, seed=3, device=x.device), x))
+    on_host = list(TensorBatches(EpochBatches(len(x), 50, shuffle=True, seed=3), data.x_train))
+    assert all(b.device.type == "cuda" for b in on_gpu) and len(on_gpu) == len(on_host) > 1
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_host, strict=True))
