@@ -22,6 +22,23 @@ from vaerepro.train import VAEModule, train
 
 BATCH, DATA_DIM = 8, 12
 
+
+@pytest.fixture(autouse=True)
+def distribution_checks():
+    """torch.compile, the first time in a process, turns torch.distributions' argument checks off for the
+    whole process; put torch's default back after each test here, as train.VAEModule does after compiling."""
+    yield
+    torch.distributions.Distribution.set_default_validate_args(__debug__)
+
+
+def _checks_on() -> bool:
+    """Whether torch.distributions checks arguments by default: a Bernoulli refuses a grey level."""
+    try:
+        torch.distributions.Bernoulli(probs=torch.tensor([0.5])).log_prob(torch.tensor([0.5]))
+    except ValueError:
+        return True
+    return False
+
 # (objective, estimator, num_samples, likelihood, model extras): every objective and likelihood family, one
 # and two stochastic layers, dropout
 CASES = {
@@ -132,6 +149,7 @@ def test_compiled_training_ends_where_eager_training_does(prepared_tiny, tmp_pat
     for mode in ("null", "default"):
         out = copy_prepared(prepared_tiny, tmp_path / mode)
         metrics = train(tiny_config(*overrides, f"trainer.compile={mode}"), out, enable_progress_bar=False)
+        assert _checks_on()  # as before the training: compiling did not leave torch's checks off
         ckpt = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
         runs[mode] = (metrics, ckpt, _curve(out), out)
     (m_eager, eager, curve_eager, _), (m_comp, comp, curve_comp, out) = runs["null"], runs["default"]

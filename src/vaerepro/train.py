@@ -304,6 +304,12 @@ class VAEModule(pl.LightningModule):
         if self.compile_mode is not None:
             torch.compiler.reset()
             self._compiled = torch.compile(self.bound, mode=self.compile_mode, dynamic=False)
+            # The first torch.compile in a process turns torch.distributions' argument checks off for the whole
+            # process (dynamo's TorchPatcher: Distribution.set_default_validate_args(False)) and never turns
+            # them back on; back to torch's default (__debug__), so that an evaluation after this training in
+            # the same process (`vaerepro run`) checks as it does without trainer.compile. The objective's own
+            # distributions are built with validate_args=False (vae.validate_args) and are not affected.
+            torch.distributions.Distribution.set_default_validate_args(__debug__)
 
     def objective(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """`bound` (B,), nats, compiled when trainer.compile is set. The randomness (x's data space, eps) is
