@@ -33,7 +33,7 @@ repro: install plots-template
 
 # `dvc exp show` narrowed to what compares runs: what was evaluated and the headline numbers always, other
 # params and metrics where they differ between the rows, no hashes of stage outputs. Plain `dvc exp show`
-# has a column for every key of params.yaml (62) and every dependency (24), ~1,000 characters; DVC has no
+# has a column for every key of params.yaml (63) and every dependency (24), ~1,000 characters; DVC has no
 # setting to narrow it. Dropped params: those the metrics' labels repeat, and allow_improper, which differs
 # whenever the likelihood does (only bernoulli has the key; an improper run shows as data.space=continuous).
 EXPS_KEEP := ^(likelihood|latent_dim|log_px|log_px_se|elbo|knn_accuracy)$$

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from vaerepro import config as config_mod
 from vaerepro import data, estimators
 from vaerepro.baseline import MinimalLoop
-from vaerepro.evaluate import TEST_SEED_OFFSET, auto_chunk_size, load_vae, per_example
+from vaerepro.evaluate import TEST_SEED_OFFSET, auto_chunk_size, load_vae, matmul_precision, per_example
 from vaerepro.tracking.training import TrainingRun
 from vaerepro.train import VAL_SEED_OFFSET, VAEData, build_module, train
 
@@ -367,9 +367,10 @@ def main() -> None:
     chunk = cfg.eval.chunk_size
     if chunk == "auto":
         chunk = auto_chunk_size(vae, cfg.eval.batch_size, k, device)
-    ref, ref_secs, _ = peak_rss_during(
-        lambda: hand_written_log_px(vae, x, k, cfg.eval.batch_size, chunk, device)
-    )
+    with matmul_precision("32"):  # float32 matmuls, as the harness's default eval.precision=32 uses
+        ref, ref_secs, _ = peak_rss_during(
+            lambda: hand_written_log_px(vae, x, k, cfg.eval.batch_size, chunk, device)
+        )
     pairs = len(x) * k
     print(
         f"eval ratio harness/hand-written: {harness_secs / ref_secs:.3f}  (time; harness "

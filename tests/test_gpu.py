@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, copy_prepared, tiny_config
 from vaerepro import cli
-from vaerepro.evaluate import evaluate, load_vae
+from vaerepro.evaluate import evaluate, load_vae, per_example
 from vaerepro.train import train
 
 pytestmark = [
@@ -102,6 +102,39 @@ def test_cuda_graph_training_with_dropout_resumes_where_it_stopped(prepared_tiny
         (whole["state_dict"][k] - resumed["state_dict"][k]).abs().max().item() for k in whole["state_dict"]
     )
     assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_gpu_reduced_precision_evaluation_is_measured_against_float32(prepared_tiny, tmp_path, precision):
+    """eval.precision on CUDA: the matmul precision is TF32 ("high") only while sampling under tf32 and put
+    back after; the recorded difference is the two stages' paired per-example difference (same device, same
+    noise), within 0.1 nats/example (estimators.LADDER_GAIN_TOL_NATS) of float32."""
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    train(tiny_config("train.max_epochs=1"), out, enable_progress_bar=False)
+    seen = []
+    vae = load_vae(out / "models" / "best.ckpt")
+    vae.decoder.register_forward_hook(lambda *a: seen.append(torch.get_float32_matmul_precision()))
+    x = torch.bernoulli(torch.full((8, vae.data_dim), 0.3))
+    per_example(
+        vae, x, num_samples=10, batch_size=8, chunk_size=5, seed=0, device="cuda", precision=precision
+    )
+    assert set(seen) == {"high" if precision == "tf32" else "highest"}  # the hook runs in per_example's copy
+
+    before = torch.get_float32_matmul_precision()
+    runs = {}
+    for p in ("32", precision):
+        cfg = tiny_config("train.max_epochs=1", "eval.device=cuda", f"eval.precision={p}")
+        runs[p] = evaluate(cfg, out, progress=False), np.load(out / "artifacts" / "per_example.npz")["log_px"]
+    assert torch.get_float32_matmul_precision() == before
+    (m32, full), (m, reduced) = runs["32"], runs[precision]
+    d = reduced - full
+    rec = m["precision"]
+    assert rec["name"] == precision and rec["examples"] == len(full) and m32["precision"] == {"name": "32"}
+    assert rec["log_px_diff"] == pytest.approx(d.mean(), abs=1e-6)
+    assert rec["log_px_diff_max_abs"] == pytest.approx(np.abs(d).max(), abs=1e-6)
+    assert abs(rec["log_px_diff"]) < 0.1 and abs(m["log_px"] - m32["log_px"]) < 0.1
+    if precision == "bf16":
+        assert rec["log_px_diff_max_abs"] > 0  # bfloat16 rounds the networks' outputs
 
 
 def test_training_batches_are_gathered_on_the_device(prepared_tiny):

@@ -160,7 +160,7 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     """
     import torch.distributed as dist
 
-    from vaerepro.evaluate import eval_device
+    from vaerepro.evaluate import check_precision, eval_device
 
     if _ddp_child():
         try:
@@ -170,7 +170,9 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         finally:
             _leave_process_group()
         return None
-    eval_device(cfg.eval.device)  # eval.device=cuda without a GPU fails now, not after training
+    # eval.device=cuda without a GPU, and eval.precision=tf32 where evaluation runs on the CPU, fail now, not
+    # after training
+    check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
     saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}

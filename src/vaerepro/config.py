@@ -237,6 +237,28 @@ class EvalConfig(_Section):
     num_images: int = Field(16, ge=1)
     # where importance sampling runs: auto = this process's CUDA device when there is one, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the arithmetic of importance sampling (evaluate.per_example): 32 (float32 throughout), tf32 (float32
+    # matmuls in TF32, CUDA only) or bf16 (the networks under bfloat16 autocast, every log-density and the
+    # log-sum-exp in float32). Not 32: the evaluate stage also measures the change of log p(x) against 32
+    # on the same test examples and noise, in nats (eval.json `precision`)
+    precision: Literal["32", "tf32", "bf16"] = "32"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        # `eval.precision=32` on Hydra's command line (and `dvc exp run -S`) arrives as the integer 32
+        return "32" if type(value) is int and value == 32 else value
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> EvalConfig:
+        # TF32 is a mode of CUDA's matrix units; eval.device=auto on a machine without a GPU is refused by
+        # the evaluate stage (evaluate.check_precision), where the device is known
+        if self.precision == "tf32" and self.device == "cpu":
+            raise ValueError(
+                "eval.precision=tf32: TF32 matmuls exist on CUDA devices only, not on eval.device=cpu; "
+                "use eval.precision=32 or bf16"
+            )
+        return self
 
 
 class TrackingConfig(_Section):

@@ -5,10 +5,16 @@ metrics/eval_summary.json (DVC's metrics), artifacts/samples.npz (the images the
 artifacts/per_example.npz (each test example's estimates). Each test example's noise is keyed by (eval.seed,
 its index in the test set) (estimators.BlockNoise), so its numbers do not depend on eval.batch_size,
 eval.chunk_size or how the batches are shared out between processes (see `evaluate`).
+
+eval.precision: the arithmetic of importance sampling, 32 (float32), tf32 (CUDA matmuls in TF32) or bf16
+(the networks under bfloat16 autocast; log-densities and log-sum-exp in float32). A reduced precision's
+effect is measured, never assumed: the stage also runs float32 on the first PRECISION_CHECK_EXAMPLES test
+examples with the same noise and records the paired difference in nats (eval.json `precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -19,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from vaerepro import checkpoints, estimators
@@ -38,6 +45,15 @@ AUTO_CHUNK_CUDA_FRACTION = 0.5  # on CUDA: this fraction of the device's free me
 # and the headline numbers (nats per example; accuracy in [0, 1]), in the order of the table's columns.
 # eval.json keeps the whole record (ladder, convergence, bookkeeping), which DVC treats as a plain output.
 SUMMARY_KEYS = ("likelihood", "latent_dim", "log_px", "log_px_se", "elbo", "knn_accuracy", "converged")
+# eval.precision: the float32 matmul precision (torch.set_float32_matmul_precision) importance sampling runs
+# under, put back afterwards. 32 and bf16 set "highest", so that 32 means float32 even after a training in
+# this process left TF32 on (trainer.matmul_precision=high, which trainer=gpu sets); tf32 sets "high".
+MATMUL_PRECISION = {"32": "highest", "tf32": "high", "bf16": "highest"}
+# A reduced eval.precision's float32 reference runs on the first min(this, n_test) test examples, with the
+# same K and noise: the paired difference's SE is std(d) / sqrt(500), std(d) being the spread of the
+# rounding effect across examples (not of log p(x) itself), and the reference costs at most 500 examples'
+# sampling (5 % more on a 10,000-example test set).
+PRECISION_CHECK_EXAMPLES = 500
 
 
 def load_vae(path: Path, ckpt: dict[str, Any] | None = None) -> VAE:
@@ -73,6 +89,74 @@ def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.d
     return chunk if chunk <= block or chunk == num_samples else chunk - chunk % block
 
 
+def resolve_chunk_size(
+    vae: VAE, chunk_size: int | str, batch_size: int, num_samples: int, device: torch.device | str
+) -> int:
+    """eval.chunk_size as a number: `chunk_size` itself, or for "auto" `auto_chunk_size`'s (logged)."""
+    if chunk_size != "auto":
+        return chunk_size
+    chunk_size = auto_chunk_size(vae, batch_size, num_samples, device)
+    log.info("eval.chunk_size=auto: %d importance samples per chunk", chunk_size)
+    return chunk_size
+
+
+def check_precision(precision: str, device: torch.device | str, device_key: str | None = None) -> None:
+    """Refuse (ConfigError, one line naming eval.precision) a precision the evaluation device lacks: TF32
+    is a mode of CUDA's matrix units. `device_key`: the eval.device value that resolved to `device`."""
+    if precision not in MATMUL_PRECISION:
+        raise ConfigError(f"eval.precision={precision!r}: allowed: {', '.join(MATMUL_PRECISION)}")
+    device = torch.device(device)
+    if precision == "tf32" and device.type != "cuda":
+        given = f" (eval.device={device_key})" if device_key is not None else ""
+        raise ConfigError(
+            f"eval.precision=tf32: TF32 matmuls exist on CUDA devices only, and evaluation runs on the "
+            f"{device.type.upper()} here{given}; use eval.precision=32 or bf16"
+        )
+
+
+class BF16Autocast(nn.Module):
+    """`inner` (an MLP: encoder or decoder) run under bfloat16 autocast, its output cast back to the
+    parameters' dtype (float32): (..., n_in) -> (..., n_out).
+
+    So only the network's matrix products and activations round to bfloat16; the likelihood's and the
+    Gaussians' log-densities, the log weights and their log-sum-exp that read its output stay in float32.
+    """
+
+    def __init__(self, inner: nn.Module, device_type: str):
+        super().__init__()
+        self.inner, self.device_type = inner, device_type
+        self.out_dtype = next(inner.parameters()).dtype
+        self.train(inner.training)  # the wrapped model's mode (eval: no dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.inner(h)  # bfloat16 from autocast's matmuls
+        return out.to(self.out_dtype)
+
+
+# the networks of a VAE / TwoLayerVAE that eval.precision=bf16 runs under autocast (model.py)
+NETWORKS = ("encoder", "decoder", "encoder_2", "decoder_2")
+
+
+def bf16_networks(vae: VAE, device_type: str) -> VAE:
+    """`vae` (a copy: modified in place) with each of its NETWORKS wrapped in BF16Autocast."""
+    for name in NETWORKS:
+        if isinstance(getattr(vae, name, None), nn.Module):
+            setattr(vae, name, BF16Autocast(getattr(vae, name), device_type))
+    return vae
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch's float32 matmul precision for eval.precision (MATMUL_PRECISION) inside, the caller's after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(MATMUL_PRECISION[precision])
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @torch.no_grad()
 def per_example(
     vae: VAE,
@@ -85,26 +169,46 @@ def per_example(
     batches: range | None = None,
     progress: bool = False,
     device: torch.device | str = "cpu",
+    precision: str = "32",
 ) -> dict[str, Any]:
     """Per-example estimates over x (N, D): log_px (N,), elbo/recon/kl (N,), ess (N,), ladder {k: (N,)}.
 
     `batches` selects which example batches to compute (a rank's shard); the others are left NaN.
     `chunk_size`: importance samples per decoder call, or "auto" (`auto_chunk_size`).
     `device`: where the sampling runs (a copy of vae goes there); the results come back to the CPU.
+    `precision`: eval.precision, "32", "tf32" (CUDA only) or "bf16" (a copy of vae whose networks run under
+    bfloat16 autocast, `bf16_networks`); the noise is float32 in each, so the draws are the same.
     Example i's noise is keyed by (seed, i) (estimators.BlockNoise: the importance samples from stream
     IS_STREAM, the one-sample ELBO's from ELBO_STREAM), so on one device its numbers are the same whatever
     batch_size, chunk_size and sharding, up to float rounding (the decoder's matrix products may round
     differently for other batch shapes); CPU and CUDA give different (equally valid) draws.
     """
     device = torch.device(device)
-    if device.type != "cpu":
+    check_precision(precision, device)
+    if device.type != "cpu" or precision == "bf16":
         vae = copy.deepcopy(vae).to(device)
+    if precision == "bf16":
+        vae = bf16_networks(vae, device.type)
     n = len(x)
     n_batches = math.ceil(n / batch_size)
     batches = batches if batches is not None else range(n_batches)
-    if chunk_size == "auto":
-        chunk_size = auto_chunk_size(vae, batch_size, num_samples, device)
-        log.info("eval.chunk_size=auto: %d importance samples per chunk", chunk_size)
+    chunk_size = resolve_chunk_size(vae, chunk_size, batch_size, num_samples, device)
+    with matmul_precision(precision):
+        return _per_example(vae, x, num_samples, batch_size, chunk_size, seed, batches, progress, device)
+
+
+def _per_example(
+    vae: VAE,
+    x: torch.Tensor,
+    num_samples: int,
+    batch_size: int,
+    chunk_size: int,
+    seed: int,
+    batches: range,
+    progress: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    n = len(x)
     dtype = next(vae.parameters()).dtype
     keys = ("log_px", "elbo", "recon", "kl", "ess")
     out = {k: torch.full((n,), math.nan, dtype=torch.float64) for k in keys}
@@ -220,6 +324,22 @@ def eval_metrics(per_ex: dict[str, Any], *, data_dim: int, jacobian: float) -> d
     }
 
 
+def precision_effect(name: str, reduced: torch.Tensor, full: torch.Tensor) -> dict[str, Any]:
+    """eval.json's `precision` for a reduced precision: its name, the examples compared, and the paired
+    difference d = log p(x)[name] - log p(x)[float32] per example (N,), nats: mean, SE across examples
+    (NaN for one example) and the largest |d|. `reduced`, `full`: (N,) estimates of the same examples with
+    the same noise."""
+    d = (reduced.double() - full.double()).reshape(-1)  # (N,), nats
+    mean, se = mean_se(d)
+    return {
+        "name": name,
+        "examples": int(d.numel()),
+        "log_px_diff": mean,
+        "log_px_diff_se": se,
+        "log_px_diff_max_abs": float(d.abs().max()),
+    }
+
+
 def eval_device(name: str) -> torch.device:
     """The device for `eval.device`: under torchrun / srun, this process's GPU (LOCAL_RANK)."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -278,9 +398,11 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     run`) the example batches are shared out, rank r taking batches r, r + world, ...; rank 0 gathers the
     per-example estimates, computes the rest, writes the files and returns the metrics; the other ranks
     return None. Each example's noise is keyed by (eval.seed, its index), so the numbers equal a single
-    process's.
+    process's. With eval.precision other than 32, rank 0 then also runs float32 on the first
+    PRECISION_CHECK_EXAMPLES test examples and records the paired difference (eval.json `precision`).
     """
     device = eval_device(cfg.eval.device)  # before any work: a missing GPU is a configuration error
+    check_precision(cfg.eval.precision, device, cfg.eval.device)  # and so is TF32 on the CPU
     out_dir = Path(out_dir)
     splits = load_prepared(out_dir / "prepared")
     space, quantized = cfg.data_space, bool(splits.quantized)
@@ -305,22 +427,38 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     mine = range(rank, math.ceil(len(x_test) / e.batch_size), world)
     if world > 1:
         log.info("evaluation shared out: rank %d of %d takes %d example batches", rank, world, len(mine))
-    per_ex = per_example(
-        vae,
-        x_test,
+    sampling = dict(
         num_samples=e.num_samples,
         batch_size=e.batch_size,
-        chunk_size=e.chunk_size,
+        chunk_size=resolve_chunk_size(vae, e.chunk_size, e.batch_size, e.num_samples, device),
         seed=e.seed,
-        batches=mine,
-        progress=progress and rank == 0,
         device=device,
+    )
+    per_ex = per_example(
+        vae, x_test, batches=mine, progress=progress and rank == 0, precision=e.precision, **sampling
     )
     if world > 1:
         per_ex = gather_shards(per_ex, mine, e.batch_size)
         if per_ex is None:
             return None
     metrics = eval_metrics(per_ex, data_dim=splits.data_dim, jacobian=dim_log_jacobian(space, quantized))
+    metrics["precision"] = {"name": e.precision}
+    if e.precision != "32":
+        # the float32 reference on the first examples, same K, seed and device: the same noise, so the
+        # per-example difference is the precision's alone (rank 0 only, after the gather)
+        n_ref = min(PRECISION_CHECK_EXAMPLES, len(x_test))
+        ref = per_example(vae, x_test[:n_ref], precision="32", **sampling)
+        metrics["precision"] = precision_effect(e.precision, per_ex["log_px"][:n_ref], ref["log_px"])
+        p = metrics["precision"]
+        log.info(
+            "eval.precision=%s: log p(x) %+.4f ± %.4f nats/example against float32 (mean ± SE of the paired "
+            "difference on the first %d test examples, same noise); largest |difference| %.4f nats",
+            e.precision,
+            p["log_px_diff"],
+            p["log_px_diff_se"],
+            p["examples"],
+            p["log_px_diff_max_abs"],
+        )
     mu_test = posterior_means(vae, x_test)
     knn = None
     if splits.y_train is not None and splits.y_test is not None:

@@ -182,8 +182,8 @@ def describe(client, run_id: str, cfg: Config, **numbers: Mapping[str, Any] | No
 def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> None:
     """Add the evaluate stage's results to the run that out_dir/models/mlflow_run.json names: the eval
     config, the numbers (named for the run's data space, metric_name), the ladder as test/log_px_ladder
-    with step = K, the convergence verdict (a tag, and a 1/0 metric for tables and filters), the run's
-    description, and metrics/eval.json."""
+    with step = K, the convergence verdict (a tag, and a 1/0 metric for tables and filters), a reduced
+    eval.precision's measured difference from float32, the run's description, and metrics/eval.json."""
     run_id, uri = read_run_id(out_dir / "models")
     if not (cfg.tracking.enabled and run_id):
         return
@@ -195,6 +195,10 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     log_config(client, run_id, cfg.to_dict(), keys=("eval",))
     conv = metrics.get("convergence") or {}
     numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
+    # eval.precision's measured change of log p(x) against float32 (nats/example; its name is the param
+    # eval.precision): test/precision_log_px_diff, ..._se, ..._max_abs
+    prec = metrics.get("precision") or {}
+    numbers.update({f"precision_{k}": v for k, v in prec.items() if k.startswith("log_px_diff")})
     if metrics.get("converged") is not None:
         numbers["converged"] = float(metrics["converged"])
         client.set_tag(run_id, "vaerepro.converged", str(bool(metrics["converged"])).lower())
