@@ -8,8 +8,9 @@
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl
 export PYTHONPATH="$PWD/.site:$PWD/src" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, lightning; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
+'lightning', lightning.__version__)"
 status=0
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=$?
 bench=(python3 benchmarks/bench.py --trainer gpu --no-tracking --mnist-size --epochs 4 --repeats 1)
