@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from conftest import copy_prepared, tiny_config
+from conftest import ROOT, copy_prepared, tiny_config
+from vaerepro.cli import run_pipeline
 from vaerepro.evaluate import load_vae
 from vaerepro.model import build_vae
 from vaerepro.train import VAEModule, train
@@ -38,6 +39,7 @@ def _checks_on() -> bool:
     except ValueError:
         return True
     return False
+
 
 # (objective, estimator, num_samples, likelihood, model extras): every objective and likelihood family, one
 # and two stochastic layers, dropout
@@ -187,3 +189,23 @@ def test_compiled_training_with_dropout_resumes_where_it_stopped(prepared_tiny, 
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=0, msg=k)
     assert _curve(whole) == _curve(out)
+
+
+@pytest.mark.slow
+def test_vaerepro_run_with_a_compiled_objective_records_it_and_evaluates_with_checks_on(
+    raw_dir, tmp_path, monkeypatch, store
+):
+    """`vaerepro run trainer.compile=default`: every stage, the mode as an MLflow param, and the evaluation
+    after the training in the same process with torch.distributions' checks on."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    cfg = tiny_config("trainer.compile=default", "seed=5", tracking=True, raw_dir=raw_dir)
+    metrics = run_pipeline(cfg, tmp_path / "run", ROOT, progress=False)
+    assert math.isfinite(metrics["log_px"])
+    assert metrics["log_px"] >= metrics["elbo"] - 3 * metrics["log_px_se"]  # the bound holds
+    assert _checks_on()
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("vaerepro").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.compile"] == "default"
