@@ -150,3 +150,34 @@ def test_training_batches_are_gathered_on_the_device(prepared_tiny):
     on_host = list(TensorBatches(EpochBatches(len(x), 50, shuffle=True, seed=3), data.x_train))
     assert all(b.device.type == "cuda" for b in on_gpu) and len(on_gpu) == len(on_host) > 1
     assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_host, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["null", "reduce-overhead"])
+def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path, mode):
+    """No step of training waits for the GPU: from the second epoch on (the first compiles and records the
+    graphs), every training step, batch start to batch end, runs under torch.cuda.set_sync_debug_mode
+    ("error"), which raises at any call that synchronises the host with the device (.item(), a copy to
+    the host, a blocking copy from pageable memory). Epoch ends synchronise once, for the logged means."""
+    import lightning.pytorch as pl
+
+    class NoSync(pl.Callback):
+        def __init__(self):
+            self.steps = 0  # steps run under the sync check
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch >= 1:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if torch.cuda.get_sync_debug_mode():
+                self.steps += 1
+            torch.cuda.set_sync_debug_mode(0)
+
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    cfg = tiny_config("trainer=gpu", f"trainer.compile={mode}")
+    checked = NoSync()
+    try:
+        train(cfg, out, enable_progress_bar=False, callbacks=[checked])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert checked.steps > 0
