@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class Interleave(pl.Callback):
     """Times the harness's epochs from one epoch start to the next (everything Lightning does in between
     counts) and runs one epoch of every other loop between them, outside that timing. Also keeps the
-    harness's step times (batch start to batch end: the step and Lightning's per-step work around it)."""
+    harness's step times (batch start to batch end: the step and Lightning's per-step work around it; on a
+    GPU the host's time, the device running behind, except the epoch's last step, which waits for it)."""
 
     def __init__(self, others: dict):
         self.others = others  # name -> object with .epoch() -> seconds
@@ -83,6 +84,11 @@ class Interleave(pl.Callback):
         self._s = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.device.type == "cuda" and batch_idx == trainer.num_training_batches - 1:
+            # On a GPU the steps are queued (no synchronisation a step, as training runs); the last step of
+            # the epoch waits for them, so the steps' times add up to the steps' work and what the epoch
+            # spends outside them is validation, checkpoints and logging, not the queue draining
+            torch.cuda.synchronize(module.device)
         self.steps.append(time.perf_counter() - self._s)
 
 
