@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -144,6 +145,12 @@ def run(
 
 class Crash(Exception):
     """Raised by tests' callbacks to stop a training part-way."""
+
+
+def curve(out_dir: Path) -> list[dict[str, float]]:
+    """Every epoch's row of out_dir/plots/elbo.csv: {"epoch", "train_elbo", "val_elbo"} as floats."""
+    with (out_dir / "plots" / "elbo.csv").open() as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def val_curve(out_dir: Path) -> list[float]:

@@ -9,13 +9,12 @@ DDP. tests/test_gpu.py runs the CUDA-graph mode against eager on a GPU.
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
 import torch
 
-from conftest import ROOT, copy_prepared, tiny_config
+from conftest import ROOT, copy_prepared, curve, tiny_config
 from vaerepro.cli import run_pipeline
 from vaerepro.evaluate import load_vae
 from vaerepro.model import build_vae
@@ -114,11 +113,6 @@ def test_every_objective_traces_as_one_graph_with_the_eager_values_and_gradients
     assert any(float(g.abs().max()) > 0 for g in eager_grads.values())  # gradients that flow
 
 
-def _curve(out) -> list[dict[str, float]]:
-    with (out / "plots" / "elbo.csv").open() as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
 # After 3 epochs of the tiny config (27 Adam steps), inductor's fused CPU kernels against eager, measured: the
 # AEVB model's weights differ by 6e-8 and its ELBOs not at all at float32 precision; the two-layer IWAE
 # model's ELBOs by up to 3e-3 nats (at -330) and its weights by up to 1.9e-3, in the decoder's output layer:
@@ -153,7 +147,7 @@ def test_compiled_training_ends_where_eager_training_does(prepared_tiny, tmp_pat
         metrics = train(tiny_config(*overrides, f"trainer.compile={mode}"), out, enable_progress_bar=False)
         assert _checks_on()  # as before the training: compiling did not leave torch's checks off
         ckpt = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
-        runs[mode] = (metrics, ckpt, _curve(out), out)
+        runs[mode] = (metrics, ckpt, curve(out), out)
     (m_eager, eager, curve_eager, _), (m_comp, comp, curve_comp, out) = runs["null"], runs["default"]
     assert eager["global_step"] == comp["global_step"] > 0
     # the same parameters under the same names: a compiled training's checkpoints are ordinary ones
@@ -188,7 +182,7 @@ def test_compiled_training_with_dropout_resumes_where_it_stopped(prepared_tiny, 
     assert a["global_step"] == b["global_step"] > 0
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=0, msg=k)
-    assert _curve(whole) == _curve(out)
+    assert curve(whole) == curve(out)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ difference in data order, randomness or gradient scaling moves these numbers by 
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, copy_prepared, run
+from conftest import ROOT, TINY, copy_prepared, curve, run
 from vaerepro import cli
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -42,11 +41,6 @@ def _project(d: Path, raw_dir: Path, *overrides: str, prepared: Path | None = No
         copy_prepared(prepared, d)
     run(["vaerepro", "params", *TINY, f"data.raw_dir={raw_dir}", *overrides], d)
     return d
-
-
-def _curve(d: Path) -> list[dict[str, float]]:
-    with (d / "plots" / "elbo.csv").open() as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def _ckpt(d: Path, name: str = "last.ckpt") -> dict:
@@ -99,7 +93,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_trained, on
     assert a["state_dict"].keys() == b["state_dict"].keys()
     diff = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
     assert diff < WEIGHT_TOL, diff
-    ca, cb = _curve(one), _curve(ddp_trained)
+    ca, cb = curve(one), curve(ddp_trained)
     assert [r["epoch"] for r in ca] == [r["epoch"] for r in cb] == [0, 1, 2]
     for ra, rb in zip(ca, cb, strict=True):
         for k in ("train_elbo", "val_elbo"):
@@ -137,7 +131,7 @@ def test_compiled_objective_under_ddp_trains_like_one_eager_process(
     # the tolerances of test_compile.py (compiled against eager), which the DDP rounding (2e-7) does not move
     diff = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
     assert diff < 1e-2, diff
-    for ra, rb in zip(_curve(one_trained), _curve(d), strict=True):
+    for ra, rb in zip(curve(one_trained), curve(d), strict=True):
         for k in ("train_elbo", "val_elbo"):
             assert abs(ra[k] - rb[k]) < 1e-2, (k, ra, rb)
 
@@ -182,7 +176,7 @@ def test_ddp_training_is_one_mlflow_run_and_resumes_into_it(ddp_trained, raw_dir
     assert _ckpt(d)["global_step"] == 18
     # the whole curve, and bit for bit the uninterrupted run's: the randomness is a function of
     # (seed, epoch, batch) and the optimiser state is in the checkpoint
-    assert _curve(d) == _curve(ddp_trained)
+    assert curve(d) == curve(ddp_trained)
 
 
 @pytest.mark.slow

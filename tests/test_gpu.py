@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, copy_prepared, tiny_config
+from conftest import ROOT, copy_prepared, curve, tiny_config
 from vaerepro import cli
 from vaerepro.evaluate import evaluate, load_vae, per_example
 from vaerepro.train import train
@@ -59,14 +59,10 @@ def test_gpu_pipeline_end_to_end(tmp_path):
 
 
 def _trained(prepared_tiny, out, *overrides) -> tuple[dict, list[dict]]:
-    import csv
-
-    train(
-        tiny_config("trainer=gpu", *overrides), copy_prepared(prepared_tiny, out), enable_progress_bar=False
-    )
-    ckpt = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
-    with (out / "plots" / "elbo.csv").open() as fh:
-        return ckpt, [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    """Train the tiny config on the GPU in out; its last.ckpt and its curve."""
+    cfg = tiny_config("trainer=gpu", *overrides)
+    train(cfg, copy_prepared(prepared_tiny, out), enable_progress_bar=False)
+    return torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True), curve(out)
 
 
 def test_cuda_graph_training_ends_where_eager_training_does(prepared_tiny, tmp_path):
