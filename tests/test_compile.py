@@ -16,9 +16,10 @@ import torch
 
 from conftest import ROOT, copy_prepared, curve, tiny_config
 from vaerepro.cli import run_pipeline
+from vaerepro.config import TrainerConfig
 from vaerepro.evaluate import load_vae
 from vaerepro.model import build_vae
-from vaerepro.train import VAEModule, train
+from vaerepro.train import WITHOUT_CUDA_GRAPHS, VAEModule, compile_mode, train
 
 BATCH, DATA_DIM = 8, 12
 
@@ -121,6 +122,19 @@ def test_every_objective_traces_as_one_graph_with_the_eager_values_and_gradients
 # A real difference (another data order, noise or gradient) moves the ELBOs by 0.1-10 nats.
 WEIGHT_TOL = 1e-2
 ELBO_TOL_NATS = 1e-2
+
+
+def test_under_ddp_a_mode_with_cuda_graphs_compiles_without_them():
+    """trainer.compile's CUDA-graph modes fall back, under DDP only, to the same mode without graphs, a mode
+    the config accepts too; modes without graphs and eager training are left as they are."""
+    assert compile_mode("reduce-overhead", 1) == "reduce-overhead"
+    assert compile_mode("max-autotune", 1) == "max-autotune"
+    assert compile_mode("reduce-overhead", 2) == "default"
+    assert compile_mode("max-autotune", 8) == "max-autotune-no-cudagraphs"
+    for mode in ("default", "max-autotune-no-cudagraphs", None):
+        assert compile_mode(mode, 2) == mode
+    (modes, _) = TrainerConfig.model_fields["compile"].annotation.__args__  # Literal[...] | None
+    assert set(WITHOUT_CUDA_GRAPHS) | set(WITHOUT_CUDA_GRAPHS.values()) == set(modes.__args__)
 
 
 @pytest.mark.slow

@@ -113,18 +113,24 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_trained, on
 def test_compiled_objective_under_ddp_trains_like_one_eager_process(
     one_trained, raw_dir, prepared_tiny, tmp_path
 ):
-    """trainer.compile under DDP: each rank compiles its own objective (inductor on the CPU here; CUDA graphs
-    per rank with reduce-overhead on GPUs) and the gradients' all-reduce still runs after its backward."""
+    """trainer.compile under DDP: each rank compiles its own objective (inductor's CPU kernels here) and the
+    gradients' all-reduce still runs after its backward. reduce-overhead compiles without CUDA graphs under
+    DDP (train.compile_mode), which rank 0 says once."""
     d = _project(
         tmp_path / "ddp-compiled",
         raw_dir,
         *DDP,
         f"train.batch_size={PER_DEVICE}",
-        "trainer.compile=default",
+        "trainer.compile=reduce-overhead",
         "tracking.enabled=false",
         prepared=prepared_tiny,
     )
-    run(["vaerepro", "train", "--no-progress"], d)
+    proc = run(["vaerepro", "train", "--no-progress"], d)
+    said = (
+        "trainer.compile=reduce-overhead under DDP (2 processes): each rank compiles the objective with mode "
+        "default, without CUDA graphs"
+    )
+    assert (proc.stdout + proc.stderr).count(said) == 1
     a, b = _ckpt(one_trained), _ckpt(d)
     assert a["global_step"] == b["global_step"] == 3 * 6
     assert a["state_dict"].keys() == b["state_dict"].keys()

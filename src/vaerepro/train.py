@@ -255,6 +255,21 @@ class VAEData(pl.LightningDataModule):
 # --- model ----------------------------------------------------------------------------------------------
 
 
+# torch.compile's modes that capture CUDA graphs, and the same mode without them. Under DDP a mode with graphs
+# compiles without them: no machine here has two GPUs to prove graphs per rank equal to eager training, and
+# torch has open reports of DDP with CUDA-graph modes crashing or failing (pytorch/pytorch#128218, #140395).
+# Each rank still compiles its objective, which tests/test_ddp.py proves equal to eager training.
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def compile_mode(configured: str | None, world_size: int) -> str | None:
+    """The torch.compile mode a training with trainer.compile=`configured` on `world_size` processes uses:
+    the configured one, or under DDP (world_size > 1) its counterpart without CUDA graphs."""
+    if world_size > 1:
+        return WITHOUT_CUDA_GRAPHS.get(configured, configured)
+    return configured
+
+
 class VAEModule(pl.LightningModule):
     """Objective and optimiser around a core `VAE`; the checkpoint carries `VAE`'s constructor args.
 
@@ -301,14 +316,24 @@ class VAEModule(pl.LightningModule):
         # The compiled code is keyed by this module's identity: every training in the process (seeds of a
         # reproduction, tests) would add its graphs to the same code object's cache until torch's recompile
         # limit (8) silently sends it back to eager. torch.compiler.reset() drops earlier trainings' graphs.
-        if self.compile_mode is not None:
+        mode = compile_mode(self.compile_mode, self.trainer.world_size)
+        if mode != self.compile_mode and self.trainer.is_global_zero:
+            log.warning(
+                "trainer.compile=%s under DDP (%d processes): each rank compiles the objective with mode %s, "
+                "without CUDA graphs (README, Scaling out)",
+                self.compile_mode,
+                self.trainer.world_size,
+                mode,
+            )
+        if mode is not None:
             torch.compiler.reset()
-            self._compiled = torch.compile(self.bound, mode=self.compile_mode, dynamic=False)
-            # The first torch.compile in a process turns torch.distributions' argument checks off for the whole
-            # process (dynamo's TorchPatcher: Distribution.set_default_validate_args(False)) and never turns
-            # them back on; back to torch's default (__debug__), so that an evaluation after this training in
-            # the same process (`vaerepro run`) checks as it does without trainer.compile. The objective's own
-            # distributions are built with validate_args=False (vae.validate_args) and are not affected.
+            self._compiled = torch.compile(self.bound, mode=mode, dynamic=False)
+            # The first torch.compile in a process turns torch.distributions' argument checks off for the
+            # whole process (dynamo's TorchPatcher: Distribution.set_default_validate_args(False)) and never
+            # turns them back on; back to torch's default (__debug__), so that an evaluation after this
+            # training in the same process (`vaerepro run`) checks as it does without trainer.compile. The
+            # objective's own distributions are built with validate_args=False (vae.validate_args) and are
+            # not affected.
             torch.distributions.Distribution.set_default_validate_args(__debug__)
 
     def objective(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
