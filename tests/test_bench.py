@@ -22,6 +22,7 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
             "1",
             "--num-samples",
             "20",
+            "--full-eval",
         ],
         cwd=tmp_path,
         env={"TMPDIR": str(tmp_path)},
@@ -40,3 +41,21 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
     assert [(int(k), int(n)) for k, n, _, _ in evals] == [(20, 1000), (100, 200)], out
     # an untrained-to-trained Bernoulli model of MNIST after 3 epochs: between -543 (784 log 2) and -80
     assert all(-543 < float(lp) < -80 for *_, lp in evals), out
+    ratio = re.search(
+        r"^eval ratio harness/hand-written: ([\d.]+) .*log p\(x\) (-[\d.]+) vs (-[\d.]+) nats", out, re.M
+    )
+    assert ratio and 0.2 < float(ratio[1]) < 5 and abs(float(ratio[2]) - float(ratio[3])) < 1, out
+    # --full-eval: the whole test split (1,000 digits) at K = 100, the harness at float32 and bfloat16 (no
+    # TF32 on a CPU) and the hand-written loop; the same model and K, so the estimates agree within Monte
+    # Carlo noise (other draws) and bf16's rounding, far inside 1 nat at ~-160 nats
+    full = dict(
+        re.findall(
+            r"^harness eval.precision=(\w+) *: +[\d.]+ s +\d+ pairs/s +log p\(x\) = (-[\d.]+)", out, re.M
+        )
+    )
+    assert set(full) == {"32", "bf16"}, out
+    hand = re.search(r"^hand-written float32 +: +[\d.]+ s +\d+ pairs/s +log p\(x\) = (-[\d.]+)", out, re.M)
+    assert hand, out
+    assert -543 < float(full["32"]) < -80 and abs(float(full["32"]) - float(full["bf16"])) < 1, out
+    assert abs(float(full["32"]) - float(hand[1])) < 1, out
+    assert re.search(r"^eval ratio harness/hand-written, whole test split: [\d.]+ ", out, re.M), out
