@@ -184,8 +184,9 @@ class TrainConfig(_Section):
     max_epochs: int = Field(30, ge=1)
     early_stopping: bool = False
     patience: int = Field(10, ge=1)
-    # seconds between writes of models/last.ckpt (the resumable state) and models/best.ckpt at epoch ends;
-    # 0 = every epoch; both are also written at the end of training
+    # seconds between writes of models/last.ckpt (the resumable state) at epoch ends; 0 = every epoch; it is
+    # also written at the end of training. models/best.ckpt is written at every epoch end whose validation
+    # ELBO improves, whatever this says
     checkpoint_every_s: float = Field(60.0, ge=0)
     # for plotting only (AEVB Figure 2's test curve): the test-set ELBO (nats per example) at the end of each
     # epoch whose training samples seen reach a new point of 10^(k/10), and at the last epoch, in

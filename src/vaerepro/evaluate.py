@@ -4,7 +4,8 @@ Writes metrics/eval.json (nats per example unless the key says otherwise), its h
 metrics/eval_summary.json (DVC's metrics), artifacts/samples.npz (the images the report shows) and
 artifacts/per_example.npz (each test example's estimates). Each test example's noise is keyed by (eval.seed,
 its index in the test set) (estimators.BlockNoise), so its numbers do not depend on eval.batch_size,
-eval.chunk_size or how the batches are shared out between processes (see `evaluate`).
+eval.chunk_size or how the batches are shared out between processes (see `evaluate`), up to float rounding
+(the networks' matrix products may round differently for other batch shapes).
 
 eval.precision: the arithmetic of importance sampling, 32 (float32), tf32 (CUDA matmuls in TF32) or bf16
 (the networks under bfloat16 autocast; log-densities and log-sum-exp in float32). A reduced precision's
@@ -262,7 +263,8 @@ def knn_accuracy(
 def sample_images(
     vae: VAE, x: torch.Tensor, image_shape: tuple[int, int], n: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Inputs beside reconstructions, prior samples, and the 2-D manifold when the latent size is 2."""
+    """Inputs beside reconstructions, prior samples, and the 2-D manifold when the model has one stochastic
+    layer of size 2."""
     lik = vae.likelihood
     g = torch.Generator().manual_seed(seed)
     shape = (-1, *image_shape)

@@ -538,7 +538,8 @@ class RunTracker(Protocol):
     vaerepro's, for MLflow): `open` before fitting, with the resumed checkpoint's curve (None when training
     from the start), prepared/meta.json and the (training, validation) metric keys, returns the Lightning
     logger to attach or None; `finish` with the stage's metrics once its files are written; `fail` on any
-    error (interrupted: Lightning's flag for a Ctrl-C)."""
+    error (interrupted: trainer.interrupted, true when fit ended on any exception; with SystemExit it marks a
+    Ctrl-C)."""
 
     def open(
         self, *, resumed_curve: Sequence[Mapping[str, Any]] | None, data_meta: Mapping[str, Any], keys
@@ -603,7 +604,7 @@ def train(
     record = [stepsize.SelectionRecord(selection)] if selection is not None else []  # kept in last.ckpt
     extra = [*callbacks, same, *record]
     test_curve_csv = out_dir / "plots" / "test_curve.csv"
-    if cfg.train.test_curve:  # the test-set ELBO at log-spaced epochs, for plotting only: nothing reads it
+    if cfg.train.test_curve:  # the test-set ELBO at log-spaced epochs, for plotting and the reproduction card
         n, size = len(data.x_train), cfg.train.val_batch_size
         extra.append(TestCurve(test_curve_csv, data.x_test, data.eps_test, n_train=n, batch_size=size))
     trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)

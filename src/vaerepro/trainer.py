@@ -84,10 +84,10 @@ class _CsvRows(pl.Callback):
 class EpochHistory(_CsvRows):
     """One CSV row per epoch (epoch, train_elbo, val_elbo) for `dvc plots`.
 
-    Lightning's CSVLogger writes train and validation metrics on separate rows keyed by step; DVC plots
-    want one row per epoch with both series. The file is written with last.ckpt (so the curve on disk is
-    the one that checkpoint resumes), at the end of training and when training stops on an error. Every
-    epoch's numbers also reach MLflow as the epoch ends.
+    Lightning's CSVLogger keys its rows by step and names columns by metric key; DVC plots want one row per
+    epoch with plain column names. The file is written with last.ckpt (so the curve on disk is the one that
+    checkpoint resumes), at the end of training and when training stops on an error. Every epoch's numbers
+    are also logged to MLflow as the epoch ends and reach the store within tracking.flush_every_s.
     """
 
     fields = ("epoch", "train_elbo", "val_elbo")
@@ -172,7 +172,7 @@ class TestCurve(_CsvRows):
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # the last epoch, off the grid: here, with its weights, whatever ended training (max_epochs, a signal,
-        # early stopping, which decides after every other callback's epoch end)
+        # early stopping), which is known only once training has ended
         last = trainer.current_epoch - 1  # current_epoch counts the epochs done here
         if last >= 0 and (not self.rows or self.rows[-1]["epoch"] != last):
             self._record(trainer, module, last)

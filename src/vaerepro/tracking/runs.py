@@ -334,8 +334,8 @@ def status_of(exc: BaseException, *, interrupted: bool = False) -> str:
 def end_run(client, run_id: str, status: str, reason: BaseException | str | None = None) -> None:
     """End a run as FINISHED, FAILED or KILLED, the reason (one line) as the `vaerepro.failure` tag.
 
-    Called on the way out of an error: a store that fails now is logged, not raised over the error that
-    is already on its way up."""
+    Called on the way out of an error: a store that fails now for FAILED or KILLED is logged, not raised
+    over the error that is already on its way up; for FINISHED it is raised."""
     try:
         if reason is not None:
             client.set_tag(run_id, FAILURE_TAG, one_line(reason)[:5000])

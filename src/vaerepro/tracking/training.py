@@ -31,10 +31,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
     was logged.
 
     Why: every batch MLflow writes is one SQL transaction of a few milliseconds of Python (SQLAlchemy), and
-    Lightning logs twice an epoch (validation end, training epoch end); `synchronous=False` moves that work
-    to MLflow's writer thread, which then competes with training for the GIL. Buffered, a training's curve
-    shows in the MLflow UI at most `flush_every_s` late, which is how TensorBoard's writer (flush_secs) and
-    Lightning's CSVLogger (flush_logs_every_n_steps) treat their files too.
+    Lightning logs once an epoch (validation end: the training and validation means together);
+    `synchronous=False` moves that work to MLflow's writer thread, which then competes with training for
+    the GIL. Buffered, a training's curve shows in the MLflow UI at most `flush_every_s` late, which is how
+    TensorBoard's writer (flush_secs) and Lightning's CSVLogger (flush_logs_every_n_steps) treat their files
+    too.
     """
 
     def __init__(
