@@ -517,3 +517,22 @@ def test_training_data_move_to_a_cuda_device_only_when_they_fit(monkeypatch):
     free = int(120 / RESIDENT_FRACTION) - 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10 * free))
     assert all(a is b for a, b in zip(resident(torch.device("cuda"), x, eps), (x, eps), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"text\n", "not written by torch.save"),  # torch's unpickler: IndexError
+        (b"hello world", "not written by torch.save"),  # KeyError
+        (b"\x80\x02}q\x00.", "not written by torch.save"),  # a plain pickle
+        (b"", "not written by torch.save"),  # EOFError
+        (b"PK\x03\x04garbage", "truncated or damaged"),  # a zip archive's start, cut off
+    ],
+)
+def test_any_unreadable_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, data, why):
+    """Whatever a file holds, reading it as a checkpoint fails with CheckpointError (the command line's one
+    line, exit 2), never with the exception torch's unpickler happens to raise (a traceback)."""
+    f = tmp_path / "best.ckpt"
+    f.write_bytes(data)
+    with pytest.raises(checkpoints.CheckpointError, match=rf"best\.ckpt: not a readable checkpoint, {why}"):
+        checkpoints.read(f)
