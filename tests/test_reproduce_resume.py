@@ -14,16 +14,21 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from conftest import BIN, ROOT, curve
 from vaerepro import presets as P
 from vaerepro import resumption
 
@@ -170,6 +175,35 @@ def test_set_aside_keeps_a_finished_reproduction_and_refuses_a_stopped_one(tmp_p
         tmp_path / "runs" / f"{PRESET}.{stamp}"
     )
     assert not run_dir.exists() and snapshot(tmp_path / "runs" / f"{PRESET}.{stamp}") == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_stops_the_seed_at_its_epoch_end_with_last_ckpt(raw_dir, tmp_path):
+    """Ctrl-C at a terminal signals the whole foreground process group: `vaerepro reproduce` and its seed's
+    `vaerepro run`. The seed's process ignores it; reproduce asks it to stop (SIGTERM) and it stops at the end
+    of its epoch with models/last.ckpt written, so the resume continues there. (With SIGINT reaching the
+    seed it stopped mid-epoch with no last.ckpt: checkpoint_every_s had not come round.)"""
+    out = tmp_path / "out"
+    seed_dir = out / "runs" / "reproductions" / "smoke" / PRESET / "seed_0"
+    cmd = [str(BIN / "vaerepro"), "reproduce", PRESET, f"data.raw_dir={raw_dir}", "tracking.enabled=false"]
+    cmd += ["train.max_epochs=10000", "train.checkpoint_every_s=100000", "--smoke", "--out", str(out)]
+    # a session of its own, as a terminal's job: the signal below reaches its group, not pytest
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (seed_dir / "models" / "best.ckpt").is_file():  # the seed's first epoch has ended
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at the terminal does
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "SIGTERM received: training stops at the end of this epoch" in err, err
+    assert err.splitlines()[-1].startswith("vaerepro reproduce: stopped (Ctrl-C); resume with: "), err
+    ckpt = torch.load(seed_dir / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    rows = curve(seed_dir)  # written with last.ckpt: the epochs that checkpoint holds
+    assert ckpt["epoch"] == len(rows) >= 1 and [r["epoch"] for r in rows] == list(range(len(rows)))
+    assert ckpt["global_step"] % len(rows) == 0  # whole epochs only
 
 
 # --- stopped after seed 0 of 2, then resumed (slow) --------------------------------------------------

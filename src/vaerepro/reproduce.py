@@ -33,8 +33,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,16 +197,18 @@ def _run_seed(
     start, rc = time.perf_counter(), None
     try:
         # the seed's log to stderr (and its cli.log): stdout carries the reproduction's summary only
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=2)
+        proc = _start_ignoring_sigint(cmd, cwd=root, env=env, stdout=2)
         try:
             rc = proc.wait()
         except BaseException:
-            # stopped (SIGTERM, Ctrl-C): the seed stops at its epoch end, as `vaerepro run` does
+            # stopped (SIGTERM, Ctrl-C): the seed stops at its epoch end, as `vaerepro run` does on SIGTERM;
+            # a second Ctrl-C, or no epoch end within STOP_GRACE_S, stops it at once
             proc.terminate()
             try:
                 rc = proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            except BaseException:  # subprocess.TimeoutExpired, or a second Ctrl-C
                 proc.kill()
+                rc = proc.wait()
             raise
     finally:
         this = time.perf_counter() - start
@@ -216,6 +220,26 @@ def _run_seed(
     if (seed_dir / "metrics" / "eval.json").is_file():  # last: a seed with its marker is never run again
         resume_mod.write_marker(seed_dir, seed, wall, run_id)
     return SeedResult.read(seed, seed_dir, wall.seconds, run_id, wall.note)
+
+
+def _start_ignoring_sigint(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **kwargs) with SIGINT ignored in the new process.
+
+    Ctrl-C at a terminal signals every process of the foreground group: the seed's `vaerepro run` too,
+    which would stop mid-epoch (KeyboardInterrupt), where no models/last.ckpt can be written (a mid-epoch
+    state does not resume exactly). Ignored there (exec keeps an ignored signal ignored, and Python then
+    installs no KeyboardInterrupt handler), Ctrl-C reaches this process only, which asks the seed to stop
+    at its epoch end (SIGTERM). SIGINT is ignored here for the instant of the fork: a Ctrl-C within it is
+    lost, and the next one works. Not preexec_fn, which is unsafe in a process with threads (MLflow's)."""
+    # only the main thread may set a handler (and it is where Ctrl-C arrives); None: a handler set outside
+    # Python, which could not be put back
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        return subprocess.Popen(cmd, **kwargs)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(
