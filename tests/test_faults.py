@@ -369,6 +369,9 @@ def test_debug_shows_the_traceback(project, tmp_path):
     d = copy_project(project, tmp_path / "p")
     args = ["evaluate", "--params", write_params(d, _set("model.latent_dim", 5))]
     assert "Traceback" in vaerepro([*args, "--debug"], d).stderr
+    # `vaerepro reproduce` reads its own command line: --debug reaches it too
+    proc = vaerepro(["--debug", "reproduce", "no-such-preset"], d)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "no-such-preset" in proc.stderr
 
 
 def _start(args: list[str], d: Path) -> subprocess.Popen:

@@ -536,3 +536,10 @@ def test_any_unreadable_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_pat
     f.write_bytes(data)
     with pytest.raises(checkpoints.CheckpointError, match=rf"best\.ckpt: not a readable checkpoint, {why}"):
         checkpoints.read(f)
+
+
+def test_a_checkpoint_vaerepro_did_not_write_is_refused_naming_the_file(tmp_path):
+    f = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, f)  # torch reads it: no vaerepro model config
+    with pytest.raises(checkpoints.CheckpointError, match=r"best\.ckpt: not a vaerepro checkpoint \(no "):
+        checkpoints.read(f)

@@ -308,7 +308,10 @@ def _check_overrides(argv: list[str], root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("VAEREPRO_DEBUG") == "1"
+    if "--debug" in argv:
+        # as the environment variable, which `vaerepro reproduce` and the processes it starts read too
+        os.environ["VAEREPRO_DEBUG"] = "1"
+    debug = os.environ.get("VAEREPRO_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     signals.install()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -538,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vaerepro reproduce: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
             return status
     except UserError as err:
+        if os.environ.get("VAEREPRO_DEBUG") == "1":  # vaerepro --debug: the traceback instead
+            raise
         print(f"vaerepro reproduce: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     sys.stdout.write(reproduction_card.summary(result, paths))
