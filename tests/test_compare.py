@@ -10,6 +10,7 @@ from vaerepro.compare import (
     comparability_key,
     converged,
     group_comparable,
+    measurement,
     rank,
     space_label,
 )
@@ -132,6 +133,30 @@ def test_rank_refuses_runs_on_different_data_sets():
     with pytest.raises(IncomparableError, match="different data sets"):
         rank(rows, "log_px")
     assert [r["run_name"] for r in rank(rows[:1], "log_px")] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("other", "named"),
+    [
+        ({"num_samples": "100"}, "K = 100"),  # an MLflow param or tag: text
+        ({"test_set": "0123456789ab"}, "test set 0123456789ab"),  # another split or file of one source
+        ({"num_samples": None}, "K = unrecorded"),
+    ],
+)
+def test_rank_refuses_estimates_with_another_k_or_of_another_test_set(other, named):
+    """One source and unit, but not one measurement: a K = 100 estimate is lower in expectation than a
+    K = 5000 one of the same model, and another test split is other images."""
+    base = {"data_space": "binary", "improper": False, "source": "mnist", "test_set": "fedcba987654"}
+    rows = [
+        {"run_name": "a", **base, "num_samples": 5000, "log_px": -85.0},
+        {"run_name": "b", **base, "num_samples": 5000, "log_px": -86.0, **other},
+    ]
+    with pytest.raises(IncomparableError, match="different numbers of importance samples") as e:
+        rank(rows, "log_px")
+    assert named in str(e.value) and "K = 5000" in str(e.value)
+    same = [dict(rows[0]), {**rows[1], **{k: rows[0][k] for k in other}}]
+    assert [r["run_name"] for r in rank(same, "log_px")] == ["a", "b"]
+    assert measurement(rows[0]) == ("mnist", "fedcba987654", "5000")
 
 
 def test_converged_reads_every_form_of_the_verdict():

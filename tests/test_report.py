@@ -324,6 +324,32 @@ def test_different_data_sets_in_one_space_get_separate_figures_and_rankings(tmp_
     ranking = [t for t in parsed.tables if t is not None]
     assert sorted(len(t["rows"]) for t in ranking) == [1, 1]  # never ranked against each other
 
+    # one data set and unit, but estimates with another K, or of another test split: separate rankings, each
+    # saying what it measured
+    runs = [
+        run("k5000", "binary", -86.0, num_samples="5000", test_set="aaaaaaaaaaaa"),
+        run("k100", "binary", -84.0, num_samples="100", test_set="aaaaaaaaaaaa"),
+        run("other-split", "binary", -85.0, num_samples="5000", test_set="bbbbbbbbbbbb"),
+        run("k5000-b", "binary", -87.0, latent_dim=5, num_samples="5000", test_set="aaaaaaaaaaaa"),
+    ]
+    paths = write_report(out, CONFIG, runs=runs, report_dir=tmp_path / "rep-k")
+    md = paths["md"].read_text(encoding="utf-8")
+    parsed = Collector()
+    parsed.feed(paths["html"].read_text(encoding="utf-8"))
+    ranking = [t for t in parsed.tables if t is not None]
+    assert sorted(len(t["rows"]) for t in ranking) == [1, 1, 2]
+    a, b = "test set aaaaaaaaaaaa", "test set bbbbbbbbbbbb"
+    for what in (f"{a}, K = 5000", f"{a}, K = 100", b):
+        assert f"binary pixels — Bernoulli pmf (nats/example) — data mnist5k, {what}" in md, what
+    ranked = _md_table_after(md, "data mnist5k, test set aaaaaaaaaaaa, K = 5000")
+    assert [r[1] for r in ranked] == ["k5000", "k5000-b"]  # k100's higher number is not ranked above them
+    figures = tmp_path / "rep-k" / "figures"
+    compared = {p.name for p in figures.glob("compare-*.png")}
+    assert len(compared) == 1  # the one group with two latent sizes
+    # the same report again with no comparison: its earlier figure does not stay beside it
+    write_report(out, CONFIG, runs=[], report_dir=tmp_path / "rep-k")
+    assert not list(figures.glob("compare-*.png")) and list(figures.glob("*.png"))
+
     # two runs of one data set, but only one with a latent size: still one point, no figure
     runs = [run("z2", "binary", -95.0), run("nolatent", "binary", -96.0, latent_dim=None)]
     page = write_report(out, CONFIG, runs=runs, report_dir=tmp_path / "rep2")["html"].read_text()

@@ -346,3 +346,16 @@ def test_a_dataset_logged_by_two_runs_at_once_links_both(tmp_path):
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
         tracking.log_dataset(fake, second, meta, "binary", "mnist5k")
     assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_the_comparison_rows_say_what_each_estimate_measured(raw_dir, tmp_path, monkeypatch):
+    """An evaluation tags its run with K and the test split's digest, and the report's rows carry both
+    (compare.measurement: estimates with another K or of another test set are never ranked together)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir)
+    run_pipeline(cfg, tmp_path / "run", ROOT, progress=False)
+    run_id = json.loads((tmp_path / "run" / "models" / "mlflow_run.json").read_text())["run_id"]
+    digest = json.loads((tmp_path / "run" / "prepared" / "meta.json").read_text())["files"]["x_test.npy"]
+    (row,) = [r for r in tracking.experiment_runs(cfg.tracking, ROOT) if r["run_id"] == run_id]
+    assert row["test_set"] == digest[:12] and row["num_samples"] == "20" and row["source"] == "mnist5k"

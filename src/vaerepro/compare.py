@@ -6,8 +6,12 @@ probability (<= 1, log <= 0), the second a density (can exceed 1). A Bernoulli "
 pixels is not normalised at all (`improper`, Loaiza-Ganem & Cunningham 2019). So results are grouped by
 (data space, improper) and nothing here ranks, or lets anyone plot, numbers from two groups together.
 
+Within one unit, estimates are still one measurement only when they are of the same test images with the
+same number K of importance samples (`measurement`): runs of two measurements are not ranked together either.
+
 Rows are plain mappings, one per run (as the caller reads them from MLflow or result files), with at least
-`run_id`, `run_name`, `data_space`, `improper` and metrics such as `log_px` (nats per example).
+`run_id`, `run_name`, `data_space`, `improper` and metrics such as `log_px` (nats per example); `source`,
+`test_set` (the test split's sha256, short) and `num_samples` (K) say what was measured.
 """
 
 from __future__ import annotations
@@ -79,6 +83,32 @@ def space_label(data_space: str, improper: bool) -> str:
     return f"{data_space} data (nats/example)"
 
 
+Measurement = tuple[str, str, str]
+UNRECORDED = "unrecorded"
+
+
+def measurement(row: Mapping) -> Measurement:
+    """What a row's estimates measured, beyond their unit (comparability_key): (data source, test set, K),
+    as text, UNRECORDED for what the run did not record.
+
+    Two log p(x) estimates in one unit are one measurement only on the same test images (test_set: the test
+    split's sha256, short; another source, split or file is another test set) with the same number K of
+    importance samples: an estimate with fewer samples is lower in expectation (Burda et al. 2016), so a
+    K = 100 estimate ranked beside a K = 5000 one would be ranked by K as much as by model."""
+    k = metric_value(row, "num_samples")
+    return (
+        str(row.get("source") or UNRECORDED),
+        str(row.get("test_set") or UNRECORDED),
+        UNRECORDED if k is None else str(int(k)),
+    )
+
+
+def measurement_text(m: Measurement) -> str:
+    """A measurement in words: 'data mnist, test set 3f2a9c1b0d4e, K = 5000'."""
+    source, test_set, k = m
+    return f"data {source}, test set {test_set}, K = {k}"
+
+
 def check_comparable(rows: Iterable[Mapping], what: str = "these runs") -> Key:
     """The single comparability key of `rows`; IncomparableError if they span more than one."""
     rows = list(rows)
@@ -86,11 +116,12 @@ def check_comparable(rows: Iterable[Mapping], what: str = "these runs") -> Key:
     if not groups:
         raise ValueError(f"{what}: no runs to compare")
     if len(groups) == 1:
-        sources = sorted({str(r["source"]) for r in rows if r.get("source")})
-        if len(sources) > 1:
+        measured = list(dict.fromkeys(measurement(r) for r in rows))
+        if len(measured) > 1:
             raise IncomparableError(
-                f"{what} cannot share one scale: they are log-likelihoods of different data sets "
-                f"({', '.join(sources)}); compare runs on one data source only."
+                f"{what} cannot share one scale: they are log-likelihoods of different data sets or with "
+                f"different numbers of importance samples ({'; '.join(map(measurement_text, measured))}); "
+                "compare runs of one test set and one K only."
             )
         return next(iter(groups))
     lines = [
@@ -130,7 +161,8 @@ def converged(row: Mapping) -> bool | None:
 
 
 def rank(rows: Iterable[Mapping], metric: str, higher_is_better: bool = True) -> list[Mapping]:
-    """Rows with a finite `metric`, best first. Refuses (IncomparableError) rows from several groups.
+    """Rows with a finite `metric`, best first. Refuses (IncomparableError) rows from several groups or
+    measurements.
 
     Rows without a finite value are dropped, not ranked last: a missing number is not a bad number.
     For a metric of the log p(x) estimate (ESTIMATE_METRICS), rows whose estimate has not converged

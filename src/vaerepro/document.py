@@ -204,7 +204,9 @@ def write_figures(
     fig_dir: Path,
     write: Callable[[Path, bytes], object] = Path.write_bytes,
 ) -> tuple[list[Path], dict[str, str]]:
-    """Write each Fig's PNG to fig_dir/<name>.png (creating fig_dir) with `write(path, data)`.
+    """Write each Fig's PNG to fig_dir/<name>.png (creating fig_dir) with `write(path, data)`, and remove
+    the PNGs an earlier report left there that this one does not have (fig_dir is the report's own): a
+    figure of a comparison no longer made must not be read, or uploaded with the report, as part of it.
 
     Returns the paths written and, for `render_md` on a Markdown file in fig_dir's parent, each figure's
     name -> "<fig_dir name>/<name>.png".
@@ -217,4 +219,6 @@ def write_figures(
             write(path, b.png)
             paths.append(path)
             rel[b.name] = f"{fig_dir.name}/{path.name}"
+    for stale in set(fig_dir.glob("*.png")) - set(paths):
+        stale.unlink()
     return paths, rel

@@ -1,8 +1,9 @@
 """The report section "Comparison across runs": the AEVB Figure 2 view, one figure and one ranking per group.
 
 Runs are plain row dicts (see `compare`), one per run, as the caller reads them from MLflow. A group is one
-data space (proper or improper) and one data source: log-likelihoods in different units, or of different
-data sets, never share a figure or a ranking. Runs that cannot be placed in a group (no data space, failed,
+data space (proper or improper) and one measurement (data source, test set, K: `compare.measurement`):
+log-likelihoods in different units, of different test images or with different K never share a figure or
+a ranking. Runs that cannot be placed in a group (no data space, failed,
 no log p(x)) are listed with the reason. Used by the run report (`vaerepro.report`) and the sweep report
 (`vaerepro.sweep.report`).
 
@@ -23,6 +24,8 @@ from vaerepro.compare import (
     comparability_key,
     converged,
     group_comparable,
+    measurement,
+    measurement_text,
     metric_value,
     rank,
     space_label,
@@ -84,17 +87,18 @@ def comparison_section(runs: Iterable[Mapping] | None) -> list[Block]:
     )
     for (space, improper), rows in group_comparable(usable).items():
         label = space_label(space, improper)
-        # Same unit is not enough: log-likelihoods of different data sets are not comparable either, so
-        # each data source gets its own figure and ranking inside its data-space group.
-        by_source: dict[str, list[Mapping]] = {}
+        # Same unit is not enough: estimates of other test images, or with another K, are not one measurement,
+        # so each measurement gets its own figure and ranking inside its data-space group.
+        by_measurement: dict[tuple[str, str, str], list[Mapping]] = {}
         for r in rows:
-            by_source.setdefault(str(r.get("source") or "unknown"), []).append(r)
-        for source, members in by_source.items():
-            heading = label if len(by_source) == 1 else f"{label} — data: {source}"
+            by_measurement.setdefault(measurement(r), []).append(r)
+        for m, members in by_measurement.items():
+            heading = label if len(by_measurement) == 1 else f"{label} — {measurement_text(m)}"
             blocks.append(Heading(heading, level=3))
             if improper:
                 blocks.append(Caution(_IMPROPER_GROUP_TEXT))
-            suffix = "" if len(by_source) == 1 else f"-{slug(source)}"
+            blocks.append(Para(f"Every estimate here: {measurement_text(m)} importance samples."))
+            suffix = "" if len(by_measurement) == 1 else f"-{slug('-'.join(m))}"
             plotted = [r for r in members if _latent(r) is not None]
             if len(plotted) >= 2:
                 blocks.append(_group_figure(space, improper, members, suffix))

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from vaerepro.config import Config, TrackingConfig
+from vaerepro.data import META_FILE
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
 from vaerepro.tracking.names import metric_name, space_name
@@ -202,6 +203,11 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     if metrics.get("converged") is not None:
         numbers["converged"] = float(metrics["converged"])
         client.set_tag(run_id, "vaerepro.converged", str(bool(metrics["converged"])).lower())
+    # what the numbers measured (compare.measurement): tags, which a later evaluation of the run updates with
+    # its numbers, where the eval.* params keep the first evaluation's values
+    client.set_tag(run_id, K_TAG, str(metrics.get("num_samples", cfg.eval.num_samples)))
+    if (test_set := test_set_digest(out_dir / "prepared")) is not None:
+        client.set_tag(run_id, TEST_SET_TAG, test_set)
     log_metrics(client, run_id, numbers, prefix="test/", space=space)
     name = metric_name("test/log_px_ladder", space)
     client.log_batch(run_id, metrics=[Metric(name, r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]])
@@ -209,6 +215,19 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     trained = json.loads(train_json.read_text()) if train_json.is_file() else None
     describe(client, run_id, cfg, train=trained, evaluation=metrics)
     client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
+
+
+K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
+TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
+
+
+def test_set_digest(prepared: Path) -> str | None:
+    """The first 12 hex digits of the sha256 of prepared/x_test.npy (from prepared/meta.json), or None."""
+    try:
+        meta = json.loads((prepared / META_FILE).read_text())
+        return str(meta["files"]["x_test.npy"])[:12]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def log_report(model_dir: Path, report_dir: Path) -> None:
@@ -306,6 +325,12 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
                 "improper": tags.get("improper") == "true",
                 "latent_dim": int(tags.get("latent_dim", params.get("model.latent_dim", 0))),
                 "source": tags.get("source"),
+                # what the estimates measured (compare.measurement); runs evaluated before these tags have
+                # K from their param (or the tag a changed value went to) and an unrecorded test set
+                "test_set": tags.get(TEST_SET_TAG),
+                "num_samples": tags.get(
+                    K_TAG, tags.get("changed.eval.num_samples", params.get("eval.num_samples"))
+                ),
             }
         )
         # the evaluation metrics by their plain names (test/kl, binary/test/log_px -> kl, log_px), without
