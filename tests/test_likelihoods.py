@@ -478,3 +478,22 @@ def test_cb_samples_follow_the_distribution_and_carry_gradients():
     # a larger logit moves every draw up (at eta = 0 exactly, torch's inverse CDF is its series in u alone,
     # whose derivative in eta it does not carry: 0 there)
     assert (grad[[0, 1, 3]] > 0).all()
+
+
+def test_a_learned_sigma_without_a_floor_is_refused_on_data_that_are_not_dequantized(tmp_path):
+    """On float or bool pixels, which may sit exactly on a value, a Gaussian whose sigma is learned without
+    a floor has an unbounded density (+49 nats a pixel at mu = 0, log sigma^2 = -100, and more below); on
+    dequantized 8-bit levels, and with a floor or a fixed sigma, every likelihood is bounded."""
+    from vaerepro.data import check_bounded
+    from vaerepro.formats import DataError
+
+    unfloored = Gaussian(scale="log_variance")
+    assert float(unfloored.distribution(torch.tensor([[-60.0, -100.0]])).log_prob(torch.zeros(1, 1))) > 49
+    with pytest.raises(ValueError, match="likelihood.scale=log_variance .* not dequantized"):
+        unfloored.check_data(dequantized=False)
+    unfloored.check_data(dequantized=True)
+    for bounded in (Gaussian(), Gaussian(sigma=0.3), ContinuousBernoulli(), Bernoulli()):
+        bounded.check_data(dequantized=False)
+    with pytest.raises(DataError, match=rf"^{tmp_path}: likelihood.scale=log_variance"):
+        check_bounded(unfloored, "continuous", False, tmp_path)  # float data: the stages refuse it
+    check_bounded(unfloored, "continuous", True, tmp_path)  # uint8 levels, dequantized

@@ -399,6 +399,10 @@ BAD_NPZ = {
         "must hold grey levels 0..255, found range 0..300",
     ),
     "int_negative": (_save(x=np.array([[-1, 3]], np.int64)), "found range -1..3"),
+    # binary images stored as integers would be read as grey levels 0..255: nearly black
+    "int_binary": (_save(x=np.array([[0, 1], [1, 1]], np.uint8)), "uint8) holds only 0 and 1, which would"),
+    "int64_binary": (_save(x=np.eye(4, dtype=np.int64)), "store binary images as bool or as float 0.0/1.0"),
+    "huge_images": (_save(x=np.zeros((2, 1001, 1000), np.uint8)), "images of 1,001,000 pixels"),
     "complex": (_save(x=np.zeros((2, 4), np.complex64)), "unsupported x dtype complex64"),
     # Arrays of Python objects: the only case where pickling is the real story.
     "object": (

@@ -6,6 +6,7 @@ import json
 import re
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
@@ -543,3 +544,22 @@ def test_a_checkpoint_vaerepro_did_not_write_is_refused_naming_the_file(tmp_path
     torch.save({"state_dict": {"w": torch.zeros(2)}}, f)  # torch reads it: no vaerepro model config
     with pytest.raises(checkpoints.CheckpointError, match=r"best\.ckpt: not a vaerepro checkpoint \(no "):
         checkpoints.read(f)
+
+
+def test_training_refuses_an_unbounded_likelihood_on_float_data_before_writing(tmp_path):
+    """Float pixels in [0, 1] are not dequantized: a Gaussian with a learned sigma and no floor
+    (likelihood.scale=log_variance) would have an unbounded density on them. The config alone cannot tell
+    (the data's dtype decides), so the train stage refuses it once it has read prepared/, writing nothing."""
+    from vaerepro import data
+    from vaerepro.formats import DataError
+
+    x = np.random.default_rng(0).random((60, 16)).astype(np.float32)
+    x[:, :4] = 0.0  # pixels exactly on a value, as in most float image sets (the background)
+    np.savez(tmp_path / "f.npz", x=x)
+    out = tmp_path / "run"
+    data.prepare("npz", tmp_path, out / "prepared", path=tmp_path / "f.npz")
+    own = ("data=npz", f"data.path={tmp_path / 'f.npz'}", "likelihood=gaussian", "train.batch_size=10")
+    cfg = tiny_config(*own, "likelihood.scale=log_variance")
+    with pytest.raises(DataError, match=r"prepared: likelihood.scale=log_variance \(a learned sigma"):
+        train(cfg, out, enable_progress_bar=False)
+    assert sorted(p.name for p in out.iterdir()) == ["prepared"]

@@ -115,6 +115,9 @@ def load_raw(
     return RawData(x, y, image_shape, quantized, source, raw.files, raw.n_official_test)
 
 
+MAX_PIXELS = 1_000_000  # pixels per image (1000 x 1000); the MLP's first layer has pixels x hidden weights
+
+
 def validate_arrays(
     x: np.ndarray, y: np.ndarray | None, file: Path | str
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool]:
@@ -130,13 +133,22 @@ def validate_arrays(
         raise DataError(f"{file}: x must have shape (N, H, W) or (N, D), got ndim {x.ndim} (shape {x.shape})")
     if x.size == 0:
         raise DataError(f"{file}: x is empty (shape {x.shape})")
-    if x.dtype == np.uint8:
-        quantized = True
-    elif np.issubdtype(x.dtype, np.integer):
+    if x.ndim == 3 and x.shape[1] * x.shape[2] > MAX_PIXELS or x.ndim == 2 and x.shape[1] > MAX_PIXELS:
+        raise DataError(
+            f"{file}: images of {math.prod(x.shape[1:]):,} pixels (x shape {x.shape}); at most "
+            f"{MAX_PIXELS:,}, which the model's first layer alone would take gigabytes to hold"
+        )
+    if np.issubdtype(x.dtype, np.integer):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
             raise DataError(
                 f"{file}: integer x ({x.dtype}) must hold grey levels 0..255, found range {lo}..{hi}"
+            )
+        if hi == 1:
+            # binary images stored as integers: read as grey levels they would be nearly black (1/255)
+            raise DataError(
+                f"{file}: integer x ({x.dtype}) holds only 0 and 1, which would be read as grey levels "
+                "0..255 (nearly black); store binary images as bool or as float 0.0/1.0"
             )
         x, quantized = x.astype(np.uint8), True
     elif x.dtype == np.bool_:
@@ -469,6 +481,16 @@ def is_dequantized(space: str, quantized: bool) -> bool:
     ``continuous`` space. Binarised 8-bit data is not: its Bernoulli draws are exact points of {0,1}^D."""
     _check_space(space)
     return space == "continuous" and quantized
+
+
+def check_bounded(likelihood, space: str, quantized: bool, prepared: Path) -> None:
+    """DataError naming `prepared` when `likelihood` (likelihoods.Likelihood) has an unbounded density on
+    the prepared data in `space` (Likelihood.check_data): refused by the stages that train or evaluate it,
+    as the config alone cannot know whether the data are 8-bit levels."""
+    try:
+        likelihood.check_data(is_dequantized(space, quantized))
+    except ValueError as err:
+        raise DataError(f"{prepared}: {err}") from None
 
 
 def dim_log_jacobian(space: str, quantized: bool) -> float:

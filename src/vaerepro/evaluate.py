@@ -31,7 +31,14 @@ from tqdm.auto import tqdm
 
 from vaerepro import checkpoints, estimators
 from vaerepro.config import Config, ConfigError
-from vaerepro.data import TEST_SEED_OFFSET, dim_log_jacobian, fixed_space, is_dequantized, load_prepared
+from vaerepro.data import (
+    TEST_SEED_OFFSET,
+    check_bounded,
+    dim_log_jacobian,
+    fixed_space,
+    is_dequantized,
+    load_prepared,
+)
 from vaerepro.estimators import mean_se
 from vaerepro.model import VAE, build_vae
 
@@ -408,6 +415,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     out_dir = Path(out_dir)
     splits = load_prepared(out_dir / "prepared")
     space, quantized = cfg.data_space, bool(splits.quantized)
+    check_bounded(cfg.likelihood_object(), space, quantized, out_dir / "prepared")
     best = out_dir / "models" / "best.ckpt"
     ckpt = checkpoints.read(best)
     # The checkpoint is the truth for the model: evaluating it under another likelihood, latent size, data

@@ -85,6 +85,12 @@ class Likelihood(abc.ABC):
                 f"{', '.join(self.allowed_spaces())} (its natural space is {self.natural_space!r})"
             )
 
+    def check_data(self, dequantized: bool) -> None:  # noqa: B027 - a default, not abstract: most are bounded
+        """Raise ``ValueError`` if this likelihood's density is unbounded on the data: ``dequantized`` says
+        whether they are uniformly dequantized 8-bit levels (data.is_dequantized), else points that may sit
+        exactly on a value (float or bool data in [0, 1]). Every likelihood is bounded on both but a
+        Gaussian with a learned scale and no floor."""
+
     def _split_dim(self, params: Tensor) -> int:
         """Number of pixels D from the decoder width P*D."""
         width = params.shape[-1] if params.dim() > 0 else 0
@@ -152,9 +158,9 @@ class Bernoulli(Likelihood):
 # softplus: sigma = min_sigma + softplus(h_s), floored at min_sigma (this project's default);
 # log_variance: h_s = log sigma^2, sigma = exp(h_s / 2), no floor (AEVB, Kingma & Welling 2014: Appendix
 # C.2's Gaussian MLP, log sigma^2 = W h + b; its Frey Face decoder). Without a floor the density of a
-# pixel at exactly 0 (or 1) is unbounded: mu -> 0 and sigma -> 0 send log p to +inf. This project never
-# feeds it exact levels: 8-bit data in the continuous space are uniformly dequantised, (v + u) / 256
-# (data.to_space), and the expected log-density of such data is bounded.
+# pixel at exactly 0 (or 1) is unbounded: mu -> 0 and sigma -> 0 send log p to +inf. So it runs only on
+# uniformly dequantised 8-bit data, (v + u) / 256 (data.to_space), whose expected log-density is bounded;
+# float or bool data, whose pixels may sit exactly on a value, are refused (Gaussian.check_data).
 GAUSSIAN_SCALES = ("softplus", "log_variance")
 DEFAULT_MIN_SIGMA = 1e-2  # the softplus floor's default (conf/likelihood/gaussian.yaml says why)
 
@@ -207,6 +213,16 @@ class Gaussian(Likelihood):
 
     def num_params(self) -> int:
         return 1 if self.sigma is not None else 2
+
+    def check_data(self, dequantized: bool) -> None:
+        if self.sigma is None and self.scale == "log_variance" and not dequantized:
+            raise ValueError(
+                "likelihood.scale=log_variance (a learned sigma without a floor) on data that are not "
+                "dequantized 8-bit levels (float or bool pixels): its density at a pixel exactly on a value "
+                "is unbounded, so the objective can diverge and log p(x) means nothing. Use "
+                "likelihood.scale=softplus (sigma >= likelihood.min_sigma), or store the pixels as uint8 "
+                "0..255, which are dequantized"
+            )
 
     def _loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         d = self._split_dim(params)
