@@ -359,3 +359,26 @@ def test_the_comparison_rows_say_what_each_estimate_measured(raw_dir, tmp_path, 
     digest = json.loads((tmp_path / "run" / "prepared" / "meta.json").read_text())["files"]["x_test.npy"]
     (row,) = [r for r in tracking.experiment_runs(cfg.tracking, ROOT) if r["run_id"] == run_id]
     assert row["test_set"] == digest[:12] and row["num_samples"] == "20" and row["source"] == "mnist5k"
+
+
+def test_resuming_a_training_whose_run_was_deleted_starts_a_new_run(prepared_tiny, tmp_path, monkeypatch):
+    """A run deleted in the MLflow UI is still found by get_run but takes no more logging: the resumed
+    training records itself in a new run (with the checkpoint's epochs) instead of failing."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    first = tiny_config("train.max_epochs=2", tracking=True)
+    train(first, out, enable_progress_bar=False, tracker=TrainingRun(first, tmp_path, out / "models"))
+    deleted = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    MlflowClient(uri).delete_run(deleted)
+    again = tiny_config("train.max_epochs=3", "train.resume=true", tracking=True)
+    train(again, out, enable_progress_bar=False, tracker=TrainingRun(again, tmp_path, out / "models"))
+    run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    assert run_id != deleted and client.get_run(run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "binary/val/elbo")
+    assert [m.step for m in history] == [0, 1, 2]  # the checkpoint's 2 epochs, then the third
+    assert [m.value for m in history] == pytest.approx(val_curve(out))
+    assert client.get_run(run_id).inputs.dataset_inputs  # the new run names its data set too

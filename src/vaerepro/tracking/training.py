@@ -99,6 +99,7 @@ class TrainingRun:
         self.cfg, self.root, self.model_dir, self.finish_run = cfg, Path(root), Path(model_dir), finish
         self.logger: BufferedMLFlowLogger | None = None
         self.uri: str | None = None
+        self._continued = False  # whether open() continued the run models/mlflow_run.json names
 
     @property
     def run_id(self) -> str | None:
@@ -115,7 +116,7 @@ class TrainingRun:
         runs.log_config(*run, self.cfg.to_dict())
         if resumed_curve is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
             runs.complete_curve(*run, list(resumed_curve), keys, self.logger.space)
-        else:
+        if not self._continued:  # a new run: its data set (a resumed training's too, when its run is gone)
             runs.log_dataset(*run, data_meta, self.cfg.data_space, self.cfg.data.source)
         return self.logger
 
@@ -151,10 +152,15 @@ class TrainingRun:
             previous, previous_uri = runs.read_run_id(self.model_dir)
             if previous and previous_uri == self.uri:
                 try:
-                    MlflowClient(self.uri).get_run(previous)
-                    run_id = previous
+                    stage = MlflowClient(self.uri).get_run(previous).info.lifecycle_stage
                 except MlflowException:
                     log.warning("MLflow run %s is not in %s: resuming into a new run", previous, self.uri)
+                else:
+                    if stage == "active":
+                        run_id = previous
+                    else:  # deleted in the UI (get_run still finds it; logging to it fails)
+                        log.warning("MLflow run %s is %s: resuming into a new run", previous, stage)
+        self._continued = run_id is not None
         logger = BufferedMLFlowLogger(
             flush_every_s=cfg.tracking.flush_every_s,
             space=space_name(cfg.data_space, cfg.improper),
