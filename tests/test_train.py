@@ -563,3 +563,22 @@ def test_training_refuses_an_unbounded_likelihood_on_float_data_before_writing(t
     with pytest.raises(DataError, match=r"prepared: likelihood.scale=log_variance \(a learned sigma"):
         train(cfg, out, enable_progress_bar=False)
     assert sorted(p.name for p in out.iterdir()) == ["prepared"]
+
+
+def test_training_refuses_prepared_data_made_from_another_version_of_the_npz(tmp_path):
+    """DVC's prepare stage does not depend on the file data.path names: after that file changes, `dvc
+    repro` trains on the old prepared/ unless the stage itself sees the change. It does, by md5."""
+    from vaerepro import data
+    from vaerepro.formats import DataError
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", x=rng.random((60, 16)).astype(np.float32))
+    out = tmp_path / "run"
+    data.prepare("npz", tmp_path, out / "prepared", path=tmp_path / "f.npz")
+    np.savez(tmp_path / "f.npz", x=rng.random((80, 16)).astype(np.float32))  # the user's new version
+    cfg = tiny_config("data=npz", f"data.path={tmp_path / 'f.npz'}", "train.batch_size=10")
+    with pytest.raises(DataError, match=r"prepared: made from another version of .*f\.npz \(md5 "):
+        train(cfg, out, enable_progress_bar=False)
+    assert sorted(p.name for p in out.iterdir()) == ["prepared"]
+    data.prepare("npz", tmp_path, out / "prepared", path=tmp_path / "f.npz")  # as the message says
+    assert train(cfg, out, enable_progress_bar=False)["epochs"] == 3

@@ -44,6 +44,7 @@ from vaerepro.sources import (
     DataError,
     dir_md5,
     fetch,
+    file_md5,
     file_sha256,
     fresh_sibling,
     read_arrays,
@@ -481,6 +482,21 @@ def is_dequantized(space: str, quantized: bool) -> bool:
     ``continuous`` space. Binarised 8-bit data is not: its Bernoulli draws are exact points of {0,1}^D."""
     _check_space(space)
     return space == "continuous" and quantized
+
+
+def check_prepared_from(meta: dict, source: str, path: str | Path | None, prepared: Path) -> None:
+    """DataError naming `prepared` when it was made from another version of the user's .npz (source npz,
+    `path`) than the file there now (the md5 prepare recorded in meta.json's raw_files). DVC's prepare
+    stage depends on data/ and the data params, not on the file data.path names, so `dvc repro` does not
+    prepare again when that file changes: the stages would train and evaluate the old data under it."""
+    if source != "npz" or path is None or not Path(path).is_file():
+        return
+    recorded = (meta.get("raw_files") or {}).get(Path(path).name)
+    if recorded is not None and (now := file_md5(Path(path))) != recorded:
+        raise DataError(
+            f"{prepared}: made from another version of {path} (md5 {recorded[:12]}; the file now has "
+            f"{now[:12]}); prepare it again: vaerepro prepare, or under DVC dvc repro -f prepare"
+        )
 
 
 def check_bounded(likelihood, space: str, quantized: bool, prepared: Path) -> None:

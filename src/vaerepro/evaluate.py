@@ -34,6 +34,7 @@ from vaerepro.config import Config, ConfigError
 from vaerepro.data import (
     TEST_SEED_OFFSET,
     check_bounded,
+    check_prepared_from,
     dim_log_jacobian,
     fixed_space,
     is_dequantized,
@@ -416,6 +417,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     splits = load_prepared(out_dir / "prepared")
     space, quantized = cfg.data_space, bool(splits.quantized)
     check_bounded(cfg.likelihood_object(), space, quantized, out_dir / "prepared")
+    check_prepared_from(splits.meta, cfg.data.source, cfg.data.path, out_dir / "prepared")
     best = out_dir / "models" / "best.ckpt"
     ckpt = checkpoints.read(best)
     # The checkpoint is the truth for the model: evaluating it under another likelihood, latent size, data

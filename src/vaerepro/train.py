@@ -26,7 +26,15 @@ import torch
 from vaerepro import checkpoints, estimators, signals, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import Config
-from vaerepro.data import TEST_SEED_OFFSET, Splits, check_bounded, fixed_space, load_prepared, to_space
+from vaerepro.data import (
+    TEST_SEED_OFFSET,
+    Splits,
+    check_bounded,
+    check_prepared_from,
+    fixed_space,
+    load_prepared,
+    to_space,
+)
 from vaerepro.errors import Stopped
 from vaerepro.model import build_vae
 from vaerepro.trainer import (
@@ -586,6 +594,7 @@ def train(
     data.setup()
     # a learned Gaussian sigma without a floor on pixels that may sit exactly on a value: unbounded
     check_bounded(cfg.likelihood_object(), cfg.data_space, bool(data.splits.quantized), out_dir / "prepared")
+    check_prepared_from(data.splits.meta, cfg.data.source, cfg.data.path, out_dir / "prepared")
     last = model_dir / "last.ckpt"
     ckpt_path = last if cfg.train.resume and last.is_file() else None
     saved = checkpoints.read(last) if ckpt_path is not None else None
