@@ -361,6 +361,13 @@ def test_the_comparison_rows_say_what_each_estimate_measured(raw_dir, tmp_path, 
     assert row["test_set"] == digest[:12] and row["num_samples"] == "20" and row["source"] == "mnist5k"
 
 
+def _tracked_training(out: Path, root: Path, *overrides: str) -> str:
+    """train() on out with tracking (the store: MLFLOW_TRACKING_URI); the id of the run it recorded."""
+    cfg = tiny_config(*overrides, tracking=True)
+    train(cfg, out, enable_progress_bar=False, tracker=TrainingRun(cfg, root, out / "models"))
+    return json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+
+
 def test_resuming_a_training_whose_run_was_deleted_starts_a_new_run(prepared_tiny, tmp_path, monkeypatch):
     """A run deleted in the MLflow UI is still found by get_run but takes no more logging: the resumed
     training records itself in a new run (with the checkpoint's epochs) instead of failing."""
@@ -369,16 +376,42 @@ def test_resuming_a_training_whose_run_was_deleted_starts_a_new_run(prepared_tin
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = copy_prepared(prepared_tiny, tmp_path / "run")
-    first = tiny_config("train.max_epochs=2", tracking=True)
-    train(first, out, enable_progress_bar=False, tracker=TrainingRun(first, tmp_path, out / "models"))
-    deleted = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    deleted = _tracked_training(out, tmp_path, "train.max_epochs=2")
     MlflowClient(uri).delete_run(deleted)
-    again = tiny_config("train.max_epochs=3", "train.resume=true", tracking=True)
-    train(again, out, enable_progress_bar=False, tracker=TrainingRun(again, tmp_path, out / "models"))
-    run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    run_id = _tracked_training(out, tmp_path, "train.max_epochs=3", "train.resume=true")
     client = MlflowClient(uri)
     assert run_id != deleted and client.get_run(run_id).info.status == "FINISHED"
     history = client.get_metric_history(run_id, "binary/val/elbo")
     assert [m.step for m in history] == [0, 1, 2]  # the checkpoint's 2 epochs, then the third
     assert [m.value for m in history] == pytest.approx(val_curve(out))
     assert client.get_run(run_id).inputs.dataset_inputs  # the new run names its data set too
+
+
+def test_a_resumed_training_whose_run_holds_epochs_past_the_checkpoint_goes_on_in_a_new_run(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """A process killed outright after sending epochs past its last checkpoint leaves them in its run; the
+    resumed training trains those epochs again from the checkpoint, another history. MLflow cannot delete
+    metric points, so it goes on in a new run (the checkpoint's epochs, then its own: one value an epoch)
+    and the old run says where, ended KILLED with the reason."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    old = _tracked_training(out, tmp_path, "train.max_epochs=2")
+    client = MlflowClient(uri)
+    # what a kill -9 after the checkpoint of epoch 1 leaves: epoch 2 in the store, the run RUNNING
+    orphan = [Metric(f"binary/{k}/elbo", -1.0, 0, 2) for k in ("train", "val")]
+    client.log_batch(old, metrics=orphan)
+    client.update_run(old, status="RUNNING")
+    new = _tracked_training(out, tmp_path, "train.max_epochs=3", "train.resume=true")
+    assert new != old and client.get_run(new).info.status == "FINISHED"
+    for key in ("binary/val/elbo", "binary/train/elbo"):
+        assert [m.step for m in client.get_metric_history(new, key)] == [0, 1, 2], key
+    values = [m.value for m in client.get_metric_history(new, "binary/val/elbo")]
+    assert values == pytest.approx(val_curve(out))
+    before = client.get_run(old)
+    assert before.info.status == "KILLED" and before.data.tags["vaerepro.continued_in"] == new
+    assert "epochs 2-2 ran past models/last.ckpt" in before.data.tags["vaerepro.failure"]

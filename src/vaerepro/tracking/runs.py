@@ -346,6 +346,7 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
 # --- how a run ends -------------------------------------------------------------------------------------
 
 FAILURE_TAG = "vaerepro.failure"  # why a run ended FAILED or KILLED: one line
+CONTINUED_TAG = "vaerepro.continued_in"  # the run a resumed training went on in (runs.supersede)
 
 
 def status_of(exc: BaseException, *, interrupted: bool = False) -> str:
@@ -388,6 +389,25 @@ def end_recorded_run(model_dir: Path, status: str, reason: BaseException | str |
         from mlflow import MlflowClient
 
         end_run(MlflowClient(uri), run_id, status, reason)
+
+
+def steps_beyond(client, run_id: str, keys: tuple[str, str], space: str, epochs: int | None) -> list[int]:
+    """The per-epoch steps (sorted) the run holds at or past `epochs` (a checkpoint's epoch count) for either
+    of the (training, validation) keys: epochs sent by a training stopped after that checkpoint."""
+    if epochs is None:
+        return []
+    steps = {m.step for key in keys for m in client.get_metric_history(run_id, metric_name(key, space))}
+    return sorted(s for s in steps if s >= epochs)
+
+
+def supersede(client, run_id: str, epochs: list[int], successor: str) -> None:
+    """Mark `run_id`, whose epochs `epochs` came from a training that was stopped after its last checkpoint,
+    as continued in run `successor` (the tag vaerepro.continued_in), and end it KILLED with the reason if it
+    was left RUNNING (killed outright: kill -9, a lost node); a FAILED one keeps its own reason."""
+    client.set_tag(run_id, CONTINUED_TAG, successor)
+    if client.get_run(run_id).info.status == "RUNNING":
+        lost = f"epochs {epochs[0]}-{epochs[-1]} ran past models/last.ckpt"
+        end_run(client, run_id, "KILLED", f"stopped outright; {lost}; training continued in run {successor}")
 
 
 def complete_curve(

@@ -100,6 +100,9 @@ class TrainingRun:
         self.logger: BufferedMLFlowLogger | None = None
         self.uri: str | None = None
         self._continued = False  # whether open() continued the run models/mlflow_run.json names
+        self._superseded: tuple[str, list[int]] | None = None  # (run, its epochs past the checkpoint)
+        self._keys: tuple[str, str] = ("", "")
+        self._epochs: int | None = None
 
     @property
     def run_id(self) -> str | None:
@@ -110,7 +113,9 @@ class TrainingRun:
         Returns the Lightning logger to attach, or None when tracking is disabled."""
         if not self.cfg.tracking.enabled:
             return None
+        self._keys, self._epochs = keys, None if resumed_curve is None else len(resumed_curve)
         self.logger = self._logger(resume=resumed_curve is not None)
+        orphaned = self._superseded if resumed_curve is not None else None
         run = (self.logger.experiment, self.logger.run_id)
         runs.write_run_id(self.model_dir, self.run_id, self.uri)
         runs.log_config(*run, self.cfg.to_dict())
@@ -118,6 +123,8 @@ class TrainingRun:
             runs.complete_curve(*run, list(resumed_curve), keys, self.logger.space)
         if not self._continued:  # a new run: its data set (a resumed training's too, when its run is gone)
             runs.log_dataset(*run, data_meta, self.cfg.data_space, self.cfg.data.source)
+        if orphaned is not None:  # the run this training left, whose last epochs are not its history
+            runs.supersede(self.logger.experiment, *orphaned, self.run_id)
         return self.logger
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
@@ -141,6 +148,10 @@ class TrainingRun:
                 self.logger.experiment, self.run_id, runs.status_of(exc, interrupted=interrupted), exc
             )
 
+    @property
+    def space(self) -> str:
+        return space_name(self.cfg.data_space, self.cfg.improper)
+
     def _logger(self, resume: bool) -> BufferedMLFlowLogger:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -156,14 +167,28 @@ class TrainingRun:
                 except MlflowException:
                     log.warning("MLflow run %s is not in %s: resuming into a new run", previous, self.uri)
                 else:
-                    if stage == "active":
-                        run_id = previous
-                    else:  # deleted in the UI (get_run still finds it; logging to it fails)
+                    if stage != "active":  # deleted in the UI (get_run still finds it; logging to it fails)
                         log.warning("MLflow run %s is %s: resuming into a new run", previous, stage)
+                    elif beyond := runs.steps_beyond(
+                        MlflowClient(self.uri), previous, self._keys, self.space, self._epochs
+                    ):
+                        # Epochs the killed process sent after its last checkpoint: the resumed training
+                        # trains them again from the checkpoint, another history; one run holding both would
+                        # show two values at each of those epochs. MLflow cannot delete metric points.
+                        log.warning(
+                            "MLflow run %s holds epochs %d-%d past models/last.ckpt, from the training that "
+                            "was stopped: resuming into a new run, which the old one names",
+                            previous,
+                            beyond[0],
+                            beyond[-1],
+                        )
+                        self._superseded = (previous, beyond)
+                    else:
+                        run_id = previous
         self._continued = run_id is not None
         logger = BufferedMLFlowLogger(
             flush_every_s=cfg.tracking.flush_every_s,
-            space=space_name(cfg.data_space, cfg.improper),
+            space=self.space,
             experiment_name=cfg.tracking.experiment,
             run_name=cfg.run_name,
             tracking_uri=self.uri,
