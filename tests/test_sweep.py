@@ -276,6 +276,9 @@ def test_trial_outcomes(tmp_path):
         assert (state, value) == ("FAIL", None) and "knn_accuracy" in reason
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"knn_accuracy": 0.75}))
     assert outcome(0)[:2] == ("COMPLETE", 0.75)
+    # the log p(x) estimate's verdict is kept with the trial (study.best_trial skips an unconverged one)
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"knn_accuracy": 0.75, "converged": False}))
+    assert outcome(0)[3] == {"converged": False}
 
 
 def test_the_study_names_its_objective(tmp_path):
@@ -350,6 +353,192 @@ def test_trial_timeout_must_be_positive(tmp_path):
             runner.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), trial_timeout=bad)
 
 
+# A stand-in for a trial process (fast: no training): writes metrics/eval.json in its trial dir (argv[1]),
+# with a log_px from the trial's number, after argv[2] seconds, and exits 0.
+FAKE_TRIAL = """
+import json, pathlib, sys, time
+d = pathlib.Path(sys.argv[1]); time.sleep(float(sys.argv[2]))
+(d / "metrics").mkdir(exist_ok=True)
+(d / "metrics" / "eval.json").write_text(json.dumps({"log_px": -100.0 - int(d.name[-4:]), "converged": True}))
+"""
+
+
+class FakeSweep(runner.Sweep):
+    """A Sweep whose trial processes are FAKE_TRIAL; `launched` keeps every trial process it started."""
+
+    trial_seconds = 0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.launched: list[runner._Running] = []
+
+    def _trial_command(self, overrides, trial_dir):
+        return [sys.executable, "-c", FAKE_TRIAL, str(trial_dir), str(self.trial_seconds)]
+
+    def _launch(self, trial):
+        r = super()._launch(trial)
+        self.launched.append(r)
+        return r
+
+
+def _fake_sweep(root, study_name, sweep_dir, cls=FakeSweep, tracking=None, **settings):
+    from optuna.distributions import CategoricalDistribution
+
+    settings = runner.SweepSettings(
+        study_name=study_name,
+        storage=str(root / "optuna" / f"{study_name}.log"),
+        sampler={"name": "random", "seed": 0},
+        report=False,
+        **settings,
+    )
+    space = sweep.SearchSpace({"model.latent_dim": CategoricalDistribution([2, 3, 4, 5])})
+    return cls(settings, space, sweep_dir=sweep_dir, root=root, tracking=tracking or Tracking(None))
+
+
+def _load(root, study_name):
+    import optuna
+
+    storage = sweep.open_storage(str(root / "optuna" / f"{study_name}.log"))
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def test_another_study_never_overwrites_a_trial_dir(tmp_path):
+    sweep_dir = tmp_path / "runs" / "mix"
+    _fake_sweep(tmp_path, "mix", sweep_dir, n_trials=1).run()
+    trial_dir = sweep_dir / "trial-0000"
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    assert trial_dir / runner.TRIAL_MARK in before and sweep_dir / "optimization_results.json" in before
+
+    other = _fake_sweep(tmp_path, "other", sweep_dir, n_trials=1)
+    owner = rf"{trial_dir} holds trial 0 of study 'mix' \({tmp_path / 'optuna' / 'mix.log'}\); study 'other'"
+    with pytest.raises(ConfigError, match=owner):
+        other.preflight()
+    with pytest.raises(ConfigError, match=owner):
+        other.run()
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "optuna" / "other.log").exists()  # no study, no trial
+    # the same refusal where two sweeps race for a trial directory (the mark is claimed exclusively)
+    other.study_uid = "another"
+    with pytest.raises(ConfigError, match=owner):
+        other._claim_trial_dir(0)
+    (sweep_dir / "trial-0007" / "models").mkdir(parents=True)  # files no trial marked
+    with pytest.raises(ConfigError, match="trial-0007 holds files that no trial of this study wrote"):
+        other._claim_trial_dir(7)
+    assert not (sweep_dir / "trial-0007" / runner.TRIAL_MARK).exists()
+    (sweep_dir / "trial-0007" / "models").rmdir()
+
+    # the study itself resumes in its directory: its trials are its own, a new trial gets a new directory
+    _fake_sweep(tmp_path, "mix", sweep_dir, n_trials=2).run()
+    trials = _load(tmp_path, "mix").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert (trial_dir / "metrics" / "eval.json").read_bytes() == before[trial_dir / "metrics" / "eval.json"]
+    assert json.loads((sweep_dir / "trial-0001" / runner.TRIAL_MARK).read_text())["trial"] == 1
+    # an interrupted trial is queued again under a new number (retry_of), in a directory of its own
+    assert trials[1].user_attrs["trial_dir"] == str(sweep_dir / "trial-0001")
+
+    # a study of the same name created again (its storage deleted) does not own the old one's trials
+    (tmp_path / "optuna" / "mix.log").unlink()
+    with pytest.raises(ConfigError, match=r"trial-0000 holds trial 0 of an earlier study named 'mix'"):
+        _fake_sweep(tmp_path, "mix", sweep_dir, n_trials=1).preflight()
+
+    # another study's optimization_results.json alone is refused too
+    lone = tmp_path / "runs" / "lone"
+    lone.mkdir()
+    results = json.loads((sweep_dir / "optimization_results.json").read_text())
+    (lone / "optimization_results.json").write_text(json.dumps(results))
+    with pytest.raises(ConfigError, match=r"optimization_results.json holds the results of study 'mix'"):
+        _fake_sweep(tmp_path, "other", lone, n_trials=1).preflight()
+
+
+def test_a_study_never_takes_trials_of_another_data_space(tmp_path):
+    import optuna
+
+    from vaerepro.sweep.study import open_study
+
+    storage = str(tmp_path / "s.log")
+    kw = {"direction": "maximize", "space": sweep.SearchSpace({}), "sampler": {"name": "random"}}
+    binary, continuous = [("binary", False)], [("continuous", False)]
+    study, _ = open_study("mix", storage, objective="log_px", pruner=None, data_spaces=binary, **kw)
+    assert study.user_attrs["data_spaces"] == [["binary", False]]
+    with pytest.raises(
+        ConfigError,
+        match=r"study 'mix' in .*s.log holds trials of binary pixels — Bernoulli pmf .*; this sweep's trials "
+        r"would be in continuous pixels in \[0,1\] — density .* its objective log_px has different units",
+    ):
+        open_study("mix", storage, objective="log_px", pruner=None, data_spaces=continuous, **kw)
+    open_study("mix", storage, objective="log_px", pruner=None, data_spaces=binary, **kw)  # resumes
+
+    # a study made before data spaces were recorded: its trials' data_space attributes tell
+    old = optuna.create_study(study_name="old", storage=sweep.open_storage(storage), direction="maximize")
+    old.add_trial(
+        optuna.trial.create_trial(value=-90.0, user_attrs={"data_space": "continuous", "improper": False})
+    )
+    with pytest.raises(ConfigError, match="study 'old' .* holds trials of continuous pixels"):
+        open_study("old", storage, objective="elbo", pruner=None, data_spaces=binary, **kw)
+
+    # an objective comparable across data spaces may span them, but not with a pruner comparing ELBOs
+    open_study("knn", storage, objective="knn_accuracy", pruner=None, data_spaces=binary, **kw)
+    open_study("knn", storage, objective="knn_accuracy", pruner=None, data_spaces=continuous, **kw)
+    with pytest.raises(ConfigError, match="pruner=median compares validation ELBOs"):
+        open_study("knn", storage, objective="knn_accuracy", pruner={"name": "median"}, data_spaces=[], **kw)
+
+    # the sweep refuses before it writes anything (the sweeper calls preflight before multirun.yaml)
+    s = _fake_sweep(tmp_path, "mix", tmp_path / "runs", n_trials=1, data_spaces=continuous)
+    s.s.storage = storage
+    size = (tmp_path / "s.log").stat().st_size
+    with pytest.raises(ConfigError, match="holds trials of binary pixels"):
+        s.preflight()
+    assert (tmp_path / "s.log").stat().st_size == size and not (tmp_path / "runs").exists()
+
+
+def test_an_error_of_the_sweep_stops_its_trials_and_fails_its_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    class Broken(FakeSweep):
+        trial_seconds = 60.0
+
+        def _overdue(self, r):
+            raise RuntimeError("boom")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = _fake_sweep(tmp_path, "broken", tmp_path / "runs", cls=Broken, tracking=Tracking(uri), n_trials=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.run()
+    assert [r.proc.returncode for r in s.launched] == [-signal.SIGTERM]  # stopped, not left running
+    trials = _load(tmp_path, "broken").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]  # queued again, as after Ctrl-C
+    assert trials[0].system_attrs[sweep.INTERRUPTED] is True and trials[1].user_attrs["retry_of"] == 0
+    client = MlflowClient(uri)
+    parent = client.get_run(s.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert "the sweep stopped on an error: RuntimeError: boom" in parent.data.tags["vaerepro.failure"]
+    child = client.get_run(trials[0].user_attrs.get("mlflow_run_id") or _child_id(client, s.parent_run_id))
+    assert child.info.status == "FAILED" and "boom" in child.data.tags["vaerepro.failure"]
+
+
+def _child_id(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(runs) == 1
+    return runs[0].info.run_id
+
+
+def test_a_trial_that_ended_before_ctrl_c_is_recorded_as_it_ended(tmp_path):
+    class Interrupted(FakeSweep):
+        trial_seconds = 0.5
+
+        def _overdue(self, r):
+            r.proc.wait()  # the trial has exited 0, and the sweep has not seen it yet: Ctrl-C now
+            raise KeyboardInterrupt
+
+    s = _fake_sweep(tmp_path, "ctrlc", tmp_path / "runs", cls=Interrupted, n_trials=1)
+    with pytest.raises(KeyboardInterrupt):
+        s.run()
+    trials = _load(tmp_path, "ctrlc").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"]  # not failed, not queued again
+    assert trials[0].value == -100.0 and not trials[0].system_attrs.get(sweep.INTERRUPTED)
+
+
 @pytest.mark.slow
 def test_a_trial_past_its_timeout_is_stopped_and_failed_and_the_sweep_goes_on(project):
     # two trials of ~10 s each with a 3 s limit: both stopped, both FAIL with the reason in Optuna and MLflow
@@ -380,7 +569,7 @@ def test_a_trial_past_its_timeout_is_stopped_and_failed_and_the_sweep_goes_on(pr
 @pytest.mark.slow
 def test_mixed_data_space_sweep_refused_before_any_trial(project):
     proc = _sweep(project, "mixed", "+sweep=aevb", "hydra.sweeper.objective=log_px", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a mistake in the input: one line, exit status 2 (docs/errors.md)
     assert "objective 'log_px' cannot rank this search space" in proc.stderr
     assert "binary pixels" in proc.stderr and "continuous pixels" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -388,6 +577,36 @@ def test_mixed_data_space_sweep_refused_before_any_trial(project):
 
 
 # --------------------------------------------------------------------------------- slow: real sweeps
+
+
+@pytest.mark.slow
+def test_a_resume_in_another_data_space_or_into_another_studys_dir_is_refused(project):
+    # the reproduction: study mix on binary pixels (a pmf), resumed with a Gaussian (a density); then study
+    # other with mix's sweep dir. Each is one line, exit status 2, and changes nothing of mix's.
+    args = ("hydra.sweeper.objective=log_px", "model.latent_dim=choice(2,3)", "hydra/sweeper/sampler=grid")
+    _sweep(project, "mix", "likelihood=bernoulli", *args, "hydra.sweeper.n_trials=1")
+    mix_dir = project["root"] / "runs" / "mix"
+    before = {p: p.read_bytes() for p in mix_dir.rglob("*") if p.is_file()}
+
+    def refused(cmd):
+        proc = subprocess.run(cmd, cwd=project["root"], env=project["env"], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if "vaerepro_optuna:" in line]
+        assert len(lines) == 1, proc.stderr[-3000:]
+        return lines[0]
+
+    line = refused(_sweep_cmd(project, "mix", "likelihood=gaussian", *args, "hydra.sweeper.n_trials=2"))
+    assert "study 'mix'" in line and "holds trials of binary pixels" in line
+    assert "continuous pixels in [0,1] — density" in line and "log_px has different units" in line
+    cmd = _sweep_cmd(project, "other", "likelihood=bernoulli", *args, "hydra.sweeper.n_trials=1")
+    cmd = [f"hydra.sweep.dir={mix_dir}" if a.startswith("hydra.sweep.dir=") else a for a in cmd]
+    line = refused(cmd)
+    assert f"{mix_dir / 'trial-0000'} holds trial 0 of study 'mix'" in line and "study 'other'" in line
+
+    assert {p: p.read_bytes() for p in mix_dir.rglob("*") if p.is_file()} == before
+    assert _states(_study(project, "mix")) == ["COMPLETE"]
+    assert not (project["root"] / "optuna" / "other.log").exists()
 
 
 @pytest.mark.slow

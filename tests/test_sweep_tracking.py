@@ -83,7 +83,8 @@ def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axi
     best = md.split("## Best trial", 1)[1].split("## Trials", 1)[0]
     assert "trial 1, rests on a log p(x) estimate that has NOT CONVERGED" in best
     assert "The best trial whose estimate has converged: trial 2 (-90.0000)." in best
-    assert "| log_px | 1778.4700 (NOT CONVERGED) |" in best
+    # the table shows the winner (study.best_trial, as the results file and the MLflow run do)
+    assert "| trial | 2 |" in best and "| log_px | -90.0000 |" in best and "1778.4700 |" not in best
     rows = [line for line in md.split("## Trials", 1)[1].splitlines() if line.startswith("| ")][1:6]
     assert [r.split(" | ")[2] for r in rows] == [
         "-95.0000",
@@ -96,6 +97,46 @@ def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axi
     figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
     assert "objective-binary-proper.png" in figures and "objective-continuous-proper.png" not in figures
     assert "only one completed trial (trial 4), so no figure" in md
+
+
+def test_one_selector_names_the_winner_everywhere_and_skips_an_unconverged_estimate(tmp_path, monkeypatch):
+    """optimization_results.json, the study's MLflow run (best_trial, best_command, <space>/best/<objective>)
+    and the sweep report name one winner: never a trial whose log p(x) estimate has not converged."""
+    import optuna
+
+    from vaerepro.sweep import runner
+    from vaerepro.tracking.sweep import Tracking
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objective", "log_px")
+    for n, (value, z, verdict) in enumerate([(-95.0, 2, True), (1778.47, 5, False), (-90.0, 10, None)]):
+        d = tmp_path / f"trial-{n}"
+        (d / "metrics").mkdir(parents=True)
+        (d / "metrics" / "eval.json").write_text(json.dumps({"log_px": value, "converged": verdict}))
+        study.add_trial(_finished_trial(value, z, d))
+    # the verdict kept with the trial (runner._finish, from trial_outcome) is enough: no eval.json needed
+    trial = _finished_trial(5000.0, 3, tmp_path / "gone")
+    trial.set_user_attr("converged", False)
+    study.add_trial(trial)
+    assert sweep.best_trial(study).number == 2
+
+    settings = runner.SweepSettings(study_name="x", storage=str(tmp_path / "x.log"), objective="log_px")
+    space = sweep.SearchSpace({})
+    s = runner.Sweep(settings, space, sweep_dir=tmp_path, root=tmp_path, tracking=Tracking(None))
+    results = s._results(study)
+    assert (results["best_value"], results["best_params"]) == (-90.0, {"model.latent_dim": 10})
+    assert results["best_command"] == "vaerepro run model.latent_dim=10"
+    seen = {}
+    monkeypatch.setattr(runner.tracking_sweep, "summarise_study_run", lambda *a, **kw: seen.update(kw))
+    s.parent_run_id = "parent"
+    s._summarise_parent(study, "FINISHED")
+    assert seen["best"].number == 2 and seen["best_command"] == results["best_command"]
+
+    # no converged estimate at all: no winner, rather than an unconverged one
+    lone = optuna.create_study(direction="maximize")
+    lone.set_user_attr("objective", "log_px")
+    lone.add_trial(trial)
+    assert sweep.best_trial(lone) is None and s._results(lone)["best_value"] is None
 
 
 # --------------------------------------------------------------------------------- slow: a real sweep
@@ -128,7 +169,11 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
     assert sorted(children) == [0, 1, 2]
     assert parent.data.tags["vaerepro.study"] == study_name and parent.data.params["objective"] == "log_px"
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 3
-    assert parent.data.metrics["binary/best/log_px"] == pytest.approx(study.best_value)
+    # the tiny config's log p(x) estimates (K = 50) have not converged: no trial wins the sweep
+    # (study.best_trial), so the study's run names no best trial, as the results file and report do not
+    assert [t.user_attrs["converged"] for t in trials] == [False] * 3
+    assert "binary/best/log_px" not in parent.data.metrics
+    assert "best_trial" not in parent.data.tags and "best_command" not in parent.data.tags
     for t in trials:
         run = children[t.number]
         assert run.info.status == "FINISHED"
@@ -141,17 +186,16 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
 
     report = project["root"] / "runs" / study_name / "report"
     md = (report / "report.md").read_text()
-    best = max(trials, key=lambda t: t.value)
-    assert (
-        "vaerepro run data.max_examples=600" in md
-        and f"model.latent_dim={best.params['model.latent_dim']}" in md
-    )
+    best = max(trials, key=lambda t: t.value)  # by value: Optuna's best_trial
+    assert f"trial {best.number}, rests on a log p(x) estimate that has NOT CONVERGED" in md
+    assert "No completed trial has a converged estimate." in md
+    assert f"model.latent_dim={best.params['model.latent_dim']}" in md
     for fig in ("history", "importances", "objective-binary-proper", "compare-binary-proper"):
         assert (report / "figures" / f"{fig}.png").is_file(), fig
     assert "data:image/png;base64," in (report / "report.html").read_text()
     results = json.loads((project["root"] / "runs" / study_name / "optimization_results.json").read_text())
-    assert results["best_value"] == best.value
-    assert "best trial" in out.stderr + out.stdout
+    assert results["best_value"] is None and results["best_command"] is None
+    assert "no trial wins this sweep" in out.stderr + out.stdout
 
     # the report again, from the study and MLflow alone
     monkeypatch.chdir(project["root"])
@@ -162,8 +206,8 @@ def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
     again = (project["root"] / "again" / "report.md").read_text()
     assert again.count("| COMPLETE |") == 3 and "binary pixels" in again
 
-    # the best trial's command runs as printed (the parent run's tag) and gives the best trial's number
-    command = shlex.split(parent.data.tags["best_command"])
+    # a trial's command (as the parent run's tag best_command prints a winner's) runs and gives its number
+    command = shlex.split(sweep.best_command(best))
     assert command[:2] == ["vaerepro", "run"]
     rerun = subprocess.run(
         [*command, "hydra.run.dir=runs/best"],

@@ -9,6 +9,8 @@ the command line's task overrides. Light at import time: Hydra imports this modu
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +92,19 @@ class VaereproOptunaSweeper(Sweeper):
         return Tracking.from_config(TrackingConfig(**section), root)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from vaerepro.config import ConfigError
+        from vaerepro.errors import UserError
         from vaerepro.sweep.runner import TooManyFailures
 
         try:
             return self._sweep(arguments)
-        except (ConfigError, TooManyFailures) as err:
+        except UserError as err:
+            # a mistake in the sweep's input: one line and exit status 2, as `vaerepro` reports any UserError
+            # (Hydra would add a hint and exit 1); --debug (VAEREPRO_DEBUG=1) shows the traceback instead
+            if os.environ.get("VAEREPRO_DEBUG") == "1":
+                raise
+            print(f"vaerepro run: vaerepro_optuna: {' '.join(str(err).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except TooManyFailures as err:
             raise SweepError(f"vaerepro_optuna: {err}") from None
 
     def _sweep(self, arguments: list[str]) -> Any:
@@ -129,9 +138,12 @@ class VaereproOptunaSweeper(Sweeper):
             constant_liar=o["constant_liar"],
             report=o["report"],
             trial_timeout=o["trial_timeout"],
+            data_spaces=list(spaces),
         )
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        runner = Sweep(settings, space, sweep_dir=sweep_dir, root=root, tracking=self._tracking(root))
+        # another study's files in the sweep dir, a study of another data space: refused before any write
+        runner.preflight()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        runner = Sweep(settings, space, sweep_dir=sweep_dir, root=root, tracking=self._tracking(root))
         return runner.run()

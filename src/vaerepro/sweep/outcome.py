@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vaerepro.compare import converged
 from vaerepro.config import ConfigError
 from vaerepro.sweep.study import PRUNED_EXIT_CODE
 
@@ -27,7 +28,8 @@ def _log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
 
 
 def trial_facts(trial_dir: Path) -> dict[str, Any]:
-    """likelihood, data_space, improper, latent_dim from the trial's params.yaml; {} when it has none."""
+    """likelihood, data_space, improper, latent_dim from the trial's params.yaml; {} when it has none.
+    (trial_outcome adds `converged`, the verdict of the trial's log p(x) estimate, from its eval.json.)"""
     from vaerepro import config as config_mod
 
     with contextlib.suppress(ConfigError, OSError):
@@ -66,6 +68,9 @@ def trial_outcome(
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         return "FAIL", None, f"exit code 0 but no readable {path}: {err}", facts
+    if isinstance(metrics, dict) and (verdict := converged(metrics)) is not None:
+        # kept with the trial: study.best_trial skips an unconverged log p(x) estimate
+        facts["converged"] = verdict
     value = metrics.get(objective)
     try:
         value = float(value)

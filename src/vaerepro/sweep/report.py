@@ -7,13 +7,11 @@ runs is the run report's (`vaerepro.report_comparison`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from vaerepro.compare import ESTIMATE_METRICS, converged
 from vaerepro.document import (
     Block,
     Caution,
@@ -27,7 +25,8 @@ from vaerepro.document import (
     write_figures,
 )
 from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, override_value
-from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial
+from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, top_trial
+from vaerepro.sweep.study import unconverged as _unconverged
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +51,6 @@ def _objective_rows(study) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _trial_converged(trial) -> bool | None:
-    """The convergence verdict of a trial's log p(x) (its metrics/eval.json), or None when unknown."""
-    try:
-        ev = json.loads((Path(trial.user_attrs["trial_dir"]) / "metrics" / "eval.json").read_text())
-    except (KeyError, OSError, ValueError):
-        return None
-    return converged(ev) if isinstance(ev, dict) else None
-
-
-def _unconverged(trial, objective: str) -> bool:
-    """Whether the trial's objective comes from a log p(x) estimate that has not converged."""
-    return objective in ESTIMATE_METRICS and _trial_converged(trial) is False
 
 
 def _objective_text(trial, objective: str) -> str:
@@ -187,26 +172,16 @@ def _importance_blocks(study) -> list:
     ]
 
 
-def _space_of(trial) -> tuple:
-    return trial.user_attrs.get("data_space"), trial.user_attrs.get("improper")
-
-
-def _unconverged_best(study, best, objective: str) -> str:
-    """The warning for a best trial whose log p(x) estimate has not converged, naming the best trial of its
-    data space whose estimate has converged (or was not checked)."""
-    from optuna.trial import TrialState
-
+def _unconverged_top(top, best, objective: str) -> str:
+    """The warning for a top trial whose log p(x) estimate has not converged, naming the trial that wins
+    instead (study.best_trial: the best of its data space whose estimate has converged or was not checked)."""
     text = (
-        f"the best trial by {objective}, trial {best.number}, rests on a log p(x) estimate that has NOT "
+        f"the best trial by {objective}, trial {top.number}, rests on a log p(x) estimate that has NOT "
         "CONVERGED (its metrics/eval.json says why): it may be far from log p(x) and does not win this sweep."
     )
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    others = [t for t in done if _space_of(t) == _space_of(best) and not _unconverged(t, objective)]
-    if not others:
+    if best is None:
         return text + " No completed trial has a converged estimate."
-    pick = max if study.direction.name == "MAXIMIZE" else min
-    alt = pick(others, key=lambda t: t.value)
-    return text + f" The best trial whose estimate has converged: trial {alt.number} ({alt.value:.4f})."
+    return text + f" The best trial whose estimate has converged: trial {best.number} ({best.value:.4f})."
 
 
 def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, storage: str = "") -> dict:
@@ -223,7 +198,7 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     objective = study.user_attrs.get("objective", "value")
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    best = best_trial(study)
+    top, best = top_trial(study), best_trial(study)
     title = f"Sweep report: study {study.study_name}"
     blocks: list[Block] = [
         Para(
@@ -233,11 +208,11 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
         ),
         Heading("Best trial"),
     ]
-    if best is None:
+    if top is None:
         blocks.append(Caution("no trial has completed yet"))
-    else:
-        if _unconverged(best, objective):
-            blocks.append(Caution(_unconverged_best(study, best, objective)))
+    elif best is None or best.number != top.number:  # the top trial's estimate has not converged
+        blocks.append(Caution(_unconverged_top(top, best, objective)))
+    if best is not None:
         rows = [["trial", str(best.number)], [objective, _objective_text(best, objective)]]
         rows += [[k, override_value(v)] for k, v in best.params.items()]
         rows.append(["command", best_command(best)])

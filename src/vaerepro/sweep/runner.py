@@ -8,7 +8,11 @@ tells the study how it ended.
   heartbeat); a RUNNING trial whose sweep process is gone is failed at the next start and its configuration
   queued again. Several sweep processes may share one study, taking turns under `study.file_lock`.
 - MLflow (tracking/sweep.py): the study's run, and a mark on each trial's run; MLflow trouble is logged,
-  never allowed to stop the study's bookkeeping.
+  never allowed to stop the study's bookkeeping. A sweep that stops on an error stops its running trials
+  and ends the study's run FAILED, with the reason.
+- A trial directory is claimed with a mark (TRIAL_MARK: the study, its storage and STUDY_UID, the trial's
+  number) before anything is written there; a sweep dir holding another study's trials or results is
+  refused (`check_sweep_dir`): never overwrite a finished trial's files.
 
 This module never imports Lightning (about 3 s of every sweep's start-up); trial processes do.
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vaerepro.config import ConfigError
+from vaerepro.errors import Stopped
 from vaerepro.sweep.outcome import trial_outcome
 from vaerepro.sweep.space import SearchSpace, grid_values, override_value, trial_overrides
 from vaerepro.sweep.study import (
@@ -40,11 +45,16 @@ from vaerepro.sweep.study import (
     ENV_STUDY,
     ENV_TRIAL,
     INTERRUPTED,
+    STUDY_UID,
     best_command,
     best_trial,
     count_trials,
+    existing_study,
     file_lock,
     open_study,
+    refuse_other_spaces,
+    study_spaces,
+    top_trial,
     trial_run_ids,
 )
 from vaerepro.tracking import sweep as tracking_sweep
@@ -60,6 +70,40 @@ STOP_GRACE_S = 30.0  # after SIGTERM, how long a stopped trial process has befor
 # trial system attributes (bookkeeping, not shown as user attributes): which sweep process runs the trial,
 # and when it last said so (time.time(), seconds)
 _HOST, _PID, _BEAT = "vaerepro:host", "vaerepro:pid", "vaerepro:heartbeat"
+
+# In each trial directory, written (exclusively) before anything else: which study and trial own it, as JSON
+# {"study_name", "storage", "study_uid", "trial"}
+TRIAL_MARK = ".vaerepro-trial.json"
+RESULTS_FILE = "optimization_results.json"
+
+
+def _read_mark(trial_dir: Path) -> dict | None:
+    """A trial directory's mark, or None when it has none (or one that cannot be read)."""
+    try:
+        mark = json.loads((trial_dir / TRIAL_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) else None
+
+
+def _has_content(trial_dir: Path) -> bool:
+    """Whether a trial directory holds anything but marks (a mark being written: a file TRIAL_MARK.<pid>)."""
+    return any(not p.name.startswith(TRIAL_MARK) for p in trial_dir.iterdir())
+
+
+def _write_mark(trial_dir: Path, mark: dict) -> None:
+    """TRIAL_MARK, created whole or not at all: FileExistsError when the directory has one already."""
+    tmp = trial_dir / f"{TRIAL_MARK}.{os.getpid()}"
+    tmp.write_text(json.dumps(mark) + "\n")
+    try:
+        os.link(tmp, trial_dir / TRIAL_MARK)  # atomic and exclusive: readers never see half a mark
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: exclusive, if not atomic
+        with (trial_dir / TRIAL_MARK).open("x") as fh:
+            fh.write(tmp.read_text())
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -77,6 +121,8 @@ class SweepSettings:
     constant_liar: bool = False
     report: bool = True
     trial_timeout: float | None = None  # seconds; a trial running longer is stopped and marked FAIL
+    # the (data space, improper) groups of this sweep's search space (space.data_spaces' keys); None: unknown
+    data_spaces: list[tuple[str, bool]] | None = None
 
     def __post_init__(self) -> None:
         if self.trial_timeout is not None and not self.trial_timeout > 0:
@@ -148,6 +194,7 @@ class Sweep:
         self.exp_id: str | None = None
         self.running: list[_Running] = []
         self.last_failure = ""
+        self.study_uid: str | None = None  # the study's STUDY_UID, once opened
 
     # -- study bookkeeping (always under the lock) -----------------------------------------------
 
@@ -163,7 +210,96 @@ class Sweep:
             pruner=self.s.pruner,
             multivariate=self.s.multivariate,
             constant_liar=self.s.constant_liar,
+            data_spaces=self.s.data_spaces,
         )
+
+    def preflight(self) -> None:
+        """Refuse (ConfigError), before anything is written, a sweep that would overwrite another study's
+        files (check_sweep_dir) or add trials of another data space to its study (refuse_other_spaces;
+        open_study checks again under the lock). Reads only."""
+        study = existing_study(self.s.storage, self.s.study_name)
+        self.check_sweep_dir(study)
+        if study is not None:
+            adding = set(self.s.data_spaces or ())
+            pruner = self.s.pruner.get("name", "none")
+            refuse_other_spaces(
+                self.s.study_name, self.s.storage, self.s.objective, pruner, study_spaces(study), adding
+            )
+
+    def check_sweep_dir(self, study=None) -> None:
+        """Refuse (ConfigError) a sweep dir holding files of another study: a trial directory with content
+        that is not this study's (its TRIAL_MARK names another study; unmarked, none of this study's trials
+        ran there), or optimization_results.json of another study. `study`: this study if it exists."""
+        if not self.sweep_dir.is_dir():
+            return
+        uid = None if study is None else study.user_attrs.get(STUDY_UID)
+        # trial directories of this study made before trial directories were marked
+        ran_here = set() if study is None else {t.user_attrs.get("trial_dir") for t in study.get_trials()}
+        for d in sorted(self.sweep_dir.glob("trial-*")):
+            if not d.is_dir() or not _has_content(d):
+                continue
+            mark = _read_mark(d)
+            ours = str(d) in ran_here if mark is None else uid is not None and mark.get("study_uid") == uid
+            if not ours:
+                raise ConfigError(self._foreign(d, mark))
+        path = self.sweep_dir / RESULTS_FILE
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(results, dict):
+            return
+        if results.get("study_uid"):
+            ours = results["study_uid"] == uid
+        else:  # written before results named the study's uid
+            same = (results.get("study_name"), results.get("storage")) == (self.s.study_name, self.s.storage)
+            ours = study is not None and same
+        if not ours:
+            raise ConfigError(
+                f"{path} holds the results of study {results.get('study_name')!r} "
+                f"({results.get('storage')}); study {self.s.study_name!r} would overwrite them: give this "
+                "sweep its own hydra.sweep.dir"
+            )
+
+    def _foreign(self, trial_dir: Path, mark: dict | None) -> str:
+        """The refusal of a trial directory that is not this study's."""
+        if mark is None:
+            owner = "files that no trial of this study wrote"
+        else:
+            name, storage = mark.get("study_name"), mark.get("storage")
+            earlier = (name, storage) == (self.s.study_name, self.s.storage)
+            what = "an earlier study named" if earlier else "study"
+            owner = f"trial {mark.get('trial')} of {what} {name!r} ({storage})"
+        return (
+            f"{trial_dir} holds {owner}; study {self.s.study_name!r} would overwrite it: give this sweep its "
+            "own hydra.sweep.dir"
+        )
+
+    def _claim_trial_dir(self, number: int) -> Path:
+        """The trial's directory, marked as this study's trial `number` before anything is written there.
+
+        The mark is created exclusively: a directory another sweep process, study or earlier study of this
+        name marked (or filled without a mark) is refused with ConfigError, unless it is this same trial's."""
+        trial_dir = self.sweep_dir / f"trial-{number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        mark = {
+            "study_name": self.s.study_name,
+            "storage": self.s.storage,
+            "study_uid": self.study_uid,
+            "trial": number,
+        }
+        try:
+            _write_mark(trial_dir, mark)
+        except FileExistsError:
+            found = _read_mark(trial_dir)
+            owner = None if found is None else (found.get("study_uid"), found.get("trial"))
+            if owner != (self.study_uid, number):
+                raise ConfigError(self._foreign(trial_dir, found)) from None
+            return trial_dir
+        if _has_content(trial_dir):  # files nobody marked: not ours
+            (trial_dir / TRIAL_MARK).unlink()
+            raise ConfigError(self._foreign(trial_dir, None))
+        return trial_dir
 
     def _fail_stale(self, study, storage) -> None:
         """Fail the RUNNING trials of dead sweep processes, and queue their configurations again."""
@@ -248,11 +384,16 @@ class Sweep:
             log.warning("trial %d: could not update its MLflow run (%s)", number, err)
             return None
 
-    def _close_parent(self, study, status: str) -> None:
-        """Summary metrics and status of the study's MLflow run (MLflow trouble is logged, not raised)."""
+    def _close_parent(self, study, status: str, reason: str = "") -> None:
+        """Summary metrics and status of the study's MLflow run, and why it failed (the tag
+        vaerepro.failure) when `reason` says; MLflow trouble is logged, not raised."""
         if not self.parent_run_id:
             return
         try:
+            if reason:
+                tracking_sweep.client(self.tracking).set_tag(
+                    self.parent_run_id, "vaerepro.failure", reason[-tracking_sweep.MAX_TAG_CHARS :]
+                )
             self._summarise_parent(study, status)
         except Exception as err:
             log.warning("could not update the study's MLflow run %s (%s)", self.parent_run_id, err)
@@ -287,8 +428,7 @@ class Sweep:
 
     def _launch(self, trial) -> _Running:
         overrides = trial_overrides(self.space, trial.params)
-        trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
-        trial_dir.mkdir(parents=True, exist_ok=True)
+        trial_dir = self._claim_trial_dir(trial.number)
         trial.set_user_attr("trial_dir", str(trial_dir))
         trial.set_user_attr("overrides", overrides)
         env = {
@@ -305,17 +445,21 @@ class Sweep:
             env["MLFLOW_TRACKING_URI"] = self.tracking.uri
         if self.s.n_jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.s.n_jobs))
-        cmd = [
+        cmd = self._trial_command(overrides, trial_dir)
+        log_file = (trial_dir / "trial.log").open("w")
+        log.info("trial %d: %s", trial.number, " ".join(overrides) or "(defaults)")
+        proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return _Running(trial, proc, trial_dir, overrides, log_file)
+
+    def _trial_command(self, overrides: list[str], trial_dir: Path) -> list[str]:
+        """A trial process's command line (trial.py)."""
+        return [
             sys.executable,
             "-m",
             "vaerepro.sweep",
             *overrides,
             f"hydra.run.dir={override_value(str(trial_dir))}",
         ]
-        log_file = (trial_dir / "trial.log").open("w")
-        log.info("trial %d: %s", trial.number, " ".join(overrides) or "(defaults)")
-        proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        return _Running(trial, proc, trial_dir, overrides, log_file)
 
     def _finish(self, study, r: _Running, rc: int) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -373,47 +517,70 @@ class Sweep:
             with contextlib.suppress(Exception):
                 storage.set_trial_system_attr(r.trial._trial_id, _BEAT, now)
 
-    def _interrupt(self, study, storage) -> None:
-        """Stop the running trials (Ctrl-C, SIGTERM): failed and queued again, as a resume would."""
-        from optuna.trial import TrialState
-
-        for r in self.running:
+    def _interrupt(self, study, storage, reason: str = "interrupted") -> None:
+        """Stop the running trials (Ctrl-C, SIGTERM, an error of the sweep): failed and queued again, as a
+        resume would. A trial process that has exited already ended on its own: recorded as it ended."""
+        running, self.running = self.running, []
+        for r in list(running):
+            if (rc := r.proc.poll()) is not None:
+                running.remove(r)
+                self._finish_quietly(study, r, rc)
+        for r in running:
             with contextlib.suppress(OSError):
                 r.proc.terminate()
-        for r in self.running:
+        for r in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 r.proc.wait(timeout=STOP_GRACE_S)
+            if r.proc.returncode == 0:  # it finished before the SIGTERM reached it
+                self._finish_quietly(study, r, 0)
+                continue
             r.log_file.close()
-            with contextlib.suppress(Exception):
-                storage.set_trial_system_attr(r.trial._trial_id, INTERRUPTED, True)
-                study.tell(r.trial, state=TrialState.FAIL)
-                study.enqueue_trial(r.trial.params, user_attrs={"retry_of": r.trial.number})
-                self._mlflow_trial_done(r.trial.number, "FAIL", "interrupted", r.trial.params)
-        self.running = []
+            self._abandon(study, storage, r.trial, reason)
+
+    def _finish_quietly(self, study, r: _Running, rc: int) -> None:
+        """_finish, while the sweep stops: a trouble is logged, and the other trials are still stopped."""
+        try:
+            self._finish(study, r, rc)
+        except Exception:
+            log.exception("trial %d: could not record how it ended", r.trial.number)
+
+    def _abandon(self, study, storage, trial, reason: str) -> None:
+        """A trial stopped (or never started) by the sweep itself: FAIL, not counted (INTERRUPTED), and its
+        configuration queued again."""
+        from optuna.trial import TrialState
+
+        with contextlib.suppress(Exception):
+            storage.set_trial_system_attr(trial._trial_id, INTERRUPTED, True)
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            self._mlflow_trial_done(trial.number, "FAIL", reason, trial.params)
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self):
         """Run trials until the study holds n_trials (or the grid is done, or too many failed)."""
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(self.lock_path):
+            self.check_sweep_dir(existing_study(self.s.storage, self.s.study_name))
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
             study, storage = self._open_study()
+            self.study_uid = study.user_attrs.get(STUDY_UID)
             self._mlflow_parent(study)
-            self._fail_stale(study, storage)
-        log.info(
-            "study %s (%s, %s %s) in %s; MLflow run %s",
-            self.s.study_name,
-            self.s.sampler.get("name"),
-            self.s.direction,
-            self.s.objective,
-            self.s.storage,
-            self.parent_run_id,
-        )
         grid_size = self._grid_size()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         stopped = ""
         last_beat = time.monotonic()
-        try:
+        try:  # from here on, the study's MLflow run is RUNNING: every way out ends it
+            with file_lock(self.lock_path):
+                self._fail_stale(study, storage)
+            log.info(
+                "study %s (%s, %s %s) in %s; MLflow run %s",
+                self.s.study_name,
+                self.s.sampler.get("name"),
+                self.s.direction,
+                self.s.objective,
+                self.s.storage,
+                self.parent_run_id,
+            )
             while True:
                 while not stopped and len(self.running) < self.s.n_jobs:
                     with file_lock(self.lock_path):
@@ -431,7 +598,11 @@ class Sweep:
                         storage.set_trial_system_attr(trial._trial_id, _HOST, socket.gethostname())
                         storage.set_trial_system_attr(trial._trial_id, _PID, os.getpid())
                         storage.set_trial_system_attr(trial._trial_id, _BEAT, time.time())
-                    self.running.append(self._launch(trial))
+                    try:
+                        self.running.append(self._launch(trial))
+                    except BaseException as err:
+                        self._abandon(study, storage, trial, f"not started: {err}")
+                        raise
                 if not self.running:
                     break
                 time.sleep(POLL_S)
@@ -444,9 +615,16 @@ class Sweep:
                 if time.monotonic() - last_beat > HEARTBEAT_S:
                     self._heartbeat(storage)
                     last_beat = time.monotonic()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stopped):
             self._interrupt(study, storage)
             self._close_parent(study, "KILLED")
+            raise
+        except BaseException as err:
+            # never leave the study's run or a trial RUNNING: stop the trials as an interruption would
+            reason = f"the sweep stopped on an error: {type(err).__name__}: {err}"
+            log.error(reason)
+            self._interrupt(study, storage, reason=f"interrupted: {reason}")
+            self._close_parent(study, "FAILED", reason=reason)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -468,6 +646,7 @@ class Sweep:
             "name": "vaerepro_optuna",
             "study_name": self.s.study_name,
             "storage": self.s.storage,
+            "study_uid": self.study_uid,
             "objective": self.s.objective,
             "direction": self.s.direction,
             "best_value": None if best is None else best.value,
@@ -475,7 +654,7 @@ class Sweep:
             "best_command": None if best is None else best_command(best),
             "mlflow_parent_run_id": self.parent_run_id,
         }
-        (self.sweep_dir / "optimization_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (self.sweep_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         if best is not None:
             log.info(
                 "best trial %d: %s = %.4f\n  %s",
@@ -483,6 +662,14 @@ class Sweep:
                 self.s.objective,
                 best.value,
                 best_command(best),
+            )
+        elif (top := top_trial(study)) is not None:
+            log.warning(
+                "no trial wins this sweep: the best by %s, trial %d (%.4f), rests on a log p(x) estimate "
+                "that has NOT CONVERGED, as does every other completed trial of its data space",
+                self.s.objective,
+                top.number,
+                top.value,
             )
         return results
 

@@ -8,14 +8,17 @@ command again; several sweep processes may share one study, serialised by `file_
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shlex
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from vaerepro.compare import ESTIMATE_METRICS, converged, space_label
 from vaerepro.config import ConfigError
-from vaerepro.sweep.space import SearchSpace, grid_values, override_value
+from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, SearchSpace, grid_values, override_value
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,13 @@ PRUNED_EXIT_CODE = 3  # a trial process stopped by the pruner (1: an error, 2: a
 # sweep process was interrupted or died, and does not count towards n_trials (its configuration is queued
 # again). The scheduler's own attributes (host, pid, heartbeat) are in runner.py.
 INTERRUPTED = "vaerepro:interrupted"
+
+# A study user attribute: a random id given to the study when vaerepro first opens it. Trial directories
+# carry it (runner.TRIAL_MARK), so that a study of the same name created again later is another owner.
+STUDY_UID = "study_uid"
+# A study user attribute: the (data space, improper) groups its trials were composed in, as [space, improper]
+# lists; a density objective or a pruner never lets a study hold two (refuse_other_spaces).
+DATA_SPACES = "data_spaces"
 
 
 # ---------------------------------------------------------------------------------- samplers, pruners
@@ -143,12 +153,15 @@ def open_study(
     pruner: Mapping[str, Any] | None,
     multivariate: bool = False,
     constant_liar: bool = False,
+    data_spaces: Iterable[tuple[str, bool]] | None = None,
 ):
     """(study, storage): the study created, or loaded to resume it, with the calling sweep process's sampler.
 
-    Refuses a study of another direction or objective. Keeps the objective and search space in the study's
-    user attributes, and counts the sweep processes that opened it (sweep_processes). Call it under
-    `file_lock`: several sweep processes may open one study at once.
+    Refuses a study of another direction or objective, and one whose trials are in other data spaces than
+    `data_spaces` (this sweep's, space.data_spaces' keys) where the objective or the pruner cannot compare
+    them (refuse_other_spaces). Keeps the objective, search space and data spaces in the study's user
+    attributes, gives the study its STUDY_UID, and counts the sweep processes that opened it
+    (sweep_processes). Call it under `file_lock`: several sweep processes may open one study at once.
     """
     import warnings
 
@@ -169,6 +182,13 @@ def open_study(
             f"study {study_name!r} in {storage} optimises {attrs['objective']}, not "
             f"{objective}: use another hydra.sweeper.study_name (or the same objective)"
         )
+    held = study_spaces(study)
+    adding = {(str(space), bool(improper)) for space, improper in data_spaces or ()}
+    refuse_other_spaces(study_name, storage, objective, (pruner or {}).get("name", "none"), held, adding)
+    if sorted(held | adding) != sorted(held) or DATA_SPACES not in attrs:
+        study.set_user_attr(DATA_SPACES, [list(g) for g in sorted(held | adding)])
+    if STUDY_UID not in attrs:
+        study.set_user_attr(STUDY_UID, uuid.uuid4().hex)
     if "objective" not in attrs:
         study.set_user_attr("objective", objective)
     # the objective's name where Optuna shows values (dashboard, trials_dataframe), not "Objective 0";
@@ -189,6 +209,58 @@ def open_study(
     )
     study.pruner = make_pruner(pruner)
     return study, store
+
+
+def study_spaces(study) -> set[tuple[str, bool]]:
+    """The (data space, improper) groups a study holds: those recorded (DATA_SPACES) and those of its
+    trials (their data_space and improper user attributes, from each trial's params.yaml)."""
+    groups = {(str(space), bool(improper)) for space, improper in study.user_attrs.get(DATA_SPACES, [])}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("data_space") is not None:
+            groups.add((str(t.user_attrs["data_space"]), bool(t.user_attrs.get("improper", False))))
+    return groups
+
+
+def refuse_other_spaces(
+    study_name: str,
+    storage: str,
+    objective: str,
+    pruner: str,
+    held: set[tuple[str, bool]],
+    adding: set[tuple[str, bool]],
+) -> None:
+    """Refuse to add trials of one (data space, improper) group to a study holding another, when the study's
+    objective is in its data space's units or a pruner compares validation ELBOs across trials: resuming
+    `likelihood=bernoulli` with `likelihood=gaussian` would rank a pmf against a density."""
+    if len(held | adding) <= 1 or (objective in SPACE_FREE_OBJECTIVES and pruner == "none"):
+        return
+
+    def listing(groups):
+        return "; ".join(space_label(s, imp) for s, imp in sorted(groups)) or "none"
+
+    why = (
+        f"its objective {objective} has different units there"
+        if objective not in SPACE_FREE_OBJECTIVES
+        else f"hydra/sweeper/pruner={pruner} compares validation ELBOs, in different units there"
+    )
+    raise ConfigError(
+        f"study {study_name!r} in {storage} holds trials of {listing(held)}; this sweep's trials would be "
+        f"in {listing(adding - held) if adding - held else listing(adding)}, and {why}: "
+        "use another hydra.sweeper.study_name for another data space"
+    )
+
+
+def existing_study(storage: str, study_name: str):
+    """The study `study_name` in `storage`, loaded without creating anything for a journal file that is not
+    there; None when there is no such study."""
+    import optuna
+
+    if "://" not in storage and not Path(storage).is_file():
+        return None
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        return None
 
 
 def count_trials(study) -> dict[str, int]:
@@ -213,8 +285,25 @@ def count_trials(study) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------- the results
 
 
-def best_trial(study):
-    """The best COMPLETE trial in the study's direction, or None."""
+def trial_converged(trial) -> bool | None:
+    """The convergence verdict of a trial's log p(x) estimate: its user attribute `converged` (set when it
+    finished), else its metrics/eval.json; None when unknown."""
+    if isinstance(trial.user_attrs.get("converged"), bool):
+        return trial.user_attrs["converged"]
+    try:
+        ev = json.loads((Path(trial.user_attrs["trial_dir"]) / "metrics" / "eval.json").read_text())
+    except (KeyError, TypeError, OSError, ValueError):
+        return None
+    return converged(ev) if isinstance(ev, dict) else None
+
+
+def unconverged(trial, objective: str) -> bool:
+    """Whether the trial's objective comes from a log p(x) estimate that has not converged."""
+    return objective in ESTIMATE_METRICS and trial_converged(trial) is False
+
+
+def top_trial(study):
+    """The COMPLETE trial with the best value in the study's direction, converged or not, or None."""
     from optuna.trial import TrialState
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -222,6 +311,30 @@ def best_trial(study):
         return None
     pick = max if study.direction.name == "MAXIMIZE" else min
     return pick(done, key=lambda t: t.value)
+
+
+def best_trial(study):
+    """The trial that wins the study, or None: the best COMPLETE trial in the study's direction, skipping
+    trials whose objective is a log p(x) estimate that has not converged (it may be far from log p(x)).
+
+    When the top trial is skipped, the winner is the best converged (or unchecked) trial of its data space.
+    The one selector of the results file, the study's MLflow run and the sweep report."""
+    from optuna.trial import TrialState
+
+    top = top_trial(study)
+    objective = study.user_attrs.get("objective", "")
+    if top is None or not unconverged(top, objective):
+        return top
+
+    def space(t):
+        return t.user_attrs.get("data_space"), bool(t.user_attrs.get("improper", False))
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    others = [t for t in done if space(t) == space(top) and not unconverged(t, objective)]
+    if not others:
+        return None
+    pick = max if study.direction.name == "MAXIMIZE" else min
+    return pick(others, key=lambda t: t.value)
 
 
 def best_command(trial) -> str:
