@@ -263,7 +263,8 @@ def test_the_measured_difference_reaches_mlflow(tmp_path, monkeypatch):
             pass
 
         def get_run(self, run_id):
-            return type("Run", (), {"data": type("Data", (), {"params": dict(calls["params"])})()})()
+            data = {"params": dict(calls["params"]), "tags": {}, "metrics": {}}  # not evaluated before
+            return type("Run", (), {"data": type("Data", (), data)()})()
 
         def log_param(self, run_id, key, value):
             calls["params"][key] = value

@@ -310,8 +310,8 @@ CASES = [
         "report_corrupt_run_file",
         ["report"],
         None,
-        _corrupt("models/mlflow_run.json", b"[1, 2"),
-        "mlflow_run.json",
+        _corrupt("artifacts/mlflow_run.json", b"[1, 2"),  # the run the evaluation logged to
+        "artifacts/mlflow_run.json",
     ),
     ("train_corrupt_store", ["train"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),
     ("report_corrupt_store", ["report"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),

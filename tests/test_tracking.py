@@ -415,3 +415,38 @@ def test_a_resumed_training_whose_run_holds_epochs_past_the_checkpoint_goes_on_i
     before = client.get_run(old)
     assert before.info.status == "KILLED" and before.data.tags["vaerepro.continued_in"] == new
     assert "epochs 2-2 ran past models/last.ckpt" in before.data.tags["vaerepro.failure"]
+
+
+@pytest.mark.slow
+def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path, monkeypatch):
+    """`dvc exp run -S eval.num_samples=...` on a trained model: the training's run keeps its evaluation
+    (MLflow params cannot change, and a metric shows its latest value: the new K's number would have been
+    shown under the old K), and the new one goes to a child run with its own K, report and status."""
+    from mlflow import MlflowClient
+
+    from vaerepro.cli import stage_evaluate, stage_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    first = run_pipeline(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
+    trained = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    again = tiny_config("eval.num_samples=30", tracking=True, raw_dir=raw_dir)
+    second = stage_evaluate(again, out, ROOT, progress=False)
+    stage_report(again, out, ROOT)
+    client = MlflowClient(uri)
+    child = json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"]
+    assert child != trained
+    old, new = client.get_run(trained), client.get_run(child)
+    assert old.data.params["eval.num_samples"] == old.data.tags["vaerepro.eval.num_samples"] == "20"
+    assert old.data.metrics["binary/test/log_px"] == pytest.approx(first["log_px"])
+    assert new.data.params["eval.num_samples"] == new.data.tags["vaerepro.eval.num_samples"] == "30"
+    assert new.data.metrics["binary/test/log_px"] == pytest.approx(second["log_px"])
+    assert new.data.tags["mlflow.parentRunId"] == new.data.tags["vaerepro.evaluates"] == trained
+    assert new.data.tags["data_space"] == "binary" and new.info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(child)} >= {"metrics", "report"}
+    rows = {r["run_id"]: r for r in tracking.experiment_runs(again.tracking, ROOT)}
+    assert (rows[trained]["num_samples"], rows[child]["num_samples"]) == ("20", "30")
+    # the first K again: the training's own run, as the same measurement
+    stage_evaluate(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
+    assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] == trained

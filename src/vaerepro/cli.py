@@ -104,7 +104,9 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
 
     metrics = evaluate(cfg, out_dir, progress=progress)
     if metrics is not None and cfg.tracking.enabled:
-        tracking.log_evaluation(cfg, out_dir, metrics)
+        tracking.log_evaluation(cfg, out_dir, metrics)  # names the run it logged to in artifacts/
+    elif metrics is not None:  # an earlier evaluation's run is not this one's
+        (out_dir / tracking.EVAL_RUN_DIR / tracking.RUN_FILE).unlink(missing_ok=True)
     return metrics
 
 
@@ -115,7 +117,7 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     runs = tracking.experiment_runs(cfg.tracking, root) if cfg.tracking.enabled else []
     paths = write_report(out_dir, cfg.to_dict(), runs)
     if cfg.tracking.enabled:
-        tracking.log_report(out_dir / "models", Path(paths["html"]).parent)
+        tracking.log_report(out_dir, Path(paths["html"]).parent)
         _print_ui_link(cfg, root)
     return paths
 
@@ -185,11 +187,13 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         # FINISHED when the report, the last stage, is written, and FAILED or KILLED if a stage after
         # training does not finish.
         stage_train(cfg, out_dir, root, progress, finish_run=False)
+        evaluated = False
         try:
             metrics = stage_evaluate(cfg, out_dir, root, progress)
+            evaluated = True
             stage_report(cfg, out_dir, root)
         except BaseException as exc:
-            _end_run_after(cfg, out_dir, exc)
+            _end_run_after(cfg, out_dir, exc, evaluated=evaluated)
             raise
         return metrics
     finally:
@@ -201,13 +205,13 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
                 os.environ[k] = v
 
 
-def _end_run_after(cfg: Config, out_dir: Path, exc: BaseException) -> None:
-    """Mark the run in out_dir/models/mlflow_run.json FAILED or KILLED (the reason as a tag) after a stage
-    that follows training did not finish."""
+def _end_run_after(cfg: Config, out_dir: Path, exc: BaseException, *, evaluated: bool) -> None:
+    """Mark FAILED or KILLED (the reason as a tag) the run a stage after training did not finish in: the
+    evaluation's once it has logged (`evaluated`: the report failed), else the training's."""
     if cfg.tracking.enabled:
         from vaerepro import tracking
 
-        tracking.end_recorded_run(out_dir / "models", tracking.status_of(exc), exc)
+        tracking.end_recorded_run(out_dir, tracking.status_of(exc), exc, evaluated=evaluated)
 
 
 STAGES = {"prepare": stage_prepare, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
@@ -409,7 +413,7 @@ def _main(argv: list[str]) -> int:
     except BaseException as exc:
         # A stage after training that did not finish marks the run; a refused input leaves it as it was.
         if args.command in ("evaluate", "report") and _user_error(exc) is None:
-            _end_run_after(cfg, out_dir, exc)
+            _end_run_after(cfg, out_dir, exc, evaluated=args.command == "report")
         raise
     finally:
         _leave_process_group()

@@ -14,6 +14,7 @@ The stages (prepare, train, evaluate, report) do not import it: the command line
 
 from vaerepro.tracking.names import BOOKKEEPING, SPACE_FREE, SPACES, metric_name, space_name
 from vaerepro.tracking.runs import (
+    EVAL_RUN_DIR,
     FAILURE_TAG,
     RUN_FILE,
     complete_curve,
@@ -49,6 +50,7 @@ from vaerepro.tracking.store import (
 
 __all__ = [
     "BOOKKEEPING",
+    "EVAL_RUN_DIR",
     "FAILURE_TAG",
     "LOCAL_UI",
     "RUN_FILE",

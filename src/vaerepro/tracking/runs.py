@@ -193,6 +193,10 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
 
     client = MlflowClient(uri)
     space = space_name(cfg.data_space, cfg.improper)
+    k, test_set = str(metrics.get("num_samples", cfg.eval.num_samples)), test_set_digest(out_dir / "prepared")
+    run_id = evaluation_run(client, run_id, cfg, k, test_set)
+    (out_dir / EVAL_RUN_DIR).mkdir(parents=True, exist_ok=True)
+    write_run_id(out_dir / EVAL_RUN_DIR, run_id, uri)  # the run these numbers went to: the report's too
     log_config(client, run_id, cfg.to_dict(), keys=("eval",))
     conv = metrics.get("convergence") or {}
     numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
@@ -205,8 +209,8 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
         client.set_tag(run_id, "vaerepro.converged", str(bool(metrics["converged"])).lower())
     # what the numbers measured (compare.measurement): tags, which a later evaluation of the run updates with
     # its numbers, where the eval.* params keep the first evaluation's values
-    client.set_tag(run_id, K_TAG, str(metrics.get("num_samples", cfg.eval.num_samples)))
-    if (test_set := test_set_digest(out_dir / "prepared")) is not None:
+    client.set_tag(run_id, K_TAG, k)
+    if test_set is not None:
         client.set_tag(run_id, TEST_SET_TAG, test_set)
     log_metrics(client, run_id, numbers, prefix="test/", space=space)
     name = metric_name("test/log_px_ladder", space)
@@ -219,6 +223,45 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
 
 K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
 TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
+EVALUATES_TAG = "vaerepro.evaluates"  # an evaluation run's training run (evaluation_run)
+EVAL_RUN_DIR = "artifacts"  # the evaluate stage's output folder, where it names the run it logged to
+
+
+def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | None) -> str:
+    """The run an evaluation of training run `run_id` is logged to: that run, unless it already holds an
+    evaluation of another measurement (another K or test set: `dvc exp run -S eval.num_samples=5000` on a
+    trained model); then a new run, a child of it (tag vaerepro.evaluates), so that neither evaluation's
+    numbers are shown under the other's K. MLflow params cannot change, and metrics show the latest value."""
+    run = client.get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    done_k = tags.get(K_TAG)
+    if done_k is None:  # evaluated before these tags existed, or not evaluated yet
+        if metric_name("test/log_px", space_name(cfg.data_space, cfg.improper)) not in run.data.metrics:
+            return run_id
+        done_k = tags.get("changed.eval.num_samples", params.get("eval.num_samples"))
+    if done_k == k and tags.get(TEST_SET_TAG, test_set) == test_set:
+        return run_id  # the same measurement again (e.g. after a code change): it replaces the numbers
+    kept = {
+        key: v
+        for key, v in tags.items()
+        if not key.startswith(("mlflow.", "changed.")) and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG)
+    }
+    kept.pop("vaerepro.converged", None)
+    new = client.create_run(
+        run.info.experiment_id,
+        run_name=f"{run.info.run_name}-K{k}",
+        tags={**kept, "mlflow.parentRunId": run_id, EVALUATES_TAG: run_id},
+    ).info.run_id
+    log_config(client, new, cfg.to_dict())
+    log.info("run %s holds an evaluation with K=%s: this one, K=%s, goes to run %s", run_id, done_k, k, new)
+    return new
+
+
+def stage_run_id(out_dir: Path) -> tuple[str | None, str | None]:
+    """The run the stages after training report to: the evaluation's (out_dir/artifacts/mlflow_run.json,
+    evaluation_run) when there is one, else the training's (out_dir/models/mlflow_run.json)."""
+    run_id, uri = read_run_id(out_dir / EVAL_RUN_DIR)
+    return (run_id, uri) if run_id else read_run_id(out_dir / "models")
 
 
 def test_set_digest(prepared: Path) -> str | None:
@@ -230,9 +273,10 @@ def test_set_digest(prepared: Path) -> str | None:
         return None
 
 
-def log_report(model_dir: Path, report_dir: Path) -> None:
-    """The report's files as the run's `report/` artifacts; the run is then FINISHED (its last stage)."""
-    run_id, uri = read_run_id(model_dir)
+def log_report(out_dir: Path, report_dir: Path) -> None:
+    """The report's files as `report/` artifacts of the run the evaluation logged to (stage_run_id); the run
+    is then FINISHED (its last stage)."""
+    run_id, uri = stage_run_id(out_dir)
     if run_id:
         from mlflow import MlflowClient
 
@@ -382,9 +426,13 @@ def one_line(reason: BaseException | str) -> str:
     return f"{type(reason).__name__}: {text[0] if text else ''}"
 
 
-def end_recorded_run(model_dir: Path, status: str, reason: BaseException | str | None = None) -> None:
-    """End the run that models/mlflow_run.json names (the pipeline's stages after `train` share it)."""
-    run_id, uri = read_run_id(model_dir)
+def end_recorded_run(
+    out_dir: Path, status: str, reason: BaseException | str | None = None, *, evaluated: bool = True
+) -> None:
+    """End the run a stage after `train` did not finish in: the one the evaluation logged to (stage_run_id)
+    once it has (`evaluated`), else the training's; an earlier evaluation's run is never marked for a later
+    one's failure."""
+    run_id, uri = stage_run_id(out_dir) if evaluated else read_run_id(out_dir / "models")
     if run_id:
         from mlflow import MlflowClient
 
