@@ -254,6 +254,20 @@ def test_density_objective_refused_across_data_spaces():
     sweep.refuse_mixed_spaces("log_px", "median", one)  # one data space: fine
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["eval.num_samples", "data", "data.source", "data.path", "data.max_examples", "data.split_seed"],
+)
+def test_a_search_space_over_what_trials_measure_is_refused(key):
+    """Trials with another K, or on another data set or split, are not one measurement (compare.measurement):
+    no objective or pruner ranks them in one study."""
+    space = sweep.parse_search_space({key: "choice(1, 2)", "model.latent_dim": "choice(2, 5)"}, [])
+    with pytest.raises(ConfigError, match=rf"sweeps {key}, which changes what each trial measures"):
+        sweep.refuse_swept_measurement(space)
+    for same in ("data.space", "data.raw_dir", "eval.seed", "seed", "eval.chunk_size"):
+        sweep.refuse_swept_measurement(sweep.parse_search_space({same: "choice(1, 2)"}, []))
+
+
 def test_trial_outcomes(tmp_path):
     """Exit codes and eval.json values -> Optuna states: pruned, failed, NaN objective, complete."""
     from vaerepro.sweep.outcome import trial_outcome
@@ -652,33 +666,33 @@ def test_killed_sweep_resumes_without_duplicates(project):
 
 @pytest.mark.slow
 def test_failed_trial_is_marked_and_the_sweep_goes_on(project):
-    # a grid: one trial fails its config validation (max_examples must be >= 3), the other trains
+    # a grid: one trial fails its config validation (batch_size must be >= 1), the other trains
     study_name = "failing"
     _sweep(
         project,
         study_name,
         "hydra/sweeper/sampler=grid",
-        "data.max_examples=choice(2,600)",
+        "train.batch_size=choice(0,50)",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.max_failure_rate=0.5",
     )
-    trials = {t.params["data.max_examples"]: t for t in _study(project, study_name).get_trials()}
-    assert (trials[2].state.name, trials[600].state.name) == ("FAIL", "COMPLETE")
-    assert trials[2].user_attrs["returncode"] == 2
+    trials = {t.params["train.batch_size"]: t for t in _study(project, study_name).get_trials()}
+    assert (trials[0].state.name, trials[50].state.name) == ("FAIL", "COMPLETE")
+    assert trials[0].user_attrs["returncode"] == 2
     _, children = _runs(project, study_name)
-    failed = children[trials[2].number]
+    failed = children[trials[0].number]
     assert failed.info.status == "FAILED" and failed.data.tags["vaerepro.trial_state"] == "FAIL"
-    assert "max_examples" in failed.data.tags["vaerepro.failure"]
-    assert failed.data.params["sweep.data.max_examples"] == "2"
-    assert children[trials[600].number].info.status == "FINISHED"
+    assert "batch_size" in failed.data.tags["vaerepro.failure"]
+    assert failed.data.params["sweep.train.batch_size"] == "0"
+    assert children[trials[50].number].info.status == "FINISHED"
 
     # with max_failure_rate=0 the first failure stops the sweep, with a message and a non-zero exit
     proc = _sweep(
         project,
         "stops",
         "hydra/sweeper/sampler=grid",
-        "data.max_examples=choice(1,2)",
+        "train.batch_size=choice(0,-1)",
         "hydra.sweeper.n_trials=2",
         check=False,
     )

@@ -122,6 +122,7 @@ class VaereproOptunaSweeper(Sweeper):
                 "nothing to sweep: give hydra.sweeper.params (e.g. +sweep=aevb) or key=choice(...) overrides"
             )
         direction = sweep.resolve_direction(o["objective"], o["direction"])
+        sweep.refuse_swept_measurement(space)  # the data set, its splits or K: not one measurement
         spaces = sweep.data_spaces(space, self._compose)
         sweep.refuse_mixed_spaces(o["objective"], o["pruner"].get("name", "none"), spaces)
         settings = SweepSettings(

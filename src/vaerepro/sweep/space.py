@@ -203,6 +203,31 @@ def data_spaces(
     return spaces
 
 
+# Data keys that only say where the files are, or cap their size: the same test images whatever their value.
+_SAME_IMAGES = ("data.space", "data.raw_dir", "data.url", "data.max_npz_bytes")
+
+
+def _measurement_key(key: str) -> bool:
+    """Whether sweeping `key` changes what a trial measures (compare.measurement): K, or the data set and
+    its splits (the data group, data.source, data.path, the fractions, sizes and split seed). data.space is
+    refuse_mixed_spaces's; the seeds only redraw the randomness of one measurement."""
+    key = key.lstrip("+~")
+    return key in ("eval.num_samples", "data") or (key.startswith("data.") and key not in _SAME_IMAGES)
+
+
+def refuse_swept_measurement(space: SearchSpace) -> None:
+    """Refuse a search space over keys that change what a trial measures (_measurement_key), whatever the
+    objective: a best trial across data sets or splits is not a better model of one data set, and log p(x)
+    estimates with another K are lower or higher by K as much as by model; so is a pruner's comparison."""
+    swept = sorted(k for k in space.distributions if _measurement_key(k))
+    if swept:
+        raise ConfigError(
+            f"the search space sweeps {', '.join(swept)}, which changes what each trial measures (the data "
+            "set, its test split or the number of importance samples K): its trials cannot be ranked in one "
+            "study. Sweep those keys as separate studies (hydra.sweeper.study_name), one value each"
+        )
+
+
 def refuse_mixed_spaces(objective: str, pruner: str, spaces: Mapping[tuple[str, bool], list[str]]) -> None:
     """Refuse a density objective, or validation-ELBO pruning, over several data spaces (or improper runs).
 
