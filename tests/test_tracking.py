@@ -450,3 +450,17 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
     # the first K again: the training's own run, as the same measurement
     stage_evaluate(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
     assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] == trained
+
+
+def test_the_data_version_of_a_run_on_your_own_file_is_that_file_s(tmp_path):
+    """data.dvc versions data/, where the embedded and downloaded sources live, not the .npz data.path names:
+    a run on that file is tagged with the file's own md5."""
+    import hashlib
+
+    import numpy as np
+
+    np.savez(tmp_path / "mine.npz", x=np.zeros((4, 9), np.float32))
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef.dir\n  path: data\n")
+    own = tracking.run_tags(tiny_config("data=npz", f"data.path={tmp_path / 'mine.npz'}"), tmp_path)
+    assert own["data_version"] == hashlib.md5((tmp_path / "mine.npz").read_bytes()).hexdigest()
+    assert tracking.run_tags(tiny_config(), tmp_path)["data_version"] == "0123456789abcdef.dir"

@@ -24,6 +24,7 @@ from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
+from vaerepro.sources import file_md5
 from vaerepro.tracking.names import metric_name, space_name
 from vaerepro.tracking.store import (
     causes,
@@ -91,7 +92,12 @@ def run_tags(cfg: Config, root: Path) -> dict[str, str]:
     if (commit := git_commit(root)) is not None:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
-    if (version := data_version(root)) is not None:
+    if cfg.data.source == "npz":  # the user's file, which data.dvc does not track: its own md5
+        path = Path(cfg.data.path) if cfg.data.path else None
+        version = file_md5(path) if path is not None and path.is_file() else None
+    else:
+        version = data_version(root)
+    if version is not None:
         tags["data_version"] = version
     # A sweep trial (vaerepro.sweep sets these): a child of the study's run, named by study and trial number.
     # A DVC experiment (`dvc exp run` sets these): its name and the commit it is based on.
