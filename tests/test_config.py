@@ -101,6 +101,8 @@ def test_two_stochastic_layers_validate():
         (["train.optimizer=sgd"], "train.optimizer", "adagrad"),
         (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data", "no training data"),
         (["data=npz"], "data", "data.path"),
+        (["data.path=/x.npz"], "data", "data.path is for your own .npz (data=npz), not data.source=mnist5k"),
+        (["data=npz", "data.path=/x.npz", "data.url=http://h/x"], "data", "data.url is for downloaded"),
         (["data.source=cifar"], "data.source", "'fashion_mnist', 'frey_faces' or 'npz'"),
         (["data.space=grey"], "data.space", "'auto', 'binary' or 'continuous'"),
         (["likelihood=gaussian", "data.space=binary"], "data.space", "binary"),

@@ -390,7 +390,13 @@ BAD_NPZ = {
     "ndim4": (_save(x=np.zeros((2, 3, 4, 5), np.uint8)), "got ndim 4"),
     "ndim1": (_save(x=np.zeros(5, np.uint8)), "got ndim 1"),
     "empty": (_save(x=np.zeros((0, 28, 28), np.uint8)), "x is empty"),
-    "above_one": (_save(x=np.full((3, 4), 2.0)), "float x must lie in [0, 1], found range [2, 2]"),
+    "above_one": (_save(x=np.full((3, 4), 2.0)), "float x must lie in [0, 1], found range [2.0, 2.0]"),
+    # a rounding above 1 shows as such, and is not taken for 8-bit levels
+    "just_above_one": (
+        _save(x=np.array([[0.5, np.nextafter(np.float32(1), np.float32(2))]], np.float32)),
+        "found range [0.5, 1.0000001192092896]",
+    ),
+    "directory": (lambda p: p.mkdir(), "a directory, not an .npz file"),
     "negative": (_save(x=np.full((3, 4), -0.5)), "float x must lie in [0, 1]"),
     "nan": (_save(x=np.array([[0.5, np.nan]])), "x contains NaN or inf"),
     "inf": (_save(x=np.array([[0.5, np.inf]])), "x contains NaN or inf"),

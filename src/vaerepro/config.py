@@ -78,6 +78,10 @@ class DataConfig(_Section):
             raise ValueError(f"val_fraction + test_fraction = {total:g} leaves no training data")
         if self.source == "npz" and not self.path:
             raise ValueError("source=npz needs data.path=/path/to/file.npz")
+        if self.source != "npz" and self.path:  # else prepare would read the source and ignore the file
+            raise ValueError(f"data.path is for your own .npz (data=npz), not data.source={self.source}")
+        if self.source == "npz" and self.url:
+            raise ValueError("data.url is for downloaded sources; your .npz is read from data.path")
         return self
 
 

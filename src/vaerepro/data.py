@@ -159,8 +159,9 @@ def validate_arrays(
             raise DataError(f"{file}: x contains NaN or inf")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
-            hint = " (8-bit levels? store them as uint8)" if hi <= 255 and lo >= 0 else ""
-            raise DataError(f"{file}: float x must lie in [0, 1], found range [{lo:g}, {hi:g}]{hint}")
+            hint = " (8-bit levels? store them as uint8)" if 1.5 < hi <= 255 and lo >= 0 else ""
+            # repr: a value a rounding above 1 shows as 1.0000001, not as 1
+            raise DataError(f"{file}: float x must lie in [0, 1], found range [{lo!r}, {hi!r}]{hint}")
         x, quantized = x.astype(np.float32), False
     else:
         raise DataError(f"{file}: unsupported x dtype {x.dtype} (use uint8 0..255 or float in [0, 1])")

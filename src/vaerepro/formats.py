@@ -156,6 +156,8 @@ def read_npz(
     file is (numpy calls any non-zip, non-.npy bytes "pickled data"), and the members' decompressed sizes
     (``ZipInfo.file_size``, bytes) are checked against ``max_npz_bytes`` before anything is decompressed.
     """
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not an .npz file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:

@@ -158,7 +158,8 @@ def fetch(source: str, raw_dir: Path, *, url: str | None = None, path: Path | No
     if source == "npz":
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"{path}: file not found")
+            what = "a directory, not an .npz file" if path.is_dir() else "file not found"
+            raise DataError(f"{path}: {what}")
         return path
     target = Path(raw_dir) / source
     target.mkdir(parents=True, exist_ok=True)
