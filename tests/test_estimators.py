@@ -6,9 +6,9 @@ Model: z ~ N(0, I_Z), x | z ~ N(W z + b, sigma^2 I_D), so
     p(z | x)   = N(M^-1 W^T (x - b), sigma^2 M^-1),   M = W^T W + sigma^2 I.
 Everything is float64; D = 5, Z = 2, a few hundred examples, so each test takes well under a second or two.
 
-The same checks for two stochastic layers (``TwoLayerLinearGaussian``, below): z2 ~ N(0, I), z1 | z2 ~
-N(A z2 + a, S1), x | z1 ~ N(Bm z1 + b, sigma^2 I), with q(z|x) = q(z1|x) q(z2|z1) the model's
-``HierarchicalPosterior`` and p(z) its ``HierarchicalPrior``, through the same estimators.
+The same checks for two stochastic layers are in tests/test_hierarchy.py (``TwoLayerLinearGaussian``):
+z2 ~ N(0, I), z1 | z2 ~ N(A z2 + a, S1), x | z1 ~ N(Bm z1 + b, sigma^2 I), with q(z|x) = q(z1|x) q(z2|z1)
+the model's ``HierarchicalPosterior`` and p(z) its ``HierarchicalPrior``, through the same estimators.
 """
 
 import hashlib

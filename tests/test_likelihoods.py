@@ -497,3 +497,21 @@ def test_a_learned_sigma_without_a_floor_is_refused_on_data_that_are_not_dequant
     with pytest.raises(DataError, match=rf"^{tmp_path}: likelihood.scale=log_variance"):
         check_bounded(unfloored, "continuous", False, tmp_path)  # float data: the stages refuse it
     check_bounded(unfloored, "continuous", True, tmp_path)  # uint8 levels, dequantized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_continuous_bernoulli_draws_follow_its_cdf_at_every_logit(dtype):
+    """rsample's inverse CDF in logit space against the exact CDF F(x) = expm1(eta x) / expm1(eta): a
+    Kolmogorov-Smirnov distance below 0.012 for 50,000 draws (its 1e-4 critical value is ~0.0087 x 1.36),
+    at logits where torch's own sampler clamps (|eta| = 30, 60: it drew from |eta| ~ 16 in float32)."""
+    torch.manual_seed(0)
+    eta = torch.tensor([-60.0, -30.0, -3.0, -1e-6, 0.0, 1e-5, 2.0, 30.0, 60.0], dtype=dtype)
+    x = CBDistribution(logits=eta).rsample((50_000,))  # (50000, 9)
+    assert x.dtype == dtype and bool(((x >= 0) & (x <= 1)).all())
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)  # (201,)
+    e = eta.double()[:, None]  # (9, 1)
+    small = e.abs() < 1e-8
+    exact = torch.where(small, grid, torch.expm1(e * grid) / torch.expm1(torch.where(small, 1.0, e)))
+    ordered = x.double().T.sort(dim=1).values.contiguous()  # (9, 50000)
+    empirical = torch.searchsorted(ordered, grid.expand(len(eta), -1).contiguous(), right=True) / len(x)
+    assert float((empirical - exact).abs().max()) < 0.012

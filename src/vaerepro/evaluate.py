@@ -249,7 +249,9 @@ def posterior_means(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.
 
 
 def active_units(mu: torch.Tensor) -> int:
-    """Number of latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z_u]) > 0.01."""
+    """Number of latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z_u]) > 0.01.
+    mu (N, Z): the posterior means; for two stochastic layers, q(z1|x)'s (posterior_means), so z2's units
+    are not counted."""
     return int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
