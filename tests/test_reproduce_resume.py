@@ -187,9 +187,17 @@ def test_ctrl_c_at_a_terminal_stops_the_seed_at_its_epoch_end_with_last_ckpt(raw
     seed_dir = out / "runs" / "reproductions" / "smoke" / PRESET / "seed_0"
     cmd = [str(BIN / "vaerepro"), "reproduce", PRESET, f"data.raw_dir={raw_dir}", "tracking.enabled=false"]
     cmd += ["train.max_epochs=10000", "train.checkpoint_every_s=100000", "--smoke", "--out", str(out)]
-    # a session of its own, as a terminal's job: the signal below reaches its group, not pytest
+    # A session of its own, as a terminal's job: the signal below reaches its group, not pytest. With SIGINT
+    # at its default, as a shell starts a job: pytest-xdist's workers ignore SIGINT, which a child inherits
+    # (and then ignores Ctrl-C, as a job started in the background does).
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - a test's child
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while not (seed_dir / "models" / "best.ckpt").is_file():  # the seed's first epoch has ended
