@@ -454,13 +454,16 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
 
 def test_the_data_version_of_a_run_on_your_own_file_is_that_file_s(tmp_path):
     """data.dvc versions data/, where the embedded and downloaded sources live, not the .npz data.path names:
-    a run on that file is tagged with the file's own md5."""
+    a run on that file is tagged with the file's own md5, as prepare read it."""
     import hashlib
 
     import numpy as np
 
-    np.savez(tmp_path / "mine.npz", x=np.zeros((4, 9), np.float32))
+    from vaerepro import data
+
+    np.savez(tmp_path / "mine.npz", x=np.random.default_rng(0).random((40, 9)).astype(np.float32))
+    meta = data.prepare("npz", tmp_path, tmp_path / "prepared", path=tmp_path / "mine.npz")
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef.dir\n  path: data\n")
-    own = tracking.run_tags(tiny_config("data=npz", f"data.path={tmp_path / 'mine.npz'}"), tmp_path)
+    own = tracking.run_tags(tiny_config("data=npz", f"data.path={tmp_path / 'mine.npz'}"), tmp_path, meta)
     assert own["data_version"] == hashlib.md5((tmp_path / "mine.npz").read_bytes()).hexdigest()
-    assert tracking.run_tags(tiny_config(), tmp_path)["data_version"] == "0123456789abcdef.dir"
+    assert tracking.run_tags(tiny_config(), tmp_path, meta)["data_version"] == "0123456789abcdef.dir"

@@ -24,7 +24,6 @@ from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
-from vaerepro.sources import file_md5
 from vaerepro.tracking.names import metric_name, space_name
 from vaerepro.tracking.store import (
     causes,
@@ -81,7 +80,8 @@ def data_version(root: Path) -> str | None:
     return outs[0].get("md5") if outs else None
 
 
-def run_tags(cfg: Config, root: Path) -> dict[str, str]:
+def run_tags(cfg: Config, root: Path, data_meta: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """A new run's tags; data_meta: prepared/meta.json, whose raw_files give an .npz its data_version."""
     tags = {
         "likelihood": cfg.likelihood.name,
         "data_space": cfg.data_space,
@@ -92,9 +92,8 @@ def run_tags(cfg: Config, root: Path) -> dict[str, str]:
     if (commit := git_commit(root)) is not None:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
-    if cfg.data.source == "npz":  # the user's file, which data.dvc does not track: its own md5
-        path = Path(cfg.data.path) if cfg.data.path else None
-        version = file_md5(path) if path is not None and path.is_file() else None
+    if cfg.data.source == "npz":  # the user's file, which data.dvc does not track: the md5 prepare read
+        version = next(iter((data_meta or {}).get("raw_files", {}).values()), None)
     else:
         version = data_version(root)
     if version is not None:
@@ -250,9 +249,9 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
     kept = {
         key: v
         for key, v in tags.items()
-        if not key.startswith(("mlflow.", "changed.")) and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG)
+        if not key.startswith(("mlflow.", "changed."))
+        and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG, "vaerepro.converged")  # the evaluation's own
     }
-    kept.pop("vaerepro.converged", None)
     new = client.create_run(
         run.info.experiment_id,
         run_name=f"{run.info.run_name}-K{k}",

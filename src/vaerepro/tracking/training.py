@@ -99,10 +99,6 @@ class TrainingRun:
         self.cfg, self.root, self.model_dir, self.finish_run = cfg, Path(root), Path(model_dir), finish
         self.logger: BufferedMLFlowLogger | None = None
         self.uri: str | None = None
-        self._continued = False  # whether open() continued the run models/mlflow_run.json names
-        self._superseded: tuple[str, list[int]] | None = None  # (run, its epochs past the checkpoint)
-        self._keys: tuple[str, str] = ("", "")
-        self._epochs: int | None = None
 
     @property
     def run_id(self) -> str | None:
@@ -113,15 +109,17 @@ class TrainingRun:
         Returns the Lightning logger to attach, or None when tracking is disabled."""
         if not self.cfg.tracking.enabled:
             return None
-        self._keys, self._epochs = keys, None if resumed_curve is None else len(resumed_curve)
-        self.logger = self._logger(resume=resumed_curve is not None)
-        orphaned = self._superseded if resumed_curve is not None else None
+        self.uri, _ = ensure_experiment(self.cfg.tracking, self.root)
+        continued, orphaned = None, None
+        if resumed_curve is not None:
+            continued, orphaned = self._resumable_run(len(resumed_curve), keys)
+        self.logger = self._logger(continued, data_meta)
         run = (self.logger.experiment, self.logger.run_id)
         runs.write_run_id(self.model_dir, self.run_id, self.uri)
         runs.log_config(*run, self.cfg.to_dict())
         if resumed_curve is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
             runs.complete_curve(*run, list(resumed_curve), keys, self.logger.space)
-        if not self._continued:  # a new run: its data set (a resumed training's too, when its run is gone)
+        if continued is None:  # a new run: its data set (a resumed training's too, when its run is gone)
             runs.log_dataset(*run, data_meta, self.cfg.data_space, self.cfg.data.source)
         if orphaned is not None:  # the run this training left, whose last epochs are not its history
             runs.supersede(self.logger.experiment, *orphaned, self.run_id)
@@ -152,47 +150,50 @@ class TrainingRun:
     def space(self) -> str:
         return space_name(self.cfg.data_space, self.cfg.improper)
 
-    def _logger(self, resume: bool) -> BufferedMLFlowLogger:
+    def _resumable_run(
+        self, epochs: int, keys: tuple[str, str]
+    ) -> tuple[str | None, tuple[str, list[int]] | None]:
+        """For a training resumed from a checkpoint of `epochs` epochs: (the run to continue, or None for a
+        new one; (the earlier run, its epochs past the checkpoint) when that run is left for that reason)."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        previous, previous_uri = runs.read_run_id(self.model_dir)
+        if not previous or previous_uri != self.uri:
+            return None, None
+        client = MlflowClient(self.uri)
+        try:
+            stage = client.get_run(previous).info.lifecycle_stage
+        except MlflowException:
+            log.warning("MLflow run %s is not in %s: resuming into a new run", previous, self.uri)
+            return None, None
+        if stage != "active":  # deleted in the UI (get_run still finds it; logging to it fails)
+            log.warning("MLflow run %s is %s: resuming into a new run", previous, stage)
+            return None, None
+        if beyond := runs.steps_beyond(client, previous, keys, self.space, epochs):
+            # Epochs the killed process sent after its last checkpoint: the resumed training trains them
+            # again from the checkpoint, another history; one run holding both would show two values at each
+            # of those epochs, and MLflow cannot delete metric points.
+            log.warning(
+                "MLflow run %s holds epochs %d-%d past models/last.ckpt, from the training that was stopped: "
+                "resuming into a new run, which the old one names",
+                previous,
+                beyond[0],
+                beyond[-1],
+            )
+            return None, (previous, beyond)
+        return previous, None
+
+    def _logger(self, run_id: str | None, data_meta: Mapping[str, Any]) -> BufferedMLFlowLogger:
+        """Lightning's MLflow logger on run `run_id`, or on a new run (its tags: runs.run_tags)."""
         cfg = self.cfg
-        self.uri, _ = ensure_experiment(cfg.tracking, self.root)
-        run_id = None
-        if resume:
-            previous, previous_uri = runs.read_run_id(self.model_dir)
-            if previous and previous_uri == self.uri:
-                try:
-                    stage = MlflowClient(self.uri).get_run(previous).info.lifecycle_stage
-                except MlflowException:
-                    log.warning("MLflow run %s is not in %s: resuming into a new run", previous, self.uri)
-                else:
-                    if stage != "active":  # deleted in the UI (get_run still finds it; logging to it fails)
-                        log.warning("MLflow run %s is %s: resuming into a new run", previous, stage)
-                    elif beyond := runs.steps_beyond(
-                        MlflowClient(self.uri), previous, self._keys, self.space, self._epochs
-                    ):
-                        # Epochs the killed process sent after its last checkpoint: the resumed training
-                        # trains them again from the checkpoint, another history; one run holding both would
-                        # show two values at each of those epochs. MLflow cannot delete metric points.
-                        log.warning(
-                            "MLflow run %s holds epochs %d-%d past models/last.ckpt, from the training that "
-                            "was stopped: resuming into a new run, which the old one names",
-                            previous,
-                            beyond[0],
-                            beyond[-1],
-                        )
-                        self._superseded = (previous, beyond)
-                    else:
-                        run_id = previous
-        self._continued = run_id is not None
         logger = BufferedMLFlowLogger(
             flush_every_s=cfg.tracking.flush_every_s,
             space=self.space,
             experiment_name=cfg.tracking.experiment,
             run_name=cfg.run_name,
             tracking_uri=self.uri,
-            tags=None if run_id else runs.run_tags(cfg, self.root),
+            tags=None if run_id else runs.run_tags(cfg, self.root, data_meta),
             log_model=False,
             run_id=run_id,
         )
