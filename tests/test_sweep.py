@@ -505,6 +505,56 @@ def test_a_study_never_takes_trials_of_another_data_space(tmp_path):
     assert (tmp_path / "s.log").stat().st_size == size and not (tmp_path / "runs").exists()
 
 
+def test_a_resume_with_another_direction_or_objective_is_refused_before_any_write(tmp_path):
+    sweep_dir = tmp_path / "runs" / "d"
+    _fake_sweep(tmp_path, "d", sweep_dir, n_trials=1).run()
+    journal = tmp_path / "optuna" / "d.log"
+    files = {p: p.read_bytes() for p in (journal, *sweep_dir.rglob("*")) if p.is_file()}
+    refusals = {
+        "is a maximize study; direction=minimize needs another hydra.sweeper.study_name": {
+            "direction": "minimize"
+        },
+        "optimises log_px, not elbo: use another hydra.sweeper.study_name": {"objective": "elbo"},
+    }
+    for message, settings in refusals.items():
+        s = _fake_sweep(tmp_path, "d", sweep_dir, n_trials=2, **settings)
+        with pytest.raises(ConfigError, match=rf"study 'd' in {journal} {message}"):
+            s.preflight()  # what the sweeper calls before it saves multirun.yaml
+        with pytest.raises(ConfigError, match=message):
+            s.run()  # open_study refuses under the lock, before Optuna writes to the journal
+        assert {p: p.read_bytes() for p in files} == files
+        assert not s.launched
+    _fake_sweep(tmp_path, "d", sweep_dir, n_trials=2).run()  # the same settings resume
+    assert _states(_load(tmp_path, "d")) == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_trial_the_sweep_refuses_to_launch_gets_no_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    class Raced(FakeSweep):
+        """Another sweep fills trial-0001's directory between check_sweep_dir and this sweep's claim."""
+
+        def _claim_trial_dir(self, number):
+            if number == 1:
+                (self.sweep_dir / "trial-0001" / "models").mkdir(parents=True)
+            return super()._claim_trial_dir(number)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = _fake_sweep(tmp_path, "raced", tmp_path / "runs", cls=Raced, tracking=Tracking(uri), n_trials=2)
+    with pytest.raises(ConfigError, match="trial-0001 holds files that no trial of this study wrote"):
+        s.run()
+    assert len(s.launched) == 1
+    trials = _load(tmp_path, "raced").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]  # queued again for a resume
+    client = MlflowClient(uri)
+    parent = client.get_run(s.parent_run_id)
+    assert parent.info.status == "FAILED" and "trial-0001 holds files" in parent.data.tags["vaerepro.failure"]
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{s.parent_run_id}'")
+    # trial 0 ran and made no run of its own here (FAKE_TRIAL does not train); trial 1 never started
+    assert [r.data.tags.get("vaerepro.trial") for r in children] == []
+
+
 def test_an_error_of_the_sweep_stops_its_trials_and_fails_its_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 

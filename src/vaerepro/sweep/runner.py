@@ -48,12 +48,11 @@ from vaerepro.sweep.study import (
     STUDY_UID,
     best_command,
     best_trial,
+    check_study,
     count_trials,
     existing_study,
     file_lock,
     open_study,
-    refuse_other_spaces,
-    study_spaces,
     top_trial,
     trial_run_ids,
 )
@@ -215,15 +214,18 @@ class Sweep:
 
     def preflight(self) -> None:
         """Refuse (ConfigError), before anything is written, a sweep that would overwrite another study's
-        files (check_sweep_dir) or add trials of another data space to its study (refuse_other_spaces;
-        open_study checks again under the lock). Reads only."""
+        files (check_sweep_dir) or add trials its study cannot rank with its own: another direction,
+        objective or data space (check_study; open_study checks again under the lock). Reads only."""
         study = existing_study(self.s.storage, self.s.study_name)
         self.check_sweep_dir(study)
         if study is not None:
-            adding = set(self.s.data_spaces or ())
-            pruner = self.s.pruner.get("name", "none")
-            refuse_other_spaces(
-                self.s.study_name, self.s.storage, self.s.objective, pruner, study_spaces(study), adding
+            check_study(
+                study,
+                self.s.storage,
+                direction=self.s.direction,
+                objective=self.s.objective,
+                pruner=self.s.pruner,
+                data_spaces=self.s.data_spaces,
             )
 
     def check_sweep_dir(self, study=None) -> None:
@@ -361,9 +363,10 @@ class Sweep:
             )
 
     def _mlflow_trial_done(
-        self, number: int, state: str, reason: str, params: Mapping[str, Any]
+        self, number: int, state: str, reason: str, params: Mapping[str, Any], started: bool = True
     ) -> str | None:
-        """Mark the trial's child run (PRUNED -> KILLED, FAIL -> FAILED); make one if the trial made none.
+        """Mark the trial's child run (PRUNED -> KILLED, FAIL -> FAILED); make one if the trial made none,
+        unless its process never `started`.
 
         MLflow trouble is logged, not raised: the study's bookkeeping must go on."""
         if not self.tracking.enabled or self.parent_run_id is None:
@@ -379,6 +382,7 @@ class Sweep:
                 state=state,
                 reason=reason,
                 params={k: override_value(v) for k, v in params.items()},
+                started=started,
             )
         except Exception as err:
             log.warning("trial %d: could not update its MLflow run (%s)", number, err)
@@ -544,16 +548,16 @@ class Sweep:
         except Exception:
             log.exception("trial %d: could not record how it ended", r.trial.number)
 
-    def _abandon(self, study, storage, trial, reason: str) -> None:
-        """A trial stopped (or never started) by the sweep itself: FAIL, not counted (INTERRUPTED), and its
-        configuration queued again."""
+    def _abandon(self, study, storage, trial, reason: str, started: bool = True) -> None:
+        """A trial stopped (or, not `started`, never launched) by the sweep itself: FAIL, not counted
+        (INTERRUPTED), and its configuration queued again. A trial never launched gets no MLflow run."""
         from optuna.trial import TrialState
 
         with contextlib.suppress(Exception):
             storage.set_trial_system_attr(trial._trial_id, INTERRUPTED, True)
             study.tell(trial, state=TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            self._mlflow_trial_done(trial.number, "FAIL", reason, trial.params)
+            self._mlflow_trial_done(trial.number, "FAIL", reason, trial.params, started=started)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -601,7 +605,7 @@ class Sweep:
                     try:
                         self.running.append(self._launch(trial))
                     except BaseException as err:
-                        self._abandon(study, storage, trial, f"not started: {err}")
+                        self._abandon(study, storage, trial, f"not started: {err}", started=False)
                         raise
                 if not self.running:
                     break

@@ -168,23 +168,17 @@ def open_study(
     import optuna
 
     store = open_storage(storage)
-    study = optuna.create_study(
-        study_name=study_name, storage=store, direction=direction, load_if_exists=True
-    )
+    try:  # loaded and checked first: create_study(load_if_exists=True) writes to a journal even to load
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        study = optuna.create_study(study_name=study_name, storage=store, direction=direction)
+    else:
+        check_study(
+            study, storage, direction=direction, objective=objective, pruner=pruner, data_spaces=data_spaces
+        )
     attrs = study.user_attrs
-    if study.direction.name.lower() != direction:
-        raise ConfigError(
-            f"study {study_name!r} in {storage} is a {study.direction.name.lower()} study; "
-            f"direction={direction} needs another hydra.sweeper.study_name"
-        )
-    if attrs.get("objective", objective) != objective:
-        raise ConfigError(
-            f"study {study_name!r} in {storage} optimises {attrs['objective']}, not "
-            f"{objective}: use another hydra.sweeper.study_name (or the same objective)"
-        )
     held = study_spaces(study)
     adding = {(str(space), bool(improper)) for space, improper in data_spaces or ()}
-    refuse_other_spaces(study_name, storage, objective, (pruner or {}).get("name", "none"), held, adding)
     if sorted(held | adding) != sorted(held) or DATA_SPACES not in attrs:
         study.set_user_attr(DATA_SPACES, [list(g) for g in sorted(held | adding)])
     if STUDY_UID not in attrs:
@@ -209,6 +203,37 @@ def open_study(
     )
     study.pruner = make_pruner(pruner)
     return study, store
+
+
+def check_study(
+    study,
+    storage: str,
+    *,
+    direction: str,
+    objective: str,
+    pruner: Mapping[str, Any] | None,
+    data_spaces: Iterable[tuple[str, bool]] | None,
+) -> None:
+    """Refuse (ConfigError) to add this sweep's trials to an existing `study`: one of another direction or
+    objective, or one whose trials are in other data spaces where the objective or the pruner cannot compare
+    them (refuse_other_spaces). Reads only: the sweeper calls it before anything is written (Sweep.preflight)
+    and open_study again under the lock."""
+    name = study.study_name
+    if study.direction.name.lower() != direction:
+        raise ConfigError(
+            f"study {name!r} in {storage} is a {study.direction.name.lower()} study; "
+            f"direction={direction} needs another hydra.sweeper.study_name"
+        )
+    held_objective = study.user_attrs.get("objective", objective)
+    if held_objective != objective:
+        raise ConfigError(
+            f"study {name!r} in {storage} optimises {held_objective}, not "
+            f"{objective}: use another hydra.sweeper.study_name (or the same objective)"
+        )
+    adding = {(str(space), bool(improper)) for space, improper in data_spaces or ()}
+    refuse_other_spaces(
+        name, storage, objective, (pruner or {}).get("name", "none"), study_spaces(study), adding
+    )
 
 
 def study_spaces(study) -> set[tuple[str, bool]]:

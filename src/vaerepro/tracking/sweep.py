@@ -121,17 +121,20 @@ def mark_trial_run(
     state: str,
     reason: str,
     params: Mapping[str, str],
+    started: bool = True,
 ) -> str | None:
     """Mark the trial's run with its Optuna state (COMPLETE, PRUNED -> KILLED, FAIL -> FAILED) and its
-    sampled values (`params`, as override text, logged as sweep.<key>); make the run if the trial made none.
+    sampled values (`params`, as override text, logged as sweep.<key>); make the run if the trial made none
+    and its process was `started`.
 
-    Returns the run's id; None for a COMPLETE trial without a run (nothing to mark)."""
+    Returns the run's id; None for a trial without a run that needs none: COMPLETE, or never started (the
+    sweep refused to launch it; the study's run says why)."""
     from mlflow.entities import RunStatus
 
     c = client(t)
     run = _trial_run(c, exp_id, parent_id, study_name, number)
     if run is None:
-        if state == "COMPLETE":
+        if state == "COMPLETE" or not started:
             return None
         # failed before training created its run (a bad config, a crash at start-up): still one run per
         # trial, so the failure is visible next to the others
