@@ -450,6 +450,23 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
     # the first K again: the training's own run, as the same measurement
     stage_evaluate(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
     assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] == trained
+    # an evaluation with tracking off, then a report with it on: the report is of numbers no run holds, so
+    # it goes to none (it went to the training's run, beside the K=20 numbers it does not show)
+    stage_evaluate(tiny_config("eval.num_samples=40", raw_dir=raw_dir), out, ROOT, False)
+    assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] is None
+    def reports():
+        from mlflow.artifacts import download_artifacts
+
+        return {
+            r: Path(download_artifacts(run_id=r, artifact_path="report/report.md", tracking_uri=uri)).read_text()
+            for r in (trained, child)
+        }
+
+    before = reports()
+    assert "K=20" in before[trained]
+    stage_report(tiny_config("eval.num_samples=40", tracking=True, raw_dir=raw_dir), out, ROOT)
+    assert "K=40" in (out / "reports" / "report.md").read_text()
+    assert reports() == before
 
 
 def test_the_data_version_of_a_run_on_your_own_file_is_that_file_s(tmp_path):

@@ -105,8 +105,8 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
     metrics = evaluate(cfg, out_dir, progress=progress)
     if metrics is not None and cfg.tracking.enabled:
         tracking.log_evaluation(cfg, out_dir, metrics)  # names the run it logged to in artifacts/
-    elif metrics is not None:  # an earlier evaluation's run is not this one's
-        (out_dir / tracking.EVAL_RUN_DIR / tracking.RUN_FILE).unlink(missing_ok=True)
+    elif metrics is not None:  # an earlier evaluation's run is not this one's: say it went to none
+        tracking.write_run_id(out_dir / tracking.EVAL_RUN_DIR, None, None)
     return metrics
 
 

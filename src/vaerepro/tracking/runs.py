@@ -200,7 +200,6 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     space = space_name(cfg.data_space, cfg.improper)
     k, test_set = str(metrics.get("num_samples", cfg.eval.num_samples)), test_set_digest(out_dir / "prepared")
     run_id = evaluation_run(client, run_id, cfg, k, test_set)
-    (out_dir / EVAL_RUN_DIR).mkdir(parents=True, exist_ok=True)
     write_run_id(out_dir / EVAL_RUN_DIR, run_id, uri)  # the run these numbers went to: the report's too
     log_config(client, run_id, cfg.to_dict(), keys=("eval",))
     conv = metrics.get("convergence") or {}
@@ -263,10 +262,13 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
 
 
 def stage_run_id(out_dir: Path) -> tuple[str | None, str | None]:
-    """The run the stages after training report to: the evaluation's (out_dir/artifacts/mlflow_run.json,
-    evaluation_run) when there is one, else the training's (out_dir/models/mlflow_run.json)."""
-    run_id, uri = read_run_id(out_dir / EVAL_RUN_DIR)
-    return (run_id, uri) if run_id else read_run_id(out_dir / "models")
+    """The run the stages after training report to: the one the evaluation logged to
+    (out_dir/artifacts/mlflow_run.json, evaluation_run); none when it logged to none (tracking off: its
+    run_id is null, and the training's run holds another evaluation's numbers, or none); the training's
+    (out_dir/models/mlflow_run.json) when no evaluation said."""
+    if (out_dir / EVAL_RUN_DIR / RUN_FILE).is_file():
+        return read_run_id(out_dir / EVAL_RUN_DIR)
+    return read_run_id(out_dir / "models")
 
 
 def test_set_digest(prepared: Path) -> str | None:
@@ -282,7 +284,9 @@ def log_report(out_dir: Path, report_dir: Path) -> None:
     """The report's files as `report/` artifacts of the run the evaluation logged to (stage_run_id); the run
     is then FINISHED (its last stage)."""
     run_id, uri = stage_run_id(out_dir)
-    if run_id:
+    if not run_id:
+        log.warning("the evaluation was not logged to MLflow (tracking was off): nor is this report")
+    else:
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
@@ -291,6 +295,7 @@ def log_report(out_dir: Path, report_dir: Path) -> None:
 
 
 def write_run_id(model_dir: Path, run_id: str | None, uri: str | None) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
 
 
