@@ -46,6 +46,14 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys) -
         # the seed trained the preset's model: its latent size, its likelihood, its decoder's data space
         assert ev["latent_dim"] == preset.settings["model.latent_dim"], ev
         assert ev["likelihood"] == preset.settings["likelihood"], ev
+        # active units in each stochastic layer (two for IWAE's two-layer rows), none above the layer's size
+        sizes = [ev["latent_dim"], preset.settings.get("model.latent_dim_2")]
+        layers = preset.settings.get("model.stochastic_layers", 1)
+        assert (
+            len(ev["active_units_by_layer"]) == layers
+            and sum(ev["active_units_by_layer"]) == ev["active_units"]
+        )
+        assert all(0 <= a <= z for a, z in zip(ev["active_units_by_layer"], sizes, strict=False)), ev
     text = md.read_text()
     assert "not comparable: the run departs from the paper's protocol" in text
     reasons = [R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]

@@ -35,6 +35,46 @@ def test_active_units_counts_dimensions_with_posterior_variance():
     assert active_units(mu) == 2
 
 
+def test_active_units_of_a_two_layer_model_count_both_layers():
+    """z2's mean under q(z2|x) = E_{q(z1|x)}[mu2(z1)] (layer_means) against a 20,000-draw reference. Unit 0
+    of z2 follows z1's active unit (Cov across x > 0.05); unit 1 follows z1's inactive unit, whose noise
+    moves mu2 by Var ~ 0.3 within each example but leaves its mean the same for every x: inactive, though a
+    single draw per example would count it."""
+    from torch import nn
+
+    from vaerepro.evaluate import layer_means
+    from vaerepro.model import TwoLayerVAE
+
+    torch.manual_seed(0)
+    vae = TwoLayerVAE(data_dim=12, latent_dim=3, latent_dim_2=2, hidden_dims_2=[8], hidden_dims=[8]).eval()
+    enc = [m for m in vae.encoder if isinstance(m, nn.Linear)]
+    enc2 = [m for m in vae.encoder_2 if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        # q(z1|x): unit 0's mean 2 tanh(h_0(x)), units 1, 2 at mean 0; every sigma 1
+        enc[-1].weight.zero_(), enc[-1].bias.zero_()
+        enc[0].weight.mul_(4.0)
+        enc[-1].weight[0, 0] = 2.0
+        # q(z2|z1): mu2_0 = tanh(z1_0), mu2_1 = tanh(z1_1); both sigmas 1
+        for m in enc2:
+            m.weight.zero_(), m.bias.zero_()
+        enc2[0].weight[0, 0] = enc2[0].weight[1, 1] = 1.0
+        enc2[-1].weight[0, 0] = enc2[-1].weight[1, 1] = 1.0
+    x = torch.bernoulli(torch.full((400, 12), 0.5), generator=torch.Generator().manual_seed(1))
+
+    mu1, logvar1 = vae.posterior_params(x)
+    eps = torch.randn((20000, *mu1.shape), generator=torch.Generator().manual_seed(2))
+    ref = vae.posterior_2(mu1 + (0.5 * logvar1).exp() * eps).mean.mean(dim=0)  # (400, 2)
+    assert ref.var(dim=0)[0] > 0.05 and ref.var(dim=0)[1] < 1e-3  # the answer: one active unit in z2
+
+    first, second = layer_means(vae, x, seed=0, batch_size=150)
+    assert torch.equal(first, mu1)
+    assert (second - ref).abs().max() < 0.2 and (second - ref).pow(2).mean().sqrt() < 0.05
+    assert [active_units(first), active_units(second)] == [1, 1]
+    single = layer_means(vae, x, seed=0, samples=1)[1]  # one z1 draw per example: noise counted as use
+    assert active_units(single) == 2
+    assert len(layer_means(VAE(data_dim=12, latent_dim=2, hidden_dims=[8]), x, seed=0)) == 1
+
+
 def test_knn_accuracy_known_answers():
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0]])
