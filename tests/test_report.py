@@ -516,3 +516,14 @@ def test_blocks_render_to_markdown_linking_the_figures_written(tmp_path):
     md = render_md("T", blocks, rel)
     assert md.splitlines()[:4] == ["# T", "", "## Part", ""] and "> **WARNING:** careful" in md
     assert "| x\\|y | 1 |" in md and "![a \\[1\\]](figures/one.png)" in md and "*c*" in md
+
+
+def test_active_units_of_a_two_layer_model_are_shown_per_layer(tmp_path):
+    """As Burda et al. print them: z1's + z2's, each of its layer's size."""
+    out = make_out_dir(tmp_path / "out", latent_dim=100)
+    ev = json.loads((out / "metrics" / "eval.json").read_text())
+    ev.update(active_units=27, active_units_by_layer=[22, 5])
+    (out / "metrics" / "eval.json").write_text(json.dumps(ev))
+    config = {**CONFIG, "model": {**CONFIG.get("model", {}), "latent_dim": 100, "latent_dim_2": 50}}
+    md = write_report(out, config, report_dir=tmp_path / "rep")["md"].read_text(encoding="utf-8")
+    assert "| active units | 22 + 5 of 100 + 50 | latent dimensions in use, z1 + z2 |" in md

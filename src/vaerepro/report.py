@@ -289,9 +289,16 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
     recon = pm(ev.get("recon"), None, NATS)
     rows.append(["E_q[log p(x|z)]", recon, "reconstruction term of the ELBO", label])
     latent = ev.get("latent_dim")
-    rows.append(
-        ["active units", f"{ev.get('active_units', 'n/a')} of {latent}", "latent dimensions in use", ""]
-    )
+    by_layer = ev.get("active_units_by_layer") or []
+    if len(by_layer) == 2:  # as Burda et al. print them: z1's + z2's
+        z2 = (config.get("model") or {}).get("latent_dim_2", "?")
+        active, what = (
+            f"{by_layer[0]} + {by_layer[1]} of {latent} + {z2}",
+            "latent dimensions in use, z1 + z2",
+        )
+    else:
+        active, what = f"{ev.get('active_units', 'n/a')} of {latent}", "latent dimensions in use"
+    rows.append(["active units", active, what, ""])
     ess = metric_value(ev, "ess")
     if ess is not None:
         frac = metric_value(ev, "ess_fraction")
