@@ -23,7 +23,7 @@ from vaerepro.evaluate import (
     knn_accuracy,
     per_example,
 )
-from vaerepro.model import VAE
+from vaerepro.model import VAE, TwoLayerVAE
 
 
 def test_active_units_counts_dimensions_with_posterior_variance():
@@ -43,7 +43,6 @@ def test_active_units_of_a_two_layer_model_count_both_layers():
     from torch import nn
 
     from vaerepro.evaluate import layer_means
-    from vaerepro.model import TwoLayerVAE
 
     torch.manual_seed(0)
     vae = TwoLayerVAE(data_dim=12, latent_dim=3, latent_dim_2=2, hidden_dims_2=[8], hidden_dims=[8]).eval()
@@ -143,6 +142,11 @@ def test_auto_chunk_size_fits_the_memory_budget(monkeypatch):
     assert auto_chunk_size(vae, 100, 50, "cpu") == 50  # never more than K
     assert auto_chunk_size(vae, 1, 100_000, "cpu") == 19_712  # 19,784 cut to 154 draws
     assert auto_chunk_size(vae, 10**6, 1000, "cpu") == 1  # at least one sample
+    # IWAE's two-layer model: 2*150 + 2*400 + 3*784 = 3,452 floats, and its second layer's networks
+    # 4*200 + 2*150 = 1,100: 4,552 floats = 18,208 bytes; 256 MiB / 100 examples -> 147 samples -> 128
+    two = TwoLayerVAE(784, 100, 50, [100, 100], hidden_dims=[200, 200])
+    assert auto_chunk_size(two, 100, 1000, "cpu") == 128
+    assert auto_chunk_size(two, 1, 100_000, "cpu") == 14_720  # 14,742 cut to 115 draws
     # CUDA: half the free memory, 1 GiB free -> 512 MiB -> 395 samples -> 384
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**34))
     assert auto_chunk_size(vae, 100, 1000, "cuda") == 384

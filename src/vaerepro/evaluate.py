@@ -86,8 +86,10 @@ def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.d
     batch_size examples, a multiple of estimators.SAMPLE_BLOCK when above it (whole noise draws).
 
     Per (sample, example): z and its noise (2 Z), each hidden layer's output before and after the activation
-    (2 h), the decoder's output (P D) and the likelihood's elementwise terms (~2 P D); float32 or the
-    model's dtype. The results do not depend on the chunk size, only the speed and memory do.
+    (2 h), the decoder's output (P D) and the likelihood's elementwise terms (~2 P D); with two stochastic
+    layers also q(z2|z1)'s and p(z1|z2)'s hidden layers (2 h each, in both networks) and Gaussian parameters
+    (2 Z2 + 2 Z1). float32 or the model's dtype. The results do not depend on the chunk size, only the speed
+    and memory do.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -96,7 +98,9 @@ def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.d
         budget = AUTO_CHUNK_CPU_BYTES
     cfg = vae.config
     outputs = vae.likelihood.num_params() * cfg["data_dim"]  # P D
-    floats = 2 * cfg["latent_dim"] + 2 * sum(cfg["hidden_dims"]) + 3 * outputs  # per (sample, example)
+    floats = 2 * vae.z_dim + 2 * sum(cfg["hidden_dims"]) + 3 * outputs  # per (sample, example)
+    if vae.stochastic_layers == 2:
+        floats += 4 * sum(cfg["hidden_dims_2"]) + 2 * vae.z_dim
     per_sample = floats * next(vae.parameters()).element_size() * batch_size  # bytes per sample of a chunk
     chunk = max(1, min(num_samples, int(budget // per_sample)))
     block = estimators.SAMPLE_BLOCK
