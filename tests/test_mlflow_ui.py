@@ -33,14 +33,20 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium")
 # ag-grid renders only the columns in view: a window wide enough for all of them, MLflow's assistant panel
 # (open on a browser's first visit to a local server) included.
-WINDOW = "2800,1000"
+WINDOW = "3400,1000"
 
+# What each run's log p(x) measured, as the evaluation tags it (tracking.runs).
+MEASURED = {
+    "vaerepro.eval.num_samples": "1000",
+    "vaerepro.test_set": "3f2a9c1b0d4e",
+    "vaerepro.converged": "true",
+}
 # name, tags, test metrics, space of its per-epoch curves, final status. Created in this order, so the
 # UI's default sort (newest first) would list them backwards; sorted by test/knn_accuracy they read in order.
 RUNS = [
     (
         "bern-z8",
-        {"likelihood": "bernoulli", "latent_dim": "8", "data_space": "binary"},
+        {"likelihood": "bernoulli", "latent_dim": "8", "data_space": "binary", **MEASURED},
         {
             "binary/test/log_px": -91.234,
             "binary/test/log_px_se": 0.0517,
@@ -52,7 +58,7 @@ RUNS = [
     ),
     (
         "gauss-z16",
-        {"likelihood": "gaussian", "latent_dim": "16", "data_space": "continuous"},
+        {"likelihood": "gaussian", "latent_dim": "16", "data_space": "continuous", **MEASURED},
         {
             "continuous/test/log_px": 812.345,
             "continuous/test/log_px_se": 1.234,
@@ -64,7 +70,7 @@ RUNS = [
     ),
     (
         "bern-z2-crashed",
-        {"likelihood": "bernoulli", "latent_dim": "2", "data_space": "binary"},
+        {"likelihood": "bernoulli", "latent_dim": "2", "data_space": "binary", **MEASURED},
         {
             "binary/test/log_px": -120.5,
             "binary/test/log_px_se": 0.25,
@@ -461,3 +467,20 @@ def test_links_and_tags_agree():
     )
     with pytest.raises(ValueError, match="not a UI column key"):
         mlflow_ui.runs_url("http://h", "1", ["binary/test/log_px"], None, False)
+
+
+def test_the_table_says_what_each_log_px_measured():
+    # one log_px column holds a run's K = 1000 estimate beside its K = 5000 re-evaluation (a child run) and
+    # an unconverged K = 10 one: the table shows each run's K, test set and convergence verdict beside them
+    from vaerepro.tracking.runs import K_TAG, TEST_SET_TAG
+
+    cols = mlflow_ui.DEFAULT_COLUMNS
+    for tag in (K_TAG, TEST_SET_TAG, "vaerepro.converged"):
+        assert mlflow_ui.tag_column(tag) in cols, tag
+        # before the numbers they qualify
+        assert cols.index(mlflow_ui.tag_column(tag)) < cols.index(
+            mlflow_ui.metric_column("binary/test/log_px")
+        )
+    (envelope,) = mlflow_ui.experiment_tags().values()
+    state = json.loads(json.loads(envelope)["state"])
+    assert state["selectedColumns"] == state["columnOrder"] == cols

@@ -518,6 +518,29 @@ def test_blocks_render_to_markdown_linking_the_figures_written(tmp_path):
     assert "| x\\|y | 1 |" in md and "![a \\[1\\]](figures/one.png)" in md and "*c*" in md
 
 
+def test_the_comparison_figure_keeps_unconverged_estimates_off_its_lines(monkeypatch):
+    # AEVB Figure 2's lines join the mean log p(x) at each latent size: an unconverged estimate (here the
+    # best number, 1778.47) averaged into them would draw a converged-looking line through (-95 + 1778.47) / 2
+    from vaerepro import report_comparison
+
+    drawn = []
+    monkeypatch.setattr(report_comparison, "png", lambda fig: drawn.append(fig) or b"")
+    rows = [
+        run("conv-a", "binary", -95.0, converged=1.0),
+        run("wild", "binary", 1778.47, converged=0.0),
+        run("conv-b", "binary", -100.0, converged=True, latent_dim=5),
+        run("unchecked", "binary", -97.0, latent_dim=10),
+    ]
+    (fig,) = [b for b in report_comparison.comparison_section(rows) if isinstance(b, Fig)]
+    (ax,) = drawn[0].axes
+    (line,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    assert list(line.get_xdata()) == [2, 5, 10]
+    assert list(line.get_ydata()) == [-95.0, -100.0, -97.0]
+    # the unconverged point is still drawn, hollow and named as such in the legend and the caption
+    assert "bernoulli, NOT CONVERGED (not joined)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "1 run(s) whose log p(x) estimate has NOT CONVERGED: hollow markers" in fig.caption
+
+
 def test_active_units_of_a_two_layer_model_are_shown_per_layer(tmp_path):
     """As Burda et al. print them: z1's + z2's, each of its layer's size."""
     out = make_out_dir(tmp_path / "out", latent_dim=100)

@@ -51,12 +51,15 @@ def read_idx(path: Path, *, name: str | None = None) -> np.ndarray:
     name = name or str(path)
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic
-            raw = gzip.decompress(raw)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{name}: corrupt gzip file ({exc})") from exc
+    except OSError as exc:  # a directory, no permission: not a corrupt file, so not called one
+        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{name}: corrupt gzip file ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{name}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     ndim = raw[3]

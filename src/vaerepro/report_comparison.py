@@ -164,19 +164,38 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
     for r in rows:
         by_lik.setdefault(str(r.get("likelihood") or "?"), []).append(r)
     dims: set[int] = set()
-    unplotted = 0
+    unplotted = unconverged = 0
     for lik, members in by_lik.items():
-        pts = [(_latent(r), metric_value(r, "log_px"), metric_value(r, "log_px_se") or 0.0) for r in members]
-        unplotted += sum(d is None for d, _, _ in pts)
-        pts = sorted((d, v, s) for d, v, s in pts if d is not None)
-        if not pts:
-            continue
-        d, v, s = (np.array(c, dtype=float) for c in zip(*pts, strict=True))
-        dims.update(int(x) for x in d)
-        line = ax.errorbar(d, v, yerr=s, fmt="o", capsize=3, label=lik)
-        # the line joins the mean over runs (seeds) at each latent size
-        ud = np.unique(d)
-        ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=line[0].get_color())
+        pts = [
+            (
+                _latent(r),
+                metric_value(r, "log_px"),
+                metric_value(r, "log_px_se") or 0.0,
+                converged(r) is False,
+            )
+            for r in members
+        ]
+        unplotted += sum(p[0] is None for p in pts)
+        pts = sorted(p for p in pts if p[0] is not None)
+        dims.update(int(p[0]) for p in pts)
+        color = None  # the likelihood's colour, taken from its first points
+        for stray in (False, True):
+            part = [p[:3] for p in pts if p[3] is stray]
+            if not part:
+                continue
+            d, v, s = (np.array(c, dtype=float) for c in zip(*part, strict=True))
+            if stray:
+                # an unconverged estimate may still be far from log p(x): drawn hollow, never in the mean the
+                # line joins, which would otherwise look like a converged result
+                unconverged += len(part)
+                legend, face = f"{lik}, NOT CONVERGED (not joined)", "none"
+            else:
+                legend, face = lik, None
+            line = ax.errorbar(d, v, yerr=s, fmt="o", capsize=3, color=color, mfc=face, label=legend)
+            color = line[0].get_color()
+            if not stray:  # the line joins the mean over runs (seeds) at each latent size
+                ud = np.unique(d)
+                ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=color)
     ax.set_xscale("log")
     if dims:
         ticks = sorted(dims)
@@ -194,6 +213,11 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
     )
     if unplotted:
         caption += f" {unplotted} run(s) without a latent size are ranked but not plotted."
+    if unconverged:
+        caption += (
+            f" {unconverged} run(s) whose log p(x) estimate has NOT CONVERGED: hollow markers, left out "
+            "of the lines."
+        )
     return Fig(
         f"compare-{slug(space)}-{'improper' if improper else 'proper'}{id_suffix}",
         f"Comparison across runs: {label}",

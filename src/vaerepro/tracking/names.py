@@ -27,6 +27,11 @@ SPACE_FREE = frozenset(
         "best_epoch",
     }
 )
+# Tags of an evaluated run: what its test numbers measured (compare.measurement: K and the test split) and
+# whether its log p(x) estimate converged. A later evaluation of the run with the same K updates them.
+K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
+TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
+CONVERGED_TAG = "vaerepro.converged"  # "true" or "false"
 # Facts about a run, not results: MLflow params, tags or the logged dataset hold them, not metric charts.
 BOOKKEEPING = frozenset({"epoch", "num_samples", "num_examples", "data_dim", "latent_dim"})
 # The prefixes of space-dependent names: the data spaces, and a Bernoulli on grey levels (not a density).

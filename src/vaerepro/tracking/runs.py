@@ -24,7 +24,7 @@ from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
-from vaerepro.tracking.names import metric_name, space_name
+from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, TEST_SET_TAG, metric_name, space_name
 from vaerepro.tracking.store import (
     causes,
     not_a_store,
@@ -210,7 +210,7 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     numbers.update({f"precision_{k}": v for k, v in prec.items() if k.startswith("log_px_diff")})
     if metrics.get("converged") is not None:
         numbers["converged"] = float(metrics["converged"])
-        client.set_tag(run_id, "vaerepro.converged", str(bool(metrics["converged"])).lower())
+        client.set_tag(run_id, CONVERGED_TAG, str(bool(metrics["converged"])).lower())
     # what the numbers measured (compare.measurement): tags, which a later evaluation of the run updates with
     # its numbers, where the eval.* params keep the first evaluation's values
     client.set_tag(run_id, K_TAG, k)
@@ -225,8 +225,6 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
 
 
-K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
-TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
 EVALUATES_TAG = "vaerepro.evaluates"  # an evaluation run's training run (evaluation_run)
 EVAL_RUN_DIR = "artifacts"  # the evaluate stage's output folder, where it names the run it logged to
 
@@ -249,7 +247,7 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
         key: v
         for key, v in tags.items()
         if not key.startswith(("mlflow.", "changed."))
-        and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG, "vaerepro.converged")  # the evaluation's own
+        and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG, CONVERGED_TAG)  # the evaluation's own
     }
     new = client.create_run(
         run.info.experiment_id,

@@ -65,7 +65,7 @@ import re
 from urllib.parse import urlencode
 
 from vaerepro.likelihoods import DATA_SPACES
-from vaerepro.tracking.names import SPACES
+from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, SPACES, TEST_SET_TAG
 
 # Prefix of the experiment tag that holds a saved/shared view (main.*.js: `$="mlflow.sharedViewState."`).
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
@@ -106,11 +106,17 @@ def param_column(name: str) -> str:
     return column("params", name)
 
 
+# What a run's log p(x) measured (compare.measurement) and whether it converged: the tags the evaluation sets.
+# One log_px column holds every run of a space, a K=1000 estimate beside its K=5000 re-evaluation or an
+# unconverged one; without these a sort by it ranks them.
+MEASUREMENT_TAGS = (K_TAG, TEST_SET_TAG, CONVERGED_TAG)
+
 # The columns a user comparing VAEs wants without picking any: how each run was set up, then its results.
 DEFAULT_COLUMNS: list[str] = [
     tag_column("likelihood"),
     tag_column("latent_dim"),
     tag_column("data_space"),
+    *(tag_column(t) for t in MEASUREMENT_TAGS),
     *(metric_column(f"{space}/test/{m}") for space in DATA_SPACES for m in ("log_px", "log_px_se", "elbo")),
     metric_column("test/knn_accuracy"),
 ]
