@@ -50,6 +50,7 @@ from vaerepro.errors import Stopped, UserError
 from vaerepro.reproduction_card import write_card
 from vaerepro.reproduction_results import Plan, Result, SeedResult
 from vaerepro.tracking import reproduction as track
+from vaerepro.tracking.names import space_name
 
 log = logging.getLogger("vaerepro")
 
@@ -222,6 +223,40 @@ def _run_seed(
     return SeedResult.read(seed, seed_dir, wall.seconds, run_id, wall.note)
 
 
+def _check_ran_as_planned(p: Plan, hows: dict[int, resume_mod.How]) -> None:
+    """Resuming: each seed that ran before (read from disk, or continued) ran with the configuration this
+    invocation plans, seed aside; a UserError naming the first setting that differs otherwise. The record
+    holds the overrides only, so conf/ changed between the invocations (an edit, a pull) would otherwise mix
+    seeds of two settings in one verdict. Where and how fast a run goes (reproduction.NEUTRAL_KEYS) may
+    differ; a seed without its .hydra/config.yaml (Hydra's record of what the run composed) is not checked.
+    A seed read from disk has its result files read here too, so that a damaged one is refused before
+    anything runs (SeedResult.read names it). Reads only."""
+    import yaml
+
+    want = R._leaves(p.config)
+    for seed, how in hows.items():
+        if how == "reuse":
+            SeedResult.read(seed, p.run_dir / f"seed_{seed}")
+        path = p.run_dir / f"seed_{seed}" / ".hydra" / "config.yaml"
+        if how == "start" or not path.is_file():
+            continue
+        try:
+            ran = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: not YAML ({err}); seed {seed}'s settings cannot be checked") from None
+        got = R._leaves(ran) if isinstance(ran, dict) else {}
+        for key in sorted(set(want) | set(got)):
+            if key in R.NEUTRAL_KEYS or key.startswith(R.NEUTRAL_SECTIONS):
+                continue
+            old, new = got.get(key, "(absent)"), want.get(key, "(absent)")
+            if not R._same(old, new):
+                raise UserError(
+                    f"--resume: seed {seed} ran with {key}={old!r} ({path}), this invocation would run "
+                    f"{key}={new!r}: conf/ has changed since it ran, and one verdict cannot mix the two; "
+                    "restore conf/ to resume, or start again with --fresh (the stopped one is kept)"
+                )
+
+
 def _start_ignoring_sigint(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
     """subprocess.Popen(cmd, **kwargs) with SIGINT ignored in the new process.
 
@@ -268,6 +303,7 @@ def run(
     if resume:
         ledger = resume_mod.Ledger.stopped(p.run_dir, p.asked)
         hows = {s: ledger.how(s) for s in p.seeds}
+        _check_ran_as_planned(p, hows)  # before anything runs or is written
     else:
         name = preset.name
         card = [p.card_dir / f"{name}.md", p.card_dir / f"{name}.html", p.card_dir / f"{name}_figures"]
@@ -316,6 +352,7 @@ def run(
             paths["md"],
             paths["html"],
             figures=paths["figures"],
+            space=space_name(cfg.data_space, cfg.improper),  # the space the seeds measured in
         )
     ledger.end("FINISHED", time.perf_counter() - start)
     return result, paths

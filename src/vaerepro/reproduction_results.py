@@ -22,6 +22,7 @@ from typing import Any
 
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
+from vaerepro.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,36 @@ class SeedResult:
         run_id: str | None = None,
         wall_note: str = "",
     ):
+        def unreadable(path: Path, why: object) -> UserError:
+            # a damaged file (a full disk, a copy cut short) is one line naming it, not a traceback, and the
+            # reproduction's record and other seeds are left as they are
+            marker = out_dir / resume_mod.MARKER
+            return UserError(
+                f"{path}: seed {seed}'s result cannot be read ({why}); restore it, or delete {marker} and "
+                "resume to run that seed again"
+            )
+
         def load(path: Path) -> dict[str, Any]:
-            return json.loads(path.read_text()) if path.is_file() else {}
+            if not path.is_file():
+                return {}
+            try:
+                data = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise unreadable(path, f"not JSON: {err}") from None
+            if not isinstance(data, dict):
+                raise unreadable(path, f"a JSON {type(data).__name__}, not an object")
+            return data
 
         def rows(path: Path) -> list[dict[str, float]]:  # a CSV file's rows as numbers (empty: NaN)
             if not path.is_file():
                 return []
-            with path.open(newline="") as fh:
-                return [{k: float(v) if v else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
+            try:
+                with path.open(newline="") as fh:
+                    return [
+                        {k: float(v) if v else math.nan for k, v in r.items()} for r in csv.DictReader(fh)
+                    ]
+            except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as err:
+                raise unreadable(path, f"not a table of numbers: {err}") from None
 
         curve, test_curve = (rows(out_dir / "plots" / f) for f in ("elbo.csv", "test_curve.csv"))
         ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))

@@ -142,14 +142,15 @@ def tag_seed_run(rep: ReproductionRun, model_dir: Path, *, preset: str, seed: in
     return run_id
 
 
-def _metric_name(pub: Published) -> str:
+def _metric_name(pub: Published, space: str | None = None) -> str:
     """The parent run's name for a published value's numbers: test_log_px, test_elbo, train_elbo,
-    test_knn_accuracy, under its data space when its unit is one (names.py: a nats number is never put on
-    the same axis as another space's)."""
+    test_knn_accuracy, under a data space when its unit is one (names.py: a nats number is never put on
+    the same axis as another space's): `space`, the space the run measured in (names.space_name), else the
+    published value's."""
     file, _, key = pub.measured.partition(":")
     name = key if file == "train.json" else f"test_{key}"
-    space = f"{space_name(pub.data_space, pub.improper)}/" if pub.unit == UNIT else ""
-    return f"{space}reproduction/{name}"
+    space = space or space_name(pub.data_space, pub.improper)
+    return f"{space}/reproduction/{name}" if pub.unit == UNIT else f"reproduction/{name}"
 
 
 def finish_parent(
@@ -159,11 +160,14 @@ def finish_parent(
     title: str,
     *card: Path,
     figures: Sequence[Path] = (),
+    space: str | None = None,
 ) -> None:
     """The verdict as tags (`vaerepro.verdict`, and `vaerepro.verdict.<value>` for each published value),
     the reasons as a tag (one per line) and in the description, each value's numbers across seeds as
     metrics (<name>_mean, _half_width, _sd, _se_examples, _difference, _published), the `card` files under
-    card/ (its figures under card/<their folder>/), then the run FINISHED."""
+    card/ (its figures under card/<their folder>/), then the run FINISHED. `space`: the data space the seeds
+    measured in (names.space_name of the run's config): the numbers are named under it, and where it is not
+    the published value's, the published number and the difference (of two units) are not logged."""
     from mlflow.entities import Metric
 
     client = _client(rep.uri)
@@ -171,11 +175,12 @@ def finish_parent(
     batch, reasons = [], {}
     client.set_tag(rep.run_id, "vaerepro.verdict", verdict)
     for m in measurements:
-        name, a, v = _metric_name(m.published), m.aggregate, m.verdict
+        name, a, v = _metric_name(m.published, space), m.aggregate, m.verdict
         client.set_tag(rep.run_id, f"vaerepro.verdict.{name.replace('/', '.')}", v.kind)
         reasons |= dict.fromkeys(v.reasons)
         numbers = {"mean": a.mean, "half_width": a.half_width, "sd": a.sd, "se_examples": a.se_examples}
-        numbers |= {"difference": v.difference, "published": m.published.value}
+        if name == _metric_name(m.published):  # the paper's number is in the run's unit
+            numbers |= {"difference": v.difference, "published": m.published.value}
         batch += [Metric(f"{name}_{k}", float(x), now, 0) for k, x in numbers.items() if x is not None]
     client.set_tag(rep.run_id, "vaerepro.reasons", "\n".join(reasons)[:MAX_TAG_CHARS])
     note = f"**{title}**: {verdict}  \n" + "  \n".join(list(reasons)[:20])
