@@ -62,10 +62,13 @@ def _finished_trial(value, latent_dim, trial_dir, space="binary"):
     )
 
 
-def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axis(tmp_path):
+def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axis(tmp_path, monkeypatch):
     import optuna
 
+    from vaerepro.sweep import report as sweep_report
     from vaerepro.sweep.report import write_sweep_report
+
+    sweep_report_png = sweep_report.png
 
     study = optuna.create_study(direction="maximize")
     study.set_user_attr("objective", "log_px")
@@ -79,7 +82,15 @@ def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axi
         study.add_trial(_finished_trial(value, z, d))
     # another data space (never in one density study; here to show it is never the alternative offered)
     study.add_trial(_finished_trial(-50.0, 2, tmp_path / "none", space="continuous"))
+    drawn = []
+    monkeypatch.setattr(sweep_report, "png", lambda fig: drawn.append(fig) or sweep_report_png(fig))
     md = write_sweep_report(study, tmp_path / "report", runs=None)["md"].read_text()
+    # the objective figure: the unconverged estimate drawn hollow, never in the line through the means
+    (ax,) = drawn[0].axes
+    (line,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    assert list(line.get_xdata()) == [2, 3, 10] and list(line.get_ydata()) == [-95.0, -99.0, -90.0]
+    assert "bernoulli, NOT CONVERGED" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "1 trial(s) whose log p(x) estimate has NOT CONVERGED: hollow markers, left out of the lines" in md
     best = md.split("## Best trial", 1)[1].split("## Trials", 1)[0]
     assert "trial 1, rests on a log p(x) estimate that has NOT CONVERGED" in best
     assert "The best trial whose estimate has converged: trial 2 (-90.0000)." in best

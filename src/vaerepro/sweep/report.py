@@ -31,7 +31,7 @@ from vaerepro.sweep.study import unconverged as _unconverged
 log = logging.getLogger(__name__)
 
 
-def _objective_rows(study) -> list[dict[str, Any]]:
+def _objective_rows(study, objective: str) -> list[dict[str, Any]]:
     from optuna.trial import TrialState
 
     rows = []
@@ -48,6 +48,7 @@ def _objective_rows(study) -> list[dict[str, Any]]:
                 "latent_dim": a.get("latent_dim"),
                 "data_space": a["data_space"],
                 "improper": a.get("improper", False),
+                "unconverged": _unconverged(t, objective),
             }
         )
     return rows
@@ -68,7 +69,7 @@ def _objective_figures(study, objective: str) -> list:
 
     from vaerepro.compare import group_comparable, space_label
 
-    rows = _objective_rows(study)
+    rows = _objective_rows(study, objective)
     if not rows:
         return []
     if objective in SPACE_FREE_OBJECTIVES:
@@ -86,12 +87,25 @@ def _objective_figures(study, objective: str) -> list:
         by_lik: dict[str, list] = {}
         for r in members:
             by_lik.setdefault(str(r["likelihood"]), []).append(r)
+        stray = 0  # trials whose log p(x) estimate has not converged
         for lik, rs in sorted(by_lik.items()):
-            d = np.array([float(r["latent_dim"]) for r in rs])
-            v = np.array([float(r["value"]) for r in rs])
-            (line,) = ax.plot(d, v, "o", label=lik)
-            ud = np.unique(d)
-            ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=line.get_color())
+            color = None  # the likelihood's colour, from its first points
+            for off in (False, True):
+                part = [r for r in rs if r["unconverged"] is off]
+                if not part:
+                    continue
+                d = np.array([float(r["latent_dim"]) for r in part])
+                v = np.array([float(r["value"]) for r in part])
+                if off:
+                    # an unconverged estimate may be far from log p(x): hollow, and never in the mean a line
+                    # joins, which would look like a converged result
+                    stray += len(part)
+                    (line,) = ax.plot(d, v, "o", mfc="none", color=color, label=f"{lik}, NOT CONVERGED")
+                    continue
+                (line,) = ax.plot(d, v, "o", label=lik)
+                color = line.get_color()
+                ud = np.unique(d)
+                ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=color)
         ax.set_xscale("log")
         ticks = sorted({int(r["latent_dim"]) for r in members})
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -106,7 +120,13 @@ def _objective_figures(study, objective: str) -> list:
                 f"objective-{space}-{'improper' if improper else 'proper'}",
                 f"{objective} against latent size ({title})",
                 png(fig),
-                "Completed trials; lines join the mean at each latent size.",
+                "Completed trials; lines join the mean at each latent size."
+                + (
+                    f" {stray} trial(s) whose log p(x) estimate has NOT CONVERGED: hollow markers, left out "
+                    "of the lines."
+                    if stray
+                    else ""
+                ),
             )
         )
     return figs
