@@ -98,6 +98,28 @@ def test_judge_follows_the_protocol_or_says_why_not():
     assert R.measured_value(P.PRESETS["aevb-frey-z2"].published[1], runs[0][1]) == (-89.0, None)
 
 
+def test_a_number_in_another_data_space_than_the_papers_gets_no_difference():
+    """IWAE's log p(x) is a pmf on binary pixels: seeds run as a density on [0,1] (or a Bernoulli on grey
+    levels) measured another unit, so measured - published is not shown, and the verdict says why."""
+    followed = dataclasses.replace(IWAE, missing=())
+    protocol = compose(*IWAE.overrides)
+    runs = [(s, _records(-85.0, 0.2)) for s in range(3)]
+    for r in runs:
+        r[1]["eval.json"] |= {"data_space": "binary", "improper": False}
+    (m,) = R.judge(followed, protocol, runs, protocol=protocol)[1]
+    assert m.verdict.kind == "reproduced" and m.verdict.difference == pytest.approx(
+        -85.0 - IWAE.published[0].value
+    )
+    runs[2][1]["eval.json"] |= {"data_space": "continuous", "improper": True}
+    (m,) = R.judge(followed, protocol, runs, protocol=protocol)[1]
+    assert m.verdict.kind == "not comparable" and m.verdict.difference is None
+    assert m.verdict.reasons == (
+        f"{R.OTHER_UNITS}: seed 2 measured on continuous pixels (a Bernoulli on grey levels, not a density), "
+        "the paper on binary pixels; their difference is not shown",
+    )
+    assert reproduction_card._published_row(m)[3] == "n/a"  # the card
+
+
 # --- the card ----------------------------------------------------------------------------------------
 ENV = {"git commit": "0123abc", "data digest": "sha256 of prepared/x_train.npy: feedbeef", "python": "3.11.7"}
 ENV |= {"torch": "2.13.0", "lightning": "2.6.6", "training device": "CPU (x86_64, 2 cores) x 1 device(s)"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 UNIT = "nats per example"
@@ -33,6 +33,7 @@ DIFFERENT_K = "different K"
 FEWER_SEEDS = "fewer seeds"
 OTHER_SETTING = "other setting"
 NOT_CONVERGED = "not converged"  # an importance-sampled log p(x) whose estimate had not settled (eval.json)
+OTHER_UNITS = "other units"  # a seed measured in another data space than the paper's number (eval.json)
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,31 @@ class Measurement:
     verdict: Verdict
 
 
+def _space_text(space: object, improper: bool) -> str:
+    return f"{space} pixels" + (" (a Bernoulli on grey levels, not a density)" if improper else "")
+
+
+def _other_units(pub: Published, runs: Sequence[tuple[int, Mapping[str, Mapping[str, Any]]]]) -> list[str]:
+    """The reasons (OTHER_UNITS) of the seeds whose numbers are in another data space than `pub`'s, a nats
+    number: a pmf on binary pixels, a density on [0,1] and a Bernoulli on grey levels are three units. A
+    seed whose eval.json does not name its space is not judged here."""
+    if pub.unit != UNIT:
+        return []
+    theirs = (pub.data_space, bool(pub.improper))
+    out = []
+    for seed, records in runs:
+        ev = records.get("eval.json") or {}
+        if ev.get("data_space") is None:
+            continue
+        mine = (ev["data_space"], bool(ev.get("improper")))
+        if mine != theirs:
+            out.append(
+                f"{OTHER_UNITS}: seed {seed} measured on {_space_text(*mine)}, the paper on "
+                f"{_space_text(*theirs)}; their difference is not shown"
+            )
+    return out
+
+
 def judge(
     preset: Preset,
     config: Mapping[str, Any],
@@ -405,7 +431,11 @@ def judge(
                     why = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
                     k = ev.get("num_samples")
                     extra.append(f"{NOT_CONVERGED}: seed {seed}'s log p(x) with K = {k} ({why})")
+        other = _other_units(pub, runs)
+        extra += other
         v = verdict(pub, agg.mean, agg.se_examples, [*devs, *extra], interval=agg.interval)
+        if other:  # measured - published of two units means nothing: not shown
+            v = replace(v, difference=None)
         out.append(Measurement(pub, values, agg, v))
     return devs, out
 

@@ -58,7 +58,9 @@ def _published_row(m: R.Measurement) -> list[str]:
     width = None if v.uncertainty is None or pub.tolerance is None else v.uncertainty - pub.tolerance
     no_se = " (no SE recorded)" if a.half_width is None and a.se_examples is None else ""  # train.json's
     width = None if no_se else width
-    diff = fmt(v.difference, d, sign=True) + ("" if width is None else f" ± {fmt(width, d)}")
+    diff = fmt(v.difference, d, sign=True) + (
+        "" if width is None or v.difference is None else f" ± {fmt(width, d)}"
+    )
     printed = f"printed: {pub.printed}" if pub.printed and not pub.printed.startswith("none") else pub.printed
     shown = "none" if pub.value is None else f"{fmt(pub.value, d)} ({printed or 'not printed'})"
     band = "n/a" if v.uncertainty is None else fmt(v.uncertainty, d) + no_se
