@@ -454,11 +454,14 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
     # it goes to none (it went to the training's run, beside the K=20 numbers it does not show)
     stage_evaluate(tiny_config("eval.num_samples=40", raw_dir=raw_dir), out, ROOT, False)
     assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] is None
+
     def reports():
         from mlflow.artifacts import download_artifacts
 
         return {
-            r: Path(download_artifacts(run_id=r, artifact_path="report/report.md", tracking_uri=uri)).read_text()
+            r: Path(
+                download_artifacts(run_id=r, artifact_path="report/report.md", tracking_uri=uri)
+            ).read_text()
             for r in (trained, child)
         }
 
@@ -484,3 +487,41 @@ def test_the_data_version_of_a_run_on_your_own_file_is_that_file_s(tmp_path):
     own = tracking.run_tags(tiny_config("data=npz", f"data.path={tmp_path / 'mine.npz'}"), tmp_path, meta)
     assert own["data_version"] == hashlib.md5((tmp_path / "mine.npz").read_bytes()).hexdigest()
     assert tracking.run_tags(tiny_config(), tmp_path, meta)["data_version"] == "0123456789abcdef.dir"
+
+
+def test_a_two_layer_models_active_units_are_logged_per_layer(tmp_path, store):
+    """test/active_units (the sum) and, for two stochastic layers, test/active_units_z1 and _z2."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("two-layer") or client.get_experiment(
+        client.create_experiment("two-layer")
+    )
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    (tmp_path / "models").mkdir()
+    tracking.write_run_id(tmp_path / "models", run_id, store)
+    (tmp_path / "metrics").mkdir()
+    ev = {
+        "log_px": -90.0,
+        "log_px_se": 0.5,
+        "elbo": -95.0,
+        "elbo_se": 0.5,
+        "kl": 10.0,
+        "bits_per_dim": 0.17,
+        "num_samples": 10,
+        "active_units": 27,
+        "active_units_by_layer": [22, 5],
+        "log_px_ladder": [{"k": 1, "log_px": -95.0}, {"k": 10, "log_px": -90.0}],
+    }
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(ev))
+    cfg = tiny_config(
+        "model.stochastic_layers=2",
+        "model.latent_dim_2=3",
+        "model.hidden_dims_2=[8]",
+        "train.estimator=A",
+        tracking=True,
+    )
+    tracking.log_evaluation(cfg, tmp_path, ev)
+    m = client.get_run(run_id).data.metrics
+    assert (m["test/active_units"], m["test/active_units_z1"], m["test/active_units_z2"]) == (27, 22, 5)
+    assert m["binary/test/log_px"] == -90.0

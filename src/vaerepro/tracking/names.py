@@ -20,6 +20,8 @@ SPACE_FREE = frozenset(
         "ess_fraction",
         "ess_hmean",
         "active_units",
+        "active_units_z1",  # a two-layer model's, per stochastic layer (eval.json active_units_by_layer)
+        "active_units_z2",
         "knn_accuracy",
         "converged",
         "train_time_s",

@@ -204,6 +204,9 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     log_config(client, run_id, cfg.to_dict(), keys=("eval",))
     conv = metrics.get("convergence") or {}
     numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
+    by_layer = metrics.get("active_units_by_layer") or []
+    if len(by_layer) > 1:  # test/active_units_z1, _z2 beside their sum test/active_units
+        numbers.update({f"active_units_z{i}": a for i, a in enumerate(by_layer, start=1)})
     # eval.precision's measured change of log p(x) against float32 (nats/example; its name is the param
     # eval.precision): test/precision_log_px_diff, ..._se, ..._max_abs
     prec = metrics.get("precision") or {}
