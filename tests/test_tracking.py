@@ -494,10 +494,9 @@ def test_a_two_layer_models_active_units_are_logged_per_layer(tmp_path, store):
     from mlflow import MlflowClient
 
     client = MlflowClient(store)
-    exp = client.get_experiment_by_name("two-layer") or client.get_experiment(
-        client.create_experiment("two-layer")
-    )
-    run_id = client.create_run(exp.experiment_id).info.run_id
+    # artifacts under tmp_path: an experiment without artifact_location would put them in ./mlruns
+    exp_id = client.create_experiment("two-layer", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp_id).info.run_id
     (tmp_path / "models").mkdir()
     tracking.write_run_id(tmp_path / "models", run_id, store)
     (tmp_path / "metrics").mkdir()
