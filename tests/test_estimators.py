@@ -524,3 +524,24 @@ def test_one_sample_is_never_converged():
     v = convergence({1: torch.zeros(3, dtype=F64)}, torch.ones(3, dtype=F64))
     assert not v.converged and v.ladder_gain is None and v.ladder_from_k is None
     assert [r.split(":")[0] for r in v.reasons] == ["ESS too low"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf, math.inf])
+def test_a_non_finite_estimate_is_never_converged(bad):
+    # 50 examples, every weight equal (a flat ladder, ESS = K): converged; then one example's log weights
+    # all NaN (a decoder output NaN), all -inf (every weight zero) or one +inf (an unbounded density): its
+    # log p(x) is non-finite, and so are the mean, the last step's paired gain and the ESS harmonic mean,
+    # whose comparisons with their thresholds are all False. The verdict must not read that as converged.
+    log_w = torch.linspace(-120.0, -80.0, 50, dtype=F64).expand(1000, 50).clone()  # (K, B)
+    assert convergence(*_ladder_and_ess(log_w)).converged
+    if bad == math.inf:
+        log_w[500, 7] = bad  # after the last ladder point before K: ladder[100] stays finite
+    else:
+        log_w[:, 7] = bad
+    ladder, ess = _ladder_and_ess(log_w)
+    assert not math.isfinite(ladder[1000][7]) and math.isnan(ess[7])
+    v = convergence(ladder, ess)
+    assert not v.converged
+    assert v.reasons[0] == "non-finite estimate: log p(x) or ESS is NaN or infinite for 1 of 50 examples"
+    # +inf also makes the last step's gain +inf, a rise beyond any SE; NaN and -inf give a NaN gain: no rise
+    assert [r.split(":")[0] for r in v.reasons[1:]] == (["ladder still rising"] if bad > 0 else [])

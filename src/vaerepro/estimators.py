@@ -397,9 +397,18 @@ def convergence(ladder: dict[int, Tensor], ess: Tensor) -> Convergence:
 
     Not converged when (a) the last ladder step (previous point k to K) still rises: its mean paired gain
     exceeds LADDER_GAIN_SIGMAS paired SEs and LADDER_GAIN_TOL_NATS (with one example, no SE: the tolerance
-    alone); or (b) the harmonic mean of the ESS is below ESS_FLOOR.
+    alone); or (b) the harmonic mean of the ESS is below ESS_FLOOR; or (c) some example's log p_K(x) or
+    ESS is NaN or infinite: then the mean, the paired gain and the harmonic mean are NaN or infinite too,
+    and a NaN fails every comparison in (a) and (b), so without (c) it would pass as converged.
     """
     reasons = []
+    final = torch.as_tensor(ladder[max(ladder)], dtype=torch.float64)  # (B,) log p_K(x)
+    finite = torch.isfinite(final) & torch.isfinite(torch.as_tensor(ess, dtype=torch.float64))  # (B,)
+    if not finite.all():
+        reasons.append(
+            f"non-finite estimate: log p(x) or ESS is NaN or infinite for {int((~finite).sum())} of "
+            f"{finite.numel()} examples"
+        )
     steps = ladder_steps(ladder)
     last = steps[-1] if steps else None
     if last is not None:
