@@ -536,6 +536,25 @@ def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epo
     return ckpt
 
 
+def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_size: int, world: int) -> None:
+    """A CheckpointError (nothing touched yet) when the resumed checkpoint's epochs took another number of
+    optimiser steps than this training takes an epoch: another global batch (train.batch_size x devices x
+    nodes), so the resumed epochs would be another training than the one the checkpoint began.
+
+    train.batch_size is per device and the checkpoint does not record the world size; its steps do:
+    global_step = epochs done x ceil(n_train / global batch), last.ckpt being written at epoch ends only."""
+    done, steps = len(_saved_curve(ckpt)), ckpt.get("global_step")
+    per_epoch = math.ceil(n_train / (batch_size * world))  # optimiser steps an epoch, this configuration
+    if done == 0 or steps is None or steps == done * per_epoch:
+        return
+    raise checkpoints.CheckpointError(
+        f"{path}: train.resume=true, but its {done} epochs took {steps} optimiser steps ({steps / done:g} an "
+        f"epoch) and this configuration takes {per_epoch} an epoch (a global batch of train.batch_size x "
+        f"devices x nodes = {batch_size} x {world}): it would go on with another global batch. Nothing was "
+        "changed; set trainer.devices and trainer.num_nodes as the training had them"
+    )
+
+
 def config_digest(cfg: Config) -> str:
     """The first 12 hex digits of the sha256 of the resolved config as params.yaml holds it."""
     return hashlib.sha256(config_mod.dump(cfg.to_dict()).encode()).hexdigest()[:12]
@@ -605,10 +624,6 @@ def train(
     module = build_module(cfg if selection is None else stepsize.at_rate(cfg, selection["chosen"]), data)
     module.compile_mode = cfg.trainer.compile  # the pilots above run eagerly: each is 100 steps
     resumed = check_resumable(last, saved, module, cfg.train.max_epochs) if saved is not None else None
-    if ckpt_path is not None:
-        log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
-    elif cfg.train.resume:
-        log.info("train.resume: no %s yet, training from the start", last)
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
     # environment) before any process group exists, and only rank 0 may create the tracking run.
     same = SameConfigOnEveryRank(config_digest(cfg))
@@ -619,6 +634,12 @@ def train(
         n, size = len(data.x_train), cfg.train.val_batch_size
         extra.append(TestCurve(test_curve_csv, data.x_test, data.eps_test, n_train=n, batch_size=size))
     trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)
+    if resumed is not None:  # the world size is the trainer's: devices x nodes, "auto" resolved
+        check_same_batches(last, resumed, len(data.x_train), cfg.train.batch_size, trainer.world_size)
+    if ckpt_path is not None:
+        log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
+    elif cfg.train.resume:
+        log.info("train.resume: no %s yet, training from the start", last)
     tracker = tracker if trainer.is_global_zero else None
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vaerepro import schedules, signals
 from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config
@@ -288,6 +290,89 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (best.ckpt), whose best score a resumed training keeps when the run
+    directory has moved since last.ckpt was written (another node's mount, a copied project).
+
+    ModelCheckpoint restores its best score only when its directory is the absolute path the checkpoint
+    recorded; otherwise the first resumed epoch counts as the best whatever its score, overwrites best.ckpt,
+    and train.json reports its score beside an older best_epoch. models/ moves with last.ckpt, and best.ckpt
+    with them: the recorded paths are read as the same file names in this directory."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key ("ModelCheckpoint{'monitor': ...}"): every last.ckpt written before this class
+        # keeps its best score
+        return ModelCheckpoint.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if self.dirpath is None or saved_dir is None or saved_dir == self.dirpath:
+            return super().load_state_dict(state_dict)
+
+        def here(path: str) -> str:  # the same file name in this directory ("" stays "": none)
+            return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+        moved = {
+            k: here(state_dict[k]) for k in ("best_model_path", "kth_best_model_path", "last_model_path")
+        }
+        models = {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
+        log.info("resuming in %s: its best checkpoint was recorded in %s", self.dirpath, saved_dir)
+        super().load_state_dict({**state_dict, **moved, "best_k_models": models, "dirpath": self.dirpath})
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, resumed as the config says: with train.patience as configured now (a change
+    the resume check allows; Lightning's own restores the checkpoint's patience over it), and stopping at once
+    when the restored count of epochs without improvement has reached it, i.e. when the checkpoint is of a
+    training that early stopping had ended. Lightning's own trains on from such a checkpoint (its stop is not
+    saved), adding epochs an uninterrupted training never had and moving best.ckpt and train.json."""
+
+    @property
+    def state_key(self) -> str:
+        # EarlyStopping's key: every last.ckpt written before this class keeps its count
+        return EarlyStopping.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # wait_count: epochs since the best one, restored from last.ckpt (0 for a new training)
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True  # the fit loop then runs no epoch
+            log.info(
+                "early stopping: the resumed training had stopped improving %d epochs ago "
+                "(train.patience=%d): no epoch to train",
+                self.wait_count,
+                self.patience,
+            )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written whole or not at all: the bytes go to NAME.tmp in the checkpoint's directory,
+    are flushed to disk, and are renamed over NAME, so a kill or a power cut during a save leaves the earlier
+    best.ckpt / last.ckpt readable.
+
+    Lightning's own save writes into a file of the system's temporary directory and moves it: when that
+    directory is on another file system than models/ (a node-local /tmp, the project on a network file
+    system), the move is a copy into NAME itself, and a kill during it leaves a torn file in place of the
+    good one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)  # Lightning's TypeError
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, Any]):
     """What `configure_optimizers` returns for the train section `train` (TrainConfig as a dict): the
     optimiser alone for a constant rate, else with its LambdaLR (rate of epoch e = train.lr x factor(e)).
@@ -318,7 +403,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         # best.ckpt: the weights evaluation uses (and the model's constructor args), without the optimiser
         # state, a third of the bytes to write, store in DVC and upload to MLflow; first in the list, so it is
         # trainer.checkpoint_callback. last.ckpt: the whole training state, for resuming.
-        ModelCheckpoint(
+        BestCheckpoint(
             dirpath=out_dir / "models",
             filename="best",
             monitor=VAL_KEY,
@@ -332,7 +417,7 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         *extra_callbacks,
     ]
     if cfg.train.early_stopping:
-        callbacks.append(EarlyStopping(monitor=VAL_KEY, mode="max", patience=cfg.train.patience))
+        callbacks.append(ResumableEarlyStopping(monitor=VAL_KEY, mode="max", patience=cfg.train.patience))
     t = cfg.trainer
     return pl.Trainer(
         accelerator=t.accelerator,
@@ -350,4 +435,5 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         default_root_dir=out_dir,
+        plugins=[AtomicCheckpointIO()],  # best.ckpt and last.ckpt written whole or not at all
     )
