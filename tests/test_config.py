@@ -126,6 +126,9 @@ def test_two_stochastic_layers_validate():
         ([*TWO[:2], "model.hidden_dims_2=[]", "train.estimator=A"], "model.hidden_dims_2", "at least 1"),
         ([*TWO, "model.latent_dim_2=0", "train.estimator=A"], "model.latent_dim_2", "greater than or equal"),
         (TWO, "train.estimator=B", "use train.estimator=A"),
+        # accepted before, then a traceback in the train stage (NaN weights from the first step)
+        (["train.lr=inf"], "train.lr", "finite number"),
+        (["train.weight_decay=inf"], "train.weight_decay", "finite number"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, hint):

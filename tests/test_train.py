@@ -582,3 +582,14 @@ def test_training_refuses_prepared_data_made_from_another_version_of_the_npz(tmp
     assert sorted(p.name for p in out.iterdir()) == ["prepared"]
     data.prepare("npz", tmp_path, out / "prepared", path=tmp_path / "f.npz")  # as the message says
     assert train(cfg, out, enable_progress_bar=False)["epochs"] == 3
+
+
+def test_trainer_strategy_is_any_of_lightnings_names():
+    """Any name of Lightning's StrategyRegistry, in any case as Lightning lowers it; another is refused."""
+    from vaerepro.config import ConfigError
+    from vaerepro.trainer import check_strategy
+
+    for name in ("auto", "ddp", "DDP", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"):
+        check_strategy(name)
+    with pytest.raises(ConfigError, match=r"trainer.strategy='foo': not a Lightning strategy; .*auto, ddp"):
+        check_strategy("foo")

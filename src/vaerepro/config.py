@@ -157,7 +157,7 @@ class TrainConfig(_Section):
     num_samples: int = Field(1, ge=1)
     optimizer: Literal["adam", "adagrad"] = "adam"
     fused: bool = True  # torch's fused optimiser kernel (same update, one kernel per parameter tensor)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)  # inf: NaN weights in the first step, and a traceback
     # AEVB's step-size selection (Kingma & Welling 2014, 5: Adagrad's global step size "chosen from {0.01,
     # 0.02, 0.1} based on performance on the training set in the first few iterations"): null (no selection,
     # train.lr is the rate), or >= 2 distinct rates; each trains lr_pilot_steps optimiser steps from the run's
@@ -175,7 +175,7 @@ class TrainConfig(_Section):
         default_factory=lambda: list(ADAM_BETAS)
     )
     adam_eps: float = Field(ADAM_EPS, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     # every element of the gradient clipped to [-v, v] before the optimiser's step (the gradient of the
     # objective, before Adagrad's or Adam's weight decay term is added to it): the continuous-Bernoulli code
     # clips each gradient to [-1, 1] (cunningham-lab/cb_and_cc cb_vae_mnist.ipynb: tf.clip_by_value(grad,
@@ -222,7 +222,7 @@ class TrainerConfig(_Section):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"
+    strategy: str = "auto"  # a name of Lightning's StrategyRegistry (checked by trainer.check_strategy)
     precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
     deterministic: bool = True
     matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high" enables TF32 on GPUs

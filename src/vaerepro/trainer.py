@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vaerepro import schedules, signals
-from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config
+from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+
+
+def check_strategy(name: str) -> None:
+    """Refuse (ConfigError naming trainer.strategy) a name Lightning has no strategy for: Lightning itself
+    refuses it only when the Trainer is built, with a traceback. Here, not in config.py, whose validation
+    imports no Lightning (the core is read and tested without it)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = StrategyRegistry.available_strategies()
+    if name.lower() != "auto" and name.lower() not in known:
+        raise ConfigError(
+            f"trainer.strategy={name!r}: not a Lightning strategy; Lightning's are auto, "
+            + ", ".join(sorted(known))
+        )
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, Any]):
