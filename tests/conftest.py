@@ -172,3 +172,29 @@ def wait_for_health(url: str, what: str, timeout_s: float = 60.0) -> None:
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"{what} did not come up on 127.0.0.1")
+
+
+def ctrl_c_at_a_terminal(cmd: list[str], started: Path, timeout: float = 300, **popen) -> tuple[int, str]:
+    """Run `cmd` as a shell runs a job at a terminal and press Ctrl-C once the file `started` exists: the
+    job's (exit status, stderr). The job has a session of its own, so the SIGINT to its process group does
+    not reach pytest, and SIGINT at its default: pytest-xdist's workers ignore SIGINT, which a child would
+    inherit (and then ignore Ctrl-C, as a job started in the background does)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        cmd,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - a test's child
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    deadline = time.monotonic() + timeout
+    while not started.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at the terminal does
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err

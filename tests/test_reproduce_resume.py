@@ -14,13 +14,10 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import BIN, ROOT, curve
+from conftest import BIN, ROOT, ctrl_c_at_a_terminal, curve
 from vaerepro import presets as P
 from vaerepro import resumption
 
@@ -187,25 +184,8 @@ def test_ctrl_c_at_a_terminal_stops_the_seed_at_its_epoch_end_with_last_ckpt(raw
     seed_dir = out / "runs" / "reproductions" / "smoke" / PRESET / "seed_0"
     cmd = [str(BIN / "vaerepro"), "reproduce", PRESET, f"data.raw_dir={raw_dir}", "tracking.enabled=false"]
     cmd += ["train.max_epochs=10000", "train.checkpoint_every_s=100000", "--smoke", "--out", str(out)]
-    # A session of its own, as a terminal's job: the signal below reaches its group, not pytest. With SIGINT
-    # at its default, as a shell starts a job: pytest-xdist's workers ignore SIGINT, which a child inherits
-    # (and then ignores Ctrl-C, as a job started in the background does).
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - a test's child
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (seed_dir / "models" / "best.ckpt").is_file():  # the seed's first epoch has ended
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at the terminal does
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130, err
+    code, err = ctrl_c_at_a_terminal(cmd, seed_dir / "models" / "best.ckpt", cwd=ROOT)  # after epoch 1
+    assert code == 130, err
     assert "SIGTERM received: training stops at the end of this epoch" in err, err
     assert err.splitlines()[-1].startswith("vaerepro reproduce: stopped (Ctrl-C); resume with: "), err
     ckpt = torch.load(seed_dir / "models" / "last.ckpt", map_location="cpu", weights_only=True)

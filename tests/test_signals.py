@@ -42,3 +42,37 @@ def test_take_over_replaces_a_handler_installed_later(handler):
     signals.take_over()
     with pytest.raises(Stopped):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def sigint():
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_while_deferred_the_first_ctrl_c_is_recorded_and_the_second_stops_with_130(handler, sigint):
+    """Ctrl-C in training stops at the epoch end, as SIGTERM does (KeyboardInterrupt mid-epoch is turned
+    into exit status 1 by Lightning, with no last.ckpt); outside training it is KeyboardInterrupt again."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a command starts with
+    with signals.deferred():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C in training raised KeyboardInterrupt at once")
+        assert signals.requested() == signal.SIGINT
+        with pytest.raises(Stopped) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert stop.value.exit_status == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_deferred(handler, sigint):
+    """A reproduction's seed runs with SIGINT ignored: its parent stops it at an epoch end by SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with signals.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.requested() is None
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

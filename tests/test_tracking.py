@@ -470,6 +470,14 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
     stage_report(tiny_config("eval.num_samples=40", tracking=True, raw_dir=raw_dir), out, ROOT)
     assert "K=40" in (out / "reports" / "report.md").read_text()
     assert reports() == before
+    # an evaluation stopped (Ctrl-C) before it logged anything leaves the finished run of the K=20 one as it
+    # is (it marked it KILLED); a run still RUNNING is ended, never left RUNNING
+    tracking.end_recorded_run(out, "KILLED", KeyboardInterrupt(), evaluated=False)
+    assert client.get_run(trained).info.status == "FINISHED"
+    assert "vaerepro.failure" not in client.get_run(trained).data.tags
+    client.update_run(trained, status="RUNNING")
+    tracking.end_recorded_run(out, "KILLED", KeyboardInterrupt(), evaluated=False)
+    assert client.get_run(trained).info.status == "KILLED"
 
 
 def test_the_data_version_of_a_run_on_your_own_file_is_that_file_s(tmp_path):

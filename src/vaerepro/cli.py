@@ -14,7 +14,7 @@ vaerepro reproduce NAME [--smoke] [--seeds N] [OVERRIDES]
 A mistake in the input (a config key, a file, a checkpoint, the tracking store) is one line on stderr naming
 the key or file and the problem, exit status 2; --debug (or VAEREPRO_DEBUG=1) shows the traceback instead.
 SIGTERM stops a command with exit status 143 (training at the end of its epoch, with models/last.ckpt
-written) and says how to resume.
+written) and says how to resume; Ctrl-C does the same with exit status 130.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -303,11 +304,31 @@ def _hydra_run(argv: list[str]) -> None:
 def _check_overrides(argv: list[str], root: Path) -> None:
     """Compose and validate a single run's configuration before Hydra creates its run directory, so that a
     mistake leaves no empty directory behind and is one line (Hydra's own errors are several, and a
-    traceback). Multirun sweeps and Hydra's flags (--cfg, --multirun, ...) are left to Hydra."""
-    if any(a.startswith("-") for a in argv):
+    traceback). Under --multirun the overrides every job shares (not the swept ones, whose values are the
+    sweeper's) must parse and compose: an unknown key or option is one line too, not Hydra's several lines
+    and exit status 1; each job validates its own values. Hydra's other flags (--cfg, ...) are left to it."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
         return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
+    overrides = [
+        a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))
+    ]
+    if not flags:
+        config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    shared = []
+    for line in overrides:
+        try:
+            (override,) = parser.parse_overrides([line])
+        except OverrideParseException as err:
+            raise ConfigError(f"overrides {line}: {' '.join(str(err).split())}") from None
+        if not override.is_sweep_override():
+            shared.append(line)
+    config_mod.compose(shared, config_dir=root / "conf")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
         print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return stop.exit_status
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (training defers it to its epoch end: signals.deferred): one line and
+        # 128 + SIGINT, as a shell reports it; the run it stopped is KILLED on the way up
+        if debug:
+            raise
+        hint = "" if command in ("train", "run") else _RESUME_HINT.get(command, "")
+        print(f"vaerepro {command}: stopped (Ctrl-C)" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as err:
         message = _user_error(err)
         if message is None or debug:
@@ -343,8 +372,8 @@ STAGE_HELP = {
 }
 
 _RESUME_HINT = {
-    "train": "resume with train.resume=true (vaerepro params ... train.resume=true, or "
-    "dvc exp run -S train.resume=true), then vaerepro train",
+    # not `dvc exp run -S train.resume=true`: DVC deletes models/ (last.ckpt too) before the stage runs
+    "train": "resume with vaerepro params ... train.resume=true, then vaerepro train",
     "evaluate": "run vaerepro evaluate again",
     "report": "run vaerepro report again",
 }

@@ -2,8 +2,9 @@
 
 `install` makes SIGTERM raise `Stopped` in the main thread, so every stage unwinds through its clean-up
 (the MLflow run is marked KILLED) and the command exits 143. During training (`deferred`), the first SIGTERM
-only asks training to stop at the end of the current epoch, where last.ckpt can be written and resumed
-exactly (a mid-epoch state cannot: batches are seeded per epoch); a second SIGTERM stops at once.
+or Ctrl-C only asks training to stop at the end of the current epoch, where last.ckpt can be written and
+resumed exactly (a mid-epoch state cannot: batches are seeded per epoch); a second one stops at once (exit
+143, or 130 for Ctrl-C). Outside training Ctrl-C is Python's KeyboardInterrupt (vaerepro.cli: exit 130).
 """
 
 from __future__ import annotations
@@ -58,10 +59,21 @@ def requested() -> int | None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Within this block the first SIGTERM is only recorded (see `requested`); the code inside polls it."""
+    """Within this block the first SIGTERM or Ctrl-C (SIGINT) is only recorded (see `requested`); the code
+    inside polls it. Ctrl-C would otherwise raise KeyboardInterrupt mid-epoch, which Lightning turns into
+    exit status 1 with no models/last.ckpt. A SIGINT this process ignores (a reproduction's seed, nohup)
+    stays ignored."""
     global _deferring, _requested
     _deferring, _requested = True, None
+    previous = None
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        previous = signal.signal(signal.SIGINT, _handler)
     try:
         yield
     finally:
         _deferring = False
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -68,7 +68,9 @@ def trial_outcome(
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         return "FAIL", None, f"exit code 0 but no readable {path}: {err}", facts
-    if isinstance(metrics, dict) and (verdict := converged(metrics)) is not None:
+    if not isinstance(metrics, dict):  # a damaged file: a FAIL of this trial, not an error of the sweep
+        return "FAIL", None, f"exit code 0 but {path} is not a JSON object", facts
+    if (verdict := converged(metrics)) is not None:
         # kept with the trial: study.best_trial skips an unconverged log p(x) estimate
         facts["converged"] = verdict
     value = metrics.get(objective)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,14 +66,29 @@ def _distribution(override) -> Any:
         values = list(override.sweep_iterator())
         if not values:
             raise ConfigError(f"{override.input_line}: the range is empty")
-        if all(isinstance(v, int) for v in values):
-            return IntDistribution(values[0], values[-1], step=int(value.step))
-        return FloatDistribution(float(values[0]), float(values[-1]), step=float(value.step))
+        # a descending range (negative step) holds the same values as the ascending one
+        low, high, step = min(values), max(values), abs(value.step)
+        integers = all(isinstance(v, int) for v in values)
+        if "log" in value.tags:
+            # Optuna samples on a log scale only integers of step 1 or floats without a step; never
+            # dropped silently: the values would be drawn uniformly
+            if not (integers and step == 1):
+                raise ConfigError(
+                    f"{override.input_line}: a log scale needs integers with step 1; for floats use "
+                    f"tag(log, interval({low}, {high}))"
+                )
+            return IntDistribution(low, high, log=True)
+        if integers:
+            return IntDistribution(low, high, step=int(step))
+        return FloatDistribution(float(low), float(high), step=float(step))
     if override.is_interval_sweep():
-        # Hydra reads interval bounds as floats; tag(int, interval(a, b)) asks for integers
+        # Hydra reads interval bounds as floats; tag(int, interval(a, b)) asks for the integers within them
         log_scale = "log" in value.tags
         if "int" in value.tags:
-            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+            low, high = math.ceil(value.start), math.floor(value.end)
+            if low > high:
+                raise ConfigError(f"{override.input_line}: the interval holds no integer")
+            return IntDistribution(low, high, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise ConfigError(
         f"{key}: the sweeper takes choice(...), range(...), interval(...) or tag(log|int, interval(...)), "
@@ -86,15 +102,26 @@ def parse_search_space(params: Mapping[str, str] | None, arguments: Sequence[str
     Parsed with Hydra's override parser, as Hydra's Optuna sweeper does; a command-line `key=a,b` is a choice.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     lines = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
     distributions: dict[str, Any] = {}
     fixed: dict[str, str] = {}
-    for override in parser.parse_overrides(lines):
+    for line in lines:
+        # one line at a time, so that a mistake names its key (hydra.sweeper.params is parsed here only)
+        try:
+            (override,) = parser.parse_overrides([line])
+        except HydraException as err:
+            raise ConfigError(f"hydra.sweeper.params: {line}: {err}") from None
         key = override.get_key_element()
         if override.is_sweep_override():
-            distributions[key] = _distribution(override)
+            try:
+                distributions[key] = _distribution(override)
+            except (HydraException, ValueError) as err:  # Optuna's refusal: low > high, log of 0, ...
+                if isinstance(err, ConfigError):
+                    raise
+                raise ConfigError(f"{line}: {err}") from None
             fixed.pop(key, None)
         else:
             fixed[key] = override.input_line
@@ -188,18 +215,32 @@ def data_spaces(
     """(data space, improper) -> the choices that lead there; each combination composed and validated.
 
     A combination that does not validate (say Bernoulli on continuous data without allow_improper) is
-    skipped with a warning: its trials will fail with the validation message.
+    skipped with a warning: its trials will fail with the validation message. A ConfigError when Hydra
+    cannot compose a combination (an unknown option, key or value) or none validates: no trial could run.
     """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from vaerepro import config as config_mod
 
     spaces: dict[tuple[str, bool], list[str]] = {}
+    refused: list[str] = []
     for combo in space_combinations(space):
+        named = " ".join(combo) or "the fixed config"
         try:
-            cfg = config_mod.validate(dict(compose([*space.fixed, *combo])))
+            raw = dict(compose([*space.fixed, *combo]))
+        except (HydraException, OmegaConfBaseException) as err:
+            text = " ".join(str(err).split()).split(" Config search path:")[0]
+            raise ConfigError(f"{' '.join([*space.fixed, *combo])}: {text}") from None
+        try:
+            cfg = config_mod.validate(raw)
         except ConfigError as err:
-            log.warning("%s: its trials will fail: %s", " ".join(combo) or "the fixed config", err)
+            log.warning("%s: its trials will fail: %s", named, err)
+            refused.append(f"{named}: {err}")
             continue
         spaces.setdefault((cfg.data_space, cfg.improper), []).append(" ".join(combo) or "(fixed)")
+    if not spaces and refused:  # every trial would fail: refused before the study or a trial is written
+        raise ConfigError(f"no trial of this search space can run; {refused[0]}")
     return spaces
 
 

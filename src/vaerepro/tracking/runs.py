@@ -441,13 +441,32 @@ def end_recorded_run(
     out_dir: Path, status: str, reason: BaseException | str | None = None, *, evaluated: bool = True
 ) -> None:
     """End the run a stage after `train` did not finish in: the one the evaluation logged to (stage_run_id)
-    once it has (`evaluated`), else the training's; an earlier evaluation's run is never marked for a later
-    one's failure."""
+    once it has (`evaluated`), else the training's, unless that run has ended holding a finished evaluation
+    (its K_TAG): the failure or stop of a later one (another K, before its own run existed) leaves it as it
+    is, and an earlier evaluation's run is never marked for a later one's failure. A RUNNING run is always
+    ended: never RUNNING for ever."""
     run_id, uri = stage_run_id(out_dir) if evaluated else read_run_id(out_dir / "models")
-    if run_id:
-        from mlflow import MlflowClient
+    if not run_id:
+        return
+    from mlflow import MlflowClient
 
-        end_run(MlflowClient(uri), run_id, status, reason)
+    client = MlflowClient(uri)
+    if not evaluated:
+        try:
+            run = client.get_run(run_id)
+            done_k = run.data.tags.get(K_TAG) if run.info.status != "RUNNING" else None
+        except Exception:  # noqa: BLE001 - on the way out of an error: mark it as before
+            done_k = None
+        if done_k is not None:
+            log.warning(
+                "MLflow run %s holds a finished evaluation (K=%s), left as it is; this evaluation did not "
+                "finish: %s",
+                run_id,
+                done_k,
+                one_line(reason) if reason is not None else status,
+            )
+            return
+    end_run(client, run_id, status, reason)
 
 
 def steps_beyond(client, run_id: str, keys: tuple[str, str], space: str, epochs: int | None) -> list[int]:
