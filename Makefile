@@ -33,11 +33,11 @@ repro: install plots-template
 
 # `dvc exp show` narrowed to what compares runs: what was evaluated and the headline numbers always, other
 # params and metrics where they differ between the rows, no hashes of stage outputs. Plain `dvc exp show`
-# has a column for every key of params.yaml (63) and every dependency (24), ~1,000 characters; DVC has no
+# has a column for every key of params.yaml (63) and every dependency (25), ~1,000 characters; DVC has no
 # setting to narrow it. Dropped params: those the metrics' labels repeat, and allow_improper, which differs
 # whenever the likelihood does (only bernoulli has the key; an improper run shows as data.space=continuous).
 EXPS_KEEP := ^(likelihood|latent_dim|log_px|log_px_se|elbo|knn_accuracy)$$
-EXPS_DROP := ^(likelihood\.(name|allow_improper)|model\.latent_dim|prepared|models|artifacts|metrics/.+|plots/.+)$$
+EXPS_DROP := ^(likelihood\.(name|allow_improper)|model\.latent_dim|\.params-checked|prepared|models|artifacts|metrics/.+|plots/.+)$$
 exps: install
 	$(BIN)/dvc exp show --only-changed --keep '$(EXPS_KEEP)' --drop '$(EXPS_DROP)'
 

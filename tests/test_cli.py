@@ -13,7 +13,7 @@ import pytest
 from conftest import BIN, ROOT, TINY
 from vaerepro import cli
 
-COMMANDS = ("run", "reproduce", "params", "ui", "fetch", "prepare", "train", "evaluate", "report")
+COMMANDS = ("run", "reproduce", "params", "ui", "fetch", "check", "prepare", "train", "evaluate", "report")
 
 
 def _vaerepro(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -123,6 +123,46 @@ def test_dvc_repro_produces_files_and_numbers(repo):
     assert (repo / "dvc_plots" / "index.html").is_file()
 
 
+def test_a_refusal_under_dvc_repro_loses_no_result(repo):
+    """DVC deletes a stage's outputs before it runs the stage: a config train or evaluate refuses (a value
+    `dvc exp run -S` set, a precision this machine lacks) lost models/, metrics/ and plots/ first. The check
+    stage refuses it before any other stage runs, in one line naming the key."""
+    import os
+    import subprocess
+
+    from conftest import BIN
+
+    run(["vaerepro", "fetch"], repo)
+    run(["dvc", "repro"], repo)
+    kept = [p for p in ("models", "metrics", "plots", "artifacts") for p in sorted((repo / p).rglob("*"))]
+    before = {p: p.read_bytes() for p in kept if p.is_file()}
+    assert len(before) >= 8
+    good = (repo / "params.yaml").read_text()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        for section, key, value, message in (
+            ("model", "latent_dim", 0, "model.latent_dim: Input should be greater than or equal to 1"),
+            ("eval", "precision", "tf32", "eval.precision=tf32: TF32 matmuls exist on CUDA devices only"),
+        ):
+            params = yaml.safe_load(good)
+            params[section][key] = value
+            (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+            line = proc.stderr.splitlines()[0]
+            assert proc.returncode != 0 and line.startswith("vaerepro check: ") and message in line, (
+                proc.stderr
+            )
+            assert "Traceback" not in proc.stderr
+            assert {p: p.read_bytes() for p in before if p.is_file()} == before  # nothing deleted or changed
+    finally:
+        (repo / "params.yaml").write_text(good)
+    # the config as it was: check runs again (its output was deleted), and its unchanged output reruns nothing
+    again = run(["dvc", "repro"], repo).stdout
+    assert [line for line in again.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'check':"
+    ]
+
+
 def test_dvc_exp_run_composes_overrides(repo):
     run(["vaerepro", "fetch"], repo)
     run(["dvc", "exp", "run", "-S", "likelihood=continuous_bernoulli", "-S", "model.latent_dim=5"], repo)

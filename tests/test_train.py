@@ -584,12 +584,29 @@ def test_training_refuses_prepared_data_made_from_another_version_of_the_npz(tmp
     assert train(cfg, out, enable_progress_bar=False)["epochs"] == 3
 
 
-def test_trainer_strategy_is_any_of_lightnings_names():
-    """Any name of Lightning's StrategyRegistry, in any case as Lightning lowers it; another is refused."""
+def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monkeypatch):
+    """Any strategy name of Lightning's StrategyRegistry, in any case as Lightning lowers it; no GPU
+    accelerator without a CUDA device; no float16 mixed precision on the CPU (Lightning trains bfloat16)."""
+    from conftest import compose
+    from vaerepro import config as config_mod
     from vaerepro.config import ConfigError
-    from vaerepro.trainer import check_strategy
+    from vaerepro.trainer import check_trainer
+
+    def trainer(*overrides):
+        return config_mod.validate(compose(*overrides)).trainer
 
     for name in ("auto", "ddp", "DDP", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"):
-        check_strategy(name)
+        check_trainer(trainer(f"trainer.strategy={name}"))
     with pytest.raises(ConfigError, match=r"trainer.strategy='foo': not a Lightning strategy; .*auto, ddp"):
-        check_strategy("foo")
+        check_trainer(trainer("trainer.strategy=foo"))
+    with pytest.raises(ConfigError, match="trainer.precision=16-mixed: float16 mixed precision runs on CUDA"):
+        check_trainer(trainer("trainer.precision=16-mixed"))
+    check_trainer(trainer("trainer.precision=bf16-mixed", "train.fused=false"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu: this machine has no CUDA device"):
+        check_trainer(trainer("trainer=gpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_trainer(trainer("trainer=gpu", "trainer.devices=2"))
+    with pytest.raises(ConfigError, match=r"trainer.devices=4: this machine has 2 CUDA device\(s\)"):
+        check_trainer(trainer("trainer=gpu", "trainer.devices=4"))

@@ -2,7 +2,7 @@
 
 vaerepro params [OVERRIDES]     compose conf/ (+ Hydra overrides) into params.yaml
 vaerepro fetch                  put the configured data source's raw files under data/
-vaerepro prepare|train|evaluate|report [--params params.yaml] [--out .]
+vaerepro check|prepare|train|evaluate|report [--params params.yaml] [--out .]
                                 the DVC stages; each reads the resolved config
 vaerepro run [OVERRIDES]        one configuration through every stage, outside DVC (a Hydra app:
                                 --multirun, --cfg job, hydra.run.dir=... all work)
@@ -64,6 +64,25 @@ def stage_fetch(cfg: Config, root: Path) -> Path:
     from vaerepro import data
 
     return data.fetch(cfg.data.source, _raw_dir(cfg, root), url=cfg.data.url, path=_data_path(cfg))
+
+
+CHECK_FILE = ".params-checked"  # the check stage's output: the same text every time, so it triggers nothing
+
+
+def stage_check(cfg: Config, out_dir: Path, root: Path) -> Path:
+    """The refusals that need no data (the config: `load` has validated it; the trainer and the evaluation
+    device on this machine), as the first stage of the DVC pipeline. DVC deletes a stage's outputs before it
+    runs the stage, so a refusal inside train or evaluate (`dvc exp run -S model.latent_dim=0`,
+    eval.precision=tf32 on a CPU) came after models/, metrics/ and plots/ were gone; prepare depends on this
+    stage's output, so DVC runs it first whenever params.yaml changed, and stops there. Writes CHECK_FILE."""
+    from vaerepro.evaluate import check_precision, eval_device
+    from vaerepro.trainer import check_trainer
+
+    check_trainer(cfg.trainer)
+    check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)
+    out = out_dir / CHECK_FILE
+    out.write_text("params.yaml passed `vaerepro check` (the DVC pipeline's first stage; see dvc.yaml)\n")
+    return out
 
 
 def stage_prepare(cfg: Config, out_dir: Path, root: Path) -> dict:
@@ -215,7 +234,13 @@ def _end_run_after(cfg: Config, out_dir: Path, exc: BaseException, *, evaluated:
         tracking.end_recorded_run(out_dir, tracking.status_of(exc), exc, evaluated=evaluated)
 
 
-STAGES = {"prepare": stage_prepare, "train": stage_train, "evaluate": stage_evaluate, "report": stage_report}
+STAGES = {
+    "check": stage_check,
+    "prepare": stage_prepare,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "report": stage_report,
+}
 
 
 def _ddp_relaunch_argv(command: list[str], out_dir: Path) -> None:
@@ -365,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
 STAGE_HELP = {
     "fetch": "put the configured data source's raw files under data/",
+    "check": "refuse, before DVC deletes any stage's outputs, what needs no data: the config, the devices",
     "prepare": "split and check the data: prepared/",
     "train": "train the VAE: models/{best,last}.ckpt, metrics/train.json, plots/elbo.csv",
     "evaluate": "importance-sampled log p(x) and the other test numbers: metrics/eval.json, artifacts/",

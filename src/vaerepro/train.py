@@ -44,7 +44,7 @@ from vaerepro.trainer import (
     TestCurve,
     build_optimizer,
     build_trainer,
-    check_strategy,
+    check_trainer,
     train_key,
 )
 
@@ -600,7 +600,7 @@ def train(
     """
     out_dir = Path(out_dir)
     model_dir = out_dir / "models"
-    check_strategy(cfg.trainer.strategy)
+    check_trainer(cfg.trainer)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     data = VAEData(

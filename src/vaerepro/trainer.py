@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vaerepro import schedules, signals
-from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError
+from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -373,17 +373,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def check_strategy(name: str) -> None:
-    """Refuse (ConfigError naming trainer.strategy) a name Lightning has no strategy for: Lightning itself
-    refuses it only when the Trainer is built, with a traceback. Here, not in config.py, whose validation
-    imports no Lightning (the core is read and tested without it)."""
+def check_trainer(t: TrainerConfig) -> None:
+    """Refuse (ConfigError naming the key) a trainer section this machine or Lightning cannot run as written,
+    before anything is touched: Lightning refuses an unknown strategy or a missing GPU only when the Trainer
+    is built, with a traceback, and silently trains float16 mixed precision on the CPU as bfloat16, which
+    the run's params would then mislabel. Here, not in config.py, whose validation is the same on every
+    machine and imports no Lightning (the core is read and tested without it)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
     known = StrategyRegistry.available_strategies()
-    if name.lower() != "auto" and name.lower() not in known:
+    if t.strategy.lower() != "auto" and t.strategy.lower() not in known:
         raise ConfigError(
-            f"trainer.strategy={name!r}: not a Lightning strategy; Lightning's are auto, "
+            f"trainer.strategy={t.strategy!r}: not a Lightning strategy; Lightning's are auto, "
             + ", ".join(sorted(known))
+        )
+    if t.accelerator in ("gpu", "cuda"):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise ConfigError(
+                f"trainer.accelerator={t.accelerator}: this machine has no CUDA device; use trainer=cpu"
+            )
+        if isinstance(t.devices, int) and t.devices > have:
+            raise ConfigError(f"trainer.devices={t.devices}: this machine has {have} CUDA device(s)")
+    elif t.accelerator == "cpu" and t.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed: float16 mixed precision runs on CUDA devices only (Lightning would "
+            "train bfloat16 instead on the CPU); use trainer.precision=bf16-mixed or 32-true"
         )
 
 
