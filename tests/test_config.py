@@ -177,3 +177,12 @@ def test_gaussian_scale_defaults_to_softplus_and_round_trips():
         with pytest.raises(ConfigError, match="likelihood") as err:
             config_mod.validate(compose("likelihood=gaussian", "likelihood.scale=log_variance", bad))
         assert hint in str(err.value)
+
+
+def test_an_unknown_config_option_is_one_line_with_the_options_not_the_search_path():
+    with pytest.raises(ConfigError) as err:
+        config_mod.compose(["likelihood=poisson"])
+    assert str(err.value) == (
+        "overrides likelihood=poisson: In 'config': Could not find 'likelihood/poisson' Available options in "
+        "'likelihood': bernoulli continuous_bernoulli gaussian"
+    )

@@ -454,7 +454,8 @@ def compose(
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
-        text = " ".join(str(err).split(" Config search path:")[0].split())
+        # one line, without the search path Hydra appends (after a newline): the options are what helps
+        text = " ".join(str(err).split()).split(" Config search path:")[0]
         shown = " ".join(overrides or []) if named is None else " ".join(named)
         raise ConfigError(f"overrides {shown}: {text}") from None
 
