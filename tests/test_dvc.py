@@ -192,55 +192,6 @@ def test_plots_template_without_npm_says_so_and_leaves_dvc_its_page(tmp_path):
     assert not (tmp_path / "vendor").exists() and not (tmp_path / ".dvc").exists()
 
 
-# What each stage's code imports of vaerepro's, but which cannot change what the stage writes: exception
-# classes and their messages (errors), when a stage stops (signals), the version string (__init__)
-NO_OUTPUT_EFFECT = {"errors.py", "signals.py", "__init__.py"}
-# Per stage, modules it imports whose effect reaches it through a dependency instead: reading and fetching
-# raw files (sources, formats) through prepared/; the learning-rate schedule (config imports its names)
-# through models/
-RAW_FILES = {"sources.py", "formats.py"}
-THROUGH_DEPS = {"train": RAW_FILES, "evaluate": RAW_FILES | {"schedules.py"}}
-STAGE_MODULE = {"prepare": "data", "train": "train", "evaluate": "evaluate", "report": "report"}
-
-
-def _imported_modules(module: str) -> set[str]:
-    """The files of vaerepro's modules that `module` imports, directly or not (function-level imports too),
-    itself included, relative to src/vaerepro."""
-    import ast
-
-    src = ROOT / "src" / "vaerepro"
-
-    def file_of(name: str):
-        p = src.joinpath(*name.split(".")[1:])
-        return next((f for f in (p.with_suffix(".py"), p / "__init__.py") if f.is_file()), None)
-
-    seen, todo = set(), [f"vaerepro.{module}"]
-    while todo:
-        name = todo.pop()
-        if name in seen or file_of(name) is None:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse(file_of(name).read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vaerepro"):
-                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("vaerepro")]
-    return {str(file_of(n).relative_to(src)) for n in seen}
-
-
-@pytest.mark.parametrize("stage", list(STAGE_MODULE))
-def test_each_stage_depends_on_the_code_that_computes_its_outputs(stage):
-    """`dvc repro` reruns a stage only when a dependency changed: a module its code uses that is not among
-    them (data.py's test-set draw for evaluate, its batch binarisation for train) would leave the last
-    numbers in place as if current."""
-    import yaml
-
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
-    listed = {d.removeprefix("src/vaerepro/") for d in deps if d.startswith("src/vaerepro/")}
-    needed = _imported_modules(STAGE_MODULE[stage]) - NO_OUTPUT_EFFECT - THROUGH_DEPS.get(stage, set())
-    assert needed - listed == set(), f"dvc.yaml's {stage} stage lacks deps on {sorted(needed - listed)}"
-
-
 def test_the_report_stage_reruns_on_any_key_of_params_yaml():
     """The report prints the whole config (its Configuration table) and compares the run with the others of
     tracking.experiment: a key no earlier stage reads (eval.device when eval.json comes out the same,
