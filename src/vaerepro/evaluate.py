@@ -265,23 +265,23 @@ def layer_means(
     batch_size: int = 1000,
     samples: int = ACTIVE_UNIT_SAMPLES,
 ) -> list[torch.Tensor]:
-    """E_q[z_l|x] of each stochastic layer l, for the active-unit count: [(N, Z1)], or [(N, Z1), (N, Z2)].
+    """E_q[z_l|x] of each stochastic layer l: [(N, Z1)], or [(N, Z1), (N, Z2)]. The first is q(z1|x)'s mean
+    (posterior_means: kNN's latent means too).
 
-    z1's is q(z1|x)'s mean. q(z2|x) = ∫ q(z2|z1) q(z1|x) dz1 has no closed-form mean, so z2's is
-    E_{q(z1|x)}[mu2(z1)] over `samples` draws of z1 (noise from a generator seeded with `seed`): the mean
-    mu2 of q(z2|z1) rather than a draw of z2, so the Monte Carlo noise in each example's estimate is
-    Var(mu2)/samples, without q(z2|z1)'s own variance (about 1 for a unit the model does not use)."""
-    means = posterior_means(vae, x, batch_size)
-    if vae.stochastic_layers == 1:
-        return [means]
+    q(z2|x) = ∫ q(z2|z1) q(z1|x) dz1 has no closed-form mean, so z2's is E_{q(z1|x)}[mu2(z1)] over `samples`
+    draws of z1 (noise from a generator seeded with `seed`): the mean mu2 of q(z2|z1) rather than a draw of
+    z2, so the Monte Carlo noise in each example's estimate is Var(mu2)/samples, without q(z2|z1)'s own
+    variance (about 1 for a unit the model does not use)."""
     g = torch.Generator().manual_seed(seed)
-    second = []
+    first, second = [], []
     for i in range(0, len(x), batch_size):
         mu1, logvar1 = vae.posterior_params(x[i : i + batch_size])  # (B, Z1) each
-        eps = torch.randn((samples, *mu1.shape), generator=g, dtype=mu1.dtype)  # (S, B, Z1)
-        z1 = mu1 + (0.5 * logvar1).exp() * eps
-        second.append(vae.posterior_2(z1).mean.mean(dim=0))  # (B, Z2)
-    return [means, torch.cat(second)]
+        first.append(mu1)
+        if vae.stochastic_layers == 2:
+            eps = torch.randn((samples, *mu1.shape), generator=g, dtype=mu1.dtype)  # (S, B, Z1)
+            z1 = mu1 + (0.5 * logvar1).exp() * eps
+            second.append(vae.posterior_2(z1).mean.mean(dim=0))  # (B, Z2)
+    return [torch.cat(first), *([torch.cat(second)] if second else [])]
 
 
 def active_units(mu: torch.Tensor) -> int:
@@ -508,8 +508,9 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             p["examples"],
             p["log_px_diff_max_abs"],
         )
-    mu_test = posterior_means(vae, x_test)
-    active_by_layer = [active_units(m) for m in layer_means(vae, x_test, seed=e.seed)]
+    means = layer_means(vae, x_test, seed=e.seed)  # [(N, Z1)] or [(N, Z1), (N, Z2)]
+    mu_test = means[0]
+    active_by_layer = [active_units(m) for m in means]
     knn = None
     if splits.y_train is not None and splits.y_test is not None:
         x_train = fixed_space(splits.train, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
