@@ -233,7 +233,6 @@ def _check_ran_as_planned(p: Plan, hows: dict[int, resume_mod.How]) -> None:
     anything runs (SeedResult.read names it). Reads only."""
     import yaml
 
-    want = R._leaves(p.config)
     for seed, how in hows.items():
         if how == "reuse":
             SeedResult.read(seed, p.run_dir / f"seed_{seed}")
@@ -244,17 +243,14 @@ def _check_ran_as_planned(p: Plan, hows: dict[int, resume_mod.How]) -> None:
             ran = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise UserError(f"{path}: not YAML ({err}); seed {seed}'s settings cannot be checked") from None
-        got = R._leaves(ran) if isinstance(ran, dict) else {}
-        for key in sorted(set(want) | set(got)):
-            if key in R.NEUTRAL_KEYS or key.startswith(R.NEUTRAL_SECTIONS):
-                continue
-            old, new = got.get(key, "(absent)"), want.get(key, "(absent)")
-            if not R._same(old, new):
-                raise UserError(
-                    f"--resume: seed {seed} ran with {key}={old!r} ({path}), this invocation would run "
-                    f"{key}={new!r}: conf/ has changed since it ran, and one verdict cannot mix the two; "
-                    "restore conf/ to resume, or start again with --fresh (the stopped one is kept)"
-                )
+        differ = R.setting_differences(ran if isinstance(ran, dict) else {}, p.config)
+        if differ:
+            key, old, new = differ[0]
+            raise UserError(
+                f"--resume: seed {seed} ran with {key}={old!r} ({path}), this invocation would run "
+                f"{key}={new!r}: conf/ has changed since it ran, and one verdict cannot mix the two; "
+                "restore conf/ to resume, or start again with --fresh (the stopped one is kept)"
+            )
 
 
 def _start_ignoring_sigint(cmd: list[str], **kwargs: Any) -> subprocess.Popen:

@@ -251,6 +251,19 @@ def _leaves(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def setting_differences(ran: Mapping[str, Any], planned: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, ran's value, planned's value) for each setting in which two resolved configs differ, in key
+    order; the neutral ones (NEUTRAL_KEYS, NEUTRAL_SECTIONS) aside, and "(absent)" for a key one lacks."""
+    a, b = _leaves(ran), _leaves(planned)
+    return [
+        (key, a.get(key, "(absent)"), b.get(key, "(absent)"))
+        for key in sorted(set(a) | set(b))
+        if key not in NEUTRAL_KEYS
+        and not key.startswith(NEUTRAL_SECTIONS)
+        and not _same(a.get(key, "(absent)"), b.get(key, "(absent)"))
+    ]
+
+
 def deviations(
     preset: Preset,
     config: Mapping[str, Any],
