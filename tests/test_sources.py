@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from vaerepro import data, sources
+from vaerepro import data, formats, sources
 from vaerepro.data import DataError
 
 # Known answers for the embedded digits as fetch() writes them; data.dvc commits the directory hash.
@@ -499,3 +499,13 @@ def test_max_npz_bytes_defaults_to_8_gib_and_is_set_through_the_config():
     assert config_mod.validate(compose("data=npz", "data.path=/tmp/mine.npz")).data.max_npz_bytes == 8 * 2**30
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         config_mod.DataConfig(max_npz_bytes=0)
+
+
+def test_an_idx_path_that_is_a_directory_is_not_called_a_corrupt_gzip_file(tmp_path):
+    # the file cannot be read at all: saying its gzip is corrupt sends the user after the wrong problem
+    folder = tmp_path / "train-images-idx3-ubyte.gz"
+    folder.mkdir()
+    with pytest.raises(DataError) as err:
+        formats.read_idx(folder)
+    assert str(err.value).startswith(f"{folder}: cannot read the file (")
+    assert "gzip" not in str(err.value)
