@@ -14,7 +14,7 @@ from conftest import DEVICES, compose
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
-from vaerepro.estimators import ELBO_STREAM, BlockNoise, elbo_terms
+from vaerepro.estimators import ELBO_STREAM, BlockNoise, elbo_terms, estimate_log_px
 from vaerepro.evaluate import (
     active_units,
     auto_chunk_size,
@@ -109,6 +109,20 @@ def test_sharded_evaluation_equals_the_whole(device):
         assert torch.equal(torch.where(mine, shards[0]["ladder"][k], shards[1]["ladder"][k]), v)
     assert (whole["log_px"] >= whole["elbo"] - 5).all()
     assert whole["log_px"].device.type == "cpu" and next(vae.parameters()).device.type == "cpu"
+
+
+def test_per_example_still_checks_the_pixels_against_the_likelihood():
+    """The K-sample estimate runs with torch.distributions' checks off (a copy of the model); the one-sample
+    ELBO on the model itself still refuses a grey level under a proper Bernoulli, and the caller's model
+    keeps its setting. The estimate equals one with every check on, to the last bit."""
+    vae, x = _tiny_vae_and_data(10)
+    with pytest.raises(ValueError, match="support"):
+        per_example(vae, x * 0.5, num_samples=20, batch_size=5, chunk_size=7, seed=1)
+    assert vae.validate_args is None
+    fast = per_example(vae, x, num_samples=20, batch_size=5, chunk_size=7, seed=1)
+    for i in range(0, 10, 5):
+        checked = estimate_log_px(vae, x[i : i + 5], 20, 7, generator_seed=1, example_offset=i)
+        assert torch.equal(fast["log_px"][i : i + 5], checked.log_px.double())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -18,6 +18,7 @@ from vaerepro.likelihoods import (
     DATA_SPACES,
     REGISTRY,
     Bernoulli,
+    BernoulliPixels,
     CBDistribution,
     ContinuousBernoulli,
     Gaussian,
@@ -515,3 +516,29 @@ def test_continuous_bernoulli_draws_follow_its_cdf_at_every_logit(dtype):
     ordered = x.double().T.sort(dim=1).values.contiguous()  # (9, 50000)
     empirical = torch.searchsorted(ordered, grid.expand(len(eta), -1).contiguous(), right=True) / len(x)
     assert float((empirical - exact).abs().max()) < 0.012
+
+
+def test_bernoulli_and_cb_log_prob_equal_torchs_formula_to_the_last_bit():
+    """BernoulliPixels sums -BCE over the pixels and negates once, CBDistribution subtracts the BCE from
+    log C: the same numbers as torch's Independent(Bernoulli).log_prob and -BCE + log C, bit for bit, for
+    decoder outputs (K, B, D) against pixels (B, D) as the importance sampler calls them."""
+    torch.manual_seed(0)
+    logits = 8 * torch.randn(16, 5, 784)  # (K, B, D)
+    x = torch.bernoulli(torch.full((5, 784), 0.3))  # (B, D)
+    p = get_likelihood("bernoulli").distribution(logits)
+    assert isinstance(p, BernoulliPixels) and p.batch_shape == (16, 5) and p.event_shape == (784,)
+    ref = torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits), 1).log_prob(x)
+    assert torch.equal(p.log_prob(x), ref)
+    grey = torch.rand(5, 784)
+    improper = get_likelihood("bernoulli", allow_improper=True).distribution(logits)
+    ref = torch.distributions.Bernoulli(logits=logits, validate_args=False).log_prob(grey).sum(-1)
+    assert torch.equal(improper.log_prob(grey), ref)
+    with pytest.raises(ValueError, match="support"):
+        p.log_prob(grey)  # a proper Bernoulli still refuses grey levels
+    wide = p.expand((3, 16, 5))
+    assert isinstance(wide, BernoulliPixels) and torch.equal(wide.log_prob(x)[2], p.log_prob(x))
+    cb = get_likelihood("continuous_bernoulli").distribution(logits)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, grey.expand_as(logits), reduction="none"
+    )
+    assert torch.equal(cb.log_prob(grey), (-bce + cb_log_norm(logits)).sum(-1))
