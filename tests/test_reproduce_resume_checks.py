@@ -82,6 +82,7 @@ def test_resume_reads_finished_seeds_and_judges_them(tmp_path, monkeypatch):
     [
         ('{"log_px": -85.0, "log_px_se"', "not JSON: "),  # cut short
         ("[1, 2]", "a JSON list, not an object"),
+        ('{"log_px": -85.0, "log_px_se": -0.25}', "log_px_se = -0.25 is negative"),  # hand-edited
     ],
 )
 def test_a_damaged_result_file_is_one_line_naming_it(tmp_path, monkeypatch, text, why):

@@ -3,6 +3,7 @@ command line: one line and exit status 130, never a traceback, training stopped 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -179,3 +180,18 @@ def test_a_trial_whose_eval_json_is_not_an_object_is_a_fail_not_an_error_of_the_
     (tmp_path / "metrics" / "eval.json").write_text(text)
     state, value, reason, _ = trial_outcome(tmp_path, 0, "log_px")
     assert (state, value) == ("FAIL", None) and "eval.json is not a JSON object" in reason
+
+
+def test_a_trial_whose_eval_json_holds_an_impossible_number_is_a_fail(tmp_path):
+    """No hand-edited or damaged number (a negative standard error, log p(x) far above 0 on binary pixels)
+    reaches Optuna, the best trial or the sweep report: the trial is a FAIL naming the file and the key."""
+    from vaerepro.sweep.outcome import trial_outcome
+
+    (tmp_path / "metrics").mkdir()
+    ev = {"log_px": -90.0, "log_px_se": 0.5, "data_space": "binary", "improper": False, "num_examples": 100}
+    for bad, key in (({"log_px_se": -0.5}, "log_px_se = -0.5"), ({"log_px": 3.0}, "log_px = 3.0")):
+        (tmp_path / "metrics" / "eval.json").write_text(json.dumps({**ev, **bad}))
+        state, value, reason, _ = trial_outcome(tmp_path, 0, "log_px")
+        assert (state, value) == ("FAIL", None) and f"eval.json: {key}" in reason, reason
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(ev))
+    assert trial_outcome(tmp_path, 0, "log_px")[:2] == ("COMPLETE", -90.0)

@@ -178,3 +178,102 @@ def rank(rows: Iterable[Mapping], metric: str, higher_is_better: bool = True) ->
     if metric in ESTIMATE_METRICS:
         scored.sort(key=lambda pair: converged(pair[1]) is False)  # stable: keeps the order within each part
     return [r for _, r in scored]
+
+
+# The numbers of a run's evaluation that the reports show or rank by (eval.json keys; MLflow metrics
+# test/<key>): each, when present, must be a number.
+EVAL_NUMBERS = (
+    "log_px",
+    "log_px_se",
+    "elbo",
+    "elbo_se",
+    "kl",
+    "recon",
+    "bits_per_dim",
+    "num_samples",
+    "num_examples",
+)
+# How far above 0, in nats summed over the test examples (N t for a mean of t nats/example over N examples),
+# an importance-sampled log p(x) of a Bernoulli (p(x|z) <= 1, so p(x) <= 1) may be before it is refused.
+# Each example's estimate averages importance weights whose expectation is p(x_i) <= 1, so by Markov's
+# inequality on their product (independent across examples) P(mean estimate >= t) <= exp(-N t): a small
+# positive estimate of near-deterministic data is possible, one this far above 0 (exp(-50)) is not. An
+# unconverged estimate is biased low, not high, so its verdict changes nothing here.
+POSITIVE_LOG_PX_NATS = 50.0
+
+
+def _number(value, strict: bool) -> float | None:
+    """`value` as a float (NaN and inf kept), None when absent; ValueError when it is not a number. `strict`
+    (a file evaluate wrote, e.g. eval.json): only JSON numbers; else text that reads as one too (MLflow tags
+    and params are text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or (strict and not isinstance(value, (int, float))):
+        raise ValueError
+    return float(value)
+
+
+def _bounded_above_by_zero(row: Mapping) -> bool:
+    """Whether the row's likelihood is a Bernoulli, whose p(x|z) <= 1: a pmf on binary pixels, or the
+    improper Bernoulli on grey levels. A density on [0,1] (continuous, proper) can exceed 1."""
+    try:
+        space, improper = comparability_key(row)
+    except IncomparableError:
+        return False
+    return space == "binary" or improper
+
+
+def impossible(row: Mapping, *, strict: bool = False) -> str | None:
+    """Why the row's evaluation numbers cannot come from a correct evaluation, as '<key> = <value> ...: why',
+    or None when they can. The row is an eval.json (`strict`: numbers must be JSON numbers) or a report row
+    (see the module docstring; MLflow's text tags may hold numbers).
+
+    Refused: a value of EVAL_NUMBERS (or of the log p(x) ladder) that is not a number; a negative standard
+    error; a NaN standard error of a mean over more than one example (evaluate writes NaN for a single test
+    example only, estimators.mean_se); a non-finite log p(x) without a 'not converged' verdict (evaluate
+    records a non-finite estimate with converged false, estimators.convergence); a Bernoulli's log p(x)
+    estimate clearly above 0 (POSITIVE_LOG_PX_NATS). Allowed: a positive log p(x) of a density, a zero SE.
+    """
+    values: dict[str, float | None] = {}
+    for key in EVAL_NUMBERS:
+        try:
+            values[key] = _number(row.get(key), strict)
+        except (TypeError, ValueError):
+            return f"{key} = {row.get(key)!r} is not a number"
+    n = values["num_examples"]
+    n_total = n if n is not None and math.isfinite(n) and n >= 1 else 1.0
+    # (key of the estimate, its value, key of its SE, its value): the headline, then each ladder point
+    points = [("log_px", values["log_px"], "log_px_se", values["log_px_se"])]
+    ladder = row.get("log_px_ladder")
+    for i, point in enumerate(ladder if isinstance(ladder, list) else []):
+        if not isinstance(point, Mapping):
+            return f"log_px_ladder[{i}] = {point!r} is not a ladder point (k, log_px, se)"
+        parsed = []
+        for key in ("log_px", "se"):
+            try:
+                parsed.append(_number(point.get(key), strict))
+            except (TypeError, ValueError):
+                return f"log_px_ladder[{i}].{key} = {point.get(key)!r} is not a number"
+        points.append((f"log_px_ladder[{i}].log_px", parsed[0], f"log_px_ladder[{i}].se", parsed[1]))
+    bounded = _bounded_above_by_zero(row)
+    for lp_key, lp, se_key, se in points:
+        if se is not None and se < 0:
+            return f"{se_key} = {se!r} is negative: a standard error never is"
+        if se is not None and math.isnan(se) and lp is not None and math.isfinite(lp) and n != 1:
+            return (
+                f"{se_key} = nan with a finite log p(x): evaluate writes a NaN standard error only for a "
+                f"single test example (num_examples = {row.get('num_examples')!r})"
+            )
+        if lp is not None and math.isfinite(lp) and bounded and lp * n_total > POSITIVE_LOG_PX_NATS:
+            return (
+                f"{lp_key} = {lp!r} nats/example on {row.get('data_space')} pixels under a Bernoulli: "
+                f"p(x) <= 1, and an estimate this far above 0 over {n_total:g} example(s) has probability "
+                f"below exp(-{POSITIVE_LOG_PX_NATS:g})"
+            )
+    lp = values["log_px"]
+    if lp is not None and not math.isfinite(lp) and converged(row) is not False:
+        return (
+            f"log_px = {lp!r} without the verdict 'not converged': evaluate records a non-finite log p(x) "
+            "estimate only with converged false"
+        )
+    return None

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from vaerepro.compare import converged, metric_value, space_label
+from vaerepro.compare import converged, impossible, metric_value, space_label
 from vaerepro.document import (
     Block,
     Caution,
@@ -83,6 +83,30 @@ def _load_json(path: Path, stage: str) -> dict:
             f"{path}: expected a JSON object, found {type(d).__name__}; run `{stage}` again"
         )
     return d
+
+
+def _load_eval(path: Path) -> dict:
+    """metrics/eval.json, refused (one line naming the file, the key and the problem) when it holds a number
+    no evaluation writes (compare.impossible): a hand-edited or damaged file is never shown as a result."""
+    ev = _load_json(path, "vaerepro evaluate")
+    problem = impossible(ev, strict=True)
+    if problem is not None:
+        raise ResultFileError(f"{path}: {problem}; run `vaerepro evaluate` again to rewrite it")
+    return ev
+
+
+# Where the evaluate stage names the MLflow run its numbers went to (tracking.runs: EVAL_RUN_DIR / RUN_FILE;
+# the report stage imports no tracking): the report's own run, marked in the comparison across runs.
+EVAL_RUN_FILE = Path("artifacts") / "mlflow_run.json"
+
+
+def _own_run_id(out_dir: Path) -> str | None:
+    """The run id the evaluation logged to, or None (tracking off, or no evaluation named one)."""
+    path = out_dir / EVAL_RUN_FILE
+    if not path.is_file():
+        return None
+    run_id = _load_json(path, "vaerepro evaluate").get("run_id")
+    return None if run_id is None else str(run_id)
 
 
 def _read_curves(path: Path) -> dict[str, np.ndarray]:
@@ -469,11 +493,13 @@ def write_report(
     """Write report.html (self-contained) and report.md (+ figures/*.png) into report_dir.
 
     out_dir holds the train/evaluate results; config is the resolved config dict; runs are row dicts of
-    the runs of the experiment (see `compare`), or None. Returns {"html", "md", "figures"}.
+    the runs of the experiment (see `compare`), or None; the one out_dir's evaluation logged to
+    (EVAL_RUN_FILE) is this report's own run, marked in the comparison. Returns {"html", "md", "figures"}.
+    A metrics/eval.json with a number no evaluation writes is refused before anything is written.
     """
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir is not None else out_dir / "reports"
-    ev = _load_json(out_dir / "metrics" / "eval.json", "vaerepro evaluate")
+    ev = _load_eval(out_dir / "metrics" / "eval.json")
     tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
     config = config or {}
 
@@ -492,7 +518,7 @@ def write_report(
     blocks += _curves_section(out_dir, tr, config, label)
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
-    blocks += comparison_section(runs)
+    blocks += comparison_section(runs, this_run=_own_run_id(out_dir))
     blocks += [
         Heading("Configuration"),
         Table(["key", "value"], [[k, _cell(v)] for k, v in flatten(config).items()], kind="config"),

@@ -3,9 +3,9 @@
 Runs are plain row dicts (see `compare`), one per run, as the caller reads them from MLflow. A group is one
 data space (proper or improper) and one measurement (data source, test set, K: `compare.measurement`):
 log-likelihoods in different units, of different test images or with different K never share a figure or
-a ranking. Runs that cannot be placed in a group (no data space, failed,
-no log p(x)) are listed with the reason. Used by the run report (`vaerepro.report`) and the sweep report
-(`vaerepro.sweep.report`).
+a ranking. Runs that cannot be placed in a group (no data space, failed, not finished, numbers no correct
+evaluation gives, no log p(x)) are listed with the reason. The report's own run is marked "this run".
+Used by the run report (`vaerepro.report`) and the sweep report (`vaerepro.sweep.report`).
 
 Also here, how every report prints a log p(x) estimate: with its standard error, unit and convergence
 verdict (`log_px_text`).
@@ -24,6 +24,7 @@ from vaerepro.compare import (
     comparability_key,
     converged,
     group_comparable,
+    impossible,
     measurement,
     measurement_text,
     metric_value,
@@ -34,6 +35,14 @@ from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, pm, png
 
 NATS = "nats/example"  # the unit of every log-likelihood and bound in the reports
 EXCLUDED_STATUSES = {"FAILED", "KILLED"}  # MLflow run statuses never plotted or ranked
+# A RUNNING run is not a result yet: MLflow cannot tell a run still going (a sweep trial, another pipeline)
+# from one killed with kill -9 that nobody ended, and its numbers may be an evaluation logged in part, or
+# replaced by the next evaluation of the same K (tracking.runs.evaluation_run). Unlike an unconverged
+# estimate, a finished measurement with a known weakness that is plotted hollow and listed unranked, it is
+# neither plotted nor ranked, in the run report and the sweep report alike: it is listed with the runs left
+# out, with this reason. The report's own run is the exception (`this_run`).
+UNFINISHED_STATUSES = {"RUNNING", "SCHEDULED"}
+THIS_RUN = "this run"  # the mark of the report's own run, in the ranking and the figure
 
 
 def verdict(row: Mapping) -> str:
@@ -54,10 +63,15 @@ _IMPROPER_GROUP_TEXT = (
 )
 
 
-def comparison_section(runs: Iterable[Mapping] | None) -> list[Block]:
+def comparison_section(runs: Iterable[Mapping] | None, this_run: str | None = None) -> list[Block]:
     """The section's blocks for these runs (row dicts, see `compare`): per group a heading, the figure of
     log p(x) against latent size (when at least two runs have one) and the ranking; then the runs left out
-    and why. None or no runs: a sentence saying so."""
+    and why. None or no runs: a sentence saying so.
+
+    `this_run`: the run id of the report's own run, marked THIS_RUN. It is RUNNING while its report is
+    written (tracking.log_report ends it after) and may still read FAILED from an earlier failed report
+    stage; its evaluation has finished (the report reads it from metrics/eval.json), so its status does not
+    leave it out."""
     blocks: list[Block] = [Heading("Comparison across runs")]
     runs = list(runs or [])
     if not runs:
@@ -65,13 +79,18 @@ def comparison_section(runs: Iterable[Mapping] | None) -> list[Block]:
     usable, excluded = [], []
     for r in runs:
         status = str(r.get("status") or "").upper()
+        mine = this_run is not None and r.get("run_id") == this_run
         try:
             comparability_key(r)
         except IncomparableError as e:
             excluded.append((r, str(e)))
             continue
-        if status in EXCLUDED_STATUSES:
+        if status in EXCLUDED_STATUSES and not mine:
             excluded.append((r, f"status {status}"))
+        elif status in UNFINISHED_STATUSES and not mine:
+            excluded.append((r, f"status {status}, not finished: its numbers may be partial or still change"))
+        elif (why := impossible(r)) is not None:  # a damaged or hand-edited record: no result to rank
+            excluded.append((r, f"impossible value: {why}"))
         elif metric_value(r, "log_px") is None:
             excluded.append((r, "no log p(x)"))
         else:
@@ -101,12 +120,12 @@ def comparison_section(runs: Iterable[Mapping] | None) -> list[Block]:
             suffix = "" if len(by_measurement) == 1 else f"-{slug('-'.join(m))}"
             plotted = [r for r in members if _latent(r) is not None]
             if len(plotted) >= 2:
-                blocks.append(_group_figure(space, improper, members, suffix))
+                blocks.append(_group_figure(space, improper, members, suffix, this_run))
             elif len(members) == 1:
-                blocks.append(Para(_ONE_RUN_TEXT.format(run=_run_name(members[0]))))
+                blocks.append(Para(_ONE_RUN_TEXT.format(run=_run_name(members[0], this_run))))
             else:
                 blocks.append(Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
-            blocks += _ranking_blocks(space, improper, members)
+            blocks += _ranking_blocks(space, improper, members, this_run)
 
     if excluded:
         blocks.append(Heading("Not plotted, not ranked", level=3))
@@ -144,8 +163,10 @@ _UNCONVERGED_NOTE = (
 )
 
 
-def _run_name(row: Mapping) -> str:
-    return str(row.get("run_name") or row.get("run_id") or "?")
+def _run_name(row: Mapping, this_run: str | None = None) -> str:
+    """The run's name, with THIS_RUN for the report's own run."""
+    name = str(row.get("run_name") or row.get("run_id") or "?")
+    return f"{name} ({THIS_RUN})" if this_run is not None and row.get("run_id") == this_run else name
 
 
 def _latent(row: Mapping) -> int | None:
@@ -154,9 +175,12 @@ def _latent(row: Mapping) -> int | None:
     return int(v) if v is not None and v > 0 else None
 
 
-def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: str = "") -> Fig:
+def _group_figure(
+    space: str, improper: bool, rows: list[Mapping], id_suffix: str = "", this_run: str | None = None
+) -> Fig:
     """log p(x) ± SE against latent size, one line per likelihood, for the runs of one group; `id_suffix`
-    tells apart the figures of different data sources in one data space."""
+    tells apart the figures of different data sources in one data space; the point of run `this_run` is
+    labelled THIS_RUN."""
     label = space_label(space, improper)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
@@ -196,6 +220,17 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
             if not stray:  # the line joins the mean over runs (seeds) at each latent size
                 ud = np.unique(d)
                 ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=color)
+    mine = [r for r in rows if this_run is not None and r.get("run_id") == this_run]
+    mine = [r for r in mine if _latent(r) is not None]  # a run without a latent size is not plotted
+    for r in mine:
+        ax.annotate(
+            THIS_RUN,
+            (_latent(r), metric_value(r, "log_px")),
+            xytext=(12, 12),
+            textcoords="offset points",
+            arrowprops={"arrowstyle": "->"},
+            fontsize=8,
+        )
     ax.set_xscale("log")
     if dims:
         ticks = sorted(dims)
@@ -218,6 +253,8 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
             f" {unconverged} run(s) whose log p(x) estimate has NOT CONVERGED: hollow markers, left out "
             "of the lines."
         )
+    if mine:
+        caption += f" The arrow marks {THIS_RUN} ({_run_name(mine[0])})."
     return Fig(
         f"compare-{slug(space)}-{'improper' if improper else 'proper'}{id_suffix}",
         f"Comparison across runs: {label}",
@@ -226,9 +263,12 @@ def _group_figure(space: str, improper: bool, rows: list[Mapping], id_suffix: st
     )
 
 
-def _ranking_blocks(space: str, improper: bool, rows: list[Mapping]) -> list[Block]:
+def _ranking_blocks(
+    space: str, improper: bool, rows: list[Mapping], this_run: str | None = None
+) -> list[Block]:
     """The ranking by log p(x) (compare.rank: unconverged estimates after the rest, here unranked) and,
-    when there are unconverged ones, the note saying why."""
+    when there are unconverged ones, the note saying why; the report's own run (`this_run`) is ranked as
+    any other, its name marked THIS_RUN."""
     ranked = rank(rows, "log_px", higher_is_better=True)
     body, attrs = [], []
     for i, r in enumerate(ranked, start=1):
@@ -236,7 +276,7 @@ def _ranking_blocks(space: str, improper: bool, rows: list[Mapping]) -> list[Blo
         body.append(
             [
                 "—" if converged(r) is False else str(i),
-                _run_name(r),
+                _run_name(r, this_run),
                 str(r.get("likelihood") or "n/a"),
                 str(r.get("latent_dim", "n/a")),
                 str(r.get("source") or "n/a"),

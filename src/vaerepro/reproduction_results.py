@@ -22,6 +22,7 @@ from typing import Any
 
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
+from vaerepro.compare import impossible
 from vaerepro.errors import UserError
 
 
@@ -112,6 +113,8 @@ class SeedResult:
 
         curve, test_curve = (rows(out_dir / "plots" / f) for f in ("elbo.csv", "test_curve.csv"))
         ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))
+        if ev and (problem := impossible(ev, strict=True)) is not None:  # hand-edited or damaged numbers
+            raise unreadable(out_dir / "metrics" / "eval.json", problem)
         meta = load(out_dir / "prepared" / "meta.json")
         return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note, test_curve)
 

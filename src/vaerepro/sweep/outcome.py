@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vaerepro.compare import converged
+from vaerepro.compare import converged, impossible
 from vaerepro.config import ConfigError
 from vaerepro.sweep.study import PRUNED_EXIT_CODE
 
@@ -70,6 +70,8 @@ def trial_outcome(
         return "FAIL", None, f"exit code 0 but no readable {path}: {err}", facts
     if not isinstance(metrics, dict):  # a damaged file: a FAIL of this trial, not an error of the sweep
         return "FAIL", None, f"exit code 0 but {path} is not a JSON object", facts
+    if (problem := impossible(metrics, strict=True)) is not None:  # numbers no evaluation writes
+        return "FAIL", None, f"exit code 0 but {path}: {problem}", facts
     if (verdict := converged(metrics)) is not None:
         # kept with the trial: study.best_trial skips an unconverged log p(x) estimate
         facts["converged"] = verdict
