@@ -1,0 +1,100 @@
+"""`vaerepro run --multirun` with Hydra's basic sweeper: every swept value is checked before any job starts.
+
+A bad swept value (an unknown option, a value the config refuses) was Hydra's several lines and exit status 1
+(after it had written the sweep dir), or, for a value only vaerepro's validation refuses, came after the jobs
+before it had trained. Now it is one line naming the key and the value, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import BIN, ROOT, TINY
+from vaerepro import cli
+from vaerepro.config import ConfigError
+
+
+def _vaerepro_run(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for name in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR", "VAEREPRO_DEBUG"):
+        env.pop(name, None)  # the default store: <project root>/mlflow.db, which must not appear
+    return subprocess.run(
+        ["vaerepro", "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    ("swept", "bad"),
+    [
+        ("likelihood=poisson,bernoulli", "likelihood=poisson"),  # the first job's value
+        ("likelihood=bernoulli,poisson", "likelihood=poisson"),  # a later job's
+        ("model.latent_dim=2,0", "model.latent_dim=0"),  # composes, refused by validation: trained job 0
+        ("model.latent_dim=choice(3,-1)", "model.latent_dim=-1"),
+        ("model.latent_dim=range(0,2)", "model.latent_dim=0"),
+    ],
+)
+def test_a_bad_swept_value_is_one_line_exit_2_before_anything_is_written(tmp_path, swept, bad):
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    # tiny, so that a job the check lets through is seconds, not minutes
+    proc = _vaerepro_run(["--multirun", *TINY, "train.max_epochs=1", "seed=0,1", swept], tmp_path)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("vaerepro run: ") and bad in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no runs/, mlflow.db, data/
+
+
+def test_a_valid_basic_sweep_passes_the_check():
+    for argv in (
+        ["--multirun", "likelihood=bernoulli,gaussian", "model.latent_dim=range(2,4)", "seed=choice(0,1)"],
+        ["-m", "likelihood=glob(*)", "model.hidden_dims=[64],[32,32]"],
+        ["-m", "model.latent_dim=2,0", "model.latent_dim=3"],  # a later override of a key replaces it
+        ["-m", "hydra/launcher=slurm", "model.latent_dim=2,3"],
+    ):
+        cli._check_overrides(argv, ROOT)
+
+
+def test_the_optuna_sweepers_search_space_is_left_to_it():
+    # interval and tag sweeps are the Optuna sweeper's; it checks its search space itself when it starts
+    cli._check_overrides(
+        [
+            "-m",
+            "hydra/sweeper=vaerepro_optuna",
+            "model.latent_dim=choice(0,2)",
+            "train.lr=tag(log,interval(1e-4,1e-2))",
+        ],
+        ROOT,
+    )
+    cli._check_overrides(["-m", "+sweep=aevb", "model.latent_dim=0,2", "hydra.sweeper.n_trials=3"], ROOT)
+
+
+def test_an_interval_under_the_basic_sweeper_is_one_line_naming_the_optuna_sweeper():
+    with pytest.raises(ConfigError, match=r"model.latent_dim=interval\(1,3\).*vaerepro_optuna") as err:
+        cli._check_overrides(["-m", "model.latent_dim=interval(1,3)"], ROOT)
+    assert "\n" not in str(err.value)
+
+
+def test_values_invalid_together_are_refused_naming_both():
+    # each value passes with the first job's others; Gaussian on binary data does not
+    with pytest.raises(ConfigError, match=r"likelihood=gaussian data.space=binary: .*'binary'"):
+        cli._check_overrides(["-m", "likelihood=bernoulli,gaussian", "data.space=auto,binary"], ROOT)
+
+
+def test_beyond_the_cap_each_swept_value_is_still_checked(monkeypatch):
+    monkeypatch.setattr(cli, "MULTIRUN_CHECK_JOBS", 2)
+    with pytest.raises(ConfigError, match=r"overrides model.latent_dim=0: model.latent_dim"):
+        cli._check_overrides(["-m", "seed=0,1,2", "model.latent_dim=2,3,0"], ROOT)
+
+
+def test_the_basic_sweepers_params_in_the_config_are_checked(tmp_path):
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "conf" / "sweep" / "basic_bad.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      likelihood: bernoulli,poisson\n"
+    )
+    with pytest.raises(ConfigError, match=r"overrides likelihood=poisson: .*'likelihood/poisson'"):
+        cli._check_overrides(["-m", "+sweep=basic_bad", "model.latent_dim=2,3"], tmp_path)
