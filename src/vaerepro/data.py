@@ -139,7 +139,7 @@ def validate_arrays(
             f"{file}: images of {math.prod(x.shape[1:]):,} pixels (x shape {x.shape}); at most "
             f"{MAX_PIXELS:,}, which the model's first layer alone would take gigabytes to hold"
         )
-    if np.issubdtype(x.dtype, np.integer):
+    if x.dtype.kind in "iu":  # not np.issubdtype(np.integer): numpy counts timedelta64 as an integer
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
             raise DataError(
@@ -178,7 +178,7 @@ def validate_arrays(
             raise DataError(f"{file}: y has shape {y.shape}, expected ({len(x)},) to match x")
         if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
             y = y.astype(np.int64)
-        if not np.issubdtype(y.dtype, np.integer):
+        if y.dtype.kind not in "iu":  # timedelta64 is a numpy integer subtype, and not a label
             raise DataError(f"{file}: y must hold integer labels, got dtype {y.dtype}")
         y = y.astype(np.int64)
     return x, y, image_shape, quantized
@@ -486,17 +486,36 @@ def is_dequantized(space: str, quantized: bool) -> bool:
 
 
 def check_prepared_from(meta: dict, source: str, path: str | Path | None, prepared: Path) -> None:
-    """DataError naming `prepared` when it was made from another version of the user's .npz (source npz,
-    `path`) than the file there now (the md5 prepare recorded in meta.json's raw_files). DVC's prepare
-    stage depends on data/ and the data params, not on the file data.path names, so `dvc repro` does not
-    prepare again when that file changes: the stages would train and evaluate the old data under it."""
+    """DataError naming `prepared` when it was not made from the data the config names: another source
+    than data.source (meta.json's ``source``), or, for source npz, another file than the one at `path`
+    now, whatever its name (the md5 prepare recorded in meta.json's raw_files). DVC's prepare stage depends
+    on data/ and the data params, not on the file data.path names, so `dvc repro` does not prepare again
+    when that file changes; and `vaerepro train` after `vaerepro params` without `vaerepro prepare` finds the
+    old prepared/: the stages would train and evaluate the old data under the config's labels."""
+    again = "prepare it again: vaerepro prepare, or under DVC dvc repro -f prepare"
+    made_from = meta.get("source")
+    if made_from is not None and made_from != source:
+        raise DataError(
+            f"{prepared}: made from data source {made_from!r}"
+            + (f" ({meta['path']})" if meta.get("path") else "")
+            + f", but the config has data.source={source!r}; {again}"
+        )
     if source != "npz" or path is None or not Path(path).is_file():
         return
-    recorded = (meta.get("raw_files") or {}).get(Path(path).name)
+    raw_files = meta.get("raw_files") or {}
+    # an .npz source is one file: its md5 is the only entry, under the name the file had at prepare
+    recorded = raw_files.get(Path(path).name)
+    if recorded is None and len(raw_files) == 1:
+        recorded = next(iter(raw_files.values()))
     if recorded is not None and (now := file_md5(Path(path))) != recorded:
+        before = meta.get("path") or next(iter(raw_files))  # raw_files' name: a meta.json without path
+        if meta.get("path"):
+            same = Path(before).expanduser().resolve() == Path(path).expanduser().resolve()
+        else:
+            same = Path(before).name == Path(path).name
+        what = f"another version of {path}" if same else f"{before}, not {path}"
         raise DataError(
-            f"{prepared}: made from another version of {path} (md5 {recorded[:12]}; the file now has "
-            f"{now[:12]}); prepare it again: vaerepro prepare, or under DVC dvc repro -f prepare"
+            f"{prepared}: made from {what} (md5 {recorded[:12]}; the file now has {now[:12]}); {again}"
         )
 
 

@@ -264,8 +264,19 @@ def read_arrays(
     _check_source(source, path=path)
     if source == "npz":
         path = Path(path)
-        x, y = read_npz(path, max_npz_bytes=max_npz_bytes)
-        return RawArrays(x, y, {path.name: file_md5(path)}, path)
+        # The md5 must name the bytes the arrays came from (train and evaluate compare it with the file
+        # then), so a file that changed between the read and the hash (a script still writing it) is refused.
+        before = _file_state(path)
+        x, y = read_npz(path, max_npz_bytes=max_npz_bytes)  # refuses a missing or unreadable file
+        try:
+            md5 = file_md5(path)
+        except OSError:  # gone or unreadable since the read
+            md5 = None
+        if md5 is None or _file_state(path) != before:
+            raise DataError(
+                f"{path}: the file changed while it was being read; prepare again once it is written"
+            )
+        return RawArrays(x, y, {path.name: md5}, path)
     directory = Path(raw_dir) / source
     files = {}
     for name, md5 in MD5[source].items():
@@ -287,6 +298,15 @@ def read_arrays(
         y = np.concatenate([parts["train"][1], parts["test"][1]])
         return RawArrays(x, y, files, directory / next(iter(files)), len(parts["test"][0]))
     return RawArrays(x, y, files, directory / next(iter(files)))
+
+
+def _file_state(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten or replaced (device, inode, size, mtime in ns); None: no file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # read_npz says what is wrong with the path
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _parse_raw_file(source: str, path: Path, *, final: Path | None = None) -> np.ndarray:

@@ -1,0 +1,118 @@
+"""Your own data (data=npz): what prepare records for each kind of file, and the refusals that keep a
+result from being labelled with data it was not computed on."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import TINY, compose
+from vaerepro import cli, data, sources
+from vaerepro.formats import DataError
+
+GREY = np.random.default_rng(0).integers(0, 256, (40, 28, 28)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("x", "quantized", "dtype", "image_shape"),
+    [
+        (GREY, True, "uint8", [28, 28]),
+        (GREY.astype(np.int64), True, "uint8", [28, 28]),
+        (GREY.reshape(40, 784), True, "uint8", [28, 28]),
+        ((GREY / 255).astype(np.float32), False, "float32", [28, 28]),
+        (GREY / 255, False, "float32", [28, 28]),
+        (GREY > 127, False, "float32", [28, 28]),
+        (GREY.reshape(40, 784)[:, :560], True, "uint8", [1, 560]),
+    ],
+    ids=["uint8", "int64", "flat", "float32", "float64", "bool", "flat_not_square"],
+)
+def test_prepare_records_what_each_kind_of_file_is(tmp_path, x, quantized, dtype, image_shape):
+    """Only 8-bit levels are quantized (dequantised, 8 bits/dim added in the continuous space); float and
+    bool pixels are used as is; D is the pixel count whatever the file's shape."""
+    np.savez(tmp_path / "mine.npz", x=x)
+    meta = data.prepare("npz", tmp_path, tmp_path / "prepared", path=tmp_path / "mine.npz")
+    assert (meta["quantized"], meta["dtype"], meta["image_shape"]) == (quantized, dtype, image_shape)
+    assert meta["data_dim"] == math.prod(image_shape)
+    assert data.dim_log_jacobian("continuous", meta["quantized"]) == (math.log(256) if quantized else 0.0)
+    assert data.dim_log_jacobian("binary", meta["quantized"]) == 0.0
+    assert meta["files"]["x_test.npy"] == sources.file_sha256(tmp_path / "prepared" / "x_test.npy")
+
+
+def test_a_timedelta_x_is_refused_in_one_line_not_read_as_grey_levels(tmp_path):
+    """numpy files timedelta64 under np.integer; int() of its minimum raised a TypeError (a traceback)."""
+    np.savez(tmp_path / "mine.npz", x=np.zeros((4, 3), "m8[s]"))
+    with pytest.raises(DataError, match=r"mine\.npz: unsupported x dtype timedelta64\[s\]"):
+        data.load_raw("npz", tmp_path, path=tmp_path / "mine.npz")
+    np.savez(tmp_path / "mine.npz", x=np.zeros((4, 3), np.uint8), y=np.zeros(4, "m8[s]"))
+    with pytest.raises(DataError, match=r"mine\.npz: y must hold integer labels, got dtype timedelta64"):
+        data.load_raw("npz", tmp_path, path=tmp_path / "mine.npz")
+
+
+def _prepared_from_a(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "a.npz", x=rng.integers(0, 256, (30, 16)).astype(np.uint8))
+    np.savez(tmp_path / "b.npz", x=rng.random((30, 16)).astype(np.float32))
+    return data.prepare("npz", tmp_path, tmp_path / "prepared", path=tmp_path / "a.npz")
+
+
+def test_prepared_data_from_another_file_is_refused(tmp_path):
+    """The md5 check looked the file up by name only: prepared/ made from a.npz passed for data.path=b.npz,
+    so the stages trained and evaluated a.npz's data under b.npz's name (data.path in the run's params)."""
+    meta, prepared = _prepared_from_a(tmp_path), tmp_path / "prepared"
+    made = re.escape(f"prepared: made from {tmp_path / 'a.npz'}, not {tmp_path / 'b.npz'} (md5 ")
+    with pytest.raises(DataError, match=made):
+        data.check_prepared_from(meta, "npz", tmp_path / "b.npz", prepared)
+    (tmp_path / "copy.npz").write_bytes((tmp_path / "a.npz").read_bytes())  # the same bytes, moved: fine
+    data.check_prepared_from(meta, "npz", tmp_path / "copy.npz", prepared)
+    data.check_prepared_from(meta, "npz", tmp_path / "a.npz", prepared)
+
+
+def test_prepared_data_from_another_source_is_refused(tmp_path):
+    """prepared/ of the user's .npz passed for data=mnist5k (and any other source): the run was tagged
+    source mnist5k with data.dvc's data version, over numbers of the user's file."""
+    meta, prepared = _prepared_from_a(tmp_path), tmp_path / "prepared"
+    made = re.escape(f"prepared: made from data source 'npz' ({tmp_path / 'a.npz'}), but the config has ")
+    with pytest.raises(DataError, match=made + "data.source='mnist5k'"):
+        data.check_prepared_from(meta, "mnist5k", None, prepared)
+    data.check_prepared_from(meta, "npz", tmp_path / "a.npz", prepared)
+
+
+def test_cli_train_refuses_prepared_data_of_another_file_writing_nothing(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "a.npz", x=rng.integers(0, 256, (60, 16)).astype(np.uint8))
+    np.savez(tmp_path / "b.npz", x=rng.random((60, 16)).astype(np.float32))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params = tmp_path / "params.yaml"
+    own = (*TINY, "data.max_examples=null", "tracking.enabled=false", "data=npz", "train.batch_size=10")
+    params.write_text(yaml.safe_dump(compose(*own, f"data.path={tmp_path / 'a.npz'}")))
+    assert cli.main(["prepare", "--params", str(params), "--out", str(tmp_path)]) == 0
+    params.write_text(yaml.safe_dump(compose(*own, f"data.path={tmp_path / 'b.npz'}")))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["train", "--params", str(params), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"vaerepro train: {tmp_path / 'prepared'}: made from {tmp_path / 'a.npz'}, not "
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_npz_that_changes_while_prepare_reads_it_is_refused(tmp_path, monkeypatch):
+    """The md5 was taken after the arrays were read: a file rewritten in between (a script still writing
+    it) got the new version's md5 over the old version's arrays, so the later md5 check passed."""
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=GREY)
+    read = sources.read_npz
+
+    def read_then_rewrite(p, **kw):
+        arrays = read(p, **kw)
+        np.savez(path, x=GREY[:20] > 127)  # the new version lands after the read
+        return arrays
+
+    monkeypatch.setattr(sources, "read_npz", read_then_rewrite)
+    with pytest.raises(DataError, match=r"mine\.npz: the file changed while it was being read"):
+        data.prepare("npz", tmp_path, tmp_path / "prepared", path=path)
+    assert not (tmp_path / "prepared").exists()
