@@ -310,7 +310,7 @@ def test_cli_bad_config_names_the_key(tmp_path, capsys):
 
 def test_cli_evaluate_without_checkpoint_says_what_is_missing(tmp_path, prepared_tiny, capsys):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    params = _params(tmp_path, "tracking.enabled=false")
+    params = _params(tmp_path, "tracking.enabled=false", "data.max_examples=600")  # as prepared_tiny's splits
     assert cli.main(["evaluate", "--params", str(params), "--out", str(prepared_tiny)]) == 2
     assert "best.ckpt" in capsys.readouterr().err
 

@@ -116,3 +116,59 @@ def test_an_npz_that_changes_while_prepare_reads_it_is_refused(tmp_path, monkeyp
     with pytest.raises(DataError, match=r"mine\.npz: the file changed while it was being read"):
         data.prepare("npz", tmp_path, tmp_path / "prepared", path=path)
     assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("made", "asked", "named"),
+    [
+        ({"seed": 0}, {"seed": 1}, "data.split_seed=0, but the config has data.split_seed=1"),
+        ({"val_size": 10}, {}, "data.val_size=10, but the config has data.val_size=null"),
+        ({"max_examples": 50}, {}, "data.max_examples=50, but the config has data.max_examples=null"),
+        ({"test_fraction": 0.3}, {}, "data.test_fraction=0.3, but the config has data.test_fraction=0.2"),
+    ],
+)
+def test_prepared_splits_made_with_other_settings_are_refused(tmp_path, made, asked, named):
+    """A prepared/ whose splits were made otherwise holds other training and test examples than the run's
+    params say (vaerepro train or evaluate by hand after changing data.*): refused, naming the setting."""
+    np.savez(tmp_path / "mine.npz", x=GREY)
+    settings = dict(
+        seed=0, split="pooled", val_size=None, val_fraction=0.1, test_fraction=0.2, max_examples=None
+    )
+    meta = data.prepare(
+        "npz", tmp_path, tmp_path / "prepared", path=tmp_path / "mine.npz", **{**settings, **made}
+    )
+    same = data.split_settings(**{**settings, **made})
+    data.check_prepared_from(meta, "npz", tmp_path / "mine.npz", tmp_path / "prepared", same)  # as made: fine
+    with pytest.raises(
+        DataError, match=re.escape(f"{tmp_path / 'prepared'}: its splits were made with {named}")
+    ):
+        data.check_prepared_from(
+            meta,
+            "npz",
+            tmp_path / "mine.npz",
+            tmp_path / "prepared",
+            data.split_settings(**{**settings, **asked}),
+        )
+
+
+def test_cli_evaluate_refuses_prepared_splits_of_another_split_seed(tmp_path, capsys):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    np.savez(tmp_path / "mine.npz", x=GREY)
+    params = tmp_path / "params.yaml"
+    own = (
+        *TINY,
+        "data.max_examples=null",
+        "tracking.enabled=false",
+        "data=npz",
+        f"data.path={tmp_path / 'mine.npz'}",
+    )
+    params.write_text(yaml.safe_dump(compose(*own)))
+    assert cli.main(["prepare", "--params", str(params), "--out", str(tmp_path)]) == 0
+    params.write_text(yaml.safe_dump(compose(*own, "data.split_seed=3")))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["evaluate", "--params", str(params), "--out", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(
+        f"vaerepro evaluate: {tmp_path / 'prepared'}: its splits were made with data.split_seed=0"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -324,13 +324,7 @@ def prepare(
             "quantized": raw.quantized,
             "dtype": str(flat.dtype),
             "has_labels": raw.y is not None,
-            "seed": int(seed),
-            # how the splits were made (split_indices); null for a setting the split kind did not use
-            "split": split,
-            "val_size": None if val_size is None else int(val_size),
-            "val_fraction": float(val_fraction) if val_size is None else None,
-            "test_fraction": float(test_fraction) if split == "pooled" else None,
-            "max_examples": None if max_examples is None else int(max_examples),
+            **split_settings(split, seed, val_size, val_fraction, test_fraction, max_examples),
             "n_raw": int(len(raw.x)),
             "sizes": {s: int(len(index[s])) for s in SPLITS},
             # sha256 of the raw-example indices of train, val, test concatenated (int64 little-endian)
@@ -485,13 +479,50 @@ def is_dequantized(space: str, quantized: bool) -> bool:
     return space == "continuous" and quantized
 
 
-def check_prepared_from(meta: dict, source: str, path: str | Path | None, prepared: Path) -> None:
+def _yaml_value(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def split_settings(
+    split: str,
+    seed: int,
+    val_size: int | None,
+    val_fraction: float,
+    test_fraction: float,
+    max_examples: int | None,
+) -> dict:
+    """How the splits are made (split_indices), as meta.json records them: null for a setting the split
+    kind does not use (val_fraction beside val_size; test_fraction with the official test split)."""
+    return {
+        "seed": int(seed),
+        "split": split,
+        "val_size": None if val_size is None else int(val_size),
+        "val_fraction": float(val_fraction) if val_size is None else None,
+        "test_fraction": float(test_fraction) if split == "pooled" else None,
+        "max_examples": None if max_examples is None else int(max_examples),
+    }
+
+
+def config_split_settings(data_cfg) -> dict:
+    """`split_settings` of a data config (config.DataConfig: data.split, data.split_seed, ...)."""
+    d = data_cfg
+    return split_settings(d.split, d.split_seed, d.val_size, d.val_fraction, d.test_fraction, d.max_examples)
+
+
+def check_prepared_from(
+    meta: dict,
+    source: str,
+    path: str | Path | None,
+    prepared: Path,
+    settings: dict | None = None,
+) -> None:
     """DataError naming `prepared` when it was not made from the data the config names: another source
     than data.source (meta.json's ``source``), or, for source npz, another file than the one at `path`
     now, whatever its name (the md5 prepare recorded in meta.json's raw_files). DVC's prepare stage depends
     on data/ and the data params, not on the file data.path names, so `dvc repro` does not prepare again
     when that file changes; and `vaerepro train` after `vaerepro params` without `vaerepro prepare` finds the
-    old prepared/: the stages would train and evaluate the old data under the config's labels."""
+    old prepared/: the stages would train and evaluate the old data under the config's labels. `settings`
+    (`config_split_settings`): also refused, splits made with other settings than the config's."""
     again = "prepare it again: vaerepro prepare, or under DVC dvc repro -f prepare"
     made_from = meta.get("source")
     if made_from is not None and made_from != source:
@@ -500,6 +531,15 @@ def check_prepared_from(meta: dict, source: str, path: str | Path | None, prepar
             + (f" ({meta['path']})" if meta.get("path") else "")
             + f", but the config has data.source={source!r}; {again}"
         )
+    # `settings` (split_settings of the config): splits made otherwise would train and evaluate other
+    # examples than the run's params say; a meta.json of an older format without a key is not judged on it
+    for key, want in (settings or {}).items():
+        if key in meta and meta[key] != want:
+            name = "data.split_seed" if key == "seed" else f"data.{key}"
+            raise DataError(
+                f"{prepared}: its splits were made with {name}={_yaml_value(meta[key])}, but the config has "
+                f"{name}={_yaml_value(want)}; {again}"
+            )
     if source != "npz" or path is None or not Path(path).is_file():
         return
     raw_files = meta.get("raw_files") or {}

@@ -35,6 +35,7 @@ from vaerepro.data import (
     TEST_SEED_OFFSET,
     check_bounded,
     check_prepared_from,
+    config_split_settings,
     dim_log_jacobian,
     fixed_space,
     is_dequantized,
@@ -463,7 +464,9 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     splits = load_prepared(out_dir / "prepared")
     space, quantized = cfg.data_space, bool(splits.quantized)
     check_bounded(cfg.likelihood_object(), space, quantized, out_dir / "prepared")
-    check_prepared_from(splits.meta, cfg.data.source, cfg.data.path, out_dir / "prepared")
+    check_prepared_from(
+        splits.meta, cfg.data.source, cfg.data.path, out_dir / "prepared", config_split_settings(cfg.data)
+    )
     best = out_dir / "models" / "best.ckpt"
     ckpt = checkpoints.read(best)
     # The checkpoint is the truth for the model: evaluating it under another likelihood, latent size, data
