@@ -151,7 +151,8 @@ def test_prepared_splits_made_with_other_settings_are_refused(tmp_path, made, as
         )
 
 
-def test_cli_evaluate_refuses_prepared_splits_of_another_split_seed(tmp_path, capsys):
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_train_and_evaluate_refuse_prepared_splits_of_another_split_seed(tmp_path, capsys, stage):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
     np.savez(tmp_path / "mine.npz", x=GREY)
     params = tmp_path / "params.yaml"
@@ -166,9 +167,9 @@ def test_cli_evaluate_refuses_prepared_splits_of_another_split_seed(tmp_path, ca
     assert cli.main(["prepare", "--params", str(params), "--out", str(tmp_path)]) == 0
     params.write_text(yaml.safe_dump(compose(*own, "data.split_seed=3")))
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert cli.main(["evaluate", "--params", str(params), "--out", str(tmp_path)]) == 2
+    assert cli.main([stage, "--params", str(params), "--out", str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(
-        f"vaerepro evaluate: {tmp_path / 'prepared'}: its splits were made with data.split_seed=0"
+        f"vaerepro {stage}: {tmp_path / 'prepared'}: its splits were made with data.split_seed=0"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == before

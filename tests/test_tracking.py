@@ -532,3 +532,33 @@ def test_a_two_layer_models_active_units_are_logged_per_layer(tmp_path, store):
     m = client.get_run(run_id).data.metrics
     assert (m["test/active_units"], m["test/active_units_z1"], m["test/active_units_z2"]) == (27, 22, 5)
     assert m["binary/test/log_px"] == -90.0
+
+
+def test_a_changed_tag_says_the_value_the_run_is_on_now(tmp_path):
+    """MLflow params cannot change: a resume with another value records it as a tag changed.<key>; back to
+    the param's value (1 x 50 -> 2 x 25 -> 1 x 50 devices x batch), the tag goes, instead of naming a
+    configuration the run is no longer on."""
+    from mlflow import MlflowClient
+
+    from vaerepro.config import TrackingConfig
+    from vaerepro.tracking.runs import log_config
+
+    uri, exp_id = tracking.ensure_experiment(
+        TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path
+    )
+    client = MlflowClient(uri)
+    run_id = client.create_run(exp_id).info.run_id
+
+    def logged(batch: int, devices: int) -> tuple[dict, dict]:
+        log_config(
+            client,
+            run_id,
+            {"train": {"batch_size": batch}, "trainer": {"devices": devices}},
+            ("train", "trainer"),
+        )
+        data = client.get_run(run_id).data
+        return data.params, {k: v for k, v in data.tags.items() if k.startswith("changed.")}
+
+    assert logged(50, 1) == ({"train.batch_size": "50", "trainer.devices": "1"}, {})
+    assert logged(25, 2)[1] == {"changed.train.batch_size": "25", "changed.trainer.devices": "2"}
+    assert logged(50, 1) == ({"train.batch_size": "50", "trainer.devices": "1"}, {})

@@ -576,7 +576,9 @@ def test_training_refuses_prepared_data_made_from_another_version_of_the_npz(tmp
     out = tmp_path / "run"
     data.prepare("npz", tmp_path, out / "prepared", path=tmp_path / "f.npz")
     np.savez(tmp_path / "f.npz", x=rng.random((80, 16)).astype(np.float32))  # the user's new version
-    cfg = tiny_config("data=npz", f"data.path={tmp_path / 'f.npz'}", "train.batch_size=10")
+    cfg = tiny_config(
+        "data=npz", f"data.path={tmp_path / 'f.npz'}", "train.batch_size=10", "data.max_examples=null"
+    )
     with pytest.raises(DataError, match=r"prepared: made from another version of .*f\.npz \(md5 "):
         train(cfg, out, enable_progress_bar=False)
     assert sorted(p.name for p in out.iterdir()) == ["prepared"]

@@ -31,6 +31,12 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
+# The number of processes (devices x nodes) that wrote a checkpoint, under this key of the checkpoint
+# (train.VAEModule.on_save_checkpoint): with train.batch_size, which is per device, it gives the global batch,
+# so a resume may change the per-device batch with the devices as long as the global batch stays
+# (`global_batch`). Checkpoints written before it lack the key: their train.batch_size must stay.
+WORLD_SIZE_KEY = "vaerepro_world_size"
+
 # What a key a checkpoint does not record meant: the keys added after checkpoints were first written, with
 # the value every training had before (torch's init, no dropout, a constant rate, torch's Adam, no
 # clipping). An older checkpoint is compared as if it recorded these, so that it is not resumed under
@@ -91,6 +97,15 @@ def expected_hparams(cfg, data_dim: int, quantized: bool, data_digest: str | Non
         "seed": cfg.seed,
         "data_digest": data_digest,
     }
+
+
+def global_batch(ckpt: dict[str, Any]) -> tuple[int, int] | None:
+    """(train.batch_size, world size) of the training that wrote `ckpt`, whose product is its global batch;
+    None for a checkpoint written before the world size was recorded (WORLD_SIZE_KEY)."""
+    world = ckpt.get(WORLD_SIZE_KEY)
+    if world is None:
+        return None
+    return int(ckpt["hyper_parameters"]["train"]["batch_size"]), int(world)
 
 
 def data_digest(meta: dict[str, Any]) -> str | None:
@@ -165,17 +180,23 @@ def flatten_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def mismatches(
-    saved: dict[str, Any], expected: dict[str, Any], *, only: tuple[str, ...] | None = None
+    saved: dict[str, Any],
+    expected: dict[str, Any],
+    *,
+    only: tuple[str, ...] | None = None,
+    ignore: frozenset[str] = frozenset(),
 ) -> list[str]:
     """'key: checkpoint A, config B' for every key where `expected` (from the config) differs from `saved`
     (a checkpoint's hyper-parameters); both as `flatten_hparams` gives them. `only`: keys starting with one
-    of these. A key the checkpoint does not record (an older checkpoint) is compared as its LEGACY_DEFAULTS
-    value, or not at all; with different likelihoods, only the likelihood's name is reported, not its other
-    keys."""
+    of these; `ignore`: keys not compared (beside RESUMABLE_CHANGES, never compared). A key the checkpoint
+    does not record (an older checkpoint) is compared as its LEGACY_DEFAULTS value, or not at all; with
+    different likelihoods, only the likelihood's name is reported, not its other keys."""
     a, b = {**LEGACY_DEFAULTS, **flatten_hparams(saved)}, flatten_hparams(expected)
     out = []
     for key in b:
-        if key not in a or (only is not None and not key.startswith(only)) or key in RESUMABLE_CHANGES:
+        if key not in a or (only is not None and not key.startswith(only)):
+            continue
+        if key in RESUMABLE_CHANGES or key in ignore:
             continue
         if (
             key.startswith("likelihood.")

@@ -31,6 +31,7 @@ from vaerepro.data import (
     Splits,
     check_bounded,
     check_prepared_from,
+    config_split_settings,
     fixed_space,
     load_prepared,
     to_space,
@@ -55,6 +56,11 @@ VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses 
 # metrics/train_summary.json, the DVC metrics of training: the best validation ELBO (nats per example), how
 # many epochs ran and the best one's index (from 0, as in plots/elbo.csv); train.json keeps the whole record.
 SUMMARY_KEYS = ("best_val_elbo", "epochs", "best_epoch")
+# what a training whose objective or validation ELBO became non-finite can change (VAEModule)
+DIVERGED_HINT = (
+    "lower train.lr, or for a learned-variance Gaussian raise likelihood.min_sigma "
+    "(likelihood.scale=softplus)"
+)
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -318,6 +324,11 @@ class VAEModule(pl.LightningModule):
         self.compile_mode: str | None = None
         self._compiled = None  # torch.compile(self.bound), made in on_fit_start
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The number of processes, beside train.batch_size (per device, in the hyper-parameters): the global
+        # batch, which a resume compares (check_same_batches) instead of the per-device batch size
+        checkpoint[checkpoints.WORLD_SIZE_KEY] = self.trainer.world_size
+
     def on_fit_start(self) -> None:
         # Compiled here, in the process that trains (every DDP rank, after a spawn), not when the module is
         # built: a compiled function does not pickle. dynamic=False: one graph per batch shape (the full
@@ -478,17 +489,26 @@ class VAEModule(pl.LightningModule):
         val_mean, train_mean = self._global_means(
             (self._val_sum, self._val_count), (self._bound_sum, self._bound_count)
         )
-        self.log(VAL_KEY, val_mean, prog_bar=True, **log)
-        name = train_key(self.train_cfg["objective"])
+        # Both checked once an epoch, on the sums the epoch keeps anyway: a check per step would make every
+        # step wait for its loss (a device synchronisation on a GPU). Raised before anything records the
+        # epoch (the logger, elbo.csv) and before the checkpoint callbacks run, so best.ckpt keeps the last
+        # finite weights: a NaN validation ELBO would otherwise be logged and, in the first epoch, chosen as
+        # the best one (ModelCheckpoint takes it for -inf and saves it when it has no best yet). The same on
+        # every rank (global means), so every rank stops.
+        name, epoch = train_key(self.train_cfg["objective"]), self.current_epoch
         if not math.isfinite(train_mean):
-            # Checked once an epoch, on the sum the epoch keeps anyway: a check per step would make every
-            # step wait for its loss (a device synchronisation on a GPU). Raised before the
-            # checkpoint callbacks run, so best.ckpt keeps the last finite weights.
             raise FloatingPointError(
-                f"non-finite training objective ({name} = {train_mean}) in epoch {self.current_epoch}; "
-                "lower train.lr, or for a learned-variance Gaussian raise likelihood.min_sigma "
-                "(likelihood.scale=softplus)"
+                f"non-finite training objective ({name} = {train_mean}) in epoch {epoch}; {DIVERGED_HINT}"
             )
+        if not math.isfinite(val_mean):
+            # the training mean is finite: the epoch's last optimiser steps gave weights whose ELBO is not
+            # (the training objective would be non-finite too from the next epoch's first step)
+            raise FloatingPointError(
+                f"non-finite validation ELBO ({VAL_KEY} = {val_mean}) in epoch {epoch}, after a finite "
+                f"training objective ({name} = {train_mean:.6g}): its last optimiser steps diverged; "
+                + DIVERGED_HINT
+            )
+        self.log(VAL_KEY, val_mean, prog_bar=True, **log)
         self.log(name, train_mean, **log)
 
     def on_train_epoch_end(self) -> None:
@@ -517,10 +537,13 @@ def build_module(cfg: Config, data: VAEData) -> VAEModule:
 def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epochs: int) -> dict[str, Any]:
     """The checkpoint to resume from (`ckpt`, read from `path` by checkpoints.read, which refuses an
     unreadable one), compared with the module the config builds; a CheckpointError (nothing touched yet)
-    when it trained something else."""
+    when it trained something else. train.batch_size (per device) may change when the checkpoint records
+    its world size: check_same_batches then compares the global batch, which must stay."""
     if "loops" not in ckpt or "optimizer_states" not in ckpt:
         raise checkpoints.CheckpointError(f"{path}: holds weights only, not a training state to resume")
-    differ = checkpoints.mismatches(ckpt["hyper_parameters"], dict(module.hparams))
+    recorded = checkpoints.global_batch(ckpt) is not None  # the global batch is then compared instead
+    per_device = frozenset({"train.batch_size"} if recorded else ())
+    differ = checkpoints.mismatches(ckpt["hyper_parameters"], dict(module.hparams), ignore=per_device)
     if differ:
         raise checkpoints.CheckpointError(
             f"{path}: train.resume=true, but the config differs from the training it would continue: "
@@ -538,22 +561,35 @@ def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epo
 
 
 def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_size: int, world: int) -> None:
-    """A CheckpointError (nothing touched yet) when the resumed checkpoint's epochs took another number of
-    optimiser steps than this training takes an epoch: another global batch (train.batch_size x devices x
-    nodes), so the resumed epochs would be another training than the one the checkpoint began.
+    """A CheckpointError (nothing touched yet) when the resumed checkpoint was trained with another global
+    batch (train.batch_size x devices x nodes) than this configuration's, so the resumed epochs would be
+    another training than the one the checkpoint began. Another split of the same global batch over the
+    devices (1 x 50 resumed as 2 x 25) is the same training, up to float rounding.
 
-    train.batch_size is per device and the checkpoint does not record the world size; its steps do:
-    global_step = epochs done x ceil(n_train / global batch), last.ckpt being written at epoch ends only."""
+    train.batch_size is per device. A checkpoint records its world size (checkpoints.WORLD_SIZE_KEY) beside
+    it, hence its global batch. An older one does not (and check_resumable kept its train.batch_size); its
+    steps tell: global_step = epochs done x ceil(n_train / global batch), last.ckpt being written at epoch
+    ends only, so another number of optimiser steps an epoch is another global batch."""
+    now = f"a global batch of train.batch_size x devices x nodes = {batch_size} x {world}"
+    recorded = checkpoints.global_batch(ckpt)
+    if recorded is None:
+        fix = "set trainer.devices and trainer.num_nodes as the training had them"
+    else:
+        saved, was = recorded[0] * recorded[1], f"{recorded[0]} x {recorded[1]}"
+        fix = f"keep train.batch_size x devices x nodes = {saved} (the checkpoint's {was})"
     done, steps = len(_saved_curve(ckpt)), ckpt.get("global_step")
     per_epoch = math.ceil(n_train / (batch_size * world))  # optimiser steps an epoch, this configuration
-    if done == 0 or steps is None or steps == done * per_epoch:
-        return
-    raise checkpoints.CheckpointError(
-        f"{path}: train.resume=true, but its {done} epochs took {steps} optimiser steps ({steps / done:g} an "
-        f"epoch) and this configuration takes {per_epoch} an epoch (a global batch of train.batch_size x "
-        f"devices x nodes = {batch_size} x {world}): it would go on with another global batch. Nothing was "
-        "changed; set trainer.devices and trainer.num_nodes as the training had them"
-    )
+    if done > 0 and steps is not None and steps != done * per_epoch:
+        raise checkpoints.CheckpointError(
+            f"{path}: train.resume=true, but its {done} epochs took {steps} optimiser steps "
+            f"({steps / done:g} an epoch) and this configuration takes {per_epoch} an epoch ({now}): it "
+            f"would go on with another global batch. Nothing was changed; {fix}"
+        )
+    if recorded is not None and saved != batch_size * world:  # as many steps an epoch, other batches
+        raise checkpoints.CheckpointError(
+            f"{path}: train.resume=true, but it was trained with a global batch of {saved} and this "
+            f"configuration has {now}: it would go on with another global batch. Nothing was changed; {fix}"
+        )
 
 
 def config_digest(cfg: Config) -> str:
@@ -614,8 +650,9 @@ def train(
     )
     data.setup()
     # a learned Gaussian sigma without a floor on pixels that may sit exactly on a value: unbounded
-    check_bounded(cfg.likelihood_object(), cfg.data_space, bool(data.splits.quantized), out_dir / "prepared")
-    check_prepared_from(data.splits.meta, cfg.data.source, cfg.data.path, out_dir / "prepared")
+    prepared, meta = out_dir / "prepared", data.splits.meta
+    check_bounded(cfg.likelihood_object(), cfg.data_space, bool(data.splits.quantized), prepared)
+    check_prepared_from(meta, cfg.data.source, cfg.data.path, prepared, config_split_settings(cfg.data))
     last = model_dir / "last.ckpt"
     ckpt_path = last if cfg.train.resume and last.is_file() else None
     saved = checkpoints.read(last) if ckpt_path is not None else None

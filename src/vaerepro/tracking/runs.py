@@ -316,16 +316,21 @@ def log_config(client, run_id: str, raw: Mapping[str, Any], keys: tuple[str, ...
     keys: only these top-level sections.
 
     MLflow params are immutable; a stage re-run with a changed value (say eval.num_samples) records the new
-    value as a tag instead of failing the run.
+    value as a tag `changed.<key>` instead of failing the run. The tag says what the run is on now: when
+    the value is back to the param's (a resume from 2 x 25 back to 1 x 50 devices x batch), it is deleted.
     """
     from mlflow.exceptions import MlflowException
 
     flat = flatten({k: raw[k] for k in (keys or raw)})
-    existing = client.get_run(run_id).data.params
+    run = client.get_run(run_id)
+    existing, tags = run.data.params, run.data.tags
     for k, v in flat.items():
         value = str(v)[:6000]
         if k in existing and existing[k] != value:
             client.set_tag(run_id, f"changed.{k}", value)
+            continue
+        if k in existing and f"changed.{k}" in tags:
+            client.delete_tag(run_id, f"changed.{k}")
             continue
         if k not in existing:
             try:
