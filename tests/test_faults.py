@@ -162,6 +162,12 @@ def _real_npz(d: Path) -> Path:
     return f
 
 
+def _drop_meta_key(path, key):
+    meta = json.loads(path.read_text())
+    del meta[key]
+    path.write_text(json.dumps(meta))
+
+
 def _corrupt(rel: str, data: bytes | None = None, keep: int | None = None):
     def setup(d: Path) -> None:
         f = d / rel
@@ -242,6 +248,30 @@ CASES = [
         "likelihood.name: checkpoint 'bernoulli', config 'continuous_bernoulli'",
     ),
     (
+        "eval_other_splits",
+        ["evaluate"],
+        None,
+        lambda d: (
+            run(
+                [
+                    "vaerepro",
+                    "params",
+                    "--output",
+                    "other.yaml",
+                    f"data.raw_dir={params(d)['data']['raw_dir']}",
+                    "data.split_seed=1",
+                ],
+                d,
+            ),
+            run(["vaerepro", "prepare", "--params", "other.yaml", "--out", "other"], d),
+            shutil.rmtree(d / "prepared"),
+            shutil.copytree(d / "other" / "prepared", d / "prepared"),
+        ),
+        "its splits were made with data.split_seed=1, but the config has data.split_seed=0",
+    ),
+    (
+        # the same, in a meta.json that does not say how its splits were made (written before it did): the
+        # checkpoint's record of its training data still refuses it
         "eval_other_data",
         ["evaluate"],
         None,
@@ -260,6 +290,7 @@ CASES = [
             run(["vaerepro", "prepare", "--params", "other.yaml", "--out", "other"], d),
             shutil.rmtree(d / "prepared"),
             shutil.copytree(d / "other" / "prepared", d / "prepared"),
+            _drop_meta_key(d / "prepared" / "meta.json", "seed"),
         ),
         "training data (sha256 of prepared/x_train.npy)",
     ),
