@@ -201,6 +201,35 @@ def peak_rss_during(fn):
     return result, elapsed, max(0, peak[0] - base)
 
 
+def prepare_data(work: Path, mnist_size: bool) -> list[str]:
+    """The benchmark's data in work/prepared (the embedded digits, or with `mnist_size` tiled to full MNIST's
+    length) and the data overrides that describe it to the harness's config."""
+    data.fetch("mnist5k", work / "raw")
+    if mnist_size:
+        # the 5,000 digits 14 times over, split as AEVB's MNIST (50,000 / 10,000 / 10,000): epochs of full
+        # MNIST's length, which cannot be downloaded here; repeated images change no arithmetic
+        tiled = np.tile(data.load_raw("mnist5k", work / "raw").x, (14, 1, 1))
+        np.savez(work / "tiled.npz", x=tiled)
+        data.prepare(
+            "npz",
+            work / "raw",
+            work / "prepared",
+            path=work / "tiled.npz",
+            val_fraction=1 / 7,
+            test_fraction=1 / 7,
+            seed=0,
+        )
+        # the harness's config says so: train refuses a prepared/ of another source or other split settings
+        return [
+            "data=npz",
+            f"data.path={work / 'tiled.npz'}",
+            f"data.val_fraction={1 / 7!r}",
+            f"data.test_fraction={1 / 7!r}",
+        ]
+    data.prepare("mnist5k", work / "raw", work / "prepared", seed=0)
+    return []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=11)
@@ -231,23 +260,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
 
     work = Path(tempfile.mkdtemp(prefix="vaerepro-bench-"))
-    data.fetch("mnist5k", work / "raw")
-    if args.mnist_size:
-        # the 5,000 digits 14 times over, split as AEVB's MNIST (50,000 / 10,000 / 10,000): epochs of full
-        # MNIST's length, which cannot be downloaded here; repeated images change no arithmetic
-        tiled = np.tile(data.load_raw("mnist5k", work / "raw").x, (14, 1, 1))
-        np.savez(work / "tiled.npz", x=tiled)
-        data.prepare(
-            "npz",
-            work / "raw",
-            work / "prepared",
-            path=work / "tiled.npz",
-            val_fraction=1 / 7,
-            test_fraction=1 / 7,
-            seed=0,
-        )
-    else:
-        data.prepare("mnist5k", work / "raw", work / "prepared", seed=0)
+    data_overrides = prepare_data(work, args.mnist_size)
     splits = data.load_prepared(work / "prepared")
     n_train = len(splits.train)
 
@@ -261,6 +274,7 @@ def main() -> None:
             f"trainer={args.trainer}",
             f"tracking.enabled={str(not args.no_tracking).lower()}",
             f"data.raw_dir={work / 'raw'}",
+            *data_overrides,
             *args.override,
         ],
         config_dir=ROOT / "conf",

@@ -59,3 +59,24 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
     assert -543 < float(full["32"]) < -80 and abs(float(full["32"]) - float(full["bf16"])) < 1, out
     assert abs(float(full["32"]) - float(hand[1])) < 1, out
     assert re.search(r"^eval ratio harness/hand-written, whole test split: [\d.]+ ", out, re.M), out
+
+
+def test_the_mnist_size_data_is_what_the_harness_config_says(tmp_path):
+    """bench.py --mnist-size (also the GPU check's) trains on a tiled .npz: its data overrides describe that
+    file and its 50,000 / 10,000 / 10,000 splits, so train's checks of prepared/ against the config pass
+    (with data=mnist5k they refused it: another source)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from vaerepro import config as config_mod
+    from vaerepro import data
+
+    overrides = bench.prepare_data(tmp_path, mnist_size=True)
+    cfg = config_mod.validate(config_mod.compose(overrides, config_dir=ROOT / "conf"))
+    meta = data.load_prepared(tmp_path / "prepared").meta
+    assert meta["sizes"] == {"train": 50_000, "val": 10_000, "test": 10_000}
+    data.check_prepared_from(
+        meta, cfg.data.source, cfg.data.path, tmp_path / "prepared", data.config_split_settings(cfg.data)
+    )
