@@ -98,3 +98,13 @@ def test_the_basic_sweepers_params_in_the_config_are_checked(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"overrides likelihood=poisson: .*'likelihood/poisson'"):
         cli._check_overrides(["-m", "+sweep=basic_bad", "model.latent_dim=2,3"], tmp_path)
+
+
+def test_two_of_hydras_modes_are_one_line_not_its_traceback():
+    """-m with --cfg job: Hydra raises a ValueError (a traceback, exit 1); one mode alone is Hydra's."""
+    with pytest.raises(ConfigError, match=r"exclude each other; got --cfg, -m$"):
+        cli._check_overrides(["-m", "model.latent_dim=2,3", "--cfg", "job"], ROOT)
+    with pytest.raises(ConfigError, match=r"got --info, --multirun$"):
+        cli._check_overrides(["--multirun", "--info=config"], ROOT)
+    assert cli._check_overrides(["--cfg", "job", "model.latent_dim=3"], ROOT) is None
+    assert cli._check_overrides(["-m", "--multirun", "model.latent_dim=2,3"], ROOT) is None

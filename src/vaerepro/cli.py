@@ -333,6 +333,12 @@ def _hydra_run(argv: list[str]) -> None:
 MULTIRUN_CHECK_JOBS = 64
 
 
+# Hydra's command-line modes, of which a run takes one (its own message for two is a ValueError traceback)
+HYDRA_MODE_FLAGS = frozenset(
+    {"-r", "--run", "-m", "--multirun", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+)
+
+
 def _check_overrides(argv: list[str], root: Path) -> None:
     """Compose and validate a single run's configuration before Hydra creates its run directory, so that a
     mistake leaves no empty directory behind and is one line (Hydra's own errors are several, and a
@@ -342,6 +348,12 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     Optuna sweeper they are its search space, which it checks when it starts. Hydra's other flags (--cfg,
     ...) are left to it."""
     flags = [a for a in argv if a.startswith("-")]
+    modes = sorted({f.split("=")[0] for f in flags} & HYDRA_MODE_FLAGS)
+    if len(modes) > 1 and not {"-m", "--multirun"} >= set(modes):  # Hydra's own refusal is a traceback
+        raise ConfigError(
+            f"Hydra's --run, --multirun, --cfg, --info and --shell-completion exclude each other; got "
+            f"{', '.join(modes)}"
+        )
     if any(f not in ("-m", "--multirun") for f in flags):
         return
     overrides = [
