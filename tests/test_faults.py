@@ -162,6 +162,15 @@ def _real_npz(d: Path) -> Path:
     return f
 
 
+def _prepared_with_split_seed_1(d):
+    """prepared/ replaced by splits of data.split_seed=1 (the run's config has 0)."""
+    raw = params(d)["data"]["raw_dir"]
+    run(["vaerepro", "params", "--output", "other.yaml", f"data.raw_dir={raw}", "data.split_seed=1"], d)
+    run(["vaerepro", "prepare", "--params", "other.yaml", "--out", "other"], d)
+    shutil.rmtree(d / "prepared")
+    shutil.copytree(d / "other" / "prepared", d / "prepared")
+
+
 def _drop_meta_key(path, key):
     meta = json.loads(path.read_text())
     del meta[key]
@@ -251,22 +260,7 @@ CASES = [
         "eval_other_splits",
         ["evaluate"],
         None,
-        lambda d: (
-            run(
-                [
-                    "vaerepro",
-                    "params",
-                    "--output",
-                    "other.yaml",
-                    f"data.raw_dir={params(d)['data']['raw_dir']}",
-                    "data.split_seed=1",
-                ],
-                d,
-            ),
-            run(["vaerepro", "prepare", "--params", "other.yaml", "--out", "other"], d),
-            shutil.rmtree(d / "prepared"),
-            shutil.copytree(d / "other" / "prepared", d / "prepared"),
-        ),
+        _prepared_with_split_seed_1,
         "its splits were made with data.split_seed=1, but the config has data.split_seed=0",
     ),
     (
@@ -276,20 +270,7 @@ CASES = [
         ["evaluate"],
         None,
         lambda d: (
-            run(
-                [
-                    "vaerepro",
-                    "params",
-                    "--output",
-                    "other.yaml",
-                    f"data.raw_dir={params(d)['data']['raw_dir']}",
-                    "data.split_seed=1",
-                ],
-                d,
-            ),
-            run(["vaerepro", "prepare", "--params", "other.yaml", "--out", "other"], d),
-            shutil.rmtree(d / "prepared"),
-            shutil.copytree(d / "other" / "prepared", d / "prepared"),
+            _prepared_with_split_seed_1(d),
             _drop_meta_key(d / "prepared" / "meta.json", "seed"),
         ),
         "training data (sha256 of prepared/x_train.npy)",
