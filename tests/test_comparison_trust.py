@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from test_report import CONFIG, Collector, make_out_dir, run
-from vaerepro import compare, report_comparison
+from vaerepro import compare, report_comparison, tracking
 from vaerepro.config import compose, dump, find_project_root
 from vaerepro.document import Fig, Table
 from vaerepro.report import ResultFileError, write_report
@@ -66,7 +66,8 @@ def test_the_report_marks_the_run_its_evaluation_logged_to(tmp_path):
         run("other", "binary", -95.0, latent_dim=5),
         run("killed-9", "binary", -60.0, latent_dim=10, status="RUNNING"),  # never ended
     ]
-    page = write_report(out, CONFIG, runs=runs)["html"].read_text(encoding="utf-8")
+    this_run = tracking.stage_run_id(out)[0]  # as the report stage finds it (cli.stage_report)
+    page = write_report(out, CONFIG, runs=runs, this_run=this_run)["html"].read_text(encoding="utf-8")
     parsed = Collector()
     parsed.feed(page)
     (table,) = [t for t in parsed.tables if t is not None]

@@ -134,8 +134,10 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
     from vaerepro.report import write_report
 
-    runs = tracking.experiment_runs(cfg.tracking, root) if cfg.tracking.enabled else []
-    paths = write_report(out_dir, cfg.to_dict(), runs)
+    runs, this_run = [], None
+    if cfg.tracking.enabled:
+        runs, this_run = tracking.experiment_runs(cfg.tracking, root), tracking.stage_run_id(out_dir)[0]
+    paths = write_report(out_dir, cfg.to_dict(), runs, this_run=this_run)
     if cfg.tracking.enabled:
         tracking.log_report(out_dir, Path(paths["html"]).parent)
         _print_ui_link(cfg, root)

@@ -95,20 +95,6 @@ def _load_eval(path: Path) -> dict:
     return ev
 
 
-# Where the evaluate stage names the MLflow run its numbers went to (tracking.runs: EVAL_RUN_DIR / RUN_FILE;
-# the report stage imports no tracking): the report's own run, marked in the comparison across runs.
-EVAL_RUN_FILE = Path("artifacts") / "mlflow_run.json"
-
-
-def _own_run_id(out_dir: Path) -> str | None:
-    """The run id the evaluation logged to, or None (tracking off, or no evaluation named one)."""
-    path = out_dir / EVAL_RUN_FILE
-    if not path.is_file():
-        return None
-    run_id = _load_json(path, "vaerepro evaluate").get("run_id")
-    return None if run_id is None else str(run_id)
-
-
 def _read_curves(path: Path) -> dict[str, np.ndarray]:
     """elbo.csv -> {column: float array}; empty cells become NaN."""
     with path.open(newline="") as f:
@@ -489,12 +475,14 @@ def write_report(
     config: dict,
     runs: list[dict] | None = None,
     report_dir: Path | None = None,
+    this_run: str | None = None,
 ) -> dict[str, Path]:
     """Write report.html (self-contained) and report.md (+ figures/*.png) into report_dir.
 
     out_dir holds the train/evaluate results; config is the resolved config dict; runs are row dicts of
-    the runs of the experiment (see `compare`), or None; the one out_dir's evaluation logged to
-    (EVAL_RUN_FILE) is this report's own run, marked in the comparison. Returns {"html", "md", "figures"}.
+    the runs of the experiment (see `compare`), or None; `this_run` is the id of this report's own run
+    among them (the one out_dir's evaluation logged to), marked in the comparison. Returns {"html", "md",
+    "figures"}.
     A metrics/eval.json with a number no evaluation writes is refused before anything is written.
     """
     out_dir = Path(out_dir)
@@ -518,7 +506,7 @@ def write_report(
     blocks += _curves_section(out_dir, tr, config, label)
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
-    blocks += comparison_section(runs, this_run=_own_run_id(out_dir))
+    blocks += comparison_section(runs, this_run=this_run)
     blocks += [
         Heading("Configuration"),
         Table(["key", "value"], [[k, _cell(v)] for k, v in flatten(config).items()], kind="config"),

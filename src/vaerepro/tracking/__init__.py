@@ -31,6 +31,7 @@ from vaerepro.tracking.runs import (
     log_report,
     read_run_id,
     run_tags,
+    stage_run_id,
     status_of,
     write_run_id,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "read_run_id",
     "reading_client",
     "run_tags",
+    "stage_run_id",
     "space_name",
     "sqlite_store_path",
     "status_of",
