@@ -149,16 +149,17 @@ class Bernoulli(Likelihood):
     def num_params(self) -> int:
         return 1
 
-    def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
+    def _checks(self, validate_args: bool | None) -> bool | None:
         # torch's support check would reject grey levels; when the improper use is allowed, switch it off so
         # log_prob evaluates x*logit - softplus(logit) for any x in [0, 1].
-        validate = False if self.allow_improper else validate_args
-        return _TorchBernoulli(logits=params, validate_args=validate)
+        return False if self.allow_improper else validate_args
+
+    def _base(self, params: Tensor, validate_args: bool | None) -> Distribution:
+        return _TorchBernoulli(logits=params, validate_args=self._checks(validate_args))
 
     def distribution(self, params: Tensor, validate_args: bool | None = None) -> Distribution:
         self._split_dim(params)
-        validate = False if self.allow_improper else validate_args  # as _base: grey levels allowed on request
-        return BernoulliPixels(self._base(params, validate_args), validate_args=validate)
+        return BernoulliPixels(self._base(params, validate_args), validate_args=self._checks(validate_args))
 
     def mean(self, params: Tensor) -> Tensor:
         self._split_dim(params)
