@@ -282,3 +282,43 @@ def test_each_dvc_stage_depends_on_the_code_it_runs():
         if lacking:
             missing[stage] = sorted(lacking)
     assert not missing, f"dvc.yaml deps lack the code these stages run: {missing}"
+
+
+# Run in a fresh interpreter in which importing these packages fails, as on a machine that lacks them.
+_WITHOUT = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"mlflow", "optuna", "dvc"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (absent in this test)")
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_an_untracked_pipeline_needs_neither_mlflow_nor_optuna_nor_dvc(tmp_path):
+    """`vaerepro run tracking.enabled=false` (the GPU machine's check, which carries only the training's
+    packages): every stage runs, and writes its numbers, in a process where MLflow, Optuna and DVC cannot be
+    imported. (A module-level `import optuna` in the sweep's pruning callback once stopped it.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = _WITHOUT + (
+        "from pathlib import Path\n"
+        "from conftest import ROOT, tiny_config\n"
+        "from vaerepro import cli\n"
+        f"out = Path({str(tmp_path)!r})\n"
+        "cli.run_pipeline(tiny_config(raw_dir=out / 'raw'), out / 'run', ROOT, progress=False)\n"
+        "import mlflow\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{SRC}:{Path(__file__).parent}"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    # the last line proves the blocking works: the pipeline got through, then `import mlflow` failed
+    assert "No module named 'mlflow' (absent in this test)" in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("Traceback") == 1 and "cli.run_pipeline" not in done.stderr.split("Traceback")[1]
+    metrics = json.loads((tmp_path / "run" / "metrics" / "eval.json").read_text())
+    assert metrics["log_px"] >= metrics["elbo"] - 3 * metrics["log_px_se"]
+    assert (tmp_path / "run" / "reports" / "report.html").is_file()

@@ -3,7 +3,9 @@ trial each epoch and stops training when the study's pruner says so.
 
 `vaerepro.cli` adds `trial_callbacks()` to every training; it is the pruning callback only in a sweep trial
 (the sweeper's environment names the study, its storage, the trial and the pruner). This module imports
-Lightning: the sweep process never imports it, only trial processes (through the command line).
+Lightning: the sweep process never imports it, only trial processes (through the command line). Optuna is
+imported by the callback's methods alone: a training that is no sweep trial runs without Optuna installed
+(a GPU machine that carries only the training's packages).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import optuna
 
 from vaerepro.sweep.study import ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, open_storage
 
@@ -44,6 +45,8 @@ class OptunaPruning(pl.Callback):
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero or self._trial is not None:
             return
+        import optuna
+
         storage = open_storage(self.storage)
         study = optuna.load_study(
             study_name=self.study_name,
@@ -66,6 +69,8 @@ class OptunaPruning(pl.Callback):
             self._trial.report(self._sign * value, step=trainer.current_epoch)
             prune = self._trial.should_prune()
         if trainer.strategy.broadcast(prune, src=0):
+            import optuna
+
             raise optuna.TrialPruned(
                 f"trial {self.number} pruned at epoch {trainer.current_epoch}: "
                 f"{self.monitor} = {value:.3f} nats"
