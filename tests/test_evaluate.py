@@ -129,23 +129,28 @@ def test_per_example_still_checks_the_pixels_against_the_likelihood():
 def test_an_examples_numbers_do_not_depend_on_batch_or_chunk_size(device):
     """Example i's noise is keyed by (seed, i): batches of 10, 25 or all 150 examples (cut across the
     64-example noise blocks differently) and chunks of 1, 7, 128 + 5 samples or auto give the same
-    per-example numbers (the log weights are summed in float64: rtol 1e-6 holds with a wide margin)."""
+    per-example numbers (the log weights are summed in float64: rtol 1e-6 holds with a wide margin on a CPU).
+    On CUDA the same noise meets networks whose float32 outputs for an example differ in their last bits
+    between batch shapes (cuBLAS picks its kernel by the shape): 1e-5 there, relative and in nats (this
+    untrained model's KL is 0.005-0.2 nats), about 1e-4 nats on log p(x) (8.6 nats), against 6e-4 nats at
+    least (median 0.03) between two seeds' noise."""
     vae, x = _tiny_vae_and_data(150)
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cuda" else dict(rtol=1e-6, atol=0)
     ref = per_example(vae, x, num_samples=200, batch_size=10, chunk_size=7, seed=3, device=device)
     for batch_size, chunk_size in ((25, 1), (150, 133), (25, "auto")):
         other = per_example(
             vae, x, num_samples=200, batch_size=batch_size, chunk_size=chunk_size, seed=3, device=device
         )
         for key in PER_EXAMPLE_KEYS:
-            torch.testing.assert_close(other[key], ref[key], rtol=1e-6, atol=0, msg=key)
+            torch.testing.assert_close(other[key], ref[key], **tol, msg=key)
         for k, v in ref["ladder"].items():
-            torch.testing.assert_close(other["ladder"][k], v, rtol=1e-6, atol=0)
+            torch.testing.assert_close(other["ladder"][k], v, **tol)
     other = per_example(vae, x, num_samples=200, batch_size=10, chunk_size=7, seed=4, device=device)
     assert (other["log_px"] != ref["log_px"]).all() and (other["elbo"] != ref["elbo"]).all()
     # the one-sample ELBO's noise: examples 40..59's draws of their own stream, ELBO_STREAM
     eps = BlockNoise(3, ELBO_STREAM, 40, 20, 2, device).take(1)  # (1, 20, Z)
     elbo = elbo_terms(vae.to(device), x[40:60].to(device), 1, eps)["elbo"].double().cpu()
-    torch.testing.assert_close(elbo, ref["elbo"][40:60], rtol=1e-6, atol=0)
+    torch.testing.assert_close(elbo, ref["elbo"][40:60], **tol)
 
 
 def test_auto_chunk_size_fits_the_memory_budget(monkeypatch):
