@@ -3,20 +3,34 @@
 # here and carry them): run from the repository root there, e.g.
 #     bash benchmarks/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"
 # Installs the packages the machine lacks into .site/, names the GPU, runs tests/test_gpu.py (CUDA training
-# and evaluation against the CPU, CUDA graphs against eager, device-resident batches, evaluation precision),
-# then the benchmark at full-MNIST epoch length, eager (with the whole test split's evaluation, 10,000 digits
-# x K=5,000, at each eval.precision) and with trainer.compile=reduce-overhead.
-set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl
+# and evaluation against the CPU, CUDA graphs against eager, device-resident batches, evaluation precision)
+# and the known-answer tests' CUDA cases (estimators, likelihoods, two-layer models, evaluation), then the
+# benchmark at full-MNIST epoch length, eager (with the whole test split's evaluation, 10,000 digits x
+# K=5,000, at each eval.precision) and with trainer.compile=reduce-overhead. Each part has its own time limit
+# (seconds, below) so that one that hangs still leaves the others' figures: the lease is 15 minutes in all.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD/.site:$PWD/src" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, lightning; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
 'lightning', lightning.__version__)"
+per_test=()
+python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)  # one hung test fails alone
 status=0
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=$?
+part() {  # part SECONDS TITLE COMMAND...: one part under its time limit; its failure is remembered
+  local limit=$1 title=$2 rc
+  shift 2
+  echo "== $title (limit ${limit} s) =="
+  SECONDS=0
+  timeout "$limit" "$@"
+  rc=$?
+  echo "== $title: exit $rc after ${SECONDS} s"
+  [ "$rc" -eq 0 ] || status=$rc
+}
+part 230 "tests on CUDA" python3 -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
+  tests/test_gpu.py tests/test_estimators.py tests/test_likelihoods.py tests/test_hierarchy.py \
+  tests/test_evaluate.py -k "cuda or test_gpu"
 bench=(python3 benchmarks/bench.py --trainer gpu --no-tracking --mnist-size --epochs 4 --repeats 1)
-echo "== bench, eager"
-"${bench[@]}" --full-eval || status=$?
-echo "== bench, trainer.compile=reduce-overhead"
-"${bench[@]}" --override trainer.compile=reduce-overhead || status=$?
+part 200 "bench, eager, with the whole test split" "${bench[@]}" --full-eval
+part 140 "bench, trainer.compile=reduce-overhead" "${bench[@]}" --override trainer.compile=reduce-overhead
 exit "$status"
