@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -25,9 +26,13 @@ pytestmark = [
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_gpu_training_and_evaluation_agree_with_the_cpu(prepared_tiny, tmp_path, precision):
+    """trainer=gpu as it comes: under 32-true its steps are one CUDA graph (trainer.cuda_graph=auto), under
+    bf16-mixed eager."""
     gpu_cfg = tiny_config("trainer=gpu", f"trainer.precision={precision}")
     out = copy_prepared(prepared_tiny, tmp_path / "run")
-    metrics = train(gpu_cfg, out, enable_progress_bar=False)
+    counts = GraphCounts()
+    metrics = train(gpu_cfg, out, enable_progress_bar=False, callbacks=[counts])
+    assert (counts.replays > 0) == (precision == "32-true")
     assert -450 < metrics["val_elbo"] < -150  # the band of the CPU test of the same config
     vae = load_vae(out / "models" / "best.ckpt")  # a GPU checkpoint loads on the CPU, without Lightning
     assert next(vae.parameters()).device.type == "cpu"
@@ -69,7 +74,7 @@ def test_cuda_graph_training_ends_where_eager_training_does(prepared_tiny, tmp_p
     """trainer.compile=reduce-overhead (the objective's forward and backward as CUDA graphs) against eager,
     float32 matmuls in both; the tolerances of tests/test_compile.py."""
     fp32 = "trainer.matmul_precision=highest"
-    eager, curve_eager = _trained(prepared_tiny, tmp_path / "eager", fp32)
+    eager, curve_eager = _trained(prepared_tiny, tmp_path / "eager", fp32, "trainer.cuda_graph=false")
     graphs, curve_graphs = _trained(
         prepared_tiny, tmp_path / "graphs", fp32, "trainer.compile=reduce-overhead"
     )
@@ -148,13 +153,12 @@ def test_training_batches_are_gathered_on_the_device(prepared_tiny):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_host, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["null", "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["null", "reduce-overhead", "cuda-graph"])
 def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path, mode):
     """No step of training waits for the GPU: from the second epoch on (the first compiles and records the
     graphs), every training step, batch start to batch end, runs under torch.cuda.set_sync_debug_mode
     ("error"), which raises at any call that synchronises the host with the device (.item(), a copy to
     the host, a blocking copy from pageable memory). Epoch ends synchronise once, for the logged means."""
-    import lightning.pytorch as pl
 
     class NoSync(pl.Callback):
         def __init__(self):
@@ -170,10 +174,77 @@ def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path
             torch.cuda.set_sync_debug_mode(0)
 
     out = copy_prepared(prepared_tiny, tmp_path / "run")
-    cfg = tiny_config("trainer=gpu", f"trainer.compile={mode}")
+    # trainer=gpu's default trainer.cuda_graph=auto is the graph; compile=null with it false is eager
+    switch = "trainer.cuda_graph=true" if mode == "cuda-graph" else f"trainer.compile={mode}"
+    switch = (switch, "trainer.cuda_graph=false") if mode == "null" else (switch,)
+    cfg = tiny_config("trainer=gpu", *switch)
     checked = NoSync()
     try:
         train(cfg, out, enable_progress_bar=False, callbacks=[checked])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert checked.steps > 0
+
+
+class GraphCounts(pl.Callback):
+    """The module's StepGraph counters at the end of training (trainer.cuda_graph)."""
+
+    def on_train_end(self, trainer, module):
+        graph = module.step_graph
+        self.captures, self.replays = (graph.captures, graph.replays) if graph is not None else (0, 0)
+
+
+# (overrides, captures in 3 epochs): a constant rate, one graph; IWAE's schedule changes the rate after
+# epoch 0 (stage 0 -> 1), so a second capture; clipping inside the graph
+GRAPH_CASES = {
+    "constant": ((), 1),
+    "iwae-schedule-and-clipping": (("train.lr_schedule=iwae", "train.grad_clip_value=0.5"), 2),
+}
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES)
+def test_whole_step_cuda_graph_training_ends_where_eager_training_does(prepared_tiny, tmp_path, case):
+    """trainer.cuda_graph=true (forward, backward, clipping and Adam's update as one replayed CUDA graph;
+    cudagraph.py) against eager training on the same seed, float32 matmuls in both: the same number of
+    optimiser steps (Lightning counts the graph's), weights and curves within the tolerances of the
+    reduce-overhead test (Adam's foreach kernels against the eager training's fused ones), and the steps
+    of full batches were graph replays."""
+    overrides, captures = GRAPH_CASES[case]
+    fp32 = ("trainer.matmul_precision=highest", *overrides)
+    eager, curve_eager = _trained(prepared_tiny, tmp_path / "eager", *fp32, "trainer.cuda_graph=false")
+    counts = GraphCounts()
+    cfg = tiny_config("trainer=gpu", *fp32, "trainer.cuda_graph=true")
+    out = copy_prepared(prepared_tiny, tmp_path / "graph")
+    train(cfg, out, enable_progress_bar=False, callbacks=[counts])
+    graph = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert eager["global_step"] == graph["global_step"] > 0
+    full_batches = 3 * (json.loads((out / "prepared" / "meta.json").read_text())["sizes"]["train"] // 50)
+    assert counts.captures == captures and counts.replays == full_batches - 3  # 3 eager warm-up steps
+    diff = max(
+        (eager["state_dict"][k] - graph["state_dict"][k]).abs().max().item() for k in eager["state_dict"]
+    )
+    assert diff < 1e-2, diff
+    for a, b in zip(curve_eager, curve(out), strict=True):
+        for key in ("train_elbo", "val_elbo"):
+            assert abs(a[key] - b[key]) < 1e-2, (key, a, b)
+
+
+def test_whole_step_cuda_graph_training_resumes_where_it_stopped(prepared_tiny, tmp_path):
+    """A graph training stopped after 2 epochs and resumed for a third ends where 3 uninterrupted epochs do
+    (the resumed process warms up eagerly and captures again: the same kernels); and one resumed from an
+    eager training's checkpoint (fused Adam's state) trains on in the graph."""
+    mode = ("trainer.cuda_graph=true", "trainer.matmul_precision=highest")
+    whole, _ = _trained(prepared_tiny, tmp_path / "whole", *mode)
+    for name, first in (("graph", mode), ("eager", ("trainer.cuda_graph=false", *mode[1:]))):
+        out = tmp_path / name
+        _trained(prepared_tiny, out, *first, "train.max_epochs=2")
+        counts = GraphCounts()
+        cfg = tiny_config("trainer=gpu", *mode, "train.resume=true")
+        train(cfg, out, enable_progress_bar=False, callbacks=[counts])
+        resumed = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert whole["global_step"] == resumed["global_step"] and counts.replays > 0
+        diff = max(
+            (whole["state_dict"][k] - resumed["state_dict"][k]).abs().max().item()
+            for k in whole["state_dict"]
+        )
+        assert diff < (1e-4 if name == "graph" else 1e-2), (name, diff)

@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # the pipeline's stages: each reads files and writes files
     "stages": (
+        "vaerepro.cudagraph",
         "vaerepro.trainer",
         "vaerepro.stepsize",
         "vaerepro.train",

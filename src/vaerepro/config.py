@@ -231,6 +231,11 @@ class TrainerConfig(_Section):
     # training up to float rounding (dropout's masks are another draw of the same seeds); compiling takes
     # tens of seconds at the start of each training
     compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    # the whole training step (forward, backward, clipping, Adam's update) as one CUDA graph, replayed for
+    # every full batch (cudagraph.py): on one CUDA device, float32, Adam, no dropout, not with compile (the
+    # same training up to float rounding: Adam's foreach kernels, not fused ones). true: refused where it
+    # cannot run; auto (trainer=gpu's default): wherever it can, eager steps elsewhere (and under DDP)
+    cuda_graph: bool | Literal["auto"] = False
 
 
 class EvalConfig(_Section):
@@ -325,6 +330,29 @@ class Config(_Section):
             "trainer.devices=1 trainer.num_nodes=1, or select on one device and train with "
             "train.lr=<its choice> train.lr_candidates=null"
         )
+
+    def cuda_graph_conflicts(self) -> list[str]:
+        """The settings that keep the training step out of one CUDA graph (cudagraph.StepGraph), each named
+        with what the graph needs; empty when it can run. It captures a float32 step (mixed precision's
+        autocast and loss scaling are not captured) with Adam's capturable update (torch's Adagrad has none),
+        no dropout (its masks come from the global generator, reseeded per batch around the step) and no
+        torch.compile inside."""
+        t = self.trainer
+        conflicts = [
+            (t.accelerator not in ("gpu", "cuda"), f"trainer.accelerator={t.accelerator} (needs gpu)"),
+            (t.precision not in ("32-true", "32"), f"trainer.precision={t.precision} (needs 32-true)"),
+            (t.compile is not None, f"trainer.compile={t.compile} (needs null: the graph is the step)"),
+            (self.train.optimizer != "adam", f"train.optimizer={self.train.optimizer} (needs adam)"),
+            (self.model.dropout > 0, f"model.dropout={self.model.dropout:g} (needs 0)"),
+        ]
+        return [why for bad, why in conflicts if bad]
+
+    @model_validator(mode="after")
+    def _check_cuda_graph(self) -> Config:
+        # true asks for the graph: refused where it cannot run (auto then runs the steps eagerly)
+        if self.trainer.cuda_graph is True and (conflicts := self.cuda_graph_conflicts()):
+            raise ValueError(f"trainer.cuda_graph=true: not with {'; '.join(conflicts)}")
+        return self
 
     @model_validator(mode="after")
     def _check_clipping(self) -> Config:

@@ -26,6 +26,7 @@ import torch
 from vaerepro import checkpoints, estimators, signals, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import Config
+from vaerepro.cudagraph import StepGraph
 from vaerepro.data import (
     TEST_SEED_OFFSET,
     Splits,
@@ -323,6 +324,10 @@ class VAEModule(pl.LightningModule):
         # changes how the same numbers are computed, so a checkpoint resumes under either
         self.compile_mode: str | None = None
         self._compiled = None  # torch.compile(self.bound), made in on_fit_start
+        # trainer.cuda_graph: the whole step as one CUDA graph (cudagraph.py) on one CUDA device; like
+        # compile_mode, not a hyperparameter. step_graph is made in on_fit_start
+        self.cuda_graph = False
+        self.step_graph: StepGraph | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The number of processes, beside train.batch_size (per device, in the hyper-parameters): the global
@@ -345,6 +350,16 @@ class VAEModule(pl.LightningModule):
                 self.trainer.world_size,
                 mode,
             )
+        if self._graphed():
+            clip = self.train_cfg.get("grad_clip_value")
+            self.step_graph = StepGraph(
+                self._graph_loss, self.train_cfg["batch_size"], self.parameters(), clip
+            )
+        elif self.cuda_graph and self.trainer.is_global_zero:
+            log.warning(
+                "trainer.cuda_graph under DDP (%d processes): the steps run eagerly (README, Scaling out)",
+                self.trainer.world_size,
+            )
         if mode is not None:
             torch.compiler.reset()
             self._compiled = torch.compile(self.bound, mode=mode, dynamic=False)
@@ -355,6 +370,11 @@ class VAEModule(pl.LightningModule):
             # objective's own distributions are built with validate_args=False (vae.validate_args) and are
             # not affected.
             torch.distributions.Distribution.set_default_validate_args(__debug__)
+
+    def _graphed(self) -> bool:
+        """trainer.cuda_graph, on one process (under DDP the steps run eagerly: the gradients' all-reduce
+        between backward and the update is not captured); the config refuses it off CUDA."""
+        return self.cuda_graph and self.trainer.world_size == 1 and self.device.type == "cuda"
 
     def objective(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """`bound` (B,), nats, compiled when trainer.compile is set. The randomness (x's data space, eps) is
@@ -408,12 +428,23 @@ class VAEModule(pl.LightningModule):
         whatever the shards' sizes.
         """
         n = len(batch)
-        g = self._generator(TRAIN_STREAM, epoch, batch_idx)
-        x = to_space(batch, self.data_space, quantized=self.quantized, generator=g)  # (N, D)
-        eps = self._noise(g, self.train_cfg["num_samples"], n)  # (K, N, Z)
+        x, eps = self.draws(batch, epoch, batch_idx)
         with self._dropout_rng(epoch, batch_idx, rank):
             bound = self.objective(shard(x, rank, world), shard(eps, rank, world, dim=1))  # (B,)
         return bound.sum() * (-world / n), bound
+
+    def draws(self, batch: torch.Tensor, epoch: int, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The randomness of a global batch of stored pixels (N, D), from one generator seeded by (seed,
+        epoch, batch index): the batch in the data space x (N, D) and q's noise eps (K, N, Z)."""
+        g = self._generator(TRAIN_STREAM, epoch, batch_idx)
+        x = to_space(batch, self.data_space, quantized=self.quantized, generator=g)  # (N, D)
+        return x, self._noise(g, self.train_cfg["num_samples"], len(batch))
+
+    def _graph_loss(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """shard_loss on one process, for drawn x (N, D) and eps (K, N, Z): what the CUDA graph captures
+        (no dropout: the config refuses it with trainer.cuda_graph)."""
+        bound = self.objective(x, eps)  # (N,)
+        return bound.sum() * (-1 / len(x)), bound
 
     @contextlib.contextmanager
     def _dropout_rng(self, epoch: int, batch_idx: int, rank: int) -> Iterator[None]:
@@ -438,17 +469,22 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # batch: the whole global batch (N, D), the same on every rank
-        loss, bound = self.shard_loss(batch, self.current_epoch, batch_idx, *self._rank_world())
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(loss)  # under DDP, also the gradients' all-reduce
-        clip = self.train_cfg.get("grad_clip_value")  # absent from an older module's train dict: none
-        if clip is not None:
-            # each element of the (all-reduced) gradient into [-clip, clip], as the continuous-Bernoulli
-            # code's tf.clip_by_value(grad, -1.0, 1.0) before Adam's apply_gradients; Lightning's public
-            # clipping for manual optimisation (Trainer(gradient_clip_val=...) is automatic optimisation's)
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="value")
-        opt.step()
+        opt, graph = self.optimizers(), self.step_graph
+        if graph is not None and graph.takes(len(batch)):  # trainer.cuda_graph: the step as one graph
+            loss, bound = graph.step(*self.draws(batch, self.current_epoch, batch_idx), opt)  # (), (N,)
+        else:
+            with graph.eager_step(len(batch)) if graph is not None else contextlib.nullcontext():
+                loss, bound = self.shard_loss(batch, self.current_epoch, batch_idx, *self._rank_world())
+                opt.zero_grad()
+                self.manual_backward(loss)  # under DDP, also the gradients' all-reduce
+                clip = self.train_cfg.get("grad_clip_value")  # absent from an older module's train dict
+                if clip is not None:
+                    # each element of the (all-reduced) gradient into [-clip, clip], as the continuous-
+                    # Bernoulli code's tf.clip_by_value(grad, -1.0, 1.0) before Adam's apply_gradients;
+                    # Lightning's public clipping for manual optimisation (Trainer(gradient_clip_val=...)
+                    # is automatic optimisation's)
+                    self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="value")
+                opt.step()
         # A running sum instead of self.log(on_epoch=True) per step: Lightning's per-step logging keeps a
         # result collection per call, a large share of a small model's step.
         self._bound_sum += bound.detach().sum(dtype=torch.float64)
@@ -520,7 +556,7 @@ class VAEModule(pl.LightningModule):
             scheduler.step()
 
     def configure_optimizers(self):
-        return build_optimizer(self.parameters(), self.train_cfg)
+        return build_optimizer(self.parameters(), self.train_cfg, capturable=self._graphed())
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -662,6 +698,7 @@ def train(
     selection = stepsize.choose(cfg, data, functools.partial(build_module, data=data), saved=saved)
     module = build_module(cfg if selection is None else stepsize.at_rate(cfg, selection["chosen"]), data)
     module.compile_mode = cfg.trainer.compile  # the pilots above run eagerly: each is 100 steps
+    module.cuda_graph = uses_cuda_graph(cfg)
     resumed = check_resumable(last, saved, module, cfg.train.max_epochs) if saved is not None else None
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
     # environment) before any process group exists, and only rank 0 may create the tracking run.
@@ -737,6 +774,16 @@ def train(
             tracker.fail(exc, interrupted=trainer.interrupted)
         raise
     return metrics
+
+
+def uses_cuda_graph(cfg: Config) -> bool:
+    """Whether training asks for the whole step as one CUDA graph: trainer.cuda_graph=true (the config
+    refuses it where it cannot run), or auto where nothing conflicts (else logged, and eager). Under DDP the
+    module still runs the steps eagerly (VAEModule._graphed)."""
+    setting, conflicts = cfg.trainer.cuda_graph, cfg.cuda_graph_conflicts()
+    if setting == "auto" and conflicts:
+        log.info("trainer.cuda_graph=auto: eager training steps, for %s", "; ".join(conflicts))
+    return setting is True or (setting == "auto" and not conflicts)
 
 
 def _saved_curve(checkpoint: dict[str, Any]) -> list[dict[str, float]]:

@@ -1,0 +1,114 @@
+"""trainer.cuda_graph on the CPU: what the config refuses, and the optimiser that replays the graph.
+
+The capture and replay themselves need a CUDA device: tests/test_gpu.py trains with the graph against eager
+training, resumes it, and checks that its steps never wait for the device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose
+from vaerepro import config as config_mod
+from vaerepro.config import ConfigError
+from vaerepro.cudagraph import CapturableAdam
+from vaerepro.train import uses_cuda_graph
+from vaerepro.trainer import build_optimizer
+
+GPU = ("trainer=gpu", "trainer.cuda_graph=true")
+
+
+def test_the_gpu_preset_graphs_the_step_wherever_it_can():
+    """trainer=gpu: auto, the graph unless something conflicts (then eager steps, not a refusal); the
+    other presets: off; true asks for it."""
+    for trainer in ("cpu", "ddp", "multinode"):
+        cfg = config_mod.validate(compose(f"trainer={trainer}"))
+        assert cfg.trainer.cuda_graph is False and not uses_cuda_graph(cfg)
+    assert uses_cuda_graph(config_mod.validate(compose("trainer=gpu")))
+    assert config_mod.validate(compose("trainer=gpu")).trainer.cuda_graph == "auto"
+    assert uses_cuda_graph(config_mod.validate(compose(*GPU)))
+    assert not uses_cuda_graph(config_mod.validate(compose("trainer=gpu", "trainer.cuda_graph=false")))
+    for conflict in ("trainer.precision=bf16-mixed", "model.dropout=0.1", "trainer.compile=default"):
+        cfg = config_mod.validate(compose("trainer=gpu", conflict))
+        assert not uses_cuda_graph(cfg) and [c for c in cfg.cuda_graph_conflicts() if conflict in c]
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (("trainer=cpu", "trainer.cuda_graph=true"), "trainer.accelerator=cpu (needs gpu)"),
+        ((*GPU, "trainer.precision=bf16-mixed"), "trainer.precision=bf16-mixed (needs 32-true)"),
+        ((*GPU, "trainer.compile=reduce-overhead"), "trainer.compile=reduce-overhead (needs null"),
+        ((*GPU, "train.optimizer=adagrad"), "train.optimizer=adagrad (needs adam)"),
+        ((*GPU, "model.dropout=0.1"), "model.dropout=0.1 (needs 0)"),
+    ],
+)
+def test_what_the_graph_cannot_capture_is_refused_naming_the_key(overrides, named):
+    """trainer.cuda_graph=true with a setting the graph cannot capture: one line naming the key."""
+    with pytest.raises(ConfigError, match="trainer.cuda_graph=true: not with") as err:
+        config_mod.validate(compose(*overrides))
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_capturable_optimiser_is_adam_with_the_configured_settings_and_schedule():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    train = config_mod.validate(compose("train.lr_schedule=iwae", "train.weight_decay=0.01")).train
+    built = build_optimizer(params, train.model_dump(), capturable=True)
+    opt = built["optimizer"]
+    assert isinstance(opt, CapturableAdam) and isinstance(opt, torch.optim.Adam)
+    group = opt.param_groups[0]
+    assert group["capturable"] and group["foreach"] and not group["fused"]
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (
+        train.lr,
+        0.01,
+        tuple(train.adam_betas),
+        train.adam_eps,
+    )
+    assert built["lr_scheduler"]["scheduler"].optimizer is opt
+    assert (
+        type(build_optimizer(params, train.model_dump())["optimizer"]) is torch.optim.Adam
+    )  # eager: torch's
+
+
+def test_an_eager_trainings_optimiser_state_loads_as_capturable():
+    """A checkpoint of an eager training (torch's Adam, capturable=False) resumed under the graph: the
+    moments and step counts come over, the settings a captured step needs stay."""
+    params = [torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))]
+    eager = torch.optim.Adam(params, lr=0.1)
+    for _ in range(2):
+        params[0].grad = torch.tensor([0.5, 0.25, -1.0])
+        eager.step()
+    saved = eager.state_dict()
+    assert saved["param_groups"][0]["capturable"] is False
+    graph = CapturableAdam([torch.nn.Parameter(params[0].detach().clone())], lr=0.1)
+    graph.load_state_dict(saved)
+    group, state = graph.param_groups[0], next(iter(graph.state.values()))
+    assert group["capturable"] and group["foreach"] and not group["fused"]
+    assert float(state["step"]) == 2
+    assert torch.equal(state["exp_avg"], eager.state[params[0]]["exp_avg"])
+    assert torch.equal(state["exp_avg_sq"], eager.state[params[0]]["exp_avg_sq"])
+
+
+class FakeGraph:
+    def __init__(self):
+        self.replayed = 0
+
+    def replay(self):
+        self.replayed += 1
+
+
+def test_while_replaying_a_step_runs_the_closure_then_the_graph_not_the_update():
+    """Lightning's optimizer.step(closure) (its hooks in the closure) replays the captured step; outside
+    `replaying`, the optimiser is torch's Adam again."""
+    params = [torch.nn.Parameter(torch.ones(2))]
+    params[0].grad = torch.ones(2)
+    opt, graph, hooks = CapturableAdam(params, lr=0.1), FakeGraph(), []
+    with opt.replaying(graph):
+        opt.step(lambda: hooks.append(torch.is_grad_enabled()))
+        opt.step()
+    assert graph.replayed == 2 and hooks == [True] and torch.equal(params[0].detach(), torch.ones(2))
+    assert opt.replay is None and not opt.state  # no update of its own ran
+    # torch's Adam again: its update refuses capturable=True off CUDA (an AssertionError in torch 2.13)
+    with pytest.raises((AssertionError, RuntimeError), match="capturable=True"):
+        opt.step()
