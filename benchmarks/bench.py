@@ -11,7 +11,8 @@ torch.optim.Adam as a user writes it (the target's reference) and with the fused
 like), and with the harness's own objective in a plain loop ("by hand", which splits the overhead into
 objective and Lightning + tracking). On a GPU (--trainer gpu) also with the hand-written limit, the whole
 step as one captured CUDA graph (`baseline.MinimalLoop(cuda_graph=True)`): `train ratio harness/cuda-graph`;
-`--override trainer.compile=reduce-overhead` runs the harness with its objective in CUDA graphs.
+`--override trainer.cuda_graph=true` runs the harness with its whole step as one CUDA graph (cudagraph.py),
+`--override trainer.compile=reduce-overhead` with its objective's forward and backward in CUDA graphs.
 
 The loops are interleaved epoch by epoch: after each harness epoch, one epoch of each other loop runs (from
 a callback, outside the harness's timing). On a shared 2-core machine one loop's speed drifts by 10-20 %
@@ -361,7 +362,8 @@ def main() -> None:
         print(
             f"train ratio harness/cuda-graph: {statistics.median(r):.3f}  (target <= 2; per epoch harness "
             f"{med['harness'] * 1000:.1f} ms, cuda graph {med['cuda graph'] * 1000:.1f} ms; quartiles "
-            f"{r[len(r) // 4]:.3f}-{r[(3 * len(r)) // 4]:.3f}; trainer.compile={cfg.trainer.compile})"
+            f"{r[len(r) // 4]:.3f}-{r[(3 * len(r)) // 4]:.3f}; trainer.compile={cfg.trainer.compile}, "
+            f"trainer.cuda_graph={cfg.trainer.cuda_graph})"
         )
     h_step, b_step = statistics.median(steps["harness"]), statistics.median(steps["minimal fused"])
     print(

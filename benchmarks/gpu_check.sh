@@ -3,11 +3,12 @@
 # here and carry them): run from the repository root there, e.g.
 #     bash benchmarks/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"
 # Installs the packages the machine lacks into .site/, names the GPU, runs tests/test_gpu.py (CUDA training
-# and evaluation against the CPU, CUDA graphs against eager, device-resident batches, evaluation precision)
-# and the known-answer tests' CUDA cases (estimators, likelihoods, two-layer models, evaluation), then the
-# benchmark at full-MNIST epoch length, eager (with the whole test split's evaluation, 10,000 digits x
-# K=5,000, at each eval.precision) and with trainer.compile=reduce-overhead. Each part has its own time limit
-# (seconds, below) so that one that hangs still leaves the others' figures: the lease is 15 minutes in all.
+# and evaluation against the CPU, the whole-step CUDA graph and reduce-overhead against eager, device-resident
+# batches, evaluation precision) and the known-answer tests' CUDA cases (estimators, likelihoods, two-layer
+# models, evaluation), times a checkpoint write on the machine's disk, then runs the benchmark at
+# full-MNIST epoch length with trainer.cuda_graph=true and eagerly (with the whole test split's evaluation,
+# 10,000 digits x K=5,000, at each eval.precision). Each part has its own time limit (seconds, below) so that
+# one that hangs still leaves the others' figures: the lease is 15 minutes in all.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD/.site:$PWD/src" PYTHONUNBUFFERED=1
@@ -27,10 +28,22 @@ part() {  # part SECONDS TITLE COMMAND...: one part under its time limit; its fa
   echo "== $title: exit $rc after ${SECONDS} s"
   [ "$rc" -eq 0 ] || status=$rc
 }
-part 230 "tests on CUDA" python3 -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
+part 170 "tests on CUDA" python3 -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
   tests/test_gpu.py tests/test_estimators.py tests/test_likelihoods.py tests/test_hierarchy.py \
   tests/test_evaluate.py -k "cuda or test_gpu"
+part 30 "a checkpoint's write (the weights of the benchmark's model, 3.3 MB)" python3 -c "
+import tempfile, time, torch
+from pathlib import Path
+from vaerepro.trainer import AtomicCheckpointIO
+d = Path(tempfile.mkdtemp())
+ckpt = {'state_dict': {f'w{i}': torch.randn(n, device='cuda') for i, n in enumerate((392000, 500, 20000, 10000, 784*500, 784))}}
+for name, save in (('torch.save', lambda p: torch.save(ckpt, p)), ('AtomicCheckpointIO (fsync)', lambda p: AtomicCheckpointIO().save_checkpoint(ckpt, p))):
+    times = []
+    for i in range(5):
+        t = time.perf_counter(); save(d / f'{i}.ckpt'); times.append(time.perf_counter() - t)
+    print(f'{name}: median {sorted(times)[2] * 1000:.1f} ms, max {max(times) * 1000:.1f} ms per write')
+"
 bench=(python3 benchmarks/bench.py --trainer gpu --no-tracking --mnist-size --epochs 4 --repeats 1)
-part 200 "bench, eager, with the whole test split" "${bench[@]}" --full-eval
-part 140 "bench, trainer.compile=reduce-overhead" "${bench[@]}" --override trainer.compile=reduce-overhead
+part 130 "bench, trainer.cuda_graph=true" "${bench[@]}" --override trainer.cuda_graph=true
+part 130 "bench, eager, with the whole test split" "${bench[@]}" --full-eval
 exit "$status"
