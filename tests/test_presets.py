@@ -311,7 +311,10 @@ def test_time_estimates_use_the_projects_split_and_are_positive():
             split_sizes(n, val, test)[k] for k in ("train", "val", "test")
         )
         cpu, gpu = R.estimate_seconds(preset)
-        assert 0 < gpu < cpu < 30 * 86400, preset.name
+        assert 0 < gpu < 30 * 86400 and 0 < cpu < 30 * 86400, preset.name
+        # MNIST's 500-step epochs go faster on a GPU; Frey Face's 14 steps an epoch of a small model, with
+        # Adagrad's eager steps, do not (a GPU step costs its host's Python as much as a CPU step costs)
+        assert gpu < cpu or s["data"] == "frey_faces", preset.name
     # AEVB's own figure: 20-40 min per million samples on a 2013 Xeon; 10^8 samples here take hours, not days
     assert 3600 < R.estimate_seconds(P.PRESETS["aevb-mnist-z20"])[0] < 5 * 3600
 

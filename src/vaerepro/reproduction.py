@@ -455,18 +455,23 @@ def judge(
 
 # --- time estimates -----------------------------------------------------------------------------------
 # From the README's `make bench` (2026-11-25/30): the AEVB model (784-500-20-500-784, batch 100) trains at
-# ~7 ms a step on 2 CPU cores and 0.40 ms a step on one H100 (201 ms per 500-step epoch, bound by Python
-# and kernel launches); evaluation runs ~75,000 (example, sample) pairs a second on 2 CPU cores and
-# ~700,000 on an H100. Assumed, not measured: 1 ms of each CPU step is overhead, the rest scales with the
-# multiply-adds (forward + backward = 3 x forward), and every epoch costs 50 ms of bookkeeping plus a
-# one-sample validation pass. Estimates are for one run of the preset, within about a factor of 2.
+# ~7 ms a step on 2 CPU cores; on one H200 (benchmarks/gpu_check.sh, 2026-11-30) a 500-step epoch takes
+# 0.49 s with the step as one CUDA graph (trainer.cuda_graph, which trainer=gpu uses with Adam and no
+# dropout) and 2.24 s eagerly (the presets with Adagrad or dropout), bound by Python and kernel launches,
+# not multiply-adds; evaluation runs ~75,000 (example, sample) pairs a second on 2 CPU cores and 21 million
+# on the H200 (float32). Assumed, not measured: 1 ms of each CPU step is overhead, the rest scales with the
+# multiply-adds (forward + backward = 3 x forward); every CPU epoch costs 50 ms of bookkeeping plus a
+# one-sample validation pass, every GPU epoch 60 ms (its validation included), and a GPU step the rest of
+# the measured epoch / 500 (Lightning's work between steps included). Estimates are for one run of the
+# preset, within about a factor of 2.
 DATA_SIZES = {"mnist": 70_000, "frey_faces": 1_965}  # MNIST 60,000 + 10,000; frey_rawface.mat 560 x 1,965
 OFFICIAL_TEST_SIZES = {"mnist": 10_000}  # data.split=official: the t10k file
 DATA_DIMS = {"mnist": 784, "frey_faces": 560}
 DEFAULT_FRACTIONS = (0.1, 0.2)  # conf/data/*.yaml val_fraction, test_fraction
-CPU_STEP_OVERHEAD_S, CPU_STEP_S_AEVB, GPU_STEP_S = 1e-3, 7e-3, 4.0e-4
-EPOCH_OVERHEAD_S = 0.05
-CPU_EVAL_PAIRS_S, GPU_EVAL_PAIRS_S = 75_000.0, 700_000.0
+CPU_STEP_OVERHEAD_S, CPU_STEP_S_AEVB = 1e-3, 7e-3
+EPOCH_OVERHEAD_S, GPU_EPOCH_OVERHEAD_S = 0.05, 0.06
+GPU_GRAPH_STEP_S, GPU_EAGER_STEP_S = (0.49 - GPU_EPOCH_OVERHEAD_S) / 500, (2.24 - GPU_EPOCH_OVERHEAD_S) / 500
+CPU_EVAL_PAIRS_S, GPU_EVAL_PAIRS_S = 75_000.0, 2.1e7
 
 
 def split_counts(n: int, val: float, test: float) -> tuple[int, int, int]:
@@ -514,5 +519,8 @@ def estimate_seconds(preset: Preset) -> tuple[float, float]:
     cpu = steps * (CPU_STEP_OVERHEAD_S + step_macs / CPU_MACS_S)
     cpu += epochs * (EPOCH_OVERHEAD_S + n_val * (enc + dec) / CPU_MACS_S)
     cpu += pairs / CPU_EVAL_PAIRS_S * max(1.0, dec / _AEVB_DEC)  # a larger decoder than AEVB's costs more
-    gpu = steps * GPU_STEP_S + epochs * EPOCH_OVERHEAD_S + pairs / GPU_EVAL_PAIRS_S
+    # trainer=gpu's trainer.cuda_graph=auto graphs the step with Adam and without dropout
+    graphed = s.get("train.optimizer", "adam") == "adam" and not s.get("model.dropout", 0)
+    gpu_step = GPU_GRAPH_STEP_S if graphed else GPU_EAGER_STEP_S
+    gpu = steps * gpu_step + epochs * GPU_EPOCH_OVERHEAD_S + pairs / GPU_EVAL_PAIRS_S
     return cpu, gpu
