@@ -23,7 +23,7 @@ import bench
 from vaerepro import config as config_mod
 from vaerepro.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = bench.ROOT  # the repository
 
 
 def main() -> None:
