@@ -225,6 +225,25 @@ def test_every_presets_smoke_plan_validates_and_is_not_comparable(name, tmp_path
     assert plan.protocol["data"]["source"] == preset.settings["data"]
 
 
+def test_a_gpu_reproduction_as_the_readme_gives_it_follows_the_protocol(tmp_path):
+    """README's GPU command (trainer=gpu with float32 matmuls): the device, and the step as one CUDA graph
+    (trainer.cuda_graph=auto, the same numbers up to float rounding) are no departure; TF32 matmuls, which
+    trainer=gpu sets unless told otherwise, are one, and so is mixed precision."""
+    preset = P.PRESETS["aevb-mnist-z20"]
+
+    def departures(*user: str) -> list[str]:
+        plan = reproduce.plan(preset, user, seeds=3, root=ROOT, out=tmp_path)
+        return R.deviations(preset, plan.config, seeds=3, protocol=plan.protocol)
+
+    assert departures("trainer=gpu", "trainer.matmul_precision=highest") == []
+    assert departures("trainer=gpu", "trainer.matmul_precision=highest", "trainer.cuda_graph=false") == []
+    assert departures("trainer=gpu") == [
+        f"{R.OTHER_SETTING}: trainer.matmul_precision='high', the protocol's 'highest'"
+    ]
+    found = departures("trainer=gpu", "trainer.matmul_precision=highest", "trainer.precision=bf16-mixed")
+    assert found == [f"{R.OTHER_SETTING}: trainer.precision='bf16-mixed', the protocol's '32-true'"]
+
+
 # --- bad input: exit 2, one line naming it -----------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "named"),

@@ -213,6 +213,7 @@ NEUTRAL_KEYS = frozenset(
         "trainer.strategy",
         "trainer.deterministic",
         "trainer.compile",  # the same numbers up to float rounding (tests/test_compile.py)
+        "trainer.cuda_graph",  # the same numbers up to float rounding (tests/test_gpu.py)
         "eval.num_samples",
         "eval.batch_size",
         "eval.chunk_size",
