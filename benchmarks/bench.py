@@ -61,13 +61,15 @@ ROOT = Path(__file__).resolve().parents[1]
 class Interleave(pl.Callback):
     """Times the harness's epochs from one epoch start to the next (everything Lightning does in between
     counts) and runs one epoch of every other loop between them, outside that timing. Also keeps the
-    harness's step times (batch start to batch end: the step and Lightning's per-step work around it; on a
-    GPU the host's time, the device running behind, except the epoch's last step, which waits for it)."""
+    harness's call times (batch start to batch end: a call of training_step, trainer.steps_per_call
+    optimiser steps, and Lightning's work around it; on a GPU the host's time, the device running behind,
+    except the epoch's last call, which waits for it) and the optimiser steps each call took."""
 
     def __init__(self, others: dict):
         self.others = others  # name -> object with .epoch() -> seconds
         self.times: list[float] = []
-        self.steps: list[float] = []
+        self.steps: list[float] = []  # seconds per call
+        self.counts: list[int] = []  # optimiser steps per call
         self._start: float | None = None
 
     def _close_epoch(self) -> None:
@@ -94,6 +96,7 @@ class Interleave(pl.Callback):
             # spends outside them is validation, checkpoints and logging, not the queue draining
             torch.cuda.synchronize(module.device)
         self.steps.append(time.perf_counter() - self._s)
+        self.counts.append(math.ceil(len(batch) / (module.train_cfg["batch_size"] * trainer.world_size)))
 
 
 class ObjectiveByHand:
@@ -314,12 +317,13 @@ def main() -> None:
         # train() takes its MLflow run as a tracker since #17 (it had a root= argument before)
         tracker = TrainingRun(cfg, work, run / "models")
         train(cfg, run, callbacks=[timer], enable_progress_bar=True, tracker=tracker)
-        per_epoch = len(timer.steps) // args.epochs
+        per_epoch = math.ceil(n_train / args.batch_size)  # optimiser steps an epoch
+        calls = len(timer.steps) // args.epochs  # of training_step an epoch: trainer.steps_per_call each
         # the harness's epoch e is paired with the other loops' epoch e + 1 (they run before it starts);
         # warm-ups dropped: the harness's epoch 0 and the others' epochs 0 and 1
         epochs["harness"] += timer.times[1:-1]
-        steps["harness"] += timer.steps[per_epoch:]
-        outside["harness"] += outside_steps(timer.times, timer.steps, per_epoch, first=1, last=-1)
+        steps["harness"] += [t / c for t, c in zip(timer.steps[calls:], timer.counts[calls:], strict=True)]
+        outside["harness"] += outside_steps(timer.times, timer.steps, calls, first=1, last=-1)
         for name, loop in others.items():
             epochs[name] += loop.epoch_times[2:]
             steps[name] += loop.step_times[2 * per_epoch :]
@@ -338,7 +342,8 @@ def main() -> None:
     n_pairs = len(epochs["harness"])
     print(f"\n== training: {n_pairs} interleaved epochs of each loop after warm-up ({args.repeats} runs) ==")
     what = {
-        "harness": f"Lightning; {'' if args.no_tracking else 'MLflow, '}bar, checkpoints; fused Adam",
+        "harness": f"Lightning; {'' if args.no_tracking else 'MLflow, '}bar, checkpoints; fused Adam; "
+        f"{cfg.trainer.steps_per_call} step(s) a call",
         "minimal": "hand-written loop, torch.optim.Adam as a user writes it",
         "minimal fused": "the same loop with fused Adam, as the harness",
         "by hand": "the harness's objective, data draw and fused Adam in a plain loop",
@@ -363,7 +368,8 @@ def main() -> None:
             f"train ratio harness/cuda-graph: {statistics.median(r):.3f}  (target <= 2; per epoch harness "
             f"{med['harness'] * 1000:.1f} ms, cuda graph {med['cuda graph'] * 1000:.1f} ms; quartiles "
             f"{r[len(r) // 4]:.3f}-{r[(3 * len(r)) // 4]:.3f}; trainer.compile={cfg.trainer.compile}, "
-            f"trainer.cuda_graph={cfg.trainer.cuda_graph})"
+            f"trainer.cuda_graph={cfg.trainer.cuda_graph}, "
+            f"trainer.steps_per_call={cfg.trainer.steps_per_call})"
         )
     h_step, b_step = statistics.median(steps["harness"]), statistics.median(steps["minimal fused"])
     print(

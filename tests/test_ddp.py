@@ -57,12 +57,15 @@ def _runs(uri: str) -> list:
 
 @pytest.fixture(scope="module")
 def ddp_trained(tmp_path_factory, raw_dir, prepared_tiny) -> Path:
-    """3 epochs on 2 CPU processes through the console script (Lightning re-launches it for rank 1)."""
+    """3 epochs on 2 CPU processes through the console script (Lightning re-launches it for rank 1).
+    With trainer.steps_per_call=4 (one_trained has 1): each of a call's optimiser steps all-reduces its own
+    gradients (Lightning arms DDP's reducer at every manual backward), else the ranks' weights would part."""
     d = _project(
         tmp_path_factory.mktemp("ddp"),
         raw_dir,
         *DDP,
         f"train.batch_size={PER_DEVICE}",
+        "trainer.steps_per_call=4",
         "tracking.enabled=false",
         prepared=prepared_tiny,
     )

@@ -153,7 +153,7 @@ def test_training_batches_are_gathered_on_the_device(prepared_tiny):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_host, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["null", "reduce-overhead", "cuda-graph"])
+@pytest.mark.parametrize("mode", ["null", "reduce-overhead", "cuda-graph", "cuda-graph-4-steps-a-call"])
 def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path, mode):
     """No step of training waits for the GPU: from the second epoch on (the first compiles and records the
     graphs), every training step, batch start to batch end, runs under torch.cuda.set_sync_debug_mode
@@ -175,8 +175,9 @@ def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path
 
     out = copy_prepared(prepared_tiny, tmp_path / "run")
     # trainer=gpu's default trainer.cuda_graph=auto is the graph; compile=null with it false is eager
-    switch = "trainer.cuda_graph=true" if mode == "cuda-graph" else f"trainer.compile={mode}"
+    switch = "trainer.cuda_graph=true" if mode.startswith("cuda-graph") else f"trainer.compile={mode}"
     switch = (switch, "trainer.cuda_graph=false") if mode == "null" else (switch,)
+    switch += ("trainer.steps_per_call=4",) if mode.endswith("a-call") else ()
     cfg = tiny_config("trainer=gpu", *switch)
     checked = NoSync()
     try:
@@ -248,3 +249,24 @@ def test_whole_step_cuda_graph_training_resumes_where_it_stopped(prepared_tiny, 
             for k in whole["state_dict"]
         )
         assert diff < (1e-4 if name == "graph" else 1e-2), (name, diff)
+
+
+def test_several_graph_steps_per_call_train_as_one_step_per_call(prepared_tiny, tmp_path):
+    """trainer.steps_per_call=4 with the step as one CUDA graph: each minibatch of a call still replays the
+    graph (or, the last short one, runs eagerly), on the same draws as one step per call; the weights end
+    within the resume test's 1e-4 (the same kernels on the same inputs). That its steps never wait for the
+    device: test_training_steps_do_not_synchronise_with_the_host."""
+    mode = ("trainer.cuda_graph=true", "trainer.matmul_precision=highest")
+    one, curve_one = _trained(prepared_tiny, tmp_path / "one", *mode)
+    counts = GraphCounts()
+    cfg = tiny_config("trainer=gpu", *mode, "trainer.steps_per_call=4")
+    out = copy_prepared(prepared_tiny, tmp_path / "four")
+    train(cfg, out, enable_progress_bar=False, callbacks=[counts])
+    four = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    full_batches = 3 * (json.loads((out / "prepared" / "meta.json").read_text())["sizes"]["train"] // 50)
+    assert one["global_step"] == four["global_step"] and counts.replays == full_batches - 3
+    diff = max((one["state_dict"][k] - four["state_dict"][k]).abs().max().item() for k in one["state_dict"])
+    assert diff < 1e-4, diff
+    for a, b in zip(curve_one, curve(out), strict=True):
+        for key in ("train_elbo", "val_elbo"):
+            assert abs(a[key] - b[key]) < 1e-3, (key, a, b)

@@ -237,6 +237,7 @@ def test_a_gpu_reproduction_as_the_readme_gives_it_follows_the_protocol(tmp_path
 
     assert departures("trainer=gpu", "trainer.matmul_precision=highest") == []
     assert departures("trainer=gpu", "trainer.matmul_precision=highest", "trainer.cuda_graph=false") == []
+    assert departures("trainer=gpu", "trainer.matmul_precision=highest", "trainer.steps_per_call=10") == []
     assert departures("trainer=gpu") == [
         f"{R.OTHER_SETTING}: trainer.matmul_precision='high', the protocol's 'highest'"
     ]

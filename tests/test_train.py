@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import lightning.pytorch as pl
@@ -384,6 +385,81 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
     assert states[0]["param_groups"] == states[1]["param_groups"]
     for a, b in zip(states[0]["state"].values(), states[1]["state"].values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)  # Adam's moments and step counts
+
+
+class _Calls(pl.Callback):
+    """Counts the calls of training_step per epoch and the minibatches each call held."""
+
+    def __init__(self):
+        self.per_epoch: list[int] = []
+        self.sizes: list[int] = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.per_epoch.append(0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.per_epoch[-1] += 1
+        self.sizes.append(len(batch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), ("model.dropout=0.2", "train.grad_clip_value=0.5")])
+def test_several_steps_per_call_train_bit_for_bit_as_one(prepared_tiny, tmp_path, extra):
+    """trainer.steps_per_call=M hands training_step M consecutive minibatches at a time: the same optimiser
+    steps on the same minibatches with the same draws (data space, q's noise, dropout's masks), so on the CPU
+    the same training bit for bit: weights, Adam's state, curve, step count. Lightning calls it
+    ceil(steps / M) times an epoch; here the last call holds fewer minibatches, the last one short."""
+    n, size, m = len(load_prepared(prepared_tiny / "prepared").train), 50, 4
+    steps = math.ceil(n / size)  # optimiser steps an epoch
+    assert steps % m != 0 and n % size != 0  # a short last call, whose last minibatch is short too
+    settings = (*extra, "train.checkpoint_every_s=0")
+    calls = _Calls()
+    one = train(
+        tiny_config(*settings), copy_prepared(prepared_tiny, tmp_path / "one"), enable_progress_bar=False
+    )
+    many = train(
+        tiny_config(*settings, f"trainer.steps_per_call={m}"),
+        copy_prepared(prepared_tiny, tmp_path / "many"),
+        enable_progress_bar=False,
+        callbacks=[calls],
+    )
+    assert calls.per_epoch == [math.ceil(steps / m)] * 3
+    assert calls.sizes[: calls.per_epoch[0]] == [m * size] * (steps // m) + [n - (steps // m) * m * size]
+    for k in ("train_elbo", "val_elbo", "best_val_elbo"):
+        assert one[k] == many[k], k
+    assert (tmp_path / "one" / "plots" / "elbo.csv").read_text() == (
+        tmp_path / "many" / "plots" / "elbo.csv"
+    ).read_text()
+    a, b = (torch.load(tmp_path / d / "models" / "last.ckpt", weights_only=True) for d in ("one", "many"))
+    assert a["global_step"] == b["global_step"] == 3 * steps  # every optimiser step counted
+    assert _same_weights(a["state_dict"], b["state_dict"])
+    states = (a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"])
+    for sa, sb in zip(*(s.values() for s in states), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)  # Adam's moments and step counts
+
+
+@pytest.mark.slow
+def test_a_training_resumes_under_another_steps_per_call(prepared_tiny, tmp_path):
+    """trainer.steps_per_call is no part of what is trained: a checkpoint written with one step per call
+    resumes with three (and the step-size pilots, one step per call whatever it says, choose the same
+    rate), ending bit for bit where an uninterrupted training does."""
+    settings = ("train.max_epochs=3", "train.checkpoint_every_s=0", "train.lr_candidates=[0.001,0.003]")
+    whole = train(
+        tiny_config(*settings), copy_prepared(prepared_tiny, tmp_path / "whole"), enable_progress_bar=False
+    )
+    out = copy_prepared(prepared_tiny, tmp_path / "resumed")
+    train(tiny_config(*settings, "train.max_epochs=2"), out, enable_progress_bar=False)
+    resumed = train(
+        tiny_config(*settings, "train.resume=true", "trainer.steps_per_call=3"),
+        out,
+        enable_progress_bar=False,
+    )
+    assert resumed["lr_selection"] == whole["lr_selection"]
+    for k in ("train_elbo", "val_elbo", "best_val_elbo"):
+        assert resumed[k] == whole[k], k
+    ends = [torch.load(d / "models" / "last.ckpt", weights_only=True) for d in (tmp_path / "whole", out)]
+    assert ends[0]["global_step"] == ends[1]["global_step"]
+    assert _same_weights(ends[0]["state_dict"], ends[1]["state_dict"])
 
 
 class _Record(pl.Callback):

@@ -236,6 +236,11 @@ class TrainerConfig(_Section):
     # same training up to float rounding: Adam's foreach kernels, not fused ones). true: refused where it
     # cannot run; auto (trainer=gpu's default): wherever it can, eager steps elsewhere (and under DDP)
     cuda_graph: bool | Literal["auto"] = False
+    # optimiser steps per call of Lightning's training_step: that many consecutive minibatches are gathered
+    # as one and stepped one after another (train.VAEModule.training_step), so that Lightning's loop around
+    # a batch (hooks, fetching, progress) runs once per that many steps. The same training for any value:
+    # each minibatch keeps its own seeded draws and optimiser step (under DDP its own gradient all-reduce)
+    steps_per_call: int = Field(1, ge=1)
 
 
 class EvalConfig(_Section):

@@ -214,6 +214,7 @@ NEUTRAL_KEYS = frozenset(
         "trainer.deterministic",
         "trainer.compile",  # the same numbers up to float rounding (tests/test_compile.py)
         "trainer.cuda_graph",  # the same numbers up to float rounding (tests/test_gpu.py)
+        "trainer.steps_per_call",  # the same numbers (tests/test_train.py)
         "eval.num_samples",
         "eval.batch_size",
         "eval.chunk_size",

@@ -254,9 +254,18 @@ class VAEData(pl.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> TensorBatches:
-        n, size = len(self.x_train), self.batch_size * self._world()  # global batches
+        # global batches, each of the module's steps_per_call consecutive minibatches of the epoch's order
+        # (VAEModule.training_step splits them): the order split by M N, then by N, is the order split by N
+        n, size = len(self.x_train), self.batch_size * self._world() * self._steps_per_call()
         (x,) = resident(self._device(), self.x_train)
         return TensorBatches(EpochBatches(n, size, shuffle=True, seed=self.seed, device=x.device), x)
+
+    def _steps_per_call(self) -> int:
+        # the module's: trainer.steps_per_call for the training, 1 for the step-size pilots (their trainer
+        # stops at max_steps only between calls, and records a loss per call). The module splits what this
+        # gives, so it alone says how much to give
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "steps_per_call", 1)
 
     def val_dataloader(self) -> TensorBatches:
         # global batches of (x (N, D), eps (N, 1, Z))
@@ -328,6 +337,9 @@ class VAEModule(pl.LightningModule):
         # compile_mode, not a hyperparameter. step_graph is made in on_fit_start
         self.cuda_graph = False
         self.step_graph: StepGraph | None = None
+        # trainer.steps_per_call: consecutive minibatches per call of training_step, each its own optimiser
+        # step; not a hyperparameter either (the same training for any value; VAEData gathers them)
+        self.steps_per_call = 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The number of processes, beside train.batch_size (per device, in the hyper-parameters): the global
@@ -468,7 +480,19 @@ class VAEModule(pl.LightningModule):
             yield
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        # batch: the whole global batch (N, D), the same on every rank
+        """steps_per_call = M optimiser steps, one per global minibatch of `batch` (M N, D, the same on every
+        rank; fewer at the epoch's end): minibatch j of call i is the epoch's minibatch i M + j, seeded and
+        stepped as it would be alone (M = 1), so the training is the same for any M. Lightning's loop around
+        a call (hooks, fetching, progress) then runs once per M steps; it counts every optimiser step
+        (global_step). Returns the last step's loss."""
+        size = self.train_cfg["batch_size"] * self.trainer.world_size  # N, the global minibatch
+        first = batch_idx * self.steps_per_call
+        for j, minibatch in enumerate(batch.split(size)):
+            loss = self._optimiser_step(minibatch, first + j)
+        return loss
+
+    def _optimiser_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """One optimiser step on the epoch's global minibatch number `batch_idx`, stored pixels (N, D)."""
         opt, graph = self.optimizers(), self.step_graph
         if graph is not None and graph.takes(len(batch)):  # trainer.cuda_graph: the step as one graph
             loss, bound = graph.step(*self.draws(batch, self.current_epoch, batch_idx), opt)  # (), (N,)
@@ -699,6 +723,7 @@ def train(
     module = build_module(cfg if selection is None else stepsize.at_rate(cfg, selection["chosen"]), data)
     module.compile_mode = cfg.trainer.compile  # the pilots above run eagerly: each is 100 steps
     module.cuda_graph = uses_cuda_graph(cfg)
+    module.steps_per_call = cfg.trainer.steps_per_call
     resumed = check_resumable(last, saved, module, cfg.train.max_epochs) if saved is not None else None
     # The trainer first, without a logger: it knows this process's global rank (from the launcher's
     # environment) before any process group exists, and only rank 0 may create the tracking run.
