@@ -492,6 +492,25 @@ def test_an_unwritable_run_file_fails_the_run_it_created(project, tmp_path):
     assert status == "FAILED" and "mlflow_run.json" in tag(d, run_id, "vaerepro.failure")
 
 
+def test_a_diverging_training_is_one_line_exit_2_naming_what_to_change(project, tmp_path):
+    """Settings under which training diverges (train.lr=1000 on one full batch an epoch: a NaN validation
+    ELBO in epoch 0) are a mistake in the input found late: one line naming the epoch and the keys to
+    change, exit status 2, no traceback; the run ends FAILED with that line, and the earlier training's
+    best.ckpt stays as it was (no epoch of this one had a finite ELBO to replace it)."""
+    d = copy_project(project, tmp_path / "p")
+    best = _sha(d / "models" / "best.ckpt")
+    bad = write_params(d, _both(_set("train.lr", 1000.0), _set("train.batch_size", 500)))
+    proc = vaerepro(["train", "--no-progress", "--params", bad], d)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("vaerepro train: non-finite validation ELBO (val/elbo = nan) in epoch 0")
+    assert "lower train.lr" in lines[0]
+    run_id, status = runs(d)[-1]
+    assert status == "FAILED" and tag(d, run_id, "vaerepro.failure").startswith("Diverged: non-finite")
+    assert _sha(d / "models" / "best.ckpt") == best
+
+
 def test_a_pipeline_that_fails_after_training_ends_its_run_failed_not_finished(
     raw_dir, tmp_path, monkeypatch
 ):

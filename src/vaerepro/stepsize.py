@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vaerepro.config import Config
+from vaerepro.errors import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ def at_rate(cfg: Config, lr: float) -> Config:
 
 def best_index(scores: Sequence[float]) -> int:
     """The index of the highest score, the first of equal ones; a non-finite score (a pilot whose bound
-    overflowed or became NaN) loses to every finite one. FloatingPointError when none is finite."""
+    overflowed or became NaN) loses to every finite one. Diverged when none is finite."""
     finite = [i for i, s in enumerate(scores) if math.isfinite(s)]
     if not finite:
-        raise FloatingPointError(
+        raise Diverged(
             f"train.lr_candidates: every pilot's training bound is non-finite ({list(scores)}); "
             "give smaller rates"
         )

@@ -37,7 +37,7 @@ from vaerepro.data import (
     load_prepared,
     to_space,
 )
-from vaerepro.errors import Stopped
+from vaerepro.errors import Diverged, Stopped
 from vaerepro.model import build_vae
 from vaerepro.trainer import (
     VAL_KEY,
@@ -557,13 +557,13 @@ class VAEModule(pl.LightningModule):
         # every rank (global means), so every rank stops.
         name, epoch = train_key(self.train_cfg["objective"]), self.current_epoch
         if not math.isfinite(train_mean):
-            raise FloatingPointError(
+            raise Diverged(
                 f"non-finite training objective ({name} = {train_mean}) in epoch {epoch}; {DIVERGED_HINT}"
             )
         if not math.isfinite(val_mean):
             # the training mean is finite: the epoch's last optimiser steps gave weights whose ELBO is not
             # (the training objective would be non-finite too from the next epoch's first step)
-            raise FloatingPointError(
+            raise Diverged(
                 f"non-finite validation ELBO ({VAL_KEY} = {val_mean}) in epoch {epoch}, after a finite "
                 f"training objective ({name} = {train_mean:.6g}): its last optimiser steps diverged; "
                 + DIVERGED_HINT
