@@ -42,6 +42,25 @@ def test_prepare_records_what_each_kind_of_file_is(tmp_path, x, quantized, dtype
     assert meta["files"]["x_test.npy"] == sources.file_sha256(tmp_path / "prepared" / "x_test.npy")
 
 
+def test_labels_under_another_name_are_not_guessed_but_named_in_a_warning(tmp_path, caplog):
+    """An .npz with x and its labels under another name than y: prepared without labels, as the file says,
+    with one warning naming the other arrays and how to save the labels; none when there is nothing else."""
+    labels = np.arange(len(GREY)) % 10
+    np.savez(tmp_path / "other.npz", x=GREY, labels=labels, mean=GREY.mean(0))
+    np.savez(tmp_path / "plain.npz", x=GREY)
+    with caplog.at_level("WARNING", logger="vaerepro.formats"):
+        meta = data.prepare("npz", tmp_path, tmp_path / "p1", path=tmp_path / "other.npz")
+    assert meta["has_labels"] is False
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "vaerepro.formats"]
+    assert "other.npz: no array 'y', so no labels" in warning and "'labels', 'mean'" in warning
+    assert "numpy.savez(path, x=x, y=labels)" in warning and "\n" not in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaerepro.formats"):
+        plain = data.prepare("npz", tmp_path, tmp_path / "p2", path=tmp_path / "plain.npz")
+    assert plain["has_labels"] is False
+    assert not [r for r in caplog.records if r.name == "vaerepro.formats"]
+
+
 def test_a_timedelta_x_is_refused_in_one_line_not_read_as_grey_levels(tmp_path):
     """numpy files timedelta64 under np.integer; int() of its minimum raised a TypeError (a traceback)."""
     np.savez(tmp_path / "mine.npz", x=np.zeros((4, 3), "m8[s]"))

@@ -17,6 +17,7 @@ imported where it is needed.
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import zipfile
 import zlib
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from vaerepro.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Default cap on what a user's .npz may decompress to, in bytes (8 GiB): a few-KB compressed file can expand
 # to fill memory (a zip bomb, or just an unintended huge array), so the zip headers are checked first.
@@ -192,6 +195,15 @@ def read_npz(
             members.setdefault(info.filename.removesuffix(".npy"), info)
         if "x" not in members:
             raise DataError(f"{path}: no array 'x' in the archive (found {sorted(members)})")
+        if "y" not in members and (others := sorted(set(members) - {"x"})):
+            # labels are read from y only (guessing among other arrays could take the wrong one); without
+            # them the evaluation has no kNN accuracy and the report no per-class figures, so say so
+            log.warning(
+                "%s: no array 'y', so no labels (no kNN accuracy, no per-class figures); the archive also "
+                "holds %s: save the labels as y (numpy.savez(path, x=x, y=labels)) to use them",
+                path,
+                ", ".join(repr(k) for k in others),
+            )
         keys = ["x", "y"] if "y" in members else ["x"]
         total = sum(members[k].file_size for k in keys)  # decompressed bytes, from the zip's headers
         if total > max_npz_bytes:
