@@ -126,7 +126,9 @@ def test_dvc_repro_produces_files_and_numbers(repo):
 def test_a_refusal_under_dvc_repro_loses_no_result(repo):
     """DVC deletes a stage's outputs before it runs the stage: a config train or evaluate refuses (a value
     `dvc exp run -S` set, a precision this machine lacks) lost models/, metrics/ and plots/ first. The check
-    stage refuses it before any other stage runs, in one line naming the key."""
+    stage refuses it before any other stage runs, in one line naming the key; train.resume=true too, which
+    under DVC would find models/ deleted and train from the start, and `dvc repro -s train` (no check
+    stage) is refused by the train stage itself."""
     import os
     import subprocess
 
@@ -143,6 +145,8 @@ def test_a_refusal_under_dvc_repro_loses_no_result(repo):
         for section, key, value, message in (
             ("model", "latent_dim", 0, "model.latent_dim: Input should be greater than or equal to 1"),
             ("eval", "precision", "tf32", "eval.precision=tf32: TF32 matmuls exist on CUDA devices only"),
+            # DVC would delete models/ before the train stage: nothing to resume, and it would train anew
+            ("train", "resume", True, "train.resume=true under DVC (stage check): DVC deletes models/"),
         ):
             params = yaml.safe_load(good)
             params[section][key] = value
@@ -161,6 +165,22 @@ def test_a_refusal_under_dvc_repro_loses_no_result(repo):
     assert [line for line in again.splitlines() if line.startswith("Running stage")] == [
         "Running stage 'check':"
     ]
+    # the train stage alone (`dvc repro -s train`: no upstream stage runs) refuses it too, after DVC deleted
+    # its outputs (they are in DVC's cache); then the pipeline as it was, whole again for the next tests
+    try:
+        params = yaml.safe_load(good)
+        params["train"]["resume"] = True
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = subprocess.run(
+            ["dvc", "repro", "-s", "train"], cwd=repo, env=env, capture_output=True, text=True
+        )
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro ")]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("vaerepro train: train.resume=true under DVC (stage train)"), lines
+    finally:
+        (repo / "params.yaml").write_text(good)
+    run(["dvc", "repro"], repo)
 
 
 def test_dvc_exp_run_composes_overrides(repo):

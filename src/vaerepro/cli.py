@@ -80,9 +80,23 @@ def stage_check(cfg: Config, out_dir: Path, root: Path) -> Path:
 
     check_trainer(cfg.trainer)
     check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)
+    check_no_resume_under_dvc(cfg)
     out = out_dir / CHECK_FILE
     out.write_text("params.yaml passed `vaerepro check` (the DVC pipeline's first stage; see dvc.yaml)\n")
     return out
+
+
+def check_no_resume_under_dvc(cfg: Config) -> None:
+    """A UserError for train.resume=true in a stage DVC runs (DVC_STAGE is set): DVC deletes a stage's
+    outputs, models/ among them, before it runs the stage, so the train stage would find no last.ckpt and
+    train from the start under a config that says it resumed. Checked by the check stage, before anything
+    is deleted, and by the train stage (`dvc repro -s train` skips check)."""
+    if cfg.train.resume and (stage := os.environ.get("DVC_STAGE")):
+        raise UserError(
+            f"train.resume=true under DVC (stage {stage}): DVC deletes models/ before it runs the train "
+            "stage, so there is no last.ckpt to resume; resume outside DVC (`vaerepro train`), or set "
+            "train.resume=false (`vaerepro params train.resume=false`)"
+        )
 
 
 def stage_prepare(cfg: Config, out_dir: Path, root: Path) -> dict:
@@ -113,6 +127,7 @@ def stage_train(
     from vaerepro.tracking.training import TrainingRun
     from vaerepro.train import train
 
+    check_no_resume_under_dvc(cfg)
     run = TrainingRun(cfg, root, out_dir / "models", finish=finish_run)
     return train(cfg, out_dir, enable_progress_bar=progress, callbacks=trial_callbacks(), tracker=run)
 
