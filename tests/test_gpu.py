@@ -153,7 +153,7 @@ def test_training_batches_are_gathered_on_the_device(prepared_tiny):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_host, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["null", "reduce-overhead", "cuda-graph", "cuda-graph-4-steps-a-call"])
+@pytest.mark.parametrize("mode", ["null", "reduce-overhead", "cuda-graph", "cuda-graph-1-step-a-call"])
 def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path, mode):
     """No step of training waits for the GPU: from the second epoch on (the first compiles and records the
     graphs), every training step, batch start to batch end, runs under torch.cuda.set_sync_debug_mode
@@ -177,7 +177,7 @@ def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path
     # trainer=gpu's default trainer.cuda_graph=auto is the graph; compile=null with it false is eager
     switch = "trainer.cuda_graph=true" if mode.startswith("cuda-graph") else f"trainer.compile={mode}"
     switch = (switch, "trainer.cuda_graph=false") if mode == "null" else (switch,)
-    switch += ("trainer.steps_per_call=4",) if mode.endswith("a-call") else ()
+    switch += ("trainer.steps_per_call=1",) if mode.endswith("a-call") else ()  # trainer=gpu's: 10
     cfg = tiny_config("trainer=gpu", *switch)
     checked = NoSync()
     try:
@@ -257,7 +257,7 @@ def test_several_graph_steps_per_call_train_as_one_step_per_call(prepared_tiny, 
     within the resume test's 1e-4 (the same kernels on the same inputs). That its steps never wait for the
     device: test_training_steps_do_not_synchronise_with_the_host."""
     mode = ("trainer.cuda_graph=true", "trainer.matmul_precision=highest")
-    one, curve_one = _trained(prepared_tiny, tmp_path / "one", *mode)
+    one, curve_one = _trained(prepared_tiny, tmp_path / "one", *mode, "trainer.steps_per_call=1")
     counts = GraphCounts()
     cfg = tiny_config("trainer=gpu", *mode, "trainer.steps_per_call=4")
     out = copy_prepared(prepared_tiny, tmp_path / "four")
