@@ -40,6 +40,8 @@ def test_prepare_records_what_each_kind_of_file_is(tmp_path, x, quantized, dtype
     assert data.dim_log_jacobian("continuous", meta["quantized"]) == (math.log(256) if quantized else 0.0)
     assert data.dim_log_jacobian("binary", meta["quantized"]) == 0.0
     assert meta["files"]["x_test.npy"] == sources.file_sha256(tmp_path / "prepared" / "x_test.npy")
+    # what the check stage knows before prepare reads the data: the same, from the header of x alone
+    assert data.stored_quantized("npz", tmp_path / "mine.npz") is quantized
 
 
 def test_labels_under_another_name_are_not_guessed_but_named_in_a_warning(tmp_path, caplog):
@@ -117,6 +119,32 @@ def test_cli_train_refuses_prepared_data_of_another_file_writing_nothing(tmp_pat
         f"vaerepro train: {tmp_path / 'prepared'}: made from {tmp_path / 'a.npz'}, not "
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_check_refuses_an_unbounded_likelihood_on_float_npz_data_before_prepare(tmp_path, capsys):
+    """The check stage (DVC's first, before any stage's outputs are deleted) reads the header of the user's
+    x: a learned sigma without a floor on float pixels is refused there in one line naming the file and the
+    key, as train would refuse it later; on 8-bit levels (dequantized) it passes. A file that cannot say
+    (missing, text) is left to prepare, which says why."""
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "float.npz", x=rng.random((60, 16)).astype(np.float32))
+    np.savez(tmp_path / "levels.npz", x=rng.integers(0, 256, (60, 16)).astype(np.uint8))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params = tmp_path / "params.yaml"
+    own = (*TINY, "tracking.enabled=false", "data=npz", "likelihood=gaussian")
+    own = (*own, "likelihood.scale=log_variance")
+    for name, status in (("float.npz", 2), ("levels.npz", 0), ("missing.npz", 0)):
+        params.write_text(yaml.safe_dump(compose(*own, f"data.path={tmp_path / name}")))
+        assert cli.main(["check", "--params", str(params), "--out", str(tmp_path)]) == status, name
+    err = capsys.readouterr().err.strip().splitlines()
+    refusals = [line for line in err if line.startswith("vaerepro check: ")]
+    assert len(refusals) == 1 and refusals[0].startswith(
+        f"vaerepro check: {tmp_path / 'float.npz'}: likelihood.scale=log_variance (a learned sigma without a "
+        "floor) on data that are not dequantized"
+    ), err
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    assert data.stored_quantized("npz", tmp_path / "text.npz") is None
+    assert data.stored_quantized("npz", None) is None and data.stored_quantized("mnist5k", None) is True
 
 
 def test_an_npz_that_changes_while_prepare_reads_it_is_refused(tmp_path, monkeypatch):

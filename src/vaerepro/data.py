@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaerepro.formats import npz_x_dtype
 from vaerepro.likelihoods import DATA_SPACES
 from vaerepro.sources import (
     DEFAULT_MAX_NPZ_BYTES,
@@ -559,10 +560,21 @@ def check_prepared_from(
         )
 
 
-def check_bounded(likelihood, space: str, quantized: bool, prepared: Path) -> None:
+def stored_quantized(source: str, path: Path | None) -> bool | None:
+    """Whether `prepare` will find 8-bit levels in `source` (validate_arrays' rule: an integer x), known
+    before it reads the data: every built-in source stores uint8 grey levels; a user's .npz (at `path`) says
+    so in the header of its x (formats.npz_x_dtype). None when that cannot be read: prepare says why."""
+    if source != "npz":
+        return True
+    dtype = npz_x_dtype(Path(path)) if path is not None else None
+    return None if dtype is None else dtype.kind in "iu"
+
+
+def check_bounded(likelihood, space: str, quantized: bool, prepared: Path | str) -> None:
     """DataError naming `prepared` when `likelihood` (likelihoods.Likelihood) has an unbounded density on
     the prepared data in `space` (Likelihood.check_data): refused by the stages that train or evaluate it,
-    as the config alone cannot know whether the data are 8-bit levels."""
+    as the config alone cannot know whether the data are 8-bit levels, and, when the data's files can tell
+    before they are prepared (`stored_quantized`), by the check stage. `prepared`: what the message names."""
     try:
         likelihood.check_data(is_dequantized(space, quantized))
     except ValueError as err:

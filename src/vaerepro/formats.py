@@ -215,6 +215,20 @@ def read_npz(
         return tuple(_read_npz_member(path, zf, members[k], k) if k in members else None for k in ("x", "y"))
 
 
+def npz_x_dtype(path: Path) -> np.dtype | None:
+    """The dtype the .npy header of ``x`` in the .npz at ``path`` declares, read without its data, or None
+    when the file cannot say (missing, not a zip, no ``x``, a damaged header): ``read_npz`` then reports
+    what is wrong, when the data are prepared. For the refusals that need to know whether the data are 8-bit
+    levels before they are prepared (cli.stage_check)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {info.filename.removesuffix(".npy"): info for info in zf.infolist()}
+            with zf.open(members["x"]) as f:
+                return _NPY_HEADER_READERS[np.lib.format.read_magic(f)](f)[2]
+    except (KeyError, *_MEMBER_ERRORS):
+        return None
+
+
 def _read_npz_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
     """The .npy array in member ``info`` (named ``key`` in messages) of the open archive ``zf``.
 
