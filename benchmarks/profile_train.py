@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import math
 import pstats
 import sys
 import tempfile
@@ -49,7 +50,12 @@ def main() -> None:
     profile.disable()
     stats = pstats.Stats(profile).stats  # (file, line, name) -> (primitive calls, calls, own s, cum s, _)
     epochs, steps = args.epochs, args.epochs * 500
-    print(f"{epochs} epochs of 500 steps, {' '.join(args.override) or 'the cpu preset'}")
+    per_call = cfg.trainer.steps_per_call  # optimiser steps per call of training_step (Lightning's loop)
+    calls = epochs * math.ceil(500 / per_call)
+    print(
+        f"{epochs} epochs of 500 steps, {per_call} a call of training_step, "
+        f"{' '.join(args.override) or 'the cpu preset'}"
+    )
 
     def show(title, rows, per, unit):
         print(f"\n== {title} (cumulative ms/{unit}, own ms/{unit}, calls/{unit}, function) ==")
@@ -63,6 +69,8 @@ def main() -> None:
     # what every step calls (the training step, Lightning's loop around it), and what each epoch calls a few
     # times (validation, checkpoints, the epoch's logging)
     show("per step", [kv for kv in by_cum if kv[1][1] >= 0.9 * steps], steps, "step")
+    if per_call > 1:  # Lightning's loop around a call of training_step, once per per_call steps
+        show("per call", [kv for kv in by_cum if 0.9 * calls <= kv[1][1] < 0.9 * steps], calls, "call")
     whole = by_cum[0][1][3]  # the training's own call: the per-epoch rows leave out the loops around it all
     per_epoch = [kv for kv in by_cum if epochs <= kv[1][1] <= 20 * epochs and kv[1][3] < whole / 2]
     show("per epoch", per_epoch, epochs, "epoch")
