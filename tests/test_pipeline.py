@@ -123,7 +123,7 @@ def test_dvc_repro_produces_files_and_numbers(repo):
     assert (repo / "dvc_plots" / "index.html").is_file()
 
 
-def test_a_refusal_under_dvc_repro_loses_no_result(repo):
+def test_a_refusal_under_dvc_repro_loses_no_result(repo, tmp_path):
     """DVC deletes a stage's outputs before it runs the stage: a config train or evaluate refuses (a value
     `dvc exp run -S` set, a precision this machine lacks) lost models/, metrics/ and plots/ first. The check
     stage refuses it before any other stage runs, in one line naming the key; train.resume=true too, which
@@ -166,21 +166,17 @@ def test_a_refusal_under_dvc_repro_loses_no_result(repo):
         "Running stage 'check':"
     ]
     # the train stage alone (`dvc repro -s train`: no upstream stage runs) refuses it too, after DVC deleted
-    # its outputs (they are in DVC's cache); then the pipeline as it was, whole again for the next tests
-    try:
-        params = yaml.safe_load(good)
-        params["train"]["resume"] = True
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        proc = subprocess.run(
-            ["dvc", "repro", "-s", "train"], cwd=repo, env=env, capture_output=True, text=True
-        )
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro ")]
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert len(lines) == 1, proc.stderr
-        assert lines[0].startswith("vaerepro train: train.resume=true under DVC (stage train)"), lines
-    finally:
-        (repo / "params.yaml").write_text(good)
-    run(["dvc", "repro"], repo)
+    # its outputs: in a copy of the repository, which the next tests do not share
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    params = yaml.safe_load(good)
+    params["train"]["resume"] = True
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run(["dvc", "repro", "-s", "train"], cwd=copy, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro ")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vaerepro train: train.resume=true under DVC (stage train)"), lines
 
 
 def test_dvc_exp_run_composes_overrides(repo):
