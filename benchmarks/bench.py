@@ -51,7 +51,15 @@ from torch.nn import functional as F
 from vaerepro import config as config_mod
 from vaerepro import data, estimators
 from vaerepro.baseline import MinimalLoop
-from vaerepro.evaluate import TEST_SEED_OFFSET, auto_chunk_size, load_vae, matmul_precision, per_example
+from vaerepro.evaluate import (
+    AUTO_BATCH_MIN,
+    TEST_SEED_OFFSET,
+    load_vae,
+    matmul_precision,
+    per_example,
+    resolve_batch_size,
+    resolve_chunk_size,
+)
 from vaerepro.tracking.training import TrainingRun
 from vaerepro.train import VAL_SEED_OFFSET, VAEData, build_module, train
 
@@ -393,21 +401,17 @@ def main() -> None:
     print("\n== evaluation: importance-sampled log p(x), 1,000 test digits ==")
     for k in (args.num_samples, 5 * args.num_samples):
         x = x_test[:1000] if k == args.num_samples else x_test[:200]
+        # eval.batch_size and eval.chunk_size as the evaluate stage resolves them for this x and K
+        batch, chunk = sizes(vae, cfg, len(x), k, device)
 
-        def run(x=x, k=k):
+        def run(x=x, k=k, batch=batch, chunk=chunk):
             return per_example(
-                vae,
-                x,
-                num_samples=k,
-                batch_size=cfg.eval.batch_size,
-                chunk_size=cfg.eval.chunk_size,
-                seed=cfg.eval.seed,
-                device=device,
+                vae, x, num_samples=k, batch_size=batch, chunk_size=chunk, seed=cfg.eval.seed, device=device
             )
 
         # untimed, one batch at the same K and chunks: the first call's one-off costs (CUDA's libraries
         # loading their kernels for these shapes) would otherwise count as sampling time
-        run(x=x[: cfg.eval.batch_size])
+        run(x=x[:batch])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -419,31 +423,34 @@ def main() -> None:
         print(
             f"K={k:5d} on {len(x):4d} digits: {secs:7.2f} s  {pairs / secs:11.0f} samples/s  "
             f"peak +{extra / 2**20:6.1f} MiB{gpu}  log p(x) = {float(res['log_px'].mean()):.2f} nats "
-            f"(chunk {cfg.eval.chunk_size} x batch {cfg.eval.batch_size})"
+            f"(chunk {chunk} x batch {batch})"
         )
         if k == args.num_samples:
             harness_secs, harness_log_px = secs, float(res["log_px"].mean())
 
     # --- evaluation: the harness against a hand-written batched importance-sampling loop ------------------
     k, x = args.num_samples, x_test[:1000]
-    chunk = cfg.eval.chunk_size
-    if chunk == "auto":
-        chunk = auto_chunk_size(vae, cfg.eval.batch_size, k, device)
+    batch, chunk = sizes(vae, cfg, len(x), k, device)
     with matmul_precision("32"):  # float32 matmuls, as the harness's default eval.precision=32 uses
-        hand_written_log_px(vae, x[: cfg.eval.batch_size], k, cfg.eval.batch_size, chunk, device)  # warm-up
-        ref, ref_secs, _ = peak_rss_during(
-            lambda: hand_written_log_px(vae, x, k, cfg.eval.batch_size, chunk, device)
-        )
+        hand_written_log_px(vae, x[:batch], k, batch, chunk, device)  # warm-up
+        ref, ref_secs, _ = peak_rss_during(lambda: hand_written_log_px(vae, x, k, batch, chunk, device))
     pairs = len(x) * k
     print(
         f"eval ratio harness/hand-written: {harness_secs / ref_secs:.3f}  (time; harness "
         f"{pairs / harness_secs:.0f} pairs/s, hand-written {pairs / ref_secs:.0f} pairs/s; K={k}, {len(x)} "
-        f"digits, chunk {chunk} x batch {cfg.eval.batch_size}; log p(x) {harness_log_px:.2f} vs "
+        f"digits, chunk {chunk} x batch {batch}; log p(x) {harness_log_px:.2f} vs "
         f"{float(ref.mean()):.2f} nats)"
     )
     if args.full_eval:
         full_eval(vae, x_test, 5 * args.num_samples, cfg, device)
     sys.stdout.flush()
+
+
+def sizes(vae, cfg, num_examples: int, k: int, device: str) -> tuple[int, int]:
+    """(test examples per batch, samples per chunk) as the evaluate stage resolves eval.batch_size and
+    eval.chunk_size for num_examples examples at K = k, so the hand-written loop runs the same shapes."""
+    batch = resolve_batch_size(vae, cfg.eval.batch_size, num_examples, k, device)
+    return batch, resolve_chunk_size(vae, cfg.eval.chunk_size, batch, k, device)
 
 
 def full_eval(vae, x_test: torch.Tensor, k: int, cfg, device: str) -> None:
@@ -454,9 +461,7 @@ def full_eval(vae, x_test: torch.Tensor, k: int, cfg, device: str) -> None:
     pairs = len(x_test) * k
     size = f"{len(x_test)} digits x K={k} ({pairs / 1e6:.1f} M pairs)"
     print(f"\n== evaluation: the whole test split, {size} ==")
-    chunk = cfg.eval.chunk_size
-    if chunk == "auto":
-        chunk = auto_chunk_size(vae, cfg.eval.batch_size, k, device)
+    batch, chunk = sizes(vae, cfg, len(x_test), k, device)
     secs = {}
     for precision in ("32", "tf32", "bf16") if device == "cuda" else ("32", "bf16"):
         start = time.perf_counter()
@@ -464,7 +469,7 @@ def full_eval(vae, x_test: torch.Tensor, k: int, cfg, device: str) -> None:
             vae,
             x_test,
             num_samples=k,
-            batch_size=cfg.eval.batch_size,
+            batch_size=batch,
             chunk_size=chunk,
             seed=cfg.eval.seed,
             device=device,
@@ -474,11 +479,25 @@ def full_eval(vae, x_test: torch.Tensor, k: int, cfg, device: str) -> None:
         print(
             f"harness eval.precision={precision:4s}: {secs[precision]:7.2f} s  "
             f"{pairs / secs[precision]:11.0f} pairs/s  log p(x) = {float(res['log_px'].mean()):.4f} nats "
-            f"(chunk {chunk} x batch {cfg.eval.batch_size})"
+            f"(chunk {chunk} x batch {batch})"
+        )
+    if batch != AUTO_BATCH_MIN:
+        # float32 at the smallest batch eval.batch_size=auto takes (and its auto chunk): what the larger
+        # batch gains, from the same run
+        small_chunk = resolve_chunk_size(vae, "auto", AUTO_BATCH_MIN, k, device)
+        start = time.perf_counter()
+        res = per_example(
+            vae, x_test, num_samples=k, batch_size=AUTO_BATCH_MIN, chunk_size=small_chunk, seed=cfg.eval.seed,
+            device=device,
+        )  # fmt: skip
+        small, log_px = time.perf_counter() - start, float(res["log_px"].mean())
+        print(
+            f"harness float32, batch {AUTO_BATCH_MIN}: {small:7.2f} s  {pairs / small:11.0f} pairs/s  "
+            f"log p(x) = {log_px:.4f} nats (chunk {small_chunk} x batch {AUTO_BATCH_MIN})"
         )
     with matmul_precision("32"):
         start = time.perf_counter()
-        ref = hand_written_log_px(vae, x_test, k, cfg.eval.batch_size, chunk, device)
+        ref = hand_written_log_px(vae, x_test, k, batch, chunk, device)
         ref_secs = time.perf_counter() - start
     print(
         f"hand-written float32   : {ref_secs:7.2f} s  {pairs / ref_secs:11.0f} pairs/s  log p(x) = "

@@ -56,6 +56,11 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
         )
     )
     assert set(full) == {"32", "bf16"}, out
+    # eval.batch_size=auto took 197 digits a batch here (256 MiB / (100 samples x 13,568 bytes)); the run
+    # at the floor of 100 draws the same noise for every digit, so only float rounding separates them
+    assert re.search(r"^harness eval.precision=32 .*\(chunk 100 x batch 197\)$", out, re.M), out
+    small = re.search(r"^harness float32, batch 100: .* log p\(x\) = (-[\d.]+) nats \(chunk 100 x", out, re.M)
+    assert small and abs(float(small[1]) - float(full["32"])) < 1e-3, out
     hand = re.search(r"^hand-written float32 +: +[\d.]+ s +\d+ pairs/s +log p\(x\) = (-[\d.]+)", out, re.M)
     assert hand, out
     assert -543 < float(full["32"]) < -80 and abs(float(full["32"]) - float(full["bf16"])) < 1, out

@@ -13,10 +13,12 @@ import yaml
 from conftest import DEVICES, compose
 from vaerepro import cli
 from vaerepro import config as config_mod
+from vaerepro import evaluate as evaluate_mod
 from vaerepro.config import ConfigError
 from vaerepro.estimators import ELBO_STREAM, BlockNoise, elbo_terms, estimate_log_px
 from vaerepro.evaluate import (
     active_units,
+    auto_batch_size,
     auto_chunk_size,
     eval_device,
     eval_metrics,
@@ -128,7 +130,8 @@ def test_per_example_still_checks_the_pixels_against_the_likelihood():
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_examples_numbers_do_not_depend_on_batch_or_chunk_size(device):
     """Example i's noise is keyed by (seed, i): batches of 10, 25 or all 150 examples (cut across the
-    64-example noise blocks differently) and chunks of 1, 7, 128 + 5 samples or auto give the same
+    64-example noise blocks differently) and chunks of 1, 7, 128 + 5 samples or auto (and both sizes auto:
+    all 150 examples in one batch, K in one chunk) give the same
     per-example numbers (the log weights are summed in float64: rtol 1e-6 holds with a wide margin on a CPU).
     On CUDA the same noise meets networks whose float32 outputs for an example differ in their last bits
     between batch shapes (cuBLAS picks its kernel by the shape): 1e-5 there, relative and in nats (this
@@ -137,7 +140,7 @@ def test_an_examples_numbers_do_not_depend_on_batch_or_chunk_size(device):
     vae, x = _tiny_vae_and_data(150)
     tol = dict(rtol=1e-5, atol=1e-5) if device == "cuda" else dict(rtol=1e-6, atol=0)
     ref = per_example(vae, x, num_samples=200, batch_size=10, chunk_size=7, seed=3, device=device)
-    for batch_size, chunk_size in ((25, 1), (150, 133), (25, "auto")):
+    for batch_size, chunk_size in ((25, 1), (150, 133), (25, "auto"), ("auto", "auto")):
         other = per_example(
             vae, x, num_samples=200, batch_size=batch_size, chunk_size=chunk_size, seed=3, device=device
         )
@@ -172,6 +175,55 @@ def test_auto_chunk_size_fits_the_memory_budget(monkeypatch):
     assert config_mod.validate(compose("eval.chunk_size=auto")).eval.chunk_size == "auto"
     with pytest.raises(ConfigError, match="eval.chunk_size"):
         config_mod.validate(compose("eval.chunk_size=0"))
+
+
+def test_auto_batch_size_holds_all_k_samples_in_one_chunk(monkeypatch):
+    # AEVB's MNIST model, 13,568 bytes a (sample, example) pair: at K = 5,000 an example takes 67.84 MB, so
+    # 3 fit the CPU's 256 MiB: the floor of 100 (and auto_chunk_size then splits K, 1 block of 128 a chunk)
+    vae = VAE(data_dim=784, latent_dim=20, hidden_dims=[500])
+    assert evaluate_mod.bytes_per_pair(vae) == 13_568
+    assert auto_batch_size(vae, 10_000, 5000, "cpu") == 100
+    assert auto_batch_size(vae, 10_000, 1000, "cpu") == 100  # 19 fit
+    assert auto_batch_size(vae, 10_000, 10, "cpu") == 1978  # 268,435,456 / 135,680
+    assert auto_batch_size(vae, 500, 10, "cpu") == 500  # never more than the examples
+    assert auto_batch_size(vae, 40, 5000, "cpu") == 40  # nor the floor
+    # CUDA, 128 GiB free: half of it / 67.84 MB = 1,012 examples, whose K = 5,000 then fit one chunk
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**37, 2**38))
+    batch = auto_batch_size(vae, 10_000, 5000, "cuda")
+    assert batch == 1012 and auto_chunk_size(vae, batch, 5000, "cuda") == 5000
+    assert auto_chunk_size(vae, batch + 1, 5000, "cuda") < 5000  # one more would not
+    assert config_mod.validate(compose()).eval.batch_size == "auto"  # the default
+    assert config_mod.validate(compose("eval.batch_size=7")).eval.batch_size == 7
+    with pytest.raises(ConfigError, match="eval.batch_size"):
+        config_mod.validate(compose("eval.batch_size=0"))
+
+
+def _rank_chooses(rank: int, init: str, budgets: list[int], out: str) -> None:
+    """One rank of test_the_ranks_agree_on_the_auto_batch_size: its own CPU budget, the shared choice."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(budgets))
+    evaluate_mod.AUTO_CHUNK_CPU_BYTES = budgets[rank]
+    vae = VAE(data_dim=784, latent_dim=20, hidden_dims=[500])
+    own = auto_batch_size(vae, 10_000, 10, "cpu")
+    agreed = evaluate_mod.resolve_batch_size(vae, "auto", 10_000, 10, "cpu")
+    fixed = evaluate_mod.resolve_batch_size(vae, 7, 10_000, 10, "cpu")
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump([own, agreed, fixed], f)
+    dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_the_auto_batch_size(tmp_path):
+    """Two gloo processes with different memory budgets (as two GPUs with different free memory would
+    have) cut the test set the same way: both take the smaller choice, since the batches are shared out
+    by index; a number given is kept."""
+    import torch.multiprocessing as mp
+
+    budgets = [2**28, 2**27]  # 1,978 and 989 examples at K = 10
+    out = str(tmp_path / "choice")
+    mp.spawn(_rank_chooses, args=(f"file://{tmp_path / 'rendezvous'}", budgets, out), nprocs=2)
+    got = [json.loads((tmp_path / f"choice.{r}").read_text()) for r in range(2)]
+    assert got == [[1978, 989, 7], [989, 989, 7]]
 
 
 def test_eval_device_choice(monkeypatch):

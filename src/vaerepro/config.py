@@ -245,7 +245,9 @@ class TrainerConfig(_Section):
 
 class EvalConfig(_Section):
     num_samples: int = Field(1000, ge=1)
-    batch_size: int = Field(100, ge=1)
+    # test examples per batch, or auto (evaluate.auto_batch_size: all K samples of a batch in one chunk of
+    # the memory budget, at least 100)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # importance samples per decoder call, or auto (evaluate.auto_chunk_size: from the free memory)
     chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: Seed = 1234

@@ -53,9 +53,12 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q
 # CPU cores, beside hours of K = 5000 importance sampling there
 ACTIVE_UNIT_SAMPLES = 200
 KNN_K = 15  # Loaiza-Ganem & Cunningham 2019 classify latent means with 15 nearest neighbours
-# eval.chunk_size=auto: importance samples per chunk so that one chunk's decoder activations fit this budget
+# eval.chunk_size=auto and eval.batch_size=auto: one chunk's decoder activations fit this memory budget
 AUTO_CHUNK_CPU_BYTES = 256 * 2**20  # on the CPU: a fixed 256 MiB
 AUTO_CHUNK_CUDA_FRACTION = 0.5  # on CUDA: this fraction of the device's free memory (torch.cuda.mem_get_info)
+# eval.batch_size=auto: never fewer test examples per batch than this (the fixed default it replaced);
+# below it a batch only adds per-batch work, since the chunk already splits K to fit the memory budget
+AUTO_BATCH_MIN = 100
 # metrics/eval_summary.json, the DVC metrics that `dvc metrics` and `dvc exp show` compare: what was evaluated
 # and the headline numbers (nats per example; accuracy in [0, 1]), in the order of the table's columns.
 # eval.json keeps the whole record (ladder, convergence, bookkeeping), which DVC treats as a plain output.
@@ -81,31 +84,52 @@ def load_vae(path: Path, ckpt: dict[str, Any] | None = None) -> VAE:
     return vae.eval()
 
 
-def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.device | str) -> int:
-    """Importance samples per chunk (1 ... num_samples) for eval.chunk_size=auto: as many as fit a memory
-    budget (AUTO_CHUNK_CPU_BYTES on the CPU; AUTO_CHUNK_CUDA_FRACTION of the free memory on CUDA) with
-    batch_size examples, a multiple of estimators.SAMPLE_BLOCK when above it (whole noise draws).
-
-    Per (sample, example): z and its noise (2 Z), each hidden layer's output before and after the activation
-    (2 h), the decoder's output (P D) and the likelihood's elementwise terms (~2 P D); with two stochastic
-    layers also q(z2|z1)'s and p(z1|z2)'s hidden layers (2 h each, in both networks) and Gaussian parameters
-    (2 Z2 + 2 Z1). float32 or the model's dtype. The results do not depend on the chunk size, only the speed
-    and memory do.
-    """
+def memory_budget(device: torch.device | str) -> float:
+    """Bytes that one chunk's decoder activations may take for eval.chunk_size/batch_size=auto:
+    AUTO_CHUNK_CPU_BYTES on the CPU; AUTO_CHUNK_CUDA_FRACTION of the device's free memory on CUDA."""
     device = torch.device(device)
     if device.type == "cuda":
-        budget = AUTO_CHUNK_CUDA_FRACTION * torch.cuda.mem_get_info(device)[0]  # bytes
-    else:
-        budget = AUTO_CHUNK_CPU_BYTES
+        return AUTO_CHUNK_CUDA_FRACTION * torch.cuda.mem_get_info(device)[0]
+    return float(AUTO_CHUNK_CPU_BYTES)
+
+
+def bytes_per_pair(vae: VAE) -> int:
+    """Bytes of activations per (importance sample, example) pair of a chunk.
+
+    Per pair: z and its noise (2 Z), each hidden layer's output before and after the activation (2 h), the
+    decoder's output (P D) and the likelihood's elementwise terms (~2 P D); with two stochastic layers also
+    q(z2|z1)'s and p(z1|z2)'s hidden layers (2 h each, in both networks) and Gaussian parameters
+    (2 Z2 + 2 Z1). float32 or the model's dtype.
+    """
     cfg = vae.config
     outputs = vae.likelihood.num_params() * cfg["data_dim"]  # P D
-    floats = 2 * vae.z_dim + 2 * sum(cfg["hidden_dims"]) + 3 * outputs  # per (sample, example)
+    floats = 2 * vae.z_dim + 2 * sum(cfg["hidden_dims"]) + 3 * outputs
     if vae.stochastic_layers == 2:
         floats += 4 * sum(cfg["hidden_dims_2"]) + 2 * vae.z_dim
-    per_sample = floats * next(vae.parameters()).element_size() * batch_size  # bytes per sample of a chunk
-    chunk = max(1, min(num_samples, int(budget // per_sample)))
+    return floats * next(vae.parameters()).element_size()
+
+
+def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.device | str) -> int:
+    """Importance samples per chunk (1 ... num_samples) for eval.chunk_size=auto: as many as fit the memory
+    budget (`memory_budget`) with batch_size examples, a multiple of estimators.SAMPLE_BLOCK when above it
+    (whole noise draws). The results do not depend on the chunk size, only the speed and memory do."""
+    per_sample = bytes_per_pair(vae) * batch_size  # bytes per sample of a chunk
+    chunk = max(1, min(num_samples, int(memory_budget(device) // per_sample)))
     block = estimators.SAMPLE_BLOCK
     return chunk if chunk <= block or chunk == num_samples else chunk - chunk % block
+
+
+def auto_batch_size(vae: VAE, num_examples: int, num_samples: int, device: torch.device | str) -> int:
+    """Test examples per batch (1 ... num_examples) for eval.batch_size=auto: as many as hold all
+    num_samples samples in one chunk within the memory budget (`memory_budget`), never fewer than
+    AUTO_BATCH_MIN (then auto_chunk_size splits K to fit). Fewer, larger batches mean fewer calls of the
+    per-batch work (the one-sample ELBO, the ladder, copies to the host); the numbers do not depend on it.
+
+    AEVB's MNIST model (13,568 bytes a pair) at K = 5,000: 3 examples fit the CPU's 256 MiB, so 100;
+    about 1,000 fit half of an H200's free memory.
+    """
+    fit = int(memory_budget(device) // (bytes_per_pair(vae) * num_samples))
+    return max(1, min(num_examples, max(AUTO_BATCH_MIN, fit)))
 
 
 def resolve_chunk_size(
@@ -117,6 +141,25 @@ def resolve_chunk_size(
     chunk_size = auto_chunk_size(vae, batch_size, num_samples, device)
     log.info("eval.chunk_size=auto: %d importance samples per chunk", chunk_size)
     return chunk_size
+
+
+def resolve_batch_size(
+    vae: VAE, batch_size: int | str, num_examples: int, num_samples: int, device: torch.device | str
+) -> int:
+    """eval.batch_size as a number: `batch_size` itself, or for "auto" `auto_batch_size`'s (logged). In an
+    initialised process group every rank takes the smallest rank's choice: the ranks share the batches out
+    by index (`evaluate`), so they must cut the test set the same way, and the smallest fits every device."""
+    if batch_size != "auto":
+        return batch_size
+    batch_size = auto_batch_size(vae, num_examples, num_samples, device)
+    if _process_group()[1] > 1:
+        import torch.distributed as dist
+
+        choices = [None] * dist.get_world_size()
+        dist.all_gather_object(choices, batch_size, group=_gloo_group())
+        batch_size = min(choices)
+    log.info("eval.batch_size=auto: %d test examples per batch", batch_size)
+    return batch_size
 
 
 def check_precision(precision: str, device: torch.device | str, device_key: str | None = None) -> None:
@@ -182,7 +225,7 @@ def per_example(
     x: torch.Tensor,
     *,
     num_samples: int,
-    batch_size: int,
+    batch_size: int | str,
     chunk_size: int | str,
     seed: int,
     batches: range | None = None,
@@ -193,7 +236,8 @@ def per_example(
     """Per-example estimates over x (N, D): log_px (N,), elbo/recon/kl (N,), ess (N,), ladder {k: (N,)}.
 
     `batches` selects which example batches to compute (a rank's shard); the others are left NaN.
-    `chunk_size`: importance samples per decoder call, or "auto" (`auto_chunk_size`).
+    `batch_size`: test examples per batch, or "auto" (`auto_batch_size`); `batches` index batches of the
+    resolved size. `chunk_size`: importance samples per decoder call, or "auto" (`auto_chunk_size`).
     `device`: where the sampling runs (a copy of vae goes there); the results come back to the CPU.
     `precision`: eval.precision, "32", "tf32" (CUDA only) or "bf16" (a copy of vae whose networks run under
     bfloat16 autocast, `bf16_networks`); the noise is float32 in each, so the draws are the same.
@@ -209,8 +253,8 @@ def per_example(
     if precision == "bf16":
         vae = bf16_networks(vae, device.type)
     n = len(x)
-    n_batches = math.ceil(n / batch_size)
-    batches = batches if batches is not None else range(n_batches)
+    batch_size = resolve_batch_size(vae, batch_size, n, num_samples, device)
+    batches = batches if batches is not None else range(math.ceil(n / batch_size))
     chunk_size = resolve_chunk_size(vae, chunk_size, batch_size, num_samples, device)
     # The K-sample estimate runs on a copy with torch.distributions' checks off (VAE.validate_args): they
     # re-check every chunk's (k, B, D) decoder outputs, two full passes (~5 % of the evaluation on the CPU).
@@ -419,6 +463,14 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _gloo_group():
+    """A process group for exchanging CPU tensors and pickled objects: the default group when it is gloo
+    (None), else a new gloo group of the same ranks (a collective call: every rank makes it)."""
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def gather_shards(per_ex: dict[str, Any], batches: range, batch_size: int) -> dict[str, Any] | None:
     """Rank 0 gets every rank's example batches copied into one set of per-example tensors; others None.
 
@@ -429,9 +481,8 @@ def gather_shards(per_ex: dict[str, Any], batches: range, batch_size: int) -> di
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     parts = [None] * world if rank == 0 else None
-    dist.gather_object((list(batches), per_ex), parts, dst=0, group=group)
+    dist.gather_object((list(batches), per_ex), parts, dst=0, group=_gloo_group())
     if rank != 0:
         return None
     out = {k: v.clone() for k, v in per_ex.items() if k != "ladder"}
@@ -485,13 +536,14 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     x_test = fixed_space(splits.test, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
     e = cfg.eval
     rank, world = _process_group()
-    mine = range(rank, math.ceil(len(x_test) / e.batch_size), world)
+    batch_size = resolve_batch_size(vae, e.batch_size, len(x_test), e.num_samples, device)  # the same on all
+    mine = range(rank, math.ceil(len(x_test) / batch_size), world)
     if world > 1:
         log.info("evaluation shared out: rank %d of %d takes %d example batches", rank, world, len(mine))
     sampling = dict(
         num_samples=e.num_samples,
-        batch_size=e.batch_size,
-        chunk_size=resolve_chunk_size(vae, e.chunk_size, e.batch_size, e.num_samples, device),
+        batch_size=batch_size,
+        chunk_size=resolve_chunk_size(vae, e.chunk_size, batch_size, e.num_samples, device),
         seed=e.seed,
         device=device,
     )
@@ -499,7 +551,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
         vae, x_test, batches=mine, progress=progress and rank == 0, precision=e.precision, **sampling
     )
     if world > 1:
-        per_ex = gather_shards(per_ex, mine, e.batch_size)
+        per_ex = gather_shards(per_ex, mine, batch_size)
         if per_ex is None:
             return None
     metrics = eval_metrics(per_ex, data_dim=splits.data_dim, jacobian=dim_log_jacobian(space, quantized))
