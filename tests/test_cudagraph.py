@@ -6,13 +6,15 @@ training, resumes it, and checks that its steps never wait for the device.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from conftest import compose
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
-from vaerepro.cudagraph import CapturableAdam
+from vaerepro.cudagraph import CapturableAdagrad, CapturableAdam
 from vaerepro.train import uses_cuda_graph
 from vaerepro.trainer import build_optimizer
 
@@ -38,13 +40,24 @@ def test_the_gpu_preset_graphs_the_step_wherever_it_can():
         assert not uses_cuda_graph(cfg) and [c for c in cfg.cuda_graph_conflicts() if conflict in c]
 
 
+def test_adagrad_runs_in_the_graph_when_asked_and_eagerly_under_auto(caplog):
+    """Adagrad's fused update can be captured (CapturableAdagrad): trainer.cuda_graph=true runs it; auto
+    keeps its steps eager, saying why, until tests/test_gpu.py has shown it on a GPU."""
+    asked = config_mod.validate(compose(*GPU, "train.optimizer=adagrad", "train.lr=0.02"))
+    assert not asked.cuda_graph_conflicts() and uses_cuda_graph(asked)
+    auto = config_mod.validate(compose("trainer=gpu", "train.optimizer=adagrad", "train.lr=0.02"))
+    with caplog.at_level("INFO", logger="vaerepro.train"):
+        assert not uses_cuda_graph(auto)
+    assert "eager training steps, for train.optimizer=adagrad (not yet checked on a GPU)" in caplog.text
+    assert not config_mod.validate(compose("trainer=gpu")).cuda_graph_unproven()  # Adam: checked
+
+
 @pytest.mark.parametrize(
     "overrides, named",
     [
         (("trainer=cpu", "trainer.cuda_graph=true"), "trainer.accelerator=cpu (needs gpu)"),
         ((*GPU, "trainer.precision=bf16-mixed"), "trainer.precision=bf16-mixed (needs 32-true)"),
         ((*GPU, "trainer.compile=reduce-overhead"), "trainer.compile=reduce-overhead (needs null"),
-        ((*GPU, "train.optimizer=adagrad"), "train.optimizer=adagrad (needs adam)"),
         ((*GPU, "model.dropout=0.1"), "model.dropout=0.1 (needs 0)"),
     ],
 )
@@ -94,6 +107,63 @@ def test_an_eager_trainings_optimiser_state_loads_as_capturable():
     assert torch.equal(state["exp_avg_sq"], eager.state[params[0]]["exp_avg_sq"])
 
 
+def test_the_capturable_adagrad_is_torchs_fused_adagrad_with_the_configured_settings():
+    """Its update on the CPU against Adagrad's by hand (Duchi et al. 2011; lr_decay 0): after gradients
+    g1, g2 the accumulator is g1^2 + g2^2 and p = p0 - lr g1 / (|g1| + eps) - lr g2 / (sqrt(g1^2 + g2^2) +
+    eps), with weight decay w added to each gradient first (g + w p)."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    train = config_mod.validate(compose("train.optimizer=adagrad", "train.lr=0.02", "train.weight_decay=0.1"))
+    opt = build_optimizer(params, train.train.model_dump(), capturable=True)
+    assert isinstance(opt, CapturableAdagrad) and isinstance(opt, torch.optim.Adagrad)
+    group = opt.param_groups[0]
+    assert group["fused"] and not group["foreach"] and (group["lr"], group["weight_decay"]) == (0.02, 0.1)
+    assert type(build_optimizer(params, train.train.model_dump())) is torch.optim.Adagrad  # eager: torch's
+
+    p0 = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    g1, g2 = torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64), torch.tensor([-0.3, 2.0, 0.1])
+    p = torch.nn.Parameter(p0.float().clone())
+    opt = CapturableAdagrad([p], lr=0.1, weight_decay=0.01, eps=1e-10)
+    expected, acc = p0.clone(), torch.zeros(3, dtype=torch.float64)
+    for g in (g1, g2.double()):
+        p.grad = g.float()
+        opt.step()
+        d = g + 0.01 * expected
+        acc += d * d
+        expected -= 0.1 * d / (acc.sqrt() + 1e-10)
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-7)
+    state = opt.state[p]
+    assert float(state["step"]) == 2 and state["step"].device == p.device
+    torch.testing.assert_close(state["sum"].double(), acc, rtol=1e-6, atol=0)
+
+
+def test_an_eager_trainings_adagrad_state_loads_as_fused():
+    """A checkpoint of an eager training with train.fused=false (torch's Adagrad, its step counts on the
+    host) resumed under the graph: fused, its step counts on the parameters' device (float32), and the next
+    step is the one fused Adagrad takes from the same state."""
+    params = [torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))]
+    eager = torch.optim.Adagrad(params, lr=0.1, fused=False)
+    for _ in range(2):
+        params[0].grad = torch.tensor([0.5, 0.25, -1.0])
+        eager.step()
+    saved = eager.state_dict()
+    assert saved["param_groups"][0]["fused"] is False
+    copies = [torch.nn.Parameter(params[0].detach().clone()) for _ in range(2)]
+    graph = CapturableAdagrad([copies[0]], lr=0.1)
+    fused = torch.optim.Adagrad([copies[1]], lr=0.1, fused=True)
+    # copies: torch's load keeps the saved tensors themselves where their device and dtype already fit
+    graph.load_state_dict(copy.deepcopy(saved))
+    as_fused = saved | {"param_groups": [saved["param_groups"][0] | {"fused": True}]}
+    fused.load_state_dict(copy.deepcopy(as_fused))
+    group, state = graph.param_groups[0], graph.state[copies[0]]
+    assert group["fused"] and not group["foreach"]
+    assert float(state["step"]) == 2 and state["step"].dtype == torch.float32
+    assert torch.equal(state["sum"], eager.state[params[0]]["sum"])
+    for p, opt in zip(copies, (graph, fused), strict=True):
+        p.grad = torch.tensor([-0.3, 2.0, 0.1])
+        opt.step()
+    assert torch.equal(copies[0], copies[1]) and float(graph.state[copies[0]]["step"]) == 3
+
+
 class FakeGraph:
     def __init__(self):
         self.replayed = 0
@@ -102,17 +172,23 @@ class FakeGraph:
         self.replayed += 1
 
 
-def test_while_replaying_a_step_runs_the_closure_then_the_graph_not_the_update():
+@pytest.mark.parametrize("optimiser", [CapturableAdam, CapturableAdagrad])
+def test_while_replaying_a_step_runs_the_closure_then_the_graph_not_the_update(optimiser):
     """Lightning's optimizer.step(closure) (its hooks in the closure) replays the captured step; outside
-    `replaying`, the optimiser is torch's Adam again."""
+    `replaying`, the optimiser is torch's again."""
     params = [torch.nn.Parameter(torch.ones(2))]
     params[0].grad = torch.ones(2)
-    opt, graph, hooks = CapturableAdam(params, lr=0.1), FakeGraph(), []
+    opt, graph, hooks = optimiser(params, lr=0.1), FakeGraph(), []
     with opt.replaying(graph):
         opt.step(lambda: hooks.append(torch.is_grad_enabled()))
         opt.step()
     assert graph.replayed == 2 and hooks == [True] and torch.equal(params[0].detach(), torch.ones(2))
-    assert opt.replay is None and not opt.state  # no update of its own ran
+    # no update of its own ran (torch's Adagrad makes its state, step 0, when it is built; Adam at a step)
+    assert opt.replay is None and all(float(s["step"]) == 0 for s in opt.state.values())
+    if optimiser is CapturableAdagrad:  # torch's fused Adagrad, which runs on the CPU too
+        opt.step()
+        assert float(opt.state[params[0]]["step"]) == 1 and (params[0].detach() < 1).all()
+        return
     # torch's Adam again: its update refuses capturable=True off CUDA (an AssertionError in torch 2.13)
     with pytest.raises((AssertionError, RuntimeError), match="capturable=True"):
         opt.step()

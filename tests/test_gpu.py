@@ -153,7 +153,9 @@ def test_training_batches_are_gathered_on_the_device(prepared_tiny):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_host, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["null", "reduce-overhead", "cuda-graph", "cuda-graph-1-step-a-call"])
+@pytest.mark.parametrize(
+    "mode", ["null", "reduce-overhead", "cuda-graph", "cuda-graph-1-step-a-call", "cuda-graph-adagrad"]
+)
 def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path, mode):
     """No step of training waits for the GPU: from the second epoch on (the first compiles and records the
     graphs), every training step, batch start to batch end, runs under torch.cuda.set_sync_debug_mode
@@ -178,6 +180,7 @@ def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path
     switch = "trainer.cuda_graph=true" if mode.startswith("cuda-graph") else f"trainer.compile={mode}"
     switch = (switch, "trainer.cuda_graph=false") if mode == "null" else (switch,)
     switch += ("trainer.steps_per_call=1",) if mode.endswith("a-call") else ()  # trainer=gpu's: 10
+    switch += ADAGRAD if mode.endswith("adagrad") else ()
     cfg = tiny_config("trainer=gpu", *switch)
     checked = NoSync()
     try:
@@ -195,11 +198,14 @@ class GraphCounts(pl.Callback):
         self.captures, self.replays = (graph.captures, graph.replays) if graph is not None else (0, 0)
 
 
+# AEVB's optimiser (the paper presets'): torch's fused Adagrad, in the graph as eagerly (CapturableAdagrad)
+ADAGRAD = ("train.optimizer=adagrad", "train.lr=0.02")
 # (overrides, captures in 3 epochs): a constant rate, one graph; IWAE's schedule changes the rate after
-# epoch 0 (stage 0 -> 1), so a second capture; clipping inside the graph
+# epoch 0 (stage 0 -> 1), so a second capture; clipping inside the graph; Adagrad's update in it
 GRAPH_CASES = {
     "constant": ((), 1),
     "iwae-schedule-and-clipping": (("train.lr_schedule=iwae", "train.grad_clip_value=0.5"), 2),
+    "adagrad": (ADAGRAD, 1),
 }
 
 
@@ -230,17 +236,25 @@ def test_whole_step_cuda_graph_training_ends_where_eager_training_does(prepared_
             assert abs(a[key] - b[key]) < 1e-2, (key, a, b)
 
 
-def test_whole_step_cuda_graph_training_resumes_where_it_stopped(prepared_tiny, tmp_path):
+@pytest.mark.parametrize("optimiser", ["adam", "adagrad"])
+def test_whole_step_cuda_graph_training_resumes_where_it_stopped(prepared_tiny, tmp_path, optimiser):
     """A graph training stopped after 2 epochs and resumed for a third ends where 3 uninterrupted epochs do
     (the resumed process warms up eagerly and captures again: the same kernels); and one resumed from an
-    eager training's checkpoint (fused Adam's state) trains on in the graph."""
+    eager training's checkpoint (fused Adam's or Adagrad's state; Adagrad's also unfused, its step counts on
+    the host) trains on in the graph."""
     mode = ("trainer.cuda_graph=true", "trainer.matmul_precision=highest")
+    mode += ADAGRAD if optimiser == "adagrad" else ()
     whole, _ = _trained(prepared_tiny, tmp_path / "whole", *mode)
-    for name, first in (("graph", mode), ("eager", ("trainer.cuda_graph=false", *mode[1:]))):
+    eager = ("trainer.cuda_graph=false", *mode[1:])
+    firsts = [("graph", mode), ("eager", eager)]
+    firsts += [("eager-unfused", (*eager, "train.fused=false"))] * (optimiser == "adagrad")
+    for name, first in firsts:
         out = tmp_path / name
         _trained(prepared_tiny, out, *first, "train.max_epochs=2")
         counts = GraphCounts()
-        cfg = tiny_config("trainer=gpu", *mode, "train.resume=true")
+        # train.fused is the training's to keep (a resume refuses a change); the graph's Adagrad is fused
+        kept = [o for o in first if o.startswith("train.fused")]
+        cfg = tiny_config("trainer=gpu", *mode, *kept, "train.resume=true")
         train(cfg, out, enable_progress_bar=False, callbacks=[counts])
         resumed = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
         assert whole["global_step"] == resumed["global_step"] and counts.replays > 0

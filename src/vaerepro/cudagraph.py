@@ -5,7 +5,8 @@ Python (the objective's distributions, autograd, the optimiser, Lightning's loop
 Captured once with torch.cuda.graph and replayed for every batch, the step's kernels launch as one graph.
 
 Captured: the objective's forward pass on fixed input buffers, the backward pass, gradient clipping and
-Adam's update (torch's Adam with capturable=True, whose step count lives on the device). Eager, as without
+the optimiser's update: torch's Adam with capturable=True, or torch's fused Adagrad (both keep their step
+counts on the device and never read them on the host). Eager, as without
 the graph: the batch's random draws (its data-space draw and q's noise, from the batch's seeded generator,
 then copied into the graph's inputs, so a graph step sees exactly the eager step's numbers), Lightning's
 loop with its optimiser-step bookkeeping (global_step, on_before_optimizer_step), the first steps (the
@@ -30,15 +31,13 @@ from torch import Tensor
 WARMUP_STEPS = 3
 
 
-class CapturableAdam(torch.optim.Adam):
-    """torch.optim.Adam with capturable=True (foreach kernels; its step count a device tensor), whose step()
-    replays a captured training step while `replaying(graph)` is active: Lightning's optimizer.step(), which
-    counts global_step and runs the on_before_optimizer_step hooks, then runs the whole graph instead of the
-    update alone. Outside `replaying`, torch's Adam step (the warm-up, the capture, partial batches)."""
+class Replaying:
+    """A torch optimiser (mixed in before it) whose step() replays a captured training step while
+    `replaying(graph)` is active: Lightning's optimizer.step(), which counts global_step and runs the
+    on_before_optimizer_step hooks, then runs the whole graph instead of the update alone. Outside
+    `replaying`, the optimiser's own step (the warm-up, the capture, partial batches)."""
 
-    def __init__(self, params, **kwargs):
-        super().__init__(params, capturable=True, foreach=True, **kwargs)
-        self.replay: Callable[[], None] | None = None  # the graph's replay while `replaying`
+    replay: Callable[[], None] | None = None  # the graph's replay while `replaying`
 
     def step(self, closure=None):
         if self.replay is None:
@@ -57,6 +56,13 @@ class CapturableAdam(torch.optim.Adam):
         finally:
             self.replay = None
 
+
+class CapturableAdam(Replaying, torch.optim.Adam):
+    """torch.optim.Adam with capturable=True (foreach kernels; its step count a device tensor)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, capturable=True, foreach=True, **kwargs)
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch copies the saved param groups' settings over these: a checkpoint of an eager training holds
         # fused=True, capturable=False, which a captured step refuses. The state itself (moments, step
@@ -66,10 +72,31 @@ class CapturableAdam(torch.optim.Adam):
             group.update(capturable=True, foreach=True, fused=None)
 
 
+class CapturableAdagrad(Replaying, torch.optim.Adagrad):
+    """torch.optim.Adagrad with fused=True: one kernel reads each step count from the device (the foreach
+    and per-tensor updates read it on the host, which a graph would freeze at its capture). torch's Adagrad
+    has no capturable flag; its fused update is the eager training's own (train.fused, the default), so a
+    graph step runs the same kernel on the same state."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # a checkpoint of an eager training with train.fused=false holds fused=False and its step counts on
+        # the host, where torch leaves them for that setting: fused, on the parameters' device, as fused
+        # Adagrad's own state is (torch.optim.Adagrad._init_group)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(fused=True, foreach=None)
+            for p in group["params"]:
+                if "step" in self.state.get(p, {}):
+                    self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
+
+
 class StepGraph:
     """A training step on batches of `batch_size` examples as one CUDA graph, captured after WARMUP_STEPS
-    eager steps on such batches, and again whenever the learning rates change (a schedule's epoch: Adam's
-    captured kernels hold the rate as a number).
+    eager steps on such batches, and again whenever the learning rates change (a schedule's epoch: the
+    optimiser's captured kernels hold the rate as a number).
 
     `loss_fn(x, eps)`: the step's loss (a scalar) and per-example bound (B,) for x (N, D) in the data space
     and q's noise eps (K, N, Z), run at capture; `params`: the parameters whose gradients `clip` bounds
@@ -112,31 +139,32 @@ class StepGraph:
 
     def step(self, x: Tensor, eps: Tensor, optimizer) -> tuple[Tensor, Tensor]:
         """One training step on x (N, D) and eps (K, N, Z) through `optimizer` (Lightning's wrapper of a
-        CapturableAdam, or the CapturableAdam itself): its loss, a copy (Lightning hands it to callbacks,
-        which may keep it), and its per-example bound (B,), the graph's own, valid until the next step."""
-        adam = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer.optimizer: the torch one
-        rates = [group["lr"] for group in adam.param_groups]
+        CapturableAdam or CapturableAdagrad, or the optimiser itself): its loss, a copy (Lightning hands it
+        to callbacks, which may keep it), and its per-example bound (B,), the graph's own, valid until the
+        next step."""
+        opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer.optimizer: the torch one
+        rates = [group["lr"] for group in opt.param_groups]
         if self.graph is None or rates != self.rates:
-            self._capture(x, eps, adam)
+            self._capture(x, eps, opt)
             self.rates = rates
         self.x.copy_(x)
         self.eps.copy_(eps)
-        with adam.replaying(self.graph):
+        with opt.replaying(self.graph):
             optimizer.step()
         self.replays += 1
         return self.loss.clone(), self.bound
 
-    def _capture(self, x: Tensor, eps: Tensor, adam: CapturableAdam) -> None:
+    def _capture(self, x: Tensor, eps: Tensor, opt: Replaying) -> None:
         self.graph = self.loss = self.bound = None  # an earlier graph's memory goes back first
         self.x, self.eps = x.clone(), eps.clone()
         # the graph allocates the gradients and writes them afresh at each replay
-        adam.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss, bound = self.loss_fn(self.x, self.eps)
             loss.backward()
             if self.clip is not None:
                 torch.nn.utils.clip_grad_value_(self.params, self.clip)
-            adam.step()
+            opt.step()
         self.graph, self.loss, self.bound = graph, loss.detach(), bound.detach()
         self.captures += 1

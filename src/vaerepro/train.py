@@ -803,9 +803,11 @@ def train(
 
 def uses_cuda_graph(cfg: Config) -> bool:
     """Whether training asks for the whole step as one CUDA graph: trainer.cuda_graph=true (the config
-    refuses it where it cannot run), or auto where nothing conflicts (else logged, and eager). Under DDP the
-    module still runs the steps eagerly (VAEModule._graphed)."""
+    refuses it where it cannot run), or auto where nothing conflicts and nothing is unchecked on a GPU
+    (else logged, and eager). Under DDP the module still runs the steps eagerly (VAEModule._graphed)."""
     setting, conflicts = cfg.trainer.cuda_graph, cfg.cuda_graph_conflicts()
+    if setting == "auto":
+        conflicts += cfg.cuda_graph_unproven()
     if setting == "auto" and conflicts:
         log.info("trainer.cuda_graph=auto: eager training steps, for %s", "; ".join(conflicts))
     return setting is True or (setting == "auto" and not conflicts)

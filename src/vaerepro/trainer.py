@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vaerepro import schedules, signals
 from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError, TrainerConfig
-from vaerepro.cudagraph import CapturableAdam
+from vaerepro.cudagraph import CapturableAdagrad, CapturableAdam
 
 log = logging.getLogger(__name__)
 
@@ -406,8 +406,8 @@ def check_trainer(t: TrainerConfig) -> None:
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, Any], capturable: bool = False):
     """What `configure_optimizers` returns for the train section `train` (TrainConfig as a dict): the
     optimiser alone for a constant rate, else with its LambdaLR (rate of epoch e = train.lr x factor(e)).
-    `capturable` (trainer.cuda_graph on one CUDA device): Adam as cudagraph.CapturableAdam, whose update a
-    CUDA graph can capture (train.fused does not apply; the config refuses Adagrad).
+    `capturable` (trainer.cuda_graph on one CUDA device): cudagraph.CapturableAdam or CapturableAdagrad,
+    whose update a CUDA graph can capture (train.fused does not apply: Adam's is foreach, Adagrad's fused).
 
     The module steps the scheduler itself at every epoch end (manual optimisation: Lightning steps none), and
     Lightning keeps its state in last.ckpt, so a resumed training continues the schedule where it was. Keys
@@ -423,6 +423,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, An
             opt = CapturableAdam(params, lr=train["lr"], weight_decay=train["weight_decay"], **adam)
         else:
             opt = torch.optim.Adam(params, **adam, **common)
+    elif capturable:
+        opt = CapturableAdagrad(params, lr=train["lr"], weight_decay=train["weight_decay"])
     else:
         opt = torch.optim.Adagrad(params, **common)
     factor = schedules.lr_factor(train.get("lr_schedule", "constant"))
