@@ -29,7 +29,7 @@ part() {  # part SECONDS TITLE COMMAND...: one part under its time limit; its fa
   echo "== $title: exit $rc after ${SECONDS} s"
   [ "$rc" -eq 0 ] || status=$rc
 }
-part 170 "tests on CUDA" python3 -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
+part 200 "tests on CUDA" python3 -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
   tests/test_gpu.py tests/test_estimators.py tests/test_likelihoods.py tests/test_hierarchy.py \
   tests/test_evaluate.py -k "cuda or test_gpu"
 part 30 "a checkpoint's write (the weights of the benchmark's model, 3.3 MB)" python3 -c "
