@@ -138,6 +138,33 @@ def test_bad_config_names_the_key(overrides, key, hint):
     assert key in msg and hint in msg, msg
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "eval.batch_size=abc",
+            "eval.batch_size: Input should be a valid integer, unable to parse string as an integer, "
+            "or 'auto' (given: 'abc')",
+        ),
+        (
+            "eval.batch_size=0",
+            "eval.batch_size: Input should be greater than or equal to 1, or 'auto' (given: 0)",
+        ),
+        (
+            "trainer.cuda_graph=maybe",
+            "trainer.cuda_graph: Input should be a valid boolean, unable to interpret input, or 'auto' "
+            "(given: 'maybe')",
+        ),
+    ],
+)
+def test_a_union_key_reads_as_one_key(override, expected):
+    """`int | 'auto'` fails in each branch; the user sees the key they typed once, with every allowed
+    form, not pydantic's branch names (eval.batch_size.constrained-int, ...literal['auto'])."""
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(compose(override))
+    assert str(err.value) == expected
+
+
 def test_improper_bernoulli_needs_opt_in_and_is_marked():
     cfg = config_mod.validate(compose("data.space=continuous", "likelihood.allow_improper=true"))
     assert cfg.data_space == "continuous" and cfg.improper

@@ -8,6 +8,7 @@ once with the key, what was given and what is allowed, before any data is touche
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -414,17 +415,25 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
+# Location parts pydantic adds for the branches of a union (`int | Literal["auto"]` gives
+# `constrained-int` and `literal['auto']`) and for validators; none is a key a user types.
+_BRANCH = re.compile(r"^(function-.*|tagged-union.*|literal\[.*\]|constrained-\w+|bool|int|float|str|none)$")
+
+
 def _format(err: ValidationError) -> str:
-    lines = []
+    by_key: dict[str, tuple[list[str], str]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        key = ".".join(str(p) for p in e["loc"] if not _BRANCH.match(str(p)))
         # Discriminated unions put the tag in the location; keep the path a user would type.
         for tag in REGISTRY:
             key = key.replace(f"likelihood.{tag}", "likelihood")
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"
-        lines.append(f"{key or '<root>'}: {e['msg']}{shown}")
-    return "; ".join(lines)  # one line: each bad key, what was given and what is allowed
+        msgs, _ = by_key.setdefault(key or "<root>", ([], shown))
+        # A union's branches each fail: one key, its allowed forms joined ("... or 'auto'").
+        msgs.append(e["msg"] if not msgs else e["msg"].removeprefix("Input should be "))
+    # One line: each bad key, what is allowed and what was given.
+    return "; ".join(f"{key}: {', or '.join(msgs)}{shown}" for key, (msgs, shown) in by_key.items())
 
 
 def validate(raw: dict[str, Any]) -> Config:
