@@ -808,3 +808,39 @@ def test_two_sweep_processes_share_one_study(project):
     parent, children = _runs(project, study_name)
     assert sorted(children) == [0, 1, 2]
     assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parent.info.run_id}
+
+
+def _study_of(values: list[tuple[int, float]]):
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    dists = {
+        "x": optuna.distributions.IntDistribution(1, 30),
+        "y": optuna.distributions.IntDistribution(1, 30),
+    }
+    for i, (x, value) in enumerate(values):
+        trial = optuna.trial.create_trial(params={"x": x, "y": 1 + (7 * i) % 30}, distributions=dists, value=value)
+        study.add_trial(trial)
+    return study
+
+
+def test_importances_optuna_cannot_measure_are_not_charted():
+    """One completed trial: Optuna 5's PED-ANOVA returns importance 0 for every parameter, with a warning; the
+    report says why there are none instead of charting the placeholders. Where the value follows x alone,
+    x gets the larger importance and the chart is drawn."""
+    from vaerepro.document import Fig, Para
+    from vaerepro.sweep.report import _importance_blocks
+
+    blocks = _importance_blocks(_study_of([(3, -100.0)]))
+    assert not any(isinstance(b, Fig) for b in blocks)
+    (para,) = [b for b in blocks if isinstance(b, Para)]
+    assert para.text.startswith("Not available: Optuna: The number of trials is too small"), para.text
+
+    import optuna
+
+    study = _study_of([(x, -100.0 - (x - 15) ** 2) for x in range(1, 31)])
+    imp = optuna.importance.get_param_importances(study)
+    assert imp["x"] > imp["y"], imp
+    blocks = _importance_blocks(study)
+    assert [b.name for b in blocks if isinstance(b, Fig)] == ["importances"]
+    assert not any(isinstance(b, Para) for b in blocks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, top_tria
 from vaerepro.sweep.study import unconverged as _unconverged
 
 log = logging.getLogger(__name__)
+
+# The end of the warning Optuna's importance evaluator gives with the placeholder values it returns when the
+# completed trials cannot rank the parameters (PED-ANOVA, Optuna 5's default: optuna/importance/_ped_anova).
+EQUAL_IMPORTANCES = "Parameter importances will be equal"
 
 
 def _objective_rows(study, objective: str) -> list[dict[str, Any]]:
@@ -169,10 +174,18 @@ def _importance_blocks(study) -> list:
     try:
         import optuna
 
-        imp = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            imp = optuna.importance.get_param_importances(study)
     except Exception as err:  # too few trials, nothing varies, ...: the report goes on without
         log.debug("no parameter importances", exc_info=True)
         return blocks + [Para(f"Not available: {err}")]
+    # Where the trials cannot tell parameters apart (one completed trial; top and region quantiles of the
+    # same trials) Optuna's evaluator only warns and returns placeholder values (all 0, or all equal): a
+    # chart of them would look like a measurement.
+    placeholder = [str(w.message) for w in caught if EQUAL_IMPORTANCES in str(w.message)]
+    if placeholder:
+        return blocks + [Para(f"Not available: Optuna: {placeholder[0]}")]
     if not imp:
         return blocks + [Para("Not available: no parameter varies across the completed trials.")]
     names = list(imp)[::-1]
