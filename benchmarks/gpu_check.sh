@@ -9,7 +9,8 @@
 # full-MNIST epoch length with trainer.cuda_graph=true (ten optimiser steps per call of Lightning's
 # training_step, trainer=gpu's trainer.steps_per_call, and one) and eagerly (with the whole test split's evaluation, 10,000 digits x
 # K=5,000, at each eval.precision). Each part has its own time limit (seconds, below) so that
-# one that hangs still leaves the others' figures: the lease is 15 minutes in all.
+# one that hangs still leaves the others' figures, all inside GPU_CHECK_BUDGET (570 s: one device call;
+# the lease is 15 minutes in all, start included).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD/.site:$PWD/src" PYTHONUNBUFFERED=1
@@ -19,9 +20,21 @@ python3 -c "import torch, lightning; print(torch.cuda.get_device_name(), 'torch'
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)  # one hung test fails alone
 status=0
+# The whole script stays inside one device call (at most 600 s): each part's limit is cut to what is left of
+# BUDGET seconds, and a part with under 15 s left is skipped (and counted as a failure), so the figures of the
+# parts that ran still come back.
+BUDGET=${GPU_CHECK_BUDGET:-570}
+start=$(date +%s)
 part() {  # part SECONDS TITLE COMMAND...: one part under its time limit; its failure is remembered
-  local limit=$1 title=$2 rc
+  local limit=$1 title=$2 rc left
   shift 2
+  left=$((BUDGET - ($(date +%s) - start)))
+  if [ "$left" -lt 15 ]; then
+    echo "== $title: skipped, ${left} s of the ${BUDGET} s budget left"
+    status=124
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "== $title (limit ${limit} s) =="
   SECONDS=0
   timeout "$limit" "$@"
