@@ -165,6 +165,16 @@ def test_a_union_key_reads_as_one_key(override, expected):
     assert str(err.value) == expected
 
 
+def test_errors_of_several_keys_stay_apart():
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(compose("model.latent_dim=0", "eval.batch_size=x"))
+    assert str(err.value) == (
+        "model.latent_dim: Input should be greater than or equal to 1 (given: 0); "
+        "eval.batch_size: Input should be a valid integer, unable to parse string as an integer, or 'auto' "
+        "(given: 'x')"
+    )
+
+
 def test_improper_bernoulli_needs_opt_in_and_is_marked():
     cfg = config_mod.validate(compose("data.space=continuous", "likelihood.allow_improper=true"))
     assert cfg.data_space == "continuous" and cfg.improper

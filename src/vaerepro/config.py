@@ -415,25 +415,31 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-# Location parts pydantic adds for the branches of a union (`int | Literal["auto"]` gives
-# `constrained-int` and `literal['auto']`) and for validators; none is a key a user types.
-_BRANCH = re.compile(r"^(function-.*|tagged-union.*|literal\[.*\]|constrained-\w+|bool|int|float|str|none)$")
+# Location parts pydantic adds that are no key a user types: validator wrappers, a discriminated union's
+# marker, and the branches of a union (`int | Literal["auto"]` fails in `constrained-int`, `literal['auto']`).
+_WRAPPER = re.compile(r"^(function-.*|tagged-union.*)$")
+_UNION_BRANCH = re.compile(r"^(literal\[.*\]|constrained-\w+|bool|int|float|str|none)$")
 
 
 def _format(err: ValidationError) -> str:
-    by_key: dict[str, tuple[list[str], str]] = {}
+    entries: list[tuple[str, list[str], str, bool]] = []  # (key, messages, given, a union's branches)
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not _BRANCH.match(str(p)))
+        parts = [str(p) for p in e["loc"] if not _WRAPPER.match(str(p))]
+        union = any(_UNION_BRANCH.match(p) for p in parts)
+        key = ".".join(p for p in parts if not _UNION_BRANCH.match(p))
         # Discriminated unions put the tag in the location; keep the path a user would type.
         for tag in REGISTRY:
             key = key.replace(f"likelihood.{tag}", "likelihood")
+        key = key or "<root>"
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"
-        msgs, _ = by_key.setdefault(key or "<root>", ([], shown))
-        # A union's branches each fail: one key, its allowed forms joined ("... or 'auto'").
-        msgs.append(e["msg"] if not msgs else e["msg"].removeprefix("Input should be "))
+        if union and entries and entries[-1][0] == key and entries[-1][3]:
+            # the next branch of the same union: one key, its allowed forms joined ("..., or 'auto'")
+            entries[-1][1].append(e["msg"].removeprefix("Input should be "))
+        else:
+            entries.append((key, [e["msg"]], shown, union))
     # One line: each bad key, what is allowed and what was given.
-    return "; ".join(f"{key}: {', or '.join(msgs)}{shown}" for key, (msgs, shown) in by_key.items())
+    return "; ".join(f"{key}: {', or '.join(msgs)}{shown}" for key, msgs, shown, _ in entries)
 
 
 def validate(raw: dict[str, Any]) -> Config:
