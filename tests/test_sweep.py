@@ -819,7 +819,9 @@ def _study_of(values: list[tuple[int, float]]):
         "y": optuna.distributions.IntDistribution(1, 30),
     }
     for i, (x, value) in enumerate(values):
-        trial = optuna.trial.create_trial(params={"x": x, "y": 1 + (7 * i) % 30}, distributions=dists, value=value)
+        trial = optuna.trial.create_trial(
+            params={"x": x, "y": 1 + (7 * i) % 30}, distributions=dists, value=value
+        )
         study.add_trial(trial)
     return study
 
@@ -844,3 +846,21 @@ def test_importances_optuna_cannot_measure_are_not_charted():
     blocks = _importance_blocks(study)
     assert [b.name for b in blocks if isinstance(b, Fig)] == ["importances"]
     assert not any(isinstance(b, Para) for b in blocks)
+
+
+def test_importances_other_warnings_still_reach_the_user(monkeypatch):
+    import warnings
+
+    import optuna
+
+    from vaerepro.document import Fig
+    from vaerepro.sweep.report import _importance_blocks
+
+    def importances(study):
+        warnings.warn("some other Optuna warning", UserWarning, stacklevel=2)
+        return {"x": 0.8, "y": 0.2}
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", importances)
+    with pytest.warns(UserWarning, match="some other Optuna warning"):
+        blocks = _importance_blocks(_study_of([(3, -100.0)]))
+    assert [b.name for b in blocks if isinstance(b, Fig)] == ["importances"]

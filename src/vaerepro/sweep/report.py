@@ -184,6 +184,9 @@ def _importance_blocks(study) -> list:
     # same trials) Optuna's evaluator only warns and returns placeholder values (all 0, or all equal): a
     # chart of them would look like a measurement.
     placeholder = [str(w.message) for w in caught if EQUAL_IMPORTANCES in str(w.message)]
+    for w in caught:  # any other warning reaches the user as it would have without the recording
+        if EQUAL_IMPORTANCES not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if placeholder:
         return blocks + [Para(f"Not available: Optuna: {placeholder[0]}")]
     if not imp:
