@@ -550,3 +550,58 @@ def test_active_units_of_a_two_layer_model_are_shown_per_layer(tmp_path):
     config = {**CONFIG, "model": {**CONFIG.get("model", {}), "latent_dim": 100, "latent_dim_2": 50}}
     md = write_report(out, config, report_dir=tmp_path / "rep")["md"].read_text(encoding="utf-8")
     assert "| active units | 22 + 5 of 100 + 50 | latent dimensions in use, z1 + z2 |" in md
+
+
+# --- the report never shows an evaluation of other weights beside a training ------------------------------
+
+
+def test_an_evaluation_of_other_weights_than_the_training_describes_is_refused(tmp_path):
+    """train.json and eval.json each name the sha256 of the models/best.ckpt they describe; the report
+    refuses, in one line naming eval.json and both digests, a pair that differ, writing nothing, and reports
+    a pair that agree, or records written before the files named a checkpoint."""
+    out = make_out_dir(tmp_path / "run")
+    metrics = out / "metrics"
+    ev, tr = (json.loads((metrics / f).read_text()) for f in ("eval.json", "train.json"))
+    write_json = {
+        f: (lambda d, f=f: (metrics / f).write_text(json.dumps(d))) for f in ("eval.json", "train.json")
+    }
+    write_json["eval.json"]({**ev, "checkpoint_sha256": "a" * 64})
+    write_json["train.json"]({**tr, "best_checkpoint_sha256": "b" * 64})
+    expected = (
+        f"{metrics / 'eval.json'}: evaluated another models/best.ckpt (sha256 aaaaaaaaaaaa) than the "
+        f"training in {metrics / 'train.json'} wrote (bbbbbbbbbbbb): the model was trained again after its "
+        "evaluation; run `vaerepro evaluate` again"
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        write_report(out, CONFIG)
+    assert str(err.value) == expected
+    assert not (out / "reports").exists()
+    write_json["train.json"]({**tr, "best_checkpoint_sha256": "a" * 64})
+    assert write_report(out, CONFIG)["md"].is_file()
+    write_json["train.json"](tr)  # a train.json from before the key: not checked
+    assert write_report(out, CONFIG)["md"].is_file()
+
+
+def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_again(tmp_path, prepared_tiny):
+    """The stages as `vaerepro train`, `evaluate` and `report` run them on one directory: after a second
+    training (another seed: other weights in models/best.ckpt) the report refuses the first evaluation;
+    evaluated again, it reports the new model (train.json and eval.json name the same checkpoint)."""
+    from conftest import copy_prepared, tiny_config
+    from vaerepro.evaluate import evaluate
+    from vaerepro.sources import file_sha256
+    from vaerepro.train import train
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    first, second = (tiny_config("train.max_epochs=1", "eval.num_samples=10", f"seed={s}") for s in (0, 1))
+    train(first, out, enable_progress_bar=False)
+    evaluate(first, out, progress=False)
+    write_report(out, first.to_dict())
+    train(second, out, enable_progress_bar=False)
+    best = file_sha256(out / "models" / "best.ckpt")
+    read = {f: json.loads((out / "metrics" / f).read_text()) for f in ("eval.json", "train.json")}
+    assert read["train.json"]["best_checkpoint_sha256"] == best != read["eval.json"]["checkpoint_sha256"]
+    with pytest.raises(FileNotFoundError, match=r"eval.json: evaluated another models/best.ckpt"):
+        write_report(out, second.to_dict())
+    evaluate(second, out, progress=False)
+    assert json.loads((out / "metrics" / "eval.json").read_text())["checkpoint_sha256"] == best
+    assert write_report(out, second.to_dict())["md"].is_file()

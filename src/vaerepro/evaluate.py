@@ -37,6 +37,7 @@ from vaerepro.data import (
     check_prepared_from,
     config_split_settings,
     dim_log_jacobian,
+    file_sha256,
     fixed_space,
     is_dequantized,
     load_prepared,
@@ -533,6 +534,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             + ". Evaluate it with the config it was trained with, or train again; nothing was changed"
         )
     vae = load_vae(best, ckpt)
+    checkpoint_sha256 = file_sha256(best)  # which weights the numbers describe (train.json has the same)
     x_test = fixed_space(splits.test, space, quantized=quantized, seed=cfg.seed + TEST_SEED_OFFSET)
     e = cfg.eval
     rank, world = _process_group()
@@ -600,6 +602,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             # true only for uniformly dequantized 8-bit data (bits/dim include its 8 bits), not binarised
             "quantized": is_dequantized(space, quantized),
             "source": cfg.data.source,
+            "checkpoint_sha256": checkpoint_sha256,  # of models/best.ckpt, as read
         }
     )
     (out_dir / "metrics").mkdir(parents=True, exist_ok=True)

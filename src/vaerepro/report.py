@@ -95,6 +95,22 @@ def _load_eval(path: Path) -> dict:
     return ev
 
 
+def _check_same_weights(metrics_dir: Path, ev: Mapping, tr: Mapping) -> None:
+    """Refuse (ResultFileError) an eval.json that evaluated other weights than the models/best.ckpt that
+    train.json describes: a training run again (`vaerepro train`, a resumed training that found a better
+    epoch) after the evaluation, whose report would show the old model's numbers, samples and MLflow run
+    under the new training's curve and configuration. Each file names the sha256 of the best.ckpt it
+    describes; records written before they did (no such key) are not checked."""
+    evaluated, trained = ev.get("checkpoint_sha256"), tr.get("best_checkpoint_sha256")
+    if evaluated is None or trained is None or evaluated == trained:
+        return
+    raise ResultFileError(
+        f"{metrics_dir / 'eval.json'}: evaluated another models/best.ckpt (sha256 {str(evaluated)[:12]}) "
+        f"than the training in {metrics_dir / 'train.json'} wrote ({str(trained)[:12]}): the model was "
+        "trained again after its evaluation; run `vaerepro evaluate` again"
+    )
+
+
 def _read_curves(path: Path) -> dict[str, np.ndarray]:
     """elbo.csv -> {column: float array}; empty cells become NaN."""
     with path.open(newline="") as f:
@@ -489,6 +505,7 @@ def write_report(
     report_dir = Path(report_dir) if report_dir is not None else out_dir / "reports"
     ev = _load_eval(out_dir / "metrics" / "eval.json")
     tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
+    _check_same_weights(out_dir / "metrics", ev, tr)
     config = config or {}
 
     likelihood = ev.get("likelihood") or (config.get("likelihood") or {}).get("name", "?")

@@ -33,6 +33,7 @@ from vaerepro.data import (
     check_bounded,
     check_prepared_from,
     config_split_settings,
+    file_sha256,
     fixed_space,
     load_prepared,
     to_space,
@@ -788,6 +789,10 @@ def train(
         if selection is not None:
             metrics["lr_selection"] = selection  # stepsize.choose: candidates, pilot bounds, the chosen rate
         if trainer.is_global_zero:
+            # which weights these numbers describe: the report checks that eval.json evaluated this file,
+            # so a training run again after its evaluation never shows beside the old evaluation's numbers
+            best_ckpt = model_dir / "best.ckpt"
+            metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
             summary = {k: metrics[k] for k in SUMMARY_KEYS}
