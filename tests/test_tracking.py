@@ -480,6 +480,54 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
     assert client.get_run(trained).info.status == "KILLED"
 
 
+@pytest.mark.slow
+def test_a_report_never_goes_to_the_run_of_another_evaluation(raw_dir, tmp_path, monkeypatch):
+    """artifacts/mlflow_run.json names the sha256 of the eval.json whose numbers went to its run. An
+    evaluation (another K) that wrote its eval.json but whose MLflow store refused the numbers leaves the
+    previous evaluation's run named: the report refuses, in one line naming both files, before writing
+    anything (it would have gone to the K=20 run with the K=30 numbers); evaluated again, it goes to the
+    K=30 run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from vaerepro.cli import stage_evaluate, stage_report
+    from vaerepro.errors import UserError
+    from vaerepro.tracking import runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    run_pipeline(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
+    pointer = out / "artifacts" / "mlflow_run.json"
+    trained = json.loads(pointer.read_text())["run_id"]
+    report_before = (out / "reports" / "report.md").read_text()
+    again = tiny_config("eval.num_samples=30", tracking=True, raw_dir=raw_dir)
+
+    def refused(*args, **kwargs):
+        raise MlflowException("database is locked")
+
+    with monkeypatch.context() as m:
+        m.setattr(runs, "evaluation_run", refused)
+        with pytest.raises(MlflowException):
+            stage_evaluate(again, out, ROOT, progress=False)
+    assert json.loads((out / "metrics" / "eval.json").read_text())["num_samples"] == 30
+    assert json.loads(pointer.read_text())["run_id"] == trained
+    with pytest.raises(UserError) as err:
+        stage_report(again, out, ROOT)
+    assert str(err.value) == (
+        f"{pointer}: names the MLflow run of another evaluation than {out / 'metrics' / 'eval.json'} (the "
+        "last `vaerepro evaluate` wrote its numbers but did not log them); run `vaerepro evaluate` again"
+    )
+    assert (out / "reports" / "report.md").read_text() == report_before
+    stage_evaluate(again, out, ROOT, progress=False)
+    stage_report(again, out, ROOT)
+    child = json.loads(pointer.read_text())["run_id"]
+    assert child != trained and "K=30" in (out / "reports" / "report.md").read_text()
+    client = MlflowClient(uri)
+    assert "report" in {f.path for f in client.list_artifacts(child)}
+    assert client.get_run(child).data.tags["vaerepro.eval.num_samples"] == "30"
+
+
 def test_the_data_version_of_a_run_on_your_own_file_is_that_file_s(tmp_path):
     """data.dvc versions data/, where the embedded and downloaded sources live, not the .npz data.path names:
     a run on that file is tagged with the file's own md5, as prepare read it."""

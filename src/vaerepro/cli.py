@@ -148,16 +148,22 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
     if metrics is not None and cfg.tracking.enabled:
         tracking.log_evaluation(cfg, out_dir, metrics)  # names the run it logged to in artifacts/
     elif metrics is not None:  # an earlier evaluation's run is not this one's: say it went to none
-        tracking.write_run_id(out_dir / tracking.EVAL_RUN_DIR, None, None)
+        tracking.write_run_id(
+            out_dir / tracking.EVAL_RUN_DIR, None, None, evaluation=out_dir / "metrics" / "eval.json"
+        )
     return metrics
 
 
 def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
-    from vaerepro.report import write_report
+    from vaerepro.report import load_results, write_report
 
     runs, this_run = [], None
     if cfg.tracking.enabled:
+        # before any file is written: the result files are whole and of one model (their own errors
+        # first), and the run the evaluation named holds these numbers
+        load_results(out_dir)
+        tracking.check_evaluation_run(out_dir)
         runs, this_run = tracking.experiment_runs(cfg.tracking, root), tracking.stage_run_id(out_dir)[0]
     paths = write_report(out_dir, cfg.to_dict(), runs, this_run=this_run)
     if cfg.tracking.enabled:

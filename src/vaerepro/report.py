@@ -95,6 +95,16 @@ def _load_eval(path: Path) -> dict:
     return ev
 
 
+def load_results(out_dir: Path) -> tuple[dict, dict]:
+    """(metrics/eval.json, metrics/train.json) of out_dir as the report reads them; ResultFileError (one line
+    naming the file and the stage to run) for a missing or damaged file, numbers no evaluation writes, or
+    an evaluation of other weights than the training's."""
+    ev = _load_eval(out_dir / "metrics" / "eval.json")
+    tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
+    _check_same_weights(out_dir / "metrics", ev, tr)
+    return ev, tr
+
+
 def _check_same_weights(metrics_dir: Path, ev: Mapping, tr: Mapping) -> None:
     """Refuse (ResultFileError) an eval.json that evaluated other weights than the models/best.ckpt that
     train.json describes: a training run again (`vaerepro train`, a resumed training that found a better
@@ -503,9 +513,7 @@ def write_report(
     """
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir is not None else out_dir / "reports"
-    ev = _load_eval(out_dir / "metrics" / "eval.json")
-    tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
-    _check_same_weights(out_dir / "metrics", ev, tr)
+    ev, tr = load_results(out_dir)
     config = config or {}
 
     likelihood = ev.get("likelihood") or (config.get("likelihood") or {}).get("name", "?")

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vaerepro.config import Config, TrackingConfig
-from vaerepro.data import META_FILE
+from vaerepro.data import META_FILE, file_sha256
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
 from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, TEST_SET_TAG, metric_name, space_name
@@ -200,7 +200,9 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     space = space_name(cfg.data_space, cfg.improper)
     k, test_set = str(metrics.get("num_samples", cfg.eval.num_samples)), test_set_digest(out_dir / "prepared")
     run_id = evaluation_run(client, run_id, cfg, k, test_set)
-    write_run_id(out_dir / EVAL_RUN_DIR, run_id, uri)  # the run these numbers went to: the report's too
+    # the run these numbers go to, the report's too, and which eval.json they are (check_evaluation_run);
+    # written first, so that a failure while logging marks this run (end_recorded_run)
+    write_run_id(out_dir / EVAL_RUN_DIR, run_id, uri, evaluation=out_dir / "metrics" / "eval.json")
     log_config(client, run_id, cfg.to_dict(), keys=("eval",))
     conv = metrics.get("convergence") or {}
     numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
@@ -295,9 +297,34 @@ def log_report(out_dir: Path, report_dir: Path) -> None:
         client.set_terminated(run_id, "FINISHED")
 
 
-def write_run_id(model_dir: Path, run_id: str | None, uri: str | None) -> None:
+def write_run_id(
+    model_dir: Path, run_id: str | None, uri: str | None, *, evaluation: Path | None = None
+) -> None:
+    """model_dir/mlflow_run.json naming the run; `evaluation`: the eval.json whose numbers went to it, named
+    by its sha256 (`check_evaluation_run`)."""
+    record: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri}
+    if evaluation is not None:
+        record["eval_json_sha256"] = file_sha256(evaluation)
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
+    (model_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_evaluation_run(out_dir: Path) -> None:
+    """UserError when out_dir/artifacts/mlflow_run.json names the run of another evaluation than
+    out_dir/metrics/eval.json: a `vaerepro evaluate` that wrote its numbers but stopped before it logged
+    them (an MLflow store that refused them, a SIGTERM) leaves the previous evaluation's run named, and a
+    report would go to that run (another model's, or another K's). A record written before it named its
+    eval.json is not checked."""
+    pointer, ev = out_dir / EVAL_RUN_DIR / RUN_FILE, out_dir / "metrics" / "eval.json"
+    if not (pointer.is_file() and ev.is_file()):
+        return
+    read_run_id(out_dir / EVAL_RUN_DIR)  # a damaged file: one line naming it
+    logged = json.loads(pointer.read_text()).get("eval_json_sha256")
+    if logged is not None and logged != file_sha256(ev):
+        raise UserError(
+            f"{pointer}: names the MLflow run of another evaluation than {ev} (the last `vaerepro evaluate` "
+            "wrote its numbers but did not log them); run `vaerepro evaluate` again"
+        )
 
 
 def read_run_id(model_dir: Path) -> tuple[str | None, str | None]:
