@@ -294,6 +294,8 @@ def test_the_measured_difference_reaches_mlflow(tmp_path, monkeypatch):
         "num_samples": 50,
         "precision": precision_effect("bf16", torch.tensor([-100.0, -99.0]), torch.tensor([-100.5, -99.0])),
     }
+    (tmp_path / "metrics").mkdir()  # as the evaluate stage leaves it: log_evaluation logs and names the file
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(metrics))
     tracking.log_evaluation(cfg, tmp_path, metrics)
     assert calls["params"]["eval.precision"] == "bf16"
     assert calls["metrics"]["binary/test/precision_log_px_diff"] == pytest.approx(0.25)

@@ -605,3 +605,33 @@ def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_aga
     evaluate(second, out, progress=False)
     assert json.loads((out / "metrics" / "eval.json").read_text())["checkpoint_sha256"] == best
     assert write_report(out, second.to_dict())["md"].is_file()
+
+
+def test_an_evaluation_that_fails_leaves_the_previous_ones_files_together(
+    tmp_path, prepared_tiny, monkeypatch
+):
+    """evaluate computes everything before it writes a file: one that fails at its last computation (the
+    report's images) leaves the previous evaluation's eval.json, per_example.npz and samples.npz as they
+    were, so the report never shows one evaluation's images beside another's numbers."""
+    from conftest import copy_prepared, tiny_config
+    from vaerepro import evaluate as evaluate_mod
+    from vaerepro.train import train
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    cfg = tiny_config("train.max_epochs=1", "eval.num_samples=10")
+    train(cfg, out, enable_progress_bar=False)
+    evaluate_mod.evaluate(cfg, out, progress=False)
+    files = [
+        out / "metrics" / "eval.json",
+        out / "artifacts" / "per_example.npz",
+        out / "artifacts" / "samples.npz",
+    ]
+    before = [f.read_bytes() for f in files]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(evaluate_mod, "sample_images", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_mod.evaluate(tiny_config("train.max_epochs=1", "eval.num_samples=12"), out, progress=False)
+    assert [f.read_bytes() for f in files] == before

@@ -605,17 +605,19 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             "checkpoint_sha256": checkpoint_sha256,  # of models/best.ckpt, as read
         }
     )
-    (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = {k: metrics[k] for k in SUMMARY_KEYS}
-    (out_dir / "metrics" / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
+    # Everything is computed before the first file is written: an evaluation that fails or is stopped
+    # leaves the previous one's files together, never its images beside these numbers. The numbers last.
     (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     # per-example estimates (N,), nats: for paired comparisons of models on the same test examples; the
     # ladder as log_px_k<k> (the estimate from the first k samples), for paired k-to-k differences
     per_ex_arrays = {k: per_ex[k].numpy() for k in ("log_px", "elbo", "recon", "kl", "ess")}
     per_ex_arrays.update({f"log_px_k{k}": v.numpy() for k, v in per_ex["ladder"].items()})
     np.savez(out_dir / "artifacts" / "per_example.npz", **per_ex_arrays)
-    images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
     np.savez(out_dir / "artifacts" / "samples.npz", **images)
+    (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary = {k: metrics[k] for k in SUMMARY_KEYS}
+    (out_dir / "metrics" / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     return metrics
