@@ -585,8 +585,10 @@ def test_an_evaluation_of_other_weights_than_the_training_describes_is_refused(t
 def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_again(tmp_path, prepared_tiny):
     """The stages as `vaerepro train`, `evaluate` and `report` run them on one directory: after a second
     training (another seed: other weights in models/best.ckpt) the report refuses the first evaluation;
-    evaluated again, it reports the new model (train.json and eval.json name the same checkpoint)."""
-    from conftest import copy_prepared, tiny_config
+    evaluated again, it reports the new model (train.json and eval.json name the same checkpoint); the
+    report stage under another configuration than the evaluated one is refused too."""
+    from conftest import ROOT, copy_prepared, tiny_config
+    from vaerepro.cli import stage_report
     from vaerepro.evaluate import evaluate
     from vaerepro.sources import file_sha256
     from vaerepro.train import train
@@ -605,6 +607,16 @@ def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_aga
     evaluate(second, out, progress=False)
     assert json.loads((out / "metrics" / "eval.json").read_text())["checkpoint_sha256"] == best
     assert write_report(out, second.to_dict())["md"].is_file()
+    # the report stage under another configuration than the one evaluated: refused, naming each key
+    other = tiny_config("train.max_epochs=1", "eval.num_samples=11", "seed=1", "model.latent_dim=5")
+    with pytest.raises(FileNotFoundError) as err:
+        stage_report(other, out, ROOT)
+    assert str(err.value) == (
+        f"{out / 'metrics' / 'eval.json'}: evaluated another configuration than the report's "
+        "(model.latent_dim: 5 in the config, 4 in eval.json; eval.num_samples: 11 in the config, 10 in "
+        "eval.json); report with the config the stages ran with, or run them again with this one"
+    )
+    assert stage_report(second, out, ROOT)["md"].is_file()
 
 
 def test_an_evaluation_that_fails_leaves_the_previous_ones_files_together(

@@ -156,13 +156,21 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
 
 def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
-    from vaerepro.report import load_results, write_report
+    from vaerepro.report import check_config, load_results, write_report
 
+    # before any file is written: the result files are whole, of one model and of this configuration (their
+    # own errors first), and the run the evaluation named holds these numbers
+    ev, _ = load_results(out_dir)
+    labels = {
+        "likelihood": cfg.likelihood.name,
+        "latent_dim": cfg.model.latent_dim,
+        "num_samples": cfg.eval.num_samples,
+        "source": cfg.data.source,
+        "data_space": cfg.data_space,
+    }
+    check_config(out_dir / "metrics" / "eval.json", ev, labels)
     runs, this_run = [], None
     if cfg.tracking.enabled:
-        # before any file is written: the result files are whole and of one model (their own errors
-        # first), and the run the evaluation named holds these numbers
-        load_results(out_dir)
         tracking.check_evaluation_run(out_dir)
         runs, this_run = tracking.experiment_runs(cfg.tracking, root), tracking.stage_run_id(out_dir)[0]
     paths = write_report(out_dir, cfg.to_dict(), runs, this_run=this_run)

@@ -23,6 +23,7 @@ import math
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -103,6 +104,34 @@ def load_results(out_dir: Path) -> tuple[dict, dict]:
     tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
     _check_same_weights(out_dir / "metrics", ev, tr)
     return ev, tr
+
+
+# eval.json's labels and the config keys that set them: a report under another config would print that
+# config's table beside these numbers
+LABELS = {
+    "likelihood": "likelihood.name",
+    "latent_dim": "model.latent_dim",
+    "num_samples": "eval.num_samples",
+    "source": "data.source",
+    "data_space": "data space",
+}
+
+
+def check_config(eval_json: Path, ev: Mapping, labels: Mapping[str, Any]) -> None:
+    """ResultFileError when the evaluation in eval_json (ev) was of another configuration than the one the
+    report is asked to print: `labels` holds the config's values of LABELS' eval.json keys; every key that
+    differs is named with both values. A key eval.json lacks is not compared."""
+    differ = [
+        f"{key}: {labels[label]!r} in the config, {ev[label]!r} in eval.json"
+        for label, key in LABELS.items()
+        if label in ev and label in labels and ev[label] != labels[label]
+    ]
+    if differ:
+        raise ResultFileError(
+            f"{eval_json}: evaluated another configuration than the report's ("
+            + "; ".join(differ)
+            + "); report with the config the stages ran with, or run them again with this one"
+        )
 
 
 def _check_same_weights(metrics_dir: Path, ev: Mapping, tr: Mapping) -> None:
