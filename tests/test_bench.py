@@ -33,9 +33,7 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
         name: float(value)
         for name, value in re.findall(r"^ratio harness/(minimal|minimal fused) time: ([\d.]+)", out, re.M)
     }
-    # sanity bounds, not targets: three 35-step epoch pairs on a loaded 2-core machine (another pytest
-    # beside this suite's two workers) once gave 6.6 like for like; make bench's figures are the measurement
-    assert set(ratios) == {"minimal", "minimal fused"} and all(0.1 < r < 20 for r in ratios.values()), out
+    assert set(ratios) == {"minimal", "minimal fused"} and all(0.2 < r < 5 for r in ratios.values()), out
     assert re.search(r"like for like = objective [\d.]+ x Lightning \+ tracking [\d.]+", out), out
     evals = re.findall(
         r"^K=\s*(\d+) on\s+(\d+) digits: .* ([\d.]+) samples/s .*log p\(x\) = (-[\d.]+) nats", out, re.M
