@@ -92,6 +92,30 @@ def test_prepared_data_from_another_file_is_refused(tmp_path):
     data.check_prepared_from(meta, "npz", tmp_path / "a.npz", prepared)
 
 
+def test_prepared_data_is_checked_against_the_file_as_prepare_reads_its_path(tmp_path, monkeypatch):
+    """The check hashed data.path as typed: `~/a.npz` (or a path relative to the working directory) was no
+    file to it, so train and evaluate took a.npz's old splits after a.npz changed; and a data.path naming a
+    file that is not there passed too, the old splits then reported under that name."""
+    meta, prepared = _prepared_from_a(tmp_path), tmp_path / "prepared"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    data.check_prepared_from(meta, "npz", "~/a.npz", prepared)  # the file prepare read, unchanged: fine
+    data.check_prepared_from(meta, "npz", "a.npz", prepared)
+    np.savez(tmp_path / "a.npz", x=np.zeros((30, 16), np.uint8))  # changed after prepare
+    again = re.escape(f"prepared: made from another version of {tmp_path / 'a.npz'} (md5 ")
+    for typed in ("~/a.npz", "a.npz", "./sub/../a.npz"):
+        with pytest.raises(DataError, match=again):
+            data.check_prepared_from(meta, "npz", typed, prepared)
+    missing = re.escape(
+        f"prepared: made from {tmp_path / 'a.npz'}, but the config has data.path={tmp_path / 'gone.npz'}, "
+        "which does not exist; prepare it again"
+    )
+    with pytest.raises(DataError, match=missing):
+        data.check_prepared_from(meta, "npz", "~/gone.npz", prepared)
+    (tmp_path / "a.npz").unlink()  # the file prepare read, deleted since: nothing tells another file
+    data.check_prepared_from(meta, "npz", tmp_path / "a.npz", prepared)
+
+
 def test_prepared_data_from_another_source_is_refused(tmp_path):
     """prepared/ of the user's .npz passed for data=mnist5k (and any other source): the run was tagged
     source mnist5k with data.dvc's data version, over numbers of the user's file."""

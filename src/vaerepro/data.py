@@ -523,7 +523,9 @@ def check_prepared_from(
     on data/ and the data params, not on the file data.path names, so `dvc repro` does not prepare again
     when that file changes; and `vaerepro train` after `vaerepro params` without `vaerepro prepare` finds the
     old prepared/: the stages would train and evaluate the old data under the config's labels. `settings`
-    (`config_split_settings`): also refused, splits made with other settings than the config's."""
+    (`config_split_settings`): also refused, splits made with other settings than the config's. `path` is
+    read as prepare reads it (`~` expanded, relative to the working directory); a path where no file is now
+    is refused when it is not the one prepare read (meta.json's ``path``)."""
     again = "prepare it again: vaerepro prepare, or under DVC dvc repro -f prepare"
     made_from = meta.get("source")
     if made_from is not None and made_from != source:
@@ -541,7 +543,19 @@ def check_prepared_from(
                 f"{prepared}: its splits were made with {name}={_yaml_value(meta[key])}, but the config has "
                 f"{name}={_yaml_value(want)}; {again}"
             )
-    if source != "npz" or path is None or not Path(path).is_file():
+    if source != "npz" or path is None:
+        return
+    # as prepare reads it (cli._data_path): `~/x.npz` and a relative path name the file prepare found
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        # nothing to hash: only the name tells, and another name is other data as far as anyone can know (a
+        # data.path changed to a file not there yet would otherwise label the old splits with its name)
+        before = meta.get("path")
+        if before and Path(before).expanduser().resolve() != path:
+            raise DataError(
+                f"{prepared}: made from {before}, but the config has data.path={path}, which does not exist; "
+                f"{again}"
+            )
         return
     raw_files = meta.get("raw_files") or {}
     # an .npz source is one file: its md5 is the only entry, under the name the file had at prepare
