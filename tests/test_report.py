@@ -13,7 +13,17 @@ import pytest
 from matplotlib.figure import Figure
 
 from vaerepro.compare import space_label
-from vaerepro.document import Caution, Fig, Heading, Table, flatten, png, render_md, write_figures
+from vaerepro.document import (
+    Caution,
+    Fig,
+    Heading,
+    Table,
+    differences,
+    flatten,
+    png,
+    render_md,
+    write_figures,
+)
 from vaerepro.report import ladder_is_decreasing, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -496,6 +506,53 @@ def test_flatten_gives_dotted_keys_in_order_and_the_config_table_prints_them(rep
     assert rows["likelihood.allow_improper"] == "false"
 
 
+def test_differences_names_each_leaf_both_hold_with_other_values():
+    recorded = {"seed": 0, "model": {"dims": [500], "act": "tanh"}, "eval": {"k": 10}, "old": 1}
+    current = {"seed": 1, "model": {"dims": [500, 500], "act": "tanh"}, "eval": {"k": 20}, "new": 2}
+    assert differences(recorded, current) == {
+        "seed": (1, 0),
+        "model.dims": ([500, 500], [500]),
+        "eval.k": (20, 10),
+    }  # in current's order; keys only one of them holds are not compared
+    assert list(differences(recorded, current, skip=("eval", "model"))) == ["seed"]
+    assert differences(recorded, recorded) == {}
+
+
+def test_the_configuration_table_is_the_one_the_stages_recorded(tmp_path):
+    """The report printed the configuration it was given beside the records' numbers: under an edited
+    params.yaml (another data.path, learning rate, seed) a table of settings those numbers were not made
+    with. It prints eval.json's `config`, and marks each key train.json's `config` holds otherwise (eval.*
+    and tracking.* aside: the training reads neither)."""
+    out = make_out_dir(tmp_path / "run")
+    metrics = out / "metrics"
+    ev, tr = (json.loads((metrics / f).read_text()) for f in ("eval.json", "train.json"))
+    evaluated = {**CONFIG, "seed": 3, "train": {**CONFIG["train"], "max_epochs": 7}, "tracking": {"on": 1}}
+    trained = {**evaluated, "train": CONFIG["train"], "eval": {"num_samples": 5}, "tracking": {"on": 0}}
+    (metrics / "eval.json").write_text(json.dumps({**ev, "config": evaluated}))
+    (metrics / "train.json").write_text(json.dumps({**tr, "config": trained}))
+    edited = {**CONFIG, "seed": 9, "model": {**CONFIG["model"], "hidden_dims": [64]}}
+    md = write_report(out, edited)["md"].read_text(encoding="utf-8")
+    rows = dict(_md_table_after(md, "## Configuration"))
+    assert rows["seed"] == "3" and rows["model.hidden_dims"] == "[500]"  # eval.json's, not the given ones
+    assert rows["train.max_epochs"] == "7 (training: 5)"  # the training ran with 5
+    assert rows["eval.num_samples"] == "1000" and rows["tracking.on"] == "1"  # the training reads neither
+    assert [k for k, v in rows.items() if "training:" in v] == ["train.max_epochs"]
+    assert "ran with otherwise" in md
+    (metrics / "train.json").write_text(json.dumps({**tr, "config": evaluated}))  # one configuration
+    md = write_report(out, edited)["md"].read_text(encoding="utf-8")
+    assert "training:" not in md and dict(_md_table_after(md, "## Configuration"))["train.max_epochs"] == "7"
+    (metrics / "eval.json").write_text(json.dumps(ev))  # an eval.json from before it held one
+    rows = dict(
+        _md_table_after(write_report(out, edited)["md"].read_text(encoding="utf-8"), "## Configuration")
+    )
+    assert rows["seed"] == "9 (training: 3)" and rows["model.hidden_dims"] == "[64] (training: [500])"
+    (metrics / "train.json").write_text(json.dumps(tr))  # records from before they held one: the given one
+    rows = dict(
+        _md_table_after(write_report(out, edited)["md"].read_text(encoding="utf-8"), "## Configuration")
+    )
+    assert rows["seed"] == "9" and rows["model.hidden_dims"] == "[64]"
+
+
 def test_document_imports_neither_the_report_nor_matplotlib():
     """document is the core both reports build on: no import cycle, and a light import."""
     code = "import sys, vaerepro.document; print(*sys.modules)"
@@ -617,6 +674,51 @@ def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_aga
         "eval.json); report with the config the stages ran with, or run them again with this one"
     )
     assert stage_report(second, out, ROOT)["md"].is_file()
+
+
+def test_the_report_stage_under_an_edited_config_prints_the_one_the_stages_ran_under(
+    tmp_path, prepared_tiny, caplog
+):
+    """The stages run by hand: train and evaluate under one config, then `vaerepro report` after the
+    config was edited in keys the headline labels do not show (the learning rate, the seed, the split seed,
+    a training key changed between the training and the evaluation). The report's table is what each stage
+    ran under, and the stage warns that it is not the config it was given."""
+    from conftest import ROOT, copy_prepared, tiny_config
+    from vaerepro.cli import stage_report
+    from vaerepro.evaluate import evaluate
+    from vaerepro.train import train
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    cfg = tiny_config("train.max_epochs=1", "eval.num_samples=10", "tracking.enabled=false")
+    train(cfg, out, enable_progress_bar=False)
+    evaluate(
+        tiny_config("train.max_epochs=2", "eval.num_samples=10", "tracking.enabled=false"),
+        out,
+        progress=False,
+    )
+    recorded = {
+        f: json.loads((out / "metrics" / f).read_text())["config"] for f in ("train.json", "eval.json")
+    }
+    assert (
+        recorded["train.json"]["train"]["max_epochs"] == 1
+        and recorded["eval.json"]["train"]["max_epochs"] == 2
+    )
+    edited = tiny_config(
+        "train.max_epochs=2", "eval.num_samples=10", "tracking.enabled=false", "train.lr=0.5", "seed=7"
+    )
+    with caplog.at_level("WARNING", logger="vaerepro"):
+        md = stage_report(edited, out, ROOT)["md"].read_text(encoding="utf-8")
+    rows = dict(_md_table_after(md, "## Configuration"))
+    assert rows["train.lr"] == _cell_of(cfg.train.lr) and rows["seed"] == "0"
+    assert rows["train.max_epochs"] == "2 (training: 1)"
+    assert [r.getMessage() for r in caplog.records if "report prints" in r.getMessage()] == [
+        f"the report prints the configuration {out / 'metrics' / 'eval.json'} was evaluated under, which "
+        "differs from this one in seed, train.lr"
+    ]
+
+
+def _cell_of(value) -> str:
+    return json.dumps(value)
 
 
 def test_an_evaluation_that_fails_leaves_the_previous_ones_files_together(

@@ -156,7 +156,7 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
 
 def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
-    from vaerepro.report import check_config, load_results, write_report
+    from vaerepro.report import check_config, config_drift, load_results, write_report
 
     # before any file is written: the result files are whole, of one model and of this configuration (their
     # own errors first), and the run the evaluation named holds these numbers
@@ -169,6 +169,13 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
         "data_space": cfg.data_space,
     }
     check_config(out_dir / "metrics" / "eval.json", ev, labels)
+    if drift := config_drift(ev, cfg.to_dict()):
+        shown = ", ".join(drift[:5]) + (f" and {len(drift) - 5} more" if len(drift) > 5 else "")
+        log.warning(
+            "the report prints the configuration %s was evaluated under, which differs from this one in %s",
+            out_dir / "metrics" / "eval.json",
+            shown,
+        )
     runs, this_run = [], None
     if cfg.tracking.enabled:
         tracking.check_evaluation_run(out_dir)

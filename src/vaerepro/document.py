@@ -6,7 +6,7 @@ file that `write_figures` wrote. The run report (`vaerepro.report`) and the swee
 (`vaerepro.sweep.report`) are both built from these blocks.
 
 Also here, the text helpers the reports share: numbers with their standard error and unit (`fmt`, `pm`),
-ids (`slug`) and nested mappings as dotted keys (`flatten`).
+ids (`slug`), nested mappings as dotted keys (`flatten`) and where two differ (`differences`).
 
 Imports nothing from vaerepro, and matplotlib only when `png` is called.
 """
@@ -103,6 +103,16 @@ def pm(value, se, unit: str, digits: int = 2, sign: bool = False) -> str:
 def slug(text: str) -> str:
     """Lower-case letters, digits and dashes only: a file stem or html id ('x' when nothing is left)."""
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
+
+
+def differences(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], skip: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (value in current, value in recorded)} of each leaf both nested mappings hold with other
+    values, in current's order. Not compared: keys under a top-level section named in `skip`, and a key
+    only one of them holds (a record written by another version, with other keys)."""
+    old, new, skipped = flatten(recorded), flatten(current), tuple(f"{s}." for s in skip)
+    return {k: (v, old[k]) for k, v in new.items() if k in old and old[k] != v and not k.startswith(skipped)}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -603,6 +603,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             "quantized": is_dequantized(space, quantized),
             "source": cfg.data.source,
             "checkpoint_sha256": checkpoint_sha256,  # of models/best.ckpt, as read
+            "config": cfg.to_dict(),  # what it ran under: the report prints it (report.recorded_config)
         }
     )
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)

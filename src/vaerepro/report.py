@@ -36,6 +36,7 @@ from vaerepro.document import (
     Heading,
     Para,
     Table,
+    differences,
     flatten,
     fmt,
     pm,
@@ -520,6 +521,36 @@ def _images_section(out_dir: Path, latent_dim) -> list[Block]:
 # --------------------------------------------------------------------------------------------- entry
 
 
+_CONFIG_TEXT = "The resolved configuration the evaluation ran under, as metrics/eval.json records it."
+_TRAINED_AS_TEXT = (
+    "A value followed by (training: …) is one the training, as metrics/train.json records it, ran with "
+    "otherwise: the stages ran under different configurations."
+)
+
+
+def recorded_config(ev: Mapping, tr: Mapping, config: Mapping) -> tuple[Mapping, dict[str, Any]]:
+    """(the configuration a report of these records prints, {dotted key: the training's value} of each key
+    the training ran with otherwise). eval.json's `config` is the resolved config the evaluation ran under,
+    train.json's the one the training ran under (each written by its stage); a record from before they
+    held one leaves `config`, the config the report stage was given. The two differ where a stage was run
+    by hand under an edited config, or where DVC did not run the evaluation again because its inputs were
+    unchanged by a training key (trainer.steps_per_call, say); eval.* and tracking.* do not count, as the
+    training does not read them."""
+    recorded = ev.get("config")
+    shown = recorded if isinstance(recorded, Mapping) else config
+    trained = tr.get("config")
+    if not isinstance(trained, Mapping):
+        return shown, {}
+    return shown, {k: t for k, (_, t) in differences(trained, shown, skip=("eval", "tracking")).items()}
+
+
+def config_drift(ev: Mapping, config: Mapping) -> list[str]:
+    """The dotted keys where `config` differs from the one eval.json (ev) records the evaluation ran under
+    (none for a record without one): the report prints the recorded one, and the report stage says so."""
+    recorded = ev.get("config")
+    return list(differences(recorded, config)) if isinstance(recorded, Mapping) else []
+
+
 def _cell(value) -> str:
     """A config value as a table cell: strings as they are, anything else as JSON (lists, numbers, null)."""
     return value if isinstance(value, str) else json.dumps(value)
@@ -543,7 +574,8 @@ def write_report(
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir is not None else out_dir / "reports"
     ev, tr = load_results(out_dir)
-    config = config or {}
+    config, trained_as = recorded_config(ev, tr, config or {})
+    trained = tr["config"] if isinstance(tr.get("config"), Mapping) else config  # the training's own
 
     likelihood = ev.get("likelihood") or (config.get("likelihood") or {}).get("name", "?")
     space = str(ev.get("data_space") or "?")
@@ -556,14 +588,22 @@ def write_report(
     blocks: list[Block] = [Para(f"Data space: {label}. Log-likelihoods and bounds are in nats per example.")]
     if improper:
         blocks.append(Caution(_IMPROPER_TEXT))
-    blocks += _metrics_section(ev, tr, config, label, improper)
-    blocks += _curves_section(out_dir, tr, config, label)
+    blocks += _metrics_section(ev, tr, trained, label, improper)
+    blocks += _curves_section(out_dir, tr, trained, label)
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
     blocks += comparison_section(runs, this_run=this_run)
     blocks += [
         Heading("Configuration"),
-        Table(["key", "value"], [[k, _cell(v)] for k, v in flatten(config).items()], kind="config"),
+        Para(_CONFIG_TEXT + (" " + _TRAINED_AS_TEXT if trained_as else "")),
+        Table(
+            ["key", "value"],
+            [
+                [k, _cell(v) + (f" (training: {_cell(trained_as[k])})" if k in trained_as else "")]
+                for k, v in flatten(config).items()
+            ],
+            kind="config",
+        ),
     ]
 
     figures, rel = write_figures(blocks, report_dir / "figures")

@@ -793,6 +793,7 @@ def train(
             # so a training run again after its evaluation never shows beside the old evaluation's numbers
             best_ckpt = model_dir / "best.ckpt"
             metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
+            metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
             summary = {k: metrics[k] for k in SUMMARY_KEYS}
