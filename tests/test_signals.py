@@ -25,7 +25,8 @@ def test_sigterm_raises_stopped_with_exit_status_143(handler):
     assert stop.value.exit_status == 143 and "SIGTERM" in str(stop.value)
 
 
-def test_while_deferred_the_first_sigterm_is_recorded_and_the_second_stops_at_once(handler):
+def test_while_deferred_the_first_sigterm_is_recorded_and_the_second_stops_at_once(handler, monkeypatch):
+    monkeypatch.setattr(signals, "REPEAT_S", 0.0)  # a second SIGTERM any time after the first
     with signals.deferred():
         os.kill(os.getpid(), signal.SIGTERM)  # recorded: the code inside polls it at its next safe point
         assert signals.requested() == signal.SIGTERM
@@ -35,6 +36,22 @@ def test_while_deferred_the_first_sigterm_is_recorded_and_the_second_stops_at_on
         assert signals.requested() is None  # each deferred section starts afresh
     with pytest.raises(Stopped):  # and outside one, SIGTERM stops at once again
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_repeated_at_once_is_the_same_request(handler, monkeypatch):
+    """A process-group SIGTERM (SLURM preemption, kill -- -PGID) reaches a reproduction's seed directly and
+    again through its parent, a moment apart: taken as "stop at once", the seed stopped mid-epoch with no
+    models/last.ckpt, and --resume trained it again from epoch 0. Within REPEAT_S of the first, a second
+    SIGTERM is the same request; after it, a stop at once."""
+    clock = iter([100.0, 101.9, 102.1])  # the first at t = 100 s, then 1.9 s and 2.1 s later
+    monkeypatch.setattr(signals, "clock", lambda: next(clock))
+    assert signals.REPEAT_S == 2.0
+    with signals.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # 1.9 s later: the group's signal passed on by the parent
+        assert signals.requested() == signal.SIGTERM
+        with pytest.raises(Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)  # 2.1 s after the first: stop at once
 
 
 def test_take_over_replaces_a_handler_installed_later(handler):

@@ -4,7 +4,8 @@
 (the MLflow run is marked KILLED) and the command exits 143. During training (`deferred`), the first SIGTERM
 or Ctrl-C only asks training to stop at the end of the current epoch, where last.ckpt can be written and
 resumed exactly (a mid-epoch state cannot: batches are seeded per epoch); a second one stops at once (exit
-143, or 130 for Ctrl-C). Outside training Ctrl-C is Python's KeyboardInterrupt (vaerepro.cli: exit 130).
+143, or 130 for Ctrl-C; a SIGTERM within REPEAT_S seconds of the first is taken as the same one). Outside
+training Ctrl-C is Python's KeyboardInterrupt (vaerepro.cli: exit 130).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from vaerepro.errors import Stopped
@@ -21,17 +23,27 @@ log = logging.getLogger("vaerepro")
 
 _deferring = False
 _requested: int | None = None  # the signal received while deferring
+_requested_at = 0.0  # when (clock(), s)
+
+# A SIGTERM within this many seconds of the first is the same request, not "stop at once": a signal to a
+# whole process group (SLURM preemption, `kill -- -PGID`) reaches a reproduction's seed directly and again
+# through its parent, which passes its own SIGTERM on (reproduce._run_seed); the seed would otherwise stop
+# mid-epoch with no models/last.ckpt. A second Ctrl-C is a person's, and always stops at once.
+REPEAT_S = 2.0
+clock = time.monotonic  # seconds, for REPEAT_S (a test sets its own)
 
 
 def _handler(signum: int, frame) -> None:
-    global _requested
+    global _requested, _requested_at
     if _deferring and _requested is None:
-        _requested = signum
+        _requested, _requested_at = signum, clock()
         log.warning(
             "%s received: training stops at the end of this epoch and saves models/last.ckpt; "
             "send it again to stop at once",
             signal.Signals(signum).name,
         )
+        return
+    if _deferring and signum == _requested == signal.SIGTERM and clock() - _requested_at < REPEAT_S:
         return
     raise Stopped(signum)
 
