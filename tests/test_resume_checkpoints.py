@@ -177,3 +177,40 @@ def test_resume_refuses_another_global_batch_before_touching_anything(tmp_path, 
     assert "9 optimiser steps" in line and "takes 5 an epoch" in line and "= 50 x 2)" in line, line
     assert "resuming from" not in proc.stderr  # it does not say it resumes
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "recorded"),
+    [("trainer.precision", "bf16-mixed", "32-true"), ("trainer.matmul_precision", "medium", "highest")],
+)
+def test_resume_refuses_other_arithmetic_before_touching_anything(
+    tmp_path, prepared_tiny, key, value, recorded
+):
+    """Resumed under trainer.precision=bf16-mixed, a float32 training went on in bf16 and was recorded as one
+    bf16-mixed training. last.ckpt names its arithmetic (checkpoints.NUMERICS_KEY); another is refused,
+    naming both, with the files as they were; a checkpoint from before the key is resumed as before."""
+    out = copy_prepared(prepared_tiny, tmp_path)
+    train(tiny_config("train.max_epochs=1"), out, enable_progress_bar=False)
+    last = out / "models" / "last.ckpt"
+    assert _load(last)[checkpoints.NUMERICS_KEY] == {
+        "trainer.precision": "32-true",
+        "trainer.matmul_precision": "highest",
+    }
+    files = ("models/last.ckpt", "models/best.ckpt", "plots/elbo.csv", "metrics/train.json")
+    before = {p: (out / p).read_bytes() for p in files}
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        train(
+            tiny_config("train.max_epochs=2", "train.resume=true", f"{key}={value}"),
+            out,
+            enable_progress_bar=False,
+        )
+    assert str(err.value) == (
+        f"{last}: train.resume=true, but it was trained in other arithmetic ({key}: {recorded} in the "
+        f"checkpoint, {value} now). Nothing was changed; set those keys as the training had them"
+    )
+    assert {p: (out / p).read_bytes() for p in files} == before
+    ckpt = _load(last)
+    del ckpt[checkpoints.NUMERICS_KEY]  # written before the key: not compared
+    torch.save(ckpt, last)
+    metrics = train(tiny_config("train.max_epochs=2", "train.resume=true"), out, enable_progress_bar=False)
+    assert metrics["epochs"] == 2

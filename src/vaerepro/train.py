@@ -346,6 +346,11 @@ class VAEModule(pl.LightningModule):
         # The number of processes, beside train.batch_size (per device, in the hyper-parameters): the global
         # batch, which a resume compares (check_same_batches) instead of the per-device batch size
         checkpoint[checkpoints.WORLD_SIZE_KEY] = self.trainer.world_size
+        # the arithmetic, which a resume must keep (check_same_numerics)
+        checkpoint[checkpoints.NUMERICS_KEY] = {
+            "trainer.precision": str(self.trainer.precision),
+            "trainer.matmul_precision": torch.get_float32_matmul_precision(),
+        }
 
     def on_fit_start(self) -> None:
         # Compiled here, in the process that trains (every DDP rank, after a spawn), not when the module is
@@ -653,6 +658,23 @@ def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_siz
         )
 
 
+def check_same_numerics(path: Path, ckpt: dict[str, Any], trainer: pl.Trainer) -> None:
+    """A CheckpointError (nothing touched yet) when the resumed checkpoint was trained in other arithmetic
+    (checkpoints.NUMERICS_KEY: trainer.precision, trainer.matmul_precision) than this trainer's: its epochs
+    and the resumed ones would be one training under two precisions, recorded as one."""
+    recorded = ckpt.get(checkpoints.NUMERICS_KEY) or {}
+    now = {
+        "trainer.precision": str(trainer.precision),
+        "trainer.matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    differ = [f"{k}: {v} in the checkpoint, {now[k]} now" for k, v in recorded.items() if now.get(k) != v]
+    if differ:
+        raise checkpoints.CheckpointError(
+            f"{path}: train.resume=true, but it was trained in other arithmetic ({'; '.join(differ)}). "
+            "Nothing was changed; set those keys as the training had them"
+        )
+
+
 def config_digest(cfg: Config) -> str:
     """The first 12 hex digits of the sha256 of the resolved config as params.yaml holds it."""
     return hashlib.sha256(config_mod.dump(cfg.to_dict()).encode()).hexdigest()[:12]
@@ -738,6 +760,7 @@ def train(
     trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)
     if resumed is not None:  # the world size is the trainer's: devices x nodes, "auto" resolved
         check_same_batches(last, resumed, len(data.x_train), cfg.train.batch_size, trainer.world_size)
+        check_same_numerics(last, resumed, trainer)
     if ckpt_path is not None:
         log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
     elif cfg.train.resume:
