@@ -389,6 +389,11 @@ def test_gaussian_rejects_bad_arguments():
         Gaussian(sigma=0.1, scale="log_variance")
     with pytest.raises(ValueError, match="min_sigma=0.001 is the floor of scale=softplus"):
         Gaussian(min_sigma=1e-3, scale="log_variance")
+    # accepted and ignored before: a run labelled with a floor its fixed sigma never had
+    with pytest.raises(
+        ValueError, match="min_sigma=0.5 is the floor of a learned sigma; a fixed sigma=0.1 has none"
+    ):
+        Gaussian(sigma=0.1, min_sigma=0.5)
     with pytest.raises(ValueError, match="2 \\* D"):
         Gaussian().distribution(torch.zeros(2, 5))
 

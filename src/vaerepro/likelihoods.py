@@ -233,6 +233,11 @@ class Gaussian(Likelihood):
             raise ValueError(
                 f"gaussian likelihood: scale=log_variance is for a learned sigma, not a fixed sigma={sigma}"
             )
+        if sigma is not None and min_sigma != DEFAULT_MIN_SIGMA:
+            raise ValueError(
+                f"gaussian likelihood: min_sigma={min_sigma} is the floor of a learned sigma; a fixed "
+                f"sigma={sigma} has none, leave min_sigma at its default"
+            )
         if scale == "log_variance" and min_sigma != DEFAULT_MIN_SIGMA:
             raise ValueError(
                 f"gaussian likelihood: min_sigma={min_sigma} is the floor of scale=softplus; "
