@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -60,3 +61,78 @@ def test_a_run_prints_each_line_once_without_adverts_warnings_or_progress_bars(t
     assert any(m.startswith("log p(x) = ") for m in messages) and any(
         "compare runs in MLflow: http" in m for m in messages
     )
+
+
+def _claim(args) -> str:
+    """One process's claim of a directory: 'ok', or the refusal's first words (for the race below)."""
+    out_dir, resume = args
+    try:
+        cli._claim_run_dir(Path(out_dir), ["seed=1"], resume=resume)
+    except cli.RunDirTaken:
+        return "taken"
+    return "ok"
+
+
+def test_a_run_directory_is_claimed_by_one_run_and_refused_to_another(tmp_path):
+    """Two `vaerepro run`s started in one second share the directory Hydra names (the second, likelihood,
+    latent size and seed): each wrote into it, leaving one run's params.yaml beside the other's results.
+    The mark is created exclusively: of eight processes claiming one directory at once, exactly one gets
+    it; another claim is refused in one line naming the directory and what to do; a resume takes it."""
+    import multiprocessing
+
+    out = tmp_path / "runs" / "one"
+    out.mkdir(parents=True)
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        got = pool.map(_claim, [(str(out), False)] * 8)
+    assert sorted(got) == ["ok"] + ["taken"] * 7
+    mark = json.loads((out / cli.RUN_MARK).read_text())
+    assert mark["overrides"] == ["seed=1"] and re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", mark["started"]
+    )
+    with pytest.raises(cli.RunDirTaken) as err:
+        cli._claim_run_dir(out, ["seed=2"], resume=False)
+    assert str(err.value) == (
+        f"{out}: holds the files of another `vaerepro run` (started {mark['started']}), which this run would "
+        "overwrite; run again (a new second names a new directory), give it its own directory "
+        "(hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or continue that run with "
+        "train.resume=true"
+    )
+    cli._claim_run_dir(out, ["seed=1", "train.resume=true"], resume=True)  # continues it
+    assert json.loads((out / cli.RUN_MARK).read_text())["overrides"] == ["seed=1", "train.resume=true"]
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path, multirun):
+    """A second `vaerepro run` given the hydra.run.dir of a finished run (or a --multirun given the
+    hydra.sweep.dir of an earlier one, whose job directories have the same names) overwrote that run's
+    files without a word. Refused: one line, exit 2, the directory's files as they were; a given
+    hydra.run.dir before Hydra writes its .hydra/ files there, a --multirun job before its pipeline."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    job = tmp_path / "runs" / ("grid/0_bernoulli_z4_s0" if multirun else "one")
+    (job / "metrics").mkdir(parents=True)
+    (job / "metrics" / "eval.json").write_text('{"log_px": -90.0}')
+    (job / cli.RUN_MARK).write_text('{"started": "2026-12-01T10:55:05+0000", "overrides": []}')
+    before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
+    where = ["-m", *TINY, "hydra.sweep.dir=runs/grid"] if multirun else [*TINY, "hydra.run.dir=runs/one"]
+    proc = _vaerepro(["run", *where], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    if multirun:
+        expected = (
+            "runs/grid: holds the runs of an earlier --multirun (0_bernoulli_z4_s0), which this one's jobs "
+            "would overwrite; give it its own directory (hydra.sweep.dir=...), or leave hydra.sweep.dir to "
+            "its default (a new second names a new directory)"
+        )
+    else:
+        expected = (
+            "runs/one: holds the files of another `vaerepro run` (started 2026-12-01T10:55:05+0000), which "
+            "this run would overwrite; run again (a new second names a new directory), give it its own "
+            "directory (hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or continue that run "
+            "with train.resume=true"
+        )
+    lines = [ln for ln in proc.stderr.splitlines() if "would overwrite" in ln]
+    assert len(lines) == 1 and lines[0].endswith(expected), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    # refused before Hydra wrote anything there (its .hydra/ files, a job's log)
+    assert {p: p.read_bytes() for p in job.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in job.parent.iterdir()) == [job.name]

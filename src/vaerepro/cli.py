@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from vaerepro import config as config_mod
 from vaerepro import signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.errors import Stopped, UserError
+from vaerepro.resumption import RUN_MARK
 
 log = logging.getLogger("vaerepro")
 
@@ -335,6 +339,8 @@ def _hydra_run(argv: list[str]) -> None:
         fresh = all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir())
         try:
             cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
+            if not _ddp_child():  # the other ranks run in the directory rank 0 claimed
+                _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
             _ddp_relaunch_argv(command, out_dir)
             metrics = run_pipeline(cfg, out_dir, root, progress=_on_terminal())
         except Stopped as stop:
@@ -346,7 +352,7 @@ def _hydra_run(argv: list[str]) -> None:
         except Exception as err:
             if _user_error(err) is None:
                 raise
-            if fresh and not (out_dir / "models").exists():
+            if fresh and not isinstance(err, RunDirTaken) and not (out_dir / "models").exists():
                 shutil.rmtree(out_dir, ignore_errors=True)  # nothing of this job's is worth keeping
             caught.append(err)
             return None
@@ -369,6 +375,41 @@ def _hydra_run(argv: list[str]) -> None:
         sys.argv = given
     if caught:
         raise caught[0]
+
+
+class RunDirTaken(ConfigError):
+    """The run's directory holds another run's files (RUN_MARK): refused, and nothing there is touched."""
+
+
+def _claim_run_dir(out_dir: Path, overrides: Sequence[str], *, resume: bool) -> None:
+    """Mark out_dir as this run's (RUN_MARK, created exclusively, so of two runs started together one gets
+    it); RunDirTaken when another run marked it first, unless this run resumes it (train.resume=true
+    continues the run in its directory: train checks that its checkpoint is of this configuration).
+    Directories of runs from before the mark are not recognised."""
+    mark = out_dir / RUN_MARK
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": list(overrides)}
+    try:
+        with mark.open("x") as fh:
+            json.dump(record, fh)
+        return
+    except FileExistsError:
+        if resume:
+            mark.write_text(json.dumps(record))
+            return
+    raise _taken(out_dir)
+
+
+def _taken(out_dir: Path) -> RunDirTaken:
+    try:
+        started = json.loads((out_dir / RUN_MARK).read_text()).get("started", "?")
+    except (OSError, ValueError):  # being written by the run that took it, this instant
+        started = "just now"
+    return RunDirTaken(
+        f"{out_dir}: holds the files of another `vaerepro run` (started {started}), which this run would "
+        "overwrite; run again (a new second names a new directory), give it its own directory "
+        "(hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or continue that run with "
+        "train.resume=true"
+    )
 
 
 # Jobs of a basic-sweeper --multirun composed and validated one by one before any starts: every job when there
@@ -405,7 +446,13 @@ def _check_overrides(argv: list[str], root: Path) -> None:
         a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))
     ]
     if not flags:
-        config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
+        cfg = config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
+        # a hydra.run.dir given of another run: refused before Hydra writes its .hydra/ files over that run's
+        # (app claims the directory, as the directories Hydra names and those of --multirun jobs)
+        given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+        if given and "${" not in given[-1] and not cfg.train.resume and not _ddp_child():
+            if (Path(given[-1]) / RUN_MARK).exists():
+                raise _taken(Path(given[-1]))
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -422,6 +469,23 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     config_mod.compose(shared, config_dir=root / "conf")
     hydra_overrides = [a for a in argv if not a.startswith("-") and a not in overrides]
     _check_basic_sweep(overrides, shared, hydra_overrides, root)
+
+
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    """RunDirTaken when a basic-sweeper --multirun's directory holds the runs of an earlier one: Hydra numbers
+    each --multirun's jobs from 0, so its job directories would be the earlier jobs' (the same numbers,
+    likelihoods, latent sizes and seeds), and Hydra writes a job's .hydra/ files there before the job can
+    refuse. (The Optuna sweeper's directory holds its study's trials, which a resumed study adds to.)"""
+    taken = sorted(d for d in sweep_dir.glob("*") if (d / RUN_MARK).is_file()) if sweep_dir.is_dir() else []
+    if taken:
+        shown = ", ".join(d.name for d in taken[:3]) + (
+            f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        )
+        raise RunDirTaken(
+            f"{sweep_dir}: holds the runs of an earlier --multirun ({shown}), which this one's jobs would "
+            "overwrite; give it its own directory (hydra.sweep.dir=...), or leave hydra.sweep.dir to its "
+            "default (a new second names a new directory)"
+        )
 
 
 def _check_basic_sweep(
@@ -466,6 +530,7 @@ def _check_basic_sweep(
             return  # before any job
         if sweeper != "basic":
             return
+        _check_sweep_dir(Path(str(OmegaConf.select(hcfg, "hydra.sweep.dir"))))
         # a config loader lets the parser list a config group's options for glob(...)
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         # where each comes from, for the message: hydra.sweeper.params first, as the sweeper reads them

@@ -188,6 +188,7 @@ def _run_seed(
         shutil.rmtree(seed_dir / stale, ignore_errors=True)
     if how == "start":
         (seed_dir / "models" / "last.ckpt").unlink(missing_ok=True)
+        (seed_dir / resume_mod.RUN_MARK).unlink(missing_ok=True)  # the run there before is given up
     cmd = [sys.executable, "-m", "vaerepro.cli", "run", *p.overrides, f"seed={seed}"]
     cmd += ["train.resume=true"] if how == "continue" else []
     cmd.append(f"hydra.run.dir={_path_override(seed_dir)}")

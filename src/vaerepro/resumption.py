@@ -1,4 +1,5 @@
-"""What a reproduction leaves on disk so that a stopped one can go on (`vaerepro reproduce NAME --resume`).
+"""What a reproduction leaves on disk so that a stopped one can go on (`vaerepro reproduce NAME --resume`),
+and the mark of a `vaerepro run`'s directory.
 
 - runs/reproductions[/smoke]/NAME/reproduction.json (`Ledger`): what was asked (preset, overrides, seeds,
   smoke), the MLflow parent run, and each invocation: when it started and how it ended, and for each seed
@@ -7,6 +8,13 @@
   temporary file renamed over it), so a stop at any point leaves a readable record.
 - seed_<s>/reproduced.json (the marker): the seed's process ended 0 and its metrics/eval.json exists; its
   total wall time and its MLflow run. --resume never runs a seed with one again.
+
+- <run dir>/.vaerepro-run (`RUN_MARK`): written by every `vaerepro run` into its directory before anything
+  else (JSON: when it started, its overrides); another run into that directory is refused unless it
+  resumes the run (`cli._claim_run_dir`). Hydra names a run's directory by the second it started, the
+  likelihood, latent size and seed, so two runs started in one second (a shell loop over learning rates),
+  or a run given a used hydra.run.dir or hydra.sweep.dir, would otherwise write into one directory: one
+  run's params.yaml beside the other's results. A seed run again from the start removes it.
 
 Running a reproduction again without --resume deletes nothing (`set_aside`): a stopped one is refused unless
 --fresh, and any earlier one is moved whole, with a copy of its card, to NAME.<when it started> beside it.
@@ -33,6 +41,7 @@ from vaerepro.errors import UserError
 
 RECORD = "reproduction.json"
 MARKER = "reproduced.json"
+RUN_MARK = ".vaerepro-run"
 How = Literal["start", "continue", "reuse"]  # what an invocation does with a seed
 
 
