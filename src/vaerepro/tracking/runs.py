@@ -384,7 +384,10 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str, sp
 
 
 def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict[str, Any]]:
-    """Every run of the project's experiment as a plain row for the report's comparison."""
+    """Every run of the project's experiment as a plain row for the report's comparison, one per measurement
+    of a trained model: of the evaluation runs of one training run with one K and test set (several, made
+    before evaluation_run took the earlier one again), only the newest, whose numbers are that measurement's
+    latest (evaluation_children), so that no comparison shows one measurement twice."""
     uri = tracking_uri(tcfg, root)
     db = sqlite_store_path(uri)
     try:
@@ -397,7 +400,7 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
         if db is not None and (damage := sqlite_corruption(err)) is not None:
             raise not_a_store(db, str(damage)) from None
         raise
-    rows = []
+    rows, newest = [], {}
     for r in found:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         if "data_space" not in tags:  # a parent (sweep) run or a foreign run: no numbers of its own
@@ -427,7 +430,13 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
             name = k.removeprefix(own) if k.startswith(own) else k.removeprefix("test/")
             if name != k and "/" not in name and name not in rows[-1]:
                 rows[-1][name] = v
-    return rows
+        # (the model: the training run, which an evaluation run names; K; test set) -> the newest run's id
+        key = (tags.get(EVALUATES_TAG, r.info.run_id), rows[-1]["num_samples"], rows[-1]["test_set"])
+        order = (r.info.start_time or 0, r.info.run_id)
+        if key not in newest or order > newest[key][0]:
+            newest[key] = (order, r.info.run_id)
+    kept = {run_id for _, run_id in newest.values()}
+    return [row for row in rows if row["run_id"] in kept]
 
 
 # --- how a run ends -------------------------------------------------------------------------------------
