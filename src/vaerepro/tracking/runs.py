@@ -237,8 +237,10 @@ EVAL_RUN_DIR = "artifacts"  # the evaluate stage's output folder, where it names
 def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | None) -> str:
     """The run an evaluation of training run `run_id` is logged to: that run, unless it already holds an
     evaluation of another measurement (another K or test set: `dvc exp run -S eval.num_samples=5000` on a
-    trained model); then a new run, a child of it (tag vaerepro.evaluates), so that neither evaluation's
-    numbers are shown under the other's K. MLflow params cannot change, and metrics show the latest value."""
+    trained model); then the child of it (tag vaerepro.evaluates) that holds an earlier evaluation of this
+    measurement, whose numbers it replaces (evaluation_children), or else a new child, so that neither
+    evaluation's numbers are shown under the other's K, and no measurement in two runs. MLflow params cannot
+    change, and metrics show the latest value."""
     run = client.get_run(run_id)
     tags, params = run.data.tags, run.data.params
     done_k = tags.get(K_TAG)
@@ -248,6 +250,23 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
         done_k = tags.get("changed.eval.num_samples", params.get("eval.num_samples"))
     if done_k == k and tags.get(TEST_SET_TAG, test_set) == test_set:
         return run_id  # the same measurement again (e.g. after a code change): it replaces the numbers
+    if earlier := evaluation_children(client, run, k, test_set):
+        # the same measurement as an earlier evaluation run of this training: it replaces that run's numbers,
+        # as above, instead of a second run showing the same measurement again
+        chosen = earlier[0].info.run_id
+        for r in earlier[1:]:  # made before this lookup existed; see evaluation_children
+            if r.info.status == "RUNNING":
+                reason = f"left RUNNING by an earlier evaluation; this measurement is now in run {chosen}"
+                end_run(client, r.info.run_id, "KILLED", reason)
+        log.info(
+            "run %s holds an evaluation with K=%s: this one, K=%s, replaces the numbers of run %s, the same "
+            "measurement's",
+            run_id,
+            done_k,
+            k,
+            chosen,
+        )
+        return chosen
     kept = {
         key: v
         for key, v in tags.items()
@@ -262,6 +281,25 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
     log_config(client, new, cfg.to_dict())
     log.info("run %s holds an evaluation with K=%s: this one, K=%s, goes to run %s", run_id, done_k, k, new)
     return new
+
+
+def evaluation_children(client, run, k: str, test_set: str | None) -> list:
+    """The evaluation runs (tag vaerepro.evaluates, evaluation_run) of training run `run` (an MLflow Run)
+    that hold this measurement, K and test set, newest first (latest start; on a tie the larger run id).
+    A child without a test-set tag is not taken for one with it: it may be of other test images, and its
+    numbers would be replaced under another label.
+
+    There is one at most, except from evaluations before this lookup existed, which made a new child each
+    time: the newest is the one an evaluation goes to, and the one the comparison shows (experiment_runs
+    keeps the newest run of each measurement of a training run); the older ones stay in the store, an
+    earlier evaluation of that measurement, left out of the comparison, and one still RUNNING (no report
+    came after it) is ended KILLED by evaluation_run, with the reason, never left RUNNING."""
+    runs = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.`{EVALUATES_TAG}` = '{run.info.run_id}' and tags.`{K_TAG}` = '{k}'",
+    )
+    same = [r for r in runs if r.data.tags.get(TEST_SET_TAG) == test_set]
+    return sorted(same, key=lambda r: (r.info.start_time or 0, r.info.run_id), reverse=True)
 
 
 def stage_run_id(out_dir: Path) -> tuple[str | None, str | None]:
