@@ -194,15 +194,35 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     if not (cfg.tracking.enabled and run_id):
         return
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     client = MlflowClient(uri)
-    space = space_name(cfg.data_space, cfg.improper)
     k, test_set = str(metrics.get("num_samples", cfg.eval.num_samples)), test_set_digest(out_dir / "prepared")
-    run_id = evaluation_run(client, run_id, cfg, k, test_set)
+    trained, run_id = run_id, evaluation_run(client, run_id, cfg, k, test_set)
     # the run these numbers go to, the report's too, and which eval.json they are (check_evaluation_run);
     # written first, so that a failure while logging marks this run (end_recorded_run)
     write_run_id(out_dir / EVAL_RUN_DIR, run_id, uri, evaluation=out_dir / "metrics" / "eval.json")
+    # An evaluation run (a child: another K than the training's) is this stage's own, as the training's run
+    # is the train stage's: it ends FINISHED once its numbers are logged, whether or not a report follows (a
+    # report then adds its files and ends it again), and FAILED or KILLED with the reason if logging them
+    # does not finish (its numbers may be part this evaluation's, part the one before's). So no evaluation
+    # run is left RUNNING; the training's own run is ended as before (the pipeline, end_recorded_run).
+    try:
+        _log_evaluation(client, run_id, cfg, out_dir, metrics, k, test_set)
+    except BaseException as exc:
+        if run_id != trained:
+            end_run(client, run_id, status_of(exc), exc)
+        raise
+    if run_id != trained:
+        end_run(client, run_id, "FINISHED")
+
+
+def _log_evaluation(
+    client, run_id: str, cfg: Config, out_dir: Path, metrics: Mapping[str, Any], k: str, test_set: str | None
+) -> None:
+    """log_evaluation's logging to run `run_id`, which evaluation_run chose."""
+    from mlflow.entities import Metric
+
+    space = space_name(cfg.data_space, cfg.improper)
     log_config(client, run_id, cfg.to_dict(), keys=("eval",))
     conv = metrics.get("convergence") or {}
     numbers = {**metrics, **{k: conv.get(k) for k in ("ladder_gain", "ladder_gain_se", "ess_hmean")}}
