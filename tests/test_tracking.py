@@ -447,6 +447,16 @@ def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path
     assert {f.path for f in client.list_artifacts(child)} >= {"metrics", "report"}
     rows = {r["run_id"]: r for r in tracking.experiment_runs(again.tracking, ROOT)}
     assert (rows[trained]["num_samples"], rows[child]["num_samples"]) == ("20", "30")
+    # K=30 again (another eval.seed: other numbers of the same measurement), with no report after it: the
+    # same child, its numbers replaced, FINISHED; the comparison has that measurement once
+    seeded = tiny_config("eval.num_samples=30", "eval.seed=7", tracking=True, raw_dir=raw_dir)
+    third = stage_evaluate(seeded, out, ROOT, progress=False)
+    assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] == child
+    assert third["log_px"] != pytest.approx(second["log_px"])
+    assert client.get_run(child).data.metrics["binary/test/log_px"] == pytest.approx(third["log_px"])
+    assert client.get_run(child).info.status == "FINISHED"
+    rows = tracking.experiment_runs(again.tracking, ROOT)
+    assert sorted((r["run_id"], r["num_samples"]) for r in rows) == sorted([(trained, "20"), (child, "30")])
     # the first K again: the training's own run, as the same measurement
     stage_evaluate(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
     assert json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"] == trained
@@ -610,3 +620,128 @@ def test_a_changed_tag_says_the_value_the_run_is_on_now(tmp_path):
     assert logged(50, 1) == ({"train.batch_size": "50", "trainer.devices": "1"}, {})
     assert logged(25, 2)[1] == {"changed.train.batch_size": "25", "changed.trainer.devices": "2"}
     assert logged(50, 1) == ({"train.batch_size": "50", "trainer.devices": "1"}, {})
+
+
+def _evaluation(out: Path, k: int, log_px: float) -> dict:
+    """An evaluate stage's eval.json (written to out/metrics) with this K and log p(x): a fake evaluation."""
+    ev = {
+        "log_px": log_px,
+        "log_px_se": 0.5,
+        "elbo": log_px - 5.0,
+        "elbo_se": 0.5,
+        "kl": 10.0,
+        "bits_per_dim": 0.17,
+        "num_samples": k,
+        "log_px_ladder": [{"k": 1, "log_px": log_px - 5.0}, {"k": k, "log_px": log_px}],
+    }
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    (out / "metrics" / "eval.json").write_text(json.dumps(ev))
+    return ev
+
+
+def _trained_run(out: Path, experiment: str, store: str, monkeypatch) -> tuple[object, str]:
+    """A finished training run of experiment `experiment` (as the train stage leaves it: FINISHED, named in
+    out/models/mlflow_run.json, its test split in out/prepared/meta.json), evaluated at K=5 with log p(x) =
+    -100; (a client of the store, its id)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    cfg = tiny_config("eval.num_samples=5", f"tracking.experiment={experiment}", tracking=True)
+    _, exp_id = tracking.ensure_experiment(cfg.tracking, ROOT)
+    client = MlflowClient(store)
+    trained = client.create_run(exp_id, run_name="bernoulli-z4-s0", tags=tracking.run_tags(cfg, out)).info
+    client.set_terminated(trained.run_id, "FINISHED")
+    tracking.write_run_id(out / "models", trained.run_id, store)
+    (out / "prepared").mkdir(parents=True)
+    (out / "prepared" / "meta.json").write_text(json.dumps({"files": {"x_test.npy": "ab" * 32}}))
+    tracking.log_evaluation(cfg, out, _evaluation(out, 5, -100.0))
+    return client, trained.run_id
+
+
+def _evaluated_at(out: Path, experiment: str, k: int, log_px: float) -> str:
+    """log_evaluation of a fake evaluation with this K and log p(x); the id of the run it went to."""
+    cfg = tiny_config(f"eval.num_samples={k}", f"tracking.experiment={experiment}", tracking=True)
+    tracking.log_evaluation(cfg, out, _evaluation(out, k, log_px))
+    return json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"]
+
+
+def test_the_same_measurement_at_another_k_again_replaces_its_evaluation_runs_numbers(
+    tmp_path, store, monkeypatch
+):
+    """A trained model (its run evaluated at K=5) evaluated twice at K=20, with no report in between: the
+    second evaluation goes to the K=20 run the first made and replaces its numbers (as a second K=5
+    evaluation replaces the training run's), instead of a second K=20 run; that run is FINISHED after each
+    evaluation (the evaluate stage's own run, as the training's is the train stage's), never left RUNNING;
+    the comparison's rows hold each measurement once, and the report's ranking names the K=20 run once."""
+    from vaerepro.report_comparison import comparison_section
+
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "again", store, monkeypatch)
+    first = _evaluated_at(out, "again", 20, -95.0)
+    assert first != trained and client.get_run(first).info.status == "FINISHED"
+    assert _evaluated_at(out, "again", 20, -94.0) == first
+    exp_id = client.get_run(trained).info.experiment_id
+    children = client.search_runs([exp_id], f"tags.`vaerepro.evaluates` = '{trained}'")
+    assert [r.info.run_id for r in children] == [first]
+    child = client.get_run(first)
+    assert child.info.status == "FINISHED" and child.info.run_name == "bernoulli-z4-s0-K20"
+    assert child.data.metrics["binary/test/log_px"] == -94.0  # the second evaluation's
+    assert [m.value for m in client.get_metric_history(first, "binary/test/log_px")] == [-95.0, -94.0]
+    assert child.data.tags["vaerepro.eval.num_samples"] == "20"
+    assert child.data.tags["vaerepro.test_set"] == "ab" * 6
+    old = client.get_run(trained)
+    assert old.info.status == "FINISHED" and old.data.metrics["binary/test/log_px"] == -100.0
+    cfg = tiny_config("tracking.experiment=again", tracking=True)
+    rows = tracking.experiment_runs(cfg.tracking, ROOT)
+    assert sorted((r["run_id"], r["num_samples"], r["log_px"]) for r in rows) == sorted(
+        [(trained, "5", -100.0), (first, "20", -94.0)]
+    )
+    names = [
+        row[1]
+        for b in comparison_section(rows, this_run=first)
+        if getattr(b, "kind", "") == "ranking"
+        for row in b.rows
+    ]
+    assert sorted(names) == ["bernoulli-z4-s0", "bernoulli-z4-s0-K20 (this run)"]
+    # the training run's own K again still goes to the training run, and leaves the K=20 run as it is
+    assert _evaluated_at(out, "again", 5, -99.0) == trained
+    assert client.get_run(first).data.metrics["binary/test/log_px"] == -94.0
+
+
+def test_evaluation_runs_of_one_measurement_made_before_are_one_row_and_the_newest_takes_the_next(
+    tmp_path, store, monkeypatch
+):
+    """Two K=20 runs of one trained model, as evaluations made before the lookup left them (the older one
+    RUNNING: no report came after it): the comparison shows the newest only; the next K=20 evaluation
+    replaces the newest's numbers, and the older one, left RUNNING, is ended KILLED with the reason, its
+    numbers kept."""
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "before", store, monkeypatch)
+    run = client.get_run(trained)
+    tags = {
+        **{k: v for k, v in run.data.tags.items() if not k.startswith(("mlflow.", "vaerepro."))},
+        "mlflow.parentRunId": trained,
+        "vaerepro.evaluates": trained,
+        "vaerepro.eval.num_samples": "20",
+        "vaerepro.test_set": "ab" * 6,
+    }
+    made = []
+    for start, log_px in ((1000, -96.0), (2000, -95.0)):
+        r = client.create_run(run.info.experiment_id, start_time=start, tags=tags, run_name=f"s{start}")
+        client.log_metric(r.info.run_id, "binary/test/log_px", log_px)
+        made.append(r.info.run_id)
+    older, newer = made
+    client.set_terminated(newer, "FINISHED")
+    cfg = tiny_config("tracking.experiment=before", tracking=True)
+    rows = tracking.experiment_runs(cfg.tracking, ROOT)
+    assert sorted((r["run_id"], r["log_px"]) for r in rows) == sorted([(trained, -100.0), (newer, -95.0)])
+    assert _evaluated_at(out, "before", 20, -94.0) == newer
+    assert client.get_run(newer).data.metrics["binary/test/log_px"] == -94.0
+    assert client.get_run(newer).info.status == "FINISHED"
+    left = client.get_run(older)
+    assert left.info.status == "KILLED" and left.data.metrics["binary/test/log_px"] == -96.0
+    assert left.data.tags["vaerepro.failure"] == (
+        f"left RUNNING by an earlier evaluation; this measurement is now in run {newer}"
+    )
+    rows = tracking.experiment_runs(cfg.tracking, ROOT)
+    assert sorted((r["run_id"], r["log_px"]) for r in rows) == sorted([(trained, -100.0), (newer, -94.0)])
