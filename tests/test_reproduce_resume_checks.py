@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 
 import pytest
@@ -65,7 +66,10 @@ def resume(monkeypatch, name, user, out, seeds=3) -> tuple[int, str, str]:
 
 
 def snapshot(d) -> dict[str, bytes]:
-    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+    """Every file under d and its bytes, but the reproductions' locks (resumption.held: empty files that
+    every invocation opens, holding no record)."""
+    files = (f for f in sorted(d.rglob("*")) if f.is_file() and not re.fullmatch(r"\..+\.lock", f.name))
+    return {str(f.relative_to(d)): f.read_bytes() for f in files}
 
 
 def test_resume_reads_finished_seeds_and_judges_them(tmp_path, monkeypatch):
@@ -141,3 +145,42 @@ def test_mlflow_names_the_numbers_under_the_space_the_seeds_measured_in(tmp_path
     assert not any(n.startswith("binary/") for n in names), names
     assert not any(n.endswith(("_published", "_difference")) for n in names), names
     assert parent.data.tags["vaerepro.verdict"] == "not comparable"
+
+
+def test_a_reproduction_another_invocation_is_running_is_refused(tmp_path, monkeypatch):
+    """A second `vaerepro reproduce` of a running reproduction read its RUNNING record as a stopped one,
+    and its --resume started a second process training into the same seed directory (both wrote
+    best.ckpt.tmp; the first failed). The running invocation holds a lock that its seeds' processes inherit:
+    another invocation, resuming or not (--fresh too), is refused in one line, writing nothing; once the last
+    holder ends, it runs."""
+    import sys
+    import time
+
+    user = ["tracking.enabled=false"]
+    p = stopped(tmp_path, IWAE, user)
+    lock = p.run_dir.with_name(f".{p.run_dir.name}.lock")
+    expected = (
+        f"vaerepro reproduce: {p.run_dir}: another `vaerepro reproduce` (or a seed it started) is running "
+        f"this reproduction (it holds {lock}); wait for it to end, or stop it (its seeds stop at their epoch "
+        "end on SIGTERM) and resume with --resume\n"
+    )
+    with resumption.held(p.run_dir) as fd:  # the running invocation
+        # a seed it started, which inherits the lock (reproduce._run_seed) and outlives the hold here
+        seed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(fd,))
+        before = snapshot(tmp_path)
+        status, stdout, err = resume(monkeypatch, IWAE, user, tmp_path)
+        assert (status, stdout, err) == (2, "", expected)
+    try:
+        for extra in ([], ["--fresh"]):  # the invocation has ended, its seed still runs
+            argv = [IWAE, *user, "--seeds", "3", "--out", str(tmp_path), *extra]
+            e = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(e):
+                assert P.main(argv) == 2
+            assert e.getvalue() == expected
+        assert snapshot(tmp_path) == before
+    finally:
+        seed.kill()
+        seed.wait()
+    time.sleep(0.1)
+    status, stdout, err = resume(monkeypatch, IWAE, user, tmp_path)  # no holder left: it resumes
+    assert status == 0, err

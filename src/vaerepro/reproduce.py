@@ -170,6 +170,7 @@ def _run_seed(
     rep: track.ReproductionRun | None,
     ledger: resume_mod.Ledger,
     how: resume_mod.How,
+    lock: int,
 ) -> SeedResult:
     """One seed: read from disk (`how` "reuse"), or its `vaerepro run` process, from the start or continuing
     models/last.ckpt ("continue"); a finished one gets its marker."""
@@ -199,7 +200,9 @@ def _run_seed(
     start, rc = time.perf_counter(), None
     try:
         # the seed's log to stderr (and its cli.log): stdout carries the reproduction's summary only
-        proc = _start_ignoring_sigint(cmd, cwd=root, env=env, stdout=2)
+        # the seed holds the reproduction's lock too (resumption.held): while it runs, no other invocation
+        # starts, even after this process is killed
+        proc = _start_ignoring_sigint(cmd, cwd=root, env=env, stdout=2, pass_fds=(lock,))
         try:
             rc = proc.wait()
         except BaseException:
@@ -297,6 +300,15 @@ def run(
     out = out.resolve() if out is not None else None  # the seeds' processes run in `root`
     p = plan(preset, user, seeds=seeds, smoke=smoke, root=root, out=out)
     cfg = config_mod.validate(p.config)
+    with resume_mod.held(p.run_dir) as lock:  # one invocation at a time, its seeds' processes included
+        return _run(p, cfg, root, lock, resume=resume, fresh=fresh)
+
+
+def _run(
+    p: Plan, cfg: Config, root: Path, lock: int, *, resume: bool, fresh: bool
+) -> tuple[Result, dict[str, Any]]:
+    """`run` under its hold on the reproduction (`lock`, the file descriptor each seed's process inherits)."""
+    preset, smoke = p.preset, p.smoke
     if resume:
         ledger = resume_mod.Ledger.stopped(p.run_dir, p.asked)
         hows = {s: ledger.how(s) for s in p.seeds}
@@ -319,7 +331,7 @@ def run(
     ledger.begin((rep.uri, rep.run_id) if rep else None, fresh=not resume)
     start = time.perf_counter()
     try:
-        done = [_run_seed(p, s, root, rep, ledger, hows[s]) for s in p.seeds]
+        done = [_run_seed(p, s, root, rep, ledger, hows[s], lock) for s in p.seeds]
         runs = [(r.seed, r.records) for r in done]
         devs, measurements = R.judge(preset, p.config, runs, protocol=p.protocol)
         mlflow = (rep.uri, rep.run_id) if rep else None

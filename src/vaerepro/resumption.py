@@ -27,11 +27,13 @@ this invocation's time is given, and labelled so.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,6 +248,32 @@ class Ledger:
         reused = tuple(sorted(int(s) for s, e in seeds.items() if e["how"] == "reuse"))
         continued = tuple(sorted(int(s) for s, e in seeds.items() if e["how"] == "continue"))
         return Resumption(self.resumed, reused, continued, self.total_wall(this_s)[1])
+
+
+@contextlib.contextmanager
+def held(run_dir: Path) -> Iterator[int]:
+    """This invocation's exclusive hold on the reproduction in `run_dir`: an flock on its sibling .NAME.lock
+    (a file never deleted, so that it is one file whatever is moved). UserError when another invocation
+    holds it: a second `vaerepro reproduce` of a running one read its RUNNING record as stopped, and its
+    --resume ran a second process into the same seed directory. Yields the lock's file descriptor, which
+    each seed's process inherits (reproduce._run_seed), so the hold lasts while a seed runs even if this
+    process is killed (-9): the lock goes with the last process holding the descriptor."""
+    lock = run_dir.with_name(f".{run_dir.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"{run_dir}: another `vaerepro reproduce` (or a seed it started) is running this reproduction "
+            f"(it holds {lock}); wait for it to end, or stop it (its seeds stop at their epoch end on "
+            "SIGTERM) and resume with --resume"
+        ) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def set_aside(run_dir: Path, card: Sequence[Path], *, fresh: bool, out: Path | None) -> Path | None:
