@@ -139,13 +139,16 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, monkeypatch):
     # with its card, named by when it started; nothing of it is deleted
     card = out / "reports" / "reproductions" / "smoke"
     card.mkdir(parents=True)
-    (card / f"{PRESET}.md").write_text("the earlier card")
+    (card / f"{PRESET}.md").write_text(f"the earlier card: seed 0 in {run_dir / 'seed_0'}")
     kept = snapshot(run_dir)
     status, _, _ = invoke([*argv, "--fresh"])
     assert status == 130 and [_option(c, "seed") for c in calls] == ["0", "0"]
     (aside,) = [d for d in run_dir.parent.iterdir() if d.name.startswith(f"{PRESET}.")]
     assert {k: v for k, v in snapshot(aside).items() if not k.startswith("card/")} == kept
-    assert (aside / "card" / f"{PRESET}.md").read_text() == "the earlier card"
+    # the card moves with it, naming the seeds where they now are (run_dir's seed_0 is the new one's); the
+    # new reproduction, stopped before its card, leaves none in reports/ that would describe its seeds
+    assert (aside / "card" / f"{PRESET}.md").read_text() == f"the earlier card: seed 0 in {aside / 'seed_0'}"
+    assert not (card / f"{PRESET}.md").exists()
     assert json.loads((run_dir / resumption.RECORD).read_text())["invocations"][0]["resumed"] is False
 
 

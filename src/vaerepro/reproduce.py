@@ -300,6 +300,8 @@ def run(
     out = out.resolve() if out is not None else None  # the seeds' processes run in `root`
     p = plan(preset, user, seeds=seeds, smoke=smoke, root=root, out=out)
     cfg = config_mod.validate(p.config)
+    if resume:  # what it cannot resume is refused before the lock's file is made (and again under it)
+        resume_mod.Ledger.stopped(p.run_dir, p.asked)
     with resume_mod.held(p.run_dir) as lock:  # one invocation at a time, its seeds' processes included
         return _run(p, cfg, root, lock, resume=resume, fresh=fresh)
 

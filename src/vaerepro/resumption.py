@@ -279,10 +279,12 @@ def held(run_dir: Path) -> Iterator[int]:
 def set_aside(run_dir: Path, card: Sequence[Path], *, fresh: bool, out: Path | None) -> Path | None:
     """Before a new reproduction in `run_dir`, keep the earlier one there: a stopped one (its last invocation
     did not finish) is refused unless `fresh`, with a UserError naming the command that resumes it; any
-    earlier one is then moved whole to run_dir's sibling NAME.<when it started>, with a copy of its card
-    (`card`: the card's files and figure folder, under card/ there), since the new reproduction writes its
-    own card in their place. Returns where it went, or None when there was nothing to keep. Nothing is
-    deleted: hours of seeds are not lost to a command run again by mistake."""
+    earlier one is then moved whole to run_dir's sibling NAME.<when it started>, with its card (`card`: the
+    card's files and figure folder, moved to card/ there, the seeds' directories it names rewritten to
+    their new place), so that no card describes the new reproduction's seeds as the earlier one's, nor the
+    old card stands in reports/ until the new one writes its own. Returns where it went, or None when there
+    was nothing to keep. Nothing is deleted: hours of seeds are not lost to a command run again by
+    mistake."""
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return None
     try:
@@ -315,10 +317,14 @@ def set_aside(run_dir: Path, card: Sequence[Path], *, fresh: bool, out: Path | N
     os.replace(run_dir, dest)
     for path in card:
         if path.is_dir():
-            shutil.copytree(path, dest / "card" / path.name)
+            shutil.move(path, dest / "card" / path.name)
         elif path.is_file():
             (dest / "card").mkdir(exist_ok=True)
-            shutil.copy2(path, dest / "card" / path.name)
+            moved = Path(shutil.move(path, dest / "card" / path.name))
+            if moved.suffix in (".md", ".html"):
+                # the card names each seed's directory: now under dest (run_dir's holds the new run's seeds)
+                text = moved.read_text(encoding="utf-8")
+                moved.write_text(text.replace(f"{run_dir}{os.sep}", f"{dest}{os.sep}"), encoding="utf-8")
     return dest
 
 
