@@ -244,3 +244,19 @@ def test_train_and_evaluate_refuse_prepared_splits_of_another_split_seed(tmp_pat
         f"vaerepro {stage}: {tmp_path / 'prepared'}: its splits were made with data.split_seed=0"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_fetch_of_your_npz_makes_the_data_dvc_tracks_for_dvc_repro(tmp_path, capsys):
+    """With data=npz, `vaerepro fetch` (what `make repro` runs first) made nothing, so on a fresh clone
+    `dvc repro` stopped at data.dvc ("missing data 'source': data") before any stage. It now makes data/ as
+    data.dvc records it (the embedded digits, byte for byte), and prints your file's path as before."""
+    from conftest import ROOT
+
+    np.savez(tmp_path / "mine.npz", x=np.zeros((60, 16), np.uint8))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(compose("data=npz", f"data.path={tmp_path / 'mine.npz'}")))
+    assert cli.main(["fetch", "--params", str(params)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'mine.npz'}\n"
+    recorded = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]
+    assert recorded["path"] == "data" and data.dir_md5(tmp_path / "data") == recorded["md5"]

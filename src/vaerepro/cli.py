@@ -680,6 +680,14 @@ def _main(argv: list[str]) -> int:
     try:
         if args.command == "fetch":
             print(stage_fetch(cfg, root))
+            if cfg.data.source == "npz":
+                # Your file is outside data/, which data.dvc tracks as the pipeline's first input (the
+                # embedded digits): without it `dvc repro` stops at data.dvc ("missing data 'source'")
+                # before any stage. DVC cannot make a dependency depend on a param, so data/ is made here.
+                from vaerepro import data
+
+                made = data.fetch("mnist5k", _raw_dir(cfg, root))
+                log.info("%s: the embedded digits data.dvc tracks, for `dvc repro` (not your data)", made)
         elif args.command == "evaluate":
             with _torchrun_process_group():
                 stage_evaluate(cfg, out_dir, root, not args.no_progress and _on_terminal())
