@@ -78,7 +78,10 @@ class SeedFailed(Exception):
         self.returncode = returncode if returncode > 0 else 128 - returncode
         log_file = seed_dir / "cli.log"  # Hydra's log of the run; gone when the run refused its input
         where = f"log: {log_file}" if log_file.is_file() else "its message is above"
-        then = f"; resume with: {resume}" if resume else ""  # the command, last: it can be copied whole
+        # the command, last: it can be copied whole. Status 2 is a refusal of the seed's input (a damaged
+        # last.ckpt, say): resuming as it is meets it again, so the message says to mend what it named first
+        mend = "once what it refused is mended, " if self.returncode == 2 else ""
+        then = f"; resume {mend}with: {resume}" if resume else ""
         super().__init__(f"seed {seed}: `vaerepro run` ended with status {self.returncode}; {where}{then}")
 
     @property
