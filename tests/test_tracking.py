@@ -418,6 +418,32 @@ def test_a_resumed_training_whose_run_holds_epochs_past_the_checkpoint_goes_on_i
 
 
 @pytest.mark.slow
+def test_a_resumed_run_evaluated_at_another_k_ends_both_its_runs(raw_dir, tmp_path, monkeypatch):
+    """`vaerepro run ... train.resume=true` with another K: the training goes on in its run, which holds the
+    first K's evaluation, so the new evaluation and its report go to a child run (evaluation_run). The
+    report ended the child; the training's run, which `vaerepro run` leaves for the report to end, stayed
+    RUNNING for ever. Both end FINISHED, and the training's run keeps the first K's numbers."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    run_pipeline(tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir), out, ROOT, False)
+    trained = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    more = ("eval.num_samples=30", "train.resume=true", "train.max_epochs=4")
+    run_pipeline(tiny_config(*more, tracking=True, raw_dir=raw_dir), out, ROOT, False)
+    assert json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"] == trained  # went on in it
+    child = json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    old, new = client.get_run(trained), client.get_run(child)
+    assert (
+        new.data.tags["vaerepro.evaluates"] == trained and new.data.tags["vaerepro.eval.num_samples"] == "30"
+    )
+    assert old.data.tags["vaerepro.eval.num_samples"] == "20"
+    assert (old.info.status, new.info.status) == ("FINISHED", "FINISHED")
+
+
+@pytest.mark.slow
 def test_an_evaluation_with_another_k_goes_to_a_run_of_its_own(raw_dir, tmp_path, monkeypatch):
     """`dvc exp run -S eval.num_samples=...` on a trained model: the training's run keeps its evaluation
     (MLflow params cannot change, and a metric shows its latest value: the new K's number would have been

@@ -343,7 +343,10 @@ def test_set_digest(prepared: Path) -> str | None:
 
 def log_report(out_dir: Path, report_dir: Path) -> None:
     """The report's files as `report/` artifacts of the run the evaluation logged to (stage_run_id); the run
-    is then FINISHED (its last stage)."""
+    is then FINISHED (its last stage). So is the training's run when it is another one still RUNNING:
+    `vaerepro run` leaves the training's run for its report to end, and a resumed training whose run held an
+    evaluation of another measurement was evaluated and reported in a child (evaluation_run), which left the
+    training's run RUNNING for ever."""
     run_id, uri = stage_run_id(out_dir)
     if not run_id:
         log.warning("the evaluation was not logged to MLflow (tracking was off): nor is this report")
@@ -353,6 +356,10 @@ def log_report(out_dir: Path, report_dir: Path) -> None:
         client = MlflowClient(uri)
         client.log_artifacts(run_id, str(report_dir), "report")
         client.set_terminated(run_id, "FINISHED")
+        trained, trained_uri = read_run_id(out_dir / "models")
+        if trained and trained != run_id and trained_uri == uri:
+            if client.get_run(trained).info.status == "RUNNING":
+                client.set_terminated(trained, "FINISHED")
 
 
 def write_run_id(
