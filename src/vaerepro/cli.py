@@ -530,7 +530,12 @@ def _check_basic_sweep(
             return  # before any job
         if sweeper != "basic":
             return
-        _check_sweep_dir(Path(str(OmegaConf.select(hcfg, "hydra.sweep.dir"))))
+        try:  # an interpolation that does not resolve here is left to Hydra
+            sweep_dir = Path(str(OmegaConf.select(hcfg, "hydra.sweep.dir")))
+        except Exception:  # noqa: BLE001
+            sweep_dir = None
+        if sweep_dir is not None and OmegaConf.select(hcfg, "train.resume") is not True:
+            _check_sweep_dir(sweep_dir)  # its jobs resuming their runs (train.resume=true) may go there
         # a config loader lets the parser list a config group's options for glob(...)
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         # where each comes from, for the message: hydra.sweeper.params first, as the sweeper reads them
