@@ -395,17 +395,16 @@ class FakeSweep(runner.Sweep):
         return r
 
 
-def _fake_sweep(root, study_name, sweep_dir, cls=FakeSweep, tracking=None, **settings):
+def _fake_sweep(root, study_name, sweep_dir, cls=FakeSweep, tracking=None, space=None, **settings):
     from optuna.distributions import CategoricalDistribution
 
-    settings = runner.SweepSettings(
-        study_name=study_name,
-        storage=str(root / "optuna" / f"{study_name}.log"),
-        sampler={"name": "random", "seed": 0},
-        report=False,
+    settings = {
+        "storage": str(root / "optuna" / f"{study_name}.log"),
+        "sampler": {"name": "random", "seed": 0},
         **settings,
-    )
-    space = sweep.SearchSpace({"model.latent_dim": CategoricalDistribution([2, 3, 4, 5])})
+    }
+    settings = runner.SweepSettings(study_name=study_name, report=False, **settings)
+    space = space or sweep.SearchSpace({"model.latent_dim": CategoricalDistribution([2, 3, 4, 5])})
     return cls(settings, space, sweep_dir=sweep_dir, root=root, tracking=tracking or Tracking(None))
 
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vaerepro import config as config_mod
-from vaerepro.sweep.study import open_storage, resolve_storage, trial_run_ids
+from vaerepro.errors import UserError
+from vaerepro.sweep.study import NoStorage, load_existing, resolve_storage, trial_run_ids
 from vaerepro.sweep.trial import run_trial
 from vaerepro.tracking import sweep as tracking_sweep
 
 
 def _report_main(argv: Sequence[str]) -> int:
-    import optuna
-
     p = argparse.ArgumentParser(
         prog="python -m vaerepro.sweep report", description="write the sweep report of a study"
     )
@@ -30,7 +30,13 @@ def _report_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     root = config_mod.find_project_root()
     spec = resolve_storage(args.storage, args.study_name, root)
-    study = optuna.load_study(study_name=args.study_name, storage=open_storage(spec))
+    try:  # reads only: a storage that is not there is not created
+        study = load_existing(spec, args.study_name)
+    except NoStorage:
+        raise NoStorage(
+            f"no study {args.study_name!r}: {spec} does not exist (a sweep keeps its study in "
+            "hydra.sweeper.storage, by default optuna/<study_name>.log; give another with --storage)"
+        ) from None
     cfg = config_mod.validate(config_mod.compose())
     runs = None
     if cfg.tracking.enabled:
@@ -49,7 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return _report_main(argv[1:])
+        try:
+            return _report_main(argv[1:])
+        except UserError as err:
+            # a mistake in what was given (the storage, the study's name): one line and exit status 2, as
+            # `vaerepro` reports it; VAEREPRO_DEBUG=1 shows the traceback instead
+            if os.environ.get("VAEREPRO_DEBUG") == "1":
+                raise
+            print(f"python -m vaerepro.sweep report: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
     return run_trial(argv)
 
 

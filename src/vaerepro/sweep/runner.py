@@ -48,6 +48,7 @@ from vaerepro.sweep.study import (
     STUDY_UID,
     best_command,
     best_trial,
+    check_creatable,
     check_study,
     count_trials,
     existing_study,
@@ -217,6 +218,8 @@ class Sweep:
         files (check_sweep_dir) or add trials its study cannot rank with its own: another direction,
         objective or data space (check_study; open_study checks again under the lock). Reads only."""
         study = existing_study(self.s.storage, self.s.study_name)
+        if study is None:
+            check_creatable(self.s.storage)
         self.check_sweep_dir(study)
         if study is not None:
             check_study(

@@ -116,16 +116,174 @@ def resolve_storage(storage: str | None, study_name: str, root: Path) -> str:
     return str(path if path.is_absolute() else (root / path).resolve())
 
 
-def open_storage(spec: str):
-    """The Optuna storage of a resolved spec: an RDB URL, or a journal file (its directory created)."""
+class NoStorage(ConfigError):
+    """A storage that is not there: reading a study (the report, a sweep's checks) creates none."""
+
+
+class NoStudy(ConfigError):
+    """A storage that holds no study of the name asked for."""
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+# The tables of another program in an SQLite file (MLflow's mlflow.db, say) are no Optuna storage: Optuna
+# would add its own tables beside them. Every Optuna RDB has this one.
+OPTUNA_TABLE = "studies"
+
+
+def shown_storage(spec: str) -> str:
+    """A storage spec as messages show it: an RDB URL without its password."""
+    if "://" not in spec:
+        return spec
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(spec).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy reads: the spec itself is the best name for it
+        return spec
+
+
+def _sqlite_file(spec: str) -> Path | None:
+    """The database file of an sqlite:/// URL; None for another RDB URL, an in-memory database or a path."""
+    if not spec.startswith("sqlite:///"):
+        return None
+    rest = spec.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+def _first_bytes(path: Path, spec: str, n: int = 64) -> bytes | None:
+    """The first `n` bytes of the file at `path`; None when there is none; ConfigError for a directory or
+    a file that cannot be read."""
+    if path.is_dir():
+        raise ConfigError(f"{spec}: a directory, not an Optuna storage (a journal file, or an RDB URL)")
+    try:
+        with path.open("rb") as fh:
+            return fh.read(n)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f"{spec}: cannot read it ({err.strerror or type(err).__name__})") from None
+
+
+def _check_sqlite(path: Path, spec: str) -> bool:
+    """Whether the SQLite file of `spec` exists; ConfigError when it is not an SQLite database, or one of
+    another program (tables, none of them Optuna's). Reads only."""
+    import sqlite3
+
+    head = _first_bytes(path, spec)
+    if head is None:
+        return False
+    if not head:  # an empty file: SQLite makes a database of it
+        return True
+    if not head.startswith(SQLITE_MAGIC):
+        raise ConfigError(f"{spec}: {path} is not an SQLite database (it starts with {head[:16]!r})")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as err:
+        raise ConfigError(f"{spec}: cannot read the SQLite database {path} ({err})") from None
+    if tables and OPTUNA_TABLE not in tables:
+        raise ConfigError(
+            f"{spec}: {path} is an SQLite database of another program (tables {', '.join(sorted(tables)[:4])}"
+            f"{', ...' if len(tables) > 4 else ''}), not an Optuna storage; give the study a file of its own"
+        )
+    return True
+
+
+def _check_journal(path: Path) -> bool:
+    """Whether the journal file `path` exists; ConfigError when it is not one (a directory, an SQLite
+    database, any file whose first line is not a JSON record). Reads only."""
+    spec = str(path)
+    head = _first_bytes(path, spec)
+    if head is None:
+        return False
+    if head.startswith(SQLITE_MAGIC):
+        raise ConfigError(
+            f"{spec}: an SQLite database, not an Optuna journal file; an Optuna database is given as a URL, "
+            f"sqlite:///{spec} (an MLflow store is not one)"
+        )
+    if head and not head.lstrip().startswith(b"{"):  # a journal is one JSON object a line
+        raise ConfigError(f"{spec}: not an Optuna journal file (it starts with {head[:16]!r})")
+    return True
+
+
+def open_storage(spec: str, *, create: bool = True):
+    """The Optuna storage of a resolved spec: an RDB URL, or a journal file.
+
+    create: a sweep's storage, made where there is none (a journal file and its directory; an SQLite file
+    and Optuna's tables). Not `create` (the report, a sweep's checks before it writes): nothing is created,
+    and NoStorage when there is no journal or SQLite file. ConfigError, naming the storage, for one that is
+    not an Optuna storage (a directory, a file that is no journal, another program's SQLite database, an RDB
+    that cannot be reached or read), rather than Optuna's or the database driver's traceback.
+    """
     import optuna
 
     if "://" in spec:
-        return optuna.storages.RDBStorage(spec)
+        sqlite = _sqlite_file(spec)
+        if sqlite is not None and not _check_sqlite(sqlite, spec) and not create:
+            raise NoStorage(f"{spec}: no such file")
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return optuna.storages.RDBStorage(spec, skip_table_creation=not create)
+        # a server that cannot be reached, a bad URL, a missing driver, an unreadable or older schema
+        except (SQLAlchemyError, optuna.exceptions.OptunaError, ImportError, RuntimeError) as err:
+            raise ConfigError(
+                f"{shown_storage(spec)}: cannot open it as an Optuna storage ({_one_line(err)})"
+            ) from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    Path(spec).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(spec))
+    path = Path(spec)
+    if not _check_journal(path):
+        if not create:
+            raise NoStorage(f"{spec}: no such file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"{spec}: cannot create it ({err.strerror or type(err).__name__})") from None
+    try:
+        return JournalStorage(JournalFileBackend(spec))
+    except (OSError, ValueError) as err:  # a JSON record Optuna cannot read further down the file
+        raise ConfigError(f"{spec}: not a readable Optuna journal file ({_one_line(err)})") from None
+
+
+def check_creatable(spec: str) -> None:
+    """ConfigError when a sweep could not create the storage `spec` where there is none: a journal file
+    whose directory cannot be made (a file in the way), an SQLite file in a directory that does not exist
+    (SQLite makes no directories). Creates nothing: the sweep's checks before it writes call it."""
+    sqlite = _sqlite_file(spec)
+    if "://" in spec and sqlite is None:
+        return  # a database server: existing_study has opened it
+    path = sqlite if sqlite is not None else Path(spec)
+    if path.exists():
+        return
+    parent = path.parent
+    if sqlite is not None and not parent.is_dir():
+        raise ConfigError(f"{spec}: cannot create the database, no directory {parent}")
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{spec}: cannot create it, {parent} is a file, not a directory")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def load_existing(storage: str, study_name: str, *, create: bool = False):
+    """The study `study_name` in `storage`, read without creating anything (unless `create`, for a database
+    server where reading may make Optuna's tables as a sweep would). NoStorage when the storage is not there,
+    NoStudy when it holds no such study, ConfigError when it is no Optuna storage (open_storage)."""
+    import optuna
+
+    store = open_storage(storage, create=create)
+    try:
+        return optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = [repr(n) for n in optuna.get_all_study_names(storage=store)]
+        held = f"its studies: {', '.join(names)}" if names else "it holds no study"
+        raise NoStudy(f"{shown_storage(storage)} holds no study {study_name!r} ({held})") from None
 
 
 @contextlib.contextmanager
@@ -276,15 +434,14 @@ def refuse_other_spaces(
 
 
 def existing_study(storage: str, study_name: str):
-    """The study `study_name` in `storage`, loaded without creating anything for a journal file that is not
-    there; None when there is no such study."""
-    import optuna
-
-    if "://" not in storage and not Path(storage).is_file():
-        return None
+    """The study `study_name` in `storage`, or None when there is no such study (or storage yet). Creates
+    nothing for a journal or SQLite file: the sweep's checks before it writes (Sweep.preflight) call it. A
+    database server's storage is opened as a sweep opens it (Optuna's tables created), as one without them
+    cannot be read. ConfigError for a storage that is no Optuna storage (open_storage)."""
+    server = "://" in storage and _sqlite_file(storage) is None
     try:
-        return optuna.load_study(study_name=study_name, storage=open_storage(storage))
-    except KeyError:
+        return load_existing(storage, study_name, create=server)
+    except (NoStorage, NoStudy):
         return None
 
 

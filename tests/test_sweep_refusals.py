@@ -1,0 +1,129 @@
+"""What a sweep and its report refuse before they write.
+
+- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report).
+
+Each refusal is one line (ConfigError; exit status 2 through the sweeper or the report) and nothing is
+written. The sweep's checks are run through test_sweep's FakeSweep (no training).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from test_sweep import _fake_sweep
+from vaerepro import sweep
+from vaerepro.config import ConfigError
+
+
+def _files(*roots: Path) -> dict[Path, bytes | None]:
+    """Every file (its bytes) and directory (None) under `roots`: what a refusal must leave as it was."""
+    found: dict[Path, bytes | None] = {}
+    for root in roots:
+        for p in [root, *root.rglob("*")] if root.exists() else []:
+            found[p] = p.read_bytes() if p.is_file() else None
+    return found
+
+
+def _refusal(err: pytest.ExceptionInfo) -> str:
+    return " ".join(str(err.value).split())
+
+
+def _foreign_sqlite(path: Path) -> None:
+    """An SQLite database of another program, as MLflow's mlflow.db is."""
+    with sqlite3.connect(path) as db:
+        for table in ("experiments", "metrics", "params", "runs", "tags"):
+            db.execute(f"CREATE TABLE {table} (x)")
+
+
+def test_the_sweep_report_refuses_what_is_not_a_study_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    import optuna
+
+    from vaerepro.sweep.__main__ import main
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "adir").mkdir()
+    _foreign_sqlite(tmp_path / "mlflow.db")
+    optuna.create_study(study_name="a", storage=sweep.open_storage(str(tmp_path / "studies" / "a.log")))
+    before = _files(tmp_path)
+    capsys.readouterr()  # Optuna's log line of the study created above
+
+    missing = (
+        "does not exist (a sweep keeps its study in hydra.sweeper.storage, by default "
+        "optuna/<study_name>.log; give another with --storage)"
+    )
+    cases = {
+        ("nosuch",): f"no study 'nosuch': {tmp_path}/optuna/nosuch.log {missing}",
+        (
+            "x",
+            "--storage",
+            "sqlite:///nonexist.db",
+        ): f"no study 'x': sqlite:///{tmp_path}/nonexist.db {missing}",
+        (
+            "x",
+            "--storage",
+            "sqlite:////nonexist/dir/x.db",
+        ): f"no study 'x': sqlite:////nonexist/dir/x.db {missing}",
+        ("x", "--storage", "notes.txt"): f"{tmp_path}/notes.txt: not an Optuna journal file (it starts with "
+        "b'hello\\n')",
+        (
+            "x",
+            "--storage",
+            "adir",
+        ): f"{tmp_path}/adir: a directory, not an Optuna storage (a journal file, or an RDB URL)",
+        ("x", "--storage", "mlflow.db"): f"{tmp_path}/mlflow.db: an SQLite database, not an Optuna journal "
+        f"file; an Optuna database is given as a URL, sqlite:///{tmp_path}/mlflow.db (an MLflow store is not "
+        "one)",
+        (
+            "x",
+            "--storage",
+            "sqlite:///mlflow.db",
+        ): f"sqlite:///{tmp_path}/mlflow.db: {tmp_path}/mlflow.db is an "
+        "SQLite database of another program (tables experiments, metrics, params, runs, ...), not an Optuna "
+        "storage; give the study a file of its own",
+        (
+            "x",
+            "--storage",
+            "studies/a.log",
+        ): f"{tmp_path}/studies/a.log holds no study 'x' (its studies: 'a')",
+    }
+    for args, line in cases.items():
+        assert main(["report", *args]) == 2, args
+        assert capsys.readouterr().err == f"python -m vaerepro.sweep report: {line}\n"
+    assert _files(tmp_path) == before  # no journal, database, directory or table created
+    assert not Path("/nonexist").exists()
+
+
+def test_a_sweep_refuses_a_storage_that_is_no_optuna_storage_before_any_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "adir").mkdir()
+    _foreign_sqlite(tmp_path / "mlflow.db")
+    sweep_dir = tmp_path / "runs" / "b1"
+    before = _files(tmp_path)
+    cases = {
+        str(tmp_path / "notes.txt"): f"{tmp_path}/notes.txt: not an Optuna journal file (it starts with "
+        "b'hello\\n')",
+        str(tmp_path / "adir"): f"{tmp_path}/adir: a directory, not an Optuna storage (a journal file, or an "
+        "RDB URL)",
+        str(tmp_path / "mlflow.db"): f"{tmp_path}/mlflow.db: an SQLite database, not an Optuna journal file; "
+        f"an Optuna database is given as a URL, sqlite:///{tmp_path}/mlflow.db (an MLflow store is not one)",
+        f"sqlite:///{tmp_path}/mlflow.db": f"sqlite:///{tmp_path}/mlflow.db: {tmp_path}/mlflow.db is an "
+        "SQLite database of another program (tables experiments, metrics, params, runs, ...), not an Optuna "
+        "storage; give the study a file of its own",
+        "sqlite:////nonexist/dir/x.db": "sqlite:////nonexist/dir/x.db: cannot create the database, no "
+        "directory /nonexist/dir",
+        str(tmp_path / "notes.txt" / "b1.log"): f"{tmp_path}/notes.txt/b1.log: cannot read it (Not a "
+        "directory)",
+    }
+    for storage, expected in cases.items():
+        s = _fake_sweep(tmp_path, "b1", sweep_dir, n_trials=1, storage=storage)
+        with pytest.raises(ConfigError) as err:
+            s.preflight()
+        assert _refusal(err) == expected
+        assert _files(tmp_path) == before and not s.launched
