@@ -1,23 +1,30 @@
-"""What a sweep and its report refuse before they write.
+"""What a sweep refuses before it writes, and what an error inside a sweep leaves in its study.
 
-- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report).
+- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report);
+- an error of Optuna's between study.ask and a trial's launch (it used to leave a RUNNING trial without
+  params, whose retry, queued without values, poisoned every later resume of a grid).
 
 Each refusal is one line (ConfigError; exit status 2 through the sweeper or the report) and nothing is
-written. The sweep's checks are run through test_sweep's FakeSweep (no training).
+written. The sweeps are test_sweep's FakeSweep (no training).
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from test_sweep import _fake_sweep
+from test_sweep import _fake_sweep, _load, _states
 from vaerepro import sweep
 from vaerepro.config import ConfigError
+
+GRID = {"name": "grid", "seed": 0}
 
 
 def _files(*roots: Path) -> dict[Path, bytes | None]:
@@ -31,6 +38,56 @@ def _files(*roots: Path) -> dict[Path, bytes | None]:
 
 def _refusal(err: pytest.ExceptionInfo) -> str:
     return " ".join(str(err.value).split())
+
+
+def test_an_error_between_ask_and_launch_leaves_no_running_trial(tmp_path, monkeypatch):
+    """Optuna's own refusal (here: other choices, with vaerepro's check switched off) comes after study.ask
+    has created the trial: the trial is failed, not counted, and not queued again without its values."""
+    from optuna.distributions import CategoricalDistribution
+
+    from vaerepro.sweep import study as study_mod
+
+    sweep_dir = tmp_path / "runs" / "g2"
+    first = sweep.SearchSpace({"model.latent_dim": CategoricalDistribution([2, 3])})
+    _fake_sweep(tmp_path, "g2", sweep_dir, space=first, sampler=GRID, n_trials=1).run()
+    monkeypatch.setattr(study_mod, "refuse_incompatible_space", lambda *a, **k: None, raising=False)
+    wider = sweep.SearchSpace({"model.latent_dim": CategoricalDistribution([2, 3, 4])})
+    s = _fake_sweep(tmp_path, "g2", sweep_dir, space=wider, sampler=GRID, n_trials=3)
+    with pytest.raises(ValueError, match="CategoricalDistribution does not support dynamic value space"):
+        s.run()
+    trials = _load(tmp_path, "g2").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]  # no RUNNING trial, nothing WAITING
+    assert trials[1].params == {} and trials[1].system_attrs[sweep.INTERRUPTED] is True
+    assert not s.launched
+
+
+def test_a_trial_left_running_without_params_does_not_poison_later_resumes(tmp_path):
+    """What earlier versions left behind: a RUNNING trial without params (its sweep process gone), and its
+    configuration queued as {} by a resume. The grid sampler refuses a queued trial without values ("All
+    parameters must be specified when using GridSampler with enqueue_trial") at every resume; now the
+    RUNNING one is failed without being queued, the queued one failed and dropped, and the grid goes on."""
+    import optuna
+
+    sweep_dir = tmp_path / "runs" / "ghost"
+    _fake_sweep(tmp_path, "ghost", sweep_dir, sampler=GRID, n_trials=1).run()
+    storage = sweep.open_storage(str(tmp_path / "optuna" / "ghost.log"))
+    study = optuna.load_study(study_name="ghost", storage=storage)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ghost = study.ask()  # RUNNING, no params, stamped by a sweep process that is gone
+    storage.set_trial_system_attr(ghost._trial_id, "vaerepro:host", socket.gethostname())
+    storage.set_trial_system_attr(ghost._trial_id, "vaerepro:pid", gone.pid)
+    study.enqueue_trial({}, user_attrs={"retry_of": ghost.number})  # an earlier resume's retry of a ghost
+
+    _fake_sweep(tmp_path, "ghost", sweep_dir, sampler=GRID, n_trials=3).run()
+    trials = _load(tmp_path, "ghost").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert [bool(t.system_attrs.get(sweep.INTERRUPTED)) for t in trials] == [False, True, True, False, False]
+    done = [t.params["model.latent_dim"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(set(done)) == 3  # three grid points, none twice
+    # and a resume after that has nothing left to fail or queue
+    _fake_sweep(tmp_path, "ghost", sweep_dir, sampler=GRID, n_trials=4).run()
+    assert _states(_load(tmp_path, "ghost")).count("COMPLETE") == 4
 
 
 def _foreign_sqlite(path: Path) -> None:

@@ -169,6 +169,22 @@ def _is_stale(trial, now: float) -> bool:
     return beat is None or now - float(beat) > STALE_AFTER_S
 
 
+def _suggest(trial, distributions: Mapping[str, Any]) -> None:
+    """Draw the trial's value of each distribution through Optuna's public suggest API, as
+    study.ask(distributions) would."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for key, d in distributions.items():
+        if isinstance(d, CategoricalDistribution):
+            trial.suggest_categorical(key, d.choices)
+        elif isinstance(d, IntDistribution):
+            trial.suggest_int(key, d.low, d.high, step=d.step, log=d.log)
+        elif isinstance(d, FloatDistribution):
+            trial.suggest_float(key, d.low, d.high, step=d.step, log=d.log)
+        else:
+            raise TypeError(f"{key}: no suggest method for {d}")
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -320,12 +336,26 @@ class Sweep:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue
+            queued = self._requeue(study, t)
             log.warning(
-                "trial %d was left RUNNING by a sweep process that is gone: marked FAIL, queued again",
+                "trial %d was left RUNNING by a sweep process that is gone: marked FAIL, %s",
                 t.number,
+                "queued again" if queued else "not queued again (it holds no full configuration)",
             )
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             self._mlflow_trial_done(t.number, "FAIL", "interrupted: its sweep process died", t.params)
+
+    def _requeue(self, study, trial) -> bool:
+        """Queue an interrupted trial's configuration again (as a new trial, retry_of its number), when its
+        params hold a value for every key of this search space. A trial interrupted before all its values
+        were drawn (its sweep process died or failed between study.ask and the launch) is not: queued with
+        missing values, the grid sampler refuses it at every later resume ("All parameters must be
+        specified ... enqueue_trial"), and any sampler would run a configuration nobody chose. The sampler
+        then draws a new point in its place."""
+        params = dict(trial.params)
+        if not params or set(self.space.distributions) - set(params):
+            return False
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+        return True
 
     def _grid_size(self) -> int | None:
         if self.s.sampler.get("name") != "grid":
@@ -468,6 +498,37 @@ class Sweep:
             f"hydra.run.dir={override_value(str(trial_dir))}",
         ]
 
+    def _ask(self, study, storage):
+        """A new trial, stamped as this process's and given its values of the search space; None when it
+        was a queued retry that could not be (failed and dropped: the caller asks again).
+
+        study.ask creates the trial RUNNING (or takes a queued one) before it draws the values, so an error
+        while drawing them (Optuna refusing a distribution, a storage error) would leave a RUNNING trial
+        without params. Asked bare and then given its values, the trial is failed (not counted, and not
+        queued with missing values) on any error instead, and the error raised; a queued retry whose values
+        the sampler refuses (queued without them by an earlier version) is dropped with a warning."""
+        trial = study.ask()
+        try:
+            storage.set_trial_system_attr(trial._trial_id, _HOST, socket.gethostname())
+            storage.set_trial_system_attr(trial._trial_id, _PID, os.getpid())
+            storage.set_trial_system_attr(trial._trial_id, _BEAT, time.time())
+            _suggest(trial, self.space.distributions)
+        except BaseException as err:
+            self._abandon(study, storage, trial, f"not started: {type(err).__name__}: {err}", started=False)
+            retry = trial.user_attrs.get("retry_of")
+            if retry is None or not isinstance(err, Exception):
+                raise
+            log.warning(
+                "trial %d, queued as a retry of trial %d, could not be given this search space's values "
+                "(%s: %s): marked FAIL, not run",
+                trial.number,
+                retry,
+                type(err).__name__,
+                err,
+            )
+            return None
+        return trial
+
     def _finish(self, study, r: _Running, rc: int) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
@@ -559,7 +620,7 @@ class Sweep:
         with contextlib.suppress(Exception):
             storage.set_trial_system_attr(trial._trial_id, INTERRUPTED, True)
             study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            self._requeue(study, trial)
             self._mlflow_trial_done(trial.number, "FAIL", reason, trial.params, started=started)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -601,10 +662,9 @@ class Sweep:
                         grid_done = grid_size is not None and c["grid_started"] >= grid_size
                         if c["used"] >= self.s.n_trials or (grid_done and not c["waiting"]):
                             break
-                        trial = study.ask(self.space.distributions)
-                        storage.set_trial_system_attr(trial._trial_id, _HOST, socket.gethostname())
-                        storage.set_trial_system_attr(trial._trial_id, _PID, os.getpid())
-                        storage.set_trial_system_attr(trial._trial_id, _BEAT, time.time())
+                        trial = self._ask(study, storage)
+                        if trial is None:  # a queued trial that could not be given this space's values
+                            continue
                     try:
                         self.running.append(self._launch(trial))
                     except BaseException as err:
