@@ -1,8 +1,10 @@
 """What a sweep refuses before it writes, and what an error inside a sweep leaves in its study.
 
-- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report);
-- an error of Optuna's between study.ask and a trial's launch (it used to leave a RUNNING trial without
-  params, whose retry, queued without values, poisoned every later resume of a grid).
+- a resume that measures otherwise than the study's trials (the data set, its splits, K) given as fixed
+  overrides: its values would be ranked against values of another test set;
+- a resume whose categorical choices differ from the study's, which Optuna cannot store (it used to fail
+  after study.ask, leaving a RUNNING trial without params that poisoned every later resume);
+- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report).
 
 Each refusal is one line (ConfigError; exit status 2 through the sweeper or the report) and nothing is
 written. The sweeps are test_sweep's FakeSweep (no training).
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, compose
 from test_sweep import _fake_sweep, _load, _states
 from vaerepro import sweep
 from vaerepro.config import ConfigError
@@ -38,6 +40,129 @@ def _files(*roots: Path) -> dict[Path, bytes | None]:
 
 def _refusal(err: pytest.ExceptionInfo) -> str:
     return " ".join(str(err.value).split())
+
+
+def test_measurement_settings_come_from_the_fixed_overrides_and_the_config():
+    """What a study records as its measurement: every data key that changes the images or their splits,
+    and K, as the trials' config resolves them; not the seeds (another draw of one measurement)."""
+    assert sweep.measurement_keys() == [
+        "data.source",
+        "data.path",
+        "data.val_fraction",
+        "data.test_fraction",
+        "data.split_seed",
+        "data.max_examples",
+        "data.split",
+        "data.val_size",
+        "eval.num_samples",
+    ]
+    space = sweep.parse_search_space(
+        {"model.latent_dim": "choice(2, 3)", "likelihood": "choice(bernoulli, gaussian)"},
+        ["data.split_seed=7", "eval.num_samples=5", "seed=3", "data.max_examples=600"],
+    )
+    configs = sweep.trial_configs(space, lambda overrides: compose(*overrides))
+    assert list(configs) == ["likelihood=bernoulli", "likelihood=gaussian"]
+    assert sweep.measurement_settings(configs) == {
+        "data.source": "mnist5k",
+        "data.path": None,
+        "data.val_fraction": 0.1,
+        "data.test_fraction": 0.2,
+        "data.split_seed": 7,
+        "data.max_examples": 600,
+        "data.split": "pooled",
+        "data.val_size": None,
+        "eval.num_samples": 5,
+    }
+
+
+def test_a_resume_measuring_otherwise_is_refused_before_any_write(tmp_path):
+    measured = {"data.source": "mnist5k", "data.split_seed": 0, "eval.num_samples": 5}
+    sweep_dir = tmp_path / "runs" / "e1"
+    _fake_sweep(tmp_path, "e1", sweep_dir, n_trials=1, measurement=measured).run()
+    journal = tmp_path / "optuna" / "e1.log"
+    assert _load(tmp_path, "e1").user_attrs["measurement"] == measured
+    before = _files(tmp_path / "optuna", sweep_dir)
+
+    tail = (
+        "another data set, test split or number of importance samples K, so its trials could not be ranked "
+        "with the study's: resume with"
+    )
+    refusals = {
+        "data.split_seed=0; this sweep has data.split_seed=7": {"data.split_seed": 7},
+        "eval.num_samples=5; this sweep has eval.num_samples=50": {"eval.num_samples": 50},
+        "data.source=mnist5k, eval.num_samples=5; this sweep has data.source=npz, eval.num_samples=6": {
+            "data.source": "npz",
+            "eval.num_samples": 6,
+        },
+    }
+    for differ, changed in refusals.items():
+        was = differ.split(";")[0]
+        expected = (
+            f"study 'e1' in {journal} measured its trials with {differ}, {tail} {was}, or use another "
+            "hydra.sweeper.study_name"
+        )
+        s = _fake_sweep(tmp_path, "e1", sweep_dir, n_trials=2, measurement={**measured, **changed})
+        with pytest.raises(ConfigError) as err:
+            s.preflight()  # what the sweeper calls before it saves multirun.yaml
+        assert _refusal(err) == expected
+        with pytest.raises(ConfigError) as err:
+            s.run()  # open_study refuses under the lock too, before Optuna writes to the journal
+        assert _refusal(err) == expected
+        assert _files(tmp_path / "optuna", sweep_dir) == before and not s.launched
+
+    # the same measurement resumes (another seed is another draw of it: not recorded, not refused)
+    _fake_sweep(tmp_path, "e1", sweep_dir, n_trials=2, measurement=measured).run()
+    assert _states(_load(tmp_path, "e1")) == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_study_older_than_the_record_is_resumed_and_recorded_from_then_on(tmp_path):
+    """A study created before its measurement was recorded cannot be checked: its next sweep is accepted and
+    records its own settings, which every later resume must then match."""
+    import optuna
+
+    storage = sweep.open_storage(str(tmp_path / "optuna" / "old.log"))
+    old = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    old.set_user_attr("objective", "log_px")
+    old.add_trial(optuna.trial.create_trial(value=-90.0))
+    measured = {"data.split_seed": 0, "eval.num_samples": 5}
+    sweep_dir = tmp_path / "runs" / "old"
+    _fake_sweep(tmp_path, "old", sweep_dir, n_trials=2, measurement=measured).run()
+    study = _load(tmp_path, "old")
+    assert _states(study) == ["COMPLETE", "COMPLETE"] and study.user_attrs["measurement"] == measured
+    with pytest.raises(ConfigError, match="measured its trials with data.split_seed=0; this sweep has data"):
+        _fake_sweep(
+            tmp_path, "old", sweep_dir, n_trials=3, measurement={**measured, "data.split_seed": 1}
+        ).run()
+
+
+def test_a_resume_with_other_categorical_choices_is_refused_before_any_write(tmp_path):
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    first = sweep.SearchSpace({"model.latent_dim": CategoricalDistribution([2, 3])})
+    sweep_dir = tmp_path / "runs" / "g1"
+    _fake_sweep(tmp_path, "g1", sweep_dir, space=first, sampler=GRID, n_trials=2).run()
+    journal = tmp_path / "optuna" / "g1.log"
+    before = _files(tmp_path / "optuna", sweep_dir)
+    for new, shown, what in [
+        (CategoricalDistribution([2, 3, 4]), "choice(2, 3, 4)", "other choices"),
+        (CategoricalDistribution([3, 2]), "choice(3, 2)", "other choices"),  # Optuna compares them in order
+        (IntDistribution(2, 4), "integers in [2, 4]", "another kind or scale of values"),
+    ]:
+        space = sweep.SearchSpace({"model.latent_dim": new})
+        s = _fake_sweep(tmp_path, "g1", sweep_dir, space=space, sampler=GRID, n_trials=3)
+        expected = (
+            f"study 'g1' in {journal} sweeps model.latent_dim over choice(2, 3); this sweep has {shown}, "
+            f"{what}, which Optuna cannot add to a study: sweep model.latent_dim over choice(2, 3), or use "
+            "another hydra.sweeper.study_name for the new search space"
+        )
+        with pytest.raises(ConfigError) as err:
+            s.preflight()
+        assert _refusal(err) == expected
+        with pytest.raises(ConfigError) as err:
+            s.run()
+        assert _refusal(err) == expected
+        assert _files(tmp_path / "optuna", sweep_dir) == before and not s.launched
+    assert _states(_load(tmp_path, "g1")) == ["COMPLETE", "COMPLETE"]
 
 
 def test_an_error_between_ask_and_launch_leaves_no_running_trial(tmp_path, monkeypatch):

@@ -123,7 +123,8 @@ class VaereproOptunaSweeper(Sweeper):
             )
         direction = sweep.resolve_direction(o["objective"], o["direction"])
         sweep.refuse_swept_measurement(space)  # the data set, its splits or K: not one measurement
-        spaces = sweep.data_spaces(space, self._compose)
+        configs = sweep.trial_configs(space, self._compose)
+        spaces = sweep.spaces_of(configs)
         sweep.refuse_mixed_spaces(o["objective"], o["pruner"].get("name", "none"), spaces)
         settings = SweepSettings(
             study_name=o["study_name"],
@@ -140,10 +141,13 @@ class VaereproOptunaSweeper(Sweeper):
             report=o["report"],
             trial_timeout=o["trial_timeout"],
             data_spaces=list(spaces),
+            # the fixed data set, splits and K: a resume measuring otherwise is refused (study.check_study)
+            measurement=sweep.measurement_settings(configs),
         )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         runner = Sweep(settings, space, sweep_dir=sweep_dir, root=root, tracking=self._tracking(root))
-        # another study's files in the sweep dir, a study of another data space: refused before any write
+        # another study's files in the sweep dir, a study of another data space, measurement or choices, a
+        # storage that is no Optuna storage: refused before any write
         runner.preflight()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

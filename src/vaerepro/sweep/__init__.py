@@ -25,12 +25,16 @@ from vaerepro.sweep.space import (
     SearchSpace,
     data_spaces,
     grid_values,
+    measurement_keys,
+    measurement_settings,
     override_value,
     parse_search_space,
     refuse_mixed_spaces,
     refuse_swept_measurement,
     resolve_direction,
     space_combinations,
+    spaces_of,
+    trial_configs,
     trial_overrides,
 )
 from vaerepro.sweep.study import (
@@ -66,6 +70,8 @@ __all__ = [
     "grid_values",
     "make_pruner",
     "make_sampler",
+    "measurement_keys",
+    "measurement_settings",
     "open_storage",
     "override_value",
     "parse_search_space",
@@ -74,5 +80,7 @@ __all__ = [
     "resolve_direction",
     "resolve_storage",
     "space_combinations",
+    "spaces_of",
+    "trial_configs",
     "trial_overrides",
 ]

@@ -123,6 +123,8 @@ class SweepSettings:
     trial_timeout: float | None = None  # seconds; a trial running longer is stopped and marked FAIL
     # the (data space, improper) groups of this sweep's search space (space.data_spaces' keys); None: unknown
     data_spaces: list[tuple[str, bool]] | None = None
+    # what the trials measure (space.measurement_settings: the data set, its splits, K); None: unknown
+    measurement: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.trial_timeout is not None and not self.trial_timeout > 0:
@@ -227,12 +229,14 @@ class Sweep:
             multivariate=self.s.multivariate,
             constant_liar=self.s.constant_liar,
             data_spaces=self.s.data_spaces,
+            measurement=self.s.measurement,
         )
 
     def preflight(self) -> None:
         """Refuse (ConfigError), before anything is written, a sweep that would overwrite another study's
-        files (check_sweep_dir) or add trials its study cannot rank with its own: another direction,
-        objective or data space (check_study; open_study checks again under the lock). Reads only."""
+        files (check_sweep_dir) or add trials its study cannot rank with its own or Optuna cannot store:
+        another direction, objective, measurement or data space, other choices of a parameter (check_study;
+        open_study checks again under the lock), or a storage that is no Optuna storage. Reads only."""
         study = existing_study(self.s.storage, self.s.study_name)
         if study is None:
             check_creatable(self.s.storage)
@@ -245,6 +249,8 @@ class Sweep:
                 objective=self.s.objective,
                 pruner=self.s.pruner,
                 data_spaces=self.s.data_spaces,
+                space=self.space,
+                measurement=self.s.measurement,
             )
 
     def check_sweep_dir(self, study=None) -> None:

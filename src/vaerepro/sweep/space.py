@@ -209,10 +209,9 @@ def space_combinations(space: SearchSpace) -> list[list[str]]:
     ]
 
 
-def data_spaces(
-    space: SearchSpace, compose: Callable[[list[str]], Mapping[str, Any]]
-) -> dict[tuple[str, bool], list[str]]:
-    """(data space, improper) -> the choices that lead there; each combination composed and validated.
+def trial_configs(space: SearchSpace, compose: Callable[[list[str]], Mapping[str, Any]]) -> dict[str, Any]:
+    """The validated config (vaerepro.config.Config) of each combination of the choices that decide the data
+    space (space_combinations), by its overrides as text ("(fixed)" for none), with the fixed overrides.
 
     A combination that does not validate (say Bernoulli on continuous data without allow_improper) is
     skipped with a warning: its trials will fail with the validation message. A ConfigError when Hydra
@@ -223,7 +222,7 @@ def data_spaces(
 
     from vaerepro import config as config_mod
 
-    spaces: dict[tuple[str, bool], list[str]] = {}
+    configs: dict[str, Any] = {}
     refused: list[str] = []
     for combo in space_combinations(space):
         named = " ".join(combo) or "the fixed config"
@@ -233,15 +232,29 @@ def data_spaces(
             text = " ".join(str(err).split()).split(" Config search path:")[0]
             raise ConfigError(f"{' '.join([*space.fixed, *combo])}: {text}") from None
         try:
-            cfg = config_mod.validate(raw)
+            configs[" ".join(combo) or "(fixed)"] = config_mod.validate(raw)
         except ConfigError as err:
             log.warning("%s: its trials will fail: %s", named, err)
             refused.append(f"{named}: {err}")
-            continue
-        spaces.setdefault((cfg.data_space, cfg.improper), []).append(" ".join(combo) or "(fixed)")
-    if not spaces and refused:  # every trial would fail: refused before the study or a trial is written
+    if not configs and refused:  # every trial would fail: refused before the study or a trial is written
         raise ConfigError(f"no trial of this search space can run; {refused[0]}")
+    return configs
+
+
+def spaces_of(configs: Mapping[str, Any]) -> dict[tuple[str, bool], list[str]]:
+    """(data space, improper) -> the combinations of `configs` (trial_configs' answer) that lead there."""
+    spaces: dict[tuple[str, bool], list[str]] = {}
+    for combo, cfg in configs.items():
+        spaces.setdefault((cfg.data_space, cfg.improper), []).append(combo)
     return spaces
+
+
+def data_spaces(
+    space: SearchSpace, compose: Callable[[list[str]], Mapping[str, Any]]
+) -> dict[tuple[str, bool], list[str]]:
+    """(data space, improper) -> the choices that lead there; each combination composed and validated
+    (trial_configs, with its warnings and refusals)."""
+    return spaces_of(trial_configs(space, compose))
 
 
 # Data keys that only say where the files are, or cap their size: the same test images whatever their value.
@@ -267,6 +280,41 @@ def refuse_swept_measurement(space: SearchSpace) -> None:
             "set, its test split or the number of importance samples K): its trials cannot be ranked in one "
             "study. Sweep those keys as separate studies (hydra.sweeper.study_name), one value each"
         )
+
+
+def measurement_keys() -> list[str]:
+    """The config keys whose value decides what a trial measures (_measurement_key): every data.* key but
+    those of _SAME_IMAGES (a data key added later counts, until it is known to leave the images alone),
+    and eval.num_samples.
+
+    Not the seeds: `seed` also draws the binarisation (or dequantisation) of the test and training images
+    (evaluate.py, data.fixed_space at seed + TEST_SEED_OFFSET), and eval.seed the importance samples, but
+    another draw of the same images from the same pixel probabilities is another draw of one measurement,
+    with the same expectation (as compare.measurement counts it: the test split's sha256, before any draw,
+    and K). So `seed` may be swept, and may change on a resume. Nor eval.precision: its effect on log p(x)
+    is measured and recorded (eval.json `precision`), not a change of the quantity estimated."""
+    from vaerepro.config import DataConfig
+
+    keys = [f"data.{k}" for k in DataConfig.model_fields]
+    return [k for k in keys if _measurement_key(k)] + ["eval.num_samples"]
+
+
+def measurement_settings(configs: Mapping[str, Any]) -> dict[str, Any]:
+    """What the trials of `configs` (trial_configs' answer) measure: measurement_keys -> its value, from
+    the fixed overrides and the config (the first combination's: refuse_swept_measurement has refused a
+    search space over these keys, and the choices deciding the data space leave them alone). data.path is
+    the file itself, as prepare reads it (~ expanded, relative to the working directory)."""
+    from pathlib import Path
+
+    cfg = next(iter(configs.values()))
+    settings: dict[str, Any] = {}
+    for key in measurement_keys():
+        section, name = key.split(".", 1)
+        value = getattr(getattr(cfg, section), name)
+        if key == "data.path" and value is not None:
+            value = str(Path(value).expanduser().resolve())
+        settings[key] = value
+    return settings
 
 
 def refuse_mixed_spaces(objective: str, pruner: str, spaces: Mapping[tuple[str, bool], list[str]]) -> None:

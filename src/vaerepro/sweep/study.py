@@ -42,6 +42,11 @@ STUDY_UID = "study_uid"
 # A study user attribute: the (data space, improper) groups its trials were composed in, as [space, improper]
 # lists; a density objective or a pruner never lets a study hold two (refuse_other_spaces).
 DATA_SPACES = "data_spaces"
+# A study user attribute: what its trials measure, {key: value} of space.measurement_keys (the data set, its
+# splits, K) from the config of the sweep that created it. A resume measuring otherwise is refused
+# (check_study): its trials' values would be ranked against values of another test set or K. Studies
+# created before it was recorded get the settings of their next sweep (open_study), unchecked once.
+MEASUREMENT = "measurement"
 
 
 # ---------------------------------------------------------------------------------- samplers, pruners
@@ -312,14 +317,17 @@ def open_study(
     multivariate: bool = False,
     constant_liar: bool = False,
     data_spaces: Iterable[tuple[str, bool]] | None = None,
+    measurement: Mapping[str, Any] | None = None,
 ):
     """(study, storage): the study created, or loaded to resume it, with the calling sweep process's sampler.
 
-    Refuses a study of another direction or objective, and one whose trials are in other data spaces than
-    `data_spaces` (this sweep's, space.data_spaces' keys) where the objective or the pruner cannot compare
-    them (refuse_other_spaces). Keeps the objective, search space and data spaces in the study's user
-    attributes, gives the study its STUDY_UID, and counts the sweep processes that opened it
-    (sweep_processes). Call it under `file_lock`: several sweep processes may open one study at once.
+    Refuses (check_study) a study of another direction, objective or measurement (`measurement`: this
+    sweep's space.measurement_settings), one whose parameters Optuna cannot take this search space's
+    distributions for, and one whose trials are in other data spaces than `data_spaces` (this sweep's,
+    space.data_spaces' keys) where the objective or the pruner cannot compare them (refuse_other_spaces).
+    Keeps the objective, measurement, search space and data spaces in the study's user attributes, gives
+    the study its STUDY_UID, and counts the sweep processes that opened it (sweep_processes). Call it under
+    `file_lock`: several sweep processes may open one study at once.
     """
     import warnings
 
@@ -332,9 +340,25 @@ def open_study(
         study = optuna.create_study(study_name=study_name, storage=store, direction=direction)
     else:
         check_study(
-            study, storage, direction=direction, objective=objective, pruner=pruner, data_spaces=data_spaces
+            study,
+            storage,
+            direction=direction,
+            objective=objective,
+            pruner=pruner,
+            data_spaces=data_spaces,
+            space=space,
+            measurement=measurement,
         )
     attrs = study.user_attrs
+    if measurement is not None and MEASUREMENT not in attrs:
+        if study.get_trials(deepcopy=False):
+            log.warning(
+                "study %s was created before vaerepro recorded what its trials measure: its earlier trials "
+                "are not checked; from now on a resume must measure with %s",
+                study_name,
+                ", ".join(f"{k}={override_value(v)}" for k, v in measurement.items()),
+            )
+        study.set_user_attr(MEASUREMENT, dict(measurement))
     held = study_spaces(study)
     adding = {(str(space), bool(improper)) for space, improper in data_spaces or ()}
     if sorted(held | adding) != sorted(held) or DATA_SPACES not in attrs:
@@ -371,11 +395,15 @@ def check_study(
     objective: str,
     pruner: Mapping[str, Any] | None,
     data_spaces: Iterable[tuple[str, bool]] | None,
+    space: SearchSpace | None = None,
+    measurement: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse (ConfigError) to add this sweep's trials to an existing `study`: one of another direction or
-    objective, or one whose trials are in other data spaces where the objective or the pruner cannot compare
-    them (refuse_other_spaces). Reads only: the sweeper calls it before anything is written (Sweep.preflight)
-    and open_study again under the lock."""
+    objective; one that measured its trials otherwise (refuse_other_measurement); one whose parameters
+    Optuna cannot take `space`'s distributions for (refuse_incompatible_space); one whose trials are in
+    other data spaces where the objective or the pruner cannot compare them (refuse_other_spaces). Reads
+    only: the sweeper calls it before anything is written (Sweep.preflight) and open_study again under the
+    lock."""
     name = study.study_name
     if study.direction.name.lower() != direction:
         raise ConfigError(
@@ -388,10 +416,78 @@ def check_study(
             f"study {name!r} in {storage} optimises {held_objective}, not "
             f"{objective}: use another hydra.sweeper.study_name (or the same objective)"
         )
-    adding = {(str(space), bool(improper)) for space, improper in data_spaces or ()}
+    if measurement is not None:
+        refuse_other_measurement(study, storage, measurement)
+    if space is not None:
+        refuse_incompatible_space(study, storage, space)
+    adding = {(str(s), bool(improper)) for s, improper in data_spaces or ()}
     refuse_other_spaces(
         name, storage, objective, (pruner or {}).get("name", "none"), study_spaces(study), adding
     )
+
+
+def refuse_other_measurement(study, storage: str, measurement: Mapping[str, Any]) -> None:
+    """Refuse to add trials measured with other settings than the study's MEASUREMENT (another data set,
+    split or K): the same refusal as a search space over those keys (space.refuse_swept_measurement), for
+    keys given as fixed overrides that differ between the sweeps of one study. A study without the record
+    (created before it existed) is not checked here: open_study records this sweep's."""
+    held = study.user_attrs.get(MEASUREMENT)
+    if not isinstance(held, dict):
+        return
+    # keys known to both: a key recorded later is not held against a study that predates it
+    differ = [k for k in measurement if k in held and held[k] != measurement[k]]
+    if not differ:
+        return
+    was = ", ".join(f"{k}={override_value(held[k])}" for k in differ)
+    now = ", ".join(f"{k}={override_value(measurement[k])}" for k in differ)
+    raise ConfigError(
+        f"study {study.study_name!r} in {storage} measured its trials with {was}; this sweep has {now}, "
+        "another data set, test split or number of importance samples K, so its trials could not be ranked "
+        f"with the study's: resume with {was}, or use another hydra.sweeper.study_name"
+    )
+
+
+def describe_distribution(d) -> str:
+    """An Optuna distribution as the sweep syntax would write it: choice(2, 3), range(2, 10), ..."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(d, CategoricalDistribution):
+        return f"choice({', '.join(override_value(c) for c in d.choices)})"
+    kind = "integers" if type(d).__name__ == "IntDistribution" else "floats"
+    step = "" if d.step in (None, 1) else f" step {d.step:g}"
+    return f"{kind} in [{d.low:g}, {d.high:g}]{step}{' on a log scale' if d.log else ''}"
+
+
+def refuse_incompatible_space(study, storage: str, space: SearchSpace) -> None:
+    """Refuse a search space whose distribution of a key the study's trials already hold is one Optuna
+    cannot store beside theirs: other choices of a categorical parameter, another kind (choice against
+    range or interval, integers against floats) or scale (log or not). Optuna refuses it only once a trial
+    has been asked for (a ValueError after the trial exists); the ranges of numeric parameters may change.
+    Compared the way Optuna's storages compare them, with the first trial holding the key."""
+    from optuna.distributions import CategoricalDistribution
+
+    held: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        for key, d in t.distributions.items():
+            held.setdefault(key, d)
+    for key, new in space.distributions.items():
+        old = held.get(key)
+        if old is None:
+            continue
+        if type(old) is not type(new) or (
+            not isinstance(old, CategoricalDistribution) and bool(old.log) != bool(new.log)
+        ):
+            what = "another kind or scale of values"
+        elif isinstance(old, CategoricalDistribution) and old != new:
+            what = "other choices"
+        else:
+            continue
+        raise ConfigError(
+            f"study {study.study_name!r} in {storage} sweeps {key} over {describe_distribution(old)}; this "
+            f"sweep has {describe_distribution(new)}, {what}, which Optuna cannot add to a study: sweep "
+            f"{key} over {describe_distribution(old)}, or use another hydra.sweeper.study_name for the new "
+            "search space"
+        )
 
 
 def study_spaces(study) -> set[tuple[str, bool]]:
