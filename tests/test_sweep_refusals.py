@@ -4,10 +4,11 @@
   overrides: its values would be ranked against values of another test set;
 - a resume whose categorical choices differ from the study's, which Optuna cannot store (it used to fail
   after study.ask, leaving a RUNNING trial without params that poisoned every later resume);
-- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report).
+- a storage that is not an Optuna storage, or a study that is not in it (the sweep and its report);
+- knn_accuracy as the objective on data without labels.
 
 Each refusal is one line (ConfigError; exit status 2 through the sweeper or the report) and nothing is
-written. The sweeps are test_sweep's FakeSweep (no training).
+written. The fast tests use test_sweep's FakeSweep (no training); the slow one runs the real command.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, compose
-from test_sweep import _fake_sweep, _load, _states
+from test_sweep import _fake_sweep, _load, _states, _study, _sweep, _sweep_cmd
 from vaerepro import sweep
 from vaerepro.config import ConfigError
 
@@ -40,6 +42,9 @@ def _files(*roots: Path) -> dict[Path, bytes | None]:
 
 def _refusal(err: pytest.ExceptionInfo) -> str:
     return " ".join(str(err.value).split())
+
+
+# ---------------------------------------------------------------------- the measurement of a study
 
 
 def test_measurement_settings_come_from_the_fixed_overrides_and_the_config():
@@ -135,6 +140,9 @@ def test_a_study_older_than_the_record_is_resumed_and_recorded_from_then_on(tmp_
         ).run()
 
 
+# ------------------------------------------------------------------ the choices of a study's parameters
+
+
 def test_a_resume_with_other_categorical_choices_is_refused_before_any_write(tmp_path):
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
@@ -213,6 +221,9 @@ def test_a_trial_left_running_without_params_does_not_poison_later_resumes(tmp_p
     # and a resume after that has nothing left to fail or queue
     _fake_sweep(tmp_path, "ghost", sweep_dir, sampler=GRID, n_trials=4).run()
     assert _states(_load(tmp_path, "ghost")).count("COMPLETE") == 4
+
+
+# ------------------------------------------------------------------------------- storages and studies
 
 
 def _foreign_sqlite(path: Path) -> None:
@@ -309,3 +320,100 @@ def test_a_sweep_refuses_a_storage_that_is_no_optuna_storage_before_any_write(tm
             s.preflight()
         assert _refusal(err) == expected
         assert _files(tmp_path) == before and not s.launched
+
+
+# ------------------------------------------------------------------------------ labels for knn_accuracy
+
+
+def test_knn_accuracy_is_refused_on_data_without_labels(tmp_path):
+    x = np.zeros((20, 4, 4), np.uint8)
+    np.savez(tmp_path / "nolabels.npz", x=x)
+    np.savez(tmp_path / "labels.npz", x=x, y=np.zeros(20, np.int64))
+
+    def configs(*fixed):
+        space = sweep.parse_search_space({"model.latent_dim": "choice(2, 3)"}, list(fixed))
+        return sweep.trial_configs(space, lambda overrides: compose(*overrides))
+
+    advice = (
+        "no trial could compute it. Use a density objective within one data space "
+        "(hydra.sweeper.objective=log_px, elbo or bits_per_dim), or across data spaces active_units"
+    )
+    unlabelled = configs("data=npz", f"data.path={tmp_path / 'nolabels.npz'}")
+    with pytest.raises(ConfigError) as err:
+        sweep.refuse_unlabelled("knn_accuracy", unlabelled)
+    npz = tmp_path / "nolabels.npz"
+    assert _refusal(err) == (
+        f"objective knn_accuracy needs the data's labels, and {npz} holds no array 'y': {advice}, or save "
+        "the labels as y (numpy.savez(path, x=x, y=labels))"
+    )
+    with pytest.raises(ConfigError) as err:
+        sweep.refuse_unlabelled("knn_accuracy", configs("data=frey_faces"))
+    assert _refusal(err) == (
+        f"objective knn_accuracy needs the data's labels, and data.source=frey_faces has none: {advice}"
+    )
+    sweep.refuse_unlabelled("log_px", unlabelled)  # a density needs no labels
+    sweep.refuse_unlabelled("knn_accuracy", configs("data=npz", f"data.path={tmp_path / 'labels.npz'}"))
+    sweep.refuse_unlabelled("knn_accuracy", configs())  # mnist5k has labels
+    # a file that cannot be read yet is prepare's to report
+    sweep.refuse_unlabelled("knn_accuracy", configs("data=npz", f"data.path={tmp_path / 'missing.npz'}"))
+
+
+# --------------------------------------------------------------------------- slow: through the sweeper
+
+
+@pytest.mark.slow
+def test_the_sweeper_refuses_these_resumes_in_one_line_with_exit_status_2(project, tmp_path):
+    """The reproductions: one real trial, then resumes with another split seed, another test fraction, and
+    a wider choice of latent sizes; then knn_accuracy on an .npz without labels. Each is one line and exit
+    status 2, and leaves the study's journal and sweep dir as they were."""
+    root = project["root"].resolve()
+    args = ("hydra.sweeper.objective=knn_accuracy", "hydra/sweeper/sampler=grid", "likelihood=bernoulli")
+    _sweep(project, "e1", *args, "model.latent_dim=choice(2,3)", "hydra.sweeper.n_trials=1")
+    journal = root / "optuna" / "e1.log"
+    before = _files(journal, root / "runs" / "e1")
+
+    def refused(*overrides, study="e1"):
+        cmd = _sweep_cmd(project, study, *overrides)
+        proc = subprocess.run(cmd, cwd=root, env=project["env"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if "vaerepro_optuna:" in line]
+        assert len(lines) == 1, proc.stderr[-3000:]
+        return lines[0]
+
+    prefix = f"vaerepro run: vaerepro_optuna: study 'e1' in {journal}"
+    measured = (
+        "another data set, test split or number of importance samples K, so its trials could not be ranked "
+        "with the study's: resume with"
+    )
+    line = refused(*args, "model.latent_dim=choice(2,3)", "hydra.sweeper.n_trials=2", "data.split_seed=7")
+    assert line == (
+        f"{prefix} measured its trials with data.split_seed=0; this sweep has data.split_seed=7, {measured} "
+        "data.split_seed=0, or use another hydra.sweeper.study_name"
+    )
+    line = refused(
+        *args, "model.latent_dim=choice(2,3)", "hydra.sweeper.n_trials=2", "data.test_fraction=0.3"
+    )
+    assert line == (
+        f"{prefix} measured its trials with data.test_fraction=0.2; this sweep has data.test_fraction=0.3, "
+        f"{measured} data.test_fraction=0.2, or use another hydra.sweeper.study_name"
+    )
+    line = refused(*args, "model.latent_dim=choice(2,3,4)", "hydra.sweeper.n_trials=3")
+    assert line == (
+        f"{prefix} sweeps model.latent_dim over choice(2, 3); this sweep has choice(2, 3, 4), other choices, "
+        "which Optuna cannot add to a study: sweep model.latent_dim over choice(2, 3), or use another "
+        "hydra.sweeper.study_name for the new search space"
+    )
+    assert _files(journal, root / "runs" / "e1") == before
+    assert _states(_study(project, "e1")) == ["COMPLETE"]
+
+    npz = tmp_path / "nolabels.npz"
+    np.savez(npz, x=np.zeros((100, 8, 8), np.uint8))
+    line = refused(*args, "model.latent_dim=choice(2,3)", "data=npz", f"data.path={npz}", study="n1")
+    assert line == (
+        f"vaerepro run: vaerepro_optuna: objective knn_accuracy needs the data's labels, and {npz} holds no "
+        "array 'y': no trial could compute it. Use a density objective within one data space "
+        "(hydra.sweeper.objective=log_px, elbo or bits_per_dim), or across data spaces active_units, or save "
+        "the labels as y (numpy.savez(path, x=x, y=labels))"
+    )
+    assert not (root / "optuna" / "n1.log").exists() and not (root / "runs" / "n1").exists()

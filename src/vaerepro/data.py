@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaerepro.formats import npz_x_dtype
+from vaerepro.formats import npz_keys, npz_x_dtype
 from vaerepro.likelihoods import DATA_SPACES
 from vaerepro.sources import (
     DEFAULT_MAX_NPZ_BYTES,
@@ -42,6 +42,7 @@ from vaerepro.sources import (
     MD5,
     SOURCES,
     SPLIT_KINDS,
+    UNLABELLED_SOURCES,
     DataError,
     dir_md5,
     fetch,
@@ -582,6 +583,16 @@ def stored_quantized(source: str, path: Path | None) -> bool | None:
         return True
     dtype = npz_x_dtype(Path(path)) if path is not None else None
     return None if dtype is None else dtype.kind in "iu"
+
+
+def stored_labels(source: str, path: Path | None) -> bool | None:
+    """Whether `prepare` will find labels in `source`, known before it reads the data: every built-in source
+    but UNLABELLED_SOURCES has them; a user's .npz (at `path`) has them when it holds an array y (the zip's
+    directory says, formats.npz_keys). None when that cannot be read: prepare says why."""
+    if source != "npz":
+        return source not in UNLABELLED_SOURCES
+    keys = npz_keys(Path(path)) if path is not None else None
+    return None if keys is None else "y" in keys
 
 
 def check_bounded(likelihood, space: str, quantized: bool, prepared: Path | str) -> None:

@@ -229,6 +229,18 @@ def npz_x_dtype(path: Path) -> np.dtype | None:
         return None
 
 
+def npz_keys(path: Path) -> set[str] | None:
+    """The names of the arrays in the .npz at ``path`` ("x", "y", ...), read from the zip's directory
+    without decompressing anything, or None when the file cannot say (missing, not a zip): ``read_npz``
+    then reports what is wrong, when the data are prepared. For the sweep's refusal of a kNN objective
+    on data without labels (sweep.space.refuse_unlabelled)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {info.filename.removesuffix(".npy") for info in zf.infolist()}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+
+
 def _read_npz_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
     """The .npy array in member ``info`` (named ``key`` in messages) of the open archive ``zf``.
 

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # The data sources: the one list of their names (config's schema is derived from it).
 SOURCES = ("mnist5k", "mnist", "fashion_mnist", "frey_faces", "npz")
+# Built-in sources that come without labels (a user's .npz has them when it holds a y).
+UNLABELLED_SOURCES = ("frey_faces",)
 
 # Base URLs of the downloadable sources; a file's URL is the base URL joined with its file name.
 DEFAULT_URLS: dict[str, str] = {

@@ -126,6 +126,7 @@ class VaereproOptunaSweeper(Sweeper):
         configs = sweep.trial_configs(space, self._compose)
         spaces = sweep.spaces_of(configs)
         sweep.refuse_mixed_spaces(o["objective"], o["pruner"].get("name", "none"), spaces)
+        sweep.refuse_unlabelled(o["objective"], configs)  # knn_accuracy on data without labels
         settings = SweepSettings(
             study_name=o["study_name"],
             storage=sweep.resolve_storage(o["storage"], o["study_name"], root),

@@ -317,6 +317,28 @@ def measurement_settings(configs: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def refuse_unlabelled(objective: str, configs: Mapping[str, Any]) -> None:
+    """Refuse knn_accuracy as the objective over data without labels (frey_faces, an .npz without y):
+    evaluation writes knn_accuracy null there, and every trial would fail after its training. Read from
+    the .npz's zip directory, before any data are prepared (data.stored_labels)."""
+    if objective != "knn_accuracy":
+        return
+    from pathlib import Path
+
+    from vaerepro.data import stored_labels
+
+    for cfg in configs.values():
+        path = Path(cfg.data.path).expanduser().resolve() if cfg.data.path else None
+        if stored_labels(cfg.data.source, path) is False:
+            where = f"{path} holds no array 'y'" if path else f"data.source={cfg.data.source} has none"
+            raise ConfigError(
+                f"objective knn_accuracy needs the data's labels, and {where}: no trial could compute it. "
+                "Use a density objective within one data space (hydra.sweeper.objective=log_px, elbo or "
+                "bits_per_dim), or across data spaces active_units"
+                + (", or save the labels as y (numpy.savez(path, x=x, y=labels))" if path else "")
+            )
+
+
 def refuse_mixed_spaces(objective: str, pruner: str, spaces: Mapping[tuple[str, bool], list[str]]) -> None:
     """Refuse a density objective, or validation-ELBO pruning, over several data spaces (or improper runs).
 
