@@ -347,10 +347,7 @@ class VAEModule(pl.LightningModule):
         # batch, which a resume compares (check_same_batches) instead of the per-device batch size
         checkpoint[checkpoints.WORLD_SIZE_KEY] = self.trainer.world_size
         # the arithmetic, which a resume must keep (check_same_numerics)
-        checkpoint[checkpoints.NUMERICS_KEY] = {
-            "trainer.precision": str(self.trainer.precision),
-            "trainer.matmul_precision": torch.get_float32_matmul_precision(),
-        }
+        checkpoint[checkpoints.NUMERICS_KEY] = numerics(self.trainer)
 
     def on_fit_start(self) -> None:
         # Compiled here, in the process that trains (every DDP rank, after a spawn), not when the module is
@@ -658,16 +655,23 @@ def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_siz
         )
 
 
+def numerics(trainer: pl.Trainer) -> dict[str, str]:
+    """The arithmetic `trainer` trains in (checkpoints.NUMERICS_KEY): Lightning's precision, and on a CUDA
+    device torch's float32 matmul precision, which switches CUDA's TF32 matmuls ("high") on or off
+    ("highest"). Not recorded on the CPU: trainer=cpu has "highest", trainer=ddp "high", and a CPU training
+    resumes on trainer=ddp's processes with the same global batch (tests/test_resume_world_size.py)."""
+    out = {"trainer.precision": str(trainer.precision)}
+    if trainer.strategy.root_device.type == "cuda":
+        out["trainer.matmul_precision"] = torch.get_float32_matmul_precision()
+    return out
+
+
 def check_same_numerics(path: Path, ckpt: dict[str, Any], trainer: pl.Trainer) -> None:
     """A CheckpointError (nothing touched yet) when the resumed checkpoint was trained in other arithmetic
-    (checkpoints.NUMERICS_KEY: trainer.precision, trainer.matmul_precision) than this trainer's: its epochs
-    and the resumed ones would be one training under two precisions, recorded as one."""
-    recorded = ckpt.get(checkpoints.NUMERICS_KEY) or {}
-    now = {
-        "trainer.precision": str(trainer.precision),
-        "trainer.matmul_precision": torch.get_float32_matmul_precision(),
-    }
-    differ = [f"{k}: {v} in the checkpoint, {now[k]} now" for k, v in recorded.items() if now.get(k) != v]
+    (checkpoints.NUMERICS_KEY, `numerics`) than this trainer's: its epochs and the resumed ones would be one
+    training under two precisions, recorded as one. A key only one side records is not compared."""
+    recorded, now = ckpt.get(checkpoints.NUMERICS_KEY) or {}, numerics(trainer)
+    differ = [f"{k}: {v} in the checkpoint, {now[k]} now" for k, v in recorded.items() if now.get(k, v) != v]
     if differ:
         raise checkpoints.CheckpointError(
             f"{path}: train.resume=true, but it was trained in other arithmetic ({'; '.join(differ)}). "
