@@ -18,6 +18,7 @@ from vaerepro import checkpoints, estimators, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
 from vaerepro.data import load_prepared, to_space
+from vaerepro.document import differences
 from vaerepro.model import build_vae
 from vaerepro.train import TRAIN_STREAM, EpochBatches, VAEData, batch_seed, build_module, train
 
@@ -33,6 +34,7 @@ TRAIN_JSON_KEYS = {
     "best_epoch",
     "train_time_s",
     "best_checkpoint_sha256",
+    "config",
 }
 
 
@@ -112,9 +114,15 @@ def test_a_selection_trains_what_train_lr_set_to_the_chosen_rate_trains(selected
     assert set(sel) == TRAIN_JSON_KEYS | {"lr_selection"} and set(pla) == TRAIN_JSON_KEYS
     # the same numbers; the checkpoints' bytes differ (the selected one records its lr_selection), and so do
     # their digests
-    other = ("lr_selection", "train_time_s", "best_checkpoint_sha256")
+    other = ("lr_selection", "train_time_s", "best_checkpoint_sha256", "config")
     same = [{k: v for k, v in d.items() if k not in other} for d in (sel, pla)]
     assert same[0] == same[1]
+    # each records the configuration it ran under: the selected one its candidates, the plain one the rate
+    assert differences(sel["config"], pla["config"]) == {
+        "train.lr": (pla["config"]["train"]["lr"], sel["config"]["train"]["lr"]),
+        "train.lr_candidates": (None, [0.01, 0.02, 0.1]),
+        "train.lr_pilot_steps": (100, 12),
+    }
     assert (out_s / "plots" / "elbo.csv").read_text() == (out_p / "plots" / "elbo.csv").read_text()
     for name in ("best.ckpt", "last.ckpt"):  # bit for bit on the CPU
         assert _same_weights(_load(out_s, name)["state_dict"], _load(out_p, name)["state_dict"]), name
