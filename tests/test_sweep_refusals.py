@@ -417,3 +417,22 @@ def test_the_sweeper_refuses_these_resumes_in_one_line_with_exit_status_2(projec
         "the labels as y (numpy.savez(path, x=x, y=labels))"
     )
     assert not (root / "optuna" / "n1.log").exists() and not (root / "runs" / "n1").exists()
+
+
+def test_a_refused_resume_names_a_database_without_its_password():
+    """The refusals of a study (another direction, objective, measurement, search space or data space)
+    named its storage as given: a database URL's password went to the terminal and the logs."""
+    import optuna
+
+    from vaerepro.config import ConfigError
+    from vaerepro.sweep.study import check_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="s", direction="minimize")
+    url = "postgresql://alice:s3cret@db.example/optuna"
+    with pytest.raises(ConfigError) as err:
+        check_study(study, url, direction="maximize", objective="log_px", pruner=None, data_spaces=None)
+    assert str(err.value).startswith(
+        "study 's' in postgresql://alice:***@db.example/optuna is a minimize study"
+    )
+    assert "s3cret" not in str(err.value)

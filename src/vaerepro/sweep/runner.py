@@ -54,6 +54,7 @@ from vaerepro.sweep.study import (
     existing_study,
     file_lock,
     open_study,
+    shown_storage,
     top_trial,
     trial_run_ids,
 )
@@ -296,7 +297,7 @@ class Sweep:
             name, storage = mark.get("study_name"), mark.get("storage")
             earlier = (name, storage) == (self.s.study_name, self.s.storage)
             what = "an earlier study named" if earlier else "study"
-            owner = f"trial {mark.get('trial')} of {what} {name!r} ({storage})"
+            owner = f"trial {mark.get('trial')} of {what} {name!r} ({shown_storage(str(storage))})"
         return (
             f"{trial_dir} holds {owner}; study {self.s.study_name!r} would overwrite it: give this sweep its "
             "own hydra.sweep.dir"

@@ -403,8 +403,8 @@ def check_study(
     Optuna cannot take `space`'s distributions for (refuse_incompatible_space); one whose trials are in
     other data spaces where the objective or the pruner cannot compare them (refuse_other_spaces). Reads
     only: the sweeper calls it before anything is written (Sweep.preflight) and open_study again under the
-    lock."""
-    name = study.study_name
+    lock. `storage` is for the messages, which show a URL without its password."""
+    name, storage = study.study_name, shown_storage(storage)
     if study.direction.name.lower() != direction:
         raise ConfigError(
             f"study {name!r} in {storage} is a {study.direction.name.lower()} study; "
