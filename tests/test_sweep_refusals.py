@@ -140,6 +140,48 @@ def test_a_study_older_than_the_record_is_resumed_and_recorded_from_then_on(tmp_
         ).run()
 
 
+def test_a_data_file_rewritten_under_its_name_is_refused_on_resume(tmp_path):
+    """data.path's file is recorded by its md5 as well as its name: a resume after the file was rewritten
+    (other images, the same name) is refused before any write, naming the file and both checksums; the
+    same bytes resume; another file is refused by its name alone (no md5 to resume with)."""
+    import hashlib
+
+    npz = tmp_path / "mine.npz"
+    np.savez(npz, x=np.zeros((60, 4, 4), np.uint8))
+    space = sweep.parse_search_space({"model.latent_dim": "choice(2, 3)"}, ["data=npz", f"data.path={npz}"])
+    settings = sweep.measurement_settings(sweep.trial_configs(space, lambda overrides: compose(*overrides)))
+    first = hashlib.md5(npz.read_bytes()).hexdigest()
+    assert settings["data.path"] == str(npz) and settings[sweep.PATH_MD5] == first
+
+    sweep_dir = tmp_path / "runs" / "f1"
+    _fake_sweep(tmp_path, "f1", sweep_dir, n_trials=1, measurement=settings).run()
+    assert _load(tmp_path, "f1").user_attrs["measurement"][sweep.PATH_MD5] == first
+    before = _files(tmp_path / "optuna", sweep_dir)
+
+    np.savez(npz, x=np.ones((60, 4, 4), np.uint8))  # rewritten: the same name, other images
+    now = sweep.measurement_settings(sweep.trial_configs(space, lambda overrides: compose(*overrides)))
+    second = hashlib.md5(npz.read_bytes()).hexdigest()
+    assert now[sweep.PATH_MD5] == second != first
+    s = _fake_sweep(tmp_path, "f1", sweep_dir, n_trials=2, measurement=now)
+    for step in (s.preflight, s.run):
+        with pytest.raises(ConfigError) as err:
+            step()
+        assert _refusal(err) == (
+            f"study 'f1' in {tmp_path / 'optuna' / 'f1.log'} measured its trials on {npz} with md5 {first}; "
+            f"that file now has md5 {second}, rewritten since, so its test split may hold other images and "
+            "its trials could not be ranked with the study's: restore the file the study read, or use "
+            "another hydra.sweeper.study_name"
+        )
+    assert _files(tmp_path / "optuna", sweep_dir) == before and not s.launched
+
+    other = {**now, "data.path": str(tmp_path / "other.npz")}
+    with pytest.raises(ConfigError) as err:
+        _fake_sweep(tmp_path, "f1", sweep_dir, n_trials=2, measurement=other).preflight()
+    assert f"resume with data.path={npz}, or use another" in _refusal(err)
+    _fake_sweep(tmp_path, "f1", sweep_dir, n_trials=2, measurement=settings).run()  # the study's bytes
+    assert _states(_load(tmp_path, "f1")) == ["COMPLETE", "COMPLETE"]
+
+
 # ------------------------------------------------------------------ the choices of a study's parameters
 
 

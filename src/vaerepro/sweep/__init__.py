@@ -21,6 +21,7 @@ space.py and study.py only. Its MLflow calls are in vaerepro.tracking.sweep.
 
 from vaerepro.sweep.space import (
     NATURAL_DIRECTION,
+    PATH_MD5,
     SPACE_FREE_OBJECTIVES,
     SearchSpace,
     data_spaces,
@@ -62,6 +63,7 @@ __all__ = [
     "ENV_TRIAL",
     "INTERRUPTED",
     "NATURAL_DIRECTION",
+    "PATH_MD5",
     "PRUNED_EXIT_CODE",
     "SPACE_FREE_OBJECTIVES",
     "SearchSpace",

@@ -282,6 +282,10 @@ def refuse_swept_measurement(space: SearchSpace) -> None:
         )
 
 
+# The md5 of data.path's file, recorded beside the config keys of measurement_keys (measurement_settings).
+PATH_MD5 = "data.path_md5"
+
+
 def measurement_keys() -> list[str]:
     """The config keys whose value decides what a trial measures (_measurement_key): every data.* key but
     those of _SAME_IMAGES (a data key added later counts, until it is known to leave the images alone),
@@ -303,8 +307,12 @@ def measurement_settings(configs: Mapping[str, Any]) -> dict[str, Any]:
     """What the trials of `configs` (trial_configs' answer) measure: measurement_keys -> its value, from
     the fixed overrides and the config (the first combination's: refuse_swept_measurement has refused a
     search space over these keys, and the choices deciding the data space leave them alone). data.path is
-    the file itself, as prepare reads it (~ expanded, relative to the working directory)."""
+    the file itself, as prepare reads it (~ expanded, relative to the working directory); PATH_MD5 its
+    content's md5 where it is there: a file rewritten under the same name between two sweeps of one study
+    may hold other test images."""
     from pathlib import Path
+
+    from vaerepro.sources import file_md5
 
     cfg = next(iter(configs.values()))
     settings: dict[str, Any] = {}
@@ -314,6 +322,9 @@ def measurement_settings(configs: Mapping[str, Any]) -> dict[str, Any]:
         if key == "data.path" and value is not None:
             value = str(Path(value).expanduser().resolve())
         settings[key] = value
+    path = settings.get("data.path")
+    if path is not None and Path(path).is_file():  # a missing file is prepare's refusal, named there
+        settings[PATH_MD5] = file_md5(Path(path))
     return settings
 
 

@@ -18,7 +18,13 @@ from typing import Any
 
 from vaerepro.compare import ESTIMATE_METRICS, converged, space_label
 from vaerepro.config import ConfigError
-from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, SearchSpace, grid_values, override_value
+from vaerepro.sweep.space import (
+    PATH_MD5,
+    SPACE_FREE_OBJECTIVES,
+    SearchSpace,
+    grid_values,
+    override_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +444,15 @@ def refuse_other_measurement(study, storage: str, measurement: Mapping[str, Any]
     differ = [k for k in measurement if k in held and held[k] != measurement[k]]
     if not differ:
         return
+    if PATH_MD5 in differ and "data.path" not in differ:  # the same file, other bytes: no override mends it
+        raise ConfigError(
+            f"study {study.study_name!r} in {storage} measured its trials on {measurement['data.path']} with "
+            f"md5 {held[PATH_MD5]}; that file now has md5 {measurement[PATH_MD5]}, rewritten since, so its "
+            "test split may hold other images and its trials could not be ranked with the study's: restore "
+            "the file the study read, or use another hydra.sweeper.study_name"
+        )
+    if "data.path" in differ:  # another file: its md5 differs too, and is no override to resume with
+        differ = [k for k in differ if k != PATH_MD5]
     was = ", ".join(f"{k}={override_value(held[k])}" for k in differ)
     now = ", ".join(f"{k}={override_value(measurement[k])}" for k in differ)
     raise ConfigError(
