@@ -93,12 +93,64 @@ def test_a_run_directory_is_claimed_by_one_run_and_refused_to_another(tmp_path):
         cli._claim_run_dir(out, ["seed=2"], resume=False)
     assert str(err.value) == (
         f"{out}: holds the files of another `vaerepro run` (started {mark['started']}), which this run would "
-        "overwrite; run again (a new second names a new directory), give it its own directory "
-        "(hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or continue that run with "
-        "train.resume=true"
+        "overwrite; give this run its own directory (hydra.run.dir=..., or hydra.sweep.dir=... under "
+        "--multirun; their defaults name a new one), or continue that run with train.resume=true"
     )
     cli._claim_run_dir(out, ["seed=1", "train.resume=true"], resume=True)  # continues it
     assert json.loads((out / cli.RUN_MARK).read_text())["overrides"] == ["seed=1", "train.resume=true"]
+
+
+def _claim_named(args) -> str:
+    """One process's claim of the directory a hydra.run.dir pattern names (for the race below)."""
+    pattern, lr = args
+    return cli._claim_named_run_dir([f"train.lr={lr}", f"hydra.run.dir={pattern}"], ROOT)
+
+
+def test_runs_started_together_each_get_a_directory_of_their_own(tmp_path):
+    """Runs whose directory pattern names one directory (the default's second, likelihood, latent size and
+    seed: a shell loop over learning rates) each make their own before Hydra writes there: the first the
+    pattern's, the others <dir>_run2, _run3, ..., each marked with its own overrides. Eight processes at
+    once: eight directories. A literal hydra.run.dir, a resume and --multirun are left to Hydra's naming."""
+    import multiprocessing
+
+    pattern = str(tmp_path / "runs" / "same_s${seed}")
+    lrs = [f"0.00{i}" for i in range(1, 9)]
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        got = pool.map(_claim_named, [(pattern, lr) for lr in lrs])
+    base = tmp_path / "runs" / "same_s0"
+    assert sorted(got) == sorted([str(base)] + [f"{base}_run{n}" for n in range(2, 9)])
+    for out_dir, lr in zip(got, lrs, strict=True):
+        assert [p.name for p in Path(out_dir).iterdir()] == [cli.RUN_MARK]
+        assert json.loads((Path(out_dir) / cli.RUN_MARK).read_text())["overrides"] == [f"train.lr={lr}"]
+    for argv in (
+        [f"hydra.run.dir={tmp_path / 'literal'}"],
+        ["train.resume=true", f"hydra.run.dir={pattern}"],
+        ["-m", "seed=0,1", f"hydra.run.dir={pattern}"],
+    ):
+        assert cli._claim_named_run_dir(argv, ROOT) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and len(list(base.parent.iterdir())) == 8
+
+
+@pytest.mark.slow
+def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_were(tmp_path, raw_dir):
+    """The second of two runs named alike (here a pattern without the time) runs in <dir>_run2: the first
+    run's .hydra/ files (the overrides it ran with), params.yaml and results are as it left them; each
+    directory's overrides are its own run's."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    where = [*TINY, f"data.raw_dir={raw_dir}", "hydra.run.dir=runs/lr_s${seed}"]
+    first = _vaerepro(["run", *where, "train.lr=0.01"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    one = tmp_path / "runs" / "lr_s0"
+    before = {p: p.read_bytes() for p in one.rglob("*") if p.is_file()}
+    assert "- train.lr=0.01" in (one / ".hydra" / "overrides.yaml").read_text()
+    second = _vaerepro(["run", *where, "train.lr=0.02"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.read_bytes() for p in one.rglob("*") if p.is_file()} == before
+    two = tmp_path / "runs" / "lr_s0_run2"
+    assert "- train.lr=0.02" in (two / ".hydra" / "overrides.yaml").read_text()
+    assert "lr: 0.02" in (two / "params.yaml").read_text() and (two / "metrics" / "eval.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lr_s0", "lr_s0_run2"]
 
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
@@ -126,9 +178,9 @@ def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path,
     else:
         expected = (
             "runs/one: holds the files of another `vaerepro run` (started 2026-12-01T10:55:05+0000), which "
-            "this run would overwrite; run again (a new second names a new directory), give it its own "
-            "directory (hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or continue that run "
-            "with train.resume=true"
+            "this run would overwrite; give this run its own directory (hydra.run.dir=..., or "
+            "hydra.sweep.dir=... under --multirun; their defaults name a new one), or continue that run with "
+            "train.resume=true"
         )
     lines = [ln for ln in proc.stderr.splitlines() if "would overwrite" in ln]
     assert len(lines) == 1 and lines[0].endswith(expected), proc.stderr[-3000:]

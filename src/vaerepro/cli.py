@@ -328,6 +328,9 @@ def _hydra_run(argv: list[str]) -> None:
     command = given[: len(given) - len(argv)] if argv and given[-len(argv) :] == argv else [given[0], "run"]
 
     _check_overrides(argv, root)
+    claimed = _claim_named_run_dir(argv, root)
+    if claimed is not None:  # Hydra writes .hydra/ into the directory this process made and marked
+        argv = [*argv, f"hydra.run.dir={claimed}"]
     # Hydra reports an exception from the task with a traceback and exit status 1: the task keeps the
     # first mistake or stop it meets, and it is raised again once Hydra has returned.
     caught: list[BaseException] = []
@@ -335,11 +338,15 @@ def _hydra_run(argv: list[str]) -> None:
     @hydra.main(config_path=str(root / "conf"), config_name="config", version_base="1.3")
     def app(dcfg) -> float | None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        # what Hydra itself put there (.hydra/, the job's log): a directory this job created
-        fresh = all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir())
+        ours = claimed is not None and out_dir == Path(os.path.abspath(claimed))  # as Hydra makes it
+        # what Hydra itself put there (.hydra/, the job's log) and this job's mark: a directory it created
+        fresh = all(
+            p.name == ".hydra" or p.suffix == ".log" or (ours and p.name == RUN_MARK)
+            for p in out_dir.iterdir()
+        )
         try:
             cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
-            if not _ddp_child():  # the other ranks run in the directory rank 0 claimed
+            if not _ddp_child() and not ours:  # the other ranks run in the directory rank 0 claimed
                 _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
             _ddp_relaunch_argv(command, out_dir)
             metrics = run_pipeline(cfg, out_dir, root, progress=_on_terminal())
@@ -399,6 +406,48 @@ def _claim_run_dir(out_dir: Path, overrides: Sequence[str], *, resume: bool) -> 
     raise _taken(out_dir)
 
 
+def _claim_named_run_dir(argv: list[str], root: Path) -> str | None:
+    """Make and mark (RUN_MARK) the directory of a single `vaerepro run` whose hydra.run.dir is a pattern
+    (the default runs/<time>_<likelihood>_z<latent>_s<seed>, or one given with ${...}), before Hydra writes
+    its .hydra/ files into it: the directory as the pattern names it, or, when another run has it (two runs
+    started in the same second: a shell loop over learning rates), the first free of <dir>_run2, _run3, ...
+    Each name is taken with one mkdir, which of two processes only one can make. The directory's path as
+    Hydra is to be given it; None where Hydra's own naming stands: a literal hydra.run.dir (refused by
+    _check_overrides when another run marked it; continued by train.resume=true), a resume, a DDP rank other
+    than 0 (rank 0's directory), --multirun (its jobs claim theirs), Hydra's other modes, and a pattern
+    that cannot be resolved outside a running Hydra job (${hydra:...}), which the job claims as it did."""
+    if any(a.startswith("-") for a in argv) or _ddp_child():
+        return None
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if given and "${" not in given[-1]:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str((root / "conf").resolve()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(argv), return_hydra_config=True)
+        if cfg.train.resume:
+            return None
+        pattern = str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True))
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return None
+    base = Path(pattern)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    for n in range(1, 10_000):
+        out_dir = base if n == 1 else base.with_name(f"{base.name}_run{n}")
+        try:
+            out_dir.mkdir()
+        except FileExistsError:
+            continue
+        _claim_run_dir(out_dir, overrides, resume=False)
+        return str(out_dir)
+    return None  # ten thousand runs of one name: Hydra's directory, claimed by the job as before
+
+
 def _taken(out_dir: Path) -> RunDirTaken:
     try:
         started = json.loads((out_dir / RUN_MARK).read_text()).get("started", "?")
@@ -406,9 +455,8 @@ def _taken(out_dir: Path) -> RunDirTaken:
         started = "just now"
     return RunDirTaken(
         f"{out_dir}: holds the files of another `vaerepro run` (started {started}), which this run would "
-        "overwrite; run again (a new second names a new directory), give it its own directory "
-        "(hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or continue that run with "
-        "train.resume=true"
+        "overwrite; give this run its own directory (hydra.run.dir=..., or hydra.sweep.dir=... under "
+        "--multirun; their defaults name a new one), or continue that run with train.resume=true"
     )
 
 

@@ -12,9 +12,10 @@ and the mark of a `vaerepro run`'s directory.
 - <run dir>/.vaerepro-run (`RUN_MARK`): written by every `vaerepro run` into its directory before anything
   else (JSON: when it started, its overrides); another run into that directory is refused unless it
   resumes the run (`cli._claim_run_dir`). Hydra names a run's directory by the second it started, the
-  likelihood, latent size and seed, so two runs started in one second (a shell loop over learning rates),
-  or a run given a used hydra.run.dir or hydra.sweep.dir, would otherwise write into one directory: one
-  run's params.yaml beside the other's results. A seed run again from the start removes it.
+  likelihood, latent size and seed: of two runs started in one second (a shell loop over learning rates)
+  the second makes <dir>_run2 before Hydra writes there (`cli._claim_named_run_dir`); a run given a used
+  hydra.run.dir or hydra.sweep.dir would otherwise write into that run's directory: one run's params.yaml
+  beside the other's results. A seed run again from the start removes it.
 
 Running a reproduction again without --resume deletes nothing (`set_aside`): a stopped one is refused unless
 --fresh, and any earlier one is moved whole, with a copy of its card, to NAME.<when it started> beside it.
