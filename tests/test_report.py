@@ -647,6 +647,7 @@ def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_aga
     from conftest import ROOT, copy_prepared, tiny_config
     from vaerepro.cli import stage_report
     from vaerepro.evaluate import evaluate
+    from vaerepro.report import LABELS, config_labels
     from vaerepro.sources import file_sha256
     from vaerepro.train import train
 
@@ -662,7 +663,20 @@ def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_aga
     with pytest.raises(FileNotFoundError, match=r"eval.json: evaluated another models/best.ckpt"):
         write_report(out, second.to_dict())
     evaluate(second, out, progress=False)
-    assert json.loads((out / "metrics" / "eval.json").read_text())["checkpoint_sha256"] == best
+    ev = json.loads((out / "metrics" / "eval.json").read_text())
+    assert ev["checkpoint_sha256"] == best
+    # what the check compares: the config's values of the labels eval.json records, equal for its own config
+    assert (
+        config_labels(second.to_dict(), second.data_space)
+        == {k: ev[k] for k in LABELS}
+        == {
+            "likelihood": "bernoulli",
+            "latent_dim": 4,
+            "num_samples": 10,
+            "source": "mnist5k",
+            "data_space": "binary",
+        }
+    )
     assert write_report(out, second.to_dict())["md"].is_file()
     # the report stage under another configuration than the one evaluated: refused, naming each key
     other = tiny_config("train.max_epochs=1", "eval.num_samples=11", "seed=1", "model.latent_dim=5")

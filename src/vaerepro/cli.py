@@ -160,19 +160,12 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
 
 def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
-    from vaerepro.report import check_config, config_drift, load_results, write_report
+    from vaerepro.report import check_config, config_drift, config_labels, load_results, write_report
 
     # before any file is written: the result files are whole, of one model and of this configuration (their
     # own errors first), and the run the evaluation named holds these numbers
     ev, _ = load_results(out_dir)
-    labels = {
-        "likelihood": cfg.likelihood.name,
-        "latent_dim": cfg.model.latent_dim,
-        "num_samples": cfg.eval.num_samples,
-        "source": cfg.data.source,
-        "data_space": cfg.data_space,
-    }
-    check_config(out_dir / "metrics" / "eval.json", ev, labels)
+    check_config(out_dir / "metrics" / "eval.json", ev, config_labels(cfg.to_dict(), cfg.data_space))
     if drift := config_drift(ev, cfg.to_dict()):
         shown = ", ".join(drift[:5]) + (f" and {len(drift) - 5} more" if len(drift) > 5 else "")
         log.warning(

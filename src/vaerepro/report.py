@@ -118,6 +118,13 @@ LABELS = {
 }
 
 
+def config_labels(config: Mapping[str, Any], data_space: str) -> dict[str, Any]:
+    """The values a resolved config (Config.to_dict()) gives LABELS' eval.json keys; the data space is
+    derived from several keys (Config.data_space), so it is given."""
+    flat = flatten(config)
+    return {label: data_space if key == "data space" else flat[key] for label, key in LABELS.items()}
+
+
 def check_config(eval_json: Path, ev: Mapping, labels: Mapping[str, Any]) -> None:
     """ResultFileError when the evaluation in eval_json (ev) was of another configuration than the one the
     report is asked to print: `labels` holds the config's values of LABELS' eval.json keys; every key that

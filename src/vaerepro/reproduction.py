@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from vaerepro.document import flatten
+
 UNIT = "nats per example"
 
 Kind = Literal["reproduced", "not reproduced", "not comparable"]
@@ -243,20 +245,10 @@ def _reason(key: str, got: Any, want: Any) -> str:
     return OTHER_DATA if key.split(".")[0] == "data" else OTHER_SETTING
 
 
-def _leaves(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, Mapping):
-            out |= _leaves(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def setting_differences(ran: Mapping[str, Any], planned: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, ran's value, planned's value) for each setting in which two resolved configs differ, in key
     order; the neutral ones (NEUTRAL_KEYS, NEUTRAL_SECTIONS) aside, and "(absent)" for a key one lacks."""
-    a, b = _leaves(ran), _leaves(planned)
+    a, b = flatten(ran), flatten(planned)
     return [
         (key, a.get(key, "(absent)"), b.get(key, "(absent)"))
         for key in sorted(set(a) | set(b))
@@ -287,8 +279,8 @@ def deviations(
             label = "the global batch (train.batch_size x devices x nodes)" if batch else key
             out.append(f"{_reason(key, got, want)}: {label}={got!r}, the paper's {want!r}")
     if protocol is not None:
-        ran = _leaves(config)
-        for key in _leaves(protocol):
+        ran = flatten(config)
+        for key in flatten(protocol):
             if key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS) or key in settings:
                 continue
             if key in ("data.source", "likelihood.name") and key.split(".")[0] in settings:
@@ -296,7 +288,7 @@ def deviations(
             got, want = _value(config, key), _value(protocol, key)
             if not _same(got, want):
                 out.append(f"{_reason(key, got, want)}: {key}={got!r}, the protocol's {want!r}")
-        for key in sorted(set(ran) - set(_leaves(protocol))):
+        for key in sorted(set(ran) - set(flatten(protocol))):
             if key not in NEUTRAL_KEYS and not key.startswith(NEUTRAL_SECTIONS):
                 out.append(f"{_reason(key, ran[key], None)}: {key}={ran[key]!r}, not in the protocol")
     needed = seeds_needed(preset)
