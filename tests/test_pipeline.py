@@ -179,6 +179,25 @@ def test_a_refusal_under_dvc_repro_loses_no_result(repo, tmp_path):
     assert lines[0].startswith("vaerepro train: train.resume=true under DVC (stage train)"), lines
 
 
+def test_dvc_repro_keeps_the_reproduction_cards_in_reports(repo):
+    """`vaerepro reproduce NAME` writes its card into reports/reproductions/ of the project root, where the
+    report stage writes report.{md,html} and figures/: with the whole reports/ an output of that stage, the
+    card made `dvc status` call the stage changed, and the next `dvc repro` deleted it (DVC deletes a
+    stage's outputs before running it) with the seeds' hours behind it."""
+    run(["vaerepro", "fetch"], repo)
+    run(["dvc", "repro"], repo)
+    card = repo / "reports" / "reproductions" / "aevb-mnist-z3.md"  # where reproduce.plan puts a card
+    card.parent.mkdir(parents=True)
+    card.write_text("# aevb-mnist-z3: reproduced\n")
+    try:
+        assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout
+        run(["dvc", "repro", "--force", "--single-item", "report"], repo)  # the stage runs again
+        assert (repo / "reports" / "report.md").is_file()
+        assert card.read_text() == "# aevb-mnist-z3: reproduced\n"
+    finally:
+        shutil.rmtree(repo / "reports" / "reproductions", ignore_errors=True)
+
+
 def test_dvc_exp_run_composes_overrides(repo):
     run(["vaerepro", "fetch"], repo)
     run(["dvc", "exp", "run", "-S", "likelihood=continuous_bernoulli", "-S", "model.latent_dim=5"], repo)
