@@ -130,6 +130,26 @@ def test_exp_show_tables_show_the_six_columns_in_160(compared):
     assert "continuous_bernoulli" in exps
 
 
+@pytest.mark.slow
+def test_exp_apply_brings_back_the_experiments_report(compared):
+    """`dvc exp apply` restores an experiment's outputs; the report was a plain output kept nowhere, so the
+    workspace went on showing the report of whichever experiment ran last beside the applied one's numbers
+    and params (and a queued experiment's report was never kept at all)."""
+    repo = compared
+    rows = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo).stdout)))
+    bernoulli_z5 = {"model.latent_dim": "5", "likelihood.name": "bernoulli", "eval.num_samples": "50"}
+    (z5,) = [r["Experiment"] for r in rows if r["Experiment"] and bernoulli_z5.items() <= r.items()]
+    run(["dvc", "exp", "run", "-S", "eval.num_samples=20"], repo)  # another experiment runs last
+    assert "K=20" in (repo / "reports/report.md").read_text()
+    run(["dvc", "exp", "apply", z5], repo)
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert (ev["latent_dim"], ev["num_samples"]) == (5, 50)
+    md = (repo / "reports/report.md").read_text()
+    assert md.splitlines()[0].endswith("latent size 5, source mnist5k"), md.splitlines()[0]
+    assert re.findall(r"estimate of log p\(x\), K=(\d+)", md) == ["50"]
+    assert "report" not in dvc(repo, "status")  # the workspace's report is the applied experiment's
+
+
 def _line_pixels(png) -> int:
     """Pixels of the page's screenshot in the colour of DVC's first line (anti-aliasing aside)."""
     from PIL import Image
