@@ -188,3 +188,27 @@ def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path,
     # refused before Hydra wrote anything there (its .hydra/ files, a job's log)
     assert {p: p.read_bytes() for p in job.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in job.parent.iterdir()) == [job.name]
+
+
+@pytest.mark.parametrize("dvc_stage", [None, "train"])
+def test_a_training_stopped_under_dvc_says_how_dvc_keeps_its_resumed_training(dvc_stage, monkeypatch, capsys):
+    """The stop's line says how to resume outside DVC (DVC would delete models/ first); under `dvc repro` it
+    also says to commit the resumed training to the train stage: a plain `dvc repro` after the resume found
+    the stage changed, deleted the resumed models/ and trained from the start."""
+    import signal
+
+    from vaerepro.errors import Stopped
+
+    def stopped(argv):
+        raise Stopped(signal.SIGTERM, "training stopped after 2 of 300 epochs")
+
+    monkeypatch.setattr(cli, "_main", stopped)
+    monkeypatch.setattr(cli.signals, "install", lambda: None)
+    if dvc_stage is None:
+        monkeypatch.delenv("DVC_STAGE", raising=False)
+    else:
+        monkeypatch.setenv("DVC_STAGE", dvc_stage)
+    assert cli.main(["train"]) == 143
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "resume with vaerepro params ... train.resume=true, then vaerepro train" in line, line
+    assert ("dvc commit -f train" in line) == (dvc_stage is not None), line

@@ -640,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except Stopped as stop:
         hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
+        if command == "train" and os.environ.get("DVC_STAGE"):
+            hint += _DVC_RESUME_HINT
         print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return stop.exit_status
     except KeyboardInterrupt:
@@ -673,6 +675,13 @@ _RESUME_HINT = {
     "evaluate": "run vaerepro evaluate again",
     "report": "run vaerepro report again",
 }
+# A training stopped under `dvc repro` or `dvc exp run` and resumed outside DVC is no output of DVC's train
+# stage until committed: the next `dvc repro` would delete its models/ and train from the start.
+_DVC_RESUME_HINT = (
+    "; DVC has not recorded this training: once the resumed one has finished, vaerepro params ... without "
+    "train.resume=true, then dvc commit -f train before dvc repro (which would otherwise delete models/ "
+    "and train from the start)"
+)
 
 
 def _main(argv: list[str]) -> int:
