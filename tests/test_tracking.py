@@ -771,3 +771,27 @@ def test_evaluation_runs_of_one_measurement_made_before_are_one_row_and_the_newe
     )
     rows = tracking.experiment_runs(cfg.tracking, ROOT)
     assert sorted((r["run_id"], r["log_px"]) for r in rows) == sorted([(trained, -100.0), (newer, -94.0)])
+
+
+def test_an_evaluation_run_is_tagged_with_the_dvc_experiment_that_evaluated(tmp_path, store, monkeypatch):
+    """`dvc exp run -S eval.num_samples=30` on a model another experiment trained: the K=30 evaluation run
+    copied the training run's tags, dvc.exp_name among them, so MLflow named the training's experiment for a
+    measurement it never made; the same measurement again under `dvc repro` (no experiment) replaces the
+    numbers and must not keep the earlier experiment's name either."""
+    monkeypatch.setenv("DVC_EXP_NAME", "azure-tote")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "exp-tags", store, monkeypatch)
+    assert client.get_run(trained).data.tags["dvc.exp_name"] == "azure-tote"
+    monkeypatch.setenv("DVC_EXP_NAME", "upset-tugs")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
+    child = _evaluated_at(out, "exp-tags", 30, -95.0)
+    assert child != trained
+    tags = client.get_run(child).data.tags
+    assert (tags["dvc.exp_name"], tags["dvc.baseline_rev"]) == ("upset-tugs", "b" * 40)
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert _evaluated_at(out, "exp-tags", 30, -94.0) == child  # replaces its numbers
+    tags = client.get_run(child).data.tags
+    assert "dvc.exp_name" not in tags and "dvc.baseline_rev" not in tags
+    assert client.get_run(trained).data.tags["dvc.exp_name"] == "azure-tote"  # the training's, as it was

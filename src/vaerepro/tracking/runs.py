@@ -99,17 +99,34 @@ def run_tags(cfg: Config, root: Path, data_meta: Mapping[str, Any] | None = None
     if version is not None:
         tags["data_version"] = version
     # A sweep trial (vaerepro.sweep sets these): a child of the study's run, named by study and trial number.
-    # A DVC experiment (`dvc exp run` sets these): its name and the commit it is based on.
     for env, tag in (
         ("VAEREPRO_PARENT_RUN_ID", "mlflow.parentRunId"),
         ("VAEREPRO_STUDY", "vaerepro.study"),
         ("VAEREPRO_TRIAL", "vaerepro.trial"),
-        ("DVC_EXP_NAME", "dvc.exp_name"),
-        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
     ):
         if value := os.environ.get(env):
             tags[tag] = value
-    return tags
+    return {**tags, **dvc_experiment_tags()}
+
+
+# A DVC experiment (`dvc exp run` sets these variables): its name and the commit it is based on.
+DVC_EXPERIMENT_TAGS = (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"))
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The tags naming the DVC experiment this process runs in; none outside `dvc exp run`."""
+    return {tag: value for env, tag in DVC_EXPERIMENT_TAGS if (value := os.environ.get(env))}
+
+
+def _tag_dvc_experiment(client, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set evaluation run `run_id`'s DVC experiment tags (its current `tags`) to this process's: the
+    experiment whose evaluation its numbers now are, or none."""
+    now = dvc_experiment_tags()
+    for _, tag in DVC_EXPERIMENT_TAGS:
+        if tag in now:
+            client.set_tag(run_id, tag, now[tag])
+        elif tag in tags:
+            client.delete_tag(run_id, tag)
 
 
 def log_dataset(client, run_id: str, meta: Mapping[str, Any], data_space: str, source: str) -> None:
@@ -274,6 +291,7 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
         # the same measurement as an earlier evaluation run of this training: it replaces that run's numbers,
         # as above, instead of a second run showing the same measurement again
         chosen = earlier[0].info.run_id
+        _tag_dvc_experiment(client, chosen, earlier[0].data.tags)  # its numbers are this evaluation's now
         for r in earlier[1:]:  # made before this lookup existed; see evaluation_children
             if r.info.status == "RUNNING":
                 reason = f"left RUNNING by an earlier evaluation; this measurement is now in run {chosen}"
@@ -290,13 +308,14 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
     kept = {
         key: v
         for key, v in tags.items()
-        if not key.startswith(("mlflow.", "changed."))
+        if not key.startswith(("mlflow.", "changed.", "dvc."))
         and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG, CONVERGED_TAG)  # the evaluation's own
     }
+    # the DVC experiment that made this evaluation, not the one that trained the model (the training's tags)
     new = client.create_run(
         run.info.experiment_id,
         run_name=f"{run.info.run_name}-K{k}",
-        tags={**kept, "mlflow.parentRunId": run_id, EVALUATES_TAG: run_id},
+        tags={**kept, **dvc_experiment_tags(), "mlflow.parentRunId": run_id, EVALUATES_TAG: run_id},
     ).info.run_id
     log_config(client, new, cfg.to_dict())
     log.info("run %s holds an evaluation with K=%s: this one, K=%s, goes to run %s", run_id, done_k, k, new)
