@@ -21,7 +21,8 @@ from test_pipeline import tiny_repo
 VENV = BIN.parent
 TEMPLATE = ROOT / "vendor" / "dvc-plots.html"  # built by `make plots-template`
 COMMIT = "git add dvc.lock metrics plots && git commit -m 'Results of the pipeline'"  # what make repro prints
-SIX = ["likelihood", "latent_dim", "log_px", "log_px_se", "elbo", "knn_accuracy"]
+# the headline columns, the numbers in nats named under their data space
+SIX = ["likelihood", "latent_dim", "binary.log_px", "binary.log_px_se", "binary.elbo", "knn_accuracy"]
 LINE_RGB = (0x94, 0x5D, 0xD6)  # the colour of DVC's first line (dvc_render's colour range)
 
 
@@ -75,12 +76,14 @@ def test_the_printed_commit_gives_dvc_its_baseline(baseline):
     assert run(["git", "status", "--porcelain"], repo).stdout == ""  # it took every result
     ev = json.loads((repo / "metrics/eval.json").read_text())
     summary = json.loads((repo / "metrics/eval_summary.json").read_text())
-    assert list(summary) == [*SIX, "converged"] and summary == {k: ev[k] for k in summary}
+    assert list(summary) == ["likelihood", "latent_dim", "binary", "knn_accuracy", "converged"]
+    assert summary["binary"] == {k: ev[k] for k in ("log_px", "log_px_se", "elbo")}
+    assert all(summary[k] == ev[k] for k in summary if k != "binary")
     for args in (["metrics", "diff"], ["params", "diff"], ["exp", "show", "--no-pager"]):
         out = dvc(repo, *args)
         assert "failed" not in out and "!" not in out, (args, out)
     diff = dvc_json(repo, "metrics", "diff", "--all")["metrics/eval_summary.json"]
-    assert diff["log_px"] == {"old": ev["log_px"], "new": ev["log_px"], "diff": 0}
+    assert diff["binary.log_px"] == {"old": ev["log_px"], "new": ev["log_px"], "diff": 0}
     params = dvc_json(repo, "params", "diff", "--all")["params.yaml"]
     assert params["model.latent_dim"] == {"old": 4, "new": 4, "diff": 0}
 
@@ -91,10 +94,13 @@ def test_dvc_compares_the_first_run_with_an_experiment(baseline, compared):
     first = json.loads(run(["git", "show", "HEAD:metrics/eval_summary.json"], repo).stdout)
     now = json.loads((repo / "metrics/eval_summary.json").read_text())
     out = dvc(repo, "metrics", "diff")
-    assert "failed" not in out and "log_px" in out
+    assert "failed" not in out and "binary.log_px" in out
     diff = dvc_json(repo, "metrics", "diff")["metrics/eval_summary.json"]
     assert diff["latent_dim"] == {"old": 4, "new": 5, "diff": 1}
-    assert (diff["log_px"]["old"], diff["log_px"]["new"]) == (first["log_px"], now["log_px"])
+    assert (diff["binary.log_px"]["old"], diff["binary.log_px"]["new"]) == (
+        first["binary"]["log_px"],
+        now["binary"]["log_px"],
+    )
     params = dvc_json(repo, "params", "diff")
     assert params == {"params.yaml": {"model.latent_dim": {"old": 4, "new": 5, "diff": 1}}}
 
@@ -102,8 +108,8 @@ def test_dvc_compares_the_first_run_with_an_experiment(baseline, compared):
     assert [r["typ"] for r in rows] == ["baseline", "baseline", "branch_base"]  # workspace, HEAD, experiment
     assert "!" not in {v for r in rows for v in r.values()}
     head, exp = rows[1], rows[2]
-    assert float(head["log_px"]) == pytest.approx(first["log_px"])  # the first run is HEAD's row
-    assert float(exp["log_px"]) == pytest.approx(now["log_px"]) and exp["latent_dim"] == "5"
+    assert float(head["binary.log_px"]) == pytest.approx(first["binary"]["log_px"])  # the first run: HEAD
+    assert float(exp["binary.log_px"]) == pytest.approx(now["binary"]["log_px"]) and exp["latent_dim"] == "5"
     # metrics are the headline numbers: no bookkeeping, no ladder or convergence details
     assert {"quantized", "source", "data_dim", "num_samples", "ess"}.isdisjoint(rows[0])
     assert not [k for k in rows[0] if k.startswith(("convergence", "log_px_ladder"))]
@@ -112,22 +118,36 @@ def test_dvc_compares_the_first_run_with_an_experiment(baseline, compared):
 @pytest.mark.slow
 def test_exp_show_tables_show_the_six_columns_in_160(compared):
     repo = compared
-    # the baseline and latent_dim=5; then also another likelihood, README's grid in small
-    for overrides in ([], ["-S", "likelihood=continuous_bernoulli", "-S", "model.latent_dim=5"]):
+    # the baseline and latent_dim=5 (fits 160 columns); then also another likelihood, README's grid in
+    # small: a second data space's three numbers in columns of their own (fits 200)
+    for overrides, columns in (
+        ([], 160),
+        (["-S", "likelihood=continuous_bernoulli", "-S", "model.latent_dim=5"], 200),
+    ):
         if overrides:
             run(["dvc", "exp", "run", *overrides], repo)
         # `make exps`: the whole table fits; nothing is collapsed into "…"
-        exps = make("exps", repo, env={"COLUMNS": "160"})
-        print(f"\nmake exps at COLUMNS=160, {width(exps)} columns wide:\n{exps}")
-        assert width(exps) <= 160 and "…" not in exps and "!" not in exps
+        exps = make("exps", repo, env={"COLUMNS": str(columns)})
+        print(f"\nmake exps at COLUMNS={columns}, {width(exps)} columns wide:\n{exps}")
+        assert width(exps) <= columns and "…" not in exps and "!" not in exps
         assert set(SIX) <= set(header(exps).split()), header(exps)
         assert "model.latent_dim" not in exps and ".dir" not in exps  # no duplicate of latent_dim, no hashes
         # plain `dvc exp show` in a terminal pipes the whole table (up to 1,024 columns) to `less -S`: the
-        # six are on the first screen of a 160-column terminal
+        # six of the workspace's data space are on the first screen of a 160-column terminal
         full = dvc(repo, "exp", "show", "--no-pager", env={"COLUMNS": "1024"})
         print(f"dvc exp show, {width(full)} columns wide; its first 160:\n{header(full)[:160]}")
-        assert set(SIX) <= set(header(full)[:160].split()), header(full)[:160]
+        space = "continuous" if overrides else "binary"
+        six = {name.replace("binary.", f"{space}.") for name in SIX}
+        assert six <= set(header(full)[:160].split()), header(full)[:160]
     assert "continuous_bernoulli" in exps
+    assert {"continuous.log_px", "continuous.elbo"} <= set(header(exps).split()), header(exps)
+    # a pmf's number and a density's are never differenced: each is beside a blank under its space's name
+    diff = dvc_json(repo, "metrics", "diff", "HEAD")["metrics/eval_summary.json"]
+    assert diff["likelihood"]["new"] == "continuous_bernoulli"
+    for name in ("log_px", "log_px_se", "elbo"):
+        assert diff[f"binary.{name}"]["new"] is None and diff[f"continuous.{name}"]["old"] is None, diff
+        assert "diff" not in diff[f"binary.{name}"] and "diff" not in diff[f"continuous.{name}"], diff
+    assert not any(key.endswith(("log_px", "elbo")) and "." not in key for key in diff), diff
 
 
 @pytest.mark.slow

@@ -118,7 +118,20 @@ def test_dvc_repro_produces_files_and_numbers(repo):
     # DVC's metrics are the headline numbers; the whole records are plain outputs
     (shown,) = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout).values()
     assert set(shown["data"]) == {"metrics/eval_summary.json", "metrics/train_summary.json"}
-    assert shown["data"]["metrics/eval_summary.json"]["data"]["log_px"] == ev["log_px"]
+    # the numbers in nats under their data space (binary.log_px), the labels and accuracy beside them
+    summary = shown["data"]["metrics/eval_summary.json"]["data"]
+    assert summary == {
+        "likelihood": "bernoulli",
+        "latent_dim": ev["latent_dim"],
+        "binary": {"log_px": ev["log_px"], "log_px_se": ev["log_px_se"], "elbo": ev["elbo"]},
+        "knn_accuracy": ev["knn_accuracy"],
+        "converged": ev["converged"],
+    }
+    assert shown["data"]["metrics/train_summary.json"]["data"] == {
+        "binary": {"best_val_elbo": tr["best_val_elbo"]},
+        "epochs": tr["epochs"],
+        "best_epoch": tr["best_epoch"],
+    }
     run(["dvc", "plots", "show", "-o", "dvc_plots"], repo)
     assert (repo / "dvc_plots" / "index.html").is_file()
 

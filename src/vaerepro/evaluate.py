@@ -43,6 +43,7 @@ from vaerepro.data import (
     load_prepared,
 )
 from vaerepro.estimators import mean_se
+from vaerepro.likelihoods import space_name
 from vaerepro.model import VAE, build_vae
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ AUTO_CHUNK_CUDA_FRACTION = 0.5  # on CUDA: this fraction of the device's free me
 # eval.batch_size=auto: never fewer test examples per batch than this (the fixed default it replaced);
 # below it a batch only adds per-batch work, since the chunk already splits K to fit the memory budget
 AUTO_BATCH_MIN = 100
-# metrics/eval_summary.json, the DVC metrics that `dvc metrics` and `dvc exp show` compare: what was evaluated
-# and the headline numbers (nats per example; accuracy in [0, 1]), in the order of the table's columns.
-# eval.json keeps the whole record (ladder, convergence, bookkeeping), which DVC treats as a plain output.
-SUMMARY_KEYS = ("likelihood", "latent_dim", "log_px", "log_px_se", "elbo", "knn_accuracy", "converged")
 # eval.precision: the float32 matmul precision (torch.set_float32_matmul_precision) importance sampling runs
 # under, put back afterwards. 32 and bf16 set "highest", so that 32 means float32 even after a training in
 # this process left TF32 on (trainer.matmul_precision=high, which trainer=gpu sets); tf32 sets "high".
@@ -618,7 +615,17 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     np.savez(out_dir / "artifacts" / "samples.npz", **images)
     (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = {k: metrics[k] for k in SUMMARY_KEYS}
+    # DVC's metrics, which `dvc metrics diff` and `dvc exp show` compare: what was evaluated and the headline
+    # numbers, in the order of the table's columns; those in the data space's unit (nats per example) under
+    # its name, as binary.log_px, so that no DVC table sets a pmf's number against a density's under one
+    # name. eval.json keeps the whole record (ladder, convergence, bookkeeping), a plain output for DVC.
+    summary = {
+        "likelihood": metrics["likelihood"],
+        "latent_dim": metrics["latent_dim"],
+        space_name(space, cfg.improper): {k: metrics[k] for k in ("log_px", "log_px_se", "elbo")},
+        "knn_accuracy": metrics["knn_accuracy"],  # in [0, 1], of any space
+        "converged": metrics["converged"],
+    }
     (out_dir / "metrics" / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     return metrics

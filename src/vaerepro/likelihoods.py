@@ -32,6 +32,12 @@ from torch.distributions.utils import broadcast_all
 DATA_SPACES = ("binary", "continuous")
 
 
+def space_name(data_space: str, improper: bool) -> str:
+    """The name a run's numbers in its data space's unit go under: 'binary', 'continuous', or 'improper' (a
+    Bernoulli on grey levels: no unit). MLflow names them binary/test/log_px, DVC's metrics binary.log_px."""
+    return "improper" if improper else data_space
+
+
 def _check_known_space(space: str) -> None:
     if space not in DATA_SPACES:
         raise ValueError(f"unknown data space {space!r}; known data spaces: {', '.join(DATA_SPACES)}")

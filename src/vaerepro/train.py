@@ -39,6 +39,7 @@ from vaerepro.data import (
     to_space,
 )
 from vaerepro.errors import Diverged, Stopped
+from vaerepro.likelihoods import space_name
 from vaerepro.model import build_vae
 from vaerepro.trainer import (
     VAL_KEY,
@@ -55,9 +56,6 @@ log = logging.getLogger(__name__)
 
 
 VAL_SEED_OFFSET = 1  # the validation draw (binarisation / dequantisation) uses seed + 1
-# metrics/train_summary.json, the DVC metrics of training: the best validation ELBO (nats per example), how
-# many epochs ran and the best one's index (from 0, as in plots/elbo.csv); train.json keeps the whole record.
-SUMMARY_KEYS = ("best_val_elbo", "epochs", "best_epoch")
 # what a training whose objective or validation ELBO became non-finite can change (VAEModule)
 DIVERGED_HINT = (
     "lower train.lr, or for a learned-variance Gaussian raise likelihood.min_sigma "
@@ -823,7 +821,14 @@ def train(
             metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
             (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            summary = {k: metrics[k] for k in SUMMARY_KEYS}
+            # DVC's metrics of training: the best validation ELBO (nats per example, under the data space's
+            # name as binary.best_val_elbo, like eval_summary.json's numbers), how many epochs ran and the
+            # best one's index (from 0, as in plots/elbo.csv); train.json keeps the whole record
+            summary = {
+                space_name(cfg.data_space, cfg.improper): {"best_val_elbo": metrics["best_val_elbo"]},
+                "epochs": metrics["epochs"],
+                "best_epoch": metrics["best_epoch"],
+            }
             (out_dir / "metrics" / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if tracker is not None:
             tracker.finish(metrics)

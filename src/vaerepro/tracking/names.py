@@ -11,6 +11,7 @@ space-qualified, so a new one is never put on a shared axis by mistake.
 from __future__ import annotations
 
 from vaerepro.likelihoods import DATA_SPACES
+from vaerepro.likelihoods import space_name as space_name  # the prefix of space-dependent metric names
 
 # Numbers without a data-space unit: one name in every run.
 SPACE_FREE = frozenset(
@@ -38,11 +39,6 @@ CONVERGED_TAG = "vaerepro.converged"  # "true" or "false"
 BOOKKEEPING = frozenset({"epoch", "num_samples", "num_examples", "data_dim", "latent_dim"})
 # The prefixes of space-dependent names: the data spaces, and a Bernoulli on grey levels (not a density).
 SPACES = (*DATA_SPACES, "improper")
-
-
-def space_name(data_space: str, improper: bool) -> str:
-    """The prefix of a run's space-dependent metric names: 'binary', 'continuous', or 'improper'."""
-    return "improper" if improper else data_space
 
 
 def metric_name(key: str, space: str) -> str | None:
