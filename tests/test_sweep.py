@@ -750,6 +750,18 @@ def test_failed_trial_is_marked_and_the_sweep_goes_on(project):
 
 
 @pytest.mark.slow
+def test_a_sweep_stopped_by_failures_says_why_in_its_run(project):
+    # max_failure_rate=0: the first failed trial (a config its process refuses) stops the sweep; the study's
+    # run ends FAILED, and like every FAILED run it says why in vaerepro.failure
+    proc = _sweep(project, "why", "train.batch_size=choice(0)", "hydra.sweeper.n_trials=2", check=False)
+    assert proc.returncode != 0 and "sweep stopped" in proc.stderr
+    parent, _ = _runs(project, "why")
+    assert parent.info.status == "FAILED"
+    reason = parent.data.tags.get("vaerepro.failure", "")
+    assert "sweep stopped: 1 of n_trials=2 trials failed" in reason and "batch_size" in reason
+
+
+@pytest.mark.slow
 def test_pruned_trial(project):
     import optuna
 

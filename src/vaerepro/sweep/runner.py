@@ -702,7 +702,9 @@ class Sweep:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-        self._close_parent(study, "FAILED" if stopped else "FINISHED")
+        why = f"sweep stopped: {stopped}. Last failure: {self.last_failure}" if stopped else ""
+        # a FAILED run says why (vaerepro.failure), as every other way the study's run fails does
+        self._close_parent(study, "FAILED" if stopped else "FINISHED", reason=why)
         results = self._results(study)
         if self.s.report:
             try:
@@ -710,7 +712,7 @@ class Sweep:
             except Exception:  # the trials are recorded; `python -m vaerepro.sweep report` can retry
                 log.exception("the sweep report could not be written")
         if stopped:
-            raise TooManyFailures(f"sweep stopped: {stopped}. Last failure: {self.last_failure}")
+            raise TooManyFailures(why)
         return results
 
     def _results(self, study) -> dict[str, Any]:
