@@ -400,6 +400,29 @@ def test_knn_accuracy_is_refused_on_data_without_labels(tmp_path):
     sweep.refuse_unlabelled("knn_accuracy", configs("data=npz", f"data.path={tmp_path / 'missing.npz'}"))
 
 
+def test_a_sampler_or_pruner_given_as_a_plain_name_is_refused():
+    """`hydra.sweeper.sampler=random` (the group is hydra/sweeper/sampler=random) reached make_sampler as a
+    string, an AttributeError with a traceback after the study's journal and sweep dir were written."""
+    tpe, none = {"name": "tpe"}, {"name": "none"}
+    with pytest.raises(ConfigError) as err:
+        sweep.check_sampler_and_pruner("random", none)
+    assert _refusal(err) == (
+        "hydra.sweeper.sampler='random': the sampler is a config group, chosen with "
+        "hydra/sweeper/sampler=NAME (tpe, random, grid or cmaes), its settings given as "
+        "hydra.sweeper.sampler.KEY=VALUE"
+    )
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.pruner='median': the pruner is a config group"):
+        sweep.check_sampler_and_pruner(tpe, "median")
+    with pytest.raises(ConfigError) as err:
+        sweep.check_sampler_and_pruner({"name": "nosuch"}, none)
+    assert _refusal(err) == "hydra/sweeper/sampler='nosuch': tpe, random, grid or cmaes"
+    with pytest.raises(ConfigError, match=r"hydra/sweeper/pruner='x': none, median or hyperband"):
+        sweep.check_sampler_and_pruner(tpe, {"name": "x"})
+    for sampler in sweep.study.SAMPLERS:
+        for pruner in sweep.study.PRUNERS:
+            sweep.check_sampler_and_pruner({"name": sampler, "seed": 0}, {"name": pruner})
+
+
 # --------------------------------------------------------------------------- slow: through the sweeper
 
 
@@ -478,3 +501,21 @@ def test_a_refused_resume_names_a_database_without_its_password():
         "study 's' in postgresql://alice:***@db.example/optuna is a minimize study"
     )
     assert "s3cret" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_sweeper_refuses_a_sampler_or_pruner_given_as_a_plain_name(project):
+    root = project["root"].resolve()
+    for override in ("hydra.sweeper.sampler=random", "hydra.sweeper.pruner=median"):
+        proc = subprocess.run(
+            _sweep_cmd(project, "plain", "model.latent_dim=choice(2,3)", override),
+            cwd=root,
+            env=project["env"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        key = override.split("=")[0]
+        assert f"vaerepro run: vaerepro_optuna: {key}=" in proc.stderr
+        assert not (root / "optuna" / "plain.log").exists() and not (root / "runs" / "plain").exists()

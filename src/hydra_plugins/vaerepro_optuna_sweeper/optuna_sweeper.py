@@ -113,6 +113,7 @@ class VaereproOptunaSweeper(Sweeper):
         from vaerepro.sweep.runner import Sweep, SweepSettings
 
         o = self.options
+        sweep.check_sampler_and_pruner(o["sampler"], o["pruner"])
         if o["n_trials"] < 1 or o["n_jobs"] < 1:
             raise config_mod.ConfigError("hydra.sweeper.n_trials and n_jobs must be at least 1")
         root = config_mod.find_project_root()

@@ -58,6 +58,25 @@ MEASUREMENT = "measurement"
 # ---------------------------------------------------------------------------------- samplers, pruners
 
 
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+PRUNERS = ("none", "median", "hyperband")
+
+
+def check_sampler_and_pruner(sampler: Any, pruner: Any) -> None:
+    """A ConfigError, before the sweep writes anything, for a sampler or pruner that make_sampler /
+    make_pruner could not build: a plain name (`hydra.sweeper.sampler=random`, where the config group
+    `hydra/sweeper/sampler=random` was meant) or a name that is none of theirs."""
+    for key, conf, names in (("sampler", sampler, SAMPLERS), ("pruner", pruner, PRUNERS)):
+        choices = ", ".join(names[:-1]) + f" or {names[-1]}"
+        if not isinstance(conf, Mapping):
+            raise ConfigError(
+                f"hydra.sweeper.{key}={conf!r}: the {key} is a config group, chosen with "
+                f"hydra/sweeper/{key}=NAME ({choices}), its settings given as hydra.sweeper.{key}.KEY=VALUE"
+            )
+        if conf.get("name", names[0]) not in names:
+            raise ConfigError(f"hydra/sweeper/{key}={conf.get('name')!r}: {choices}")
+
+
 def make_sampler(
     conf: Mapping[str, Any],
     space: SearchSpace,
