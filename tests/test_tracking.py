@@ -105,7 +105,7 @@ def test_pipeline_run_round_trips_through_a_tracking_server(mlflow_server, raw_d
     # the data as an MLflow dataset input: name, digest of the training split, split sizes
     (ds,) = run.inputs.dataset_inputs
     meta = json.loads((tmp_path / "run" / "prepared" / "meta.json").read_text())
-    assert ds.dataset.name == "mnist5k" and ds.dataset.digest == meta["files"]["x_train.npy"][:32]
+    assert ds.dataset.name == "mnist5k-continuous" and ds.dataset.digest == meta["files"]["x_train.npy"][:32]
     profile = json.loads(ds.dataset.profile)
     assert {k: profile[f"num_{k}"] for k in ("train", "val", "test")} == meta["sizes"]
     assert profile["data_space"] == "continuous" and profile["data_dim"] == 784
@@ -296,6 +296,35 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
     assert client.get_experiment(exp.experiment_id).tags == before
 
 
+def test_each_run_s_dataset_names_its_own_data_space(tmp_path):
+    """MLflow keeps one dataset per (experiment, name, digest) and links every later run to the first one
+    logged: a continuous Bernoulli run on the digits a Bernoulli run had logged showed that run's profile,
+    data space binary. And the profile's `quantized` means what eval.json's does: dequantised 8-bit data."""
+    from mlflow import MlflowClient
+
+    from vaerepro.config import TrackingConfig
+
+    uri, exp_id = tracking.ensure_experiment(
+        TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path
+    )
+    client = MlflowClient(uri)
+    meta = {
+        "source": "mnist5k",
+        "files": {"x_train.npy": "ab" * 32},
+        "sizes": {"train": 3},
+        "quantized": True,
+    }
+    spaces = {"binary": False, "continuous": True}  # the space and whether the 8-bit levels are dequantised
+    runs = {space: client.create_run(exp_id).info.run_id for space in spaces}
+    for space, run_id in runs.items():
+        tracking.log_dataset(client, run_id, meta, space, "mnist5k")
+    for space, run_id in runs.items():
+        (used,) = client.get_run(run_id).inputs.dataset_inputs
+        profile = json.loads(used.dataset.profile)
+        assert (profile["data_space"], profile["quantized"]) == (space, spaces[space])
+        assert used.dataset.name == f"mnist5k-{space}" and used.dataset.digest == "ab" * 16
+
+
 def test_a_dataset_logged_by_two_runs_at_once_links_both(tmp_path):
     """Two runs logging the same dataset at once (a sweep's parallel trials): MLflow's database store can
     find it missing in both, and the second insert fails on its unique key. log_dataset logs again, which
@@ -337,7 +366,7 @@ def test_a_dataset_logged_by_two_runs_at_once_links_both(tmp_path):
     assert calls == [second, second]
     for run_id in (first, second):
         (used,) = client.get_run(run_id).inputs.dataset_inputs
-        assert (used.dataset.name, used.dataset.digest) == ("mnist5k", "ab" * 16)
+        assert (used.dataset.name, used.dataset.digest) == ("mnist5k-binary", "ab" * 16)
     fake, calls = raced(3, unique)
     with pytest.raises(MlflowException):
         tracking.log_dataset(fake, second, meta, "binary", "mnist5k")

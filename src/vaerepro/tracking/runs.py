@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vaerepro.config import Config, TrackingConfig
-from vaerepro.data import META_FILE, file_sha256
+from vaerepro.data import META_FILE, file_sha256, is_dequantized
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
 from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, TEST_SET_TAG, metric_name, space_name
@@ -130,8 +130,13 @@ def _tag_dvc_experiment(client, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def log_dataset(client, run_id: str, meta: Mapping[str, Any], data_space: str, source: str) -> None:
-    """The run's data as an MLflow dataset input (the UI's Dataset column): name, digest, source, and the
-    split sizes and data space as its profile. meta: prepared/meta.json; source: the config's data.source."""
+    """The run's data as an MLflow dataset input (the UI's Dataset column): name (the source and the data
+    space, mnist5k-binary), digest, source, and the split sizes and data space as its profile. meta:
+    prepared/meta.json; source: the config's data.source.
+
+    The space is in the name because MLflow keeps one dataset per (experiment, name, digest), its profile
+    the first run's: the same digits in another space would show the first space. `quantized` is eval.json's:
+    8-bit levels dequantised into [0, 1], not binarised."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     digest = (meta.get("files") or {}).get("x_train.npy") or meta.get("split_indices_sha256") or ""
@@ -141,10 +146,10 @@ def log_dataset(client, run_id: str, meta: Mapping[str, Any], data_space: str, s
         "data_dim": meta.get("data_dim"),
         "image_shape": meta.get("image_shape"),
         "data_space": data_space,
-        "quantized": bool(meta.get("quantized")),
+        "quantized": is_dequantized(data_space, bool(meta.get("quantized"))),
     }
     dataset = Dataset(
-        name=str(meta.get("source") or source),
+        name=f"{meta.get('source') or source}-{data_space}",
         digest=digest[:32],  # MLflow keeps at most 36 characters; the sha256 of x_train.npy, shortened
         source_type="local" if meta.get("path") else "code",
         source=json.dumps({"source": str(origin), "x_train_sha256": digest}),
