@@ -14,6 +14,8 @@ difference in data order, randomness or gradient scaling moves these numbers by 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -258,6 +260,37 @@ def test_vaerepro_run_with_ddp(raw_dir, tmp_path):
     numbers = [{k: v for k, v in d.items() if k != "config"} for d in (single, ev)]
     assert numbers[0] == numbers[1]
     assert list(differences(ev["config"], single["config"])) == ["tracking.enabled"]
+
+
+@pytest.mark.slow
+def test_torchrun_training_with_another_number_of_processes_is_refused(raw_dir, prepared_tiny, tmp_path):
+    """torchrun starting 2 processes for trainer=cpu (1 device): each rank trained alone and rank 1 failed
+    with an AttributeError in MLflow, rank 0 then ended KILLED by torchrun; with trainer.devices=3 Lightning
+    raised a ValueError. Each rank now says it in one line, exit status 2, before anything is written."""
+    import subprocess
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for overrides in ([], [*DDP[:2], "trainer.devices=3"]):
+        d = _project(tmp_path / f"p{len(overrides)}", raw_dir, *overrides, prepared=prepared_tiny)
+        before = sorted(p.relative_to(d) for p in d.rglob("*"))
+        cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "vaerepro.cli", "train"]
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        proc = subprocess.run(
+            [*cmd, "--no-progress"],
+            cwd=d,
+            env={**env, "MLFLOW_TRACKING_URI": uri},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        err = proc.stdout + proc.stderr
+        # torchrun's own traceback (ChildFailedError) stays; none from vaerepro's processes
+        assert proc.returncode != 0 and "exitcode  : 2" in err, err[-4000:]
+        assert not re.search(r'File ".*vaerepro', err), err[-4000:]
+        lines = [line for line in err.splitlines() if line.startswith("vaerepro train: ")]
+        assert len(lines) == 2 and "torchrun started 2 processes (WORLD_SIZE=2)" in lines[0], err[-4000:]
+        assert sorted(p.relative_to(d) for p in d.rglob("*")) == before  # no models/, metrics/, plots/
+        assert not _runs(uri)
 
 
 def test_vaerepro_run_refuses_an_external_launcher(monkeypatch, capsys):

@@ -48,6 +48,7 @@ from vaerepro.trainer import (
     TestCurve,
     build_optimizer,
     build_trainer,
+    check_launcher_world,
     check_trainer,
     train_key,
 )
@@ -760,6 +761,7 @@ def train(
         n, size = len(data.x_train), cfg.train.val_batch_size
         extra.append(TestCurve(test_curve_csv, data.x_test, data.eps_test, n_train=n, batch_size=size))
     trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)
+    check_launcher_world(trainer.num_devices * trainer.num_nodes, cfg.trainer)  # not world_size: torchrun's
     if resumed is not None:  # the world size is the trainer's: devices x nodes, "auto" resolved
         check_same_batches(last, resumed, len(data.x_train), cfg.train.batch_size, trainer.world_size)
         check_same_numerics(last, resumed, trainer)

@@ -403,6 +403,22 @@ def check_trainer(t: TrainerConfig) -> None:
         )
 
 
+def check_launcher_world(world_size: int, t: TrainerConfig) -> None:
+    """Refuse (ConfigError) a training that torchrun started in another number of processes than the trainer
+    section trains on (`world_size`: the Trainer's devices x nodes; under DDP its world_size is torchrun's):
+    with one device each rank trained alone as rank 0 of its own run, and with more Lightning raised a
+    ValueError after the MLflow run and files were made. Lightning's own DDP processes match by design."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    if not TorchElasticEnvironment.detect() or (launched := int(os.environ["WORLD_SIZE"])) == world_size:
+        return
+    raise ConfigError(
+        f"trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes} trains on {world_size} process(es), "
+        f"but torchrun started {launched} processes (WORLD_SIZE={launched}); set trainer.devices and "
+        "trainer.num_nodes to torchrun's --nproc-per-node and --nnodes (docs/scaling.md)"
+    )
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, Any], capturable: bool = False):
     """What `configure_optimizers` returns for the train section `train` (TrainConfig as a dict): the
     optimiser alone for a constant rate, else with its LambdaLR (rate of epoch e = train.lr x factor(e)).
