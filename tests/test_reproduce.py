@@ -245,6 +245,24 @@ def test_a_gpu_reproduction_as_the_readme_gives_it_follows_the_protocol(tmp_path
     assert found == [f"{R.OTHER_SETTING}: trainer.precision='bf16-mixed', the protocol's '32-true'"]
 
 
+def test_a_cpu_ddp_reproduction_as_scaling_out_gives_it_follows_the_protocol(tmp_path):
+    """README's DDP on CPU processes (trainer=ddp trainer.accelerator=cpu, the global batch kept): trainer=ddp
+    sets trainer.matmul_precision=high, which switches CUDA's TF32 matmuls and nothing on the CPU (the resume
+    check compares it on CUDA only), so it is no departure there; on GPUs it still is."""
+    preset = P.PRESETS["iwae-mnist-vae-k1-l1"]
+
+    def departures(*user: str) -> list[str]:
+        plan = reproduce.plan(preset, user, seeds=3, root=ROOT, out=tmp_path)
+        return R.deviations(preset, plan.config, seeds=3, protocol=plan.protocol)
+
+    assert (
+        departures("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train.batch_size=10") == []
+    )
+    assert departures("trainer=ddp", "trainer.devices=2", "train.batch_size=10") == [
+        f"{R.OTHER_SETTING}: trainer.matmul_precision='high', the protocol's 'highest'"
+    ]
+
+
 # --- bad input: exit 2, one line naming it -----------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "named"),

@@ -227,6 +227,10 @@ NEUTRAL_KEYS = frozenset(
     | RECORD_ONLY_KEYS
 )
 NEUTRAL_SECTIONS = ("tracking.",)
+# Settings that change the arithmetic on CUDA devices only: float32 matmuls in TF32 ("high"). On the CPU
+# (trainer.accelerator=cpu: trainer=ddp's "high" on CPU processes) they change nothing, as the resume check
+# (train.numerics) counts them.
+CUDA_ONLY_KEYS = frozenset({"trainer.matmul_precision"})
 # At least this many seeds (runs) for a verdict other than "not comparable": an interval across seeds needs
 # 2, and with 2 its Student-t factor is 12.7 (95 %), with 3 it is 4.3. More when the paper averaged more.
 MIN_SEEDS = 3
@@ -280,8 +284,11 @@ def deviations(
             out.append(f"{_reason(key, got, want)}: {label}={got!r}, the paper's {want!r}")
     if protocol is not None:
         ran = flatten(config)
+        on_cpu = _lookup(config, "trainer.accelerator") == "cpu"
         for key in flatten(protocol):
             if key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS) or key in settings:
+                continue
+            if on_cpu and key in CUDA_ONLY_KEYS:
                 continue
             if key in ("data.source", "likelihood.name") and key.split(".")[0] in settings:
                 continue  # the group's option, compared above as `data` or `likelihood`
