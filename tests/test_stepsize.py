@@ -278,4 +278,6 @@ def test_the_chosen_rate_is_an_mlflow_param_of_the_run(prepared_tiny, tmp_path, 
     run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
     params = MlflowClient(uri).get_run(run_id).data.params
     assert params["train/lr_selected"] == "0.05"
-    assert params["train.lr_candidates"] == "[1e-09, 0.05]" and params["train.lr"] == "0.001"  # as configured
+    # train.lr, the column runs are compared by, is the rate training ran at, not the unused configured one
+    assert params["train.lr_candidates"] == "[1e-09, 0.05]" and params["train.lr"] == "0.05"
+    assert cfg.train.lr == 0.001

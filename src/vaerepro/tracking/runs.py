@@ -438,6 +438,10 @@ def log_config(client, run_id: str, raw: Mapping[str, Any], keys: tuple[str, ...
     from mlflow.exceptions import MlflowException
 
     flat = flatten({k: raw[k] for k in (keys or raw)})
+    if (raw.get("train") or {}).get("lr_candidates") is not None:
+        # the rate training runs at is the step-size pilots' choice, not train.lr (unused): the training's
+        # run logs it as train.lr once chosen (TrainingRun.finish), never the unused value beside the others'
+        flat.pop("train.lr", None)
     run = client.get_run(run_id)
     existing, tags = run.data.params, run.data.tags
     for k, v in flat.items():

@@ -132,9 +132,11 @@ class TrainingRun:
         run = (self.logger.experiment, self.logger.run_id)
         runs.log_metrics(*run, metrics, prefix="final/", space=self.logger.space)
         if (selection := metrics.get("lr_selection")) is not None:
-            # the rate training ran at: the step-size pilot's choice from train.lr_candidates, not train.lr
-            # (a resumed run logs the same value again: its checkpoint recorded the choice)
-            self.logger.experiment.log_param(self.run_id, "train/lr_selected", selection["chosen"])
+            # the rate training ran at: the step-size pilot's choice from train.lr_candidates, as train.lr
+            # (the column runs are compared by; log_config left the configured, unused value out) and
+            # train/lr_selected (a resumed run logs the same value again: its checkpoint recorded the choice)
+            for name in ("train.lr", "train/lr_selected"):
+                self.logger.experiment.log_param(self.run_id, name, selection["chosen"])
         runs.describe(*run, self.cfg, train=metrics)
         self.logger.experiment.log_artifact(self.run_id, str(self.model_dir / "best.ckpt"), "checkpoints")
         if self.finish_run:
