@@ -101,11 +101,6 @@ def tag_column(name: str) -> str:
     return column("tags", name)
 
 
-def param_column(name: str) -> str:
-    """'train.lr' -> 'params.`train.lr`'."""
-    return column("params", name)
-
-
 # What a run's log p(x) measured (compare.measurement) and whether it converged: the tags the evaluation sets.
 # One log_px column holds every run of a space, a K=1000 estimate beside its K=5000 re-evaluation or an
 # unconverged one; without these a sort by it ranks them.
