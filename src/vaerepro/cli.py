@@ -783,7 +783,7 @@ def _ui(cfg: Config, root: Path, port: int, *, serve: bool) -> int:
         "--port",
         str(port),
     ]
-    if (location := tracking.artifact_location(uri, root)) is not None:
+    if (location := tracking.artifact_location(uri)) is not None:
         cmd += ["--default-artifact-root", location]
     os.execv(cmd[0], cmd)
     return 0  # not reached

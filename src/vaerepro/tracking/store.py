@@ -64,7 +64,7 @@ def sqlite_store_path(uri: str) -> Path | None:
     return Path(database).resolve()
 
 
-def artifact_location(uri: str, root: Path | None = None) -> str | None:
+def artifact_location(uri: str) -> str | None:
     """Artifacts beside a local sqlite store; a tracking server chooses its own."""
     db = sqlite_store_path(uri)
     if db is None:
@@ -263,7 +263,7 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     db = sqlite_store_path(uri)
     if db is None:
         client = MlflowClient(uri)
-        exp_id = _get_or_create_experiment(client, name, artifact_location(uri, root))
+        exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
         _ensure_view(client, exp_id)
         return uri, exp_id
 
@@ -282,7 +282,7 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
         check_sqlite_store(db)
         try:
             client = MlflowClient(uri)
-            exp_id = _get_or_create_experiment(client, name, artifact_location(uri, root))
+            exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
             _ensure_view(client, exp_id)
         except Exception as err:
             if (damage := sqlite_corruption(err)) is not None:
