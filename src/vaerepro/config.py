@@ -223,7 +223,7 @@ class TrainerConfig(_Section):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"  # a name of Lightning's StrategyRegistry (checked by trainer.check_strategy)
+    strategy: str = "auto"  # a name of Lightning's StrategyRegistry (checked by trainer.check_trainer)
     precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
     deterministic: bool = True
     matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high" enables TF32 on GPUs

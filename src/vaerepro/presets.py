@@ -17,8 +17,9 @@ Sources read (arXiv versions as named; the PDFs' own text, not summaries):
 - Continuous Bernoulli: arXiv:1907.06845 (Section 1 only was reachable) and the authors' code and poster
   github.com/cunningham-lab/cb_and_cc (cb_vae_mnist.ipynb, utils.py, cb/cb_neurips_poster.pdf).
 
-Imports: the standard library, vaerepro.errors and vaerepro.reproduction only (no torch, Hydra, Lightning
-or MLflow); `main` imports vaerepro.reproduce and vaerepro.reproduction_card when it runs a preset.
+Imports: the standard library, vaerepro.errors, vaerepro.reproduction and vaerepro.schedules only (no torch,
+Hydra, Lightning or MLflow); `main` imports vaerepro.reproduce and vaerepro.reproduction_card when it runs a
+preset.
 """
 
 from __future__ import annotations

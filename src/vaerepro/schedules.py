@@ -4,7 +4,7 @@ The rate of epoch e is train.lr x factor(e); training applies the factor through
 every epoch end (trainer.build_optimizer, train.VAEModule.on_train_epoch_end), so a resumed training restores
 the schedule's position from its checkpoint.
 
-Imports: the standard library only (no torch), so that `reproduction` (an edge module without torch) can
+Imports: the standard library only (no torch), so that `presets` (an edge module without torch) can
 use the same schedule as training.
 """
 
