@@ -164,7 +164,9 @@ def overall(verdicts: Sequence[Verdict]) -> Kind:
     return "not reproduced" if "not reproduced" in kinds else "reproduced"
 
 
-def _lookup(config: Mapping[str, Any], key: str) -> Any:
+def setting(config: Mapping[str, Any], key: str) -> Any:
+    """The value of dotted `key` in a resolved config, "(absent)" where it has none; "data" and "likelihood"
+    name their config group's chosen option (data.source, likelihood.name)."""
     parts = [key, "source" if key == "data" else "name"] if key in ("data", "likelihood") else key.split(".")
     node: Any = config  # a config group ("data", "likelihood") stands for its chosen option
     for part in parts:
@@ -177,10 +179,10 @@ def _lookup(config: Mapping[str, Any], key: str) -> Any:
 def _value(config: Mapping[str, Any], key: str) -> Any:
     """A setting as it acts on training: train.batch_size as the global batch, batch_size x devices x
     nodes (a run on N devices with the same global batch is the same computation: README, 'Scaling out')."""
-    got = _lookup(config, key)
+    got = setting(config, key)
     if key != "train.batch_size" or not isinstance(got, int):
         return got
-    devices, nodes = (_lookup(config, f"trainer.{k}") for k in ("devices", "num_nodes"))
+    devices, nodes = (setting(config, f"trainer.{k}") for k in ("devices", "num_nodes"))
     devices, nodes = (1 if v == "(absent)" else v for v in (devices, nodes))
     if not (isinstance(devices, int) and isinstance(nodes, int)):
         return f"{got} a device on trainer.devices={devices!r}"  # the global batch is not known here
@@ -279,12 +281,12 @@ def deviations(
             continue
         got = _value(config, key)
         if not _same(got, want):
-            batch = key == "train.batch_size" and got != _lookup(config, key)
+            batch = key == "train.batch_size" and got != setting(config, key)
             label = "the global batch (train.batch_size x devices x nodes)" if batch else key
             out.append(f"{_reason(key, got, want)}: {label}={got!r}, the paper's {want!r}")
     if protocol is not None:
         ran = flatten(config)
-        on_cpu = _lookup(config, "trainer.accelerator") == "cpu"
+        on_cpu = setting(config, "trainer.accelerator") == "cpu"
         for key in flatten(protocol):
             if key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS) or key in settings:
                 continue

@@ -29,15 +29,6 @@ KIND_TEXT = {
 }
 
 
-def _setting(config: Mapping[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in {"data": ["data", "source"], "likelihood": ["likelihood", "name"]}.get(key, key.split(".")):
-        if not isinstance(node, Mapping) or part not in node:
-            return "(absent)"
-        node = node[part]
-    return node
-
-
 def _digits(pub: R.Published) -> int:
     return 2 if pub.unit == R.UNIT else 3  # nats to 0.01, fractions to 0.001
 
@@ -262,7 +253,7 @@ def _measured_blocks(result: Result) -> list[Block]:
 
 def _protocol_blocks(p: Plan) -> list[Block]:
     preset = p.preset
-    rows = [[k, str(v), str(_setting(p.config, k))] for k, v in preset.settings.items()]
+    rows = [[k, str(v), str(R.setting(p.config, k))] for k, v in preset.settings.items()]
     blocks: list[Block] = [Heading("Protocol"), Para(f"{preset.paper}; {preset.where}.")]
     blocks.append(Table(["setting", "the paper's", "this run's"], rows))
     if preset.missing:
@@ -304,7 +295,7 @@ def card(result: Result) -> tuple[str, list[Block]]:
     if result.mlflow:
         env["MLflow"] = f"run {result.mlflow[1]} in {result.mlflow[0]} (the seeds' runs are its children)"
     blocks += [Heading("Environment"), Table(["", ""], [[k, v] for k, v in env.items()])]
-    paper_source, run_source = _setting(p.protocol, "data"), _setting(p.config, "data")
+    paper_source, run_source = R.setting(p.protocol, "data"), R.setting(p.config, "data")
     blocks += [Heading("Data"), Para(f"The paper's data: {_data_text(str(paper_source))}")]
     if run_source != paper_source:
         blocks.append(Para(f"This run's data: {_data_text(str(run_source))}"))
