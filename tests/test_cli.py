@@ -13,6 +13,7 @@ import pytest
 
 from conftest import BIN, ROOT, TINY
 from vaerepro import cli
+from vaerepro.config import ConfigError
 
 COMMANDS = ("run", "reproduce", "params", "ui", "fetch", "check", "prepare", "train", "evaluate", "report")
 
@@ -129,6 +130,13 @@ def test_runs_started_together_each_get_a_directory_of_their_own(tmp_path):
     ):
         assert cli._claim_named_run_dir(argv, ROOT) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and len(list(base.parent.iterdir())) == 8
+    (tmp_path / "afile").write_text("")  # a file where the pattern's parent directory would be
+    with pytest.raises(ConfigError) as err:
+        cli._claim_named_run_dir([f"hydra.run.dir={tmp_path / 'afile' / 'r'}" + "${seed}"], ROOT)
+    assert str(err.value) == (
+        f"hydra.run.dir={tmp_path / 'afile' / 'r0'}: cannot make the run's directory ({tmp_path / 'afile'}: "
+        "File exists)"
+    )
 
 
 @pytest.mark.slow

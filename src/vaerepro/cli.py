@@ -428,16 +428,21 @@ def _claim_named_run_dir(argv: list[str], root: Path) -> str | None:
     except (HydraException, OmegaConfBaseException, ValueError):
         return None
     base = Path(pattern)
-    base.parent.mkdir(parents=True, exist_ok=True)
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    for n in range(1, 10_000):
-        out_dir = base if n == 1 else base.with_name(f"{base.name}_run{n}")
-        try:
-            out_dir.mkdir()
-        except FileExistsError:
-            continue
-        _claim_run_dir(out_dir, overrides, resume=False)
-        return str(out_dir)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            out_dir = base if n == 1 else base.with_name(f"{base.name}_run{n}")
+            try:
+                out_dir.mkdir()
+            except FileExistsError:
+                continue
+            _claim_run_dir(out_dir, overrides, resume=False)
+            return str(out_dir)
+    except OSError as err:  # a file where a directory should be, no permission: Hydra's would be a traceback
+        raise ConfigError(
+            f"hydra.run.dir={pattern}: cannot make the run's directory ({err.filename}: {err.strerror})"
+        ) from None
     return None  # ten thousand runs of one name: Hydra's directory, claimed by the job as before
 
 
