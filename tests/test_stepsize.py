@@ -281,3 +281,32 @@ def test_the_chosen_rate_is_an_mlflow_param_of_the_run(prepared_tiny, tmp_path, 
     # train.lr, the column runs are compared by, is the rate training ran at, not the unused configured one
     assert params["train.lr_candidates"] == "[1e-09, 0.05]" and params["train.lr"] == "0.05"
     assert cfg.train.lr == 0.001
+
+
+def test_a_resumed_run_that_holds_the_configured_rate_as_train_lr_finishes(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """A training run logged by vaerepro before train.lr became the pilots' choice holds the configured
+    train.lr (0.001). Resumed, its training finished and then failed in MLflow (train.lr cannot change to
+    0.05) with a traceback; the chosen rate goes to the tag changed.train.lr, as other changed values do."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    from vaerepro.tracking.training import TrainingRun
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    chosen = ("train.lr_candidates=[1e-9,0.05]", "train.lr_pilot_steps=5")
+    cfg = tiny_config(*chosen, "train.max_epochs=1", tracking=True)
+    train(cfg, out, enable_progress_bar=False, tracker=TrainingRun(cfg, tmp_path, out / "models"))
+    run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    with sqlite3.connect(db) as con:  # as an earlier vaerepro logged it: the configured, unused rate
+        con.execute("UPDATE params SET value = '0.001' WHERE key = 'train.lr' AND run_uuid = ?", (run_id,))
+    more = tiny_config(*chosen, "train.max_epochs=2", "train.resume=true", tracking=True)
+    train(more, out, enable_progress_bar=False, tracker=TrainingRun(more, tmp_path, out / "models"))
+    assert json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"] == run_id  # went on in it
+    run = MlflowClient(f"sqlite:///{db}").get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train/lr_selected"] == "0.05"
+    assert run.data.tags["changed.train.lr"] == "0.05"

@@ -435,13 +435,21 @@ def log_config(client, run_id: str, raw: Mapping[str, Any], keys: tuple[str, ...
     value as a tag `changed.<key>` instead of failing the run. The tag says what the run is on now: when
     the value is back to the param's (a resume from 2 x 25 back to 1 x 50 devices x batch), it is deleted.
     """
-    from mlflow.exceptions import MlflowException
-
     flat = flatten({k: raw[k] for k in (keys or raw)})
     if (raw.get("train") or {}).get("lr_candidates") is not None:
         # the rate training runs at is the step-size pilots' choice, not train.lr (unused): the training's
         # run logs it as train.lr once chosen (TrainingRun.finish), never the unused value beside the others'
         flat.pop("train.lr", None)
+    log_params(client, run_id, flat)
+    if keys is None:
+        client.log_text(run_id, yaml.safe_dump(raw, sort_keys=False), "config.yaml")
+
+
+def log_params(client, run_id: str, flat: Mapping[str, Any]) -> None:
+    """Log `flat` ({name: value}) as params of run `run_id`; a name the run holds with another value (MLflow
+    params cannot change) as the tag `changed.<name>`, deleted when the value is back to the param's."""
+    from mlflow.exceptions import MlflowException
+
     run = client.get_run(run_id)
     existing, tags = run.data.params, run.data.tags
     for k, v in flat.items():
@@ -457,8 +465,6 @@ def log_config(client, run_id: str, raw: Mapping[str, Any], keys: tuple[str, ...
                 client.log_param(run_id, k, value)
             except MlflowException:
                 client.set_tag(run_id, f"changed.{k}", value)
-    if keys is None:
-        client.log_text(run_id, yaml.safe_dump(raw, sort_keys=False), "config.yaml")
 
 
 def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str, space: str) -> None:

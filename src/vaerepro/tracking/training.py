@@ -134,9 +134,9 @@ class TrainingRun:
         if (selection := metrics.get("lr_selection")) is not None:
             # the rate training ran at: the step-size pilot's choice from train.lr_candidates, as train.lr
             # (the column runs are compared by; log_config left the configured, unused value out) and
-            # train/lr_selected (a resumed run logs the same value again: its checkpoint recorded the choice)
-            for name in ("train.lr", "train/lr_selected"):
-                self.logger.experiment.log_param(self.run_id, name, selection["chosen"])
+            # train/lr_selected (a resumed run logs the same value again: its checkpoint recorded the choice;
+            # a run an earlier vaerepro logged train.lr to, the configured value, gets changed.train.lr)
+            runs.log_params(*run, {name: selection["chosen"] for name in ("train.lr", "train/lr_selected")})
         runs.describe(*run, self.cfg, train=metrics)
         self.logger.experiment.log_artifact(self.run_id, str(self.model_dir / "best.ckpt"), "checkpoints")
         if self.finish_run:
