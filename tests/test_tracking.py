@@ -824,3 +824,22 @@ def test_an_evaluation_run_is_tagged_with_the_dvc_experiment_that_evaluated(tmp_
     tags = client.get_run(child).data.tags
     assert "dvc.exp_name" not in tags and "dvc.baseline_rev" not in tags
     assert client.get_run(trained).data.tags["dvc.exp_name"] == "azure-tote"  # the training's, as it was
+
+
+def test_an_evaluation_run_at_another_k_has_the_rate_its_model_trained_at(tmp_path, store, monkeypatch):
+    """With train.lr_candidates, train.lr is the rate the pilots chose, which the training's run logs when
+    it finishes (log_config leaves the configured, unused rate out). An evaluation at another K goes to a
+    child run that logs the config: it had no train.lr at all, a blank in the compare view's column beside
+    its training's 0.05."""
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "lr-child", store, monkeypatch)
+    for name in ("train.lr", "train/lr_selected"):  # as TrainingRun.finish logs the pilots' choice
+        client.log_param(trained, name, "0.05")
+    chosen = "train.lr_candidates=[1e-9,0.05]"
+    cfg = tiny_config("eval.num_samples=20", "tracking.experiment=lr-child", chosen, tracking=True)
+    tracking.log_evaluation(cfg, out, _evaluation(out, 20, -95.0))
+    child = json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"]
+    assert child != trained
+    params = client.get_run(child).data.params
+    assert (params["train.lr"], params["train/lr_selected"]) == ("0.05", "0.05")
+    assert params["train.lr_candidates"] == "[1e-09, 0.05]"

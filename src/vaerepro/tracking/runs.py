@@ -323,6 +323,10 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
         tags={**kept, **dvc_experiment_tags(), "mlflow.parentRunId": run_id, EVALUATES_TAG: run_id},
     ).info.run_id
     log_config(client, new, cfg.to_dict())
+    if cfg.train.lr_candidates is not None and (chosen := params.get("train/lr_selected")) is not None:
+        # the rate the model trained at, which log_config leaves out: the pilots' choice, as the training's
+        # run holds it (TrainingRun.finish)
+        log_params(client, new, {name: chosen for name in ("train.lr", "train/lr_selected")})
     log.info("run %s holds an evaluation with K=%s: this one, K=%s, goes to run %s", run_id, done_k, k, new)
     return new
 
