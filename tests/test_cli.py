@@ -139,6 +139,14 @@ def test_runs_started_together_each_get_a_directory_of_their_own(tmp_path):
     )
 
 
+def test_a_multirun_set_by_hydra_mode_makes_no_run_directory(tmp_path):
+    """`vaerepro run hydra.mode=MULTIRUN ...` is Hydra's --multirun (its jobs go under hydra.sweep.dir): the
+    run directory its pattern names was made and marked all the same, and left holding only the mark."""
+    pattern = str(tmp_path / "runs" / "m_s${seed}")
+    assert cli._claim_named_run_dir(["hydra.mode=MULTIRUN", f"hydra.run.dir={pattern}"], ROOT) is None
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_were(tmp_path, raw_dir):
     """The second of two runs named alike (here a pattern without the time) runs in <dir>_run2: the first

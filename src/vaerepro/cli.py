@@ -416,13 +416,14 @@ def _claim_named_run_dir(argv: list[str], root: Path) -> str | None:
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str((root / "conf").resolve()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(argv), return_hydra_config=True)
-        if cfg.train.resume:
+        if cfg.train.resume or cfg.hydra.mode == RunMode.MULTIRUN:  # hydra.mode=MULTIRUN is --multirun
             return None
         pattern = str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True))
     except (HydraException, OmegaConfBaseException, ValueError):
