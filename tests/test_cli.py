@@ -147,6 +147,19 @@ def test_a_multirun_set_by_hydra_mode_makes_no_run_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_directory_given_with_plus_plus_is_refused_as_the_plain_form_is(tmp_path):
+    """`++hydra.run.dir=DIR` is Hydra's hydra.run.dir=DIR, a literal directory: of another run, it is
+    refused before Hydra writes there, as hydra.run.dir=DIR is, not swapped for a DIR_run2 the user never
+    named."""
+    out = tmp_path / "one"
+    out.mkdir()
+    cli._claim_run_dir(out, ["seed=0"], resume=False)
+    assert cli._claim_named_run_dir([f"++hydra.run.dir={out}"], ROOT) is None
+    with pytest.raises(cli.RunDirTaken):
+        cli._check_overrides([f"++hydra.run.dir={out}"], ROOT)
+    assert [p.name for p in tmp_path.iterdir()] == ["one"]
+
+
 @pytest.mark.slow
 def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_were(tmp_path, raw_dir):
     """The second of two runs named alike (here a pattern without the time) runs in <dir>_run2: the first

@@ -411,7 +411,7 @@ def _claim_named_run_dir(argv: list[str], root: Path) -> str | None:
     that cannot be resolved outside a running Hydra job (${hydra:...}), which the job claims as it did."""
     if any(a.startswith("-") for a in argv) or _ddp_child():
         return None
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
     if given and "${" not in given[-1]:
         return None
     from hydra import compose, initialize_config_dir
@@ -496,7 +496,7 @@ def _check_overrides(argv: list[str], root: Path) -> None:
         cfg = config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
         # a hydra.run.dir given of another run: refused before Hydra writes its .hydra/ files over that run's
         # (app claims the directory, as the directories Hydra names and those of --multirun jobs)
-        given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+        given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
         if given and "${" not in given[-1] and not cfg.train.resume and not _ddp_child():
             if (Path(given[-1]) / RUN_MARK).exists():
                 raise _taken(Path(given[-1]))
