@@ -160,6 +160,21 @@ def test_a_run_directory_given_with_plus_plus_is_refused_as_the_plain_form_is(tm
     assert [p.name for p in tmp_path.iterdir()] == ["one"]
 
 
+def test_a_pattern_of_hydra_s_own_values_is_claimed_as_the_job_names_it(tmp_path):
+    """A hydra.run.dir pattern with ${hydra:job.name} (or another value of Hydra's own node) was left to the
+    job, which finds the directory another run has only after Hydra has written its .hydra/ files there:
+    a second run replaced the first's config.yaml and overrides.yaml, then was refused. It is made and
+    marked before, as the job names it (`cli`, as its log cli.log), the second run's as <dir>_run2."""
+    from hydra.core.hydra_config import HydraConfig
+
+    pattern = str(tmp_path / "runs" / "${hydra:job.name}_s${seed}")
+    base = tmp_path / "runs" / "cli_s0"
+    assert cli._claim_named_run_dir(["train.lr=0.01", f"hydra.run.dir={pattern}"], ROOT) == str(base)
+    assert cli._claim_named_run_dir(["train.lr=0.02", f"hydra.run.dir={pattern}"], ROOT) == f"{base}_run2"
+    assert json.loads((base / cli.RUN_MARK).read_text())["overrides"] == ["train.lr=0.01"]
+    assert not HydraConfig.initialized()  # Hydra's job sets its own
+
+
 @pytest.mark.slow
 def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_were(tmp_path, raw_dir):
     """The second of two runs named alike (here a pattern without the time) runs in <dir>_run2: the first

@@ -408,26 +408,35 @@ def _claim_named_run_dir(argv: list[str], root: Path) -> str | None:
     Hydra is to be given it; None where Hydra's own naming stands: a literal hydra.run.dir (refused by
     _check_overrides when another run marked it; continued by train.resume=true), a resume, a DDP rank other
     than 0 (rank 0's directory), --multirun (its jobs claim theirs), Hydra's other modes, and a pattern
-    that cannot be resolved outside a running Hydra job (${hydra:...}), which the job claims as it did."""
+    that cannot be resolved before the job starts (${hydra:runtime.output_dir}), which the job claims as it
+    did. Hydra's other values (${hydra:job.name}, ...) resolve as the job will have them."""
     if any(a.startswith("-") for a in argv) or _ddp_child():
         return None
     given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
     if given and "${" not in given[-1]:
         return None
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from hydra.types import RunMode
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
     try:
-        with initialize_config_dir(config_dir=str((root / "conf").resolve()), version_base="1.3"):
+        # job_name: the name Hydra gives the job of `app`, defined in this module (its log is cli.log)
+        conf = str((root / "conf").resolve())
+        with initialize_config_dir(config_dir=conf, version_base="1.3", job_name=Path(__file__).stem):
             cfg = compose(config_name="config", overrides=list(argv), return_hydra_config=True)
         if cfg.train.resume or cfg.hydra.mode == RunMode.MULTIRUN:  # hydra.mode=MULTIRUN is --multirun
             return None
+        hydra_config.set_config(cfg)  # ${hydra:job.name}, ... resolve as in the job; runtime.output_dir not
         pattern = str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True))
     except (HydraException, OmegaConfBaseException, ValueError):
         return None
+    finally:
+        hydra_config.cfg = before  # the job sets its own
     base = Path(pattern)
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
