@@ -283,6 +283,33 @@ def test_the_chosen_rate_is_an_mlflow_param_of_the_run(prepared_tiny, tmp_path, 
     assert cfg.train.lr == 0.001
 
 
+def test_a_training_that_fails_after_the_pilots_shows_the_chosen_rate(prepared_tiny, tmp_path, monkeypatch):
+    """The chosen rate is logged when the run opens, after the pilots: a training that then fails (here
+    while writing its records, after fitting) or is killed is FAILED with train.lr the rate it ran at."""
+    from mlflow import MlflowClient
+
+    from vaerepro import train as train_mod
+    from vaerepro.tracking.training import TrainingRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def broken(path):
+        raise OSError(f"{path}: disk gone")
+
+    monkeypatch.setattr(train_mod, "file_sha256", broken)
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    cfg = tiny_config(
+        "train.lr_candidates=[1e-9,0.05]", "train.lr_pilot_steps=5", "train.max_epochs=1", tracking=True
+    )
+    with pytest.raises(OSError, match="disk gone"):
+        train(cfg, out, enable_progress_bar=False, tracker=TrainingRun(cfg, tmp_path, out / "models"))
+    run_id = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.params["train.lr"] == run.data.params["train/lr_selected"] == "0.05"
+
+
 def test_a_resumed_run_that_holds_the_configured_rate_as_train_lr_finishes(
     prepared_tiny, tmp_path, monkeypatch
 ):

@@ -687,12 +687,17 @@ class RunTracker(Protocol):
     """What `train` asks of experiment tracking, on global rank 0 only (tracking.training.TrainingRun is
     vaerepro's, for MLflow): `open` before fitting, with the resumed checkpoint's curve (None when training
     from the start), prepared/meta.json and the (training, validation) metric keys, returns the Lightning
-    logger to attach or None; `finish` with the stage's metrics once its files are written; `fail` on any
-    error (interrupted: trainer.interrupted, true when fit ended on any exception; with SystemExit it marks a
-    Ctrl-C)."""
+    logger to attach or None, and the rate train.lr_candidates' pilots chose (None without them); `finish`
+    with the stage's metrics once its files are written; `fail` on any error (interrupted:
+    trainer.interrupted, true when fit ended on any exception; with SystemExit it marks a Ctrl-C)."""
 
     def open(
-        self, *, resumed_curve: Sequence[Mapping[str, Any]] | None, data_meta: Mapping[str, Any], keys
+        self,
+        *,
+        resumed_curve: Sequence[Mapping[str, Any]] | None,
+        data_meta: Mapping[str, Any],
+        keys,
+        chosen_lr: float | None = None,
     ) -> Any: ...
 
     def finish(self, metrics: Mapping[str, Any]) -> None: ...
@@ -776,7 +781,10 @@ def train(
         if tracker is not None:  # first: a tracking store that is refused leaves every file as it was
             curve = _saved_curve(resumed) if resumed is not None else None
             keys = (train_key(cfg.train.objective), VAL_KEY)
-            logger = tracker.open(resumed_curve=curve, data_meta=data.splits.meta, keys=keys)
+            chosen_lr = None if selection is None else selection["chosen"]
+            logger = tracker.open(
+                resumed_curve=curve, data_meta=data.splits.meta, keys=keys, chosen_lr=chosen_lr
+            )
             if logger is not None:
                 trainer.loggers = [logger]
         if trainer.is_global_zero:

@@ -104,9 +104,17 @@ class TrainingRun:
     def run_id(self) -> str | None:
         return self.logger.run_id if self.logger is not None else None
 
-    def open(self, *, resumed_curve: Sequence[Mapping[str, Any]] | None, data_meta: Mapping[str, Any], keys):
-        """Start recording; keys: the (training, validation) per-epoch metric keys as training logs them.
-        Returns the Lightning logger to attach, or None when tracking is disabled."""
+    def open(
+        self,
+        *,
+        resumed_curve: Sequence[Mapping[str, Any]] | None,
+        data_meta: Mapping[str, Any],
+        keys,
+        chosen_lr: float | None = None,
+    ):
+        """Start recording; keys: the (training, validation) per-epoch metric keys as training logs them;
+        chosen_lr: the rate train.lr_candidates' pilots chose. Returns the Lightning logger to attach, or
+        None when tracking is disabled."""
         if not self.cfg.tracking.enabled:
             return None
         self.uri, _ = ensure_experiment(self.cfg.tracking, self.root)
@@ -117,6 +125,8 @@ class TrainingRun:
         run = (self.logger.experiment, self.logger.run_id)
         runs.write_run_id(self.model_dir, self.run_id, self.uri)
         runs.log_config(*run, self.cfg.to_dict())
+        if chosen_lr is not None:  # before fitting: a training that then fails or is killed shows it too
+            self._log_chosen_lr(chosen_lr)
         if resumed_curve is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
             runs.complete_curve(*run, list(resumed_curve), keys, self.logger.space)
         if continued is None:  # a new run: its data set (a resumed training's too, when its run is gone)
@@ -132,15 +142,20 @@ class TrainingRun:
         run = (self.logger.experiment, self.logger.run_id)
         runs.log_metrics(*run, metrics, prefix="final/", space=self.logger.space)
         if (selection := metrics.get("lr_selection")) is not None:
-            # the rate training ran at: the step-size pilot's choice from train.lr_candidates, as train.lr
-            # (the column runs are compared by; log_config left the configured, unused value out) and
-            # train/lr_selected (a resumed run logs the same value again: its checkpoint recorded the choice;
-            # a run an earlier vaerepro logged train.lr to, the configured value, gets changed.train.lr)
-            runs.log_params(*run, {name: selection["chosen"] for name in ("train.lr", "train/lr_selected")})
+            self._log_chosen_lr(selection["chosen"])  # as open did, for a tracker opened without it
         runs.describe(*run, self.cfg, train=metrics)
         self.logger.experiment.log_artifact(self.run_id, str(self.model_dir / "best.ckpt"), "checkpoints")
         if self.finish_run:
             runs.end_run(*run, "FINISHED")
+
+    def _log_chosen_lr(self, lr: float) -> None:
+        """The rate training runs at, the step-size pilots' choice from train.lr_candidates, as train.lr (the
+        column runs are compared by; log_config left the configured, unused value out) and
+        train/lr_selected. A resumed run logs the same value again (its checkpoint recorded the choice); a
+        run an earlier vaerepro logged train.lr to, the configured value, gets changed.train.lr."""
+        runs.log_params(
+            self.logger.experiment, self.run_id, {n: lr for n in ("train.lr", "train/lr_selected")}
+        )
 
     def fail(self, exc: BaseException, *, interrupted: bool) -> None:
         if self.logger is not None:
