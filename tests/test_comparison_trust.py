@@ -58,6 +58,26 @@ def test_a_running_run_is_left_out_with_its_reason_and_the_report_own_run_is_ran
     assert _ranked(report_comparison.comparison_section(rows)) == [["1", "done"]]
 
 
+def test_runs_named_alike_are_told_apart_by_their_id(monkeypatch):
+    """Runs of one likelihood, latent size and seed (a learning-rate loop) share a run name: their rows in
+    the ranking, and in the list of runs left out, carry their run ids' first 8 characters; a name only one
+    run has is shown as it is, and the report's own run keeps its mark."""
+    monkeypatch.setattr(report_comparison, "png", lambda fig: b"")
+    rows = [
+        {**run("bernoulli-z2-s0", "binary", -95.0), "run_id": "aaaaaaaa1111"},
+        {**run("bernoulli-z2-s0", "binary", -90.0), "run_id": "bbbbbbbb2222"},
+        {**run("bernoulli-z2-s0", "binary", -80.0, status="RUNNING"), "run_id": "cccccccc3333"},
+        run("bernoulli-z5-s0", "binary", -99.0, latent_dim=5),
+    ]
+    blocks = report_comparison.comparison_section(rows, this_run="aaaaaaaa1111")
+    assert _ranked(blocks) == [
+        ["1", "bernoulli-z2-s0 [bbbbbbbb]"],
+        ["2", "bernoulli-z2-s0 [aaaaaaaa] (this run)"],
+        ["3", "bernoulli-z5-s0"],
+    ]
+    assert list(_excluded(blocks)) == ["bernoulli-z2-s0 [cccccccc]"]
+
+
 def test_the_report_marks_the_run_its_evaluation_logged_to(tmp_path):
     out = make_out_dir(tmp_path / "run")
     (out / "artifacts" / "mlflow_run.json").write_text(json.dumps({"run_id": "id-mine", "tracking_uri": "x"}))

@@ -14,7 +14,8 @@ verdict (`log_px_text`).
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -76,6 +77,7 @@ def comparison_section(runs: Iterable[Mapping] | None, this_run: str | None = No
     runs = list(runs or [])
     if not runs:
         return blocks + [Para("No other runs were passed to the report.")]
+    repeated = _repeated_names(runs)
     usable, excluded = [], []
     for r in runs:
         status = str(r.get("status") or "").upper()
@@ -125,7 +127,7 @@ def comparison_section(runs: Iterable[Mapping] | None, this_run: str | None = No
                 blocks.append(Para(_ONE_RUN_TEXT.format(run=_run_name(members[0], this_run))))
             else:
                 blocks.append(Para(_ONE_POINT_TEXT.format(n=len(members), plotted=len(plotted))))
-            blocks += _ranking_blocks(space, improper, members, this_run)
+            blocks += _ranking_blocks(space, improper, members, this_run, repeated)
 
     if excluded:
         blocks.append(Heading("Not plotted, not ranked", level=3))
@@ -134,7 +136,7 @@ def comparison_section(runs: Iterable[Mapping] | None, this_run: str | None = No
                 ["run", "status", "likelihood", "data space", "improper", "reason"],
                 [
                     [
-                        _run_name(r),
+                        _run_name(r, repeated=repeated),
                         str(r.get("status") or "n/a"),
                         str(r.get("likelihood") or "n/a"),
                         str(r.get("data_space") or "n/a"),
@@ -163,10 +165,20 @@ _UNCONVERGED_NOTE = (
 )
 
 
-def _run_name(row: Mapping, this_run: str | None = None) -> str:
-    """The run's name, with THIS_RUN for the report's own run."""
+def _run_name(row: Mapping, this_run: str | None = None, repeated: Collection[str] = ()) -> str:
+    """The run's name, with THIS_RUN for the report's own run; a name that `repeated` holds (runs named alike,
+    the same likelihood, latent size and seed with another learning rate, say) with its run id's first 8
+    characters, so that two rows never read the same."""
     name = str(row.get("run_name") or row.get("run_id") or "?")
+    if name in repeated and row.get("run_id"):
+        name = f"{name} [{str(row['run_id'])[:8]}]"
     return f"{name} ({THIS_RUN})" if this_run is not None and row.get("run_id") == this_run else name
+
+
+def _repeated_names(rows: Iterable[Mapping]) -> set[str]:
+    """The run names more than one of `rows` has."""
+    counts = Counter(str(r.get("run_name") or r.get("run_id") or "?") for r in rows)
+    return {name for name, n in counts.items() if n > 1}
 
 
 def _latent(row: Mapping) -> int | None:
@@ -264,7 +276,11 @@ def _group_figure(
 
 
 def _ranking_blocks(
-    space: str, improper: bool, rows: list[Mapping], this_run: str | None = None
+    space: str,
+    improper: bool,
+    rows: list[Mapping],
+    this_run: str | None = None,
+    repeated: Collection[str] = (),
 ) -> list[Block]:
     """The ranking by log p(x) (compare.rank: unconverged estimates after the rest, here unranked) and,
     when there are unconverged ones, the note saying why; the report's own run (`this_run`) is ranked as
@@ -276,7 +292,7 @@ def _ranking_blocks(
         body.append(
             [
                 "—" if converged(r) is False else str(i),
-                _run_name(r, this_run),
+                _run_name(r, this_run, repeated),
                 str(r.get("likelihood") or "n/a"),
                 str(r.get("latent_dim", "n/a")),
                 str(r.get("source") or "n/a"),
