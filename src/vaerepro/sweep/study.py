@@ -58,8 +58,13 @@ MEASUREMENT = "measurement"
 # ---------------------------------------------------------------------------------- samplers, pruners
 
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes")
-PRUNERS = ("none", "median", "hyperband")
+SAMPLERS = ("tpe", "random", "grid", "cmaes")  # make_sampler's, the first the default
+PRUNERS = ("none", "median", "hyperband")  # make_pruner's, the first the default
+
+
+def _choices(names: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b or c'."""
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 def check_sampler_and_pruner(sampler: Any, pruner: Any) -> None:
@@ -67,7 +72,7 @@ def check_sampler_and_pruner(sampler: Any, pruner: Any) -> None:
     make_pruner could not build: a plain name (`hydra.sweeper.sampler=random`, where the config group
     `hydra/sweeper/sampler=random` was meant) or a name that is none of theirs."""
     for key, conf, names in (("sampler", sampler, SAMPLERS), ("pruner", pruner, PRUNERS)):
-        choices = ", ".join(names[:-1]) + f" or {names[-1]}"
+        choices = _choices(names)
         if not isinstance(conf, Mapping):
             raise ConfigError(
                 f"hydra.sweeper.{key}={conf!r}: the {key} is a config group, chosen with "
@@ -88,7 +93,7 @@ def make_sampler(
     """The sampler named by `hydra/sweeper/sampler` (tpe, random, grid, cmaes); its seed plus seed_offset."""
     import optuna
 
-    name, seed = conf.get("name", "tpe"), conf.get("seed")
+    name, seed = conf.get("name", SAMPLERS[0]), conf.get("seed")
     seed = None if seed is None else int(seed) + seed_offset
     if name != "tpe" and (multivariate or constant_liar):
         log.warning("multivariate / constant_liar apply to the TPE sampler only; ignored for %s", name)
@@ -112,22 +117,22 @@ def make_sampler(
         return AskTellGridSampler(grid_values(space), seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=int(conf.get("n_startup_trials", 1)))
-    raise ConfigError(f"hydra/sweeper/sampler={name!r}: tpe, random, grid or cmaes")
+    raise ConfigError(f"hydra/sweeper/sampler={name!r}: {_choices(SAMPLERS)}")
 
 
 def make_pruner(conf: Mapping[str, Any] | None):
     """The pruner named by `hydra/sweeper/pruner` (none, median, hyperband), with its settings."""
     import optuna
 
-    conf = dict(conf or {"name": "none"})
-    name = conf.pop("name", "none")
+    conf = dict(conf or {"name": PRUNERS[0]})
+    name = conf.pop("name", PRUNERS[0])
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
         return optuna.pruners.MedianPruner(**conf)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(**conf)
-    raise ConfigError(f"hydra/sweeper/pruner={name!r}: none, median or hyperband")
+    raise ConfigError(f"hydra/sweeper/pruner={name!r}: {_choices(PRUNERS)}")
 
 
 # ------------------------------------------------------------------------------ storage, lock, study
