@@ -466,6 +466,33 @@ def test_after_kill_9_a_resumed_run_sends_the_epochs_the_store_never_got(project
     assert dict(runs(d))[run_id] == "FINISHED"
 
 
+def test_after_kill_9_the_next_training_into_models_ends_the_dead_run_killed(project, tmp_path):
+    """`dvc repro` after a training was killed outright (kill -9, the out-of-memory killer): DVC deletes
+    models/ (and the mlflow_run.json that named the dead run) and trains again. The new training ends the
+    run the dead one left RUNNING: KILLED, naming its process and the run that trained models/ again; the
+    finished run before it is untouched."""
+    d = copy_project(project, tmp_path / "p")
+    ((finished, _),) = runs(d)
+    proc = _start(["train", "--no-progress", "--params", _long_training(d)], d)
+    dead = _wait_for_new_run(d, 1, proc)
+    assert tag(d, dead, "vaerepro.process").endswith(f":{proc.pid}")
+    assert tag(d, dead, "vaerepro.model_dir") == str((d / "models").resolve())
+    killed = proc.pid
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert dict(runs(d))[dead] == "RUNNING"
+    shutil.rmtree(d / "models")  # what DVC does before it runs the train stage again
+    proc = vaerepro(["train", "--no-progress", "--params", write_params(d, _set("train.max_epochs", 1))], d)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = json.loads((d / "models" / "mlflow_run.json").read_text())["run_id"]
+    status = dict(runs(d))
+    assert status == {finished: "FINISHED", dead: "KILLED", new: "FINISHED"}
+    reason = tag(d, dead, "vaerepro.failure")
+    assert f":{killed}) is gone and never ended the run" in reason, reason
+    assert reason.endswith(f"{(d / 'models').resolve()} was trained again in run {new}"), reason
+    assert f"MLflow run {dead} was RUNNING, its process" in proc.stderr
+
+
 def test_sigterm_stops_vaerepro_run_with_143_killed_and_the_resume_command(project, tmp_path, raw_dir):
     d = copy_project(project, tmp_path / "p")
     proc = _start(["run", f"data.raw_dir={raw_dir}", "train.max_epochs=2000", "hydra.run.dir=runs/one"], d)

@@ -14,7 +14,6 @@ written. The fast tests use test_sweep's FakeSweep (no training); the slow one r
 from __future__ import annotations
 
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 
 from conftest import ROOT, compose
 from test_sweep import _fake_sweep, _load, _states, _study, _sweep, _sweep_cmd
-from vaerepro import sweep
+from vaerepro import signals, sweep
 from vaerepro.config import ConfigError
 
 GRID = {"name": "grid", "seed": 0}
@@ -250,7 +249,7 @@ def test_a_trial_left_running_without_params_does_not_poison_later_resumes(tmp_p
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     ghost = study.ask()  # RUNNING, no params, stamped by a sweep process that is gone
-    storage.set_trial_system_attr(ghost._trial_id, "vaerepro:host", socket.gethostname())
+    storage.set_trial_system_attr(ghost._trial_id, "vaerepro:host", signals.machine())
     storage.set_trial_system_attr(ghost._trial_id, "vaerepro:pid", gone.pid)
     study.enqueue_trial({}, user_attrs={"retry_of": ghost.number})  # an earlier resume's retry of a ghost
 

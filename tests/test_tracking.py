@@ -677,6 +677,65 @@ def test_a_changed_tag_says_the_value_the_run_is_on_now(tmp_path):
     assert logged(50, 1) == ({"train.batch_size": "50", "trainer.devices": "1"}, {})
 
 
+def test_runs_that_dead_processes_left_running_are_ended_killed_and_no_others(tmp_path):
+    """end_abandoned, which a training calls when its run opens: a run whose process (PROCESS_TAG) is gone
+    from this machine is ended KILLED with the reason, in the experiment trained in or, in any experiment,
+    when it trained into the models/ now trained again; a live process's run, one of another machine, one
+    of another experiment and directory, one of this process in another directory and one that names no
+    process (a reproduction's or sweep's parent, an earlier vaerepro's) stay RUNNING."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from vaerepro import signals
+    from vaerepro.config import TrackingConfig
+    from vaerepro.tracking.runs import MODEL_DIR_TAG, PROCESS_TAG, end_abandoned
+
+    uri, exp = tracking.ensure_experiment(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path)
+    _, other_exp = tracking.ensure_experiment(TrackingConfig(uri=uri, experiment="other"), tmp_path)
+    client = MlflowClient(uri)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    here, models, elsewhere = signals.machine(), tmp_path / "run" / "models", str(tmp_path / "b" / "models")
+    this = str(models.resolve())  # the tag: the resolved path
+
+    def running(experiment: str, model_dir: str, process: str | None) -> str:
+        tags = {MODEL_DIR_TAG: model_dir, **({PROCESS_TAG: process} if process else {})}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    try:
+        current = running(exp, this, signals.this_process())
+        ended = {
+            "dead, this experiment": running(exp, elsewhere, f"{here}:{gone.pid}"),
+            "dead, another experiment, this models/": running(other_exp, this, f"{here}:{gone.pid}"),
+            "this process, this models/": running(exp, this, f"{here}:{os.getpid()}"),
+        }
+        left = {
+            "alive": running(exp, this, f"{here}:{alive.pid}"),
+            "another machine": running(exp, this, f"{here}x:{gone.pid}"),
+            "dead, another experiment and models/": running(other_exp, elsewhere, f"{here}:{gone.pid}"),
+            "this process, another models/": running(exp, elsewhere, f"{here}:{os.getpid()}"),
+            "no process": running(exp, this, None),
+        }
+        assert sorted(end_abandoned(client, exp, models, current)) == sorted(ended.values())
+    finally:
+        alive.kill()
+        alive.wait()
+    status = {name: client.get_run(r).info.status for name, r in {**ended, **left}.items()}
+    assert status == {**dict.fromkeys(ended, "KILLED"), **dict.fromkeys(left, "RUNNING")}
+    assert client.get_run(current).info.status == "RUNNING"
+    reasons = {name: client.get_run(r).data.tags["vaerepro.failure"] for name, r in ended.items()}
+    assert reasons["dead, this experiment"] == (
+        f"its process ({here}:{gone.pid}) is gone and never ended the run: killed outright (kill -9, OOM)"
+    )
+    again = f"; {models.resolve()} was trained again in run {current}"
+    assert reasons["dead, another experiment, this models/"] == reasons["dead, this experiment"] + again
+    assert reasons["this process, this models/"] == (
+        f"left RUNNING by an earlier training of this process ({here}:{os.getpid()})" + again
+    )
+
+
 def _evaluation(out: Path, k: int, log_px: float) -> dict:
     """An evaluate stage's eval.json (written to out/metrics) with this K and log p(x): a fake evaluation."""
     ev = {

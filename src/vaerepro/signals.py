@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from vaerepro.errors import Stopped
 
@@ -89,3 +92,30 @@ def deferred() -> Iterator[None]:
         _deferring = False
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def machine() -> str:
+    """Where a pid means one process: 'host/boot/pid-namespace' on Linux ('host' elsewhere). The boot id
+    and the pid namespace keep a pid from a reboot, or from a container that shares the host's name, from
+    being read as a process of this one."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        parts.append(os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]"))
+    return "/".join(parts)
+
+
+def this_process() -> str:
+    """'machine:pid' of this process (see machine): who holds a running record, an MLflow run."""
+    return f"{machine()}:{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists here (one of another user's counts: PermissionError)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 from vaerepro.config import ConfigError
 from vaerepro.errors import Stopped
+from vaerepro.signals import machine, pid_alive
 from vaerepro.sweep.outcome import trial_outcome
 from vaerepro.sweep.space import SearchSpace, grid_values, override_value, trial_overrides
 from vaerepro.sweep.study import (
@@ -153,20 +153,10 @@ class _Running:
     stopped_at: float = 0.0  # time.perf_counter() of the SIGTERM
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_stale(trial, now: float) -> bool:
     """A RUNNING trial whose sweep process is gone: dead on this host, or silent for STALE_AFTER_S."""
     a = trial.system_attrs
-    if a.get(_HOST) == socket.gethostname() and a.get(_PID) is not None and not _pid_alive(int(a[_PID])):
+    if a.get(_HOST) == machine() and a.get(_PID) is not None and not pid_alive(int(a[_PID])):
         return True
     beat = a.get(_BEAT) or (trial.datetime_start.timestamp() if trial.datetime_start else None)
     return beat is None or now - float(beat) > STALE_AFTER_S
@@ -516,7 +506,7 @@ class Sweep:
         the sampler refuses (queued without them by an earlier version) is dropped with a warning."""
         trial = study.ask()
         try:
-            storage.set_trial_system_attr(trial._trial_id, _HOST, socket.gethostname())
+            storage.set_trial_system_attr(trial._trial_id, _HOST, machine())
             storage.set_trial_system_attr(trial._trial_id, _PID, os.getpid())
             storage.set_trial_system_attr(trial._trial_id, _BEAT, time.time())
             _suggest(trial, self.space.distributions)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from vaerepro import signals
 from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE, file_sha256, is_dequantized
 from vaerepro.document import flatten
@@ -316,6 +317,7 @@ def evaluation_run(client, run_id: str, cfg: Config, k: str, test_set: str | Non
         if not key.startswith(("mlflow.", "changed.", "dvc."))
         and key not in (K_TAG, TEST_SET_TAG, FAILURE_TAG, CONVERGED_TAG)  # the evaluation's own
     }
+    kept[PROCESS_TAG] = signals.this_process()  # this evaluation's process, not the training's
     # the DVC experiment that made this evaluation, not the one that trained the model (the training's tags)
     new = client.create_run(
         run.info.experiment_id,
@@ -546,6 +548,10 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
 
 FAILURE_TAG = "vaerepro.failure"  # why a run ended FAILED or KILLED: one line
 CONTINUED_TAG = "vaerepro.continued_in"  # the run a resumed training went on in (runs.supersede)
+# Which models/ a training run's numbers are of (the resolved path) and which process last trained into it
+# ('host:pid', signals.this_process): end_abandoned tells a run whose pipeline died from one still going.
+MODEL_DIR_TAG = "vaerepro.model_dir"
+PROCESS_TAG = "vaerepro.process"
 
 
 def status_of(exc: BaseException, *, interrupted: bool = False) -> str:
@@ -630,6 +636,56 @@ def supersede(client, run_id: str, epochs: list[int], successor: str) -> None:
     if client.get_run(run_id).info.status == "RUNNING":
         lost = f"epochs {epochs[0]}-{epochs[-1]} ran past models/last.ckpt"
         end_run(client, run_id, "KILLED", f"stopped outright; {lost}; training continued in run {successor}")
+
+
+def end_abandoned(client, experiment_id: str, model_dir: Path, current: str) -> list[str]:
+    """End KILLED, with the reason, the runs left RUNNING by processes that are gone (killed outright: kill
+    -9, the out-of-memory killer): those of experiment `experiment_id`, and those of any experiment that
+    trained into `model_dir`, which run `current` now trains into (under `dvc repro` DVC has deleted the
+    models/mlflow_run.json that named them, and no later stage can end them). A run says which process
+    holds it in PROCESS_TAG ('machine:pid', signals.this_process): one of a process alive here, or of
+    another machine (which cannot be checked from here), is left RUNNING. So is one of this process, unless
+    it trained into `model_dir` (a training this process ran before, whose models/ are now replaced).
+    Returns the ids ended."""
+    where, here, me = str(Path(model_dir).resolve()), signals.machine(), os.getpid()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    # every experiment: an earlier training into the same directory may have logged to another
+    # tracking.experiment. The tags are compared here, not in the filter: a path may hold quotes.
+    running = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
+    ended = []
+    for r in running:
+        tags, run_id = r.data.tags, r.info.run_id
+        same_dir = tags.get(MODEL_DIR_TAG) == where
+        if (
+            run_id == current
+            or PROCESS_TAG not in tags
+            or not (same_dir or r.info.experiment_id == experiment_id)
+        ):
+            continue
+        owner = tags[PROCESS_TAG]
+        host, _, pid = owner.rpartition(":")
+        if host != here or not pid.isdigit():
+            if same_dir:
+                log.warning(
+                    "MLflow run %s, RUNNING, trained into %s in %s: left as it is", run_id, where, owner
+                )
+            continue
+        if int(pid) == me:
+            if not same_dir:
+                continue
+            reason = f"left RUNNING by an earlier training of this process ({owner})"
+        elif signals.pid_alive(int(pid)):
+            if same_dir:
+                log.warning("MLflow run %s is RUNNING in %s, which trains into %s too", run_id, owner, where)
+            continue
+        else:
+            reason = f"its process ({owner}) is gone and never ended the run: killed outright (kill -9, OOM)"
+        if same_dir:
+            reason += f"; {where} was trained again in run {current}"
+        end_run(client, run_id, "KILLED", reason)
+        log.warning("MLflow run %s was RUNNING, %s: ended KILLED", run_id, reason)
+        ended.append(run_id)
+    return ended
 
 
 def complete_curve(

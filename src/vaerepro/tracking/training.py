@@ -17,6 +17,7 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from vaerepro import signals
 from vaerepro.config import Config
 from vaerepro.tracking import runs
 from vaerepro.tracking.names import metric_name, space_name
@@ -133,6 +134,10 @@ class TrainingRun:
             runs.log_dataset(*run, data_meta, self.cfg.data_space, self.cfg.data.source)
         if orphaned is not None:  # the run this training left, whose last epochs are not its history
             runs.supersede(self.logger.experiment, *orphaned, self.run_id)
+        try:  # runs dead processes left RUNNING, here and in models/ (no later stage can end those)
+            runs.end_abandoned(self.logger.experiment, self.logger.experiment_id, self.model_dir, self.run_id)
+        except Exception as err:  # noqa: BLE001 - other runs' bookkeeping never stops this training
+            log.warning("could not look for MLflow runs that dead processes left RUNNING: %s", err)
         return self.logger
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
@@ -210,10 +215,16 @@ class TrainingRun:
             experiment_name=cfg.tracking.experiment,
             run_name=cfg.run_name,
             tracking_uri=self.uri,
-            tags=None if run_id else runs.run_tags(cfg, self.root, data_meta),
+            tags=None if run_id else {**runs.run_tags(cfg, self.root, data_meta), **self._whereabouts()},
             log_model=False,
             run_id=run_id,
         )
         if run_id:
             logger.experiment.update_run(run_id, status="RUNNING")
+            for tag, value in self._whereabouts().items():  # this process trains into it now
+                logger.experiment.set_tag(run_id, tag, value)
         return logger
+
+    def _whereabouts(self) -> dict[str, str]:
+        """The run's models/ (resolved) and the process training into it (runs.end_abandoned reads both)."""
+        return {runs.MODEL_DIR_TAG: str(self.model_dir.resolve()), runs.PROCESS_TAG: signals.this_process()}
