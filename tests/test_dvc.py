@@ -148,6 +148,24 @@ def test_exp_show_tables_show_the_six_columns_in_160(compared):
         assert diff[f"binary.{name}"]["new"] is None and diff[f"continuous.{name}"]["old"] is None, diff
         assert "diff" not in diff[f"binary.{name}"] and "diff" not in diff[f"continuous.{name}"], diff
     assert not any(key.endswith(("log_px", "elbo")) and "." not in key for key in diff), diff
+    # nor drawn on one axis: `dvc plots diff` draws each data space's curve in its own plot
+    plots = dvc_json(repo, "plots", "diff", "HEAD")
+    assert not plots.get("errors"), plots["errors"]
+    curves = {"HEAD": run(["git", "show", "HEAD:plots/elbo.csv"], repo).stdout}
+    curves["workspace"] = (repo / "plots" / "elbo.csv").read_text()
+    drawn = {}
+    for name, (plot,) in plots["data"].items():
+        values = plot["content"]["data"]["values"]
+        drawn[name] = {(v["rev"], v["field"], float(v["epoch"]), float(v[v["field"]])) for v in values}
+    expected = {
+        f"plots/elbo_by_space/{space}.csv": {
+            (rev, field, float(row["epoch"]), float(row[field]))
+            for row in csv.DictReader(io.StringIO(curves[rev]))
+            for field in ("train_elbo", "val_elbo")
+        }
+        for space, rev in (("binary", "HEAD"), ("continuous", "workspace"))
+    }
+    assert drawn == expected
 
 
 @pytest.mark.slow

@@ -175,6 +175,19 @@ def test_training_is_deterministic_and_checkpoint_rebuilds(prepared_tiny, tmp_pa
     assert vae.config["hidden_dims"] == [64] and vae.likelihood.name == "bernoulli"
 
 
+def test_the_curve_for_dvc_plots_is_named_by_its_data_space_and_alone_in_its_folder(prepared_tiny, tmp_path):
+    """plots/elbo_by_space/ (dvc.yaml plots it: a plot per file name) holds the training's curve under its
+    data space's name, the rows of plots/elbo.csv; a training of another space into the same directory
+    leaves its own file only, so no plot shows an earlier training's curve beside it."""
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    by_space = out / "plots" / "elbo_by_space"
+    for likelihood, space in (("bernoulli", "binary"), ("continuous_bernoulli", "continuous")):
+        train(tiny_config("train.max_epochs=2", f"likelihood={likelihood}"), out, enable_progress_bar=False)
+        assert [p.name for p in by_space.iterdir()] == [f"{space}.csv"], likelihood
+        curve = (out / "plots" / "elbo.csv").read_text()
+        assert (by_space / f"{space}.csv").read_text() == curve and len(curve.splitlines()) == 1 + 2
+
+
 @pytest.mark.slow
 def test_different_seed_gives_a_different_run(prepared_tiny, tmp_path):
     a = train(

@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from vaerepro import schedules, signals
 from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError, TrainerConfig
 from vaerepro.cudagraph import CapturableAdagrad, CapturableAdam
+from vaerepro.likelihoods import space_name
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,38 @@ class _CsvRows(pl.Callback):
 
 
 class EpochHistory(_CsvRows):
-    """One CSV row per epoch (epoch, train_elbo, val_elbo) for `dvc plots`.
+    """One CSV row per epoch (epoch, train_elbo, val_elbo): plots/elbo.csv, and the same rows in
+    plots/elbo_by_space/<space>.csv for `dvc plots`.
 
     Lightning's CSVLogger keys its rows by step and names columns by metric key; DVC plots want one row per
     epoch with plain column names. The file is written with last.ckpt (so the curve on disk is the one that
     checkpoint resumes), at the end of training and when training stops on an error. Every epoch's numbers
     are also logged to MLflow as the epoch ends and reach the store within tracking.flush_every_s.
+
+    Why a second file named by the data space (likelihoods.space_name): dvc.yaml plots the folder, and DVC
+    draws each file name in a plot of its own, so `dvc plots diff` of a binary run and a continuous one
+    draws two plots, never a pmf's ELBO and a density's on one axis (DVC cannot split one file's plot by a
+    value in it). The folder holds this training's file only: another space's, an earlier training's, is
+    removed when this one is written.
     """
 
     fields = ("epoch", "train_elbo", "val_elbo")
+    BY_SPACE = "elbo_by_space"  # the folder beside plots/elbo.csv
 
-    def __init__(self, path: Path, train_key: str):
+    def __init__(self, path: Path, train_key: str, space: str):
         super().__init__(path)
         self.train_key = train_key
+        self.by_space = self.path.parent / self.BY_SPACE / f"{space}.csv"
+
+    def write(self, trainer: pl.Trainer) -> None:
+        super().write(trainer)
+        if not trainer.is_global_zero:
+            return
+        self.by_space.parent.mkdir(parents=True, exist_ok=True)
+        for other in self.by_space.parent.iterdir():
+            if other != self.by_space and other.is_file():
+                other.unlink()
+        self.by_space.write_bytes(self.path.read_bytes())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
@@ -466,7 +486,11 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
             enable_version_counter=False,
         ),
         LastCheckpoint(out_dir / "models" / "last.ckpt", cfg.train.checkpoint_every_s),
-        EpochHistory(out_dir / "plots" / "elbo.csv", train_key(cfg.train.objective)),
+        EpochHistory(
+            out_dir / "plots" / "elbo.csv",
+            train_key(cfg.train.objective),
+            space_name(cfg.data_space, cfg.improper),
+        ),
         StopOnSignal(),
         *extra_callbacks,
     ]
