@@ -256,3 +256,20 @@ def test_a_training_stopped_under_dvc_says_how_dvc_keeps_its_resumed_training(dv
     (line,) = capsys.readouterr().err.splitlines()
     assert "resume with vaerepro params ... train.resume=true, then vaerepro train" in line, line
     assert ("dvc commit -f train" in line) == (dvc_stage is not None), line
+
+
+def test_the_closing_line_of_a_run_says_improper_k_and_verdict_beside_log_px():
+    """`vaerepro run` ends with its log p(x): an improper run's line said "(bernoulli, continuous space)",
+    as a density on [0,1] would read, and no line said the K or that the estimate had not converged."""
+    from conftest import tiny_config
+
+    numbers = {"log_px": -181.2954, "log_px_se": 1.2412, "num_samples": 20, "converged": False}
+    improper = tiny_config("data.space=continuous", "likelihood.allow_improper=true", "eval.num_samples=20")
+    assert cli.result_line(improper, numbers) == (
+        "log p(x) = -181.295 ± 1.241 nats/example (bernoulli, continuous space, IMPROPER: not a normalised "
+        "density; K = 20, NOT CONVERGED)"
+    )
+    proper = tiny_config("eval.num_samples=5000")
+    assert cli.result_line(proper, {**numbers, "num_samples": 5000, "converged": True}) == (
+        "log p(x) = -181.295 ± 1.241 nats/example (bernoulli, binary space; K = 5000, converged)"
+    )

@@ -216,6 +216,19 @@ def _external_launcher() -> str | None:
     return None
 
 
+def result_line(cfg: Config, metrics: dict) -> str:
+    """The line `vaerepro run` ends with: log p(x) ± SE in nats per example, with what it is a number of (the
+    likelihood and data space, IMPROPER for a Bernoulli on grey levels, which is no normalised density), the K
+    it was estimated with and its convergence verdict, as the report and the MLflow description give them."""
+    improper = ", IMPROPER: not a normalised density" if cfg.improper else ""
+    verdict = {True: ", converged", False: ", NOT CONVERGED"}.get(metrics.get("converged"), "")
+    k = metrics.get("num_samples", cfg.eval.num_samples)
+    return (
+        f"log p(x) = {metrics['log_px']:.3f} ± {metrics['log_px_se']:.3f} nats/example "
+        f"({cfg.likelihood.name}, {cfg.data_space} space{improper}; K = {k}{verdict})"
+    )
+
+
 def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict | None:
     """prepare → train → evaluate → report for one configuration in out_dir; returns eval metrics.
 
@@ -358,14 +371,7 @@ def _hydra_run(argv: list[str]) -> None:
             return None
         if metrics is None:  # another DDP rank: rank 0 reports
             return None
-        log.info(
-            "log p(x) = %.3f ± %.3f nats (%s, %s space); results in %s",
-            metrics["log_px"],
-            metrics["log_px_se"],
-            cfg.likelihood.name,
-            cfg.data_space,
-            out_dir,
-        )
+        log.info("%s; results in %s", result_line(cfg, metrics), out_dir)
         return metrics["log_px"]
 
     sys.argv = ["vaerepro run", *argv]
