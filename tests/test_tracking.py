@@ -902,3 +902,45 @@ def test_an_evaluation_run_at_another_k_has_the_rate_its_model_trained_at(tmp_pa
     params = client.get_run(child).data.params
     assert (params["train.lr"], params["train/lr_selected"]) == ("0.05", "0.05")
     assert params["train.lr_candidates"] == "[1e-09, 0.05]"
+
+
+def test_a_fixed_and_a_learned_sigma_gaussian_are_two_likelihoods_in_names_rows_and_figure(
+    tmp_path, store, monkeypatch
+):
+    """`likelihood=gaussian` and `likelihood=gaussian likelihood.sigma=0.1` of one latent size and seed were
+    both run `gaussian-z5-s0`, with the likelihood `gaussian` in the comparison's rows: the report's ranking
+    showed two rows alike but for their run ids, and its figure joined them as one likelihood's mean (of
+    1240 and -925 nats/example: a point no model has). Each now names its variant."""
+    from vaerepro import report_comparison
+    from vaerepro.document import Table
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    learned = tiny_config("likelihood=gaussian", "model.latent_dim=5", tracking=True)
+    fixed = tiny_config("likelihood=gaussian", "likelihood.sigma=0.1", "model.latent_dim=5", tracking=True)
+    floor = tiny_config("likelihood=gaussian", "likelihood.scale=log_variance", tracking=True)
+    assert (learned.run_name, fixed.run_name) == ("gaussian-z5-s0", "gaussian-sigma=0.1-z5-s0")
+    assert floor.run_name == "gaussian-log_variance-z4-s0"
+    assert tiny_config().run_name == "bernoulli-z4-s0"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    exp_id = client.create_experiment("gaussians", artifact_location=(tmp_path / "artifacts").as_uri())
+    for cfg, log_px in ((learned, 1240.0), (fixed, -925.0)):
+        run = client.create_run(exp_id, run_name=cfg.run_name, tags=tracking.run_tags(cfg, tmp_path))
+        tracking.log_config(client, run.info.run_id, cfg.to_dict())
+        for name, value in (("log_px", log_px), ("log_px_se", 1.0)):
+            client.log_metric(run.info.run_id, f"continuous/test/{name}", value)
+        client.set_tag(run.info.run_id, "vaerepro.converged", "true")
+        client.set_terminated(run.info.run_id, "FINISHED")
+    rows = tracking.experiment_runs(tiny_config("tracking.experiment=gaussians", tracking=True).tracking)
+    assert sorted(r["likelihood"] for r in rows) == ["gaussian", "gaussian (sigma=0.1)"]
+    drawn = []
+    monkeypatch.setattr(report_comparison, "png", lambda fig: drawn.append(fig) or b"")
+    blocks = report_comparison.comparison_section(rows)
+    (ranking,) = [b for b in blocks if isinstance(b, Table) and b.kind == "ranking"]
+    assert [row[1:3] for row in ranking.rows] == [
+        ["gaussian-z5-s0", "gaussian"],
+        ["gaussian-sigma=0.1-z5-s0", "gaussian (sigma=0.1)"],
+    ]
+    (ax,) = drawn[0].axes
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["gaussian", "gaussian (sigma=0.1)"]

@@ -408,8 +408,12 @@ class Config(_Section):
 
     @property
     def run_name(self) -> str:
+        # a Gaussian's variant too (gaussian-sigma=0.1-z5-s0): a fixed-sigma and a learned-sigma Gaussian of
+        # one latent size and seed are two models, which the same name would show as one
+        variant = self.likelihood_object().variant
+        likelihood = f"{self.likelihood.name}-{variant}" if variant else self.likelihood.name
         improper = "-improper" if self.improper else ""
-        return f"{self.likelihood.name}{improper}-z{self.model.latent_dim}-s{self.seed}"
+        return f"{likelihood}{improper}-z{self.model.latent_dim}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

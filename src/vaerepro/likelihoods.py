@@ -74,6 +74,18 @@ class Likelihood(abc.ABC):
         self._split_dim(params)  # shape check with a clear message
         return Independent(self._base(params, validate_args), 1, validate_args=validate_args)
 
+    @property
+    def variant(self) -> str:
+        """What tells this likelihood apart from others of its name ("" for none): a Gaussian's fixed sigma,
+        its log-variance scale or another floor; a fixed-sigma and a learned-sigma Gaussian are two models."""
+        return ""
+
+    @property
+    def label(self) -> str:
+        """The name with its variant, as the reports and run names tell likelihoods apart:
+        'gaussian (sigma=0.1)', 'gaussian (log_variance)', 'continuous_bernoulli'."""
+        return f"{self.name} ({self.variant})" if self.variant else self.name
+
     def allowed_spaces(self) -> tuple[str, ...]:
         return (self.natural_space,)
 
@@ -252,6 +264,16 @@ class Gaussian(Likelihood):
         self.sigma = sigma
         self.min_sigma = min_sigma
         self.scale = scale
+
+    @property
+    def variant(self) -> str:
+        """'sigma=0.1' (fixed), 'log_variance' (learned, no floor), 'min_sigma=0.001' (learned, another
+        floor), or '' for the default, a learned sigma with the floor DEFAULT_MIN_SIGMA."""
+        if self.sigma is not None:
+            return f"sigma={self.sigma:g}"
+        if self.scale == "log_variance":
+            return "log_variance"
+        return "" if self.min_sigma == DEFAULT_MIN_SIGMA else f"min_sigma={self.min_sigma:g}"
 
     def num_params(self) -> int:
         return 1 if self.sigma is not None else 2

@@ -10,7 +10,9 @@ space-qualified, so a new one is never put on a shared axis by mistake.
 
 from __future__ import annotations
 
-from vaerepro.likelihoods import DATA_SPACES
+from collections.abc import Mapping
+
+from vaerepro.likelihoods import DATA_SPACES, get_likelihood
 from vaerepro.likelihoods import space_name as space_name  # the prefix of space-dependent metric names
 
 # Numbers without a data-space unit: one name in every run.
@@ -48,3 +50,28 @@ def metric_name(key: str, space: str) -> str | None:
     if leaf in BOOKKEEPING:
         return None
     return key if leaf in SPACE_FREE else f"{space}/{key}"
+
+
+def likelihood_label(name: str | None, params: Mapping[str, str]) -> str | None:
+    """The likelihood of a run as the report's comparison names it (likelihoods.Likelihood.label), from its
+    `likelihood` tag and its `likelihood.*` params (text: 'None', '0.1', 'softplus'): 'gaussian (sigma=0.1)'
+    beside 'gaussian', never two Gaussians of one name. The name alone when the params do not rebuild it (a
+    run logged without them)."""
+    if not name:
+        return name
+    options = {}
+    for key, text in params.items():
+        option = key.removeprefix("likelihood.")
+        if option == key or option in ("name", "allow_improper"):
+            continue
+        if text == "None":
+            options[option] = None
+            continue
+        try:
+            options[option] = float(text)
+        except ValueError:
+            options[option] = text
+    try:
+        return get_likelihood(name, **options).label
+    except (TypeError, ValueError):
+        return name

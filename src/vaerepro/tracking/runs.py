@@ -25,7 +25,14 @@ from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE, file_sha256, is_dequantized
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
-from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, TEST_SET_TAG, metric_name, space_name
+from vaerepro.tracking.names import (
+    CONVERGED_TAG,
+    K_TAG,
+    TEST_SET_TAG,
+    likelihood_label,
+    metric_name,
+    space_name,
+)
 from vaerepro.tracking.store import (
     causes,
     not_a_store,
@@ -515,7 +522,8 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
                 "run_id": r.info.run_id,
                 "run_name": r.info.run_name,
                 "status": r.info.status,
-                "likelihood": tags.get("likelihood", params.get("likelihood.name")),
+                # with a Gaussian's variant (fixed sigma, log-variance scale): two models, never one line
+                "likelihood": likelihood_label(tags.get("likelihood", params.get("likelihood.name")), params),
                 "data_space": tags["data_space"],
                 "improper": tags.get("improper") == "true",
                 "latent_dim": int(tags.get("latent_dim", params.get("model.latent_dim", 0))),
