@@ -110,6 +110,36 @@ def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axi
     assert "only one completed trial (trial 4), so no figure" in md
 
 
+def test_sweep_report_gives_a_density_objective_its_unit_on_every_axis_and_column(tmp_path, monkeypatch):
+    """A study by log_px (or bits_per_dim): the objective figure's and the history's y axes and the trials
+    table's column read plain `log_px`, numbers of 1431 or -95 without saying nats per example."""
+    import optuna
+
+    from vaerepro.sweep import report as sweep_report
+    from vaerepro.sweep.report import write_sweep_report
+
+    sweep_report_png = sweep_report.png
+    for objective, unit in (("log_px", "nats/example"), ("bits_per_dim", "bits/dim")):
+        study = optuna.create_study(direction="maximize" if objective == "log_px" else "minimize")
+        study.set_user_attr("objective", objective)
+        for n, (value, z) in enumerate([(-95.0, 2), (-90.0, 10)]):
+            study.add_trial(_finished_trial(value, z, tmp_path / objective / f"trial-{n}"))
+        drawn = []
+        monkeypatch.setattr(
+            sweep_report, "png", lambda fig, drawn=drawn: drawn.append(fig) or sweep_report_png(fig)
+        )
+        md = write_sweep_report(study, tmp_path / objective / "report", runs=None)["md"].read_text()
+        labels = [ax.get_ylabel() for fig in drawn[:2] for ax in fig.axes]
+        assert labels == [f"{objective} ({unit})"] * 2, labels
+        assert f"| trial | state | {objective} ({unit}) | params |" in md
+        assert f"Objective: {objective} ({unit}), to " in md
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objective", "knn_accuracy")
+    study.add_trial(_finished_trial(0.8, 2, tmp_path / "knn"))
+    md = write_sweep_report(study, tmp_path / "knn" / "report", runs=None)["md"].read_text()
+    assert "| trial | state | knn_accuracy | params |" in md
+
+
 def test_one_selector_names_the_winner_everywhere_and_skips_an_unconverged_estimate(tmp_path, monkeypatch):
     """optimization_results.json, the study's MLflow run (best_trial, best_command, <space>/best/<objective>)
     and the sweep report name one winner: never a trial whose log p(x) estimate has not converged."""

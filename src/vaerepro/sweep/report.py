@@ -25,7 +25,7 @@ from vaerepro.document import (
     render_md,
     write_figures,
 )
-from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, override_value
+from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, objective_label, override_value
 from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, top_trial
 from vaerepro.sweep.study import unconverged as _unconverged
 
@@ -116,7 +116,7 @@ def _objective_figures(study, objective: str) -> list:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("latent size (log scale)")
-        ax.set_ylabel(objective)
+        ax.set_ylabel(objective_label(objective))
         ax.set_title(title, fontsize=9)
         ax.legend(title="likelihood", fontsize=8)
         fig.tight_layout()
@@ -156,7 +156,7 @@ def _history_figure(study, objective: str):
     ax.plot(xs, ys, "o", label=f"{objective} of a trial")
     ax.step(xs, best, where="post", color="C1", label="best so far")
     ax.set_xlabel("trial number")
-    ax.set_ylabel(objective)
+    ax.set_ylabel(objective_label(objective))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return Fig(
@@ -238,7 +238,8 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     title = f"Sweep report: study {study.study_name}"
     blocks: list[Block] = [
         Para(
-            f"Objective: {objective} ({study.direction.name.lower()}), from each trial's metrics/eval.json. "
+            f"Objective: {objective_label(objective)}, to {study.direction.name.lower()}, from each trial's "
+            "metrics/eval.json. "
             f"Trials: {len(trials)} — " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + ". "
             f"Storage: {storage or 'n/a'}."
         ),
@@ -269,7 +270,8 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
                 str(a.get("mlflow_run_id", "n/a")),
             ]
         )
-    blocks.append(Table(["trial", "state", objective, "params", "data space", "wall s", "MLflow run"], table))
+    header = ["trial", "state", objective_label(objective), "params", "data space", "wall s", "MLflow run"]
+    blocks.append(Table(header, table))
 
     blocks.append(Heading(f"{objective} against latent size"))
     if objective not in SPACE_FREE_OBJECTIVES:

@@ -35,6 +35,27 @@ NATURAL_DIRECTION = {
     "ess": "maximize",
     "ess_fraction": "maximize",
 }
+# The unit of each objective, as the sweep report labels its axes and columns: a log-likelihood, a bound or a
+# part of one in nats per example (summed over the pixels), bits per dimension, or no unit
+OBJECTIVE_UNITS = {
+    "log_px": "nats/example",
+    "elbo": "nats/example",
+    "recon": "nats/example",
+    "kl": "nats/example",
+    "bits_per_dim": "bits/dim",
+    "ess": "samples",
+    "knn_accuracy": "",
+    "active_units": "",
+    "ess_fraction": "",
+}
+
+
+def objective_label(objective: str) -> str:
+    """The objective with its unit: 'log_px (nats/example)', 'bits_per_dim (bits/dim)', 'knn_accuracy'."""
+    unit = OBJECTIVE_UNITS.get(objective, "")
+    return f"{objective} ({unit})" if unit else objective
+
+
 # Objectives that mean the same thing whatever the data space: a classification accuracy on latent means
 # (Loaiza-Ganem & Cunningham's comparison across likelihoods), counts and fractions. Every other objective
 # is a log-likelihood, a bound or a part of one: in the units of its data space.
