@@ -393,6 +393,23 @@ def test_headline_first_and_configuration_last(report):
     assert "more than 2 paired SE and 0.10 nats/example, or the ESS harmonic mean is below 5" in rows[4][2]
 
 
+def test_the_best_epoch_says_it_is_counted_from_0(report):
+    """train.json's best_epoch counts from 0 (as plots/elbo.csv and the curve's axis do): a 5-epoch training
+    whose last epoch was best read "epochs 5" and "best validation ..., epoch 4", which reads as the fourth
+    epoch of five; the MLflow run's description read "trained 5 epochs; ... at epoch 4" likewise."""
+    from conftest import tiny_config
+    from vaerepro import tracking
+
+    paths, _, _ = report
+    rows = {r[0]: r for r in _md_table_after(paths["md"].read_text(encoding="utf-8"), "### Training")}
+    assert rows["epochs"][1] == "5"
+    assert rows["best validation"][2] == "lower bound (ELBO), epoch 4 (from 0, as the curve counts)"
+    train = {"epochs": 5, "best_epoch": 4, "best_val_elbo": -97.5}
+    assert tracking.runs.headline(tiny_config(), train=train).endswith(
+        "trained 5 epochs; best validation ELBO -97.50 nats/example at epoch 4 (counted from 0)"
+    )
+
+
 @pytest.mark.parametrize(
     ("space", "quantized", "wording"),
     [

@@ -401,7 +401,7 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
         [
             "best validation",
             pm(tr.get("best_val_elbo"), None, NATS),
-            f"lower bound (ELBO), epoch {tr.get('best_epoch', 'n/a')}",
+            f"lower bound (ELBO), epoch {tr.get('best_epoch', 'n/a')} (from 0, as the curve counts)",
         ],
         ["epochs", str(tr.get("epochs", "n/a")), "count"],
         ["training time", pm(tr.get("train_time_s"), None, "s", 1), "wall clock"],

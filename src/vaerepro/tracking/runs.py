@@ -205,7 +205,7 @@ def headline(
     if train is not None:
         lines.append(
             f"trained {train['epochs']} epochs; best validation ELBO {train['best_val_elbo']:.2f} "
-            f"nats/example at epoch {train['best_epoch']}"
+            f"nats/example at epoch {train['best_epoch']} (counted from 0)"
         )
     return "  \n".join(lines)
 
