@@ -46,7 +46,13 @@ MEASURED = {
 RUNS = [
     (
         "bern-z8",
-        {"likelihood": "bernoulli", "latent_dim": "8", "data_space": "binary", **MEASURED},
+        {
+            "likelihood": "bernoulli",
+            "latent_dim": "8",
+            "data_space": "binary",
+            "improper": "false",
+            **MEASURED,
+        },
         {
             "binary/test/log_px": -91.234,
             "binary/test/log_px_se": 0.0517,
@@ -58,7 +64,13 @@ RUNS = [
     ),
     (
         "gauss-z16",
-        {"likelihood": "gaussian", "latent_dim": "16", "data_space": "continuous", **MEASURED},
+        {
+            "likelihood": "gaussian",
+            "latent_dim": "16",
+            "data_space": "continuous",
+            "improper": "false",
+            **MEASURED,
+        },
         {
             "continuous/test/log_px": 812.345,
             "continuous/test/log_px_se": 1.234,
@@ -70,7 +82,13 @@ RUNS = [
     ),
     (
         "bern-z2-crashed",
-        {"likelihood": "bernoulli", "latent_dim": "2", "data_space": "binary", **MEASURED},
+        {
+            "likelihood": "bernoulli",
+            "latent_dim": "2",
+            "data_space": "binary",
+            "improper": "false",
+            **MEASURED,
+        },
         {
             "binary/test/log_px": -120.5,
             "binary/test/log_px_se": 0.25,
@@ -484,3 +502,12 @@ def test_the_table_says_what_each_log_px_measured():
     (envelope,) = mlflow_ui.experiment_tags().values()
     state = json.loads(json.loads(envelope)["state"])
     assert state["selectedColumns"] == state["columnOrder"] == cols
+
+
+def test_the_table_says_which_runs_are_improper_beside_their_data_space():
+    """A Bernoulli on grey levels is tagged data_space `continuous`: the table showed `continuous` beside it
+    and no column saying that it is no density (its numbers, improper/test/..., in none of the columns)."""
+    cols = mlflow_ui.DEFAULT_COLUMNS
+    improper = mlflow_ui.tag_column("improper")
+    assert cols.index(mlflow_ui.tag_column("data_space")) + 1 == cols.index(improper)
+    assert not any("improper/" in key for key in cols)

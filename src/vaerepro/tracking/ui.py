@@ -107,10 +107,13 @@ def tag_column(name: str) -> str:
 MEASUREMENT_TAGS = (K_TAG, TEST_SET_TAG, CONVERGED_TAG)
 
 # The columns a user comparing VAEs wants without picking any: how each run was set up, then its results.
+# An improper run (a Bernoulli on grey levels) has data_space `continuous`: its `improper` tag beside it says
+# that it is no density (its numbers are improper/..., in no column of a data space).
 DEFAULT_COLUMNS: list[str] = [
     tag_column("likelihood"),
     tag_column("latent_dim"),
     tag_column("data_space"),
+    tag_column("improper"),
     *(tag_column(t) for t in MEASUREMENT_TAGS),
     *(metric_column(f"{space}/test/{m}") for space in DATA_SPACES for m in ("log_px", "log_px_se", "elbo")),
     metric_column("test/knn_accuracy"),
