@@ -177,6 +177,28 @@ def test_card_shows_published_measured_difference_verdict_and_environment(tmp_pa
     assert "data:image/png;base64," in html and "-85.00 ± 2.48 (95 % t, 3 seeds)" in html
 
 
+def test_the_cards_unit_says_what_a_number_in_nats_is_of(tmp_path):
+    """The card's unit column read "nats per example" for IWAE's pmf on binary pixels, Frey Face's density
+    and AEVB's MNIST bounds alike, though the last are of a Bernoulli on grey levels, no density (an improper
+    run, which every report and MLflow name marks): it now says which."""
+    units = {
+        (name, pub.metric): reproduction_card._unit_text(pub)
+        for name in ("iwae-mnist-iwae-k50-l1", "aevb-mnist-z3", "aevb-frey-z2", "cb-mnist-cb")
+        for pub in P.PRESETS[name].published
+    }
+    assert units[("iwae-mnist-iwae-k50-l1", "test log p(x)")] == (
+        "nats per example, of a Bernoulli pmf on binary pixels"
+    )
+    improper = "nats per example, IMPROPER: a Bernoulli on grey levels (continuous pixels), not a density"
+    assert units[("aevb-mnist-z3", "test ELBO")] == units[("aevb-mnist-z3", "train ELBO")] == improper
+    assert units[("aevb-frey-z2", "test ELBO")] == "nats per example, of a density on pixels in [0,1]"
+    assert units[("cb-mnist-cb", "kNN accuracy")] == "fraction of test images"
+    result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
+    md = reproduction_card.write_card(result)["md"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| test log p(x) | -84.78"))
+    assert "| nats per example, of a Bernoulli pmf on binary pixels | eval.json:log_px |" in row
+
+
 def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     preset = P.PRESETS["aevb-frey-z2"]
     result = _result(tmp_path, preset, [900.0], smoke=True)

@@ -43,6 +43,21 @@ def _measured_text(m: R.Measurement) -> str:
     return f"{fmt(a.mean, d)} ± {fmt(a.half_width, d)} (95 % t, {a.n} seeds)"
 
 
+# What a number in nats per example is of, by the published value's data space: the card's unit column
+_NATS_OF = {"binary": "of a Bernoulli pmf on binary pixels", "continuous": "of a density on pixels in [0,1]"}
+
+
+def _unit_text(pub: R.Published) -> str:
+    """The unit of a published value and its measurement: a number in nats per example with what it is a
+    number of (a pmf, a density, or an improper Bernoulli on grey levels, no density at all), as every report
+    and MLflow name keeps them apart; a fraction as it is."""
+    if pub.unit != R.UNIT:
+        return pub.unit
+    if pub.improper:
+        return f"{pub.unit}, IMPROPER: a Bernoulli on grey levels ({pub.data_space} pixels), not a density"
+    return f"{pub.unit}, {_NATS_OF.get(pub.data_space, f'on {pub.data_space} data')}"
+
+
 def _published_row(m: R.Measurement) -> list[str]:
     """value, published, measured, difference ± the measurement's 95 % half-width, band, unit, key."""
     pub, v, d, a = m.published, m.verdict, _digits(m.published), m.aggregate
@@ -55,7 +70,7 @@ def _published_row(m: R.Measurement) -> list[str]:
     printed = f"printed: {pub.printed}" if pub.printed and not pub.printed.startswith("none") else pub.printed
     shown = "none" if pub.value is None else f"{fmt(pub.value, d)} ({printed or 'not printed'})"
     band = "n/a" if v.uncertainty is None else fmt(v.uncertainty, d) + no_se
-    return [pub.metric, shown, _measured_text(m), diff, band, pub.unit, pub.measured]
+    return [pub.metric, shown, _measured_text(m), diff, band, _unit_text(pub), pub.measured]
 
 
 def _data_text(source: str) -> str:
