@@ -197,6 +197,9 @@ def test_the_cards_unit_says_what_a_number_in_nats_is_of(tmp_path):
     md = reproduction_card.write_card(result)["md"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| test log p(x) | -84.78"))
     assert "| nats per example, of a Bernoulli pmf on binary pixels | eval.json:log_px |" in row
+    # what `vaerepro reproduce` prints at the end says it too: it read "measured -85.00 ..., published -84.78"
+    printed = reproduction_card.summary(result, {"md": "card.md"})
+    assert "published -84.78 (nats per example, of a Bernoulli pmf on binary pixels): reproduced" in printed
 
 
 def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):

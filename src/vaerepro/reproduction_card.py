@@ -350,6 +350,7 @@ def summary(result: Result, paths: Mapping[str, Any]) -> str:
     for m in result.measurements:
         digits = 2 if m.published.unit == R.UNIT else 3
         pub = "none published" if m.published.value is None else f"published {fmt(m.published.value, digits)}"
+        pub += f" ({_unit_text(m.published)})"
         lines.append(f"  {m.published.metric}: measured {_measured_text(m)}, {pub}: {m.verdict.kind}")
     reasons = list(dict.fromkeys(r for m in result.measurements for r in m.verdict.reasons))
     lines += ["  because:", *(f"    - {r}" for r in reasons)] if reasons else []
