@@ -944,3 +944,16 @@ def test_a_fixed_and_a_learned_sigma_gaussian_are_two_likelihoods_in_names_rows_
     ]
     (ax,) = drawn[0].axes
     assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["gaussian", "gaussian (sigma=0.1)"]
+
+
+def test_an_evaluation_run_at_another_k_shows_the_data_it_measured(tmp_path, store, monkeypatch):
+    """The UI's Dataset column showed mnist5k-binary for a training's run and nothing for its evaluation at
+    another K (the child `...-K20`): the child now logs the same dataset, once however often it evaluates."""
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "datasets", store, monkeypatch)
+    meta = {"source": "mnist5k", "files": {"x_test.npy": "ab" * 32, "x_train.npy": "cd" * 32}}
+    (out / "prepared" / "meta.json").write_text(json.dumps({**meta, "sizes": {"train": 480, "test": 60}}))
+    child = _evaluated_at(out, "datasets", 20, -95.0)
+    assert _evaluated_at(out, "datasets", 20, -94.0) == child != trained
+    (shown,) = client.get_run(child).inputs.dataset_inputs
+    assert (shown.dataset.name, shown.dataset.digest) == ("mnist5k-binary", ("cd" * 32)[:32])

@@ -237,6 +237,8 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     # does not finish (its numbers may be part this evaluation's, part the one before's). So no evaluation
     # run is left RUNNING; the training's own run is ended as before (the pipeline, end_recorded_run).
     try:
+        if run_id != trained:  # a child: the data it measured, as its training run shows it
+            _log_dataset_once(client, run_id, cfg, out_dir / "prepared")
         _log_evaluation(client, run_id, cfg, out_dir, metrics, k, test_set)
     except BaseException as exc:
         if run_id != trained:
@@ -244,6 +246,20 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
         raise
     if run_id != trained:
         end_run(client, run_id, "FINISHED")
+
+
+def _log_dataset_once(client, run_id: str, cfg: Config, prepared: Path) -> None:
+    """Log the data of prepared/meta.json as run `run_id`'s dataset (log_dataset) unless it has one: an
+    evaluation run at another K showed no dataset where its training's run showed mnist5k-binary."""
+    run = client.get_run(run_id)
+    if run.inputs is not None and run.inputs.dataset_inputs:
+        return
+    try:
+        meta = json.loads((prepared / META_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(meta, dict):
+        log_dataset(client, run_id, meta, cfg.data_space, cfg.data.source)
 
 
 def _log_evaluation(
