@@ -410,6 +410,22 @@ def test_the_best_epoch_says_it_is_counted_from_0(report):
     )
 
 
+def test_the_training_time_of_a_resumed_training_says_it_is_its_last_invocations(tmp_path):
+    """A training resumed after 2 of its 3 epochs timed only its third: the report read "epochs 3" and
+    "training time 10.9 s, wall clock", as if the three had taken 10.9 s."""
+    out = make_out_dir(tmp_path / "run")
+    train_json = out / "metrics" / "train.json"
+    rows = {r[0]: r for r in _md_table_after(write_report(out, CONFIG)["md"].read_text(), "### Training")}
+    assert rows["training time"][1:] == ["12.3 s", "wall clock"]  # a training from the start
+    train_json.write_text(json.dumps({**json.loads(train_json.read_text()), "resumed_after_epochs": 2}))
+    rows = {r[0]: r for r in _md_table_after(write_report(out, CONFIG)["md"].read_text(), "### Training")}
+    assert rows["epochs"][1] == "5"
+    assert rows["training time"][1:] == [
+        "12.3 s",
+        "wall clock of the last invocation's 3 epoch(s) only, resumed after 2 epochs",
+    ]
+
+
 @pytest.mark.parametrize(
     ("space", "quantized", "wording"),
     [

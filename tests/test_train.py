@@ -383,6 +383,8 @@ def test_a_crashed_training_resumes_from_last_ckpt_and_ends_where_an_uninterrupt
     assert resumed_rates.by_epoch == {4: {1e-3 * 10 ** (-2 / 7)}} == {4: whole_rates.by_epoch[4]}
     for k in ("train_elbo", "val_elbo", "best_val_elbo"):
         assert resumed[k] == whole[k], k
+    # train_time_s timed the resumed invocation's epochs only: the record says after how many it resumed
+    assert resumed["resumed_after_epochs"] == 4 and "resumed_after_epochs" not in whole
     curve = (out / "plots" / "elbo.csv").read_text()
     assert curve == (tmp_path / "whole" / "plots" / "elbo.csv").read_text() and len(curve.splitlines()) == 6
     ends = [

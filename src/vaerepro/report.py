@@ -404,7 +404,7 @@ def _metrics_section(ev: dict, tr: dict, config: Mapping, label: str, improper: 
             f"lower bound (ELBO), epoch {tr.get('best_epoch', 'n/a')} (from 0, as the curve counts)",
         ],
         ["epochs", str(tr.get("epochs", "n/a")), "count"],
-        ["training time", pm(tr.get("train_time_s"), None, "s", 1), "wall clock"],
+        ["training time", pm(tr.get("train_time_s"), None, "s", 1), _train_time_kind(tr)],
     ]
     blocks: list[Block] = [Heading("Metrics (test set)")]
     if converged(ev) is False:
@@ -432,6 +432,16 @@ _IMPROPER_TEXT = (
     "so these numbers are not log-likelihoods of the data in any unit. They are never ranked or plotted "
     "with proper runs."
 )
+
+
+def _train_time_kind(tr: Mapping) -> str:
+    """What train.json's train_time_s timed: the whole training, or a resumed training's last invocation only
+    (the epochs after its checkpoint's, resumed_after_epochs), which beside "epochs" read as the whole's."""
+    after, epochs = tr.get("resumed_after_epochs"), tr.get("epochs")
+    if not after:
+        return "wall clock"
+    trained = f"{epochs - after} epoch(s) " if isinstance(epochs, int) else ""
+    return f"wall clock of the last invocation's {trained}only, resumed after {after} epochs"
 
 
 def _objective_name(config: Mapping) -> str:

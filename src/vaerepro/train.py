@@ -821,6 +821,8 @@ def train(
             "best_epoch": best["epoch"] if best else -1,
             "train_time_s": elapsed,  # this invocation's: a resumed run counts only its own epochs
         }
+        if resumed is not None:  # the epochs the checkpoint held: train_time_s timed only the ones after them
+            metrics["resumed_after_epochs"] = len(_saved_curve(resumed))
         if selection is not None:
             metrics["lr_selection"] = selection  # stepsize.choose: candidates, pilot bounds, the chosen rate
         if trainer.is_global_zero:
