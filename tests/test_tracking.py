@@ -215,6 +215,8 @@ def test_numbers_in_a_data_space_units_are_named_under_that_space():
     assert tracking.metric_name("test/a_new_number", "binary") == "binary/test/a_new_number"
     assert tracking.metric_name("test/knn_accuracy", "binary") == "test/knn_accuracy"
     assert tracking.metric_name("test/kl", "continuous") == "test/kl"
+    # a count of epochs, as final/epochs is: one name for every space
+    assert tracking.metric_name("final/resumed_after_epochs", "binary") == "final/resumed_after_epochs"
     assert tracking.metric_name("epoch", "binary") is None
     assert tracking.metric_name("test/data_dim", "binary") is None
     assert [

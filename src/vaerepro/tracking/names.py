@@ -30,6 +30,7 @@ SPACE_FREE = frozenset(
         "train_time_s",
         "epochs",
         "best_epoch",
+        "resumed_after_epochs",  # a resumed training's checkpoint held this many (train.json)
     }
 )
 # Tags of an evaluated run: what its test numbers measured (compare.measurement: K and the test split) and
