@@ -202,6 +202,19 @@ def test_the_cards_unit_says_what_a_number_in_nats_is_of(tmp_path):
     assert "published -84.78 (nats per example, of a Bernoulli pmf on binary pixels): reproduced" in printed
 
 
+def test_the_cards_training_time_of_a_resumed_seed_says_it_is_its_last_runs(tmp_path):
+    """A seed stopped and resumed (`--resume`) timed only the epochs after its checkpoint in train.json: the
+    card's "training (s)" read as the seed's whole training beside its summed wall time."""
+    result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
+    result.seeds[1].train["resumed_after_epochs"] = 3000
+    md = reproduction_card.write_card(result)["md"].read_text()
+    assert "| 0 | -85.00 ± 0.30 | 5000 | 3280 | true | 20.0 | 12.5 |" in md
+    assert (
+        "| 1 | -84.00 ± 0.30 | 5000 | 3280 | true | 20.0 | 12.5 (resumed after 3000 epochs: its last run's "
+        "only) |" in md
+    )
+
+
 def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     preset = P.PRESETS["aevb-frey-z2"]
     result = _result(tmp_path, preset, [900.0], smoke=True)

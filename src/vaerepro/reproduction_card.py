@@ -245,7 +245,12 @@ def _measured_blocks(result: Result) -> list[Block]:
         cells += [
             str(s.eval.get("converged", "?")).lower(),
             fmt(s.wall_s, 1) + (f" ({s.wall_note})" if s.wall_note else ""),
-            fmt(s.train.get("train_time_s"), 1),
+            fmt(s.train.get("train_time_s"), 1)
+            + (
+                f" (resumed after {after} epochs: its last run's only)"
+                if (after := s.train.get("resumed_after_epochs"))
+                else ""
+            ),
         ]
         rows.append([*cells, str(s.out_dir), s.run_id or "none"])
     blocks += [Heading("Each seed", 3), Table(header, rows)]
