@@ -281,6 +281,15 @@ def test_deviations_of_a_run_name_their_reason():
 
 
 # --- --list, time estimates, imports ------------------------------------------------------------------
+def test_list_gives_the_data_space_of_a_value_none_published():
+    """`--list` gives each published value's data space (README: Reproductions); a value the paper did not
+    publish had none, so the continuous Bernoulli paper's Bernoulli on grey levels (improper) read like the
+    other two of its comparison, densities on [0,1]."""
+    text = P.format_list([P.PRESETS["cb-mnist-bernoulli"], P.PRESETS["cb-mnist-cb"]])
+    assert "test ELBO: none published (no verdict) [continuous, improper]" in text.split("\n\n")[0]
+    assert "test ELBO: none published (no verdict) [continuous]" in text.split("\n\n")[1]
+
+
 def test_list_names_every_preset_and_published_value(capsys):
     text = P.format_list()
     for name, preset in P.PRESETS.items():

@@ -417,8 +417,8 @@ def _duration(seconds: float) -> str:
 
 def _published_line(p: Published) -> str:
     space = p.data_space + (", improper" if p.improper else "")
-    if p.value is None:
-        return f"{p.metric}: none published (no verdict)"
+    if p.value is None:  # still the space its measurement is in: a pmf, a density or an improper Bernoulli
+        return f"{p.metric}: none published (no verdict) [{space}]"
     return f"{p.metric} = {p.value:g} {p.unit} [{space}] (printed: {p.printed}); tolerance +-{p.tolerance:g}"
 
 
