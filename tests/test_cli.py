@@ -273,3 +273,7 @@ def test_the_closing_line_of_a_run_says_improper_k_and_verdict_beside_log_px():
     assert cli.result_line(proper, {**numbers, "num_samples": 5000, "converged": True}) == (
         "log p(x) = -181.295 ± 1.241 nats/example (bernoulli, binary space; K = 5000, converged)"
     )
+    fixed = tiny_config("likelihood=gaussian", "likelihood.sigma=0.1", "eval.num_samples=20")
+    assert cli.result_line(fixed, numbers).startswith(
+        "log p(x) = -181.295 ± 1.241 nats/example (gaussian (sigma=0.1), continuous space; K = 20"
+    )

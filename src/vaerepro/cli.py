@@ -225,7 +225,7 @@ def result_line(cfg: Config, metrics: dict) -> str:
     k = metrics.get("num_samples", cfg.eval.num_samples)
     return (
         f"log p(x) = {metrics['log_px']:.3f} ± {metrics['log_px_se']:.3f} nats/example "
-        f"({cfg.likelihood.name}, {cfg.data_space} space{improper}; K = {k}{verdict})"
+        f"({cfg.likelihood_object().label}, {cfg.data_space} space{improper}; K = {k}{verdict})"
     )
 
 
