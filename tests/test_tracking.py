@@ -923,6 +923,9 @@ def test_a_fixed_and_a_learned_sigma_gaussian_are_two_likelihoods_in_names_rows_
     assert (learned.run_name, fixed.run_name) == ("gaussian-z5-s0", "gaussian-sigma=0.1-z5-s0")
     assert floor.run_name == "gaussian-log_variance-z4-s0"
     assert tiny_config().run_name == "bernoulli-z4-s0"
+    # the run's description in MLflow names it so too
+    described = tracking.runs.headline(fixed)
+    assert described.startswith("**gaussian (sigma=0.1), latent size 5, continuous pixels"), described
     from mlflow import MlflowClient
 
     client = MlflowClient(store)

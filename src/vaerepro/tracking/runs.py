@@ -190,7 +190,7 @@ def headline(
     from vaerepro.compare import space_label
 
     space = space_label(cfg.data_space, cfg.improper)
-    lines = [f"**{cfg.likelihood.name}, latent size {cfg.model.latent_dim}, {space}**"]
+    lines = [f"**{cfg.likelihood_object().label}, latent size {cfg.model.latent_dim}, {space}**"]
     if evaluation is not None:
         e = evaluation
         verdict = (
