@@ -325,6 +325,13 @@ CASES = [
         _corrupt("artifacts/mlflow_run.json", b"[1, 2"),  # the run the evaluation logged to
         "artifacts/mlflow_run.json",
     ),
+    (
+        "report_truncated_samples",
+        ["report"],
+        None,
+        _corrupt("artifacts/samples.npz", keep=1000),  # an evaluation killed while writing it
+        "artifacts/samples.npz: not a readable .npz archive",
+    ),
     ("train_corrupt_store", ["train"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),
     # Lightning refuses an unknown strategy only when the Trainer is built, with a traceback
     ("train_unknown_strategy", ["train"], _set("trainer.strategy", "foo"), None, "trainer.strategy='foo'"),

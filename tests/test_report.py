@@ -319,6 +319,23 @@ def test_missing_result_file_names_it_and_its_stage(tmp_path, name, stage):
         write_report(out, CONFIG)
 
 
+@pytest.mark.parametrize("keep", [0, 0.5])
+def test_a_truncated_samples_file_is_one_line_naming_it_and_nothing_is_written(tmp_path, keep):
+    """artifacts/samples.npz cut short (an evaluation killed while writing it): one line naming the file and
+    the stage that rewrites it, not numpy's or zipfile's traceback, and no report written."""
+    out = make_out_dir(tmp_path / "run")
+    samples = out / "artifacts" / "samples.npz"
+    data = samples.read_bytes()
+    samples.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(FileNotFoundError) as err:
+        write_report(out, CONFIG)
+    assert str(err.value).startswith(f"{samples}: not a readable .npz archive, truncated or damaged (")
+    assert str(err.value).endswith("run `vaerepro evaluate` again to rewrite it")
+    assert not (out / "reports").exists()
+    samples.unlink()  # a missing file is said in the report, as before
+    assert "samples.npz not found" in write_report(out, CONFIG)["md"].read_text()
+
+
 def test_different_data_sets_in_one_space_get_separate_figures_and_rankings(tmp_path):
     out = make_out_dir(tmp_path / "run")
     runs = [

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import textwrap
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,33 @@ def _load_eval(path: Path) -> dict:
 
 def load_results(out_dir: Path) -> tuple[dict, dict]:
     """(metrics/eval.json, metrics/train.json) of out_dir as the report reads them; ResultFileError (one line
-    naming the file and the stage to run) for a missing or damaged file, numbers no evaluation writes, or
-    an evaluation of other weights than the training's."""
+    naming the file and the stage to run) for a missing or damaged file (artifacts/samples.npz too, which
+    may be missing but not damaged), numbers no evaluation writes, or an evaluation of other weights than
+    the training's."""
     ev = _load_eval(out_dir / "metrics" / "eval.json")
     tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
     _check_same_weights(out_dir / "metrics", ev, tr)
+    _load_samples(out_dir / "artifacts" / "samples.npz")
     return ev, tr
+
+
+def _load_samples(path: Path) -> dict[str, np.ndarray] | None:
+    """artifacts/samples.npz's arrays; None when there is no such file (the report says so); ResultFileError
+    for one that is not a whole .npz archive (an evaluation killed while writing it, a damaged copy)."""
+    if not path.is_file():
+        return None
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResultFileError(
+            f"{path}: not a readable .npz archive, truncated or damaged ({why}); run `vaerepro evaluate` "
+            "again to rewrite it"
+        ) from None
 
 
 # eval.json's labels and the config keys that set them: a report under another config would print that
@@ -486,10 +508,9 @@ _PRIOR_SAMPLES_CAPTION = (
 def _images_section(out_dir: Path, latent_dim) -> list[Block]:
     path = out_dir / "artifacts" / "samples.npz"
     blocks: list[Block] = [Heading("Reconstructions and samples")]
-    if not path.is_file():
+    arrays = _load_samples(path)
+    if arrays is None:
         return blocks + [Para(f"{path} not found (written by `vaerepro evaluate`).")]
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
 
     if "inputs" in arrays and "reconstructions" in arrays:
         x, xr = _as_images(arrays["inputs"]), _as_images(arrays["reconstructions"])
