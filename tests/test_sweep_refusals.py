@@ -363,6 +363,40 @@ def test_a_sweep_refuses_a_storage_that_is_no_optuna_storage_before_any_write(tm
         assert _files(tmp_path) == before and not s.launched
 
 
+def test_a_journal_whose_last_record_is_cut_short_is_refused_before_a_sweep_appends_to_it(tmp_path):
+    """A journal whose last record lost its end (a process killed, or a disk that filled, while Optuna
+    appended it) still reads, but the next record Optuna appends joins the torn one into a line that is not
+    JSON, and from then on the journal does not read at all: every trial of the study lost. The sweep refuses
+    it in one line giving the size to cut it to, writing nothing; cut there, it resumes."""
+    sweep_dir = tmp_path / "runs" / "t1"
+    _fake_sweep(tmp_path, "t1", sweep_dir, n_trials=1).run()
+    journal = tmp_path / "optuna" / "t1.log"
+    data = journal.read_bytes()
+    whole = data.rstrip(b"\n").rfind(b"\n") + 1  # where the last record starts
+    journal.write_bytes(data[: whole + 40])
+    before = _files(tmp_path / "optuna", sweep_dir)
+    expected = (
+        f"{journal}: its last record is cut short (40 bytes after the last whole record, without a "
+        "newline: a process killed, or a disk that filled, while writing it); a sweep would append to it and "
+        f"the journal would no longer read. Cut it off (`truncate -s {whole} {journal}`, after a copy if you "
+        "like) and run the sweep again"
+    )
+    s = _fake_sweep(tmp_path, "t1", sweep_dir, n_trials=2)
+    with pytest.raises(ConfigError) as err:
+        s.preflight()
+    assert _refusal(err) == expected
+    with pytest.raises(ConfigError) as err:
+        s.run()  # open_study checks again under the lock
+    assert _refusal(err) == expected
+    assert _files(tmp_path / "optuna", sweep_dir) == before and not s.launched
+    assert _load(tmp_path, "t1").trials  # the study reads as it did
+
+    with journal.open("r+b") as fh:
+        fh.truncate(whole)
+    _fake_sweep(tmp_path, "t1", sweep_dir, n_trials=2).run()
+    assert len(_load(tmp_path, "t1").trials) >= 2  # resumed, and the journal still reads
+
+
 # ------------------------------------------------------------------------------ labels for knn_accuracy
 
 

@@ -49,6 +49,7 @@ from vaerepro.sweep.study import (
     best_command,
     best_trial,
     check_creatable,
+    check_journal_whole,
     check_study,
     count_trials,
     existing_study,
@@ -228,6 +229,7 @@ class Sweep:
         files (check_sweep_dir) or add trials its study cannot rank with its own or Optuna cannot store:
         another direction, objective, measurement or data space, other choices of a parameter (check_study;
         open_study checks again under the lock), or a storage that is no Optuna storage. Reads only."""
+        check_journal_whole(self.s.storage)
         study = existing_study(self.s.storage, self.s.study_name)
         if study is None:
             check_creatable(self.s.storage)

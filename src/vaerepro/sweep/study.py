@@ -241,6 +241,59 @@ def _check_journal(path: Path) -> bool:
     return True
 
 
+def _torn_tail(path: Path) -> tuple[int, int] | None:
+    """(the journal's size, the size up to the end of its last whole record) when bytes follow its last
+    newline, else None (no file, an empty one, or one that ends with a whole record)."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            if size == 0:
+                return None
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return None
+            end = size
+            while end > 0:  # back to the last newline, a block at a time
+                start = max(0, end - 65536)
+                fh.seek(start)
+                at = fh.read(end - start).rfind(b"\n")
+                if at >= 0:
+                    return size, start + at + 1
+                end = start
+            return size, 0
+    except OSError:
+        return None  # open_storage says what is wrong with a file that cannot be read
+
+
+def check_journal_whole(spec: str) -> None:
+    """ConfigError, before a sweep writes to the journal file `spec`, when its last record is cut short (no
+    newline after it: a sweep or trial process killed, or a disk that filled, while Optuna appended it).
+    Optuna reads the study without those bytes, but appends the next record right after them: the two
+    become one line that is not JSON, and from then on the journal does not read at all, every trial of the
+    study with it. Checked again under Optuna's own lock, so that a record another process is appending at
+    this moment is not taken for a torn one. Nothing for an RDB URL or a file that is not there; a file
+    that is no journal is refused as open_storage refuses it."""
+    if "://" in spec or not _check_journal(Path(spec)) or _torn_tail(Path(spec)) is None:
+        return  # _check_journal first: a file that is no journal is refused as such
+    from optuna.storages.journal import JournalFileSymlinkLock  # the lock JournalFileBackend appends under
+
+    lock = JournalFileSymlinkLock(spec)
+    lock.acquire()
+    try:
+        torn = _torn_tail(Path(spec))
+    finally:
+        lock.release()
+    if torn is None:
+        return
+    size, whole = torn
+    raise ConfigError(
+        f"{spec}: its last record is cut short ({size - whole} bytes after the last whole record, without "
+        "a newline: a process killed, or a disk that filled, while writing it); a sweep would append to it "
+        f"and the journal would no longer read. Cut it off (`truncate -s {whole} {shlex.quote(spec)}`, "
+        "after a copy if you like) and run the sweep again"
+    )
+
+
 def open_storage(spec: str, *, create: bool = True):
     """The Optuna storage of a resolved spec: an RDB URL, or a journal file.
 
@@ -363,6 +416,7 @@ def open_study(
 
     import optuna
 
+    check_journal_whole(storage)  # under file_lock; Sweep.preflight checked it before anything was written
     store = open_storage(storage)
     try:  # loaded and checked first: create_study(load_if_exists=True) writes to a journal even to load
         study = optuna.load_study(study_name=study_name, storage=store)
