@@ -887,6 +887,39 @@ def test_an_evaluation_run_is_tagged_with_the_dvc_experiment_that_evaluated(tmp_
     assert client.get_run(trained).data.tags["dvc.exp_name"] == "azure-tote"  # the training's, as it was
 
 
+def test_a_damaged_train_json_does_not_stop_the_evaluation_s_numbers_reaching_its_run(
+    tmp_path, store, monkeypatch, caplog
+):
+    """metrics/train.json cut short (a training killed while writing it) beside a whole evaluation: the
+    evaluate stage logged part of its numbers, then failed on json.loads with a traceback, leaving the run
+    without its eval.json artifact. Now the numbers and eval.json are logged, the description leaves out the
+    training's numbers, and one warning names the file."""
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "damaged-train-json", store, monkeypatch)
+    (out / "metrics" / "train.json").write_text('{"train_elbo": -97.0, "val_')
+    with caplog.at_level("WARNING", logger="vaerepro.tracking.runs"):
+        assert _evaluated_at(out, "damaged-train-json", 5, -99.0) == trained
+    assert any(
+        str(out / "metrics" / "train.json") in r.getMessage() and "not valid JSON" in r.getMessage()
+        for r in caplog.records
+    )
+    assert client.get_run(trained).data.metrics[tracking.metric_name("test/log_px", "binary")] == -99.0
+    logged = Path(client.download_artifacts(trained, "metrics/eval.json", str(tmp_path)))
+    assert json.loads(logged.read_text())["log_px"] == -99.0  # this evaluation's, not the one before
+
+
+def test_a_damaged_run_file_names_the_stage_that_writes_it(tmp_path):
+    """models/mlflow_run.json is the train stage's, artifacts/mlflow_run.json the evaluate stage's: the one
+    line for a damaged one names the stage that rewrites it (both said `vaerepro train`)."""
+    from vaerepro.errors import UserError
+
+    for folder, stage in (("models", "vaerepro train"), ("artifacts", "vaerepro evaluate")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mlflow_run.json").write_text('{"run_id": "ab')
+        with pytest.raises(UserError, match=f"mlflow_run.json: not the JSON object `{stage}` writes"):
+            tracking.read_run_id(tmp_path / folder)
+
+
 def test_an_evaluation_run_at_another_k_has_the_rate_its_model_trained_at(tmp_path, store, monkeypatch):
     """With train.lr_candidates, train.lr is the rate the pilots chose, which the training's run logs when
     it finishes (log_config leaves the configured, unused rate out). An evaluation at another K goes to a

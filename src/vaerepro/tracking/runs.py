@@ -290,10 +290,26 @@ def _log_evaluation(
     log_metrics(client, run_id, numbers, prefix="test/", space=space)
     name = metric_name("test/log_px_ladder", space)
     client.log_batch(run_id, metrics=[Metric(name, r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]])
-    train_json = out_dir / "metrics" / "train.json"
-    trained = json.loads(train_json.read_text()) if train_json.is_file() else None
+    trained = _training_record(out_dir / "metrics" / "train.json")
     describe(client, run_id, cfg, train=trained, evaluation=metrics)
     client.log_artifact(run_id, str(out_dir / "metrics" / "eval.json"), "metrics")
+
+
+def _training_record(path: Path) -> dict[str, Any] | None:
+    """metrics/train.json for the run's description; None, with a warning naming it, when it is missing or
+    damaged (a training killed while writing it): the evaluation's numbers are whole and still logged, the
+    description then leaves out the training's, and the report refuses the file in its own one line."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        record = err
+    if isinstance(record, dict):
+        return record
+    why = f"not valid JSON ({record})" if isinstance(record, Exception) else "not a JSON object"
+    log.warning("%s: %s; the MLflow run's description leaves out the training's numbers", path, why)
+    return None
 
 
 EVALUATES_TAG = "vaerepro.evaluates"  # an evaluation run's training run (evaluation_run)
@@ -453,7 +469,8 @@ def read_run_id(model_dir: Path) -> tuple[str | None, str | None]:
         d = json.loads(f.read_text())
         return d.get("run_id"), d.get("tracking_uri")
     except (ValueError, UnicodeDecodeError, AttributeError) as exc:
-        raise UserError(f"{f}: not the JSON object `vaerepro train` writes ({exc})") from None
+        stage = "vaerepro evaluate" if model_dir.name == EVAL_RUN_DIR else "vaerepro train"
+        raise UserError(f"{f}: not the JSON object `{stage}` writes ({exc})") from None
 
 
 def log_config(client, run_id: str, raw: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> None:
