@@ -110,7 +110,8 @@ def make_out_dir(
     (root / "metrics" / "eval.json").write_text(json.dumps(ev))
     tr = {"train_elbo": -97.0, "val_elbo": -98.0, "best_val_elbo": -97.5, "epochs": 5, "best_epoch": 4}
     (root / "metrics" / "train.json").write_text(json.dumps({**tr, "train_time_s": 12.3}))
-    lines = ["epoch,train_elbo,val_elbo"] + [f"{e},{-150 + 10 * e},{-152 + 10 * e}" for e in range(1, 6)]
+    # the training's curve: its last row is train.json's last epoch, as train.py writes them
+    lines = ["epoch,train_elbo,val_elbo"] + [f"{e},{-147 + 10 * e},{-148 + 10 * e}" for e in range(1, 6)]
     (root / "plots" / "elbo.csv").write_text("\n".join(lines) + "\n")
     arrays = {
         "inputs": rng.random((8, 6, 6)),
@@ -334,6 +335,32 @@ def test_a_truncated_samples_file_is_one_line_naming_it_and_nothing_is_written(t
     assert not (out / "reports").exists()
     samples.unlink()  # a missing file is said in the report, as before
     assert "samples.npz not found" in write_report(out, CONFIG)["md"].read_text()
+
+
+def test_a_curve_that_is_not_the_trainings_is_one_line_naming_it_and_nothing_is_written(tmp_path):
+    """plots/elbo.csv cut short, emptied, of another training, or not text: it was drawn as it was (or a
+    UnicodeDecodeError traceback) beside train.json's numbers and best epoch. train.json's last-epoch
+    numbers are the curve's last row, so the report refuses, in one line naming the file, a curve that does
+    not end with them, and writes nothing; the training's own curve is drawn."""
+    out = make_out_dir(tmp_path / "run")
+    path = out / "plots" / "elbo.csv"
+    whole = path.read_bytes()
+    damaged = {
+        "cut short": whole[: len(whole) - 10],
+        "cut at a row": whole[: whole.rstrip(b"\n").rfind(b"\n") + 1],
+        "empty": b"",
+        "another training's": whole.replace(b"-98", b"-99"),
+        "not text": b"\x80\x02PK" * 20,
+    }
+    for why, data in damaged.items():
+        path.write_bytes(data)
+        with pytest.raises(FileNotFoundError) as err:
+            write_report(out, CONFIG)
+        assert str(err.value).startswith(f"{path}: "), why
+        assert "run `vaerepro train` again" in str(err.value), why
+        assert not (out / "reports").exists(), why
+    path.write_bytes(whole)
+    assert 'id="fig-training_curves"' in write_report(out, CONFIG)["html"].read_text()
 
 
 def test_different_data_sets_in_one_space_get_separate_figures_and_rankings(tmp_path):
