@@ -908,6 +908,38 @@ def test_a_damaged_train_json_does_not_stop_the_evaluation_s_numbers_reaching_it
     assert json.loads(logged.read_text())["log_px"] == -99.0  # this evaluation's, not the one before
 
 
+def test_a_report_never_goes_to_a_run_whose_evaluation_stopped_while_logging(tmp_path, store, monkeypatch):
+    """An evaluation killed (or failed) while it logged its numbers to the run it evaluated again: the run
+    held the new tags and eval params beside the previous evaluation's numbers, the pointer named it as this
+    eval.json's run, so the report went on, showed the old numbers as "this run" in its comparison beside
+    its own new headline, and ended the run FINISHED. Now the pointer says the logging did not finish and
+    the report refuses it in one line until the evaluation is run again."""
+    from vaerepro.errors import UserError
+
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "stopped-logging", store, monkeypatch)
+    tracking.check_evaluation_run(out)  # a whole evaluation: the report goes to its run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill at this point: nothing after it is logged
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr("vaerepro.tracking.runs.log_metrics", killed)
+        _evaluated_at(out, "stopped-logging", 5, -90.0)
+    assert client.get_run(trained).data.metrics[tracking.metric_name("test/log_px", "binary")] == -100.0
+    pointer = out / "artifacts" / "mlflow_run.json"
+    with pytest.raises(UserError) as err:
+        tracking.check_evaluation_run(out)
+    assert str(err.value) == (
+        f"{pointer}: the last `vaerepro evaluate` stopped while it logged the numbers of "
+        f"{out / 'metrics' / 'eval.json'} to MLflow run {trained}, which holds part of them and part of the "
+        "previous evaluation's; run `vaerepro evaluate` again"
+    )
+    assert _evaluated_at(out, "stopped-logging", 5, -90.0) == trained  # evaluated again, whole
+    tracking.check_evaluation_run(out)
+    assert client.get_run(trained).data.metrics[tracking.metric_name("test/log_px", "binary")] == -90.0
+
+
 def test_a_damaged_run_file_names_the_stage_that_writes_it(tmp_path):
     """models/mlflow_run.json is the train stage's, artifacts/mlflow_run.json the evaluate stage's: the one
     line for a damaged one names the stage that rewrites it (both said `vaerepro train`)."""

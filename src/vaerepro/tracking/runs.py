@@ -230,7 +230,10 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     trained, run_id = run_id, evaluation_run(client, run_id, cfg, k, test_set)
     # the run these numbers go to, the report's too, and which eval.json they are (check_evaluation_run);
     # written first, so that a failure while logging marks this run (end_recorded_run)
-    write_run_id(out_dir / EVAL_RUN_DIR, run_id, uri, evaluation=out_dir / "metrics" / "eval.json")
+    # (`logged` false until every number is logged: a kill while logging leaves the run holding part of
+    # these numbers and part of the evaluation before's, which the report then refuses to go to)
+    pointer = {"run_id": run_id, "uri": uri, "evaluation": out_dir / "metrics" / "eval.json"}
+    write_run_id(out_dir / EVAL_RUN_DIR, **pointer, logged=False)
     # An evaluation run (a child: another K than the training's) is this stage's own, as the training's run
     # is the train stage's: it ends FINISHED once its numbers are logged, whether or not a report follows (a
     # report then adds its files and ends it again), and FAILED or KILLED with the reason if logging them
@@ -244,6 +247,7 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
         if run_id != trained:
             end_run(client, run_id, status_of(exc), exc)
         raise
+    write_run_id(out_dir / EVAL_RUN_DIR, **pointer, logged=True)
     if run_id != trained:
         end_run(client, run_id, "FINISHED")
 
@@ -432,15 +436,25 @@ def log_report(out_dir: Path, report_dir: Path) -> None:
 
 
 def write_run_id(
-    model_dir: Path, run_id: str | None, uri: str | None, *, evaluation: Path | None = None
+    model_dir: Path,
+    run_id: str | None,
+    uri: str | None,
+    *,
+    evaluation: Path | None = None,
+    logged: bool | None = None,
 ) -> None:
-    """model_dir/mlflow_run.json naming the run; `evaluation`: the eval.json whose numbers went to it, named
-    by its sha256 (`check_evaluation_run`)."""
+    """model_dir/mlflow_run.json naming the run, whole or not at all (written beside it, then renamed over
+    it); `evaluation`: the eval.json whose numbers went to it, named by its sha256; `logged`: whether all of
+    them have reached the run yet (`check_evaluation_run` reads both)."""
     record: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri}
     if evaluation is not None:
         record["eval_json_sha256"] = file_sha256(evaluation)
+    if logged is not None:
+        record["logged"] = logged
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    tmp = model_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, model_dir / RUN_FILE)
 
 
 def check_evaluation_run(out_dir: Path) -> None:
@@ -452,12 +466,19 @@ def check_evaluation_run(out_dir: Path) -> None:
     pointer, ev = out_dir / EVAL_RUN_DIR / RUN_FILE, out_dir / "metrics" / "eval.json"
     if not (pointer.is_file() and ev.is_file()):
         return
-    read_run_id(out_dir / EVAL_RUN_DIR)  # a damaged file: one line naming it
-    logged = json.loads(pointer.read_text()).get("eval_json_sha256")
+    run_id, _ = read_run_id(out_dir / EVAL_RUN_DIR)  # a damaged file: one line naming it
+    record = json.loads(pointer.read_text())
+    logged = record.get("eval_json_sha256")
     if logged is not None and logged != file_sha256(ev):
         raise UserError(
             f"{pointer}: names the MLflow run of another evaluation than {ev} (the last `vaerepro evaluate` "
             "wrote its numbers but did not log them); run `vaerepro evaluate` again"
+        )
+    if record.get("logged") is False:
+        raise UserError(
+            f"{pointer}: the last `vaerepro evaluate` stopped while it logged the numbers of {ev} to MLflow "
+            f"run {run_id}, which holds part of them and part of the previous evaluation's; run `vaerepro "
+            "evaluate` again"
         )
 
 
