@@ -177,6 +177,37 @@ def test_set_aside_keeps_a_finished_reproduction_and_refuses_a_stopped_one(tmp_p
     assert not run_dir.exists() and snapshot(tmp_path / "runs" / f"{PRESET}.{stamp}") == before
 
 
+def test_set_aside_never_leaves_the_earlier_card_cut_short(tmp_path, monkeypatch):
+    """The earlier reproduction's card, moved beside it, is rewritten to name its seeds where they now are.
+    It was rewritten in place: a full disk (or a kill) during that write left the only copy of the earlier
+    card cut short. Now the rewrite goes beside it and is renamed over it: the card is whole, old or new."""
+    run_dir = tmp_path / "runs" / PRESET
+    asked = resumption.Asked(PRESET, ("a=1",), ("a=1",), 1, False)
+    ledger = resumption.Ledger.fresh(run_dir, asked)
+    ledger.begin(None, fresh=True)
+    (run_dir / "seed_0").mkdir()
+    ledger.end("FINISHED", 15.0)
+    card = tmp_path / "reports" / f"{PRESET}.md"
+    card.parent.mkdir()
+    earlier = f"the earlier card: seed 0 in {run_dir / 'seed_0'}\n" + "a verdict and its numbers\n" * 500
+    card.write_text(earlier)
+    real_write_text = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):  # half the text reaches the disk, then ENOSPC
+        if self.name.startswith(f"{PRESET}.md"):
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        resumption.set_aside(run_dir, [card], fresh=False, out=None)
+    monkeypatch.undo()
+    (aside,) = [d for d in run_dir.parent.iterdir() if d.name.startswith(f"{PRESET}.")]
+    assert (aside / "card" / f"{PRESET}.md").read_text() == earlier  # whole, naming the seeds' old place
+    assert sorted(p.name for p in (aside / "card").iterdir()) == [f"{PRESET}.md"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_at_a_terminal_stops_the_seed_at_its_epoch_end_with_last_ckpt(raw_dir, tmp_path):
     """Ctrl-C at a terminal signals the whole foreground process group: `vaerepro reproduce` and its seed's

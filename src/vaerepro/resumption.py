@@ -324,8 +324,15 @@ def set_aside(run_dir: Path, card: Sequence[Path], *, fresh: bool, out: Path | N
             moved = Path(shutil.move(path, dest / "card" / path.name))
             if moved.suffix in (".md", ".html"):
                 # the card names each seed's directory: now under dest (run_dir's holds the new run's seeds)
+                # whole or not at all: the moved card is the earlier reproduction's only one, and a kill or a
+                # full disk while it is rewritten in place would leave it cut short
                 text = moved.read_text(encoding="utf-8")
-                moved.write_text(text.replace(f"{run_dir}{os.sep}", f"{dest}{os.sep}"), encoding="utf-8")
+                tmp = moved.with_name(moved.name + ".tmp")
+                try:
+                    tmp.write_text(text.replace(f"{run_dir}{os.sep}", f"{dest}{os.sep}"), encoding="utf-8")
+                    os.replace(tmp, moved)
+                finally:
+                    tmp.unlink(missing_ok=True)
     return dest
 
 
