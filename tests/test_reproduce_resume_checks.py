@@ -100,6 +100,31 @@ def test_a_damaged_result_file_is_one_line_naming_it(tmp_path, monkeypatch, text
     assert snapshot(tmp_path) == before  # refused before anything was written: the record too
 
 
+def test_a_seed_curve_cut_short_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A finished seed's plots/elbo.csv cut short (or another training's) was drawn on the card as the seed's
+    training curve; train.json's last-epoch numbers are its last row, so the resume refuses it in one line
+    naming the file, before anything is written. Whole curves are read as before."""
+    user = ["tracking.enabled=false"]
+    p = stopped(tmp_path, IWAE, user)
+    rows = ["epoch,train_elbo,val_elbo", "0,-120.5,-118.25", "1,-95.5,-94.75"]
+    for s in p.seeds:
+        d = p.run_dir / f"seed_{s}"
+        (d / "plots").mkdir()
+        (d / "plots" / "elbo.csv").write_text("\n".join(rows) + "\n")
+        tr = {"epochs": 2, "train_elbo": -95.5, "val_elbo": -94.75}
+        (d / "metrics" / "train.json").write_text(json.dumps(tr))
+    cut = p.run_dir / "seed_1" / "plots" / "elbo.csv"
+    cut.write_text("\n".join(rows[:2]) + "\n0,-95")  # cut short in its last row
+    before = snapshot(tmp_path)
+    status, stdout, err = resume(monkeypatch, IWAE, user, tmp_path)
+    assert status == 2 and stdout == "" and err.count("\n") == 1, err
+    assert err.startswith(f"vaerepro reproduce: {cut}: seed 1's result cannot be read (its last row "), err
+    assert snapshot(tmp_path) == before
+    cut.write_text("\n".join(rows) + "\n")
+    status, stdout, err = resume(monkeypatch, IWAE, user, tmp_path)
+    assert status == 0, err
+
+
 def test_resume_refuses_seeds_that_ran_with_another_configuration(tmp_path, monkeypatch):
     """conf/ changed between the invocations (here: the default of train.early_stopping, which no preset
     sets): the seeds on disk ran with the old default, the plan has the new one; one verdict must not mix
