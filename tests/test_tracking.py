@@ -940,6 +940,22 @@ def test_a_report_never_goes_to_a_run_whose_evaluation_stopped_while_logging(tmp
     assert client.get_run(trained).data.metrics[tracking.metric_name("test/log_px", "binary")] == -90.0
 
 
+def test_a_report_that_succeeds_after_one_that_failed_leaves_no_failure_on_the_run(
+    tmp_path, store, monkeypatch
+):
+    """A report stage that failed (a damaged result file, a kill) ended the run FAILED with its reason as
+    the vaerepro.failure tag; the report run again ended it FINISHED but kept that tag, so MLflow showed a
+    finished run with a failure. Now the reason goes with the FINISHED status, as end_run does."""
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "report-again", store, monkeypatch)
+    tracking.end_run(client, trained, "FAILED", "UnicodeDecodeError: 'utf-8' codec can't decode byte 0x80")
+    (out / "reports").mkdir()
+    (out / "reports" / "report.md").write_text("# report\n")
+    tracking.log_report(out, out / "reports")
+    run = client.get_run(trained)
+    assert run.info.status == "FINISHED" and "vaerepro.failure" not in run.data.tags
+
+
 def test_a_damaged_run_file_names_the_stage_that_writes_it(tmp_path):
     """models/mlflow_run.json is the train stage's, artifacts/mlflow_run.json the evaluate stage's: the one
     line for a damaged one names the stage that rewrites it (both said `vaerepro train`)."""

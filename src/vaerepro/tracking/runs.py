@@ -428,7 +428,7 @@ def log_report(out_dir: Path, report_dir: Path) -> None:
 
         client = MlflowClient(uri)
         client.log_artifacts(run_id, str(report_dir), "report")
-        client.set_terminated(run_id, "FINISHED")
+        end_run(client, run_id, "FINISHED")  # and without the reason of a report that failed before
         trained, trained_uri = read_run_id(out_dir / "models")
         if trained and trained != run_id and trained_uri == uri:
             if client.get_run(trained).info.status == "RUNNING":
