@@ -418,6 +418,37 @@ def test_resuming_a_training_whose_run_was_deleted_starts_a_new_run(prepared_tin
     assert client.get_run(run_id).inputs.dataset_inputs  # the new run names its data set too
 
 
+def test_a_training_from_the_start_ends_the_run_a_killed_training_left_running(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """A training killed outright before its first models/last.ckpt leaves its run RUNNING; the resume
+    (`train.resume=true`: "no last.ckpt yet, training from the start") records itself in a new run and
+    ends that one KILLED, naming the new run (runs.end_abandoned; here the killed training is one of this
+    process, whose pid cannot be dead). A run already ended keeps its status."""
+    from mlflow import MlflowClient
+
+    from vaerepro import signals
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    old = _tracked_training(out, tmp_path, "train.max_epochs=1")
+    client = MlflowClient(uri)
+    client.update_run(old, status="RUNNING")  # what a kill -9 before the first checkpoint leaves
+    for name in ("last.ckpt", "best.ckpt"):
+        (out / "models" / name).unlink()
+    new = _tracked_training(out, tmp_path, "train.max_epochs=1", "train.resume=true")
+    assert new != old and client.get_run(new).info.status == "FINISHED"
+    before = client.get_run(old)
+    assert before.info.status == "KILLED"
+    assert before.data.tags["vaerepro.failure"] == (
+        f"left RUNNING by an earlier training of this process ({signals.this_process()}); "
+        f"{(out / 'models').resolve()} was trained again in run {new}"
+    )
+    third = _tracked_training(out, tmp_path, "train.max_epochs=1")  # over a finished one: left as it was
+    assert third != new and client.get_run(new).info.status == "FINISHED"
+
+
 def test_a_resumed_training_whose_run_holds_epochs_past_the_checkpoint_goes_on_in_a_new_run(
     prepared_tiny, tmp_path, monkeypatch
 ):
