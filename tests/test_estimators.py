@@ -545,3 +545,42 @@ def test_a_non_finite_estimate_is_never_converged(bad):
     assert v.reasons[0] == "non-finite estimate: log p(x) or ESS is NaN or infinite for 1 of 50 examples"
     # +inf also makes the last step's gain +inf, a rise beyond any SE; NaN and -inf give a NaN gain: no rise
     assert [r.split(":")[0] for r in v.reasons[1:]] == (["ladder still rising"] if bad > 0 else [])
+
+
+def test_a_non_finite_final_estimate_or_ess_alone_is_never_converged():
+    # each check on its own: the earlier ladder points finite and the ESS fine, only log p_K(x) of one example
+    # non-finite; then every log p(x) finite, only one example's ESS NaN (a batch no rank computed is left
+    # NaN, evaluate.per_example). A verdict that looked at the first ladder point, or at log p(x) alone, would
+    # call either converged.
+    flat = torch.linspace(-120.0, -80.0, 50, dtype=F64)  # (B,) a flat ladder: no rise
+    ess = torch.full((50,), 1000.0, dtype=F64)
+    assert convergence({100: flat, 1000: flat.clone()}, ess).converged
+    final = flat.clone()
+    final[3] = -math.inf
+    v = convergence({1: flat, 10: flat, 100: flat, 1000: final}, ess)
+    assert not v.converged
+    assert v.reasons[0] == "non-finite estimate: log p(x) or ESS is NaN or infinite for 1 of 50 examples"
+    bad_ess = ess.clone()
+    bad_ess[3] = math.nan
+    v = convergence({100: flat, 1000: flat.clone()}, bad_ess)
+    assert not v.converged
+    assert v.reasons[0] == "non-finite estimate: log p(x) or ESS is NaN or infinite for 1 of 50 examples"
+
+
+def test_an_ess_exactly_at_the_floor_is_not_too_low():
+    # "below ESS_FLOOR" is too low: a harmonic mean of exactly 5 samples is not, one just under it is
+    flat = torch.linspace(-120.0, -80.0, 4, dtype=F64)
+    ladder = {1: flat, 10: flat.clone()}
+    at_floor = convergence(ladder, torch.full((4,), ESS_FLOOR, dtype=F64))
+    assert at_floor.ess_hmean == ESS_FLOOR == 5.0 and at_floor.converged
+    below = convergence(ladder, torch.tensor([5.0, 5.0, 5.0, 4.9], dtype=F64))
+    assert below.ess_hmean == pytest.approx(4 / (3 / 5.0 + 1 / 4.9))
+    assert below.reasons == ["ESS too low: harmonic mean 5.0 < 5 samples per example"]
+
+
+def test_block_noise_of_a_batch_starting_past_the_second_example_block_is_the_documented_one():
+    # examples 150..279: the batch starts inside example block 2 and spans blocks 2..4; a single example
+    # deep in the data set (index 1000, block 15)
+    for start, batch in ((150, 130), (1000, 1)):
+        got = BlockNoise(11, IS_STREAM, start, batch, Z, dtype=F64).take(300)  # (K, B, Z)
+        torch.testing.assert_close(got, reference_noise(11, start, start + batch, 300), rtol=0, atol=0)
