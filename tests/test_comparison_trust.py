@@ -126,6 +126,8 @@ EVAL = {"log_px": -87.6, "log_px_se": 0.12, "num_examples": 1000, "data_space": 
         ({"log_px_se": math.nan}, "log_px_se = nan with a finite log p(x): evaluate writes a NaN standard"),
         ({"log_px": math.nan}, "log_px = nan without the verdict 'not converged'"),
         ({"log_px": math.nan, "converged": True}, "log_px = nan without the verdict 'not converged'"),
+        ({"log_px": math.inf}, "log_px = inf without the verdict 'not converged'"),  # an unbounded density
+        ({"log_px": -math.inf}, "log_px = -inf without the verdict 'not converged'"),  # every weight zero
         ({"log_px": 12.0}, "log_px = 12.0 nats/example on binary pixels under a Bernoulli: p(x) <= 1"),
         ({"log_px": 12.0, "converged": False}, "log_px = 12.0 nats/example on binary pixels"),
         (
@@ -173,6 +175,17 @@ def test_mlflow_text_that_reads_as_a_number_is_not_refused():
         compare.impossible({**EVAL, "num_samples": "1000"}, strict=True)
         == "num_samples = '1000' is not a number"
     )
+
+
+def test_a_boolean_is_not_a_number_in_a_file_or_in_mlflow_text():
+    # float(True) is 1.0: a JSON true where a count or an estimate belongs is damage, not one example
+    for strict in (True, False):
+        assert compare.impossible({**EVAL, "num_examples": True}, strict=strict) == (
+            "num_examples = True is not a number"
+        )
+        assert (
+            compare.impossible({**EVAL, "log_px": False}, strict=strict) == "log_px = False is not a number"
+        )
 
 
 def test_runs_with_impossible_numbers_are_left_out_of_the_comparison_with_the_reason():
