@@ -229,6 +229,26 @@ def test_numbers_in_a_data_space_units_are_named_under_that_space():
     ]
 
 
+# eval.json's numbers in nats of the data space's pmf or density (or of an improper Bernoulli on grey
+# levels), bits/dim of it included; and those without a data-space unit (nats of KL between two latent
+# Gaussians, sample counts, fractions, accuracies, a verdict)
+IN_SPACE_UNITS = ("log_px", "log_px_se", "elbo", "elbo_se", "recon", "bits_per_dim", "log_px_ladder")
+WITHOUT_UNITS = ("kl", "ess", "ess_fraction", "ess_hmean", "active_units", "knn_accuracy", "converged")
+
+
+@pytest.mark.parametrize("key", IN_SPACE_UNITS)
+def test_every_evaluation_number_in_the_data_space_units_is_named_under_its_space(key):
+    for space in ("binary", "continuous", "improper"):
+        assert tracking.metric_name(f"test/{key}", space) == f"{space}/test/{key}"
+
+
+@pytest.mark.parametrize("key", WITHOUT_UNITS)
+def test_an_evaluation_number_without_a_data_space_unit_keeps_one_name(key):
+    assert {tracking.metric_name(f"test/{key}", s) for s in ("binary", "continuous", "improper")} == {
+        f"test/{key}"
+    }
+
+
 def _git(d: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=d, check=True, capture_output=True)
 
