@@ -165,6 +165,25 @@ def test_official_sizes_from_val_fraction_and_max_examples():
     np.testing.assert_array_equal(index["test"], np.arange(60_000, 70_000))
 
 
+def test_official_train_and_val_are_the_documented_cut_of_one_permutation():
+    """The docstring's scheme written out: a permutation of the training files' examples by
+    default_rng(seed), its first max_examples kept, cut in order: train first, then val (its last n_val)."""
+    n = N_TRAIN + N_TEST
+    for seed, max_examples, val_size in ((3, None, 7), (4, 20, 3)):
+        index = data.split_indices(
+            n,
+            split="official",
+            val_size=val_size,
+            seed=seed,
+            max_examples=max_examples,
+            n_official_test=N_TEST,
+        )
+        order = np.random.default_rng(seed).permutation(N_TRAIN)[: max_examples or N_TRAIN]
+        np.testing.assert_array_equal(index["train"], order[: len(order) - val_size])
+        np.testing.assert_array_equal(index["val"], order[len(order) - val_size :])
+        assert index["train"].dtype == index["val"].dtype == np.int64
+
+
 def test_official_split_errors():
     with pytest.raises(DataError, match="train would be empty: 50 examples of the training files"):
         data.split_indices(62, split="official", val_size=50, n_official_test=12)
