@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEVICES, compose
+from conftest import DEVICES, compose, copy_prepared, tiny_config
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro import evaluate as evaluate_mod
@@ -26,6 +26,7 @@ from vaerepro.evaluate import (
     per_example,
 )
 from vaerepro.model import VAE, TwoLayerVAE
+from vaerepro.train import train
 
 
 def test_active_units_counts_dimensions_with_posterior_variance():
@@ -76,6 +77,34 @@ def test_active_units_of_a_two_layer_model_count_both_layers():
     assert len(layer_means(VAE(data_dim=12, latent_dim=2, hidden_dims=[8]), x, seed=0)) == 1
 
 
+def test_z2_means_average_over_q_z1_with_its_standard_deviation_not_its_variance():
+    """q(z1|x) = N((1, 0, 0), 2^2 I) for every x and mu2_0(z1) = tanh(z1_0): E_q[z2_0|x] = E[tanh(1 + 2 u)],
+    u ~ N(0, 1), by Gauss-Hermite quadrature (numpy), 0.35; with the variance 4 as the scale it would be
+    E[tanh(1 + 4 u)], 0.19."""
+    from torch import nn
+
+    from vaerepro.evaluate import layer_means
+
+    torch.manual_seed(0)
+    vae = TwoLayerVAE(data_dim=12, latent_dim=3, latent_dim_2=2, hidden_dims_2=[8], hidden_dims=[8]).eval()
+    enc = [m for m in vae.encoder if isinstance(m, nn.Linear)]
+    enc2 = [m for m in vae.encoder_2 if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        enc[-1].weight.zero_()
+        enc[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, *[math.log(4.0)] * 3]))  # [mu1 | log sigma1^2]
+        for m in enc2:
+            m.weight.zero_(), m.bias.zero_()
+        enc2[0].weight[0, 0] = enc2[-1].weight[0, 0] = 1.0
+    t, w = np.polynomial.hermite_e.hermegauss(80)  # nodes and weights for the weight exp(-u^2 / 2)
+    expected = (w * np.tanh(1.0 + 2.0 * t)).sum() / w.sum()
+    assert abs(expected - (w * np.tanh(1.0 + 4.0 * t)).sum() / w.sum()) > 0.1
+    x = torch.bernoulli(torch.full((400, 12), 0.5), generator=torch.Generator().manual_seed(1))
+    second = layer_means(vae, x, seed=0)[1]  # (400, 2), 200 draws of z1 per example
+    # 80,000 draws of tanh(1 + 2 u) (std ~0.7): SE ~0.0025
+    assert second[:, 0].mean().item() == pytest.approx(expected, abs=0.0125)
+    assert second[:, 1].abs().max() < 1e-6  # mu2_1 = 0 for every z1
+
+
 def test_knn_accuracy_known_answers():
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0]])
@@ -111,6 +140,39 @@ def test_sharded_evaluation_equals_the_whole(device):
         assert torch.equal(torch.where(mine, shards[0]["ladder"][k], shards[1]["ladder"][k]), v)
     assert (whole["log_px"] >= whole["elbo"] - 5).all()
     assert whole["log_px"].device.type == "cpu" and next(vae.parameters()).device.type == "cpu"
+
+
+def _rank_gathers(rank: int, init: str, out: str) -> None:
+    """One rank of test_gathered_shards_equal_the_whole: its batches r, r + 2, ..., then the gather."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    vae, x = _tiny_vae_and_data(23)
+    mine = range(rank, 5, 2)
+    per_ex = per_example(vae, x, num_samples=30, batch_size=5, chunk_size=7, seed=11, batches=mine)
+    gathered = evaluate_mod.gather_shards(per_ex, mine, 5)
+    torch.save(gathered, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gathered_shards_equal_the_whole(tmp_path):
+    """Two gloo processes, each with its example batches (rank 0: 0, 2, 4; rank 1: 1, 3; the last batch 3
+    examples): rank 0's gathered per-example numbers equal one process's, to the last bit, and no example is
+    left NaN or taken from the rank that did not compute it; the other rank gets None."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "gathered")
+    mp.spawn(_rank_gathers, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    gathered, other = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
+    assert other is None
+    vae, x = _tiny_vae_and_data(23)
+    whole = per_example(vae, x, num_samples=30, batch_size=5, chunk_size=7, seed=11)
+    for key in PER_EXAMPLE_KEYS:
+        assert torch.equal(gathered[key], whole[key]), key
+    assert list(gathered["ladder"]) == list(whole["ladder"]) == [1, 10, 30]
+    for k, v in whole["ladder"].items():
+        assert torch.equal(gathered["ladder"][k], v), k
 
 
 def test_per_example_still_checks_the_pixels_against_the_likelihood():
@@ -285,6 +347,67 @@ def test_summary_units():
     assert (conv["ladder_gain_sigmas"], conv["ladder_gain_tol"], conv["ess_floor"]) == (2.0, 0.1, 5.0)
     per_ex["ladder"][1] = per_ex["ladder"][10] - 0.05  # a last step below the tolerance
     assert eval_metrics(per_ex, data_dim=784, jacobian=0.0)["converged"] is True
+
+
+def test_every_summary_number_is_the_mean_or_se_of_its_own_per_example_values():
+    """eval.json's ELBO, its SE, KL, reconstruction term and ESS, each against numpy on its own per-example
+    values (all different, so a number taken from another key or another statistic cannot match)."""
+    g = np.random.default_rng(0)
+    n = 7
+    values = {
+        "log_px": -100.0 + g.normal(size=n),
+        "elbo": -110.0 + 3.0 * g.normal(size=n),
+        "recon": -80.0 + 2.0 * g.normal(size=n),
+        "kl": 20.0 + 4.0 * g.random(n),
+        "ess": np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0]),
+    }
+    per_ex = {k: torch.from_numpy(v) for k, v in values.items()}
+    per_ex["ladder"] = {1: per_ex["log_px"] - 1.0, 50: per_ex["log_px"]}
+    s = eval_metrics(per_ex, data_dim=784, jacobian=0.0)
+
+    def sem(v):
+        return np.std(v, ddof=1) / math.sqrt(n)
+
+    assert s["elbo"] == pytest.approx(values["elbo"].mean(), rel=1e-12)
+    assert s["elbo_se"] == pytest.approx(sem(values["elbo"]), rel=1e-12)
+    assert s["kl"] == pytest.approx(values["kl"].mean(), rel=1e-12)
+    assert s["recon"] == pytest.approx(values["recon"].mean(), rel=1e-12)
+    assert s["ess"] == pytest.approx(53.0 / 7, rel=1e-12)  # the arithmetic mean; the verdict's is harmonic
+    assert s["ess_fraction"] == pytest.approx(53.0 / 7 / 50, rel=1e-12)
+    assert s["convergence"]["ess_hmean"] == pytest.approx(7 / (1 / values["ess"]).sum(), rel=1e-12)
+    assert [p["se"] for p in s["log_px_ladder"]] == pytest.approx([sem(values["log_px"])] * 2, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name", "dequantized"),
+    [
+        (("data.space=continuous", "likelihood.allow_improper=true"), "improper", True),
+        ((), "binary", False),
+    ],
+    ids=["improper-bernoulli-on-grey-levels", "bernoulli-on-binarised-levels"],
+)
+def test_the_stage_names_its_headline_numbers_by_their_unit(
+    prepared_tiny, tmp_path, overrides, name, dequantized
+):
+    """A Bernoulli on grey levels (allow_improper) sees continuous data, but its numbers are no density's:
+    DVC's metrics (eval_summary.json) hold them under `improper`, never under `continuous`, where `dvc
+    metrics diff` would set them beside a proper density's. A Bernoulli on binarised 8-bit levels: under
+    `binary`, and eval.json's `quantized` is false (a pmf on {0,1}^D, no dequantisation), as it is true for
+    the grey levels dequantised into [0,1]."""
+    overrides = (*overrides, "train.max_epochs=1")
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    train(tiny_config(*overrides), out, enable_progress_bar=False)
+    metrics = evaluate_mod.evaluate(tiny_config(*overrides, "eval.device=cpu"), out, progress=False)
+    assert (metrics["likelihood"], metrics["improper"]) == ("bernoulli", name == "improper")
+    assert metrics["quantized"] is dequantized
+    summary = json.loads((out / "metrics" / "eval_summary.json").read_text())
+    assert summary == {
+        "likelihood": "bernoulli",
+        "latent_dim": 4,
+        name: {k: metrics[k] for k in ("log_px", "log_px_se", "elbo")},
+        "knn_accuracy": metrics["knn_accuracy"],
+        "converged": metrics["converged"],
+    }
 
 
 @pytest.mark.parametrize(
