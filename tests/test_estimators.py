@@ -578,6 +578,17 @@ def test_an_ess_exactly_at_the_floor_is_not_too_low():
     assert below.reasons == ["ESS too low: harmonic mean 5.0 < 5 samples per example"]
 
 
+def test_a_last_step_of_exactly_the_tolerance_is_not_a_rise():
+    # "exceeds LADDER_GAIN_TOL_NATS": a paired gain of exactly 0.1 nats on every example (SE 0) is not a
+    # rise; one a hair above it is
+    ess = torch.full((8,), 1000.0, dtype=F64)
+    zeros = torch.zeros(8, dtype=F64)
+    at_tol = convergence({100: zeros, 1000: torch.full((8,), LADDER_GAIN_TOL_NATS, dtype=F64)}, ess)
+    assert at_tol.ladder_gain == LADDER_GAIN_TOL_NATS and at_tol.ladder_gain_se == 0.0 and at_tol.converged
+    above = convergence({100: zeros, 1000: torch.full((8,), math.nextafter(0.1, 1.0), dtype=F64)}, ess)
+    assert not above.converged and above.reasons[0].startswith("ladder still rising: +0.10 ± 0.00")
+
+
 def test_block_noise_of_a_batch_starting_past_the_second_example_block_is_the_documented_one():
     # examples 150..279: the batch starts inside example block 2 and spans blocks 2..4; a single example
     # deep in the data set (index 1000, block 15)
