@@ -675,6 +675,54 @@ def test_the_comparison_figure_keeps_unconverged_estimates_off_its_lines(monkeyp
     assert "1 run(s) whose log p(x) estimate has NOT CONVERGED: hollow markers" in fig.caption
 
 
+def test_the_comparison_figure_joins_the_mean_over_seeds_at_each_latent_size(monkeypatch):
+    # three seeds at latent size 2 and two at 5, each likelihood its own line: the line passes through the
+    # mean of each size's runs (the errorbar points are the runs themselves)
+    from vaerepro import report_comparison
+
+    drawn = []
+    monkeypatch.setattr(report_comparison, "png", lambda fig: drawn.append(fig) or b"")
+    rows = [
+        run("z2-s0", "continuous", 600.0, likelihood="gaussian"),
+        run("z2-s1", "continuous", 610.0, likelihood="gaussian"),
+        run("z2-s2", "continuous", 626.0, likelihood="gaussian"),
+        run("z5-s0", "continuous", 640.0, likelihood="gaussian", latent_dim=5),
+        run("z5-s1", "continuous", 650.0, likelihood="gaussian", latent_dim=5),
+        run("cb-z2", "continuous", 900.0, likelihood="continuous_bernoulli"),
+        run("cb-z5", "continuous", 950.0, likelihood="continuous_bernoulli", latent_dim=5),
+    ]
+    report_comparison.comparison_section(rows)
+    (ax,) = drawn[0].axes
+    lines = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    assert [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in lines] == [
+        ([2, 5], [612.0, 645.0]),
+        ([2, 5], [900.0, 950.0]),
+    ]
+
+
+def test_the_improper_group_and_only_it_carries_the_warning_that_it_is_not_comparable(monkeypatch):
+    from vaerepro import report_comparison
+
+    monkeypatch.setattr(report_comparison, "png", lambda fig: b"")
+    rows = [
+        run("grey-a", "continuous", -60.0, improper=True),
+        run("cb", "continuous", 900.0, likelihood="continuous_bernoulli"),
+        run("grey-b", "continuous", -55.0, improper=True, latent_dim=5),
+    ]
+    blocks = report_comparison.comparison_section(rows)
+    headings = [i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.level == 3]
+    groups = {
+        blocks[i].text: blocks[i + 1 : j] for i, j in zip(headings, [*headings[1:], len(blocks)], strict=True)
+    }
+    assert list(groups) == [space_label("continuous", True), space_label("continuous", False)]
+    improper, proper = groups.values()
+    assert isinstance(improper[0], Caution) and improper[0].text.startswith(
+        "IMPROPER runs: Bernoulli likelihoods on grey-level pixels, not normalised densities."
+    )
+    assert "not comparable with any proper run" in improper[0].text
+    assert not [b for b in proper if isinstance(b, Caution)]
+
+
 def test_active_units_of_a_two_layer_model_are_shown_per_layer(tmp_path):
     """As Burda et al. print them: z1's + z2's, each of its layer's size."""
     out = make_out_dir(tmp_path / "out", latent_dim=100)
