@@ -52,6 +52,16 @@ def test_improper_strings_from_mlflow_params_are_parsed():
         comparability_key(row("a", improper="maybe"))
 
 
+def test_every_spelling_of_improper_that_is_read_is_read_right():
+    # what _as_bool accepts, each way round; numbers (an MLflow metric 0.0 / 1.0) as their truth value
+    for text, flag in [("true", True), ("1", True), ("yes", True), (" TRUE ", True)]:
+        assert comparability_key(row("a", improper=text)) == ("binary", flag), text
+    for text in ("false", "0", "no", "", " False "):
+        assert comparability_key(row("a", improper=text)) == ("binary", False), text
+    assert comparability_key(row("a", improper=1.0)) == ("binary", True)
+    assert comparability_key(row("a", improper=0.0)) == ("binary", False)
+
+
 def test_rank_sorts_within_one_group():
     rows = [row("a", log_px=-95.0), row("b", log_px=-88.5), row("c", log_px=-91.0)]
     assert [r["run_name"] for r in rank(rows, "log_px")] == ["b", "c", "a"]
