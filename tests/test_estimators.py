@@ -578,6 +578,21 @@ def test_an_ess_exactly_at_the_floor_is_not_too_low():
     assert below.reasons == ["ESS too low: harmonic mean 5.0 < 5 samples per example"]
 
 
+def test_a_rise_counts_beyond_two_paired_standard_errors_not_one():
+    # a mean paired gain of 0.5 nats (above the 0.1 tolerance) with a paired SE of 1/3: 1.5 SEs, within
+    # LADDER_GAIN_SIGMAS = 2, not a rise; with an SE of 0.2 (2.5 SEs) a rise
+    g = torch.Generator().manual_seed(3)
+    base = 10.0 * torch.randn(20, generator=g, dtype=F64)
+    noise = torch.randn(20, generator=g, dtype=F64)
+    unit = (noise - noise.mean()) / noise.std()  # mean 0, std 1 exactly (up to rounding)
+    ess = torch.full((20,), 100.0, dtype=F64)
+    for se, rises in ((1 / 3, False), (0.2, True)):
+        d = 0.5 + se * math.sqrt(20) * unit
+        v = convergence({100: base, 1000: base + d}, ess)
+        assert v.ladder_gain == pytest.approx(0.5) and v.ladder_gain_se == pytest.approx(se)
+        assert v.converged is not rises, se
+
+
 def test_a_last_step_of_exactly_the_tolerance_is_not_a_rise():
     # "exceeds LADDER_GAIN_TOL_NATS": a paired gain of exactly 0.1 nats on every example (SE 0) is not a
     # rise; one a hair above it is
