@@ -236,6 +236,14 @@ IN_SPACE_UNITS = ("log_px", "log_px_se", "elbo", "elbo_se", "recon", "bits_per_d
 WITHOUT_UNITS = ("kl", "ess", "ess_fraction", "ess_hmean", "active_units", "knn_accuracy", "converged")
 
 
+@pytest.mark.parametrize(
+    "key", ["epoch", "test/num_samples", "test/num_examples", "test/data_dim", "test/latent_dim"]
+)
+def test_bookkeeping_is_not_a_metric(key):
+    # facts about the run (its K, its test-set size, ...) are params and tags, never a metric chart
+    assert {tracking.metric_name(key, s) for s in ("binary", "continuous", "improper")} == {None}
+
+
 @pytest.mark.parametrize("key", IN_SPACE_UNITS)
 def test_every_evaluation_number_in_the_data_space_units_is_named_under_its_space(key):
     for space in ("binary", "continuous", "improper"):
