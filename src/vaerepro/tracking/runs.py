@@ -611,7 +611,7 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
 FAILURE_TAG = "vaerepro.failure"  # why a run ended FAILED or KILLED: one line
 CONTINUED_TAG = "vaerepro.continued_in"  # the run a resumed training went on in (runs.supersede)
 # Which models/ a training run's numbers are of (the resolved path) and which process last trained into it
-# ('host:pid', signals.this_process): end_abandoned tells a run whose pipeline died from one still going.
+# ('machine:pid', signals.this_process): end_abandoned tells a run whose process died from one still going.
 MODEL_DIR_TAG = "vaerepro.model_dir"
 PROCESS_TAG = "vaerepro.process"
 
