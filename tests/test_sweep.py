@@ -338,8 +338,13 @@ def test_cmaes_sampler_and_hyperband_pruner_work_on_known_problems():
     pruner = sweep.make_pruner(
         {"name": "hyperband", "min_resource": 1, "max_resource": 9, "reduction_factor": 3}
     )
+    # named: Hyperband puts a trial in a bracket by the crc32 of the study's name and the trial's number, and
+    # an unnamed study gets a random name, so which trials were pruned changed from run to run
     study = optuna.create_study(
-        sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner, direction="maximize"
+        study_name="hyperband",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=pruner,
+        direction="maximize",
     )
 
     def objective(trial):
