@@ -223,6 +223,31 @@ def _bounded_above_by_zero(row: Mapping) -> bool:
     return space == "binary" or improper
 
 
+def curve_mismatch(last: Mapping | None, train: Mapping) -> str | None:
+    """Why a training curve (plots/elbo.csv) whose last row is `last` ({train_elbo, val_elbo}, floats; None
+    for a curve without rows) is not the curve of the training metrics/train.json (`train`) records, or
+    None. train.py takes train.json's train_elbo and val_elbo from the curve's last row, so a curve cut
+    short, emptied or of another training ends otherwise and would be drawn beside other numbers. Not
+    checked against a train.json without the two numbers (written before it held them)."""
+    keys = ("train_elbo", "val_elbo")
+    want = [train.get(k) for k in keys]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in want):
+        return None
+    if last is None and all(math.isnan(v) for v in want):
+        return None  # no epoch ran, and the curve says so
+    got = [None if last is None else last.get(k) for k in keys]
+    if all(
+        g is not None and (g == w or (math.isnan(g) and math.isnan(w)))
+        for g, w in zip(got, want, strict=True)
+    ):
+        return None
+    shown = "no rows" if last is None else f"train_elbo {got[0]}, val_elbo {got[1]}"
+    return (
+        f"its last row ({shown}) is not the last epoch that metrics/train.json records "
+        f"(train_elbo {want[0]}, val_elbo {want[1]}): cut short, emptied or of another training"
+    )
+
+
 def impossible(row: Mapping, *, strict: bool = False) -> str | None:
     """Why the row's evaluation numbers cannot come from a correct evaluation, as '<key> = <value> ...: why',
     or None when they can. The row is an eval.json (`strict`: numbers must be JSON numbers) or a report row

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from vaerepro.compare import converged, impossible, metric_value, space_label
+from vaerepro.compare import converged, curve_mismatch, impossible, metric_value, space_label
 from vaerepro.document import (
     Block,
     Caution,
@@ -106,19 +106,15 @@ def load_results(out_dir: Path) -> tuple[dict, dict]:
     ev = _load_eval(out_dir / "metrics" / "eval.json")
     tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
     _check_same_weights(out_dir / "metrics", ev, tr)
-    _check_curve(out_dir / "plots" / "elbo.csv", out_dir / "metrics" / "train.json", tr)
+    _check_curve(out_dir / "plots" / "elbo.csv", tr)
     _load_samples(out_dir / "artifacts" / "samples.npz")
     return ev, tr
 
 
-def _check_curve(path: Path, train_json: Path, tr: Mapping) -> None:
-    """ResultFileError when plots/elbo.csv is not the curve of the training that train.json (tr) records:
-    train.py takes train.json's train_elbo and val_elbo from the curve's last row, so a file cut short or
-    emptied (a copy, a disk that failed), or another training's, ends otherwise and would be drawn beside
-    these numbers. A missing file is said in the report; a train.json without the two numbers (written
-    before it held them) is not checked."""
-    want = [tr.get(k) for k in ("train_elbo", "val_elbo")]
-    if not path.is_file() or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in want):
+def _check_curve(path: Path, tr: Mapping) -> None:
+    """ResultFileError when plots/elbo.csv is not the curve of the training that train.json (tr) records
+    (compare.curve_mismatch); a missing file is said in the report."""
+    if not path.is_file():
         return
     try:
         cur = _read_curves(path)
@@ -126,20 +122,9 @@ def _check_curve(path: Path, train_json: Path, tr: Mapping) -> None:
         raise ResultFileError(
             f"{path}: not a CSV table of numbers ({exc}); run `vaerepro train` again to rewrite it"
         ) from None
-    got = [float(cur[k][-1]) if len(cur.get(k, ())) else None for k in ("train_elbo", "val_elbo")]
-
-    def same(a: float | None, b: float) -> bool:
-        return a is not None and (a == b or (math.isnan(a) and math.isnan(b)))
-
-    if all(math.isnan(v) for v in want) and got == [None, None]:
-        return  # no epoch ran, and the file says so
-    if not all(same(a, float(b)) for a, b in zip(got, want, strict=True)):
-        shown = "no rows" if got == [None, None] else f"train_elbo {got[0]}, val_elbo {got[1]}"
-        raise ResultFileError(
-            f"{path}: its last row ({shown}) is not the last epoch that {train_json} records (train_elbo "
-            f"{want[0]}, val_elbo {want[1]}): the curve is cut short or of another training; run `vaerepro "
-            "train` again to rewrite both"
-        )
+    last = {k: float(v[-1]) for k in ("train_elbo", "val_elbo") if len(v := cur.get(k, ()))}
+    if (problem := curve_mismatch(last or None, tr)) is not None:
+        raise ResultFileError(f"{path}: {problem}; run `vaerepro train` again to rewrite both")
 
 
 def _load_samples(path: Path) -> dict[str, np.ndarray] | None:

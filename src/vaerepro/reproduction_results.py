@@ -22,7 +22,7 @@ from typing import Any
 
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
-from vaerepro.compare import impossible
+from vaerepro.compare import curve_mismatch, impossible
 from vaerepro.errors import UserError
 
 
@@ -113,32 +113,14 @@ class SeedResult:
 
         curve, test_curve = (rows(out_dir / "plots" / f) for f in ("elbo.csv", "test_curve.csv"))
         ev, tr = (load(out_dir / "metrics" / f) for f in ("eval.json", "train.json"))
-        if (problem := _curve_problem(curve, tr)) is not None:  # the card would draw another curve
-            raise unreadable(out_dir / "plots" / "elbo.csv", problem)
+        # the card would draw another training's curve, or one cut short or emptied (no rows: last None)
+        elbo_csv = out_dir / "plots" / "elbo.csv"
+        if elbo_csv.is_file() and (problem := curve_mismatch(curve[-1] if curve else None, tr)) is not None:
+            raise unreadable(elbo_csv, problem)
         if ev and (problem := impossible(ev, strict=True)) is not None:  # hand-edited or damaged numbers
             raise unreadable(out_dir / "metrics" / "eval.json", problem)
         meta = load(out_dir / "prepared" / "meta.json")
         return cls(seed, out_dir, ev, tr, meta, curve, wall_s, run_id, wall_note, test_curve)
-
-
-def _curve_problem(curve: list[dict[str, float]], tr: Mapping[str, Any]) -> str | None:
-    """Why a seed's plots/elbo.csv rows are not the curve of the training its train.json records, or None:
-    train.py takes train.json's train_elbo and val_elbo from the curve's last row, so a file cut short, or
-    another training's, ends otherwise. Not checked without a file or without the two numbers
-    (a train.json written before it held them)."""
-    want = [tr.get(k) for k in ("train_elbo", "val_elbo")]
-    if not curve or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in want):
-        return None
-    got = [curve[-1].get(k) for k in ("train_elbo", "val_elbo")]
-    if all(
-        g is not None and (g == w or (math.isnan(g) and math.isnan(w)))
-        for g, w in zip(got, want, strict=True)
-    ):
-        return None
-    return (
-        f"its last row (train_elbo {got[0]}, val_elbo {got[1]}) is not the last epoch of metrics/train.json "
-        f"(train_elbo {want[0]}, val_elbo {want[1]}): cut short, or another training's"
-    )
 
 
 @dataclass
