@@ -329,7 +329,7 @@ CASES = [
         "report_truncated_samples",
         ["report"],
         None,
-        _corrupt("artifacts/samples.npz", keep=1000),  # an evaluation killed while writing it
+        _corrupt("artifacts/samples.npz", keep=1000),  # a damaged copy
         "artifacts/samples.npz: not a readable .npz archive",
     ),
     ("train_corrupt_store", ["train"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),

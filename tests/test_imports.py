@@ -17,6 +17,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         "vaerepro",
         "vaerepro.errors",
+        "vaerepro.files",
         "vaerepro.signals",
         "vaerepro.likelihoods",
         "vaerepro.model",

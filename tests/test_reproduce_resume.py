@@ -191,15 +191,31 @@ def test_set_aside_never_leaves_the_earlier_card_cut_short(tmp_path, monkeypatch
     card.parent.mkdir()
     earlier = f"the earlier card: seed 0 in {run_dir / 'seed_0'}\n" + "a verdict and its numbers\n" * 500
     card.write_text(earlier)
-    real_write_text = Path.write_text
+    real_open = Path.open
 
-    def full_disk(self, data, *args, **kwargs):  # half the text reaches the disk, then ENOSPC
-        if self.name.startswith(f"{PRESET}.md"):
-            real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+    class HalfWritten:  # a file of the card opened for writing: half of what is written lands, then ENOSPC
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
             raise OSError(28, "No space left on device")
-        return real_write_text(self, data, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def full_disk(self, mode="r", *args, **kwargs):  # the card's file itself, or a sibling written for it
+        fh = real_open(self, mode, *args, **kwargs)
+        return HalfWritten(fh) if "w" in mode and f"{PRESET}.md" in self.name else fh
+
+    monkeypatch.setattr(Path, "open", full_disk)
     with pytest.raises(OSError, match="No space left"):
         resumption.set_aside(run_dir, [card], fresh=False, out=None)
     monkeypatch.undo()

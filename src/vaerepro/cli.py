@@ -35,6 +35,7 @@ from vaerepro import config as config_mod
 from vaerepro import signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.errors import Stopped, UserError
+from vaerepro.files import write_whole
 from vaerepro.resumption import RUN_MARK
 
 log = logging.getLogger("vaerepro")
@@ -93,7 +94,7 @@ def stage_check(cfg: Config, out_dir: Path, root: Path) -> Path:
     if (quantized := data.stored_quantized(cfg.data.source, path)) is not None:
         data.check_bounded(cfg.likelihood_object(), cfg.data_space, quantized, path or cfg.data.source)
     out = out_dir / CHECK_FILE
-    out.write_text("params.yaml passed `vaerepro check` (the DVC pipeline's first stage; see dvc.yaml)\n")
+    write_whole(out, "params.yaml passed `vaerepro check` (the DVC pipeline's first stage; see dvc.yaml)\n")
     return out
 
 
@@ -255,7 +256,7 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "params.yaml").write_text(config_mod.dump(cfg.to_dict()))
+        write_whole(out_dir / "params.yaml", config_mod.dump(cfg.to_dict()))
         stage_fetch(cfg, root)
         stage_prepare(cfg, out_dir, root)
         # The MLflow run stays RUNNING after training (train ends it FAILED or KILLED itself): it is
@@ -745,7 +746,7 @@ def _main(argv: list[str]) -> int:
     if args.command == "params":
         raw = config_mod.compose(args.overrides, config_dir=config_mod.find_project_root() / "conf")
         config_mod.validate(raw)
-        Path(args.output).write_text(config_mod.dump(raw))
+        write_whole(args.output, config_mod.dump(raw))  # the earlier params.yaml stays if this one fails
         print(f"wrote {args.output}")
         return 0
     cfg = config_mod.load(args.params)

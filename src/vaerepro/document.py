@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vaerepro.files import write_whole
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -212,7 +214,7 @@ def render_md(title: str, blocks: Iterable[Block], fig_paths: Mapping[str, str])
 def write_figures(
     blocks: Iterable[Block],
     fig_dir: Path,
-    write: Callable[[Path, bytes], object] = Path.write_bytes,
+    write: Callable[[Path, bytes], object] = write_whole,
 ) -> tuple[list[Path], dict[str, str]]:
     """Write each Fig's PNG to fig_dir/<name>.png (creating fig_dir) with `write(path, data)`, and remove
     the PNGs an earlier report left there that this one does not have (fig_dir is the report's own): a

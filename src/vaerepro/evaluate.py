@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from vaerepro.data import (
     load_prepared,
 )
 from vaerepro.estimators import mean_se
+from vaerepro.files import write_json, write_whole
 from vaerepro.likelihoods import space_name
 from vaerepro.model import VAE, build_vae
 
@@ -497,6 +497,9 @@ def gather_shards(per_ex: dict[str, Any], batches: range, batch_size: int) -> di
     return out
 
 
+ARTIFACTS = ("per_example.npz", "samples.npz")  # evaluate's arrays in out_dir/artifacts, named in eval.json
+
+
 def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any] | None:
     """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval{,_summary}.json, artifacts/.
 
@@ -606,15 +609,17 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)
     # Everything is computed before the first file is written: an evaluation that fails or is stopped
     # leaves the previous one's files together, never its images beside these numbers. The numbers last.
-    (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    # Each file is written whole (files.write_whole): a kill while one is written leaves the earlier one.
     # per-example estimates (N,), nats: for paired comparisons of models on the same test examples; the
     # ladder as log_px_k<k> (the estimate from the first k samples), for paired k-to-k differences
     per_ex_arrays = {k: per_ex[k].numpy() for k in ("log_px", "elbo", "recon", "kl", "ess")}
     per_ex_arrays.update({f"log_px_k{k}": v.numpy() for k, v in per_ex["ladder"].items()})
-    np.savez(out_dir / "artifacts" / "per_example.npz", **per_ex_arrays)
-    np.savez(out_dir / "artifacts" / "samples.npz", **images)
-    (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_whole(out_dir / "artifacts" / "per_example.npz", lambda fh: np.savez(fh, **per_ex_arrays))
+    write_whole(out_dir / "artifacts" / "samples.npz", lambda fh: np.savez(fh, **images))
+    # eval.json names the arrays written with it: a failure between these files and it (a full disk) leaves
+    # new arrays beside the earlier numbers, which the report then refuses (report.check_artifacts)
+    metrics["artifacts_sha256"] = {n: file_sha256(out_dir / "artifacts" / n) for n in ARTIFACTS}
+    write_json(out_dir / "metrics" / "eval.json", metrics)
     # DVC's metrics, which `dvc metrics diff` and `dvc exp show` compare: what was evaluated and the headline
     # numbers, in the order of the table's columns; those in the data space's unit (nats per example) under
     # its name, as binary.log_px, so that no DVC table sets a pmf's number against a density's under one
@@ -626,6 +631,6 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
         "knn_accuracy": metrics["knn_accuracy"],  # in [0, 1], of any space
         "converged": metrics["converged"],
     }
-    (out_dir / "metrics" / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "metrics" / "eval_summary.json", summary)
 
     return metrics

@@ -47,7 +47,9 @@ from vaerepro.document import (
     write_figures,
 )
 from vaerepro.errors import UserError
+from vaerepro.files import write_whole
 from vaerepro.report_comparison import NATS, comparison_section, log_px_text, verdict
+from vaerepro.sources import file_sha256
 
 LADDER_SIGMAS = 3.0  # a ladder drop beyond this many standard errors of the change is flagged
 MAX_IMAGES = 16  # columns of the reconstruction / sample grids
@@ -107,8 +109,24 @@ def load_results(out_dir: Path) -> tuple[dict, dict]:
     tr = _load_json(out_dir / "metrics" / "train.json", "vaerepro train")
     _check_same_weights(out_dir / "metrics", ev, tr)
     _check_curve(out_dir / "plots" / "elbo.csv", tr)
-    _load_samples(out_dir / "artifacts" / "samples.npz")
+    _load_samples(out_dir / "artifacts" / "samples.npz")  # a damaged file said as such, before its digest
+    check_artifacts(out_dir, ev)
     return ev, tr
+
+
+def check_artifacts(out_dir: Path, ev: Mapping) -> None:
+    """ResultFileError when an array file of out_dir/artifacts is not the one eval.json (ev) was written with
+    (its `artifacts_sha256`): an evaluation that failed after writing its arrays and before its numbers (a
+    full disk) leaves its arrays beside the earlier evaluation's numbers. A missing file is not checked (the
+    report says so), nor an eval.json written before it named its arrays."""
+    for name, recorded in (ev.get("artifacts_sha256") or {}).items():
+        path = out_dir / "artifacts" / name
+        if path.is_file() and file_sha256(path) != recorded:
+            raise ResultFileError(
+                f"{path}: not the file {out_dir / 'metrics' / 'eval.json'} was written with (sha256 "
+                f"{file_sha256(path)[:12]}, eval.json names {str(recorded)[:12]}): an evaluation stopped "
+                "between writing them; run `vaerepro evaluate` again"
+            )
 
 
 def _check_curve(path: Path, tr: Mapping) -> None:
@@ -663,6 +681,6 @@ def write_report(
 
     figures, rel = write_figures(blocks, report_dir / "figures")
     html_path, md_path = report_dir / "report.html", report_dir / "report.md"
-    html_path.write_text(render_html(title, blocks), encoding="utf-8")
-    md_path.write_text(render_md(title, blocks, rel), encoding="utf-8")
+    write_whole(html_path, render_html(title, blocks))  # whole or not at all: the earlier report stays
+    write_whole(md_path, render_md(title, blocks, rel))
     return {"html": html_path, "md": md_path, "figures": figures}

@@ -16,6 +16,7 @@ from vaerepro import document
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
 from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, fmt, png
+from vaerepro.files import write_whole
 from vaerepro.reproduction_results import Plan, Result, SeedResult
 from vaerepro.sources import DEFAULT_URLS, MD5
 
@@ -344,8 +345,8 @@ def write_card(result: Result) -> dict[str, Any]:
     d.mkdir(parents=True, exist_ok=True)
     figures, rel = document.write_figures(blocks, d / f"{name}_figures")
     md, html = d / f"{name}.md", d / f"{name}.html"
-    md.write_text(document.render_md(title, blocks, rel), encoding="utf-8")
-    html.write_text(document.render_html(title, blocks), encoding="utf-8")
+    write_whole(md, document.render_md(title, blocks, rel))  # whole or not at all: the earlier card stays
+    write_whole(html, document.render_html(title, blocks))
     return {"md": md, "html": html, "figures": figures}
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vaerepro.errors import UserError
+from vaerepro.files import write_json, write_whole
 
 RECORD = "reproduction.json"
 MARKER = "reproduced.json"
@@ -50,13 +51,6 @@ How = Literal["start", "continue", "reuse"]  # what an invocation does with a se
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """The whole file or the old one: written beside it, then renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def resume_command(name: str, user: Sequence[str], seeds: int, smoke: bool, out: Path | None) -> str:
@@ -327,12 +321,7 @@ def set_aside(run_dir: Path, card: Sequence[Path], *, fresh: bool, out: Path | N
                 # whole or not at all: the moved card is the earlier reproduction's only one, and a kill or a
                 # full disk while it is rewritten in place would leave it cut short
                 text = moved.read_text(encoding="utf-8")
-                tmp = moved.with_name(moved.name + ".tmp")
-                try:
-                    tmp.write_text(text.replace(f"{run_dir}{os.sep}", f"{dest}{os.sep}"), encoding="utf-8")
-                    os.replace(tmp, moved)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                write_whole(moved, text.replace(f"{run_dir}{os.sep}", f"{dest}{os.sep}"))
     return dest
 
 

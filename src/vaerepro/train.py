@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import math
 import time
@@ -39,6 +38,7 @@ from vaerepro.data import (
     to_space,
 )
 from vaerepro.errors import Diverged, Stopped
+from vaerepro.files import write_json
 from vaerepro.likelihoods import space_name
 from vaerepro.model import build_vae
 from vaerepro.trainer import (
@@ -831,8 +831,7 @@ def train(
             best_ckpt = model_dir / "best.ckpt"
             metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
             metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
-            (out_dir / "metrics").mkdir(parents=True, exist_ok=True)
-            (out_dir / "metrics" / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(out_dir / "metrics" / "train.json", metrics)  # whole or not at all, as every file
             # DVC's metrics of training: the best validation ELBO (nats per example, under the data space's
             # name as binary.best_val_elbo, like eval_summary.json's numbers), how many epochs ran and the
             # best one's index (from 0, as in plots/elbo.csv); train.json keeps the whole record
@@ -841,7 +840,7 @@ def train(
                 "epochs": metrics["epochs"],
                 "best_epoch": metrics["best_epoch"],
             }
-            (out_dir / "metrics" / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(out_dir / "metrics" / "train_summary.json", summary)
         if tracker is not None:
             tracker.finish(metrics)
     except BaseException as exc:

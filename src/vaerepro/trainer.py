@@ -9,6 +9,7 @@ what a reproduction needs on top of it and nothing else.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from vaerepro import schedules, signals
 from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError, TrainerConfig
 from vaerepro.cudagraph import CapturableAdagrad, CapturableAdam
+from vaerepro.files import write_whole
 from vaerepro.likelihoods import space_name
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,11 @@ class _CsvRows(pl.Callback):
     def write(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(self.fields))
-            w.writeheader()
-            w.writerows(self.rows)
+        text = io.StringIO(newline="")  # the csv module's line ends (\r\n), as it writes them to a file
+        w = csv.DictWriter(text, fieldnames=list(self.fields))
+        w.writeheader()
+        w.writerows(self.rows)
+        write_whole(self.path, text.getvalue())  # the earlier curve stays if the process dies meanwhile
 
 
 class EpochHistory(_CsvRows):
@@ -117,7 +119,7 @@ class EpochHistory(_CsvRows):
         for other in self.by_space.parent.iterdir():
             if other != self.by_space and other.is_file():
                 other.unlink()
-        self.by_space.write_bytes(self.path.read_bytes())
+        write_whole(self.by_space, self.path.read_bytes())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
@@ -372,9 +374,9 @@ class ResumableEarlyStopping(EarlyStopping):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written whole or not at all: the bytes go to NAME.tmp in the checkpoint's directory,
-    are flushed to disk, and are renamed over NAME, so a kill or a power cut during a save leaves the earlier
-    best.ckpt / last.ckpt readable.
+    """Checkpoint files written whole or not at all (files.write_whole: the bytes go to .NAME.tmp in the
+    checkpoint's directory, are flushed to disk, and are renamed over NAME), so a kill or a power cut during a
+    save leaves the earlier best.ckpt / last.ckpt readable.
 
     Lightning's own save writes into a file of the system's temporary directory and moves it: when that
     directory is on another file system than models/ (a node-local /tmp, the project on a network file
@@ -384,14 +386,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)  # Lightning's TypeError
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as fh:
-            torch.save(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_whole(path, lambda fh: torch.save(checkpoint, fh))
 
 
 def check_trainer(t: TrainerConfig) -> None:

@@ -7,8 +7,8 @@ runs is the run report's (`vaerepro.report_comparison`).
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from vaerepro.document import (
     render_md,
     write_figures,
 )
+from vaerepro.files import write_whole
 from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, objective_label, override_value
 from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, top_trial
 from vaerepro.sweep.study import unconverged as _unconverged
@@ -283,15 +284,10 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     blocks += _importance_blocks(study)
     blocks += comparison_section(runs) if runs is not None else [Para("MLflow tracking was off.")]
 
-    figures, rel = write_figures(blocks, out_dir / "figures", write=_write_atomic)
+    # several sweep processes of one study may write the report at once: each writes its own siblings
+    shared = functools.partial(write_whole, shared=True)
+    figures, rel = write_figures(blocks, out_dir / "figures", write=shared)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    _write_atomic(html_path, render_html(title, blocks).encode())
-    _write_atomic(md_path, render_md(title, blocks, rel).encode())
+    shared(html_path, render_html(title, blocks))
+    shared(md_path, render_md(title, blocks, rel))
     return {"html": html_path, "md": md_path, "figures": figures}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # several sweep processes of one study may write the report at once
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -35,6 +35,7 @@ from typing import Any
 
 from vaerepro.config import ConfigError
 from vaerepro.errors import Stopped
+from vaerepro.files import write_json
 from vaerepro.signals import machine, pid_alive
 from vaerepro.sweep.outcome import trial_outcome
 from vaerepro.sweep.space import SearchSpace, grid_values, override_value, trial_overrides
@@ -722,7 +723,7 @@ class Sweep:
             "best_command": None if best is None else best_command(best),
             "mlflow_parent_run_id": self.parent_run_id,
         }
-        (self.sweep_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(self.sweep_dir / RESULTS_FILE, results)
         if best is not None:
             log.info(
                 "best trial %d: %s = %.4f\n  %s",

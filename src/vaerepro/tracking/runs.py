@@ -25,6 +25,7 @@ from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE, file_sha256, is_dequantized
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
+from vaerepro.files import write_json
 from vaerepro.tracking.names import (
     CONVERGED_TAG,
     K_TAG,
@@ -451,10 +452,7 @@ def write_run_id(
         record["eval_json_sha256"] = file_sha256(evaluation)
     if logged is not None:
         record["logged"] = logged
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, model_dir / RUN_FILE)
+    write_json(model_dir / RUN_FILE, record)
 
 
 def check_evaluation_run(out_dir: Path) -> None:

@@ -1,0 +1,50 @@
+"""Result files written whole: a reader finds the earlier file or the new one, never part of one.
+
+A file written in place is empty, then partial, until its last byte is out: a process killed meanwhile (kill
+-9, the OOM killer, a scheduler's time limit, a full disk) leaves a torn file where the only good copy was,
+and the earlier eval.json, curve or report is lost. `write_whole` writes the bytes to a hidden sibling
+(`.NAME.tmp`: the same directory, so the same file system), flushes them to disk and renames the sibling
+over NAME, which POSIX and Windows (`os.replace`) do in one step. Any error on the way removes the sibling
+and leaves NAME as it was; a kill leaves at most that one sibling, which the next write of NAME replaces.
+A file several processes may write at once (a sweep's report) takes `shared=True`: one sibling per process
+(`.NAME.<pid>.tmp`), so that no two writers fill one.
+
+The standard library has no such call (`tempfile` gives the name, not the rename), hence these few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+Writer = Callable[[IO[bytes]], object]  # writes the file's bytes to an open binary file, e.g. np.savez
+
+
+def write_whole(path: str | os.PathLike, data: bytes | str | Writer, *, shared: bool = False) -> Path:
+    """Write `data` to `path` whole or not at all (str as UTF-8; a callable writes to the open file itself,
+    for writers that stream, like np.savez or torch.save). `shared`: other processes may write `path` at the
+    same time. Creates the parent directory; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes on disk before the name points at them (a power cut)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """`data` as indented JSON and a final newline, written whole (`write_whole`)."""
+    return write_whole(path, json.dumps(data, indent=2) + "\n")
