@@ -6,9 +6,11 @@ vaerepro check|prepare|train|evaluate|report [--params params.yaml] [--out .]
                                 the DVC stages; each reads the resolved config
 vaerepro run [OVERRIDES]        one configuration through every stage, outside DVC (a Hydra app:
                                 --multirun, --cfg job, hydra.run.dir=... all work)
-vaerepro ui [--port N]          serve the MLflow store and print the link to the runs, set up for comparing
-vaerepro reproduce --list       the papers' presets: source, published value, estimated time
-vaerepro reproduce NAME [--smoke] [--seeds N] [OVERRIDES]
+vaerepro ui [--port N] [--print-url]
+                                serve the MLflow store and print the links to the runs, set up for comparing
+vaerepro reproduce --list [NAME ...]
+                                the papers' presets: source, published value, estimated time
+vaerepro reproduce NAME [--smoke] [--seeds N] [--resume | --fresh] [--out DIR] [OVERRIDES]
                                 run a preset: a run per seed, a reproduction card and a verdict
 
 A mistake in the input (a config key, a file, a checkpoint, the tracking store) is one line on stderr naming
