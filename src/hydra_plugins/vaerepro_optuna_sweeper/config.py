@@ -4,7 +4,8 @@ Keys follow Hydra's own Optuna sweeper (hydra-optuna-sweeper) so habits carry ov
 tpe|random|grid|cmaes with `hydra.sweeper.sampler.seed`, `direction`, `storage`, `study_name`, `n_trials`,
 `n_jobs`, `max_failure_rate` and `params` written with Hydra's sweep syntax (choice, range, interval,
 tag(log, interval)). Added: `objective` (a key of metrics/eval.json), `hydra/sweeper/pruner=`
-none|median|hyperband, `multivariate` and `constant_liar` (TPE).
+none|median|hyperband, `multivariate` and `constant_liar` (TPE), `trial_timeout` (seconds before a trial
+is stopped and failed) and `report` (the sweep report when the sweep ends).
 
 Samplers and pruners are named, not `_target_` paths: `vaerepro.sweep.study.make_sampler` / `make_pruner`
 build them, and the pruner's settings travel to each trial process as JSON.
