@@ -33,7 +33,7 @@ repro: install plots-template
 
 # `dvc exp show` narrowed to what compares runs: what was evaluated and the headline numbers always, other
 # params and metrics where they differ between the rows, no hashes of stage outputs. Plain `dvc exp show`
-# has a column for every key of params.yaml (65) and every dependency (26), ~1,000 characters; DVC has no
+# has a column for every key of params.yaml (65) and every file a stage reads, ~1,000 characters; DVC has no
 # setting to narrow it. Dropped params: those the metrics' labels repeat, and allow_improper, which differs
 # whenever the likelihood does (only bernoulli has the key; an improper run shows as data.space=continuous).
 # Dropped too: the time created, and training's best validation ELBO (the test numbers are the headline):
