@@ -223,3 +223,33 @@ def test_an_unknown_config_option_is_one_line_with_the_options_not_the_search_pa
         "overrides likelihood=poisson: In 'config': Could not find 'likelihood/poisson' Available options in "
         "'likelihood': bernoulli continuous_bernoulli gaussian"
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("seed=true", "seed"),
+        ("model.latent_dim=true", "model.latent_dim"),
+        ("model.hidden_dims=[500,true]", "model.hidden_dims"),
+        ("model.stochastic_layers=true", "model.stochastic_layers"),
+        ("trainer.devices=true", "trainer.devices"),
+        ("train.lr=true", "train.lr"),
+        ("eval.batch_size=false", "eval.batch_size"),
+    ],
+)
+def test_a_boolean_where_a_number_is_meant_is_refused(override, key):
+    """pydantic read `seed: true` as seed 1 and `model.latent_dim: yes` as 1: refused, naming the key."""
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(compose(override))
+    assert str(err.value).startswith(f"{key}: Input should be a number, not true or false (given: ")
+
+
+def test_a_boolean_gaussian_sigma_is_refused_and_strings_of_numbers_still_read():
+    with pytest.raises(ConfigError, match="^likelihood.sigma: Input should be a number, not true or false"):
+        config_mod.validate(compose("likelihood=gaussian", "likelihood.sigma=true"))
+    # PyYAML reads 1e-3 as a string: still a number; and true is still a boolean where one is meant
+    raw = compose("train.early_stopping=true", "trainer.cuda_graph=false", "likelihood.allow_improper=true")
+    raw["train"]["lr"], raw["model"]["latent_dim"] = "1e-3", "5"
+    cfg = config_mod.validate(raw)
+    assert (cfg.train.lr, cfg.model.latent_dim, cfg.train.early_stopping) == (0.001, 5, True)
+    assert (cfg.trainer.cuda_graph, cfg.likelihood.allow_improper) == (False, True)

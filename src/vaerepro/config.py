@@ -10,10 +10,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from vaerepro.errors import UserError
 from vaerepro.likelihoods import DATA_SPACES, GAUSSIAN_SCALES, REGISTRY, get_likelihood
@@ -45,7 +54,41 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names each bad key."""
 
 
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field's type holds numbers (int, float, Literal[1, 2], lists, unions of them), no bool."""
+
+    def kinds(t: Any):
+        if get_origin(t) is Literal:
+            yield from (type(v) for v in get_args(t))
+        elif get_args(t):
+            for arg in get_args(t):
+                yield from kinds(arg)
+        else:
+            yield t
+
+    found = set(kinds(annotation))
+    return bool(found & {int, float}) and bool not in found
+
+
+def _no_bool_for_a_number(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    # pydantic reads true as 1 where a number is meant (`seed: true`, `model.latent_dim: yes`, hidden_dims
+    # [true]): a mistake, not a number. Strings stay accepted: PyYAML reads 1e-3 as the string "1e-3"
+    given = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) for v in given) and _numbers_only(
+        cls.model_fields[info.field_name].annotation
+    ):
+        raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
+    return value
+
+
 class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _no_bool = field_validator("*", mode="before")(_no_bool_for_a_number)
+
+
+class _LikelihoodSection(BaseModel):
+    # without _Section's validator of every key: pydantic refuses one before the discriminator `name`
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -124,12 +167,12 @@ class ModelConfig(_Section):
         return self
 
 
-class BernoulliConfig(_Section):
+class BernoulliConfig(_LikelihoodSection):
     name: Literal["bernoulli"]
     allow_improper: bool = False
 
 
-class GaussianConfig(_Section):
+class GaussianConfig(_LikelihoodSection):
     name: Literal["gaussian"]
     sigma: float | None = Field(None, gt=0)
     min_sigma: float = Field(0.01, gt=0)
@@ -137,13 +180,15 @@ class GaussianConfig(_Section):
     # Frey Face decoder, no floor); see likelihoods.GAUSSIAN_SCALES
     scale: Literal[GAUSSIAN_SCALES] = "softplus"
 
+    _no_bool = field_validator("sigma", "min_sigma", mode="before")(_no_bool_for_a_number)
+
     @model_validator(mode="after")
     def _check(self) -> GaussianConfig:
         get_likelihood(**self.model_dump())  # the likelihood's own checks (ValueError), under this key
         return self
 
 
-class ContinuousBernoulliConfig(_Section):
+class ContinuousBernoulliConfig(_LikelihoodSection):
     name: Literal["continuous_bernoulli"]
 
 
