@@ -253,3 +253,13 @@ def test_a_boolean_gaussian_sigma_is_refused_and_strings_of_numbers_still_read()
     cfg = config_mod.validate(raw)
     assert (cfg.train.lr, cfg.model.latent_dim, cfg.train.early_stopping) == (0.001, 5, True)
     assert (cfg.trainer.cuda_graph, cfg.likelihood.allow_improper) == (False, True)
+
+
+@pytest.mark.parametrize(("override", "got"), [("model=null", "NoneType"), ("likelihood=5", "int")])
+def test_a_config_group_given_no_option_name_is_one_line(override, got):
+    # Hydra raises a plain ValueError for these: a traceback of `vaerepro params` and `vaerepro run` before
+    with pytest.raises(ConfigError) as err:
+        config_mod.compose([override])
+    assert str(err.value) == (
+        f"overrides {override}: Config group override must be a string or a list. Got {got}"
+    )

@@ -561,7 +561,7 @@ def compose(
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
         return OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: model=null
         # one line, without the search path Hydra appends (after a newline): the options are what helps
         text = " ".join(str(err).split()).split(" Config search path:")[0]
         shown = " ".join(overrides or []) if named is None else " ".join(named)
