@@ -277,3 +277,17 @@ def test_the_closing_line_of_a_run_says_improper_k_and_verdict_beside_log_px():
     assert cli.result_line(fixed, numbers).startswith(
         "log p(x) = -181.295 ± 1.241 nats/example (gaussian (sigma=0.1), continuous space; K = 20"
     )
+
+
+def test_params_refuses_overrides_that_delete_a_section_and_keeps_the_file(tmp_path, capsys, monkeypatch):
+    """`vaerepro params ~model` wrote a params.yaml without model, over the old one, which every stage then
+    refused ("no model section")."""
+    monkeypatch.chdir(ROOT)  # the project whose conf/ it composes
+    out = tmp_path / "params.yaml"
+    out.write_text("the old file\n")
+    assert cli.main(["params", "~model", "~seed", "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"vaerepro params: overrides ~model ~seed: no seed, model in the resolved config, which every stage "
+        f"needs; {out} is left as it was\n"
+    )
+    assert out.read_text() == "the old file\n"

@@ -748,6 +748,11 @@ def _main(argv: list[str]) -> int:
     if args.command == "params":
         raw = config_mod.compose(args.overrides, config_dir=config_mod.find_project_root() / "conf")
         config_mod.validate(raw)
+        if missing := [k for k in Config.model_fields if k not in raw]:  # ~model: a file load refuses
+            raise ConfigError(
+                f"overrides {' '.join(args.overrides)}: no {', '.join(missing)} in the resolved config, "
+                f"which every stage needs; {args.output} is left as it was"
+            )
         write_whole(args.output, config_mod.dump(raw))  # the earlier params.yaml stays if this one fails
         print(f"wrote {args.output}")
         return 0
