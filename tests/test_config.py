@@ -263,3 +263,20 @@ def test_a_config_group_given_no_option_name_is_one_line(override, got):
     assert str(err.value) == (
         f"overrides {override}: Config group override must be a string or a list. Got {got}"
     )
+
+
+def test_load_refuses_a_key_given_twice(tmp_path):
+    """PyYAML keeps the last of two equal keys: a `model:` section appended to params.yaml replaced the whole
+    section, the keys it lacks falling back to the defaults; DVC refuses such a file as corrupted."""
+    params = tmp_path / "params.yaml"
+    whole = config_mod.dump(compose("model.hidden_dims=[200,200]"))
+    params.write_text(whole + "model:\n  latent_dim: 5\n")
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(params)
+    line = len(whole.splitlines()) + 1
+    assert str(err.value) == f"{params}: not valid YAML at line {line}, column 1 (key 'model' given twice)"
+    params.write_text(whole.replace("  latent_dim: 20\n", "  latent_dim: 20\n  latent_dim: 5\n"))
+    with pytest.raises(ConfigError, match=r"at line \d+, column 3 \(key 'latent_dim' given twice\)"):
+        config_mod.load(params)
+    params.write_text(whole)
+    assert config_mod.load(params).model.hidden_dims == [200, 200]
