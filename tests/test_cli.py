@@ -291,3 +291,14 @@ def test_params_refuses_overrides_that_delete_a_section_and_keeps_the_file(tmp_p
         f"needs; {out} is left as it was\n"
     )
     assert out.read_text() == "the old file\n"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
+def test_ui_refuses_a_port_out_of_range(port, tmp_path, capsys, monkeypatch):
+    """mlflow's server ended in a traceback (bind(): port must be 0-65535) and exit status 0."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        cli._main(["ui", f"--port={port}"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"argument --port: '{port}': a port is a whole number from 1 to 65535\n"), err

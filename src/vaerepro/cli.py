@@ -708,6 +708,17 @@ _DVC_RESUME_HINT = (
 )
 
 
+def _port(text: str) -> int:
+    """`vaerepro ui --port`: 1..65535 (else mlflow's server ended in a traceback, with exit status 0)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is a whole number from 1 to 65535")
+    return port
+
+
 def _main(argv: list[str]) -> int:
     if argv and argv[0] == "run":
         _hydra_run(argv[1:])
@@ -734,7 +745,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--output", default="params.yaml", help="file to write (default: params.yaml)")
     p = sub.add_parser("ui", help="serve the MLflow store (127.0.0.1) and print the link to compare runs")
     p.add_argument("--params", default="params.yaml", help="resolved config (default: params.yaml)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=_port, default=5000)
     p.add_argument("--print-url", action="store_true", help="print the link only; serve nothing")
     for name in ("fetch", *STAGES):
         p = sub.add_parser(name, help=STAGE_HELP[name])
