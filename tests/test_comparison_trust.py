@@ -235,6 +235,19 @@ def test_the_report_refuses_a_damaged_eval_json_and_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_the_report_refuses_an_eval_json_without_log_px(tmp_path):
+    """`{}` (a file emptied by hand) was a report of n/a's on '? data'."""
+    out = make_out_dir(tmp_path / "run")
+    (out / "metrics" / "eval.json").write_text("{}")
+    with pytest.raises(ResultFileError) as err:
+        write_report(out, CONFIG, runs=[])
+    assert str(err.value) == (
+        f"{out / 'metrics' / 'eval.json'}: no log_px, which every evaluation writes; run `vaerepro evaluate` "
+        "again to rewrite it"
+    )
+    assert not (out / "reports").exists()
+
+
 def test_vaerepro_report_exits_2_with_one_line_naming_the_file_and_key(tmp_path):
     out = make_out_dir(tmp_path / "run")
     _damage(out, log_px=3.5)  # a binary pmf: log p(x) 3.5 nats/example over 1000 examples

@@ -94,7 +94,8 @@ def _load_eval(path: Path) -> dict:
     """metrics/eval.json, refused (one line naming the file, the key and the problem) when it holds a number
     no evaluation writes (compare.impossible): a hand-edited or damaged file is never shown as a result."""
     ev = _load_json(path, "vaerepro evaluate")
-    problem = impossible(ev, strict=True)
+    # every evaluation writes log_px; without it ({} left by hand) the report was of n/a's and '? data'
+    problem = impossible(ev, strict=True) if "log_px" in ev else "no log_px, which every evaluation writes"
     if problem is not None:
         raise ResultFileError(f"{path}: {problem}; run `vaerepro evaluate` again to rewrite it")
     return ev
