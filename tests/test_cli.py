@@ -297,8 +297,23 @@ def test_params_refuses_overrides_that_delete_a_section_and_keeps_the_file(tmp_p
 def test_ui_refuses_a_port_out_of_range(port, tmp_path, capsys, monkeypatch):
     """mlflow's server ended in a traceback (bind(): port must be 0-65535) and exit status 0."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as done:
-        cli._main(["ui", f"--port={port}"])
-    assert done.value.code == 2
+    assert cli.main(["ui", f"--port={port}"]) == 2
     err = capsys.readouterr().err
-    assert err.endswith(f"argument --port: '{port}': a port is a whole number from 1 to 65535\n"), err
+    assert err == f"vaerepro ui: argument --port: '{port}': a port is a whole number from 1 to 65535\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        ([], "vaerepro: the following arguments are required: COMMAND"),
+        (["train", "--bogus"], "vaerepro train: unrecognized arguments: --bogus"),
+        (["params", "--multirun"], "vaerepro params: unrecognized arguments: --multirun"),
+        (["evaluate", "--out"], "vaerepro evaluate: argument --out: expected one argument"),
+    ],
+)
+def test_a_command_line_argparse_refuses_is_one_line(argv, line, tmp_path, capsys, monkeypatch):
+    """argparse printed its usage and the error on two lines, unlike every other input mistake and `vaerepro
+    reproduce`'s own parser."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"

@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         message = _user_error(err)
         if message is None or debug:
             raise
-        print(f"vaerepro {command}: {message}", file=sys.stderr)
+        print(f"{f'vaerepro {command}'.strip()}: {message}", file=sys.stderr)
         return 2
 
 
@@ -708,6 +708,14 @@ _DVC_RESUME_HINT = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose refusal (an unknown option, --port abc) is one line and exit status 2 (main), as every
+    other input mistake and `vaerepro reproduce`'s, not usage and error on two lines; subcommands too."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
 def _port(text: str) -> int:
     """`vaerepro ui --port`: 1..65535 (else mlflow's server ended in a traceback, with exit status 0)."""
     try:
@@ -728,7 +736,7 @@ def _main(argv: list[str]) -> int:
 
         return presets.main(argv[1:])
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vaerepro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
