@@ -108,3 +108,27 @@ def test_two_of_hydras_modes_are_one_line_not_its_traceback():
         cli._check_overrides(["--multirun", "--info=config"], ROOT)
     assert cli._check_overrides(["--cfg", "job", "model.latent_dim=3"], ROOT) is None
     assert cli._check_overrides(["-m", "--multirun", "model.latent_dim=2,3"], ROOT) is None
+
+
+@pytest.mark.parametrize("mode", [[], ["-m"]])
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("hydra.foo=1", "Could not override 'hydra.foo'. To append to your config use +hydra.foo=1"),
+        ("hydra/launcher=nope", "In 'hydra/config': Could not find 'hydra/launcher/nope' Available options"),
+    ],
+)
+def test_an_unknown_key_or_option_of_hydras_own_is_one_line(mode, override, problem):
+    """Hydra's own keys were left to Hydra: 7 lines and exit status 1, for a single run and --multirun."""
+    with pytest.raises(ConfigError) as err:
+        cli._check_overrides([*mode, override, "seed=1,2" if mode else "seed=1"], ROOT)
+    named = override if mode else f"{override} seed=1"  # a single run's line names all its overrides
+    assert str(err.value).startswith(f"overrides {named}: {problem}"), err.value
+
+
+def test_sweeping_hydras_own_key_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        cli._check_overrides(["-m", "hydra.job.name=a,b"], ROOT)
+    assert (
+        str(err.value) == "overrides hydra.job.name=a,b: Sweeping over Hydra's configuration is not supported"
+    )

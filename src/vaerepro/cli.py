@@ -510,7 +510,10 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     overrides = [
         a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))
     ]
+    # composed with Hydra's own keys too: an unknown hydra.foo=1 or hydra/launcher=foo was Hydra's 7 lines
+    given_all = [a for a in argv if not a.startswith("-")]
     if not flags:
+        config_mod.compose(given_all, config_dir=root / "conf")
         cfg = config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
         # a hydra.run.dir given of another run: refused before Hydra writes its .hydra/ files over that run's
         # (app claims the directory, as the directories Hydra names and those of --multirun jobs)
@@ -523,15 +526,17 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
-    shared = []
-    for line in overrides:
+    shared, hydra_shared = [], []
+    for line in given_all:
         try:
             (override,) = parser.parse_overrides([line])
         except OverrideParseException as err:
             raise ConfigError(f"overrides {line}: {' '.join(str(err).split())}") from None
         if not override.is_sweep_override():
-            shared.append(line)
-    config_mod.compose(shared, config_dir=root / "conf")
+            (shared if line in overrides else hydra_shared).append(line)
+        elif line not in overrides:  # as Hydra refuses it, in 3 lines and exit status 1
+            raise ConfigError(f"overrides {line}: Sweeping over Hydra's configuration is not supported")
+    config_mod.compose([*shared, *hydra_shared], config_dir=root / "conf")
     hydra_overrides = [a for a in argv if not a.startswith("-") and a not in overrides]
     _check_basic_sweep(overrides, shared, hydra_overrides, root)
 
