@@ -132,3 +132,20 @@ def test_sweeping_hydras_own_key_is_one_line():
     assert (
         str(err.value) == "overrides hydra.job.name=a,b: Sweeping over Hydra's configuration is not supported"
     )
+
+
+def test_a_run_or_sweep_directory_at_or_under_a_file_is_one_line(tmp_path):
+    """Hydra's mkdir of hydra.run.dir / hydra.sweep.dir there was a FileExistsError or NotADirectoryError
+    traceback, exit status 1."""
+    taken = tmp_path / "notes.txt"
+    taken.write_text("a file the user keeps\n")
+    for argv, key, path in (
+        ([f"hydra.run.dir={taken}"], "hydra.run.dir", taken),
+        ([f"hydra.run.dir={taken}/run"], "hydra.run.dir", taken / "run"),
+        (["-m", f"hydra.sweep.dir={taken}/grid", "seed=1,2"], "hydra.sweep.dir", taken / "grid"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            cli._check_overrides(argv, ROOT)
+        assert str(err.value) == f"{key}={path}: {taken} is a file, not a directory"
+    assert taken.read_text() == "a file the user keeps\n"
+    cli._check_overrides([f"hydra.run.dir={tmp_path}/new/run"], ROOT)  # a directory to make: no refusal

@@ -518,6 +518,8 @@ def _check_overrides(argv: list[str], root: Path) -> None:
         # a hydra.run.dir given of another run: refused before Hydra writes its .hydra/ files over that run's
         # (app claims the directory, as the directories Hydra names and those of --multirun jobs)
         given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
+        if given and "${" not in given[-1]:
+            _check_no_file_at("hydra.run.dir", Path(given[-1]))
         if given and "${" not in given[-1] and not cfg.train.resume and not _ddp_child():
             if (Path(given[-1]) / RUN_MARK).exists():
                 raise _taken(Path(given[-1]))
@@ -539,6 +541,14 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     config_mod.compose([*shared, *hydra_shared], config_dir=root / "conf")
     hydra_overrides = [a for a in argv if not a.startswith("-") and a not in overrides]
     _check_basic_sweep(overrides, shared, hydra_overrides, root)
+
+
+def _check_no_file_at(key: str, path: Path) -> None:
+    """ConfigError when path, or the nearest of its parents that exists, is a file: Hydra's mkdir of the run's
+    or the sweep's directory there was a traceback."""
+    found = next((d for d in (path, *path.parents) if d.exists()), None)
+    if found is not None and not found.is_dir():
+        raise ConfigError(f"{key}={path}: {found} is a file, not a directory")
 
 
 def _check_sweep_dir(sweep_dir: Path) -> None:
@@ -604,6 +614,8 @@ def _check_basic_sweep(
             sweep_dir = Path(str(OmegaConf.select(hcfg, "hydra.sweep.dir")))
         except Exception:  # noqa: BLE001
             sweep_dir = None
+        if sweep_dir is not None:
+            _check_no_file_at("hydra.sweep.dir", sweep_dir)
         if sweep_dir is not None and OmegaConf.select(hcfg, "train.resume") is not True:
             _check_sweep_dir(sweep_dir)  # its jobs resuming their runs (train.resume=true) may go there
         # a config loader lets the parser list a config group's options for glob(...)
