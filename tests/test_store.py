@@ -222,6 +222,29 @@ def test_empty_file_is_a_new_store(tmp_path):
     assert uri == tracking.tracking_uri(_cfg(), tmp_path) and exp_id
 
 
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("{tmp}/mlruns", "The filesystem tracking backend (e.g., './mlruns') is in maintenance mode"),
+        ("bogus://x", "Model registry functionality is unavailable; got unsupported URI 'bogus://x'"),
+    ],
+)
+def test_a_store_mlflow_will_not_open_names_the_key_in_one_line(uri, why, tmp_path, monkeypatch):
+    """A plain directory (MLflow 3's refused file store) or an unknown scheme was MLflow's traceback."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = uri.format(tmp=tmp_path)
+    for call in (tracking.ensure_experiment, tracking.experiment_runs):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
+        with pytest.raises(ConfigError) as err:
+            call(_cfg(uri=uri), tmp_path)
+        msg = str(err.value)
+        assert (
+            msg.startswith(f"tracking.uri={uri}: MLflow will not open this store ({why}") and "\n" not in msg
+        )
+        assert msg.endswith("); use sqlite:///PATH/mlflow.db or an http(s):// tracking server"), msg
+    assert not (tmp_path / "mlruns").exists()
+
+
 # -- an unreachable tracking server -----------------------------------------------------------------------
 
 

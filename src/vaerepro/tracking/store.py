@@ -257,12 +257,13 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
 
     uri = tracking_uri(tcfg, root)
     name = tcfg.experiment
+    source = tracking_uri_source(tcfg)  # before set_tracking_uri, which sets MLFLOW_TRACKING_URI
     if is_server(uri):
-        check_tracking_server(uri, tracking_uri_source(tcfg))
+        check_tracking_server(uri, source)
     mlflow.set_tracking_uri(uri)
     db = sqlite_store_path(uri)
     if db is None:
-        client = MlflowClient(uri)
+        client = _open_client(uri, source)
         exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
         _ensure_view(client, exp_id)
         return uri, exp_id
@@ -299,8 +300,6 @@ def reading_client(uri: str, key: str | None = None):
     Reading never creates or migrates a store (MLflow's client would, on a missing or empty sqlite file,
     without the lock `ensure_experiment` takes), and a damaged file or an absent server is one clear error.
     """
-    from mlflow import MlflowClient
-
     db = sqlite_store_path(uri)
     if db is not None:
         if not db.is_file() or db.stat().st_size == 0:
@@ -308,4 +307,20 @@ def reading_client(uri: str, key: str | None = None):
         check_sqlite_store(db)
     elif is_server(uri):
         check_tracking_server(uri, key)
-    return MlflowClient(uri)
+    return _open_client(uri, key)
+
+
+def _open_client(uri: str, key: str | None):
+    """MlflowClient(uri); a ConfigError naming the setting for a store MLflow will not open: a directory or
+    file: uri (MLflow 3's file store is refused), an unknown scheme. Both were MLflow's traceback."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(uri)
+    except MlflowException as err:
+        why = " ".join(str(err.message).split()).split(". ")[0]
+        raise ConfigError(
+            f"{key or 'tracking uri'}={uri}: MLflow will not open this store ({why}); use "
+            "sqlite:///PATH/mlflow.db or an http(s):// tracking server"
+        ) from None
