@@ -280,3 +280,16 @@ def test_load_refuses_a_key_given_twice(tmp_path):
         config_mod.load(params)
     params.write_text(whole)
     assert config_mod.load(params).model.hidden_dims == [200, 200]
+
+
+def test_a_check_of_a_section_or_across_sections_reads_without_pydantics_prefixes():
+    """Our validators' errors read "<root>: Value error, ..." and "data: Value error, ..." before."""
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(compose(*TWO))
+    assert str(err.value) == (
+        "train.estimator=B (the analytic KL) is for one stochastic layer; with model.stochastic_layers=2 use "
+        "train.estimator=A"
+    )
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(compose("data=npz"))
+    assert str(err.value) == "data: source=npz needs data.path=/path/to/file.npz"

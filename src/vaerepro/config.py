@@ -479,16 +479,18 @@ def _format(err: ValidationError) -> str:
         # Discriminated unions put the tag in the location; keep the path a user would type.
         for tag in REGISTRY:
             key = key.replace(f"likelihood.{tag}", "likelihood")
-        key = key or "<root>"
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' ValueErrors
         if union and entries and entries[-1][0] == key and entries[-1][3]:
             # the next branch of the same union: one key, its allowed forms joined ("..., or 'auto'")
-            entries[-1][1].append(e["msg"].removeprefix("Input should be "))
+            entries[-1][1].append(msg.removeprefix("Input should be "))
         else:
-            entries.append((key, [e["msg"]], shown, union))
-    # One line: each bad key, what is allowed and what was given.
-    return "; ".join(f"{key}: {', or '.join(msgs)}{shown}" for key, msgs, shown, _ in entries)
+            entries.append((key, [msg], shown, union))
+    # One line: each bad key, what is allowed and what was given (a check across sections names its keys)
+    return "; ".join(
+        f"{key + ': ' if key else ''}{', or '.join(msgs)}{shown}" for key, msgs, shown, _ in entries
+    )
 
 
 def validate(raw: dict[str, Any]) -> Config:
