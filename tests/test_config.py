@@ -293,3 +293,15 @@ def test_a_check_of_a_section_or_across_sections_reads_without_pydantics_prefixe
     with pytest.raises(ConfigError) as err:
         config_mod.validate(compose("data=npz"))
     assert str(err.value) == "data: source=npz needs data.path=/path/to/file.npz"
+
+
+def test_a_likelihood_section_without_its_name_says_which_names_there_are():
+    """pydantic's words were "likelihood: Unable to extract tag using discriminator 'name'"."""
+    raw = compose()
+    raw["likelihood"] = {"allow_improper": True}
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(raw)
+    assert (
+        str(err.value)
+        == "likelihood: no name; give likelihood.name: bernoulli, gaussian, continuous_bernoulli"
+    )

@@ -482,6 +482,8 @@ def _format(err: ValidationError) -> str:
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"
         msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' ValueErrors
+        if e["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using discriminator 'name'"
+            msg = f"no name; give {key}.name: {', '.join(REGISTRY)}"
         if union and entries and entries[-1][0] == key and entries[-1][3]:
             # the next branch of the same union: one key, its allowed forms joined ("..., or 'auto'")
             entries[-1][1].append(msg.removeprefix("Input should be "))
