@@ -317,3 +317,18 @@ def test_a_command_line_argparse_refuses_is_one_line(argv, line, tmp_path, capsy
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_file_where_a_directory_is_needed_is_said_so(tmp_path):
+    """mkdir on a file raises FileExistsError, whose words ("File exists") read as if the path were fine."""
+    taken = tmp_path / "out"
+    taken.write_text("")
+    try:
+        (taken / "prepared").parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        assert cli._user_error(err) == f"{taken}: a file, where a directory is needed"
+    else:
+        pytest.fail("mkdir of a file succeeded")
+    assert cli._user_error(FileNotFoundError(2, "No such file or directory", "x.npz")) == (
+        "x.npz: No such file or directory"
+    )

@@ -48,6 +48,8 @@ def _user_error(err: BaseException) -> str | None:
     if isinstance(err, UserError):
         return " ".join(str(err).split())
     if isinstance(err, OSError) and err.filename is not None:  # unwritable models/, a missing file, ...
+        if isinstance(err, FileExistsError) and os.path.isfile(err.filename):  # mkdir: strerror "File exists"
+            return f"{err.filename}: a file, where a directory is needed"
         return f"{err.filename}: {err.strerror or type(err).__name__}"
     return None
 
