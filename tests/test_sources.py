@@ -509,3 +509,15 @@ def test_an_idx_path_that_is_a_directory_is_not_called_a_corrupt_gzip_file(tmp_p
         formats.read_idx(folder)
     assert str(err.value).startswith(f"{folder}: cannot read the file (")
     assert "gzip" not in str(err.value)
+
+
+def test_a_url_without_a_scheme_is_a_data_error_and_leaves_nothing(tmp_path):
+    """data.url=example.com/frey/ (no http://) was urllib's ValueError traceback."""
+    with pytest.raises(DataError) as info:
+        data.fetch("frey_faces", tmp_path / "raw", url="example.com/frey/")
+    dest = tmp_path / "raw" / "frey_faces" / "frey_rawface.mat"
+    assert str(info.value) == (
+        f"{dest}: download from example.com/frey/frey_rawface.mat failed (unknown url type: "
+        "'example.com/frey/frey_rawface.mat')"
+    )
+    assert list((tmp_path / "raw" / "frey_faces").iterdir()) == []

@@ -216,15 +216,15 @@ def _download(url: str, dest: Path, md5: str | None, validate) -> None:
     tmp = fresh_sibling(dest, ".part")
     try:
         h, received = hashlib.md5(), 0
-        request = urllib.request.Request(url, headers={"User-Agent": "vaerepro"})
         try:
+            request = urllib.request.Request(url, headers={"User-Agent": "vaerepro"})  # ValueError: no scheme
             with open(tmp, "xb") as out, urllib.request.urlopen(request, timeout=60) as response:
                 length = response.headers.get("Content-Length")
                 while chunk := response.read(_CHUNK):
                     h.update(chunk)
                     out.write(chunk)
                     received += len(chunk)
-        except (urllib.error.URLError, HTTPException, OSError) as exc:
+        except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
             raise DataError(f"{dest}: download from {url} failed ({exc})") from exc
         # http.client's read(n) returns b"" (no error) when the connection drops early: check the length
         if length is not None and length.isdigit() and received != int(length):
