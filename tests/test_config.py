@@ -305,3 +305,14 @@ def test_a_likelihood_section_without_its_name_says_which_names_there_are():
         str(err.value)
         == "likelihood: no name; give likelihood.name: bernoulli, gaussian, continuous_bernoulli"
     )
+
+
+def test_an_override_of_a_typed_key_says_why_it_cannot_merge():
+    """Hydra's own keys are typed: its error's one line was "Error merging override ...", the reason in the
+    exception's cause."""
+    with pytest.raises(ConfigError) as err:
+        config_mod.compose(["hydra/sweeper=vaerepro_optuna", "hydra.sweeper.n_trials=abc"])
+    assert str(err.value) == (
+        "overrides hydra/sweeper=vaerepro_optuna hydra.sweeper.n_trials=abc: Error merging override "
+        "hydra.sweeper.n_trials=abc (Value 'abc' of type 'str' could not be converted to Integer)"
+    )

@@ -585,6 +585,8 @@ def compose(
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: model=null
         # one line, without the search path Hydra appends (after a newline): the options are what helps
         text = " ".join(str(err).split()).split(" Config search path:")[0]
+        if text.startswith("Error merging override") and err.__cause__ is not None:  # why is in its cause
+            text += f" ({str(err.__cause__).splitlines()[0]})"
         shown = " ".join(overrides or []) if named is None else " ".join(named)
         raise ConfigError(f"overrides {shown}: {text}") from None
 
