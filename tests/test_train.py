@@ -703,3 +703,21 @@ def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monke
     check_trainer(trainer("trainer=gpu", "trainer.devices=2"))
     with pytest.raises(ConfigError, match=r"trainer.devices=4: this machine has 2 CUDA device\(s\)"):
         check_trainer(trainer("trainer=gpu", "trainer.devices=4"))
+
+
+def test_an_mps_accelerator_without_an_mps_device_is_refused(monkeypatch):
+    """Lightning's MisconfigurationException traceback when the Trainer was built, before."""
+    from conftest import compose
+    from vaerepro import config as config_mod
+    from vaerepro.config import ConfigError
+    from vaerepro.trainer import check_trainer
+
+    trainer = config_mod.validate(compose("trainer.accelerator=mps")).trainer
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        check_trainer(trainer)
+    assert str(err.value) == (
+        "trainer.accelerator=mps: this machine has no MPS device (Apple silicon); use trainer=cpu"
+    )
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    check_trainer(trainer)

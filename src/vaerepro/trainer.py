@@ -411,6 +411,10 @@ def check_trainer(t: TrainerConfig) -> None:
             )
         if isinstance(t.devices, int) and t.devices > have:
             raise ConfigError(f"trainer.devices={t.devices}: this machine has {have} CUDA device(s)")
+    elif t.accelerator == "mps" and not torch.backends.mps.is_available():  # Lightning's traceback
+        raise ConfigError(
+            "trainer.accelerator=mps: this machine has no MPS device (Apple silicon); use trainer=cpu"
+        )
     elif t.accelerator == "cpu" and t.precision == "16-mixed":
         raise ConfigError(
             "trainer.precision=16-mixed: float16 mixed precision runs on CUDA devices only (Lightning would "
