@@ -332,3 +332,17 @@ def test_a_file_where_a_directory_is_needed_is_said_so(tmp_path):
     assert cli._user_error(FileNotFoundError(2, "No such file or directory", "x.npz")) == (
         "x.npz: No such file or directory"
     )
+
+
+def test_a_run_refused_by_the_tracking_store_leaves_no_directory(tmp_path, raw_dir):
+    """Training makes models/ before it opens the store: a refused tracking.uri left the run's directory, with
+    its prepared data and an empty models/, marked as a run (the next one went to <dir>_run2)."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    store = tmp_path / "mlruns"  # a plain directory: MLflow 3's file store, which it refuses
+    args = ["run", *TINY, f"data.raw_dir={raw_dir}", f"tracking.uri={store}"]
+    for run_dir in ("runs/one", "runs/${seed}"):  # a literal directory, and one this process names and marks
+        proc = _vaerepro([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.startswith(f"vaerepro run: tracking.uri={store}: MLflow will not open this store")
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert list((tmp_path / "runs").iterdir()) == []

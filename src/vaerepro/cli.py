@@ -370,7 +370,9 @@ def _hydra_run(argv: list[str]) -> None:
         except Exception as err:
             if _user_error(err) is None:
                 raise
-            if fresh and not isinstance(err, RunDirTaken) and not (out_dir / "models").exists():
+            # models/ as training made it before a refusal (a tracking store MLflow will not open) is empty
+            models = out_dir / "models"
+            if fresh and not isinstance(err, RunDirTaken) and not (models.is_dir() and any(models.iterdir())):
                 shutil.rmtree(out_dir, ignore_errors=True)  # nothing of this job's is worth keeping
             caught.append(err)
             return None
