@@ -316,3 +316,23 @@ def test_an_override_of_a_typed_key_says_why_it_cannot_merge():
         "overrides hydra/sweeper=vaerepro_optuna hydra.sweeper.n_trials=abc: Error merging override "
         "hydra.sweeper.n_trials=abc (Value 'abc' of type 'str' could not be converted to Integer)"
     )
+
+
+def test_a_conf_file_that_is_not_yaml_is_one_line_naming_it(tmp_path):
+    """PyYAML's ParserError came through Hydra as a traceback of `vaerepro params` and `vaerepro run`."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    bad = tmp_path / "conf" / "model" / "mlp.yaml"
+    bad.write_text("latent_dim: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        config_mod.compose([], config_dir=tmp_path / "conf")
+    assert str(err.value) == (
+        f"{bad}: not valid YAML at line 2, column 1 (expected the node content, but found '<stream end>')"
+    )
+
+
+def test_a_conf_mistake_with_no_overrides_names_conf():
+    with pytest.raises(ConfigError) as err:
+        config_mod.compose([], config_dir=ROOT / "tests")  # no config.yaml there
+    assert str(err.value).startswith(f"{ROOT / 'tests'}: "), err.value

@@ -588,7 +588,13 @@ def compose(
         if text.startswith("Error merging override") and err.__cause__ is not None:  # why is in its cause
             text += f" ({str(err.__cause__).splitlines()[0]})"
         shown = " ".join(overrides or []) if named is None else " ".join(named)
-        raise ConfigError(f"overrides {shown}: {text}") from None
+        raise ConfigError(f"overrides {shown}: {text}" if shown else f"{config_dir}: {text}") from None
+    except yaml.YAMLError as err:  # a file of conf/ that is not YAML: PyYAML's traceback, through Hydra
+        problem = getattr(err, "problem", None) or type(err).__name__
+        if (mark := getattr(err, "problem_mark", None)) is None:
+            raise ConfigError(f"{config_dir}: not valid YAML ({problem})") from None
+        at = f"line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"{mark.name}: not valid YAML at {at} ({problem})") from None
 
 
 def dump(raw: dict[str, Any]) -> str:
