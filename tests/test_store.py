@@ -314,3 +314,14 @@ def test_probe_rejects_a_server_that_answers_with_an_error(health_server):
     url = health_server(503)
     with pytest.raises(ConfigError, match=rf"^tracking.uri={url}: .*HTTP 503"):
         tracking.check_tracking_server(url, "tracking.uri")
+
+
+def test_a_database_store_without_its_driver_names_the_key(tmp_path, monkeypatch):
+    """postgresql:// without psycopg installed was a ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: its import fails
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    uri = "postgresql://user@127.0.0.1:1/db"
+    with pytest.raises(ConfigError) as err:
+        tracking.ensure_experiment(_cfg(uri=uri), tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"tracking.uri={uri}: MLflow will not open this store (") and "psycopg" in msg, msg

@@ -312,14 +312,15 @@ def reading_client(uri: str, key: str | None = None):
 
 def _open_client(uri: str, key: str | None):
     """MlflowClient(uri); a ConfigError naming the setting for a store MLflow will not open: a directory or
-    file: uri (MLflow 3's file store is refused), an unknown scheme. Both were MLflow's traceback."""
+    file: uri (MLflow 3's file store is refused), an unknown scheme, a database whose driver is not
+    installed. Each was a traceback."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
         return MlflowClient(uri)
-    except MlflowException as err:
-        why = " ".join(str(err.message).split()).split(". ")[0]
+    except (MlflowException, ImportError) as err:  # ImportError: postgresql:// without its driver
+        why = " ".join(str(getattr(err, "message", err)).split()).split(". ")[0]
         raise ConfigError(
             f"{key or 'tracking uri'}={uri}: MLflow will not open this store ({why}); use "
             "sqlite:///PATH/mlflow.db or an http(s):// tracking server"
