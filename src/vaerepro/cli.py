@@ -517,8 +517,9 @@ def _check_overrides(argv: list[str], root: Path) -> None:
     # composed with Hydra's own keys too: an unknown hydra.foo=1 or hydra/launcher=foo was Hydra's 7 lines
     given_all = [a for a in argv if not a.startswith("-")]
     if not flags:
-        config_mod.compose(given_all, config_dir=root / "conf")
         cfg = config_mod.validate(config_mod.compose(overrides, config_dir=root / "conf"))
+        if given_all != overrides:
+            config_mod.compose(given_all, config_dir=root / "conf")
         # a hydra.run.dir given of another run: refused before Hydra writes its .hydra/ files over that run's
         # (app claims the directory, as the directories Hydra names and those of --multirun jobs)
         given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
