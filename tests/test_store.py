@@ -325,3 +325,38 @@ def test_a_database_store_without_its_driver_names_the_key(tmp_path, monkeypatch
         tracking.ensure_experiment(_cfg(uri=uri), tmp_path)
     msg = str(err.value)
     assert msg.startswith(f"tracking.uri={uri}: MLflow will not open this store (") and "psycopg" in msg, msg
+
+
+def test_the_check_stage_refuses_a_store_train_would_refuse_and_creates_none(refused_url, tmp_path, capsys):
+    """`vaerepro check`, DVC's first stage (before any stage's outputs are deleted), makes the store's
+    refusals that train made only after DVC had deleted models/: a server that does not answer, a file that
+    is no MLflow store, a uri MLflow will not open. Each is one line naming the key or the file, exit 2, and
+    writes nothing; a store that does not exist yet passes and is not created."""
+    import yaml
+
+    from conftest import compose
+    from vaerepro import cli
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params, checked = tmp_path / "params.yaml", tmp_path / cli.CHECK_FILE
+    (tmp_path / "text.db").write_text("not a database\n")
+    cases = [
+        (refused_url, f"tracking.uri={refused_url}: no MLflow tracking server answers (connection refused)"),
+        (f"sqlite:///{tmp_path / 'text.db'}", f"{tmp_path / 'text.db'}: not a readable MLflow sqlite store"),
+        ("bogus://x", "tracking.uri=bogus://x: MLflow will not open this store"),
+    ]
+    for uri, refusal in cases:
+        params.write_text(yaml.safe_dump(compose("tracking.enabled=true", f"tracking.uri={uri}")))
+        assert cli.main(["check", "--params", str(params), "--out", str(tmp_path)]) == 2, uri
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"vaerepro check: {refusal}"), err
+        assert not checked.exists()
+    assert (tmp_path / "text.db").read_text() == "not a database\n"
+    new = tmp_path / "store" / "mlflow.db"
+    for overrides in (
+        ["tracking.enabled=false", "tracking.uri=bogus://x"],
+        [f"tracking.uri=sqlite:///{new}"],
+    ):
+        params.write_text(yaml.safe_dump(compose(*overrides)))
+        assert cli.main(["check", "--params", str(params), "--out", str(tmp_path)]) == 0, overrides
+    assert checked.is_file() and not new.parent.exists()

@@ -80,18 +80,21 @@ CHECK_FILE = ".params-checked"  # the check stage's output: the same text every 
 
 def stage_check(cfg: Config, out_dir: Path, root: Path) -> Path:
     """The refusals that need no data (the config: `load` has validated it; the trainer and the evaluation
-    device on this machine; train.resume; a likelihood unbounded on data whose files say they are not 8-bit
-    levels), as the first stage of the DVC pipeline. DVC deletes a stage's outputs before it
-    runs the stage, so a refusal inside train or evaluate (`dvc exp run -S model.latent_dim=0`,
-    eval.precision=tf32 on a CPU) came after models/, metrics/ and plots/ were gone; prepare depends on this
-    stage's output, so DVC runs it first whenever params.yaml changed, and stops there. Writes CHECK_FILE."""
-    from vaerepro import data
+    device on this machine; train.resume; the MLflow store, tracking.check_store; a likelihood unbounded on
+    data whose files say they are not 8-bit levels), as the first stage of the DVC pipeline. DVC deletes a
+    stage's outputs before it runs the stage, so a refusal inside train or evaluate (`dvc exp run -S
+    model.latent_dim=0`, eval.precision=tf32 on a CPU) came after models/, metrics/ and plots/ were gone;
+    prepare depends on this stage's output, so DVC runs it first whenever params.yaml changed, and stops
+    there. Writes CHECK_FILE."""
+    from vaerepro import data, tracking
     from vaerepro.evaluate import check_precision, eval_device
     from vaerepro.trainer import check_trainer
 
     check_trainer(cfg.trainer)
     check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)
     check_no_resume_under_dvc(cfg)
+    if cfg.tracking.enabled:  # the store train logs to: an address that does not answer, a damaged file
+        tracking.check_store(cfg.tracking, root)
     # a likelihood unbounded on the data (a learned sigma without a floor on float pixels), where the data's
     # files tell whether they are 8-bit levels before prepare reads them (else train refuses it)
     path = _data_path(cfg)

@@ -294,6 +294,20 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     return uri, exp_id
 
 
+def check_store(tcfg: TrackingConfig, root: Path | None = None) -> None:
+    """The refusals `ensure_experiment` makes of the store, made without creating or writing anything (the
+    check stage, before DVC deletes any stage's outputs): a server that does not answer, a file that is no
+    MLflow sqlite store, a uri MLflow will not open (a plain directory, an unknown scheme, a database whose
+    driver is not installed). A sqlite store that does not exist yet passes: the first training creates it."""
+    uri, source = tracking_uri(tcfg, root), tracking_uri_source(tcfg)
+    if (db := sqlite_store_path(uri)) is not None:
+        check_sqlite_store(db)
+        return
+    if is_server(uri):
+        check_tracking_server(uri, source)
+    _open_client(uri, source)  # opens no connection: MLflow connects on the first call
+
+
 def reading_client(uri: str, key: str | None = None):
     """An MlflowClient for reading the store at `uri`, or None when a sqlite store does not exist yet.
 
