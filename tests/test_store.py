@@ -360,3 +360,27 @@ def test_the_check_stage_refuses_a_store_train_would_refuse_and_creates_none(ref
         params.write_text(yaml.safe_dump(compose(*overrides)))
         assert cli.main(["check", "--params", str(params), "--out", str(tmp_path)]) == 0, overrides
     assert checked.is_file() and not new.parent.exists()
+
+
+@pytest.mark.slow
+def test_each_multirun_job_logs_to_its_own_tracking_uri(raw_dir, tmp_path):
+    """Hydra's basic launcher runs a --multirun's jobs in one process, and MLflow exports the uri it is given
+    as MLFLOW_TRACKING_URI, which vaerepro reads as the user's setting before tracking.uri: the second job of
+    `tracking.uri=A,B` logged to A, and B stayed empty. Each store holds its own job's run."""
+    from mlflow import MlflowClient
+
+    from conftest import ROOT, TINY, run
+
+    stores = [tmp_path / "a.db", tmp_path / "b.db"]
+    run(
+        ["vaerepro", "run", "--multirun", *TINY, "train.max_epochs=1", f"data.raw_dir={raw_dir}"]
+        + [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        + ["tracking.uri=" + ",".join(f"sqlite:///{s}" for s in stores)],
+        ROOT,
+    )
+    for store in stores:
+        client = MlflowClient(f"sqlite:///{store}")
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids)
+        assert [r.data.params["tracking.uri"] for r in runs] == [f"sqlite:///{store}"], store
+        assert runs[0].info.status == "FINISHED"

@@ -260,7 +260,10 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
-    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    # MLflow exports the uri it is given (mlflow.set_tracking_uri, Lightning's MLFlowLogger) as
+    # MLFLOW_TRACKING_URI, which tracking.tracking_uri reads as the user's setting before tracking.uri: the
+    # next job of `tracking.uri=A,B` logged to A. Both are put back as the user had them after each job.
+    saved = {k: os.environ.get(k) for k in (*LAUNCHER_ENV, "MLFLOW_TRACKING_URI")}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_whole(out_dir / "params.yaml", config_mod.dump(cfg.to_dict()))
