@@ -678,8 +678,9 @@ def test_training_refuses_prepared_data_made_from_another_version_of_the_npz(tmp
 
 
 def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monkeypatch):
-    """Any strategy name of Lightning's StrategyRegistry, in any case as Lightning lowers it; no GPU
-    accelerator without a CUDA device; no float16 mixed precision on the CPU (Lightning trains bfloat16)."""
+    """auto, single_device and Lightning's ddp strategies, in any case as Lightning lowers it (its other
+    strategies are refused); no GPU accelerator without a CUDA device; no float16 mixed precision on the CPU
+    (Lightning trains bfloat16)."""
     from conftest import compose
     from vaerepro import config as config_mod
     from vaerepro.config import ConfigError
@@ -688,8 +689,15 @@ def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monke
     def trainer(*overrides):
         return config_mod.validate(compose(*overrides)).trainer
 
-    for name in ("auto", "ddp", "DDP", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"):
+    for name in ("auto", "ddp", "DDP", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device"):
         check_trainer(trainer(f"trainer.strategy={name}"))
+    for name in ("fsdp", "deepspeed_stage_2", "xla", "single_tpu"):  # Lightning's, not vaerepro's: refused
+        with pytest.raises(ConfigError) as err:
+            check_trainer(trainer(f"trainer.strategy={name}"))
+        assert str(err.value) == (
+            f"trainer.strategy={name}: vaerepro trains with auto, single_device or a ddp strategy only (its "
+            "checkpoints and resume are not built for sharded or XLA training); see docs/scaling.md"
+        )
     with pytest.raises(ConfigError, match=r"trainer.strategy='foo': not a Lightning strategy; .*auto, ddp"):
         check_trainer(trainer("trainer.strategy=foo"))
     with pytest.raises(ConfigError, match="trainer.precision=16-mixed: float16 mixed precision runs on CUDA"):
@@ -703,6 +711,17 @@ def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monke
     check_trainer(trainer("trainer=gpu", "trainer.devices=2"))
     with pytest.raises(ConfigError, match=r"trainer.devices=4: this machine has 2 CUDA device\(s\)"):
         check_trainer(trainer("trainer=gpu", "trainer.devices=4"))
+
+
+def test_vaerepro_run_refuses_a_strategy_it_does_not_train_with_before_any_work(tmp_path):
+    """Before, Lightning's ValueError traceback came after the data were fetched and prepared."""
+    from vaerepro import cli
+    from vaerepro.config import ConfigError
+
+    cfg = tiny_config("trainer.strategy=fsdp", raw_dir=tmp_path / "raw")
+    with pytest.raises(ConfigError, match="^trainer.strategy=fsdp: vaerepro trains with auto, single_device"):
+        cli.run_pipeline(cfg, tmp_path / "run", tmp_path, progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "raw").exists()  # nothing fetched or prepared
 
 
 def test_an_mps_accelerator_without_an_mps_device_is_refused(monkeypatch):

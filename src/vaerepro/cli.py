@@ -86,6 +86,15 @@ def stage_check(cfg: Config, out_dir: Path, root: Path) -> Path:
     model.latent_dim=0`, eval.precision=tf32 on a CPU) came after models/, metrics/ and plots/ were gone;
     prepare depends on this stage's output, so DVC runs it first whenever params.yaml changed, and stops
     there. Writes CHECK_FILE."""
+    check_before_data(cfg, root)
+    out = out_dir / CHECK_FILE
+    write_whole(out, "params.yaml passed `vaerepro check` (the DVC pipeline's first stage; see dvc.yaml)\n")
+    return out
+
+
+def check_before_data(cfg: Config, root: Path) -> None:
+    """The refusals of `stage_check`, which need no data: the check stage and `vaerepro run` make them
+    before anything is fetched, prepared or trained."""
     from vaerepro import data, tracking
     from vaerepro.evaluate import check_precision, eval_device
     from vaerepro.trainer import check_trainer
@@ -100,9 +109,6 @@ def stage_check(cfg: Config, out_dir: Path, root: Path) -> Path:
     path = _data_path(cfg)
     if (quantized := data.stored_quantized(cfg.data.source, path)) is not None:
         data.check_bounded(cfg.likelihood_object(), cfg.data_space, quantized, path or cfg.data.source)
-    out = out_dir / CHECK_FILE
-    write_whole(out, "params.yaml passed `vaerepro check` (the DVC pipeline's first stage; see dvc.yaml)\n")
-    return out
 
 
 def check_no_resume_under_dvc(cfg: Config) -> None:
@@ -245,8 +251,6 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     """
     import torch.distributed as dist
 
-    from vaerepro.evaluate import check_precision, eval_device
-
     if _ddp_child():
         try:
             stage_train(cfg, out_dir, root, progress=False, finish_run=False)
@@ -255,9 +259,9 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         finally:
             _leave_process_group()
         return None
-    # eval.device=cuda without a GPU, and eval.precision=tf32 where evaluation runs on the CPU, fail now, not
-    # after training
-    check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)
+    # what the check stage refuses (a strategy vaerepro does not train with, eval.precision=tf32 where
+    # evaluation runs on the CPU, a store that does not answer, ...) fails now, not after prepare or training
+    check_before_data(cfg, root)
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
     # MLflow exports the uri it is given (mlflow.set_tracking_uri, Lightning's MLFlowLogger) as

@@ -398,10 +398,19 @@ def check_trainer(t: TrainerConfig) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     known = StrategyRegistry.available_strategies()
-    if t.strategy.lower() != "auto" and t.strategy.lower() not in known:
+    name = t.strategy.lower()
+    if name != "auto" and name not in known:
         raise ConfigError(
             f"trainer.strategy={t.strategy!r}: not a Lightning strategy; Lightning's are auto, "
             + ", ".join(sorted(known))
+        )
+    # fsdp, deepspeed and xla shard the model or need their own package and device, and save checkpoints in
+    # their own layout: vaerepro's manual optimisation, checkpoints and resume are built and tested on these
+    # only. Before, Lightning raised a traceback when the Trainer was built, after the data were prepared.
+    if name not in ("auto", "single_device") and not name.startswith("ddp"):
+        raise ConfigError(
+            f"trainer.strategy={t.strategy}: vaerepro trains with auto, single_device or a ddp strategy "
+            "only (its checkpoints and resume are not built for sharded or XLA training); see docs/scaling.md"
         )
     if t.accelerator in ("gpu", "cuda"):
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
