@@ -346,3 +346,24 @@ def test_a_run_refused_by_the_tracking_store_leaves_no_directory(tmp_path, raw_d
         assert proc.stderr.startswith(f"vaerepro run: tracking.uri={store}: MLflow will not open this store")
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_the_check_stage_imports_no_lightning(tmp_path):
+    """`vaerepro check`, the DVC pipeline's first stage, runs on every `dvc repro` and `dvc exp run` after
+    a change of params.yaml: it refuses what needs no data, so it imports no Lightning (about 5 s on 2 cores,
+    the most of its start before it was left out). In a fresh interpreter: this one has Lightning loaded."""
+    import yaml
+
+    from conftest import compose
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(compose(f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")))
+    code = (
+        "import sys; from vaerepro import cli; "
+        f"status = cli.main(['check', '--params', {str(params)!r}, '--out', {str(tmp_path)!r}]); "
+        "print(status, sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'mlflow', 'optuna'}))"
+    )
+    proc = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "0 []", (proc.stdout, proc.stderr)
+    assert (tmp_path / cli.CHECK_FILE).is_file()

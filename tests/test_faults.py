@@ -334,7 +334,8 @@ CASES = [
     ),
     ("train_corrupt_store", ["train"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),
     # Lightning refuses an unknown strategy only when the Trainer is built, with a traceback
-    ("train_unknown_strategy", ["train"], _set("trainer.strategy", "foo"), None, "trainer.strategy='foo'"),
+    ("train_unknown_strategy", ["train"], _set("trainer.strategy", "foo"), None, "trainer.strategy: "),
+    ("train_sharded_strategy", ["train"], _set("trainer.strategy", "fsdp"), None, "trainer.strategy: "),
     ("report_corrupt_store", ["report"], None, _corrupt("mlflow.db", keep=3000), "mlflow.db"),
     ("report_text_store", ["report"], None, _corrupt("mlflow.db", b"not a database\n"), "mlflow.db"),
     ("unreachable_server", ["train"], _set("tracking.uri", "http://127.0.0.1:9"), None, "tracking.uri"),

@@ -34,6 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the pipeline's stages: each reads files and writes files
     "stages": (
         "vaerepro.cudagraph",
+        "vaerepro.devices",
         "vaerepro.trainer",
         "vaerepro.stepsize",
         "vaerepro.train",

@@ -677,29 +677,31 @@ def test_training_refuses_prepared_data_made_from_another_version_of_the_npz(tmp
     assert train(cfg, out, enable_progress_bar=False)["epochs"] == 3
 
 
+STRATEGY_REFUSED = (
+    "trainer.strategy: vaerepro trains with auto, single_device or a ddp strategy (ddp, ddp_spawn, ddp_fork, "
+    "ddp_notebook, each also with _find_unused_parameters_true or _false), not Lightning's sharded or XLA "
+    "ones (fsdp, deepspeed, xla), whose checkpoints its resume is not built for (given: {!r})"
+)
+
+
 def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monkeypatch):
     """auto, single_device and Lightning's ddp strategies, in any case as Lightning lowers it (its other
-    strategies are refused); no GPU accelerator without a CUDA device; no float16 mixed precision on the CPU
-    (Lightning trains bfloat16)."""
+    strategies, and names it does not know, are refused with the config); no GPU accelerator without a CUDA
+    device; no float16 mixed precision on the CPU (Lightning trains bfloat16)."""
     from conftest import compose
     from vaerepro import config as config_mod
     from vaerepro.config import ConfigError
-    from vaerepro.trainer import check_trainer
+    from vaerepro.devices import check_trainer
 
     def trainer(*overrides):
         return config_mod.validate(compose(*overrides)).trainer
 
     for name in ("auto", "ddp", "DDP", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device"):
         check_trainer(trainer(f"trainer.strategy={name}"))
-    for name in ("fsdp", "deepspeed_stage_2", "xla", "single_tpu"):  # Lightning's, not vaerepro's: refused
+    for name in ("fsdp", "deepspeed_stage_2", "xla", "single_tpu", "foo"):
         with pytest.raises(ConfigError) as err:
-            check_trainer(trainer(f"trainer.strategy={name}"))
-        assert str(err.value) == (
-            f"trainer.strategy={name}: vaerepro trains with auto, single_device or a ddp strategy only (its "
-            "checkpoints and resume are not built for sharded or XLA training); see docs/scaling.md"
-        )
-    with pytest.raises(ConfigError, match=r"trainer.strategy='foo': not a Lightning strategy; .*auto, ddp"):
-        check_trainer(trainer("trainer.strategy=foo"))
+            trainer(f"trainer.strategy={name}")
+        assert str(err.value) == STRATEGY_REFUSED.format(name)
     with pytest.raises(ConfigError, match="trainer.precision=16-mixed: float16 mixed precision runs on CUDA"):
         check_trainer(trainer("trainer.precision=16-mixed"))
     check_trainer(trainer("trainer.precision=bf16-mixed", "train.fused=false"))
@@ -713,13 +715,27 @@ def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monke
         check_trainer(trainer("trainer=gpu", "trainer.devices=4"))
 
 
-def test_vaerepro_run_refuses_a_strategy_it_does_not_train_with_before_any_work(tmp_path):
-    """Before, Lightning's ValueError traceback came after the data were fetched and prepared."""
+def test_the_strategies_vaerepro_accepts_are_lightnings_single_process_and_ddp_ones():
+    """config.STRATEGIES is written out (importing Lightning to read its registry would cost every config
+    validation seconds): each name is Lightning's, and every ddp strategy Lightning registers is in it."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from vaerepro.config import STRATEGIES
+
+    known = set(StrategyRegistry.available_strategies())
+    assert set(STRATEGIES) - {"auto"} <= known
+    assert {n for n in known if n.startswith("ddp")} | {"auto", "single_device"} == set(STRATEGIES)
+
+
+def test_vaerepro_run_refuses_what_the_check_stage_refuses_before_any_work(tmp_path, monkeypatch):
+    """trainer=gpu on a machine without one: before, the train stage refused it after the data were fetched
+    and prepared."""
     from vaerepro import cli
     from vaerepro.config import ConfigError
 
-    cfg = tiny_config("trainer.strategy=fsdp", raw_dir=tmp_path / "raw")
-    with pytest.raises(ConfigError, match="^trainer.strategy=fsdp: vaerepro trains with auto, single_device"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_config("trainer=gpu", "eval.device=cpu", raw_dir=tmp_path / "raw")
+    with pytest.raises(ConfigError, match="^trainer.accelerator=gpu: this machine has no CUDA device"):
         cli.run_pipeline(cfg, tmp_path / "run", tmp_path, progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "raw").exists()  # nothing fetched or prepared
 
@@ -729,7 +745,7 @@ def test_an_mps_accelerator_without_an_mps_device_is_refused(monkeypatch):
     from conftest import compose
     from vaerepro import config as config_mod
     from vaerepro.config import ConfigError
-    from vaerepro.trainer import check_trainer
+    from vaerepro.devices import check_trainer
 
     trainer = config_mod.validate(compose("trainer.accelerator=mps")).trainer
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

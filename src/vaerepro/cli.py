@@ -96,8 +96,8 @@ def check_before_data(cfg: Config, root: Path) -> None:
     """The refusals of `stage_check`, which need no data: the check stage and `vaerepro run` make them
     before anything is fetched, prepared or trained."""
     from vaerepro import data, tracking
+    from vaerepro.devices import check_trainer
     from vaerepro.evaluate import check_precision, eval_device
-    from vaerepro.trainer import check_trainer
 
     check_trainer(cfg.trainer)
     check_precision(cfg.eval.precision, eval_device(cfg.eval.device), cfg.eval.device)

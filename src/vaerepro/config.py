@@ -264,11 +264,22 @@ class TrainConfig(_Section):
         return self
 
 
+# trainer.strategy values vaerepro trains with: Lightning's names for one process and for DDP (tests check
+# each is in Lightning's StrategyRegistry and that every ddp name there is here). Lightning's sharded and XLA
+# strategies (fsdp, deepspeed, xla) save checkpoints in their own layout, which vaerepro's checkpoints and
+# resume are not built for; before they were refused, Lightning raised a traceback once the Trainer was
+# built, after the data were prepared. Listed here rather than read from the registry: importing Lightning
+# takes about 5 s on 2 cores, which every config validation (the check stage's among them) would pay.
+_DDP = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+_UNUSED = ("", "_find_unused_parameters_false", "_find_unused_parameters_true")
+STRATEGIES = ("auto", "single_device", *(d + u for d in _DDP for u in _UNUSED))
+
+
 class TrainerConfig(_Section):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"  # a name of Lightning's StrategyRegistry (checked by trainer.check_trainer)
+    strategy: str = "auto"  # one of STRATEGIES, in any case (Lightning lowers it)
     precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
     deterministic: bool = True
     matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high" enables TF32 on GPUs
@@ -288,6 +299,17 @@ class TrainerConfig(_Section):
     # a batch (hooks, fetching, progress) runs once per that many steps. The same training for any value:
     # each minibatch keeps its own seeded draws and optimiser step (under DDP its own gradient all-reduce)
     steps_per_call: int = Field(1, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value.lower() not in STRATEGIES:
+            raise ValueError(
+                "vaerepro trains with auto, single_device or a ddp strategy (ddp, ddp_spawn, ddp_fork, "
+                "ddp_notebook, each also with _find_unused_parameters_true or _false), not Lightning's "
+                "sharded or XLA ones (fsdp, deepspeed, xla), whose checkpoints its resume is not built for"
+            )
+        return value
 
 
 class EvalConfig(_Section):

@@ -37,6 +37,7 @@ from vaerepro.data import (
     load_prepared,
     to_space,
 )
+from vaerepro.devices import check_trainer
 from vaerepro.errors import Diverged, Stopped
 from vaerepro.files import write_json
 from vaerepro.likelihoods import space_name
@@ -49,7 +50,6 @@ from vaerepro.trainer import (
     build_optimizer,
     build_trainer,
     check_launcher_world,
-    check_trainer,
     train_key,
 )
 

@@ -389,48 +389,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_whole(path, lambda fh: torch.save(checkpoint, fh))
 
 
-def check_trainer(t: TrainerConfig) -> None:
-    """Refuse (ConfigError naming the key) a trainer section this machine or Lightning cannot run as written,
-    before anything is touched: Lightning refuses an unknown strategy or a missing GPU only when the Trainer
-    is built, with a traceback, and silently trains float16 mixed precision on the CPU as bfloat16, which
-    the run's params would then mislabel. Here, not in config.py, whose validation is the same on every
-    machine and imports no Lightning (the core is read and tested without it)."""
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    known = StrategyRegistry.available_strategies()
-    name = t.strategy.lower()
-    if name != "auto" and name not in known:
-        raise ConfigError(
-            f"trainer.strategy={t.strategy!r}: not a Lightning strategy; Lightning's are auto, "
-            + ", ".join(sorted(known))
-        )
-    # fsdp, deepspeed and xla shard the model or need their own package and device, and save checkpoints in
-    # their own layout: vaerepro's manual optimisation, checkpoints and resume are built and tested on these
-    # only. Before, Lightning raised a traceback when the Trainer was built, after the data were prepared.
-    if name not in ("auto", "single_device") and not name.startswith("ddp"):
-        raise ConfigError(
-            f"trainer.strategy={t.strategy}: vaerepro trains with auto, single_device or a ddp strategy "
-            "only (its checkpoints and resume are not built for sharded or XLA training); see docs/scaling.md"
-        )
-    if t.accelerator in ("gpu", "cuda"):
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if have == 0:
-            raise ConfigError(
-                f"trainer.accelerator={t.accelerator}: this machine has no CUDA device; use trainer=cpu"
-            )
-        if isinstance(t.devices, int) and t.devices > have:
-            raise ConfigError(f"trainer.devices={t.devices}: this machine has {have} CUDA device(s)")
-    elif t.accelerator == "mps" and not torch.backends.mps.is_available():  # Lightning's traceback
-        raise ConfigError(
-            "trainer.accelerator=mps: this machine has no MPS device (Apple silicon); use trainer=cpu"
-        )
-    elif t.accelerator == "cpu" and t.precision == "16-mixed":
-        raise ConfigError(
-            "trainer.precision=16-mixed: float16 mixed precision runs on CUDA devices only (Lightning would "
-            "train bfloat16 instead on the CPU); use trainer.precision=bf16-mixed or 32-true"
-        )
-
-
 def check_launcher_world(world_size: int, t: TrainerConfig) -> None:
     """Refuse (ConfigError) a training that torchrun started in another number of processes than the trainer
     section trains on (`world_size`: the Trainer's devices x nodes; under DDP its world_size is torchrun's):
