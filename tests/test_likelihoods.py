@@ -452,6 +452,9 @@ def test_registry_rejects_unknown_names_and_options():
         get_likelihood("laplace")
     with pytest.raises(ValueError, match="sigmaa"):
         get_likelihood("gaussian", sigmaa=0.1)
+    # a likelihood without options says so, not object.__init__'s (*args, **kwargs)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) sigma; accepted: \(none\)$"):
+        get_likelihood("continuous_bernoulli", sigma=0.1)
     assert get_likelihood("gaussian", sigma=0.3).config() == {
         "name": "gaussian",
         "sigma": 0.3,

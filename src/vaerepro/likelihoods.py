@@ -501,7 +501,10 @@ def get_likelihood(name: str, **options) -> Likelihood:
     if name not in REGISTRY:
         raise ValueError(f"unknown likelihood {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    # the constructor's named parameters; a likelihood without options has object's (*args, **kwargs)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(cls.__init__).parameters.values()
+    accepted = [p.name for p in params if p.name != "self" and p.kind in named]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
