@@ -40,6 +40,30 @@ def test_dvc_hydra_composition_writes_the_same_params(tmp_path):
     )
 
 
+def test_every_registered_likelihood_has_a_schema_section_and_a_conf_option():
+    """A likelihood is written in three places that must agree: its class in likelihoods.REGISTRY, its
+    section of the schema (config.LikelihoodConfig, pydantic's union by `name`) and its Hydra option
+    conf/likelihood/<name>.yaml. Each section holds its constructor's keys with its defaults, and the conf
+    file composes to the constructor's defaults."""
+    import inspect
+    from typing import get_args
+
+    from vaerepro.likelihoods import REGISTRY, get_likelihood
+
+    union = get_args(config_mod.LikelihoodConfig)[0]
+    sections = {get_args(s.model_fields["name"].annotation)[0]: s for s in get_args(union)}
+    options = {p.stem for p in (ROOT / "conf" / "likelihood").glob("*.yaml")}
+    assert set(sections) == set(REGISTRY) == options
+    for name, cls in REGISTRY.items():
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        signature = inspect.signature(cls.__init__).parameters.values()
+        params = {p.name: p.default for p in signature if p.name != "self" and p.kind in named}
+        fields = {k: f.default for k, f in sections[name].model_fields.items() if k != "name"}
+        assert fields == params, name
+        composed = compose(f"likelihood={name}")["likelihood"]
+        assert get_likelihood(**composed).config() == cls().config(), name
+
+
 def test_defaults_are_the_papers():
     cfg = config_mod.validate(compose())
     assert cfg.model.hidden_dims == [500] and cfg.model.activation == "tanh"  # AEVB's MNIST MLP

@@ -411,6 +411,10 @@ ALL = [
 ]
 
 
+def test_every_registered_likelihood_is_among_those_every_test_here_runs_on():
+    assert {type(lik) for lik in ALL} == set(REGISTRY.values())
+
+
 @pytest.mark.parametrize("lik", ALL, ids=repr)
 @pytest.mark.parametrize("batch", [(), (4,), (3, 4)])
 def test_log_prob_is_one_number_per_example(lik, batch):
