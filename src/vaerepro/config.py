@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vaerepro.errors import UserError
-from vaerepro.likelihoods import DATA_SPACES, GAUSSIAN_SCALES, REGISTRY, get_likelihood
+from vaerepro.likelihoods import DATA_SPACES, DEFAULT_MIN_SIGMA, GAUSSIAN_SCALES, REGISTRY, get_likelihood
 from vaerepro.model import INITS
 from vaerepro.schedules import LR_SCHEDULES
 from vaerepro.sources import DEFAULT_MAX_NPZ_BYTES, SOURCES, SPLIT_KINDS, split_kind_error
@@ -175,7 +175,7 @@ class BernoulliConfig(_LikelihoodSection):
 class GaussianConfig(_LikelihoodSection):
     name: Literal["gaussian"]
     sigma: float | None = Field(None, gt=0)
-    min_sigma: float = Field(0.01, gt=0)
+    min_sigma: float = Field(DEFAULT_MIN_SIGMA, gt=0)
     # a learned sigma from the decoder's h: min_sigma + softplus(h), or exp(h / 2) (log_variance: AEVB's
     # Frey Face decoder, no floor); see likelihoods.GAUSSIAN_SCALES
     scale: Literal[GAUSSIAN_SCALES] = "softplus"
