@@ -23,31 +23,23 @@ from vaerepro.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# eval.json keys that can be an objective, with the sense in which they improve
-NATURAL_DIRECTION = {
-    "log_px": "maximize",
-    "elbo": "maximize",
-    "recon": "maximize",
-    "kl": "minimize",
-    "bits_per_dim": "minimize",
-    "knn_accuracy": "maximize",
-    "active_units": "maximize",
-    "ess": "maximize",
-    "ess_fraction": "maximize",
+# eval.json keys that can be an objective: the sense in which each improves, and its unit as the sweep
+# report labels its axes and columns (a log-likelihood, a bound or a part of one in nats per example, summed
+# over the pixels; bits per dimension; samples; "" for none). One table, so that no objective has a
+# direction without a unit.
+OBJECTIVES = {
+    "log_px": ("maximize", "nats/example"),
+    "elbo": ("maximize", "nats/example"),
+    "recon": ("maximize", "nats/example"),
+    "kl": ("minimize", "nats/example"),
+    "bits_per_dim": ("minimize", "bits/dim"),
+    "knn_accuracy": ("maximize", ""),
+    "active_units": ("maximize", ""),
+    "ess": ("maximize", "samples"),
+    "ess_fraction": ("maximize", ""),
 }
-# The unit of each objective, as the sweep report labels its axes and columns: a log-likelihood, a bound or a
-# part of one in nats per example (summed over the pixels), bits per dimension, or no unit
-OBJECTIVE_UNITS = {
-    "log_px": "nats/example",
-    "elbo": "nats/example",
-    "recon": "nats/example",
-    "kl": "nats/example",
-    "bits_per_dim": "bits/dim",
-    "ess": "samples",
-    "knn_accuracy": "",
-    "active_units": "",
-    "ess_fraction": "",
-}
+NATURAL_DIRECTION = {key: direction for key, (direction, _) in OBJECTIVES.items()}
+OBJECTIVE_UNITS = {key: unit for key, (_, unit) in OBJECTIVES.items()}
 
 
 def objective_label(objective: str) -> str:
