@@ -1,8 +1,8 @@
 """What a reproduction is and how it is judged, independent of any paper: a published number, a setting
 the schema lacks, a preset, the verdict on a measured value, how a run departs from a preset's protocol,
-the aggregate of a measurement across seeds (mean and Student-t interval), IWAE's learning-rate schedule
-and the estimated time of one run. The papers' presets are in `vaerepro.presets`, which imports this
-module (never the other way round).
+the aggregate of a measurement across seeds (mean and Student-t interval) and the estimated time of one
+run (IWAE's learning-rate schedule is in `vaerepro.schedules`). The papers' presets are in
+`vaerepro.presets`, which imports this module (never the other way round).
 
 A preset is a row or curve of a paper: its settings as Hydra overrides of `conf/` (only keys the schema
 has), the settings the schema lacks (`missing`, so that nothing is silently dropped), the published
@@ -11,7 +11,8 @@ run's results it is compared with, and the estimated time of one run. A number t
 None with the reason, and gets no verdict. Values are stored in the project's convention: a log-likelihood
 or bound in nats per example (IWAE's printed NLL 84.78 is log p(x) = -84.78).
 
-Imports: the standard library only (no torch, Hydra, Lightning or MLflow).
+Imports: the standard library and vaerepro.document (`flatten`, itself torch-free) only (no torch, Hydra,
+Lightning or MLflow).
 """
 
 from __future__ import annotations
