@@ -342,6 +342,20 @@ def test_time_estimates_count_the_second_stochastic_layer():
     assert gpu_2 == gpu_1  # a GPU step of these sizes is bounded by its overhead, not its multiply-adds
 
 
+def test_time_estimates_count_the_decoders_outputs_per_pixel():
+    """A learned-sigma Gaussian's decoder has two outputs a pixel (mean and scale); a fixed-sigma one has
+    one, as the continuous Bernoulli's: the same estimate as cb-mnist-cb, whose settings are otherwise its."""
+    learned = P.PRESETS["cb-mnist-gaussian"]
+    fixed = dataclasses.replace(
+        learned,
+        overrides=tuple(
+            "likelihood.sigma=0.1" if o.startswith("likelihood.min_sigma=") else o for o in learned.overrides
+        ),
+    )
+    assert R.estimate_seconds(fixed) == R.estimate_seconds(P.PRESETS["cb-mnist-cb"])
+    assert R.estimate_seconds(learned)[0] > R.estimate_seconds(fixed)[0]
+
+
 @pytest.mark.parametrize("module", ["vaerepro.reproduction", "vaerepro.presets"])
 def test_the_modules_import_no_framework(module):
     code = (

@@ -510,7 +510,9 @@ def estimate_seconds(preset: Preset) -> tuple[float, float]:
         n_train = n - n_test - n_val
     else:
         n_train, n_val, n_test = split_counts(n, s["data.val_fraction"], s["data.test_fraction"])
-    outputs = 2 if s.get("likelihood") == "gaussian" else 1
+    # decoder outputs per pixel, likelihoods' num_params(), which this torch-free module cannot import: a
+    # learned sigma is a Gaussian's second output; a fixed one, and every other likelihood, has one
+    outputs = 2 if s.get("likelihood") == "gaussian" and s.get("likelihood.sigma") is None else 1
     enc, dec = _macs(DATA_DIMS[source], s["model.hidden_dims"], s["model.latent_dim"], outputs)
     if s.get("model.stochastic_layers", 1) == 2:
         # q(z2|z1) and p(z1|z2) (model.TwoLayerVAE) run once per sample, as the decoder p(x|z1) does
