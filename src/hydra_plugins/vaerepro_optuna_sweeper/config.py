@@ -80,9 +80,10 @@ class VaereproOptunaSweeperConf:
     pruner: Any = None
 
     # the key of metrics/eval.json a trial returns: log_px (density studies within one data space) or
-    # knn_accuracy (comparable across likelihoods and data spaces); elbo, bits_per_dim, ... also work
+    # knn_accuracy (comparable across likelihoods and data spaces), or another of sweep.space.OBJECTIVES
     objective: str = "log_px"
-    # maximize | minimize; null: the objective's own sense (bits_per_dim is minimised, the others maximised)
+    # maximize | minimize; null: the objective's own sense (sweep.space.OBJECTIVES: bits_per_dim and kl are
+    # minimised, the others maximised)
     direction: str | None = None
     # null: a journal file <project root>/optuna/<study_name>.log; or a journal file path, or an RDB URL
     # (sqlite:///path.db, postgresql://...); relative paths are taken from the project root
