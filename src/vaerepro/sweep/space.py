@@ -3,7 +3,8 @@
 - The search space comes from `hydra.sweeper.params` and the command line, in Hydra's sweep syntax (choice,
   range, interval, tag(log|int, interval)), as Optuna distributions; a trial's sampled values go back to
   Hydra override text (`override_value`, `trial_overrides`).
-- The objective is a key of metrics/eval.json; `resolve_direction` gives the sense in which it improves.
+- The objective is a key of metrics/eval.json in OBJECTIVES; `resolve_direction` gives the sense in which it
+  improves.
 - A density objective (log_px, elbo, bits_per_dim, ...) is refused over a search space spanning data spaces
   (`refuse_mixed_spaces`): a pmf on binary pixels and a density on [0,1] pixels are different units (see
   compare.py).
