@@ -51,7 +51,8 @@ def objective_label(objective: str) -> str:
 
 # Objectives that mean the same thing whatever the data space: a classification accuracy on latent means
 # (Loaiza-Ganem & Cunningham's comparison across likelihoods), counts and fractions. Every other objective
-# is a log-likelihood, a bound or a part of one: in the units of its data space.
+# is kept within one data space: a log-likelihood, a bound or its reconstruction term, in the units of its
+# data space, and also kl and ess, which tracking.names.SPACE_FREE logs under one name for every space.
 SPACE_FREE_OBJECTIVES = {"knn_accuracy", "active_units", "ess_fraction"}
 
 
