@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from conftest import Crash, copy_prepared, tiny_config, val_curve
+from conftest import BIN, TINY, Crash, compose, copy_prepared, tiny_config, val_curve
 from vaerepro import checkpoints
 from vaerepro.data import load_prepared
 from vaerepro.evaluate import load_vae
@@ -756,3 +760,39 @@ def test_an_mps_accelerator_without_an_mps_device_is_refused(monkeypatch):
     )
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     check_trainer(trainer)
+
+
+class SecondTraining(pl.Callback):
+    """At the end of the first epoch, runs `vaerepro train` of another config into the same directory."""
+
+    def __init__(self, params: Path, out: Path):
+        self.params, self.out, self.proc = params, out, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.proc is None:
+            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+            env.pop("VAEREPRO_DEBUG", None)
+            cmd = ["vaerepro", "train", "--params", str(self.params), "--out", str(self.out)]
+            self.proc = subprocess.run(cmd, cwd=self.out, env=env, capture_output=True, text=True, timeout=99)
+
+
+def test_a_second_training_into_the_same_directory_is_refused_while_the_first_trains(prepared_tiny, tmp_path):
+    """Two trainings into one models/ at once would each write the other's checkpoints: a train.json, an
+    MLflow run's best.ckpt artifact or an evaluation of one model under the other's config. The second is
+    refused in one line, and the first ends with its own files."""
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    (out / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params = out / "other.yaml"
+    params.write_text(yaml.safe_dump(compose(*TINY, "tracking.enabled=false", "model.latent_dim=5")))
+    second = SecondTraining(params, out)
+    train(tiny_config(), out, enable_progress_bar=False, callbacks=[second])
+    lines = [line for line in second.proc.stderr.splitlines() if line.startswith("vaerepro train: ")]
+    assert second.proc.returncode == 2 and len(lines) == 1, second.proc.stderr
+    assert "Traceback" not in second.proc.stderr, second.proc.stderr
+    assert "models" in lines[0] and "another training" in lines[0] and "Traceback" not in lines[0], lines[0]
+    recorded = json.loads((out / "metrics" / "train.json").read_text())
+    assert recorded["config"]["model"]["latent_dim"] == 4 and recorded["epochs"] == 3
+    for name in ("best", "last"):
+        saved = torch.load(out / "models" / f"{name}.ckpt", map_location="cpu", weights_only=True)
+        assert saved["hyper_parameters"]["vae_config"]["latent_dim"] == 4, name
+    train(tiny_config(), out, enable_progress_bar=False)  # the directory is free again once it ended

@@ -14,6 +14,7 @@ The standard library has no such call (`tempfile` gives the name, not the rename
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -48,3 +49,17 @@ def write_whole(path: str | os.PathLike, data: bytes | str | Writer, *, shared: 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """`data` as indented JSON and a final newline, written whole (`write_whole`)."""
     return write_whole(path, json.dumps(data, indent=2) + "\n")
+
+
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An exclusive flock on `path` (a directory, or a file, created when missing) without waiting: the open
+    descriptor, which the caller closes to release the lock (a killed process releases it too), or None when
+    another process holds it."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

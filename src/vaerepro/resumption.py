@@ -29,7 +29,6 @@ this invocation's time is given, and labelled so.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shlex
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vaerepro.errors import UserError
-from vaerepro.files import write_json, write_whole
+from vaerepro.files import try_lock, write_json, write_whole
 
 RECORD = "reproduction.json"
 MARKER = "reproduced.json"
@@ -255,16 +254,12 @@ def held(run_dir: Path) -> Iterator[int]:
     process is killed (-9): the lock goes with the last process holding the descriptor."""
     lock = run_dir.with_name(f".{run_dir.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    if (fd := try_lock(lock)) is None:
         raise UserError(
             f"{run_dir}: another `vaerepro reproduce` (or a seed it started) is running this reproduction "
             f"(it holds {lock}); wait for it to end, or stop it (its seeds stop at their epoch end on "
             "SIGTERM) and resume with --resume"
-        ) from None
+        )
     try:
         yield fd
     finally:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,8 +39,8 @@ from vaerepro.data import (
     to_space,
 )
 from vaerepro.devices import check_trainer
-from vaerepro.errors import Diverged, Stopped
-from vaerepro.files import write_json
+from vaerepro.errors import Diverged, Stopped, UserError
+from vaerepro.files import try_lock, write_json
 from vaerepro.likelihoods import space_name
 from vaerepro.model import build_vae
 from vaerepro.trainer import (
@@ -775,6 +776,7 @@ def train(
     elif cfg.train.resume:
         log.info("train.resume: no %s yet, training from the start", last)
     tracker = tracker if trainer.is_global_zero else None
+    held = _hold(out_dir, model_dir) if trainer.is_global_zero else None  # before anything is written
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -847,7 +849,23 @@ def train(
         if tracker is not None:
             tracker.fail(exc, interrupted=trainer.interrupted)
         raise
+    finally:
+        if held is not None:
+            os.close(held)  # releases the lock
     return metrics
+
+
+def _hold(out_dir: Path, model_dir: Path) -> int:
+    """An exclusive lock on out_dir, held while this training writes there (the caller closes the returned
+    descriptor). Two trainings into one models/ at once would each overwrite the other's checkpoints: a
+    train.json, an MLflow run's best.ckpt or a later evaluation would describe the other model. The lock is
+    an flock on the directory itself, which adds no file to the user's directory or to DVC's outputs."""
+    if (fd := try_lock(out_dir)) is None:
+        raise UserError(
+            f"{model_dir}: another training is writing into it now (a `vaerepro train`, `vaerepro run` or "
+            "`dvc repro` in this directory); nothing was changed: wait for it to end, or train elsewhere"
+        )
+    return fd
 
 
 def uses_cuda_graph(cfg: Config) -> bool:
