@@ -367,3 +367,30 @@ def test_the_check_stage_imports_no_lightning(tmp_path):
     proc = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "0 []", (proc.stdout, proc.stderr)
     assert (tmp_path / cli.CHECK_FILE).is_file()
+
+
+def _digests(run: Path) -> dict[str, str]:
+    """sha256 of every file of a run's directory that a refused resume must leave as it was."""
+    import hashlib
+
+    files = [run / "params.yaml", run / cli.RUN_MARK, *sorted((run / "prepared").iterdir())]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_run_with_another_config_is_refused_before_its_files_are_written(tmp_path, raw_dir):
+    """`vaerepro run ... train.resume=true hydra.run.dir=RUN` with another data split or model: train refused
+    it ("Nothing was changed"), but prepared/ had been made again from the new split and params.yaml and the
+    run's mark rewritten, so the run's directory named a config its checkpoints and numbers are not of."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    base = [*TINY, f"data.raw_dir={raw_dir}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
+    proc = _vaerepro(["run", *base], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "one"
+    before = _digests(run)
+    for change, key in (("data.split_seed=1", "data.split_seed"), ("model.latent_dim=5", "model.latent_dim")):
+        proc = _vaerepro(["run", *base, "train.resume=true", change], tmp_path)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert key in lines[0] and "last.ckpt" in lines[0], lines[0]
+        assert _digests(run) == before, change

@@ -367,6 +367,10 @@ def _hydra_run(argv: list[str]) -> None:
         )
         try:
             cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
+            if cfg.train.resume and not _ddp_child():  # before the run's mark, params.yaml, prepared/
+                from vaerepro.train import check_resume_of_run
+
+                check_resume_of_run(cfg, out_dir)
             if not _ddp_child() and not ours:  # the other ranks run in the directory rank 0 claimed
                 _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
             _ddp_relaunch_argv(command, out_dir)

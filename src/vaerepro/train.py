@@ -623,6 +623,50 @@ def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epo
     return ckpt
 
 
+# data keys that leave the images as they are (sweep.space's _SAME_IMAGES; data.space the checkpoint records)
+_SAME_DATA = ("raw_dir", "url", "max_npz_bytes", "space")
+
+
+def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
+    """`vaerepro run ... train.resume=true` into a run's directory, before it writes the run's params.yaml and
+    mark or prepares its data again: a CheckpointError when the config is not the run's, by the data keys of
+    its params.yaml (the checkpoint knows its data by digest only, which the data prepared again would
+    tell, after overwriting the run's prepared/) or by what models/last.ckpt records (model, likelihood,
+    training keys, seed, data space). check_resumable and the checks after it compare again, and the rest."""
+    last = out_dir / "models" / "last.ckpt"
+    if not (cfg.train.resume and last.is_file()):
+        return
+    differ = []
+    recorded = out_dir / "params.yaml"
+    if recorded.is_file():
+        try:
+            old = config_mod.load(recorded).data.model_dump()
+        except config_mod.ConfigError:
+            old = None  # not a config of this version: the digest check in train still compares the data
+        new = cfg.data.model_dump()
+        if old is not None:
+            differ += [
+                f"data.{k}: {recorded.name} {old[k]!r}, config {v!r}"
+                for k, v in new.items()
+                if k not in _SAME_DATA and old.get(k) != v
+            ]
+    saved = checkpoints.read(last)
+    hparams = saved.get("hyper_parameters") or {}
+    if isinstance(hparams.get("vae_config"), dict):  # else check_resumable refuses it as train does
+        vae = hparams["vae_config"]
+        expected = checkpoints.expected_hparams(cfg, vae.get("data_dim", 0), hparams.get("quantized"), None)
+        ignore = {"train.batch_size"} if checkpoints.global_batch(saved) is not None else set()
+        if cfg.train.lr_candidates is not None:  # the checkpoint's train.lr is the rate its pilots chose
+            ignore.add("train.lr")
+        differ += checkpoints.mismatches(hparams, expected, ignore=frozenset(ignore))
+    if differ:
+        raise checkpoints.CheckpointError(
+            f"{last}: train.resume=true, but the config differs from the run it would continue: "
+            + "; ".join(differ)
+            + ". Nothing was changed; restore those keys, or give this configuration its own run directory"
+        )
+
+
 def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_size: int, world: int) -> None:
     """A CheckpointError (nothing touched yet) when the resumed checkpoint was trained with another global
     batch (train.batch_size x devices x nodes) than this configuration's, so the resumed epochs would be
