@@ -1102,3 +1102,30 @@ def test_an_evaluation_run_at_another_k_shows_the_data_it_measured(tmp_path, sto
     assert _evaluated_at(out, "datasets", 20, -94.0) == child != trained
     (shown,) = client.get_run(child).inputs.dataset_inputs
     assert (shown.dataset.name, shown.dataset.digest) == ("mnist5k-binary", ("cd" * 32)[:32])
+
+
+@pytest.mark.slow
+def test_a_training_continued_after_its_evaluation_leaves_the_earlier_numbers_out_of_comparisons(
+    raw_dir, tmp_path, monkeypatch
+):
+    """`vaerepro run ... train.resume=true train.max_epochs=4 eval.num_samples=30` on an evaluated run of 3:
+    the training goes on in its run, whose K=20 numbers are of the 3-epoch weights, and the run's
+    checkpoints/best.ckpt and description became the 4-epoch model's. The comparison ranked those numbers
+    as that run's; it now leaves them out, saying why, and keeps the child's evaluation of the new weights."""
+    from vaerepro.document import render_md
+    from vaerepro.report_comparison import comparison_section
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "run"
+    first = tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir)
+    run_pipeline(first, out, ROOT, False)
+    trained = json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"]
+    more = ("eval.num_samples=30", "train.resume=true", "train.max_epochs=4")
+    run_pipeline(tiny_config(*more, tracking=True, raw_dir=raw_dir), out, ROOT, False)
+    child = json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"]
+    rows = {r["run_id"]: r for r in tracking.experiment_runs(first.tracking, ROOT)}
+    assert rows[trained].get("stale") and "trained further" in rows[trained]["stale"], rows[trained]
+    assert not rows[child].get("stale"), rows[child]
+    text = render_md("t", comparison_section(list(rows.values()), this_run=child), {})
+    left_out = text.split("Not plotted, not ranked", 1)[1]
+    assert rows[trained]["run_name"] in left_out and "trained further" in left_out, text

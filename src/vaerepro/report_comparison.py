@@ -91,6 +91,8 @@ def comparison_section(runs: Iterable[Mapping] | None, this_run: str | None = No
             excluded.append((r, f"status {status}"))
         elif status in UNFINISHED_STATUSES and not mine:
             excluded.append((r, f"status {status}, not finished: its numbers may be partial or still change"))
+        elif r.get("stale") and not mine:  # of weights its training has replaced (tracking.experiment_runs)
+            excluded.append((r, str(r["stale"])))
         elif (why := impossible(r)) is not None:  # a damaged or hand-edited record: no result to rank
             excluded.append((r, f"impossible value: {why}"))
         elif metric_value(r, "log_px") is None:

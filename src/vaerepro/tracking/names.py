@@ -38,6 +38,10 @@ SPACE_FREE = frozenset(
 K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
 TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
 CONVERGED_TAG = "vaerepro.converged"  # "true" or "false"
+# Which weights: the first 12 hex digits of the sha256 of models/best.ckpt that a training run last wrote,
+# and that an evaluated run's numbers are of (a training resumed after its evaluation replaces best.ckpt)
+BEST_CKPT_TAG = "vaerepro.best_checkpoint"
+EVALUATED_CKPT_TAG = "vaerepro.evaluated_checkpoint"
 # Facts about a run, not results: MLflow params, tags or the logged dataset hold them, not metric charts.
 BOOKKEEPING = frozenset({"epoch", "num_samples", "num_examples", "data_dim", "latent_dim"})
 # The prefixes of space-dependent names: the data spaces, and a Bernoulli on grey levels (not a density).

@@ -27,7 +27,9 @@ from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
 from vaerepro.files import write_json
 from vaerepro.tracking.names import (
+    BEST_CKPT_TAG,
     CONVERGED_TAG,
+    EVALUATED_CKPT_TAG,
     K_TAG,
     TEST_SET_TAG,
     likelihood_label,
@@ -292,6 +294,8 @@ def _log_evaluation(
     client.set_tag(run_id, K_TAG, k)
     if test_set is not None:
         client.set_tag(run_id, TEST_SET_TAG, test_set)
+    if metrics.get("checkpoint_sha256"):  # which weights (experiment_runs: a model trained further since)
+        client.set_tag(run_id, EVALUATED_CKPT_TAG, str(metrics["checkpoint_sha256"])[:12])
     log_metrics(client, run_id, numbers, prefix="test/", space=space)
     name = metric_name("test/log_px_ladder", space)
     client.log_batch(run_id, metrics=[Metric(name, r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]])
@@ -565,6 +569,7 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
             raise not_a_store(db, str(damage)) from None
         raise
     rows, newest = [], {}
+    best = {r.info.run_id: r.data.tags.get(BEST_CKPT_TAG) for r in found}  # each training run's weights now
     for r in found:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         if "data_space" not in tags:  # a parent (sweep) run or a foreign run: no numbers of its own
@@ -588,6 +593,14 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
                 ),
             }
         )
+        # numbers of weights the training has since replaced (resumed with more epochs after its evaluation):
+        # not a result of the model its run now holds
+        now, evaluated = best.get(tags.get(EVALUATES_TAG, r.info.run_id)), tags.get(EVALUATED_CKPT_TAG)
+        if now and evaluated and now != evaluated:
+            rows[-1]["stale"] = (
+                f"evaluated models/best.ckpt {evaluated}, which its training, trained further since, "
+                f"replaced with {now}: its numbers are not of the run's model"
+            )
         # the evaluation metrics by their plain names (test/kl, binary/test/log_px -> kl, log_px), without
         # letting a metric overwrite the run's own descriptors
         own = f"{space_name(rows[-1]['data_space'], rows[-1]['improper'])}/test/"
