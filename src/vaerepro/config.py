@@ -92,6 +92,11 @@ class _LikelihoodSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Data keys that leave the examples as they are: where the files are, a cap on their size, and the data
+# space (the same images, drawn into another space, which checkpoints and comparisons record by themselves)
+SAME_IMAGES_DATA_KEYS = ("space", "raw_dir", "url", "max_npz_bytes")
+
+
 class DataConfig(_Section):
     source: DataSource = "mnist5k"
     path: str | None = None

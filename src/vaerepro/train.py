@@ -623,10 +623,6 @@ def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epo
     return ckpt
 
 
-# data keys that leave the images as they are (sweep.space's _SAME_IMAGES; data.space the checkpoint records)
-_SAME_DATA = ("raw_dir", "url", "max_npz_bytes", "space")
-
-
 def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
     """`vaerepro run ... train.resume=true` into a run's directory, before it writes the run's params.yaml and
     mark or prepares its data again: a CheckpointError when the config is not the run's, by the data keys of
@@ -648,7 +644,7 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
             differ += [
                 f"data.{k}: {recorded.name} {old[k]!r}, config {v!r}"
                 for k, v in new.items()
-                if k not in _SAME_DATA and old.get(k) != v
+                if k not in config_mod.SAME_IMAGES_DATA_KEYS and old.get(k) != v
             ]
     saved = checkpoints.read(last)
     hparams = saved.get("hyper_parameters") or {}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
-from vaerepro.config import ConfigError
+from vaerepro.config import SAME_IMAGES_DATA_KEYS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,8 @@ def data_spaces(
     return spaces_of(trial_configs(space, compose))
 
 
-# Data keys that only say where the files are, or cap their size: the same test images whatever their value.
-_SAME_IMAGES = ("data.space", "data.raw_dir", "data.url", "data.max_npz_bytes")
+# the same test images whatever their value (config.SAME_IMAGES_DATA_KEYS)
+_SAME_IMAGES = tuple(f"data.{k}" for k in SAME_IMAGES_DATA_KEYS)
 
 
 def _measurement_key(key: str) -> bool:
