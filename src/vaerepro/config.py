@@ -272,9 +272,8 @@ class TrainConfig(_Section):
 # trainer.strategy values vaerepro trains with: Lightning's names for one process and for DDP (tests check
 # each is in Lightning's StrategyRegistry and that every ddp name there is here). Lightning's sharded and XLA
 # strategies (fsdp, deepspeed, xla) save checkpoints in their own layout, which vaerepro's checkpoints and
-# resume are not built for; before they were refused, Lightning raised a traceback once the Trainer was
-# built, after the data were prepared. Listed here rather than read from the registry: importing Lightning
-# takes about 5 s on 2 cores, which every config validation (the check stage's among them) would pay.
+# resume are not built for. Written out rather than read from the registry, so that validating a config
+# imports no Lightning (seconds at every start of the check stage).
 _DDP = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 _UNUSED = ("", "_find_unused_parameters_false", "_find_unused_parameters_true")
 STRATEGIES = ("auto", "single_device", *(d + u for d in _DDP for u in _UNUSED))
