@@ -259,8 +259,8 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         finally:
             _leave_process_group()
         return None
-    # what the check stage refuses (a strategy vaerepro does not train with, eval.precision=tf32 where
-    # evaluation runs on the CPU, a store that does not answer, ...) fails now, not after prepare or training
+    # what the check stage refuses (trainer=gpu without a GPU, eval.precision=tf32 where evaluation runs on
+    # the CPU, a store that does not answer, ...) fails now, not after prepare or training
     check_before_data(cfg, root)
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
