@@ -27,6 +27,7 @@ import pytest
 
 from conftest import wait_for_health
 from vaerepro.tracking import ui as mlflow_ui
+from vaerepro.tracking.runs import stale_reason
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +71,8 @@ RUNS = [
             "data_space": "continuous",
             "improper": "false",
             **MEASURED,
+            # numbers of weights its training replaced since (runs.label_stale_numbers): said in its row
+            "vaerepro.stale": stale_reason("3f2a9c1b0d4e", "0d4e3f2a9c1b"),
         },
         {
             "continuous/test/log_px": 812.345,

@@ -1104,6 +1104,66 @@ def test_an_evaluation_run_at_another_k_shows_the_data_it_measured(tmp_path, sto
     assert (shown.dataset.name, shown.dataset.digest) == ("mnist5k-binary", ("cd" * 32)[:32])
 
 
+def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_again(
+    tmp_path, store, monkeypatch
+):
+    """A run evaluated at K=5 and K=20, then trained further (a new best.ckpt): both runs' numbers are of the
+    old weights. The UI's table showed them as the runs' results; now each run carries the vaerepro.stale tag
+    (a column of the saved view) and its description begins with why, the same reason the report's
+    comparison gives. An evaluation of the new weights lifts both from the run it measured, and only there."""
+    from vaerepro.tracking import runs
+    from vaerepro.tracking.names import BEST_CKPT_TAG, STALE_TAG
+
+    out = tmp_path / "run"
+    client, trained = _trained_run(out, "stale", store, monkeypatch)
+    old, new = "a" * 64, "b" * 64
+
+    def trained_to(ckpt: str) -> None:  # as the train stage's TrainingRun.finish does with its best.ckpt
+        client.set_tag(trained, BEST_CKPT_TAG, ckpt[:12])
+        runs.label_stale_numbers(client, trained)
+
+    def evaluated(k: int, log_px: float, ckpt: str) -> str:
+        cfg = tiny_config(f"eval.num_samples={k}", "tracking.experiment=stale", tracking=True)
+        tracking.log_evaluation(cfg, out, {**_evaluation(out, k, log_px), "checkpoint_sha256": ckpt})
+        return json.loads((out / "artifacts" / "mlflow_run.json").read_text())["run_id"]
+
+    def shown() -> dict[str, tuple[str | None, str]]:  # run id -> (its stale tag, its description)
+        found = [client.get_run(trained), client.get_run(child)]
+        return {r.info.run_id: (r.data.tags.get(STALE_TAG), r.data.tags[runs.NOTE_TAG]) for r in found}
+
+    def compared() -> dict[str, str | None]:  # run id -> why the report's comparison leaves it out
+        cfg = tiny_config("tracking.experiment=stale", tracking=True)
+        return {r["run_id"]: r.get("stale") for r in tracking.experiment_runs(cfg.tracking, ROOT)}
+
+    trained_to(old)
+    assert evaluated(5, -100.0, old) == trained
+    child = evaluated(20, -95.0, old)
+    assert child != trained
+    assert {i: tag for i, (tag, _) in shown().items()} == {trained: None, child: None}
+    assert compared() == {trained: None, child: None}
+
+    trained_to(new)  # resumed and trained further: both runs' numbers are of best.ckpt aaaa...
+    reason = runs.stale_reason(old[:12], new[:12])
+    assert reason is not None and old[:12] in reason and new[:12] in reason and "trained further" in reason
+    assert compared() == {trained: reason, child: reason}
+    labelled = shown()
+    for tag, note in labelled.values():
+        assert tag == reason and note.startswith(f"{runs.STALE_NOTE}{reason}  \n"), note
+    assert "log p(x) = -95.00" in labelled[child][1]  # the numbers the warning is about, still described
+    runs.label_stale_numbers(client, trained)
+    assert shown() == labelled  # labelled once, however often
+
+    assert evaluated(20, -90.0, new) == child  # the new weights measured at K=20: that run's numbers are new
+    tag, note = shown()[child]
+    assert tag is None and not note.startswith(runs.STALE_NOTE) and "log p(x) = -90.00" in note, note
+    assert shown()[trained][0] == reason and compared() == {trained: reason, child: None}
+
+    assert evaluated(5, -85.0, new) == trained
+    assert {i: tag for i, (tag, _) in shown().items()} == {trained: None, child: None}
+    assert not shown()[trained][1].startswith(runs.STALE_NOTE)
+    assert compared() == {trained: None, child: None}
+
+
 @pytest.mark.slow
 def test_a_training_continued_after_its_evaluation_leaves_the_earlier_numbers_out_of_comparisons(
     raw_dir, tmp_path, monkeypatch
@@ -1112,10 +1172,15 @@ def test_a_training_continued_after_its_evaluation_leaves_the_earlier_numbers_ou
     the training goes on in its run, whose K=20 numbers are of the 3-epoch weights, and the run's
     checkpoints/best.ckpt and description became the 4-epoch model's. The comparison ranked those numbers
     as that run's; it now leaves them out, saying why, and keeps the child's evaluation of the new weights."""
+    from mlflow import MlflowClient
+
     from vaerepro.document import render_md
     from vaerepro.report_comparison import comparison_section
+    from vaerepro.tracking.names import STALE_TAG
+    from vaerepro.tracking.runs import NOTE_TAG, STALE_NOTE
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     out = tmp_path / "run"
     first = tiny_config("eval.num_samples=20", tracking=True, raw_dir=raw_dir)
     run_pipeline(first, out, ROOT, False)
@@ -1126,6 +1191,12 @@ def test_a_training_continued_after_its_evaluation_leaves_the_earlier_numbers_ou
     rows = {r["run_id"]: r for r in tracking.experiment_runs(first.tracking, ROOT)}
     assert rows[trained].get("stale") and "trained further" in rows[trained]["stale"], rows[trained]
     assert not rows[child].get("stale"), rows[child]
+    # the UI's table and the run's page say the same (TrainingRun.finish labelled the run when it ended)
+    client = MlflowClient(store)
+    tags = client.get_run(trained).data.tags
+    assert tags.get(STALE_TAG) == rows[trained]["stale"], tags
+    assert tags[NOTE_TAG].startswith(STALE_NOTE + rows[trained]["stale"]), tags[NOTE_TAG]
+    assert STALE_TAG not in client.get_run(child).data.tags
     text = render_md("t", comparison_section(list(rows.values()), this_run=child), {})
     left_out = text.split("Not plotted, not ranked", 1)[1]
     assert rows[trained]["run_name"] in left_out and "trained further" in left_out, text

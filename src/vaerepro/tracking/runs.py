@@ -31,6 +31,7 @@ from vaerepro.tracking.names import (
     CONVERGED_TAG,
     EVALUATED_CKPT_TAG,
     K_TAG,
+    STALE_TAG,
     TEST_SET_TAG,
     likelihood_label,
     metric_name,
@@ -49,6 +50,8 @@ from vaerepro.tracking.store import (
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+STALE_NOTE = "**Not this run's model:** "  # the description's first line on a run tagged STALE_TAG
 
 
 # Files the pipeline itself writes or rewrites (dvc repro, dvc exp run -S): a change in them does not make the
@@ -215,7 +218,7 @@ def headline(
 
 def describe(client, run_id: str, cfg: Config, **numbers: Mapping[str, Any] | None) -> None:
     """Set the run's description (the `mlflow.note.content` tag the UI shows as the run's description)."""
-    client.set_tag(run_id, "mlflow.note.content", headline(cfg, **numbers))
+    client.set_tag(run_id, NOTE_TAG, headline(cfg, **numbers))
 
 
 def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> None:
@@ -251,6 +254,7 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
             end_run(client, run_id, status_of(exc), exc)
         raise
     write_run_id(out_dir / EVAL_RUN_DIR, **pointer, logged=True)
+    label_stale_numbers(client, trained)  # these numbers are of the training's best.ckpt, or not
     if run_id != trained:
         end_run(client, run_id, "FINISHED")
 
@@ -551,6 +555,43 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, Any], prefix: str, sp
         client.log_batch(run_id, metrics=batch)
 
 
+def stale_reason(evaluated: str | None, now: str | None) -> str | None:
+    """Why a run's test numbers, of models/best.ckpt `evaluated` (EVALUATED_CKPT_TAG: 12 hex digits), are not
+    of the model its training run holds now, best.ckpt `now` (BEST_CKPT_TAG); None when they are, or when
+    either is unknown (a run logged before these tags)."""
+    if not (evaluated and now) or evaluated == now:
+        return None
+    return (
+        f"evaluated models/best.ckpt {evaluated}, which its training, trained further since, "
+        f"replaced with {now}: its numbers are not of the run's model"
+    )
+
+
+def label_stale_numbers(client, trained: str) -> None:
+    """Label, in the UI, the numbers of training run `trained` and of its evaluation runs (other K) that are
+    of a best.ckpt the training has since replaced (a training resumed after its evaluation): STALE_TAG, and
+    the reason atop the description. Lift both from a run whose numbers are of the training's best.ckpt
+    again (an evaluation of the new weights). MLflow cannot delete metric points, so the stale numbers stay
+    in their columns; the tag says beside them that they are not the run's model's."""
+    run = client.get_run(trained)
+    now = run.data.tags.get(BEST_CKPT_TAG)
+    if not now:  # an evaluation logged before its training finished (or a run without the tag): unknown
+        return
+    children = client.search_runs([run.info.experiment_id], f"tags.`{EVALUATES_TAG}` = '{trained}'")
+    for r in (run, *children):
+        tags = r.data.tags
+        reason = stale_reason(tags.get(EVALUATED_CKPT_TAG), now)
+        note = tags.get(NOTE_TAG, "")
+        kept = note.split("  \n", 1)[1] if note.startswith(STALE_NOTE) and "  \n" in note else note
+        if reason is not None:
+            client.set_tag(r.info.run_id, STALE_TAG, reason)
+            kept = f"{STALE_NOTE}{reason}  \n{kept}"
+        elif STALE_TAG in tags:
+            client.delete_tag(r.info.run_id, STALE_TAG)
+        if kept != note:
+            client.set_tag(r.info.run_id, NOTE_TAG, kept)
+
+
 def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict[str, Any]]:
     """Every run of the project's experiment as a plain row for the report's comparison, one per measurement
     of a trained model: of the evaluation runs of one training run with one K and test set (several, made
@@ -595,12 +636,10 @@ def experiment_runs(tcfg: TrackingConfig, root: Path | None = None) -> list[dict
         )
         # numbers of weights the training has since replaced (resumed with more epochs after its evaluation):
         # not a result of the model its run now holds
-        now, evaluated = best.get(tags.get(EVALUATES_TAG, r.info.run_id)), tags.get(EVALUATED_CKPT_TAG)
-        if now and evaluated and now != evaluated:
-            rows[-1]["stale"] = (
-                f"evaluated models/best.ckpt {evaluated}, which its training, trained further since, "
-                f"replaced with {now}: its numbers are not of the run's model"
-            )
+        # (from the checkpoint tags, not STALE_TAG: a run logged before that tag existed is told too)
+        now = best.get(tags.get(EVALUATES_TAG, r.info.run_id))
+        if reason := stale_reason(tags.get(EVALUATED_CKPT_TAG), now):
+            rows[-1]["stale"] = reason
         # the evaluation metrics by their plain names (test/kl, binary/test/log_px -> kl, log_px), without
         # letting a metric overwrite the run's own descriptors
         own = f"{space_name(rows[-1]['data_space'], rows[-1]['improper'])}/test/"

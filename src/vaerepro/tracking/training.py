@@ -151,6 +151,9 @@ class TrainingRun:
         runs.describe(*run, self.cfg, train=metrics)
         if metrics.get("best_checkpoint_sha256"):  # the weights the run holds now (runs.experiment_runs)
             self.logger.experiment.set_tag(self.run_id, BEST_CKPT_TAG, metrics["best_checkpoint_sha256"][:12])
+            # a resumed training's new weights: its run's and evaluation runs' earlier test numbers are not
+            # of them, which the UI's table then says (the report's comparison tells by the same tags)
+            runs.label_stale_numbers(self.logger.experiment, self.run_id)
         self.logger.experiment.log_artifact(self.run_id, str(self.model_dir / "best.ckpt"), "checkpoints")
         if self.finish_run:
             runs.end_run(*run, "FINISHED")

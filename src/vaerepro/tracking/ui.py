@@ -65,7 +65,7 @@ import re
 from urllib.parse import urlencode
 
 from vaerepro.likelihoods import DATA_SPACES
-from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, SPACES, TEST_SET_TAG
+from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, SPACES, STALE_TAG, TEST_SET_TAG
 
 # Prefix of the experiment tag that holds a saved/shared view (main.*.js: `$="mlflow.sharedViewState."`).
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
@@ -108,13 +108,15 @@ MEASUREMENT_TAGS = (K_TAG, TEST_SET_TAG, CONVERGED_TAG)
 
 # The columns a user comparing VAEs wants without picking any: how each run was set up, then its results.
 # An improper run (a Bernoulli on grey levels) has data_space `continuous`: its `improper` tag beside it says
-# that it is no density (its numbers are improper/..., in no column of a data space).
+# that it is no density (its numbers are improper/..., in no column of a data space). A run whose numbers are
+# of weights its training has since replaced says so in its STALE_TAG column, empty for every other run.
 DEFAULT_COLUMNS: list[str] = [
     tag_column("likelihood"),
     tag_column("latent_dim"),
     tag_column("data_space"),
     tag_column("improper"),
     *(tag_column(t) for t in MEASUREMENT_TAGS),
+    tag_column(STALE_TAG),
     *(metric_column(f"{space}/test/{m}") for space in DATA_SPACES for m in ("log_px", "log_px_se", "elbo")),
     metric_column("test/knn_accuracy"),
 ]
