@@ -561,9 +561,9 @@ def stale_reason(evaluated: str | None, now: str | None) -> str | None:
     either is unknown (a run logged before these tags)."""
     if not (evaluated and now) or evaluated == now:
         return None
-    return (
-        f"evaluated models/best.ckpt {evaluated}, which its training, trained further since, "
-        f"replaced with {now}: its numbers are not of the run's model"
+    return (  # its start is what the UI's narrow column shows
+        f"numbers of replaced weights: models/best.ckpt {evaluated}, which its training, trained further "
+        f"since, replaced with {now}"
     )
 
 
@@ -579,6 +579,8 @@ def label_stale_numbers(client, trained: str) -> None:
         return
     children = client.search_runs([run.info.experiment_id], f"tags.`{EVALUATES_TAG}` = '{trained}'")
     for r in (run, *children):
+        if r.info.lifecycle_stage != "active":  # deleted in the UI: MLflow refuses its tags
+            continue
         tags = r.data.tags
         reason = stale_reason(tags.get(EVALUATED_CKPT_TAG), now)
         note = tags.get(NOTE_TAG, "")
