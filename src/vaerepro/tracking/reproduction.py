@@ -21,7 +21,7 @@ from pathlib import Path
 from vaerepro.config import TrackingConfig
 from vaerepro.reproduction import UNIT, Measurement, Preset, Published
 from vaerepro.tracking.names import space_name
-from vaerepro.tracking.runs import FAILURE_TAG, end_run, git_commit, read_run_id
+from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG, end_run, git_commit, read_run_id
 from vaerepro.tracking.store import ensure_experiment
 
 log = logging.getLogger("vaerepro")
@@ -61,7 +61,7 @@ def open_parent(
         "vaerepro.preset": preset.name,
         "vaerepro.paper": preset.paper,
         "vaerepro.smoke": str(smoke).lower(),
-        "mlflow.note.content": f"Reproduction of {preset.title} ({preset.paper})"
+        NOTE_TAG: f"Reproduction of {preset.title} ({preset.paper})"
         f"{' (smoke run)' if smoke else ''}: "
         "one child run per seed; the verdict is set when the last seed has finished.",
     }
@@ -184,7 +184,7 @@ def finish_parent(
         batch += [Metric(f"{name}_{k}", float(x), now, 0) for k, x in numbers.items() if x is not None]
     client.set_tag(rep.run_id, "vaerepro.reasons", "\n".join(reasons)[:MAX_TAG_CHARS])
     note = f"**{title}**: {verdict}  \n" + "  \n".join(list(reasons)[:20])
-    client.set_tag(rep.run_id, "mlflow.note.content", note)
+    client.set_tag(rep.run_id, NOTE_TAG, note)
     if batch:
         client.log_batch(rep.run_id, metrics=batch)
     for f in card:

@@ -17,7 +17,7 @@ from typing import Any
 
 from vaerepro.config import TrackingConfig
 from vaerepro.tracking.names import metric_name, space_name
-from vaerepro.tracking.runs import experiment_runs
+from vaerepro.tracking.runs import NOTE_TAG, experiment_runs
 from vaerepro.tracking.store import ensure_experiment, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow refuses a longer param value (a long search-space distribution)
@@ -89,7 +89,7 @@ def open_study_run(
             "vaerepro.role": "study",
             "vaerepro.objective": objective,
             "optuna.storage": storage,
-            "mlflow.note.content": f"Optuna study {study_name!r}: one child run per trial.",
+            NOTE_TAG: f"Optuna study {study_name!r}: one child run per trial.",
         },
     )
     for k, v in params.items():
