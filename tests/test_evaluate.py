@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEVICES, compose, copy_prepared, tiny_config
+from conftest import DEVICES, TINY, compose, copy_prepared, tiny_config
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro import evaluate as evaluate_mod
@@ -511,3 +511,78 @@ def test_images_for_the_report_and_the_2d_manifold():
             grid = out["manifold_grid"]  # Gaussian quantiles of 5 % ... 95 %: symmetric, +-1.645 at the ends
             np.testing.assert_allclose(grid, -grid[::-1], atol=1e-6)
             assert grid[-1] == pytest.approx(1.6449, abs=1e-3)
+
+
+def _sha256s(out) -> dict[str, str]:
+    import hashlib
+
+    files = sorted(p for d in ("metrics", "artifacts") for p in (out / d).glob("*") if p.is_file())
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _busy(out) -> str:
+    return (
+        f"vaerepro evaluate: {out}: another evaluation or a training is running in this directory now (a "
+        "`vaerepro evaluate`, `vaerepro train`, `vaerepro run` or `dvc repro`); nothing was changed: wait "
+        "for it to end, then evaluate"
+    )
+
+
+def test_a_second_evaluation_of_a_directory_is_refused_while_one_runs(prepared_tiny, tmp_path, capsys):
+    """Two evaluations of one run at once (two K) each wrote eval.json, eval_summary.json and the arrays: the
+    files ended as a mix of both. The second, started while the first evaluates, is refused in one line with
+    exit status 2, and the first's files are its own."""
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    (out / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    train(tiny_config("train.max_epochs=1"), out, enable_progress_bar=False)
+    first, second = out / "k50.yaml", out / "k10.yaml"
+    for path, k in ((first, 50), (second, 10)):
+        path.write_text(yaml.safe_dump(compose(*TINY, "tracking.enabled=false", f"eval.num_samples={k}")))
+    assert cli.main(["evaluate", "--params", str(second), "--out", str(out)]) == 0
+    capsys.readouterr()
+    original, started, inner = evaluate_mod.evaluate, [], []
+
+    def evaluate_and_start_another(cfg, out_dir, **kw):  # the second starts while the first evaluates
+        if not started:
+            started.append(cfg.eval.num_samples)
+            inner.append(cli.main(["evaluate", "--params", str(second), "--out", str(out)]))
+            inner.append(capsys.readouterr().err)
+            inner.append(_sha256s(out))
+        return original(cfg, out_dir, **kw)
+
+    before = _sha256s(out)
+    try:
+        evaluate_mod.evaluate = evaluate_and_start_another
+        assert cli.main(["evaluate", "--params", str(first), "--out", str(out)]) == 0
+    finally:
+        evaluate_mod.evaluate = original
+    status, err, during = inner
+    assert status == 2 and err.strip().splitlines() == [_busy(out)], err
+    assert during == before
+    ev = json.loads((out / "metrics" / "eval.json").read_text())
+    summary = json.loads((out / "metrics" / "eval_summary.json").read_text())
+    assert ev["num_samples"] == 50 and summary["binary"]["log_px"] == ev["log_px"]
+
+
+def test_an_evaluation_of_a_directory_is_refused_while_it_trains(prepared_tiny, tmp_path, capsys):
+    """An evaluation while the run's training runs read a best.ckpt that the training then replaces: its
+    numbers named weights that were no longer there. Refused in one line, exit status 2, nothing written."""
+    import lightning.pytorch as pl
+
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    (out / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
+    params = out / "params.yaml"
+    params.write_text(yaml.safe_dump(compose(*TINY, "tracking.enabled=false")))
+    seen = []
+
+    class EvaluateNow(pl.Callback):  # in the second epoch: the first one's best.ckpt is there
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                seen.append(cli.main(["evaluate", "--params", str(params), "--out", str(out)]))
+                seen.append(capsys.readouterr().err)
+
+    train(tiny_config(), out, enable_progress_bar=False, callbacks=[EvaluateNow()])
+    status, err = seen
+    assert status == 2 and err.strip().splitlines() == [_busy(out)], err
+    assert not (out / "metrics" / "eval.json").exists() and not (out / "artifacts").exists()
+    assert cli.main(["evaluate", "--params", str(params), "--out", str(out)]) == 0  # free once it ended

@@ -37,7 +37,7 @@ from vaerepro import config as config_mod
 from vaerepro import signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.errors import Stopped, UserError
-from vaerepro.files import write_whole
+from vaerepro.files import try_lock, write_whole
 from vaerepro.resumption import RUN_MARK
 
 log = logging.getLogger("vaerepro")
@@ -162,14 +162,40 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
     from vaerepro import tracking
     from vaerepro.evaluate import evaluate
 
-    metrics = evaluate(cfg, out_dir, progress=progress)
-    if metrics is not None and cfg.tracking.enabled:
-        tracking.log_evaluation(cfg, out_dir, metrics)  # names the run it logged to in artifacts/
-    elif metrics is not None:  # an earlier evaluation's run is not this one's: say it went to none
-        tracking.write_run_id(
-            out_dir / tracking.EVAL_RUN_DIR, None, None, evaluation=out_dir / "metrics" / "eval.json"
-        )
+    held = _hold_for_evaluation(out_dir)
+    try:
+        metrics = evaluate(cfg, out_dir, progress=progress)
+        if metrics is not None and cfg.tracking.enabled:
+            tracking.log_evaluation(cfg, out_dir, metrics)  # names the run it logged to in artifacts/
+        elif metrics is not None:  # an earlier evaluation's run is not this one's: say it went to none
+            tracking.write_run_id(
+                out_dir / tracking.EVAL_RUN_DIR, None, None, evaluation=out_dir / "metrics" / "eval.json"
+            )
+    finally:
+        if held is not None:
+            os.close(held)  # releases the lock
     return metrics
+
+
+def _hold_for_evaluation(out_dir: Path) -> int | None:
+    """The lock a training holds on out_dir (train._hold), taken by the evaluation's first process for its
+    files and its MLflow logging (the caller closes the descriptor); None on the other ranks, which write
+    nothing, and for a directory that does not exist (evaluate names what is missing). Two evaluations of
+    one directory at once (two K) interleaved eval.json, eval_summary.json, the arrays and their MLflow
+    numbers; an evaluation during a training read a best.ckpt that the training then replaces."""
+    import torch.distributed as dist
+
+    if _ddp_child() or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    if not out_dir.is_dir():
+        return None
+    if (fd := try_lock(out_dir)) is None:
+        raise UserError(
+            f"{out_dir}: another evaluation or a training is running in this directory now (a `vaerepro "
+            "evaluate`, `vaerepro train`, `vaerepro run` or `dvc repro`); nothing was changed: wait for it "
+            "to end, then evaluate"
+        )
+    return fd
 
 
 def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:

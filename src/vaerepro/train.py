@@ -899,11 +899,13 @@ def _hold(out_dir: Path, model_dir: Path) -> int:
     """An exclusive lock on out_dir, held while this training writes there (the caller closes the returned
     descriptor). Two trainings into one models/ at once would each overwrite the other's checkpoints: a
     train.json, an MLflow run's best.ckpt or a later evaluation would describe the other model. The lock is
-    an flock on the directory itself, which adds no file to the user's directory or to DVC's outputs."""
+    an flock on the directory itself, which adds no file to the user's directory or to DVC's outputs; an
+    evaluation holds the same one (cli.stage_evaluate), as it reads the best.ckpt a training replaces."""
     if (fd := try_lock(out_dir)) is None:
         raise UserError(
-            f"{model_dir}: another training is writing into it now (a `vaerepro train`, `vaerepro run` or "
-            "`dvc repro` in this directory); nothing was changed: wait for it to end, or train elsewhere"
+            f"{model_dir}: another training or an evaluation is running in this directory now (a "
+            "`vaerepro train`, `vaerepro evaluate`, `vaerepro run` or `dvc repro`); nothing was changed: "
+            "wait for it to end, or train elsewhere"
         )
     return fd
 
