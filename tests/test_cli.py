@@ -394,3 +394,117 @@ def test_a_resume_of_a_run_with_another_config_is_refused_before_its_files_are_w
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert key in lines[0] and "last.ckpt" in lines[0], lines[0]
         assert _digests(run) == before, change
+
+
+def _kept(run: Path) -> dict[str, str]:
+    """sha256 of every file of a run's directory but Hydra's own record (.hydra/) and the job's log."""
+    import hashlib
+
+    files = [p for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"]
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
+
+
+@pytest.mark.slow
+def test_every_refusal_of_a_resume_comes_before_the_runs_files_are_written(tmp_path, raw_dir):
+    """A resume refused by the train stage (other arithmetic, another global batch, fewer epochs than done,
+    a checkpoint of weights only, a rate its pilots did not record) or by the check stage (a device this
+    machine lacks) was refused after the run's params.yaml and mark were written with the refused config:
+    the run then named a config its checkpoints and numbers are not of. Each is refused in one line, exit
+    status 2, with every file of the run as it was."""
+    import torch
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    base = [*TINY, f"data.raw_dir={raw_dir}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
+    base += ["train.lr_candidates=[0.001,0.003]", "train.lr_pilot_steps=5", "train.lr=0.0005"]
+    proc = _vaerepro(["run", *base], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "one"
+    last = run / "models" / "last.ckpt"
+    nothing = "Nothing was changed"
+    refused = {
+        "trainer.precision=bf16-mixed": f"{last}: train.resume=true, but it was trained in other arithmetic "
+        f"(trainer.precision: 32-true in the checkpoint, bf16-mixed now). {nothing}; set those keys as the "
+        "training had them",
+        "train.batch_size=25": f"{last}: train.resume=true, but its 3 epochs took 27 optimiser steps (9 an "
+        "epoch) and this configuration takes 17 an epoch (a global batch of train.batch_size x devices x "
+        f"nodes = 25 x 1): it would go on with another global batch. {nothing}; keep train.batch_size x "
+        "devices x nodes = 50 (the checkpoint's 50 x 1)",
+        "train.max_epochs=2": f"{last}: holds 3 trained epochs, more than train.max_epochs=2; nothing was "
+        "changed; set train.max_epochs=3 or more to continue it",
+    }
+    if not torch.cuda.is_available():
+        refused["trainer=gpu"] = "trainer.accelerator=gpu: this machine has no CUDA device; use trainer=cpu"
+
+    def resume(change: str | None) -> str:
+        proc = _vaerepro(["run", *base, "train.resume=true", *([change] if change else [])], tmp_path)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        return lines[0].removeprefix("vaerepro run: ")
+
+    before = _kept(run)
+    for change, message in refused.items():
+        assert resume(change) == message, change
+        assert _kept(run) == before, change
+    # a checkpoint of weights only where the training state should be
+    whole = last.read_bytes()
+    shutil.copyfile(run / "models" / "best.ckpt", last)
+    before = _kept(run)
+    assert resume(None) == f"{last}: holds weights only, not a training state to resume"
+    assert _kept(run) == before
+    # a checkpoint that records no choice of its pilots: train would train at train.lr, not the chosen rate
+    last.write_bytes(whole)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    chosen = ckpt["callbacks"].pop("SelectionRecord")["chosen"]
+    torch.save(ckpt, last)
+    before = _kept(run)
+    assert resume(None) == (
+        f"{last}: train.resume=true, but the config differs from the run it would continue: train.lr: "
+        f"checkpoint {chosen}, config 0.0005. {nothing}; restore those keys, or give this configuration its "
+        "own run directory"
+    )
+    assert _kept(run) == before
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_written(tmp_path, raw_dir):
+    """`vaerepro run ... train.resume=true` into a run whose training (or evaluation) is running: train's lock
+    refused it, but only after the run's params.yaml and mark had been written with its config, beside the
+    running training's checkpoints."""
+    import signal
+    import time
+
+    from vaerepro.files import try_lock
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    base = [*TINY, f"data.raw_dir={raw_dir}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
+    proc = _vaerepro(["run", *base], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "one"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    running = subprocess.Popen(
+        ["vaerepro", "run", *base, "train.resume=true", "train.max_epochs=1000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while (fd := try_lock(run)) is not None:  # until the running training holds its directory
+            os.close(fd)
+            assert running.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        before = _digests(run)
+        proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=500"], tmp_path)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert _digests(run) == before
+        assert lines[0] == (
+            f"vaerepro run: {run / 'models'}: another training or an evaluation is running in this directory "
+            "now (a `vaerepro train`, `vaerepro evaluate`, `vaerepro run` or `dvc repro`); nothing was "
+            "changed: wait for it to end, or train elsewhere"
+        )
+        assert "max_epochs: 1000" in (run / "params.yaml").read_text()
+    finally:
+        running.send_signal(signal.SIGTERM)
+        running.wait(timeout=300)

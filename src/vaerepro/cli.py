@@ -273,7 +273,8 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
     """prepare → train → evaluate → report for one configuration in out_dir; returns eval metrics.
 
     Under DDP (trainer=ddp), Lightning re-runs this command for ranks 1..N-1 once training starts; those
-    join training and the sharded evaluation only, write nothing, and return None.
+    join training and the sharded evaluation only, write nothing, and return None. The caller has run
+    check_before_data (and for a resume train.check_resume_of_run) before the run's directory was marked.
     """
     import torch.distributed as dist
 
@@ -285,9 +286,6 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         finally:
             _leave_process_group()
         return None
-    # what the check stage refuses (trainer=gpu without a GPU, eval.precision=tf32 where evaluation runs on
-    # the CPU, a store that does not answer, ...) fails now, not after prepare or training
-    check_before_data(cfg, root)
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
     # MLflow exports the uri it is given (mlflow.set_tracking_uri, Lightning's MLFlowLogger) as
@@ -393,7 +391,12 @@ def _hydra_run(argv: list[str]) -> None:
         )
         try:
             cfg = config_mod.validate(OmegaConf.to_container(dcfg, resolve=True))
-            if cfg.train.resume and not _ddp_child():  # before the run's mark, params.yaml, prepared/
+            if not _ddp_child():
+                # before the run's mark, params.yaml and prepared/ are written: what the check stage refuses
+                # (trainer=gpu without a GPU, eval.precision=tf32 where evaluation runs on the CPU, a store
+                # that does not answer, ...), then a resume the train stage would refuse
+                check_before_data(cfg, root)
+            if cfg.train.resume and not _ddp_child():
                 from vaerepro.train import check_resume_of_run
 
                 check_resume_of_run(cfg, out_dir)

@@ -602,8 +602,7 @@ def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epo
     unreadable one), compared with the module the config builds; a CheckpointError (nothing touched yet)
     when it trained something else. train.batch_size (per device) may change when the checkpoint records
     its world size: check_same_batches then compares the global batch, which must stay."""
-    if "loops" not in ckpt or "optimizer_states" not in ckpt:
-        raise checkpoints.CheckpointError(f"{path}: holds weights only, not a training state to resume")
+    check_state(path, ckpt, max_epochs)
     recorded = checkpoints.global_batch(ckpt) is not None  # the global batch is then compared instead
     per_device = frozenset({"train.batch_size"} if recorded else ())
     differ = checkpoints.mismatches(ckpt["hyper_parameters"], dict(module.hparams), ignore=per_device)
@@ -614,24 +613,43 @@ def check_resumable(path: Path, ckpt: dict[str, Any], module: VAEModule, max_epo
             + ". Nothing was changed; restore those keys, or train from the start (train.resume=false, "
             "after moving models/ aside)"
         )
+    return ckpt
+
+
+def check_state(path: Path, ckpt: dict[str, Any], max_epochs: int) -> None:
+    """A CheckpointError when `ckpt` is no training state to resume (weights only) or holds more epochs
+    than train.max_epochs."""
+    if "loops" not in ckpt or "optimizer_states" not in ckpt:
+        raise checkpoints.CheckpointError(f"{path}: holds weights only, not a training state to resume")
     done = len(_saved_curve(ckpt))
     if done > max_epochs:
         raise checkpoints.CheckpointError(
             f"{path}: holds {done} trained epochs, more than train.max_epochs={max_epochs}; nothing was "
             f"changed; set train.max_epochs={done} or more to continue it"
         )
-    return ckpt
 
 
 def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
     """`vaerepro run ... train.resume=true` into a run's directory, before it writes the run's params.yaml and
-    mark or prepares its data again: a CheckpointError when the config is not the run's, by the data keys of
-    its params.yaml (the checkpoint knows its data by digest only, which the data prepared again would
-    tell, after overwriting the run's prepared/) or by what models/last.ckpt records (model, likelihood,
-    training keys, seed, data space). check_resumable and the checks after it compare again, and the rest."""
+    mark or prepares its data again: every refusal of the train stage's resume, made here with the same
+    message, so that a refused resume leaves the run's files as they were. A UserError while a training or
+    an evaluation runs there (`_hold`'s lock, taken and released at once: train takes it again). A
+    CheckpointError when models/last.ckpt is no training state or holds more than train.max_epochs epochs
+    (`check_state`), when the config is not the run's, by the data keys of its params.yaml (the checkpoint
+    knows its data by digest only, which the data prepared again would tell, after overwriting the run's
+    prepared/) or by what last.ckpt records (model, likelihood, training keys, seed, data space; train.lr as
+    train sets it, the rate the checkpoint's pilots chose under train.lr_candidates), when the global batch
+    differs (`check_same_batches`: the number of training examples from the run's prepared/, whose data keys
+    were just compared; the world size from the trainer section, unless devices=auto on an accelerator with
+    several, which train compares once Lightning has resolved it) or the arithmetic does
+    (`check_same_numerics`). train's own checks compare again after these."""
+    if out_dir.is_dir():  # a training or an evaluation there now: refused before anything is written
+        os.close(_hold(out_dir, out_dir / "models"))
     last = out_dir / "models" / "last.ckpt"
     if not (cfg.train.resume and last.is_file()):
         return
+    saved = checkpoints.read(last)
+    check_state(last, saved, cfg.train.max_epochs)
     differ = []
     recorded = out_dir / "params.yaml"
     if recorded.is_file():
@@ -646,24 +664,39 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
                 for k, v in new.items()
                 if k not in config_mod.SAME_IMAGES_DATA_KEYS and old.get(k) != v
             ]
-    saved = checkpoints.read(last)
     hparams = saved.get("hyper_parameters") or {}
     if isinstance(hparams.get("vae_config"), dict):  # else check_resumable refuses it as train does
         vae = hparams["vae_config"]
-        expected = checkpoints.expected_hparams(cfg, vae.get("data_dim", 0), hparams.get("quantized"), None)
-        ignore = {"train.batch_size"} if checkpoints.global_batch(saved) is not None else set()
-        if cfg.train.lr_candidates is not None:  # the checkpoint's train.lr is the rate its pilots chose
-            ignore.add("train.lr")
-        differ += checkpoints.mismatches(hparams, expected, ignore=frozenset(ignore))
+        chosen = stepsize.recorded(saved) if cfg.train.lr_candidates is not None else None
+        trained = cfg if chosen is None else stepsize.at_rate(cfg, chosen["chosen"])  # as train builds it
+        dim, quantized = vae.get("data_dim", 0), hparams.get("quantized")
+        expected = checkpoints.expected_hparams(trained, dim, quantized, None)
+        ignore = frozenset({"train.batch_size"} if checkpoints.global_batch(saved) is not None else ())
+        differ += checkpoints.mismatches(hparams, expected, ignore=ignore)
     if differ:
         raise checkpoints.CheckpointError(
             f"{last}: train.resume=true, but the config differs from the run it would continue: "
             + "; ".join(differ)
             + ". Nothing was changed; restore those keys, or give this configuration its own run directory"
         )
+    x_train, world = out_dir / "prepared" / "x_train.npy", configured_world(cfg.trainer)
+    if world is not None:
+        n_train = len(np.load(x_train, mmap_mode="r")) if x_train.is_file() else None  # the header only
+        check_same_batches(last, saved, n_train, cfg.train.batch_size, world)
+    check_same_numerics(last, saved, configured_numerics(cfg.trainer))
 
 
-def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_size: int, world: int) -> None:
+def configured_world(t: config_mod.TrainerConfig) -> int | None:
+    """devices x nodes of the trainer `t` describes, as Lightning resolves them; None for devices=auto on
+    an accelerator other than the CPU (every visible device: known once the Trainer is built)."""
+    if t.devices == "auto":
+        return t.num_nodes if t.accelerator == "cpu" else None  # Lightning's CPU accelerator: one device
+    return t.devices * t.num_nodes
+
+
+def check_same_batches(
+    path: Path, ckpt: dict[str, Any], n_train: int | None, batch_size: int, world: int
+) -> None:
     """A CheckpointError (nothing touched yet) when the resumed checkpoint was trained with another global
     batch (train.batch_size x devices x nodes) than this configuration's, so the resumed epochs would be
     another training than the one the checkpoint began. Another split of the same global batch over the
@@ -672,7 +705,8 @@ def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_siz
     train.batch_size is per device. A checkpoint records its world size (checkpoints.WORLD_SIZE_KEY) beside
     it, hence its global batch. An older one does not (and check_resumable kept its train.batch_size); its
     steps tell: global_step = epochs done x ceil(n_train / global batch), last.ckpt being written at epoch
-    ends only, so another number of optimiser steps an epoch is another global batch."""
+    ends only, so another number of optimiser steps an epoch is another global batch. `n_train` None (not
+    known yet): the recorded global batch only."""
     now = f"a global batch of train.batch_size x devices x nodes = {batch_size} x {world}"
     recorded = checkpoints.global_batch(ckpt)
     if recorded is None:
@@ -681,8 +715,8 @@ def check_same_batches(path: Path, ckpt: dict[str, Any], n_train: int, batch_siz
         saved, was = recorded[0] * recorded[1], f"{recorded[0]} x {recorded[1]}"
         fix = f"keep train.batch_size x devices x nodes = {saved} (the checkpoint's {was})"
     done, steps = len(_saved_curve(ckpt)), ckpt.get("global_step")
-    per_epoch = math.ceil(n_train / (batch_size * world))  # optimiser steps an epoch, this configuration
-    if done > 0 and steps is not None and steps != done * per_epoch:
+    per_epoch = None if n_train is None else math.ceil(n_train / (batch_size * world))  # steps an epoch
+    if done > 0 and steps is not None and per_epoch is not None and steps != done * per_epoch:
         raise checkpoints.CheckpointError(
             f"{path}: train.resume=true, but its {done} epochs took {steps} optimiser steps "
             f"({steps / done:g} an epoch) and this configuration takes {per_epoch} an epoch ({now}): it "
@@ -706,11 +740,21 @@ def numerics(trainer: pl.Trainer) -> dict[str, str]:
     return out
 
 
-def check_same_numerics(path: Path, ckpt: dict[str, Any], trainer: pl.Trainer) -> None:
+def configured_numerics(t: config_mod.TrainerConfig) -> dict[str, str]:
+    """`numerics` of the trainer `t` describes, before it is built: Lightning names precision "32"
+    "32-true"; train sets torch's matmul precision to trainer.matmul_precision, recorded on CUDA only."""
+    out = {"trainer.precision": {"32": "32-true"}.get(t.precision, t.precision)}
+    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available()):
+        out["trainer.matmul_precision"] = t.matmul_precision
+    return out
+
+
+def check_same_numerics(path: Path, ckpt: dict[str, Any], now: Mapping[str, str]) -> None:
     """A CheckpointError (nothing touched yet) when the resumed checkpoint was trained in other arithmetic
-    (checkpoints.NUMERICS_KEY, `numerics`) than this trainer's: its epochs and the resumed ones would be one
-    training under two precisions, recorded as one. A key only one side records is not compared."""
-    recorded, now = ckpt.get(checkpoints.NUMERICS_KEY) or {}, numerics(trainer)
+    (checkpoints.NUMERICS_KEY, `numerics`) than `now` (`numerics` of this trainer, or `configured_numerics`
+    before it is built): its epochs and the resumed ones would be one training under two precisions,
+    recorded as one. A key only one side records is not compared."""
+    recorded = ckpt.get(checkpoints.NUMERICS_KEY) or {}
     differ = [f"{k}: {v} in the checkpoint, {now[k]} now" for k, v in recorded.items() if now.get(k, v) != v]
     if differ:
         raise checkpoints.CheckpointError(
@@ -810,7 +854,7 @@ def train(
     check_launcher_world(trainer.num_devices * trainer.num_nodes, cfg.trainer)  # not world_size: torchrun's
     if resumed is not None:  # the world size is the trainer's: devices x nodes, "auto" resolved
         check_same_batches(last, resumed, len(data.x_train), cfg.train.batch_size, trainer.world_size)
-        check_same_numerics(last, resumed, trainer)
+        check_same_numerics(last, resumed, numerics(trainer))
     if ckpt_path is not None:
         log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
     elif cfg.train.resume:
