@@ -889,3 +889,73 @@ def test_an_evaluation_that_fails_leaves_the_previous_ones_files_together(
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluate_mod.evaluate(tiny_config("train.max_epochs=1", "eval.num_samples=12"), out, progress=False)
     assert [f.read_bytes() for f in files] == before
+
+
+class Killed(BaseException):
+    """A kill -9 between two files, as an exception nothing catches."""
+
+
+def _killed(*args, **kwargs):
+    raise Killed
+
+
+def test_an_evaluation_killed_between_its_numbers_and_its_summary_leaves_no_earlier_summary(
+    tmp_path, prepared_tiny, monkeypatch
+):
+    """eval_summary.json (DVC's headline numbers) was written after eval.json: an evaluation killed between
+    the two left the new eval.json beside the earlier evaluation's summary, which `dvc metrics show` and
+    `dvc exp show` then read as this one's. The summary is removed before the first file is written and
+    written last: after such a kill there is none, and eval.json is the new evaluation's whole record."""
+    from conftest import copy_prepared, tiny_config
+    from vaerepro import evaluate as evaluate_mod
+    from vaerepro.files import write_json
+    from vaerepro.train import train
+
+    out = copy_prepared(prepared_tiny, tmp_path)
+    cfg = tiny_config("train.max_epochs=1", "eval.num_samples=10")
+    train(cfg, out, enable_progress_bar=False)
+    evaluate_mod.evaluate(cfg, out, progress=False)
+    summary = out / "metrics" / "eval_summary.json"
+    assert summary.is_file()
+
+    def numbers_then_killed(path, data):
+        if Path(path).name == "eval_summary.json":
+            raise Killed
+        return write_json(path, data)
+
+    monkeypatch.setattr(evaluate_mod, "write_json", numbers_then_killed)
+    with pytest.raises(Killed):
+        evaluate_mod.evaluate(tiny_config("train.max_epochs=1", "eval.num_samples=12"), out, progress=False)
+    assert json.loads((out / "metrics" / "eval.json").read_text())["num_samples"] == 12
+    assert not summary.exists()
+
+
+@pytest.mark.parametrize("killed_at", ["render_html", "render_md"])
+def test_a_report_killed_between_its_files_leaves_no_document_of_the_earlier_one(
+    tmp_path, monkeypatch, killed_at
+):
+    """The report wrote its figures, then report.html, then report.md: a kill between them left the earlier
+    report's report.md (and report.html) beside the new figures, which the Markdown links, read as one
+    report. The two documents are removed first and written after the figures, the Markdown last: a kill
+    leaves the new figures with no document, or with the new report.html only."""
+    from vaerepro import document
+    from vaerepro import report as report_mod
+
+    out = make_out_dir(tmp_path / "run")
+    paths = write_report(out, CONFIG)
+    assert paths["html"].is_file() and paths["md"].is_file()
+    ev = json.loads((out / "metrics" / "eval.json").read_text())
+    (out / "metrics" / "eval.json").write_text(json.dumps({**ev, "elbo": -77.77}))
+    for module in (document, report_mod):  # where the writer looks the renderer up
+        monkeypatch.setattr(module, killed_at, _killed, raising=False)
+    with pytest.raises(Killed):
+        write_report(out, CONFIG)
+    html, md = paths["html"], paths["md"]
+    assert not md.exists()
+    if killed_at == "render_html":
+        assert not html.exists()
+    else:
+        assert "-77.77" in html.read_text(encoding="utf-8")
+    assert sorted(p.name for p in (out / "reports" / "figures").iterdir()) == sorted(
+        p.name for p in paths["figures"]
+    )

@@ -2,8 +2,8 @@
 
 A document is a title and a list of blocks (`Heading`, `Para`, `Caution`, `Table`, `Fig`), built once and
 rendered twice: `render_html` puts every figure inline as a base64 PNG, `render_md` links each figure to a
-file that `write_figures` wrote. The run report (`vaerepro.report`) and the sweep report
-(`vaerepro.sweep.report`) are both built from these blocks.
+file that `write_figures` wrote; `write_document` writes the three as one set. The run report
+(`vaerepro.report`) and the sweep report (`vaerepro.sweep.report`) are both built from these blocks.
 
 Also here, the text helpers the reports share: numbers with their standard error and unit (`fmt`, `pm`),
 ids (`slug`), nested mappings as dotted keys (`flatten`) and where two differ (`differences`).
@@ -18,7 +18,7 @@ import html
 import io
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,3 +234,26 @@ def write_figures(
     for stale in set(fig_dir.glob("*.png")) - set(paths):
         stale.unlink()
     return paths, rel
+
+
+def write_document(
+    title: str,
+    blocks: Sequence[Block],
+    html_path: Path,
+    md_path: Path,
+    fig_dir: Path,
+    write: Callable[[Path, bytes | str], object] = write_whole,
+) -> list[Path]:
+    """The document as self-contained HTML (html_path) and as Markdown (md_path) linking its figures in
+    fig_dir (`write_figures`), as one set; returns the figures' paths.
+
+    Each file is written whole (`write`), and the two documents, the files a reader opens, are removed
+    before the figures are written and written after them, the Markdown last: a process killed on the way
+    leaves figures without a document, or the new HTML without its Markdown, never a document beside
+    another's figures or the other document of an earlier report."""
+    html_path.unlink(missing_ok=True)
+    md_path.unlink(missing_ok=True)
+    figures, rel = write_figures(blocks, fig_dir, write=write)
+    write(html_path, render_html(title, blocks))
+    write(md_path, render_md(title, blocks, rel))
+    return figures

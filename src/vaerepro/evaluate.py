@@ -610,6 +610,9 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     # Everything is computed before the first file is written: an evaluation that fails or is stopped
     # leaves the previous one's files together, never its images beside these numbers. The numbers last.
     # Each file is written whole (files.write_whole): a kill while one is written leaves the earlier one.
+    # eval_summary.json, DVC's copy of eval.json's headline numbers, is removed first and written last: a
+    # kill between the files leaves no summary, never the earlier evaluation's beside this eval.json.
+    (out_dir / "metrics" / "eval_summary.json").unlink(missing_ok=True)
     # per-example estimates (N,), nats: for paired comparisons of models on the same test examples; the
     # ladder as log_px_k<k> (the estimate from the first k samples), for paired k-to-k differences
     per_ex_arrays = {k: per_ex[k].numpy() for k in ("log_px", "elbo", "recon", "kl", "ess")}

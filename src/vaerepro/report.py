@@ -42,12 +42,9 @@ from vaerepro.document import (
     fmt,
     pm,
     png,
-    render_html,
-    render_md,
-    write_figures,
+    write_document,
 )
 from vaerepro.errors import UserError
-from vaerepro.files import write_whole
 from vaerepro.report_comparison import NATS, comparison_section, log_px_text, verdict
 from vaerepro.sources import file_sha256
 
@@ -680,8 +677,6 @@ def write_report(
         ),
     ]
 
-    figures, rel = write_figures(blocks, report_dir / "figures")
     html_path, md_path = report_dir / "report.html", report_dir / "report.md"
-    write_whole(html_path, render_html(title, blocks))  # whole or not at all: the earlier report stays
-    write_whole(md_path, render_md(title, blocks, rel))
+    figures = write_document(title, blocks, html_path, md_path, report_dir / "figures")  # one set
     return {"html": html_path, "md": md_path, "figures": figures}

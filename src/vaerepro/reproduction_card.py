@@ -16,7 +16,6 @@ from vaerepro import document
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
 from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, fmt, png
-from vaerepro.files import write_whole
 from vaerepro.reproduction_results import Plan, Result, SeedResult
 from vaerepro.sources import DEFAULT_URLS, MD5
 
@@ -343,10 +342,8 @@ def write_card(result: Result) -> dict[str, Any]:
     title, blocks = card(result)
     d, name = result.plan.card_dir, result.plan.preset.name
     d.mkdir(parents=True, exist_ok=True)
-    figures, rel = document.write_figures(blocks, d / f"{name}_figures")
     md, html = d / f"{name}.md", d / f"{name}.html"
-    write_whole(md, document.render_md(title, blocks, rel))  # whole or not at all: the earlier card stays
-    write_whole(html, document.render_html(title, blocks))
+    figures = document.write_document(title, blocks, html, md, d / f"{name}_figures")  # one set
     return {"md": md, "html": html, "figures": figures}
 
 
