@@ -269,12 +269,14 @@ def result_line(cfg: Config, metrics: dict) -> str:
     )
 
 
-def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict | None:
+def run_pipeline(
+    cfg: Config, out_dir: Path, root: Path, progress: bool = True, *, checked: bool = False
+) -> dict | None:
     """prepare → train → evaluate → report for one configuration in out_dir; returns eval metrics.
 
     Under DDP (trainer=ddp), Lightning re-runs this command for ranks 1..N-1 once training starts; those
-    join training and the sharded evaluation only, write nothing, and return None. The caller has run
-    check_before_data (and for a resume train.check_resume_of_run) before the run's directory was marked.
+    join training and the sharded evaluation only, write nothing, and return None. `checked`: the caller
+    has run check_before_data already (`vaerepro run`, before it marks the run's directory).
     """
     import torch.distributed as dist
 
@@ -286,6 +288,10 @@ def run_pipeline(cfg: Config, out_dir: Path, root: Path, progress: bool = True) 
         finally:
             _leave_process_group()
         return None
+    if not checked:
+        # what the check stage refuses (trainer=gpu without a GPU, eval.precision=tf32 where evaluation runs
+        # on the CPU, a store that does not answer, ...) fails now, not after prepare or training
+        check_before_data(cfg, root)
     # Lightning's launcher leaves its variables in this process's environment (LOCAL_RANK=0, ...); a next
     # job of a --multirun in this process would take them for an external launch and start no processes.
     # MLflow exports the uri it is given (mlflow.set_tracking_uri, Lightning's MLFlowLogger) as
@@ -403,7 +409,7 @@ def _hydra_run(argv: list[str]) -> None:
             if not _ddp_child() and not ours:  # the other ranks run in the directory rank 0 claimed
                 _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
             _ddp_relaunch_argv(command, out_dir)
-            metrics = run_pipeline(cfg, out_dir, root, progress=_on_terminal())
+            metrics = run_pipeline(cfg, out_dir, root, progress=_on_terminal(), checked=True)
         except Stopped as stop:
             stop.hint = "resume with: vaerepro run " + " ".join(
                 [*HydraConfig.get().overrides.task, "train.resume=true", f"hydra.run.dir={out_dir}"]
