@@ -639,10 +639,11 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
     knows its data by digest only, which the data prepared again would tell, after overwriting the run's
     prepared/) or by what last.ckpt records (model, likelihood, training keys, seed, data space; train.lr as
     train sets it, the rate the checkpoint's pilots chose under train.lr_candidates), when the global batch
-    differs (`check_same_batches`: the number of training examples from the run's prepared/, whose data keys
-    were just compared; the world size from the trainer section, unless devices=auto on an accelerator with
-    several, which train compares once Lightning has resolved it) or the arithmetic does
-    (`check_same_numerics`). train's own checks compare again after these."""
+    differs (`check_same_batches`: the number of training examples from the run's prepared/ when its
+    params.yaml's data keys were compared, else the recorded global batch only; the world size from the
+    trainer section, unless devices=auto on an accelerator with several, which train compares once
+    Lightning has resolved it) or the arithmetic does (`check_same_numerics`). train's own checks compare
+    again after these."""
     if out_dir.is_dir():  # a training or an evaluation there now: refused before anything is written
         os.close(_hold(out_dir, out_dir / "models"))
     last = out_dir / "models" / "last.ckpt"
@@ -650,7 +651,7 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
         return
     saved = checkpoints.read(last)
     check_state(last, saved, cfg.train.max_epochs)
-    differ = []
+    differ, old = [], None
     recorded = out_dir / "params.yaml"
     if recorded.is_file():
         try:
@@ -680,8 +681,9 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
             + ". Nothing was changed; restore those keys, or give this configuration its own run directory"
         )
     x_train, world = out_dir / "prepared" / "x_train.npy", configured_world(cfg.trainer)
-    if world is not None:
-        n_train = len(np.load(x_train, mmap_mode="r")) if x_train.is_file() else None  # the header only
+    if world is not None:  # prepared/ is of this config's data when its params.yaml's data keys are
+        known = old is not None and x_train.is_file()
+        n_train = len(np.load(x_train, mmap_mode="r")) if known else None  # the .npy header only
         check_same_batches(last, saved, n_train, cfg.train.batch_size, world)
     check_same_numerics(last, saved, configured_numerics(cfg.trainer))
 
