@@ -508,3 +508,38 @@ def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_writt
     finally:
         running.send_signal(signal.SIGTERM)
         running.wait(timeout=300)
+
+
+@pytest.mark.slow
+def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_are_written(tmp_path, raw_dir):
+    """data=npz: the user's file has no checksum. Resumed after it changed, the run's prepared/ was made again
+    from the new file (and params.yaml and the mark written) before train refused the checkpoint's data
+    digest, with "Nothing was changed": the run's directory then held data its model was not trained on.
+    The file as it was resumes."""
+    import numpy as np
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    npz = tmp_path / "mine.npz"
+    digits = np.load(raw_dir / "mnist5k" / "images.npy")[:600]  # (600, 28, 28) uint8
+    np.savez(npz, x=digits)
+    base = [*TINY, "data=npz", f"data.path={npz}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
+    proc = _vaerepro(["run", *base], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "one"
+    last = run / "models" / "last.ckpt"
+    changed = digits.copy()
+    changed[:, 0, 0] = 255 - changed[:, 0, 0]
+    np.savez(npz, x=changed)
+    before = _kept(run)
+    proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert _kept(run) == before
+    assert lines[0].startswith(
+        f"vaerepro run: {last}: train.resume=true, but the config differs from the run it would continue: "
+        "training data (sha256 of prepared/x_train.npy): checkpoint '"
+    ), lines[0]
+    np.savez(npz, x=digits)
+    proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "metrics" / "train.json").read_text())["epochs"] == 4

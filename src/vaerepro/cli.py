@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -405,7 +406,7 @@ def _hydra_run(argv: list[str]) -> None:
             if cfg.train.resume and not _ddp_child():
                 from vaerepro.train import check_resume_of_run
 
-                check_resume_of_run(cfg, out_dir)
+                check_resume_of_run(cfg, out_dir, prepared_meta=_npz_prepared_now(cfg, out_dir, root))
             if not _ddp_child() and not ours:  # the other ranks run in the directory rank 0 claimed
                 _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
             _ddp_relaunch_argv(command, out_dir)
@@ -437,6 +438,18 @@ def _hydra_run(argv: list[str]) -> None:
         sys.argv = given
     if caught:
         raise caught[0]
+
+
+def _npz_prepared_now(cfg: Config, out_dir: Path, root: Path) -> dict | None:
+    """For a resume of a run on the user's .npz (data.source=npz, a file without a checksum that may have
+    changed since the run prepared it) the meta.json of the data prepare would write from it now, prepared
+    into a temporary directory outside the run's, which is then removed; None otherwise. The checkpoint knows
+    its training data by digest only, which the train stage compares after prepare has rewritten the run's
+    prepared/."""
+    if cfg.data.source != "npz" or not (out_dir / "models" / "last.ckpt").is_file():
+        return None
+    with tempfile.TemporaryDirectory(prefix="vaerepro-resume-") as tmp:
+        return stage_prepare(cfg, Path(tmp), root)
 
 
 class RunDirTaken(ConfigError):

@@ -629,7 +629,7 @@ def check_state(path: Path, ckpt: dict[str, Any], max_epochs: int) -> None:
         )
 
 
-def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
+def check_resume_of_run(cfg: Config, out_dir: Path, prepared_meta: Mapping[str, Any] | None = None) -> None:
     """`vaerepro run ... train.resume=true` into a run's directory, before it writes the run's params.yaml and
     mark or prepares its data again: every refusal of the train stage's resume, made here with the same
     message, so that a refused resume leaves the run's files as they were. A UserError while a training or
@@ -642,8 +642,10 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
     differs (`check_same_batches`: the number of training examples from the run's prepared/ when its
     params.yaml's data keys were compared, else the recorded global batch only; the world size from the
     trainer section, unless devices=auto on an accelerator with several, which train compares once
-    Lightning has resolved it) or the arithmetic does (`check_same_numerics`). train's own checks compare
-    again after these."""
+    Lightning has resolved it) or the arithmetic does (`check_same_numerics`). `prepared_meta`: the
+    meta.json of the data that prepare would write now (cli prepares a user's .npz, which has no checksum,
+    into a temporary directory); its training data's digest is compared with the checkpoint's. train's own
+    checks compare again after these."""
     if out_dir.is_dir():  # a training or an evaluation there now: refused before anything is written
         os.close(_hold(out_dir, out_dir / "models"))
     last = out_dir / "models" / "last.ckpt"
@@ -671,7 +673,8 @@ def check_resume_of_run(cfg: Config, out_dir: Path) -> None:
         chosen = stepsize.recorded(saved) if cfg.train.lr_candidates is not None else None
         trained = cfg if chosen is None else stepsize.at_rate(cfg, chosen["chosen"])  # as train builds it
         dim, quantized = vae.get("data_dim", 0), hparams.get("quantized")
-        expected = checkpoints.expected_hparams(trained, dim, quantized, None)
+        digest = checkpoints.data_digest(dict(prepared_meta)) if prepared_meta is not None else None
+        expected = checkpoints.expected_hparams(trained, dim, quantized, digest)
         ignore = frozenset({"train.batch_size"} if checkpoints.global_batch(saved) is not None else ())
         differ += checkpoints.mismatches(hparams, expected, ignore=ignore)
     if differ:
