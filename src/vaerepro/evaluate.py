@@ -610,9 +610,6 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     # Everything is computed before the first file is written: an evaluation that fails or is stopped
     # leaves the previous one's files together, never its images beside these numbers. The numbers last.
     # Each file is written whole (files.write_whole): a kill while one is written leaves the earlier one.
-    # eval_summary.json, DVC's copy of eval.json's headline numbers, is removed first and written last: a
-    # kill between the files leaves no summary, never the earlier evaluation's beside this eval.json.
-    (out_dir / "metrics" / "eval_summary.json").unlink(missing_ok=True)
     # per-example estimates (N,), nats: for paired comparisons of models on the same test examples; the
     # ladder as log_px_k<k> (the estimate from the first k samples), for paired k-to-k differences
     per_ex_arrays = {k: per_ex[k].numpy() for k in ("log_px", "elbo", "recon", "kl", "ess")}
@@ -622,6 +619,10 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     # eval.json names the arrays written with it: a failure between these files and it (a full disk) leaves
     # new arrays beside the earlier numbers, which the report then refuses (report.check_artifacts)
     metrics["artifacts_sha256"] = {n: file_sha256(out_dir / "artifacts" / n) for n in ARTIFACTS}
+    # eval_summary.json, DVC's copy of eval.json's headline numbers, is removed before eval.json is written
+    # and written after it: a kill between the two leaves no summary, never the earlier one beside this
+    # eval.json (until eval.json is replaced, the earlier summary is the earlier eval.json's)
+    (out_dir / "metrics" / "eval_summary.json").unlink(missing_ok=True)
     write_json(out_dir / "metrics" / "eval.json", metrics)
     # DVC's metrics, which `dvc metrics diff` and `dvc exp show` compare: what was evaluated and the headline
     # numbers, in the order of the table's columns; those in the data space's unit (nats per example) under
