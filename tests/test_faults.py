@@ -23,18 +23,32 @@ import torch
 import yaml
 
 from conftest import BIN, ROOT, run, shrink_conf
+from forked_cli import ForkedCli
 
 pytestmark = pytest.mark.slow
 
 WATCHED = ("prepared", "models", "metrics", "plots", "artifacts", "params.yaml")
 
 
-def vaerepro(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("VAEREPRO_DEBUG", None)
+    return env
+
+
+def vaerepro(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["vaerepro", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        ["vaerepro", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+    """Each bad input's `vaerepro` as a child of one process that has imported vaerepro.cli (forked_cli.py):
+    a process of its own, without the ~3 s of imports the console script spends before reading its input."""
+    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("forked"))
+    yield server
+    server.close()
 
 
 def _sha(p: Path) -> str:
@@ -357,7 +371,7 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "command", "edit", "setup", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(
-    project, tmp_path, name, command, edit, setup, expected
+    project, forked, tmp_path, name, command, edit, setup, expected
 ):
     d = copy_project(project, tmp_path / "p")
     if setup is not None:
@@ -374,7 +388,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 
         args += ["--params", write_params(d, edit)]
     before = snapshot(d)
-    proc = vaerepro(args, d)
+    proc = forked.run(args, d, _env())
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
