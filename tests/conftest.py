@@ -125,6 +125,31 @@ def project(tmp_path, raw_dir, mlflow_db):
     return {"root": tmp_path, "env": env, "raw": raw_dir}
 
 
+# What a seed's `vaerepro run` imports on the way through its stages (tests/smoke_reproduction.py)
+SEED_IMPORTS = (
+    "vaerepro.train",
+    "vaerepro.tracking.training",
+    "vaerepro.evaluate",
+    "vaerepro.report",
+    "vaerepro.report_comparison",
+    "vaerepro.sweep.pruning",
+    "hydra",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+)
+
+
+@pytest.fixture(scope="module")
+def forked_seeds(tmp_path_factory):
+    """A fork server (tests/forked_cli.py) for the smoke reproductions' seeds: each seed's `vaerepro run`
+    a process forked from one that has imported what a seed imports, without its ~10 s of imports."""
+    from forked_cli import ForkedCli
+
+    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("seeds"), SEED_IMPORTS, timeout=1800)
+    yield server
+    server.close()
+
+
 def copy_prepared(src: Path, dst: Path) -> Path:
     shutil.copytree(src / "prepared", dst / "prepared")
     return dst
