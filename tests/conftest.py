@@ -125,8 +125,8 @@ def project(tmp_path, raw_dir, mlflow_db):
     return {"root": tmp_path, "env": env, "raw": raw_dir}
 
 
-# What a seed's `vaerepro run` imports on the way through its stages (tests/smoke_reproduction.py)
-SEED_IMPORTS = (
+# What `vaerepro run` imports on the way through its stages, for the fork servers (tests/forked_cli.py)
+RUN_IMPORTS = (
     "vaerepro.train",
     "vaerepro.tracking.training",
     "vaerepro.evaluate",
@@ -145,7 +145,7 @@ def forked_seeds(tmp_path_factory):
     a process forked from one that has imported what a seed imports, without its ~10 s of imports."""
     from forked_cli import ForkedCli
 
-    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("seeds"), SEED_IMPORTS, timeout=1800)
+    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("seeds"), RUN_IMPORTS, timeout=1800)
     yield server
     server.close()
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, run, shrink_conf
+from conftest import BIN, ROOT, RUN_IMPORTS, run, shrink_conf
 from forked_cli import ForkedCli
 
 pytestmark = pytest.mark.slow
@@ -44,11 +44,19 @@ def vaerepro(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory):
-    """Each bad input's `vaerepro` as a child of one process that has imported vaerepro.cli (forked_cli.py):
-    a process of its own, without the ~3 s of imports the console script spends before reading its input."""
-    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("forked"))
+    """Each bad input's `vaerepro` (and the project's stages) as a child of one process that has imported
+    what `vaerepro run` imports (forked_cli.py): a process of its own, without the ~3 s of imports the
+    console script spends before reading its input, ~10 s where it trains."""
+    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("forked"), RUN_IMPORTS)
     yield server
     server.close()
+
+
+def forked_ok(forked, args: list[str], d: Path) -> None:
+    proc = forked.run(args, d, _env())
+    assert proc.returncode == 0, (
+        f"vaerepro {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
 
 
 def _sha(p: Path) -> str:
@@ -99,15 +107,15 @@ def metric_steps(d: Path, run_id: str, key: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, raw_dir) -> Path:
+def project(tmp_path_factory, raw_dir, forked) -> Path:
     """A project that ran the whole tiny pipeline (3 epochs) with MLflow tracking in its own mlflow.db."""
     d = tmp_path_factory.mktemp("project")
     shutil.copytree(ROOT / "conf", d / "conf")
     shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
     shrink_conf(d / "conf")
-    run(["vaerepro", "params", f"data.raw_dir={raw_dir}"], d)
+    forked_ok(forked, ["params", f"data.raw_dir={raw_dir}"], d)
     for stage in ("prepare", "train", "evaluate", "report"):
-        run(["vaerepro", stage, *(["--no-progress"] if stage in ("train", "evaluate") else [])], d)
+        forked_ok(forked, [stage, *(["--no-progress"] if stage in ("train", "evaluate") else [])], d)
     assert [s for _, s in runs(d)] == ["FINISHED"]
     return d
 
