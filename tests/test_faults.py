@@ -2,7 +2,9 @@
 
 Every bad input exits with status 2 and one line on stderr naming the key or file and the problem, with no
 traceback, and leaves what was saved (prepared/, models/, metrics/, plots/, artifacts/, params.yaml and the
-MLflow store's runs, tags and metrics) as it was. docs/errors.md lists these cases for users.
+MLflow store's runs, tags and metrics) as it was. docs/errors.md lists these cases for users. Each bad input
+is a process of its own, forked from one that has imported what `vaerepro run` imports (forked_cli.py); the
+signal tests start the console script.
 """
 
 from __future__ import annotations
