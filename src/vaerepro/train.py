@@ -630,22 +630,22 @@ def check_state(path: Path, ckpt: dict[str, Any], max_epochs: int) -> None:
 
 
 def check_resume_of_run(cfg: Config, out_dir: Path, prepared_meta: Mapping[str, Any] | None = None) -> None:
-    """`vaerepro run ... train.resume=true` into a run's directory, before it writes the run's params.yaml and
-    mark or prepares its data again: every refusal of the train stage's resume, made here with the same
-    message, so that a refused resume leaves the run's files as they were. A UserError while a training or
-    an evaluation runs there (`_hold`'s lock, taken and released at once: train takes it again). A
-    CheckpointError when models/last.ckpt is no training state or holds more than train.max_epochs epochs
-    (`check_state`), when the config is not the run's, by the data keys of its params.yaml (the checkpoint
-    knows its data by digest only, which the data prepared again would tell, after overwriting the run's
-    prepared/) or by what last.ckpt records (model, likelihood, training keys, seed, data space; train.lr as
-    train sets it, the rate the checkpoint's pilots chose under train.lr_candidates), when the global batch
-    differs (`check_same_batches`: the number of training examples from the run's prepared/ when its
-    params.yaml's data keys were compared, else the recorded global batch only; the world size from the
-    trainer section, unless devices=auto on an accelerator with several, which train compares once
-    Lightning has resolved it) or the arithmetic does (`check_same_numerics`). `prepared_meta`: the
-    meta.json of the data that prepare would write now (cli prepares a user's .npz, which has no checksum,
-    into a temporary directory); its training data's digest is compared with the checkpoint's. train's own
-    checks compare again after these."""
+    """Every refusal the train stage would make of `vaerepro run ... train.resume=true` into a run's
+    directory, made before that command rewrites the run's params.yaml, mark and prepared/, with train's own
+    message, so that a refused resume leaves the run's files as they were (train checks again after):
+
+    - a training or an evaluation running there now (`_hold`'s lock, taken and released at once);
+    - a models/last.ckpt of weights only, or of more epochs than train.max_epochs (`check_state`);
+    - a config that is not the run's: the data keys of its params.yaml (the checkpoint knows its data by
+      digest only, which prepare would tell only after overwriting prepared/), and what last.ckpt records
+      (model, likelihood, training keys, seed, data space; under train.lr_candidates, its pilots' rate);
+    - another global batch (`check_same_batches`; the number of training examples from the run's
+      prepared/ when its params.yaml's data keys matched; devices=auto on an accelerator: train only, once
+      Lightning has counted the devices);
+    - other arithmetic (`check_same_numerics`).
+
+    `prepared_meta`: the meta.json of the data prepare would write now (cli prepares a user's .npz, which
+    has no checksum, into a temporary directory), whose digest is compared with the checkpoint's."""
     if out_dir.is_dir():  # a training or an evaluation there now: refused before anything is written
         os.close(_hold(out_dir, out_dir / "models"))
     last = out_dir / "models" / "last.ckpt"
