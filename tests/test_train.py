@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from conftest import BIN, TINY, Crash, compose, copy_prepared, tiny_config, val_curve
 from vaerepro import checkpoints
 from vaerepro.data import load_prepared
+from vaerepro.errors import Stopped
 from vaerepro.evaluate import load_vae
 from vaerepro.schedules import iwae_lr
 from vaerepro.train import (
@@ -348,6 +350,35 @@ def test_non_finite_objective_stops_training_and_keeps_the_last_finite_best(prep
     best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values())
+
+
+def test_a_sigterm_before_training_takes_the_signal_back_from_lightning_stops_with_143(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """From the start of fit until StopOnSignal.on_train_start, Lightning's SIGTERM handler is in place; a
+    SIGTERM there makes its loops raise SIGTERMException, a SystemExit with exit status 0. Training turns
+    it into Stopped (exit status 143), as every other stop."""
+    from vaerepro import signals
+    from vaerepro.trainer import StopOnSignal
+
+    take_over = StopOnSignal.on_train_start
+
+    def signalled_first(self, trainer, module):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here, by Lightning's handler and then ours
+        take_over(self, trainer, module)
+
+    monkeypatch.setattr(StopOnSignal, "on_train_start", signalled_first)
+    previous = signal.getsignal(signal.SIGTERM)
+    signals.install()
+    out = copy_prepared(prepared_tiny, tmp_path)
+    try:
+        with pytest.raises(Stopped) as stop:
+            train(tiny_config(), out, enable_progress_bar=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.exit_status == 143
+    assert str(stop.value) == "stopped by SIGTERM: training stopped during epoch 1 of 3; no epoch was saved"
+    assert not (out / "metrics" / "train.json").exists()
 
 
 @pytest.mark.slow

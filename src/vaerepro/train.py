@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vaerepro import checkpoints, estimators, signals, stepsize
 from vaerepro import config as config_mod
@@ -895,7 +897,18 @@ def train(
             warnings.filterwarnings(
                 "ignore", message=r"Be aware that when using `ckpt_path`.*\['TestCurve'\]\.$"
             )
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+            try:
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+            except SIGTERMException:
+                # A SIGTERM between the start of fit, where Lightning installs its own handler, and
+                # StopOnSignal.on_train_start, which hands the signal back to vaerepro.signals, also set
+                # Lightning's flag; its loops then stop at the first batch with SIGTERMException, a SystemExit
+                # with no code (exit status 0, which a scheduler reads as success). No public API clears the
+                # flag, so the stop is one all the same: exit 143, no epoch of this training saved.
+                epoch = trainer.current_epoch  # 0-based: the epochs a resumed checkpoint held
+                saved = f"{last} holds the {epoch} before it" if last.is_file() else "no epoch was saved"
+                where = f"training stopped during epoch {epoch + 1} of {cfg.train.max_epochs}; {saved}"
+                raise Stopped(signal.SIGTERM, where) from None
         elapsed = time.perf_counter() - start
         if (signum := signals.requested()) is not None:
             done = f"{trainer.current_epoch} of {cfg.train.max_epochs} epochs"

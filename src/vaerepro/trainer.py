@@ -236,7 +236,8 @@ class StopOnSignal(pl.Callback):
 
     Lightning's own SIGTERM handler stops after the current batch and its loops then exit with status 0,
     which a scheduler reads as success; the handler is replaced once Lightning has installed it (fit start)
-    and Lightning puts the previous one back when fit ends."""
+    and Lightning puts the previous one back when fit ends. A SIGTERM before on_train_start reaches both
+    handlers: Lightning's stop (SIGTERMException) is then turned into Stopped by `train.train`."""
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         signals.take_over()
