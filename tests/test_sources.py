@@ -518,6 +518,7 @@ def test_a_url_without_a_scheme_is_a_data_error_and_leaves_nothing(tmp_path):
     dest = tmp_path / "raw" / "frey_faces" / "frey_rawface.mat"
     assert str(info.value) == (
         f"{dest}: download from example.com/frey/frey_rawface.mat failed (unknown url type: "
-        "'example.com/frey/frey_rawface.mat')"
+        "'example.com/frey/frey_rawface.mat'); set data.url to a mirror, or put the file there yourself "
+        "(under data.raw_dir)"
     )
     assert list((tmp_path / "raw" / "frey_faces").iterdir()) == []

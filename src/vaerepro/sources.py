@@ -207,6 +207,10 @@ def _check_md5(path: Path, expected: str, *, actual: str | None = None) -> str:
     return actual
 
 
+# what a user without that server can do, named by the config keys (conf/data/*.yaml)
+_ELSEWHERE = "set data.url to a mirror, or put the file there yourself (under data.raw_dir)"
+
+
 def _download(url: str, dest: Path, md5: str | None, validate) -> None:
     """Download ``url`` to ``dest`` through a ``.part`` file, renamed into place only once it checks out.
 
@@ -225,10 +229,12 @@ def _download(url: str, dest: Path, md5: str | None, validate) -> None:
                     out.write(chunk)
                     received += len(chunk)
         except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
-            raise DataError(f"{dest}: download from {url} failed ({exc})") from exc
+            raise DataError(f"{dest}: download from {url} failed ({exc}); {_ELSEWHERE}") from exc
         # http.client's read(n) returns b"" (no error) when the connection drops early: check the length
         if length is not None and length.isdigit() and received != int(length):
-            raise DataError(f"{dest}: truncated download from {url} ({received} of {length} bytes)")
+            raise DataError(
+                f"{dest}: truncated download from {url} ({received} of {length} bytes); {_ELSEWHERE}"
+            )
         if md5 is None:
             log.warning("%s: no known md5, checksum not checked (got md5 %s)", dest.name, h.hexdigest())
         else:
