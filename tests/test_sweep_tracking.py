@@ -183,6 +183,56 @@ def test_one_selector_names_the_winner_everywhere_and_skips_an_unconverged_estim
 # --------------------------------------------------------------------------------- slow: a real sweep
 
 
+class Killed(BaseException):
+    """A kill -9 between two files, as an exception nothing catches."""
+
+
+def test_the_sweep_report_is_written_as_one_set_after_another_writers(tmp_path, monkeypatch):
+    """Its documents and the figures report.md links are one report: (1) a kill while it writes leaves no
+    document of the earlier report beside the new figures; (2) a second writer of the same report (another
+    sweep process of the study, `python -m vaerepro.sweep report`) waits for the first to end."""
+    import fcntl
+    import os
+    import threading
+
+    import optuna
+
+    from vaerepro import document
+    from vaerepro.sweep.report import write_sweep_report
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objective", "log_px")
+    for n, (value, z) in enumerate([(-95.0, 2), (-90.0, 10)]):
+        study.add_trial(_finished_trial(value, z, tmp_path / f"trial-{n}"))
+    out = tmp_path / "report"
+    paths = write_sweep_report(study, out, runs=None)
+    assert paths["html"].is_file() and paths["md"].is_file() and paths["figures"]
+
+    # (1) killed after the new figures, before a document: neither document of the earlier report is left
+    study.add_trial(_finished_trial(-80.0, 20, tmp_path / "trial-2"))
+    with monkeypatch.context() as m:
+
+        def killed(*args, **kwargs):
+            raise Killed
+
+        m.setattr(document, "render_html", killed)
+        with pytest.raises(Killed):
+            write_sweep_report(study, out, runs=None)
+    assert not paths["html"].exists() and not paths["md"].exists()
+
+    # (2) while another writer holds the report's directory, this one writes nothing; then all of it
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = threading.Thread(target=write_sweep_report, args=(study,), kwargs={"out_dir": out, "runs": None})
+    writer.start()
+    writer.join(timeout=3.0)
+    assert writer.is_alive() and not paths["md"].exists()
+    os.close(fd)  # the other writer ends
+    writer.join(timeout=60)
+    assert not writer.is_alive()
+    assert "Trials: 3 — 3 COMPLETE" in paths["md"].read_text() and paths["html"].is_file()
+
+
 @pytest.mark.slow
 def test_sweep_resume_and_mlflow_parent_child(project, monkeypatch):
     study_name = "density"

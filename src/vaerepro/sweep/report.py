@@ -7,7 +7,6 @@ runs is the run report's (`vaerepro.report_comparison`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from pathlib import Path
@@ -21,13 +20,10 @@ from vaerepro.document import (
     Para,
     Table,
     png,
-    render_html,
-    render_md,
-    write_figures,
+    write_document,
 )
-from vaerepro.files import write_whole
 from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, objective_label, override_value
-from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, top_trial
+from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, file_lock, top_trial
 from vaerepro.sweep.study import unconverged as _unconverged
 
 log = logging.getLogger(__name__)
@@ -284,10 +280,10 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     blocks += _importance_blocks(study)
     blocks += comparison_section(runs) if runs is not None else [Para("MLflow tracking was off.")]
 
-    # several sweep processes of one study may write the report at once: each writes its own siblings
-    shared = functools.partial(write_whole, shared=True)
-    figures, rel = write_figures(blocks, out_dir / "figures", write=shared)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    shared(html_path, render_html(title, blocks))
-    shared(md_path, render_md(title, blocks, rel))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # several sweep processes of one study (and `python -m vaerepro.sweep report`) may write the report at
+    # once: a lock on the directory makes each one's documents and figures one set, written after the other's
+    with file_lock(out_dir):
+        figures = write_document(title, blocks, html_path, md_path, out_dir / "figures")
     return {"html": html_path, "md": md_path, "figures": figures}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shlex
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -376,16 +377,21 @@ def load_existing(storage: str, study_name: str, *, create: bool = False):
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Serialise sweep processes of one project over a study's bookkeeping (counting slots, asking)."""
+    """An exclusive flock on `path`, waited for: a lock file (created, with its directory, when missing) or a
+    directory itself, which adds no file to it. Serialises sweep processes of one project over a study's
+    bookkeeping (counting slots, asking) and over its report."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def open_study(
