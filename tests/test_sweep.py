@@ -760,7 +760,13 @@ def test_a_sweep_stopped_by_failures_says_why_in_its_run(project):
     # max_failure_rate=0: the first failed trial (a config its process refuses) stops the sweep; the study's
     # run ends FAILED, and like every FAILED run it says why in vaerepro.failure
     proc = _sweep(project, "why", "train.batch_size=choice(0)", "hydra.sweeper.n_trials=2", check=False)
-    assert proc.returncode != 0 and "sweep stopped" in proc.stderr
+    # the sweep failed (exit status 1, not 2: its input was fine), and says why in a line of its own
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = "vaerepro run: vaerepro_optuna: sweep stopped: 1 of n_trials=2 trials failed"
+    line = next((x for x in proc.stderr.splitlines() if x.startswith(said)), proc.stderr[-3000:])
+    assert line.endswith("trial-0000/trial.log (its last lines are logged above)"), line
+    assert line == proc.stderr.strip().splitlines()[-1]  # the last thing the sweep says
+    assert "HYDRA_FULL_ERROR" not in proc.stderr and "Traceback" not in proc.stderr
     parent, _ = _runs(project, "why")
     assert parent.info.status == "FAILED"
     reason = parent.data.tags.get("vaerepro.failure", "")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -26,10 +25,6 @@ log = logging.getLogger(__name__)
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
-
-
-class SweepError(CompactHydraException):
-    """A sweep that cannot start, or stopped on failures; Hydra prints the message alone (no traceback)."""
 
 
 class VaereproOptunaSweeper(Sweeper):
@@ -105,7 +100,15 @@ class VaereproOptunaSweeper(Sweeper):
             print(f"vaerepro run: vaerepro_optuna: {' '.join(str(err).split())}", file=sys.stderr)
             raise SystemExit(2) from None
         except TooManyFailures as err:
-            raise SweepError(f"vaerepro_optuna: {err}") from None
+            # the sweep ran and its trials failed: exit status 1 and the reason alone (Hydra would add its
+            # HYDRA_FULL_ERROR hint, and with that variable set a traceback; neither says more)
+            if os.environ.get("VAEREPRO_DEBUG") == "1":
+                raise
+            # the reason ends with the failed trial's log tail, which the sweep logged with that failure
+            first, _, tail = str(err).partition("\n")
+            shown = f"{first.removesuffix(':')} (its last lines are logged above)" if tail else first
+            print(f"vaerepro run: vaerepro_optuna: {shown}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def _sweep(self, arguments: list[str]) -> Any:
         from vaerepro import config as config_mod
