@@ -216,6 +216,37 @@ def test_reading_an_unreachable_server_fails_fast_naming_the_key(refused_url, tm
     assert time.monotonic() - t0 < 15
 
 
+def test_a_store_whose_creation_is_stopped_is_not_left_half_made(tmp_path, monkeypatch):
+    """On opening a new sqlite store MLflow creates its first tables, then migrates them (1-2 s): a SIGTERM
+    or Ctrl-C on the way (the first `vaerepro run` of a project, stopped at once) left a half-made
+    mlflow.db, on which every later run failed with MLflow's traceback ('index ... already exists'). The
+    store is made aside and renamed into place whole: a stop leaves none, and the next run makes it."""
+    import signal
+
+    import mlflow.store.db.utils as mlflow_db
+    from mlflow import MlflowClient
+
+    from vaerepro.errors import Stopped
+
+    def stopped(engine):  # after the first tables, before the migrations
+        raise Stopped(signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow_db, "_upgrade_db", stopped)
+        with pytest.raises(Stopped):
+            tracking.ensure_experiment(_cfg(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db.lock"]
+    # a kill -9 would have left the sibling and its journal: the next creation replaces them
+    (tmp_path / ".mlflow.db.0123abcd.new").write_bytes(b"half a store")
+    (tmp_path / ".mlflow.db.0123abcd.new-journal").write_bytes(b"its rollback journal")
+    uri, exp_id = tracking.ensure_experiment(_cfg(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "test/log_px", -90.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"test/log_px": -90.0}
+
+
 def test_empty_file_is_a_new_store(tmp_path):
     (tmp_path / "mlflow.db").touch()  # sqlite reads an empty file as an empty database
     uri, exp_id = tracking.ensure_experiment(_cfg(), tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,10 +247,11 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     """Create the project's experiment if needed, with the saved view of its runs that `ui_url` opens;
     return (tracking uri, experiment id).
 
-    A sqlite store is created, migrated and given the experiment by one process at a time, under a lock
-    file beside the database (<db>.lock): MLflow's own creation of a new sqlite store is not safe when
-    several runs start together, and a store left half-migrated fails every later run. Once this has run
-    in a process, MLflow keeps the opened store, so the run's later MLflow calls do not migrate again.
+    A sqlite store is created (whole: `_create_store`) and given the experiment by one process at a time,
+    under a lock file beside the database (<db>.lock): MLflow's own creation of a new sqlite store is not
+    safe when several runs start together, and a store left half-migrated fails every later run. Once this
+    has run in a process, MLflow keeps the opened store, so the run's later MLflow calls do not migrate
+    again.
     """
     import mlflow
     from filelock import FileLock, Timeout
@@ -282,6 +284,8 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     try:
         check_sqlite_store(db)
         try:
+            if not db.is_file() or db.stat().st_size == 0:
+                _create_store(db)
             client = MlflowClient(uri)
             exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
             _ensure_view(client, exp_id)
@@ -292,6 +296,27 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     finally:
         lock.release()
     return uri, exp_id
+
+
+def _create_store(db: Path) -> None:
+    """A new sqlite store at `db`, made whole. On opening a new store MLflow creates its first tables, then
+    migrates them in place (some 60 steps, each committed on its own: 1-2 s), and a kill, a SIGTERM or a
+    Ctrl-C on the way left a half-made store that MLflow refused on every later run, with a traceback
+    ("index ... already exists"). MLflow does it here in a hidden sibling (the same directory, so the same
+    file system), which is renamed over `db` once complete. The caller holds the store's lock: a killed
+    creation's leftovers (`.NAME.<token>.new`, its rollback journal) are removed by the next one. Each
+    creation takes a new name, as MLflow keeps an engine, and its pool's idle connection, per store uri for
+    the life of the process (MlflowClient has no call to close them)."""
+    from mlflow import MlflowClient
+
+    for leftover in db.parent.glob(f".{db.name}.*.new*"):
+        leftover.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.{secrets.token_hex(4)}.new")
+    try:
+        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # opening it creates it
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_store(tcfg: TrackingConfig, root: Path | None = None) -> None:
