@@ -19,6 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.errors",
         "vaerepro.files",
         "vaerepro.signals",
+        "vaerepro.quick_exit",
         "vaerepro.likelihoods",
         "vaerepro.model",
         "vaerepro.estimators",

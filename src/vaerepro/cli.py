@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vaerepro import config as config_mod
-from vaerepro import signals
+from vaerepro import quick_exit, signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.errors import Stopped, UserError
 from vaerepro.files import try_lock, write_whole
@@ -945,5 +945,13 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def entry() -> None:
+    """The `vaerepro` command (and `python -m vaerepro.cli`): `main`, then the exit without CPython's
+    teardown of the modules once it returned a status (vaerepro.quick_exit)."""
+    status = main()
+    quick_exit.arm(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

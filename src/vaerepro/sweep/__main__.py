@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vaerepro import config as config_mod
+from vaerepro import quick_exit
 from vaerepro.errors import UserError
 from vaerepro.sweep.study import NoStorage, load_existing, resolve_storage, trial_run_ids
 from vaerepro.sweep.trial import run_trial
@@ -68,4 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    quick_exit.arm(status)  # a trial's process leaves without CPython's teardown (vaerepro.quick_exit)
+    sys.exit(status)

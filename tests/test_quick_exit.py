@@ -1,0 +1,78 @@
+"""vaerepro.quick_exit: a command that returned leaves without CPython's teardown, and loses nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_an_armed_exit_keeps_its_status_output_logs_and_later_atexit_handlers(tmp_path):
+    """Armed, the process ends with the status given, after every atexit handler registered after the
+    package's import (a library's clean-up, here one that writes a file) and with stdout (a pipe, so
+    block-buffered), stderr and a logging file handler flushed."""
+    proc = _python(
+        """
+        import atexit, logging, sys
+        from pathlib import Path
+
+        from vaerepro import quick_exit
+
+        atexit.register(lambda: Path("handler-ran").write_text("yes"))  # a library's, registered later
+        log = logging.getLogger("t")
+        log.addHandler(logging.FileHandler("run.log"))
+        log.warning("last line of the log")
+        sys.stdout.write("x" * 100_000 + "\\nend of stdout\\n")
+        sys.stderr.write("end of stderr\\n")
+        quick_exit.arm(3)
+        sys.exit(3)
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.endswith("x" * 100_000 + "\nend of stdout\n")
+    assert proc.stderr == "end of stderr\n"
+    assert (tmp_path / "handler-ran").read_text() == "yes"
+    assert (tmp_path / "run.log").read_text() == "last line of the log\n"
+
+
+def test_unarmed_the_process_exits_as_python_does(tmp_path):
+    """An exception that leaves the command: its traceback and exit status 1, as without the package."""
+    proc = _python(
+        """
+        import vaerepro
+
+        raise RuntimeError("a bug")
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("RuntimeError: a bug")
+
+
+def test_the_vaerepro_command_exits_with_mains_status(tmp_path):
+    """The installed command arms the exit with main's status: 2 for a refused input, its line intact."""
+    out = tmp_path / "params.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaerepro.cli", "params", "--output", str(out), "model.latent_dim=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("vaerepro params: model.latent_dim: "), proc.stderr
+    assert not out.exists()
