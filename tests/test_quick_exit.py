@@ -49,6 +49,26 @@ def test_an_armed_exit_keeps_its_status_output_logs_and_later_atexit_handlers(tm
     assert (tmp_path / "run.log").read_text() == "last line of the log\n"
 
 
+def test_a_sigterm_once_the_command_has_finished_leaves_with_its_status(tmp_path):
+    """torchrun sends SIGTERM to the other ranks once one has ended: a rank that had finished too, and was
+    running atexit handlers, printed vaerepro.signals' Stopped as 'Exception ignored in atexit callback'
+    with its traceback. Armed, the process leaves at once with the command's status, quietly."""
+    proc = _python(
+        """
+        import atexit, os, signal, sys
+
+        from vaerepro import quick_exit, signals
+
+        signals.install()
+        atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # arrives while the handlers run
+        quick_exit.arm(2)
+        sys.exit(2)
+        """,
+        tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (2, "")
+
+
 def test_unarmed_the_process_exits_as_python_does(tmp_path):
     """An exception that leaves the command: its traceback and exit status 1, as without the package."""
     proc = _python(

@@ -18,26 +18,40 @@ teardown, hence these lines.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 _status: int | None = None
 
 
 def arm(status: int) -> None:
-    """Leave with `status` at exit, skipping the teardown (`_leave`)."""
+    """Leave with `status` at exit, skipping the teardown (`_leave`). The command has finished: a SIGTERM or
+    Ctrl-C from now on (torchrun stopping the other ranks once one has ended) leaves at once with `status`,
+    where vaerepro.signals' handler would raise Stopped into whichever atexit handler runs, which Python
+    prints as a traceback and ignores."""
     global _status
     _status = status
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _on_signal)
+
+
+def _on_signal(signum: int, frame) -> None:
+    _leave()
 
 
 def _leave() -> None:
     if _status is None:
         return
-    logging.shutdown()  # logging's own atexit handler was registered before this one: it would not run
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
+    with contextlib.suppress(Exception):  # a signal may arrive mid-write: leave all the same
+        logging.shutdown()  # logging's own atexit handler was registered before this one: it would not run
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
     os._exit(_status)
 
 
