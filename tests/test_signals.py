@@ -61,6 +61,33 @@ def test_take_over_replaces_a_handler_installed_later(handler):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def test_once_the_outcome_is_decided_a_sigterm_raises_nothing_until_the_next_command(handler):
+    signals.finish()
+    os.kill(os.getpid(), signal.SIGTERM)  # handled here: recorded by nothing, raised as nothing
+    signals.install()  # the next command (main called again in one process)
+    with pytest.raises(Stopped):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_while_a_refusal_is_reported_leaves_its_line_and_exit_status_2(
+    handler, monkeypatch, tmp_path, capsys
+):
+    """torchrun sends SIGTERM to the other ranks once one has ended: a rank that was saying its refusal
+    then raised Stopped from main's handler of the refusal, a traceback in place of its line."""
+    from vaerepro import cli
+
+    user_error = cli._user_error
+
+    def signalled_while_reporting(err):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return user_error(err)
+
+    monkeypatch.setattr(cli, "_user_error", signalled_while_reporting)
+    status = cli.main(["params", "--output", str(tmp_path / "params.yaml"), "model.latent_dim=0"])
+    assert status == 2
+    assert capsys.readouterr().err.startswith("vaerepro params: model.latent_dim: ")
+
+
 @pytest.fixture
 def sigint():
     previous = signal.getsignal(signal.SIGINT)

@@ -745,7 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     command = argv[0] if argv else ""
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            signals.finish()  # a SIGTERM from here on, while the outcome is reported, raises nothing
     except Stopped as stop:
         hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
         if command == "train" and os.environ.get("DVC_STAGE"):

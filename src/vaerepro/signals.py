@@ -27,6 +27,7 @@ log = logging.getLogger("vaerepro")
 _deferring = False
 _requested: int | None = None  # the signal received while deferring
 _requested_at = 0.0  # when (clock(), s)
+_finished = False  # see finish
 
 # A SIGTERM within this many seconds of the first is the same request, not "stop at once": a signal to a
 # whole process group (SLURM preemption, `kill -- -PGID`) reaches a reproduction's seed directly and again
@@ -48,13 +49,26 @@ def _handler(signum: int, frame) -> None:
         return
     if _deferring and signum == _requested == signal.SIGTERM and clock() - _requested_at < REPEAT_S:
         return
+    if _finished:
+        return
     raise Stopped(signum)
 
 
 def install() -> None:
     """SIGTERM raises Stopped from now on (main thread only: Python delivers signals there)."""
+    global _finished
+    _finished = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
+
+
+def finish() -> None:
+    """The command's outcome is decided (its work returned or raised): a SIGTERM from now on, while it says
+    so and exits, is not an interruption and raises nothing. Stopped raised there would leave the command
+    with a traceback in place of its line and exit status; torchrun sends one to every other rank as soon
+    as one rank has ended."""
+    global _finished
+    _finished = True
 
 
 def take_over() -> None:
