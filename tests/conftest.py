@@ -66,6 +66,28 @@ def _no_tracking_uri_across_tests(monkeypatch):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+def _noop() -> None:
+    pass
+
+
+class _SignalledWhileFinalized:
+    """An object whose finalizer is where a signal's handler runs: Python prints what the handler raises
+    there as "Exception ignored in ..." and drops it (SQLAlchemy's weakref callbacks, while MLflow makes a
+    store)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        _noop()  # Python runs the handler at the next check it makes, here in the finalizer
+
+
+def drop_in_a_finalizer(signum: int) -> None:
+    """Send `signum` to this process from a finalizer (vaerepro.signals keeps such a stop for its `check`)."""
+    _SignalledWhileFinalized(signum)  # made and collected at once
+
+
 def compose(*overrides: str) -> dict:
     return config_mod.compose(list(overrides), config_dir=ROOT / "conf")
 

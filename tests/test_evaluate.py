@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEVICES, TINY, compose, copy_prepared, tiny_config
+from conftest import DEVICES, TINY, compose, copy_prepared, drop_in_a_finalizer, tiny_config
 from vaerepro import cli
 from vaerepro import config as config_mod
 from vaerepro import evaluate as evaluate_mod
@@ -140,6 +140,33 @@ def test_sharded_evaluation_equals_the_whole(device):
         assert torch.equal(torch.where(mine, shards[0]["ladder"][k], shards[1]["ladder"][k]), v)
     assert (whole["log_px"] >= whole["elbo"] - 5).all()
     assert whole["log_px"].device.type == "cpu" and next(vae.parameters()).device.type == "cpu"
+
+
+def test_a_sigterm_python_dropped_stops_the_evaluation_at_its_next_batch(monkeypatch):
+    """A SIGTERM whose Stopped Python dropped (its handler ran in a finalizer) stops the evaluation before
+    its next batch rather than never."""
+    import signal
+
+    from vaerepro import signals
+    from vaerepro.errors import Stopped
+
+    vae, x = _tiny_vae_and_data(15)
+    batches = []
+
+    def estimate_then_drop(*args, **kwargs):
+        batches.append(kwargs["example_offset"])
+        drop_in_a_finalizer(signal.SIGTERM)
+        return estimate_log_px(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod.estimators, "estimate_log_px", estimate_then_drop)
+    previous = signal.getsignal(signal.SIGTERM)
+    signals.install()
+    try:
+        with pytest.raises(Stopped):
+            per_example(vae, x, num_samples=10, batch_size=5, chunk_size=5, seed=0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert batches == [0]  # the first batch of three
 
 
 def _rank_gathers(rank: int, init: str, out: str) -> None:

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, RUN_IMPORTS, run, shrink_conf
+from conftest import BIN, ROOT, RUN_IMPORTS, TINY, run, shrink_conf
 from forked_cli import ForkedCli
 
 pytestmark = pytest.mark.slow
@@ -537,6 +537,56 @@ def test_sigterm_stops_vaerepro_run_with_143_killed_and_the_resume_command(proje
     assert len(line) == 1 and "train.resume=true" in line[0] and "hydra.run.dir=" in line[0], err[-2000:]
     assert dict(runs(d))[run_id] == "KILLED"
     assert (d / "runs" / "one" / "models" / "last.ckpt").is_file()
+
+
+# Loaded by the `vaerepro run` below (sitecustomize, from PYTHONPATH): once MLflow has made the new store's
+# tables, an object's finalizer gets the Ctrl-C, as SQLAlchemy's weakref callbacks did in a Ctrl-C sweep.
+_DROP_CTRL_C_IN_A_FINALIZER = """
+import os, signal
+import mlflow.store.db.utils as db_utils
+
+def _noop():
+    pass
+
+class _Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        _noop()  # the handler runs here: its KeyboardInterrupt is "Exception ignored in ..."
+
+_upgrade_db = db_utils._upgrade_db
+
+def _upgrade_then_drop(engine):
+    _upgrade_db(engine)
+    _Finalized()
+
+db_utils._upgrade_db = _upgrade_then_drop
+"""
+
+
+def test_a_ctrl_c_python_drops_in_a_finalizer_still_stops_the_run(tmp_path, raw_dir):
+    """Python runs a signal's handler in whatever code is running, and drops what it raises in a finalizer:
+    a Ctrl-C while MLflow made a project's first store (SQLAlchemy runs weakref callbacks) was printed as
+    "Exception ignored in ..." and lost, and `vaerepro run` trained, evaluated and exited 0. It now stops
+    the training at the end of its first epoch, as a Ctrl-C in training does."""
+    d = tmp_path / "p"
+    shutil.copytree(ROOT / "conf", d / "conf")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_DROP_CTRL_C_IN_A_FINALIZER)
+    proc = subprocess.run(
+        ["vaerepro", "run", *TINY, f"data.raw_dir={raw_dir}", "hydra.run.dir=runs/one"],
+        cwd=d,
+        env={**_env(), "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("vaerepro run: stopped by SIGINT: training stopped after 1 of 3 epochs"), last
+    assert [status for _, status in runs(d)] == ["KILLED"]
+    assert (d / "runs" / "one" / "models" / "last.ckpt").is_file()
+    assert not (d / "runs" / "one" / "metrics" / "eval.json").exists()
 
 
 def test_an_unwritable_run_file_fails_the_run_it_created(project, tmp_path):

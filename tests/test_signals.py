@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 
+from conftest import drop_in_a_finalizer
 from vaerepro import signals
 from vaerepro.errors import Stopped
 
 
 @pytest.fixture
 def handler():
-    previous = signal.getsignal(signal.SIGTERM)
+    previous, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
     signals.install()
     yield
     signal.signal(signal.SIGTERM, previous)
+    sys.unraisablehook = hook
 
 
 def test_sigterm_raises_stopped_with_exit_status_143(handler):
@@ -120,3 +123,55 @@ def test_an_ignored_ctrl_c_stays_ignored_while_deferred(handler, sigint):
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.requested() is None
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+# --- a stop Python drops in a finalizer ---------------------------------------------------------------
+
+
+def test_a_sigterm_dropped_in_a_finalizer_is_raised_by_the_next_check(handler, capsys):
+    drop_in_a_finalizer(signal.SIGTERM)  # raised nothing here
+    with pytest.raises(Stopped) as stop:
+        signals.check()
+    assert stop.value.exit_status == 143
+    signals.check()  # raised once only
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_a_ctrl_c_dropped_in_a_finalizer_is_raised_by_the_next_check(handler, sigint):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    drop_in_a_finalizer(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        signals.check()
+
+
+def test_a_stop_dropped_before_training_is_its_first_request_there(handler, sigint):
+    """Dropped while MLflow made its store, before fit: in training the first one asks for a stop at the
+    epoch end (as a Ctrl-C there does), and a second dropped one stops at once."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    drop_in_a_finalizer(signal.SIGINT)
+    with signals.deferred():
+        signals.check()
+        assert signals.requested() == signal.SIGINT
+        drop_in_a_finalizer(signal.SIGINT)
+        with pytest.raises(Stopped) as stop:
+            signals.check()
+    assert stop.value.exit_status == 130
+
+
+def test_once_the_outcome_is_decided_a_dropped_stop_raises_nothing(handler):
+    signals.finish()
+    drop_in_a_finalizer(signal.SIGTERM)
+    signals.check()
+
+
+def test_other_exceptions_a_finalizer_drops_reach_the_hook_there_was(handler, monkeypatch):
+    seen = []
+    monkeypatch.setattr(signals, "_other_hook", seen.append)
+
+    class Failing:
+        def __del__(self):
+            raise ValueError("in a finalizer")
+
+    Failing()
+    assert [type(u.exc_value) for u in seen] == [ValueError]
+    signals.check()  # kept nothing

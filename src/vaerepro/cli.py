@@ -153,6 +153,7 @@ def stage_train(
     from vaerepro.tracking.training import TrainingRun
     from vaerepro.train import train
 
+    signals.check()  # a stop that Python dropped in a finalizer (the stages before): stop before this one
     check_no_resume_under_dvc(cfg)
     run = TrainingRun(cfg, root, out_dir / "models", finish=finish_run)
     return train(cfg, out_dir, enable_progress_bar=progress, callbacks=trial_callbacks(), tracker=run)
@@ -163,6 +164,7 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
     from vaerepro import tracking
     from vaerepro.evaluate import evaluate
 
+    signals.check()  # as in stage_train
     held = _hold_for_evaluation(out_dir)
     try:
         metrics = evaluate(cfg, out_dir, progress=progress)
@@ -203,6 +205,7 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
     from vaerepro import tracking
     from vaerepro.report import check_config, config_drift, config_labels, load_results, write_report
 
+    signals.check()  # as in stage_train
     # before any file is written: the result files are whole, of one model and of this configuration (their
     # own errors first), and the run the evaluation named holds these numbers
     ev, _ = load_results(out_dir)

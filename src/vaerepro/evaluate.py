@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vaerepro import checkpoints, estimators
+from vaerepro import checkpoints, estimators, signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.data import (
     TEST_SEED_OFFSET,
@@ -286,6 +286,7 @@ def _per_example(
         k: torch.full((n,), math.nan, dtype=torch.float64) for k in estimators.ladder_points(num_samples)
     }
     for b in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, unit="batch"):
+        signals.check()  # a SIGTERM or Ctrl-C that Python dropped in a finalizer stops the evaluation here
         sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
         xb = x[sl].to(device)
         eps = estimators.BlockNoise(

@@ -6,6 +6,12 @@ or Ctrl-C only asks training to stop at the end of the current epoch, where last
 resumed exactly (a mid-epoch state cannot: batches are seeded per epoch); a second one stops at once (exit
 143, or 130 for Ctrl-C; a SIGTERM within REPEAT_S seconds of the first is taken as the same one). Outside
 training Ctrl-C is Python's KeyboardInterrupt (vaerepro.cli: exit 130).
+
+Python runs a signal's handler in whatever Python code the main thread is running, and that may be a
+finalizer (a `__del__`, a weakref callback: SQLAlchemy runs them while MLflow creates a store), whose
+exceptions Python prints as "Exception ignored in ..." and drops. A stop dropped there is kept
+(`_keep_dropped`, the `sys.unraisablehook` that `install` sets) and raised again by `check`, which the
+long-running loops and each stage call.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +35,8 @@ _deferring = False
 _requested: int | None = None  # the signal received while deferring
 _requested_at = 0.0  # when (clock(), s)
 _finished = False  # see finish
+_dropped: BaseException | None = None  # a stop Python dropped in a finalizer (_keep_dropped), until `check`
+_other_hook = sys.unraisablehook  # the hook _keep_dropped passes every other dropped exception to
 
 # A SIGTERM within this many seconds of the first is the same request, not "stop at once": a signal to a
 # whole process group (SLURM preemption, `kill -- -PGID`) reaches a reproduction's seed directly and again
@@ -55,11 +64,40 @@ def _handler(signum: int, frame) -> None:
 
 
 def install() -> None:
-    """SIGTERM raises Stopped from now on (main thread only: Python delivers signals there)."""
-    global _finished
-    _finished = False
+    """SIGTERM raises Stopped from now on (main thread only: Python delivers signals there), and a stop that
+    Python drops in a finalizer is kept for `check`."""
+    global _finished, _dropped, _other_hook
+    _finished, _dropped = False, None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
+    if sys.unraisablehook is not _keep_dropped:
+        _other_hook, sys.unraisablehook = sys.unraisablehook, _keep_dropped
+
+
+def _keep_dropped(unraisable) -> None:
+    """sys.unraisablehook: a Stopped or KeyboardInterrupt that Python could not raise (its handler ran inside
+    a finalizer) is kept for `check` rather than printed as a traceback and lost, which let a Ctrl-C
+    during the MLflow store's creation run the command to its end with exit status 0. Any other exception
+    goes to the hook there was before."""
+    global _dropped
+    if isinstance(unraisable.exc_value, (Stopped, KeyboardInterrupt)):
+        _dropped = _dropped or unraisable.exc_value
+        log.debug("%r raised in %r, kept until the next check", unraisable.exc_value, unraisable.object)
+        return
+    _other_hook(unraisable)
+
+
+def check() -> None:
+    """Raise the stop Python dropped in a finalizer since the last call (see `_keep_dropped`), if any: where
+    the code calling this could have been interrupted, i.e. not in a clean-up on the way up."""
+    global _dropped
+    stop, _dropped = _dropped, None
+    if stop is None:
+        return
+    if _deferring:  # in training: as if the signal came now (the first one asks for a stop at the epoch end)
+        _handler(stop.signum if isinstance(stop, Stopped) else signal.SIGINT, None)
+    elif not _finished:
+        raise stop.with_traceback(None)
 
 
 def finish() -> None:

@@ -242,6 +242,9 @@ class StopOnSignal(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         signals.take_over()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args) -> None:
+        signals.check()  # a signal Python dropped in a finalizer (while MLflow made its store) counts now
+
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.strategy.broadcast(signals.requested() is not None, src=0):
             trainer.should_stop = True

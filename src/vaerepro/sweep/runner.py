@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaerepro import signals
 from vaerepro.config import ConfigError
 from vaerepro.errors import Stopped
 from vaerepro.files import write_json
@@ -673,6 +674,7 @@ class Sweep:
                 if not self.running:
                     break
                 time.sleep(POLL_S)
+                signals.check()  # a SIGTERM or Ctrl-C that Python dropped in a finalizer stops the sweep now
                 for r in list(self.running):
                     if (rc := r.proc.poll()) is not None:
                         self.running.remove(r)
