@@ -45,6 +45,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # what starts stages and records them: MLflow, Optuna, the command lines, Hydra's plugin
     "edges": (
+        "vaerepro.__main__",
         "vaerepro.tracking",
         "vaerepro.sweep",
         "vaerepro.presets",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -96,3 +97,33 @@ def test_the_vaerepro_command_exits_with_mains_status(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("vaerepro params: model.latent_dim: "), proc.stderr
     assert not out.exists()
+
+
+def test_a_ctrl_c_during_the_commands_imports_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C in the first seconds of a command, while it imports torch and Lightning, was Python's
+    KeyboardInterrupt traceback through torch's modules."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+
+            class CtrlCDuringImport:  # the Ctrl-C lands while torch is being imported
+                def find_spec(self, name, path=None, target=None):
+                    if name == "torch":
+                        raise KeyboardInterrupt
+                    return None
+
+            sys.meta_path.insert(0, CtrlCDuringImport())
+            """
+        )
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "vaerepro"), "params"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stderr) == (130, "vaerepro: stopped (Ctrl-C)\n")

@@ -951,13 +951,5 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def entry() -> None:
-    """The `vaerepro` command (and `python -m vaerepro.cli`): `main`, then the exit without CPython's
-    teardown of the modules once it returned a status (vaerepro.quick_exit)."""
-    status = main()
-    quick_exit.arm(status)
-    sys.exit(status)
-
-
-if __name__ == "__main__":
-    entry()
+if __name__ == "__main__":  # `python -m vaerepro.cli` (the `vaerepro` command is vaerepro.__main__)
+    quick_exit.exit_with(main())  # once main has returned, no teardown of the modules (vaerepro.quick_exit)

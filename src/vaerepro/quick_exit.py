@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 _status: int | None = None
 
@@ -38,6 +39,12 @@ def arm(status: int) -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, _on_signal)
+
+
+def exit_with(status: int) -> NoReturn:
+    """End a command that returned `status`: armed (`arm`), then sys.exit, so that atexit runs."""
+    arm(status)
+    sys.exit(status)
 
 
 def _on_signal(signum: int, frame) -> None:

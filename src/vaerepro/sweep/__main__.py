@@ -69,6 +69,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    quick_exit.arm(status)  # a trial's process leaves without CPython's teardown (vaerepro.quick_exit)
-    sys.exit(status)
+    quick_exit.exit_with(main())  # a trial's process leaves without CPython's teardown (vaerepro.quick_exit)
