@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import copy_prepared, tiny_config
-from vaerepro.files import write_json, write_whole
+from vaerepro.files import locked, try_lock, write_json, write_whole
 
 
 def test_bytes_text_json_and_streamed_writes_land_whole(tmp_path):
@@ -133,3 +133,33 @@ def test_an_evaluation_that_fails_while_writing_leaves_the_earlier_ones_files(
     assert files[0].read_bytes() != before[files[0]] and files[2].read_bytes() == before[files[2]]
     with pytest.raises(ResultFileError, match=r"per_example.npz: not the file .*eval.json was written with"):
         load_results(out)
+
+
+@pytest.mark.parametrize("kind", ["directory", "lock file"])
+def test_locked_waits_for_the_holder_and_try_lock_does_not(tmp_path, kind):
+    """flock on a directory itself (a run's, a sweep report's) or on a lock file created with its directory:
+    `try_lock` answers None at once while another holds it, `locked` waits until the holder lets go."""
+    import threading
+
+    path = tmp_path / "report" if kind == "directory" else tmp_path / "sweep" / "study.lock"
+    if kind == "directory":
+        path.mkdir()
+    held = try_lock(path)
+    assert held is not None and try_lock(path) is None
+    entered = threading.Event()
+
+    def waiter():
+        with locked(path):
+            entered.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert not entered.wait(0.5)  # still held
+    os.close(held)
+    assert entered.wait(10)
+    t.join()
+    assert (fd := try_lock(path)) is not None  # and released after the block
+    os.close(fd)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (
+        ["report"] if kind == "directory" else ["study.lock", "sweep"]
+    )

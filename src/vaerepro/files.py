@@ -14,10 +14,11 @@ The standard library has no such call (`tempfile` gives the name, not the rename
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,15 +52,38 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_whole(path, json.dumps(data, indent=2) + "\n")
 
 
+# Locks on a directory itself (a run's, a sweep report's) add no file to it, which filelock.FileLock (a lock
+# file, used for the MLflow store) cannot do; hence flock on an open descriptor of the directory.
+
+
+def _open_for_lock(path: Path) -> int:
+    """A descriptor to flock: the directory `path` itself, or the file `path`, created (with its directory)
+    when missing."""
+    if path.is_dir():
+        return os.open(path, os.O_RDONLY)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
 def try_lock(path: str | os.PathLike) -> int | None:
     """An exclusive flock on `path` (a directory, or a file, created when missing) without waiting: the open
     descriptor, which the caller closes to release the lock (a killed process releases it too), or None when
     another process holds it."""
-    path = Path(path)
-    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_for_lock(Path(path))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
     return fd
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive flock on `path` (as `try_lock`), waited for and held for the block."""
+    fd = _open_for_lock(Path(path))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -22,8 +22,9 @@ from vaerepro.document import (
     png,
     write_document,
 )
+from vaerepro.files import locked
 from vaerepro.sweep.space import SPACE_FREE_OBJECTIVES, objective_label, override_value
-from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, file_lock, top_trial
+from vaerepro.sweep.study import INTERRUPTED, best_command, best_trial, top_trial
 from vaerepro.sweep.study import unconverged as _unconverged
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,6 @@ def write_sweep_report(study, out_dir: Path, *, runs: list[dict] | None = None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     # several sweep processes of one study (and `python -m vaerepro.sweep report`) may write the report at
     # once: a lock on the directory makes each one's documents and figures one set, written after the other's
-    with file_lock(out_dir):
+    with locked(out_dir):
         figures = write_document(title, blocks, html_path, md_path, out_dir / "figures")
     return {"html": html_path, "md": md_path, "figures": figures}

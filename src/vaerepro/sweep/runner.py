@@ -6,7 +6,7 @@ tells the study how it ended.
   back from <trial dir>/metrics/eval.json.
 - Resumable: n_trials is the study's total. Every sweep process stamps its running trials (host, pid,
   heartbeat); a RUNNING trial whose sweep process is gone is failed at the next start and its configuration
-  queued again. Several sweep processes may share one study, taking turns under `study.file_lock`.
+  queued again. Several sweep processes may share one study, taking turns under `files.locked`.
 - MLflow (tracking/sweep.py): the study's run, and a mark on each trial's run; MLflow trouble is logged,
   never allowed to stop the study's bookkeeping. A sweep that stops on an error stops its running trials
   and ends the study's run FAILED, with the reason.
@@ -36,7 +36,7 @@ from typing import Any
 from vaerepro import signals
 from vaerepro.config import ConfigError
 from vaerepro.errors import Stopped
-from vaerepro.files import write_json
+from vaerepro.files import locked, write_json
 from vaerepro.signals import machine, pid_alive
 from vaerepro.sweep.outcome import trial_outcome
 from vaerepro.sweep.space import SearchSpace, grid_values, override_value, trial_overrides
@@ -55,7 +55,6 @@ from vaerepro.sweep.study import (
     check_study,
     count_trials,
     existing_study,
-    file_lock,
     open_study,
     shown_storage,
     top_trial,
@@ -628,7 +627,7 @@ class Sweep:
 
     def run(self):
         """Run trials until the study holds n_trials (or the grid is done, or too many failed)."""
-        with file_lock(self.lock_path):
+        with locked(self.lock_path):
             self.check_sweep_dir(existing_study(self.s.storage, self.s.study_name))
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
             study, storage = self._open_study()
@@ -639,7 +638,7 @@ class Sweep:
         stopped = ""
         last_beat = time.monotonic()
         try:  # from here on, the study's MLflow run is RUNNING: every way out ends it
-            with file_lock(self.lock_path):
+            with locked(self.lock_path):
                 self._fail_stale(study, storage)
             log.info(
                 "study %s (%s, %s %s) in %s; MLflow run %s",
@@ -652,7 +651,7 @@ class Sweep:
             )
             while True:
                 while not stopped and len(self.running) < self.s.n_jobs:
-                    with file_lock(self.lock_path):
+                    with locked(self.lock_path):
                         c = count_trials(study)
                         if self._too_many_failures(c):
                             stopped = (

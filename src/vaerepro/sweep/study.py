@@ -2,7 +2,7 @@
 the sweep process and its trial processes share (environment variables, exit codes, trial attributes).
 
 The study lives in persistent storage (a journal file by default) and is resumed by running the same
-command again; several sweep processes may share one study, serialised by `file_lock`.
+command again; several sweep processes may share one study, serialised by `files.locked` on its lock file.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shlex
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -375,25 +374,6 @@ def load_existing(storage: str, study_name: str, *, create: bool = False):
         raise NoStudy(f"{shown_storage(storage)} holds no study {study_name!r} ({held})") from None
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path`, waited for: a lock file (created, with its directory, when missing) or a
-    directory itself, which adds no file to it. Serialises sweep processes of one project over a study's
-    bookkeeping (counting slots, asking) and over its report."""
-    import fcntl
-
-    if path.is_dir():
-        fd = os.open(path, os.O_RDONLY)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def open_study(
     study_name: str,
     storage: str,
@@ -416,13 +396,13 @@ def open_study(
     space.data_spaces' keys) where the objective or the pruner cannot compare them (refuse_other_spaces).
     Keeps the objective, measurement, search space and data spaces in the study's user attributes, gives
     the study its STUDY_UID, and counts the sweep processes that opened it (sweep_processes). Call it under
-    `file_lock`: several sweep processes may open one study at once.
+    `files.locked`: several sweep processes may open one study at once.
     """
     import warnings
 
     import optuna
 
-    check_journal_whole(storage)  # under file_lock; Sweep.preflight checked it before anything was written
+    check_journal_whole(storage)  # under the lock; Sweep.preflight checked it before anything was written
     store = open_storage(storage)
     try:  # loaded and checked first: create_study(load_if_exists=True) writes to a journal even to load
         study = optuna.load_study(study_name=study_name, storage=store)
