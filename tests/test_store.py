@@ -216,6 +216,48 @@ def test_reading_an_unreachable_server_fails_fast_naming_the_key(refused_url, tm
     assert time.monotonic() - t0 < 15
 
 
+def test_a_store_an_older_version_left_half_made_is_made_again(tmp_path):
+    """Before stores were made aside (`_create_store`), a stop inside one of MLflow's migrations left
+    mlflow.db with MLflow's tables, no row in any of them, and a migration half done, which MLflow refused
+    on every later run with a traceback. Such a file holds nothing: readers find no store, and the next run
+    makes it again in its place."""
+    import signal
+
+    from mlflow import MlflowClient
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from vaerepro.errors import Stopped
+
+    def stop_inside_a_migration(conn, cursor, statement, *args):
+        if statement.lstrip().startswith("CREATE TABLE _alembic_tmp_"):  # a table being rebuilt
+            raise Stopped(signal.SIGINT)
+
+    # each file opened by MLflow once: it keeps a store (and its pool's connection) per uri for the process
+    half, refused, db = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db", tmp_path / "mlflow.db"
+    half.parent.mkdir()
+    event.listen(Engine, "after_cursor_execute", stop_inside_a_migration)
+    try:  # MLflow's own creation, as vaerepro left it to MLflow before _create_store
+        with pytest.raises(Stopped):
+            MlflowClient(f"sqlite:///{half}").search_experiments()
+    finally:
+        event.remove(Engine, "after_cursor_execute", stop_inside_a_migration)
+    shutil.copytree(half.parent, refused.parent)
+    with pytest.raises(Exception, match="duplicate column|already exists"):  # what every later run met
+        MlflowClient(f"sqlite:///{refused}").search_experiments()
+    shutil.move(half, db)
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    uri = f"sqlite:///{db}"
+    assert tracking.reading_client(uri) is None
+    uri, exp_id = tracking.ensure_experiment(_cfg(uri), tmp_path)
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "test/log_px", -90.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"test/log_px": -90.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
 def test_a_store_whose_creation_is_stopped_is_not_left_half_made(tmp_path, monkeypatch):
     """On opening a new sqlite store MLflow creates its first tables, then migrates them (1-2 s): a SIGTERM
     or Ctrl-C on the way (the first `vaerepro run` of a project, stopped at once) left a half-made

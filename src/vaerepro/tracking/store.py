@@ -173,6 +173,32 @@ def check_sqlite_store(db: Path) -> None:
         raise not_a_store(db, f"a sqlite database with no MLflow tables: {', '.join(sorted(tables)[:5])}")
 
 
+def new_store(db: Path) -> bool:
+    """Whether the sqlite file `db` (check_sqlite_store has passed it) is no store yet: absent, empty, or
+    one whose creation was stopped part way, as a vaerepro before `_create_store` could leave it: MLflow's
+    tables, none of them with a row. MLflow adds the Default experiment as the last step of a creation, so
+    a finished store holds at least that; such a file holds nothing, and MLflow refused it on every later
+    run with a traceback ("table _alembic_tmp_... already exists"). `ensure_experiment` makes the store
+    again in its place; readers find no store."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return True
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            if "experiments" in tables and con.execute("SELECT 1 FROM experiments LIMIT 1").fetchone():
+                return False  # a finished store (the one query it costs)
+            return all(
+                con.execute(f'SELECT 1 FROM "{name}" LIMIT 1').fetchone() is None
+                for name in tables
+                if name != "alembic_version" and not name.startswith("sqlite_")
+            )
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False  # MLflow's own open then says what it is
+
+
 def causes(err: BaseException) -> Iterator[BaseException]:
     """`err` and what lies behind it: each exception of its __cause__ / __context__ chain, and the database
     driver's error that SQLAlchemy keeps in `.orig`; each once."""
@@ -284,7 +310,13 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     try:
         check_sqlite_store(db)
         try:
-            if not db.is_file() or db.stat().st_size == 0:
+            if new_store(db):
+                if db.is_file() and db.stat().st_size > 0:
+                    log.warning(
+                        "%s: an MLflow store whose creation was stopped part way (no row in any "
+                        "table): made again",
+                        db,
+                    )
                 _create_store(db)
             client = MlflowClient(uri)
             exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
@@ -334,16 +366,17 @@ def check_store(tcfg: TrackingConfig, root: Path | None = None) -> None:
 
 
 def reading_client(uri: str, key: str | None = None):
-    """An MlflowClient for reading the store at `uri`, or None when a sqlite store does not exist yet.
+    """An MlflowClient for reading the store at `uri`, or None when a sqlite store does not exist yet (or
+    holds nothing: `new_store`).
 
     Reading never creates or migrates a store (MLflow's client would, on a missing or empty sqlite file,
     without the lock `ensure_experiment` takes), and a damaged file or an absent server is one clear error.
     """
     db = sqlite_store_path(uri)
     if db is not None:
-        if not db.is_file() or db.stat().st_size == 0:
-            return None
         check_sqlite_store(db)
+        if new_store(db):
+            return None
     elif is_server(uri):
         check_tracking_server(uri, key)
     return _open_client(uri, key)
