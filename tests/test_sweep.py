@@ -584,6 +584,47 @@ def test_an_error_of_the_sweep_stops_its_trials_and_fails_its_mlflow_run(tmp_pat
     assert child.info.status == "FAILED" and "boom" in child.data.tags["vaerepro.failure"]
 
 
+def test_a_sigterm_stops_the_sweep_with_143_its_trials_killed_and_a_resume_finishes_it(tmp_path):
+    """SIGTERM to a sweep (kill, a scheduler): exit 143 and "stopped by SIGTERM", not the Ctrl-C line and
+    130 (the sweep raised KeyboardInterrupt for it); the running trial stopped, FAIL in Optuna and queued
+    again, its MLflow run KILLED as any stopped run is, and the study's run KILLED saying why. A resume
+    finishes the study: its run FINISHED, without the reason the stop gave."""
+    from mlflow import MlflowClient
+
+    from vaerepro.errors import Stopped
+
+    class Terminated(FakeSweep):
+        trial_seconds = 60.0
+
+        def _overdue(self, r):
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill <sweep pid>` sends
+            return False
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = _fake_sweep(tmp_path, "term", tmp_path / "runs", cls=Terminated, tracking=Tracking(uri), n_trials=1)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped) as stop:
+        s.run()
+    assert signal.getsignal(signal.SIGTERM) is previous  # put back
+    assert stop.value.exit_status == 143
+    assert [r.proc.returncode for r in s.launched] == [-signal.SIGTERM]
+    trials = _load(tmp_path, "term").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    client = MlflowClient(uri)
+    parent = client.get_run(s.parent_run_id)
+    child = client.get_run(_child_id(client, s.parent_run_id))
+    for run in (parent, child):
+        assert run.info.status == "KILLED"
+        assert run.data.tags["vaerepro.failure"] == "interrupted: the sweep was stopped (SIGTERM)"
+
+    again = _fake_sweep(tmp_path, "term", tmp_path / "runs", tracking=Tracking(uri), n_trials=1)
+    again.run()
+    assert [t.state.name for t in _load(tmp_path, "term").get_trials()] == ["FAIL", "COMPLETE"]
+    parent = client.get_run(s.parent_run_id)
+    assert again.parent_run_id == s.parent_run_id and parent.info.status == "FINISHED"
+    assert "vaerepro.failure" not in parent.data.tags
+
+
 def _child_id(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")

@@ -180,8 +180,11 @@ def _suggest(trial, distributions: Mapping[str, Any]) -> None:
             raise TypeError(f"{key}: no suggest method for {d}")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+def _raise_stopped(signum, frame):
+    """SIGTERM while the sweep runs (its trials are stopped on the way up): Stopped, so that the command
+    exits 143 and says SIGTERM (it raised KeyboardInterrupt, which `vaerepro run` reported as a Ctrl-C, exit
+    130)."""
+    raise Stopped(signum)
 
 
 class Sweep:
@@ -396,10 +399,16 @@ class Sweep:
             )
 
     def _mlflow_trial_done(
-        self, number: int, state: str, reason: str, params: Mapping[str, Any], started: bool = True
+        self,
+        number: int,
+        state: str,
+        reason: str,
+        params: Mapping[str, Any],
+        started: bool = True,
+        status: str | None = None,
     ) -> str | None:
-        """Mark the trial's child run (PRUNED -> KILLED, FAIL -> FAILED); make one if the trial made none,
-        unless its process never `started`.
+        """Mark the trial's child run (PRUNED -> KILLED, FAIL -> FAILED, or `status`); make one if the trial
+        made none, unless its process never `started`.
 
         MLflow trouble is logged, not raised: the study's bookkeeping must go on."""
         if not self.tracking.enabled or self.parent_run_id is None:
@@ -416,6 +425,7 @@ class Sweep:
                 reason=reason,
                 params={k: override_value(v) for k, v in params.items()},
                 started=started,
+                status=status,
             )
         except Exception as err:
             log.warning("trial %d: could not update its MLflow run (%s)", number, err)
@@ -585,9 +595,10 @@ class Sweep:
             with contextlib.suppress(Exception):
                 storage.set_trial_system_attr(r.trial._trial_id, _BEAT, now)
 
-    def _interrupt(self, study, storage, reason: str = "interrupted") -> None:
+    def _interrupt(self, study, storage, reason: str = "interrupted", *, killed: bool = True) -> None:
         """Stop the running trials (Ctrl-C, SIGTERM, an error of the sweep): failed and queued again, as a
-        resume would. A trial process that has exited already ended on its own: recorded as it ended."""
+        resume would; their MLflow runs KILLED (stopped by a signal, as any stopped run) or, not `killed`,
+        FAILED. A trial process that has exited already ended on its own: recorded as it ended."""
         running, self.running = self.running, []
         for r in list(running):
             if (rc := r.proc.poll()) is not None:
@@ -603,7 +614,7 @@ class Sweep:
                 self._finish_quietly(study, r, 0)
                 continue
             r.log_file.close()
-            self._abandon(study, storage, r.trial, reason)
+            self._abandon(study, storage, r.trial, reason, killed=killed)
 
     def _finish_quietly(self, study, r: _Running, rc: int) -> None:
         """_finish, while the sweep stops: a trouble is logged, and the other trials are still stopped."""
@@ -612,16 +623,26 @@ class Sweep:
         except Exception:
             log.exception("trial %d: could not record how it ended", r.trial.number)
 
-    def _abandon(self, study, storage, trial, reason: str, started: bool = True) -> None:
+    def _abandon(
+        self, study, storage, trial, reason: str, started: bool = True, killed: bool = False
+    ) -> None:
         """A trial stopped (or, not `started`, never launched) by the sweep itself: FAIL, not counted
-        (INTERRUPTED), and its configuration queued again. A trial never launched gets no MLflow run."""
+        (INTERRUPTED), and its configuration queued again; its MLflow run FAILED, or KILLED when `killed`.
+        A trial never launched gets no MLflow run."""
         from optuna.trial import TrialState
 
         with contextlib.suppress(Exception):
             storage.set_trial_system_attr(trial._trial_id, INTERRUPTED, True)
             study.tell(trial, state=TrialState.FAIL)
             self._requeue(study, trial)
-            self._mlflow_trial_done(trial.number, "FAIL", reason, trial.params, started=started)
+            self._mlflow_trial_done(
+                trial.number,
+                "FAIL",
+                reason,
+                trial.params,
+                started=started,
+                status="KILLED" if killed else None,
+            )
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -634,7 +655,7 @@ class Sweep:
             self.study_uid = study.user_attrs.get(STUDY_UID)
             self._mlflow_parent(study)
         grid_size = self._grid_size()
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
         stopped = ""
         last_beat = time.monotonic()
         try:  # from here on, the study's MLflow run is RUNNING: every way out ends it
@@ -683,15 +704,17 @@ class Sweep:
                 if time.monotonic() - last_beat > HEARTBEAT_S:
                     self._heartbeat(storage)
                     last_beat = time.monotonic()
-        except (KeyboardInterrupt, Stopped):
-            self._interrupt(study, storage)
-            self._close_parent(study, "KILLED")
+        except (KeyboardInterrupt, Stopped) as stop:
+            by = signal.Signals(stop.signum).name if isinstance(stop, Stopped) else "Ctrl-C"
+            reason = f"interrupted: the sweep was stopped ({by})"
+            self._interrupt(study, storage, reason)
+            self._close_parent(study, "KILLED", reason=reason)
             raise
         except BaseException as err:
             # never leave the study's run or a trial RUNNING: stop the trials as an interruption would
             reason = f"the sweep stopped on an error: {type(err).__name__}: {err}"
             log.error(reason)
-            self._interrupt(study, storage, reason=f"interrupted: {reason}")
+            self._interrupt(study, storage, reason=f"interrupted: {reason}", killed=False)
             self._close_parent(study, "FAILED", reason=reason)
             raise
         finally:

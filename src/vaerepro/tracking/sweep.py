@@ -10,6 +10,7 @@ MLflow is imported inside the functions: the sweep process imports this module a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from vaerepro.config import TrackingConfig
 from vaerepro.tracking.names import metric_name, space_name
-from vaerepro.tracking.runs import NOTE_TAG, experiment_runs
+from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG, experiment_runs
 from vaerepro.tracking.store import ensure_experiment, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow refuses a longer param value (a long search-space distribution)
@@ -67,19 +68,20 @@ def open_study_run(
     storage: str,
     params: Mapping[str, str],
 ) -> str:
-    """The study's run: `run_id` set RUNNING again while it is an active run of the store, else a new run
+    """The study's run: `run_id` set RUNNING again while it is an active run of the store (the reason an
+    earlier sweep process gave for stopping, FAILURE_TAG, removed: it no longer ends there), else a new run
     with the study's tags and `params` (sampler, pruner, search space ...). Returns its id."""
     from mlflow.exceptions import MlflowException
 
     c = client(t)
+    run = None
     if run_id:
-        try:
-            if c.get_run(run_id).info.lifecycle_stage != "active":
-                run_id = None
-        except MlflowException:
-            run_id = None
-    if run_id:
+        with contextlib.suppress(MlflowException):
+            run = c.get_run(run_id)
+    if run is not None and run.info.lifecycle_stage == "active":
         c.update_run(run_id, status="RUNNING")
+        if FAILURE_TAG in run.data.tags:
+            c.delete_tag(run_id, FAILURE_TAG)
         return run_id
     run = c.create_run(
         exp_id,
@@ -122,10 +124,12 @@ def mark_trial_run(
     reason: str,
     params: Mapping[str, str],
     started: bool = True,
+    status: str | None = None,
 ) -> str | None:
-    """Mark the trial's run with its Optuna state (COMPLETE, PRUNED -> KILLED, FAIL -> FAILED) and its
-    sampled values (`params`, as override text, logged as sweep.<key>); make the run if the trial made none
-    and its process was `started`.
+    """Mark the trial's run with its Optuna state (COMPLETE, PRUNED -> KILLED, FAIL -> FAILED; `status`, a
+    RunStatus name, in place of the state's: KILLED for a trial stopped with the sweep) and its sampled
+    values (`params`, as override text, logged as sweep.<key>); make the run if the trial made none and its
+    process was `started`.
 
     Returns the run's id; None for a trial without a run that needs none: COMPLETE, or never started (the
     sweep refused to launch it; the study's run says why)."""
@@ -157,7 +161,7 @@ def mark_trial_run(
         if f"sweep.{k}" not in existing:
             c.log_param(run_id, f"sweep.{k}", v)
     if state != "COMPLETE":
-        status = RunStatus.to_string(RunStatus.KILLED if state == "PRUNED" else RunStatus.FAILED)
+        status = status or RunStatus.to_string(RunStatus.KILLED if state == "PRUNED" else RunStatus.FAILED)
         c.set_terminated(run_id, status)
     return run_id
 
