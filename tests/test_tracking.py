@@ -310,16 +310,20 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    table, chart = (line.split(": ", 1)[1].strip() for line in proc.stdout.splitlines())
+    labels, urls = zip(*(line.split(": ", 1) for line in proc.stdout.splitlines()), strict=True)
+    assert labels == ("runs table", "ELBO curves", "latent size × likelihood")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("vaerepro")
-    for url, mode in ((table, "TABLE"), (chart, "CHART")):
+    modes, filters = ("TABLE", "CHART", "CHART"), (None, None, mlflow_ui.COMPARABLE_FILTER)
+    for url, mode, searched in zip(urls, modes, filters, strict=True):
+        url = url.strip()
         assert url.startswith(f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?")
         query = parse_qs(urlparse(url).fragment.split("?", 1)[1])
         assert query["compareRunsMode"] == [mode] and query["workflowType"] == ["machine_learning"]
         (key,) = query[mlflow_ui.SHARE_KEY_PARAM]
         view = json.loads(json.loads(exp.tags[mlflow_ui.SHARED_VIEW_TAG_PREFIX + key])["state"])
         assert view["selectedColumns"] == mlflow_ui.DEFAULT_COLUMNS
+        assert view.get("searchFilter") == searched
     # a second call finds the view in place and changes nothing
     before = client.get_experiment(exp.experiment_id).tags
     tracking.ensure_experiment(cfg.tracking, tmp_path)

@@ -907,8 +907,14 @@ def _ui(cfg: Config, root: Path, port: int, *, serve: bool) -> int:
 
     uri, exp_id = tracking.ensure_experiment(cfg.tracking, root)
     local = f"http://127.0.0.1:{port}"
-    table, charts = (tracking.ui_url(uri, exp_id, mode, local) for mode in ("TABLE", "CHART"))
-    print(f"runs table:  {table}\nELBO curves: {charts}", flush=True)
+    table, charts, parallel = (
+        tracking.ui_url(uri, exp_id, mode, local) for mode in ("TABLE", "CHART", "PARALLEL")
+    )
+    print(
+        f"runs table:               {table}\nELBO curves:              {charts}\n"
+        f"latent size × likelihood: {parallel}",
+        flush=True,
+    )
     if tracking.is_server(uri) or not serve:
         return 0
     cmd = [

@@ -247,7 +247,7 @@ def _get_or_create_experiment(client, name: str, artifact_location: str | None) 
 
 
 def _ensure_view(client, exp_id: str) -> None:
-    """Give the experiment the saved view that `ui_url` opens (ui.experiment_tags), once."""
+    """Give the experiment the saved views that `ui_url` opens (ui.experiment_tags), once."""
     have = client.get_experiment(exp_id).tags
     for key, value in ui.experiment_tags().items():
         if have.get(key) != value:

@@ -55,6 +55,10 @@ How a link becomes a configured runs table
   class with `this.type=c.LINE,...,this.selectedMetricKeys=void 0`), so train and validation ELBO can share
   one chart; the UI still adds its own one-metric charts for metrics no chart names in `metricKey`
   (`updateChartAndSectionConfigs`). Open it with `runs_url(..., mode="CHART")`.
+* Filter. A saved view's `searchFilter` is the runs search's filter string (MLflow's search syntax: `IS
+  NULL` on a tag included), shown in the UI's search box and applied to the table and every chart of the
+  view. The parallel coordinates have a view of their own (`runs_url(..., mode="PARALLEL")`), filtered to
+  the comparable runs (COMPARABLE_FILTER); charts have no filter of their own.
 """
 
 from __future__ import annotations
@@ -71,8 +75,17 @@ from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, SPACES, STALE_TAG, TES
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 # URL parameter naming that tag's suffix (main.*.js: `U="viewStateShareKey"`).
 SHARE_KEY_PARAM = "viewStateShareKey"
-# Name shown on the runs tab's "Views" button and in its menu of saved views.
-VIEW_NAME = "vaerepro: compare runs"
+# The saved views, by the name each has on the runs tab's "Views" button and in its menu of saved views:
+# "runs", the table and the ELBO charts; "parallel", the parallel coordinates of the comparable runs only.
+VIEW_NAMES = {"runs": "vaerepro: compare runs", "parallel": "vaerepro: latent size × likelihood"}
+# The runs the parallel-coordinates view draws: those whose numbers the report's comparison sets side by side
+# (report_comparison): FINISHED, and of the weights the run holds now (no STALE_TAG). A chart takes each
+# run's latest value of a metric, and MLflow cannot delete one, so a resumed training's earlier test numbers
+# stay there until it is evaluated again. The filter is this view's own, shown in the UI's search box: in the
+# "runs" view it would hide a resumed training's curve from the ELBO charts while it trains.
+COMPARABLE_FILTER = f"attributes.status = 'FINISHED' AND tags.`{STALE_TAG}` IS NULL"
+# runs_url's modes: (the UI's compareRunsMode, the view it opens)
+MODES = {"TABLE": ("TABLE", "runs"), "CHART": ("CHART", "runs"), "PARALLEL": ("CHART", "parallel")}
 # MLflow's limit on an experiment tag's value (mlflow/utils/validation.py MAX_EXPERIMENT_TAG_VAL_LENGTH),
 # and the UI's on a saved view's envelope (5439.*.chunk.js: `if(o.length>2e4)` "This view is too large").
 MAX_TAG_VALUE = 20000
@@ -231,15 +244,18 @@ def parallel_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[
     return charts, sections
 
 
-def view_state(columns: list[str], order_by: str | None, ascending: bool) -> dict:
-    """The saved view: sort (search facets) and table/chart state, as the UI's saved views hold them."""
+def view_state(columns: list[str], order_by: str | None, ascending: bool, view: str = "runs") -> dict:
+    """The saved view `view` (VIEW_NAMES): sort and filter (search facets) and table/chart state, as the
+    UI's saved views hold them. Its charts: "runs", the ELBO per epoch; "parallel", the parallel
+    coordinates, drawing only the runs of COMPARABLE_FILTER."""
     _check_columns(columns, order_by)
-    charts, sections = elbo_charts()
-    more_charts, more_sections = parallel_charts()
-    charts, sections = charts + more_charts, sections + more_sections
+    if view not in VIEW_NAMES:
+        raise ValueError(f"view must be one of {sorted(VIEW_NAMES)}, not {view!r}")
+    charts, sections = elbo_charts() if view == "runs" else parallel_charts()
     state: dict = {
         # search facets (3793.*.chunk.js `["searchFilter","orderByKey","orderByAsc",...]`)
         **({"orderByKey": order_by, "orderByAsc": bool(ascending)} if order_by is not None else {}),
+        **({"searchFilter": COMPARABLE_FILTER} if view == "parallel" else {}),
         # UI state (main.*.js `["selectedColumns","columnOrder","columnWidths",...]`)
         "selectedColumns": list(columns),
         # the order given, tags before metrics (the grid's default puts the Metrics group first)
@@ -247,16 +263,16 @@ def view_state(columns: list[str], order_by: str | None, ascending: bool) -> dic
         "columnWidths": {key: _width(key) for key in columns},
         "compareRunCharts": charts,
         "compareRunSections": sections,
-        "isAccordionReordered": True,  # keep the ELBO section first instead of sorting sections by name
+        "isAccordionReordered": True,  # keep the view's section first instead of sorting sections by name
         "hideEmptyCharts": True,
     }
     return state
 
 
-def view_key(columns: list[str], order_by: str | None, ascending: bool) -> str:
+def view_key(columns: list[str], order_by: str | None, ascending: bool, view: str = "runs") -> str:
     """The share key: a digest of the view, so the same arguments give the same tag and link, and a changed
     view gets a new tag while links printed earlier keep opening the view they were printed with."""
-    blob = json.dumps(view_state(columns, order_by, ascending), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(view_state(columns, order_by, ascending, view), sort_keys=True, separators=(",", ":"))
     return "vaerepro-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -265,7 +281,8 @@ def experiment_tags(
     order_by: str | None = DEFAULT_ORDER_BY,
     ascending: bool = False,
 ) -> dict[str, str]:
-    """The experiment tags `runs_url` needs: `{"mlflow.sharedViewState.<key>": <saved-view envelope>}`.
+    """The experiment tags `runs_url` needs: `{"mlflow.sharedViewState.<key>": <saved-view envelope>}`, one
+    per view (VIEW_NAMES).
 
     Set them on the experiment (e.g. `MlflowClient.set_experiment_tag`, idempotent: same arguments, same
     tag) before printing the link. The envelope is what the UI's "Save view" writes (3448.*.chunk.js:
@@ -273,11 +290,16 @@ def experiment_tags(
     the tag never changes it. No other experiment tag is needed: `mlflow.experimentKind` is not read by the
     3.17.2 UI (see the module docstring)."""
     columns = DEFAULT_COLUMNS if columns is None else columns
-    state = json.dumps(view_state(columns, order_by, ascending), sort_keys=True, separators=(",", ":"))
-    envelope = json.dumps({"name": VIEW_NAME, "createdAt": 0, "updatedAt": 0, "state": state})
-    if len(envelope) > MAX_TAG_VALUE:
-        raise ValueError(f"the saved view is {len(envelope)} characters; MLflow allows {MAX_TAG_VALUE}")
-    return {SHARED_VIEW_TAG_PREFIX + view_key(columns, order_by, ascending): envelope}
+    tags = {}
+    for view, name in VIEW_NAMES.items():
+        state = json.dumps(
+            view_state(columns, order_by, ascending, view), sort_keys=True, separators=(",", ":")
+        )
+        envelope = json.dumps({"name": name, "createdAt": 0, "updatedAt": 0, "state": state})
+        if len(envelope) > MAX_TAG_VALUE:
+            raise ValueError(f"the saved view is {len(envelope)} characters; MLflow allows {MAX_TAG_VALUE}")
+        tags[SHARED_VIEW_TAG_PREFIX + view_key(columns, order_by, ascending, view)] = envelope
+    return tags
 
 
 def runs_url(
@@ -289,8 +311,9 @@ def runs_url(
     *,
     mode: str = "TABLE",
 ) -> str:
-    """The link that opens experiment `experiment_id`'s runs table (mode="TABLE") or chart view ("CHART")
-    with `columns` shown and sorted by `order_by`, e.g.
+    """The link that opens experiment `experiment_id`'s runs table (mode="TABLE"), its chart view of the ELBO
+    per epoch ("CHART"), or its parallel coordinates of the comparable runs ("PARALLEL": the view "parallel",
+    filtered by COMPARABLE_FILTER), with `columns` shown and sorted by `order_by`, e.g.
 
         http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&compareRunsMode=TABLE
             &viewStateShareKey=vaerepro-0123456789abcdef
@@ -299,15 +322,17 @@ def runs_url(
     have been given to `experiment_tags()` and its tags set on the experiment. `base_url` is the server's
     address as the browser reaches it (with any path prefix, without `#`)."""
     columns = DEFAULT_COLUMNS if columns is None else columns
-    if mode not in ("TABLE", "CHART"):
-        raise ValueError(f"mode must be 'TABLE' or 'CHART', not {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, not {mode!r}")
+    compare_mode, view = MODES[mode]
     if not str(experiment_id).isdigit():
         raise ValueError(f"an MLflow experiment id is a number, not {experiment_id!r}")
     query = urlencode(
         {
             "workflowType": "machine_learning",  # main.*.js `e.get("workflowType")`: the ML navigation
-            "compareRunsMode": mode,  # `e.get("compareRunsMode")||"TABLE"`
-            SHARE_KEY_PARAM: view_key(columns, order_by, ascending),  # columns, sort, charts: from the tag
+            "compareRunsMode": compare_mode,  # `e.get("compareRunsMode")||"TABLE"`
+            # columns, sort, filter, charts: from the tag
+            SHARE_KEY_PARAM: view_key(columns, order_by, ascending, view),
         }
     )
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
