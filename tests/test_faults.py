@@ -576,6 +576,8 @@ def test_a_ctrl_c_python_drops_in_a_finalizer_still_stops_the_run(tmp_path, raw_
         ["vaerepro", "run", *TINY, f"data.raw_dir={raw_dir}", "hydra.run.dir=runs/one"],
         cwd=d,
         env={**_env(), "PYTHONPATH": str(tmp_path / "site")},
+        # SIGINT at its default, as at a terminal: pytest-xdist's workers ignore it, and a child inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - a test's child
         capture_output=True,
         text=True,
         timeout=300,
