@@ -625,6 +625,35 @@ def test_a_sigterm_stops_the_sweep_with_143_its_trials_killed_and_a_resume_finis
     assert "vaerepro.failure" not in parent.data.tags
 
 
+def test_a_sigterm_python_drops_in_a_finalizer_still_stops_the_sweep(tmp_path):
+    """The sweep's handler raised its Stopped inside a finalizer, where Python drops it: the sweep's loop
+    raises it at its next turn (vaerepro.signals.check) rather than running the study on."""
+    from conftest import drop_in_a_finalizer
+    from vaerepro import signals
+    from vaerepro.errors import Stopped
+
+    class Dropped(FakeSweep):
+        trial_seconds = 60.0
+
+        def _overdue(self, r):
+            drop_in_a_finalizer(signal.SIGTERM)  # the sweep's own handler runs, in the finalizer
+            return False
+
+    s = _fake_sweep(tmp_path, "dropped", tmp_path / "runs", cls=Dropped, n_trials=1)
+    previous, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    signals.install()  # as `vaerepro run` does before the sweeper starts
+    try:
+        start = time.monotonic()
+        with pytest.raises(Stopped):
+            s.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+    assert time.monotonic() - start < 30  # not after the 60 s trial
+    assert [r.proc.returncode for r in s.launched] == [-signal.SIGTERM]
+    assert [t.state.name for t in _load(tmp_path, "dropped").get_trials()] == ["FAIL", "WAITING"]
+
+
 def _child_id(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
