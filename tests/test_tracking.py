@@ -1115,11 +1115,16 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
     old weights. The UI's table showed them as the runs' results; now each run carries the vaerepro.stale tag
     (a column of the saved view) and its description begins with why, the same reason the report's
     comparison gives. An evaluation of the new weights lifts both from the run it measured, and only there."""
+    from vaerepro.report_comparison import not_a_result
     from vaerepro.tracking import runs
+    from vaerepro.tracking import ui as mlflow_ui
     from vaerepro.tracking.names import BEST_CKPT_TAG, STALE_TAG
 
     out = tmp_path / "run"
     client, trained = _trained_run(out, "stale", store, monkeypatch)
+    # a sweep's parent run: no numbers of its own, never compared, never drawn
+    parent = client.create_run(client.get_run(trained).info.experiment_id, run_name="sweep").info.run_id
+    client.set_terminated(parent, "FINISHED")
     old, new = "a" * 64, "b" * 64
 
     def trained_to(ckpt: str) -> None:  # as the train stage's TrainingRun.finish does with its best.ckpt
@@ -1137,7 +1142,12 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
 
     def compared() -> dict[str, str | None]:  # run id -> why the report's comparison leaves it out
         cfg = tiny_config("tracking.experiment=stale", tracking=True)
-        return {r["run_id"]: r.get("stale") for r in tracking.experiment_runs(cfg.tracking, ROOT)}
+        rows = tracking.experiment_runs(cfg.tracking, ROOT)
+        # the UI's parallel coordinates draw exactly the runs whose numbers the comparison takes as results
+        exp_id = client.get_run(trained).info.experiment_id
+        drawn = {r.info.run_id for r in client.search_runs([exp_id], mlflow_ui.COMPARABLE_FILTER)}
+        assert drawn == {r["run_id"] for r in rows if not_a_result(r) is None}, (drawn, rows)
+        return {r["run_id"]: r.get("stale") for r in rows}
 
     trained_to(old)
     assert evaluated(5, -100.0, old) == trained
@@ -1166,6 +1176,9 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
     assert {i: tag for i, (tag, _) in shown().items()} == {trained: None, child: None}
     assert not shown()[trained][1].startswith(runs.STALE_NOTE)
     assert compared() == {trained: None, child: None}
+    for status in ("RUNNING", "SCHEDULED", "FAILED", "KILLED", "FINISHED"):  # compared() holds for each
+        client.update_run(child, status=status)
+        assert compared() == {trained: None, child: None}
 
 
 @pytest.mark.slow

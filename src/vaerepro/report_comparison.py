@@ -46,6 +46,21 @@ UNFINISHED_STATUSES = {"RUNNING", "SCHEDULED"}
 THIS_RUN = "this run"  # the mark of the report's own run, in the ranking and the figure
 
 
+def not_a_result(row: Mapping) -> str | None:
+    """Why a run's numbers are no result of the model its run holds now, by the run's status and whether they
+    are of weights its training has since replaced (`stale`, tracking.experiment_runs); None when they are
+    one. The runs for which it is None are those the MLflow UI's parallel coordinates draw
+    (tracking.ui.COMPARABLE_FILTER; tests/test_tracking.py holds the two to each other)."""
+    status = str(row.get("status") or "").upper()
+    if status in EXCLUDED_STATUSES:
+        return f"status {status}"
+    if status in UNFINISHED_STATUSES:
+        return f"status {status}, not finished: its numbers may be partial or still change"
+    if row.get("stale"):
+        return str(row["stale"])
+    return None
+
+
 def verdict(row: Mapping) -> str:
     """The convergence verdict of a row's log p(x) estimate, in words (see estimators.convergence)."""
     c = converged(row)
@@ -80,19 +95,14 @@ def comparison_section(runs: Iterable[Mapping] | None, this_run: str | None = No
     repeated = _repeated_names(runs)
     usable, excluded = [], []
     for r in runs:
-        status = str(r.get("status") or "").upper()
         mine = this_run is not None and r.get("run_id") == this_run
         try:
             comparability_key(r)
         except IncomparableError as e:
             excluded.append((r, str(e)))
             continue
-        if status in EXCLUDED_STATUSES and not mine:
-            excluded.append((r, f"status {status}"))
-        elif status in UNFINISHED_STATUSES and not mine:
-            excluded.append((r, f"status {status}, not finished: its numbers may be partial or still change"))
-        elif r.get("stale") and not mine:  # of weights its training has replaced (tracking.experiment_runs)
-            excluded.append((r, str(r["stale"])))
+        if not mine and (why := not_a_result(r)) is not None:
+            excluded.append((r, why))
         elif (why := impossible(r)) is not None:  # a damaged or hand-edited record: no result to rank
             excluded.append((r, f"impossible value: {why}"))
         elif metric_value(r, "log_px") is None:

@@ -79,11 +79,14 @@ SHARE_KEY_PARAM = "viewStateShareKey"
 # "runs", the table and the ELBO charts; "parallel", the parallel coordinates of the comparable runs only.
 VIEW_NAMES = {"runs": "vaerepro: compare runs", "parallel": "vaerepro: latent size × likelihood"}
 # The runs the parallel-coordinates view draws: those whose numbers the report's comparison sets side by side
-# (report_comparison): FINISHED, and of the weights the run holds now (no STALE_TAG). A chart takes each
-# run's latest value of a metric, and MLflow cannot delete one, so a resumed training's earlier test numbers
-# stay there until it is evaluated again. The filter is this view's own, shown in the UI's search box: in the
-# "runs" view it would hide a resumed training's curve from the ELBO charts while it trains.
-COMPARABLE_FILTER = f"attributes.status = 'FINISHED' AND tags.`{STALE_TAG}` IS NULL"
+# (report_comparison.not_a_result): runs with numbers of their own (a data_space tag; a sweep's parent run
+# has none), FINISHED, and of the weights the run holds now (no STALE_TAG). A chart takes each run's latest
+# value of a metric, and MLflow cannot delete one, so a resumed training's earlier test numbers stay there
+# until it is evaluated again. The filter is this view's own, shown in the UI's search box: in the "runs"
+# view it would hide a resumed training's curve from the ELBO charts while it trains.
+COMPARABLE_FILTER = (
+    f"attributes.status = 'FINISHED' AND tags.`{STALE_TAG}` IS NULL AND tags.`data_space` IS NOT NULL"
+)
 # runs_url's modes: (the UI's compareRunsMode, the view it opens)
 MODES = {"TABLE": ("TABLE", "runs"), "CHART": ("CHART", "runs"), "PARALLEL": ("CHART", "parallel")}
 # MLflow's limit on an experiment tag's value (mlflow/utils/validation.py MAX_EXPERIMENT_TAG_VAL_LENGTH),
