@@ -148,6 +148,9 @@ def test_shipped_aevb_sweep_config():
         "model.latent_dim": "choice(2, 3, 5, 10, 20, 50, 200)",
         "likelihood": "choice(bernoulli, gaussian, continuous_bernoulli)",
     }
+    # the grid sampler visits each point once: n_trials is the grid's size, every point and none repeated
+    grid = sweep.grid_values(sweep.parse_search_space(dict(s.params), []))
+    assert s.n_trials == math.prod(len(values) for values in grid.values()) == 21
 
 
 def test_search_space_from_hydra_sweep_syntax():
