@@ -510,6 +510,35 @@ def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_writt
         running.wait(timeout=300)
 
 
+def test_a_training_refused_once_its_trainer_exists_prints_that_line_alone(tmp_path, prepared_tiny, raw_dir):
+    """`vaerepro train` into a directory another process holds: refused by rank 0's lock, taken once the
+    Lightning Trainer is built (it knows the rank). Lightning's lines about the devices, logged as it is
+    built, came before the refusal; they are held back until the checks pass, and printed then."""
+    import yaml
+
+    from conftest import copy_prepared, tiny_config
+    from vaerepro.files import try_lock
+
+    (tmp_path / "conf").symlink_to(ROOT / "conf")  # a project
+    out = copy_prepared(prepared_tiny, tmp_path / "run")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_config("train.max_epochs=1", raw_dir=raw_dir).to_dict()))
+    train = ["train", "--no-progress", "--params", str(params), "--out", str(out)]
+    held = try_lock(out)
+    try:
+        proc = _vaerepro(train, tmp_path)
+    finally:
+        os.close(held)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"vaerepro train: {out / 'models'}: another training or an evaluation is running in this directory "
+        "now (a `vaerepro train`, `vaerepro evaluate`, `vaerepro run` or `dvc repro`); nothing was changed: "
+        "wait for it to end, or train elsewhere"
+    ], proc.stderr
+    proc = _vaerepro(train, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("GPU available: ") == 1, proc.stderr  # printed once the checks passed
+
+
 @pytest.mark.slow
 def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_are_written(tmp_path, raw_dir):
     """data=npz: the user's file has no checksum. Resumed after it changed, the run's prepared/ was made again

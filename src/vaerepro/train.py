@@ -53,6 +53,7 @@ from vaerepro.trainer import (
     build_optimizer,
     build_trainer,
     check_launcher_world,
+    lightning_lines_held,
     train_key,
 )
 
@@ -857,17 +858,18 @@ def train(
     if cfg.train.test_curve:  # the test-set ELBO at log-spaced epochs, for plotting and the reproduction card
         n, size = len(data.x_train), cfg.train.val_batch_size
         extra.append(TestCurve(test_curve_csv, data.x_test, data.eps_test, n_train=n, batch_size=size))
-    trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)
-    check_launcher_world(trainer.num_devices * trainer.num_nodes, cfg.trainer)  # not world_size: torchrun's
-    if resumed is not None:  # the world size is the trainer's: devices x nodes, "auto" resolved
-        check_same_batches(last, resumed, len(data.x_train), cfg.train.batch_size, trainer.world_size)
-        check_same_numerics(last, resumed, numerics(trainer))
+    with lightning_lines_held():  # printed once the checks that need the Trainer have passed
+        trainer = build_trainer(cfg, out_dir, None, extra, enable_progress_bar=enable_progress_bar)
+        check_launcher_world(trainer.num_devices * trainer.num_nodes, cfg.trainer)  # world_size is torchrun's
+        if resumed is not None:  # the world size is the trainer's: devices x nodes, "auto" resolved
+            check_same_batches(last, resumed, len(data.x_train), cfg.train.batch_size, trainer.world_size)
+            check_same_numerics(last, resumed, numerics(trainer))
+        held = _hold(out_dir, model_dir) if trainer.is_global_zero else None  # before anything is written
     if ckpt_path is not None:
         log.info("resuming from %s after %d epochs", ckpt_path, len(_saved_curve(resumed)))
     elif cfg.train.resume:
         log.info("train.resume: no %s yet, training from the start", last)
     tracker = tracker if trainer.is_global_zero else None
-    held = _hold(out_dir, model_dir) if trainer.is_global_zero else None  # before anything is written
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)
     try:

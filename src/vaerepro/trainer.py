@@ -8,12 +8,14 @@ what a reproduction needs on top of it and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
+import logging.handlers
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from vaerepro.files import write_whole
 from vaerepro.likelihoods import space_name
 
 log = logging.getLogger(__name__)
+LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"  # the logger of Lightning's info lines
 
 
 class _NoAdverts(logging.Filter):
@@ -47,10 +50,31 @@ def _one_log_stream() -> None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    logging.getLogger(LIGHTNING_INFO).addFilter(_NoAdverts())
 
 
 _one_log_stream()  # now: the handlers were added when lightning was imported, above
+
+
+@contextlib.contextmanager
+def lightning_lines_held() -> Iterator[None]:
+    """Hold back Lightning's info lines ("GPU available: ...", which a Trainer logs when it is built) until
+    the block ends, then print them; drop them when the block raises. The train stage builds its Trainer
+    before the checks that need it (the world size a resume is checked against, rank 0's lock on the run
+    directory), so that a refusal there is the one line the user reads, with no lines about devices before
+    it. (logging.handlers.BufferingHandler holds the records; its capacity is never reached.)"""
+    logger = logging.getLogger(LIGHTNING_INFO)
+    held = logging.handlers.BufferingHandler(capacity=10_000)
+    propagate = logger.propagate
+    logger.addHandler(held)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
+    for record in held.buffer:  # reached only without an exception
+        logger.handle(record)
 
 
 VAL_KEY = "val/elbo"  # the validation ELBO's per-epoch metric (nats per example): checkpoints and curves
