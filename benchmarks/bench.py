@@ -245,7 +245,8 @@ def prepare_data(work: Path, mnist_size: bool) -> list[str]:
     return []
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv's without `argv`); test_bench checks gpu_check.sh's bench lines with it."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=11)
     ap.add_argument("--latent-dim", type=int, default=20)
@@ -270,17 +271,11 @@ def main() -> None:
         "the harness at each eval.precision the device has and the hand-written loop",
     )
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of all the loops")
-    args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    return ap.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="vaerepro-bench-"))
-    data_overrides = prepare_data(work, args.mnist_size)
-    splits = data.load_prepared(work / "prepared")
-    n_train = len(splits.train)
 
-    # --- training: harness (logging on) vs minimal loop ------------------------------------------------
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+def harness_config(args: argparse.Namespace, work: Path, data_overrides: list[str]) -> config_mod.Config:
+    """The harness's resolved config: the command line's model, batch, trainer preset and overrides."""
     raw = config_mod.compose(
         [
             f"train.max_epochs={args.epochs}",
@@ -294,7 +289,22 @@ def main() -> None:
         ],
         config_dir=ROOT / "conf",
     )
-    cfg = config_mod.validate(raw)
+    return config_mod.validate(raw)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+
+    work = Path(tempfile.mkdtemp(prefix="vaerepro-bench-"))
+    data_overrides = prepare_data(work, args.mnist_size)
+    splits = data.load_prepared(work / "prepared")
+    n_train = len(splits.train)
+
+    # --- training: harness (logging on) vs minimal loop ------------------------------------------------
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    cfg = harness_config(args, work, data_overrides)
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     x_val = data.fixed_space(splits.val, "binary", quantized=True, seed=cfg.seed + VAL_SEED_OFFSET)
     x_test = data.fixed_space(splits.test, "binary", quantized=True, seed=cfg.seed + TEST_SEED_OFFSET)

@@ -126,3 +126,74 @@ def test_the_mnist_size_data_is_what_the_harness_config_says(tmp_path):
     data.check_prepared_from(
         meta, cfg.data.source, cfg.data.path, tmp_path / "prepared", data.config_split_settings(cfg.data)
     )
+
+
+def test_the_gpu_check_asks_for_what_exists_and_each_part_runs_what_its_title_says(tmp_path):
+    """benchmarks/gpu_check.sh runs only in a session lent a GPU, rarely, with one call's time: a part that
+    names a test file or a flag that no longer exists, or figures under a title they are not of, waste it.
+    (Its "eager" part ran with trainer=gpu's cuda_graph=auto, which graphs the step.) The script runs here
+    with stand-ins for python3 and nvidia-smi that record their arguments: its tests exist and, collected as
+    on a CUDA machine, each named file has some; its bench lines are bench.py's flags and valid trainer=gpu
+    configs, graphed, eager and at the steps a call each title says; the checkpoint part's imports exist."""
+    import importlib
+    import json
+    import os
+    import subprocess
+
+    from vaerepro.train import uses_cuda_graph
+
+    bench = import_bench()
+    calls, fake = tmp_path / "calls.jsonl", tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "with open(os.environ['GPU_CHECK_CALLS'], 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 570.00'\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "GPU_CHECK_CALLS": str(calls)}
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    titles = re.findall(r"^== (.*) \(limit \d+ s\) ==$", proc.stdout, re.M)
+    setup, parts = made[: len(made) - len(titles)], made[len(made) - len(titles) :]
+    assert [c[:2] for c in setup] == [["-m", "pip"], ["-c", setup[1][1]], ["-c", "import pytest_timeout"]]
+
+    pytest_part = [c for c in parts if c[:2] == ["-m", "pytest"]]
+    (args,) = pytest_part
+    files = [a for a in args if a.startswith("tests/")]
+    assert files and all((ROOT / f).is_file() for f in files), files
+    plugin = tmp_path / "plugin"  # collected as on a CUDA machine: conftest.DEVICES then holds "cuda"
+    plugin.mkdir()
+    (plugin / "as_if_cuda.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "as_if_cuda", "-p", "no:cacheprovider", "--collect-only", "-q"]
+        + [*files, "-k", args[args.index("-k") + 1]],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert {i.split("::")[0] for i in ids} == set(files), collected.stdout
+
+    (snippet,) = [c[1] for c in parts if c[0] == "-c"]
+    compile(snippet, "gpu_check.sh", "exec")
+    for module, name in re.findall(r"^from ([\w.]+) import (\w+)$", snippet, re.M):
+        assert hasattr(importlib.import_module(module), name), (module, name)
+
+    benched = [(t, c[1:]) for t, c in zip(titles, parts, strict=True) if c[0] == "benchmarks/bench.py"]
+    assert len(benched) == 3 and sum("whole test split" in t for t, _ in benched) == 1, titles
+    for title, argv in benched:
+        a = bench.parse_args(argv)
+        cfg = bench.harness_config(a, tmp_path, [])
+        assert cfg.trainer.accelerator == "gpu" and a.mnist_size and a.no_tracking, (title, argv)
+        assert uses_cuda_graph(cfg) == ("eager" not in title) == ("cuda_graph=true" in title), (title, argv)
+        steps = re.search(r"(\d+) steps? a call", title)
+        assert steps is None or cfg.trainer.steps_per_call == int(steps[1]), (title, argv)
+        assert a.full_eval == ("whole test split" in title), (title, argv)
