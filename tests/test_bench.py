@@ -29,6 +29,8 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
     ).stdout
     for loop in ("harness", "minimal", "minimal fused", "by hand"):
         assert re.search(rf"^{loop} +: +[\d.]+ ms/epoch +\d+ images/s", out, re.M), (loop, out)
+    # what the harness ran, resolved (trainer=cpu: no CUDA graph; trainer.steps_per_call=1)
+    assert re.search(r"^harness .*\(Lightning; MLflow, .*; eager steps, 1 a call\)$", out, re.M), out
     ratios = {
         name: float(value)
         for name, value in re.findall(r"^ratio harness/(minimal|minimal fused) time: ([\d.]+)", out, re.M)
