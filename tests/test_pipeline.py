@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -286,3 +288,81 @@ def test_dvc_remote_push_and_pull_restore_the_outputs(repo, tmp_path):
     run(["dvc", "pull"], repo)
     assert {p: digest(p) for p in before} == before
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout
+
+
+def _stage_process(cwd: Path, stage: str) -> int | None:
+    """The pid of `vaerepro STAGE` running in `cwd` (not the shell DVC may start it through), or None."""
+    for p in Path("/proc").iterdir():
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+            if (
+                p.name.isdigit()
+                and Path(os.readlink(p / "cwd")) == cwd
+                and argv[1:2] != [b"-c"]
+                and any(a.endswith(b"vaerepro") for a in argv)
+                and stage.encode() in argv
+            ):
+                return int(p.name)
+        except OSError:
+            continue
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_a_stage_stops_when_its_dvc_process_is_killed(repo, tmp_path, shell):
+    """`kill` (or `timeout`) of `dvc repro` alone: DVC dies and passes no signal on, and its train stage
+    trained on, orphaned, writing outputs DVC would never record. The stage now stops as a SIGTERM stops
+    it: at its epoch end, with models/last.ckpt, its MLflow run KILLED, exit 143. DVC runs a stage through
+    $SHELL -c: bash execs the stage, so dvc is its parent; dash keeps itself between them."""
+    import signal
+    import subprocess
+    import time
+
+    from mlflow import MlflowClient
+
+    from conftest import BIN
+
+    run(["vaerepro", "fetch"], repo)
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["train"].update(max_epochs=100_000, checkpoint_every_s=0)  # trains until stopped
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SHELL": shell}
+    with open(tmp_path / "dvc.err", "w") as err:
+        dvc = subprocess.Popen(
+            ["dvc", "repro"], cwd=copy, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    stage = None
+    try:
+        deadline = time.monotonic() + 300
+        curve = copy / "plots" / "elbo.csv"
+        while not (curve.is_file() and len(curve.read_text().splitlines()) >= 3):  # two epochs trained
+            assert dvc.poll() is None and time.monotonic() < deadline, (tmp_path / "dvc.err").read_text()
+            time.sleep(0.2)
+        stage = _stage_process(copy, "train")
+        assert stage is not None
+        dvc.send_signal(signal.SIGTERM)  # dvc alone, as `kill PID` sends it
+        dvc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _running(stage) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(stage), "the train stage goes on training without dvc"
+    finally:
+        if stage is not None and _running(stage):
+            os.kill(stage, signal.SIGKILL)
+        if dvc.poll() is None:
+            dvc.kill()
+    text = (tmp_path / "dvc.err").read_text()
+    assert "vaerepro train: stopped by SIGTERM" in text and "Traceback" not in text, text
+    assert (copy / "models" / "last.ckpt").is_file()
+    run_id = json.loads((copy / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"

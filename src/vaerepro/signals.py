@@ -146,6 +146,37 @@ def deferred() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def stop_with_dvc() -> None:
+    """Under DVC (DVC_STAGE set): SIGTERM to this process once the dvc process that runs its stage has ended,
+    so that the stage stops as `kill` stops it (training at its epoch end with models/last.ckpt, the MLflow
+    run KILLED, exit 143) instead of training on with nobody to record its outputs: `kill PID` and
+    `timeout` send SIGTERM to dvc alone, and dvc passes no signal on to its stage. DVC runs a stage as
+    `$SHELL -c CMD` (dvc/stage/run.py): bash and zsh exec a lone command, making dvc the parent; dash does
+    not, and dvc is the shell's parent. (A DDP rank's parent is rank 0: it stops with rank 0.)
+
+    Linux: a daemon thread waits on a pidfd of that process (no pid reused meanwhile can stand in for it);
+    elsewhere nothing. Call it once, in the stage's own process, before signals are installed or after."""
+    if not hasattr(os, "pidfd_open"):
+        return
+    import select
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+        if argv[1] == b"-c":  # a shell between dvc and this process
+            parent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    try:
+        fd = os.pidfd_open(parent)
+    except OSError:  # gone already, or a kernel without pidfds (before Linux 5.3)
+        return
+
+    def _wait() -> None:
+        select.select([fd], [], [])  # readable once the process has ended
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=_wait, name="vaerepro-stop-with-dvc", daemon=True).start()
+
+
 def machine() -> str:
     """Where a pid means one process: 'host/boot/pid-namespace' on Linux ('host' elsewhere). The boot id
     and the pid namespace keep a pid from a reboot, or from a container that shares the host's name, from
