@@ -308,6 +308,10 @@ def _stage_process(cwd: Path, stage: str) -> int | None:
     return None
 
 
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
     try:
@@ -336,6 +340,8 @@ def test_a_stage_stops_when_its_dvc_process_is_killed(repo, tmp_path, shell):
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["train"].update(max_epochs=100_000, checkpoint_every_s=0)  # trains until stopped
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    curve = copy / "plots" / "elbo.csv"
+    curve.unlink(missing_ok=True)  # an earlier test's `dvc repro` (DVC deletes it before training anyway)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SHELL": shell}
     with open(tmp_path / "dvc.err", "w") as err:
         dvc = subprocess.Popen(
@@ -344,12 +350,10 @@ def test_a_stage_stops_when_its_dvc_process_is_killed(repo, tmp_path, shell):
     stage = None
     try:
         deadline = time.monotonic() + 300
-        curve = copy / "plots" / "elbo.csv"
-        while not (curve.is_file() and len(curve.read_text().splitlines()) >= 3):  # two epochs trained
+        # until the train stage runs and has trained two epochs
+        while (stage := _stage_process(copy, "train")) is None or len(_lines(curve)) < 3:
             assert dvc.poll() is None and time.monotonic() < deadline, (tmp_path / "dvc.err").read_text()
             time.sleep(0.2)
-        stage = _stage_process(copy, "train")
-        assert stage is not None
         dvc.send_signal(signal.SIGTERM)  # dvc alone, as `kill PID` sends it
         dvc.wait(timeout=60)
         deadline = time.monotonic() + 60
