@@ -234,28 +234,39 @@ def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path,
     assert sorted(p.name for p in job.parent.iterdir()) == [job.name]
 
 
-@pytest.mark.parametrize("dvc_stage", [None, "train"])
-def test_a_training_stopped_under_dvc_says_how_dvc_keeps_its_resumed_training(dvc_stage, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["outside DVC", "dvc repro", "queued experiment"])
+def test_a_training_stopped_under_dvc_says_how_dvc_keeps_its_resumed_training(
+    where, monkeypatch, capsys, tmp_path
+):
     """The stop's line says how to resume outside DVC (DVC would delete models/ first); under `dvc repro` it
     also says to commit the resumed training to the train stage: a plain `dvc repro` after the resume found
-    the stage changed, deleted the resumed models/ and trained from the start."""
+    the stage changed, deleted the resumed models/ and trained from the start. In a queued experiment's
+    workspace (.dvc/tmp/exps/<dir>/; `dvc queue kill` sends SIGINT) it said the same, but DVC deletes that
+    workspace, last.ckpt with it, as the experiment ends: it says so, and how to run it again."""
     import signal
 
     from vaerepro.errors import Stopped
 
     def stopped(argv):
-        raise Stopped(signal.SIGTERM, "training stopped after 2 of 300 epochs")
+        raise Stopped(signal.SIGINT, "training stopped after 2 of 300 epochs")
 
     monkeypatch.setattr(cli, "_main", stopped)
     monkeypatch.setattr(cli.signals, "install", lambda: None)
-    if dvc_stage is None:
+    if where == "outside DVC":
         monkeypatch.delenv("DVC_STAGE", raising=False)
     else:
-        monkeypatch.setenv("DVC_STAGE", dvc_stage)
-    assert cli.main(["train"]) == 143
+        monkeypatch.setenv("DVC_STAGE", "train")
+    workspace = (
+        tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpk2x8" if where == "queued experiment" else tmp_path
+    )
+    workspace.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(workspace)
+    assert cli.main(["train"]) == 130
     (line,) = capsys.readouterr().err.splitlines()
-    assert "resume with vaerepro params ... train.resume=true, then vaerepro train" in line, line
-    assert ("dvc commit -f train" in line) == (dvc_stage is not None), line
+    resumable = "resume with vaerepro params ... train.resume=true, then vaerepro train" in line
+    assert resumable == (where != "queued experiment"), line
+    assert ("dvc commit -f train" in line) == (where == "dvc repro"), line
+    assert ("DVC deletes when the experiment ends" in line) == (where == "queued experiment"), line
 
 
 def test_the_closing_line_of_a_run_says_improper_k_and_verdict_beside_log_px():

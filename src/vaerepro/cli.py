@@ -756,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
         if command == "train" and os.environ.get("DVC_STAGE"):
             hint += _DVC_RESUME_HINT
+        if os.environ.get("DVC_STAGE") and _in_dvc_temp_workspace():
+            hint = _DVC_TEMP_HINT
         print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return stop.exit_status
     except KeyboardInterrupt:
@@ -764,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         hint = "" if command in ("train", "run") else _RESUME_HINT.get(command, "")
+        if os.environ.get("DVC_STAGE") and _in_dvc_temp_workspace():
+            hint = _DVC_TEMP_HINT
         print(f"vaerepro {command}: stopped (Ctrl-C)" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as err:
@@ -772,6 +776,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{f'vaerepro {command}'.strip()}: {message}", file=sys.stderr)
         return 2
+
+
+def _in_dvc_temp_workspace() -> bool:
+    """Whether this process runs in the temporary workspace of a queued (or --temp) DVC experiment,
+    .dvc/tmp/exps/<dir>/, which DVC deletes when the experiment ends (dvc_task's TempDirExecutor)."""
+    parts = Path.cwd().resolve().parts
+    return any(parts[i : i + 3] == (".dvc", "tmp", "exps") for i in range(len(parts) - 3))
 
 
 STAGE_HELP = {
@@ -789,6 +800,13 @@ _RESUME_HINT = {
     "evaluate": "run vaerepro evaluate again",
     "report": "run vaerepro report again",
 }
+# A queued experiment stopped (`dvc queue kill` sends SIGINT to the process group): DVC then deletes its
+# temporary workspace, last.ckpt and every other file of it, so no command there resumes anything.
+_DVC_TEMP_HINT = (
+    "this is a queued DVC experiment's temporary workspace, which DVC deletes when the experiment ends, "
+    "with every file in it: nothing of it can be resumed; queue the experiment again to run it from the "
+    "start (a training stopped under `dvc exp run` in the workspace keeps its models/last.ckpt)"
+)
 # A training stopped under `dvc repro` or `dvc exp run` and resumed outside DVC is no output of DVC's train
 # stage until committed: the next `dvc repro` would delete its models/ and train from the start.
 _DVC_RESUME_HINT = (

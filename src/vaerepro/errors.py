@@ -3,8 +3,9 @@
 `UserError`: a mistake in what the user gave (a config key, a file, a store, a checkpoint), or settings
 that made training diverge (`Diverged`). Its message is one line that names the key or file and the
 problem; `vaerepro` prints it and exits with status 2.
-`Stopped`: a signal (SIGTERM from a scheduler, `dvc queue kill`, `kill`) asked the command to stop; it
-exits with 128 + the signal's number (143 for SIGTERM), as a shell reports a process the signal ended.
+`Stopped`: a signal (SIGTERM from a scheduler or `kill`, SIGINT from `dvc queue kill`) asked the command
+to stop; it exits with 128 + the signal's number (143 for SIGTERM), as a shell reports a process the
+signal ended.
 """
 
 from __future__ import annotations

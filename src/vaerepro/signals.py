@@ -1,4 +1,5 @@
-"""SIGTERM as schedulers send it (SLURM preemption, `dvc queue kill`, `kill`): stop cleanly, never exit 0.
+"""SIGTERM as schedulers send it (SLURM preemption, `kill`), and SIGINT (Ctrl-C, `dvc queue kill`): stop
+cleanly, never exit 0.
 
 `install` makes SIGTERM raise `Stopped` in the main thread, so every stage unwinds through its clean-up
 (the MLflow run is marked KILLED) and the command exits 143. During training (`deferred`), the first SIGTERM
