@@ -756,8 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
         if command == "train" and os.environ.get("DVC_STAGE"):
             hint += _DVC_RESUME_HINT
-        if os.environ.get("DVC_STAGE") and _in_dvc_temp_workspace():
-            hint = _DVC_TEMP_HINT
+        hint = _unless_deleted(hint)
         print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return stop.exit_status
     except KeyboardInterrupt:
@@ -765,9 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         # 128 + SIGINT, as a shell reports it; the run it stopped is KILLED on the way up
         if debug:
             raise
-        hint = "" if command in ("train", "run") else _RESUME_HINT.get(command, "")
-        if os.environ.get("DVC_STAGE") and _in_dvc_temp_workspace():
-            hint = _DVC_TEMP_HINT
+        hint = _unless_deleted("" if command in ("train", "run") else _RESUME_HINT.get(command, ""))
         print(f"vaerepro {command}: stopped (Ctrl-C)" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as err:
@@ -778,11 +775,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _in_dvc_temp_workspace() -> bool:
-    """Whether this process runs in the temporary workspace of a queued (or --temp) DVC experiment,
-    .dvc/tmp/exps/<dir>/, which DVC deletes when the experiment ends (dvc_task's TempDirExecutor)."""
+def _unless_deleted(hint: str) -> str:
+    """A stop's hint, or _DVC_TEMP_HINT in a stage that runs in the temporary workspace of a queued (or
+    --temp) DVC experiment, .dvc/tmp/exps/<dir>/, which DVC deletes when the experiment ends."""
     parts = Path.cwd().resolve().parts
-    return any(parts[i : i + 3] == (".dvc", "tmp", "exps") for i in range(len(parts) - 3))
+    temporary = any(parts[i : i + 3] == (".dvc", "tmp", "exps") for i in range(len(parts) - 3))
+    return _DVC_TEMP_HINT if temporary and os.environ.get("DVC_STAGE") else hint
 
 
 STAGE_HELP = {
