@@ -1,6 +1,6 @@
 """The link vaerepro prints opens the MLflow UI's runs table with the comparison columns, in a real browser.
 
-A temporary sqlite store gets an experiment with `mlflow_ui.experiment_tags()` and three runs; `mlflow ui`
+A temporary sqlite store gets an experiment with `mlflow_ui.experiment_tags()` and four runs; `mlflow ui`
 serves it; headless Chromium (driven over the DevTools protocol on --remote-debugging-pipe: stdlib only)
 opens `mlflow_ui.runs_url(...)` and the test polls the live DOM until the grid is drawn, then reads it.
 Each test leaves <name>.html and a screenshot <name>.png in its tmp_path for a person to look at (`-s`
@@ -37,12 +37,16 @@ CHROMIUM = shutil.which("chromium")
 # (open on a browser's first visit to a local server) included.
 WINDOW = "3700,1000"
 
-# What each run's log p(x) measured, as the evaluation tags it (tracking.runs).
+# What each run's log p(x) measured, as the evaluation tags it (tracking.runs), and that measurement as
+# compare.measurement gives it (data source, test set, K).
 MEASURED = {
+    "source": "mnist5k",
     "vaerepro.eval.num_samples": "1000",
     "vaerepro.test_set": "3f2a9c1b0d4e",
     "vaerepro.converged": "true",
 }
+MEASUREMENT = ("mnist5k", "3f2a9c1b0d4e", "1000")
+AT_K5000 = ("mnist5k", "3f2a9c1b0d4e", "5000")
 # name, tags, test metrics, space of its per-epoch curves, final status. Created in this order, so the
 # UI's default sort (newest first) would list them backwards; sorted by test/knn_accuracy they read in order.
 RUNS = [
@@ -85,6 +89,25 @@ RUNS = [
         "FINISHED",
     ),
     (
+        "bern-z4-k5000",  # another measurement: K = 5000
+        {
+            "likelihood": "bernoulli",
+            "latent_dim": "4",
+            "data_space": "binary",
+            "improper": "false",
+            **MEASURED,
+            "vaerepro.eval.num_samples": "5000",
+        },
+        {
+            "binary/test/log_px": -93.5,
+            "binary/test/log_px_se": 0.0612,
+            "binary/test/elbo": -97.25,
+            "test/knn_accuracy": 0.701,
+        },
+        "binary",
+        "FINISHED",
+    ),
+    (
         "bern-z2-crashed",
         {
             "likelihood": "bernoulli",
@@ -120,7 +143,7 @@ def _make_store(tmp: Path) -> tuple[str, str]:
     exp_id = client.create_experiment(
         "vaerepro-ui",
         artifact_location=(tmp / "artifacts").resolve().as_uri(),
-        tags=mlflow_ui.experiment_tags(),
+        tags=mlflow_ui.experiment_tags(measurements=[MEASUREMENT, AT_K5000]),
     )
     for i, (name, tags, metrics, space, status) in enumerate(RUNS):
         run = client.create_run(exp_id, run_name=name, tags=tags, start_time=1_700_000_000_000 + 60_000 * i)
@@ -400,7 +423,8 @@ def test_runs_url_opens_the_runs_table_with_the_comparison_columns(ui_server, tm
     assert names == [name for name, *_ in RUNS]
     for row, (name, tags, metrics, _, _) in zip(rows, RUNS, strict=True):
         for tag, value in tags.items():
-            assert row[mlflow_ui.tag_column(tag)] == value, (name, tag, row)
+            if tag != "source":  # not a column: the test set's digest tells sources apart
+                assert row[mlflow_ui.tag_column(tag)] == value, (name, tag, row)
         for key in mlflow_ui.DEFAULT_COLUMNS:
             if key.startswith("metrics."):
                 metric = key.split("`")[1]
@@ -414,7 +438,7 @@ def test_runs_url_opens_the_runs_table_with_the_comparison_columns(ui_server, tm
     created = [grid.markup[i]["runDateAndNestInfo"] for i in sorted(grid.markup)]
     assert all("<svg" in cell for cell in created), created
     icons = [cell[cell.index("<svg") :] for cell in created]
-    assert icons[0] == icons[1] != icons[2]
+    assert icons[0] == icons[1] == icons[2] != icons[3]
 
 
 def test_chart_view_draws_train_and_val_elbo_in_one_chart(ui_server, tmp_path):
@@ -457,12 +481,14 @@ def test_chart_view_draws_train_and_val_elbo_in_one_chart(ui_server, tmp_path):
 def test_parallel_coordinates_compare_latent_size_and_likelihood_of_the_comparable_runs_only(
     ui_server, tmp_path
 ):
-    """The third link: latent size × likelihood against log p(x) and kNN accuracy, one chart per data space,
-    drawing only the runs the report's comparison would set side by side. Here that is bern-z8: gauss-z16's
-    numbers are of weights its training has since replaced (vaerepro.stale) and bern-z2-crashed FAILED; the
-    continuous chart, left with no run, is hidden. The filter is in the UI's search box, for users to see."""
+    """The third link, for the measurement K = 1000 on test set 3f2a9c1b0d4e: latent size × likelihood
+    against log p(x) and kNN accuracy, one chart per data space, drawing only the runs of that measurement
+    the report's comparison would set side by side. Here that is bern-z8: bern-z4-k5000's log p(x) is of
+    K = 5000 (the other view's), gauss-z16's numbers are of weights its training has since replaced
+    (vaerepro.stale) and bern-z2-crashed FAILED; the continuous chart, left with no run, is hidden. The
+    filter is in the UI's search box, for users to see."""
     base, exp_id = ui_server
-    url = mlflow_ui.runs_url(base, exp_id, mode="PARALLEL")
+    url = mlflow_ui.runs_url(base, exp_id, mode="PARALLEL", measurement=MEASUREMENT)
     section = "Latent size × likelihood (parallel coordinates, one data space each)"
 
     def ready(g: _Grid) -> bool:
@@ -478,28 +504,45 @@ def test_parallel_coordinates_compare_latent_size_and_likelihood_of_the_comparab
     for axis in ("model.latent_dim", "likelihood.name", "binary/test/log_px", "test/knn_accuracy"):
         assert axis in after, (axis, after[:3000])
     assert "continuous/test/log_px" not in page  # no comparable run of that space: its chart is hidden
-    assert "bern-z8" in page and "gauss-z16" not in page and "bern-z2-crashed" not in page, page
+    assert "bern-z8" in page, page
+    for left_out in ("bern-z4-k5000", "gauss-z16", "bern-z2-crashed"):
+        assert left_out not in page, (left_out, page)
     html = (tmp_path / "parallel.html").read_text()
-    assert mlflow_ui.COMPARABLE_FILTER in unescape(html), "the filter is not in the search box"
+    assert mlflow_ui.measurement_filter(MEASUREMENT) in unescape(html), "the filter is not in the search box"
 
 
 def test_links_and_tags_agree():
     cols, order = mlflow_ui.DEFAULT_COLUMNS, mlflow_ui.DEFAULT_ORDER_BY
-    tags = mlflow_ui.experiment_tags(cols, order, False)
+    tags = mlflow_ui.experiment_tags(cols, order, False, measurements=[MEASUREMENT, AT_K5000])
     views = {json.loads(v)["name"]: k.removeprefix(mlflow_ui.SHARED_VIEW_TAG_PREFIX) for k, v in tags.items()}
-    assert sorted(views) == sorted(mlflow_ui.VIEW_NAMES.values())
+    # the Views menu: the runs view, then one parallel view per measurement, named by it
+    assert list(views) == [
+        "vaerepro: compare runs",
+        "vaerepro: latent size × likelihood (data mnist5k, test set 3f2a9c1b0d4e, K = 1000)",
+        "vaerepro: latent size × likelihood (data mnist5k, test set 3f2a9c1b0d4e, K = 5000)",
+    ]
     for mode, (compare, view) in mlflow_ui.MODES.items():
-        url = mlflow_ui.runs_url("http://h:5000/", "7", cols, order, False, mode=mode)
-        assert url.startswith(
-            f"http://h:5000/#/experiments/7/runs?workflowType=machine_learning&compareRunsMode={compare}&"
-        )
-        assert url.endswith("viewStateShareKey=" + views[mlflow_ui.VIEW_NAMES[view]])
-    assert "orderByKey" not in url  # a facet in the link would make the UI ignore the shared view
+        for m in [MEASUREMENT, AT_K5000] if view == "parallel" else [None]:
+            url = mlflow_ui.runs_url("http://h:5000/", "7", cols, order, False, mode=mode, measurement=m)
+            assert url.startswith(
+                f"http://h:5000/#/experiments/7/runs?workflowType=machine_learning&compareRunsMode={compare}&"
+            )
+            assert url.endswith("viewStateShareKey=" + views[mlflow_ui.view_name(view, m)])
+            assert "orderByKey" not in url  # a facet in the link would make the UI ignore the shared view
     assert mlflow_ui.runs_url("http://h:5000", "7", cols, order, True) != mlflow_ui.runs_url(
         "http://h:5000", "7"
     )
     with pytest.raises(ValueError, match="not a UI column key"):
         mlflow_ui.runs_url("http://h", "1", ["binary/test/log_px"], None, False)
+    # a parallel view is of one measurement, recorded whole, and only it is
+    with pytest.raises(ValueError, match="one measurement"):
+        mlflow_ui.runs_url("http://h", "1", mode="PARALLEL")
+    with pytest.raises(ValueError, match="one measurement"):
+        mlflow_ui.runs_url("http://h", "1", mode="TABLE", measurement=MEASUREMENT)
+    with pytest.raises(ValueError, match="recorded plain values"):
+        mlflow_ui.runs_url("http://h", "1", mode="PARALLEL", measurement=("mnist5k", "unrecorded", "1000"))
+    with pytest.raises(ValueError, match="recorded plain values"):  # never a quote inside the filter
+        mlflow_ui.measurement_filter(("mnist5k", "3f2a' OR '1'='1", "1000"))
 
 
 def test_the_table_says_what_each_log_px_measured():

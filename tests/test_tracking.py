@@ -291,31 +291,67 @@ def test_a_dvc_experiment_run_is_tagged_with_its_name_and_baseline(tmp_path, mon
 
 def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkeypatch):
     """`vaerepro ui --print-url` prints links whose saved view is an experiment tag the store holds (the
-    browser test, tests/test_mlflow_ui.py, shows what the UI makes of them)."""
+    browser test, tests/test_mlflow_ui.py, shows what the UI makes of them): the runs table, the ELBO charts,
+    and parallel coordinates per measurement, each drawing only its own K's and test set's runs. A run
+    evaluated at K=1000 and one at K=5000 on one axis would be ranked by K as much as by model."""
     from urllib.parse import parse_qs, urlparse
 
     from mlflow import MlflowClient
 
+    from vaerepro.compare import measurement_text
     from vaerepro.tracking import ui as mlflow_ui
+    from vaerepro.tracking.names import K_TAG, TEST_SET_TAG
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "conf").symlink_to(ROOT / "conf")
     cfg = tiny_config(tracking=True)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    proc = subprocess.run(
-        [sys.executable, "-m", "vaerepro.cli", "ui", "--print-url", "--port", "5123"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    labels, urls = zip(*(line.split(": ", 1) for line in proc.stdout.splitlines()), strict=True)
-    assert labels == ("runs table", "ELBO curves", "latent size × likelihood")
+
+    def ui_lines() -> list[tuple[str, str]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vaerepro.cli", "ui", "--print-url", "--port", "5123"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [tuple(line.split(": ", 1)) for line in proc.stdout.splitlines()]
+
+    # a new store: no run evaluated yet, so no parallel coordinates to open
+    assert [label for label, _ in ui_lines()] == ["runs table", "ELBO curves", "latent size × likelihood"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("vaerepro")
-    modes, filters = ("TABLE", "CHART", "CHART"), (None, None, mlflow_ui.COMPARABLE_FILTER)
-    for url, mode, searched in zip(urls, modes, filters, strict=True):
+    # a store made before the parallel views were per measurement holds one of every K at once: withdrawn;
+    # a view the user saved in the UI under the same name is theirs and stays
+    envelope = json.dumps({"name": mlflow_ui.VIEW_NAMES["parallel"], "createdAt": 0, "state": "{}"})
+    mixed, users = (mlflow_ui.SHARED_VIEW_TAG_PREFIX + key for key in ("vaerepro-0123456789abcdef", "a1b2c3"))
+    for key in (mixed, users):
+        client.set_experiment_tag(exp.experiment_id, key, envelope)
+    runs = {}  # name -> (run id, measurement)
+    for name, k, test_set, status in [
+        ("k1000", "1000", "3f2a9c1b0d4e", "FINISHED"),
+        ("k5000", "5000", "3f2a9c1b0d4e", "FINISHED"),
+        ("other-test-set", "1000", "0d4e3f2a9c1b", "FINISHED"),
+        ("k10-failed", "10", "3f2a9c1b0d4e", "FAILED"),  # no result: no view of its own
+        ("unrecorded", None, None, "FINISHED"),  # evaluated before the tags existed: in no view
+    ]:
+        tags = {"data_space": "binary", "source": "mnist5k"}
+        tags.update({K_TAG: k, TEST_SET_TAG: test_set} if k else {})
+        run = client.create_run(exp.experiment_id, run_name=name, tags=tags).info.run_id
+        client.set_terminated(run, status)
+        runs[name] = (run, ("mnist5k", test_set, k))
+    lines = ui_lines()
+    measurements = [runs[name][1] for name in ("other-test-set", "k1000", "k5000")]  # by test set, then K
+    assert [label for label, _ in lines] == [
+        "runs table",
+        "ELBO curves",
+        *(f"latent size × likelihood, {measurement_text(m)}" for m in measurements),
+    ]
+    exp = client.get_experiment(exp.experiment_id)
+    assert mixed not in exp.tags and exp.tags[users] == envelope
+    modes = ["TABLE", "CHART", *(["CHART"] * len(measurements))]
+    for (_, url), mode, m in zip(lines, modes, [None, None, *measurements], strict=True):
         url = url.strip()
         assert url.startswith(f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?")
         query = parse_qs(urlparse(url).fragment.split("?", 1)[1])
@@ -323,10 +359,15 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
         (key,) = query[mlflow_ui.SHARE_KEY_PARAM]
         view = json.loads(json.loads(exp.tags[mlflow_ui.SHARED_VIEW_TAG_PREFIX + key])["state"])
         assert view["selectedColumns"] == mlflow_ui.DEFAULT_COLUMNS
-        assert view.get("searchFilter") == searched
-    # a second call finds the view in place and changes nothing
+        if m is None:
+            assert "searchFilter" not in view
+            continue
+        drawn = {r.info.run_id for r in client.search_runs([exp.experiment_id], view["searchFilter"])}
+        assert drawn == {run for run, measured in runs.values() if measured == m}, (m, drawn)
+    # a second call finds the views in place and changes nothing
     before = client.get_experiment(exp.experiment_id).tags
     tracking.ensure_experiment(cfg.tracking, tmp_path)
+    assert ui_lines() == lines
     assert client.get_experiment(exp.experiment_id).tags == before
 
 
@@ -1115,6 +1156,7 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
     old weights. The UI's table showed them as the runs' results; now each run carries the vaerepro.stale tag
     (a column of the saved view) and its description begins with why, the same reason the report's
     comparison gives. An evaluation of the new weights lifts both from the run it measured, and only there."""
+    from vaerepro.compare import measurement
     from vaerepro.report_comparison import not_a_result
     from vaerepro.tracking import runs
     from vaerepro.tracking import ui as mlflow_ui
@@ -1147,6 +1189,17 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
         exp_id = client.get_run(trained).info.experiment_id
         drawn = {r.info.run_id for r in client.search_runs([exp_id], mlflow_ui.COMPARABLE_FILTER)}
         assert drawn == {r["run_id"] for r in rows if not_a_result(r) is None}, (drawn, rows)
+        # one view per measurement, each drawing that measurement's results only: never K=5 beside K=20
+        # on one log p(x) axis; every measurement evaluated has its view saved on the experiment
+        saved = client.get_experiment(exp_id).tags
+        for m in {measurement(r) for r in rows}:
+            view = mlflow_ui.experiment_tags(measurements=[m])
+            assert set(view) <= set(saved), f"no saved view of {m}"
+            in_view = {r.info.run_id for r in client.search_runs([exp_id], mlflow_ui.measurement_filter(m))}
+            assert in_view == {r["run_id"] for r in rows if measurement(r) == m and r["run_id"] in drawn}
+        assert {m[2] for m, _ in tracking.parallel_links(store, exp_id)} == {
+            measurement(r)[2] for r in rows if r["run_id"] in drawn
+        }
         return {r["run_id"]: r.get("stale") for r in rows}
 
     trained_to(old)

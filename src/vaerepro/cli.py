@@ -917,20 +917,23 @@ def _main(argv: list[str]) -> int:
 
 
 def _ui(cfg: Config, root: Path, port: int, *, serve: bool) -> int:
-    """Print the link to the experiment's runs table (and its chart view); serve a local store with
-    `mlflow ui` on 127.0.0.1 (it has no authentication: never on 0.0.0.0, see docs/scaling.md)."""
+    """Print the links to the experiment's runs table, its ELBO charts and the parallel coordinates of each
+    measurement (K and test set) its runs hold; serve a local store with `mlflow ui` on 127.0.0.1 (it has no
+    authentication: never on 0.0.0.0, see docs/scaling.md)."""
     from vaerepro import tracking
+    from vaerepro.compare import measurement_text
 
     uri, exp_id = tracking.ensure_experiment(cfg.tracking, root)
     local = f"http://127.0.0.1:{port}"
-    table, charts, parallel = (
-        tracking.ui_url(uri, exp_id, mode, local) for mode in ("TABLE", "CHART", "PARALLEL")
-    )
-    print(
-        f"runs table:               {table}\nELBO curves:              {charts}\n"
-        f"latent size × likelihood: {parallel}",
-        flush=True,
-    )
+    lines = [
+        f"runs table:  {tracking.ui_url(uri, exp_id, 'TABLE', local)}",
+        f"ELBO curves: {tracking.ui_url(uri, exp_id, 'CHART', local)}",
+    ]
+    parallel = tracking.parallel_links(uri, exp_id, local)
+    lines += [f"latent size × likelihood, {measurement_text(m)}: {url}" for m, url in parallel]
+    if not parallel:
+        lines.append("latent size × likelihood: no evaluated run yet (one view per K and test set)")
+    print("\n".join(lines), flush=True)
     if tracking.is_server(uri) or not serve:
         return 0
     cmd = [

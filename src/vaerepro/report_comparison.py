@@ -49,8 +49,9 @@ THIS_RUN = "this run"  # the mark of the report's own run, in the ranking and th
 def not_a_result(row: Mapping) -> str | None:
     """Why a run's numbers are no result of the model its run holds now, by the run's status and whether they
     are of weights its training has since replaced (`stale`, tracking.experiment_runs); None when they are
-    one. The runs for which it is None are those the MLflow UI's parallel coordinates draw
-    (tracking.ui.COMPARABLE_FILTER; tests/test_tracking.py holds the two to each other)."""
+    one. The runs for which it is None are those the MLflow UI's parallel coordinates draw, each view those
+    of one measurement (tracking.ui.COMPARABLE_FILTER, measurement_filter; tests/test_tracking.py holds the
+    two to each other)."""
     status = str(row.get("status") or "").upper()
     if status in EXCLUDED_STATUSES:
         return f"status {status}"

@@ -6,7 +6,7 @@
     training.py      the train stage's run and Lightning's MLflow logger (imports Lightning: not re-exported)
     sweep.py         a sweep's parent run and its trials' child runs
     reproduction.py  a reproduction's parent run and its seeds' child runs
-    ui.py            links into the MLflow UI and its saved view (no MLflow calls)
+    ui.py            links into the MLflow UI and its saved views (no MLflow calls)
 
 The stages (prepare, train, evaluate, report) do not import it: the command line hands training a
 `training.TrainingRun`, and logs evaluation and the report after those stages have written their files.
@@ -44,6 +44,7 @@ from vaerepro.tracking.store import (
     check_tracking_server,
     ensure_experiment,
     is_server,
+    parallel_links,
     reading_client,
     sqlite_store_path,
     tracking_uri,
@@ -79,6 +80,7 @@ __all__ = [
     "log_metrics",
     "log_report",
     "metric_name",
+    "parallel_links",
     "read_run_id",
     "reading_client",
     "run_tags",

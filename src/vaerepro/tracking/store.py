@@ -7,9 +7,10 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from vaerepro.compare import UNRECORDED, Measurement
 from vaerepro.config import ConfigError, TrackingConfig, find_project_root
 from vaerepro.tracking import ui
 
@@ -246,12 +247,40 @@ def _get_or_create_experiment(client, name: str, artifact_location: str | None) 
         return exp.experiment_id
 
 
-def _ensure_view(client, exp_id: str) -> None:
-    """Give the experiment the saved views that `ui_url` opens (ui.experiment_tags), once."""
+def ensure_views(client, exp_id: str, measurements: Iterable[Measurement] = ()) -> None:
+    """Give the experiment the saved views that `ui_url` opens (ui.experiment_tags): the runs view and one
+    parallel-coordinates view per measurement, each set once. Remove the views vaerepro no longer offers
+    (ui.withdrawn): a link printed earlier to one of them then gets the UI's "share key does not exist".
+    Two processes may set or remove one tag at once (a sweep's trials evaluated together, each adding its
+    measurement's view): the tag is the same whoever sets it, so one that another process set (or removed)
+    meanwhile is taken as done."""
+    from mlflow.exceptions import MlflowException
+
     have = client.get_experiment(exp_id).tags
-    for key, value in ui.experiment_tags().items():
-        if have.get(key) != value:
+    for key in [key for key, value in have.items() if ui.withdrawn(key, value)]:
+        try:
+            client.delete_experiment_tag(exp_id, key)
+        except MlflowException:
+            if key in client.get_experiment(exp_id).tags:
+                raise
+    for key, value in ui.experiment_tags(measurements=tuple(measurements)).items():
+        if have.get(key) == value:
+            continue
+        try:
             client.set_experiment_tag(exp_id, key, value)
+        except MlflowException:
+            if client.get_experiment(exp_id).tags.get(key) != value:
+                raise
+
+
+def measurements(client, exp_id: str) -> list[Measurement]:
+    """The measurements (compare.measurement: data source, test set, K) of the experiment's runs that a
+    parallel-coordinates view can draw (ui.COMPARABLE_FILTER) and that recorded all three, sorted by source,
+    test set and K."""
+    found = client.search_runs([exp_id], ui.COMPARABLE_FILTER, max_results=50000)  # MLflow's most per call
+    seen = {tuple(r.data.tags.get(tag) or UNRECORDED for tag in ui.MEASUREMENT_FILTER_TAGS) for r in found}
+    recorded = [m for m in seen if ui.filterable(m)]
+    return sorted(recorded, key=lambda m: (m[0], m[1], int(m[2])))
 
 
 # Where `mlflow ui` (make mlflow-ui, vaerepro ui) serves a local store.
@@ -263,10 +292,24 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def ui_url(uri: str, exp_id: str, mode: str = "TABLE", local: str = LOCAL_UI) -> str:
+def ui_url(
+    uri: str, exp_id: str, mode: str = "TABLE", local: str = LOCAL_UI, measurement: Measurement | None = None
+) -> str:
     """The link to the experiment's runs, set up for comparing them (ui.runs_url): on the tracking
     server for an http(s) store, else at `local`, where `vaerepro ui` serves the local store."""
-    return ui.runs_url(uri if is_server(uri) else local, exp_id, mode=mode)
+    return ui.runs_url(uri if is_server(uri) else local, exp_id, mode=mode, measurement=measurement)
+
+
+def parallel_links(uri: str, exp_id: str, local: str = LOCAL_UI) -> list[tuple[Measurement, str]]:
+    """(measurement, link) for the parallel coordinates of each measurement the experiment's comparable runs
+    hold (measurements), each view set on the experiment first (ensure_views): one log p(x) axis per K and
+    test set, never two Ks on one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = measurements(client, exp_id)
+    ensure_views(client, exp_id, found)
+    return [(m, ui_url(uri, exp_id, "PARALLEL", local, m)) for m in found]
 
 
 def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[str, str]:
@@ -293,7 +336,7 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
     if db is None:
         client = _open_client(uri, source)
         exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
-        _ensure_view(client, exp_id)
+        ensure_views(client, exp_id)
         return uri, exp_id
 
     lock_file = Path(f"{db}.lock")
@@ -320,7 +363,7 @@ def ensure_experiment(tcfg: TrackingConfig, root: Path | None = None) -> tuple[s
                 _create_store(db)
             client = MlflowClient(uri)
             exp_id = _get_or_create_experiment(client, name, artifact_location(uri))
-            _ensure_view(client, exp_id)
+            ensure_views(client, exp_id)
         except Exception as err:
             if (damage := sqlite_corruption(err)) is not None:
                 raise not_a_store(db, str(damage)) from None

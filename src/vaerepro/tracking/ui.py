@@ -57,8 +57,10 @@ How a link becomes a configured runs table
   (`updateChartAndSectionConfigs`). Open it with `runs_url(..., mode="CHART")`.
 * Filter. A saved view's `searchFilter` is the runs search's filter string (MLflow's search syntax: `IS
   NULL` on a tag included), shown in the UI's search box and applied to the table and every chart of the
-  view. The parallel coordinates have a view of their own (`runs_url(..., mode="PARALLEL")`), filtered to
-  the comparable runs (COMPARABLE_FILTER); charts have no filter of their own.
+  view. The parallel coordinates have views of their own (`runs_url(..., mode="PARALLEL", measurement=m)`),
+  one per measurement (data source, test set, K): each filtered to the comparable runs of that measurement
+  (measurement_filter), since charts have no filter of their own and one log p(x) axis would otherwise
+  hold a K = 100 estimate beside a K = 5000 one.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import json
 import re
 from urllib.parse import urlencode
 
+from vaerepro.compare import UNRECORDED, Measurement, measurement_text
 from vaerepro.likelihoods import DATA_SPACES
 from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, SPACES, STALE_TAG, TEST_SET_TAG
 
@@ -76,17 +79,52 @@ SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 # URL parameter naming that tag's suffix (main.*.js: `U="viewStateShareKey"`).
 SHARE_KEY_PARAM = "viewStateShareKey"
 # The saved views, by the name each has on the runs tab's "Views" button and in its menu of saved views:
-# "runs", the table and the ELBO charts; "parallel", the parallel coordinates of the comparable runs only.
+# "runs", the table and the ELBO charts; "parallel", the parallel coordinates of one measurement's comparable
+# runs, its name followed by the measurement's (view_name).
 VIEW_NAMES = {"runs": "vaerepro: compare runs", "parallel": "vaerepro: latent size × likelihood"}
-# The runs the parallel-coordinates view draws: those whose numbers the report's comparison sets side by side
-# (report_comparison.not_a_result): runs with numbers of their own (a data_space tag; a sweep's parent run
-# has none), FINISHED, and of the weights the run holds now (no STALE_TAG). A chart takes each run's latest
-# value of a metric, and MLflow cannot delete one, so a resumed training's earlier test numbers stay there
-# until it is evaluated again. The filter is this view's own, shown in the UI's search box: in the "runs"
-# view it would hide a resumed training's curve from the ELBO charts while it trains.
+# The runs a parallel-coordinates view may draw (measurement_filter keeps those of its measurement): those
+# whose numbers the report's comparison sets side by side (report_comparison.not_a_result): runs with numbers
+# of their own (a data_space tag; a sweep's parent run has none), FINISHED, and of the weights the run holds
+# now (no STALE_TAG). A chart takes each run's latest value of a metric, and MLflow cannot delete one, so a
+# resumed training's earlier test numbers stay there until it is evaluated again. The filter is this view's
+# own, shown in the UI's search box: in the "runs" view it would hide a resumed training's curve from the ELBO
+# charts while it trains.
 COMPARABLE_FILTER = (
     f"attributes.status = 'FINISHED' AND tags.`{STALE_TAG}` IS NULL AND tags.`data_space` IS NOT NULL"
 )
+# The tags of a run that say what its log p(x) measured (compare.measurement): data source, test set, K.
+MEASUREMENT_FILTER_TAGS = ("source", TEST_SET_TAG, K_TAG)
+_FILTER_VALUE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def filterable(measurement: Measurement) -> bool:
+    """Whether a view can select `measurement`'s runs: all three recorded, as the evaluation tags them
+    (plain names, hex digits and a whole K) that need no quoting in a search filter."""
+    return all(v != UNRECORDED and _FILTER_VALUE.match(v) for v in measurement) and measurement[2].isdigit()
+
+
+def measurement_filter(measurement: Measurement) -> str:
+    """The runs one parallel-coordinates view draws: the comparable ones (COMPARABLE_FILTER) whose log p(x)
+    is this measurement (compare.measurement: data source, test set, K), e.g. `... AND tags.`source` =
+    'mnist5k' AND tags.`vaerepro.test_set` = '3f2a9c1b0d4e' AND tags.`vaerepro.eval.num_samples` = '1000'`.
+    An estimate with fewer importance samples is lower in expectation, and another test set is other
+    images: neither shares a log p(x) axis with this one. Runs that did not record all three (evaluated
+    before the tags existed) are in no such view; the runs table shows them."""
+    if not filterable(measurement):
+        raise ValueError(f"a measurement view needs recorded plain values, not {measurement!r}")
+    where = " AND ".join(
+        f"tags.`{tag}` = '{value}'" for tag, value in zip(MEASUREMENT_FILTER_TAGS, measurement, strict=True)
+    )
+    return f"{COMPARABLE_FILTER} AND {where}"
+
+
+def view_name(view: str, measurement: Measurement | None = None) -> str:
+    """The name of saved view `view` in the UI's Views menu, e.g. 'vaerepro: latent size × likelihood
+    (data mnist5k, test set 3f2a9c1b0d4e, K = 1000)'."""
+    name = VIEW_NAMES[view]
+    return name if measurement is None else f"{name} ({measurement_text(measurement)})"
+
+
 # runs_url's modes: (the UI's compareRunsMode, the view it opens)
 MODES = {"TABLE": ("TABLE", "runs"), "CHART": ("CHART", "runs"), "PARALLEL": ("CHART", "parallel")}
 # MLflow's limit on an experiment tag's value (mlflow/utils/validation.py MAX_EXPERIMENT_TAG_VAL_LENGTH),
@@ -247,18 +285,26 @@ def parallel_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[
     return charts, sections
 
 
-def view_state(columns: list[str], order_by: str | None, ascending: bool, view: str = "runs") -> dict:
+def view_state(
+    columns: list[str],
+    order_by: str | None,
+    ascending: bool,
+    view: str = "runs",
+    measurement: Measurement | None = None,
+) -> dict:
     """The saved view `view` (VIEW_NAMES): sort and filter (search facets) and table/chart state, as the
     UI's saved views hold them. Its charts: "runs", the ELBO per epoch; "parallel", the parallel
-    coordinates, drawing only the runs of COMPARABLE_FILTER."""
+    coordinates, drawing only the runs of `measurement` that can be compared (measurement_filter)."""
     _check_columns(columns, order_by)
     if view not in VIEW_NAMES:
         raise ValueError(f"view must be one of {sorted(VIEW_NAMES)}, not {view!r}")
+    if (view == "parallel") != (measurement is not None):
+        raise ValueError("the parallel view, and only it, is of one measurement")
     charts, sections = elbo_charts() if view == "runs" else parallel_charts()
     state: dict = {
         # search facets (3793.*.chunk.js `["searchFilter","orderByKey","orderByAsc",...]`)
         **({"orderByKey": order_by, "orderByAsc": bool(ascending)} if order_by is not None else {}),
-        **({"searchFilter": COMPARABLE_FILTER} if view == "parallel" else {}),
+        **({"searchFilter": measurement_filter(measurement)} if measurement is not None else {}),
         # UI state (main.*.js `["selectedColumns","columnOrder","columnWidths",...]`)
         "selectedColumns": list(columns),
         # the order given, tags before metrics (the grid's default puts the Metrics group first)
@@ -272,10 +318,17 @@ def view_state(columns: list[str], order_by: str | None, ascending: bool, view: 
     return state
 
 
-def view_key(columns: list[str], order_by: str | None, ascending: bool, view: str = "runs") -> str:
+def view_key(
+    columns: list[str],
+    order_by: str | None,
+    ascending: bool,
+    view: str = "runs",
+    measurement: Measurement | None = None,
+) -> str:
     """The share key: a digest of the view, so the same arguments give the same tag and link, and a changed
     view gets a new tag while links printed earlier keep opening the view they were printed with."""
-    blob = json.dumps(view_state(columns, order_by, ascending, view), sort_keys=True, separators=(",", ":"))
+    state = view_state(columns, order_by, ascending, view, measurement)
+    blob = json.dumps(state, sort_keys=True, separators=(",", ":"))
     return "vaerepro-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -283,9 +336,10 @@ def experiment_tags(
     columns: list[str] | None = None,
     order_by: str | None = DEFAULT_ORDER_BY,
     ascending: bool = False,
+    measurements: tuple[Measurement, ...] | list[Measurement] = (),
 ) -> dict[str, str]:
     """The experiment tags `runs_url` needs: `{"mlflow.sharedViewState.<key>": <saved-view envelope>}`, one
-    per view (VIEW_NAMES).
+    for the "runs" view and one "parallel" view per measurement in `measurements`.
 
     Set them on the experiment (e.g. `MlflowClient.set_experiment_tag`, idempotent: same arguments, same
     tag) before printing the link. The envelope is what the UI's "Save view" writes (3448.*.chunk.js:
@@ -294,15 +348,30 @@ def experiment_tags(
     3.17.2 UI (see the module docstring)."""
     columns = DEFAULT_COLUMNS if columns is None else columns
     tags = {}
-    for view, name in VIEW_NAMES.items():
+    for view, measurement in [("runs", None), *(("parallel", m) for m in measurements)]:
         state = json.dumps(
-            view_state(columns, order_by, ascending, view), sort_keys=True, separators=(",", ":")
+            view_state(columns, order_by, ascending, view, measurement), sort_keys=True, separators=(",", ":")
         )
+        name = view_name(view, measurement)
         envelope = json.dumps({"name": name, "createdAt": 0, "updatedAt": 0, "state": state})
         if len(envelope) > MAX_TAG_VALUE:
             raise ValueError(f"the saved view is {len(envelope)} characters; MLflow allows {MAX_TAG_VALUE}")
-        tags[SHARED_VIEW_TAG_PREFIX + view_key(columns, order_by, ascending, view)] = envelope
+        tags[SHARED_VIEW_TAG_PREFIX + view_key(columns, order_by, ascending, view, measurement)] = envelope
     return tags
+
+
+def withdrawn(key: str, value: str) -> bool:
+    """Whether experiment tag `key` is a saved view that vaerepro made and no longer offers: the parallel
+    coordinates of every measurement at once (one log p(x) axis for K = 100 and K = 5000), which stores
+    made before the views were per measurement hold under the bare name VIEW_NAMES["parallel"]. Views a
+    user saved are kept: their keys are the UI's own, not `vaerepro-...`."""
+    if not key.startswith(SHARED_VIEW_TAG_PREFIX + "vaerepro-"):
+        return False
+    try:
+        name = json.loads(value).get("name")
+    except (ValueError, AttributeError):
+        return False
+    return name == VIEW_NAMES["parallel"]
 
 
 def runs_url(
@@ -313,17 +382,19 @@ def runs_url(
     ascending: bool = False,
     *,
     mode: str = "TABLE",
+    measurement: Measurement | None = None,
 ) -> str:
     """The link that opens experiment `experiment_id`'s runs table (mode="TABLE"), its chart view of the ELBO
-    per epoch ("CHART"), or its parallel coordinates of the comparable runs ("PARALLEL": the view "parallel",
-    filtered by COMPARABLE_FILTER), with `columns` shown and sorted by `order_by`, e.g.
+    per epoch ("CHART"), or the parallel coordinates of `measurement`'s comparable runs ("PARALLEL": the
+    view "parallel", filtered by measurement_filter), with `columns` shown and sorted by `order_by`, e.g.
 
         http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&compareRunsMode=TABLE
             &viewStateShareKey=vaerepro-0123456789abcdef
 
     `columns`/`order_by` are UI column keys (`metric_column(...)`, `tag_column(...)`); the same arguments must
-    have been given to `experiment_tags()` and its tags set on the experiment. `base_url` is the server's
-    address as the browser reaches it (with any path prefix, without `#`)."""
+    have been given to `experiment_tags()` (with `measurement` among its `measurements`) and its tags set
+    on the experiment. `base_url` is the server's address as the browser reaches it (with any path prefix,
+    without `#`)."""
     columns = DEFAULT_COLUMNS if columns is None else columns
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, not {mode!r}")
@@ -335,7 +406,7 @@ def runs_url(
             "workflowType": "machine_learning",  # main.*.js `e.get("workflowType")`: the ML navigation
             "compareRunsMode": compare_mode,  # `e.get("compareRunsMode")||"TABLE"`
             # columns, sort, filter, charts: from the tag
-            SHARE_KEY_PARAM: view_key(columns, order_by, ascending, view),
+            SHARE_KEY_PARAM: view_key(columns, order_by, ascending, view, measurement),
         }
     )
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
