@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shlex
 import shutil
 import statistics
@@ -242,6 +243,48 @@ def test_ctrl_c_at_a_terminal_stops_the_seed_at_its_epoch_end_with_last_ckpt(raw
     rows = curve(seed_dir)  # written with last.ckpt: the epochs that checkpoint holds
     assert ckpt["epoch"] == len(rows) >= 1 and [r["epoch"] for r in rows] == list(range(len(rows)))
     assert ckpt["global_step"] % len(rows) == 0  # whole epochs only
+
+
+@pytest.mark.slow
+def test_a_kill_9_of_reproduce_stops_its_seed_at_its_epoch_end(raw_dir, tmp_path):
+    """`kill -9` of `vaerepro reproduce` alone (the out-of-memory killer, a scheduler's hard kill of one
+    pid) passes nothing on: its seed's `vaerepro run` trained on unseen, holding the reproduction's lock,
+    so that a --resume was refused until the seed had trained to the end. The seed now watches the
+    process that started it and stops as a SIGTERM stops it: at its epoch end with models/last.ckpt, and
+    the lock is free for --resume."""
+    import signal
+    import time
+
+    from vaerepro.files import try_lock
+
+    out = tmp_path / "out"
+    run_dir = out / "runs" / "reproductions" / "smoke" / PRESET
+    seed_dir = run_dir / "seed_0"
+    cmd = [str(BIN / "vaerepro"), "reproduce", PRESET, f"data.raw_dir={raw_dir}", "tracking.enabled=false"]
+    cmd += ["train.max_epochs=10000", "train.checkpoint_every_s=100000", "--smoke", "--out", str(out)]
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (seed_dir / "models" / "best.ckpt").is_file():  # the seed has trained an epoch
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL to the reproduction alone
+        proc.wait()
+        deadline, lock = time.monotonic() + 60, None
+        while (lock := try_lock(run_dir.with_name(f".{run_dir.name}.lock"))) is None:
+            assert time.monotonic() < deadline, "the seed trains on after its reproduction was killed"
+            time.sleep(0.2)
+        os.close(lock)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the seed too, if it is still there
+    text = (tmp_path / "err").read_text()
+    assert "SIGTERM received: training stops at the end of this epoch" in text, text
+    assert "Traceback" not in text, text
+    ckpt = torch.load(seed_dir / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    rows = curve(seed_dir)  # written with last.ckpt: the epochs that checkpoint holds
+    assert ckpt["epoch"] == len(rows) >= 1 and ckpt["global_step"] % len(rows) == 0  # whole epochs only
 
 
 # --- stopped after seed 0 of 2, then resumed (slow) --------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -175,3 +176,76 @@ def test_other_exceptions_a_finalizer_drops_reach_the_hook_there_was(handler, mo
     Failing()
     assert [type(u.exc_value) for u in seen] == [ValueError]
     signals.check()  # kept nothing
+
+
+# A process that records the SIGTERM stop_with_parent sends it (and PARENT_PID_ENV as it then is), then waits.
+_WATCHER = """
+import os, signal, sys, time
+from vaerepro import signals
+def stopped(*_):
+    with open(sys.argv[1], "w") as f:
+        f.write(os.environ[signals.PARENT_PID_ENV])
+    os._exit(0)
+signal.signal(signal.SIGTERM, stopped)
+signals.stop_with_parent()
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(120)
+"""
+# A vaerepro command that starts the watcher, as a sweep starts a trial, and prints its pid.
+_LAUNCHER = """
+import subprocess, sys, time
+from vaerepro import signals
+signals.stop_with_parent()
+print(subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]]).pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _wait_for(path, seconds: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds: Linux only")
+def test_a_child_stops_when_the_vaerepro_process_that_started_it_is_killed(tmp_path):
+    """A sweep's trial or a reproduction's seed, after a `kill -9` of the sweep or `vaerepro reproduce`
+    alone (which passes nothing on): it got no signal and trained on, orphaned, its result counted by
+    nobody. It now gets SIGTERM once its starter has ended, and names itself to the processes it starts (its
+    DDP ranks) in VAEREPRO_PARENT_PID, without any launcher setting it."""
+    import subprocess
+
+    record = tmp_path / "stopped"
+    env = {k: v for k, v in os.environ.items() if k not in (signals.PARENT_PID_ENV, "DVC_STAGE")}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, _WATCHER, str(record)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    child = int(launcher.stdout.readline())
+    try:
+        assert _wait_for(tmp_path / "stopped.ready"), "the child did not start"
+        assert not record.exists()  # its starter runs: it runs on
+        launcher.kill()  # SIGKILL: nothing passed on
+        launcher.wait()
+        assert _wait_for(record, 10), "the child ran on after its starter was killed"
+        assert record.read_text() == str(child)  # PARENT_PID_ENV now names the child itself
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # when the test failed above: not left running
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds: Linux only")
+def test_a_child_whose_starter_ended_before_it_looked_stops_at_once(tmp_path):
+    import subprocess
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    record = tmp_path / "stopped"
+    env = {**os.environ, signals.PARENT_PID_ENV: str(ended.pid)}
+    env.pop("DVC_STAGE", None)
+    child = subprocess.run([sys.executable, "-c", _WATCHER, str(record)], env=env, timeout=60)
+    assert child.returncode == 0 and record.is_file()  # stopped by SIGTERM, not after its 120 s

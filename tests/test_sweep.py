@@ -8,6 +8,7 @@ on the tiny config; each trial is a real `vaerepro run` process (~10 s).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -790,6 +791,61 @@ def test_killed_sweep_resumes_without_duplicates(project):
     assert children[0].info.status == "FAILED" and children[1].info.status == "FINISHED"
     assert children[0].data.tags["vaerepro.trial_state"] == "FAIL"
     assert not [t for t in _study(project, study_name).trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def _session_runs(sid: int) -> bool:
+    """Whether a process of session `sid` still runs (a zombie, ended and not yet reaped, does not)."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            state, _, _, session = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and int(session) == sid:
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds: Linux only")
+def test_a_kill_9_of_the_sweep_alone_stops_its_trial(project):
+    """`kill -9` of the sweep process alone (the out-of-memory killer, a hard kill of one pid) passes
+    nothing on. Its trial watches the sweep that started it (signals.stop_with_parent) and stops as a
+    SIGTERM stops it, at its epoch end with its MLflow run KILLED, instead of training on with nobody to
+    count its result while a resumed sweep runs the trial again beside it."""
+    study_name = "killed-alone"
+    args = ("hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "model.latent_dim=choice(2,3)")
+    cmd = _sweep_cmd(project, study_name, *args, "hydra.sweeper.n_trials=1")
+    cmd = ["train.max_epochs=100000" if a == "train.max_epochs=3" else a for a in cmd]  # until stopped
+    trial_dir = project["root"] / "runs" / study_name / "trial-0000"
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project["root"],
+        env=project["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own session: the sweep and its trial process
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (trial_dir / "models" / "best.ckpt").is_file():  # the trial has trained an epoch
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill"
+            time.sleep(0.2)
+        proc.kill()  # the sweep alone
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while _session_runs(proc.pid):
+            assert time.monotonic() < deadline, "the trial trains on after its sweep was killed"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (trial_dir / "trial.log").read_text()
+    assert "SIGTERM received: training stops at the end of this epoch" in log, log[-3000:]
+    assert (trial_dir / "models" / "last.ckpt").is_file()
+    _, children = _runs(project, study_name)
+    assert children[0].info.status == "KILLED"
 
 
 @pytest.mark.slow

@@ -1,21 +1,20 @@
 """The `vaerepro` command (the console script, and `python -m vaerepro`): vaerepro.cli's main.
 
 vaerepro.cli is imported in `main`, where a Ctrl-C during its imports (torch, Lightning: about 2 s) is one
-line and exit status 130, as it is later on, rather than Python's traceback through torch's modules. A
-stage that DVC runs stops when its dvc process ends (signals.stop_with_dvc).
+line and exit status 130, as it is later on, rather than Python's traceback through torch's modules. The
+command stops when the process that started it ends: a stage, its dvc process; a sweep's trial or a
+reproduction's seed, its vaerepro process (signals.stop_with_parent).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from vaerepro import quick_exit, signals
 
 
 def main() -> None:
-    if os.environ.get("DVC_STAGE"):
-        signals.stop_with_dvc()
+    signals.stop_with_parent()
     try:
         from vaerepro.cli import main as cli_main
     except KeyboardInterrupt:

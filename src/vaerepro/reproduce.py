@@ -204,7 +204,8 @@ def _run_seed(
     try:
         # the seed's log to stderr (and its cli.log): stdout carries the reproduction's summary only
         # the seed holds the reproduction's lock too (resumption.held): while it runs, no other invocation
-        # starts, even after this process is killed
+        # starts, even after this process is killed (-9), which stops the seed at its epoch end as SIGTERM
+        # does (signals.stop_with_parent: the seed watches this process)
         proc = _start_ignoring_sigint(cmd, cwd=root, env=env, stdout=2, pass_fds=(lock,))
         try:
             rc = proc.wait()

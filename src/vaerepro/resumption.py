@@ -251,7 +251,8 @@ def held(run_dir: Path) -> Iterator[int]:
     holds it: a second `vaerepro reproduce` of a running one read its RUNNING record as stopped, and its
     --resume ran a second process into the same seed directory. Yields the lock's file descriptor, which
     each seed's process inherits (reproduce._run_seed), so the hold lasts while a seed runs even if this
-    process is killed (-9): the lock goes with the last process holding the descriptor."""
+    process is killed (-9), until the seed has stopped at its epoch end (signals.stop_with_parent): the
+    lock goes with the last process holding the descriptor."""
     lock = run_dir.with_name(f".{run_dir.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     if (fd := try_lock(lock)) is None:

@@ -147,35 +147,61 @@ def deferred() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
-def stop_with_dvc() -> None:
-    """Under DVC (DVC_STAGE set): SIGTERM to this process once the dvc process that runs its stage has ended,
-    so that the stage stops as `kill` stops it (training at its epoch end with models/last.ckpt, the MLflow
-    run KILLED, exit 143) instead of training on with nobody to record its outputs: `kill PID` and
-    `timeout` send SIGTERM to dvc alone, and dvc passes no signal on to its stage. DVC runs a stage as
-    `$SHELL -c CMD` (dvc/stage/run.py): bash and zsh exec a lone command, making dvc the parent; dash does
-    not, and dvc is the shell's parent. (A DDP rank's parent is rank 0: it stops with rank 0.)
+# The pid of the vaerepro process that started this one (a sweep's trials, a reproduction's seeds, Lightning's
+# DDP ranks): each stops when that process ends (stop_with_parent). Every vaerepro command puts its own pid
+# here for the processes it starts, so no launcher needs to set it.
+PARENT_PID_ENV = "VAEREPRO_PARENT_PID"
+_watching = False
 
-    Linux: a daemon thread waits on a pidfd of that process (no pid reused meanwhile can stand in for it);
-    elsewhere nothing. Call it once, in the stage's own process, before signals are installed or after."""
+
+def stop_with_parent() -> None:
+    """SIGTERM to this process once the process that started it has ended, so that it stops as `kill` stops
+    it (training at its epoch end with models/last.ckpt, the MLflow run KILLED, exit 143) instead of running
+    on, orphaned, with nobody to record its outputs or count its result. The process watched:
+
+    * the vaerepro process named by PARENT_PID_ENV: a sweep's trial watches the sweep, a reproduction's seed
+      the reproduction, a DDP rank rank 0. A `kill -9` of that process, which it cannot pass on, stops them
+      too. If it has ended already (before this process looked), at once.
+    * else, under DVC (DVC_STAGE set), the dvc process running the stage: `kill PID` and `timeout` send
+      SIGTERM to dvc alone, and dvc passes no signal on. DVC runs a stage as `$SHELL -c CMD`
+      (dvc/stage/run.py): bash and zsh exec a lone command, making dvc the parent; dash does not, and dvc
+      is the shell's parent.
+
+    Then PARENT_PID_ENV becomes this process's pid, for the processes it starts. Linux: a daemon thread
+    waits on a pidfd of the process (no pid reused meanwhile can stand in for it); elsewhere nothing. Call
+    it once, in the command's own process, before signals are installed or after; later calls do nothing."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    named = os.environ.get(PARENT_PID_ENV, "")
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
     if not hasattr(os, "pidfd_open"):
         return
-    import select
-
-    parent = os.getppid()
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-        if argv[1] == b"-c":  # a shell between dvc and this process
-            parent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    try:
-        fd = os.pidfd_open(parent)
-    except OSError:  # gone already, or a kernel without pidfds (before Linux 5.3)
+    if named.isdigit():
+        watched = int(named)
+    elif os.environ.get("DVC_STAGE"):
+        watched = os.getppid()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            argv = Path(f"/proc/{watched}/cmdline").read_bytes().split(b"\0")
+            if argv[1] == b"-c":  # a shell between dvc and this process
+                watched = int(Path(f"/proc/{watched}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    else:
         return
+    try:
+        fd = os.pidfd_open(watched)
+    except ProcessLookupError:  # it has ended already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except OSError:  # a kernel without pidfds (before Linux 5.3)
+        return
+    import select
 
     def _wait() -> None:
         select.select([fd], [], [])  # readable once the process has ended
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=_wait, name="vaerepro-stop-with-dvc", daemon=True).start()
+    threading.Thread(target=_wait, name="vaerepro-stop-with-parent", daemon=True).start()
 
 
 def machine() -> str:

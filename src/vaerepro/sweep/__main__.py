@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vaerepro import config as config_mod
-from vaerepro import quick_exit
+from vaerepro import quick_exit, signals
 from vaerepro.errors import UserError
 from vaerepro.sweep.study import NoStorage, load_existing, resolve_storage, trial_run_ids
 from vaerepro.sweep.trial import run_trial
@@ -69,4 +69,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signals.stop_with_parent()  # a trial (and each of its DDP ranks) stops when the sweep process ends
     quick_exit.exit_with(main())  # a trial's process leaves without CPython's teardown (vaerepro.quick_exit)

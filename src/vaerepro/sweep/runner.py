@@ -573,7 +573,7 @@ class Sweep:
         return self.s.trial_timeout is not None and time.perf_counter() - r.start > self.s.trial_timeout
 
     def _stop(self, r: _Running) -> None:
-        """Stop an overdue trial: SIGTERM (its DDP ranks die with it, see trial._die_with_parent), SIGKILL if
+        """Stop an overdue trial: SIGTERM (its DDP ranks stop with it: signals.stop_with_parent), SIGKILL if
         it is still there STOP_GRACE_S later. The loop then finds it finished and records it as FAIL."""
         if not r.timed_out:
             log.error(

@@ -7,34 +7,18 @@ DDP re-launches this module for its other ranks as for any script.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from vaerepro import cli
-from vaerepro.sweep.study import ENV_TRIAL, PRUNED_EXIT_CODE
-
-
-def _die_with_parent() -> None:
-    """Linux: a trial process (and each DDP rank) gets SIGTERM when the process that started it dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            sys.exit(1)
+from vaerepro.sweep.study import PRUNED_EXIT_CODE
 
 
 def run_trial(argv: Sequence[str]) -> int:
     """`vaerepro run argv...`, exiting with PRUNED_EXIT_CODE when the pruner stopped the trial."""
     import optuna
 
-    if os.environ.get(ENV_TRIAL):
-        _die_with_parent()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra would turn every exception into exit code 1
     try:
         return cli.main(["run", *argv])
