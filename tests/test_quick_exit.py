@@ -127,3 +127,30 @@ def test_a_ctrl_c_during_the_commands_imports_is_one_line_and_exit_130(tmp_path)
         timeout=120,
     )
     assert (proc.returncode, proc.stderr) == (130, "vaerepro: stopped (Ctrl-C)\n")
+
+
+def test_a_command_that_leaves_by_system_exit_skips_the_teardown_too(tmp_path):
+    """`vaerepro --help` (argparse's SystemExit) paid the whole teardown that a returning command skips. A
+    finalizer that only the teardown runs shows whether it ran: it writes to stderr. Plain sys.exit runs it;
+    exit_after does not, and keeps the status and the output of each kind of exit."""
+    torn = textwrap.dedent(
+        """
+        import sys
+        from vaerepro import quick_exit
+
+        class Torn:
+            def __del__(self):
+                sys.stderr.write("torn down\\n")
+
+        kept = Torn()
+
+        def main():
+            print("usage: vaerepro ...")
+            sys.exit({code})
+        """
+    )
+    proc = _python(torn.format(code=0) + "main()\n", tmp_path)
+    assert (proc.returncode, proc.stderr) == (0, "torn down\n")  # what the test can see: the teardown
+    for code, status, err in [("0", 0, ""), ("None", 0, ""), ("2", 2, ""), ("'bad usage'", 1, "bad usage\n")]:
+        proc = _python(torn.format(code=code) + "quick_exit.exit_after(main)\n", tmp_path)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (status, "usage: vaerepro ...\n", err), code

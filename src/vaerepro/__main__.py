@@ -20,7 +20,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("vaerepro: stopped (Ctrl-C)", file=sys.stderr)
         quick_exit.exit_with(130)  # without the teardown of half-imported modules either
-    quick_exit.exit_with(cli_main())  # once main has returned, no teardown of the modules (quick_exit)
+    quick_exit.exit_after(cli_main)  # once main has returned, no teardown of the modules (quick_exit)
 
 
 if __name__ == "__main__":

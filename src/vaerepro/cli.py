@@ -978,4 +978,4 @@ def _leave_process_group() -> None:
 
 if __name__ == "__main__":  # `python -m vaerepro.cli` (the `vaerepro` command is vaerepro.__main__)
     signals.stop_with_parent()  # a reproduction's seed: it stops when `vaerepro reproduce` ends
-    quick_exit.exit_with(main())  # once main has returned, no teardown of the modules (vaerepro.quick_exit)
+    quick_exit.exit_after(main)  # once main has returned, no teardown of the modules (vaerepro.quick_exit)

@@ -10,9 +10,9 @@ run as -15 rather than 0.
 atexit when the package is imported, before any library the command imports registers its own, runs
 after all of theirs (atexit runs the last registered first: MLflow's end of run, multiprocessing's,
 torch's, weakref finalizers), flushes logging and stdio, and ends the process with os._exit(status).
-Unarmed (an exception or SystemExit left the command, or `main` was called as a function, as tests do)
-it does nothing and CPython exits as usual. The standard library has no exit that skips only the
-teardown, hence these lines.
+`exit_after(main)` arms it for a command that leaves by SystemExit as well (--help). Unarmed (an exception
+left the command, or `main` was called as a function, as tests do) it does nothing and CPython exits as
+usual. The standard library has no exit that skips only the teardown, hence these lines.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 _status: int | None = None
@@ -45,6 +46,26 @@ def exit_with(status: int) -> NoReturn:
     """End a command that returned `status`: armed (`arm`), then sys.exit, so that atexit runs."""
     arm(status)
     sys.exit(status)
+
+
+def exit_after(main: Callable[[], int]) -> NoReturn:
+    """Run a command's `main` and end it as `exit_with` does, also when it leaves by SystemExit (argparse's
+    --help and usage errors, Hydra's exits), which would otherwise pay the whole teardown."""
+    try:
+        status = main()
+    except SystemExit as done:
+        status = _exit_status(done.code)
+    exit_with(status)
+
+
+def _exit_status(code: object) -> int:
+    """What sys.exit(code) exits with: None is 0, an int itself; anything else is printed to stderr, and 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def _on_signal(signum: int, frame) -> None:

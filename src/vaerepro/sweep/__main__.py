@@ -70,4 +70,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signals.stop_with_parent()  # a trial (and each of its DDP ranks) stops when the sweep process ends
-    quick_exit.exit_with(main())  # a trial's process leaves without CPython's teardown (vaerepro.quick_exit)
+    quick_exit.exit_after(main)  # a trial's process leaves without CPython's teardown (vaerepro.quick_exit)
