@@ -39,6 +39,7 @@ import torch
 
 from vaerepro.config import Config
 from vaerepro.errors import Diverged
+from vaerepro.trainer import LIGHTNING_INFO
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def forked_rng(*, cuda: bool) -> Iterator[None]:
 def _quiet_lightning() -> Iterator[None]:
     """Without Lightning's info lines at every Trainer start and stop ("GPU available: ...", "`Trainer.fit`
     stopped: `max_steps=100` reached."): the training's own Trainer prints them once."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger = logging.getLogger(LIGHTNING_INFO)
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
