@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vaerepro import signals
-from vaerepro.compare import UNRECORDED, Measurement, measurement_text
+from vaerepro.compare import Measurement, measurement, measurement_text
 from vaerepro.config import Config, TrackingConfig
 from vaerepro.data import META_FILE, file_sha256, is_dequantized
 from vaerepro.document import flatten
@@ -260,21 +260,22 @@ def log_evaluation(cfg: Config, out_dir: Path, metrics: Mapping[str, Any]) -> No
     label_stale_numbers(client, trained)  # these numbers are of the training's best.ckpt, or not
     if run_id != trained:
         end_run(client, run_id, "FINISHED")
-    _add_parallel_view(client, run_id, (cfg.data.source, test_set or UNRECORDED, k))
+    measured = measurement({"source": cfg.data.source, "test_set": test_set, "num_samples": k})
+    _add_parallel_view(client, run_id, measured)
 
 
-def _add_parallel_view(client, run_id: str, measurement: Measurement) -> None:
+def _add_parallel_view(client, run_id: str, measured: Measurement) -> None:
     """Save the parallel-coordinates view of this evaluation's measurement on its experiment (the UI's Views
     menu lists it; `vaerepro ui` prints its link): a K no run had before gets its own log p(x) axis. The view
     is a way to look at numbers already logged, so not saving it is a warning, never a failed evaluation."""
-    if not ui.filterable(measurement):  # no test set recorded (a prepared/ without meta.json)
+    if not ui.filterable(measured):  # no test set recorded (a prepared/ without meta.json)
         return
     try:
-        ensure_views(client, client.get_run(run_id).info.experiment_id, [measurement])
+        ensure_views(client, client.get_run(run_id).info.experiment_id, [measured])
     except Exception as err:
         log.warning(
             "MLflow: the parallel-coordinates view of %s is not saved (%s); `vaerepro ui` saves it",
-            measurement_text(measurement),
+            measurement_text(measured),
             err,
         )
 
