@@ -420,7 +420,8 @@ def test_the_stage_names_its_headline_numbers_by_their_unit(
     DVC's metrics (eval_summary.json) hold them under `improper`, never under `continuous`, where `dvc
     metrics diff` would set them beside a proper density's. A Bernoulli on binarised 8-bit levels: under
     `binary`, and eval.json's `quantized` is false (a pmf on {0,1}^D, no dequantisation), as it is true for
-    the grey levels dequantised into [0,1]."""
+    the grey levels dequantised into [0,1]. log p(x) and its SE are named by K as well (log_px_k50): DVC
+    never sets an estimate from K samples beside one from another K in one column."""
     overrides = (*overrides, "train.max_epochs=1")
     out = copy_prepared(prepared_tiny, tmp_path / "run")
     train(tiny_config(*overrides), out, enable_progress_bar=False)
@@ -431,7 +432,11 @@ def test_the_stage_names_its_headline_numbers_by_their_unit(
     assert summary == {
         "likelihood": "bernoulli",
         "latent_dim": 4,
-        name: {k: metrics[k] for k in ("log_px", "log_px_se", "elbo")},
+        name: {
+            "log_px_k50": metrics["log_px"],
+            "log_px_k50_se": metrics["log_px_se"],
+            "elbo": metrics["elbo"],
+        },
         "knn_accuracy": metrics["knn_accuracy"],
         "converged": metrics["converged"],
     }
@@ -588,7 +593,7 @@ def test_a_second_evaluation_of_a_directory_is_refused_while_one_runs(prepared_t
     assert during == before
     ev = json.loads((out / "metrics" / "eval.json").read_text())
     summary = json.loads((out / "metrics" / "eval_summary.json").read_text())
-    assert ev["num_samples"] == 50 and summary["binary"]["log_px"] == ev["log_px"]
+    assert ev["num_samples"] == 50 and summary["binary"]["log_px_k50"] == ev["log_px"]
 
 
 def test_an_evaluation_of_a_directory_is_refused_while_it_trains(prepared_tiny, tmp_path, capsys):

@@ -120,12 +120,14 @@ def test_dvc_repro_produces_files_and_numbers(repo):
     # DVC's metrics are the headline numbers; the whole records are plain outputs
     (shown,) = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout).values()
     assert set(shown["data"]) == {"metrics/eval_summary.json", "metrics/train_summary.json"}
-    # the numbers in nats under their data space (binary.log_px), the labels and accuracy beside them
+    # the numbers in nats under their data space, log p(x) and its SE named by K too (binary.log_px_k50),
+    # the labels and accuracy beside them
     summary = shown["data"]["metrics/eval_summary.json"]["data"]
+    assert ev["num_samples"] == 50
     assert summary == {
         "likelihood": "bernoulli",
         "latent_dim": ev["latent_dim"],
-        "binary": {"log_px": ev["log_px"], "log_px_se": ev["log_px_se"], "elbo": ev["elbo"]},
+        "binary": {"log_px_k50": ev["log_px"], "log_px_k50_se": ev["log_px_se"], "elbo": ev["elbo"]},
         "knn_accuracy": ev["knn_accuracy"],
         "converged": ev["converged"],
     }

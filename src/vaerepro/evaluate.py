@@ -501,6 +501,31 @@ def gather_shards(per_ex: dict[str, Any], batches: range, batch_size: int) -> di
 ARTIFACTS = ("per_example.npz", "samples.npz")  # evaluate's arrays in out_dir/artifacts, named in eval.json
 
 
+def dvc_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """DVC's metrics (eval_summary.json), which `dvc metrics diff` and `dvc exp show` compare: what was
+    evaluated and the headline numbers, in the order of the table's columns. eval.json keeps the whole
+    record (ladder, convergence, bookkeeping), a plain output for DVC.
+
+    The numbers in nats per example go under the data space's name, so that no DVC table sets a pmf's
+    number against a density's in one column: binary.elbo. log p(x) and its SE also carry K, the number of
+    importance samples, as the ladder's arrays in per_example.npz do (binary.log_px_k1000, _se): a K = 100
+    estimate is lower in expectation than a K = 5000 one of the same model (Burda et al. 2016), so the two
+    are never differenced by `dvc metrics diff` nor ranked together by `dvc exp show --sort-by`. The ELBO
+    does not depend on K."""
+    k = metrics["num_samples"]
+    return {
+        "likelihood": metrics["likelihood"],
+        "latent_dim": metrics["latent_dim"],
+        space_name(metrics["data_space"], metrics["improper"]): {
+            f"log_px_k{k}": metrics["log_px"],
+            f"log_px_k{k}_se": metrics["log_px_se"],
+            "elbo": metrics["elbo"],
+        },
+        "knn_accuracy": metrics["knn_accuracy"],  # in [0, 1], of any space
+        "converged": metrics["converged"],
+    }
+
+
 def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any] | None:
     """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval{,_summary}.json, artifacts/.
 
@@ -625,17 +650,6 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     # eval.json (until eval.json is replaced, the earlier summary is the earlier eval.json's)
     (out_dir / "metrics" / "eval_summary.json").unlink(missing_ok=True)
     write_json(out_dir / "metrics" / "eval.json", metrics)
-    # DVC's metrics, which `dvc metrics diff` and `dvc exp show` compare: what was evaluated and the headline
-    # numbers, in the order of the table's columns; those in the data space's unit (nats per example) under
-    # its name, as binary.log_px, so that no DVC table sets a pmf's number against a density's under one
-    # name. eval.json keeps the whole record (ladder, convergence, bookkeeping), a plain output for DVC.
-    summary = {
-        "likelihood": metrics["likelihood"],
-        "latent_dim": metrics["latent_dim"],
-        space_name(space, cfg.improper): {k: metrics[k] for k in ("log_px", "log_px_se", "elbo")},
-        "knn_accuracy": metrics["knn_accuracy"],  # in [0, 1], of any space
-        "converged": metrics["converged"],
-    }
-    write_json(out_dir / "metrics" / "eval_summary.json", summary)
+    write_json(out_dir / "metrics" / "eval_summary.json", dvc_summary(metrics))
 
     return metrics
