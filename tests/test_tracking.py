@@ -371,6 +371,58 @@ def test_the_experiment_carries_the_view_the_printed_link_opens(tmp_path, monkey
     assert client.get_experiment(exp.experiment_id).tags == before
 
 
+class _RacedClient:
+    """An MlflowClient on which another process gets in first: each set_experiment_tag or
+    delete_experiment_tag is done by "the other process" (`theirs`: the value it sets; None, the same
+    value) and then fails here, as a write that lost a race on the store does ("database is locked")."""
+
+    def __init__(self, client, theirs: str | None = None):
+        self.client, self.theirs = client, theirs
+
+    def get_experiment(self, exp_id):
+        return self.client.get_experiment(exp_id)
+
+    def set_experiment_tag(self, exp_id, key, value):
+        from mlflow.exceptions import MlflowException
+
+        self.client.set_experiment_tag(exp_id, key, value if self.theirs is None else self.theirs)
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    def delete_experiment_tag(self, exp_id, key):
+        from mlflow.exceptions import MlflowException
+
+        self.client.delete_experiment_tag(exp_id, key)
+        raise MlflowException(f"No tag with name: {key} in experiment with id {exp_id}")
+
+
+def test_views_another_evaluation_saved_or_withdrew_meanwhile_are_taken_as_done(tmp_path):
+    """A sweep's trials evaluated together each save their measurement's view, and each withdraws the old
+    all-K view, on one store at once. The one whose write fails because the other's got there first must
+    not fail its evaluation: the view is the same whoever saves it. A tag the other process set to
+    something else is no view of ours: that failure is raised."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from vaerepro.tracking import store
+    from vaerepro.tracking import ui as mlflow_ui
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    measured = ("mnist5k", "3f2a9c1b0d4e", "1000")
+    wanted = mlflow_ui.experiment_tags(measurements=(measured,))
+    old_view = mlflow_ui.SHARED_VIEW_TAG_PREFIX + "vaerepro-0123456789abcdef"  # withdrawn: every K at once
+    envelope = json.dumps({"name": mlflow_ui.VIEW_NAMES["parallel"], "createdAt": 0, "state": "{}"})
+    exp = client.create_experiment("raced")
+    client.set_experiment_tag(exp, old_view, envelope)
+
+    store.ensure_views(_RacedClient(client), exp, [measured])
+    tags = client.get_experiment(exp).tags
+    assert old_view not in tags and {k: tags.get(k) for k in wanted} == wanted
+
+    other = client.create_experiment("raced-otherwise")
+    with pytest.raises(MlflowException, match="database is locked"):
+        store.ensure_views(_RacedClient(client, theirs="{}"), other, [measured])
+
+
 def test_each_run_s_dataset_names_its_own_data_space(tmp_path):
     """MLflow keeps one dataset per (experiment, name, digest) and links every later run to the first one
     logged: a continuous Bernoulli run on the digits a Bernoulli run had logged showed that run's profile,
