@@ -189,7 +189,7 @@ def test_resume_refuses_other_arithmetic_before_touching_anything(
     out = copy_prepared(prepared_tiny, tmp_path)
     train(tiny_config("train.max_epochs=1"), out, enable_progress_bar=False)
     last = out / "models" / "last.ckpt"
-    # trainer.matmul_precision switches CUDA's TF32: recorded on CUDA only (train.numerics)
+    # trainer.matmul_precision switches CUDA's TF32: recorded on CUDA only (train_resume.numerics)
     assert _load(last)[checkpoints.NUMERICS_KEY] == {"trainer.precision": "32-true"}
     files = ("models/last.ckpt", "models/best.ckpt", "plots/elbo.csv", "metrics/train.json")
     before = {p: (out / p).read_bytes() for p in files}

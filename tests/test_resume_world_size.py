@@ -17,7 +17,7 @@ import pytest
 from conftest import BIN, curve, run, tiny_config
 from test_ddp import DDP, ELBO_TOL_NATS, PER_DEVICE, WEIGHT_TOL, _ckpt, _project
 from vaerepro import checkpoints
-from vaerepro.train import check_resumable, check_same_batches
+from vaerepro.train_resume import check_resumable, check_same_batches
 
 N_TRAIN = 420  # the tiny split's training digits: 9 batches of 50 an epoch
 

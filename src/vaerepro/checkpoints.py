@@ -37,10 +37,10 @@ RESUMABLE_CHANGES = frozenset(
 # (`global_batch`). Checkpoints written before it lack the key: their train.batch_size must stay.
 WORLD_SIZE_KEY = "vaerepro_world_size"
 
-# The arithmetic a checkpoint's training ran in, under this key (train.numerics: Lightning's precision, and on
-# CUDA torch's float32 matmul precision): epochs resumed in bf16 after epochs in float32 would be another
-# training recorded under one precision. Not hyper-parameters: a training's evaluation does not depend on
-# them. Checkpoints written before it lack the key and are not compared.
+# The arithmetic a checkpoint's training ran in, under this key (train_resume.numerics: Lightning's
+# precision, and on CUDA torch's float32 matmul precision): epochs resumed in bf16 after epochs in float32
+# would be another training recorded under one precision. Not hyper-parameters: a training's evaluation does
+# not depend on them. Checkpoints written before it lack the key and are not compared.
 NUMERICS_KEY = "vaerepro_numerics"
 
 # What a key a checkpoint does not record meant: the keys added after checkpoints were first written, with

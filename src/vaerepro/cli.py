@@ -181,7 +181,7 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
 
 
 def _hold_for_evaluation(out_dir: Path) -> int | None:
-    """The lock a training holds on out_dir (train._hold), taken by the evaluation's first process for its
+    """The lock a training holds on out_dir (train.hold), taken by the evaluation's first process for its
     files and its MLflow logging (the caller closes the descriptor); None on the other ranks, which write
     nothing, and for a directory that does not exist (evaluate names what is missing). Two evaluations of
     one directory at once (two K) interleaved eval.json, eval_summary.json, the arrays and their MLflow
@@ -407,8 +407,11 @@ def _hydra_run(argv: list[str]) -> None:
                 # that does not answer, ...), then a resume the train stage would refuse
                 check_before_data(cfg, root)
             if cfg.train.resume and not _ddp_child():
-                from vaerepro.train import check_resume_of_run
+                from vaerepro.train import hold
+                from vaerepro.train_resume import check_resume_of_run
 
+                if out_dir.is_dir():  # a training or an evaluation there now: refused before anything else
+                    os.close(hold(out_dir, out_dir / "models"))
                 check_resume_of_run(cfg, out_dir, prepared_meta=_npz_prepared_now(cfg, out_dir, root))
             if not _ddp_child() and not ours:  # the other ranks run in the directory rank 0 claimed
                 _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)

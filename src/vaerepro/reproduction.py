@@ -232,7 +232,7 @@ NEUTRAL_KEYS = frozenset(
 NEUTRAL_SECTIONS = ("tracking.",)
 # Settings that change the arithmetic on CUDA devices only: float32 matmuls in TF32 ("high"). On the CPU
 # (trainer.accelerator=cpu: trainer=ddp's "high" on CPU processes) they change nothing, as the resume check
-# (train.numerics) counts them.
+# (train_resume.numerics) counts them.
 CUDA_ONLY_KEYS = frozenset({"trainer.matmul_precision"})
 # At least this many seeds (runs) for a verdict other than "not comparable": an interval across seeds needs
 # 2, and with 2 its Student-t factor is 12.7 (95 %), with 3 it is 4.3. More when the paper averaged more.

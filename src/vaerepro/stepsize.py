@@ -94,7 +94,7 @@ def choose(
     {"candidates", "pilot_steps", "pilot_bounds" (nats per example, one per candidate), "chosen"}.
 
     None without train.lr_candidates. Resuming (`saved`: the whole-state checkpoint, read), the selection it
-    recorded, without a pilot; None when it recorded none (train.check_resumable then refuses it: its
+    recorded, without a pilot; None when it recorded none (train_resume.check_resumable then refuses it: its
     train.lr_candidates differ from the config's). Otherwise one `pilot` per candidate, of a module that
     `build` (train.build_module on `data`) makes from `at_rate(cfg, candidate)`, each run on the global
     random state of the moment and giving it back afterwards (`forked_rng`): every pilot starts from the
