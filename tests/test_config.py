@@ -11,9 +11,61 @@ from vaerepro.config import ConfigError
 
 
 def test_params_yaml_equals_composed_conf():
-    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert committed == compose(), (
+    text = (ROOT / "params.yaml").read_text()
+    assert yaml.safe_load(text) == compose(), (
         "params.yaml is stale: run `vaerepro params` (or `make params`) and commit it"
+    )
+    assert text == config_mod.params_text(compose(), []), "not as `vaerepro params` writes it"
+
+
+def _project(tmp_path):
+    """A copy of conf/ in tmp_path, the place of a params.yaml beside it."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    return tmp_path / "conf", tmp_path / "params.yaml"
+
+
+def test_a_params_yaml_that_conf_no_longer_composes_names_each_key_that_differs(tmp_path):
+    """`dvc repro` does not compose conf/: after an edit of conf/ it runs params.yaml under the old values.
+    params_drift compares the file with conf/ as it composes now, with the overrides `vaerepro params`
+    recorded in the file's first line (a value with spaces or quotes comes back whole)."""
+    conf, params = _project(tmp_path)
+    overrides = ["likelihood=gaussian", "likelihood.sigma=0.1", "train.lr_candidates=[0.01, 0.001]"]
+    raw = config_mod.compose(overrides, conf)
+    params.write_text(config_mod.params_text(raw, overrides))
+    assert config_mod.recorded_overrides(params.read_text()) == overrides
+    assert config_mod.params_drift(params, conf) == (overrides, [])  # the overrides are no drift
+
+    model = conf / "model" / "mlp.yaml"
+    mlp = yaml.safe_load(model.read_text())
+    model.write_text(yaml.safe_dump({**mlp, "latent_dim": 7, "hidden_dims": [300, 300]}, sort_keys=False))
+    assert config_mod.params_drift(params, conf) == (
+        overrides,
+        [
+            f"model.latent_dim: params.yaml {mlp['latent_dim']!r}, conf/ 7",
+            f"model.hidden_dims: params.yaml {mlp['hidden_dims']!r}, conf/ [300, 300]",
+        ],
+    )
+
+
+def test_a_params_yaml_another_writer_wrote_is_compared_with_conf_alone(tmp_path):
+    """`dvc exp run` writes params.yaml without the header (and an editor may drop it): no overrides are
+    known, so the file is compared with conf/ alone; a key the file lacks or adds is named too."""
+    conf, params = _project(tmp_path)
+    raw = config_mod.compose(["model.latent_dim=5"], conf)
+    del raw["eval"]["seed"]
+    raw["eval"]["extra"] = 1
+    params.write_text(config_mod.dump(raw))
+    assert config_mod.recorded_overrides(params.read_text()) is None
+    seed = compose()["eval"]["seed"]
+    assert config_mod.params_drift(params, conf) == (
+        None,
+        [
+            "model.latent_dim: params.yaml 5, conf/ 20",
+            "eval.extra: params.yaml 1, conf/ absent",
+            f"eval.seed: params.yaml absent, conf/ {seed!r}",
+        ],
     )
 
 

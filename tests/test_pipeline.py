@@ -57,6 +57,26 @@ def repo(tmp_path_factory):
     return tiny_repo(tmp_path_factory.mktemp("repo"))
 
 
+def test_dvc_repro_after_an_edit_of_conf_warns_that_params_yaml_is_not_conf(tmp_path):
+    """`dvc repro` does not compose conf/: after an edit of conf/ it ran params.yaml under the old values,
+    and said "Data and pipelines are up to date". The check stage depends on conf/, so it runs again and
+    warns, naming the key and both values; it refuses nothing (params.yaml edited by hand is a config DVC
+    users run on purpose). Under `dvc exp run`, which has just composed conf/ (DVC_EXP_NAME), it is silent."""
+    repo = tiny_repo(tmp_path)
+    first = run(["dvc", "repro", "check"], repo)
+    assert "Running stage 'check'" in first.stdout and "WARNING" not in first.stdout + first.stderr
+    model = repo / "conf" / "model" / "mlp.yaml"
+    model.write_text(model.read_text().replace("latent_dim: 4\n", "latent_dim: 7\n"))  # the tiny config's 4
+    edited = run(["dvc", "repro", "check"], repo)
+    out = edited.stdout + edited.stderr
+    assert "Running stage 'check'" in edited.stdout, out
+    (line,) = [x for x in out.splitlines() if "WARNING" in x]
+    assert "params.yaml is not conf/ as it composes now: model.latent_dim: params.yaml 4, conf/ 7." in line
+    assert "`vaerepro params [OVERRIDES]`, then `dvc repro`" in line
+    under_exp = run(["dvc", "repro", "--force", "check"], repo, env={"DVC_EXP_NAME": "sappy-kite"})
+    assert "WARNING" not in under_exp.stdout + under_exp.stderr
+
+
 def test_embedded_data_matches_committed_data_dvc(repo):
     run(["vaerepro", "fetch"], repo)
     before = json.loads(run(["dvc", "status", "data.dvc", "--json"], repo).stdout)

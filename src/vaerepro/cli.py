@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -110,6 +111,38 @@ def check_before_data(cfg: Config, root: Path) -> None:
     path = _data_path(cfg)
     if (quantized := data.stored_quantized(cfg.data.source, path)) is not None:
         data.check_bounded(cfg.likelihood_object(), cfg.data_space, quantized, path or cfg.data.source)
+
+
+def _warn_if_conf_changed(params: Path, root: Path) -> None:
+    """Warn when `params` is not what conf/ composes now (config.params_drift): `dvc repro` does not compose
+    conf/, so after an edit of conf/ it runs params.yaml as it was, under the old values, and the results
+    would be taken for the edited config's. Not under `dvc exp run` (DVC_EXP_NAME), which has just composed
+    conf/ with its -S overrides into params.yaml. A warning, not a refusal: params.yaml edited by hand is a
+    config DVC users run on purpose."""
+    if os.environ.get("DVC_EXP_NAME") or not (root / "conf").is_dir():
+        return
+    try:
+        overrides, differ = config_mod.params_drift(params, root / "conf")
+    except ConfigError as err:
+        log.warning("%s: conf/ does not compose (%s); the stages run %s as it is", params, err, params.name)
+        return
+    if differ:
+        shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
+        if overrides is None:
+            against = "conf/ as it composes now (it records no overrides: dvc exp run or an editor wrote it)"
+        elif overrides:
+            recorded = " ".join(map(shlex.quote, overrides))
+            against = f"conf/ as it composes now with the overrides its first line records ({recorded})"
+        else:
+            against = "conf/ as it composes now"
+        log.warning(
+            "%s is not %s: %s. The stages run %s as it is; to run conf/ as it is now, `vaerepro params "
+            "[OVERRIDES]`, then `dvc repro`; or `dvc exp run`",
+            params,
+            against,
+            shown,
+            params.name,
+        )
 
 
 def check_no_resume_under_dvc(cfg: Config) -> None:
@@ -881,7 +914,8 @@ def _main(argv: list[str]) -> int:
                 f"overrides {' '.join(args.overrides)}: no {', '.join(missing)} in the resolved config, "
                 f"which every stage needs; {args.output} is left as it was"
             )
-        write_whole(args.output, config_mod.dump(raw))  # the earlier params.yaml stays if this one fails
+        # the earlier params.yaml stays if this one fails
+        write_whole(args.output, config_mod.params_text(raw, args.overrides))
         print(f"wrote {args.output}")
         return 0
     cfg = config_mod.load(args.params)
@@ -909,6 +943,8 @@ def _main(argv: list[str]) -> int:
             )  # ends its MLflow run itself
         else:
             STAGES[args.command](cfg, out_dir, root)
+            if args.command == "check":
+                _warn_if_conf_changed(Path(args.params), root)
     except BaseException as exc:
         # A stage after training that did not finish marks the run; a refused input leaves it as it was.
         if args.command in ("evaluate", "report") and _user_error(exc) is None:
