@@ -269,6 +269,17 @@ def test_plots_show_draws_its_one_plot_offline(baseline, tmp_path):
     assert drawn["offline"] > 300 and drawn["cdn"] == 0, drawn
 
 
+def test_make_exps_keeps_log_px_columns_of_any_k_and_of_experiments_evaluated_before_k_was_named():
+    """`make exps` keeps the headline columns by a regular expression (--keep): log p(x) and its SE of any K
+    of each space, and the columns that experiments evaluated before K was in the names have
+    (binary.log_px), which would otherwise be hidden from the table; not training's ELBO."""
+    (line,) = [x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("EXPS_KEEP :=")]
+    keep = re.compile(line.split(":=", 1)[1].strip().replace("$$", "$"))
+    kept = ["binary.log_px_k5000", "continuous.log_px_k20_se", "improper.elbo", "binary.log_px"]
+    assert all(keep.match(name) for name in [*kept, "binary.log_px_se", "latent_dim", "knn_accuracy"])
+    assert not any(keep.match(n) for n in ["binary.best_val_elbo", "binary.log_px_kx", "eval.num_samples"])
+
+
 def test_plots_template_without_npm_says_so_and_leaves_dvc_its_page(tmp_path):
     for name in ("Makefile", "requirements.lock"):
         shutil.copy(ROOT / name, tmp_path / name)
