@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, TINY
-from vaerepro import cli
+from vaerepro import cli, run_dirs
 from vaerepro.config import ConfigError
 
 COMMANDS = ("run", "reproduce", "params", "ui", "fetch", "check", "prepare", "train", "evaluate", "report")
@@ -68,8 +68,8 @@ def _claim(args) -> str:
     """One process's claim of a directory: 'ok', or the refusal's first words (for the race below)."""
     out_dir, resume = args
     try:
-        cli._claim_run_dir(Path(out_dir), ["seed=1"], resume=resume)
-    except cli.RunDirTaken:
+        run_dirs.claim(Path(out_dir), ["seed=1"], resume=resume)
+    except run_dirs.RunDirTaken:
         return "taken"
     return "ok"
 
@@ -86,25 +86,30 @@ def test_a_run_directory_is_claimed_by_one_run_and_refused_to_another(tmp_path):
     with multiprocessing.get_context("spawn").Pool(8) as pool:
         got = pool.map(_claim, [(str(out), False)] * 8)
     assert sorted(got) == ["ok"] + ["taken"] * 7
-    mark = json.loads((out / cli.RUN_MARK).read_text())
+    mark = json.loads((out / run_dirs.RUN_MARK).read_text())
     assert mark["overrides"] == ["seed=1"] and re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", mark["started"]
     )
-    with pytest.raises(cli.RunDirTaken) as err:
-        cli._claim_run_dir(out, ["seed=2"], resume=False)
+    with pytest.raises(run_dirs.RunDirTaken) as err:
+        run_dirs.claim(out, ["seed=2"], resume=False)
     assert str(err.value) == (
         f"{out}: holds the files of another `vaerepro run` (started {mark['started']}), which this run would "
         "overwrite; give this run its own directory (hydra.run.dir=..., or hydra.sweep.dir=... under "
         "--multirun; their defaults name a new one), or continue that run with train.resume=true"
     )
-    cli._claim_run_dir(out, ["seed=1", "train.resume=true"], resume=True)  # continues it
-    assert json.loads((out / cli.RUN_MARK).read_text())["overrides"] == ["seed=1", "train.resume=true"]
+    run_dirs.claim(out, ["seed=1", "train.resume=true"], resume=True)  # continues it
+    assert json.loads((out / run_dirs.RUN_MARK).read_text())["overrides"] == ["seed=1", "train.resume=true"]
+
+
+def _named(argv: list[str]) -> str | None:
+    """The directory `vaerepro run` ARGV claims before Hydra starts its job (run_dirs.claim_named)."""
+    return run_dirs.claim_named(argv, ROOT, cli.HYDRA_JOB)
 
 
 def _claim_named(args) -> str:
     """One process's claim of the directory a hydra.run.dir pattern names (for the race below)."""
     pattern, lr = args
-    return cli._claim_named_run_dir([f"train.lr={lr}", f"hydra.run.dir={pattern}"], ROOT)
+    return _named([f"train.lr={lr}", f"hydra.run.dir={pattern}"])
 
 
 def test_runs_started_together_each_get_a_directory_of_their_own(tmp_path):
@@ -121,18 +126,18 @@ def test_runs_started_together_each_get_a_directory_of_their_own(tmp_path):
     base = tmp_path / "runs" / "same_s0"
     assert sorted(got) == sorted([str(base)] + [f"{base}_run{n}" for n in range(2, 9)])
     for out_dir, lr in zip(got, lrs, strict=True):
-        assert [p.name for p in Path(out_dir).iterdir()] == [cli.RUN_MARK]
-        assert json.loads((Path(out_dir) / cli.RUN_MARK).read_text())["overrides"] == [f"train.lr={lr}"]
+        assert [p.name for p in Path(out_dir).iterdir()] == [run_dirs.RUN_MARK]
+        assert json.loads((Path(out_dir) / run_dirs.RUN_MARK).read_text())["overrides"] == [f"train.lr={lr}"]
     for argv in (
         [f"hydra.run.dir={tmp_path / 'literal'}"],
         ["train.resume=true", f"hydra.run.dir={pattern}"],
         ["-m", "seed=0,1", f"hydra.run.dir={pattern}"],
     ):
-        assert cli._claim_named_run_dir(argv, ROOT) is None
+        assert _named(argv) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and len(list(base.parent.iterdir())) == 8
     (tmp_path / "afile").write_text("")  # a file where the pattern's parent directory would be
     with pytest.raises(ConfigError) as err:
-        cli._claim_named_run_dir([f"hydra.run.dir={tmp_path / 'afile' / 'r'}" + "${seed}"], ROOT)
+        _named([f"hydra.run.dir={tmp_path / 'afile' / 'r'}" + "${seed}"])
     assert str(err.value) == (
         f"hydra.run.dir={tmp_path / 'afile' / 'r0'}: cannot make the run's directory ({tmp_path / 'afile'}: "
         "File exists)"
@@ -143,7 +148,7 @@ def test_a_multirun_set_by_hydra_mode_makes_no_run_directory(tmp_path):
     """`vaerepro run hydra.mode=MULTIRUN ...` is Hydra's --multirun (its jobs go under hydra.sweep.dir): the
     run directory its pattern names was made and marked all the same, and left holding only the mark."""
     pattern = str(tmp_path / "runs" / "m_s${seed}")
-    assert cli._claim_named_run_dir(["hydra.mode=MULTIRUN", f"hydra.run.dir={pattern}"], ROOT) is None
+    assert _named(["hydra.mode=MULTIRUN", f"hydra.run.dir={pattern}"]) is None
     assert list(tmp_path.iterdir()) == []
 
 
@@ -153,9 +158,9 @@ def test_a_run_directory_given_with_plus_plus_is_refused_as_the_plain_form_is(tm
     named."""
     out = tmp_path / "one"
     out.mkdir()
-    cli._claim_run_dir(out, ["seed=0"], resume=False)
-    assert cli._claim_named_run_dir([f"++hydra.run.dir={out}"], ROOT) is None
-    with pytest.raises(cli.RunDirTaken):
+    run_dirs.claim(out, ["seed=0"], resume=False)
+    assert _named([f"++hydra.run.dir={out}"]) is None
+    with pytest.raises(run_dirs.RunDirTaken):
         cli._check_overrides([f"++hydra.run.dir={out}"], ROOT)
     assert [p.name for p in tmp_path.iterdir()] == ["one"]
 
@@ -169,9 +174,9 @@ def test_a_pattern_of_hydra_s_own_values_is_claimed_as_the_job_names_it(tmp_path
 
     pattern = str(tmp_path / "runs" / "${hydra:job.name}_s${seed}")
     base = tmp_path / "runs" / "cli_s0"
-    assert cli._claim_named_run_dir(["train.lr=0.01", f"hydra.run.dir={pattern}"], ROOT) == str(base)
-    assert cli._claim_named_run_dir(["train.lr=0.02", f"hydra.run.dir={pattern}"], ROOT) == f"{base}_run2"
-    assert json.loads((base / cli.RUN_MARK).read_text())["overrides"] == ["train.lr=0.01"]
+    assert _named(["train.lr=0.01", f"hydra.run.dir={pattern}"]) == str(base)
+    assert _named(["train.lr=0.02", f"hydra.run.dir={pattern}"]) == f"{base}_run2"
+    assert json.loads((base / run_dirs.RUN_MARK).read_text())["overrides"] == ["train.lr=0.01"]
     assert not HydraConfig.initialized()  # Hydra's job sets its own
 
 
@@ -208,7 +213,7 @@ def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path,
     job = tmp_path / "runs" / ("grid/0_bernoulli_z4_s0" if multirun else "one")
     (job / "metrics").mkdir(parents=True)
     (job / "metrics" / "eval.json").write_text('{"log_px": -90.0}')
-    (job / cli.RUN_MARK).write_text('{"started": "2026-12-01T10:55:05+0000", "overrides": []}')
+    (job / run_dirs.RUN_MARK).write_text('{"started": "2026-12-01T10:55:05+0000", "overrides": []}')
     before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
     where = ["-m", *TINY, "hydra.sweep.dir=runs/grid"] if multirun else [*TINY, "hydra.run.dir=runs/one"]
     proc = _vaerepro(["run", *where], tmp_path)
@@ -384,7 +389,7 @@ def _digests(run: Path) -> dict[str, str]:
     """sha256 of every file of a run's directory that a refused resume must leave as it was."""
     import hashlib
 
-    files = [run / "params.yaml", run / cli.RUN_MARK, *sorted((run / "prepared").iterdir())]
+    files = [run / "params.yaml", run / run_dirs.RUN_MARK, *sorted((run / "prepared").iterdir())]
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

@@ -55,6 +55,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.reproduction_card",
         "vaerepro.reproduce",
         "vaerepro.resumption",
+        "vaerepro.run_dirs",
         "vaerepro.cli",
     ),
 }
@@ -63,7 +64,7 @@ ORDER = list(LAYERS)
 FRAMEWORKS = {
     "mlflow": ("vaerepro.tracking",),  # MLflow in one place
     "optuna": ("vaerepro.sweep", "hydra_plugins"),
-    "hydra": ("vaerepro.cli", "vaerepro.config", "vaerepro.sweep", "hydra_plugins"),
+    "hydra": ("vaerepro.cli", "vaerepro.run_dirs", "vaerepro.config", "vaerepro.sweep", "hydra_plugins"),
     "lightning": (
         "vaerepro.trainer",
         "vaerepro.stepsize",

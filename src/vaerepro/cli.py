@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -31,18 +30,17 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from vaerepro import config as config_mod
-from vaerepro import quick_exit, signals
+from vaerepro import quick_exit, run_dirs, signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.errors import Stopped, UserError
 from vaerepro.files import try_lock, write_whole
-from vaerepro.resumption import RUN_MARK
 
 log = logging.getLogger("vaerepro")
+# The name Hydra gives the job of `vaerepro run` (its app is defined in this module; its log is cli.log)
+HYDRA_JOB = Path(__file__).stem
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -416,7 +414,7 @@ def _hydra_run(argv: list[str]) -> None:
     command = given[: len(given) - len(argv)] if argv and given[-len(argv) :] == argv else [given[0], "run"]
 
     _check_overrides(argv, root)
-    claimed = _claim_named_run_dir(argv, root)
+    claimed = None if _ddp_child() else run_dirs.claim_named(argv, root, HYDRA_JOB)
     if claimed is not None:  # Hydra writes .hydra/ into the directory this process made and marked
         argv = [*argv, f"hydra.run.dir={claimed}"]
     # Hydra reports an exception from the task with a traceback and exit status 1: the task keeps the
@@ -429,7 +427,7 @@ def _hydra_run(argv: list[str]) -> None:
         ours = claimed is not None and out_dir == Path(os.path.abspath(claimed))  # as Hydra makes it
         # what Hydra itself put there (.hydra/, the job's log) and this job's mark: a directory it created
         fresh = all(
-            p.name == ".hydra" or p.suffix == ".log" or (ours and p.name == RUN_MARK)
+            p.name == ".hydra" or p.suffix == ".log" or (ours and p.name == run_dirs.RUN_MARK)
             for p in out_dir.iterdir()
         )
         try:
@@ -447,7 +445,7 @@ def _hydra_run(argv: list[str]) -> None:
                     os.close(hold(out_dir, out_dir / "models"))
                 check_resume_of_run(cfg, out_dir, prepared_meta=_npz_prepared_now(cfg, out_dir, root))
             if not _ddp_child() and not ours:  # the other ranks run in the directory rank 0 claimed
-                _claim_run_dir(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
+                run_dirs.claim(out_dir, HydraConfig.get().overrides.task, resume=cfg.train.resume)
             _ddp_relaunch_argv(command, out_dir)
             metrics = run_pipeline(cfg, out_dir, root, progress=_on_terminal(), checked=True)
         except Stopped as stop:
@@ -461,7 +459,11 @@ def _hydra_run(argv: list[str]) -> None:
                 raise
             # models/ as training made it before a refusal (a tracking store MLflow will not open) is empty
             models = out_dir / "models"
-            if fresh and not isinstance(err, RunDirTaken) and not (models.is_dir() and any(models.iterdir())):
+            if (
+                fresh
+                and not isinstance(err, run_dirs.RunDirTaken)
+                and not (models.is_dir() and any(models.iterdir()))
+            ):
                 shutil.rmtree(out_dir, ignore_errors=True)  # nothing of this job's is worth keeping
             caught.append(err)
             return None
@@ -489,97 +491,6 @@ def _npz_prepared_now(cfg: Config, out_dir: Path, root: Path) -> dict | None:
         return None
     with tempfile.TemporaryDirectory(prefix="vaerepro-resume-") as tmp:
         return stage_prepare(cfg, Path(tmp), root)
-
-
-class RunDirTaken(ConfigError):
-    """The run's directory holds another run's files (RUN_MARK): refused, and nothing there is touched."""
-
-
-def _claim_run_dir(out_dir: Path, overrides: Sequence[str], *, resume: bool) -> None:
-    """Mark out_dir as this run's (RUN_MARK, created exclusively, so of two runs started together one gets
-    it); RunDirTaken when another run marked it first, unless this run resumes it (train.resume=true
-    continues the run in its directory: train checks that its checkpoint is of this configuration).
-    Directories of runs from before the mark are not recognised."""
-    mark = out_dir / RUN_MARK
-    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": list(overrides)}
-    try:
-        with mark.open("x") as fh:
-            json.dump(record, fh)
-        return
-    except FileExistsError:
-        if resume:
-            mark.write_text(json.dumps(record))
-            return
-    raise _taken(out_dir)
-
-
-def _claim_named_run_dir(argv: list[str], root: Path) -> str | None:
-    """Make and mark (RUN_MARK) the directory of a single `vaerepro run` whose hydra.run.dir is a pattern
-    (the default runs/<time>_<likelihood>_z<latent>_s<seed>, or one given with ${...}), before Hydra writes
-    its .hydra/ files into it: the directory as the pattern names it, or, when another run has it (two runs
-    started in the same second: a shell loop over learning rates), the first free of <dir>_run2, _run3, ...
-    Each name is taken with one mkdir, which of two processes only one can make. The directory's path as
-    Hydra is to be given it; None where Hydra's own naming stands: a literal hydra.run.dir (refused by
-    _check_overrides when another run marked it; continued by train.resume=true), a resume, a DDP rank other
-    than 0 (rank 0's directory), --multirun (its jobs claim theirs), Hydra's other modes, and a pattern
-    that cannot be resolved before the job starts (${hydra:runtime.output_dir}), which the job claims as it
-    did. Hydra's other values (${hydra:job.name}, ...) resolve as the job will have them."""
-    if any(a.startswith("-") for a in argv) or _ddp_child():
-        return None
-    given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
-    if given and "${" not in given[-1]:
-        return None
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    hydra_config = HydraConfig.instance()
-    before = hydra_config.cfg
-    try:
-        # job_name: the name Hydra gives the job of `app`, defined in this module (its log is cli.log)
-        conf = str((root / "conf").resolve())
-        with initialize_config_dir(config_dir=conf, version_base="1.3", job_name=Path(__file__).stem):
-            cfg = compose(config_name="config", overrides=list(argv), return_hydra_config=True)
-        if cfg.train.resume or cfg.hydra.mode == RunMode.MULTIRUN:  # hydra.mode=MULTIRUN is --multirun
-            return None
-        hydra_config.set_config(cfg)  # ${hydra:job.name}, ... resolve as in the job; runtime.output_dir not
-        pattern = str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True))
-    except (HydraException, OmegaConfBaseException, ValueError):
-        return None
-    finally:
-        hydra_config.cfg = before  # the job sets its own
-    base = Path(pattern)
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 10_000):
-            out_dir = base if n == 1 else base.with_name(f"{base.name}_run{n}")
-            try:
-                out_dir.mkdir()
-            except FileExistsError:
-                continue
-            _claim_run_dir(out_dir, overrides, resume=False)
-            return str(out_dir)
-    except OSError as err:  # a file where a directory should be, no permission: Hydra's would be a traceback
-        raise ConfigError(
-            f"hydra.run.dir={pattern}: cannot make the run's directory ({err.filename}: {err.strerror})"
-        ) from None
-    return None  # ten thousand runs of one name: Hydra's directory, claimed by the job as before
-
-
-def _taken(out_dir: Path) -> RunDirTaken:
-    try:
-        started = json.loads((out_dir / RUN_MARK).read_text()).get("started", "?")
-    except (OSError, ValueError):  # being written by the run that took it, this instant
-        started = "just now"
-    return RunDirTaken(
-        f"{out_dir}: holds the files of another `vaerepro run` (started {started}), which this run would "
-        "overwrite; give this run its own directory (hydra.run.dir=..., or hydra.sweep.dir=... under "
-        "--multirun; their defaults name a new one), or continue that run with train.resume=true"
-    )
 
 
 # Jobs of a basic-sweeper --multirun composed and validated one by one before any starts: every job when there
@@ -627,8 +538,8 @@ def _check_overrides(argv: list[str], root: Path) -> None:
         if given and "${" not in given[-1]:
             _check_no_file_at("hydra.run.dir", Path(given[-1]))
         if given and "${" not in given[-1] and not cfg.train.resume and not _ddp_child():
-            if (Path(given[-1]) / RUN_MARK).exists():
-                raise _taken(Path(given[-1]))
+            if (Path(given[-1]) / run_dirs.RUN_MARK).exists():
+                raise run_dirs.taken(Path(given[-1]))
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -655,23 +566,6 @@ def _check_no_file_at(key: str, path: Path) -> None:
     found = next((d for d in (path, *path.parents) if d.exists()), None)
     if found is not None and not found.is_dir():
         raise ConfigError(f"{key}={path}: {found} is a file, not a directory")
-
-
-def _check_sweep_dir(sweep_dir: Path) -> None:
-    """RunDirTaken when a basic-sweeper --multirun's directory holds the runs of an earlier one: Hydra numbers
-    each --multirun's jobs from 0, so its job directories would be the earlier jobs' (the same numbers,
-    likelihoods, latent sizes and seeds), and Hydra writes a job's .hydra/ files there before the job can
-    refuse. (The Optuna sweeper's directory holds its study's trials, which a resumed study adds to.)"""
-    taken = sorted(d for d in sweep_dir.glob("*") if (d / RUN_MARK).is_file()) if sweep_dir.is_dir() else []
-    if taken:
-        shown = ", ".join(d.name for d in taken[:3]) + (
-            f" and {len(taken) - 3} more" if len(taken) > 3 else ""
-        )
-        raise RunDirTaken(
-            f"{sweep_dir}: holds the runs of an earlier --multirun ({shown}), which this one's jobs would "
-            "overwrite; give it its own directory (hydra.sweep.dir=...), or leave hydra.sweep.dir to its "
-            "default (a new second names a new directory)"
-        )
 
 
 def _check_basic_sweep(
@@ -723,7 +617,8 @@ def _check_basic_sweep(
         if sweep_dir is not None:
             _check_no_file_at("hydra.sweep.dir", sweep_dir)
         if sweep_dir is not None and OmegaConf.select(hcfg, "train.resume") is not True:
-            _check_sweep_dir(sweep_dir)  # its jobs resuming their runs (train.resume=true) may go there
+            # (its jobs resuming their runs, train.resume=true, may go there)
+            run_dirs.check_sweep_dir(sweep_dir)
         # a config loader lets the parser list a config group's options for glob(...)
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         # where each comes from, for the message: hydra.sweeper.params first, as the sweeper reads them

@@ -45,6 +45,7 @@ from typing import Any
 from vaerepro import config as config_mod
 from vaerepro import reproduction as R
 from vaerepro import resumption as resume_mod
+from vaerepro import run_dirs
 from vaerepro.config import Config
 from vaerepro.errors import Stopped, UserError
 from vaerepro.reproduction_card import write_card
@@ -192,7 +193,7 @@ def _run_seed(
         shutil.rmtree(seed_dir / stale, ignore_errors=True)
     if how == "start":
         (seed_dir / "models" / "last.ckpt").unlink(missing_ok=True)
-        (seed_dir / resume_mod.RUN_MARK).unlink(missing_ok=True)  # the run there before is given up
+        (seed_dir / run_dirs.RUN_MARK).unlink(missing_ok=True)  # the run there before is given up
     cmd = [sys.executable, "-m", "vaerepro.cli", "run", *p.overrides, f"seed={seed}"]
     cmd += ["train.resume=true"] if how == "continue" else []
     cmd.append(f"hydra.run.dir={_path_override(seed_dir)}")

@@ -1,5 +1,4 @@
-"""What a reproduction leaves on disk so that a stopped one can go on (`vaerepro reproduce NAME --resume`),
-and the mark of a `vaerepro run`'s directory.
+"""What a reproduction leaves on disk so that a stopped one can go on (`vaerepro reproduce NAME --resume`).
 
 - runs/reproductions[/smoke]/NAME/reproduction.json (`Ledger`): what was asked (preset, overrides, seeds,
   smoke), the MLflow parent run, and each invocation: when it started and how it ended, and for each seed
@@ -8,14 +7,6 @@ and the mark of a `vaerepro run`'s directory.
   temporary file renamed over it), so a stop at any point leaves a readable record.
 - seed_<s>/reproduced.json (the marker): the seed's process ended 0 and its metrics/eval.json exists; its
   total wall time and its MLflow run. --resume never runs a seed with one again.
-
-- <run dir>/.vaerepro-run (`RUN_MARK`): written by every `vaerepro run` into its directory before anything
-  else (JSON: when it started, its overrides); another run into that directory is refused unless it
-  resumes the run (`cli._claim_run_dir`). Hydra names a run's directory by the second it started, the
-  likelihood, latent size and seed: of two runs started in one second (a shell loop over learning rates)
-  the second makes <dir>_run2 before Hydra writes there (`cli._claim_named_run_dir`); a run given a used
-  hydra.run.dir or hydra.sweep.dir would otherwise write into that run's directory: one run's params.yaml
-  beside the other's results. A seed run again from the start removes it.
 
 Running a reproduction again without --resume deletes nothing (`set_aside`): a stopped one is refused unless
 --fresh, and any earlier one is moved whole, with a copy of its card, to NAME.<when it started> beside it.
@@ -44,7 +35,6 @@ from vaerepro.files import try_lock, write_json, write_whole
 
 RECORD = "reproduction.json"
 MARKER = "reproduced.json"
-RUN_MARK = ".vaerepro-run"
 How = Literal["start", "continue", "reuse"]  # what an invocation does with a seed
 
 
