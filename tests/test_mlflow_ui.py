@@ -28,7 +28,7 @@ import pytest
 
 from conftest import wait_for_health
 from vaerepro.tracking import ui as mlflow_ui
-from vaerepro.tracking.runs import stale_reason
+from vaerepro.tracking.evaluations import stale_reason
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ RUNS = [
             "data_space": "continuous",
             "improper": "false",
             **MEASURED,
-            # numbers of weights its training replaced since (runs.label_stale_numbers): said in its row
+            # numbers of weights its training replaced since (label_stale_numbers): said in its row
             "vaerepro.stale": stale_reason("3f2a9c1b0d4e", "0d4e3f2a9c1b"),
         },
         {
@@ -548,7 +548,7 @@ def test_links_and_tags_agree():
 def test_the_table_says_what_each_log_px_measured():
     # one log_px column holds a run's K = 1000 estimate beside its K = 5000 re-evaluation (a child run) and
     # an unconverged K = 10 one: the table shows each run's K, test set and convergence verdict beside them
-    from vaerepro.tracking.runs import K_TAG, TEST_SET_TAG
+    from vaerepro.tracking.names import K_TAG, TEST_SET_TAG
 
     cols = mlflow_ui.DEFAULT_COLUMNS
     for tag in (K_TAG, TEST_SET_TAG, "vaerepro.converged"):

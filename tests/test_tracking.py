@@ -715,7 +715,7 @@ def test_a_report_never_goes_to_the_run_of_another_evaluation(raw_dir, tmp_path,
 
     from vaerepro.cli import stage_evaluate, stage_report
     from vaerepro.errors import UserError
-    from vaerepro.tracking import runs
+    from vaerepro.tracking import evaluations
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -730,7 +730,7 @@ def test_a_report_never_goes_to_the_run_of_another_evaluation(raw_dir, tmp_path,
         raise MlflowException("database is locked")
 
     with monkeypatch.context() as m:
-        m.setattr(runs, "evaluation_run", refused)
+        m.setattr(evaluations, "evaluation_run", refused)
         with pytest.raises(MlflowException):
             stage_evaluate(again, out, ROOT, progress=False)
     assert json.loads((out / "metrics" / "eval.json").read_text())["num_samples"] == 30
@@ -1053,7 +1053,7 @@ def test_a_damaged_train_json_does_not_stop_the_evaluation_s_numbers_reaching_it
     out = tmp_path / "run"
     client, trained = _trained_run(out, "damaged-train-json", store, monkeypatch)
     (out / "metrics" / "train.json").write_text('{"train_elbo": -97.0, "val_')
-    with caplog.at_level("WARNING", logger="vaerepro.tracking.runs"):
+    with caplog.at_level("WARNING", logger="vaerepro.tracking.evaluations"):
         assert _evaluated_at(out, "damaged-train-json", 5, -99.0) == trained
     assert any(
         str(out / "metrics" / "train.json") in r.getMessage() and "not valid JSON" in r.getMessage()
@@ -1080,7 +1080,7 @@ def test_a_report_never_goes_to_a_run_whose_evaluation_stopped_while_logging(tmp
         raise KeyboardInterrupt  # as a kill at this point: nothing after it is logged
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr("vaerepro.tracking.runs.log_metrics", killed)
+        m.setattr("vaerepro.tracking.evaluations.log_metrics", killed)
         _evaluated_at(out, "stopped-logging", 5, -90.0)
     assert client.get_run(trained).data.metrics[tracking.metric_name("test/log_px", "binary")] == -100.0
     pointer = out / "artifacts" / "mlflow_run.json"
@@ -1210,7 +1210,7 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
     comparison gives. An evaluation of the new weights lifts both from the run it measured, and only there."""
     from vaerepro.compare import measurement
     from vaerepro.report_comparison import not_a_result
-    from vaerepro.tracking import runs
+    from vaerepro.tracking import evaluations, runs
     from vaerepro.tracking import ui as mlflow_ui
     from vaerepro.tracking.names import BEST_CKPT_TAG, STALE_TAG
 
@@ -1223,7 +1223,7 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
 
     def trained_to(ckpt: str) -> None:  # as the train stage's TrainingRun.finish does with its best.ckpt
         client.set_tag(trained, BEST_CKPT_TAG, ckpt[:12])
-        runs.label_stale_numbers(client, trained)
+        evaluations.label_stale_numbers(client, trained)
 
     def evaluated(k: int, log_px: float, ckpt: str) -> str:
         cfg = tiny_config(f"eval.num_samples={k}", "tracking.experiment=stale", tracking=True)
@@ -1262,24 +1262,24 @@ def test_numbers_of_replaced_weights_are_labelled_in_the_ui_until_evaluated_agai
     assert compared() == {trained: None, child: None}
 
     trained_to(new)  # resumed and trained further: both runs' numbers are of best.ckpt aaaa...
-    reason = runs.stale_reason(old[:12], new[:12])
+    reason = evaluations.stale_reason(old[:12], new[:12])
     assert reason is not None and old[:12] in reason and new[:12] in reason and "trained further" in reason
     assert compared() == {trained: reason, child: reason}
     labelled = shown()
     for tag, note in labelled.values():
-        assert tag == reason and note.startswith(f"{runs.STALE_NOTE}{reason}  \n"), note
+        assert tag == reason and note.startswith(f"{evaluations.STALE_NOTE}{reason}  \n"), note
     assert "log p(x) = -95.00" in labelled[child][1]  # the numbers the warning is about, still described
-    runs.label_stale_numbers(client, trained)
+    evaluations.label_stale_numbers(client, trained)
     assert shown() == labelled  # labelled once, however often
 
     assert evaluated(20, -90.0, new) == child  # the new weights measured at K=20: that run's numbers are new
     tag, note = shown()[child]
-    assert tag is None and not note.startswith(runs.STALE_NOTE) and "log p(x) = -90.00" in note, note
+    assert tag is None and not note.startswith(evaluations.STALE_NOTE) and "log p(x) = -90.00" in note, note
     assert shown()[trained][0] == reason and compared() == {trained: reason, child: None}
 
     assert evaluated(5, -85.0, new) == trained
     assert {i: tag for i, (tag, _) in shown().items()} == {trained: None, child: None}
-    assert not shown()[trained][1].startswith(runs.STALE_NOTE)
+    assert not shown()[trained][1].startswith(evaluations.STALE_NOTE)
     assert compared() == {trained: None, child: None}
     for status in ("RUNNING", "SCHEDULED", "FAILED", "KILLED", "FINISHED"):  # compared() holds for each
         client.update_run(child, status=status)
@@ -1298,8 +1298,9 @@ def test_a_training_continued_after_its_evaluation_leaves_the_earlier_numbers_ou
 
     from vaerepro.document import render_md
     from vaerepro.report_comparison import comparison_section
+    from vaerepro.tracking.evaluations import STALE_NOTE
     from vaerepro.tracking.names import STALE_TAG
-    from vaerepro.tracking.runs import NOTE_TAG, STALE_NOTE
+    from vaerepro.tracking.runs import NOTE_TAG
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)

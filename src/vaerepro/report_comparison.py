@@ -38,7 +38,7 @@ NATS = "nats/example"  # the unit of every log-likelihood and bound in the repor
 EXCLUDED_STATUSES = {"FAILED", "KILLED"}  # MLflow run statuses never plotted or ranked
 # A RUNNING run is not a result yet: MLflow cannot tell a run still going (a sweep trial, another pipeline)
 # from one killed with kill -9 that nobody ended, and its numbers may be an evaluation logged in part, or
-# replaced by the next evaluation of the same K (tracking.runs.evaluation_run). Unlike an unconverged
+# replaced by the next evaluation of the same K (tracking.evaluations.evaluation_run). Unlike an unconverged
 # estimate, a finished measurement with a known weakness that is plotted hollow and listed unranked, it is
 # neither plotted nor ranked, in the run report and the sweep report alike: it is listed with the runs left
 # out, with this reason. The report's own run is the exception (`this_run`).

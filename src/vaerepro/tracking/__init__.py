@@ -2,7 +2,8 @@
 
     store.py         where the store is (tracking uri), creating it and the experiment safely, reading it
     names.py         the names of numbers in MLflow (space-qualified where the unit depends on the data space)
-    runs.py          one run across the pipeline's stages: tags, dataset, config, results, description, end
+    runs.py          one run across the pipeline's stages: tags, dataset, config, description, end
+    evaluations.py   an evaluation's numbers: their run (a child per other K), the measurements read back
     training.py      the train stage's run and Lightning's MLflow logger (imports Lightning: not re-exported)
     sweep.py         a sweep's parent run and its trials' child runs
     reproduction.py  a reproduction's parent run and its seeds' child runs
@@ -12,6 +13,7 @@ The stages (prepare, train, evaluate, report) do not import it: the command line
 `training.TrainingRun`, and logs evaluation and the report after those stages have written their files.
 """
 
+from vaerepro.tracking.evaluations import experiment_runs, log_evaluation
 from vaerepro.tracking.names import BOOKKEEPING, SPACE_FREE, SPACES, metric_name, space_name
 from vaerepro.tracking.runs import (
     EVAL_RUN_DIR,
@@ -22,12 +24,10 @@ from vaerepro.tracking.runs import (
     describe,
     end_recorded_run,
     end_run,
-    experiment_runs,
     git_commit,
     headline,
     log_config,
     log_dataset,
-    log_evaluation,
     log_metrics,
     log_report,
     read_run_id,

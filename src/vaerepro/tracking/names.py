@@ -42,10 +42,10 @@ CONVERGED_TAG = "vaerepro.converged"  # "true" or "false"
 # and that an evaluated run's numbers are of (a training resumed after its evaluation replaces best.ckpt)
 BEST_CKPT_TAG = "vaerepro.best_checkpoint"
 EVALUATED_CKPT_TAG = "vaerepro.evaluated_checkpoint"
-# On a run whose test numbers are of a best.ckpt its training has since replaced (runs.label_stale_numbers):
-# why they are not the run's model's. A column of the UI's saved view (ui.DEFAULT_COLUMNS), so that the table
-# says of such a run what the report's comparison says when it leaves the run out; a search for runs to
-# compare filters them out with "tags.`vaerepro.stale` IS NULL".
+# On a run whose test numbers are of a best.ckpt its training has since replaced
+# (evaluations.label_stale_numbers): why they are not the run's model's. A column of the UI's saved view
+# (ui.DEFAULT_COLUMNS), so that the table says of such a run what the report's comparison says when it
+# leaves the run out; a search for runs to compare filters them out with "tags.`vaerepro.stale` IS NULL".
 STALE_TAG = "vaerepro.stale"
 # Facts about a run, not results: MLflow params, tags or the logged dataset hold them, not metric charts.
 BOOKKEEPING = frozenset({"epoch", "num_samples", "num_examples", "data_dim", "latent_dim"})

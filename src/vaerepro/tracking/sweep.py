@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from vaerepro.config import TrackingConfig
+from vaerepro.tracking.evaluations import experiment_runs
 from vaerepro.tracking.names import metric_name, space_name
-from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG, experiment_runs
+from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG
 from vaerepro.tracking.store import ensure_experiment, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow refuses a longer param value (a long search-space distribution)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vaerepro import signals
 from vaerepro.config import Config
-from vaerepro.tracking import runs
+from vaerepro.tracking import evaluations, runs
 from vaerepro.tracking.names import BEST_CKPT_TAG, metric_name, space_name
 from vaerepro.tracking.store import ensure_experiment
 
@@ -149,11 +149,11 @@ class TrainingRun:
         if (selection := metrics.get("lr_selection")) is not None:
             self._log_chosen_lr(selection["chosen"])  # as open did, for a tracker opened without it
         runs.describe(*run, self.cfg, train=metrics)
-        if metrics.get("best_checkpoint_sha256"):  # the weights the run holds now (runs.experiment_runs)
+        if metrics.get("best_checkpoint_sha256"):  # its weights now (evaluations.experiment_runs)
             self.logger.experiment.set_tag(self.run_id, BEST_CKPT_TAG, metrics["best_checkpoint_sha256"][:12])
             # a resumed training's new weights: its run's and evaluation runs' earlier test numbers are not
             # of them, which the UI's table then says (the report's comparison tells by the same tags)
-            runs.label_stale_numbers(self.logger.experiment, self.run_id)
+            evaluations.label_stale_numbers(self.logger.experiment, self.run_id)
         self.logger.experiment.log_artifact(self.run_id, str(self.model_dir / "best.ckpt"), "checkpoints")
         if self.finish_run:
             runs.end_run(*run, "FINISHED")

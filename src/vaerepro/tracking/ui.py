@@ -188,7 +188,7 @@ def _check_columns(columns: list[str], order_by: str | None) -> None:
 
 def _width(key: str) -> int:
     """A column width (px) that shows the whole header, e.g. 'continuous/test/log_px_se' (the stale column:
-    also the start of its text, "numbers of replaced weights: ...", runs.stale_reason)."""
+    also the start of its text, "numbers of replaced weights: ...", evaluations.stale_reason)."""
     name = _CANONICAL.match(key).group(2)
     return max(90, round(6.5 * len(name)) + 36, 200 if key == tag_column(STALE_TAG) else 0)
 
