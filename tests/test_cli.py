@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, TINY
-from vaerepro import cli, run_dirs
+from vaerepro import cli, run_dirs, run_overrides
 from vaerepro.config import ConfigError
 
 COMMANDS = ("run", "reproduce", "params", "ui", "fetch", "check", "prepare", "train", "evaluate", "report")
@@ -161,7 +161,7 @@ def test_a_run_directory_given_with_plus_plus_is_refused_as_the_plain_form_is(tm
     run_dirs.claim(out, ["seed=0"], resume=False)
     assert _named([f"++hydra.run.dir={out}"]) is None
     with pytest.raises(run_dirs.RunDirTaken):
-        cli._check_overrides([f"++hydra.run.dir={out}"], ROOT)
+        run_overrides.check_overrides([f"++hydra.run.dir={out}"], ROOT)
     assert [p.name for p in tmp_path.iterdir()] == ["one"]
 
 

@@ -56,6 +56,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.reproduce",
         "vaerepro.resumption",
         "vaerepro.run_dirs",
+        "vaerepro.run_overrides",
         "vaerepro.cli",
     ),
 }
@@ -64,7 +65,14 @@ ORDER = list(LAYERS)
 FRAMEWORKS = {
     "mlflow": ("vaerepro.tracking",),  # MLflow in one place
     "optuna": ("vaerepro.sweep", "hydra_plugins"),
-    "hydra": ("vaerepro.cli", "vaerepro.run_dirs", "vaerepro.config", "vaerepro.sweep", "hydra_plugins"),
+    "hydra": (
+        "vaerepro.cli",
+        "vaerepro.run_dirs",
+        "vaerepro.run_overrides",
+        "vaerepro.config",
+        "vaerepro.sweep",
+        "hydra_plugins",
+    ),
     "lightning": (
         "vaerepro.trainer",
         "vaerepro.stepsize",

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from conftest import BIN, ROOT, TINY
-from vaerepro import cli
+from vaerepro import run_overrides
 from vaerepro.config import ConfigError
 
 
@@ -56,12 +56,12 @@ def test_a_valid_basic_sweep_passes_the_check():
         ["-m", "model.latent_dim=2,0", "model.latent_dim=3"],  # a later override of a key replaces it
         ["-m", "hydra/launcher=slurm", "model.latent_dim=2,3"],
     ):
-        cli._check_overrides(argv, ROOT)
+        run_overrides.check_overrides(argv, ROOT)
 
 
 def test_the_optuna_sweepers_search_space_is_left_to_it():
     # interval and tag sweeps are the Optuna sweeper's; it checks its search space itself when it starts
-    cli._check_overrides(
+    run_overrides.check_overrides(
         [
             "-m",
             "hydra/sweeper=vaerepro_optuna",
@@ -70,25 +70,27 @@ def test_the_optuna_sweepers_search_space_is_left_to_it():
         ],
         ROOT,
     )
-    cli._check_overrides(["-m", "+sweep=aevb", "model.latent_dim=0,2", "hydra.sweeper.n_trials=3"], ROOT)
+    run_overrides.check_overrides(
+        ["-m", "+sweep=aevb", "model.latent_dim=0,2", "hydra.sweeper.n_trials=3"], ROOT
+    )
 
 
 def test_an_interval_under_the_basic_sweeper_is_one_line_naming_the_optuna_sweeper():
     with pytest.raises(ConfigError, match=r"model.latent_dim=interval\(1,3\).*vaerepro_optuna") as err:
-        cli._check_overrides(["-m", "model.latent_dim=interval(1,3)"], ROOT)
+        run_overrides.check_overrides(["-m", "model.latent_dim=interval(1,3)"], ROOT)
     assert "\n" not in str(err.value)
 
 
 def test_values_invalid_together_are_refused_naming_both():
     # each value passes with the first job's others; Gaussian on binary data does not
     with pytest.raises(ConfigError, match=r"likelihood=gaussian data.space=binary: .*'binary'"):
-        cli._check_overrides(["-m", "likelihood=bernoulli,gaussian", "data.space=auto,binary"], ROOT)
+        run_overrides.check_overrides(["-m", "likelihood=bernoulli,gaussian", "data.space=auto,binary"], ROOT)
 
 
 def test_beyond_the_cap_each_swept_value_is_still_checked(monkeypatch):
-    monkeypatch.setattr(cli, "MULTIRUN_CHECK_JOBS", 2)
+    monkeypatch.setattr(run_overrides, "MULTIRUN_CHECK_JOBS", 2)
     with pytest.raises(ConfigError, match=r"overrides model.latent_dim=0: model.latent_dim"):
-        cli._check_overrides(["-m", "seed=0,1,2", "model.latent_dim=2,3,0"], ROOT)
+        run_overrides.check_overrides(["-m", "seed=0,1,2", "model.latent_dim=2,3,0"], ROOT)
 
 
 def test_the_basic_sweepers_params_in_the_config_are_checked(tmp_path):
@@ -97,17 +99,17 @@ def test_the_basic_sweepers_params_in_the_config_are_checked(tmp_path):
         "# @package _global_\nhydra:\n  sweeper:\n    params:\n      likelihood: bernoulli,poisson\n"
     )
     with pytest.raises(ConfigError, match=r"overrides likelihood=poisson: .*'likelihood/poisson'"):
-        cli._check_overrides(["-m", "+sweep=basic_bad", "model.latent_dim=2,3"], tmp_path)
+        run_overrides.check_overrides(["-m", "+sweep=basic_bad", "model.latent_dim=2,3"], tmp_path)
 
 
 def test_two_of_hydras_modes_are_one_line_not_its_traceback():
     """-m with --cfg job: Hydra raises a ValueError (a traceback, exit 1); one mode alone is Hydra's."""
     with pytest.raises(ConfigError, match=r"exclude each other; got --cfg, -m$"):
-        cli._check_overrides(["-m", "model.latent_dim=2,3", "--cfg", "job"], ROOT)
+        run_overrides.check_overrides(["-m", "model.latent_dim=2,3", "--cfg", "job"], ROOT)
     with pytest.raises(ConfigError, match=r"got --info, --multirun$"):
-        cli._check_overrides(["--multirun", "--info=config"], ROOT)
-    assert cli._check_overrides(["--cfg", "job", "model.latent_dim=3"], ROOT) is None
-    assert cli._check_overrides(["-m", "--multirun", "model.latent_dim=2,3"], ROOT) is None
+        run_overrides.check_overrides(["--multirun", "--info=config"], ROOT)
+    assert run_overrides.check_overrides(["--cfg", "job", "model.latent_dim=3"], ROOT) is None
+    assert run_overrides.check_overrides(["-m", "--multirun", "model.latent_dim=2,3"], ROOT) is None
 
 
 @pytest.mark.parametrize("mode", [[], ["-m"]])
@@ -121,14 +123,14 @@ def test_two_of_hydras_modes_are_one_line_not_its_traceback():
 def test_an_unknown_key_or_option_of_hydras_own_is_one_line(mode, override, problem):
     """Hydra's own keys were left to Hydra: 7 lines and exit status 1, for a single run and --multirun."""
     with pytest.raises(ConfigError) as err:
-        cli._check_overrides([*mode, override, "seed=1,2" if mode else "seed=1"], ROOT)
+        run_overrides.check_overrides([*mode, override, "seed=1,2" if mode else "seed=1"], ROOT)
     named = override if mode else f"{override} seed=1"  # a single run's line names all its overrides
     assert str(err.value).startswith(f"overrides {named}: {problem}"), err.value
 
 
 def test_sweeping_hydras_own_key_is_one_line():
     with pytest.raises(ConfigError) as err:
-        cli._check_overrides(["-m", "hydra.job.name=a,b"], ROOT)
+        run_overrides.check_overrides(["-m", "hydra.job.name=a,b"], ROOT)
     assert (
         str(err.value) == "overrides hydra.job.name=a,b: Sweeping over Hydra's configuration is not supported"
     )
@@ -145,7 +147,7 @@ def test_a_run_or_sweep_directory_at_or_under_a_file_is_one_line(tmp_path):
         (["-m", f"hydra.sweep.dir={taken}/grid", "seed=1,2"], "hydra.sweep.dir", taken / "grid"),
     ):
         with pytest.raises(ConfigError) as err:
-            cli._check_overrides(argv, ROOT)
+            run_overrides.check_overrides(argv, ROOT)
         assert str(err.value) == f"{key}={path}: {taken} is a file, not a directory"
     assert taken.read_text() == "a file the user keeps\n"
-    cli._check_overrides([f"hydra.run.dir={tmp_path}/new/run"], ROOT)  # a directory to make: no refusal
+    run_overrides.check_overrides([f"hydra.run.dir={tmp_path}/new/run"], ROOT)  # to make: no refusal

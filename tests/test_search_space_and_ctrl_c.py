@@ -152,21 +152,21 @@ def test_ctrl_c_stops_training_at_its_epoch_end_with_last_ckpt_and_exit_130(tmp_
 )
 def test_a_multirun_with_an_unknown_shared_key_is_refused_in_one_line(argv, expected):
     """Hydra refused them after several lines with exit status 1 (and the basic sweeper left its dir)."""
-    from vaerepro import cli
+    from vaerepro import run_overrides
 
     with pytest.raises(ConfigError, match=expected) as err:
-        cli._check_overrides(argv, ROOT)
+        run_overrides.check_overrides(argv, ROOT)
     assert "\n" not in str(err.value)
 
 
 def test_a_multirun_check_composes_the_shared_overrides_only():
-    from vaerepro import cli
+    from vaerepro import run_overrides
 
     # the swept values are the sweeper's (each job validates its own); Hydra's other flags are Hydra's
-    cli._check_overrides(
+    run_overrides.check_overrides(
         ["--multirun", "+sweep=aevb", "model.latent_dim=0,2", "hydra.sweeper.n_trials=3"], ROOT
     )
-    cli._check_overrides(["--cfg", "job", "model.foo=1"], ROOT)
+    run_overrides.check_overrides(["--cfg", "job", "model.foo=1"], ROOT)
 
 
 # --- a trial's outcome ---------------------------------------------------------------------------------

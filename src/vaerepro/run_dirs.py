@@ -12,6 +12,7 @@ params.yaml beside the other's results. A reproduction's seed run again from the
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,13 @@ from pathlib import Path
 from vaerepro.config import ConfigError
 
 RUN_MARK = ".vaerepro-run"
+
+
+def ddp_child() -> bool:
+    """Whether Lightning's DDP launcher started this process as another rank of a command (LOCAL_RANK >= 1,
+    or a node other than the first), rather than the user starting it: such a rank runs in the directory
+    that rank 0 claimed, and claims none."""
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
 class RunDirTaken(ConfigError):
@@ -44,18 +52,18 @@ def claim(out_dir: Path, overrides: Sequence[str], *, resume: bool) -> None:
 
 
 def claim_named(argv: list[str], root: Path, job_name: str) -> str | None:
-    """Make and mark (RUN_MARK) the directory of a single `vaerepro run` whose hydra.run.dir is a pattern
-    (the default runs/<time>_<likelihood>_z<latent>_s<seed>, or one given with ${...}), before Hydra writes
-    its .hydra/ files into it: the directory as the pattern names it, or, when another run has it (two runs
+    """Make and mark (RUN_MARK) the directory of a single `vaerepro run` whose hydra.run.dir is a pattern (the
+    default runs/<time>_<likelihood>_z<latent>_s<seed>, or one given with ${...}), before Hydra writes its
+    .hydra/ files into it: the directory as the pattern names it, or, when another run has it (two runs
     started in the same second: a shell loop over learning rates), the first free of <dir>_run2, _run3, ...
-    Each name is taken with one mkdir, which of two processes only one can make. The directory's path as
-    Hydra is to be given it; None where Hydra's own naming stands: a literal hydra.run.dir (refused by
-    cli._check_overrides when another run marked it, `taken`; continued by train.resume=true), a resume,
-    --multirun (its jobs claim theirs), Hydra's other modes, and a pattern that cannot be resolved before
-    the job starts (${hydra:runtime.output_dir}), which the job claims as it did. Hydra's other values
-    (${hydra:job.name}, ...) resolve as the job will have them: `job_name` is the name Hydra gives the
-    job (that of the module defining the Hydra app, cli). A DDP rank other than 0 claims nothing: its
-    caller does not call this (rank 0's directory)."""
+    Each name is taken with one mkdir, which of two processes only one can make. The directory's path as Hydra
+    is to be given it; None where Hydra's own naming stands: a literal hydra.run.dir (refused by
+    run_overrides.check_overrides when another run marked it, `taken`; continued by train.resume=true), a
+    resume, --multirun (its jobs claim theirs), Hydra's other modes, and a pattern that cannot be resolved
+    before the job starts (${hydra:runtime.output_dir}), which the job claims as it did. Hydra's other values
+    (${hydra:job.name}, ...) resolve as the job will have them: `job_name` is the name Hydra gives the job
+    (that of the module defining the Hydra app, cli). A DDP rank other than 0 claims nothing: its caller does
+    not call this (rank 0's directory)."""
     if any(a.startswith("-") for a in argv):
         return None
     given = [a.split("=", 1)[1] for a in argv if a.removeprefix("++").startswith("hydra.run.dir=")]
