@@ -54,6 +54,7 @@ from torch.nn import functional as F
 from vaerepro import config as config_mod
 from vaerepro import data, estimators
 from vaerepro.baseline import MinimalLoop
+from vaerepro.datamodule import VAL_SEED_OFFSET, VAEData
 from vaerepro.evaluate import (
     AUTO_BATCH_MIN,
     TEST_SEED_OFFSET,
@@ -64,7 +65,7 @@ from vaerepro.evaluate import (
     resolve_chunk_size,
 )
 from vaerepro.tracking.training import TrainingRun
-from vaerepro.train import VAL_SEED_OFFSET, VAEData, build_module, train, uses_cuda_graph
+from vaerepro.train import build_module, train, uses_cuda_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 

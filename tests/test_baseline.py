@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_config
 from vaerepro import data
 from vaerepro.baseline import train_minimal
+from vaerepro.datamodule import VAL_SEED_OFFSET
 from vaerepro.evaluate import load_vae, per_example
-from vaerepro.train import VAL_SEED_OFFSET, train
+from vaerepro.train import train
 
 pytestmark = pytest.mark.slow
 

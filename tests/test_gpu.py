@@ -139,9 +139,9 @@ def test_gpu_reduced_precision_evaluation_is_measured_against_float32(prepared_t
 
 
 def test_training_batches_are_gathered_on_the_device(prepared_tiny):
-    """The training split sits on the GPU (train.resident) and each batch is gathered there, the same rows
-    as the host path's."""
-    from vaerepro.train import EpochBatches, TensorBatches, VAEData, resident
+    """The training split sits on the GPU (datamodule.resident) and each batch is gathered there, the same
+    rows as the host path's."""
+    from vaerepro.datamodule import EpochBatches, TensorBatches, VAEData, resident
 
     data = VAEData(prepared_tiny / "prepared", "binary", 50, 0, latent_dim=4)
     data.setup()

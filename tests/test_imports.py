@@ -39,6 +39,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.trainer",
         "vaerepro.stepsize",
         "vaerepro.train_resume",
+        "vaerepro.datamodule",
         "vaerepro.train",
         "vaerepro.evaluate",
         "vaerepro.report_comparison",
@@ -76,6 +77,7 @@ FRAMEWORKS = {
     "lightning": (
         "vaerepro.trainer",
         "vaerepro.stepsize",
+        "vaerepro.datamodule",
         "vaerepro.train",
         "vaerepro.train_resume",
         "vaerepro.tracking.training",
@@ -292,12 +294,12 @@ def test_the_name_check_sees_a_name_that_is_gone(tmp_path):
     text = (
         "from vaerepro import train\n"
         "def f(monkeypatch):\n"
-        "    from vaerepro.train import resident, gone_a\n"
+        "    from vaerepro.train import hold, gone_a\n"
         "    train.gone_b\n"
         "    monkeypatch.setattr(train, 'gone_c', 1)\n"
         "    monkeypatch.setattr('vaerepro.train.gone_d', 1)\n"
         "    monkeypatch.setattr('vaerepro.gone_e.x', 1)\n"
-        "    train.resident, train.shard\n"
+        "    train.hold, train.VAEModule\n"
     )
     f.write_text(text)
     try:

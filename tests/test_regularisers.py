@@ -20,17 +20,10 @@ from vaerepro import checkpoints, estimators, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
 from vaerepro.data import to_space
+from vaerepro.datamodule import TRAIN_STREAM, EpochBatches, VAEData, batch_seed
 from vaerepro.evaluate import load_vae, per_example, posterior_means
 from vaerepro.model import VAE, TwoLayerVAE, build_vae
-from vaerepro.train import (
-    TRAIN_STREAM,
-    EpochBatches,
-    VAEData,
-    VAEModule,
-    batch_seed,
-    build_module,
-    train,
-)
+from vaerepro.train import VAEModule, build_module, train
 
 D, Z = 12, 3
 

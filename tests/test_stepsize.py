@@ -18,9 +18,10 @@ from vaerepro import checkpoints, estimators, stepsize
 from vaerepro import config as config_mod
 from vaerepro.config import ConfigError
 from vaerepro.data import load_prepared, to_space
+from vaerepro.datamodule import TRAIN_STREAM, EpochBatches, VAEData, batch_seed
 from vaerepro.document import differences
 from vaerepro.model import build_vae
-from vaerepro.train import TRAIN_STREAM, EpochBatches, VAEData, batch_seed, build_module, train
+from vaerepro.train import build_module, train
 
 # AEVB's own set, with its optimiser (Adagrad); 12 pilot steps cross the tiny split's epoch of 9 batches
 # (420 training digits in batches of 50), so the pilots also run the reshuffled batches of epoch 1.

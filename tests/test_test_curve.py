@@ -17,9 +17,10 @@ from test_reproduce import _result
 from vaerepro import estimators, reproduction_card
 from vaerepro import presets as P
 from vaerepro.data import TEST_SEED_OFFSET, fixed_space, load_prepared
+from vaerepro.datamodule import TEST_STREAM, batch_seed
 from vaerepro.evaluate import load_vae
 from vaerepro.reproduction_results import SeedResult
-from vaerepro.train import TEST_STREAM, batch_seed, train
+from vaerepro.train import train
 from vaerepro.trainer import grid_index, on_test_grid
 
 N_TINY = 420  # training images of the tiny split: 600 digits, 10 % validation and 20 % test held out

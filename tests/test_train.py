@@ -20,10 +20,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from conftest import BIN, TINY, Crash, compose, copy_prepared, tiny_config, val_curve
 from vaerepro import checkpoints
 from vaerepro.data import load_prepared
-from vaerepro.errors import Stopped
-from vaerepro.evaluate import load_vae
-from vaerepro.schedules import iwae_lr
-from vaerepro.train import (
+from vaerepro.datamodule import (
     RESIDENT_FRACTION,
     EpochBatches,
     TensorBatches,
@@ -31,8 +28,11 @@ from vaerepro.train import (
     batch_seed,
     resident,
     shard,
-    train,
 )
+from vaerepro.errors import Stopped
+from vaerepro.evaluate import load_vae
+from vaerepro.schedules import iwae_lr
+from vaerepro.train import train
 from vaerepro.trainer import EpochBar
 
 
@@ -73,7 +73,7 @@ def test_batch_seed_is_numpys_seed_sequence_of_seed_stream_epoch_and_index():
     index]) (a run's numbers do not depend on the block size), in any order of asking, across block edges."""
     import numpy as np
 
-    from vaerepro.train import SEED_BLOCK
+    from vaerepro.datamodule import SEED_BLOCK
 
     def reference(s, st, e, i):
         return int(np.random.SeedSequence([s % 2**64, st, e, i]).generate_state(1, dtype=np.uint64)[0])

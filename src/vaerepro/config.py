@@ -236,7 +236,7 @@ class TrainConfig(_Section):
     grad_clip_value: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(100, ge=1)
     # validation needs no gradients: larger batches than training's cost less per image (fewer steps of
-    # Lightning's loop); the validation ELBO does not depend on it (see train.VAEData)
+    # Lightning's loop); the validation ELBO does not depend on it (see datamodule.VAEData)
     val_batch_size: int = Field(1000, ge=1)
     max_epochs: int = Field(30, ge=1)
     early_stopping: bool = False

@@ -140,8 +140,8 @@ class StepLosses(pl.Callback):
 
 def pilot(module: pl.LightningModule, data: pl.LightningDataModule, cfg: Config, steps: int) -> float:
     """The mean training bound (nats per example) over `steps` optimiser steps of `module` (a
-    train.VAEModule, left trained) from its present weights on `data` (a set-up train.VAEData), from epoch
-    0, batch 0 (epochs follow one another until then): the mean over steps of each batch's mean bound.
+    train.VAEModule, left trained) from its present weights on `data` (a set-up datamodule.VAEData), from
+    epoch 0, batch 0 (epochs follow one another until then): the mean over steps of each batch's mean bound.
 
     A throwaway Trainer: no validation, checkpoint, logger or progress bar, nothing written. On cfg's
     accelerator and precision, on one device with Lightning's default strategy for it (a strategy like ddp on
