@@ -30,6 +30,7 @@ repro: install plots-template
 	@if git status --porcelain -- dvc.lock metrics plots 2>/dev/null | grep -q .; then \
 	    echo "Commit the results, the baseline that dvc metrics diff, dvc params diff and dvc exp show compare with:"; \
 	    echo "    git add dvc.lock metrics plots && git commit -m 'Results of the pipeline'"; fi
+	@echo "The commands the README gives (vaerepro, dvc exp run, dvc metrics show, ...) are .venv's: source $(BIN)/activate"
 
 # `dvc exp show` narrowed to what compares runs: what was evaluated and the headline numbers always, other
 # params and metrics where they differ between the rows, no hashes of stage outputs. Plain `dvc exp show`

@@ -56,7 +56,8 @@ def header(table: str) -> str:
 def baseline(tmp_path_factory):
     """A fresh clone after `make repro` and the commit it prints; `dvc metrics diff` before that commit."""
     repo = tiny_repo(tmp_path_factory.mktemp("setup"), extra=("Makefile", "requirements.lock"))
-    assert COMMIT in make("repro", repo)
+    printed = make("repro", repo)
+    assert COMMIT in printed and f"source {VENV}/bin/activate" in printed  # the README's commands are .venv's
     before = dvc(repo, "metrics", "diff")
     run(["bash", "-c", COMMIT], repo)
     return repo, before
