@@ -69,6 +69,30 @@ def test_a_params_yaml_another_writer_wrote_is_compared_with_conf_alone(tmp_path
     )
 
 
+def test_an_experiment_without_the_overrides_its_baseline_recorded_names_each_key_it_lost(tmp_path):
+    """`dvc exp run` composes conf/ with its -S overrides alone: the overrides `vaerepro params` wrote into
+    the baseline's params.yaml are not in the experiment unless given again. Each key they set that the
+    experiment has at conf/'s own value is named with both values, a key conf/'s default group lacks as
+    absent; a key the experiment's -S set otherwise is its own change, not a loss."""
+    conf, params = _project(tmp_path)
+    recorded = ["data=npz", "data.path=/data/mine.npz", "model.latent_dim=7"]
+    baseline = config_mod.params_text(config_mod.compose(recorded, conf), recorded)
+    params.write_text(config_mod.dump(config_mod.compose(["model.latent_dim=9"], conf)))
+    plain, npz = compose()["data"], compose("data=npz")["data"]
+    assert config_mod.overrides_left_out(params, baseline, conf) == (
+        recorded,
+        [
+            f"data.source: experiment {plain['source']!r}, baseline 'npz'",
+            "data.path: experiment None, baseline '/data/mine.npz'",
+            f"data.max_npz_bytes: experiment absent, baseline {npz['max_npz_bytes']!r}",
+        ],
+    )
+    params.write_text(config_mod.dump(config_mod.compose([*recorded, "train.lr=0.1"], conf)))
+    assert config_mod.overrides_left_out(params, baseline, conf) == ([], [])  # carried: nothing lost
+    unrecorded = config_mod.dump(config_mod.compose(recorded, conf))  # dvc exp run or an editor wrote it
+    assert config_mod.overrides_left_out(params, unrecorded, conf) == ([], [])
+
+
 def test_dvc_hydra_composition_writes_the_same_params(tmp_path):
     # What `dvc exp run` does before running the pipeline (DVC's own code, not ours).
     from dvc.utils.hydra import compose_and_dump

@@ -77,6 +77,24 @@ def test_dvc_repro_after_an_edit_of_conf_warns_that_params_yaml_is_not_conf(tmp_
     assert "WARNING" not in under_exp.stdout + under_exp.stderr
 
 
+def test_dvc_exp_run_warns_when_it_leaves_out_the_overrides_the_baseline_recorded(tmp_path):
+    """`vaerepro params model.latent_dim=6`, committed, then `dvc exp run -S train.max_epochs=1`: DVC composes
+    conf/ with its -S overrides alone, so the experiment ran conf/'s latent size while `dvc exp show` set it
+    beside a baseline of 6, with no word. The check stage reads the baseline's params.yaml from git and
+    warns, naming the key with both values and the -S that carries it; given with -S, nothing is said."""
+    repo = tiny_repo(tmp_path)
+    run(["vaerepro", "params", "model.latent_dim=6"], repo)
+    run(["git", "commit", "-qam", "latent size 6"], repo)
+    lost = run(["dvc", "exp", "run", "-S", "train.max_epochs=1", "check"], repo)
+    out = lost.stdout + lost.stderr
+    (line,) = [x for x in out.splitlines() if "WARNING" in x]
+    assert "recorded in the baseline's params.yaml (model.latent_dim=6): " in line, out
+    assert "model.latent_dim: experiment 4, baseline 6. " in line  # the tiny config's 4
+    assert "dvc exp run -S model.latent_dim=6 -S ..." in line
+    kept = run(["dvc", "exp", "run", "-S", "model.latent_dim=6", "-S", "train.max_epochs=1", "check"], repo)
+    assert "WARNING" not in kept.stdout + kept.stderr
+
+
 def test_embedded_data_matches_committed_data_dvc(repo):
     run(["vaerepro", "fetch"], repo)
     before = json.loads(run(["dvc", "status", "data.dvc", "--json"], repo).stdout)

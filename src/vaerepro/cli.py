@@ -28,6 +28,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -114,10 +115,13 @@ def check_before_data(cfg: Config, root: Path) -> None:
 def _warn_if_conf_changed(params: Path, root: Path) -> None:
     """Warn when `params` is not what conf/ composes now (config.params_drift): `dvc repro` does not compose
     conf/, so after an edit of conf/ it runs params.yaml as it was, under the old values, and the results
-    would be taken for the edited config's. Not under `dvc exp run` (DVC_EXP_NAME), which has just composed
-    conf/ with its -S overrides into params.yaml. A warning, not a refusal: params.yaml edited by hand is a
-    config DVC users run on purpose."""
-    if os.environ.get("DVC_EXP_NAME") or not (root / "conf").is_dir():
+    would be taken for the edited config's. Under `dvc exp run` (DVC_EXP_NAME), which has just composed conf/
+    with its -S overrides into params.yaml, whether that left out what the baseline's params.yaml recorded
+    instead. A warning, not a refusal: params.yaml edited by hand is a config DVC users run on purpose."""
+    if not (root / "conf").is_dir():
+        return
+    if os.environ.get("DVC_EXP_NAME"):
+        _warn_if_exp_left_out_overrides(params, root)
         return
     try:
         overrides, differ = config_mod.params_drift(params, root / "conf")
@@ -140,6 +144,47 @@ def _warn_if_conf_changed(params: Path, root: Path) -> None:
             against,
             shown,
             params.name,
+        )
+
+
+def _warn_if_exp_left_out_overrides(params: Path, root: Path) -> None:
+    """Under `dvc exp run`: warn when the baseline's params.yaml was written by `vaerepro params OVERRIDES`
+    and the experiment runs conf/'s own value of a key they set (config.overrides_left_out). DVC composes
+    conf/ with its -S overrides alone, so `vaerepro params data=npz ...`, committed, then `dvc exp run -S
+    model.latent_dim=5` trains on conf/'s data, and `dvc exp show` sets it beside a baseline it does not
+    vary. The baseline is DVC_EXP_BASELINE_REV's params.yaml (git, from the workspace or DVC's copy of it
+    under .dvc/tmp/exps); nothing is said when git cannot show it."""
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
+    try:
+        relative = params.resolve().relative_to(root.resolve())
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:./{relative.as_posix()}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (ValueError, OSError, subprocess.SubprocessError):  # outside root; no git
+        return
+    if shown.returncode != 0:  # not committed at the baseline, or not a git repository
+        return
+    try:
+        recorded, lost = config_mod.overrides_left_out(params, shown.stdout, root / "conf")
+    except ConfigError as err:
+        log.warning("%s: conf/ does not compose with the baseline's overrides (%s)", params, err)
+        return
+    if lost:
+        shown_keys = "; ".join(lost[:5]) + (f"; and {len(lost) - 5} more" if len(lost) > 5 else "")
+        again = " ".join(f"-S {shlex.quote(o)}" for o in recorded)
+        log.warning(
+            "%s: dvc exp run composed conf/ with its -S overrides only, not with the ones `vaerepro params` "
+            "recorded in the baseline's %s (%s): %s. To vary the baseline, give them too: dvc exp run %s "
+            "-S ...; or set them in conf/",
+            params,
+            params.name,
+            shlex.join(recorded),
+            shown_keys,
+            again,
         )
 
 

@@ -653,11 +653,14 @@ class _Absent:
         return "absent"
 
 
+_ABSENT = _Absent()  # a key one of two configs lacks; one object, so two configs lacking it compare equal
+
+
 def _differences(have: Any, want: Any, key: str = "") -> Iterator[tuple[str, Any, Any]]:
     """(dotted key, have's value, want's value) wherever two resolved configs differ."""
     if isinstance(have, dict) and isinstance(want, dict):
         for k in dict.fromkeys([*have, *want]):
-            yield from _differences(have.get(k, _Absent()), want.get(k, _Absent()), f"{key}{k}.")
+            yield from _differences(have.get(k, _ABSENT), want.get(k, _ABSENT), f"{key}{k}.")
     elif have != want:
         yield key.removesuffix("."), have, want
 
@@ -675,3 +678,25 @@ def params_drift(
     composed = compose(overrides or [], config_dir)
     differ = _differences(yaml.safe_load(text), composed)
     return overrides, [f"{k}: {path.name} {a!r}, conf/ {b!r}" for k, a, b in differ]
+
+
+def overrides_left_out(
+    path: str | os.PathLike, baseline_text: str, config_dir: str | os.PathLike
+) -> tuple[list[str], list[str]]:
+    """Under `dvc exp run`: the overrides `vaerepro params` recorded in the baseline's params.yaml
+    (`baseline_text`, its first line), and one 'model.latent_dim: experiment 20, baseline 50' per key they
+    set that the experiment's resolved config at `path` has at conf/'s own value instead. DVC composes conf/
+    with its -S overrides alone and writes params.yaml anew, so what `vaerepro params` wrote into the
+    baseline is not in the experiment unless given again with -S. ([], []) when the baseline records none
+    or the experiment has every key they set; a ConfigError when conf/ does not compose with them."""
+    recorded = recorded_overrides(baseline_text)
+    if not recorded:
+        return [], []
+    wanted = compose(recorded, config_dir)
+    conf_value = {k: a for k, a, _ in _differences(compose([], config_dir), wanted)}  # the keys they set
+    lost = [
+        f"{k}: experiment {a!r}, baseline {b!r}"
+        for k, a, b in _differences(yaml.safe_load(Path(path).read_text()), wanted)
+        if k in conf_value and a == conf_value[k]
+    ]
+    return (recorded, lost) if lost else ([], [])
