@@ -7,6 +7,7 @@ import yaml
 
 from conftest import ROOT, compose
 from vaerepro import config as config_mod
+from vaerepro import params_file
 from vaerepro.config import ConfigError
 
 
@@ -15,7 +16,7 @@ def test_params_yaml_equals_composed_conf():
     assert yaml.safe_load(text) == compose(), (
         "params.yaml is stale: run `vaerepro params` (or `make params`) and commit it"
     )
-    assert text == config_mod.params_text(compose(), []), "not as `vaerepro params` writes it"
+    assert text == params_file.params_text(compose(), []), "not as `vaerepro params` writes it"
 
 
 def _project(tmp_path):
@@ -33,14 +34,14 @@ def test_a_params_yaml_that_conf_no_longer_composes_names_each_key_that_differs(
     conf, params = _project(tmp_path)
     overrides = ["likelihood=gaussian", "likelihood.sigma=0.1", "train.lr_candidates=[0.01, 0.001]"]
     raw = config_mod.compose(overrides, conf)
-    params.write_text(config_mod.params_text(raw, overrides))
-    assert config_mod.recorded_overrides(params.read_text()) == overrides
-    assert config_mod.params_drift(params, conf) == (overrides, [])  # the overrides are no drift
+    params.write_text(params_file.params_text(raw, overrides))
+    assert params_file.recorded_overrides(params.read_text()) == overrides
+    assert params_file.params_drift(params, conf) == (overrides, [])  # the overrides are no drift
 
     model = conf / "model" / "mlp.yaml"
     mlp = yaml.safe_load(model.read_text())
     model.write_text(yaml.safe_dump({**mlp, "latent_dim": 7, "hidden_dims": [300, 300]}, sort_keys=False))
-    assert config_mod.params_drift(params, conf) == (
+    assert params_file.params_drift(params, conf) == (
         overrides,
         [
             f"model.latent_dim: params.yaml {mlp['latent_dim']!r}, conf/ 7",
@@ -57,9 +58,9 @@ def test_a_params_yaml_another_writer_wrote_is_compared_with_conf_alone(tmp_path
     del raw["eval"]["seed"]
     raw["eval"]["extra"] = 1
     params.write_text(config_mod.dump(raw))
-    assert config_mod.recorded_overrides(params.read_text()) is None
+    assert params_file.recorded_overrides(params.read_text()) is None
     seed = compose()["eval"]["seed"]
-    assert config_mod.params_drift(params, conf) == (
+    assert params_file.params_drift(params, conf) == (
         None,
         [
             "model.latent_dim: params.yaml 5, conf/ 20",
@@ -76,10 +77,10 @@ def test_an_experiment_without_the_overrides_its_baseline_recorded_names_each_ke
     absent; a key the experiment's -S set otherwise is its own change, not a loss."""
     conf, params = _project(tmp_path)
     recorded = ["data=npz", "data.path=/data/mine.npz", "model.latent_dim=7"]
-    baseline = config_mod.params_text(config_mod.compose(recorded, conf), recorded)
+    baseline = params_file.params_text(config_mod.compose(recorded, conf), recorded)
     params.write_text(config_mod.dump(config_mod.compose(["model.latent_dim=9"], conf)))
     plain, npz = compose()["data"], compose("data=npz")["data"]
-    assert config_mod.overrides_left_out(params, baseline, conf) == (
+    assert params_file.overrides_left_out(params, baseline, conf) == (
         recorded,
         [
             f"data.source: experiment {plain['source']!r}, baseline 'npz'",
@@ -88,9 +89,9 @@ def test_an_experiment_without_the_overrides_its_baseline_recorded_names_each_ke
         ],
     )
     params.write_text(config_mod.dump(config_mod.compose([*recorded, "train.lr=0.1"], conf)))
-    assert config_mod.overrides_left_out(params, baseline, conf) == ([], [])  # carried: nothing lost
+    assert params_file.overrides_left_out(params, baseline, conf) == ([], [])  # carried: nothing lost
     unrecorded = config_mod.dump(config_mod.compose(recorded, conf))  # dvc exp run or an editor wrote it
-    assert config_mod.overrides_left_out(params, unrecorded, conf) == ([], [])
+    assert params_file.overrides_left_out(params, unrecorded, conf) == ([], [])
 
 
 def test_dvc_hydra_composition_writes_the_same_params(tmp_path):

@@ -58,6 +58,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.resumption",
         "vaerepro.run_dirs",
         "vaerepro.run_overrides",
+        "vaerepro.params_file",
         "vaerepro.cli",
     ),
 }

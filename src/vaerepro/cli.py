@@ -25,16 +25,14 @@ import argparse
 import contextlib
 import logging
 import os
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from vaerepro import config as config_mod
-from vaerepro import quick_exit, run_dirs, run_overrides, signals
+from vaerepro import params_file, quick_exit, run_dirs, run_overrides, signals
 from vaerepro.config import Config, ConfigError
 from vaerepro.errors import Stopped, UserError
 from vaerepro.files import try_lock, write_whole
@@ -110,82 +108,6 @@ def check_before_data(cfg: Config, root: Path) -> None:
     path = _data_path(cfg)
     if (quantized := data.stored_quantized(cfg.data.source, path)) is not None:
         data.check_bounded(cfg.likelihood_object(), cfg.data_space, quantized, path or cfg.data.source)
-
-
-def _warn_if_conf_changed(params: Path, root: Path) -> None:
-    """Warn when `params` is not what conf/ composes now (config.params_drift): `dvc repro` does not compose
-    conf/, so after an edit of conf/ it runs params.yaml as it was, under the old values, and the results
-    would be taken for the edited config's. Under `dvc exp run` (DVC_EXP_NAME), which has just composed conf/
-    with its -S overrides into params.yaml, whether that left out what the baseline's params.yaml recorded
-    instead. A warning, not a refusal: params.yaml edited by hand is a config DVC users run on purpose."""
-    if not (root / "conf").is_dir():
-        return
-    if os.environ.get("DVC_EXP_NAME"):
-        _warn_if_exp_left_out_overrides(params, root)
-        return
-    try:
-        overrides, differ = config_mod.params_drift(params, root / "conf")
-    except ConfigError as err:
-        log.warning("%s: conf/ does not compose (%s); the stages run %s as it is", params, err, params.name)
-        return
-    if differ:
-        shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
-        if overrides is None:
-            against = "conf/ as it composes now (it records no overrides: dvc exp run or an editor wrote it)"
-        elif overrides:
-            recorded = " ".join(map(shlex.quote, overrides))
-            against = f"conf/ as it composes now with the overrides its first line records ({recorded})"
-        else:
-            against = "conf/ as it composes now"
-        log.warning(
-            "%s is not %s: %s. The stages run %s as it is; to run conf/ as it is now, `vaerepro params "
-            "[OVERRIDES]`, then `dvc repro`; or `dvc exp run`",
-            params,
-            against,
-            shown,
-            params.name,
-        )
-
-
-def _warn_if_exp_left_out_overrides(params: Path, root: Path) -> None:
-    """Under `dvc exp run`: warn when the baseline's params.yaml was written by `vaerepro params OVERRIDES`
-    and the experiment runs conf/'s own value of a key they set (config.overrides_left_out). DVC composes
-    conf/ with its -S overrides alone, so `vaerepro params data=npz ...`, committed, then `dvc exp run -S
-    model.latent_dim=5` trains on conf/'s data, and `dvc exp show` sets it beside a baseline it does not
-    vary. The baseline is DVC_EXP_BASELINE_REV's params.yaml (git, from the workspace or DVC's copy of it
-    under .dvc/tmp/exps); nothing is said when git cannot show it."""
-    rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
-    try:
-        relative = params.resolve().relative_to(root.resolve())
-        shown = subprocess.run(
-            ["git", "show", f"{rev}:./{relative.as_posix()}"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (ValueError, OSError, subprocess.SubprocessError):  # outside root; no git
-        return
-    if shown.returncode != 0:  # not committed at the baseline, or not a git repository
-        return
-    try:
-        recorded, lost = config_mod.overrides_left_out(params, shown.stdout, root / "conf")
-    except ConfigError as err:
-        log.warning("%s: conf/ does not compose with the baseline's overrides (%s)", params, err)
-        return
-    if lost:
-        shown_keys = "; ".join(lost[:5]) + (f"; and {len(lost) - 5} more" if len(lost) > 5 else "")
-        again = " ".join(f"-S {shlex.quote(o)}" for o in recorded)
-        log.warning(
-            "%s: dvc exp run composed conf/ with its -S overrides only, not with the ones `vaerepro params` "
-            "recorded in the baseline's %s (%s): %s. To vary the baseline, give them too: dvc exp run %s "
-            "-S ...; or set them in conf/",
-            params,
-            params.name,
-            shlex.join(recorded),
-            shown_keys,
-            again,
-        )
 
 
 def check_no_resume_under_dvc(cfg: Config) -> None:
@@ -674,7 +596,7 @@ def _main(argv: list[str]) -> int:
                 f"which every stage needs; {args.output} is left as it was"
             )
         # the earlier params.yaml stays if this one fails
-        write_whole(args.output, config_mod.params_text(raw, args.overrides))
+        write_whole(args.output, params_file.params_text(raw, args.overrides))
         print(f"wrote {args.output}")
         return 0
     cfg = config_mod.load(args.params)
@@ -703,7 +625,7 @@ def _main(argv: list[str]) -> int:
         else:
             STAGES[args.command](cfg, out_dir, root)
             if args.command == "check":
-                _warn_if_conf_changed(Path(args.params), root)
+                params_file.warn_if_not_meant(Path(args.params), root)
     except BaseException as exc:
         # A stage after training that did not finish marks the run; a refused input leaves it as it was.
         if args.command in ("evaluate", "report") and _user_error(exc) is None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -627,76 +625,3 @@ def compose(
 
 def dump(raw: dict[str, Any]) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
-
-
-# The first line `vaerepro params` writes into params.yaml: the overrides it composed conf/ with, so that
-# `params_drift` can compose conf/ as that file was composed. `dvc exp run` writes the file anew without it
-# (composing conf/ with its -S overrides itself); `dvc repro` runs the file as it is.
-PARAMS_HEADER = "# written by `vaerepro params{}`: conf/ composed with these overrides"
-_PARAMS_HEADER = re.compile(re.escape(PARAMS_HEADER).replace(re.escape("{}"), "(.*)") + "$")
-
-
-def params_text(raw: dict[str, Any], overrides: list[str]) -> str:
-    """params.yaml as `vaerepro params OVERRIDES` writes it: the header naming the overrides, then `raw`."""
-    return PARAMS_HEADER.format("".join(" " + shlex.quote(o) for o in overrides)) + "\n" + dump(raw)
-
-
-def recorded_overrides(text: str) -> list[str] | None:
-    """The overrides a params.yaml's first line records (`params_text`); None when another writer wrote it
-    (`dvc exp run`, an editor)."""
-    match = _PARAMS_HEADER.match(text.split("\n", 1)[0])
-    return None if match is None else shlex.split(match.group(1))
-
-
-class _Absent:
-    def __repr__(self) -> str:
-        return "absent"
-
-
-_ABSENT = _Absent()  # a key one of two configs lacks; one object, so two configs lacking it compare equal
-
-
-def _differences(have: Any, want: Any, key: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted key, have's value, want's value) wherever two resolved configs differ."""
-    if isinstance(have, dict) and isinstance(want, dict):
-        for k in dict.fromkeys([*have, *want]):
-            yield from _differences(have.get(k, _ABSENT), want.get(k, _ABSENT), f"{key}{k}.")
-    elif have != want:
-        yield key.removesuffix("."), have, want
-
-
-def params_drift(
-    path: str | os.PathLike, config_dir: str | os.PathLike
-) -> tuple[list[str] | None, list[str]]:
-    """Where the resolved config at `path` is not what conf/ composes now with the overrides the file
-    records (none when it records none): the recorded overrides, and one 'model.latent_dim: params.yaml 20,
-    conf/ 50' per key that differs. `dvc repro` does not compose conf/: after an edit of conf/ it runs
-    params.yaml as it was, under the old values. A ConfigError when conf/ does not compose."""
-    path = Path(path)
-    text = path.read_text()
-    overrides = recorded_overrides(text)
-    composed = compose(overrides or [], config_dir)
-    differ = _differences(yaml.safe_load(text), composed)
-    return overrides, [f"{k}: {path.name} {a!r}, conf/ {b!r}" for k, a, b in differ]
-
-
-def overrides_left_out(
-    path: str | os.PathLike, baseline_text: str, config_dir: str | os.PathLike
-) -> tuple[list[str], list[str]]:
-    """Under `dvc exp run`: the overrides `vaerepro params` recorded in the baseline's params.yaml
-    (`baseline_text`, its first line), and one 'model.latent_dim: experiment 20, baseline 50' per key they
-    set that the experiment's resolved config at `path` has at conf/'s own value instead. DVC composes conf/
-    with its -S overrides alone and writes params.yaml anew, so what `vaerepro params` wrote into the
-    baseline is not in the experiment unless given again with -S. ([], []) when the baseline records none
-    or the experiment has every key they set; a ConfigError when conf/ does not compose with them."""
-    recorded = recorded_overrides(baseline_text)
-    if not recorded:
-        return [], []
-    wanted = compose(recorded, config_dir)
-    conf_value = {k: a for k, a, _ in _differences(compose([], config_dir), wanted)}  # the keys they set
-    lost = [
-        f"{k}: experiment {a!r}, baseline {b!r}"
-        for k, a, b in _differences(yaml.safe_load(Path(path).read_text()), wanted)
-        if k in conf_value and a == conf_value[k]
-    ]
-    return (recorded, lost) if lost else ([], [])
