@@ -320,3 +320,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, named):
     err = capsys.readouterr().err
     assert err.startswith("vaerepro reproduce: ") and err.count("\n") == 1 and named in err, err
     assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_why_a_paper_gives_no_number_is_said_once_on_the_card(tmp_path):
+    """The continuous Bernoulli preset's two values share one paragraph on why neither was found: the card
+    printed it four times, in each row of the verdict table and under each value. It is now under
+    "Published and measured" once, naming both values, and each verdict row points there."""
+    preset = P.PRESETS["cb-mnist-cb"]
+    (why,) = {pub.why_none for pub in preset.published}
+    assert len(preset.published) == 2 and len(why) > 100
+    md = reproduction_card.write_card(_result(tmp_path, preset, [1400.0, 1410.0, 1420.0], seeds=3))["md"]
+    text = md.read_text()
+    assert text.count(why) == 1
+    (pub_elbo, pub_knn) = preset.published
+    assert f"{pub_elbo.metric} ({pub_elbo.where}) and {pub_knn.metric} ({pub_knn.where}): " in text
+    for pub in preset.published:
+        row = next(
+            line for line in text.splitlines() if line.startswith(f"| {pub.metric} | not comparable |")
+        )
+        assert f"| {R.NO_NUMBER} (why: under Published and measured); " in row, row

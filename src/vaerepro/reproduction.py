@@ -111,6 +111,9 @@ def _parse(text: str) -> Any:
 
 
 # --- verdicts -----------------------------------------------------------------------------------------
+NO_NUMBER = "no published number"  # a verdict's reason, then ": " and the preset's why_none
+
+
 def verdict(
     preset_value: Published,
     measured: float | None,
@@ -135,7 +138,7 @@ def verdict(
     reasons = [str(d) for d in protocol_deviations]
     pub, tol = preset_value.value, preset_value.tolerance
     if pub is None:
-        reasons.insert(0, f"no published number: {preset_value.why_none or 'the paper gives none'}")
+        reasons.insert(0, f"{NO_NUMBER}: {preset_value.why_none or 'the paper gives none'}")
     elif tol is None:
         reasons.insert(0, "no tolerance for this number")
     if measured is None or not math.isfinite(measured):

@@ -198,7 +198,13 @@ def _verdict_blocks(result: Result) -> list[Block]:
     blocks: list[Block] = [Heading("Verdict"), Para(f"{result.verdict}: {KIND_TEXT[result.verdict]}.")]
     shared, rows = set(result.deviations), []
     for m in result.measurements:
-        own = [r for r in m.verdict.reasons if r not in shared]
+        # why a number was not found is given once, under "Published and measured": often a paragraph, and
+        # the same for every value of the paper
+        own = [
+            f"{R.NO_NUMBER} (why: under Published and measured)" if r.startswith(f"{R.NO_NUMBER}: ") else r
+            for r in m.verdict.reasons
+            if r not in shared
+        ]
         own += (
             ["the departures from the protocol below"]
             if m.verdict.kind == "not comparable" and shared
@@ -220,14 +226,16 @@ def _measured_blocks(result: Result) -> list[Block]:
         Table(header, [_published_row(m) for m in result.measurements]),
     ]
     blocks.append(Para(_BAND_TEXT))
+    not_found: dict[str, list[str]] = {}  # why_none: the values it explains, each said once
     for m in result.measurements:
         pub = m.published
-        why = (
-            f"tolerance ±{pub.tolerance:g} {pub.unit}: {pub.tolerance_reason}"
-            if pub.value is not None
-            else (f"no published number: {pub.why_none}")
-        )
-        blocks.append(Para(f"{pub.metric} ({pub.where}): {why}"))
+        if pub.value is not None:
+            why = f"tolerance ±{pub.tolerance:g} {pub.unit}: {pub.tolerance_reason}"
+            blocks.append(Para(f"{pub.metric} ({pub.where}): {why}"))
+        else:
+            not_found.setdefault(pub.why_none, []).append(f"{pub.metric} ({pub.where})")
+    for why, values in not_found.items():
+        blocks.append(Para(f"{' and '.join(values)}: {R.NO_NUMBER}: {why or 'the paper gives none'}"))
     header = ["seed", *(f"{m.published.metric} ± SE across examples" for m in result.measurements)]
     header += ["K", "epochs", "log p(x) converged", "wall time (s)", "training (s)", "results", "MLflow run"]
     rows = []
