@@ -18,8 +18,9 @@ from vaerepro import run_overrides
 from vaerepro.config import ConfigError
 
 
-def _vaerepro_run(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def _vaerepro_run(args: list[str], cwd, path: str | None = None) -> subprocess.CompletedProcess:
+    """`vaerepro run ARGS` in cwd, the venv's commands first on PATH (or PATH=`path`)."""
+    env = {**os.environ, "PATH": path or f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR", "VAEREPRO_DEBUG"):
         env.pop(name, None)  # the default store: <project root>/mlflow.db, which must not appear
     return subprocess.run(
@@ -54,8 +55,41 @@ def test_a_valid_basic_sweep_passes_the_check():
         ["--multirun", "likelihood=bernoulli,gaussian", "model.latent_dim=range(2,4)", "seed=choice(0,1)"],
         ["-m", "likelihood=glob(*)", "model.hidden_dims=[64],[32,32]"],
         ["-m", "model.latent_dim=2,0", "model.latent_dim=3"],  # a later override of a key replaces it
-        ["-m", "hydra/launcher=slurm", "model.latent_dim=2,3"],
     ):
+        run_overrides.check_overrides(argv, ROOT)
+
+
+def test_the_slurm_launcher_where_slurm_is_not_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    """`hydra/launcher=slurm` on a machine without srun was submitit's RuntimeError traceback from inside
+    Hydra, exit status 1, after Hydra had made the sweep's directory. It is one line now, exit status 2, with
+    nothing written; on a cluster's node (sbatch and srun on PATH) the check lets it through."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    argv = [
+        "--multirun",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        *TINY,
+        "model.latent_dim=2,3",
+    ]
+    proc = _vaerepro_run(argv, tmp_path, path=str(BIN))  # the venv's commands only: no srun
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.splitlines()
+    assert line == (
+        "vaerepro run: hydra/launcher: SlurmLauncher submits the jobs with sbatch and srun, and this machine "
+        "has no sbatch or srun on PATH (it is not a node of a SLURM cluster): run the sweep from the "
+        "cluster's login node, or leave out hydra/launcher=slurm to run the jobs here"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no runs/ (Hydra's sweep dir)
+
+    cluster = tmp_path / "cluster-bin"
+    cluster.mkdir()
+    for command in ("sbatch", "srun"):
+        (cluster / command).write_text("#!/bin/sh\nexit 0\n")
+        (cluster / command).chmod(0o755)
+    monkeypatch.setenv("PATH", str(cluster))
+    run_overrides.check_overrides(argv, ROOT)  # passes
+    (cluster / "srun").unlink()
+    with pytest.raises(ConfigError, match="this machine has no srun on PATH"):
         run_overrides.check_overrides(argv, ROOT)
 
 

@@ -9,6 +9,7 @@ its basic sweeper finds a job's mistake only when that job starts, after the job
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from vaerepro import config as config_mod
@@ -82,6 +83,24 @@ def check_overrides(argv: list[str], root: Path) -> None:
     check_basic_sweep(overrides, shared, hydra_overrides, root)
 
 
+# The commands each launcher needs on the machine that launches the sweep: submitit's SLURM launcher submits
+# with sbatch and refuses to start without srun, as a RuntimeError traceback from inside Hydra after Hydra
+# has made the sweep's directory.
+LAUNCHER_COMMANDS = {"SlurmLauncher": ("sbatch", "srun")}
+
+
+def check_launcher_runs_here(target: str) -> None:
+    """ConfigError when the launcher class `target` (hydra.launcher._target_) needs a command this machine
+    lacks: `hydra/launcher=slurm` off a SLURM cluster's nodes."""
+    needed = LAUNCHER_COMMANDS.get(target.rsplit(".", 1)[-1], ())
+    if missing := [c for c in needed if shutil.which(c) is None]:
+        raise ConfigError(
+            f"hydra/launcher: {target.rsplit('.', 1)[-1]} submits the jobs with {' and '.join(needed)}, and "
+            f"this machine has no {' or '.join(missing)} on PATH (it is not a node of a SLURM cluster): run "
+            "the sweep from the cluster's login node, or leave out hydra/launcher=slurm to run the jobs here"
+        )
+
+
 def check_no_file_at(key: str, path: Path) -> None:
     """ConfigError when path, or the nearest of its parents that exists, is a file: Hydra's mkdir of the run's
     or the sweep's directory there was a traceback."""
@@ -132,6 +151,7 @@ def check_basic_sweep(
             return  # before any job
         if sweeper != "basic":
             return
+        check_launcher_runs_here(str(OmegaConf.select(hcfg, "hydra.launcher._target_", default="")))
         try:  # an interpolation that does not resolve here is left to Hydra
             sweep_dir = Path(str(OmegaConf.select(hcfg, "hydra.sweep.dir")))
         except Exception:  # noqa: BLE001
