@@ -775,6 +775,21 @@ def test_vaerepro_run_refuses_what_the_check_stage_refuses_before_any_work(tmp_p
     assert not (tmp_path / "run").exists() and not (tmp_path / "raw").exists()  # nothing fetched or prepared
 
 
+def test_ddp_without_a_gpu_names_ddp_in_cpu_processes_too(monkeypatch):
+    """trainer=ddp on a machine without a GPU said "use trainer=cpu" alone, which drops DDP; the README's
+    other way, DDP in CPU processes, is named too."""
+    from conftest import compose
+    from vaerepro.config import ConfigError, validate
+    from vaerepro.devices import check_trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ddp = validate(compose("trainer=ddp", "trainer.devices=2")).trainer
+    message = "this machine has no CUDA device; use trainer=cpu, or trainer.accelerator=cpu for DDP in CPU"
+    with pytest.raises(ConfigError, match=message):
+        check_trainer(ddp)
+    check_trainer(validate(compose("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")).trainer)
+
+
 def test_an_mps_accelerator_without_an_mps_device_is_refused(monkeypatch):
     """Lightning's MisconfigurationException traceback when the Trainer was built, before."""
     from conftest import compose

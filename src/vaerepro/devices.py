@@ -18,8 +18,12 @@ def check_trainer(t: TrainerConfig) -> None:
     if t.accelerator in ("gpu", "cuda"):
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if have == 0:
+            # under DDP, the README's CPU processes (trainer=ddp trainer.accelerator=cpu) are the other way
+            ddp = (
+                ", or trainer.accelerator=cpu for DDP in CPU processes" if "ddp" in t.strategy.lower() else ""
+            )
             raise ConfigError(
-                f"trainer.accelerator={t.accelerator}: this machine has no CUDA device; use trainer=cpu"
+                f"trainer.accelerator={t.accelerator}: this machine has no CUDA device; use trainer=cpu{ddp}"
             )
         if isinstance(t.devices, int) and t.devices > have:
             raise ConfigError(f"trainer.devices={t.devices}: this machine has {have} CUDA device(s)")
