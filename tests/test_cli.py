@@ -588,3 +588,40 @@ def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_ar
     proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "metrics" / "train.json").read_text())["epochs"] == 4
+
+
+def test_a_stage_given_a_runs_directory_reads_that_runs_config(tmp_path):
+    """`vaerepro evaluate --out runs/X` read the project's params.yaml, not the config runs/X ran with: the
+    checkpoint refused it, or, where the two agreed on the model, the evaluation ran under the project's
+    other settings. A stage's --params now defaults to OUT/params.yaml when OUT holds one; a directory
+    without one, or --params, reads what it names. The check stage's warnings that params.yaml is not what
+    conf/ composes are for the project's params.yaml only: a run's is conf/ with the run's overrides."""
+    from vaerepro import config as config_mod
+    from vaerepro import params_file
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    project = config_mod.compose(["tracking.enabled=false"], tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(params_file.params_text(project, ["tracking.enabled=false"]))
+    run, other = tmp_path / "runs" / "x", tmp_path / "other"
+    run.mkdir(parents=True)
+    other.mkdir()
+    ran = config_mod.compose(["tracking.enabled=false", "model.latent_dim=0"], tmp_path / "conf")
+    (run / "params.yaml").write_text(config_mod.dump(ran))  # as `vaerepro run` writes it, no header
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        return _vaerepro(["check", *args], tmp_path)
+
+    refused = check("--out", "runs/x")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "vaerepro check: runs/x/params.yaml: model.latent_dim: Input should be greater than or equal to 1 "
+        "(given: 0)"
+    )
+    assert check("--out", "runs/x", "--params", "params.yaml").returncode == 0
+    assert check("--out", "other").returncode == 0  # no params.yaml there: the project's
+    ran["model"]["latent_dim"] = 7
+    (run / "params.yaml").write_text(config_mod.dump(ran))
+    for args in (["--out", "runs/x"], ["--params", "runs/x/params.yaml", "--out", "runs/x"]):
+        proc = check(*args)
+        assert proc.returncode == 0 and "WARNING" not in proc.stderr, (args, proc.stderr)
+    assert "reading runs/x/params.yaml, the config of the run in runs/x" in check("--out", "runs/x").stderr

@@ -580,7 +580,11 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--print-url", action="store_true", help="print the link only; serve nothing")
     for name in ("fetch", *STAGES):
         p = sub.add_parser(name, help=STAGE_HELP[name])
-        p.add_argument("--params", default="params.yaml", help="resolved config (default: params.yaml)")
+        p.add_argument(
+            "--params",
+            help="resolved config (default: OUT/params.yaml when --out is a run's directory holding one, "
+            "else params.yaml)",
+        )
         p.add_argument("--out", default=".", help="directory the stage reads and writes (default: .)")
         p.add_argument(
             "--no-progress", action="store_true", help="no progress bars (the default off a terminal)"
@@ -599,6 +603,13 @@ def _main(argv: list[str]) -> int:
         write_whole(args.output, params_file.params_text(raw, args.overrides))
         print(f"wrote {args.output}")
         return 0
+    if args.params is None:
+        # a `vaerepro run`'s directory holds the config it ran with: `vaerepro evaluate --out runs/X` means
+        # that run's, not the project's params.yaml (which the checkpoint would refuse, or worse, describe)
+        own = Path(args.out) / "params.yaml"
+        args.params = str(own) if args.out != "." and own.is_file() else "params.yaml"
+        if args.params != "params.yaml":
+            log.info("reading %s, the config of the run in %s (--params to read another)", own, args.out)
     cfg = config_mod.load(args.params)
     root = config_mod.find_project_root(Path(args.params).resolve().parent)
     if args.command == "ui":

@@ -106,8 +106,10 @@ def _listed(keys: list[str]) -> str:
 def warn_if_not_meant(params: Path, root: Path) -> None:
     """The check stage's warning that `params` is not the config the user meant: under `dvc exp run`
     (DVC_EXP_NAME, which has just written it) when it lacks what the baseline's file recorded, otherwise
-    when conf/ composes otherwise now. Nothing without conf/ (a project run from its params.yaml alone)."""
-    if not (root / "conf").is_dir():
+    when conf/ composes otherwise now. Only for the project's params.yaml, the file DVC runs: a run's
+    directory holds the config it ran with, conf/ and its overrides resolved (no header). Nothing without
+    conf/ (a project run from its params.yaml alone)."""
+    if not (root / "conf").is_dir() or params.resolve() != (root / "params.yaml").resolve():
         return
     if os.environ.get("DVC_EXP_NAME"):
         _warn_if_exp_left_out_overrides(params, root)
