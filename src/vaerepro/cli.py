@@ -3,7 +3,8 @@
 vaerepro params [OVERRIDES]     compose conf/ (+ Hydra overrides) into params.yaml
 vaerepro fetch                  put the configured data source's raw files under data/
 vaerepro check|prepare|train|evaluate|report [--params params.yaml] [--out .]
-                                the DVC stages; each reads the resolved config
+                                the DVC stages; each reads the resolved config (OUT/params.yaml when
+                                --out names a run's directory holding one)
 vaerepro run [OVERRIDES]        one configuration through every stage, outside DVC (a Hydra app:
                                 --multirun, --cfg job, hydra.run.dir=... all work)
 vaerepro ui [--port N] [--print-url]
