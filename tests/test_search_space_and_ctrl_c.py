@@ -115,6 +115,20 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys):
     assert status == 130
     assert capsys.readouterr().err == "vaerepro evaluate: stopped (Ctrl-C); run vaerepro evaluate again\n"
 
+    def sweep_interrupted(argv):  # a sweep names how it resumes (sweep.runner.RESUME_HINT)
+        stop = KeyboardInterrupt()
+        stop.hint = "run the same command again to resume study s: ..."
+        raise stop
+
+    monkeypatch.setattr(cli, "_main", sweep_interrupted)
+    try:
+        assert cli.main(["run", "-m"]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == (
+        "vaerepro run: stopped (Ctrl-C); run the same command again to resume study s: ...\n"
+    )
+
 
 @pytest.mark.slow
 def test_ctrl_c_stops_training_at_its_epoch_end_with_last_ckpt_and_exit_130(tmp_path, raw_dir, prepared_tiny):

@@ -611,6 +611,11 @@ def test_a_sigterm_stops_the_sweep_with_143_its_trials_killed_and_a_resume_finis
         s.run()
     assert signal.getsignal(signal.SIGTERM) is previous  # put back
     assert stop.value.exit_status == 143
+    # the command's last line says how it goes on (it said "stopped by SIGTERM" alone)
+    assert stop.value.hint == (
+        "run the same command again to resume study term: its completed trials are kept, the interrupted "
+        "ones are queued again"
+    )
     assert [r.proc.returncode for r in s.launched] == [-signal.SIGTERM]
     trials = _load(tmp_path, "term").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
@@ -674,8 +679,9 @@ def test_a_trial_that_ended_before_ctrl_c_is_recorded_as_it_ended(tmp_path):
             raise KeyboardInterrupt
 
     s = _fake_sweep(tmp_path, "ctrlc", tmp_path / "runs", cls=Interrupted, n_trials=1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         s.run()
+    assert stop.value.hint.startswith("run the same command again to resume study ctrlc: ")
     trials = _load(tmp_path, "ctrlc").get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"]  # not failed, not queued again
     assert trials[0].value == -100.0 and not trials[0].system_attrs.get(sweep.INTERRUPTED)

@@ -477,12 +477,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = _unless_deleted(hint)
         print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return stop.exit_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Ctrl-C outside training (training defers it to its epoch end: signals.deferred): one line and
         # 128 + SIGINT, as a shell reports it; the run it stopped is KILLED on the way up
         if debug:
             raise
-        hint = _unless_deleted("" if command in ("train", "run") else _RESUME_HINT.get(command, ""))
+        hint = getattr(stop, "hint", None)  # a sweep's: how it resumes
+        hint = hint or _unless_deleted("" if command in ("train", "run") else _RESUME_HINT.get(command, ""))
         print(f"vaerepro {command}: stopped (Ctrl-C)" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as err:

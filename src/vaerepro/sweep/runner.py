@@ -76,6 +76,11 @@ _HOST, _PID, _BEAT = "vaerepro:host", "vaerepro:pid", "vaerepro:heartbeat"
 
 # In each trial directory, written (exclusively) before anything else: which study and trial own it, as JSON
 # {"study_name", "storage", "study_uid", "trial"}
+# What a stopped sweep's last line says after "stopped by SIGTERM" (or Ctrl-C): how it goes on.
+RESUME_HINT = (
+    "run the same command again to resume study {study}: its completed trials are kept, the interrupted ones "
+    "are queued again"
+)
 TRIAL_MARK = ".vaerepro-trial.json"
 RESULTS_FILE = "optimization_results.json"
 
@@ -709,6 +714,7 @@ class Sweep:
             reason = f"interrupted: the sweep was stopped ({by})"
             self._interrupt(study, storage, reason)
             self._close_parent(study, "KILLED", reason=reason)
+            stop.hint = RESUME_HINT.format(study=self.s.study_name)  # the command's last line (vaerepro.cli)
             raise
         except BaseException as err:
             # never leave the study's run or a trial RUNNING: stop the trials as an interruption would
