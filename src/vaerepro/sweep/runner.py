@@ -69,6 +69,11 @@ HEARTBEAT_S = 30.0  # a sweep process stamps its running trials this often ...
 STALE_AFTER_S = 180.0  # ... and a running trial unstamped for this long belongs to a dead sweep
 POLL_S = 0.2  # how often the sweep process looks at its trial processes
 STOP_GRACE_S = 30.0  # after SIGTERM, how long a stopped trial process has before SIGKILL
+# What a stopped sweep's last line says after "stopped by SIGTERM" (or Ctrl-C): how it goes on.
+RESUME_HINT = (
+    "run the same command again to resume study {study}: its completed trials are kept, the interrupted ones "
+    "are queued again"
+)
 
 # trial system attributes (bookkeeping, not shown as user attributes): which sweep process runs the trial,
 # and when it last said so (time.time(), seconds)
@@ -76,11 +81,6 @@ _HOST, _PID, _BEAT = "vaerepro:host", "vaerepro:pid", "vaerepro:heartbeat"
 
 # In each trial directory, written (exclusively) before anything else: which study and trial own it, as JSON
 # {"study_name", "storage", "study_uid", "trial"}
-# What a stopped sweep's last line says after "stopped by SIGTERM" (or Ctrl-C): how it goes on.
-RESUME_HINT = (
-    "run the same command again to resume study {study}: its completed trials are kept, the interrupted ones "
-    "are queued again"
-)
 TRIAL_MARK = ".vaerepro-trial.json"
 RESULTS_FILE = "optimization_results.json"
 
