@@ -607,7 +607,8 @@ def _main(argv: list[str]) -> int:
         return 0
     if args.params is None:
         # a `vaerepro run`'s directory holds the config it ran with: `vaerepro evaluate --out runs/X` means
-        # that run's, not the project's params.yaml (which the checkpoint would refuse, or worse, describe)
+        # that run's, not the project's params.yaml (which its checkpoint refuses, or which evaluates it under
+        # the project's other settings where the two agree on the model)
         own = Path(args.out) / "params.yaml"
         args.params = str(own) if args.out != "." and own.is_file() else "params.yaml"
         if args.params != "params.yaml":

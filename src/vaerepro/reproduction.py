@@ -111,7 +111,12 @@ def _parse(text: str) -> Any:
 
 
 # --- verdicts -----------------------------------------------------------------------------------------
-NO_NUMBER = "no published number"  # a verdict's reason, then ": " and the preset's why_none
+NO_NUMBER = "no published number"  # a verdict's reason, then ": " and why (`no_number`)
+
+
+def no_number(pub: Published) -> str:
+    """The reason a verdict gives for a value the paper does not give: NO_NUMBER and the preset's why."""
+    return f"{NO_NUMBER}: {pub.why_none or 'the paper gives none'}"
 
 
 def verdict(
@@ -138,7 +143,7 @@ def verdict(
     reasons = [str(d) for d in protocol_deviations]
     pub, tol = preset_value.value, preset_value.tolerance
     if pub is None:
-        reasons.insert(0, f"{NO_NUMBER}: {preset_value.why_none or 'the paper gives none'}")
+        reasons.insert(0, no_number(preset_value))
     elif tol is None:
         reasons.insert(0, "no tolerance for this number")
     if measured is None or not math.isfinite(measured):

@@ -226,16 +226,16 @@ def _measured_blocks(result: Result) -> list[Block]:
         Table(header, [_published_row(m) for m in result.measurements]),
     ]
     blocks.append(Para(_BAND_TEXT))
-    not_found: dict[str, list[str]] = {}  # why_none: the values it explains, each said once
+    not_found: dict[str, list[str]] = {}  # why the paper gives no number: the values it explains, said once
     for m in result.measurements:
         pub = m.published
         if pub.value is not None:
             why = f"tolerance ±{pub.tolerance:g} {pub.unit}: {pub.tolerance_reason}"
             blocks.append(Para(f"{pub.metric} ({pub.where}): {why}"))
         else:
-            not_found.setdefault(pub.why_none, []).append(f"{pub.metric} ({pub.where})")
+            not_found.setdefault(R.no_number(pub), []).append(f"{pub.metric} ({pub.where})")
     for why, values in not_found.items():
-        blocks.append(Para(f"{' and '.join(values)}: {R.NO_NUMBER}: {why or 'the paper gives none'}"))
+        blocks.append(Para(f"{' and '.join(values)}: {why}"))
     header = ["seed", *(f"{m.published.metric} ± SE across examples" for m in result.measurements)]
     header += ["K", "epochs", "log p(x) converged", "wall time (s)", "training (s)", "results", "MLflow run"]
     rows = []
