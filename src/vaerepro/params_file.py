@@ -168,8 +168,8 @@ def _warn_if_exp_left_out_overrides(params: Path, root: Path) -> None:
     if lost:
         log.warning(
             "%s: dvc exp run composed conf/ with its -S overrides only, not with the ones `vaerepro params` "
-            "recorded in the baseline's %s (%s): %s. To vary the baseline, give them too: dvc exp run %s "
-            "-S ...; or set them in conf/",
+            "recorded in the baseline's %s (%s): %s. Unless your -S set these to conf/'s values on purpose, "
+            "give them too to vary the baseline: dvc exp run %s -S ...; or set them in conf/",
             params,
             params.name,
             shlex.join(recorded),
