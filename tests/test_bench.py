@@ -113,6 +113,7 @@ def test_paired_eval_covers_every_digit_once_per_turn_with_the_harness_numbers()
     torch.testing.assert_close(turns[-1].harness_log_px, whole, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_mnist_size_data_is_what_the_harness_config_says(tmp_path):
     """bench.py --mnist-size (also the GPU check's) trains on a tiled .npz: its data overrides describe that
     file and its 50,000 / 10,000 / 10,000 splits, so train's checks of prepared/ against the config pass
@@ -130,6 +131,7 @@ def test_the_mnist_size_data_is_what_the_harness_config_says(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_gpu_check_asks_for_what_exists_and_each_part_runs_what_its_title_says(tmp_path):
     """benchmarks/gpu_check.sh runs only in a session lent a GPU, rarely, with one call's time: a part that
     names a test file or a flag that no longer exists, or figures under a title they are not of, waste it.

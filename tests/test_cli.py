@@ -74,6 +74,7 @@ def _claim(args) -> str:
     return "ok"
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_claimed_by_one_run_and_refused_to_another(tmp_path):
     """Two `vaerepro run`s started in one second share the directory Hydra names (the second, likelihood,
     latent size and seed): each wrote into it, leaving one run's params.yaml beside the other's results.
@@ -112,6 +113,7 @@ def _claim_named(args) -> str:
     return _named([f"train.lr={lr}", f"hydra.run.dir={pattern}"])
 
 
+@pytest.mark.slow
 def test_runs_started_together_each_get_a_directory_of_their_own(tmp_path):
     """Runs whose directory pattern names one directory (the default's second, likelihood, latent size and
     seed: a shell loop over learning rates) each make their own before Hydra writes there: the first the
@@ -203,6 +205,7 @@ def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_
 
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+@pytest.mark.slow
 def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path, multirun):
     """A second `vaerepro run` given the hydra.run.dir of a finished run (or a --multirun given the
     hydra.sweep.dir of an earlier one, whose job directories have the same names) overwrote that run's
@@ -350,6 +353,7 @@ def test_a_file_where_a_directory_is_needed_is_said_so(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_run_refused_by_the_tracking_store_leaves_no_directory(tmp_path, raw_dir):
     """Training makes models/ before it opens the store: a refused tracking.uri left the run's directory, with
     its prepared data and an empty models/, marked as a run (the next one went to <dir>_run2)."""
@@ -364,6 +368,7 @@ def test_a_run_refused_by_the_tracking_store_leaves_no_directory(tmp_path, raw_d
         assert list((tmp_path / "runs").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_check_stage_imports_no_lightning(tmp_path):
     """`vaerepro check`, the DVC pipeline's first stage, runs on every `dvc repro` and `dvc exp run` after
     a change of params.yaml: it refuses what needs no data, so it imports no Lightning (about 5 s on 2 cores,
@@ -526,6 +531,7 @@ def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_writt
         running.wait(timeout=300)
 
 
+@pytest.mark.slow
 def test_a_training_refused_once_its_trainer_exists_prints_that_line_alone(tmp_path, prepared_tiny, raw_dir):
     """`vaerepro train` into a directory another process holds: refused by rank 0's lock, taken once the
     Lightning Trainer is built (it knows the rank). Lightning's lines about the devices, logged as it is
@@ -590,6 +596,7 @@ def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_ar
     assert json.loads((run / "metrics" / "train.json").read_text())["epochs"] == 4
 
 
+@pytest.mark.slow
 def test_a_stage_given_a_runs_directory_reads_that_runs_config(tmp_path):
     """`vaerepro evaluate --out runs/X` read the project's params.yaml, not the config runs/X ran with: the
     checkpoint refused it, or, where the two agreed on the model, the evaluation ran under the project's

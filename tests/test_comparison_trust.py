@@ -248,6 +248,7 @@ def test_the_report_refuses_an_eval_json_without_log_px(tmp_path):
     assert not (out / "reports").exists()
 
 
+@pytest.mark.slow
 def test_vaerepro_report_exits_2_with_one_line_naming_the_file_and_key(tmp_path):
     out = make_out_dir(tmp_path / "run")
     _damage(out, log_px=3.5)  # a binary pmf: log p(x) 3.5 nats/example over 1000 examples

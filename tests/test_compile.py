@@ -85,6 +85,7 @@ def _module(objective, estimator, num_samples, likelihood, extras) -> VAEModule:
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_every_objective_traces_as_one_graph_with_the_eager_values_and_gradients(case):
     objective, estimator, k, likelihood, extras = CASES[case]
     module = _module(objective, estimator, k, likelihood, extras)

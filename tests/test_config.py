@@ -70,6 +70,7 @@ def test_a_params_yaml_another_writer_wrote_is_compared_with_conf_alone(tmp_path
     )
 
 
+@pytest.mark.slow
 def test_an_experiment_without_the_overrides_its_baseline_recorded_names_each_key_it_lost(tmp_path):
     """`dvc exp run` composes conf/ with its -S overrides alone: the overrides `vaerepro params` wrote into
     the baseline's params.yaml are not in the experiment unless given again. Each key they set that the

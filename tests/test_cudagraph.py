@@ -21,6 +21,7 @@ from vaerepro.trainer import build_optimizer
 GPU = ("trainer=gpu", "trainer.cuda_graph=true")
 
 
+@pytest.mark.slow
 def test_the_gpu_preset_graphs_the_step_wherever_it_can():
     """trainer=gpu: auto, the graph unless something conflicts (then eager steps, not a refusal); the
     other presets: off; true asks for it."""

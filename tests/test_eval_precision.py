@@ -202,6 +202,7 @@ def test_eval_precision_config_values():
         config_mod.validate(compose("eval.precision=tf32", "eval.device=cpu"))
 
 
+@pytest.mark.slow
 def test_tf32_on_the_cpu_is_refused_on_the_command_line_with_one_line(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root
     params = tmp_path / "params.yaml"
@@ -249,6 +250,7 @@ def test_vaerepro_run_refuses_tf32_without_a_gpu_before_training(tmp_path, monke
     assert not (tmp_path / "run").exists() and not (tmp_path / "raw").exists()  # nothing prepared or trained
 
 
+@pytest.mark.slow
 def test_the_measured_difference_reaches_mlflow(tmp_path, monkeypatch):
     """tracking.log_evaluation: eval.precision as a param, the measured difference as metrics (nats of the
     run's data space). A stand-in MlflowClient records the calls (no store needed)."""

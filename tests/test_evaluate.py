@@ -38,6 +38,7 @@ def test_active_units_counts_dimensions_with_posterior_variance():
     assert active_units(mu) == 2
 
 
+@pytest.mark.slow
 def test_active_units_of_a_two_layer_model_count_both_layers():
     """z2's mean under q(z2|x) = E_{q(z1|x)}[mu2(z1)] (layer_means) against a 20,000-draw reference. Unit 0
     of z2 follows z1's active unit (Cov across x > 0.05); unit 1 follows z1's inactive unit, whose noise
@@ -183,6 +184,7 @@ def _rank_gathers(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_shards_equal_the_whole(tmp_path):
     """Two gloo processes, each with its example batches (rank 0: 0, 2, 4; rank 1: 1, 3; the last batch 3
     examples): rank 0's gathered per-example numbers equal one process's, to the last bit, and no example is
@@ -302,6 +304,7 @@ def _rank_chooses(rank: int, init: str, budgets: list[int], out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_ranks_agree_on_the_auto_batch_size(tmp_path):
     """Two gloo processes with different memory budgets (as two GPUs with different free memory would
     have) cut the test set the same way: both take the smaller choice, since the batches are shared out

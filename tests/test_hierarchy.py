@@ -164,6 +164,7 @@ def test_two_layers_iwae_bound_rises_with_k_to_log_px(two_layer):
         elbo_terms(m, x, 1, estimator="C")
 
 
+@pytest.mark.slow
 def test_two_layers_estimate_is_the_logsumexp_of_the_documented_samples_for_every_chunk_size(two_layer):
     """Known answer, written out without the hierarchical classes: the documented noise (K, N, Z1 + Z2), z1
     from its first Z1 columns, z2 | z1 from the rest; log w from the five densities; for every chunk size."""

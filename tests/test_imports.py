@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Each module of the package in its layer. A module may import its own layer and the layers before it.
@@ -281,6 +283,7 @@ def _absent_names(path: Path) -> list[str]:
     return wrong
 
 
+@pytest.mark.slow
 def test_every_name_taken_from_vaerepro_is_there():
     """Code that CPU CI never runs still names what exists: tests that skip without a GPU (tests/test_gpu.py,
     imports inside them included), the benchmarks, and code paths only a GPU takes. A module split or a
@@ -418,6 +421,7 @@ sys.meta_path.insert(0, Absent())
 """
 
 
+@pytest.mark.slow
 def test_an_untracked_pipeline_needs_neither_mlflow_nor_optuna_nor_dvc(tmp_path):
     """`vaerepro run tracking.enabled=false` (the GPU machine's check, which carries only the training's
     packages): every stage runs, and writes its numbers, in a process where MLflow, Optuna and DVC cannot be

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, TINY, run
 
 
+@pytest.mark.slow
 def test_shipped_slurm_launcher_config_composes():
     proc = run(
         [

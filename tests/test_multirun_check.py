@@ -38,6 +38,7 @@ def _vaerepro_run(args: list[str], cwd, path: str | None = None) -> subprocess.C
         ("model.latent_dim=range(0,2)", "model.latent_dim=0"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_swept_value_is_one_line_exit_2_before_anything_is_written(tmp_path, swept, bad):
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     # tiny, so that a job the check lets through is seconds, not minutes
@@ -50,6 +51,7 @@ def test_a_bad_swept_value_is_one_line_exit_2_before_anything_is_written(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no runs/, mlflow.db, data/
 
 
+@pytest.mark.slow
 def test_a_valid_basic_sweep_passes_the_check():
     for argv in (
         ["--multirun", "likelihood=bernoulli,gaussian", "model.latent_dim=range(2,4)", "seed=choice(0,1)"],
@@ -59,6 +61,7 @@ def test_a_valid_basic_sweep_passes_the_check():
         run_overrides.check_overrides(argv, ROOT)
 
 
+@pytest.mark.slow
 def test_the_slurm_launcher_where_slurm_is_not_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
     """`hydra/launcher=slurm` on a machine without srun was submitit's RuntimeError traceback from inside
     Hydra, exit status 1, after Hydra had made the sweep's directory. It is one line now, exit status 2, with

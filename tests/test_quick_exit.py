@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,6 +86,7 @@ def test_unarmed_the_process_exits_as_python_does(tmp_path):
     assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("RuntimeError: a bug")
 
 
+@pytest.mark.slow
 def test_the_vaerepro_command_exits_with_mains_status(tmp_path):
     """The installed command arms the exit with main's status: 2 for a refused input, its line intact."""
     out = tmp_path / "params.yaml"

@@ -226,6 +226,7 @@ def _hand_steps(cfg, data: VAEData, vae_config: dict, start: dict, clip: float |
     return vae.state_dict()
 
 
+@pytest.mark.slow
 def test_a_clipped_training_step_is_torchs_clip_grad_value_before_the_step(prepared_tiny):
     """VAEModule's steps (through stepsize.pilot's Lightning Trainer, the step-size pilot's path) with
     train.grad_clip_value=v equal a torch loop that calls clip_grad_value_(params, v) between backward and

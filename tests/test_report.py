@@ -363,6 +363,7 @@ def test_a_curve_that_is_not_the_trainings_is_one_line_naming_it_and_nothing_is_
     assert 'id="fig-training_curves"' in write_report(out, CONFIG)["html"].read_text()
 
 
+@pytest.mark.slow
 def test_different_data_sets_in_one_space_get_separate_figures_and_rankings(tmp_path):
     out = make_out_dir(tmp_path / "run")
     runs = [
@@ -479,6 +480,7 @@ def test_the_training_time_of_a_resumed_training_says_it_is_its_last_invocations
         ("continuous", False, "a density on float pixels in [0,1], nothing added (can be negative)"),
     ],
 )
+@pytest.mark.slow
 def test_bits_per_dim_wording_per_data_space(tmp_path, space, quantized, wording):
     out = make_out_dir(tmp_path / "run", space=space, quantized=quantized)
     md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
@@ -555,6 +557,7 @@ def test_ladder_uses_paired_errors(tmp_path):
     assert "the change from the previous k, the mean of the per-example differences" in md
 
 
+@pytest.mark.slow
 def test_prior_samples_use_the_inputs_grey_scale(tmp_path):
     """0 is drawn black and 1 white, as the inputs: a white background is the model's, not the plot's."""
     from matplotlib.image import imread
@@ -595,6 +598,7 @@ def test_differences_names_each_leaf_both_hold_with_other_values():
     assert differences(recorded, recorded) == {}
 
 
+@pytest.mark.slow
 def test_the_configuration_table_is_the_one_the_stages_recorded(tmp_path):
     """The report printed the configuration it was given beside the records' numbers: under an edited
     params.yaml (another data.path, learning rate, seed) a table of settings those numbers were not made
@@ -738,6 +742,7 @@ def test_active_units_of_a_two_layer_model_are_shown_per_layer(tmp_path):
 # --- the report never shows an evaluation of other weights beside a training ------------------------------
 
 
+@pytest.mark.slow
 def test_an_evaluation_of_other_weights_than_the_training_describes_is_refused(tmp_path):
     """train.json and eval.json each name the sha256 of the models/best.ckpt they describe; the report
     refuses, in one line naming eval.json and both digests, a pair that differ, writing nothing, and reports
@@ -765,6 +770,7 @@ def test_an_evaluation_of_other_weights_than_the_training_describes_is_refused(t
     assert write_report(out, CONFIG)["md"].is_file()
 
 
+@pytest.mark.slow
 def test_training_again_after_an_evaluation_stops_the_report_until_evaluated_again(tmp_path, prepared_tiny):
     """The stages as `vaerepro train`, `evaluate` and `report` run them on one directory: after a second
     training (another seed: other weights in models/best.ckpt) the report refuses the first evaluation;
@@ -931,6 +937,7 @@ def test_an_evaluation_killed_between_its_numbers_and_its_summary_leaves_no_earl
 
 
 @pytest.mark.parametrize("killed_at", ["render_html", "render_md"])
+@pytest.mark.slow
 def test_a_report_killed_between_its_files_leaves_no_document_of_the_earlier_one(
     tmp_path, monkeypatch, killed_at
 ):

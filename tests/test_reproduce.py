@@ -246,6 +246,7 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(P.PRESETS))
+@pytest.mark.slow
 def test_every_presets_smoke_plan_validates_and_is_not_comparable(name, tmp_path):
     """Every preset (each also runs end to end: test_reproduce_smoke_*.py): its --smoke configuration
     composes and validates, and departs from the protocol by other data and a shortened schedule, with one
@@ -263,6 +264,7 @@ def test_every_presets_smoke_plan_validates_and_is_not_comparable(name, tmp_path
     assert plan.protocol["data"]["source"] == preset.settings["data"]
 
 
+@pytest.mark.slow
 def test_a_gpu_reproduction_as_the_readme_gives_it_follows_the_protocol(tmp_path):
     """README's GPU command (trainer=gpu with float32 matmuls): the device, and the step as one CUDA graph
     (trainer.cuda_graph=auto, the same numbers up to float rounding) are no departure; TF32 matmuls, which

@@ -80,6 +80,7 @@ def snapshot(d: Path) -> dict[str, int]:
 
 
 # --- bad input: one line, exit 2, nothing touched ----------------------------------------------------
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_resume(tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_dir = out / "runs" / "reproductions" / "smoke" / PRESET

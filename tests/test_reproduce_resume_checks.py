@@ -89,6 +89,7 @@ def test_resume_reads_finished_seeds_and_judges_them(tmp_path, monkeypatch):
         ('{"log_px": -85.0, "log_px_se": -0.25}', "log_px_se = -0.25 is negative"),  # hand-edited
     ],
 )
+@pytest.mark.slow
 def test_a_damaged_result_file_is_one_line_naming_it(tmp_path, monkeypatch, text, why):
     user = ["tracking.enabled=false"]
     p = stopped(tmp_path, IWAE, user, eval_json=lambda s: text if s == 1 else None)
@@ -100,6 +101,7 @@ def test_a_damaged_result_file_is_one_line_naming_it(tmp_path, monkeypatch, text
     assert snapshot(tmp_path) == before  # refused before anything was written: the record too
 
 
+@pytest.mark.slow
 def test_a_seed_curve_cut_short_is_one_line_naming_it(tmp_path, monkeypatch):
     """A finished seed's plots/elbo.csv cut short (or another training's) was drawn on the card as the seed's
     training curve; train.json's last-epoch numbers are its last row, so the resume refuses it in one line
@@ -125,6 +127,7 @@ def test_a_seed_curve_cut_short_is_one_line_naming_it(tmp_path, monkeypatch):
     assert status == 0, err
 
 
+@pytest.mark.slow
 def test_resume_refuses_seeds_that_ran_with_another_configuration(tmp_path, monkeypatch):
     """conf/ changed between the invocations (here: the default of train.early_stopping, which no preset
     sets): the seeds on disk ran with the old default, the plan has the new one; one verdict must not mix
@@ -150,6 +153,7 @@ def test_resume_refuses_seeds_that_ran_with_another_configuration(tmp_path, monk
     assert resume(monkeypatch, IWAE, user, tmp_path / "b")[0] == 0
 
 
+@pytest.mark.slow
 def test_mlflow_names_the_numbers_under_the_space_the_seeds_measured_in(tmp_path, monkeypatch):
     """IWAE's preset run on grey levels (a Bernoulli on [0, 1] pixels, improper) is not comparable (other
     data); its numbers must not be logged as `binary/...`, beside the binarised runs' pmf, nor with the
@@ -172,6 +176,7 @@ def test_mlflow_names_the_numbers_under_the_space_the_seeds_measured_in(tmp_path
     assert parent.data.tags["vaerepro.verdict"] == "not comparable"
 
 
+@pytest.mark.slow
 def test_a_reproduction_another_invocation_is_running_is_refused(tmp_path, monkeypatch):
     """A second `vaerepro reproduce` of a running reproduction read its RUNNING record as a stopped one,
     and its --resume started a second process training into the same seed directory (both wrote

@@ -20,6 +20,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_resumed_early_stopped_training_trains_no_more_and_takes_the_configured_patience(
     prepared_tiny, tmp_path
 ):
@@ -57,6 +58,7 @@ def test_a_resumed_early_stopped_training_trains_no_more_and_takes_the_configure
     assert curve(out) == curve(whole)
 
 
+@pytest.mark.slow
 def test_a_resumed_training_in_a_moved_directory_keeps_its_best_checkpoint(prepared_tiny, tmp_path):
     """A training that crashed, whose directory then moved (another node's mount, a copied project), resumes
     with its best score: a worse epoch then neither overwrites best.ckpt nor becomes best_val_elbo."""

@@ -49,6 +49,7 @@ def _resume(ckpt: dict, batch_size: int, world: int) -> None:
     check_same_batches(path, ckpt, N_TRAIN, batch_size, world)
 
 
+@pytest.mark.slow
 def test_a_recorded_world_size_lets_the_per_device_batch_change_with_the_devices():
     ckpt = _saved(50, 1)
     _resume(ckpt, 25, 2)  # the same global batch of 50

@@ -215,6 +215,7 @@ def test_resuming_refuses_a_checkpoint_selected_otherwise(selected, plain, tmp_p
         assert (out / "models" / "last.ckpt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_the_pilot_length_is_compared_only_with_candidates():
     def hp(*overrides):
         return checkpoints.expected_hparams(tiny_config(*overrides), 784, True, "digest")
@@ -264,6 +265,7 @@ def test_pilot_steps_must_be_positive_and_one_device_is_fine():
     assert config_mod.validate(compose("trainer.devices=2")).train.lr_candidates is None
 
 
+@pytest.mark.slow
 def test_the_chosen_rate_is_an_mlflow_param_of_the_run(prepared_tiny, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -284,6 +286,7 @@ def test_the_chosen_rate_is_an_mlflow_param_of_the_run(prepared_tiny, tmp_path, 
     assert cfg.train.lr == 0.001
 
 
+@pytest.mark.slow
 def test_a_training_that_fails_after_the_pilots_shows_the_chosen_rate(prepared_tiny, tmp_path, monkeypatch):
     """The chosen rate is logged when the run opens, after the pilots: a training that then fails (here
     while writing its records, after fitting) or is killed is FAILED with train.lr the rate it ran at."""
@@ -311,6 +314,7 @@ def test_a_training_that_fails_after_the_pilots_shows_the_chosen_rate(prepared_t
     assert run.data.params["train.lr"] == run.data.params["train/lr_selected"] == "0.05"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_that_holds_the_configured_rate_as_train_lr_finishes(
     prepared_tiny, tmp_path, monkeypatch
 ):

@@ -216,6 +216,7 @@ def test_reading_an_unreachable_server_fails_fast_naming_the_key(refused_url, tm
     assert time.monotonic() - t0 < 15
 
 
+@pytest.mark.slow
 def test_a_store_an_older_version_left_half_made_is_made_again(tmp_path):
     """Before stores were made aside (`_create_store`), a stop inside one of MLflow's migrations left
     mlflow.db with MLflow's tables, no row in any of them, and a migration half done, which MLflow refused
@@ -258,6 +259,7 @@ def test_a_store_an_older_version_left_half_made_is_made_again(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
 
 
+@pytest.mark.slow
 def test_a_store_whose_creation_is_stopped_is_not_left_half_made(tmp_path, monkeypatch):
     """On opening a new sqlite store MLflow creates its first tables, then migrates them (1-2 s): a SIGTERM
     or Ctrl-C on the way (the first `vaerepro run` of a project, stopped at once) left a half-made
@@ -289,6 +291,7 @@ def test_a_store_whose_creation_is_stopped_is_not_left_half_made(tmp_path, monke
     assert client.get_run(run.info.run_id).data.metrics == {"test/log_px": -90.0}
 
 
+@pytest.mark.slow
 def test_empty_file_is_a_new_store(tmp_path):
     (tmp_path / "mlflow.db").touch()  # sqlite reads an empty file as an empty database
     uri, exp_id = tracking.ensure_experiment(_cfg(), tmp_path)

@@ -114,6 +114,7 @@ def test_plugin_is_discovered_and_its_configs_registered():
     assert {"none.yaml", "median.yaml", "hyperband.yaml"} <= set(cs.list("hydra/sweeper/pruner"))
 
 
+@pytest.mark.slow
 def test_the_sweep_process_imports_neither_lightning_nor_mlflow():
     """The sweeper and its scheduler stay light (Lightning is seconds of start-up, in trial processes only);
     MLflow is imported by vaerepro.tracking.sweep when a sweep first writes to it."""
@@ -536,6 +537,7 @@ def test_a_resume_with_another_direction_or_objective_is_refused_before_any_writ
     assert _states(_load(tmp_path, "d")) == ["COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.slow
 def test_a_trial_the_sweep_refuses_to_launch_gets_no_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 
@@ -563,6 +565,7 @@ def test_a_trial_the_sweep_refuses_to_launch_gets_no_mlflow_run(tmp_path):
     assert [r.data.tags.get("vaerepro.trial") for r in children] == []
 
 
+@pytest.mark.slow
 def test_an_error_of_the_sweep_stops_its_trials_and_fails_its_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 
@@ -588,6 +591,7 @@ def test_an_error_of_the_sweep_stops_its_trials_and_fails_its_mlflow_run(tmp_pat
     assert child.info.status == "FAILED" and "boom" in child.data.tags["vaerepro.failure"]
 
 
+@pytest.mark.slow
 def test_a_sigterm_stops_the_sweep_with_143_its_trials_killed_and_a_resume_finishes_it(tmp_path):
     """SIGTERM to a sweep (kill, a scheduler): exit 143 and "stopped by SIGTERM", not the Ctrl-C line and
     130 (the sweep raised KeyboardInterrupt for it); the running trial stopped, FAIL in Optuna and queued

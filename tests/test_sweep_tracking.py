@@ -187,6 +187,7 @@ class Killed(BaseException):
     """A kill -9 between two files, as an exception nothing catches."""
 
 
+@pytest.mark.slow
 def test_the_sweep_report_is_written_as_one_set_after_another_writers(tmp_path, monkeypatch):
     """Its documents and the figures report.md links are one report: (1) a kill while it writes leaves no
     document of the earlier report beside the new figures; (2) a second writer of the same report (another

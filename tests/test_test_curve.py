@@ -194,6 +194,7 @@ def test_seed_result_reads_the_test_curve_when_there(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_the_card_draws_each_seeds_test_curve_dotted_against_samples(tmp_path, monkeypatch):
     result = _result(tmp_path, P.PRESETS["aevb-frey-z2"], [900.0], smoke=True)
     without = reproduction_card._curves_against_samples(result)

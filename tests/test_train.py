@@ -719,6 +719,7 @@ STRATEGY_REFUSED = (
 )
 
 
+@pytest.mark.slow
 def test_the_trainer_section_is_checked_against_lightning_and_this_machine(monkeypatch):
     """auto, single_device and Lightning's ddp strategies, in any case as Lightning lowers it (its other
     strategies, and names it does not know, are refused with the config); no GPU accelerator without a CUDA
@@ -822,6 +823,7 @@ class SecondTraining(pl.Callback):
             self.proc = subprocess.run(cmd, cwd=self.out, env=env, capture_output=True, text=True, timeout=99)
 
 
+@pytest.mark.slow
 def test_a_second_training_into_the_same_directory_is_refused_while_the_first_trains(prepared_tiny, tmp_path):
     """Two trainings into one models/ at once would each write the other's checkpoints: a train.json, an
     MLflow run's best.ckpt artifact or an evaluation of one model under the other's config. The second is
