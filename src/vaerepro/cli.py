@@ -221,6 +221,7 @@ def stage_report(cfg: Config, out_dir: Path, root: Path) -> dict:
         tracking.check_evaluation_run(out_dir)
         runs, this_run = tracking.experiment_runs(cfg.tracking, root), tracking.stage_run_id(out_dir)[0]
     paths = write_report(out_dir, cfg.to_dict(), runs, this_run=this_run)
+    log.info("report: %s (and %s)", paths["html"], Path(paths["md"]).name)
     if cfg.tracking.enabled:
         tracking.log_report(out_dir, Path(paths["html"]).parent)
         _print_ui_link(cfg, root)
@@ -631,7 +632,9 @@ def _main(argv: list[str]) -> int:
                 log.info("%s: the embedded digits data.dvc tracks, for `dvc repro` (not your data)", made)
         elif args.command == "evaluate":
             with _torchrun_process_group():
-                stage_evaluate(cfg, out_dir, root, not args.no_progress and _on_terminal())
+                metrics = stage_evaluate(cfg, out_dir, root, not args.no_progress and _on_terminal())
+            if metrics is not None:  # rank 0 (`vaerepro run` ends with this line after its report)
+                log.info("%s; in %s", result_line(cfg, metrics), out_dir / "metrics" / "eval.json")
         elif args.command == "train":
             stage_train(
                 cfg, out_dir, root, not args.no_progress and _on_terminal()
