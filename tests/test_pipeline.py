@@ -145,7 +145,7 @@ def test_dvc_repro_produces_files_and_numbers(repo):
     assert [r["k"] for r in ev["log_px_ladder"]] == [1, 10, 50]
     assert ev["log_px_ladder"][-1]["log_px"] == pytest.approx(ev["log_px"])
     assert 0 <= ev["active_units"] <= 4 and 0.1 <= ev["knn_accuracy"] <= 1
-    # the stages say the result and where the report is, as `vaerepro run` does: `make repro` ended with
+    # the stages say their results and where the report is, as `vaerepro run` does: `make repro` ended with
     # neither, so the first number a user saw was behind `dvc metrics show`
     said = ran.stdout + ran.stderr
     verdict = "converged" if ev["converged"] else "NOT CONVERGED"
@@ -154,6 +154,11 @@ def test_dvc_repro_produces_files_and_numbers(repo):
         f"K = 50, {verdict}); in {repo / 'metrics' / 'eval.json'}"
     ) in said, said
     assert f"report: {repo / 'reports' / 'report.html'} (and report.md)" in said, said
+    tr = json.loads((repo / "metrics/train.json").read_text())
+    assert (
+        f"best validation ELBO = {tr['best_val_elbo']:.3f} nats/example (bernoulli, binary space) at epoch "
+        f"{tr['best_epoch']} (from 0) of 3; in {repo / 'metrics' / 'train.json'}"
+    ) in said, said
 
     tr = json.loads((repo / "metrics/train.json").read_text())
     assert tr["epochs"] == 3 and math.isfinite(tr["val_elbo"])

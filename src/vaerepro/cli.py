@@ -258,12 +258,11 @@ def result_line(cfg: Config, metrics: dict) -> str:
     """The line `vaerepro run` ends with: log p(x) ± SE in nats per example, with what it is a number of (the
     likelihood and data space, IMPROPER for a Bernoulli on grey levels, which is no normalised density), the K
     it was estimated with and its convergence verdict, as the report and the MLflow description give them."""
-    improper = ", IMPROPER: not a normalised density" if cfg.improper else ""
     verdict = {True: ", converged", False: ", NOT CONVERGED"}.get(metrics.get("converged"), "")
     k = metrics.get("num_samples", cfg.eval.num_samples)
     return (
         f"log p(x) = {metrics['log_px']:.3f} ± {metrics['log_px_se']:.3f} nats/example "
-        f"({cfg.likelihood_object().label}, {cfg.data_space} space{improper}; K = {k}{verdict})"
+        f"({cfg.numbers_of}; K = {k}{verdict})"
     )
 
 

@@ -478,6 +478,13 @@ class Config(_Section):
         return self.likelihood_object().is_improper(self.data_space)
 
     @property
+    def numbers_of(self) -> str:
+        """What this config's numbers are numbers of, as the command line's result lines say it: 'bernoulli,
+        binary space', with IMPROPER for a Bernoulli on grey levels, which is no normalised density."""
+        improper = ", IMPROPER: not a normalised density" if self.improper else ""
+        return f"{self.likelihood_object().label}, {self.data_space} space{improper}"
+
+    @property
     def run_name(self) -> str:
         # a Gaussian's variant too (gaussian-sigma=0.1-z5-s0): a fixed-sigma and a learned-sigma Gaussian of
         # one latent size and seed are two models, which the same name would show as one

@@ -570,6 +570,14 @@ def train(
                 "best_epoch": metrics["best_epoch"],
             }
             write_json(out_dir / "metrics" / "train_summary.json", summary)
+            log.info(
+                "best validation ELBO = %.3f nats/example (%s) at epoch %d (from 0) of %d; in %s",
+                metrics["best_val_elbo"],
+                cfg.numbers_of,
+                metrics["best_epoch"],
+                metrics["epochs"],
+                out_dir / "metrics" / "train.json",
+            )
         if tracker is not None:
             tracker.finish(metrics)
     except BaseException as exc:
