@@ -15,7 +15,7 @@ batch). Lightning's backward hooks (on_before_backward, on_after_backward) do no
 
 Written here because neither library does it: Lightning has no CUDA-graph support of its own, and
 torch.compile(mode="reduce-overhead") graphs the objective's forward and backward but not the optimiser's
-step nor the Python around them (README's GPU table has both).
+step nor the Python around them (docs/performance.md's GPU table has both).
 """
 
 from __future__ import annotations

@@ -466,7 +466,7 @@ def judge(
 
 
 # --- time estimates -----------------------------------------------------------------------------------
-# From the README's `make bench` (2026-11-25/30): the AEVB model (784-500-20-500-784, batch 100) trains at
+# From docs/performance.md (2026-11-25/30): the AEVB model (784-500-20-500-784, batch 100) trains at
 # ~7 ms a step on 2 CPU cores; on one H200 (benchmarks/gpu_check.sh, 2026-11-30) a 500-step epoch takes
 # 0.49 s with the step as one CUDA graph (trainer.cuda_graph, which trainer=gpu uses with Adam and no
 # dropout) and 2.24 s eagerly (the presets with Adagrad or dropout), bound by Python and kernel launches,

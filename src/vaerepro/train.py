@@ -157,7 +157,7 @@ class VAEModule(pl.LightningModule):
         if mode != self.compile_mode and self.trainer.is_global_zero:
             log.warning(
                 "trainer.compile=%s under DDP (%d processes): each rank compiles the objective with mode %s, "
-                "without CUDA graphs (README, Scaling out)",
+                "without CUDA graphs (docs/scaling.md)",
                 self.compile_mode,
                 self.trainer.world_size,
                 mode,
@@ -169,7 +169,7 @@ class VAEModule(pl.LightningModule):
             )
         elif self.cuda_graph and self.trainer.is_global_zero:
             log.warning(
-                "trainer.cuda_graph under DDP (%d processes): the steps run eagerly (README, Scaling out)",
+                "trainer.cuda_graph under DDP (%d processes): the steps run eagerly (docs/scaling.md)",
                 self.trainer.world_size,
             )
         if mode is not None:
