@@ -390,6 +390,17 @@ def _render(
     return grid, shot
 
 
+def _charts_a_row(html: str, title: str) -> int:
+    """How many charts a row the UI lays out in the section holding the chart titled `title`: its cards'
+    grid (`data-testid="draggable-chart-cards-grid"`, `grid-template-columns: repeat(N, 1fr)`)."""
+    grids = re.findall(
+        r'data-testid="draggable-chart-cards-grid"[^>]*grid-template-columns: repeat\((\d+), 1fr\)',
+        html[: html.index(title)],
+    )
+    assert grids, f"no chart grid before {title!r}"
+    return int(grids[-1])
+
+
 def test_runs_url_opens_the_runs_table_with_the_comparison_columns(ui_server, tmp_path):
     base, exp_id = ui_server
     url = mlflow_ui.runs_url(base, exp_id, mlflow_ui.DEFAULT_COLUMNS, mlflow_ui.DEFAULT_ORDER_BY, False)
@@ -476,6 +487,8 @@ def test_chart_view_draws_train_and_val_elbo_in_one_chart(ui_server, tmp_path):
     continuous_chart = page[page.index(titles[1]) : page.index("binary/test (3)")]
     for entry in legend_continuous:
         assert entry in continuous_chart, continuous_chart
+    # two a row, so the two spaces' charts are side by side and half the section wide (the UI's own is three)
+    assert _charts_a_row((tmp_path / "charts.html").read_text(), titles[0]) == 2
 
 
 def test_parallel_coordinates_compare_latent_size_and_likelihood_of_the_comparable_runs_only(
@@ -509,6 +522,8 @@ def test_parallel_coordinates_compare_latent_size_and_likelihood_of_the_comparab
         assert left_out not in page, (left_out, page)
     html = (tmp_path / "parallel.html").read_text()
     assert mlflow_ui.measurement_filter(MEASUREMENT) in unescape(html), "the filter is not in the search box"
+    # each chart the section's width: its four axes' labels need it (three a row, they overlap)
+    assert _charts_a_row(html, "Parallel Coordinates") == 1
 
 
 def test_links_and_tags_agree():

@@ -238,6 +238,7 @@ def elbo_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[dict
             "uuid": section,
             "name": "ELBO per epoch (train vs val)",
             "display": True,
+            "columns": 2,  # one chart per data space, at most two of the three in a run's experiment
             "isReordered": False,
             "deleted": False,
             "isGenerated": False,
@@ -256,7 +257,8 @@ def parallel_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[
     one of a chart's metrics are left out by the UI) and never puts a pmf and a density on one axis. The
     fields are those of the UI's PARALLEL card config (main.*.js, the class setting `this.type=c.PARALLEL,
     this.selectedParams=[],this.selectedMetrics=[],this.showAllRuns=!1`); string params such as the
-    likelihood's name are drawn as categorical axes."""
+    likelihood's name are drawn as categorical axes. A section's `columns` is the number of its charts a row
+    (4751.*.chunk.js: `t.columns ?? 3`, what the UI stores when a user changes a section's layout)."""
     section = "vaerepro-parallel"
     charts = [
         {
@@ -277,6 +279,9 @@ def parallel_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[
             "uuid": section,
             "name": "Latent size × likelihood (parallel coordinates, one data space each)",
             "display": True,
+            # a chart the section's width: its four axes and their labels need it (at the UI's default of
+            # three a row, a chart beside the assistant panel is ~170 px wide and the labels overlap)
+            "columns": 1,
             "isReordered": False,
             "deleted": False,
             "isGenerated": False,
