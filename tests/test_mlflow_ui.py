@@ -69,9 +69,9 @@ RUNS = [
         "FINISHED",
     ),
     (
-        "gauss-z16",
+        "cb-z16",
         {
-            "likelihood": "gaussian",
+            "likelihood": "continuous_bernoulli",  # the longest name, which must show whole
             "latent_dim": "16",
             "data_space": "continuous",
             "improper": "false",
@@ -363,10 +363,12 @@ class _Chromium:
 
 
 def _render(
-    url: str, tmp: Path, name: str, ready, timeout: float = 45, window: str = WINDOW
+    url: str, tmp: Path, name: str, ready, timeout: float = 45, window: str = WINDOW, probe: str = "null"
 ) -> tuple[_Grid, Path]:
     """Open `url` in a fresh headless Chromium profile and read its DOM until `ready(grid)` (or `timeout`
-    seconds); the parsed DOM, saved as <name>.html, and a screenshot of the page, <name>.png."""
+    seconds); the parsed DOM, saved as <name>.html, and a screenshot of the page, <name>.png. `probe`, a
+    JavaScript expression evaluated on the drawn page (for what the DOM's text does not say, such as
+    layout), gives `grid.probe`."""
     shot = tmp / f"{name}.png"
     browser = _Chromium(url, tmp / f"profile-{name}", window)
     try:
@@ -383,11 +385,19 @@ def _render(
                 break
             time.sleep(0.5)
         time.sleep(0.5)  # let the last paint land before the screenshot
+        expr = {"expression": probe, "returnByValue": True}
+        grid.probe = browser.call("Runtime.evaluate", expr)["result"].get("value")
         browser.screenshot(shot)
         (tmp / f"{name}.html").write_text(html)
     finally:
         browser.close()
     return grid, shot
+
+
+# The grid's cells whose text the UI cuts with an ellipsis (wider than the column): [col-id, text] each.
+CUT_CELLS = """[...document.querySelectorAll('.ag-cell')]
+    .filter(c => { const v = c.querySelector('.ag-cell-value'); return v && v.scrollWidth > v.clientWidth; })
+    .map(c => [c.getAttribute('col-id'), c.textContent])"""
 
 
 def _charts_a_row(html: str, title: str) -> int:
@@ -409,7 +419,7 @@ def test_runs_url_opens_the_runs_table_with_the_comparison_columns(ui_server, tm
         places = [g.position.get(key, 0) for key in mlflow_ui.DEFAULT_COLUMNS]
         return len(g.cells) >= len(RUNS) and all(places) and places == sorted(places)
 
-    grid, shot = _render(url, tmp_path, "runs", ready)
+    grid, shot = _render(url, tmp_path, "runs", ready, probe=CUT_CELLS)
     print(f"\n{url}\nscreenshot: {shot}")
 
     # the runs table of the experiment, in the "Model training" navigation, not GenAI's Overview/Traces
@@ -451,6 +461,11 @@ def test_runs_url_opens_the_runs_table_with_the_comparison_columns(ui_server, tm
     icons = [cell[cell.index("<svg") :] for cell in created]
     assert icons[0] == icons[1] == icons[2] != icons[3]
 
+    # each cell of a comparison column shows its whole text ("continuous_bernoulli", not "continuous_…"),
+    # but the stale column's, of which the width shows the start (and which shows that the probe sees a cut)
+    cut = [(col, text) for col, text in grid.probe if col in mlflow_ui.DEFAULT_COLUMNS]
+    assert cut == [(mlflow_ui.tag_column("vaerepro.stale"), stale_reason("3f2a9c1b0d4e", "0d4e3f2a9c1b"))]
+
 
 def test_chart_view_draws_train_and_val_elbo_in_one_chart(ui_server, tmp_path):
     base, exp_id = ui_server
@@ -462,7 +477,7 @@ def test_chart_view_draws_train_and_val_elbo_in_one_chart(ui_server, tmp_path):
         for name in ("bern-z8", "bern-z2-crashed")
         for split in ("train", "val")
     ]
-    legend_continuous = [f"gauss-z16 (continuous/{split}/elbo)" for split in ("train", "val")]
+    legend_continuous = [f"cb-z16 (continuous/{split}/elbo)" for split in ("train", "val")]
 
     def ready(g: _Grid) -> bool:
         text = " ".join(g.text)
@@ -497,7 +512,7 @@ def test_parallel_coordinates_compare_latent_size_and_likelihood_of_the_comparab
     """The third link, for the measurement K = 1000 on test set 3f2a9c1b0d4e: latent size × likelihood
     against log p(x) and kNN accuracy, one chart per data space, drawing only the runs of that measurement
     the report's comparison would set side by side. Here that is bern-z8: bern-z4-k5000's log p(x) is of
-    K = 5000 (the other view's), gauss-z16's numbers are of weights its training has since replaced
+    K = 5000 (the other view's), cb-z16's numbers are of weights its training has since replaced
     (vaerepro.stale) and bern-z2-crashed FAILED; the continuous chart, left with no run, is hidden. The
     filter is in the UI's search box, for users to see."""
     base, exp_id = ui_server
@@ -518,7 +533,7 @@ def test_parallel_coordinates_compare_latent_size_and_likelihood_of_the_comparab
         assert axis in after, (axis, after[:3000])
     assert "continuous/test/log_px" not in page  # no comparable run of that space: its chart is hidden
     assert "bern-z8" in page, page
-    for left_out in ("bern-z4-k5000", "gauss-z16", "bern-z2-crashed"):
+    for left_out in ("bern-z4-k5000", "cb-z16", "bern-z2-crashed"):
         assert left_out not in page, (left_out, page)
     html = (tmp_path / "parallel.html").read_text()
     assert mlflow_ui.measurement_filter(MEASUREMENT) in unescape(html), "the filter is not in the search box"

@@ -71,7 +71,7 @@ import re
 from urllib.parse import urlencode
 
 from vaerepro.compare import UNRECORDED, Measurement, measurement_text
-from vaerepro.likelihoods import DATA_SPACES
+from vaerepro.likelihoods import DATA_SPACES, REGISTRY
 from vaerepro.tracking.names import CONVERGED_TAG, K_TAG, SPACES, STALE_TAG, TEST_SET_TAG
 
 # Prefix of the experiment tag that holds a saved/shared view (main.*.js: `$="mlflow.sharedViewState."`).
@@ -187,10 +187,14 @@ def _check_columns(columns: list[str], order_by: str | None) -> None:
 
 
 def _width(key: str) -> int:
-    """A column width (px) that shows the whole header, e.g. 'continuous/test/log_px_se' (the stale column:
-    also the start of its text, "numbers of replaced weights: ...", evaluations.stale_reason)."""
-    name = _CANONICAL.match(key).group(2)
-    return max(90, round(6.5 * len(name)) + 36, 200 if key == tag_column(STALE_TAG) else 0)
+    """A column width (px) that shows the whole header, e.g. 'continuous/test/log_px_se', and the whole of
+    each likelihood's name, e.g. 'continuous_bernoulli' (the stale column: the start of its text, "numbers
+    of replaced weights: ...", evaluations.stale_reason). 6.5 px a character of the UI's 13 px font, 36 px
+    of padding and sort icon."""
+    text = len(_CANONICAL.match(key).group(2))
+    if key == tag_column("likelihood"):
+        text = max(text, *(len(name) for name in REGISTRY))
+    return max(90, round(6.5 * text) + 36, 200 if key == tag_column(STALE_TAG) else 0)
 
 
 def elbo_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[dict]]:
