@@ -242,7 +242,7 @@ def elbo_charts(spaces: tuple[str, ...] = SPACES) -> tuple[list[dict], list[dict
             "uuid": section,
             "name": "ELBO per epoch (train vs val)",
             "display": True,
-            "columns": 2,  # one chart per data space, at most two of the three in a run's experiment
+            "columns": 2,  # one chart per data space present: two a row, each wider than at three
             "isReordered": False,
             "deleted": False,
             "isGenerated": False,
