@@ -210,7 +210,7 @@ def test_two_stochastic_layers_validate():
         (["likelihood=gaussian", "data.space=binary"], "data.space", "binary"),
         (["data.space=continuous"], "data.space", "allow_improper"),
         (["model.hidden_dims=[]"], "model.hidden_dims", "at least 1"),
-        (["+model.layers=3"], "model.layers", "Extra inputs are not permitted"),
+        (["+model.layers=3"], "model.layers", "no such key (model has latent_dim, hidden_dims, activation"),
         (["train.lr_schedule=cosine"], "train.lr_schedule", "'constant' or 'iwae'"),
         (["train.adam_betas=[0.9]"], "train.adam_betas", "at least 2 items"),
         (["train.adam_betas=[0.9,0.99,0.999]"], "train.adam_betas", "at most 2 items"),
@@ -325,6 +325,46 @@ def test_an_unknown_config_option_is_one_line_with_the_options_not_the_search_pa
         "overrides likelihood=poisson: In 'config': Could not find 'likelihood/poisson' Available options in "
         "'likelihood': bernoulli continuous_bernoulli gaussian"
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # K is what the papers call it; Hydra's own advice, "+eval.K=10", is refused by the schema next
+        (
+            ["eval.K=10"],
+            "eval.K: no such key (eval has num_samples, batch_size, chunk_size, seed, num_images, ",
+        ),
+        (["evl.K=3"], "evl: no such key (the top level has data, model, likelihood, train, trainer, eval, "),
+        (["likelihod=gaussian"], "likelihod: no such key (the top level has data, model, likelihood, "),
+        # the keys of the likelihood the other overrides choose
+        (
+            ["likelihood=gaussian", "likelihood.p=1"],
+            "likelihood.p: no such key (likelihood has name, sigma, ",
+        ),
+        (["likelihood.sigma=0.1"], "likelihood.sigma: no such key (likelihood has name, allow_improper)"),
+    ],
+)
+def test_an_unknown_key_in_an_override_names_the_keys_there_are(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        config_mod.compose(overrides)
+    assert str(err.value).startswith(f"overrides {' '.join(overrides)}: {expected}"), err.value
+
+
+def test_an_unknown_key_in_a_params_file_names_the_keys_there_are(tmp_path):
+    raw = compose()
+    raw["eval"]["K"], raw["model"]["foo"], raw["bar"] = 10, 1, 2
+    raw["likelihood"]["sigma"] = 0.1  # bernoulli's section: its tag is in pydantic's location, not the key
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate(raw)
+    assert sorted(str(err.value).split("; ")) == [
+        "bar: no such key (the top level has data, model, likelihood, train, trainer, eval, tracking, seed)",
+        "eval.K: no such key (eval has num_samples, batch_size, chunk_size, seed, num_images, device, "
+        "precision)",
+        "likelihood.sigma: no such key (likelihood has name, allow_improper)",
+        "model.foo: no such key (model has latent_dim, hidden_dims, activation, init, init_std, "
+        "stochastic_layers, latent_dim_2, hidden_dims_2, dropout)",
+    ]
 
 
 @pytest.mark.parametrize(

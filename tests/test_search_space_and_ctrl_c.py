@@ -156,7 +156,10 @@ def test_ctrl_c_stops_training_at_its_epoch_end_with_last_ckpt_and_exit_130(tmp_
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--multirun", "model.foo=1", "model.latent_dim=2,3"], r"overrides model.foo=1: Could not override"),
+        (
+            ["--multirun", "model.foo=1", "model.latent_dim=2,3"],
+            r"overrides model.foo=1: model.foo: no such key \(model has",
+        ),
         (
             ["-m", "hydra/sweeper=vaerepro_optuna", "model.latent_dim=choice(2,"],
             r"model.latent_dim=choice\(2,",

@@ -7,6 +7,7 @@ once with the key, what was given and what is allowed, before any data is touche
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -503,15 +504,31 @@ _WRAPPER = re.compile(r"^(function-.*|tagged-union.*)$")
 _UNION_BRANCH = re.compile(r"^(literal\[.*\]|constrained-\w+|bool|int|float|str|none)$")
 
 
-def _format(err: ValidationError) -> str:
+def _no_such_key(key: str, raw: dict[str, Any], unknown: set[str]) -> str:
+    """What to say of `key` (dotted), which the config does not have: the keys its nearest section in `raw`
+    (the resolved config) does have, less the `unknown` ones. Without them a user who typed eval.K gets only
+    "Extra inputs are not permitted", or from Hydra the advice to add it with "+", which is refused next."""
+    parts, node = key.split("."), raw
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            parts = parts[: depth + 1]  # evl.K: it is `evl` that is not there
+            break
+        node = node[part]
+    section = ".".join(parts[:-1]) or "the top level"
+    known = [k for k in node if ".".join([*parts[:-1], k]) not in unknown]
+    return f"{'.'.join(parts)}: no such key ({section} has {', '.join(known)})"
+
+
+def _format(err: ValidationError, raw: dict[str, Any]) -> str:
     entries: list[tuple[str, list[str], str, bool]] = []  # (key, messages, given, a union's branches)
-    for e in err.errors():
-        parts = [str(p) for p in e["loc"] if not _WRAPPER.match(str(p))]
-        union = any(_UNION_BRANCH.match(p) for p in parts)
-        key = ".".join(p for p in parts if not _UNION_BRANCH.match(p))
-        # Discriminated unions put the tag in the location; keep the path a user would type.
-        for tag in REGISTRY:
-            key = key.replace(f"likelihood.{tag}", "likelihood")
+    errors = err.errors()
+    unknown = {_user_key(e) for e in errors if e["type"] == "extra_forbidden"}
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            entries.append((_no_such_key(_user_key(e), raw, unknown), [], "", False))
+            continue
+        union = any(_UNION_BRANCH.match(p) for p in _loc(e))
+        key = _user_key(e)
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (given: {given!r})"
         msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' ValueErrors
@@ -524,8 +541,21 @@ def _format(err: ValidationError) -> str:
             entries.append((key, [msg], shown, union))
     # One line: each bad key, what is allowed and what was given (a check across sections names its keys)
     return "; ".join(
-        f"{key + ': ' if key else ''}{', or '.join(msgs)}{shown}" for key, msgs, shown, _ in entries
+        f"{key + ': ' if key and msgs else key}{', or '.join(msgs)}{shown}" for key, msgs, shown, _ in entries
     )
+
+
+def _loc(e: dict[str, Any]) -> list[str]:
+    return [str(p) for p in e["loc"] if not _WRAPPER.match(str(p))]
+
+
+def _user_key(e: dict[str, Any]) -> str:
+    """The dotted key a pydantic error is about, as a user types it: without the branches of a union, and
+    without the likelihood's tag that a discriminated union puts in the location (likelihood.bernoulli.p)."""
+    key = ".".join(p for p in _loc(e) if not _UNION_BRANCH.match(p))
+    for tag in REGISTRY:
+        key = key.replace(f"likelihood.{tag}", "likelihood")
+    return key
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -535,7 +565,7 @@ def validate(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(_format(err, raw)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -594,6 +624,14 @@ def find_project_root(start: str | os.PathLike | None = None) -> Path:
     raise ConfigError(f"no vaerepro project (conf/config.yaml or dvc.yaml) at or above {here}")
 
 
+_NO_OVERRIDE = re.compile(r"Could not override '([^']+)'\.")
+
+
+def _override_key(override: str) -> str:
+    """The key a Hydra override sets: eval.K of `eval.K=10`, `+eval.K=10` and `~eval.K`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def compose(
     overrides: list[str] | None = None,
     config_dir: str | os.PathLike | None = None,
@@ -620,6 +658,11 @@ def compose(
         text = " ".join(str(err).split()).split(" Config search path:")[0]
         if text.startswith("Error merging override") and err.__cause__ is not None:  # why is in its cause
             text += f" ({str(err.__cause__).splitlines()[0]})"
+        if (unknown := _NO_OVERRIDE.match(text)) and not unknown[1].startswith("hydra."):
+            # Hydra's advice, to add the key with "+", is refused by the schema next: say what there is
+            key, others = unknown[1], [o for o in overrides or [] if _override_key(o) != unknown[1]]
+            with contextlib.suppress(ConfigError):
+                text = _no_such_key(key, compose(others, config_dir), {key})
         shown = " ".join(overrides or []) if named is None else " ".join(named)
         raise ConfigError(f"overrides {shown}: {text}" if shown else f"{config_dir}: {text}") from None
     except yaml.YAMLError as err:  # a file of conf/ that is not YAML: PyYAML's traceback, through Hydra
