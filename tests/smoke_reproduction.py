@@ -10,9 +10,9 @@ import math
 import types
 
 from conftest import BIN, ROOT, run
-from vaerepro import presets as P
-from vaerepro import reproduce
-from vaerepro import reproduction as R
+from vaerepro.reproductions import judge as R
+from vaerepro.reproductions import presets as P
+from vaerepro.reproductions import reproduce
 
 # aevb-frey-z2 runs 2 seeds (the interval across seeds, two child runs); cb-mnist-cb runs through the real
 # command line, as a user types it, and iwae-mnist-iwae-k5-l2 calls presets.main in this process with its

@@ -52,12 +52,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro.__main__",
         "vaerepro.tracking",
         "vaerepro.sweep",
-        "vaerepro.presets",
-        "vaerepro.reproduction",
-        "vaerepro.reproduction_results",
-        "vaerepro.reproduction_card",
-        "vaerepro.reproduce",
-        "vaerepro.resumption",
+        "vaerepro.reproductions",
         "vaerepro.run_dirs",
         "vaerepro.run_overrides",
         "vaerepro.params_file",
@@ -338,12 +333,12 @@ def render_graph() -> str:
             continue
         layer_of[short(m)] = _layer(m)
         deps.setdefault(short(m), set()).update(short(n) for n in targets)
-    lines = []
+    lines, width = [], max(map(len, layer_of)) + 1
     for layer in ORDER:
         lines.append(f"{layer}:")
         for m in sorted(k for k, v in layer_of.items() if v == layer):
             imported = sorted(deps[m] - {m, "vaerepro"})
-            lines.append(f"  {m:<22} <- {', '.join(imported) if imported else '(nothing of vaerepro)'}")
+            lines.append(f"  {m:<{width}} <- {', '.join(imported) if imported else '(nothing of vaerepro)'}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Paper presets: every preset composes against the real config, its settings are the paper's (transcribed
 here from the papers, with the place they were read), the IWAE learning-rate schedule, the verdict logic
-(vaerepro.reproduction) and `vaerepro reproduce --list`. Nothing here trains."""
+(vaerepro.reproductions.judge) and `vaerepro reproduce --list`. Nothing here trains."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from conftest import ROOT, compose
 from vaerepro import config as config_mod
-from vaerepro import presets as P
-from vaerepro import reproduction as R
 from vaerepro.data import split_indices, split_sizes
+from vaerepro.reproductions import judge as R
+from vaerepro.reproductions import presets as P
 
 NAMES = sorted(P.PRESETS)
 AEVB_NAMES = [n for n in NAMES if n.startswith("aevb-")]
@@ -368,17 +368,17 @@ def test_time_estimates_know_every_source_of_a_known_size():
     assert R.estimate_seconds(fashion) == R.estimate_seconds(mnist)  # the same sizes as MNIST's
 
 
-@pytest.mark.parametrize("module", ["vaerepro.reproduction", "vaerepro.presets"])
+@pytest.mark.parametrize("module", ["vaerepro.reproductions.judge", "vaerepro.reproductions.presets"])
 def test_the_modules_import_no_framework(module):
     code = (
         f"import sys, {module}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'torch', 'lightning', 'mlflow', 'optuna', 'hydra', 'numpy', 'pydantic'}), "
-        "'vaerepro.presets' in sys.modules)"
+        "'vaerepro.reproductions.presets' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    # reproduction knows no paper: importing it does not load the presets
-    assert out.strip() == f"[] {module == 'vaerepro.presets'}"
+    # judge knows no paper: importing it does not load the presets
+    assert out.strip() == f"[] {module == 'vaerepro.reproductions.presets'}"
 
 
 def test_the_command_line_lists_the_presets(capsys):
@@ -392,7 +392,7 @@ def test_the_command_line_lists_the_presets(capsys):
 
 def test_the_readme_lists_every_preset_as_the_code_has_it():
     """README's table of presets is presets.format_table()'s, between its markers (regenerate with
-    `python -c "from vaerepro import presets; print(presets.format_table(), end='')"`)."""
+    `python -c "from vaerepro.reproductions import presets; print(presets.format_table(), end='')"`)."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- presets: start -->\n", 1)[1].split("<!-- presets: end -->", 1)[0]
     assert block == P.format_table()

@@ -10,10 +10,10 @@ import math
 import pytest
 
 from conftest import ROOT, compose
-from vaerepro import presets as P
-from vaerepro import reproduce, reproduction_card
-from vaerepro import reproduction as R
-from vaerepro.reproduction_results import Result, SeedResult
+from vaerepro.reproductions import card, reproduce
+from vaerepro.reproductions import judge as R
+from vaerepro.reproductions import presets as P
+from vaerepro.reproductions.results import Result, SeedResult
 
 IWAE = P.PRESETS["iwae-mnist-iwae-k50-l1"]  # published -84.78 nats (Table 1), tolerance 1 nat
 
@@ -117,7 +117,7 @@ def test_a_number_in_another_data_space_than_the_papers_gets_no_difference():
         f"{R.OTHER_UNITS}: seed 2 measured on continuous pixels (a Bernoulli on grey levels, not a density), "
         "the paper on binary pixels; their difference is not shown",
     )
-    assert reproduction_card._published_row(m)[3] == "n/a"  # the card
+    assert card._published_row(m)[3] == "n/a"  # the card
 
 
 # --- the card ----------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def _result(tmp_path, preset, values, **plan_kw):
 def test_card_shows_published_measured_difference_verdict_and_environment(tmp_path):
     result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
     assert result.verdict == "reproduced"
-    paths = reproduction_card.write_card(result)
+    paths = card.write_card(result)
     assert paths["md"] == tmp_path / "reports" / "reproductions" / "iwae-mnist-iwae-k50-l1.md"
     md, html = paths["md"].read_text(), paths["html"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| test log p(x) | -84.78"))
@@ -182,7 +182,7 @@ def test_the_cards_unit_says_what_a_number_in_nats_is_of(tmp_path):
     and AEVB's MNIST bounds alike, though the last are of a Bernoulli on grey levels, no density (an improper
     run, which every report and MLflow name marks): it now says which."""
     units = {
-        (name, pub.metric): reproduction_card._unit_text(pub)
+        (name, pub.metric): card._unit_text(pub)
         for name in ("iwae-mnist-iwae-k50-l1", "aevb-mnist-z3", "aevb-frey-z2", "cb-mnist-cb")
         for pub in P.PRESETS[name].published
     }
@@ -194,11 +194,11 @@ def test_the_cards_unit_says_what_a_number_in_nats_is_of(tmp_path):
     assert units[("aevb-frey-z2", "test ELBO")] == "nats per example, of a density on pixels in [0,1]"
     assert units[("cb-mnist-cb", "kNN accuracy")] == "fraction of test images"
     result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
-    md = reproduction_card.write_card(result)["md"].read_text()
+    md = card.write_card(result)["md"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| test log p(x) | -84.78"))
     assert "| nats per example, of a Bernoulli pmf on binary pixels | eval.json:log_px |" in row
     # what `vaerepro reproduce` prints at the end says it too: it read "measured -85.00 ..., published -84.78"
-    printed = reproduction_card.summary(result, {"md": "card.md"})
+    printed = card.summary(result, {"md": "card.md"})
     assert "published -84.78 (nats per example, of a Bernoulli pmf on binary pixels): reproduced" in printed
 
 
@@ -207,7 +207,7 @@ def test_the_cards_training_time_of_a_resumed_seed_says_it_is_its_last_runs(tmp_
     card's "training (s)" read as the seed's whole training beside its summed wall time."""
     result = _result(tmp_path, dataclasses.replace(IWAE, missing=()), [-85.0, -84.0, -86.0], seeds=3)
     result.seeds[1].train["resumed_after_epochs"] = 3000
-    md = reproduction_card.write_card(result)["md"].read_text()
+    md = card.write_card(result)["md"].read_text()
     assert "| 0 | -85.00 ± 0.30 | 5000 | 3280 | true | 20.0 | 12.5 |" in md
     assert (
         "| 1 | -84.00 ± 0.30 | 5000 | 3280 | true | 20.0 | 12.5 (resumed after 3000 epochs: its last run's "
@@ -219,7 +219,7 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     preset = P.PRESETS["aevb-frey-z2"]
     result = _result(tmp_path, preset, [900.0], smoke=True)
     assert result.verdict == "not comparable" and len(result.plan.seeds) == 1
-    md = reproduction_card.write_card(result)["md"].read_text()
+    md = card.write_card(result)["md"].read_text()
     assert result.plan.card_dir == tmp_path / "reports" / "reproductions" / "smoke"  # never a real card
     assert "WARNING:** a smoke run" in md and "--seeds 1 --smoke" in md
     assert "| test ELBO | 872.40 (none: a figure, read off" in md
@@ -240,7 +240,7 @@ def test_card_of_one_seed_off_protocol_says_why_not(tmp_path):
     assert f"| {R.NOT_IMPLEMENTED} |" not in md and "| step-size selection | " in md
     assert "seed 0: 0.02 (0.01: -250.5, 0.02: -241.3, 0.1: -1e+15)." in md  # the pilots' choice
     # Figure 2's axis: training samples seen at each epoch's end, (epoch + 1) x 1,375 training images
-    assert reproduction_card.samples_seen(result.seeds[0]) == [1375, 2750, 4125]
+    assert card.samples_seen(result.seeds[0]) == [1375, 2750, 4125]
     assert "![bound against training samples seen" in md and "As Figure 2:" in md
     assert (result.plan.card_dir / "aevb-frey-z2_figures" / "bound_against_samples.png").is_file()
 
@@ -331,7 +331,7 @@ def test_why_a_paper_gives_no_number_is_said_once_on_the_card(tmp_path):
     preset = P.PRESETS["cb-mnist-cb"]
     (why,) = {pub.why_none for pub in preset.published}
     assert len(preset.published) == 2 and len(why) > 100
-    md = reproduction_card.write_card(_result(tmp_path, preset, [1400.0, 1410.0, 1420.0], seeds=3))["md"]
+    md = card.write_card(_result(tmp_path, preset, [1400.0, 1410.0, 1420.0], seeds=3))["md"]
     text = md.read_text()
     assert text.count(why) == 1
     (pub_elbo, pub_knn) = preset.published

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from conftest import BIN, ROOT, ctrl_c_at_a_terminal, curve
-from vaerepro import presets as P
-from vaerepro import resumption
+from vaerepro.reproductions import presets as P
+from vaerepro.reproductions import resumption
 
 PRESET = "aevb-mnist-z3"  # two published values: the test ELBO (eval.json) and the training ELBO
 REAL_POPEN = subprocess.Popen

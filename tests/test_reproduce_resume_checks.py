@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from vaerepro import presets as P
-from vaerepro import reproduce, resumption
+from vaerepro.reproductions import presets as P
+from vaerepro.reproductions import reproduce, resumption
 
 IWAE = "iwae-mnist-iwae-k50-l1"  # test log p(x), binary space, published -84.78
 

@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from smoke_reproduction import check_smoke
-from vaerepro import presets as P
+from vaerepro.reproductions import presets as P
 
 NAMES = sorted(n for n in P.PRESETS if not n.startswith("iwae-"))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from smoke_reproduction import check_smoke
-from vaerepro import presets as P
+from vaerepro.reproductions import presets as P
 
 NAMES = sorted(n for n in P.PRESETS if n.startswith("iwae-"))
 

@@ -14,12 +14,13 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from conftest import copy_prepared, tiny_config
 from test_reproduce import _result
-from vaerepro import estimators, reproduction_card
-from vaerepro import presets as P
+from vaerepro import estimators
 from vaerepro.data import TEST_SEED_OFFSET, fixed_space, load_prepared
 from vaerepro.datamodule import TEST_STREAM, batch_seed
 from vaerepro.evaluate import load_vae
-from vaerepro.reproduction_results import SeedResult
+from vaerepro.reproductions import card
+from vaerepro.reproductions import presets as P
+from vaerepro.reproductions.results import SeedResult
 from vaerepro.train import train
 from vaerepro.trainer import grid_index, on_test_grid
 
@@ -197,7 +198,7 @@ def test_seed_result_reads_the_test_curve_when_there(tmp_path):
 @pytest.mark.slow
 def test_the_card_draws_each_seeds_test_curve_dotted_against_samples(tmp_path, monkeypatch):
     result = _result(tmp_path, P.PRESETS["aevb-frey-z2"], [900.0], smoke=True)
-    without = reproduction_card._curves_against_samples(result)
+    without = card._curves_against_samples(result)
     assert "test set once, after training" in without.caption and "dotted" not in without.caption
 
     rows = [{"epoch": 0.0, "samples_seen": 1375.0, "test_elbo": 880.0}]
@@ -205,15 +206,15 @@ def test_the_card_draws_each_seeds_test_curve_dotted_against_samples(tmp_path, m
     result.seeds[0].test_curve = rows
     figures = []  # the matplotlib figure, kept by the png call that would render it
     with monkeypatch.context() as m:
-        m.setattr(reproduction_card, "png", lambda fig: figures.append(fig) or b"png")
-        fig = reproduction_card._curves_against_samples(result)
+        m.setattr(card, "png", lambda fig: figures.append(fig) or b"png")
+        fig = card._curves_against_samples(result)
     assert "dotted, the test-set ELBO during training, as the paper's figure has it" in fig.caption
     assert "test set once" not in fig.caption
     (line,) = [ln for ln in figures[0].axes[0].lines if ln.get_label() == "seed 0 test"]
     assert line.get_linestyle() == ":" and line.get_color() == "C0"
     assert list(line.get_xdata()) == [1375.0, 4125.0] and list(line.get_ydata()) == [880.0, 890.0]
 
-    paths = reproduction_card.write_card(result)
+    paths = card.write_card(result)
     md = paths["md"].read_text()
     assert "dotted, the test-set ELBO during training" in md
     assert (result.plan.card_dir / "aevb-frey-z2_figures" / "bound_against_samples.png").is_file()

@@ -557,7 +557,7 @@ def _main(argv: list[str]) -> int:
         _hydra_run(argv[1:])
         return 0
     if argv and argv[0] == "reproduce":
-        from vaerepro import presets
+        from vaerepro.reproductions import presets
 
         return presets.main(argv[1:])
 

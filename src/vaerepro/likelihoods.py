@@ -9,8 +9,8 @@ using Bernoulli on continuous (grey-level) data is allowed only on request and i
 numbers are not log-likelihoods and are never ranked against proper ones (``compare.py``).
 
 Likelihoods are chosen by name through one registry (``get_likelihood``), never by string comparison
-elsewhere, but for one estimate: ``reproduction.estimate_seconds``, which must not import torch, counts a
-learned-sigma Gaussian's two decoder outputs by name. Each name here also has its schema section in
+elsewhere, but for one estimate: ``reproductions.judge.estimate_seconds``, which must not import torch,
+counts a learned-sigma Gaussian's two decoder outputs by name. Each name here also has its schema section in
 ``config.LikelihoodConfig`` and its option ``conf/likelihood/<name>.yaml`` (tests/test_config.py checks).
 """
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaerepro.config import TrackingConfig
-from vaerepro.reproduction import UNIT, Measurement, Preset, Published
+from vaerepro.reproductions.judge import UNIT, Measurement, Preset, Published
 from vaerepro.tracking.names import space_name
 from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG, end_run, git_commit, read_run_id
 from vaerepro.tracking.store import ensure_experiment

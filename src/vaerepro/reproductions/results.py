@@ -4,10 +4,10 @@ passes from running to writing up.
 - Plan: the preset, overrides, seeds and directories, decided and validated by reproduce.plan before
   anything runs.
 - SeedResult: one seed's result files, read from its run directory.
-- Result: the plan, every seed's results and the verdict (reproduction.judge), as reproduce.run returns it.
+- Result: the plan, every seed's results and the verdict (judge.judge), as reproduce.run returns it.
 
-reproduce.py fills them; reproduction_card.py writes them up. They live here, apart from both, so that the
-card reads what a run produced without importing the code that runs it, and the run writes the card.
+reproduce.py fills them; card.py writes them up. They live here, apart from both, so that the card reads
+what a run produced without importing the code that runs it, and the run writes the card.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaerepro import reproduction as R
-from vaerepro import resumption as resume_mod
 from vaerepro.compare import curve_mismatch, impossible
 from vaerepro.errors import UserError
+from vaerepro.reproductions import judge as R
+from vaerepro.reproductions import resumption as resume_mod
 
 
 @dataclass(frozen=True)

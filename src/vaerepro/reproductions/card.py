@@ -1,8 +1,8 @@
 """The reproduction card of `vaerepro reproduce NAME`: reports/reproductions[/smoke]/NAME.md and .html
 (figures in NAME_figures/), built from document.py blocks, and the one-screen summary the command prints.
 
-The card reads a finished reproduction only (reproduction_results.Result: the plan, each seed's result
-files, the verdict); reproduce.py runs the reproduction and calls write_card, reproduction.py judges it.
+The card reads a finished reproduction only (results.Result: the plan, each seed's result files, the
+verdict); reproduce.py runs the reproduction and calls write_card, judge.py judges it.
 Sections: the verdict and why, published against measured (with each seed's values), the protocol beside
 this run's settings, the environment, the data and where it comes from, the time, the training curves.
 """
@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vaerepro import document
-from vaerepro import reproduction as R
-from vaerepro import resumption as resume_mod
 from vaerepro.document import Block, Caution, Fig, Heading, Para, Table, fmt, png
-from vaerepro.reproduction_results import Plan, Result, SeedResult
+from vaerepro.reproductions import judge as R
+from vaerepro.reproductions import resumption as resume_mod
+from vaerepro.reproductions.results import Plan, Result, SeedResult
 from vaerepro.sources import DEFAULT_URLS, MD5
 
 KIND_TEXT = {

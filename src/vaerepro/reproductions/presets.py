@@ -1,7 +1,6 @@
 """Paper presets: each published number this harness can be compared with, the protocol that produced it,
-and its citation; `vaerepro reproduce --list`, and `vaerepro reproduce NAME` (run by vaerepro.reproduce).
-What a preset, a published number and a verdict are, and how a run is judged, is in
-`vaerepro.reproduction`.
+and its citation; `vaerepro reproduce --list`, and `vaerepro reproduce NAME` (run by reproduce.py).
+What a preset, a published number and a verdict are, and how a run is judged, is in judge.py.
 
 Every setting and number names where it was read; a number that could not be found is None with the
 reason, and gets no verdict. Values are stored in the project's convention: a log-likelihood or bound in
@@ -17,9 +16,8 @@ Sources read (arXiv versions as named; the PDFs' own text, not summaries):
 - Continuous Bernoulli: arXiv:1907.06845 (Section 1 only was reachable) and the authors' code and poster
   github.com/cunningham-lab/cb_and_cc (cb_vae_mnist.ipynb, utils.py, cb/cb_neurips_poster.pdf).
 
-Imports: the standard library, vaerepro.errors, vaerepro.reproduction and vaerepro.schedules only (no torch,
-Hydra, Lightning or MLflow); `main` imports vaerepro.reproduce and vaerepro.reproduction_card when it runs a
-preset.
+Imports: the standard library, vaerepro.errors, judge.py and vaerepro.schedules only (no torch, Hydra,
+Lightning or MLflow); `main` imports reproduce.py and card.py when it runs a preset.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from vaerepro.errors import UserError
-from vaerepro.reproduction import (
+from vaerepro.reproductions.judge import (
     DATA_SIZES,
     DEFAULT_FRACTIONS,
     UNIT,
@@ -480,7 +478,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`vaerepro reproduce --list [NAME ...]`: the presets, their sources, published values and times.
-    `vaerepro reproduce NAME [OVERRIDES] [--seeds N] [--smoke] [--resume]`: run one (vaerepro.reproduce);
+    `vaerepro reproduce NAME [OVERRIDES] [--seeds N] [--smoke] [--resume]`: run one (reproduce.py);
     exit 0 when it ran, whatever the verdict; 2 for bad input (an unknown preset, a bad override, nothing
     to resume: one line naming it). A stopped or failed reproduction ends with the command that resumes it;
     its exit status is the failed seed's, 130 for Ctrl-C, 128 + n for signal n."""
@@ -515,8 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fresh and args.resume:
             raise UserError("--fresh and --resume: give one (start again, or go on with the stopped one)")
         preset = get(args.args[0])
-        from vaerepro import reproduce, reproduction_card
         from vaerepro.errors import Stopped
+        from vaerepro.reproductions import card, reproduce
 
         try:
             result, paths = reproduce.run(
@@ -544,5 +542,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vaerepro reproduce: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    sys.stdout.write(reproduction_card.summary(result, paths))
+    sys.stdout.write(card.summary(result, paths))
     return 0

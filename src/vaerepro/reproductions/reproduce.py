@@ -7,11 +7,11 @@ recorded in MLflow and written up as a reproduction card.
   process of its own in runs/reproductions/NAME/seed_<s>/: the command line imports the presets, which
   import this module, so importing cli here would be a cycle; and, as with sweep trials, no seed's state
   (seeded generators, MLflow's active run) reaches the next.
-- Verdict: reproduction.judge: each published value against the result its preset names, mean and 95 %
+- Verdict: judge.judge: each published value against the result its preset names, mean and 95 %
   Student-t interval across seeds, with the run's departures from the protocol: never "reproduced"
   off-protocol.
 - Card: reports/reproductions/NAME.md and .html (figures in NAME_figures/), written by
-  reproduction_card.py from the Result.
+  card.py from the Result.
 - MLflow: one parent run per reproduction (tracking.reproduction), the seeds' runs its children.
 - Resuming (--resume): reproduction.json and each finished seed's marker (resumption.py) say what was
   asked and what is done; a finished seed is read from disk, a stopped one continues from its
@@ -21,8 +21,8 @@ A smoke run (--smoke) writes under runs/reproductions/smoke/ and reports/reprodu
 replaces a real reproduction's results.
 
 This module runs a reproduction (plan, the seeds' processes, the resume bookkeeping, the MLflow parent run,
-the verdict); what it plans and what the seeds wrote are reproduction_results.py's types (Plan, SeedResult,
-Result); the card and the printed summary are reproduction_card.py's.
+the verdict); what it plans and what the seeds wrote are results.py's types (Plan, SeedResult, Result);
+the card and the printed summary are card.py's.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from vaerepro import config as config_mod
-from vaerepro import reproduction as R
-from vaerepro import resumption as resume_mod
 from vaerepro import run_dirs
 from vaerepro.config import Config
 from vaerepro.errors import Stopped, UserError
-from vaerepro.reproduction_card import write_card
-from vaerepro.reproduction_results import Plan, Result, SeedResult
+from vaerepro.reproductions import judge as R
+from vaerepro.reproductions import resumption as resume_mod
+from vaerepro.reproductions.card import write_card
+from vaerepro.reproductions.results import Plan, Result, SeedResult
 from vaerepro.tracking import reproduction as track
 from vaerepro.tracking.names import space_name
 
@@ -105,7 +105,7 @@ def plan(
     out: Path | None = None,
 ) -> Plan:
     """The reproduction's configuration (validated) and directories; `out` (default `root`) holds runs/
-    and reports/. Seeds: `seeds`, else 1 for a smoke run and reproduction.seeds_needed otherwise."""
+    and reports/. Seeds: `seeds`, else 1 for a smoke run and judge.seeds_needed otherwise."""
     for o in user:
         key = o.lstrip("+~").split("=", 1)[0]
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):

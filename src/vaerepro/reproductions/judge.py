@@ -2,7 +2,7 @@
 the schema lacks, a preset, the verdict on a measured value, how a run departs from a preset's protocol,
 the aggregate of a measurement across seeds (mean and Student-t interval) and the estimated time of one
 run (IWAE's learning-rate schedule is in `vaerepro.schedules`). The papers' presets are in
-`vaerepro.presets`, which imports this module (never the other way round).
+presets.py, which imports this module (never the other way round).
 
 A preset is a row or curve of a paper: its settings as Hydra overrides of `conf/` (only keys the schema
 has), the settings the schema lacks (`missing`, so that nothing is silently dropped), the published
