@@ -359,6 +359,13 @@ def test_a_curve_that_is_not_the_trainings_is_one_line_naming_it_and_nothing_is_
         assert str(err.value).startswith(f"{path}: "), why
         assert "run `vaerepro train` again" in str(err.value), why
         assert not (out / "reports").exists(), why
+    path.write_bytes(b"step,loss\n1,2.5\n")  # a table of other columns: said so, not "no rows"
+    with pytest.raises(FileNotFoundError) as err:
+        write_report(out, CONFIG)
+    assert str(err.value) == (
+        f"{path}: no train_elbo or val_elbo column (its columns: step, loss); run `vaerepro train` again to "
+        "rewrite it"
+    )
     path.write_bytes(whole)
     assert 'id="fig-training_curves"' in write_report(out, CONFIG)["html"].read_text()
 

@@ -138,6 +138,11 @@ def _check_curve(path: Path, tr: Mapping) -> None:
         raise ResultFileError(
             f"{path}: not a CSV table of numbers ({exc}); run `vaerepro train` again to rewrite it"
         ) from None
+    if absent := [k for k in ("train_elbo", "val_elbo") if k not in cur]:  # rows, not of these columns
+        raise ResultFileError(
+            f"{path}: no {' or '.join(absent)} column (its columns: {', '.join(cur) or 'none'}); run "
+            "`vaerepro train` again to rewrite it"
+        )
     last = {k: float(v[-1]) for k in ("train_elbo", "val_elbo") if len(v := cur.get(k, ()))}
     if (problem := curve_mismatch(last or None, tr)) is not None:
         raise ResultFileError(f"{path}: {problem}; run `vaerepro train` again to rewrite both")
