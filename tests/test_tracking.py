@@ -138,6 +138,31 @@ def test_queued_dvc_experiments_log_to_the_repository_store(tmp_path, monkeypatc
     assert tracking.tracking_uri(cfg.tracking, copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
 
+def test_a_relative_sqlite_store_is_read_against_the_project_root(tmp_path, monkeypatch):
+    """`sqlite:///mine.db` (MLflow's tutorials' form) named a file in the working directory: a queued DVC
+    experiment logged into its temporary copy, which DVC deletes, and a command run in a subdirectory
+    opened another store. It names the project root's file, as the default store does."""
+    monkeypatch.chdir(tmp_path)  # the working directory is neither root below
+    root, copy = tmp_path / "repo", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    for key, given in [("env", "sqlite:///mine.db"), ("uri", "sqlite:///stores/mine.db?timeout=30")]:
+        if key == "env":
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", given)
+            cfg = tiny_config(tracking=True)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+            cfg = tiny_config(f"tracking.uri='{given}'", tracking=True)
+        path = given.removeprefix("sqlite:///")
+        for where in (root, copy):
+            assert tracking.tracking_uri(cfg.tracking, where) == f"sqlite:///{root.resolve()}/{path}", key
+    # what is not a relative file is left as given
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for given in (f"sqlite:///{tmp_path}/abs.db", "sqlite://", "sqlite:///:memory:", "http://127.0.0.1:1"):
+        assert (
+            tracking.tracking_uri(tiny_config(f"tracking.uri='{given}'", tracking=True).tracking, root)
+            == given
+        )
+
+
 class _StoredEpochs(pl.Callback):
     """At every epoch start: how many val/elbo values this training's MLflow run holds in the store, after
     waiting for MLflow's asynchronous writes; optionally fails in epoch `crash_in`."""

@@ -21,15 +21,25 @@ def tracking_uri(tcfg: TrackingConfig, root: Path | None = None) -> str:
     """MLFLOW_TRACKING_URI wins; then tracking.uri; then sqlite at the project root (absolute path).
 
     MLflow 3 refuses a plain ./mlruns file store, and a relative sqlite path would change meaning with the
-    working directory (DVC's queued experiments run in temporary copies), hence the absolute path.
+    working directory (DVC's queued experiments run in temporary copies), hence the absolute path. A
+    relative sqlite path given (`sqlite:///mine.db`, as MLflow's tutorials write it) is read against the
+    project root too: read against the working directory, the runs of a queued DVC experiment went into a
+    store in its temporary copy, which DVC deletes, and a command started in a subdirectory (a run's
+    directory) opened another, empty store there.
     """
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if tcfg.uri:
-        return tcfg.uri
+    given = os.environ.get("MLFLOW_TRACKING_URI") or tcfg.uri
+    if given and not given.startswith("sqlite:"):
+        return given
     root = store_root((root or find_project_root()).resolve())
-    return f"sqlite:///{root / 'mlflow.db'}"
+    if not given:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    from sqlalchemy.engine import make_url
+
+    url = make_url(given)
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:") or Path(database).is_absolute():
+        return given
+    return url.set(database=str(root / database)).render_as_string(hide_password=False)
 
 
 def tracking_uri_source(tcfg: TrackingConfig) -> str | None:
