@@ -321,6 +321,27 @@ def test_ui_refuses_a_port_out_of_range(port, tmp_path, capsys, monkeypatch):
     assert err == f"vaerepro ui: argument --port: '{port}': a port is a whole number from 1 to 65535\n"
 
 
+@pytest.mark.slow
+def test_ui_in_a_subdirectory_opens_the_projects_store(tmp_path, capsys, monkeypatch):
+    """`vaerepro ui` read params.yaml in the working directory only: in runs/ it was "params.yaml: no
+    resolved config here"; with a relative MLFLOW_TRACKING_URI it opened a new, empty store there."""
+    from conftest import tiny_config
+
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_config(tracking=True).to_dict()))  # YAML's subset
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path / "runs")
+    for env in (None, "sqlite:///mlflow.db"):
+        if env is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+        assert cli.main(["ui", "--print-url"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.startswith("runs table:  http://127.0.0.1:5000/#/experiments/")
+        assert [p.name for p in tmp_path.rglob("*.db")] == ["mlflow.db"]  # the project's, at its root
+        assert (tmp_path / "mlflow.db").is_file()
+
+
 @pytest.mark.parametrize(
     ("argv", "line"),
     [

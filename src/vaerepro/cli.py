@@ -577,7 +577,10 @@ def _main(argv: list[str]) -> int:
     )
     p.add_argument("--output", default="params.yaml", help="file to write (default: params.yaml)")
     p = sub.add_parser("ui", help="serve the MLflow store (127.0.0.1) and print the link to compare runs")
-    p.add_argument("--params", default="params.yaml", help="resolved config (default: params.yaml)")
+    p.add_argument(
+        "--params",
+        help="resolved config, for its tracking section (default: params.yaml here, else the project root's)",
+    )
     p.add_argument("--port", type=_port, default=5000)
     p.add_argument("--print-url", action="store_true", help="print the link only; serve nothing")
     for name in ("fetch", *STAGES):
@@ -605,6 +608,10 @@ def _main(argv: list[str]) -> int:
         write_whole(args.output, params_file.params_text(raw, args.overrides))
         print(f"wrote {args.output}")
         return 0
+    if args.command == "ui" and args.params is None:
+        # the store is the project's wherever the command runs (a run's directory, runs/)
+        here = Path("params.yaml")
+        args.params = str(here if here.is_file() else config_mod.find_project_root() / "params.yaml")
     if args.params is None:
         # a `vaerepro run`'s directory holds the config it ran with: `vaerepro evaluate --out runs/X` means
         # that run's, not the project's params.yaml (which its checkpoint refuses, or which evaluates it under
