@@ -343,6 +343,15 @@ def test_an_unknown_config_option_is_one_line_with_the_options_not_the_search_pa
             "likelihood.p: no such key (likelihood has name, sigma, ",
         ),
         (["likelihood.sigma=0.1"], "likelihood.sigma: no such key (likelihood has name, allow_improper)"),
+        # Hydra's own keys, and the sweeper's: "+hydra.sweeper.n_trial=3" was its constructor's TypeError
+        (["hydra.run.dirx=a"], "hydra.run.dirx: no such key (hydra.run has dir)"),
+        (
+            ["hydra/sweeper=vaerepro_optuna", "hydra.sweeper.n_trial=3"],
+            "hydra.sweeper.n_trial: no such key (hydra.sweeper has sampler, pruner, objective, direction, ",
+        ),
+        # where "+" is the way, Hydra's advice stays: an empty section, a key that is not a section (null)
+        (["hydra.job.env_set.FOO=bar"], "Could not override 'hydra.job.env_set.FOO'. To append to your "),
+        (["model.hidden_dims_2.x=3"], "Could not override 'model.hidden_dims_2.x'. To append to your "),
     ],
 )
 def test_an_unknown_key_in_an_override_names_the_keys_there_are(overrides, expected):

@@ -153,7 +153,7 @@ def test_two_of_hydras_modes_are_one_line_not_its_traceback():
 @pytest.mark.parametrize(
     ("override", "problem"),
     [
-        ("hydra.foo=1", "Could not override 'hydra.foo'. To append to your config use +hydra.foo=1"),
+        ("hydra.foo=1", "hydra.foo: no such key (hydra has run, sweep, launcher, sweeper, help, "),
         ("hydra/launcher=nope", "In 'hydra/config': Could not find 'hydra/launcher/nope' Available options"),
     ],
 )

@@ -504,19 +504,27 @@ _WRAPPER = re.compile(r"^(function-.*|tagged-union.*)$")
 _UNION_BRANCH = re.compile(r"^(literal\[.*\]|constrained-\w+|bool|int|float|str|none)$")
 
 
-def _no_such_key(key: str, raw: dict[str, Any], unknown: set[str]) -> str:
+def _no_such_key(key: str, raw: dict[str, Any], unknown: set[str]) -> str | None:
     """What to say of `key` (dotted), which the config does not have: the keys its nearest section in `raw`
-    (the resolved config) does have, less the `unknown` ones. Without them a user who typed eval.K gets only
-    "Extra inputs are not permitted", or from Hydra the advice to add it with "+", which is refused next."""
+    (the composed config) does have, less the `unknown` ones. Without them a user who typed eval.K gets only
+    "Extra inputs are not permitted", or from Hydra the advice to add it with "+", which is refused next.
+    None where a new key may be right: under a key whose value is not a section (null), or in an empty
+    section (Hydra's hydra.job.env_set, which "+" fills)."""
     parts, node = key.split("."), raw
     for depth, part in enumerate(parts[:-1]):
-        if not isinstance(node.get(part), dict):
+        if part not in node:
             parts = parts[: depth + 1]  # evl.K: it is `evl` that is not there
             break
+        if not isinstance(node[part], dict):
+            return None
         node = node[part]
-    section = ".".join(parts[:-1]) or "the top level"
-    known = [k for k in node if ".".join([*parts[:-1], k]) not in unknown]
-    return f"{'.'.join(parts)}: no such key ({section} has {', '.join(known)})"
+    # (not Hydra's _target_: where the node is instantiated from, not a setting)
+    known = [k for k in node if ".".join([*parts[:-1], k]) not in unknown and not k.startswith("_")]
+    if not known:
+        return None
+    return (
+        f"{'.'.join(parts)}: no such key ({'.'.join(parts[:-1]) or 'the top level'} has {', '.join(known)})"
+    )
 
 
 def _format(err: ValidationError, raw: dict[str, Any]) -> str:
@@ -649,20 +657,26 @@ def compose(
     from omegaconf.errors import OmegaConfBaseException
 
     config_dir = Path(config_dir) if config_dir else find_project_root() / "conf"
-    try:
+
+    def composed(overrides: list[str], hydra: bool = False) -> dict[str, Any]:
+        # with `hydra`, Hydra's own section too, unresolved: its ${now:...} resolve only in a run
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-        return OmegaConf.to_container(cfg, resolve=True)
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+        return OmegaConf.to_container(cfg, resolve=not hydra)
+
+    try:
+        return composed(list(overrides or []))
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: model=null
         # one line, without the search path Hydra appends (after a newline): the options are what helps
         text = " ".join(str(err).split()).split(" Config search path:")[0]
         if text.startswith("Error merging override") and err.__cause__ is not None:  # why is in its cause
             text += f" ({str(err.__cause__).splitlines()[0]})"
-        if (unknown := _NO_OVERRIDE.match(text)) and not unknown[1].startswith("hydra."):
-            # Hydra's advice, to add the key with "+", is refused by the schema next: say what there is
+        if unknown := _NO_OVERRIDE.match(text):
+            # Hydra's advice, to add the key with "+", is refused next (by the schema, or by the sweeper's
+            # constructor for a hydra.sweeper key, in several lines): say what keys there are
             key, others = unknown[1], [o for o in overrides or [] if _override_key(o) != unknown[1]]
-            with contextlib.suppress(ConfigError):
-                text = _no_such_key(key, compose(others, config_dir), {key})
+            with contextlib.suppress(HydraException, OmegaConfBaseException, ValueError):
+                text = _no_such_key(key, composed(others, key.startswith("hydra.")), {key}) or text
         shown = " ".join(overrides or []) if named is None else " ".join(named)
         raise ConfigError(f"overrides {shown}: {text}" if shown else f"{config_dir}: {text}") from None
     except yaml.YAMLError as err:  # a file of conf/ that is not YAML: PyYAML's traceback, through Hydra
