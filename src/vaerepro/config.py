@@ -533,7 +533,8 @@ def _format(err: ValidationError, raw: dict[str, Any]) -> str:
     unknown = {_user_key(e) for e in errors if e["type"] == "extra_forbidden"}
     for e in errors:
         if e["type"] == "extra_forbidden":
-            entries.append((_no_such_key(_user_key(e), raw, unknown), [], "", False))
+            key = _user_key(e)
+            entries.append((_no_such_key(key, raw, unknown) or f"{key}: no such key", [], "", False))
             continue
         union = any(_UNION_BRANCH.match(p) for p in _loc(e))
         key = _user_key(e)
