@@ -581,7 +581,7 @@ def _main(argv: list[str]) -> int:
         "--params",
         help="resolved config, for its tracking section (default: params.yaml here, else the project root's)",
     )
-    p.add_argument("--port", type=_port, default=5000)
+    p.add_argument("--port", type=_port, default=5000, help="port on 127.0.0.1 to serve on (default: 5000)")
     p.add_argument("--print-url", action="store_true", help="print the link only; serve nothing")
     for name in ("fetch", *STAGES):
         p = sub.add_parser(name, help=STAGE_HELP[name])

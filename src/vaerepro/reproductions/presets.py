@@ -478,9 +478,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`vaerepro reproduce --list [NAME ...]`: the presets, their sources, published values and times.
-    `vaerepro reproduce NAME [OVERRIDES] [--seeds N] [--smoke] [--resume]`: run one (reproduce.py);
-    exit 0 when it ran, whatever the verdict; 2 for bad input (an unknown preset, a bad override, nothing
-    to resume: one line naming it). A stopped or failed reproduction ends with the command that resumes it;
+    `vaerepro reproduce NAME [OVERRIDES] [--seeds N] [--smoke] [--resume]`: run one; exit 0 when it ran,
+    whatever the verdict; 2 for bad input (an unknown preset, a bad override, nothing to resume: one line
+    naming it). A stopped or failed reproduction ends with the command that resumes it;
     its exit status is the failed seed's, 130 for Ctrl-C, 128 + n for signal n."""
     parser = _Parser(prog="vaerepro reproduce", description=main.__doc__)
     parser.add_argument("--list", action="store_true", help="list the presets (all, or those named)")
