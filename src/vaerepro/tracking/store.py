@@ -23,9 +23,9 @@ def tracking_uri(tcfg: TrackingConfig, root: Path | None = None) -> str:
     MLflow 3 refuses a plain ./mlruns file store, and a relative sqlite path would change meaning with the
     working directory (DVC's queued experiments run in temporary copies), hence the absolute path. A
     relative sqlite path given (`sqlite:///mine.db`, as MLflow's tutorials write it) is read against the
-    project root too: read against the working directory, the runs of a queued DVC experiment went into a
-    store in its temporary copy, which DVC deletes, and a command started in a subdirectory (a run's
-    directory) opened another, empty store there.
+    project root too: read against the working directory, it would name a store in a queued DVC
+    experiment's temporary copy, which DVC deletes with the runs in it, and another, empty store in each
+    subdirectory a command starts in.
     """
     given = os.environ.get("MLFLOW_TRACKING_URI") or tcfg.uri
     if given and not given.startswith("sqlite:"):
