@@ -44,11 +44,13 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys, f
     md, html = (card / f"{name}.{ext}" for ext in ("md", "html"))
     assert md.is_file() and html.is_file() and (card / f"{name}_figures" / "training_curves.png").is_file()
     preset = P.PRESETS[name]
+    unconverged = []  # the seeds whose log p(x) estimate has not converged
     for s in range(seeds):
         seed_dir = out / "runs/reproductions/smoke" / name / f"seed_{s}"
         ev = json.loads((seed_dir / "metrics/eval.json").read_text())
         assert ev["num_samples"] == 10 and ev["source"] == "mnist5k" and math.isfinite(ev["elbo"])
         assert math.isfinite(ev["log_px"]) and ev["log_px"] >= ev["elbo"] - 1e-6  # L_10 >= the ELBO
+        unconverged += [s] if ev["converged"] is False else []
         train = json.loads((seed_dir / "metrics/train.json").read_text())
         assert train["epochs"] == 2 and math.isfinite(train["train_elbo"])
         # the seed trained the preset's model: its latent size, its likelihood, its decoder's data space
@@ -74,6 +76,11 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys, f
         assert "no published number" in text
     if seeds > 1:
         assert f"(95 % t, {seeds} seeds)" in text
+    # a seed's unconverged L_10 is noted (it is the same bound as a paper's L_K), never a reason
+    judged = any(p.measured == "eval.json:log_px" for p in preset.published)
+    notes = [f"{R.NOT_CONVERGED}: seed {s}'s log p(x) with K = 10 (" for s in unconverged if judged]
+    assert all(f"Note: {n}" in text and f"  note: {n}" in stdout for n in notes), (notes, stdout)
+    assert f"- {R.NOT_CONVERGED}" not in stdout and text.count(f"Note: {R.NOT_CONVERGED}") == len(notes)
 
     client = MlflowClient(store)
     assert client.get_experiment_by_name("vaerepro") is None  # smoke runs never join the compared runs
@@ -84,6 +91,8 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys, f
     tags = parent.data.tags
     assert parent.info.status == "FINISHED" and tags["vaerepro.verdict"] == "not comparable"
     assert tags["vaerepro.smoke"] == "true" and R.SHORTENED in tags["vaerepro.reasons"]
+    assert all(f"Note: {n}" in tags["mlflow.note.content"] for n in notes)
+    assert R.NOT_CONVERGED not in tags["vaerepro.reasons"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "card")} >= {
         f"card/{name}.md", f"card/{name}.html", f"card/{name}_figures",
     }  # fmt: skip

@@ -212,6 +212,8 @@ def _verdict_blocks(result: Result) -> list[Block]:
         )
         rows.append([m.published.metric, m.verdict.kind, "; ".join(own)])
     blocks.append(Table(["published value", "verdict", "because"], rows))
+    # what the verdict does not rest on but a reader must know (judge.judge: an unconverged L_K), said once
+    blocks += [Para(f"Note: {n}.") for n in dict.fromkeys(n for m in result.measurements for n in m.notes)]
     if result.deviations:
         rows = [d.split(": ", 1) if ": " in d else ["", d] for d in result.deviations]
         blocks += [Heading("Departures from the protocol", 3), Table(["kind", "departure"], rows)]
@@ -365,6 +367,7 @@ def summary(result: Result, paths: Mapping[str, Any]) -> str:
         lines.append(f"  {m.published.metric}: measured {_measured_text(m)}, {pub}: {m.verdict.kind}")
     reasons = list(dict.fromkeys(r for m in result.measurements for r in m.verdict.reasons))
     lines += ["  because:", *(f"    - {r}" for r in reasons)] if reasons else []
+    lines += [f"  note: {n}" for n in dict.fromkeys(n for m in result.measurements for n in m.notes)]
     if (r := result.resumption) is not None:
         lines.append(f"  {r.text}")
     lines.append(f"  card: {paths['md']} (and .html)")

@@ -35,7 +35,9 @@ OTHER_DATA = "other data"
 DIFFERENT_K = "different K"
 FEWER_SEEDS = "fewer seeds"
 OTHER_SETTING = "other setting"
-NOT_CONVERGED = "not converged"  # an importance-sampled log p(x) whose estimate had not settled (eval.json)
+# A note (Measurement.notes), never a reason: an importance-sampled log p(x) whose ladder had not settled
+# (eval.json `converged` false). See `judge`.
+NOT_CONVERGED = "not converged"
 OTHER_UNITS = "other units"  # a seed measured in another data space than the paper's number (eval.json)
 
 
@@ -406,6 +408,7 @@ class Measurement:
     values: tuple[tuple[int, float | None, float | None], ...]  # (seed, value, its across-example SE)
     aggregate: Aggregate
     verdict: Verdict
+    notes: tuple[str, ...] = ()  # what a reader of the verdict must know that does not change it
 
 
 def _space_text(space: object, improper: bool) -> str:
@@ -441,27 +444,38 @@ def judge(
 ) -> tuple[list[str], list[Measurement]]:
     """A reproduction of `preset` run with `config` once per seed (`runs`: (seed, its records as
     `measured_value` reads them)): its departures from the protocol (`deviations`) and each published value
-    measured, aggregated and judged. An unconverged log p(x) estimate (eval.json's `converged`, biased low)
-    and a seed without a finite number are reasons too."""
+    measured, aggregated and judged. A seed without a finite number is a reason too.
+
+    An unconverged log p(x) estimate (eval.json's `converged` false) is a note, not a reason: it is the
+    importance-sampled bound L_K (Burda et al.'s), below log p(x) in expectation, and every published log p(x)
+    a preset compares with is that same bound at the K the preset sets (IWAE's L_5000: tests/test_presets.py
+    checks that each sets eval.num_samples, so another K is a departure, DIFFERENT_K). L_K is compared with
+    L_K as the paper printed it; the note says that neither is log p(x) itself. Were it a reason, every row
+    whose q fits loosely (a VAE trained with k = 1), whose L_K still rises at K = 5000, would be not
+    comparable."""
     devs = deviations(preset, config, seeds=len(runs), protocol=protocol)
     out = []
     for pub in preset.published:
         values = tuple((seed, *measured_value(pub, records)) for seed, records in runs)
         agg = aggregate([v for _, v, _ in values], [se for _, _, se in values])
         extra = [f"no finite {pub.measured} in seed {seed}" for seed, v, _ in values if v is None and agg.n]
+        notes = []
         if pub.measured == "eval.json:log_px":
             for seed, records in runs:
                 ev = records.get("eval.json") or {}
                 if ev.get("converged") is False:
                     why = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
                     k = ev.get("num_samples")
-                    extra.append(f"{NOT_CONVERGED}: seed {seed}'s log p(x) with K = {k} ({why})")
+                    notes.append(
+                        f"{NOT_CONVERGED}: seed {seed}'s log p(x) with K = {k} ({why}): L_{k}, a lower bound "
+                        "on log p(x) in expectation, as the paper's number is at the preset's K"
+                    )
         other = _other_units(pub, runs)
         extra += other
         v = verdict(pub, agg.mean, agg.se_examples, [*devs, *extra], interval=agg.interval)
         if other:  # measured - published of two units means nothing: not shown
             v = replace(v, difference=None)
-        out.append(Measurement(pub, values, agg, v))
+        out.append(Measurement(pub, values, agg, v, tuple(notes)))
     return devs, out
 
 

@@ -163,7 +163,8 @@ def finish_parent(
     space: str | None = None,
 ) -> None:
     """The verdict as tags (`vaerepro.verdict`, and `vaerepro.verdict.<value>` for each published value),
-    the reasons as a tag (one per line) and in the description, each value's numbers across seeds as
+    the reasons as a tag (one per line) and in the description with the notes (judge.Measurement.notes),
+    each value's numbers across seeds as
     metrics (<name>_mean, _half_width, _sd, _se_examples, _difference, _published), the `card` files under
     card/ (its figures under card/<their folder>/), then the run FINISHED. `space`: the data space the seeds
     measured in (names.space_name of the run's config): the numbers are named under it, and where it is not
@@ -172,18 +173,19 @@ def finish_parent(
 
     client = _client(rep.uri)
     now = int(time.time() * 1000)  # ms
-    batch, reasons = [], {}
+    batch, reasons, notes = [], {}, {}
     client.set_tag(rep.run_id, "vaerepro.verdict", verdict)
     for m in measurements:
         name, a, v = _metric_name(m.published, space), m.aggregate, m.verdict
         client.set_tag(rep.run_id, f"vaerepro.verdict.{name.replace('/', '.')}", v.kind)
         reasons |= dict.fromkeys(v.reasons)
+        notes |= dict.fromkeys(m.notes)
         numbers = {"mean": a.mean, "half_width": a.half_width, "sd": a.sd, "se_examples": a.se_examples}
         if name == _metric_name(m.published):  # the paper's number is in the run's unit
             numbers |= {"difference": v.difference, "published": m.published.value}
         batch += [Metric(f"{name}_{k}", float(x), now, 0) for k, x in numbers.items() if x is not None]
     client.set_tag(rep.run_id, "vaerepro.reasons", "\n".join(reasons)[:MAX_TAG_CHARS])
-    note = f"**{title}**: {verdict}  \n" + "  \n".join(list(reasons)[:20])
+    note = f"**{title}**: {verdict}  \n" + "  \n".join([*list(reasons)[:20], *(f"Note: {n}" for n in notes)])
     client.set_tag(rep.run_id, NOTE_TAG, note)
     if batch:
         client.log_batch(rep.run_id, metrics=batch)
