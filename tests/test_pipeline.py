@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,38 @@ def test_dvc_repro_produces_files_and_numbers(repo):
     }
     run(["dvc", "plots", "show", "-o", "dvc_plots"], repo)
     assert (repo / "dvc_plots" / "index.html").is_file()
+
+
+def test_the_python_example_of_the_docs_reproduces_the_evaluate_stage(repo):
+    """docs/outputs.md's "A trained model in Python", run as written in the pipeline's directory: it loads the
+    model and the test draw, and its importance-sampled log p(x) equals artifacts/per_example.npz's, the
+    evaluate stage's, to float rounding (same K, same noise per example, another chunk size)."""
+    run(["dvc", "repro"], repo)  # up to date when the test above ran: nothing runs
+    text = (ROOT / "docs" / "outputs.md").read_text().split("## A trained model in Python", 1)[1]
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    checks = """
+import json
+ev = json.load(open("metrics/eval.json"))
+print(json.dumps({
+    "x": [list(x.shape), str(x.dtype), float(x.min()), float(x.max()), sorted(set(x.flatten().tolist()))[:3]],
+    "z": list(z.shape), "reconstructions": list(reconstructions.shape), "samples": list(samples.shape),
+    "log_px": log_px.tolist(), "saved": saved.tolist(), "ladder": sorted(estimate.ladder),
+    "k": ev["num_samples"], "latent_dim": ev["latent_dim"], "space": ev["data_space"],
+}))
+"""
+    out = json.loads(run([sys.executable, "-c", code + checks], repo).stdout.splitlines()[-1])
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    n, d = ev["num_examples"], ev["data_dim"]
+    # the tiny config's Bernoulli: binary pixels, 0 and 1 only
+    assert (
+        out["space"] == "binary" and out["x"][:2] == [[n, d], "torch.float32"] and out["x"][4] == [0.0, 1.0]
+    )
+    assert out["z"] == [16, out["latent_dim"]] and out["reconstructions"] == out["samples"] == [16, d]
+    assert out["ladder"][-1] == out["k"] == ev["num_samples"]
+    assert len(out["log_px"]) == min(100, n) and out["log_px"] == pytest.approx(
+        out["saved"], rel=1e-6, abs=1e-5
+    )
+    assert not any(math.isnan(v) for v in out["log_px"])
 
 
 def test_a_refusal_under_dvc_repro_loses_no_result(repo, tmp_path):
