@@ -459,17 +459,21 @@ def judge(
         values = tuple((seed, *measured_value(pub, records)) for seed, records in runs)
         agg = aggregate([v for _, v, _ in values], [se for _, _, se in values])
         extra = [f"no finite {pub.measured} in seed {seed}" for seed, v, _ in values if v is None and agg.n]
-        notes = []
+        unsettled = []  # "seed S, K = K (why)" of each seed whose log p(x) estimate has not converged
         if pub.measured == "eval.json:log_px":
             for seed, records in runs:
                 ev = records.get("eval.json") or {}
                 if ev.get("converged") is False:
                     why = "; ".join((ev.get("convergence") or {}).get("reasons") or [])
-                    k = ev.get("num_samples")
-                    notes.append(
-                        f"{NOT_CONVERGED}: seed {seed}'s log p(x) with K = {k} ({why}): L_{k}, a lower bound "
-                        "on log p(x) in expectation, as the paper's number is at the preset's K"
-                    )
+                    unsettled.append(f"seed {seed}, K = {ev.get('num_samples')} ({why})")
+        notes = (
+            [
+                f"{NOT_CONVERGED}: the log p(x) of {'; '.join(unsettled)}: L_K, a lower bound on log p(x) in "
+                "expectation, as the paper's number is at the preset's K"
+            ]
+            if unsettled
+            else []
+        )
         other = _other_units(pub, runs)
         extra += other
         v = verdict(pub, agg.mean, agg.se_examples, [*devs, *extra], interval=agg.interval)
