@@ -46,6 +46,29 @@ def test_help_lists_every_command_with_a_line_and_every_option_with_help(capsys)
             )
 
 
+def test_version_names_the_harness_its_commit_and_its_libraries(capsys):
+    """`vaerepro --version`: the installed version, the commit of this checkout (a version number that never
+    changes names no code), and the library versions a bug report and a result's numbers depend on."""
+    import importlib.metadata
+
+    import torch
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    first, second = capsys.readouterr().out.splitlines()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    version = importlib.metadata.version("vaerepro")
+    assert re.fullmatch(
+        rf"vaerepro {re.escape(version)} \({ROOT / 'src' / 'vaerepro'}, git {head}(-dirty)?\)", first
+    )
+    assert second.startswith("python 3.") and f"torch {torch.__version__}," in second
+    for package in cli.VERSION_PACKAGES:
+        assert f"{package} {importlib.metadata.version(package)}" in second
+
+
 @pytest.mark.slow
 def test_a_run_prints_each_line_once_without_adverts_warnings_or_progress_bars(tmp_path, raw_dir):
     """Off a terminal (here: pipes), `vaerepro run` prints log lines only: each once, no third-party tips or

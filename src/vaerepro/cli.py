@@ -541,6 +541,45 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+# What `vaerepro --version` names beside the harness: what a result's numbers and a bug report depend on
+VERSION_PACKAGES = ("torch", "lightning", "hydra-core", "mlflow", "optuna", "dvc")
+
+
+def version_text() -> str:
+    """`vaerepro --version`: the harness's version, the commit of its source where it is a git checkout (the
+    code, which the version number alone does not name) and the versions of the libraries it runs on, read
+    from their metadata without importing them."""
+    import importlib.metadata
+
+    from vaerepro.tracking.runs import git_commit
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    package = Path(__file__).resolve().parent
+    checkout = package.parents[1]  # <checkout>/src/vaerepro in an editable install from a git checkout
+    commit = git_commit(checkout) if (checkout / ".git").exists() else None
+    where = f"{package}" + (f", git {commit}" if commit else "")
+    libraries = ", ".join(f"{p} {version(p)}" for p in VERSION_PACKAGES)
+    return f"vaerepro {version('vaerepro')} ({where})\npython {sys.version.split()[0]}, {libraries}"
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked (it runs git)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(
+            option_strings, dest, nargs=0, help="print the versions of vaerepro and its libraries"
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def _port(text: str) -> int:
     """`vaerepro ui --port`: 1..65535 (else mlflow's server ended in a traceback, with exit status 0)."""
     try:
@@ -564,6 +603,7 @@ def _main(argv: list[str]) -> int:
     parser = _Parser(
         prog="vaerepro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # `run` is Hydra's command line (handled above); listed here so that --help names every command
     sub.add_parser(
