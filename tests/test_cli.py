@@ -53,6 +53,8 @@ def test_version_names_the_harness_its_commit_and_its_libraries(capsys):
 
     import torch
 
+    import vaerepro
+
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])
     assert stop.value.code == 0
@@ -61,6 +63,7 @@ def test_version_names_the_harness_its_commit_and_its_libraries(capsys):
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     version = importlib.metadata.version("vaerepro")
+    assert vaerepro.__version__ == version  # the package's own attribute says what pyproject.toml says
     assert re.fullmatch(
         rf"vaerepro {re.escape(version)} \({ROOT / 'src' / 'vaerepro'}, git {head}(-dirty)?\)", first
     )
