@@ -92,6 +92,27 @@ def test_a_sigterm_while_a_refusal_is_reported_leaves_its_line_and_exit_status_2
     assert capsys.readouterr().err.startswith("vaerepro params: model.latent_dim: ")
 
 
+def test_a_stop_a_librarys_clean_up_replaced_with_its_own_error_still_exits_143(handler, monkeypatch, capsys):
+    """A sweep trial stopped by its trial_timeout while Hydra composed the config ended with omegaconf's
+    AttributeError and exit status 1, no sign of the SIGTERM: omegaconf's clean-up failed on the half-set
+    flags the stop left, and its error carries no trace of the stop. It is reported as the stop."""
+    from vaerepro import cli
+
+    def compose_stopped_midway(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop, raised by the handler
+        finally:  # as omegaconf's flag_override restoring flags on a node the stop left as None
+            raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'") from None
+
+    monkeypatch.setattr(cli, "_main", compose_stopped_midway)
+    assert cli.main(["run"]) == 143
+    assert capsys.readouterr().err == "vaerepro run: stopped by SIGTERM\n"
+    # without a stop, the same error is the program's: a traceback (main re-raises what is no input mistake)
+    monkeypatch.setattr(cli, "_main", lambda argv: {}.get(None)._invalidate_flags_cache())
+    with pytest.raises(AttributeError):
+        cli.main(["run"])
+
+
 @pytest.fixture
 def sigint():
     previous = signal.getsignal(signal.SIGINT)

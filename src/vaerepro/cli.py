@@ -471,12 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signals.finish()  # a SIGTERM from here on, while the outcome is reported, raises nothing
     except Stopped as stop:
-        hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
-        if command == "train" and os.environ.get("DVC_STAGE"):
-            hint += _DVC_RESUME_HINT
-        hint = _unless_deleted(hint)
-        print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return stop.exit_status
+        return _report_stop(command, stop)
     except KeyboardInterrupt as stop:
         # Ctrl-C outside training (training defers it to its epoch end: signals.deferred): one line and
         # 128 + SIGINT, as a shell reports it; the run it stopped is KILLED on the way up
@@ -487,11 +482,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaerepro {command}: stopped (Ctrl-C)" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as err:
+        if (stop := signals.raised()) is not None and not debug:
+            return _report_stop(command, stop)  # a library's clean-up failed on the way up (signals.raised)
         message = _user_error(err)
         if message is None or debug:
             raise
         print(f"{f'vaerepro {command}'.strip()}: {message}", file=sys.stderr)
         return 2
+
+
+def _report_stop(command: str, stop: Stopped) -> int:
+    """A stopped command's one line, with how to go on where there is a way, and its exit status."""
+    hint = getattr(stop, "hint", None) or _RESUME_HINT.get(command, "")
+    if command == "train" and os.environ.get("DVC_STAGE"):
+        hint += _DVC_RESUME_HINT
+    hint = _unless_deleted(hint)
+    print(f"vaerepro {command}: {stop}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+    return stop.exit_status
 
 
 def _unless_deleted(hint: str) -> str:

@@ -37,6 +37,7 @@ _requested: int | None = None  # the signal received while deferring
 _requested_at = 0.0  # when (clock(), s)
 _finished = False  # see finish
 _dropped: BaseException | None = None  # a stop Python dropped in a finalizer (_keep_dropped), until `check`
+_raised: Stopped | None = None  # the stop the handler raised in this command, see `raised`
 _other_hook = sys.unraisablehook  # the hook _keep_dropped passes every other dropped exception to
 
 # A SIGTERM within this many seconds of the first is the same request, not "stop at once": a signal to a
@@ -61,14 +62,16 @@ def _handler(signum: int, frame) -> None:
         return
     if _finished:
         return
-    raise Stopped(signum)
+    global _raised
+    _raised = Stopped(signum)
+    raise _raised
 
 
 def install() -> None:
     """SIGTERM raises Stopped from now on (main thread only: Python delivers signals there), and a stop that
     Python drops in a finalizer is kept for `check`."""
-    global _finished, _dropped, _other_hook
-    _finished, _dropped = False, None
+    global _finished, _dropped, _raised, _other_hook
+    _finished, _dropped, _raised = False, None, None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
     if sys.unraisablehook is not _keep_dropped:
@@ -99,6 +102,15 @@ def check() -> None:
         _handler(stop.signum if isinstance(stop, Stopped) else signal.SIGINT, None)
     elif not _finished:
         raise stop.with_traceback(None)
+
+
+def raised() -> Stopped | None:
+    """The stop the handler raised since `install`, or None. A library whose clean-up breaks on the state a
+    stop left it in raises its own exception in place of the stop: omegaconf, stopped mid-compose, raised
+    AttributeError ('NoneType' object has no attribute '_invalidate_flags_cache') with no trace of the
+    SIGTERM, and the command ended with a traceback and exit status 1. Nothing in vaerepro catches a stop
+    without passing it on, so a command that fails after one was raised was stopped (vaerepro.cli.main)."""
+    return _raised
 
 
 def finish() -> None:
