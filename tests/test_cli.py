@@ -368,6 +368,39 @@ def test_ui_in_a_subdirectory_opens_the_projects_store(tmp_path, capsys, monkeyp
         assert (tmp_path / "mlflow.db").is_file()
 
 
+@pytest.mark.slow
+def test_runs_started_in_a_subdirectory_go_to_the_projects_runs(tmp_path, raw_dir):
+    """`vaerepro run` in a subdirectory of the project (docs/) made its runs/ there, among the project's
+    files, while its data, MLflow store and Optuna studies are the project's: a run and a --multirun started
+    there now write into the project's runs/ and runs/multirun/. A directory given on the command line
+    stays relative to where the user is."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "docs").mkdir()
+    base = [*TINY, "train.max_epochs=1", f"data.raw_dir={raw_dir}", "tracking.enabled=false"]
+    # the patterns conf/ gives, under the root; Hydra resolves them (${now:...}, ...) as before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "docs")
+        (run,) = set(run_dirs.at_project_root(base, tmp_path)) - set(base)
+        swept = [*base, "model.latent_dim=2,3"]
+        (sweep,) = set(run_dirs.at_project_root(["-m", *swept], tmp_path)) - {"-m", *swept}
+        # given on the command line: where the user is (Hydra's own, relative to the working directory)
+        for given in ([*base, "hydra.run.dir=here"], ["-m", *swept, "hydra.sweep.dir=there"]):
+            assert run_dirs.at_project_root(given, tmp_path) == given
+    now = "${now:%Y-%m-%d_%H-%M-%S}"
+    assert run.startswith(f"hydra.run.dir='{tmp_path}/runs/{now}_${{likelihood.name}}_z"), run
+    assert sweep == f"hydra.sweep.dir='{tmp_path}/runs/multirun/{now}'"
+    proc = _vaerepro(["run", *base], tmp_path / "docs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _vaerepro(["run", "-m", *base, "model.latent_dim=2,3", "eval.num_samples=5"], tmp_path / "docs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == []
+    runs = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.rglob("eval.json"))
+    assert len(runs) == 3 and all(r.parts[0] == "runs" for r in runs), runs
+    assert sorted(r.parts[-2].split("_", 1)[1] for r in runs if r.parts[1] == "multirun") == [
+        "bernoulli_z2_s0", "bernoulli_z3_s0",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("argv", "line"),
     [

@@ -375,6 +375,7 @@ def _hydra_run(argv: list[str]) -> None:
     given = sys.argv
     command = given[: len(given) - len(argv)] if argv and given[-len(argv) :] == argv else [given[0], "run"]
 
+    argv = run_dirs.at_project_root(argv, root)
     run_overrides.check_overrides(argv, root)
     claimed = None if run_dirs.ddp_child() else run_dirs.claim_named(argv, root, HYDRA_JOB)
     if claimed is not None:  # Hydra writes .hydra/ into the directory this process made and marked

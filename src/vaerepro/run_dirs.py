@@ -109,6 +109,43 @@ def claim_named(argv: list[str], root: Path, job_name: str) -> str | None:
     return None  # ten thousand runs of one name: Hydra's directory, claimed by the job as before
 
 
+def at_project_root(argv: list[str], root: Path) -> list[str]:
+    """argv, with the run's directory (a --multirun's: the sweep's) that conf/ names relative to where the
+    command starts (runs/<time>_..., runs/multirun/<time>, runs/sweeps/<study>) given as the same pattern
+    under the project's root, when the command starts elsewhere: a `vaerepro run` in a subdirectory of the
+    project (docs/, notebooks/) writes into the project's runs/, beside the data/, mlflow.db and optuna/ it
+    uses, not into that subdirectory, where Hydra would. A directory given on the command line is left as
+    given, relative to where the user is; so are Hydra's other modes (--cfg, ...). A command line Hydra
+    cannot compose is left to run_overrides.check_overrides to refuse."""
+    flags = [a for a in argv if a[:1] == "-"]
+    if Path.cwd().resolve() == root.resolve() or any(f not in ("-m", "--multirun") for f in flags):
+        return argv
+    multirun = bool(flags) or "hydra.mode=MULTIRUN" in argv
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(a.removeprefix("++").startswith(f"{key}=") for a in argv):
+        return argv
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        # a --multirun's swept values (latent_dim=2,5) do not compose; the directory's pattern takes none
+        parser = OverridesParser.create()
+        overrides = [a for a in argv if a[:1] != "-" and not parser.parse_override(a).is_sweep_override()]
+        with initialize_config_dir(config_dir=str((root / "conf").resolve()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        # the pattern as conf/ writes it, ${now:...} and all: Hydra resolves it as before
+        pattern = OmegaConf.to_container(cfg.hydra["sweep" if multirun else "run"], resolve=False)["dir"]
+    except Exception:  # noqa: BLE001 - an override Hydra refuses: check_overrides says so in one line
+        return argv
+    return argv if Path(pattern).is_absolute() else [*argv, f"{key}={_quoted(str(root / pattern))}"]
+
+
+def _quoted(text: str) -> str:
+    """text as a quoted Hydra override value (any path; a ${...} in it still resolves)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def taken(out_dir: Path) -> RunDirTaken:
     """The refusal of a run into out_dir, which another run marked (RUN_MARK), naming when it started."""
     try:
