@@ -7,6 +7,8 @@ seed: of two runs started in one second (a shell loop over learning rates) the s
 before Hydra writes there (`claim_named`); a run given a used hydra.run.dir (`taken`) or a --multirun given
 a used hydra.sweep.dir (`check_sweep_dir`) would otherwise write into that run's directory: one run's
 params.yaml beside the other's results. A reproduction's seed run again from the start removes the mark.
+The directories conf/ names (runs/...) are the project root's wherever in the project a run starts
+(`at_project_root`), as its data/, mlflow.db and optuna/ are.
 """
 
 from __future__ import annotations
