@@ -162,12 +162,14 @@ RUN_IMPORTS = (
 
 
 @pytest.fixture(scope="module")
-def forked_seeds(tmp_path_factory):
-    """A fork server (tests/forked_cli.py) for the smoke reproductions' seeds: each seed's `vaerepro run`
-    a process forked from one that has imported what a seed imports, without its ~10 s of imports."""
+def forked(tmp_path_factory):
+    """A fork server (tests/forked_cli.py), one a test module: each `vaerepro` command it runs (test_faults'
+    bad inputs and project, test_cli's refused resumes, the smoke reproductions' seeds) a process of its
+    own, forked from one that has imported what `vaerepro run` imports, without the ~3 s of imports the
+    console script spends before it reads its command line, ~10 s where it trains."""
     from forked_cli import ForkedCli
 
-    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("seeds"), RUN_IMPORTS, timeout=1800)
+    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("forked"), RUN_IMPORTS, timeout=1800)
     yield server
     server.close()
 

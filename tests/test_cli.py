@@ -18,8 +18,13 @@ from vaerepro.config import ConfigError
 COMMANDS = ("run", "reproduce", "params", "ui", "fetch", "check", "prepare", "train", "evaluate", "report")
 
 
-def _vaerepro(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _vaerepro(args: list[str], cwd: Path, forked=None) -> subprocess.CompletedProcess:
+    """`vaerepro ARGS` in `cwd`: the console script, or with `forked` (conftest's fork server) a process
+    forked from one that has imported it, ~8 s sooner; the tests of what the console script prints and
+    imports, and of commands run side by side, start the script."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if forked is not None:
+        return forked.run(args, cwd, env)
     return subprocess.run(["vaerepro", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -209,19 +214,21 @@ def test_a_pattern_of_hydra_s_own_values_is_claimed_as_the_job_names_it(tmp_path
 
 
 @pytest.mark.slow
-def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_were(tmp_path, raw_dir):
+def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_were(
+    tmp_path, raw_dir, forked
+):
     """The second of two runs named alike (here a pattern without the time) runs in <dir>_run2: the first
     run's .hydra/ files (the overrides it ran with), params.yaml and results are as it left them; each
     directory's overrides are its own run's."""
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     where = [*TINY, f"data.raw_dir={raw_dir}", "hydra.run.dir=runs/lr_s${seed}"]
-    first = _vaerepro(["run", *where, "train.lr=0.01"], tmp_path)
+    first = _vaerepro(["run", *where, "train.lr=0.01"], tmp_path, forked)
     assert first.returncode == 0, first.stderr[-3000:]
     one = tmp_path / "runs" / "lr_s0"
     before = {p: p.read_bytes() for p in one.rglob("*") if p.is_file()}
     assert "- train.lr=0.01" in (one / ".hydra" / "overrides.yaml").read_text()
-    second = _vaerepro(["run", *where, "train.lr=0.02"], tmp_path)
+    second = _vaerepro(["run", *where, "train.lr=0.02"], tmp_path, forked)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.read_bytes() for p in one.rglob("*") if p.is_file()} == before
     two = tmp_path / "runs" / "lr_s0_run2"
@@ -232,7 +239,7 @@ def test_a_second_run_of_one_directory_name_leaves_the_first_runs_files_as_they_
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
 @pytest.mark.slow
-def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path, multirun):
+def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path, multirun, forked):
     """A second `vaerepro run` given the hydra.run.dir of a finished run (or a --multirun given the
     hydra.sweep.dir of an earlier one, whose job directories have the same names) overwrote that run's
     files without a word. Refused: one line, exit 2, the directory's files as they were; a given
@@ -245,7 +252,7 @@ def test_a_run_into_another_runs_directory_is_refused_touching_nothing(tmp_path,
     (job / run_dirs.RUN_MARK).write_text('{"started": "2026-12-01T10:55:05+0000", "overrides": []}')
     before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
     where = ["-m", *TINY, "hydra.sweep.dir=runs/grid"] if multirun else [*TINY, "hydra.run.dir=runs/one"]
-    proc = _vaerepro(["run", *where], tmp_path)
+    proc = _vaerepro(["run", *where], tmp_path, forked)
     assert proc.returncode == 2, proc.stderr[-3000:]
     if multirun:
         expected = (
@@ -369,7 +376,7 @@ def test_ui_in_a_subdirectory_opens_the_projects_store(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.slow
-def test_runs_started_in_a_subdirectory_go_to_the_projects_runs(tmp_path, raw_dir):
+def test_runs_started_in_a_subdirectory_go_to_the_projects_runs(tmp_path, raw_dir, forked):
     """`vaerepro run` in a subdirectory of the project (docs/) made its runs/ there, among the project's
     files, while its data, MLflow store and Optuna studies are the project's: a run and a --multirun started
     there now write into the project's runs/ and runs/multirun/. A directory given on the command line
@@ -389,9 +396,11 @@ def test_runs_started_in_a_subdirectory_go_to_the_projects_runs(tmp_path, raw_di
     now = "${now:%Y-%m-%d_%H-%M-%S}"
     assert run.startswith(f"hydra.run.dir='{tmp_path}/runs/{now}_${{likelihood.name}}_z"), run
     assert sweep == f"hydra.sweep.dir='{tmp_path}/runs/multirun/{now}'"
-    proc = _vaerepro(["run", *base], tmp_path / "docs")
+    proc = _vaerepro(["run", *base], tmp_path / "docs", forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _vaerepro(["run", "-m", *base, "model.latent_dim=2,3", "eval.num_samples=5"], tmp_path / "docs")
+    proc = _vaerepro(
+        ["run", "-m", *base, "model.latent_dim=2,3", "eval.num_samples=5"], tmp_path / "docs", forked
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == []
     runs = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.rglob("eval.json"))
@@ -434,14 +443,14 @@ def test_a_file_where_a_directory_is_needed_is_said_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_refused_by_the_tracking_store_leaves_no_directory(tmp_path, raw_dir):
+def test_a_run_refused_by_the_tracking_store_leaves_no_directory(tmp_path, raw_dir, forked):
     """Training makes models/ before it opens the store: a refused tracking.uri left the run's directory, with
     its prepared data and an empty models/, marked as a run (the next one went to <dir>_run2)."""
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     store = tmp_path / "mlruns"  # a plain directory: MLflow 3's file store, which it refuses
     args = ["run", *TINY, f"data.raw_dir={raw_dir}", f"tracking.uri={store}"]
     for run_dir in ("runs/one", "runs/${seed}"):  # a literal directory, and one this process names and marks
-        proc = _vaerepro([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+        proc = _vaerepro([*args, f"hydra.run.dir={run_dir}"], tmp_path, forked)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert proc.stderr.startswith(f"vaerepro run: tracking.uri={store}: MLflow will not open this store")
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -479,18 +488,20 @@ def _digests(run: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_resume_of_a_run_with_another_config_is_refused_before_its_files_are_written(tmp_path, raw_dir):
+def test_a_resume_of_a_run_with_another_config_is_refused_before_its_files_are_written(
+    tmp_path, raw_dir, forked
+):
     """`vaerepro run ... train.resume=true hydra.run.dir=RUN` with another data split or model: train refused
     it ("Nothing was changed"), but prepared/ had been made again from the new split and params.yaml and the
     run's mark rewritten, so the run's directory named a config its checkpoints and numbers are not of."""
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     base = [*TINY, f"data.raw_dir={raw_dir}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
-    proc = _vaerepro(["run", *base], tmp_path)
+    proc = _vaerepro(["run", *base], tmp_path, forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "one"
     before = _digests(run)
     for change, key in (("data.split_seed=1", "data.split_seed"), ("model.latent_dim=5", "model.latent_dim")):
-        proc = _vaerepro(["run", *base, "train.resume=true", change], tmp_path)
+        proc = _vaerepro(["run", *base, "train.resume=true", change], tmp_path, forked)
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert key in lines[0] and "last.ckpt" in lines[0], lines[0]
@@ -506,7 +517,7 @@ def _kept(run: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_every_refusal_of_a_resume_comes_before_the_runs_files_are_written(tmp_path, raw_dir):
+def test_every_refusal_of_a_resume_comes_before_the_runs_files_are_written(tmp_path, raw_dir, forked):
     """A resume refused by the train stage (other arithmetic, another global batch, fewer epochs than done,
     a checkpoint of weights only, a rate its pilots did not record) or by the check stage (a device this
     machine lacks) was refused after the run's params.yaml and mark were written with the refused config:
@@ -517,7 +528,7 @@ def test_every_refusal_of_a_resume_comes_before_the_runs_files_are_written(tmp_p
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     base = [*TINY, f"data.raw_dir={raw_dir}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
     base += ["train.lr_candidates=[0.001,0.003]", "train.lr_pilot_steps=5", "train.lr=0.0005"]
-    proc = _vaerepro(["run", *base], tmp_path)
+    proc = _vaerepro(["run", *base], tmp_path, forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "one"
     last = run / "models" / "last.ckpt"
@@ -537,7 +548,7 @@ def test_every_refusal_of_a_resume_comes_before_the_runs_files_are_written(tmp_p
         refused["trainer=gpu"] = "trainer.accelerator=gpu: this machine has no CUDA device; use trainer=cpu"
 
     def resume(change: str | None) -> str:
-        proc = _vaerepro(["run", *base, "train.resume=true", *([change] if change else [])], tmp_path)
+        proc = _vaerepro(["run", *base, "train.resume=true", *([change] if change else [])], tmp_path, forked)
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         return lines[0].removeprefix("vaerepro run: ")
@@ -567,7 +578,7 @@ def test_every_refusal_of_a_resume_comes_before_the_runs_files_are_written(tmp_p
 
 
 @pytest.mark.slow
-def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_written(tmp_path, raw_dir):
+def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_written(tmp_path, raw_dir, forked):
     """`vaerepro run ... train.resume=true` into a run whose training (or evaluation) is running: train's lock
     refused it, but only after the run's params.yaml and mark had been written with its config, beside the
     running training's checkpoints."""
@@ -578,7 +589,7 @@ def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_writt
 
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     base = [*TINY, f"data.raw_dir={raw_dir}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
-    proc = _vaerepro(["run", *base], tmp_path)
+    proc = _vaerepro(["run", *base], tmp_path, forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "one"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -596,7 +607,7 @@ def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_writt
             assert running.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         before = _digests(run)
-        proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=500"], tmp_path)
+        proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=500"], tmp_path, forked)
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert _digests(run) == before
@@ -612,7 +623,9 @@ def test_a_resume_of_a_run_that_trains_now_is_refused_before_its_files_are_writt
 
 
 @pytest.mark.slow
-def test_a_training_refused_once_its_trainer_exists_prints_that_line_alone(tmp_path, prepared_tiny, raw_dir):
+def test_a_training_refused_once_its_trainer_exists_prints_that_line_alone(
+    tmp_path, prepared_tiny, raw_dir, forked
+):
     """`vaerepro train` into a directory another process holds: refused by rank 0's lock, taken once the
     Lightning Trainer is built (it knows the rank). Lightning's lines about the devices, logged as it is
     built, came before the refusal; they are held back until the checks pass, and printed then."""
@@ -628,7 +641,7 @@ def test_a_training_refused_once_its_trainer_exists_prints_that_line_alone(tmp_p
     train = ["train", "--no-progress", "--params", str(params), "--out", str(out)]
     held = try_lock(out)
     try:
-        proc = _vaerepro(train, tmp_path)
+        proc = _vaerepro(train, tmp_path, forked)
     finally:
         os.close(held)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
@@ -636,13 +649,15 @@ def test_a_training_refused_once_its_trainer_exists_prints_that_line_alone(tmp_p
         "now (a `vaerepro train`, `vaerepro evaluate`, `vaerepro run` or `dvc repro`); nothing was changed: "
         "wait for it to end, or train elsewhere"
     ], proc.stderr
-    proc = _vaerepro(train, tmp_path)
+    proc = _vaerepro(train, tmp_path, forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("GPU available: ") == 1, proc.stderr  # printed once the checks passed
 
 
 @pytest.mark.slow
-def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_are_written(tmp_path, raw_dir):
+def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_are_written(
+    tmp_path, raw_dir, forked
+):
     """data=npz: the user's file has no checksum. Resumed after it changed, the run's prepared/ was made again
     from the new file (and params.yaml and the mark written) before train refused the checkpoint's data
     digest, with "Nothing was changed": the run's directory then held data its model was not trained on.
@@ -654,7 +669,7 @@ def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_ar
     digits = np.load(raw_dir / "mnist5k" / "images.npy")[:600]  # (600, 28, 28) uint8
     np.savez(npz, x=digits)
     base = [*TINY, "data=npz", f"data.path={npz}", "tracking.enabled=false", "hydra.run.dir=runs/one"]
-    proc = _vaerepro(["run", *base], tmp_path)
+    proc = _vaerepro(["run", *base], tmp_path, forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "one"
     last = run / "models" / "last.ckpt"
@@ -662,7 +677,7 @@ def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_ar
     changed[:, 0, 0] = 255 - changed[:, 0, 0]
     np.savez(npz, x=changed)
     before = _kept(run)
-    proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path)
+    proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path, forked)
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro run: ")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert _kept(run) == before
@@ -671,13 +686,13 @@ def test_a_resume_on_an_npz_changed_since_is_refused_before_its_prepared_data_ar
         "training data (sha256 of prepared/x_train.npy): checkpoint '"
     ), lines[0]
     np.savez(npz, x=digits)
-    proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path)
+    proc = _vaerepro(["run", *base, "train.resume=true", "train.max_epochs=4"], tmp_path, forked)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "metrics" / "train.json").read_text())["epochs"] == 4
 
 
 @pytest.mark.slow
-def test_a_stage_given_a_runs_directory_reads_that_runs_config(tmp_path):
+def test_a_stage_given_a_runs_directory_reads_that_runs_config(tmp_path, forked):
     """`vaerepro evaluate --out runs/X` read the project's params.yaml, not the config runs/X ran with: the
     checkpoint refused it, or, where the two agreed on the model, the evaluation ran under the project's
     other settings. A stage's --params now defaults to OUT/params.yaml when OUT holds one; a directory
@@ -696,7 +711,7 @@ def test_a_stage_given_a_runs_directory_reads_that_runs_config(tmp_path):
     (run / "params.yaml").write_text(config_mod.dump(ran))  # as `vaerepro run` writes it, no header
 
     def check(*args: str) -> subprocess.CompletedProcess:
-        return _vaerepro(["check", *args], tmp_path)
+        return _vaerepro(["check", *args], tmp_path, forked)
 
     refused = check("--out", "runs/x")
     assert refused.returncode == 2, refused.stderr

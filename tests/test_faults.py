@@ -24,8 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, RUN_IMPORTS, TINY, run, shrink_conf
-from forked_cli import ForkedCli
+from conftest import BIN, ROOT, TINY, run, shrink_conf
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +41,6 @@ def vaerepro(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Compl
     return subprocess.run(
         ["vaerepro", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture(scope="module")
-def forked(tmp_path_factory):
-    """Each bad input's `vaerepro` (and the project's stages) as a child of one process that has imported
-    what `vaerepro run` imports (forked_cli.py): a process of its own, without the ~3 s of imports the
-    console script spends before reading its input, ~10 s where it trains."""
-    server = ForkedCli(BIN / "vaerepro", tmp_path_factory.mktemp("forked"), RUN_IMPORTS)
-    yield server
-    server.close()
 
 
 def forked_ok(forked, args: list[str], d: Path) -> None:

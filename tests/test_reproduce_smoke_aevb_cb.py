@@ -16,9 +16,9 @@ NAMES = sorted(n for n in P.PRESETS if not n.startswith("iwae-"))
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_runs_every_step_and_is_not_comparable(
-    name, store, raw_dir, tmp_path, monkeypatch, capsys, forked_seeds
+    name, store, raw_dir, tmp_path, monkeypatch, capsys, forked
 ):
-    check_smoke(name, store, raw_dir, tmp_path, monkeypatch, capsys, forked_seeds)
+    check_smoke(name, store, raw_dir, tmp_path, monkeypatch, capsys, forked)
 
 
 @pytest.mark.slow

@@ -14,6 +14,6 @@ NAMES = sorted(n for n in P.PRESETS if n.startswith("iwae-"))
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_runs_every_step_and_is_not_comparable(
-    name, store, raw_dir, tmp_path, monkeypatch, capsys, forked_seeds
+    name, store, raw_dir, tmp_path, monkeypatch, capsys, forked
 ):
-    check_smoke(name, store, raw_dir, tmp_path, monkeypatch, capsys, forked_seeds)
+    check_smoke(name, store, raw_dir, tmp_path, monkeypatch, capsys, forked)
