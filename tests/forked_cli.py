@@ -6,8 +6,8 @@ more importing Lightning, MLflow and Hydra. A test that runs many such commands 
 and its project's stages, test_cli.py's runs and refused resumes, and the smoke reproductions' seeds
 (conftest.forked). The child is a process of its own: its own working directory, environment, argv, stdout
 and stderr files, signal handlers and logging set-up (the server sets neither), and its exit status is what
-`sys.exit(main())` would give, an uncaught exception printing its traceback and giving 1 as Python does. The console script's own start
-(its imports) is what every other test that runs `vaerepro` starts."""
+`sys.exit(main())` would give, an uncaught exception printing its traceback and giving 1 as Python does.
+The console script's own start (its imports) is what every other test that runs `vaerepro` starts."""
 
 from __future__ import annotations
 
