@@ -712,6 +712,37 @@ def test_the_comparison_figure_joins_the_mean_over_seeds_at_each_latent_size(mon
     ]
 
 
+def test_each_likelihood_has_one_colour_in_every_figure(monkeypatch):
+    # the colours came from matplotlib's cycle figure by figure: a Gaussian alone in one figure was C0, the
+    # colour of the continuous Bernoulli in the next. Here two figures of one data space (two test sets)
+    from matplotlib.colors import to_hex
+
+    from vaerepro import likelihoods, report_comparison
+
+    assert set(report_comparison.LIKELIHOOD_COLOURS) == set(likelihoods.REGISTRY)
+    drawn = []
+    monkeypatch.setattr(report_comparison, "png", lambda fig: drawn.append(fig) or b"")
+    rows = [
+        run("g-a", "continuous", 600.0, likelihood="gaussian", test_set="aaaa"),
+        run("g-a5", "continuous", 640.0, likelihood="gaussian", latent_dim=5, test_set="aaaa"),
+        run("cb-b", "continuous", 900.0, likelihood="continuous_bernoulli", test_set="bbbb"),
+        run("g-b", "continuous", 610.0, likelihood="gaussian", test_set="bbbb", converged=False),
+        run("nameless", "continuous", 620.0, likelihood=None, latent_dim=5, test_set="bbbb"),
+    ]
+    report_comparison.comparison_section(rows)
+    seen = [{c.get_label(): to_hex(c.lines[0].get_color()) for c in fig.axes[0].containers} for fig in drawn]
+    expected = {lik: to_hex(c) for lik, c in report_comparison.LIKELIHOOD_COLOURS.items()}
+    assert seen == [
+        {"gaussian": expected["gaussian"]},
+        {
+            "continuous_bernoulli": expected["continuous_bernoulli"],
+            "gaussian, NOT CONVERGED (not joined)": expected["gaussian"],
+            "?": to_hex("C7"),
+        },
+    ]
+    assert len(set(expected.values()) | {to_hex("C7")}) == 4
+
+
 def test_the_improper_group_and_only_it_carries_the_warning_that_it_is_not_comparable(monkeypatch):
     from vaerepro import report_comparison
 

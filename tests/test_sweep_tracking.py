@@ -45,7 +45,7 @@ def test_run_tags_name_the_study_and_trial(monkeypatch, tmp_path):
     assert isinstance(pruning.trial_callbacks()[0], pruning.OptunaPruning)
 
 
-def _finished_trial(value, latent_dim, trial_dir, space="binary"):
+def _finished_trial(value, latent_dim, trial_dir, space="binary", likelihood="bernoulli"):
     import optuna
 
     return optuna.trial.create_trial(
@@ -53,7 +53,7 @@ def _finished_trial(value, latent_dim, trial_dir, space="binary"):
         params={"model.latent_dim": latent_dim},
         distributions={"model.latent_dim": optuna.distributions.IntDistribution(2, 50)},
         user_attrs={
-            "likelihood": "bernoulli",
+            "likelihood": likelihood,
             "latent_dim": latent_dim,
             "data_space": space,
             "improper": False,
@@ -108,6 +108,30 @@ def test_sweep_report_flags_an_unconverged_best_trial_and_draws_no_one_point_axi
     figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
     assert "objective-binary-proper.png" in figures and "objective-continuous-proper.png" not in figures
     assert "only one completed trial (trial 4), so no figure" in md
+
+
+def test_the_sweep_figure_colours_each_likelihood_as_every_report_figure_does(tmp_path, monkeypatch):
+    # a knn_accuracy sweep over likelihoods: one figure, each likelihood in the colour the comparison figures
+    # give it (report_comparison.LIKELIHOOD_COLOURS), not the next of matplotlib's cycle
+    import optuna
+    from matplotlib.colors import to_hex
+
+    from vaerepro.report_comparison import LIKELIHOOD_COLOURS
+    from vaerepro.sweep import report as sweep_report
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objective", "knn_accuracy")
+    trials = [("gaussian", 3), ("gaussian", 50), ("continuous_bernoulli", 3)]
+    for n, (lik, z) in enumerate(trials):
+        study.add_trial(_finished_trial(0.5 + n / 10, z, tmp_path / f"t{n}", "continuous", lik))
+    drawn = []
+    monkeypatch.setattr(sweep_report, "png", lambda fig: drawn.append(fig) or b"")
+    sweep_report._objective_figures(study, "knn_accuracy")
+    (ax,) = drawn[0].axes
+    colours = {
+        ln.get_label(): to_hex(ln.get_color()) for ln in ax.get_lines() if ln.get_linestyle() == "None"
+    }
+    assert colours == {lik: to_hex(LIKELIHOOD_COLOURS[lik]) for lik in ("continuous_bernoulli", "gaussian")}
 
 
 def test_sweep_report_gives_a_density_objective_its_unit_on_every_axis_and_column(tmp_path, monkeypatch):

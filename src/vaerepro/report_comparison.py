@@ -8,7 +8,7 @@ evaluation gives, no log p(x)) are listed with the reason. The report's own run 
 Used by the run report (`vaerepro.report`) and the sweep report (`vaerepro.sweep.report`).
 
 Also here, how every report prints a log p(x) estimate: with its standard error, unit and convergence
-verdict (`log_px_text`).
+verdict (`log_px_text`), and each likelihood's colour in every report's figures (`likelihood_colour`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ EXCLUDED_STATUSES = {"FAILED", "KILLED"}  # MLflow run statuses never plotted or
 # out, with this reason. The report's own run is the exception (`this_run`).
 UNFINISHED_STATUSES = {"RUNNING", "SCHEDULED"}
 THIS_RUN = "this run"  # the mark of the report's own run, in the ranking and the figure
+# One colour per likelihood (of matplotlib's default cycle) in every figure of the run and sweep reports,
+# whichever likelihoods share a figure, so that a reader follows one likelihood from figure to figure.
+# Keyed by likelihoods.REGISTRY's names (a test holds the two together); grey (C7) for a run naming none.
+LIKELIHOOD_COLOURS = {"bernoulli": "C0", "continuous_bernoulli": "C1", "gaussian": "C2"}
+
+
+def likelihood_colour(name: str) -> str:
+    return LIKELIHOOD_COLOURS.get(name, "C7")
 
 
 def not_a_result(row: Mapping) -> str | None:
@@ -227,7 +235,7 @@ def _group_figure(
         unplotted += sum(p[0] is None for p in pts)
         pts = sorted(p for p in pts if p[0] is not None)
         dims.update(int(p[0]) for p in pts)
-        color = None  # the likelihood's colour, taken from its first points
+        color = likelihood_colour(lik)
         for stray in (False, True):
             part = [p[:3] for p in pts if p[3] is stray]
             if not part:
@@ -240,8 +248,7 @@ def _group_figure(
                 legend, face = f"{lik}, NOT CONVERGED (not joined)", "none"
             else:
                 legend, face = lik, None
-            line = ax.errorbar(d, v, yerr=s, fmt="o", capsize=3, color=color, mfc=face, label=legend)
-            color = line[0].get_color()
+            ax.errorbar(d, v, yerr=s, fmt="o", capsize=3, color=color, mfc=face, label=legend)
             if not stray:  # the line joins the mean over runs (seeds) at each latent size
                 ud = np.unique(d)
                 ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=color)

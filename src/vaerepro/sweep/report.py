@@ -71,6 +71,7 @@ def _objective_figures(study, objective: str) -> list:
     from matplotlib.figure import Figure
 
     from vaerepro.compare import group_comparable, space_label
+    from vaerepro.report_comparison import likelihood_colour
 
     rows = _objective_rows(study, objective)
     if not rows:
@@ -92,7 +93,7 @@ def _objective_figures(study, objective: str) -> list:
             by_lik.setdefault(str(r["likelihood"]), []).append(r)
         stray = 0  # trials whose log p(x) estimate has not converged
         for lik, rs in sorted(by_lik.items()):
-            color = None  # the likelihood's colour, from its first points
+            color = likelihood_colour(lik)
             for off in (False, True):
                 part = [r for r in rs if r["unconverged"] is off]
                 if not part:
@@ -103,10 +104,9 @@ def _objective_figures(study, objective: str) -> list:
                     # an unconverged estimate may be far from log p(x): hollow, and never in the mean a line
                     # joins, which would look like a converged result
                     stray += len(part)
-                    (line,) = ax.plot(d, v, "o", mfc="none", color=color, label=f"{lik}, NOT CONVERGED")
+                    ax.plot(d, v, "o", mfc="none", color=color, label=f"{lik}, NOT CONVERGED")
                     continue
-                (line,) = ax.plot(d, v, "o", label=lik)
-                color = line.get_color()
+                ax.plot(d, v, "o", color=color, label=lik)
                 ud = np.unique(d)
                 ax.plot(ud, [v[d == u].mean() for u in ud], "-", color=color)
         ax.set_xscale("log")
