@@ -132,6 +132,10 @@ def test_the_sweep_figure_colours_each_likelihood_as_every_report_figure_does(tm
         ln.get_label(): to_hex(ln.get_color()) for ln in ax.get_lines() if ln.get_linestyle() == "None"
     }
     assert colours == {lik: to_hex(LIKELIHOOD_COLOURS[lik]) for lik in ("continuous_bernoulli", "gaussian")}
+    # the history's trials and best-so-far line: in no likelihood's colour
+    sweep_report._history_figure(study, "knn_accuracy")
+    used = {to_hex(ln.get_color()) for ln in drawn[1].axes[0].get_lines()}
+    assert len(used) == 2 and not used & {to_hex(c) for c in LIKELIHOOD_COLOURS.values()}
 
 
 def test_sweep_report_gives_a_density_objective_its_unit_on_every_axis_and_column(tmp_path, monkeypatch):

@@ -151,8 +151,9 @@ def _history_figure(study, objective: str):
     for y in ys:
         running = y if running is None else (max if maximize else min)(running, y)
         best.append(running)
-    ax.plot(xs, ys, "o", label=f"{objective} of a trial")
-    ax.step(xs, best, where="post", color="C1", label="best so far")
+    # black and red: the colours C0-C2 mean likelihoods in the report's other figures (LIKELIHOOD_COLOURS)
+    ax.plot(xs, ys, "o", color="k", label=f"{objective} of a trial")
+    ax.step(xs, best, where="post", color="C3", label="best so far")
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective_label(objective))
     ax.legend(fontsize=8)
