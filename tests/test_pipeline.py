@@ -108,6 +108,38 @@ def test_embedded_data_matches_committed_data_dvc(repo):
     assert json.loads(run(["dvc", "status", "data.dvc", "--json"], repo).stdout) == {}
 
 
+def test_a_users_npz_under_data_is_versioned_and_prepared_again_when_it_changes(tmp_path):
+    """docs/data.md's recipe for your own data under DVC: the file in data/, which data.dvc tracks and the
+    prepare stage depends on. `dvc add data` versions it, and a new version of the file makes `dvc repro`
+    prepare again from it (a file outside data/ is a path DVC never reads)."""
+    import numpy as np
+
+    repo = tiny_repo(tmp_path)
+    run(["vaerepro", "fetch"], repo)  # data/ as data.dvc records it, as `make repro` starts
+
+    def write(n: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        x = (rng.random((n, 28, 28)) < 0.3).astype(np.uint8) * 255
+        np.savez(repo / "data" / "mine.npz", x=x, y=rng.integers(0, 10, n))
+
+    write(100, seed=0)
+    run(["vaerepro", "params", "data=npz", "data.path=data/mine.npz"], repo)
+    run(["dvc", "add", "data"], repo)
+    assert "mine.npz" not in run(["git", "status", "--porcelain"], repo).stdout  # in DVC's cache, not git
+    run(["dvc", "repro", "prepare"], repo)
+    meta = json.loads((repo / "prepared" / "meta.json").read_text())
+    assert (meta["source"], meta["n_raw"], sum(meta["sizes"].values())) == ("npz", 100, 100)
+
+    write(150, seed=1)
+    status = json.loads(run(["dvc", "status", "prepare", "--json"], repo).stdout)
+    assert {"changed deps": {"data": "modified"}} in status["prepare"], status
+    ran = run(["dvc", "repro", "prepare"], repo).stdout
+    assert "Running stage 'prepare'" in ran, ran
+    again = json.loads((repo / "prepared" / "meta.json").read_text())
+    assert (again["n_raw"], sum(again["sizes"].values())) == (150, 150)
+    assert again["raw_files"]["mine.npz"] != meta["raw_files"]["mine.npz"]
+
+
 def test_dvc_repro_produces_files_and_numbers(repo):
     run(["vaerepro", "fetch"], repo)
     ran = run(["dvc", "repro"], repo)
