@@ -66,6 +66,10 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys, f
         assert all(0 <= a <= z for a, z in zip(ev["active_units_by_layer"], sizes, strict=False)), ev
     text = md.read_text()
     assert "not comparable: the run departs from the paper's protocol" in text
+    # the environment names the software as each seed's records do
+    environment = text.split("## Environment", 1)[1].split("\n## ", 1)[0]
+    for package, version in ev["versions"].items():
+        assert f"| {package} | {version} |" in environment, (package, environment)
     reasons = [R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
     # a setting the config cannot express (the CB code's dropout, ...); the IWAE rows have none left
     reasons += [R.NOT_IMPLEMENTED] if any(m.blocking for m in preset.missing) else []

@@ -59,6 +59,7 @@ def test_version_names_the_harness_its_commit_and_its_libraries(capsys):
     import torch
 
     import vaerepro
+    from vaerepro import versions
 
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])
@@ -73,8 +74,9 @@ def test_version_names_the_harness_its_commit_and_its_libraries(capsys):
         rf"vaerepro {re.escape(version)} \({ROOT / 'src' / 'vaerepro'}, git {head}(-dirty)?\)", first
     )
     assert second.startswith("python 3.") and f"torch {torch.__version__}," in second
-    for package in cli.VERSION_PACKAGES:
-        assert f"{package} {importlib.metadata.version(package)}" in second
+    for package in ("torch", "numpy", "lightning", "hydra-core", "mlflow", "optuna", "dvc"):
+        assert f", {package} {importlib.metadata.version(package)}" in second
+    assert versions.package_version("no-such-distribution") == "not installed"
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vaerepro",
         "vaerepro.errors",
         "vaerepro.files",
+        "vaerepro.versions",
         "vaerepro.signals",
         "vaerepro.quick_exit",
         "vaerepro.likelihoods",

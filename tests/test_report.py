@@ -641,6 +641,36 @@ def test_the_configuration_table_is_the_one_the_stages_recorded(tmp_path):
     assert rows["seed"] == "9" and rows["model.hidden_dims"] == "[64]"
 
 
+@pytest.mark.slow
+def test_the_software_table_gives_each_stages_versions_as_recorded(tmp_path):
+    """The report's Software section, before its Configuration: each package with the version eval.json and
+    train.json record (versions.versions()), a column a stage; a stage whose record names no versions
+    (written before they did) has no column, and records that name none give no section."""
+    out = make_out_dir(tmp_path / "run")
+    metrics = out / "metrics"
+    ev, tr = (json.loads((metrics / f).read_text()) for f in ("eval.json", "train.json"))
+    evaluated = {"python": "3.11.7", "vaerepro": "0.1.0", "torch": "2.13.0+cpu"}
+    trained = {"python": "3.11.7", "vaerepro": "0.1.0", "torch": "2.12.1+cu126", "numpy": "2.4.6"}
+    (metrics / "eval.json").write_text(json.dumps({**ev, "versions": evaluated}))
+    (metrics / "train.json").write_text(json.dumps({**tr, "versions": trained}))
+    md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
+    assert re.findall(r"^## (.+)$", md, flags=re.MULTILINE)[-2:] == ["Software", "Configuration"]
+    software = md.split("## Software", 1)[1]
+    assert "| package | evaluation | training |" in software
+    assert _md_table_after(md, "## Software") == [
+        ["python", "3.11.7", "3.11.7"],
+        ["vaerepro", "0.1.0", "0.1.0"],
+        ["torch", "2.13.0+cpu", "2.12.1+cu126"],
+        ["numpy", "not recorded", "2.4.6"],
+    ]
+    (metrics / "train.json").write_text(json.dumps(tr))  # a training recorded before versions were
+    md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
+    assert "| package | evaluation |\n" in md.split("## Software", 1)[1]
+    assert _md_table_after(md, "## Software")[2] == ["torch", "2.13.0+cpu"]
+    (metrics / "eval.json").write_text(json.dumps(ev))
+    assert "## Software" not in write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
+
+
 def test_document_imports_neither_the_report_nor_matplotlib():
     """document is the core both reports build on: no import cycle, and a light import (files, which writes
     the reports whole, and quick_exit, which the package imports first, use the standard library only)."""

@@ -549,30 +549,20 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-# What `vaerepro --version` names beside the harness: what a result's numbers and a bug report depend on
-VERSION_PACKAGES = ("torch", "lightning", "hydra-core", "mlflow", "optuna", "dvc")
-
-
 def version_text() -> str:
     """`vaerepro --version`: the harness's version, the commit of its source where it is a git checkout (the
-    code, which the version number alone does not name) and the versions of the libraries it runs on, read
-    from their metadata without importing them."""
-    import importlib.metadata
-
+    code, which the version number alone does not name) and the versions of Python and the libraries it
+    runs on (`versions`), as each result file records them."""
     from vaerepro.tracking.runs import git_commit
-
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+    from vaerepro.versions import versions, versions_text
 
     package = Path(__file__).resolve().parent
     checkout = package.parents[1]  # <checkout>/src/vaerepro in an editable install from a git checkout
     commit = git_commit(checkout) if (checkout / ".git").exists() else None
     where = f"{package}" + (f", git {commit}" if commit else "")
-    libraries = ", ".join(f"{p} {version(p)}" for p in VERSION_PACKAGES)
-    return f"vaerepro {version('vaerepro')} ({where})\npython {sys.version.split()[0]}, {libraries}"
+    libraries = versions()
+    harness = libraries.pop("vaerepro")
+    return f"vaerepro {harness} ({where})\n{versions_text(libraries)}"
 
 
 class _Version(argparse.Action):

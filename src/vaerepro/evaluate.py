@@ -45,6 +45,7 @@ from vaerepro.estimators import mean_se
 from vaerepro.files import write_json, write_whole
 from vaerepro.likelihoods import space_name
 from vaerepro.model import VAE, build_vae
+from vaerepro.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -630,6 +631,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             "source": cfg.data.source,
             "checkpoint_sha256": checkpoint_sha256,  # of models/best.ckpt, as read
             "config": cfg.to_dict(),  # what it ran under: the report prints it (report.recorded_config)
+            "versions": versions(),  # the software it ran with: Python, vaerepro, torch, ... (versions.py)
         }
     )
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)

@@ -604,6 +604,27 @@ _TRAINED_AS_TEXT = (
 )
 
 
+_SOFTWARE_TEXT = (
+    "The versions of Python, vaerepro and its libraries each stage ran with, as metrics/eval.json and "
+    "metrics/train.json record them (a resumed training's are those of its last part)."
+)
+
+
+def _software_section(ev: Mapping, tr: Mapping) -> list[Block]:
+    """A table of the versions the evaluation and the training ran with (their records' `versions`,
+    versions.versions()), a column each; nothing for records from before they held them."""
+    stages = [
+        (stage, record["versions"])
+        for stage, record in (("evaluation", ev), ("training", tr))
+        if isinstance(record.get("versions"), Mapping)
+    ]
+    if not stages:
+        return []
+    names = list(dict.fromkeys(name for _, recorded in stages for name in recorded))
+    rows = [[name, *(str(recorded.get(name, "not recorded")) for _, recorded in stages)] for name in names]
+    return [Heading("Software"), Para(_SOFTWARE_TEXT), Table(["package", *(s for s, _ in stages)], rows)]
+
+
 def recorded_config(ev: Mapping, tr: Mapping, config: Mapping) -> tuple[Mapping, dict[str, Any]]:
     """(the configuration a report of these records prints, {dotted key: the training's value} of each key
     the training ran with otherwise). eval.json's `config` is the resolved config the evaluation ran under,
@@ -669,6 +690,7 @@ def write_report(
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
     blocks += comparison_section(runs, this_run=this_run)
+    blocks += _software_section(ev, tr)
     blocks += [
         Heading("Configuration"),
         Para(_CONFIG_TEXT + (" " + _TRAINED_AS_TEXT if trained_as else "")),

@@ -60,6 +60,7 @@ from vaerepro.trainer import (
     lightning_lines_held,
     train_key,
 )
+from vaerepro.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -560,6 +561,7 @@ def train(
             best_ckpt = model_dir / "best.ckpt"
             metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
             metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
+            metrics["versions"] = versions()  # this invocation's software: a resume may run another
             write_json(out_dir / "metrics" / "train.json", metrics)  # whole or not at all, as every file
             # DVC's metrics of training: the best validation ELBO (nats per example, under the data space's
             # name as binary.best_val_elbo, like eval_summary.json's numbers), how many epochs ran and the

@@ -27,7 +27,6 @@ the card and the printed summary are card.py's.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import platform
@@ -133,12 +132,7 @@ def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[st
 
     from vaerepro.checkpoints import data_digest
     from vaerepro.tracking.runs import git_commit
-
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+    from vaerepro.versions import versions
 
     meta = seeds[0].meta if seeds else {}
     sizes = {k: meta["sizes"][k] for k in ("train", "val", "test") if k in (meta.get("sizes") or {})}
@@ -153,9 +147,7 @@ def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[st
         "data": f"{meta.get('source', '?')}: {', '.join(f'{k} {sizes[k]:,}' for k in sizes)} images",
         "data digest": "sha256 of prepared/x_train.npy: " + (" / ".join(digests) or "none"),
         "raw files (md5)": ", ".join(f"{k} {v}" for k, v in (meta.get("raw_files") or {}).items()) or "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": version("lightning"),
+        **versions(),  # python, vaerepro, torch, numpy, lightning, ...: what train.json and eval.json record
         "training device": f"{gpu if on_gpu else cpu} x {t.devices} device(s) x {t.num_nodes} node(s)",
         "evaluation device": ev,
         "operating system": platform.platform(),

@@ -20,8 +20,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from vaerepro import signals
 from vaerepro.config import Config
 from vaerepro.tracking import evaluations, runs
-from vaerepro.tracking.names import BEST_CKPT_TAG, metric_name, space_name
+from vaerepro.tracking.names import BEST_CKPT_TAG, TRAIN_VERSIONS_TAG, metric_name, space_name
 from vaerepro.tracking.store import ensure_experiment
+from vaerepro.versions import versions, versions_text
 
 log = logging.getLogger(__name__)
 
@@ -231,5 +232,10 @@ class TrainingRun:
         return logger
 
     def _whereabouts(self) -> dict[str, str]:
-        """The run's models/ (resolved) and the process training into it (runs.end_abandoned reads both)."""
-        return {runs.MODEL_DIR_TAG: str(self.model_dir.resolve()), runs.PROCESS_TAG: signals.this_process()}
+        """The run's models/ (resolved) and the process training into it (runs.end_abandoned reads both), with
+        the software it trains with (a resume in another environment replaces the tag, as train.json's)."""
+        return {
+            runs.MODEL_DIR_TAG: str(self.model_dir.resolve()),
+            runs.PROCESS_TAG: signals.this_process(),
+            TRAIN_VERSIONS_TAG: versions_text(versions()),
+        }
