@@ -66,10 +66,12 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys, f
         assert all(0 <= a <= z for a, z in zip(ev["active_units_by_layer"], sizes, strict=False)), ev
     text = md.read_text()
     assert "not comparable: the run departs from the paper's protocol" in text
-    # the environment names the software as each seed's records do
+    # the environment names the devices and the software as the seeds' records do
     environment = text.split("## Environment", 1)[1].split("\n## ", 1)[0]
     for package, version in ev["versions"].items():
         assert f"| {package} | {version} |" in environment, (package, environment)
+    assert f"| training device | {train['device']} |" in environment, environment
+    assert f"| evaluation device | {ev['device']} |" in environment, environment
     reasons = [R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
     # a setting the config cannot express (the CB code's dropout, ...); the IWAE rows have none left
     reasons += [R.NOT_IMPLEMENTED] if any(m.blocking for m in preset.missing) else []

@@ -112,7 +112,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_trained, on
         "last.ckpt",
         "mlflow_run.json",
     ]
-    assert json.loads((ddp_trained / "metrics" / "train.json").read_text())["epochs"] == 3
+    record = json.loads((ddp_trained / "metrics" / "train.json").read_text())
+    assert record["epochs"] == 3 and record["device"].endswith(" cores), 2 processes")  # 2 CPU processes
 
 
 @pytest.mark.slow
@@ -218,7 +219,10 @@ def test_torchrun_evaluation_equals_single_process(ddp_trained, tmp_path):
     for k in a.files:
         assert np.array_equal(a[k], b[k]), k  # exactly, every example
     assert not np.isnan(b["log_px"]).any()
-    assert (single / "metrics" / "eval.json").read_text() == (shared / "metrics" / "eval.json").read_text()
+    # the same record, but for where it ran: one process or two
+    one, two = (json.loads((x / "metrics" / "eval.json").read_text()) for x in (single, shared))
+    assert two.pop("device") == one.pop("device") + ", 2 processes"
+    assert one == two
 
 
 @pytest.mark.slow
@@ -256,8 +260,10 @@ def test_vaerepro_run_with_ddp(raw_dir, tmp_path):
     for k in per_ex.files:
         assert np.array_equal(per_ex[k], np.load(alone / "artifacts" / "per_example.npz")[k]), k
     single = json.loads((alone / "metrics" / "eval.json").read_text())
-    # the same numbers; the configurations each evaluation ran under differ in where it was tracked only
-    numbers = [{k: v for k, v in d.items() if k != "config"} for d in (single, ev)]
+    # the same numbers; the configurations each evaluation ran under differ in where it was tracked only, and
+    # the records in where it ran: the training's 2 processes, then one
+    assert ev["device"] == single["device"] + ", 2 processes"
+    numbers = [{k: v for k, v in d.items() if k not in ("config", "device")} for d in (single, ev)]
     assert numbers[0] == numbers[1]
     assert list(differences(ev["config"], single["config"])) == ["tracking.enabled"]
 

@@ -642,33 +642,36 @@ def test_the_configuration_table_is_the_one_the_stages_recorded(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_software_table_gives_each_stages_versions_as_recorded(tmp_path):
-    """The report's Software section, before its Configuration: each package with the version eval.json and
-    train.json record (versions.versions()), a column a stage; a stage whose record names no versions
-    (written before they did) has no column, and records that name none give no section."""
+def test_the_environment_table_gives_each_stages_device_and_versions_as_recorded(tmp_path):
+    """The report's Environment section, before its Configuration: the device and each package's version
+    that eval.json and train.json record (`device`, `versions`), a column a stage; a stage whose record names
+    neither (written before they did) has no column, and records that name none give no section."""
     out = make_out_dir(tmp_path / "run")
     metrics = out / "metrics"
     ev, tr = (json.loads((metrics / f).read_text()) for f in ("eval.json", "train.json"))
     evaluated = {"python": "3.11.7", "vaerepro": "0.1.0", "torch": "2.13.0+cpu"}
     trained = {"python": "3.11.7", "vaerepro": "0.1.0", "torch": "2.12.1+cu126", "numpy": "2.4.6"}
-    (metrics / "eval.json").write_text(json.dumps({**ev, "versions": evaluated}))
-    (metrics / "train.json").write_text(json.dumps({**tr, "versions": trained}))
+    gpus = "cuda:0 (NVIDIA H200), 4 processes"
+    (metrics / "eval.json").write_text(
+        json.dumps({**ev, "device": "cpu (x86_64, 2 cores)", "versions": evaluated})
+    )
+    (metrics / "train.json").write_text(json.dumps({**tr, "device": gpus, "versions": trained}))
     md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
-    assert re.findall(r"^## (.+)$", md, flags=re.MULTILINE)[-2:] == ["Software", "Configuration"]
-    software = md.split("## Software", 1)[1]
-    assert "| package | evaluation | training |" in software
-    assert _md_table_after(md, "## Software") == [
+    assert re.findall(r"^## (.+)$", md, flags=re.MULTILINE)[-2:] == ["Environment", "Configuration"]
+    assert "|  | evaluation | training |" in md.split("## Environment", 1)[1]
+    assert _md_table_after(md, "## Environment") == [
+        ["device", "cpu (x86_64, 2 cores)", gpus],
         ["python", "3.11.7", "3.11.7"],
         ["vaerepro", "0.1.0", "0.1.0"],
         ["torch", "2.13.0+cpu", "2.12.1+cu126"],
         ["numpy", "not recorded", "2.4.6"],
     ]
-    (metrics / "train.json").write_text(json.dumps(tr))  # a training recorded before versions were
+    (metrics / "train.json").write_text(json.dumps(tr))  # a training recorded before either was
     md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
-    assert "| package | evaluation |\n" in md.split("## Software", 1)[1]
-    assert _md_table_after(md, "## Software")[2] == ["torch", "2.13.0+cpu"]
+    assert "|  | evaluation |\n" in md.split("## Environment", 1)[1]
+    assert _md_table_after(md, "## Environment")[3] == ["torch", "2.13.0+cpu"]
     (metrics / "eval.json").write_text(json.dumps(ev))
-    assert "## Software" not in write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
+    assert "## Environment" not in write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
 
 
 def test_document_imports_neither_the_report_nor_matplotlib():

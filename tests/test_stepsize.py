@@ -36,6 +36,7 @@ TRAIN_JSON_KEYS = {
     "train_time_s",
     "best_checkpoint_sha256",
     "config",
+    "device",
     "versions",
 }
 

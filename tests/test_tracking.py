@@ -82,23 +82,29 @@ def test_pipeline_run_round_trips_through_a_tracking_server(mlflow_server, raw_d
     assert tags["data_space"] == "continuous" and tags["improper"] == "false"
     assert tags["git_commit"].split("-")[0] == tracking.git_commit(ROOT).split("-")[0]
     assert tags["data_version"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
-    # the software each stage ran with: in its record, as the run's tags, in the report
+    # where and with what each stage ran: in its record, as the run's tags, in the report
     import importlib.metadata
+    import os
+    import platform
 
     import torch
 
     from vaerepro.versions import versions
 
     out = tmp_path / "run"
-    records = [json.loads((out / "metrics" / f).read_text())["versions"] for f in ("train.json", "eval.json")]
-    assert records == [versions(), versions()]
-    assert records[0]["torch"] == torch.__version__
-    assert records[0]["vaerepro"] == importlib.metadata.version("vaerepro")
+    records = [json.loads((out / "metrics" / f).read_text()) for f in ("train.json", "eval.json")]
+    assert [r["versions"] for r in records] == [versions(), versions()]
+    assert records[0]["versions"]["torch"] == torch.__version__
+    assert records[0]["versions"]["vaerepro"] == importlib.metadata.version("vaerepro")
+    cpu = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"  # trainer=cpu, eval.device=auto without CUDA
+    assert [r["device"] for r in records] == [cpu, cpu]
     for stage in ("train", "eval"):
-        assert tags[f"vaerepro.{stage}.versions"].startswith(f"python {records[0]['python']}, vaerepro ")
+        assert tags[f"vaerepro.{stage}.device"] == cpu
+        assert tags[f"vaerepro.{stage}.versions"].startswith(f"python {platform.python_version()}, vaerepro ")
         assert f", torch {torch.__version__}, " in tags[f"vaerepro.{stage}.versions"]
-    software = (out / "reports" / "report.md").read_text().split("## Software", 1)[1]
-    assert f"| torch | {torch.__version__} | {torch.__version__} |" in software
+    environment = (out / "reports" / "report.md").read_text().split("## Environment", 1)[1]
+    assert f"| device | {cpu} | {cpu} |" in environment
+    assert f"| torch | {torch.__version__} | {torch.__version__} |" in environment
     # per-epoch training curves (step = epoch) and the evaluation numbers: those in the data space's units
     # under its name, the space-free ones under test/, bookkeeping not as metrics
     hist = client.get_metric_history(run.info.run_id, "continuous/val/elbo")

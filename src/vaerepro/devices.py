@@ -5,6 +5,9 @@ the config (config.TrainerConfig)."""
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
 
 from vaerepro.config import ConfigError, TrainerConfig
@@ -36,3 +39,17 @@ def check_trainer(t: TrainerConfig) -> None:
             "trainer.precision=16-mixed: float16 mixed precision runs on CUDA devices only (Lightning would "
             "train bfloat16 instead on the CPU); use trainer.precision=bf16-mixed or 32-true"
         )
+
+
+def device_text(device: torch.device, processes: int = 1) -> str:
+    """The device a stage ran on, as train.json and eval.json record it (`device`): "cpu (x86_64, 2 cores)" or
+    "cuda:0 (NVIDIA H200)", with ", 4 processes" when it was one of several (DDP, torchrun). Importance
+    sampling draws its noise on its device, so a CPU and a CUDA evaluation of one model draw other samples:
+    equally valid estimates, not the same digits."""
+    if device.type == "cuda":
+        name = f"{device} ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        name = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    else:
+        name = str(device)
+    return name + (f", {processes} processes" if processes > 1 else "")

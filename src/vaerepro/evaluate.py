@@ -41,6 +41,7 @@ from vaerepro.data import (
     is_dequantized,
     load_prepared,
 )
+from vaerepro.devices import device_text
 from vaerepro.estimators import mean_se
 from vaerepro.files import write_json, write_whole
 from vaerepro.likelihoods import space_name
@@ -631,6 +632,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             "source": cfg.data.source,
             "checkpoint_sha256": checkpoint_sha256,  # of models/best.ckpt, as read
             "config": cfg.to_dict(),  # what it ran under: the report prints it (report.recorded_config)
+            "device": device_text(device, world),  # where its noise was drawn (devices.device_text)
             "versions": versions(),  # the software it ran with: Python, vaerepro, torch, ... (versions.py)
         }
     )

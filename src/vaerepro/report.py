@@ -604,25 +604,29 @@ _TRAINED_AS_TEXT = (
 )
 
 
-_SOFTWARE_TEXT = (
-    "The versions of Python, vaerepro and its libraries each stage ran with, as metrics/eval.json and "
-    "metrics/train.json record them (a resumed training's are those of its last part)."
+_ENVIRONMENT_TEXT = (
+    "Where and with what each stage ran, as metrics/eval.json and metrics/train.json record it (a "
+    "resumed training's is its last part's): the device, with the number of processes under DDP or "
+    "torchrun, and the versions of Python, vaerepro and its libraries. Importance sampling draws its noise "
+    "on its device, so an evaluation on a CPU and one on a GPU give other estimates, equally valid."
 )
 
 
-def _software_section(ev: Mapping, tr: Mapping) -> list[Block]:
-    """A table of the versions the evaluation and the training ran with (their records' `versions`,
-    versions.versions()), a column each; nothing for records from before they held them."""
-    stages = [
-        (stage, record["versions"])
-        for stage, record in (("evaluation", ev), ("training", tr))
-        if isinstance(record.get("versions"), Mapping)
-    ]
+def _environment_section(ev: Mapping, tr: Mapping) -> list[Block]:
+    """A table of the device and the versions the evaluation and the training ran with (their records'
+    `device`, devices.device_text, and `versions`, versions.versions()), a column each; nothing for records
+    from before they held them."""
+    stages = []
+    for stage, record in (("evaluation", ev), ("training", tr)):
+        found = {"device": record["device"]} if isinstance(record.get("device"), str) else {}
+        found |= record["versions"] if isinstance(record.get("versions"), Mapping) else {}
+        if found:
+            stages.append((stage, found))
     if not stages:
         return []
     names = list(dict.fromkeys(name for _, recorded in stages for name in recorded))
     rows = [[name, *(str(recorded.get(name, "not recorded")) for _, recorded in stages)] for name in names]
-    return [Heading("Software"), Para(_SOFTWARE_TEXT), Table(["package", *(s for s, _ in stages)], rows)]
+    return [Heading("Environment"), Para(_ENVIRONMENT_TEXT), Table(["", *(s for s, _ in stages)], rows)]
 
 
 def recorded_config(ev: Mapping, tr: Mapping, config: Mapping) -> tuple[Mapping, dict[str, Any]]:
@@ -690,7 +694,7 @@ def write_report(
     blocks += _ladder_section(ev, label)
     blocks += _images_section(out_dir, latent_dim)
     blocks += comparison_section(runs, this_run=this_run)
-    blocks += _software_section(ev, tr)
+    blocks += _environment_section(ev, tr)
     blocks += [
         Heading("Configuration"),
         Para(_CONFIG_TEXT + (" " + _TRAINED_AS_TEXT if trained_as else "")),

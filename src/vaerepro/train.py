@@ -37,7 +37,7 @@ from vaerepro.data import (
     to_space,
 )
 from vaerepro.datamodule import DROPOUT_STREAM, TRAIN_STREAM, VAEData, batch_seed, shard
-from vaerepro.devices import check_trainer
+from vaerepro.devices import check_trainer, device_text
 from vaerepro.errors import Diverged, Stopped, UserError
 from vaerepro.files import try_lock, write_json
 from vaerepro.likelihoods import space_name
@@ -561,7 +561,10 @@ def train(
             best_ckpt = model_dir / "best.ckpt"
             metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
             metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
-            metrics["versions"] = versions()  # this invocation's software: a resume may run another
+            # what this invocation ran on and with (a resume may run elsewhere): the device of rank 0 and the
+            # number of processes, and the software
+            metrics["device"] = device_text(trainer.strategy.root_device, trainer.world_size)
+            metrics["versions"] = versions()
             write_json(out_dir / "metrics" / "train.json", metrics)  # whole or not at all, as every file
             # DVC's metrics of training: the best validation ELBO (nats per example, under the data space's
             # name as binary.best_val_elbo, like eval_summary.json's numbers), how many epochs ran and the

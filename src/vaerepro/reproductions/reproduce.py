@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +127,17 @@ def plan(
 
 
 def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[str, str]:
-    """Where and with what the reproduction ran: commit, data digest, versions, devices."""
+    """Where and with what the reproduction ran: commit, data digest, versions, devices. The versions and
+    devices are those the seeds' train.json and eval.json record (values joined by " / " where resumed seeds
+    ran elsewhere); this process's for records from before they held them."""
     import torch
 
     from vaerepro.checkpoints import data_digest
     from vaerepro.tracking.runs import git_commit
     from vaerepro.versions import versions
+
+    def joined(values: Iterable[str]) -> str:  # each value once, in the order of the seeds
+        return " / ".join(dict.fromkeys(values))
 
     meta = seeds[0].meta if seeds else {}
     sizes = {k: meta["sizes"][k] for k in ("train", "val", "test") if k in (meta.get("sizes") or {})}
@@ -141,15 +146,21 @@ def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[st
     cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     t = cfg.trainer
     on_gpu = gpu is not None and t.accelerator != "cpu"
+    machine = f"{gpu if on_gpu else cpu} x {t.devices} device(s) x {t.num_nodes} node(s)"
     ev = gpu if gpu is not None and cfg.eval.device != "cpu" else cpu
+    recorded = [r for s in seeds for r in (s.train, s.eval) if isinstance(r.get("versions"), Mapping)]
+    software = [r["versions"] for r in recorded] or [versions()]
+    names = dict.fromkeys(name for v in software for name in v)
+    trained = joined(s.train["device"] for s in seeds if isinstance(s.train.get("device"), str))
+    evaluated = joined(s.eval["device"] for s in seeds if isinstance(s.eval.get("device"), str))
     return {
         "git commit": git_commit(root) or "unknown (not a git checkout)",
         "data": f"{meta.get('source', '?')}: {', '.join(f'{k} {sizes[k]:,}' for k in sizes)} images",
         "data digest": "sha256 of prepared/x_train.npy: " + (" / ".join(digests) or "none"),
         "raw files (md5)": ", ".join(f"{k} {v}" for k, v in (meta.get("raw_files") or {}).items()) or "none",
-        **versions(),  # python, vaerepro, torch, numpy, lightning, ...: what train.json and eval.json record
-        "training device": f"{gpu if on_gpu else cpu} x {t.devices} device(s) x {t.num_nodes} node(s)",
-        "evaluation device": ev,
+        **{name: joined(str(v.get(name, "not recorded")) for v in software) for name in names},
+        "training device": trained or machine,
+        "evaluation device": evaluated or ev,
         "operating system": platform.platform(),
     }
 

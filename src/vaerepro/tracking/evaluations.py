@@ -23,7 +23,6 @@ from vaerepro.tracking import ui
 from vaerepro.tracking.names import (
     BEST_CKPT_TAG,
     CONVERGED_TAG,
-    EVAL_VERSIONS_TAG,
     EVALUATED_CKPT_TAG,
     K_TAG,
     STALE_TAG,
@@ -47,6 +46,7 @@ from vaerepro.tracking.runs import (
     read_run_id,
     status_of,
     tag_dvc_experiment,
+    tag_environment,
     test_set_digest,
     write_run_id,
 )
@@ -59,7 +59,6 @@ from vaerepro.tracking.store import (
     tracking_uri,
     tracking_uri_source,
 )
-from vaerepro.versions import versions_text
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +163,7 @@ def _log_evaluation(
         client.set_tag(run_id, TEST_SET_TAG, test_set)
     if metrics.get("checkpoint_sha256"):  # which weights (experiment_runs: a model trained further since)
         client.set_tag(run_id, EVALUATED_CKPT_TAG, str(metrics["checkpoint_sha256"])[:12])
-    if isinstance(metrics.get("versions"), dict):
-        client.set_tag(run_id, EVAL_VERSIONS_TAG, versions_text(metrics["versions"]))
+    tag_environment(client, run_id, metrics, "eval")
     log_metrics(client, run_id, numbers, prefix="test/", space=space)
     name = metric_name("test/log_px_ladder", space)
     client.log_batch(run_id, metrics=[Metric(name, r["log_px"], 0, r["k"]) for r in metrics["log_px_ladder"]])

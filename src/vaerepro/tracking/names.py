@@ -38,10 +38,9 @@ SPACE_FREE = frozenset(
 K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
 TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
 CONVERGED_TAG = "vaerepro.converged"  # "true" or "false"
-# The software each stage ran with (versions.versions_text: "python 3.11.7, vaerepro 0.1.0, torch ..."): the
-# training's, set when its run starts, and the latest evaluation's, as its eval.json records them
-TRAIN_VERSIONS_TAG = "vaerepro.train.versions"
-EVAL_VERSIONS_TAG = "vaerepro.eval.versions"
+# Where and with what the training and the latest evaluation ran, as train.json and eval.json record it:
+# vaerepro.<train|eval>.device ("cpu (x86_64, 2 cores)") and .versions ("python 3.11.7, vaerepro 0.1.0, ...")
+ENVIRONMENT_KEYS = ("device", "versions")
 # Which weights: the first 12 hex digits of the sha256 of models/best.ckpt that a training run last wrote,
 # and that an evaluated run's numbers are of (a training resumed after its evaluation replaces best.ckpt)
 BEST_CKPT_TAG = "vaerepro.best_checkpoint"

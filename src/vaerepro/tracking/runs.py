@@ -27,8 +27,9 @@ from vaerepro.data import META_FILE, file_sha256, is_dequantized
 from vaerepro.document import flatten
 from vaerepro.errors import Stopped, UserError
 from vaerepro.files import write_json
-from vaerepro.tracking.names import K_TAG, metric_name
+from vaerepro.tracking.names import ENVIRONMENT_KEYS, K_TAG, metric_name
 from vaerepro.tracking.store import causes
+from vaerepro.versions import versions_text
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,18 @@ def git_commit(root: Path) -> str | None:
         return res.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def tag_environment(client, run_id: str, record: Mapping[str, Any], stage: str) -> None:
+    """Tag run `run_id` with where and with what a stage ran, as its record (train.json for stage "train",
+    eval.json for "eval") says: vaerepro.<stage>.device and vaerepro.<stage>.versions, the latter on one
+    line (versions.versions_text). A record from before it held them sets nothing."""
+    for key in ENVIRONMENT_KEYS:
+        value = record.get(key)
+        if isinstance(value, Mapping):
+            value = versions_text(value)
+        if isinstance(value, str):
+            client.set_tag(run_id, f"vaerepro.{stage}.{key}", value)
 
 
 def data_version(root: Path) -> str | None:

@@ -20,9 +20,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from vaerepro import signals
 from vaerepro.config import Config
 from vaerepro.tracking import evaluations, runs
-from vaerepro.tracking.names import BEST_CKPT_TAG, TRAIN_VERSIONS_TAG, metric_name, space_name
+from vaerepro.tracking.names import BEST_CKPT_TAG, metric_name, space_name
 from vaerepro.tracking.store import ensure_experiment
-from vaerepro.versions import versions, versions_text
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +149,7 @@ class TrainingRun:
         if (selection := metrics.get("lr_selection")) is not None:
             self._log_chosen_lr(selection["chosen"])  # as open did, for a tracker opened without it
         runs.describe(*run, self.cfg, train=metrics)
+        runs.tag_environment(*run, metrics, "train")  # as train.json: a resumed training's last part's
         if metrics.get("best_checkpoint_sha256"):  # its weights now (evaluations.experiment_runs)
             self.logger.experiment.set_tag(self.run_id, BEST_CKPT_TAG, metrics["best_checkpoint_sha256"][:12])
             # a resumed training's new weights: its run's and evaluation runs' earlier test numbers are not
@@ -232,10 +232,5 @@ class TrainingRun:
         return logger
 
     def _whereabouts(self) -> dict[str, str]:
-        """The run's models/ (resolved) and the process training into it (runs.end_abandoned reads both), with
-        the software it trains with (a resume in another environment replaces the tag, as train.json's)."""
-        return {
-            runs.MODEL_DIR_TAG: str(self.model_dir.resolve()),
-            runs.PROCESS_TAG: signals.this_process(),
-            TRAIN_VERSIONS_TAG: versions_text(versions()),
-        }
+        """The run's models/ (resolved) and the process training into it (runs.end_abandoned reads both)."""
+        return {runs.MODEL_DIR_TAG: str(self.model_dir.resolve()), runs.PROCESS_TAG: signals.this_process()}
