@@ -58,6 +58,10 @@ def test_gpu_pipeline_end_to_end(tmp_path):
     assert written["log_px"] == metrics["log_px"] and math.isfinite(written["log_px"])
     assert written["log_px"] >= written["elbo"] - 3 * written["log_px_se"]
     assert (tmp_path / "run" / "reports" / "report.html").stat().st_size > 10_000
+    # both stages name the GPU they ran on (eval.device=auto takes the CUDA device)
+    trained = json.loads((tmp_path / "run" / "metrics" / "train.json").read_text())
+    gpu = f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    assert trained["device"] == written["device"] == gpu
     assert torch.load(tmp_path / "run" / "models" / "last.ckpt", map_location="cpu", weights_only=True)[
         "optimizer_states"
     ]
