@@ -71,6 +71,7 @@ def check_smoke(name: str, store: str, raw_dir, tmp_path, monkeypatch, capsys, f
     for package, version in ev["versions"].items():
         assert f"| {package} | {version} |" in environment, (package, environment)
     assert f"| training device | {train['device']} |" in environment, environment
+    assert f"| git commit | {train['commit']} |" in environment, environment  # the seeds' own, as recorded
     assert f"| evaluation device | {ev['device']} |" in environment, environment
     reasons = [R.OTHER_DATA, R.SHORTENED, R.FEWER_SEEDS]
     # a setting the config cannot express (the CB code's dropout, ...); the IWAE rows have none left

@@ -643,9 +643,10 @@ def test_the_configuration_table_is_the_one_the_stages_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_the_environment_table_gives_each_stages_device_and_versions_as_recorded(tmp_path):
-    """The report's Environment section, before its Configuration: the device and each package's version
-    that eval.json and train.json record (`device`, `versions`), a column a stage; a stage whose record names
-    neither (written before they did) has no column, and records that name none give no section."""
+    """The report's Environment section, before its Configuration: the git commit, the device and each
+    package's version that eval.json and train.json record (`commit`, `device`, `versions`), a column a
+    stage; a commit recorded as none is said to be unknown; a stage whose record names none of them (written
+    before they did) has no column, and records that name none give no section."""
     out = make_out_dir(tmp_path / "run")
     metrics = out / "metrics"
     ev, tr = (json.loads((metrics / f).read_text()) for f in ("eval.json", "train.json"))
@@ -653,13 +654,17 @@ def test_the_environment_table_gives_each_stages_device_and_versions_as_recorded
     trained = {"python": "3.11.7", "vaerepro": "0.1.0", "torch": "2.12.1+cu126", "numpy": "2.4.6"}
     gpus = "cuda:0 (NVIDIA H200), 4 processes"
     (metrics / "eval.json").write_text(
-        json.dumps({**ev, "device": "cpu (x86_64, 2 cores)", "versions": evaluated})
+        json.dumps({**ev, "device": "cpu (x86_64, 2 cores)", "versions": evaluated, "commit": None})
     )
-    (metrics / "train.json").write_text(json.dumps({**tr, "device": gpus, "versions": trained}))
+    trained_at = "a" * 40 + "-dirty"
+    (metrics / "train.json").write_text(
+        json.dumps({**tr, "device": gpus, "versions": trained, "commit": trained_at})
+    )
     md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
     assert re.findall(r"^## (.+)$", md, flags=re.MULTILINE)[-2:] == ["Environment", "Configuration"]
     assert "|  | evaluation | training |" in md.split("## Environment", 1)[1]
     assert _md_table_after(md, "## Environment") == [
+        ["git commit", "unknown (not run in a git checkout)", trained_at],
         ["device", "cpu (x86_64, 2 cores)", gpus],
         ["python", "3.11.7", "3.11.7"],
         ["vaerepro", "0.1.0", "0.1.0"],
@@ -669,7 +674,7 @@ def test_the_environment_table_gives_each_stages_device_and_versions_as_recorded
     (metrics / "train.json").write_text(json.dumps(tr))  # a training recorded before either was
     md = write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
     assert "|  | evaluation |\n" in md.split("## Environment", 1)[1]
-    assert _md_table_after(md, "## Environment")[3] == ["torch", "2.13.0+cpu"]
+    assert _md_table_after(md, "## Environment")[4] == ["torch", "2.13.0+cpu"]
     (metrics / "eval.json").write_text(json.dumps(ev))
     assert "## Environment" not in write_report(out, CONFIG)["md"].read_text(encoding="utf-8")
 

@@ -379,9 +379,10 @@ def test_why_a_paper_gives_no_number_is_said_once_on_the_card(tmp_path):
 
 
 def test_the_card_environment_is_what_the_seeds_records_say_they_ran_on_and_with(tmp_path):
-    """A reproduction's environment takes each seed's devices and versions from its train.json and eval.json
-    (a seed resumed elsewhere: both values, joined), not from the machine that writes the card; for records
-    from before they held them, this process's versions and machine."""
+    """A reproduction's environment takes each seed's commit, devices and versions from its train.json and
+    eval.json (a seed resumed elsewhere or from other code: both values, joined), not from the machine and
+    the checkout that write the card; for records from before they held them, this process's versions and
+    machine, and the checkout's commit."""
     from conftest import tiny_config
     from vaerepro.versions import versions
 
@@ -389,15 +390,28 @@ def test_the_card_environment_is_what_the_seeds_records_say_they_ran_on_and_with
     h200, cpu = "cuda:0 (NVIDIA H200)", "cpu (x86_64, 2 cores)"
     old = {"python": "3.11.7", "vaerepro": "0.1.0", "torch": "2.12.1+cu126"}
     new = {**old, "torch": "2.13.0+cpu"}
+    trained_at, evaluated_at = "a" * 40 + "-dirty", "b" * 40
     seeds = [
-        SeedResult(0, tmp_path, {"device": cpu, "versions": new}, {"device": h200, "versions": old}),
-        SeedResult(1, tmp_path, {"device": cpu, "versions": new}, {"device": cpu, "versions": new}),
+        SeedResult(
+            0,
+            tmp_path,
+            {"device": cpu, "versions": new, "commit": evaluated_at},
+            {"device": h200, "versions": old, "commit": trained_at},
+        ),
+        SeedResult(
+            1,
+            tmp_path,
+            {"device": cpu, "versions": new, "commit": evaluated_at},
+            {"device": cpu, "versions": new, "commit": evaluated_at},
+        ),
     ]
     env = reproduce.environment(tmp_path, cfg, seeds)
+    assert env["git commit"] == f"{trained_at} / {evaluated_at}"
     assert env["training device"] == f"{h200} / {cpu}"
     assert env["evaluation device"] == cpu
     assert (env["python"], env["torch"]) == ("3.11.7", "2.12.1+cu126 / 2.13.0+cpu")
     assert "numpy" not in env  # no record names it
     before = reproduce.environment(tmp_path, cfg, [SeedResult(0, tmp_path, {}, {})])
+    assert before["git commit"] == "unknown (not a git checkout)"  # tmp_path is none
     assert {k: before[k] for k in versions()} == versions()
     assert before["training device"].endswith(" x 1 device(s) x 1 node(s)")

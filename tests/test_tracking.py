@@ -17,6 +17,7 @@ from vaerepro import tracking
 from vaerepro.cli import run_pipeline
 from vaerepro.tracking.training import TrainingRun
 from vaerepro.train import train
+from vaerepro.versions import git_commit
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def test_pipeline_run_round_trips_through_a_tracking_server(mlflow_server, raw_d
     assert p["eval.num_samples"] == "50" and p["seed"] == "3"
     # provenance
     assert tags["data_space"] == "continuous" and tags["improper"] == "false"
-    assert tags["git_commit"].split("-")[0] == tracking.git_commit(ROOT).split("-")[0]
+    assert tags["git_commit"].split("-")[0] == git_commit(ROOT).split("-")[0]
     assert tags["data_version"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     # where and with what each stage ran: in its record, as the run's tags, in the report
     import importlib.metadata
@@ -98,12 +99,15 @@ def test_pipeline_run_round_trips_through_a_tracking_server(mlflow_server, raw_d
     assert records[0]["versions"]["vaerepro"] == importlib.metadata.version("vaerepro")
     cpu = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"  # trainer=cpu, eval.device=auto without CUDA
     assert [r["device"] for r in records] == [cpu, cpu]
+    assert [r["commit"] for r in records] == [git_commit(ROOT)] * 2  # the code they ran: this checkout's
     for stage in ("train", "eval"):
+        assert tags[f"vaerepro.{stage}.commit"] == git_commit(ROOT)
         assert tags[f"vaerepro.{stage}.device"] == cpu
         assert tags[f"vaerepro.{stage}.versions"].startswith(f"python {platform.python_version()}, vaerepro ")
         assert f", torch {torch.__version__}, " in tags[f"vaerepro.{stage}.versions"]
     environment = (out / "reports" / "report.md").read_text().split("## Environment", 1)[1]
     assert f"| device | {cpu} | {cpu} |" in environment
+    assert f"| git commit | {git_commit(ROOT)} | {git_commit(ROOT)} |" in environment
     assert f"| torch | {torch.__version__} | {torch.__version__} |" in environment
     # per-epoch training curves (step = epoch) and the evaluation numbers: those in the data space's units
     # under its name, the space-free ones under test/, bookkeeping not as metrics
@@ -318,13 +322,13 @@ def test_the_commit_is_dirty_for_code_changes_not_for_what_the_pipeline_writes(t
         (tmp_path / f).write_text("a\n")
     _git(tmp_path, "add", ".")
     _git(tmp_path, "commit", "-qm", "x")
-    head = tracking.git_commit(tmp_path)
+    head = git_commit(tmp_path)
     assert len(head) == 40
     for f in ("dvc.lock", "params.yaml", "metrics/eval.json", "plots/elbo.csv"):
         (tmp_path / f).write_text("b\n")
-    assert tracking.git_commit(tmp_path) == head
+    assert git_commit(tmp_path) == head
     (tmp_path / "src/m.py").write_text("b\n")
-    assert tracking.git_commit(tmp_path) == f"{head}-dirty"
+    assert git_commit(tmp_path) == f"{head}-dirty"
 
 
 def test_a_dvc_experiment_run_is_tagged_with_its_name_and_baseline(tmp_path, monkeypatch):

@@ -155,7 +155,9 @@ def stage_train(
     signals.check()  # a stop that Python dropped in a finalizer (the stages before): stop before this one
     check_no_resume_under_dvc(cfg)
     run = TrainingRun(cfg, root, out_dir / "models", finish=finish_run)
-    return train(cfg, out_dir, enable_progress_bar=progress, callbacks=trial_callbacks(), tracker=run)
+    return train(
+        cfg, out_dir, enable_progress_bar=progress, callbacks=trial_callbacks(), tracker=run, root=root
+    )
 
 
 def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True) -> dict | None:
@@ -166,7 +168,7 @@ def stage_evaluate(cfg: Config, out_dir: Path, root: Path, progress: bool = True
     signals.check()  # as in stage_train
     held = _hold_for_evaluation(out_dir)
     try:
-        metrics = evaluate(cfg, out_dir, progress=progress)
+        metrics = evaluate(cfg, out_dir, progress=progress, root=root)
         if metrics is not None and cfg.tracking.enabled:
             tracking.log_evaluation(cfg, out_dir, metrics)  # names the run it logged to in artifacts/
         elif metrics is not None:  # an earlier evaluation's run is not this one's: say it went to none
@@ -553,8 +555,7 @@ def version_text() -> str:
     """`vaerepro --version`: the harness's version, the commit of its source where it is a git checkout (the
     code, which the version number alone does not name) and the versions of Python and the libraries it
     runs on (`versions`), as each result file records them."""
-    from vaerepro.tracking.runs import git_commit
-    from vaerepro.versions import versions, versions_text
+    from vaerepro.versions import git_commit, versions, versions_text
 
     package = Path(__file__).resolve().parent
     checkout = package.parents[1]  # <checkout>/src/vaerepro in an editable install from a git checkout

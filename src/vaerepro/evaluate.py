@@ -46,7 +46,7 @@ from vaerepro.estimators import mean_se
 from vaerepro.files import write_json, write_whole
 from vaerepro.likelihoods import space_name
 from vaerepro.model import VAE, build_vae
-from vaerepro.versions import versions
+from vaerepro.versions import git_commit, versions
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +528,9 @@ def dvc_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, Any] | None:
+def evaluate(
+    cfg: Config, out_dir: Path, *, progress: bool = True, root: Path | None = None
+) -> dict[str, Any] | None:
     """The `evaluate` stage on out_dir/{prepared,models}: writes metrics/eval{,_summary}.json, artifacts/.
 
     In an initialised process group (`torchrun ... vaerepro evaluate`, or after DDP training in `vaerepro
@@ -537,9 +539,12 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
     return None. Each example's noise is keyed by (eval.seed, its index), so the numbers equal a single
     process's. With eval.precision other than 32, rank 0 then also runs float32 on the first
     PRECISION_CHECK_EXAMPLES test examples and records the paired difference (eval.json `precision`).
+    `root`: the project whose git commit eval.json records as `commit` (versions.git_commit; None records
+    none).
     """
     device = eval_device(cfg.eval.device)  # before any work: a missing GPU is a configuration error
     check_precision(cfg.eval.precision, device, cfg.eval.device)  # and so is TF32 on the CPU
+    commit = git_commit(Path(root)) if root is not None else None  # the code this process started from
     out_dir = Path(out_dir)
     splits = load_prepared(out_dir / "prepared")
     space, quantized = cfg.data_space, bool(splits.quantized)
@@ -634,6 +639,7 @@ def evaluate(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict[str, 
             "config": cfg.to_dict(),  # what it ran under: the report prints it (report.recorded_config)
             "device": device_text(device, world),  # where its noise was drawn (devices.device_text)
             "versions": versions(),  # the software it ran with: Python, vaerepro, torch, ... (versions.py)
+            "commit": commit,  # the project's, as the process started (versions.git_commit)
         }
     )
     images = sample_images(vae, x_test, tuple(splits.image_shape), e.num_images, e.seed)

@@ -606,19 +606,25 @@ _TRAINED_AS_TEXT = (
 
 _ENVIRONMENT_TEXT = (
     "Where and with what each stage ran, as metrics/eval.json and metrics/train.json record it (a "
-    "resumed training's is its last part's): the device, with the number of processes under DDP or "
-    "torchrun, and the versions of Python, vaerepro and its libraries. Importance sampling draws its noise "
+    "resumed training's is its last part's): the project's git commit (-dirty when its code differed from "
+    "it), the device, with the number of processes under DDP or torchrun, and the versions of Python, "
+    "vaerepro and its libraries. Importance sampling draws its noise "
     "on its device, so an evaluation on a CPU and one on a GPU give other estimates, equally valid."
 )
 
 
 def _environment_section(ev: Mapping, tr: Mapping) -> list[Block]:
-    """A table of the device and the versions the evaluation and the training ran with (their records'
-    `device`, devices.device_text, and `versions`, versions.versions()), a column each; nothing for records
-    from before they held them."""
+    """A table of the commit, the device and the versions the evaluation and the training ran with (their
+    records' `commit`, versions.git_commit, `device`, devices.device_text, and `versions`,
+    versions.versions()), a column each; nothing for records from before they held them."""
     stages = []
     for stage, record in (("evaluation", ev), ("training", tr)):
-        found = {"device": record["device"]} if isinstance(record.get("device"), str) else {}
+        found = (
+            {"git commit": record["commit"] or "unknown (not run in a git checkout)"}
+            if "commit" in record
+            else {}
+        )
+        found |= {"device": record["device"]} if isinstance(record.get("device"), str) else {}
         found |= record["versions"] if isinstance(record.get("versions"), Mapping) else {}
         if found:
             stages.append((stage, found))

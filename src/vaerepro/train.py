@@ -60,7 +60,7 @@ from vaerepro.trainer import (
     lightning_lines_held,
     train_key,
 )
-from vaerepro.versions import versions
+from vaerepro.versions import git_commit, versions
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +429,7 @@ def train(
     enable_progress_bar: bool = True,
     callbacks: Sequence[pl.Callback] = (),
     tracker: RunTracker | None = None,
+    root: Path | None = None,
 ) -> dict:
     """The `train` stage: fit on out_dir/prepared, write models/{best,last}.ckpt, metrics/train.json (and its
     headline numbers, train_summary.json) and plots/elbo.csv; with train.test_curve, plots/test_curve.csv
@@ -441,8 +442,11 @@ def train(
     file or run is touched. A signal stops training after the epoch that was running, with last.ckpt
     written, and raises `Stopped`. With train.lr_candidates, the rate is first chosen by AEVB's pilots
     (stepsize.choose; resuming, the checkpoint's choice) and recorded in train.json as `lr_selection`.
+    `root`: the project whose git commit train.json records as `commit` (versions.git_commit; None records
+    none).
     """
     out_dir = Path(out_dir)
+    commit = git_commit(Path(root)) if root is not None else None  # the code this process started from
     model_dir = out_dir / "models"
     check_trainer(cfg.trainer)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -562,9 +566,10 @@ def train(
             metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
             metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
             # what this invocation ran on and with (a resume may run elsewhere): the device of rank 0 and the
-            # number of processes, and the software
+            # number of processes, the software, and the project's commit
             metrics["device"] = device_text(trainer.strategy.root_device, trainer.world_size)
             metrics["versions"] = versions()
+            metrics["commit"] = commit
             write_json(out_dir / "metrics" / "train.json", metrics)  # whole or not at all, as every file
             # DVC's metrics of training: the best validation ELBO (nats per example, under the data space's
             # name as binary.best_val_elbo, like eval_summary.json's numbers), how many epochs ran and the

@@ -127,14 +127,14 @@ def plan(
 
 
 def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[str, str]:
-    """Where and with what the reproduction ran: commit, data digest, versions, devices. The versions and
-    devices are those the seeds' train.json and eval.json record (values joined by " / " where resumed seeds
-    ran elsewhere); this process's for records from before they held them."""
+    """Where and with what the reproduction ran: commit, data digest, versions, devices. The commit, the
+    versions and the devices are those the seeds' train.json and eval.json record (values joined by " / "
+    where resumed seeds ran elsewhere or from other code); this process's for records from before they held
+    them."""
     import torch
 
     from vaerepro.checkpoints import data_digest
-    from vaerepro.tracking.runs import git_commit
-    from vaerepro.versions import versions
+    from vaerepro.versions import git_commit, versions
 
     def joined(values: Iterable[str]) -> str:  # each value once, in the order of the seeds
         return " / ".join(dict.fromkeys(values))
@@ -153,8 +153,11 @@ def environment(root: Path, cfg: Config, seeds: Sequence[SeedResult]) -> dict[st
     names = dict.fromkeys(name for v in software for name in v)
     trained = joined(s.train["device"] for s in seeds if isinstance(s.train.get("device"), str))
     evaluated = joined(s.eval["device"] for s in seeds if isinstance(s.eval.get("device"), str))
+    commits = joined(
+        r["commit"] for s in seeds for r in (s.train, s.eval) if isinstance(r.get("commit"), str)
+    )
     return {
-        "git commit": git_commit(root) or "unknown (not a git checkout)",
+        "git commit": commits or git_commit(root) or "unknown (not a git checkout)",
         "data": f"{meta.get('source', '?')}: {', '.join(f'{k} {sizes[k]:,}' for k in sizes)} images",
         "data digest": "sha256 of prepared/x_train.npy: " + (" / ".join(digests) or "none"),
         "raw files (md5)": ", ".join(f"{k} {v}" for k, v in (meta.get("raw_files") or {}).items()) or "none",

@@ -39,8 +39,9 @@ K_TAG = "vaerepro.eval.num_samples"  # K of the run's log p(x) estimate
 TEST_SET_TAG = "vaerepro.test_set"  # the test split's sha256 (its first 12 hex digits)
 CONVERGED_TAG = "vaerepro.converged"  # "true" or "false"
 # Where and with what the training and the latest evaluation ran, as train.json and eval.json record it:
-# vaerepro.<train|eval>.device ("cpu (x86_64, 2 cores)") and .versions ("python 3.11.7, vaerepro 0.1.0, ...")
-ENVIRONMENT_KEYS = ("device", "versions")
+# vaerepro.<train|eval>.device ("cpu (x86_64, 2 cores)"), .versions ("python 3.11.7, vaerepro 0.1.0, ...") and
+# .commit (the project's git commit, "-dirty" when its code differed from it)
+ENVIRONMENT_KEYS = ("device", "versions", "commit")
 # Which weights: the first 12 hex digits of the sha256 of models/best.ckpt that a training run last wrote,
 # and that an evaluated run's numbers are of (a training resumed after its evaluation replaces best.ckpt)
 BEST_CKPT_TAG = "vaerepro.best_checkpoint"

@@ -21,8 +21,9 @@ from pathlib import Path
 from vaerepro.config import TrackingConfig
 from vaerepro.reproductions.judge import UNIT, Measurement, Preset, Published
 from vaerepro.tracking.names import space_name
-from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG, end_run, git_commit, read_run_id
+from vaerepro.tracking.runs import FAILURE_TAG, NOTE_TAG, end_run, read_run_id
 from vaerepro.tracking.store import ensure_experiment
+from vaerepro.versions import git_commit
 
 log = logging.getLogger("vaerepro")
 

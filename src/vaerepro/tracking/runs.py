@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from vaerepro.errors import Stopped, UserError
 from vaerepro.files import write_json
 from vaerepro.tracking.names import ENVIRONMENT_KEYS, K_TAG, metric_name
 from vaerepro.tracking.store import causes
-from vaerepro.versions import versions_text
+from vaerepro.versions import git_commit, versions_text
 
 log = logging.getLogger(__name__)
 
@@ -37,41 +36,11 @@ RUN_FILE = "mlflow_run.json"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 
 
-# Files the pipeline itself writes or rewrites (dvc repro, dvc exp run -S): a change in them does not make the
-# code a run used differ from its commit (the config is logged as params, the data by its digest).
-PIPELINE_FILES = ("dvc.lock", "params.yaml", "data.dvc", "metrics", "plots", "reports")
-
-
-def git_commit(root: Path) -> str | None:
-    """HEAD's commit, with '-dirty' when tracked files other than the pipeline's own differ from it."""
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-        dirty = subprocess.run(
-            [
-                "git",
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-                "--",
-                ".",
-                *(f":(exclude){f}" for f in PIPELINE_FILES),
-            ],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return res.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def tag_environment(client, run_id: str, record: Mapping[str, Any], stage: str) -> None:
     """Tag run `run_id` with where and with what a stage ran, as its record (train.json for stage "train",
-    eval.json for "eval") says: vaerepro.<stage>.device and vaerepro.<stage>.versions, the latter on one
-    line (versions.versions_text). A record from before it held them sets nothing."""
+    eval.json for "eval") says: vaerepro.<stage>.device, vaerepro.<stage>.versions (on one line,
+    versions.versions_text) and vaerepro.<stage>.commit. A record from before it held one, or a commit
+    recorded as none (not a git checkout), sets none."""
     for key in ENVIRONMENT_KEYS:
         value = record.get(key)
         if isinstance(value, Mapping):
