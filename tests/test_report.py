@@ -664,7 +664,7 @@ def test_the_environment_table_gives_each_stages_device_and_versions_as_recorded
     assert re.findall(r"^## (.+)$", md, flags=re.MULTILINE)[-2:] == ["Environment", "Configuration"]
     assert "|  | evaluation | training |" in md.split("## Environment", 1)[1]
     assert _md_table_after(md, "## Environment") == [
-        ["git commit", "unknown (not run in a git checkout)", trained_at],
+        ["git commit", "unknown (not a git checkout)", trained_at],
         ["device", "cpu (x86_64, 2 cores)", gpus],
         ["python", "3.11.7", "3.11.7"],
         ["vaerepro", "0.1.0", "0.1.0"],

@@ -608,8 +608,8 @@ _ENVIRONMENT_TEXT = (
     "Where and with what each stage ran, as metrics/eval.json and metrics/train.json record it (a "
     "resumed training's is its last part's): the project's git commit (-dirty when its code differed from "
     "it), the device, with the number of processes under DDP or torchrun, and the versions of Python, "
-    "vaerepro and its libraries. Importance sampling draws its noise "
-    "on its device, so an evaluation on a CPU and one on a GPU give other estimates, equally valid."
+    "vaerepro and its libraries. Importance sampling draws its noise on its device, so an evaluation on a "
+    "CPU and one on a GPU give other estimates, equally valid."
 )
 
 
@@ -620,9 +620,7 @@ def _environment_section(ev: Mapping, tr: Mapping) -> list[Block]:
     stages = []
     for stage, record in (("evaluation", ev), ("training", tr)):
         found = (
-            {"git commit": record["commit"] or "unknown (not run in a git checkout)"}
-            if "commit" in record
-            else {}
+            {"git commit": record["commit"] or "unknown (not a git checkout)"} if "commit" in record else {}
         )
         found |= {"device": record["device"]} if isinstance(record.get("device"), str) else {}
         found |= record["versions"] if isinstance(record.get("versions"), Mapping) else {}
