@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 # Beside the harness: what its numbers depend on (torch, numpy, lightning), what composes and records its
@@ -39,7 +40,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def versions_text(recorded: dict[str, str]) -> str:
+def versions_text(recorded: Mapping[str, str]) -> str:
     """`versions()` (or a file's record of it) on one line: "python 3.11.7, vaerepro 0.1.0, torch ..."."""
     return ", ".join(f"{name} {version}" for name, version in recorded.items())
 
