@@ -38,6 +38,7 @@ TRAIN_JSON_KEYS = {
     "config",
     "device",
     "versions",
+    "commit",
 }
 
 
