@@ -25,6 +25,8 @@ import torch
 import yaml
 
 from conftest import BIN, ROOT, TINY, run, shrink_conf
+from vaerepro.devices import device_text
+from vaerepro.versions import git_commit, versions, versions_text
 
 pytestmark = pytest.mark.slow
 
@@ -595,11 +597,19 @@ def test_an_unwritable_run_file_fails_the_run_it_created(project, tmp_path):
 def test_a_diverging_training_is_one_line_exit_2_naming_what_to_change(project, tmp_path):
     """Settings under which training diverges (train.lr=1000 on one full batch an epoch: a NaN validation
     ELBO in epoch 0) are a mistake in the input found late: one line naming the epoch and the keys to
-    change, exit status 2, no traceback; the run ends FAILED with that line, and the earlier training's
+    change, exit status 2, no traceback; the run ends FAILED with that line, tagged with the device, versions
+    and commit it ran on and from (the project is made a git checkout here), and the earlier training's
     best.ckpt stays as it was (no epoch of this one had a finite ELBO to replace it)."""
     d = copy_project(project, tmp_path / "p")
     best = _sha(d / "models" / "best.ckpt")
     bad = write_params(d, _both(_set("train.lr", 1000.0), _set("train.batch_size", 500)))
+    for args in (
+        ["init", "-q"],
+        ["add", "dvc.yaml"],
+        ["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"],
+    ):
+        subprocess.run(["git", *args], cwd=d, check=True, capture_output=True)
+    commit = git_commit(d)
     proc = vaerepro(["train", "--no-progress", "--params", bad], d)
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vaerepro ")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -608,6 +618,10 @@ def test_a_diverging_training_is_one_line_exit_2_naming_what_to_change(project, 
     assert "lower train.lr" in lines[0]
     run_id, status = runs(d)[-1]
     assert status == "FAILED" and tag(d, run_id, "vaerepro.failure").startswith("Diverged: non-finite")
+    # where and with what it failed, as a finished training's record would say
+    assert tag(d, run_id, "vaerepro.train.device") == device_text(torch.device("cpu"), 1)
+    assert tag(d, run_id, "vaerepro.train.versions") == versions_text(versions())
+    assert commit is not None and "-dirty" not in commit and tag(d, run_id, "vaerepro.train.commit") == commit
     assert _sha(d / "models" / "best.ckpt") == best
 
 

@@ -500,13 +500,24 @@ def train(
     tracker = tracker if trainer.is_global_zero else None
     if trainer.is_global_zero:
         model_dir.mkdir(parents=True, exist_ok=True)
+    # what this invocation runs on and with (a resume may run elsewhere): the device of rank 0 and the number
+    # of processes, the software, and the project's commit; train.json records it, the MLflow run's tags too
+    environment = {
+        "device": device_text(trainer.strategy.root_device, trainer.world_size),
+        "versions": versions(),
+        "commit": commit,
+    }
     try:
         if tracker is not None:  # first: a tracking store that is refused leaves every file as it was
             curve = saved_curve(resumed) if resumed is not None else None
             keys = (train_key(cfg.train.objective), VAL_KEY)
             chosen_lr = None if selection is None else selection["chosen"]
             logger = tracker.open(
-                resumed_curve=curve, data_meta=data.splits.meta, keys=keys, chosen_lr=chosen_lr
+                resumed_curve=curve,
+                data_meta=data.splits.meta,
+                keys=keys,
+                chosen_lr=chosen_lr,
+                environment=environment,
             )
             if logger is not None:
                 trainer.loggers = [logger]
@@ -565,11 +576,7 @@ def train(
             best_ckpt = model_dir / "best.ckpt"
             metrics["best_checkpoint_sha256"] = file_sha256(best_ckpt) if best_ckpt.is_file() else None
             metrics["config"] = cfg.to_dict()  # what it ran under (report.recorded_config prints it)
-            # what this invocation ran on and with (a resume may run elsewhere): the device of rank 0 and the
-            # number of processes, the software, and the project's commit
-            metrics["device"] = device_text(trainer.strategy.root_device, trainer.world_size)
-            metrics["versions"] = versions()
-            metrics["commit"] = commit
+            metrics.update(environment)  # device, versions, commit
             write_json(out_dir / "metrics" / "train.json", metrics)  # whole or not at all, as every file
             # DVC's metrics of training: the best validation ELBO (nats per example, under the data space's
             # name as binary.best_val_elbo, like eval_summary.json's numbers), how many epochs ran and the

@@ -112,10 +112,12 @@ class TrainingRun:
         data_meta: Mapping[str, Any],
         keys,
         chosen_lr: float | None = None,
+        environment: Mapping[str, Any] | None = None,
     ):
         """Start recording; keys: the (training, validation) per-epoch metric keys as training logs them;
-        chosen_lr: the rate train.lr_candidates' pilots chose. Returns the Lightning logger to attach, or
-        None when tracking is disabled."""
+        chosen_lr: the rate train.lr_candidates' pilots chose; environment: this training's device, versions
+        and commit, as train.json will record them. Returns the Lightning logger to attach, or None when
+        tracking is disabled."""
         if not self.cfg.tracking.enabled:
             return None
         self.uri, _ = ensure_experiment(self.cfg.tracking, self.root)
@@ -128,6 +130,8 @@ class TrainingRun:
         runs.log_config(*run, self.cfg.to_dict())
         if chosen_lr is not None:  # before fitting: a training that then fails or is killed shows it too
             self._log_chosen_lr(chosen_lr)
+        if environment is not None:  # before fitting too: a failed run says where and with what it ran
+            runs.tag_environment(*run, environment, "train")
         if resumed_curve is not None:  # epochs the checkpoint holds that never reached the store (a kill -9)
             runs.complete_curve(*run, list(resumed_curve), keys, self.logger.space)
         if continued is None:  # a new run: its data set (a resumed training's too, when its run is gone)
@@ -149,7 +153,7 @@ class TrainingRun:
         if (selection := metrics.get("lr_selection")) is not None:
             self._log_chosen_lr(selection["chosen"])  # as open did, for a tracker opened without it
         runs.describe(*run, self.cfg, train=metrics)
-        runs.tag_environment(*run, metrics, "train")  # as train.json: a resumed training's last part's
+        runs.tag_environment(*run, metrics, "train")  # as train.json (open tagged the same from it)
         if metrics.get("best_checkpoint_sha256"):  # its weights now (evaluations.experiment_runs)
             self.logger.experiment.set_tag(self.run_id, BEST_CKPT_TAG, metrics["best_checkpoint_sha256"][:12])
             # a resumed training's new weights: its run's and evaluation runs' earlier test numbers are not
