@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -329,6 +330,20 @@ def test_the_commit_is_dirty_for_code_changes_not_for_what_the_pipeline_writes(t
     assert git_commit(tmp_path) == head
     (tmp_path / "src/m.py").write_text("b\n")
     assert git_commit(tmp_path) == f"{head}-dirty"
+
+
+def test_reading_the_commit_never_writes_the_users_git_index(tmp_path):
+    """A tracked file touched without a change leaves git's index stale: a plain `git status` would rewrite
+    it under .git/index.lock, which a killed run leaves behind. Reading the commit writes nothing in .git."""
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "m.py").write_text("a\n")
+    _git(tmp_path, "add", "m.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x")
+    index = tmp_path / ".git" / "index"
+    before = (index.read_bytes(), index.stat().st_mtime_ns)
+    os.utime(tmp_path / "m.py", ns=(index.stat().st_mtime_ns + 2 * 10**9,) * 2)  # newer, same content
+    assert git_commit(tmp_path) is not None and "-dirty" not in git_commit(tmp_path)
+    assert (index.read_bytes(), index.stat().st_mtime_ns) == before
 
 
 def test_a_dvc_experiment_run_is_tagged_with_its_name_and_baseline(tmp_path, monkeypatch):

@@ -52,7 +52,11 @@ PIPELINE_FILES = ("dvc.lock", "params.yaml", "data.dvc", "metrics", "plots", "re
 
 def git_commit(root: Path) -> str | None:
     """The commit of the project at `root`: HEAD's, with '-dirty' when tracked files under `root` other than
-    the pipeline's own differ from it; None outside a git checkout, or without git."""
+    the pipeline's own differ from it; None outside a git checkout, or without git.
+
+    Read-only: `git status` would otherwise refresh the index under .git/index.lock, and a run killed (kill
+    -9, a scheduler, the timeout below) while it holds that lock leaves it behind, so the user's next git
+    command, and dvc's, fails with "index.lock: File exists". --no-optional-locks (git >= 2.15) skips it."""
     try:
         res = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
@@ -60,6 +64,7 @@ def git_commit(root: Path) -> str | None:
         dirty = subprocess.run(
             [
                 "git",
+                "--no-optional-locks",
                 "status",
                 "--porcelain",
                 "--untracked-files=no",
