@@ -13,10 +13,11 @@ import torch
 
 from conftest import compose
 from vaerepro import config as config_mod
+from vaerepro import trainer as trainer_mod
 from vaerepro.config import ConfigError
 from vaerepro.cudagraph import CapturableAdagrad, CapturableAdam
 from vaerepro.train import uses_cuda_graph
-from vaerepro.trainer import build_optimizer
+from vaerepro.trainer import ForeachAdagrad, build_optimizer, fused_adagrad_runs
 
 GPU = ("trainer=gpu", "trainer.cuda_graph=true")
 
@@ -163,6 +164,41 @@ def test_an_eager_trainings_adagrad_state_loads_as_fused():
         p.grad = torch.tensor([-0.3, 2.0, 0.1])
         opt.step()
     assert torch.equal(copies[0], copies[1]) and float(graph.state[copies[0]]["step"]) == 3
+
+
+def test_whether_torch_has_a_fused_adagrad_kernel_is_asked_of_torch():
+    """torch (>= 2.4) has Adagrad's fused kernel for the CPU, none for the meta device; an H200 with torch
+    2.11 had none for CUDA (tests/test_gpu.py then checks the foreach fallback there)."""
+    assert fused_adagrad_runs("cpu") and not fused_adagrad_runs("meta")
+
+
+def test_without_a_fused_kernel_adagrad_runs_its_foreach_kernels_and_resumes_a_fused_checkpoint(
+    monkeypatch, caplog
+):
+    """train.fused=true (the default) on a device this torch has no fused Adagrad kernel for: torch's
+    foreach Adagrad, saying so, instead of torch's RuntimeError at the first step. A checkpoint of a fused
+    training loads on it, stays on foreach kernels, and steps as the fused kernel does from that state."""
+    monkeypatch.setattr(trainer_mod, "fused_adagrad_runs", lambda device_type: False)
+    train = config_mod.validate(compose("train.optimizer=adagrad", "train.lr=0.1", "train.weight_decay=0.01"))
+    p0 = torch.tensor([1.0, -2.0, 3.0])
+    fused_p, foreach_p = (torch.nn.Parameter(p0.clone()) for _ in range(2))
+    fused = torch.optim.Adagrad([fused_p], lr=0.1, weight_decay=0.01, fused=True)
+    with caplog.at_level("WARNING", logger="vaerepro.trainer"):
+        fallback = build_optimizer([foreach_p], train.train.model_dump())
+    assert type(fallback) is ForeachAdagrad and not fallback.param_groups[0]["fused"]
+    assert (fallback.param_groups[0]["lr"], fallback.param_groups[0]["weight_decay"]) == (0.1, 0.01)
+    assert f"train.fused: torch {torch.__version__} has no fused Adagrad kernel for cpu" in caplog.text
+    for g in ([0.5, 0.25, -1.0], [-0.3, 2.0, 0.1]):
+        fused_p.grad = torch.tensor(g)
+        fused.step()
+    foreach_p.data.copy_(fused_p.detach())
+    fallback.load_state_dict(copy.deepcopy(fused.state_dict()))
+    assert not fallback.param_groups[0]["fused"] and float(fallback.state[foreach_p]["step"]) == 2
+    for p, opt in ((fused_p, fused), (foreach_p, fallback)):
+        p.grad = torch.tensor([0.7, -0.4, 0.2])
+        opt.step()
+    torch.testing.assert_close(foreach_p.detach(), fused_p.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(foreach_p.detach(), p0)
 
 
 class FakeGraph:

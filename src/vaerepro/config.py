@@ -208,7 +208,9 @@ class TrainConfig(_Section):
     estimator: Literal["A", "B"] = "B"
     num_samples: int = Field(1, ge=1)
     optimizer: Literal["adam", "adagrad"] = "adam"
-    fused: bool = True  # torch's fused optimiser kernel (same update, one kernel per parameter tensor)
+    # torch's fused optimiser kernel (same update, one kernel per parameter tensor); Adagrad's foreach kernels
+    # where this torch has no fused Adagrad for the device (CUDA before torch 2.13), saying so
+    fused: bool = True
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)  # inf: NaN weights in the first step, and a traceback
     # AEVB's step-size selection (Kingma & Welling 2014, 5: Adagrad's global step size "chosen from {0.01,
     # 0.02, 0.1} based on performance on the training set in the first few iterations"): null (no selection,
@@ -297,7 +299,8 @@ class TrainerConfig(_Section):
     # every full batch (cudagraph.py): on one CUDA device, float32, no dropout, not with compile (the same
     # training up to float rounding: Adam's foreach kernels, not fused ones; Adagrad's fused kernel as
     # eagerly). true: refused where it cannot run; auto (trainer=gpu's default): wherever it can and has been
-    # checked on a GPU (Config.cuda_graph_unproven: not Adagrad yet), eager steps elsewhere (and under DDP)
+    # checked on a GPU (Config.cuda_graph_unproven: not Adagrad yet), eager steps elsewhere (and under DDP,
+    # and for Adagrad on a torch without its fused CUDA kernel)
     cuda_graph: bool | Literal["auto"] = False
     # optimiser steps per call of Lightning's training_step: that many consecutive minibatches are gathered
     # as one and stepped one after another (train.VAEModule.training_step), so that Lightning's loop around

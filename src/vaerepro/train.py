@@ -57,6 +57,7 @@ from vaerepro.trainer import (
     build_optimizer,
     build_trainer,
     check_launcher_world,
+    fused_adagrad_runs,
     lightning_lines_held,
     train_key,
 )
@@ -169,10 +170,7 @@ class VAEModule(pl.LightningModule):
                 self._graph_loss, self.train_cfg["batch_size"], self.parameters(), clip
             )
         elif self.cuda_graph and self.trainer.is_global_zero:
-            log.warning(
-                "trainer.cuda_graph under DDP (%d processes): the steps run eagerly (docs/scaling.md)",
-                self.trainer.world_size,
-            )
+            log.warning("trainer.cuda_graph %s: the steps run eagerly", self._eager_because())
         if mode is not None:
             torch.compiler.reset()
             self._compiled = torch.compile(self.bound, mode=mode, dynamic=False)
@@ -185,9 +183,22 @@ class VAEModule(pl.LightningModule):
             torch.distributions.Distribution.set_default_validate_args(__debug__)
 
     def _graphed(self) -> bool:
-        """trainer.cuda_graph, on one process (under DDP the steps run eagerly: the gradients' all-reduce
-        between backward and the update is not captured); the config refuses it off CUDA."""
-        return self.cuda_graph and self.trainer.world_size == 1 and self.device.type == "cuda"
+        """trainer.cuda_graph, on one CUDA device (the config refuses it off CUDA) where nothing keeps the
+        steps eager (_eager_because)."""
+        return self.cuda_graph and self.device.type == "cuda" and self._eager_because() is None
+
+    def _eager_because(self) -> str | None:
+        """Why a training that asks for the step as one CUDA graph runs its steps eagerly here, or None:
+        under DDP (the gradients' all-reduce between backward and the update is not captured), or Adagrad
+        on a torch without its fused kernel for the device (the graph's update: CapturableAdagrad)."""
+        if self.trainer.world_size > 1:
+            return f"under DDP ({self.trainer.world_size} processes; docs/scaling.md)"
+        if self.train_cfg["optimizer"] == "adagrad" and not fused_adagrad_runs(self.device.type):
+            return (
+                f"with train.optimizer=adagrad: torch {torch.__version__} has no fused Adagrad kernel for "
+                f"{self.device.type}, which the graph's update needs"
+            )
+        return None
 
     def objective(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """`bound` (B,), nats, compiled when trainer.compile is set. The randomness (x's data space, eps) is

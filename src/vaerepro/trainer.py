@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import logging.handlers
@@ -433,6 +434,35 @@ def check_launcher_world(world_size: int, t: TrainerConfig) -> None:
     )
 
 
+@functools.cache
+def fused_adagrad_runs(device_type: str) -> bool:
+    """Whether this torch has Adagrad's fused kernel for `device_type` ("cpu", "cuda"): torch 2.11's has it
+    for the CPU only, 2.13's for CUDA too (an H200 with torch 2.11 refused it at the first step). Asked by
+    one fused step on a scratch tensor, once per process and device type: torch has no public query."""
+    p = torch.zeros(1, device=device_type, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    try:
+        torch.optim.Adagrad([p], fused=True).step()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class ForeachAdagrad(torch.optim.Adagrad):
+    """torch's Adagrad on its foreach kernels: train.fused where this torch has no fused Adagrad kernel for
+    the device (fused_adagrad_runs). The same update up to float rounding. A checkpoint written with fused
+    kernels resumes on these too: torch copies a saved group's settings over the optimiser's, and would
+    otherwise ask for the missing kernel at the first step."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=False, **kwargs)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(fused=False)
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, Any], capturable: bool = False):
     """What `configure_optimizers` returns for the train section `train` (TrainConfig as a dict): the
     optimiser alone for a constant rate, else with its LambdaLR (rate of epoch e = train.lr x factor(e)).
@@ -445,6 +475,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, An
     # fused: the whole update of a parameter tensor in one kernel instead of ~10 element-wise ops (the
     # bench's "minimal fused" loop shows the gain); the update is the same up to float rounding. Lightning
     # builds the optimiser after moving the module to its device, where torch checks that the kernel exists.
+    params = list(params)
     common = dict(lr=train["lr"], weight_decay=train["weight_decay"], fused=train.get("fused", True))
     if train["optimizer"] == "adam":
         betas = tuple(train.get("adam_betas", ADAM_BETAS))
@@ -455,6 +486,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, An
             opt = torch.optim.Adam(params, **adam, **common)
     elif capturable:
         opt = CapturableAdagrad(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    elif common["fused"] and params and not fused_adagrad_runs(device := params[0].device.type):
+        log.warning(
+            "train.fused: torch %s has no fused Adagrad kernel for %s; Adagrad runs its foreach kernels "
+            "(the same update up to float rounding)",
+            torch.__version__,
+            device,
+        )
+        opt = ForeachAdagrad(params, lr=train["lr"], weight_decay=train["weight_decay"])
     else:
         opt = torch.optim.Adagrad(params, **common)
     factor = schedules.lr_factor(train.get("lr_schedule", "constant"))
