@@ -272,7 +272,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the harness at each eval.precision the device has and the hand-written loop",
     )
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of all the loops")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # every loop's first epoch is a warm-up, and the harness's last epoch pairs with no other loop's epoch
+    # (the callback runs them after each harness epoch): 3 epochs give one timed pair
+    if args.epochs < 3:
+        ap.error(f"--epochs {args.epochs}: at least 3 (the first is a warm-up, the last has no pair)")
+    return args
 
 
 def harness_config(args: argparse.Namespace, work: Path, data_overrides: list[str]) -> config_mod.Config:

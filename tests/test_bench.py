@@ -10,6 +10,20 @@ import pytest
 from conftest import ROOT, run
 
 
+def test_fewer_than_three_epochs_is_one_line_naming_the_flag(capsys):
+    """2 epochs left no timed epoch pair: a StatisticsError traceback after 40 s of training."""
+    bench = import_bench()
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--epochs", "2"])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("error: --epochs 2: at least 3 (the first is a warm-up, the last has no pair)")
+    )
+    assert bench.parse_args(["--epochs", "3"]).epochs == 3
+
+
 @pytest.mark.slow
 def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
     out = run(
