@@ -75,24 +75,47 @@ class Interleave(pl.Callback):
     counts) and runs one epoch of every other loop between them, outside that timing. Also keeps the
     harness's call times (batch start to batch end: a call of training_step, trainer.steps_per_call
     optimiser steps, and Lightning's work around it; on a GPU the host's time, the device running behind,
-    except the epoch's last call, which waits for it) and the optimiser steps each call took."""
+    except the epoch's last call, which waits for it) and the optimiser steps each call took; and, per epoch,
+    where its time outside the calls goes (`parts`)."""
+
+    # An epoch's time outside its calls of training_step, in three parts that add up to it: Lightning's
+    # training loop (epoch start to the first call, between calls, the last call to validation: fetching,
+    # hooks, the progress bar, logging), the validation pass (its start to its end, the means included),
+    # and what follows it (checkpoints, epoch-end logging and bookkeeping, to the next epoch's start)
+    PARTS = ("training loop between calls", "validation", "after validation (checkpoints, epoch end)")
 
     def __init__(self, others: dict):
         self.others = others  # name -> object with .epoch() -> seconds
         self.times: list[float] = []
         self.steps: list[float] = []  # seconds per call
         self.counts: list[int] = []  # optimiser steps per call
+        self.parts: list[dict[str, float]] = []  # per epoch: PARTS -> seconds
         self._start: float | None = None
+        self._loop = 0.0  # this epoch's seconds in the training loop outside its calls, so far
+        self._mark = 0.0  # when the last call (or the epoch) ended
+        self._val: tuple[float, float] | None = None  # this epoch's validation start and end, if it ran
 
     def _close_epoch(self) -> None:
         if self._start is not None:
-            self.times.append(time.perf_counter() - self._start)
+            now = time.perf_counter()
+            self.times.append(now - self._start)
+            (v0, v1), names = self._val or (self._mark, self._mark), self.PARTS
+            self.parts.append({names[0]: self._loop + v0 - self._mark, names[1]: v1 - v0, names[2]: now - v1})
 
     def on_train_epoch_start(self, trainer, module):
         self._close_epoch()
         for loop in self.others.values():
             loop.epoch()
-        self._start = time.perf_counter()
+        self._start = self._mark = time.perf_counter()
+        self._loop, self._val = 0.0, None
+
+    def on_validation_start(self, trainer, module):
+        if not trainer.sanity_checking:  # Lightning's check before the first epoch is not an epoch's
+            self._val = (time.perf_counter(), 0.0)
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self._val = (self._val[0], time.perf_counter())
 
     def on_train_end(self, trainer, module):
         self._close_epoch()  # the last epoch; its final checkpoint and logging count, like every other's
@@ -100,6 +123,7 @@ class Interleave(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self._s = time.perf_counter()
+        self._loop += self._s - self._mark
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if module.device.type == "cuda" and batch_idx == trainer.num_training_batches - 1:
@@ -107,7 +131,8 @@ class Interleave(pl.Callback):
             # the epoch waits for them, so the steps' times add up to the steps' work and what the epoch
             # spends outside them is validation, checkpoints and logging, not the queue draining
             torch.cuda.synchronize(module.device)
-        self.steps.append(time.perf_counter() - self._s)
+        self._mark = time.perf_counter()
+        self.steps.append(self._mark - self._s)
         self.counts.append(math.ceil(len(batch) / (module.train_cfg["batch_size"] * trainer.world_size)))
 
 
@@ -321,6 +346,7 @@ def main() -> None:
     # per timed epoch: its time less the sum of its steps' (validation, checkpoints, logging, the loop's own
     # work between steps), seconds; the sum, not steps x the median step, as step times are skewed
     outside: dict[str, list[float]] = {k: [] for k in ("harness", *names)}
+    parts: dict[str, list[float]] = {k: [] for k in Interleave.PARTS}  # the harness's outside, split
     for r in range(args.repeats):
         others = {
             name: MinimalLoop(
@@ -351,6 +377,9 @@ def main() -> None:
         epochs["harness"] += timer.times[1:-1]
         steps["harness"] += [t / c for t, c in zip(timer.steps[calls:], timer.counts[calls:], strict=True)]
         outside["harness"] += outside_steps(timer.times, timer.steps, calls, first=1, last=-1)
+        for epoch in timer.parts[1:-1]:
+            for k, v in epoch.items():
+                parts[k].append(v)
         for name, loop in others.items():
             epochs[name] += loop.epoch_times[2:]
             steps[name] += loop.step_times[2 * per_epoch :]
@@ -415,6 +444,10 @@ def main() -> None:
             if k in ("harness", "minimal fused", "cuda graph")
         )
         + " of the epoch (target for the harness on a GPU: <= 10 %)"
+    )
+    print(
+        "  the harness's, by part (medians): "
+        + ", ".join(f"{k} {statistics.median(v) * 1000:.1f} ms" for k, v in parts.items())
     )
 
     # --- evaluation: throughput and memory for two K at one chunk size -----------------------------------

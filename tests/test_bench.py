@@ -51,6 +51,16 @@ def test_bench_prints_training_ratios_and_evaluation_figures(tmp_path):
     }
     assert set(ratios) == {"minimal", "minimal fused"} and all(0.2 < r < 5 for r in ratios.values()), out
     assert re.search(r"like for like = objective [\d.]+ x Lightning \+ tracking [\d.]+", out), out
+    # the harness's time outside its steps and its three parts, which add up to it epoch by epoch
+    outside = float(re.search(r"^per epoch outside the \d+ steps .*: harness ([\d.]+) ms", out, re.M)[1])
+    split = re.search(
+        r"^  the harness's, by part \(medians\): training loop between calls ([\d.]+) ms, validation "
+        r"([\d.]+) ms, after validation \(checkpoints, epoch end\) ([\d.]+) ms$",
+        out,
+        re.M,
+    )
+    assert split and all(float(v) > 0 for v in split.groups()), out
+    assert float(split[2]) < outside, out
     evals = re.findall(
         r"^K=\s*(\d+) on\s+(\d+) digits: .* ([\d.]+) samples/s .*log p\(x\) = (-[\d.]+) nats", out, re.M
     )
