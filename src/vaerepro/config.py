@@ -209,7 +209,7 @@ class TrainConfig(_Section):
     num_samples: int = Field(1, ge=1)
     optimizer: Literal["adam", "adagrad"] = "adam"
     # torch's fused optimiser kernel (same update, one kernel per parameter tensor); Adagrad's foreach kernels
-    # where this torch has no fused Adagrad for the device (CUDA before torch 2.13), saying so
+    # where this torch has no fused Adagrad for the device (CUDA in torch 2.11), saying so
     fused: bool = True
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)  # inf: NaN weights in the first step, and a traceback
     # AEVB's step-size selection (Kingma & Welling 2014, 5: Adagrad's global step size "chosen from {0.01,

@@ -76,8 +76,8 @@ class CapturableAdagrad(Replaying, torch.optim.Adagrad):
     """torch.optim.Adagrad with fused=True: one kernel reads each step count from the device (the foreach
     and per-tensor updates read it on the host, which a graph would freeze at its capture). torch's Adagrad
     has no capturable flag; its fused update is the eager training's own (train.fused, the default), so a
-    graph step runs the same kernel on the same state. torch has that kernel for CUDA from 2.13 (2.11 has it
-    for the CPU only): without it the steps run eagerly (train.VAEModule._eager_because)."""
+    graph step runs the same kernel on the same state. torch 2.11 has that kernel for the CPU only (2.13's
+    Python no longer excludes CUDA): without it the steps run eagerly (train.VAEModule._eager_because)."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)

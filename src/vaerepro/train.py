@@ -193,7 +193,7 @@ class VAEModule(pl.LightningModule):
         on a torch without its fused kernel for the device (the graph's update: CapturableAdagrad)."""
         if self.trainer.world_size > 1:
             return f"under DDP ({self.trainer.world_size} processes; docs/scaling.md)"
-        if self.train_cfg["optimizer"] == "adagrad" and not fused_adagrad_runs(self.device.type):
+        if self.train_cfg["optimizer"] == "adagrad" and not fused_adagrad_runs(self.device):
             return (
                 f"with train.optimizer=adagrad: torch {torch.__version__} has no fused Adagrad kernel for "
                 f"{self.device.type}, which the graph's update needs"

@@ -435,11 +435,12 @@ def check_launcher_world(world_size: int, t: TrainerConfig) -> None:
 
 
 @functools.cache
-def fused_adagrad_runs(device_type: str) -> bool:
-    """Whether this torch has Adagrad's fused kernel for `device_type` ("cpu", "cuda"): torch 2.11's has it
-    for the CPU only, 2.13's for CUDA too (an H200 with torch 2.11 refused it at the first step). Asked by
-    one fused step on a scratch tensor, once per process and device type: torch has no public query."""
-    p = torch.zeros(1, device=device_type, requires_grad=True)
+def fused_adagrad_runs(device: torch.device | str) -> bool:
+    """Whether this torch has Adagrad's fused kernel for `device` (e.g. "cpu", cuda:0): torch 2.11's has it
+    for the CPU only (on an H200 its first fused step on CUDA raised a RuntimeError); 2.13's Python no
+    longer excludes CUDA. Asked by one fused step on a scratch tensor on that device, once per process and
+    device: torch has no public query."""
+    p = torch.zeros(1, device=device, requires_grad=True)
     p.grad = torch.ones_like(p)
     try:
         torch.optim.Adagrad([p], fused=True).step()
@@ -486,12 +487,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, An
             opt = torch.optim.Adam(params, **adam, **common)
     elif capturable:
         opt = CapturableAdagrad(params, lr=train["lr"], weight_decay=train["weight_decay"])
-    elif common["fused"] and params and not fused_adagrad_runs(device := params[0].device.type):
+    elif common["fused"] and params and not fused_adagrad_runs(params[0].device):
         log.warning(
             "train.fused: torch %s has no fused Adagrad kernel for %s; Adagrad runs its foreach kernels "
             "(the same update up to float rounding)",
             torch.__version__,
-            device,
+            params[0].device.type,
         )
         opt = ForeachAdagrad(params, lr=train["lr"], weight_decay=train["weight_decay"])
     else:
