@@ -22,15 +22,19 @@ from vaerepro import checkpoints
 from vaerepro.data import load_prepared
 from vaerepro.datamodule import (
     RESIDENT_FRACTION,
+    VAL_CPU_BATCH,
+    VAL_CUDA_BYTES,
     EpochBatches,
     TensorBatches,
     VAEData,
     batch_seed,
     resident,
+    resolve_val_batch_size,
     shard,
 )
 from vaerepro.errors import Stopped
 from vaerepro.evaluate import load_vae
+from vaerepro.model import VAE, bytes_per_pair
 from vaerepro.schedules import iwae_lr
 from vaerepro.train import train
 from vaerepro.trainer import EpochBar
@@ -134,6 +138,34 @@ def test_batches_on_the_device_already_are_not_moved_others_are(tmp_path):
     moved = data.transfer_batch_to_device(pair, torch.device("meta"), 0)
     assert [t.device.type for t in moved] == ["meta", "meta"]
     assert [t.shape for t in moved] == [x.shape, eps.shape]
+
+
+def test_auto_validation_batches_are_one_pass_on_a_gpu_and_1000_on_a_cpu(prepared_tiny):
+    # AEVB's MNIST model: 13,568 bytes an image, so the 1 GiB budget holds 79,137 images
+    vae = VAE(data_dim=784, latent_dim=20, hidden_dims=[500])
+    assert bytes_per_pair(vae) == 13_568 and VAL_CUDA_BYTES // 13_568 == 79_137
+    assert resolve_val_batch_size("auto", vae, 10_000, "cpu") == VAL_CPU_BATCH == 1000
+    assert resolve_val_batch_size("auto", None, 10_000, "cpu") == 1000  # the model is read on CUDA only
+    assert resolve_val_batch_size("auto", vae, 10_000, "cuda") == 10_000  # full MNIST's split in one batch
+    assert resolve_val_batch_size("auto", vae, 400, torch.device("cuda", 1)) == 400
+    assert resolve_val_batch_size("auto", vae, 200_000, "cuda") == 79_137  # the budget, not free memory
+    wide = VAE(data_dim=784, latent_dim=20, hidden_dims=[200_000])  # 1.6 MB an image: never under 1,000
+    assert resolve_val_batch_size("auto", wide, 10_000, "cuda") == 1000
+    assert resolve_val_batch_size(7, vae, 10_000, "cuda") == resolve_val_batch_size(7, None, 5, "cpu") == 7
+    # the datamodule's validation batches: 1,000 a batch on the CPU with the default (auto)
+    cfg = tiny_config()
+    assert cfg.train.val_batch_size == "auto"
+    data = VAEData(
+        prepared_tiny / "prepared",
+        cfg.data_space,
+        cfg.train.batch_size,
+        cfg.seed,
+        latent_dim=cfg.model.latent_dim,
+        val_batch_size="auto",
+    )
+    data.setup()
+    sizes = [len(x) for x, _ in data.val_dataloader()]
+    assert sum(sizes) == len(data.x_val) and max(sizes) == min(len(data.x_val), 1000)
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ from vaerepro.devices import device_text
 from vaerepro.estimators import mean_se
 from vaerepro.files import write_json, write_whole
 from vaerepro.likelihoods import space_name
-from vaerepro.model import VAE, build_vae
+from vaerepro.model import VAE, build_vae, bytes_per_pair
 from vaerepro.versions import git_commit, versions
 
 log = logging.getLogger(__name__)
@@ -91,22 +91,6 @@ def memory_budget(device: torch.device | str) -> float:
     if device.type == "cuda":
         return AUTO_CHUNK_CUDA_FRACTION * torch.cuda.mem_get_info(device)[0]
     return float(AUTO_CHUNK_CPU_BYTES)
-
-
-def bytes_per_pair(vae: VAE) -> int:
-    """Bytes of activations per (importance sample, example) pair of a chunk.
-
-    Per pair: z and its noise (2 Z), each hidden layer's output before and after the activation (2 h), the
-    decoder's output (P D) and the likelihood's elementwise terms (~2 P D); with two stochastic layers also
-    q(z2|z1)'s and p(z1|z2)'s hidden layers (2 h each, in both networks) and Gaussian parameters
-    (2 Z2 + 2 Z1). float32 or the model's dtype.
-    """
-    cfg = vae.config
-    outputs = vae.likelihood.num_params() * cfg["data_dim"]  # P D
-    floats = 2 * vae.z_dim + 2 * sum(cfg["hidden_dims"]) + 3 * outputs
-    if vae.stochastic_layers == 2:
-        floats += 4 * sum(cfg["hidden_dims_2"]) + 2 * vae.z_dim
-    return floats * next(vae.parameters()).element_size()
 
 
 def auto_chunk_size(vae: VAE, batch_size: int, num_samples: int, device: torch.device | str) -> int:

@@ -438,6 +438,23 @@ class TwoLayerVAE(VAE):
 MODELS: dict[int, type[VAE]] = {1: VAE, 2: TwoLayerVAE}
 
 
+def bytes_per_pair(vae: VAE) -> int:
+    """Bytes of activations per (importance sample, example) pair of a chunk of evaluation (evaluate's
+    auto sizes), or per image of a validation batch (datamodule.resolve_val_batch_size).
+
+    Per pair: z and its noise (2 Z), each hidden layer's output before and after the activation (2 h), the
+    decoder's output (P D) and the likelihood's elementwise terms (~2 P D); with two stochastic layers also
+    q(z2|z1)'s and p(z1|z2)'s hidden layers (2 h each, in both networks) and Gaussian parameters
+    (2 Z2 + 2 Z1). float32 or the model's dtype.
+    """
+    cfg = vae.config
+    outputs = vae.likelihood.num_params() * cfg["data_dim"]  # P D
+    floats = 2 * vae.z_dim + 2 * sum(cfg["hidden_dims"]) + 3 * outputs
+    if vae.stochastic_layers == 2:
+        floats += 4 * sum(cfg["hidden_dims_2"]) + 2 * vae.z_dim
+    return floats * next(vae.parameters()).element_size()
+
+
 def build_vae(config: Mapping) -> VAE:
     """The model a ``vae.config`` (a checkpoint's vae_config) describes: ``VAE`` or, for
     ``stochastic_layers`` 2, ``TwoLayerVAE``; a config without the key has one stochastic layer."""

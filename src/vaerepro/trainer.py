@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from vaerepro import schedules, signals
 from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError, TrainerConfig
 from vaerepro.cudagraph import CapturableAdagrad, CapturableAdam
+from vaerepro.datamodule import resolve_val_batch_size
 from vaerepro.files import write_whole
 from vaerepro.likelihoods import space_name
 
@@ -208,8 +209,11 @@ class TestCurve(_CsvRows):
 
     fields = ("epoch", "samples_seen", "test_elbo")
 
-    def __init__(self, path: Path, x: torch.Tensor, eps: torch.Tensor, *, n_train: int, batch_size: int):
-        """x (M, D) and eps (M, 1, Z): the fixed test sample; n_train: training images (samples an epoch)."""
+    def __init__(
+        self, path: Path, x: torch.Tensor, eps: torch.Tensor, *, n_train: int, batch_size: int | str
+    ):
+        """x (M, D) and eps (M, 1, Z): the fixed test sample; n_train: training images (samples an epoch);
+        batch_size: train.val_batch_size (a number, or "auto": datamodule.resolve_val_batch_size)."""
         super().__init__(path)
         self.x, self.eps, self.n_train, self.batch_size = x, eps, n_train, batch_size
 
@@ -246,7 +250,8 @@ class TestCurve(_CsvRows):
         try:
             with torch.inference_mode(), precision.val_step_context():
                 total = torch.zeros((), dtype=torch.float64, device=module.device)
-                for x, eps in zip(*(t.split(self.batch_size) for t in (self.x, self.eps)), strict=True):
+                size = resolve_val_batch_size(self.batch_size, module.vae, len(self.x), module.device)
+                for x, eps in zip(*(t.split(size) for t in (self.x, self.eps)), strict=True):
                     x, eps = precision.convert_input((x.to(module.device), eps.to(module.device)))
                     total += module.fixed_elbo(x, eps.transpose(0, 1)).sum(dtype=torch.float64)  # (B,)
         finally:
