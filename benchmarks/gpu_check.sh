@@ -9,7 +9,8 @@
 # full-MNIST epoch length with trainer.cuda_graph=true (fifty optimiser steps per call of Lightning's
 # training_step, trainer=gpu's trainer.steps_per_call, and one) and eagerly (trainer.cuda_graph=false: auto,
 # trainer=gpu's default, graphs the step too), with the whole test split's evaluation, 10,000 digits x
-# K=5,000, at each eval.precision. Each part has its own time limit (seconds, below) so that one that hangs
+# K=5,000, at each eval.precision; then profiles a training at trainer=gpu's defaults (profile_train.py:
+# the functions an epoch's host time goes to: validation, checkpoints, Lightning's loop). Each part has its own time limit (seconds, below) so that one that hangs
 # still leaves the others' figures, all inside GPU_CHECK_BUDGET (570 s: one device call; the lease is 15
 # minutes in all, start included). tests/test_bench.py runs this script with stand-ins for python3 and
 # nvidia-smi: each part's files, flags and config must exist, and its title must say what it runs.
@@ -65,4 +66,7 @@ part 120 "bench, trainer.cuda_graph=true, 1 step a call" "${bench[@]}" --overrid
   --override trainer.steps_per_call=1
 part 120 "bench, eager (trainer.cuda_graph=false), with the whole test split" "${bench[@]}" \
   --override trainer.cuda_graph=false --full-eval
+# where the host's time goes (cProfile: per step, per call, per epoch), at trainer=gpu's defaults
+part 90 "profile, trainer=gpu (the step one CUDA graph, 50 steps a call)" python3 benchmarks/profile_train.py \
+  --epochs 4 --top 30 --override trainer=gpu
 exit "$status"

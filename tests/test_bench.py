@@ -109,6 +109,15 @@ def import_bench():
     return bench
 
 
+def import_profile():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # profile_train imports bench beside it
+    try:
+        import profile_train
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return profile_train
+
+
 def test_paired_eval_covers_every_digit_once_per_turn_with_the_harness_numbers():
     """The eval ratio's turns (bench.paired_eval): with at least five batches, one batch a turn, the turns'
     rows cutting x into its batches in order; with fewer, five turns of all of x. Each turn's harness
@@ -168,6 +177,7 @@ def test_the_gpu_check_asks_for_what_exists_and_each_part_runs_what_its_title_sa
     import os
     import subprocess
 
+    from vaerepro import config as config_mod
     from vaerepro.train import uses_cuda_graph
 
     bench = import_bench()
@@ -225,3 +235,15 @@ def test_the_gpu_check_asks_for_what_exists_and_each_part_runs_what_its_title_sa
         steps = re.search(r"(\d+) steps? a call", title)
         assert steps is None or cfg.trainer.steps_per_call == int(steps[1]), (title, argv)
         assert a.full_eval == ("whole test split" in title), (title, argv)
+
+    # the profile: profile_train.py's flags, a trainer=gpu training graphed at the steps a call its title says
+    (profiled,) = [
+        (t, c[1:]) for t, c in zip(titles, parts, strict=True) if c[0] == "benchmarks/profile_train.py"
+    ]
+    title, argv = profiled
+    a = import_profile().parse_args(argv)
+    cfg = config_mod.validate(
+        config_mod.compose(["tracking.enabled=false", *a.override], config_dir=ROOT / "conf")
+    )
+    assert cfg.trainer.accelerator == "gpu" and uses_cuda_graph(cfg), (title, argv)
+    assert cfg.trainer.steps_per_call == int(re.search(r"(\d+) steps a call", title)[1]), (title, argv)
