@@ -10,8 +10,8 @@
 # training_step, trainer=gpu's trainer.steps_per_call, and one) and eagerly (trainer.cuda_graph=false: auto,
 # trainer=gpu's default, graphs the step too), with the whole test split's evaluation, 10,000 digits x
 # K=5,000, at each eval.precision; then profiles a training at trainer=gpu's defaults (profile_train.py:
-# the functions an epoch's host time goes to: validation, checkpoints, Lightning's loop). Each part has its own time limit (seconds, below) so that one that hangs
-# still leaves the others' figures, all inside GPU_CHECK_BUDGET (570 s: one device call; the lease is 15
+# the functions an epoch's host time goes to: validation, checkpoints, Lightning's loop). Each part has
+# its own time limit (seconds, below) so that one that hangs still leaves the others' figures, all inside GPU_CHECK_BUDGET (570 s: one device call; the lease is 15
 # minutes in all, start included). tests/test_bench.py runs this script with stand-ins for python3 and
 # nvidia-smi: each part's files, flags and config must exist, and its title must say what it runs.
 set -uo pipefail

@@ -72,9 +72,8 @@ def main() -> None:
     cfg = config_mod.validate(raw)
     warm = AfterWarmUp()
     train(cfg, work / "run", enable_progress_bar=False, callbacks=[warm])
-    stats = pstats.Stats(
-        warm.profile
-    ).stats  # (file, line, name) -> (primitive calls, calls, own s, cum s, _)
+    # (file, line, name) -> (primitive calls, calls, own s, cum s, _)
+    stats = pstats.Stats(warm.profile).stats
     epochs = args.epochs - 1  # profiled
     steps = epochs * 500
     per_call = cfg.trainer.steps_per_call  # optimiser steps per call of training_step (Lightning's loop)

@@ -149,7 +149,8 @@ def test_auto_validation_batches_are_one_pass_on_a_gpu_and_1000_on_a_cpu(prepare
     assert resolve_val_batch_size("auto", vae, 10_000, "cuda") == 10_000  # full MNIST's split in one batch
     assert resolve_val_batch_size("auto", vae, 400, torch.device("cuda", 1)) == 400
     assert resolve_val_batch_size("auto", vae, 200_000, "cuda") == 79_137  # the budget, not free memory
-    wide = VAE(data_dim=784, latent_dim=20, hidden_dims=[200_000])  # 1.6 MB an image: never under 1,000
+    wide = VAE(data_dim=100_000, latent_dim=20, hidden_dims=[8])  # 1.2 MB an image: 894 fit, but 1,000
+    assert bytes_per_pair(wide) == 1_200_224 and VAL_CUDA_BYTES // 1_200_224 == 894
     assert resolve_val_batch_size("auto", wide, 10_000, "cuda") == 1000
     assert resolve_val_batch_size(7, vae, 10_000, "cuda") == resolve_val_batch_size(7, None, 5, "cpu") == 7
     # the datamodule's validation batches: 1,000 a batch on the CPU with the default (auto)

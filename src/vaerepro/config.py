@@ -236,7 +236,7 @@ class TrainConfig(_Section):
     # -1.0, 1.0) on every encoder and decoder gradient). null: no clipping
     grad_clip_value: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(100, ge=1)
-    # validation (and the test curve) images per batch and device, or auto (train.resolve_val_batch_size:
+    # validation (and the test curve) images per batch and device, or auto (datamodule.resolve_val_batch_size:
     # 1,000 on a CPU; on a GPU the whole split, up to a fixed activation budget). Validation needs no
     # gradients: larger batches than training's cost less per image (fewer steps of Lightning's loop); the
     # validation ELBO does not depend on it (see datamodule.VAEData)

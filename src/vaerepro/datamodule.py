@@ -121,7 +121,7 @@ def resident(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor
 # train.val_batch_size=auto: 1,000 images a batch on a CPU; on a CUDA device the whole split per device in
 # one batch while its activations (model.bytes_per_pair, one sample an image) take at most VAL_CUDA_BYTES
 # (AEVB's MNIST model: 13,568 bytes an image, so ~79,000 images). Each validation batch is one pass of
-# Lightning's loop (hooks, fetching, the progress bar), which costs more than its kernels on a GPU: an H200
+# Lightning's loop (hooks, fetching, logging), which costs more than its kernels on a GPU: an H200
 # validated full MNIST's 10,000 images in 16.5 ms as 10 batches of 1,000 and in 3.9 ms as one. A fixed budget,
 # not the free memory, so that every rank of a DDP run cuts the split the same way.
 VAL_CPU_BATCH = 1000
