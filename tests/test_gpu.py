@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from conftest import ROOT, copy_prepared, curve, tiny_config
 from vaerepro import cli
 from vaerepro.evaluate import evaluate, load_vae, per_example
 from vaerepro.train import train
-from vaerepro.trainer import fused_adagrad_runs
+from vaerepro.trainer import AtomicCheckpointIO, fused_adagrad_runs
 
 pytestmark = [
     pytest.mark.slow,
@@ -273,6 +275,33 @@ def test_whole_step_cuda_graph_training_ends_where_eager_training_does(prepared_
     for a, b in zip(curve_eager, curve(out), strict=True):
         for key in ("train_elbo", "val_elbo"):
             assert abs(a[key] - b[key]) < 1e-2, (key, a, b)
+
+
+def test_background_checkpoint_writes_touch_no_cuda_tensor_while_the_graph_is_captured_again(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """trainer.BackgroundCheckpointIO's thread writes host copies of the tensors: a copy from the device made
+    by that thread during a capture on the training's thread would make the capture fail. Here every write
+    takes 0.3 s, so the epoch-0 checkpoints are still being written when the IWAE schedule's new rate is
+    captured at epoch 1's start: the training ends with its two captures, and the files hold the epochs'
+    weights."""
+    devices, atomic_save = [], AtomicCheckpointIO.save_checkpoint
+
+    def slow_save(self, checkpoint, path, storage_options=None):
+        apply_to_collection(checkpoint, torch.Tensor, lambda t: devices.append(t.device.type))
+        time.sleep(0.3)
+        atomic_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_save)
+    counts, out = GraphCounts(), copy_prepared(prepared_tiny, tmp_path / "run")
+    cfg = tiny_config(
+        "trainer=gpu", "trainer.cuda_graph=true", "train.lr_schedule=iwae", "train.checkpoint_every_s=0"
+    )
+    train(cfg, out, enable_progress_bar=False, callbacks=[counts])
+    assert counts.captures == 2 and counts.replays > 0
+    assert devices and set(devices) == {"cpu"}
+    last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and len(curve(out)) == 3  # written at the third epoch's end (from 0: 2)
 
 
 @pytest.mark.parametrize("optimiser", ["adam", "adagrad"])

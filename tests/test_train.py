@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -37,7 +40,7 @@ from vaerepro.evaluate import load_vae
 from vaerepro.model import VAE, bytes_per_pair
 from vaerepro.schedules import iwae_lr
 from vaerepro.train import train
-from vaerepro.trainer import EpochBar
+from vaerepro.trainer import AtomicCheckpointIO, EpochBar
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -547,12 +550,14 @@ def test_a_training_resumes_under_another_steps_per_call(prepared_tiny, tmp_path
 
 class _Record(pl.Callback):
     """Keeps a copy of the weights at every epoch end, and whether the checkpoint files existed at every
-    epoch start."""
+    epoch start, once the writes queued before it have ended (the files are written in the background:
+    trainer.BackgroundCheckpointIO, whose teardown waits for them; its next save starts a new thread)."""
 
     def __init__(self, models):
         self.models, self.weights, self.existed = models, [], []
 
     def on_train_epoch_start(self, trainer, module):
+        trainer.strategy.checkpoint_io.teardown()
         self.existed.append({f: (self.models / f).exists() for f in ("best.ckpt", "last.ckpt")})
 
     def on_train_epoch_end(self, trainer, module):
@@ -583,6 +588,80 @@ def test_checkpoints_are_written_at_most_every_interval_and_always_at_the_end(pr
     best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
     assert "optimizer_states" not in best  # weights only
     assert _same_weights(best["state_dict"], record.weights[metrics["best_epoch"]])
+
+
+@pytest.mark.slow
+def test_checkpoints_are_written_by_another_thread_with_the_weights_of_their_epoch(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """Each write runs on a background thread and takes 0.3 s here, while the next epochs train on: every
+    file written holds the weights and Adam state of the epoch end that saved it (a snapshot taken then),
+    not those at the time of the write, and the fit returns only once every write has ended."""
+    writes, atomic_save = [], AtomicCheckpointIO.save_checkpoint
+
+    def slow_save(self, checkpoint, path, storage_options=None):
+        time.sleep(0.3)
+        on_main = threading.current_thread() is threading.main_thread()
+        writes.append((Path(path).name, on_main, copy.deepcopy(checkpoint)))  # what it writes, after the wait
+        atomic_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_save)
+    out = copy_prepared(prepared_tiny, tmp_path)
+    ends = _EpochEnds()
+    train(tiny_config("train.checkpoint_every_s=0"), out, enable_progress_bar=False, callbacks=[ends])
+    # last.ckpt at every epoch end, best.ckpt at the improving ones (the first at least): none on the
+    # training's thread, each of its epoch end's state
+    assert [name for name, _, _ in writes].count("last.ckpt") == len(ends.weights) == 3
+    assert "best.ckpt" in [name for name, _, _ in writes] and not any(on_main for _, on_main, _ in writes)
+    for name, _, ckpt in writes:
+        step = ckpt["global_step"]
+        assert _same_weights(ckpt["state_dict"], ends.weights[step]), (name, step)
+        if name == "last.ckpt":
+            saved = ckpt["optimizer_states"][0]["state"][0]  # the first parameter's Adam state
+            assert saved.keys() == ends.adam[step].keys()
+            assert all(torch.equal(saved[k], ends.adam[step][k]) for k in saved), step
+    # and the files are the last writes, whole
+    last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert _same_weights(last["state_dict"], ends.weights[max(ends.weights)])
+
+
+class _EpochEnds(pl.Callback):
+    """The weights and the first parameter's Adam state at every epoch end, by global step."""
+
+    def __init__(self):
+        self.weights, self.adam = {}, {}
+
+    def on_train_epoch_end(self, trainer, module):
+        step = trainer.global_step
+        self.weights[step] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        state = trainer.optimizers[0].state[next(module.parameters())]
+        self.adam[step] = {k: v.detach().clone() for k, v in state.items()}
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_fails_the_training_and_keeps_the_earlier_file(
+    prepared_tiny, tmp_path, monkeypatch
+):
+    """A write that fails in the background (a full disk) is not lost: the training raises its error,
+    and best.ckpt keeps the last weights written whole."""
+    writes, atomic_save = [], AtomicCheckpointIO.save_checkpoint
+
+    def full_after_one(self, checkpoint, path, storage_options=None):
+        writes.append(Path(path).name)
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        atomic_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full_after_one)
+    out = copy_prepared(prepared_tiny, tmp_path)
+    ends = _EpochEnds()
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tiny_config("train.checkpoint_every_s=3600"), out, enable_progress_bar=False, callbacks=[ends])
+    assert writes[0] == "best.ckpt" and len(writes) >= 2
+    best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert _same_weights(best["state_dict"], ends.weights[min(ends.weights)])  # the first epoch's, whole
+    assert sorted(p.name for p in (out / "models").iterdir() if p.suffix == ".tmp") == []
+    assert not (out / "metrics" / "train.json").exists()  # no numbers of a training that failed
 
 
 @pytest.mark.slow

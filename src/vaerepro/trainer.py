@@ -24,7 +24,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from vaerepro import schedules, signals
 from vaerepro.config import ADAM_BETAS, ADAM_EPS, Config, ConfigError, TrainerConfig
@@ -423,6 +424,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_whole(path, lambda fh: torch.save(checkpoint, fh))
 
 
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's AsyncCheckpointIO around AtomicCheckpointIO: a checkpoint is taken at the epoch's end and
+    written (torch.save, fsync, rename) by one background thread while the next epoch trains, in the order
+    saved. The fit waits for every write before it returns, also when it stops on an error (Lightning's
+    teardown); an error of a write is raised by the next save or at that teardown. A process killed in the
+    milliseconds before a write ends leaves the earlier file whole.
+
+    Why: on a GPU, writing best.ckpt (3.3 MB for AEVB's MNIST model) took 5.5 ms of a 214 ms epoch at the
+    epoch's end, with the device idle. What this class adds to Lightning's: the tensors are copied to host
+    memory here, on the training's thread, before Lightning's clones them and hands them to its thread.
+    Lightning's thread would otherwise copy them from the device itself, and a copy from the device made by
+    another thread while the training's thread captures a CUDA graph (cudagraph.StepGraph, again at a
+    learning-rate schedule's epoch start) makes the capture fail (torch.cuda.graph's capture_error_mode
+    "global"). On a CPU, .cpu() returns the tensor itself and Lightning's clone is the snapshot."""
+
+    def __init__(self):
+        super().__init__(AtomicCheckpointIO())
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        on_host = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().cpu())
+        super().save_checkpoint(on_host, path, storage_options=storage_options)
+
+
 def check_launcher_world(world_size: int, t: TrainerConfig) -> None:
     """Refuse (ConfigError) a training that torchrun started in another number of processes than the trainer
     section trains on (`world_size`: the Trainer's devices x nodes; under DDP its world_size is torchrun's):
@@ -552,5 +576,6 @@ def build_trainer(cfg: Config, out_dir: Path, logger, extra_callbacks=(), enable
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         default_root_dir=out_dir,
-        plugins=[AtomicCheckpointIO()],  # best.ckpt and last.ckpt written whole or not at all
+        # best.ckpt and last.ckpt written whole or not at all, in the background
+        plugins=[BackgroundCheckpointIO()],
     )
