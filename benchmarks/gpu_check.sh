@@ -6,8 +6,8 @@
 # and evaluation against the CPU, the whole-step CUDA graph and reduce-overhead against eager, device-resident
 # batches, evaluation precision) and the known-answer tests' CUDA cases (estimators, likelihoods, two-layer
 # models, evaluation), times a checkpoint write on the machine's disk, then runs the benchmark at
-# full-MNIST epoch length with trainer.cuda_graph=true (fifty optimiser steps per call of Lightning's
-# training_step, trainer=gpu's trainer.steps_per_call, and 500: one call an epoch) and eagerly (trainer.cuda_graph=false: auto,
+# full-MNIST epoch length with trainer.cuda_graph=true (500 optimiser steps per call of Lightning's
+# training_step, trainer=gpu's trainer.steps_per_call: one call an epoch; and 50) and eagerly (trainer.cuda_graph=false: auto,
 # trainer=gpu's default, graphs the step too), with the whole test split's evaluation, 10,000 digits x
 # K=5,000, at each eval.precision; then profiles a training at trainer=gpu's defaults (profile_train.py:
 # the functions an epoch's host time goes to: validation, checkpoints, Lightning's loop). Each part has
@@ -64,12 +64,13 @@ for name, save in (('torch.save', lambda p: torch.save(ckpt, p)), ('AtomicCheckp
 bg.teardown()
 "
 bench=(python3 benchmarks/bench.py --trainer gpu --no-tracking --mnist-size --epochs 6 --repeats 1)  # 4 timed epoch pairs
-part 120 "bench, trainer.cuda_graph=true (50 steps a call)" "${bench[@]}" --override trainer.cuda_graph=true
-part 120 "bench, trainer.cuda_graph=true, 500 steps a call (one an epoch)" "${bench[@]}" \
-  --override trainer.cuda_graph=true --override trainer.steps_per_call=500
+part 120 "bench, trainer.cuda_graph=true (500 steps a call, one an epoch)" "${bench[@]}" \
+  --override trainer.cuda_graph=true
+part 120 "bench, trainer.cuda_graph=true, 50 steps a call" "${bench[@]}" --override trainer.cuda_graph=true \
+  --override trainer.steps_per_call=50
 part 120 "bench, eager (trainer.cuda_graph=false), with the whole test split" "${bench[@]}" \
   --override trainer.cuda_graph=false --full-eval
 # where the host's time goes (cProfile: per step, per call, per epoch), at trainer=gpu's defaults
-part 90 "profile, trainer=gpu (the step one CUDA graph, 50 steps a call)" python3 benchmarks/profile_train.py \
+part 90 "profile, trainer=gpu (the step one CUDA graph, 500 steps a call)" python3 benchmarks/profile_train.py \
   --epochs 4 --top 30 --override trainer=gpu
 exit "$status"

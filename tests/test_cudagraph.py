@@ -33,8 +33,8 @@ def test_the_gpu_preset_graphs_the_step_wherever_it_can():
     assert config_mod.validate(compose("trainer=gpu")).trainer.cuda_graph == "auto"
     assert uses_cuda_graph(config_mod.validate(compose(*GPU)))
     assert not uses_cuda_graph(config_mod.validate(compose("trainer=gpu", "trainer.cuda_graph=false")))
-    # and hands Lightning's training_step 50 minibatches a call (trainer.steps_per_call), the others 1
-    assert config_mod.validate(compose("trainer=gpu")).trainer.steps_per_call == 50
+    # and hands Lightning's training_step 500 minibatches a call (trainer.steps_per_call), the others 1
+    assert config_mod.validate(compose("trainer=gpu")).trainer.steps_per_call == 500
     for trainer in ("cpu", "ddp", "multinode"):
         assert config_mod.validate(compose(f"trainer={trainer}")).trainer.steps_per_call == 1
     for conflict in ("trainer.precision=bf16-mixed", "model.dropout=0.1", "trainer.compile=default"):

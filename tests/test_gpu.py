@@ -186,7 +186,7 @@ def test_training_steps_do_not_synchronise_with_the_host(prepared_tiny, tmp_path
     # trainer=gpu's default trainer.cuda_graph=auto is the graph; compile=null with it false is eager
     switch = "trainer.cuda_graph=true" if mode.startswith("cuda-graph") else f"trainer.compile={mode}"
     switch = (switch, "trainer.cuda_graph=false") if mode == "null" else (switch,)
-    switch += ("trainer.steps_per_call=1",) if mode.endswith("a-call") else ()  # trainer=gpu's: 50
+    switch += ("trainer.steps_per_call=1",) if mode.endswith("a-call") else ()  # trainer=gpu's: 500
     if mode.endswith("adagrad"):
         needs_fused_cuda_adagrad()
         switch += ADAGRAD
