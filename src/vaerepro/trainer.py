@@ -431,13 +431,14 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     teardown); an error of a write is raised by the next save or at that teardown. A process killed in the
     milliseconds before a write ends leaves the earlier file whole.
 
-    Why: on a GPU, writing best.ckpt (3.3 MB for AEVB's MNIST model) took 5.5 ms of a 214 ms epoch at the
-    epoch's end, with the device idle. What this class adds to Lightning's: the tensors are copied to host
-    memory here, on the training's thread, before Lightning's clones them and hands them to its thread.
-    Lightning's thread would otherwise copy them from the device itself, and a copy from the device made by
-    another thread while the training's thread captures a CUDA graph (cudagraph.StepGraph, again at a
-    learning-rate schedule's epoch start) makes the capture fail (torch.cuda.graph's capture_error_mode
-    "global"). On a CPU, .cpu() returns the tensor itself and Lightning's clone is the snapshot."""
+    Why: on a GPU an epoch of AEVB's MNIST model takes about 0.2 s, and an fsynced write of its best.ckpt
+    (3.3 MB) several milliseconds of it with the device idle (docs/performance.md). What this class adds to
+    Lightning's: the tensors are copied to host memory here, on the training's thread, before Lightning's
+    clones them and hands them to its thread. Lightning's thread would otherwise copy them from the device
+    itself, possibly while the training's thread captures a CUDA graph (cudagraph.StepGraph, again at a
+    learning-rate schedule's epoch start), and torch.cuda.graph's default capture_error_mode ("global")
+    makes a capture fail on such a call from any thread. On a CPU, .cpu() returns the tensor itself and
+    Lightning's clone is the snapshot."""
 
     def __init__(self):
         super().__init__(AtomicCheckpointIO())
