@@ -7,8 +7,8 @@
 # batches, evaluation precision) and the known-answer tests' CUDA cases (estimators, likelihoods, two-layer
 # models, evaluation), times a checkpoint write on the machine's disk, then runs the benchmark at
 # full-MNIST epoch length with trainer.cuda_graph=true (500 optimiser steps per call of Lightning's
-# training_step, trainer=gpu's trainer.steps_per_call: one call an epoch; and 50) and eagerly (trainer.cuda_graph=false: auto,
-# trainer=gpu's default, graphs the step too), with the whole test split's evaluation, 10,000 digits x
+# training_step, trainer=gpu's trainer.steps_per_call: one call an epoch; and 50) and eagerly
+# (trainer.cuda_graph=false: auto, trainer=gpu's default, graphs the step too), with the whole test split's evaluation, 10,000 digits x
 # K=5,000, at each eval.precision; then profiles a training at trainer=gpu's defaults (profile_train.py:
 # the functions an epoch's host time goes to: validation, checkpoints, Lightning's loop). Each part has
 # its own time limit (seconds, below) so that one that hangs still leaves the others' figures, all inside GPU_CHECK_BUDGET (570 s: one device call; the lease is 15

@@ -283,8 +283,8 @@ def test_background_checkpoint_writes_touch_no_cuda_tensor_while_the_graph_is_ca
     """trainer.BackgroundCheckpointIO's thread writes host copies of the tensors: a copy from the device made
     by that thread during a capture on the training's thread would make the capture fail. Here every write
     takes 0.3 s, so the epoch-0 checkpoints are still being written when the IWAE schedule's new rate is
-    captured at epoch 1's start: the training ends with its two captures, and the files hold the epochs'
-    weights."""
+    captured at epoch 1's start: the training ends with its two captures, its three epochs on the curve and
+    last.ckpt from the third epoch's end."""
     devices, atomic_save = [], AtomicCheckpointIO.save_checkpoint
 
     def slow_save(self, checkpoint, path, storage_options=None):

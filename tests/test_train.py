@@ -548,20 +548,31 @@ def test_a_training_resumes_under_another_steps_per_call(prepared_tiny, tmp_path
     assert _same_weights(ends[0]["state_dict"], ends[1]["state_dict"])
 
 
-class _Record(pl.Callback):
-    """Keeps a copy of the weights at every epoch end, and whether the checkpoint files existed at every
-    epoch start, once the writes queued before it have ended (the files are written in the background:
-    trainer.BackgroundCheckpointIO, whose teardown waits for them; its next save starts a new thread)."""
+class _EpochEnds(pl.Callback):
+    """The weights, the first parameter's Adam state and the global step at every epoch end."""
+
+    def __init__(self):
+        self.weights, self.adam, self.steps = [], [], []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.weights.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        state = trainer.optimizers[0].state[next(module.parameters())]
+        self.adam.append({k: v.detach().clone() for k, v in state.items()})
+        self.steps.append(trainer.global_step)
+
+
+class _Record(_EpochEnds):
+    """_EpochEnds, and whether the checkpoint files existed at every epoch start, once the writes queued
+    before it have ended (the files are written in the background: trainer.BackgroundCheckpointIO, whose
+    teardown waits for them; its next save starts a new thread)."""
 
     def __init__(self, models):
-        self.models, self.weights, self.existed = models, [], []
+        super().__init__()
+        self.models, self.existed = models, []
 
     def on_train_epoch_start(self, trainer, module):
         trainer.strategy.checkpoint_io.teardown()
         self.existed.append({f: (self.models / f).exists() for f in ("best.ckpt", "last.ckpt")})
-
-    def on_train_epoch_end(self, trainer, module):
-        self.weights.append({k: v.detach().clone() for k, v in module.state_dict().items()})
 
 
 def _same_weights(saved: dict, expected: dict) -> bool:
@@ -614,28 +625,14 @@ def test_checkpoints_are_written_by_another_thread_with_the_weights_of_their_epo
     assert [name for name, _, _ in writes].count("last.ckpt") == len(ends.weights) == 3
     assert "best.ckpt" in [name for name, _, _ in writes] and not any(on_main for _, on_main, _ in writes)
     for name, _, ckpt in writes:
-        step = ckpt["global_step"]
-        assert _same_weights(ckpt["state_dict"], ends.weights[step]), (name, step)
+        epoch = ends.steps.index(ckpt["global_step"])
+        assert _same_weights(ckpt["state_dict"], ends.weights[epoch]), (name, epoch)
         if name == "last.ckpt":
-            saved = ckpt["optimizer_states"][0]["state"][0]  # the first parameter's Adam state
-            assert saved.keys() == ends.adam[step].keys()
-            assert all(torch.equal(saved[k], ends.adam[step][k]) for k in saved), step
+            saved, adam = ckpt["optimizer_states"][0]["state"][0], ends.adam[epoch]  # the first parameter's
+            assert saved.keys() == adam.keys() and all(torch.equal(saved[k], adam[k]) for k in saved), epoch
     # and the files are the last writes, whole
     last = torch.load(out / "models" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert _same_weights(last["state_dict"], ends.weights[max(ends.weights)])
-
-
-class _EpochEnds(pl.Callback):
-    """The weights and the first parameter's Adam state at every epoch end, by global step."""
-
-    def __init__(self):
-        self.weights, self.adam = {}, {}
-
-    def on_train_epoch_end(self, trainer, module):
-        step = trainer.global_step
-        self.weights[step] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        state = trainer.optimizers[0].state[next(module.parameters())]
-        self.adam[step] = {k: v.detach().clone() for k, v in state.items()}
+    assert _same_weights(last["state_dict"], ends.weights[-1])
 
 
 @pytest.mark.slow
@@ -659,7 +656,7 @@ def test_a_failed_checkpoint_write_fails_the_training_and_keeps_the_earlier_file
         train(tiny_config("train.checkpoint_every_s=3600"), out, enable_progress_bar=False, callbacks=[ends])
     assert writes[0] == "best.ckpt" and len(writes) >= 2
     best = torch.load(out / "models" / "best.ckpt", map_location="cpu", weights_only=True)
-    assert _same_weights(best["state_dict"], ends.weights[min(ends.weights)])  # the first epoch's, whole
+    assert _same_weights(best["state_dict"], ends.weights[0])  # the first epoch's, whole
     assert sorted(p.name for p in (out / "models").iterdir() if p.suffix == ".tmp") == []
     assert not (out / "metrics" / "train.json").exists()  # no numbers of a training that failed
 
